@@ -1,0 +1,1 @@
+// Compiled once to build the precompiled header that titan_add_executable targets reuse.

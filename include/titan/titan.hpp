@@ -1,0 +1,4 @@
+#pragma once
+// titan/titan.hpp: everything titan offers, in one include.
+
+#include <titan/dist.hpp>

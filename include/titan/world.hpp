@@ -1,0 +1,301 @@
+#pragma once
+// titan/world.hpp: joining the job (launcher environments, rendezvous) and process groups.
+// Included by titan/dist.hpp, which adds DeviceMesh and the differentiable collectives.
+
+#include <titan/detail/backends.hpp>
+#include <titan/log.hpp>
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace titan {
+
+/// Where this process sits in the job, as read from the launcher's environment.
+struct LaunchInfo {
+  int rank = 0;              ///< global rank
+  int world_size = 1;        ///< number of processes in the job
+  int local_rank = 0;        ///< rank on this node (selects the GPU)
+  int local_world_size = 1;  ///< processes on this node
+  std::string master_addr = "127.0.0.1";  ///< host of the rendezvous store (rank 0)
+  int master_port = 29500;   ///< port of the rendezvous store
+  std::string launcher = "none";  ///< "torchrun", "slurm", "openmpi" or "none"
+};
+
+/// Reads an environment variable; replaceable so the launcher parsing can be tested.
+using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
+
+/// The process environment as an EnvLookup.
+inline EnvLookup process_env() {
+  return [](const std::string& name) -> std::optional<std::string> {
+    const char* value = std::getenv(name.c_str());
+    if (value == nullptr) return std::nullopt;
+    return std::string(value);
+  };
+}
+
+namespace detail {
+
+inline int parse_env_int(const EnvLookup& env, const std::string& name, int min_value) {
+  auto text = env(name);
+  TORCH_CHECK(text.has_value(), "titan: environment variable ", name, " is not set");
+  size_t used = 0;
+  long value = 0;
+  try {
+    value = std::stol(*text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  TORCH_CHECK(used == text->size() && !text->empty(), "titan: environment variable ", name, "='", *text,
+              "' is not an integer");
+  TORCH_CHECK(value >= min_value, "titan: environment variable ", name, "=", value, " must be >= ",
+              min_value);
+  return static_cast<int>(value);
+}
+
+/// The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003".
+inline std::string first_slurm_host(const std::string& nodelist) {
+  std::string host;
+  size_t i = 0;
+  while (i < nodelist.size() && nodelist[i] != ',' && nodelist[i] != '[') host += nodelist[i++];
+  if (i < nodelist.size() && nodelist[i] == '[') {
+    ++i;
+    while (i < nodelist.size() && nodelist[i] != '-' && nodelist[i] != ',' && nodelist[i] != ']')
+      host += nodelist[i++];
+  }
+  TORCH_CHECK(!host.empty(), "titan: cannot read a host name from SLURM_JOB_NODELIST='", nodelist, "'");
+  return host;
+}
+
+}  // namespace detail
+
+/// Reads rank, world size and rendezvous address from torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+/// MASTER_ADDR, MASTER_PORT), Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
+/// SLURM_JOB_NODELIST), Open MPI (OMPI_COMM_WORLD_*), or none of them (a single process).
+/// MASTER_ADDR / MASTER_PORT override the Slurm and Open MPI defaults. Errors name the variable.
+inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
+  using detail::parse_env_int;
+  LaunchInfo info;
+  if (env("RANK") || env("WORLD_SIZE")) {
+    info.launcher = "torchrun";
+    info.rank = parse_env_int(env, "RANK", 0);
+    info.world_size = parse_env_int(env, "WORLD_SIZE", 1);
+    info.local_rank = env("LOCAL_RANK") ? parse_env_int(env, "LOCAL_RANK", 0) : info.rank;
+    info.local_world_size =
+        env("LOCAL_WORLD_SIZE") ? parse_env_int(env, "LOCAL_WORLD_SIZE", 1) : info.world_size;
+    if (info.world_size > 1) {
+      TORCH_CHECK(env("MASTER_ADDR"), "titan: RANK and WORLD_SIZE are set but MASTER_ADDR is not");
+      TORCH_CHECK(env("MASTER_PORT"), "titan: RANK and WORLD_SIZE are set but MASTER_PORT is not");
+    }
+  } else if (env("SLURM_PROCID")) {
+    info.launcher = "slurm";
+    info.rank = parse_env_int(env, "SLURM_PROCID", 0);
+    info.world_size = parse_env_int(env, "SLURM_NTASKS", 1);
+    info.local_rank = parse_env_int(env, "SLURM_LOCALID", 0);
+    info.local_world_size =
+        env("SLURM_NTASKS_PER_NODE") ? parse_env_int(env, "SLURM_NTASKS_PER_NODE", 1) : info.world_size;
+    if (!env("MASTER_ADDR")) {
+      auto nodes = env("SLURM_JOB_NODELIST") ? env("SLURM_JOB_NODELIST") : env("SLURM_NODELIST");
+      TORCH_CHECK(nodes || info.world_size == 1,
+                  "titan: under Slurm, set MASTER_ADDR or SLURM_JOB_NODELIST to find rank 0's host");
+      if (nodes) info.master_addr = detail::first_slurm_host(*nodes);
+    }
+  } else if (env("OMPI_COMM_WORLD_RANK")) {
+    info.launcher = "openmpi";
+    info.rank = parse_env_int(env, "OMPI_COMM_WORLD_RANK", 0);
+    info.world_size = parse_env_int(env, "OMPI_COMM_WORLD_SIZE", 1);
+    info.local_rank = parse_env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0);
+    info.local_world_size = env("OMPI_COMM_WORLD_LOCAL_SIZE")
+                                ? parse_env_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1)
+                                : info.world_size;
+    TORCH_CHECK(env("MASTER_ADDR") || info.world_size == 1,
+                "titan: under mpirun, export MASTER_ADDR (rank 0's host), e.g. mpirun -x MASTER_ADDR=host0");
+  }
+  if (auto addr = env("MASTER_ADDR")) info.master_addr = *addr;
+  if (auto port = env("MASTER_PORT")) info.master_port = detail::parse_env_int(env, "MASTER_PORT", 1);
+  TORCH_CHECK(info.master_port <= 65535, "titan: MASTER_PORT=", info.master_port, " is not a port number");
+  TORCH_CHECK(info.rank < info.world_size, "titan: rank ", info.rank, " (from ", info.launcher,
+              ") is not below the world size ", info.world_size);
+  TORCH_CHECK(info.local_rank < info.local_world_size || info.launcher == "slurm",
+              "titan: local rank ", info.local_rank, " is not below the local world size ",
+              info.local_world_size);
+  return info;
+}
+
+/// A communicator over some ranks of the job: a c10d backend plus this rank's place in it.
+/// Groups of one rank carry no backend: their collectives are identities.
+class ProcessGroup {
+ public:
+  ProcessGroup(c10::intrusive_ptr<c10d::Backend> backend, std::vector<int> global_ranks, int rank,
+               c10::Device device)
+      : backend_(std::move(backend)), global_ranks_(std::move(global_ranks)), rank_(rank), device_(device) {}
+
+  int rank() const { return rank_; }                                ///< rank inside this group
+  int size() const { return static_cast<int>(global_ranks_.size()); }  ///< ranks in this group
+  const std::vector<int>& global_ranks() const { return global_ranks_; }  ///< members, by global rank
+  c10::Device device() const { return device_; }                   ///< where this rank's tensors live
+  /// The c10d backend (nullptr for a group of one).
+  const c10::intrusive_ptr<c10d::Backend>& backend() const { return backend_; }
+
+  /// Blocks until every member reaches it.
+  void barrier() const {
+    if (size() > 1) backend_->barrier()->wait();
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::Backend> backend_;
+  std::vector<int> global_ranks_;
+  int rank_;
+  c10::Device device_;
+};
+
+using ProcessGroupPtr = std::shared_ptr<const ProcessGroup>;
+
+/// Options of init_distributed, with chained setters.
+struct DistOptions {
+  /// "auto" (NCCL when the device is CUDA, else Gloo), "gloo" or "nccl".
+  TORCH_ARG(std::string, backend) = "auto";
+  /// "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda".
+  TORCH_ARG(std::string, device) = "auto";
+  /// Rendezvous and collective timeout: a peer that died makes the others fail after this.
+  TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::minutes(10);
+  /// Worker threads of each Gloo group.
+  TORCH_ARG(int, gloo_threads) = 2;
+  /// Print info messages from every rank, not only rank 0.
+  TORCH_ARG(bool, log_all_ranks) = false;
+};
+
+/// The job: the rendezvous store, the world group and the means to make sub-groups.
+/// Owned by the caller (init_distributed returns a shared_ptr); shut down explicitly or on destruction.
+class World {
+ public:
+  World(LaunchInfo info, DistOptions options) : info_(std::move(info)), options_(std::move(options)) {
+    device_ = choose_device();
+    backend_name_ = choose_backend();
+    logger_ = Logger(info_.rank, info_.world_size, options_.log_all_ranks());
+    if (info_.world_size > 1) {
+      c10d::TCPStoreOptions store_options;
+      store_options.port = static_cast<std::uint16_t>(info_.master_port);
+      store_options.isServer = info_.rank == 0;
+      store_options.numWorkers = static_cast<size_t>(info_.world_size);
+      store_options.timeout = options_.timeout();
+      try {
+        store_ = c10::make_intrusive<c10d::TCPStore>(info_.master_addr, store_options);
+      } catch (const std::exception& e) {
+        TORCH_CHECK(false, "titan: rank ", info_.rank, " could not rendezvous at ", info_.master_addr, ":",
+                    info_.master_port, " within ", options_.timeout().count(), " ms: ", e.what());
+      }
+    }
+    std::vector<int> all(static_cast<size_t>(info_.world_size));
+    for (int r = 0; r < info_.world_size; ++r) all[static_cast<size_t>(r)] = r;
+    world_group_ = new_group(all, "world");
+  }
+
+  World(const World&) = delete;
+  World& operator=(const World&) = delete;
+  ~World() { shutdown(); }
+
+  int rank() const { return info_.rank; }
+  int world_size() const { return info_.world_size; }
+  int local_rank() const { return info_.local_rank; }
+  const LaunchInfo& launch_info() const { return info_; }
+  const DistOptions& options() const { return options_; }
+  c10::Device device() const { return device_; }     ///< this rank's compute device
+  const std::string& backend_name() const { return backend_name_; }  ///< "gloo" or "nccl"
+  const Logger& logger() const { return logger_; }
+  const ProcessGroupPtr& group() const { return world_group_; }  ///< all ranks
+
+  /// A group over `global_ranks` (sorted, distinct). Every rank of the job calls this with the
+  /// same arguments in the same order; `tag` names the group's key space in the store.
+  /// Ranks outside the group get nullptr.
+  ProcessGroupPtr new_group(std::vector<int> global_ranks, const std::string& tag) {
+    TORCH_CHECK(!global_ranks.empty(), "titan: new_group('", tag, "') needs at least one rank");
+    for (size_t i = 0; i < global_ranks.size(); ++i) {
+      TORCH_CHECK(global_ranks[i] >= 0 && global_ranks[i] < info_.world_size, "titan: new_group('", tag,
+                  "'): rank ", global_ranks[i], " is outside the world of ", info_.world_size);
+      TORCH_CHECK(i == 0 || global_ranks[i] > global_ranks[i - 1], "titan: new_group('", tag,
+                  "'): ranks must be sorted and distinct");
+    }
+    // Every rank counts every call, members or not, so that members agree on the store prefix.
+    int group_id = group_counter_++;
+    auto it = std::find(global_ranks.begin(), global_ranks.end(), info_.rank);
+    if (it == global_ranks.end()) return nullptr;
+    int group_rank = static_cast<int>(it - global_ranks.begin());
+    c10::intrusive_ptr<c10d::Backend> backend;
+    if (global_ranks.size() > 1) {
+      auto prefix = "titan/" + std::to_string(group_id) + "/" + tag;
+      auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, store_);
+      backend = detail::make_backend(backend_name_, store, group_rank, static_cast<int>(global_ranks.size()),
+                                     options_.timeout(), options_.gloo_threads(), info_.master_addr);
+      backends_.push_back(backend);
+    }
+    return std::make_shared<const ProcessGroup>(std::move(backend), std::move(global_ranks), group_rank, device_);
+  }
+
+  /// Waits for all ranks, then releases every backend and the store. Idempotent.
+  void shutdown() {
+    if (shut_down_) return;
+    shut_down_ = true;
+    try {
+      if (world_group_ && world_group_->size() > 1) world_group_->barrier();
+    } catch (const std::exception& e) {
+      logger_.warn("shutdown barrier failed: ", e.what());
+    }
+    for (auto& backend : backends_) backend->shutdown();
+    backends_.clear();
+    world_group_.reset();
+    store_.reset();
+  }
+
+ private:
+  c10::Device choose_device() const {
+    const auto& requested = options_.device();
+    TORCH_CHECK(requested == "auto" || requested == "cpu" || requested == "cuda",
+                "titan: DistOptions::device must be 'auto', 'cpu' or 'cuda', got '", requested, "'");
+    bool cuda = requested == "cuda" || (requested == "auto" && detail::cuda_device_count() > 0);
+    if (!cuda) return c10::Device(c10::kCPU);
+    int count = detail::cuda_device_count();
+    TORCH_CHECK(count > 0, "titan: device 'cuda' requested but no CUDA device is visible");
+    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(info_.local_rank % count));
+  }
+
+  std::string choose_backend() const {
+    const auto& requested = options_.backend();
+    TORCH_CHECK(requested == "auto" || requested == "gloo" || requested == "nccl",
+                "titan: DistOptions::backend must be 'auto', 'gloo' or 'nccl', got '", requested, "'");
+    if (requested != "auto") return requested;
+    return device_.is_cuda() ? "nccl" : "gloo";
+  }
+
+  LaunchInfo info_;
+  DistOptions options_;
+  c10::Device device_{c10::kCPU};
+  std::string backend_name_;
+  Logger logger_;
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::vector<c10::intrusive_ptr<c10d::Backend>> backends_;
+  ProcessGroupPtr world_group_;
+  int group_counter_ = 0;
+  bool shut_down_ = false;
+};
+
+using WorldPtr = std::shared_ptr<World>;
+
+/// Joins the job described by the launcher's environment (see read_launch_info) and returns it.
+/// With no launcher this is a world of one process and needs no network.
+inline WorldPtr init_distributed(DistOptions options = {}, const EnvLookup& env = process_env()) {
+  auto info = read_launch_info(env);
+  if (auto all = env("TITAN_LOG_ALL_RANKS")) options.log_all_ranks(*all == "1");
+  return std::make_shared<World>(std::move(info), std::move(options));
+}
+
+}  // namespace titan

@@ -1,0 +1,259 @@
+// titan/dist.hpp: launcher environments, DeviceMesh and the differentiable collectives.
+// Runs on 1, 2 and 4 ranks; every collective and its backward is compared with the same
+// computation done on one process from every rank's (reproducible) inputs.
+#include "../support/multirank.hpp"
+
+#include <functional>
+#include <map>
+
+using titan_test::world;
+
+namespace {
+
+/// A fake environment for read_launch_info.
+titan::EnvLookup env_of(std::map<std::string, std::string> vars) {
+  return [vars = std::move(vars)](const std::string& name) -> std::optional<std::string> {
+    auto it = vars.find(name);
+    if (it == vars.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+/// Rank r's input: reproducible on every rank.
+torch::Tensor input_of(int r, std::vector<int64_t> shape) {
+  auto gen = at::detail::createCPUGenerator(100 + static_cast<uint64_t>(r));
+  return at::randn(shape, gen, torch::kFloat64);
+}
+
+/// The weight rank k multiplies its output with to form its loss.
+torch::Tensor weight_of(int k, std::vector<int64_t> shape) {
+  auto gen = at::detail::createCPUGenerator(1000 + static_cast<uint64_t>(k));
+  return at::randn(shape, gen, torch::kFloat64);
+}
+
+/// Runs `real` on this rank's input and backpropagates loss_k = sum(out * w_k); runs `reference`
+/// for every rank k on one process from all inputs, backpropagates sum_k loss_k, and compares this
+/// rank's output and input gradient.
+void check_collective(const std::function<std::vector<int64_t>(int)>& shape_of,
+                      const std::function<torch::Tensor(const torch::Tensor&)>& real,
+                      const std::function<torch::Tensor(const std::vector<torch::Tensor>&, int)>& reference) {
+  const int world_size = world()->world_size(), rank = world()->rank();
+  auto x = input_of(rank, shape_of(rank)).requires_grad_(true);
+  auto out = real(x);
+  auto w = weight_of(rank, out.sizes().vec());
+  (out * w).sum().backward();
+
+  std::vector<torch::Tensor> all;
+  for (int r = 0; r < world_size; ++r) all.push_back(input_of(r, shape_of(r)).requires_grad_(true));
+  torch::Tensor total_loss = torch::zeros({}, torch::kFloat64), expected_out;
+  for (int k = 0; k < world_size; ++k) {
+    auto out_k = reference(all, k);
+    if (k == rank) expected_out = out_k.detach();
+    total_loss = total_loss + (out_k * weight_of(k, out_k.sizes().vec())).sum();
+  }
+  total_loss.backward();
+  CHECK_CLOSE(out, expected_out, 1e-12);
+  REQUIRE(x.grad().defined());
+  auto expected_grad = all[static_cast<size_t>(rank)].grad();
+  if (!expected_grad.defined()) expected_grad = torch::zeros_like(x);
+  CHECK_CLOSE(x.grad(), expected_grad, 1e-12);
+}
+
+}  // namespace
+
+TEST_CASE("read_launch_info reads torchrun, Slurm, Open MPI and no launcher") {
+  auto none = titan::read_launch_info(env_of({}));
+  CHECK(none.launcher == "none");
+  CHECK(none.world_size == 1);
+  CHECK(none.rank == 0);
+
+  auto torchrun = titan::read_launch_info(env_of({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"},
+                                                  {"LOCAL_WORLD_SIZE", "2"}, {"MASTER_ADDR", "node0"},
+                                                  {"MASTER_PORT", "1234"}}));
+  CHECK(torchrun.launcher == "torchrun");
+  CHECK(torchrun.rank == 3);
+  CHECK(torchrun.world_size == 8);
+  CHECK(torchrun.local_rank == 1);
+  CHECK(torchrun.master_addr == "node0");
+  CHECK(torchrun.master_port == 1234);
+
+  auto slurm = titan::read_launch_info(env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"},
+                                               {"SLURM_LOCALID", "1"}, {"SLURM_JOB_NODELIST", "gpu[003-006,9],cpu1"}}));
+  CHECK(slurm.launcher == "slurm");
+  CHECK(slurm.rank == 5);
+  CHECK(slurm.world_size == 16);
+  CHECK(slurm.local_rank == 1);
+  CHECK(slurm.master_addr == "gpu003");
+  CHECK(titan::detail::first_slurm_host("node7") == "node7");
+  CHECK(titan::detail::first_slurm_host("a-b[10,12]") == "a-b10");
+
+  auto mpi = titan::read_launch_info(env_of({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "4"},
+                                             {"OMPI_COMM_WORLD_LOCAL_RANK", "0"}, {"MASTER_ADDR", "10.0.0.1"},
+                                             {"MASTER_PORT", "29600"}}));
+  CHECK(mpi.launcher == "openmpi");
+  CHECK(mpi.rank == 2);
+  CHECK(mpi.world_size == 4);
+  CHECK(mpi.master_port == 29600);
+}
+
+TEST_CASE("read_launch_info rejects missing and inconsistent variables, naming them") {
+  CHECK(error_of([] { titan::read_launch_info(env_of({{"RANK", "0"}})); }).find("WORLD_SIZE") != std::string::npos);
+  CHECK(error_of([] {
+          titan::read_launch_info(env_of({{"RANK", "4"}, {"WORLD_SIZE", "4"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}));
+        }).find("not below the world size 4") != std::string::npos);
+  CHECK(error_of([] { titan::read_launch_info(env_of({{"RANK", "x"}, {"WORLD_SIZE", "2"}})); })
+            .find("RANK='x' is not an integer") != std::string::npos);
+  CHECK(error_of([] { titan::read_launch_info(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "1"}})); })
+            .find("MASTER_ADDR") != std::string::npos);
+  CHECK(error_of([] {
+          titan::read_launch_info(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}));
+        }).find("70000") != std::string::npos);
+  CHECK(error_of([] { titan::read_launch_info(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"}})); })
+            .find("SLURM_JOB_NODELIST") != std::string::npos);
+  CHECK(error_of([] { titan::init_distributed(titan::DistOptions().backend("mpi"), env_of({})); })
+            .find("'mpi'") != std::string::npos);
+}
+
+TEST_CASE("chunk_sizes splits like torch.chunk") {
+  CHECK(titan::chunk_sizes(10, 4) == std::vector<int64_t>{3, 3, 3, 1});
+  CHECK(titan::chunk_sizes(5, 4) == std::vector<int64_t>{2, 2, 1, 0});
+  CHECK(titan::chunk_sizes(8, 2) == std::vector<int64_t>{4, 4});
+  CHECK(titan::chunk_sizes(1, 3) == std::vector<int64_t>{1, 0, 0});
+  CHECK(titan::chunk_sizes(0, 2) == std::vector<int64_t>{0, 0});
+}
+
+TEST_CASE("the world group spans every rank") {
+  const auto& group = world()->group();
+  CHECK(group->size() == world()->world_size());
+  CHECK(group->rank() == world()->rank());
+  CHECK(world()->device().is_cpu());
+  CHECK(world()->backend_name() == "gloo");
+  group->barrier();
+}
+
+TEST_CASE("DeviceMesh lays ranks out row-major with one group per dimension") {
+  const int world_size = world()->world_size(), rank = world()->rank();
+  titan::DeviceMesh flat(world(), {"dp"}, {world_size});
+  CHECK(flat.size() == world_size);
+  CHECK(flat.coordinate("dp") == rank);
+
+  titan::DeviceMesh inferred(world(), {"dp_shard", "tp"}, {-1, 1});
+  CHECK(inferred.size("dp_shard") == world_size);
+  CHECK(inferred.size("tp") == 1);
+  CHECK(inferred.group("tp")->backend().get() == nullptr);
+
+  if (world_size == 4) {
+    titan::DeviceMesh mesh(world(), {"dp_replicate", "dp_shard"}, {2, 2});
+    CHECK(mesh.coordinate("dp_replicate") == rank / 2);
+    CHECK(mesh.coordinate("dp_shard") == rank % 2);
+    CHECK(mesh.group("dp_shard")->global_ranks() == std::vector<int>{rank / 2 * 2, rank / 2 * 2 + 1});
+    CHECK(mesh.group("dp_replicate")->global_ranks() == std::vector<int>{rank % 2, rank % 2 + 2});
+    auto tp = mesh["dp_shard"];
+    CHECK(tp.ndim() == 1);
+    CHECK(tp.size() == 2);
+    auto dp = mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
+    CHECK(dp.size() == 4);
+    CHECK(mesh.group("dp")->rank() == rank);
+    // A collective on each sub-group sums exactly its members.
+    auto shard_sum = titan::all_reduce(torch::full({1}, double(rank)), mesh.group("dp_shard"));
+    CHECK(shard_sum.item<double>() == double(rank / 2 * 2 + rank / 2 * 2 + 1));
+    auto replicate_sum = titan::all_reduce(torch::full({1}, double(rank)), mesh.group("dp_replicate"));
+    CHECK(replicate_sum.item<double>() == double(rank % 2 + rank % 2 + 2));
+  }
+}
+
+TEST_CASE("DeviceMesh rejects sizes that do not match the world, naming them") {
+  const int world_size = world()->world_size();
+  auto message = error_of([&] { titan::DeviceMesh(world(), {"dp", "tp"}, {world_size, 3}); });
+  CHECK(message.find("(dp=" + std::to_string(world_size) + ", tp=3)") != std::string::npos);
+  CHECK(message.find("the world has " + std::to_string(world_size)) != std::string::npos);
+  CHECK(error_of([&] { titan::DeviceMesh(world(), {"dp", "dp"}, {world_size, 1}); }).find("repeated") != std::string::npos);
+  CHECK(error_of([&] { titan::DeviceMesh(world(), {"dp", "tp"}, {-1, 0}); }).find("'tp' has size 0") != std::string::npos);
+  if (world_size == 2 || world_size == 4) {
+    CHECK(error_of([&] { titan::DeviceMesh(world(), {"dp", "tp"}, {-1, 3}); }).find("not divisible by 3") != std::string::npos);
+  }
+  titan::DeviceMesh mesh(world(), {"dp"}, {world_size});
+  CHECK(error_of([&] { mesh.group("tp"); }).find("no dimension 'tp'") != std::string::npos);
+}
+
+TEST_CASE("all_gather and its backward, even and uneven, along dim 0 and 1") {
+  auto group = world()->group();
+  const int world_size = world()->world_size();
+  auto gather_ref = [](int64_t dim) {
+    return [dim](const std::vector<torch::Tensor>& all, int) { return torch::cat(all, dim); };
+  };
+  check_collective([](int) { return std::vector<int64_t>{3, 5}; },
+                   [&](const torch::Tensor& x) { return titan::all_gather(x, group, 0); }, gather_ref(0));
+  check_collective([](int) { return std::vector<int64_t>{3, 5}; },
+                   [&](const torch::Tensor& x) { return titan::all_gather(x, group, 1); }, gather_ref(1));
+  // Uneven: rank r has r + 1 rows, the last rank none when there are several ranks.
+  auto uneven = [world_size](int r) {
+    return std::vector<int64_t>{r == world_size - 1 && world_size > 1 ? 0 : r + 1, 4};
+  };
+  check_collective(uneven, [&](const torch::Tensor& x) { return titan::all_gather(x, group, 0); }, gather_ref(0));
+  std::vector<int64_t> sizes;
+  for (int r = 0; r < world_size; ++r) sizes.push_back(uneven(r)[0]);
+  check_collective(uneven, [&](const torch::Tensor& x) { return titan::all_gather(x, group, 0, sizes); },
+                   gather_ref(0));
+  check_collective([&](int r) { return std::vector<int64_t>{2, uneven(r)[0]}; },
+                   [&](const torch::Tensor& x) { return titan::all_gather(x, group, -1); }, gather_ref(1));
+}
+
+TEST_CASE("reduce_scatter (sum and avg) and its backward, even and uneven") {
+  auto group = world()->group();
+  const int world_size = world()->world_size();
+  for (auto op : {titan::ReduceOp::Sum, titan::ReduceOp::Avg}) {
+    for (int64_t rows : {int64_t(4 * world_size), int64_t(4 * world_size + 3), int64_t(1)}) {
+      auto sizes = titan::chunk_sizes(rows, world_size);
+      auto reference = [&](const std::vector<torch::Tensor>& all, int k) {
+        auto total = all[0];
+        for (size_t j = 1; j < all.size(); ++j) total = total + all[j];
+        if (op == titan::ReduceOp::Avg) total = total / world_size;
+        int64_t offset = 0;
+        for (int r = 0; r < k; ++r) offset += sizes[static_cast<size_t>(r)];
+        return total.narrow(1, offset, sizes[static_cast<size_t>(k)]);
+      };
+      check_collective([&](int) { return std::vector<int64_t>{2, rows}; },
+                       [&](const torch::Tensor& x) { return titan::reduce_scatter(x, group, 1, op); }, reference);
+    }
+  }
+}
+
+TEST_CASE("all_reduce (sum and avg) and broadcast, with their backward") {
+  auto group = world()->group();
+  const int world_size = world()->world_size();
+  for (auto op : {titan::ReduceOp::Sum, titan::ReduceOp::Avg}) {
+    check_collective([](int) { return std::vector<int64_t>{3, 2}; },
+                     [&](const torch::Tensor& x) { return titan::all_reduce(x, group, op); },
+                     [&](const std::vector<torch::Tensor>& all, int) {
+                       auto total = all[0];
+                       for (size_t j = 1; j < all.size(); ++j) total = total + all[j];
+                       return op == titan::ReduceOp::Avg ? total / world_size : total;
+                     });
+  }
+  const int src = world_size - 1;
+  check_collective([](int) { return std::vector<int64_t>{5}; },
+                   [&](const torch::Tensor& x) { return titan::broadcast(x, group, src); },
+                   [&](const std::vector<torch::Tensor>& all, int) { return all[static_cast<size_t>(src)] * 1.0; });
+}
+
+TEST_CASE("collectives keep float32 and reject bad arguments") {
+  auto group = world()->group();
+  auto x = torch::ones({2, 2});
+  CHECK((titan::all_gather(x, group).scalar_type() == torch::kFloat));
+  CHECK(error_of([&] { titan::all_gather(x, group, 2); }).find("dim 2 is out of range") != std::string::npos);
+  CHECK(error_of([&] { titan::all_gather(x, nullptr); }).find("null process group") != std::string::npos);
+  if (world()->world_size() > 1) {
+    std::vector<int64_t> wrong(static_cast<size_t>(world()->world_size()), 1);
+    CHECK(error_of([&] { titan::all_gather(x, group, 0, wrong); }).find("sizes says 1") != std::string::npos);
+  }
+}

@@ -1,0 +1,8 @@
+#pragma once
+// Every public titan header (keep in sync with include/titan/).
+#include <titan/titan.hpp>
+#include <titan/collectives.hpp>
+#include <titan/dist.hpp>
+#include <titan/log.hpp>
+#include <titan/mesh.hpp>
+#include <titan/world.hpp>

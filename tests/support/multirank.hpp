@@ -1,0 +1,26 @@
+#pragma once
+// Helpers shared by titan's doctest suites: the job's World and tensor comparisons.
+#include <doctest/doctest.h>
+#include <titan/titan.hpp>
+#include <torch/torch.h>
+
+namespace titan_test {
+
+/// The job every test case of this executable runs in (one World for the whole process).
+const titan::WorldPtr& world();
+
+/// Largest absolute difference between two tensors of the same shape (as double).
+inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  REQUIRE_MESSAGE(a.sizes() == b.sizes(), "shapes differ: ", a.sizes(), " vs ", b.sizes());
+  if (a.numel() == 0) return 0.0;
+  return (a.detach().to(torch::kDouble).cpu() - b.detach().to(torch::kDouble).cpu()).abs().max().item<double>();
+}
+
+}  // namespace titan_test
+
+/// Checks that two tensors agree within `tol` (max abs difference), printing the difference.
+#define CHECK_CLOSE(a, b, tol)                                                             \
+  do {                                                                                      \
+    double titan_diff_ = titan_test::max_abs_diff((a), (b));                                \
+    CHECK_MESSAGE(titan_diff_ <= (tol), #a " vs " #b ": max abs diff ", titan_diff_, " > ", (tol)); \
+  } while (0)
