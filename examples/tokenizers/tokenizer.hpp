@@ -1,0 +1,32 @@
+#pragma once
+// The tokenizer interface the example trainers use. Implementations: Llama 3's tiktoken-style BPE
+// (tiktoken.hpp) and SentencePiece for Llama 2 / Mistral (sentencepiece.hpp). No LibTorch here.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace titan::examples {
+
+/// Text to token ids and back.
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  /// Token ids of `text`, with the BOS / EOS ids around it when asked.
+  virtual std::vector<int64_t> encode(std::string_view text, bool bos, bool eos) const = 0;
+  /// The text of `ids`.
+  virtual std::string decode(const std::vector<int64_t>& ids) const = 0;
+  /// Number of ids (the model's vocabulary must be at least this).
+  virtual int64_t vocab_size() const = 0;
+  virtual int64_t bos_id() const = 0;  ///< beginning of sequence
+  virtual int64_t eos_id() const = 0;  ///< end of sequence (also ends each document when packing)
+  virtual int64_t pad_id() const = 0;  ///< padding; -1 when the model has none
+};
+
+/// Loads the tokenizer at `path`: kind "tiktoken" (Llama 3 tokenizer.model) or "sentencepiece"
+/// (Llama 2 / Mistral tokenizer.model). Errors name the file and what was wrong.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, const std::string& kind);
+
+}  // namespace titan::examples
