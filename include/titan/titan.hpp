@@ -2,3 +2,4 @@
 // titan/titan.hpp: everything titan offers, in one include.
 
 #include <titan/dist.hpp>
+#include <titan/hooks.hpp>

@@ -3,6 +3,7 @@
 #include <titan/titan.hpp>
 #include <titan/collectives.hpp>
 #include <titan/dist.hpp>
+#include <titan/hooks.hpp>
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>
 #include <titan/world.hpp>
