@@ -3,3 +3,4 @@
 
 #include <titan/dist.hpp>
 #include <titan/hooks.hpp>
+#include <titan/sharding.hpp>

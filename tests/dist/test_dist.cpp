@@ -257,3 +257,28 @@ TEST_CASE("collectives keep float32 and reject bad arguments") {
     CHECK(error_of([&] { titan::all_gather(x, group, 0, wrong); }).find("sizes says 1") != std::string::npos);
   }
 }
+
+TEST_CASE("TensorLayout composes shard levels into this rank's rectangle") {
+  const int world_size = world()->world_size(), rank = world()->rank();
+  titan::TensorLayout replicated{{7, 5}, {}};
+  CHECK(replicated.local_box().sizes == std::vector<int64_t>{7, 5});
+  CHECK(replicated.placement() == "Replicate");
+  titan::DeviceMesh mesh(world(), {"dp_shard"}, {world_size});
+  auto layout = replicated.with_level({0, "dp_shard", mesh.group("dp_shard")});
+  auto sizes = titan::chunk_sizes(7, world_size);
+  int64_t offset = 0;
+  for (int r = 0; r < rank; ++r) offset += sizes[static_cast<size_t>(r)];
+  CHECK(layout.local_box().offsets == std::vector<int64_t>{offset, 0});
+  CHECK(layout.local_box().sizes == std::vector<int64_t>{sizes[static_cast<size_t>(rank)], 5});
+  CHECK(layout.placement() == "Shard(0)@dp_shard");
+  if (world_size == 4) {
+    // 2-D: Shard(0) over "tp" (2 ranks), then Shard(0) over "dp_shard" (2 ranks) of a 10-row tensor:
+    // tp chunks [0,5) and [5,10); dp chunks of 5 rows are 3 + 2.
+    titan::DeviceMesh mesh2(world(), {"dp_shard", "tp"}, {2, 2});
+    titan::TensorLayout two_d{{10, 4}, {{0, "tp", mesh2.group("tp")}, {0, "dp_shard", mesh2.group("dp_shard")}}};
+    int tp = mesh2.coordinate("tp"), dp = mesh2.coordinate("dp_shard");
+    CHECK(two_d.local_box().offsets[0] == tp * 5 + dp * 3);
+    CHECK(two_d.local_box().sizes[0] == (dp == 0 ? 3 : 2));
+    CHECK(two_d.placement() == "Shard(0)@tp,Shard(0)@dp_shard");
+  }
+}

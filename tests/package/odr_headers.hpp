@@ -6,4 +6,5 @@
 #include <titan/hooks.hpp>
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>
+#include <titan/sharding.hpp>
 #include <titan/world.hpp>
