@@ -3,4 +3,5 @@
 
 #include <titan/dist.hpp>
 #include <titan/hooks.hpp>
+#include <titan/meta.hpp>
 #include <titan/sharding.hpp>

@@ -2,6 +2,7 @@
 #include "../support/multirank.hpp"
 
 #include <titan/hooks.hpp>
+#include <titan/meta.hpp>
 
 namespace {
 
@@ -55,4 +56,33 @@ TEST_CASE("titan::call nests hooks, the last attached outermost, and binds non-t
   std::shared_ptr<AffineImpl> shared = affine.ptr();
   CHECK(torch::equal(titan::call(shared, x, 1.0, y), out));
   CHECK(torch::equal(titan::call(affine.get(), x, 1.0, y), out));
+}
+
+TEST_CASE("to_empty materialises meta parameters and buffers in place, keeping every handle") {
+  struct NetImpl : torch::nn::Module {
+    NetImpl() {
+      auto meta = torch::TensorOptions().device(torch::kMeta);
+      weight = register_parameter("weight", torch::empty({4, 3}, meta));
+      scale = register_buffer("scale", torch::empty({3}, meta));
+    }
+    torch::Tensor forward(const torch::Tensor& x) { return torch::matmul(x * scale, weight.t()); }
+    torch::Tensor weight, scale;
+  };
+  auto net = std::make_shared<NetImpl>();
+  CHECK(net->weight.is_meta());
+  titan::to_empty(*net, torch::kCPU);
+  CHECK(net->weight.device().is_cpu());
+  CHECK(net->named_parameters()["weight"].device().is_cpu());
+  CHECK(net->scale.device().is_cpu());
+  CHECK(net->weight.requires_grad());
+  {
+    torch::NoGradGuard no_grad;
+    net->named_parameters()["weight"].fill_(2.0);  // writes through the dictionary handle...
+    net->named_buffers()["scale"].fill_(1.0);
+  }
+  auto x = torch::ones({2, 3});
+  auto y = titan::call(net, x);  // ...and forward reads the member handle: the same tensor
+  CHECK(torch::allclose(y, torch::full({2, 4}, 6.0)));
+  y.sum().backward();
+  CHECK(torch::allclose(net->weight.grad(), torch::full({4, 3}, 2.0)));
 }

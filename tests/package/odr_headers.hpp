@@ -6,5 +6,6 @@
 #include <titan/hooks.hpp>
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>
+#include <titan/meta.hpp>
 #include <titan/sharding.hpp>
 #include <titan/world.hpp>
