@@ -19,11 +19,12 @@ namespace titan::examples {
 inline constexpr const char* kLlama3Pattern =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 
-/// The special tokens Meta appends after the BPE ranks (Llama 3.1 / 3.2 / 3.3 names, the same ids
-/// as Llama 3 for begin/end of text, headers and end of turn): the first `n` of
-/// <|begin_of_text|>, <|end_of_text|>, <|reserved_special_token_0|>, <|reserved_special_token_1|>,
-/// <|finetune_right_pad_id|>, <|step_id|>, <|start_header_id|>, <|end_header_id|>, <|eom_id|>,
-/// <|eot_id|>, <|python_tag|>, then <|reserved_special_token_2|>, ... up to `n` in all.
+/// The special tokens Meta appends after the BPE ranks, as named in Llama 3.1 / 3.2 / 3.3's
+/// tokenizer.json (Llama 3 has the same ids for begin/end of text, headers and end of turn): the
+/// first `n` of <|begin_of_text|>, <|end_of_text|>, <|reserved_special_token_0|>,
+/// <|reserved_special_token_1|>, <|finetune_right_pad_id|>, <|reserved_special_token_2|>,
+/// <|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|>, <|python_tag|>, then
+/// <|reserved_special_token_3|>, ... up to `n` in all (n = 256: the last is ..._247|>).
 std::vector<std::string> llama3_special_tokens(int64_t n);
 
 /// How `TiktokenTokenizer::encode` treats special-token text such as "<|eot_id|>" in its input.

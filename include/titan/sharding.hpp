@@ -8,7 +8,10 @@
 // FSDP x TP column-parallel weight [out, in] is {Shard(0) over "tp", Shard(0) over "dp_shard"}.
 
 #include <titan/collectives.hpp>
+#include <titan/hooks.hpp>
 #include <titan/world.hpp>
+
+#include <optional>
 
 #include <string>
 #include <utility>
@@ -87,6 +90,55 @@ using ShardedStateDict = std::vector<std::pair<std::string, ShardedTensor>>;
 inline ShardedTensor replicated(const at::Tensor& tensor) {
   TensorLayout layout{tensor.sizes().vec(), {}};
   return ShardedTensor{tensor, layout, layout.local_box()};
+}
+
+/// Implemented by hooks that change how parameters are stored (tensor parallel, FSDP). A hook on
+/// module M answers for the parameters M's subtree holds, named relative to M ("wq.weight").
+/// A hook that shards parameters already sharded by an inner hook (FSDP over TP) includes the inner
+/// levels in its answer.
+class ParameterLayoutProvider {
+ public:
+  virtual ~ParameterLayoutProvider() = default;
+  /// The layout of parameter `relative_name`, or nullopt if this hook does not manage it.
+  virtual std::optional<TensorLayout> layout_of(const std::string& relative_name) const = 0;
+};
+
+/// The layout of `module`'s parameter `name` (a dotted name from named_parameters): the answer of
+/// the provider hook on the shortest module prefix that manages it, else replicated.
+inline TensorLayout parameter_layout(const torch::nn::Module& module, const std::string& name,
+                                     const at::Tensor& parameter) {
+  const torch::nn::Module* current = &module;
+  std::string rest = name;
+  while (current != nullptr) {
+    for (const auto& hook : hooks_of(*current)) {
+      if (auto provider = std::dynamic_pointer_cast<ParameterLayoutProvider>(hook)) {
+        if (auto layout = provider->layout_of(rest)) return *layout;
+      }
+    }
+    auto dot = rest.find('.');
+    if (dot == std::string::npos) break;
+    auto child_name = rest.substr(0, dot);
+    const torch::nn::Module* next = nullptr;
+    for (const auto& child : current->named_children())
+      if (child.key() == child_name) next = child.value().get();
+    current = next;
+    rest = rest.substr(dot + 1);
+  }
+  return TensorLayout{parameter.sizes().vec(), {}};
+}
+
+/// Every parameter of `module` (local tensors as optimizers see them) with its global layout.
+inline ShardedStateDict sharded_parameters(const torch::nn::Module& module) {
+  ShardedStateDict result;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    auto layout = parameter_layout(module, item.key(), item.value());
+    auto box = layout.local_box();
+    TORCH_CHECK(box.sizes == item.value().sizes().vec() || item.value().numel() >= box.numel(),
+                "titan: parameter '", item.key(), "' has local shape ", item.value().sizes(),
+                " but its layout ", layout.placement(), " gives ", c10::IntArrayRef(box.sizes));
+    result.emplace_back(item.key(), ShardedTensor{item.value(), std::move(layout), std::move(box)});
+  }
+  return result;
 }
 
 }  // namespace titan

@@ -1,0 +1,158 @@
+#pragma once
+// The example trainers' configuration: torchtitan-like TOML sections in typed structs.
+//
+// API summary
+//   TrainConfig cfg = parse_config_args(argc, argv);   // --config file.toml, then --section.key value
+//                                                      // or --section.key=value overrides; validated
+//   TrainConfig cfg = load_config_file(path);          // one TOML file, validated
+//   apply_override(cfg, "training.steps", "20", "command line");  // one override (string value)
+//   validate(cfg);                                     // ranges and choices of every key (also done above)
+//   std::string text = to_toml(cfg);                   // the resolved config, parseable again
+//   save_config(cfg, path);                            // to_toml into a file
+//   config_keys();                                     // every "section.key" known
+// Errors (c10::Error) name the source (file or "command line"), the key, the value and what is
+// valid; an unknown key or section suggests the closest valid one.
+//
+// No LibTorch tensors here; the TOML parser (toml++) stays inside config.cpp.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace titan::examples {
+
+/// [job]: where outputs go.
+struct JobConfig {
+  std::string dump_folder = "./outputs";  ///< root of checkpoints, metrics, TensorBoard files
+  std::string description = "titan example training job";  ///< free text, printed at start
+};
+
+/// [model]: which model and tokenizer.
+struct ModelConfig {
+  std::string name = "llama3";           ///< "llama2", "llama3" or "mistral"
+  std::string flavor = "debug";          ///< size: "debug", "7B", "8B", "13B", "70B", "405B"
+  std::string tokenizer_path = "";       ///< tokenizer.model file
+  std::string tokenizer_kind = "tiktoken";  ///< "tiktoken" (Llama 3) or "sentencepiece" (Llama 2, Mistral)
+};
+
+/// [optimizer]: AdamW with decoupled weight decay.
+struct OptimizerConfig {
+  std::string name = "AdamW";  ///< only "AdamW"
+  double lr = 8e-4;            ///< peak learning rate
+  double eps = 1e-8;           ///< Adam epsilon
+  double beta1 = 0.9;          ///< first-moment decay
+  double beta2 = 0.95;         ///< second-moment decay
+  double weight_decay = 0.1;   ///< decoupled weight decay of the decayed group
+  bool no_decay_norms_and_biases = true;  ///< norms, biases and 1-D parameters get no weight decay
+};
+
+/// [lr_scheduler]: linear warmup, then decay to lr * min_lr_ratio at the last step.
+struct LRSchedulerConfig {
+  int64_t warmup_steps = 200;         ///< steps of linear warmup
+  std::string decay_type = "linear";  ///< "linear", "cosine" or "constant"
+  double min_lr_ratio = 0.0;          ///< final lr as a fraction of optimizer.lr, in [0, 1]
+};
+
+/// [training]: batch, steps and numerics.
+struct TrainingConfig {
+  int64_t batch_size = 8;          ///< local micro-batch (sequences per rank per forward)
+  int64_t global_batch_size = -1;  ///< sequences per optimizer step over all ranks; -1 = batch_size * dp
+  int64_t seq_len = 2048;          ///< tokens per sequence
+  int64_t steps = 10000;           ///< optimizer steps
+  double max_norm = 1.0;           ///< gradient clipping by global norm; <= 0 disables it
+  int64_t seed = 0;                ///< seed of weights and data order
+  std::string mixed_precision_param = "bfloat16";  ///< "float32" or "bfloat16" compute dtype
+  std::string mixed_precision_reduce = "float32";  ///< "float32" or "bfloat16" gradient reduction
+  std::string nan_policy = "stop";  ///< on a NaN/Inf loss: "stop" the run or "skip" the step
+};
+
+/// [parallelism]: the device mesh.
+struct ParallelismConfig {
+  int64_t data_parallel_shard_degree = -1;     ///< FSDP degree; -1 = what the other degrees leave
+  int64_t data_parallel_replicate_degree = 1;  ///< DDP-style replicas (HSDP)
+  int64_t tensor_parallel_degree = 1;          ///< tensor parallel degree
+  bool enable_sequence_parallel = true;        ///< shard norms/dropout activations along the sequence
+  bool enable_loss_parallel = true;            ///< cross-entropy on vocabulary-sharded logits
+  bool reshard_after_forward = true;           ///< FSDP frees gathered weights after forward
+};
+
+/// [checkpoint]: distributed checkpoints.
+struct CheckpointConfig {
+  bool enable = false;                 ///< save checkpoints
+  std::string folder = "checkpoint";   ///< under job.dump_folder
+  int64_t interval = 500;              ///< steps between saves
+  int64_t keep_latest_k = 0;           ///< keep this many newest (0 = all)
+  std::string async_mode = "disabled";  ///< "disabled" or "async"
+  int64_t load_step = -1;              ///< step to resume from; -1 = the latest
+  std::string export_dtype = "float32";  ///< "float32", "bfloat16" or "float16" for the final export
+};
+
+/// [activation_checkpoint]: recomputation in backward.
+struct ActivationCheckpointConfig {
+  std::string mode = "selective";         ///< "none", "full" or "selective"
+  std::string selective_ac_option = "2";  ///< "op" or a positive integer k (every k-th block)
+};
+
+/// [metrics]: logging.
+struct MetricsConfig {
+  int64_t log_freq = 10;                ///< steps between metric lines
+  bool enable_tensorboard = false;      ///< write TensorBoard event files (rank 0)
+  std::string save_tb_folder = "tb";    ///< under job.dump_folder
+  bool enable_jsonl = true;             ///< write metrics.jsonl under job.dump_folder (rank 0)
+};
+
+/// [data]: corpus, packing and validation.
+struct DataConfig {
+  std::string kind = "text";        ///< "text", "jsonl" or "alpaca"
+  std::string path = "";            ///< training corpus
+  std::string text_field = "text";  ///< field of a JSONL record holding the document
+  std::string val_path = "";        ///< validation corpus ("" = no validation)
+  int64_t val_freq = 0;             ///< steps between validations (0 = never)
+  int64_t val_steps = 10;           ///< batches per validation
+  bool skip_malformed = false;      ///< skip (and count) malformed JSONL lines instead of failing
+  std::string prompt_template = "alpaca";  ///< instruction template; only "alpaca"
+  bool pack = true;                 ///< pack documents into seq_len windows (else one per row, padded)
+  std::string cache_dir = "";       ///< token cache folder ("" = <job.dump_folder>/token_cache)
+};
+
+/// The whole configuration of a training run.
+struct TrainConfig {
+  JobConfig job;
+  ModelConfig model;
+  OptimizerConfig optimizer;
+  LRSchedulerConfig lr_scheduler;
+  TrainingConfig training;
+  ParallelismConfig parallelism;
+  CheckpointConfig checkpoint;
+  ActivationCheckpointConfig activation_checkpoint;
+  MetricsConfig metrics;
+  DataConfig data;
+};
+
+/// Reads one TOML file over the defaults and validates the result.
+TrainConfig load_config_file(const std::string& path);
+
+/// `--config file` (at most once, applied first) and `--section.key value` / `--section.key=value`
+/// overrides in order, then validation. argv[0] is the program. `--help` is not handled here.
+TrainConfig parse_config_args(int argc, const char* const* argv);
+
+/// Sets `key` ("section.key") from its text form; `source` names where it came from in errors.
+void apply_override(TrainConfig& config, const std::string& key, const std::string& value,
+                    const std::string& source);
+
+/// Checks every value's range and choices; errors name `source`, the key and what is valid.
+void validate(const TrainConfig& config, const std::string& source = "config");
+
+/// The configuration as TOML, every key, in section order; load_config_file reads it back.
+std::string to_toml(const TrainConfig& config);
+
+/// Writes to_toml(config) to `path` (parent folders are created).
+void save_config(const TrainConfig& config, const std::string& path);
+
+/// Every known key as "section.key", in printing order.
+std::vector<std::string> config_keys();
+
+/// The candidate closest to `word` by edit distance ("" when `candidates` is empty).
+std::string closest_match(const std::string& word, const std::vector<std::string>& candidates);
+
+}  // namespace titan::examples

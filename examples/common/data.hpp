@@ -1,0 +1,185 @@
+#pragma once
+// Training data of the example trainers: tokenized-once corpora, packed or padded batches,
+// deterministic shuffling, data-parallel sharding, resumable state, and validation.
+//
+// API summary
+//   auto corpus = TokenCorpus::open(CorpusOptions().path(p).kind("text").cache_dir(d), tokenizer, group);
+//       // tokenizes the corpus once (rank 0 of `group`, with a progress line), caches it as
+//       // <cache_dir>/<name>.<key>.tokens + .index, key = hash(path, size, mtime, kind, field, tokenizer)
+//   DataLoader loader(corpus, tokenizer, LoaderOptions().batch_size(8).seq_len(2048).seed(0)
+//                                           .dp_rank(r).dp_size(n));
+//   Batch b = loader.next();             // b.input [B, S] int64, b.labels [B, S] int64 (-100 = ignored)
+//   std::string s = loader.state().to_json();  loader.load_state(DataState::from_json(s));  // resume
+//   ValidationResult v = evaluate(val_loader, steps, [&](const Batch& b) { return mean_loss; }, group);
+//   std::string p = alpaca_prompt(instruction, input);   // the Alpaca prompt template
+//
+// Corpus formats (CorpusOptions::kind):
+//   "text"   plain UTF-8; a line holding only a form feed ("\f") ends a document (a file without
+//            one is one document)
+//   "jsonl"  one JSON object per line; the document is the string field `text_field`
+//   "alpaca" one {"instruction", "input" (optional), "output"} object per line; the sample is the
+//            Alpaca prompt followed by the output, and only the output (and EOS) is trained on
+//   Blank lines are skipped. A malformed line fails with file:line, or is skipped and counted when
+//   skip_malformed is set.
+//
+// Samples: every document becomes [BOS] tokens [EOS]. Packed (LoaderOptions::pack), these are
+// concatenated and cut into windows of seq_len + 1 tokens (input = window[0:S], labels =
+// window[1:S+1]); the last partial window is dropped. Unpacked, each document is one row, cut to
+// seq_len + 1 tokens or padded (input pad_id, or EOS when the tokenizer has none; labels -100).
+// Labels are -100 where the target is a BOS token or an Alpaca prompt token.
+//
+// Order and sharding: each epoch visits every sample once in the order of a permutation drawn
+// from (seed, epoch) with std::mt19937_64 (identical on every platform); shuffle(false) keeps file
+// order. Data-parallel rank r of N takes samples r, r + N, r + 2N, ... of that order (strided), so
+// every rank sees floor(samples / N) samples per epoch and ranks stay in step; epochs roll over
+// by themselves. The state (epoch, position) plus the checked identity (seed, samples, ranks)
+// restores the exact stream; there is no other RNG state.
+
+#include "../tokenizers/tokenizer.hpp"
+
+#include <titan/world.hpp>
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace titan::examples {
+
+/// The Alpaca prompt (with or without the "### Input:" part when `input` is empty); the
+/// response follows it directly.
+std::string alpaca_prompt(const std::string& instruction, const std::string& input);
+
+/// What corpus to read and where to cache its tokens.
+struct CorpusOptions {
+  TORCH_ARG(std::string, path);                 ///< the corpus file
+  TORCH_ARG(std::string, kind) = "text";        ///< "text", "jsonl" or "alpaca"
+  TORCH_ARG(std::string, text_field) = "text";  ///< JSONL field of the document ("jsonl")
+  TORCH_ARG(bool, skip_malformed) = false;      ///< skip and count malformed JSONL lines
+  TORCH_ARG(std::string, cache_dir) = "token_cache";  ///< where .tokens / .index files go
+  TORCH_ARG(std::string, tokenizer_id) = "";    ///< extra text for the cache key (e.g. tokenizer path)
+  TORCH_ARG(bool, show_progress) = true;        ///< print progress lines while tokenizing
+  TORCH_ARG(double, progress_interval_s) = 5.0;  ///< seconds between progress lines
+};
+
+/// A tokenized corpus: each document's token ids (memory-mapped from the cache) without BOS/EOS.
+class TokenCorpus {
+ public:
+  /// Opens the cached tokens of `options.path`, tokenizing it first when the cache is missing or
+  /// stale. With a group of several ranks, its rank 0 tokenizes while the others wait.
+  static std::shared_ptr<const TokenCorpus> open(const CorpusOptions& options, const Tokenizer& tokenizer,
+                                                 const ProcessGroupPtr& group = nullptr);
+  ~TokenCorpus();
+  TokenCorpus(const TokenCorpus&) = delete;
+  TokenCorpus& operator=(const TokenCorpus&) = delete;
+
+  int64_t num_documents() const { return static_cast<int64_t>(offsets_.size()) - 1; }
+  int64_t num_tokens() const { return offsets_.back(); }  ///< without BOS/EOS
+  int64_t document_length(int64_t d) const { return offsets_[d + 1] - offsets_[d]; }
+  /// Token ids of document `d`.
+  const uint32_t* document(int64_t d) const { return tokens_ + offsets_[d]; }
+  /// Leading tokens of document `d` that are prompt (not trained on); 0 except for "alpaca".
+  int64_t prompt_length(int64_t d) const { return prompt_lengths_[d]; }
+  int64_t skipped_lines() const { return skipped_lines_; }  ///< malformed lines skipped when tokenizing
+  bool from_cache() const { return from_cache_; }  ///< true when no tokenizing was needed
+  const std::string& index_path() const { return index_path_; }  ///< the .index file
+
+ private:
+  TokenCorpus() = default;
+  std::vector<int64_t> offsets_;          // [documents + 1]
+  std::vector<uint32_t> prompt_lengths_;  // [documents]
+  const uint32_t* tokens_ = nullptr;
+  void* mapping_ = nullptr;
+  size_t mapping_bytes_ = 0;
+  int64_t skipped_lines_ = 0;
+  bool from_cache_ = false;
+  std::string index_path_;
+};
+
+/// How batches are cut, ordered and sharded.
+struct LoaderOptions {
+  TORCH_ARG(int64_t, batch_size) = 1;   ///< rows per batch (local micro-batch)
+  TORCH_ARG(int64_t, seq_len) = 2048;   ///< tokens per row
+  TORCH_ARG(bool, pack) = true;         ///< pack documents into windows (else one padded row each)
+  TORCH_ARG(bool, shuffle) = true;      ///< permute samples every epoch (else file order)
+  TORCH_ARG(int64_t, seed) = 0;         ///< seed of the permutations
+  TORCH_ARG(int64_t, dp_rank) = 0;      ///< this rank's data-parallel index
+  TORCH_ARG(int64_t, dp_size) = 1;      ///< data-parallel degree
+};
+
+/// One micro-batch.
+struct Batch {
+  torch::Tensor input;   ///< [B, S] int64 token ids
+  torch::Tensor labels;  ///< [B, S] int64 next-token ids, -100 where ignored
+  int64_t num_label_tokens = 0;  ///< labels that are not -100
+};
+
+/// Where a DataLoader stands; enough to continue the same stream after a restart.
+struct DataState {
+  int64_t epoch = 0;     ///< completed epochs
+  int64_t position = 0;  ///< samples of this epoch already taken by this rank
+  int64_t seed = 0;      ///< checked on restore
+  int64_t samples = 0;   ///< samples per epoch over all ranks; checked on restore
+  int64_t dp_size = 1;   ///< checked on restore
+  int64_t dp_rank = 0;   ///< checked on restore
+
+  std::map<std::string, int64_t> to_map() const;  ///< keys: the member names
+  static DataState from_map(const std::map<std::string, int64_t>& values);  ///< errors on missing keys
+  std::string to_json() const;                     ///< a one-line JSON object of to_map
+  static DataState from_json(const std::string& text);
+  bool operator==(const DataState& other) const { return to_map() == other.to_map(); }
+};
+
+/// Endless batches from a TokenCorpus for one data-parallel rank.
+class DataLoader {
+ public:
+  /// Ids of BOS, EOS and padding come from `tokenizer`.
+  DataLoader(std::shared_ptr<const TokenCorpus> corpus, const Tokenizer& tokenizer, LoaderOptions options);
+
+  /// The next batch (rolls into the next epoch when this one is used up).
+  Batch next();
+  /// Samples of one epoch over all ranks (windows when packing, documents otherwise).
+  int64_t samples_per_epoch() const { return samples_; }
+  /// Samples of one epoch this rank takes: samples_per_epoch() / dp_size.
+  int64_t samples_per_rank() const { return samples_ / options_.dp_size(); }
+  const LoaderOptions& options() const { return options_; }
+  DataState state() const;
+  /// Continues from `state`; errors when it came from a different seed, corpus, length or rank layout.
+  void load_state(const DataState& state);
+  /// Back to the first sample of epoch 0 (validation does this every time).
+  void reset();
+
+ private:
+  void fill_row(int64_t sample, int64_t* input, int64_t* labels) const;  // input, labels: [S]
+  int64_t sample_at(int64_t epoch, int64_t index) const;  // index-th sample of epoch's order
+
+  std::shared_ptr<const TokenCorpus> corpus_;
+  LoaderOptions options_;
+  int64_t bos_, eos_, pad_;
+  std::vector<int64_t> starts_;  // [documents + 1] packed start of each document's [BOS doc EOS]
+  int64_t samples_ = 0;
+  int64_t epoch_ = 0;
+  int64_t position_ = 0;
+  mutable int64_t order_epoch_ = -1;
+  mutable std::vector<int64_t> order_;  // permutation of the current epoch
+};
+
+/// Mean validation loss (weighted by label tokens over all ranks) and its exponential.
+struct ValidationResult {
+  double loss = 0.0;
+  double perplexity = 0.0;
+  int64_t tokens = 0;   ///< label tokens over all ranks
+  int64_t batches = 0;  ///< batches per rank
+};
+
+/// Runs `loss_fn` (mean cross-entropy over a batch's non-ignored labels, e.g. a model forward
+/// under NoGradGuard) on up to `steps` batches of `loader` from its start (reset() first; fewer
+/// when an epoch has fewer), and reduces over `group` (nullptr = this process alone).
+ValidationResult evaluate(DataLoader& loader, int64_t steps, const std::function<torch::Tensor(const Batch&)>& loss_fn,
+                          const ProcessGroupPtr& group = nullptr);
+
+}  // namespace titan::examples

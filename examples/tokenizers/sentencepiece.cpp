@@ -1,0 +1,55 @@
+#include "sentencepiece.hpp"
+
+#include <sentencepiece_processor.h>
+
+#include <stdexcept>
+
+namespace titan::examples {
+
+SentencePieceTokenizer::SentencePieceTokenizer(const std::string& path)
+    : processor_(std::make_unique<sentencepiece::SentencePieceProcessor>()), path_(path) {
+  const auto status = processor_->Load(path);
+  if (!status.ok()) {
+    throw std::runtime_error("sentencepiece model '" + path + "' cannot be loaded: " + status.ToString());
+  }
+}
+
+SentencePieceTokenizer::~SentencePieceTokenizer() = default;
+
+std::vector<int64_t> SentencePieceTokenizer::encode(std::string_view text, bool bos, bool eos) const {
+  if ((bos && bos_id() < 0) || (eos && eos_id() < 0)) {
+    throw std::invalid_argument("sentencepiece model '" + path_ + "' has no BOS / EOS piece but one was asked for");
+  }
+  std::vector<int> pieces;
+  const auto status = processor_->Encode(text, &pieces);
+  if (!status.ok()) throw std::runtime_error("sentencepiece model '" + path_ + "': " + status.ToString());
+  std::vector<int64_t> ids;
+  ids.reserve(pieces.size() + 2);
+  if (bos) ids.push_back(bos_id());
+  ids.insert(ids.end(), pieces.begin(), pieces.end());
+  if (eos) ids.push_back(eos_id());
+  return ids;
+}
+
+std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids) const {
+  std::vector<int> pieces;
+  pieces.reserve(ids.size());
+  for (const int64_t id : ids) {
+    if (id < 0 || id >= vocab_size()) {
+      throw std::out_of_range("token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                              std::to_string(vocab_size()) + ")");
+    }
+    pieces.push_back(static_cast<int>(id));
+  }
+  std::string text;
+  const auto status = processor_->Decode(pieces, &text);
+  if (!status.ok()) throw std::runtime_error("sentencepiece model '" + path_ + "': " + status.ToString());
+  return text;
+}
+
+int64_t SentencePieceTokenizer::vocab_size() const { return processor_->GetPieceSize(); }
+int64_t SentencePieceTokenizer::bos_id() const { return processor_->bos_id(); }
+int64_t SentencePieceTokenizer::eos_id() const { return processor_->eos_id(); }
+int64_t SentencePieceTokenizer::pad_id() const { return processor_->pad_id(); }
+
+}  // namespace titan::examples

@@ -1,0 +1,358 @@
+#include "tiktoken.hpp"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <algorithm>
+#include <array>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <utility>
+
+namespace titan::examples {
+namespace {
+
+constexpr uint32_t kNoRank = std::numeric_limits<uint32_t>::max();
+
+[[noreturn]] void file_error(const std::string& path, size_t line, const std::string& what) {
+  std::ostringstream os;
+  os << "tiktoken file '" << path << "' line " << line << ": " << what;
+  throw std::runtime_error(os.str());
+}
+
+// Standard base64 (RFC 4648, with '=' padding) of one ranks-file token; false when malformed.
+bool base64_decode(std::string_view in, std::string& out) {
+  static const std::array<int8_t, 256> table = [] {
+    std::array<int8_t, 256> t{};
+    t.fill(-1);
+    const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (int i = 0; i < 64; ++i) t[static_cast<unsigned char>(alphabet[i])] = static_cast<int8_t>(i);
+    return t;
+  }();
+  out.clear();
+  if (in.empty() || in.size() % 4 != 0) return false;
+  size_t padding = 0;
+  while (padding < 2 && in[in.size() - 1 - padding] == '=') ++padding;
+  const size_t data = in.size() - padding;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (size_t i = 0; i < data; ++i) {
+    const int8_t v = table[static_cast<unsigned char>(in[i])];
+    if (v < 0) return false;
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<char>((acc >> bits) & 0xFF));
+    }
+  }
+  // The bits left over must be zero (canonical encoding).
+  return (acc & ((1u << bits) - 1)) == 0;
+}
+
+// Length of the valid UTF-8 sequence at s[i], or 0 when none starts there; `*consumed` is then the
+// length of the maximal invalid subpart to replace by one U+FFFD (Unicode's "maximal subpart"
+// practice, which Python's bytes.decode("utf-8", "replace") follows).
+size_t utf8_sequence(std::string_view s, size_t i, size_t* consumed) {
+  const auto byte = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char b = byte(i);
+  if (b < 0x80) return 1;
+  size_t need;
+  unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+  if (b >= 0xC2 && b <= 0xDF) {
+    need = 1;
+  } else if (b >= 0xE0 && b <= 0xEF) {
+    need = 2;
+    if (b == 0xE0) lo = 0xA0;  // no overlong forms
+    if (b == 0xED) hi = 0x9F;  // no surrogates
+  } else if (b >= 0xF0 && b <= 0xF4) {
+    need = 3;
+    if (b == 0xF0) lo = 0x90;  // no overlong forms
+    if (b == 0xF4) hi = 0x8F;  // nothing above U+10FFFF
+  } else {
+    *consumed = 1;
+    return 0;
+  }
+  for (size_t k = 1; k <= need; ++k) {
+    const bool ok = i + k < s.size() && byte(i + k) >= (k == 1 ? lo : 0x80) && byte(i + k) <= (k == 1 ? hi : 0xBF);
+    if (!ok) {
+      *consumed = k;
+      return 0;
+    }
+  }
+  return need + 1;
+}
+
+// `text`, or a copy in `storage` with each maximal invalid UTF-8 subpart replaced by U+FFFD.
+std::string_view repair_utf8(std::string_view text, std::string& storage) {
+  size_t i = 0, consumed = 0;
+  while (i < text.size()) {
+    const size_t n = utf8_sequence(text, i, &consumed);
+    if (n == 0) break;
+    i += n;
+  }
+  if (i == text.size()) return text;
+  storage.assign(text.substr(0, i));
+  while (i < text.size()) {
+    const size_t n = utf8_sequence(text, i, &consumed);
+    if (n == 0) {
+      storage += "\xEF\xBF\xBD";
+      i += consumed;
+    } else {
+      storage.append(text.substr(i, n));
+      i += n;
+    }
+  }
+  return storage;
+}
+
+}  // namespace
+
+std::vector<std::string> llama3_special_tokens(int64_t n) {
+  if (n < 0) throw std::invalid_argument("llama3_special_tokens: n must be >= 0, got " + std::to_string(n));
+  std::vector<std::string> tokens = {
+      "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+      "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+      "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"};
+  const int64_t named = static_cast<int64_t>(tokens.size());
+  tokens.resize(static_cast<size_t>(std::min(n, named)));
+  for (int64_t i = named; i < n; ++i) {
+    tokens.push_back("<|reserved_special_token_" + std::to_string(3 + i - named) + "|>");
+  }
+  return tokens;
+}
+
+// The compiled pre-tokenization pattern (JIT-compiled when PCRE2 supports it).
+struct TiktokenTokenizer::Regex {
+  pcre2_code* code = nullptr;
+  bool jit = false;
+  ~Regex() { pcre2_code_free(code); }
+
+  static std::string error_message(int code) {
+    PCRE2_UCHAR buffer[256];
+    pcre2_get_error_message(code, buffer, sizeof(buffer));
+    return reinterpret_cast<const char*>(buffer);
+  }
+};
+
+TiktokenTokenizer::TiktokenTokenizer(const std::string& path, TiktokenOptions options)
+    : regex_(std::make_unique<Regex>()) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("tiktoken file '" + path + "' cannot be opened");
+  std::string line, bytes;
+  size_t line_number = 0;
+  while (std::getline(in, line)) {
+    ++line_number;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) continue;  // like tiktoken's load_tiktoken_bpe
+    const size_t space = line.find(' ');
+    if (space == std::string::npos || line.find(' ', space + 1) != std::string::npos) {
+      file_error(path, line_number, "expected '<base64 token> <rank>', got '" + line + "'");
+    }
+    const std::string_view rank_text = std::string_view(line).substr(space + 1);
+    if (rank_text.empty() || rank_text.size() > 10 ||
+        !std::all_of(rank_text.begin(), rank_text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      file_error(path, line_number, "rank '" + std::string(rank_text) + "' is not a non-negative integer");
+    }
+    const uint64_t rank = std::stoull(std::string(rank_text));
+    if (rank != tokens_.size()) {
+      file_error(path, line_number, "rank " + std::to_string(rank) + " where " + std::to_string(tokens_.size()) +
+                                        " was expected (ranks must be 0, 1, 2, ... in order)");
+    }
+    if (!base64_decode(std::string_view(line).substr(0, space), bytes)) {
+      file_error(path, line_number, "'" + line.substr(0, space) + "' is not valid base64");
+    }
+    tokens_.push_back(bytes);
+  }
+  if (tokens_.empty()) throw std::runtime_error("tiktoken file '" + path + "' has no tokens");
+  if (tokens_.size() >= kNoRank) throw std::runtime_error("tiktoken file '" + path + "' has too many tokens");
+  ranks_.reserve(tokens_.size());
+  for (size_t r = 0; r < tokens_.size(); ++r) {
+    if (!ranks_.emplace(tokens_[r], static_cast<uint32_t>(r)).second) {
+      file_error(path, r + 1, "token of rank " + std::to_string(r) + " repeats rank " +
+                                  std::to_string(ranks_.at(tokens_[r])) + "'s bytes");
+    }
+  }
+  for (int b = 0; b < 256; ++b) {
+    if (!ranks_.count(std::string_view(std::string(1, static_cast<char>(b))))) {
+      throw std::runtime_error("tiktoken file '" + path + "' has no token for byte " + std::to_string(b) +
+                               " (byte-level BPE needs all 256)");
+    }
+  }
+
+  specials_ = llama3_special_tokens(options.num_special_tokens());
+  for (size_t i = 0; i < specials_.size(); ++i) {
+    special_ids_.emplace(specials_[i], num_base_tokens() + static_cast<int64_t>(i));
+  }
+  const auto id_or_none = [&](const char* name) {
+    auto it = special_ids_.find(name);
+    return it == special_ids_.end() ? int64_t{-1} : it->second;
+  };
+  bos_id_ = id_or_none("<|begin_of_text|>");
+  eos_id_ = id_or_none("<|end_of_text|>");
+  pad_id_ = id_or_none("<|finetune_right_pad_id|>");
+
+  int error = 0;
+  PCRE2_SIZE offset = 0;
+  regex_->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(options.pattern().data()), options.pattern().size(),
+                               PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
+  if (regex_->code == nullptr) {
+    throw std::invalid_argument("tiktoken pattern does not compile at offset " + std::to_string(offset) + ": " +
+                                Regex::error_message(error));
+  }
+  regex_->jit = pcre2_jit_compile(regex_->code, PCRE2_JIT_COMPLETE) == 0;
+}
+
+TiktokenTokenizer::~TiktokenTokenizer() = default;
+
+int64_t TiktokenTokenizer::vocab_size() const {
+  return num_base_tokens() + static_cast<int64_t>(specials_.size());
+}
+
+int64_t TiktokenTokenizer::special_id(std::string_view text) const {
+  auto it = special_ids_.find(std::string(text));
+  if (it == special_ids_.end()) {
+    throw std::invalid_argument("'" + std::string(text) + "' is not a special token of this tokenizer (it has " +
+                                std::to_string(specials_.size()) + ")");
+  }
+  return it->second;
+}
+
+uint32_t TiktokenTokenizer::rank_of(std::string_view bytes) const {
+  auto it = ranks_.find(bytes);
+  return it == ranks_.end() ? kNoRank : it->second;
+}
+
+// tiktoken's _byte_pair_merge: parts[k] = (start of part k, rank of merging parts k and k + 1).
+void TiktokenTokenizer::byte_pair_merge(std::string_view piece, std::vector<int64_t>& out) const {
+  if (piece.size() == 1) {
+    out.push_back(rank_of(piece));
+    return;
+  }
+  std::vector<std::pair<size_t, uint32_t>> parts;
+  parts.reserve(piece.size() + 1);
+  for (size_t i = 0; i + 1 < piece.size(); ++i) parts.emplace_back(i, rank_of(piece.substr(i, 2)));
+  parts.emplace_back(piece.size() - 1, kNoRank);
+  parts.emplace_back(piece.size(), kNoRank);
+  // Rank of the part that merging parts i and i + 1 would make followed by part i + 2.
+  const auto rank_after_merge = [&](size_t i) {
+    if (i + 3 >= parts.size()) return kNoRank;
+    return rank_of(piece.substr(parts[i].first, parts[i + 3].first - parts[i].first));
+  };
+  while (true) {
+    size_t best = 0;
+    uint32_t best_rank = kNoRank;
+    for (size_t i = 0; i + 1 < parts.size(); ++i) {
+      if (parts[i].second < best_rank) {
+        best_rank = parts[i].second;
+        best = i;
+      }
+    }
+    if (best_rank == kNoRank) break;
+    if (best > 0) parts[best - 1].second = rank_after_merge(best - 1);
+    parts[best].second = rank_after_merge(best);
+    parts.erase(parts.begin() + static_cast<std::ptrdiff_t>(best) + 1);
+  }
+  for (size_t i = 0; i + 1 < parts.size(); ++i) {
+    out.push_back(rank_of(piece.substr(parts[i].first, parts[i + 1].first - parts[i].first)));
+  }
+}
+
+// Pre-tokenizes valid UTF-8 `text` with the pattern and BPE-encodes each match, like tiktoken's
+// encode_ordinary (text that no match covers is skipped, as there; Llama 3's pattern covers all).
+void TiktokenTokenizer::encode_ordinary(std::string_view text, std::vector<int64_t>& out) const {
+  if (text.empty()) return;
+  std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> match(
+      pcre2_match_data_create_from_pattern(regex_->code, nullptr), &pcre2_match_data_free);
+  const auto subject = reinterpret_cast<PCRE2_SPTR>(text.data());
+  size_t start = 0;
+  while (start < text.size()) {
+    const int rc = regex_->jit ? pcre2_jit_match(regex_->code, subject, text.size(), start, 0, match.get(), nullptr)
+                               : pcre2_match(regex_->code, subject, text.size(), start, PCRE2_NO_UTF_CHECK,
+                                             match.get(), nullptr);
+    if (rc == PCRE2_ERROR_NOMATCH) break;
+    if (rc < 0) throw std::runtime_error("tiktoken pre-tokenization failed: " + Regex::error_message(rc));
+    const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match.get());
+    const size_t begin = ovector[0], end = ovector[1];
+    if (end == begin) {  // an empty match: step over one character
+      size_t next = begin + 1;
+      while (next < text.size() && (static_cast<unsigned char>(text[next]) & 0xC0) == 0x80) ++next;
+      start = next;
+      continue;
+    }
+    const std::string_view piece = text.substr(begin, end - begin);
+    const uint32_t whole = rank_of(piece);
+    if (whole != kNoRank) {
+      out.push_back(whole);
+    } else {
+      byte_pair_merge(piece, out);
+    }
+    start = end;
+  }
+}
+
+std::vector<int64_t> TiktokenTokenizer::encode(std::string_view text, bool bos, bool eos) const {
+  return encode(text, bos, eos, SpecialTokens::kAsText);
+}
+
+std::vector<int64_t> TiktokenTokenizer::encode(std::string_view raw, bool bos, bool eos,
+                                               SpecialTokens special) const {
+  if ((bos && bos_id_ < 0) || (eos && eos_id_ < 0)) {
+    throw std::invalid_argument("this tiktoken tokenizer has no <|begin_of_text|> / <|end_of_text|> (" +
+                                std::to_string(specials_.size()) + " special tokens) but BOS / EOS were asked for");
+  }
+  std::string repaired;
+  const std::string_view text = repair_utf8(raw, repaired);
+  std::vector<int64_t> ids;
+  ids.reserve(text.size() / 3 + 2);
+  if (bos) ids.push_back(bos_id_);
+  size_t done = 0;
+  if (special != SpecialTokens::kAsText && !specials_.empty()) {
+    // Find special-token text left to right (the longest one where several start at a position).
+    std::string first_bytes;
+    for (const auto& s : specials_) {
+      if (first_bytes.find(s[0]) == std::string::npos) first_bytes += s[0];
+    }
+    for (size_t at = text.find_first_of(first_bytes); at != std::string_view::npos;
+         at = text.find_first_of(first_bytes, at)) {
+      const std::string* found = nullptr;
+      for (const auto& s : specials_) {
+        if (text.compare(at, s.size(), s) == 0 && (found == nullptr || s.size() > found->size())) found = &s;
+      }
+      if (found == nullptr) {
+        ++at;
+        continue;
+      }
+      if (special == SpecialTokens::kReject) {
+        throw std::invalid_argument("text contains the special token " + *found + " at byte " + std::to_string(at) +
+                                    " (encode it with SpecialTokens::kAllow or kAsText)");
+      }
+      encode_ordinary(text.substr(done, at - done), ids);
+      ids.push_back(special_ids_.at(*found));
+      at += found->size();
+      done = at;
+    }
+  }
+  encode_ordinary(text.substr(done), ids);
+  if (eos) ids.push_back(eos_id_);
+  return ids;
+}
+
+std::string TiktokenTokenizer::decode(const std::vector<int64_t>& ids) const {
+  std::string text;
+  for (const int64_t id : ids) {
+    if (id >= 0 && id < num_base_tokens()) {
+      text += tokens_[static_cast<size_t>(id)];
+    } else if (id >= num_base_tokens() && id < vocab_size()) {
+      text += specials_[static_cast<size_t>(id - num_base_tokens())];
+    } else {
+      throw std::out_of_range("token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                              std::to_string(vocab_size()) + ")");
+    }
+  }
+  return text;
+}
+
+}  // namespace titan::examples
