@@ -133,7 +133,7 @@ inline ShardedStateDict sharded_parameters(const torch::nn::Module& module) {
   for (const auto& item : module.named_parameters(/*recurse=*/true)) {
     auto layout = parameter_layout(module, item.key(), item.value());
     auto box = layout.local_box();
-    TORCH_CHECK(box.sizes == item.value().sizes().vec() || item.value().numel() >= box.numel(),
+    TORCH_CHECK(box.sizes == item.value().sizes().vec(),
                 "titan: parameter '", item.key(), "' has local shape ", item.value().sizes(),
                 " but its layout ", layout.placement(), " gives ", c10::IntArrayRef(box.sizes));
     result.emplace_back(item.key(), ShardedTensor{item.value(), std::move(layout), std::move(box)});
