@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <array>
 #include <fstream>
+#include <functional>
 #include <limits>
+#include <queue>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
@@ -225,39 +227,40 @@ uint32_t TiktokenTokenizer::rank_of(std::string_view bytes) const {
   return it == ranks_.end() ? kNoRank : it->second;
 }
 
-// tiktoken's _byte_pair_merge: parts[k] = (start of part k, rank of merging parts k and k + 1).
+// tiktoken's merge rule: while some adjacent pair of parts concatenates to a token, merge the pair
+// of lowest rank, the leftmost one on ties. A heap of (rank, position) makes this O(n log n) in the
+// piece length (a long run of spaces is one piece). Part k starts at byte k while it exists.
 void TiktokenTokenizer::byte_pair_merge(std::string_view piece, std::vector<int64_t>& out) const {
-  if (piece.size() == 1) {
-    out.push_back(rank_of(piece));
-    return;
+  const size_t n = piece.size();
+  std::vector<size_t> next(n), prev(n);  // neighbouring parts; next == n: last part, prev == n: first
+  for (size_t k = 0; k < n; ++k) {
+    next[k] = k + 1;
+    prev[k] = k == 0 ? n : k - 1;
   }
-  std::vector<std::pair<size_t, uint32_t>> parts;
-  parts.reserve(piece.size() + 1);
-  for (size_t i = 0; i + 1 < piece.size(); ++i) parts.emplace_back(i, rank_of(piece.substr(i, 2)));
-  parts.emplace_back(piece.size() - 1, kNoRank);
-  parts.emplace_back(piece.size(), kNoRank);
-  // Rank of the part that merging parts i and i + 1 would make followed by part i + 2.
-  const auto rank_after_merge = [&](size_t i) {
-    if (i + 3 >= parts.size()) return kNoRank;
-    return rank_of(piece.substr(parts[i].first, parts[i + 3].first - parts[i].first));
+  std::vector<uint32_t> pair_rank(n, kNoRank);  // rank of part k merged with part next[k]
+  using Candidate = std::pair<uint32_t, size_t>;  // (rank, position): the smallest is merged first
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap;
+  const auto update = [&](size_t k) {
+    const size_t right = next[k];
+    pair_rank[k] = right == n ? kNoRank : rank_of(piece.substr(k, (right + 1 == n ? n : next[right]) - k));
+    if (pair_rank[k] != kNoRank) heap.emplace(pair_rank[k], k);
   };
-  while (true) {
-    size_t best = 0;
-    uint32_t best_rank = kNoRank;
-    for (size_t i = 0; i + 1 < parts.size(); ++i) {
-      if (parts[i].second < best_rank) {
-        best_rank = parts[i].second;
-        best = i;
-      }
-    }
-    if (best_rank == kNoRank) break;
-    if (best > 0) parts[best - 1].second = rank_after_merge(best - 1);
-    parts[best].second = rank_after_merge(best);
-    parts.erase(parts.begin() + static_cast<std::ptrdiff_t>(best) + 1);
+  for (size_t k = 0; k < n; ++k) update(k);
+  std::vector<bool> merged(n, false);  // part k was absorbed by its left neighbour
+  while (!heap.empty()) {
+    const auto [rank, k] = heap.top();
+    heap.pop();
+    // Stale entries: a part that no longer exists or whose pair changed. (A pair at k with an
+    // unchanged rank is the same token over the same bytes, hence the same merge.)
+    if (merged[k] || pair_rank[k] != rank) continue;
+    const size_t absorbed = next[k];
+    merged[absorbed] = true;
+    next[k] = next[absorbed];
+    if (next[k] != n) prev[next[k]] = k;
+    update(k);
+    if (prev[k] != n) update(prev[k]);
   }
-  for (size_t i = 0; i + 1 < parts.size(); ++i) {
-    out.push_back(rank_of(piece.substr(parts[i].first, parts[i + 1].first - parts[i].first)));
-  }
+  for (size_t k = 0; k < n; k = next[k]) out.push_back(rank_of(piece.substr(k, next[k] - k)));
 }
 
 // Pre-tokenizes valid UTF-8 `text` with the pattern and BPE-encodes each match, like tiktoken's
