@@ -277,14 +277,14 @@ void check_field(const Field& f, const std::string& source) {
 void apply_table(TrainConfig& config, const toml::table& root, const std::string& source) {
   auto fields = fields_of(config);
   auto sections = sections_of(fields);
-  for (const auto& [section_key, section_node] : root) {
+  for (auto&& [section_key, section_node] : root) {
     std::string section(section_key.str());
     TORCH_CHECK(section_node.is_table(), source, ": '", section,
                 "' must be a [section] table; sections: ", join(sections));
     TORCH_CHECK(std::find(sections.begin(), sections.end(), section) != sections.end(), source,
                 ": unknown section [", section, "]; did you mean [", closest_match(section, sections),
                 "]? Sections: ", join(sections));
-    for (const auto& [key, node] : *section_node.as_table()) {
+    for (auto&& [key, node] : *section_node.as_table()) {
       const Field& f = find_field(fields, section + "." + std::string(key.str()), source);
       set_from_node(f, node, source);
     }

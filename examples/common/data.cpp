@@ -1,0 +1,438 @@
+#include "data.hpp"
+
+#include <titan/collectives.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+
+namespace titan::examples {
+namespace fs = std::filesystem;
+
+std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
+  if (input.empty()) {
+    return "Below is an instruction that describes a task. Write a response that appropriately completes the "
+           "request.\n\n### Instruction:\n" +
+           instruction + "\n\n### Response:\n";
+  }
+  return "Below is an instruction that describes a task, paired with an input that provides further context. "
+         "Write a response that appropriately completes the request.\n\n### Instruction:\n" +
+         instruction + "\n\n### Input:\n" + input + "\n\n### Response:\n";
+}
+
+namespace {
+
+constexpr char kIndexMagic[8] = {'T', 'I', 'T', 'A', 'N', 'I', 'D', 'X'};
+constexpr uint64_t kIndexVersion = 1;
+constexpr int64_t kIgnore = -100;
+
+uint64_t fnv1a(const std::string& text) {
+  uint64_t hash = 1469598103934665603ull;
+  for (unsigned char ch : text) {
+    hash ^= ch;
+    hash *= 1099511628211ull;
+  }
+  return hash;
+}
+
+/// Everything the cached tokens depend on, hashed: the corpus file (path, size, mtime), how it
+/// is read, and the tokenizer (ids of a probe text, special ids, the caller's id).
+std::string cache_key(const CorpusOptions& options, const Tokenizer& tokenizer) {
+  auto path = fs::absolute(options.path()).lexically_normal().string();
+  struct stat info {};
+  TORCH_CHECK(::stat(options.path().c_str(), &info) == 0, "data: cannot read the corpus file '", options.path(),
+              "': ", std::strerror(errno));
+  std::string key = "v" + std::to_string(kIndexVersion) + "|" + path + "|" + std::to_string(info.st_size) + "|" +
+                    std::to_string(info.st_mtim.tv_sec) + "." + std::to_string(info.st_mtim.tv_nsec) + "|" +
+                    options.kind() + "|" + options.text_field() + "|" + std::to_string(options.skip_malformed()) +
+                    "|" + options.tokenizer_id() + "|" + std::to_string(tokenizer.vocab_size()) + "|" +
+                    std::to_string(tokenizer.bos_id()) + "|" + std::to_string(tokenizer.eos_id()) + "|";
+  for (auto id : tokenizer.encode("The quick brown fox, 1234567890: jumps!\n\tÜber ĳ", false, false))
+    key += std::to_string(id) + ",";
+  if (options.kind() == "alpaca") key += alpaca_prompt("{i}", "{x}");
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(fnv1a(key)));
+  return hex;
+}
+
+/// Rank-0 progress lines while tokenizing: percentage of bytes, throughput, documents.
+class Progress {
+ public:
+  Progress(std::string path, uint64_t total_bytes, bool enabled, double interval_s)
+      : path_(std::move(path)), total_(total_bytes), enabled_(enabled), interval_(interval_s) {}
+
+  void update(uint64_t bytes, int64_t tokens, int64_t documents, bool last = false) {
+    if (!enabled_) return;
+    auto now = Clock::now();
+    if (!last && std::chrono::duration<double>(now - last_print_).count() < interval_) return;
+    last_print_ = now;
+    double elapsed = std::max(1e-9, std::chrono::duration<double>(now - start_).count());
+    char line[400];
+    std::snprintf(line, sizeof(line),
+                  "[data] tokenizing %s: %5.1f%% of %.1f MB, %.2f MB/s, %.0f tokens/s, %lld documents%s\n",
+                  path_.c_str(), total_ ? 100.0 * static_cast<double>(bytes) / static_cast<double>(total_) : 100.0,
+                  static_cast<double>(total_) / 1e6, static_cast<double>(bytes) / 1e6 / elapsed,
+                  static_cast<double>(tokens) / elapsed, static_cast<long long>(documents),
+                  last ? " (done)" : "");
+    std::cerr << line << std::flush;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  std::string path_;
+  uint64_t total_;
+  bool enabled_;
+  double interval_;
+  Clock::time_point start_ = Clock::now();
+  Clock::time_point last_print_ = Clock::now();
+};
+
+/// Tokenizes the corpus into `tokens_path` and `index_path` (each written to a temporary file
+/// and renamed, the index last, so a present index means a complete cache).
+void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const std::string& tokens_path,
+                 const std::string& index_path) {
+  const auto& kind = options.kind();
+  std::ifstream in(options.path(), std::ios::binary);
+  TORCH_CHECK(in, "data: cannot open the corpus file '", options.path(), "'");
+  auto tmp_tokens = tokens_path + ".tmp" + std::to_string(::getpid());
+  std::ofstream out(tmp_tokens, std::ios::binary);
+  TORCH_CHECK(out, "data: cannot write the token cache '", tmp_tokens, "'");
+
+  std::vector<int64_t> offsets{0};
+  std::vector<uint32_t> prompt_lengths;
+  int64_t skipped = 0;
+  std::vector<uint32_t> buffer;
+  auto add_document = [&](const std::vector<int64_t>& prompt, const std::vector<int64_t>& body) {
+    buffer.clear();
+    for (const auto* part : {&prompt, &body})
+      for (auto id : *part) {
+        TORCH_CHECK(id >= 0 && id <= UINT32_MAX, "data: the tokenizer produced the id ", id,
+                    ", outside the cache's uint32 range");
+        buffer.push_back(static_cast<uint32_t>(id));
+      }
+    out.write(reinterpret_cast<const char*>(buffer.data()), static_cast<std::streamsize>(buffer.size() * 4));
+    offsets.push_back(offsets.back() + static_cast<int64_t>(buffer.size()));
+    prompt_lengths.push_back(static_cast<uint32_t>(prompt.size()));
+  };
+
+  Progress progress(options.path(), fs::file_size(options.path()), options.show_progress(),
+                    options.progress_interval_s());
+  std::string line, document;
+  int64_t line_number = 0;
+  auto flush_text = [&]() {
+    if (document.find_first_not_of(" \t\r\n") != std::string::npos) add_document({}, tokenizer.encode(document, false, false));
+    document.clear();
+  };
+  while (std::getline(in, line)) {
+    ++line_number;
+    if (kind == "text") {
+      if (line == "\f") {
+        if (!document.empty() && document.back() == '\n') document.pop_back();
+        flush_text();
+      } else {
+        document += line;
+        document += '\n';
+      }
+    } else if (line.find_first_not_of(" \t\r") != std::string::npos) {
+      // One JSON object per line; `problem` is empty when the line is usable.
+      std::string problem;
+      nlohmann::json record;
+      try {
+        record = nlohmann::json::parse(line);
+      } catch (const nlohmann::json::parse_error& e) {
+        problem = std::string("invalid JSON (") + e.what() + ")";
+      }
+      auto string_field = [&](const std::string& name, bool required, std::string& value) {
+        if (!problem.empty()) return;
+        if (!record.is_object()) {
+          problem = "not a JSON object";
+        } else if (!record.contains(name)) {
+          if (required) problem = "no field \"" + name + "\"";
+        } else if (!record[name].is_string()) {
+          problem = "field \"" + name + "\" is not a string";
+        } else {
+          value = record[name].get<std::string>();
+        }
+      };
+      std::string text, instruction, input, output;
+      if (kind == "jsonl") {
+        string_field(options.text_field(), true, text);
+      } else {
+        string_field("instruction", true, instruction);
+        string_field("input", false, input);
+        string_field("output", true, output);
+      }
+      if (!problem.empty()) {
+        TORCH_CHECK(options.skip_malformed(), "data: ", options.path(), ":", line_number, ": malformed ", kind,
+                    " line: ", problem, " (set data.skip_malformed = true to skip such lines)");
+        ++skipped;
+      } else if (kind == "jsonl") {
+        add_document({}, tokenizer.encode(text, false, false));
+      } else {
+        add_document(tokenizer.encode(alpaca_prompt(instruction, input), false, false),
+                     tokenizer.encode(output, false, false));
+      }
+    }
+    auto position = in.tellg();
+    progress.update(position < 0 ? 0 : static_cast<uint64_t>(position), offsets.back(),
+                    static_cast<int64_t>(prompt_lengths.size()));
+  }
+  if (kind == "text") {
+    if (!document.empty() && document.back() == '\n') document.pop_back();
+    flush_text();
+  }
+  TORCH_CHECK(!in.bad(), "data: reading '", options.path(), "' failed");
+  progress.update(fs::file_size(options.path()), offsets.back(), static_cast<int64_t>(prompt_lengths.size()), true);
+  out.close();
+  TORCH_CHECK(out.good(), "data: writing the token cache '", tmp_tokens, "' failed");
+  TORCH_CHECK(!prompt_lengths.empty(), "data: the corpus '", options.path(), "' holds no documents");
+  fs::rename(tmp_tokens, tokens_path);
+
+  auto tmp_index = index_path + ".tmp" + std::to_string(::getpid());
+  std::ofstream index(tmp_index, std::ios::binary);
+  uint64_t header[4] = {kIndexVersion, prompt_lengths.size(), static_cast<uint64_t>(offsets.back()),
+                        static_cast<uint64_t>(skipped)};
+  index.write(kIndexMagic, sizeof(kIndexMagic));
+  index.write(reinterpret_cast<const char*>(header), sizeof(header));
+  index.write(reinterpret_cast<const char*>(offsets.data()), static_cast<std::streamsize>(offsets.size() * 8));
+  index.write(reinterpret_cast<const char*>(prompt_lengths.data()),
+              static_cast<std::streamsize>(prompt_lengths.size() * 4));
+  index.close();
+  TORCH_CHECK(index.good(), "data: writing the token index '", tmp_index, "' failed");
+  fs::rename(tmp_index, index_path);
+}
+
+}  // namespace
+
+std::shared_ptr<const TokenCorpus> TokenCorpus::open(const CorpusOptions& options, const Tokenizer& tokenizer,
+                                                     const ProcessGroupPtr& group) {
+  TORCH_CHECK(options.kind() == "text" || options.kind() == "jsonl" || options.kind() == "alpaca",
+              "data: corpus kind '", options.kind(), "' is not one of: text, jsonl, alpaca");
+  TORCH_CHECK(!options.path().empty(), "data: no corpus path given (data.path)");
+  auto key = cache_key(options, tokenizer);
+  fs::create_directories(options.cache_dir());
+  auto base = (fs::path(options.cache_dir()) / (fs::path(options.path()).filename().string() + "." + key)).string();
+  auto tokens_path = base + ".tokens", index_path = base + ".index";
+
+  bool leader = !group || group->rank() == 0;
+  bool cached = fs::exists(index_path);
+  if (leader && !cached) build_cache(options, tokenizer, tokens_path, index_path);
+  if (group) group->barrier();
+
+  std::shared_ptr<TokenCorpus> corpus(new TokenCorpus());
+  corpus->from_cache_ = cached;
+  corpus->index_path_ = index_path;
+  std::ifstream index(index_path, std::ios::binary);
+  TORCH_CHECK(index, "data: cannot open the token index '", index_path, "'");
+  char magic[8];
+  uint64_t header[4];
+  index.read(magic, sizeof(magic));
+  index.read(reinterpret_cast<char*>(header), sizeof(header));
+  TORCH_CHECK(index && std::memcmp(magic, kIndexMagic, 8) == 0 && header[0] == kIndexVersion, "data: '", index_path,
+              "' is not a version ", kIndexVersion, " token index; delete it to rebuild");
+  corpus->offsets_.resize(header[1] + 1);
+  corpus->prompt_lengths_.resize(header[1]);
+  corpus->skipped_lines_ = static_cast<int64_t>(header[3]);
+  index.read(reinterpret_cast<char*>(corpus->offsets_.data()), static_cast<std::streamsize>((header[1] + 1) * 8));
+  index.read(reinterpret_cast<char*>(corpus->prompt_lengths_.data()), static_cast<std::streamsize>(header[1] * 4));
+  TORCH_CHECK(index && static_cast<uint64_t>(corpus->offsets_.back()) == header[2], "data: the token index '",
+              index_path, "' is truncated; delete it to rebuild");
+
+  uint64_t bytes = header[2] * 4;
+  TORCH_CHECK(fs::exists(tokens_path) && fs::file_size(tokens_path) == bytes, "data: the token file '", tokens_path,
+              "' does not match its index (expected ", bytes, " bytes); delete both to rebuild");
+  if (bytes > 0) {
+    int fd = ::open(tokens_path.c_str(), O_RDONLY);
+    TORCH_CHECK(fd >= 0, "data: cannot open '", tokens_path, "': ", std::strerror(errno));
+    void* mapping = ::mmap(nullptr, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    ::close(fd);
+    TORCH_CHECK(mapping != MAP_FAILED, "data: cannot map '", tokens_path, "': ", std::strerror(errno));
+    corpus->mapping_ = mapping;
+    corpus->mapping_bytes_ = bytes;
+    corpus->tokens_ = static_cast<const uint32_t*>(mapping);
+  }
+  return corpus;
+}
+
+TokenCorpus::~TokenCorpus() {
+  if (mapping_) ::munmap(mapping_, mapping_bytes_);
+}
+
+std::map<std::string, int64_t> DataState::to_map() const {
+  return {{"epoch", epoch}, {"position", position}, {"seed", seed},
+          {"samples", samples}, {"dp_size", dp_size}, {"dp_rank", dp_rank}};
+}
+
+DataState DataState::from_map(const std::map<std::string, int64_t>& values) {
+  auto get = [&](const char* name) {
+    auto it = values.find(name);
+    TORCH_CHECK(it != values.end(), "data: the saved data state has no '", name, "'");
+    return it->second;
+  };
+  DataState state;
+  state.epoch = get("epoch");
+  state.position = get("position");
+  state.seed = get("seed");
+  state.samples = get("samples");
+  state.dp_size = get("dp_size");
+  state.dp_rank = get("dp_rank");
+  return state;
+}
+
+std::string DataState::to_json() const { return nlohmann::json(to_map()).dump(); }
+
+DataState DataState::from_json(const std::string& text) {
+  nlohmann::json parsed;
+  try {
+    parsed = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "data: the saved data state is not valid JSON: ", e.what());
+  }
+  TORCH_CHECK(parsed.is_object(), "data: the saved data state is not a JSON object: ", text);
+  std::map<std::string, int64_t> values;
+  for (auto& [key, value] : parsed.items()) {
+    TORCH_CHECK(value.is_number_integer(), "data: the saved data state's '", key, "' is not an integer");
+    values[key] = value.get<int64_t>();
+  }
+  return from_map(values);
+}
+
+DataLoader::DataLoader(std::shared_ptr<const TokenCorpus> corpus, const Tokenizer& tokenizer, LoaderOptions options)
+    : corpus_(std::move(corpus)), options_(std::move(options)) {
+  TORCH_CHECK(corpus_, "data: DataLoader needs a corpus");
+  TORCH_CHECK(options_.batch_size() >= 1 && options_.seq_len() >= 1, "data: batch_size and seq_len must be >= 1");
+  TORCH_CHECK(options_.dp_size() >= 1 && options_.dp_rank() >= 0 && options_.dp_rank() < options_.dp_size(),
+              "data: dp_rank ", options_.dp_rank(), " is not in [0, dp_size = ", options_.dp_size(), ")");
+  bos_ = tokenizer.bos_id();
+  eos_ = tokenizer.eos_id();
+  pad_ = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : eos_;
+  const int64_t documents = corpus_->num_documents();
+  starts_.resize(static_cast<size_t>(documents + 1));
+  for (int64_t d = 0; d <= documents; ++d) starts_[d] = (d ? starts_[d - 1] + corpus_->document_length(d - 1) + 2 : 0);
+  samples_ = options_.pack() ? starts_.back() / (options_.seq_len() + 1) : documents;
+  TORCH_CHECK(samples_ / options_.dp_size() >= 1, "data: the corpus gives ", samples_, " samples of ",
+              options_.seq_len() + 1, " tokens per epoch, fewer than the ", options_.dp_size(),
+              " data-parallel ranks; use a larger corpus or a shorter seq_len");
+}
+
+int64_t DataLoader::sample_at(int64_t epoch, int64_t index) const {
+  if (!options_.shuffle()) return index;
+  if (order_epoch_ != epoch) {
+    order_.resize(static_cast<size_t>(samples_));
+    for (int64_t i = 0; i < samples_; ++i) order_[i] = i;
+    // Fisher-Yates with raw mt19937_64 draws (std distributions differ between libraries).
+    std::mt19937_64 rng(static_cast<uint64_t>(options_.seed()) * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(epoch));
+    for (int64_t i = samples_ - 1; i > 0; --i) std::swap(order_[i], order_[rng() % static_cast<uint64_t>(i + 1)]);
+    order_epoch_ = epoch;
+  }
+  return order_[index];
+}
+
+void DataLoader::fill_row(int64_t sample, int64_t* input, int64_t* labels) const {
+  const int64_t length = options_.seq_len() + 1;
+  // The packed stream is [BOS doc_0 EOS][BOS doc_1 EOS]...; `begin` is where this row starts in it.
+  int64_t begin = options_.pack() ? sample * length : starts_[sample];
+  int64_t end = options_.pack() ? begin + length : std::min(starts_[sample + 1], begin + length);
+  int64_t d = std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin() - 1;
+  for (int64_t p = begin, i = 0; i < length; ++p, ++i) {
+    int64_t token = pad_;
+    bool target = false;
+    if (p < end) {
+      while (p >= starts_[d + 1]) ++d;
+      const int64_t k = p - starts_[d];  // 0 = BOS, 1..len = tokens, len + 1 = EOS
+      const int64_t len = corpus_->document_length(d);
+      token = k == 0 ? bos_ : k == len + 1 ? eos_ : static_cast<int64_t>(corpus_->document(d)[k - 1]);
+      target = k > corpus_->prompt_length(d);
+    }
+    if (i < length - 1) input[i] = token;
+    if (i > 0) labels[i - 1] = target ? token : kIgnore;
+  }
+}
+
+Batch DataLoader::next() {
+  const int64_t rows = options_.batch_size(), seq = options_.seq_len();
+  Batch batch;
+  batch.input = torch::empty({rows, seq}, torch::kLong);   // [B, S]
+  batch.labels = torch::empty({rows, seq}, torch::kLong);  // [B, S]
+  for (int64_t r = 0; r < rows; ++r) {
+    if (position_ == samples_per_rank()) {
+      ++epoch_;
+      position_ = 0;
+    }
+    int64_t sample = sample_at(epoch_, position_ * options_.dp_size() + options_.dp_rank());
+    ++position_;
+    fill_row(sample, batch.input.data_ptr<int64_t>() + r * seq, batch.labels.data_ptr<int64_t>() + r * seq);
+  }
+  batch.num_label_tokens = batch.labels.ne(kIgnore).sum().item<int64_t>();
+  return batch;
+}
+
+DataState DataLoader::state() const {
+  DataState state;
+  state.epoch = epoch_;
+  state.position = position_;
+  state.seed = options_.seed();
+  state.samples = samples_;
+  state.dp_size = options_.dp_size();
+  state.dp_rank = options_.dp_rank();
+  return state;
+}
+
+void DataLoader::load_state(const DataState& state) {
+  TORCH_CHECK(state.seed == options_.seed(), "data: the saved data state used seed ", state.seed,
+              ", this run uses training.seed = ", options_.seed());
+  TORCH_CHECK(state.samples == samples_, "data: the saved data state had ", state.samples,
+              " samples per epoch, this corpus and seq_len give ", samples_,
+              " (changed corpus, tokenizer, seq_len or packing?)");
+  TORCH_CHECK(state.dp_size == options_.dp_size() && state.dp_rank == options_.dp_rank(),
+              "data: the saved data state is for data-parallel rank ", state.dp_rank, " of ", state.dp_size,
+              ", this is rank ", options_.dp_rank(), " of ", options_.dp_size());
+  TORCH_CHECK(state.epoch >= 0 && state.position >= 0 && state.position <= samples_per_rank(),
+              "data: the saved data state's position ", state.position, " (epoch ", state.epoch,
+              ") is outside [0, ", samples_per_rank(), "]");
+  epoch_ = state.epoch;
+  position_ = state.position;
+}
+
+void DataLoader::reset() {
+  epoch_ = 0;
+  position_ = 0;
+}
+
+ValidationResult evaluate(DataLoader& loader, int64_t steps, const std::function<torch::Tensor(const Batch&)>& loss_fn,
+                          const ProcessGroupPtr& group) {
+  TORCH_CHECK(steps >= 1, "data: validation needs steps >= 1, got ", steps);
+  loader.reset();
+  ValidationResult result;
+  result.batches = std::max<int64_t>(1, std::min(steps, loader.samples_per_rank() / loader.options().batch_size()));
+  double loss_sum = 0.0, tokens = 0.0;
+  for (int64_t i = 0; i < result.batches; ++i) {
+    auto batch = loader.next();
+    auto loss = loss_fn(batch).detach().to(torch::kDouble).cpu().item<double>();
+    loss_sum += loss * static_cast<double>(batch.num_label_tokens);
+    tokens += static_cast<double>(batch.num_label_tokens);
+  }
+  auto totals = torch::tensor({loss_sum, tokens}, torch::kDouble);
+  if (group && group->size() > 1) totals = all_reduce(totals.to(group->device()), group).cpu();
+  result.tokens = static_cast<int64_t>(totals[1].item<double>());
+  TORCH_CHECK(result.tokens > 0, "data: the validation batches hold no label tokens");
+  result.loss = totals[0].item<double>() / totals[1].item<double>();
+  result.perplexity = std::exp(result.loss);
+  loader.reset();
+  return result;
+}
+
+}  // namespace titan::examples

@@ -1,0 +1,100 @@
+#include "optim.hpp"
+
+#include <titan/collectives.hpp>
+
+#include <cmath>
+
+namespace titan::examples {
+
+bool is_no_decay(const std::string& name, const torch::Tensor& parameter) {
+  if (parameter.dim() < 2) return true;
+  size_t begin = 0;
+  std::string last;
+  while (begin <= name.size()) {
+    size_t end = name.find('.', begin);
+    if (end == std::string::npos) end = name.size();
+    last = name.substr(begin, end - begin);
+    if (last.find("norm") != std::string::npos) return true;
+    begin = end + 1;
+  }
+  return last == "bias";
+}
+
+std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::OrderedDict<std::string, torch::Tensor>& parameters,
+                                                const AdamWConfig& config) {
+  TORCH_CHECK(config.lr() >= 0 && config.eps() >= 0 && config.weight_decay() >= 0, "optimizer: lr (", config.lr(),
+              "), eps (", config.eps(), ") and weight_decay (", config.weight_decay(), ") must be >= 0");
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& item : parameters) {
+    if (!item.value().requires_grad()) continue;
+    bool exempt = config.no_decay_norms_and_biases() && is_no_decay(item.key(), item.value());
+    (exempt ? no_decay : decay).push_back(item.value());
+  }
+  TORCH_CHECK(!decay.empty() || !no_decay.empty(), "optimizer: the model has no trainable parameters");
+  auto options = [&](double weight_decay) {
+    auto o = std::make_unique<torch::optim::AdamWOptions>(config.lr());
+    o->betas({config.beta1(), config.beta2()}).eps(config.eps()).weight_decay(weight_decay);
+    return o;
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!decay.empty()) groups.emplace_back(decay, options(config.weight_decay()));
+  if (!no_decay.empty()) groups.emplace_back(no_decay, options(0.0));
+  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(config.lr()));
+}
+
+LRSchedule::LRSchedule(LRScheduleOptions options) : options_(std::move(options)) {
+  const auto& o = options_;
+  TORCH_CHECK(o.decay_type() == "linear" || o.decay_type() == "cosine" || o.decay_type() == "constant",
+              "lr_scheduler.decay_type = '", o.decay_type(), "' is not one of: linear, cosine, constant");
+  TORCH_CHECK(o.warmup_steps() >= 0 && o.total_steps() >= 1, "lr_scheduler: warmup_steps (", o.warmup_steps(),
+              ") must be >= 0 and the total steps (", o.total_steps(), ") >= 1");
+  TORCH_CHECK(o.min_lr_ratio() >= 0 && o.min_lr_ratio() <= 1, "lr_scheduler.min_lr_ratio = ", o.min_lr_ratio(),
+              " must be in [0, 1]");
+}
+
+double LRSchedule::factor(int64_t step) const {
+  const auto& o = options_;
+  TORCH_CHECK(step >= 1, "lr_scheduler: steps count from 1, got ", step);
+  if (step <= o.warmup_steps()) return static_cast<double>(step) / static_cast<double>(o.warmup_steps() + 1);
+  if (o.decay_type() == "constant") return 1.0;
+  double progress = static_cast<double>(step - o.warmup_steps()) /
+                    static_cast<double>(std::max<int64_t>(1, o.total_steps() - o.warmup_steps()));
+  progress = std::min(progress, 1.0);
+  double decay = o.decay_type() == "linear" ? 1.0 - progress : 0.5 * (1.0 + std::cos(M_PI * progress));
+  return o.min_lr_ratio() + (1.0 - o.min_lr_ratio()) * decay;
+}
+
+double LRSchedule::apply(torch::optim::Optimizer& optimizer, int64_t step, double base_lr) const {
+  double lr = base_lr * factor(step);
+  for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
+  return lr;
+}
+
+double clip_grad_norm(const std::vector<torch::Tensor>& parameters, double max_norm, const ProcessGroupPtr& group) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : parameters)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  c10::Device device = grads.empty() ? (group ? group->device() : c10::Device(c10::kCPU)) : grads[0].device();
+  auto squared = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(device));  // []
+  for (const auto& g : grads) squared = squared + g.detach().to(device).to(torch::kFloat).pow(2).sum();
+  if (group && group->size() > 1) squared = all_reduce(squared.reshape({1}), group).reshape({});
+  double norm = std::sqrt(squared.item<double>());
+  if (max_norm <= 0 || !std::isfinite(norm)) return norm;
+  double coefficient = std::min(1.0, max_norm / (norm + 1e-6));
+  torch::NoGradGuard no_grad;
+  for (auto& g : grads) g.mul_(coefficient);
+  return norm;
+}
+
+int64_t gradient_accumulation_steps(int64_t global_batch, int64_t local_batch, int64_t dp_degree) {
+  TORCH_CHECK(local_batch >= 1 && dp_degree >= 1, "training.batch_size (", local_batch,
+              ") and the data-parallel degree (", dp_degree, ") must be >= 1");
+  if (global_batch <= 0) return 1;
+  const int64_t per_step = local_batch * dp_degree;
+  TORCH_CHECK(global_batch % per_step == 0, "training.global_batch_size = ", global_batch,
+              " is not a multiple of training.batch_size x data-parallel degree = ", local_batch, " x ", dp_degree,
+              " = ", per_step, "; choose a global batch of k x ", per_step);
+  return global_batch / per_step;
+}
+
+}  // namespace titan::examples

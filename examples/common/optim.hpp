@@ -1,0 +1,87 @@
+#pragma once
+// Optimization pieces of the example trainers: AdamW with two parameter groups, the learning-rate
+// schedule, gradient clipping over sharded parameters, and gradient accumulation.
+//
+// API summary
+//   auto opt = make_adamw(model->named_parameters(), AdamWConfig().lr(3e-4).weight_decay(0.1));
+//       // group 0: decayed, group 1: no weight decay (norms, biases, 1-D; see is_no_decay)
+//   LRSchedule schedule(LRScheduleOptions().warmup_steps(2).total_steps(100).decay_type("cosine"));
+//   double lr = schedule.apply(*opt, step, base_lr);     // step = 1, 2, ... (the optimizer step
+//                                                        // about to run); sets every group's lr
+//   double norm = clip_grad_norm(params, max_norm, group);  // global L2 norm over all shards
+//   int64_t k = gradient_accumulation_steps(global_batch, local_batch, dp_degree);
+
+#include <titan/world.hpp>
+#include <torch/arg.h>
+#include <torch/nn/module.h>
+#include <torch/optim/adamw.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace titan::examples {
+
+/// AdamW hyperparameters (mirrors [optimizer]).
+struct AdamWConfig {
+  TORCH_ARG(double, lr) = 8e-4;
+  TORCH_ARG(double, beta1) = 0.9;
+  TORCH_ARG(double, beta2) = 0.95;
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 0.1;
+  /// Put norms, biases and 1-D parameters in a group without weight decay.
+  TORCH_ARG(bool, no_decay_norms_and_biases) = true;
+};
+
+/// True for parameters that get no weight decay: a name part containing "norm" (RMSNorm,
+/// LayerNorm weights: "layers.0.attention_norm.weight"), a last part "bias", or fewer than 2
+/// dimensions (FSDP shards keep their dimensions, so sharded weights are judged right).
+bool is_no_decay(const std::string& name, const torch::Tensor& parameter);
+
+/// torch::optim::AdamW over `parameters` with two groups: 0 = decayed, 1 = weight_decay 0 (empty
+/// groups are left out, so a model without norms or biases has one). Without
+/// no_decay_norms_and_biases, every parameter is in group 0.
+std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::OrderedDict<std::string, torch::Tensor>& parameters,
+                                                const AdamWConfig& config);
+
+/// Learning-rate schedule options (mirrors [lr_scheduler] plus the step count).
+struct LRScheduleOptions {
+  TORCH_ARG(int64_t, warmup_steps) = 0;          ///< linear warmup length
+  TORCH_ARG(int64_t, total_steps) = 1;           ///< training.steps
+  TORCH_ARG(std::string, decay_type) = "linear";  ///< "linear", "cosine" or "constant"
+  TORCH_ARG(double, min_lr_ratio) = 0.0;         ///< factor reached at the last step
+};
+
+/// Linear warmup then decay, as a factor of the base learning rate. For step s = 1..total:
+///   s <= warmup:  s / (warmup + 1)
+///   after:        p = (s - warmup) / (total - warmup)  (in (0, 1])
+///                 min + (1 - min) * d(p), d = 1 - p (linear), (1 + cos(pi p)) / 2 (cosine), 1 (constant)
+/// so warmup never starts at lr 0 and the last step runs at min_lr_ratio (1 for constant).
+class LRSchedule {
+ public:
+  explicit LRSchedule(LRScheduleOptions options);
+  /// The factor of step `step` (1-based optimizer step).
+  double factor(int64_t step) const;
+  /// Sets the lr of every parameter group of `optimizer` to base_lr * factor(step); returns it.
+  double apply(torch::optim::Optimizer& optimizer, int64_t step, double base_lr) const;
+  const LRScheduleOptions& options() const { return options_; }
+
+ private:
+  LRScheduleOptions options_;
+};
+
+/// Scales the gradients of `parameters` so their global L2 norm is at most `max_norm` (as
+/// torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1) and returns
+/// the norm before clipping. The squared norms of the local gradients (shards) are summed over
+/// `group` (nullptr or size 1 = this process alone), so pass the group across which parameters are
+/// sharded: every rank must hold a disjoint part. Parameters without gradient are skipped. A
+/// non-finite norm is returned and the gradients are left as they are. max_norm <= 0 only measures.
+double clip_grad_norm(const std::vector<torch::Tensor>& parameters, double max_norm,
+                      const ProcessGroupPtr& group = nullptr);
+
+/// Micro-batches per optimizer step: global_batch / (local_batch * dp_degree); global_batch <= 0
+/// means local_batch * dp_degree (no accumulation). Errors when it does not divide.
+int64_t gradient_accumulation_steps(int64_t global_batch, int64_t local_batch, int64_t dp_degree);
+
+}  // namespace titan::examples
