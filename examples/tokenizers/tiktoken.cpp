@@ -145,6 +145,7 @@ TiktokenTokenizer::TiktokenTokenizer(const std::string& path, TiktokenOptions op
   if (!in) throw std::runtime_error("tiktoken file '" + path + "' cannot be opened");
   std::string line, bytes;
   size_t line_number = 0;
+  std::vector<size_t> token_lines;  // line of each rank, for errors found after reading
   while (std::getline(in, line)) {
     ++line_number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
@@ -167,13 +168,14 @@ TiktokenTokenizer::TiktokenTokenizer(const std::string& path, TiktokenOptions op
       file_error(path, line_number, "'" + line.substr(0, space) + "' is not valid base64");
     }
     tokens_.push_back(bytes);
+    token_lines.push_back(line_number);
   }
   if (tokens_.empty()) throw std::runtime_error("tiktoken file '" + path + "' has no tokens");
   if (tokens_.size() >= kNoRank) throw std::runtime_error("tiktoken file '" + path + "' has too many tokens");
   ranks_.reserve(tokens_.size());
   for (size_t r = 0; r < tokens_.size(); ++r) {
     if (!ranks_.emplace(tokens_[r], static_cast<uint32_t>(r)).second) {
-      file_error(path, r + 1, "token of rank " + std::to_string(r) + " repeats rank " +
+      file_error(path, token_lines[r], "token of rank " + std::to_string(r) + " repeats rank " +
                                   std::to_string(ranks_.at(tokens_[r])) + "'s bytes");
     }
   }

@@ -1,7 +1,9 @@
 #pragma once
 // titan/titan.hpp: everything titan offers, in one include.
 
+#include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
+#include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>
 #include <titan/meta.hpp>
 #include <titan/sharding.hpp>

@@ -5,6 +5,7 @@
 #include <titan/detail/backends.hpp>
 #include <titan/log.hpp>
 
+#include <torch/arg.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 

@@ -1,8 +1,10 @@
 #pragma once
 // Every public titan header (keep in sync with include/titan/).
 #include <titan/titan.hpp>
+#include <titan/checkpoint.hpp>
 #include <titan/collectives.hpp>
 #include <titan/dist.hpp>
+#include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>

@@ -162,7 +162,7 @@ TEST_CASE("tiktoken file errors give file:line") {
       {"noncanonical.model", "QR== 0\n", "line 1: 'QR==' is not valid base64"},
       {"rank.model", "\nQQ== 1\n", "line 2: rank 1 where 0 was expected"},
       {"negative.model", "QQ== -1\n", "line 1: rank '-1' is not a non-negative integer"},
-      {"duplicate.model", all_bytes + "QQ== 256\n", "line 257: token of rank 256 repeats rank 65's bytes"},
+      {"duplicate.model", all_bytes + "\nQQ== 256\n", "line 258: token of rank 256 repeats rank 65's bytes"},
       {"empty.model", "\n\n", "has no tokens"},
       {"bytes.model", "QQ== 0\nQg== 1\n", "has no token for byte 0"},
   };

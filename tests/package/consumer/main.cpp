@@ -1,5 +1,6 @@
 // A minimal titan user: one process, a mesh of one rank, a differentiable all-gather.
 #include <titan/titan.hpp>
+#include <torch/torch.h>
 
 #include <iostream>
 

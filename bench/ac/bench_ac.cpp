@@ -1,0 +1,78 @@
+// bench_ac: memory and step time of activation checkpointing modes on a CPU transformer stack.
+//
+//   bench_ac [--dim 256] [--heads 8] [--hidden 1024] [--layers 8] [--batch 8] [--seq 256]
+//            [--steps 3] [--threads 1]
+//
+// For each mode (none, full, selective every 2nd layer, selective per operator) it prints the
+// bytes a step keeps for backward (allocated when forward returns), the step's peak allocation
+// (forward + backward, gradients included; counted by a wrapping CPU allocator) and the median
+// forward + backward time.
+#include "ac_testing.hpp"
+
+#include <titan/ac.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+int64_t arg(int argc, char** argv, const char* name, int64_t fallback) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::strcmp(argv[i], name) == 0) return std::stoll(argv[i + 1]);
+  return fallback;
+}
+
+double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const auto block = titan_ac::BlockOptions()
+                         .dim(arg(argc, argv, "--dim", 256))
+                         .heads(arg(argc, argv, "--heads", 8))
+                         .hidden(arg(argc, argv, "--hidden", 1024));
+  const int64_t layers = arg(argc, argv, "--layers", 8), batch = arg(argc, argv, "--batch", 8),
+                seq = arg(argc, argv, "--seq", 256), steps = arg(argc, argv, "--steps", 3);
+  torch::set_num_threads(static_cast<int>(arg(argc, argv, "--threads", 1)));
+  torch::manual_seed(0);
+  const auto x = torch::randn({batch, seq, block.dim()});
+
+  struct Mode {
+    const char* label;
+    titan::ActivationCheckpointOptions options;
+  };
+  const std::vector<Mode> modes = {
+      {"none", titan::ActivationCheckpointOptions().mode("none")},
+      {"full", titan::ActivationCheckpointOptions().mode("full")},
+      {"selective, every 2nd layer", titan::ActivationCheckpointOptions().mode("selective").selective_ac_option("2")},
+      {"selective, per op", titan::ActivationCheckpointOptions().mode("selective").selective_ac_option("op")},
+  };
+  std::printf("transformer stack: %lld layers, dim %lld, %lld heads, hidden %lld, batch %lld x seq %lld, %d thread(s)\n",
+              static_cast<long long>(layers), static_cast<long long>(block.dim()),
+              static_cast<long long>(block.heads()), static_cast<long long>(block.hidden()),
+              static_cast<long long>(batch), static_cast<long long>(seq), torch::get_num_threads());
+  std::printf("| mode | kept for backward (MiB) | step peak (MiB) | step time (ms, median of %lld) |\n",
+              static_cast<long long>(steps));
+  std::printf("|---|---:|---:|---:|\n");
+  for (const auto& mode : modes) {
+    torch::manual_seed(1);
+    titan_ac::Stack model(layers, block);
+    titan::apply_activation_checkpointing(model->layers, mode.options);
+    const auto memory = titan_ac::measure_step(model, x);  // also the warm-up step
+    std::vector<double> times;
+    for (int64_t s = 0; s < steps; ++s) {
+      model->zero_grad();
+      const auto start = std::chrono::steady_clock::now();
+      model->forward(x).pow(2).mean().backward();
+      times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+    std::sort(times.begin(), times.end());
+    std::printf("| %s | %.1f | %.1f | %.0f |\n", mode.label, mib(memory.saved), mib(memory.peak),
+                times[times.size() / 2]);
+  }
+  return 0;
+}

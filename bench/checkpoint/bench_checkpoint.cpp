@@ -1,0 +1,159 @@
+// bench_checkpoint: save and load throughput of titan/checkpoint.hpp on CPU, sync vs async, and
+// the training stall each causes.
+//
+//   bench_checkpoint [--params N] [--dir DIR] [--steps S]
+//   titan_launch --nproc 2 -- bench_checkpoint ...     (each rank holds 1/world of every tensor)
+//
+// The state is N fp32 parameters (default 1e9 = 4 GB) in [4096, 4096]-row tensors sharded along
+// dim 0 across the ranks. If free memory (3x the state) or disk (2x) is short, N is reduced and
+// the table says so. A "training step" is a fixed matmul workload; the stall of a save is the
+// extra time of the step that saves, and for async saves also the slowdown of the steps that run
+// while the background thread writes.
+#include <titan/checkpoint.hpp>
+#include <titan/dist.hpp>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+/// MemAvailable of /proc/meminfo in bytes.
+int64_t available_memory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (in >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return 0;
+}
+
+/// A fixed amount of compute standing in for a training step.
+double train_step(const torch::Tensor& a, torch::Tensor& b) {
+  auto start = Clock::now();
+  for (int i = 0; i < 8; ++i) b = torch::tanh(torch::mm(a, b));  // [512, 512]
+  return seconds_since(start);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t params = 1000000000;
+  std::string dir = (std::filesystem::temp_directory_path() / "titan_bench_checkpoint").string();
+  int steps = 20;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string flag = argv[i];
+    if (flag == "--params") params = std::stoll(argv[i + 1]);
+    else if (flag == "--dir") dir = argv[i + 1];
+    else if (flag == "--steps") steps = std::stoi(argv[i + 1]);
+    else {
+      std::cerr << "usage: bench_checkpoint [--params N] [--dir DIR] [--steps S]\n";
+      return 2;
+    }
+  }
+  torch::set_num_threads(1);
+  auto world = titan::init_distributed();
+  const int ranks = world->world_size();
+  titan::DeviceMesh mesh(world, {"dp_shard"}, {ranks});
+
+  // Fit the state into memory (state + async staging copy + load staging) and disk (two steps).
+  const int64_t requested = params;
+  std::filesystem::create_directories(dir);
+  const int64_t free_disk = static_cast<int64_t>(std::filesystem::space(dir).available);
+  const int64_t free_memory = available_memory();
+  while (params > 1000000 && (params * 4 * 3 > free_memory || params * 4 * 2 > free_disk)) params /= 2;
+  const int64_t rows = 4096, cols = 4096;
+  const int64_t tensor_params = rows * cols;
+  const int64_t count = std::max<int64_t>(1, params / tensor_params);
+  params = count * tensor_params;
+
+  titan::TrainState state;
+  torch::manual_seed(0);
+  for (int64_t i = 0; i < count; ++i) {
+    titan::TensorLayout layout{{rows, cols}, {{0, "dp_shard", mesh.group("dp_shard")}}};
+    auto box = layout.local_box();
+    state.tensors.emplace_back("layers." + std::to_string(i) + ".weight",
+                               titan::ShardedTensor{torch::randn(box.sizes), layout, box});  // [rows/ranks, cols]
+  }
+  const double gb = static_cast<double>(params) * 4 / 1e9;
+  world->logger().info("state: ", params, " fp32 parameters (", gb, " GB) in ", count, " tensors over ", ranks,
+                       " ranks", params < requested ? " (reduced from the requested size: memory/disk)" : "");
+
+  auto a = torch::randn({512, 512}).div(32);
+  auto b = torch::randn({512, 512});
+  // Baseline step time.
+  double baseline = 0;
+  for (int s = 0; s < steps; ++s) baseline += train_step(a, b);
+  baseline /= steps;
+
+  struct Row {
+    std::string mode;
+    double blocked = 0;   // seconds save() blocked the training loop
+    double total = 0;     // seconds until the checkpoint was complete on disk
+    double slowdown = 0;  // extra seconds of the steps run while the background write went on
+  };
+  std::vector<Row> rows_out;
+  for (bool async : {false, true}) {
+    std::filesystem::remove_all(dir + (async ? "/async" : "/sync"));
+    titan::CheckpointManager manager(world, titan::CheckpointOptions(dir + (async ? "/async" : "/sync")).async(async));
+    world->group()->barrier();
+    Row row{async ? "async" : "sync"};
+    auto start = Clock::now();
+    manager.save(1, state);
+    row.blocked = seconds_since(start);
+    // Keep training until the write is done (async); count the extra time over the baseline.
+    int overlapped = 0;
+    double overlapped_time = 0;
+    while (manager.saving()) {
+      overlapped_time += train_step(a, b);
+      ++overlapped;
+    }
+    manager.wait();
+    world->group()->barrier();
+    row.total = seconds_since(start);
+    row.slowdown = overlapped_time - overlapped * baseline;
+    rows_out.push_back(row);
+  }
+
+  // Load into fresh tensors (the page cache is warm: the files were just written).
+  titan::TrainState target;
+  for (const auto& [name, tensor] : state.tensors)
+    target.tensors.emplace_back(name, titan::ShardedTensor{torch::zeros_like(tensor.local), tensor.layout, tensor.box});
+  titan::CheckpointManager loader(world, titan::CheckpointOptions(dir + "/sync"));
+  world->group()->barrier();
+  auto start = Clock::now();
+  loader.load_latest(target);
+  world->group()->barrier();
+  const double load_time = seconds_since(start);
+  bool equal = true;
+  for (size_t i = 0; i < state.tensors.size(); ++i)
+    equal = equal && torch::equal(state.tensors[i].second.local, target.tensors[i].second.local);
+  TORCH_CHECK(equal, "bench_checkpoint: the loaded tensors differ from the saved ones");
+
+  if (world->rank() == 0) {
+    std::printf("\ncheckpoint of %.2f GB (%lld fp32 params, %lld tensors) on %d rank(s), dir %s\n", gb,
+                static_cast<long long>(params), static_cast<long long>(count), ranks, dir.c_str());
+    std::printf("baseline training step: %.1f ms\n\n", baseline * 1e3);
+    std::printf("| operation   | blocks training (s) | complete (s) | throughput (GB/s) | stall of overlapped steps (s) |\n");
+    std::printf("|-------------|---------------------|--------------|-------------------|-------------------------------|\n");
+    for (const auto& row : rows_out)
+      std::printf("| save %-6s | %19.2f | %12.2f | %17.2f | %29.2f |\n", row.mode.c_str(), row.blocked, row.total,
+                  gb / row.total, row.slowdown);
+    std::printf("| load        | %19.2f | %12.2f | %17.2f | %29s |\n", load_time, load_time, gb / load_time, "-");
+  }
+  std::filesystem::remove_all(dir + "/sync");
+  std::filesystem::remove_all(dir + "/async");
+  world->shutdown();
+  return 0;
+}

@@ -1,0 +1,79 @@
+#pragma once
+// Hugging Face interop for the example Transformer: transformers' LlamaForCausalLM /
+// MistralForCausalLM checkpoints (config.json + safetensors, sharded or not) in and out.
+//
+//   auto args = titan::examples::read_hf_config("Llama-3.1-8B");        // config.json -> ModelArgs
+//   titan::examples::Transformer model(args, torch::kMeta);
+//   titan::to_empty(*model, device);
+//   titan::examples::load_hf(*model, "Llama-3.1-8B");                   // every parameter, by name
+//   titan::examples::save_hf(*model, "exported", SaveHfOptions().max_shard_bytes(5LL << 30));
+//
+// Names: tok_embeddings <-> model.embed_tokens, layers.i.attention.{wq,wk,wv,wo} <->
+// model.layers.i.self_attn.{q,k,v,o}_proj, layers.i.feed_forward.{w1,w2,w3} <->
+// model.layers.i.mlp.{gate,down,up}_proj, attention_norm <-> input_layernorm, ffn_norm <->
+// post_attention_layernorm, norm <-> model.norm, output <-> lm_head.
+// Hugging Face applies RoPE with rotate-half (dimension i paired with i + head_dim/2) where Meta
+// pairs (2i, 2i+1), so the rows of each q/k head are permuted on the way in and out (the permute of
+// transformers' convert_llama_weights_to_hf.py).
+
+#include "transformer.hpp"
+
+#include <titan/detail/json.hpp>
+#include <titan/sharding.hpp>
+
+#include <functional>
+#include <optional>
+#include <string>
+
+namespace titan::examples {
+
+/// The transformers name of titan parameter `name` ("layers.0.attention.wq.weight" ->
+/// "model.layers.0.self_attn.q_proj.weight"); an error for names outside the model.
+std::string to_hf_name(const std::string& name);
+/// The titan name of transformers parameter `hf_name`; an error for names outside the model.
+std::string from_hf_name(const std::string& hf_name);
+
+/// A whole parameter `name` (titan layout) in Hugging Face layout (q/k rows permuted).
+torch::Tensor to_hf_tensor(const std::string& name, const torch::Tensor& tensor, const ModelArgs& args);
+/// A whole transformers parameter `hf_name` in titan's layout.
+torch::Tensor from_hf_tensor(const std::string& hf_name, const torch::Tensor& tensor, const ModelArgs& args);
+
+/// ModelArgs from a transformers config.json (a file, or a directory holding one) of a
+/// LlamaForCausalLM or MistralForCausalLM: sizes, rms_norm_eps, rope_theta, Llama 3.1 rope scaling
+/// (old "rope_scaling" and new "rope_parameters" forms), sliding_window, max_position_embeddings.
+/// Unsupported features (tied embeddings, biases, other activations or rope types) are errors
+/// naming the file and key. The parameter dtype stays float32 whatever the checkpoint's dtype
+/// (load_hf converts); set args.dtype() to change it.
+ModelArgs read_hf_config(const std::string& path);
+/// The config.json of a model with `args` whose weights are stored as `dtype`.
+titan::json::Value hf_config(const ModelArgs& args, torch::Dtype dtype = torch::kFloat);
+
+/// Options of load_hf.
+struct LoadHfOptions {
+  /// The rectangle of the global (titan-layout) parameter to read into each local parameter; the
+  /// default, titan::parameter_layout(model, name, param).local_box(), is the whole tensor for an
+  /// unsharded model and this rank's block after fully_shard / tensor parallelism.
+  using BoxFn = std::function<titan::TensorBox(const std::string& name, const torch::Tensor& param)>;
+  TORCH_ARG(BoxFn, box) = nullptr;
+};
+
+/// Loads the Hugging Face checkpoint at `path` (a directory with model.safetensors or
+/// model.safetensors.index.json, or one .safetensors file) into `model`, iterating its
+/// named_parameters and reading only each parameter's rectangle; recomputes the RoPE tables.
+/// Errors name the tensor and file: a parameter missing from the checkpoint, a shape that differs
+/// from the parameter's global shape, tensors the model has no place for.
+void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOptions& options = {});
+
+/// Options of save_hf.
+struct SaveHfOptions {
+  /// Split the weights into files of at most this many bytes (plus an index); 0 = one file.
+  TORCH_ARG(int64_t, max_shard_bytes) = 0;
+  /// Dtype the weights are stored in; nullopt = each parameter's own.
+  TORCH_ARG(std::optional<torch::Dtype>, dtype) = std::nullopt;
+};
+
+/// Exports an unsharded `model` as a transformers directory `dir` (created if needed): config.json,
+/// model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options = {});
+
+}  // namespace titan::examples

@@ -1,0 +1,371 @@
+#include "transformer.hpp"
+
+#include <titan/hooks.hpp>
+#include <titan/sharding.hpp>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <functional>
+#include <map>
+#include <string>
+
+namespace titan::examples {
+
+int64_t ModelArgs::effective_head_dim() const { return head_dim() > 0 ? head_dim() : dim() / n_heads(); }
+
+int64_t ModelArgs::hidden_dim() const {
+  if (ffn_hidden_dim() > 0) return ffn_hidden_dim();
+  auto hidden = static_cast<int64_t>(2 * (4 * dim()) / 3);
+  if (ffn_dim_multiplier() > 0) hidden = static_cast<int64_t>(ffn_dim_multiplier() * static_cast<double>(hidden));
+  return multiple_of() * ((hidden + multiple_of() - 1) / multiple_of());
+}
+
+void ModelArgs::validate() const {
+  TORCH_CHECK(dim() > 0 && n_layers() > 0 && n_heads() > 0 && n_kv_heads() > 0 && vocab_size() > 0 &&
+                  max_seq_len() > 0 && multiple_of() > 0,
+              "ModelArgs: dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len and multiple_of must be "
+              "positive (dim ", dim(), ", n_layers ", n_layers(), ", n_heads ", n_heads(), ", n_kv_heads ",
+              n_kv_heads(), ", vocab_size ", vocab_size(), ", max_seq_len ", max_seq_len(), ")");
+  TORCH_CHECK(n_heads() % n_kv_heads() == 0, "ModelArgs: n_kv_heads ", n_kv_heads(), " must divide n_heads ",
+              n_heads());
+  TORCH_CHECK(head_dim() > 0 || dim() % n_heads() == 0, "ModelArgs: n_heads ", n_heads(), " must divide dim ", dim(),
+              " (or set head_dim)");
+  TORCH_CHECK(effective_head_dim() % 2 == 0, "ModelArgs: head_dim ", effective_head_dim(), " must be even for RoPE");
+  TORCH_CHECK(sliding_window() >= 0, "ModelArgs: sliding_window must be >= 0, got ", sliding_window());
+  if (rope_scaling().enabled())
+    TORCH_CHECK(rope_scaling().factor() > 0 && rope_scaling().high_freq_factor() > rope_scaling().low_freq_factor() &&
+                    rope_scaling().original_max_position_embeddings() > 0,
+                "ModelArgs: rope_scaling needs factor > 0, high_freq_factor > low_freq_factor and "
+                "original_max_position_embeddings > 0");
+}
+
+namespace {
+
+ModelArgs debug_args() {
+  return ModelArgs().dim(256).n_layers(4).n_heads(8).n_kv_heads(2).multiple_of(64).max_seq_len(2048);
+}
+
+RopeScaling llama31_scaling() {
+  return RopeScaling().enabled(true).factor(8).low_freq_factor(1).high_freq_factor(4).original_max_position_embeddings(
+      8192);
+}
+
+using FlavorTable = std::map<std::string, std::map<std::string, std::function<ModelArgs()>>>;
+
+const FlavorTable& flavors() {
+  static const FlavorTable table = [] {
+    FlavorTable t;
+    auto llama2 = [](ModelArgs a) { return a.vocab_size(32000).rope_theta(10000).max_seq_len(4096); };
+    t["llama2"]["debug"] = [=] { return debug_args().vocab_size(3000).rope_theta(10000); };
+    t["llama2"]["7B"] = [=] { return llama2(ModelArgs().dim(4096).n_layers(32).n_heads(32).n_kv_heads(32)); };
+    t["llama2"]["13B"] = [=] { return llama2(ModelArgs().dim(5120).n_layers(40).n_heads(40).n_kv_heads(40)); };
+    t["llama2"]["70B"] = [=] {
+      return llama2(ModelArgs().dim(8192).n_layers(80).n_heads(64).n_kv_heads(8).ffn_dim_multiplier(1.3).multiple_of(
+          4096));
+    };
+    auto llama3 = [](ModelArgs a) { return a.vocab_size(128256).rope_theta(500000).max_seq_len(8192); };
+    t["llama3"]["debug"] = [=] { return debug_args().vocab_size(4000).rope_theta(500000); };
+    t["llama3"]["8B"] = [=] {
+      return llama3(ModelArgs().dim(4096).n_layers(32).n_heads(32).n_kv_heads(8).ffn_dim_multiplier(1.3).multiple_of(
+          1024));
+    };
+    t["llama3"]["70B"] = [=] {
+      return llama3(ModelArgs().dim(8192).n_layers(80).n_heads(64).n_kv_heads(8).ffn_dim_multiplier(1.3).multiple_of(
+          4096));
+    };
+    t["llama3"]["405B"] = [=] {
+      return llama3(ModelArgs().dim(16384).n_layers(126).n_heads(128).n_kv_heads(8).ffn_dim_multiplier(1.2).multiple_of(
+          4096));
+    };
+    for (const auto& [name, make] : t["llama3"]) {
+      auto base = make;
+      t["llama3.1"][name] = [base, debug = name == "debug"] {
+        return base().rope_scaling(llama31_scaling()).max_seq_len(debug ? 2048 : 131072);
+      };
+    }
+    t["mistral"]["debug"] = [=] { return debug_args().vocab_size(3000).sliding_window(128); };
+    t["mistral"]["7B"] = [=] {
+      return ModelArgs()
+          .dim(4096)
+          .n_layers(32)
+          .n_heads(32)
+          .n_kv_heads(8)
+          .ffn_hidden_dim(14336)
+          .vocab_size(32000)
+          .rope_theta(10000)
+          .sliding_window(4096)
+          .max_seq_len(32768);
+    };
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace
+
+std::vector<std::string> model_flavors() {
+  std::vector<std::string> names;
+  for (const auto& [family, table] : flavors())
+    for (const auto& entry : table) names.push_back(family + "/" + entry.first);
+  return names;
+}
+
+ModelArgs model_args(const std::string& family, const std::string& flavor) {
+  auto f = flavors().find(family);
+  auto known = [] {
+    std::string all;
+    for (const auto& name : model_flavors()) all += (all.empty() ? "" : ", ") + name;
+    return all;
+  };
+  TORCH_CHECK(f != flavors().end(), "model_args: unknown model family '", family, "' (known: ", known(), ")");
+  auto it = f->second.find(flavor);
+  TORCH_CHECK(it != f->second.end(), "model_args: unknown flavor '", flavor, "' of ", family, " (known: ", known(),
+              ")");
+  return it->second();
+}
+
+int64_t parameter_count(const ModelArgs& args, bool include_embedding) {
+  const int64_t d = args.dim(), hd = args.effective_head_dim();
+  const int64_t attention = d * hd * (2 * args.n_heads() + 2 * args.n_kv_heads());
+  const int64_t ffn = 3 * d * args.hidden_dim();
+  const int64_t per_layer = attention + ffn + 2 * d;
+  int64_t total = args.n_layers() * per_layer + d + args.vocab_size() * d;  // layers, norm, output
+  if (include_embedding) total += args.vocab_size() * d;
+  return total;
+}
+
+double flops_per_token(const ModelArgs& args, int64_t seq_len) {
+  const double n = static_cast<double>(parameter_count(args, /*include_embedding=*/false));
+  return 6.0 * n + 12.0 * static_cast<double>(args.n_layers()) * static_cast<double>(args.n_heads()) *
+                       static_cast<double>(args.effective_head_dim()) * static_cast<double>(seq_len);
+}
+
+torch::Tensor rope_frequencies(const ModelArgs& args) {
+  const int64_t hd = args.effective_head_dim();
+  // Same float32 operations as Meta's and transformers' code, so the tables match bit for bit.
+  auto exponents = torch::arange(0, hd, 2, torch::kLong).to(torch::kFloat) / static_cast<double>(hd);
+  auto inv_freq = 1.0 / torch::pow(args.rope_theta(), exponents);  // [hd / 2]
+  const auto& s = args.rope_scaling();
+  if (!s.enabled()) return inv_freq;
+  const double old_len = static_cast<double>(s.original_max_position_embeddings());
+  const double low_freq_wavelen = old_len / s.low_freq_factor();
+  const double high_freq_wavelen = old_len / s.high_freq_factor();
+  auto wavelen = 2 * M_PI / inv_freq;
+  auto scaled = torch::where(wavelen > low_freq_wavelen, inv_freq / s.factor(), inv_freq);
+  auto smooth = (old_len / wavelen - s.low_freq_factor()) / (s.high_freq_factor() - s.low_freq_factor());
+  auto smoothed = (1 - smooth) * scaled / s.factor() + smooth * scaled;
+  auto medium = (wavelen >= high_freq_wavelen).logical_and(wavelen <= low_freq_wavelen);
+  return torch::where(medium, smoothed, scaled);
+}
+
+namespace {
+
+/// x [B, S, H, hd] rotated by position (Meta's interleaved pairs (x[2i], x[2i+1])), in float32.
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  auto pairs = x.to(torch::kFloat).unflatten(-1, {-1, 2});  // [B, S, H, hd/2, 2]
+  auto x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);  // [B, S, H, hd/2]
+  auto c = cos.view({1, cos.size(0), 1, cos.size(1)});      // [1, S, 1, hd/2]
+  auto s = sin.view({1, sin.size(0), 1, sin.size(1)});
+  return torch::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).flatten(-2).to(x.scalar_type());  // [B, S, H, hd]
+}
+
+/// x [B, S, KV, hd] -> [B, S, KV * n_rep, hd], each kv head repeated for its n_rep query heads.
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t n_rep) {
+  if (n_rep == 1) return x;
+  auto sizes = x.sizes();
+  return x.unsqueeze(3).expand({sizes[0], sizes[1], sizes[2], n_rep, sizes[3]}).reshape(
+      {sizes[0], sizes[1], sizes[2] * n_rep, sizes[3]});
+}
+
+}  // namespace
+
+LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, const torch::TensorOptions& options) {
+  weight = register_parameter("weight", torch::empty({out_features, in_features}, options));
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) { return torch::nn::functional::linear(x, weight); }
+
+EmbeddingImpl::EmbeddingImpl(int64_t num_embeddings, int64_t dim, const torch::TensorOptions& options) {
+  weight = register_parameter("weight", torch::empty({num_embeddings, dim}, options));
+}
+
+torch::Tensor EmbeddingImpl::forward(const torch::Tensor& tokens) { return torch::embedding(weight, tokens); }
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& options) : eps(eps_) {
+  weight = register_parameter("weight", torch::empty({dim}, options));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  auto xf = x.to(torch::kFloat);  // [..., dim]
+  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * normed.to(x.scalar_type());
+}
+
+AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options)
+    : head_dim(args.effective_head_dim()), sliding_window(args.sliding_window()) {
+  const int64_t d = args.dim();
+  wq = register_module("wq", Linear(d, args.n_heads() * head_dim, options));
+  wk = register_module("wk", Linear(d, args.n_kv_heads() * head_dim, options));
+  wv = register_module("wv", Linear(d, args.n_kv_heads() * head_dim, options));
+  wo = register_module("wo", Linear(args.n_heads() * head_dim, d, options));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
+                                     const torch::Tensor& rope_sin) {
+  const int64_t batch = x.size(0), seq = x.size(1);
+  auto q = titan::call(wq, x).view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
+  auto k = titan::call(wk, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
+  auto v = titan::call(wv, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
+  TORCH_CHECK(q.size(2) % k.size(2) == 0, "Attention: ", q.size(2), " query heads are not a multiple of ", k.size(2),
+              " key/value heads");
+  q = apply_rope(q, rope_cos, rope_sin);
+  k = apply_rope(k, rope_cos, rope_sin);
+  const int64_t n_rep = q.size(2) / k.size(2);
+  k = repeat_kv(k, n_rep);  // [B, S, Hq, hd]
+  v = repeat_kv(v, n_rep);
+  q = q.transpose(1, 2);  // [B, Hq, S, hd]
+  k = k.transpose(1, 2);
+  v = v.transpose(1, 2);
+  torch::Tensor out;                                   // [B, Hq, S, hd]
+  if (sliding_window > 0 && seq > sliding_window) {
+    // An explicit [S, S] boolean mask (S^2 bytes, and no flash kernel) only when the window cuts.
+    auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kLong).device(x.device()));
+    auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S]: query - key
+    auto mask = distance.ge(0).logical_and(distance.lt(sliding_window));
+    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false);
+  } else {
+    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  }
+  return titan::call(wo, out.transpose(1, 2).reshape({batch, seq, -1}));  // [B, S, dim]
+}
+
+FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::TensorOptions& options) {
+  w1 = register_module("w1", Linear(dim, hidden_dim, options));
+  w2 = register_module("w2", Linear(hidden_dim, dim, options));
+  w3 = register_module("w3", Linear(dim, hidden_dim, options));
+}
+
+torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
+  return titan::call(w2, torch::silu(titan::call(w1, x)) * titan::call(w3, x));
+}
+
+TransformerBlockImpl::TransformerBlockImpl(int64_t layer_id_, const ModelArgs& args,
+                                           const torch::TensorOptions& options)
+    : layer_id(layer_id_) {
+  attention = register_module("attention", Attention(args, options));
+  feed_forward = register_module("feed_forward", FeedForward(args.dim(), args.hidden_dim(), options));
+  attention_norm = register_module("attention_norm", RMSNorm(args.dim(), args.norm_eps(), options));
+  ffn_norm = register_module("ffn_norm", RMSNorm(args.dim(), args.norm_eps(), options));
+}
+
+torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
+                                            const torch::Tensor& rope_sin) {
+  auto h = x + titan::call(attention, titan::call(attention_norm, x), rope_cos, rope_sin);
+  return h + titan::call(feed_forward, titan::call(ffn_norm, h));
+}
+
+void TransformerImpl::reset_rope_tables() {
+  torch::NoGradGuard no_grad;
+  auto positions = torch::arange(args.max_seq_len(), torch::kLong).to(torch::kFloat);
+  auto angles = torch::outer(positions, rope_frequencies(args));  // [max_seq_len, hd / 2]
+  rope_cos.copy_(angles.cos());
+  rope_sin.copy_(angles.sin());
+}
+
+TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(std::move(args_)) {
+  args.validate();
+  auto options = torch::TensorOptions().dtype(args.dtype()).device(device);
+  tok_embeddings = register_module("tok_embeddings", Embedding(args.vocab_size(), args.dim(), options));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < args.n_layers(); ++i) layers->push_back(TransformerBlock(i, args, options));
+  norm = register_module("norm", RMSNorm(args.dim(), args.norm_eps(), options));
+  output = register_module("output", Linear(args.dim(), args.vocab_size(), options));
+  auto table_options = torch::TensorOptions().dtype(torch::kFloat).device(device);
+  const int64_t half = args.effective_head_dim() / 2;
+  rope_cos = register_buffer("rope_cos", torch::empty({args.max_seq_len(), half}, table_options));
+  rope_sin = register_buffer("rope_sin", torch::empty({args.max_seq_len(), half}, table_options));
+  if (!device.is_meta()) reset_rope_tables();
+}
+
+torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens) {
+  TORCH_CHECK(tokens.dim() == 2, "Transformer: tokens must be [batch, seq], got ", tokens.sizes());
+  const int64_t seq = tokens.size(1);
+  TORCH_CHECK(seq <= args.max_seq_len(), "Transformer: sequence length ", seq, " exceeds max_seq_len ",
+              args.max_seq_len());
+  auto cos = rope_cos.narrow(0, 0, seq);  // [S, hd / 2]
+  auto sin = rope_sin.narrow(0, 0, seq);
+  auto h = titan::call(tok_embeddings, tokens);  // [B, S, dim]
+  for (const auto& layer : *layers) h = titan::call(layer->as<TransformerBlockImpl>(), h, cos, sin);
+  return titan::call(output, titan::call(norm, h));  // [B, S, vocab]
+}
+
+namespace {
+
+uint64_t name_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 1469598103934665603ull ^ (seed * 0x9E3779B97F4A7C15ull);  // FNV-1a over the name
+  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+/// PyTorch's trunc_normal_: normal(mean, std) restricted to [a, b], by inverse-CDF sampling.
+void trunc_normal(torch::Tensor& t, double std, double a, double b, at::Generator& gen) {
+  auto cdf = [](double x) { return (1.0 + std::erf(x / std::sqrt(2.0))) / 2.0; };
+  const double l = cdf(a / std), u = cdf(b / std);
+  t.uniform_(2 * l - 1, 2 * u - 1, gen).erfinv_().mul_(std * std::sqrt(2.0)).clamp_(a, b);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+void init_weights(TransformerImpl& model, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  const auto& args = model.args;
+  for (const auto& item : model.named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor param = item.value();
+    TORCH_CHECK(!param.is_meta(), "init_weights: parameter '", name,
+                "' is on the meta device: call titan::to_empty(model, device) first");
+    auto layout = titan::parameter_layout(model, name, param);
+    auto box = layout.local_box();
+    auto gen = at::detail::createCPUGenerator(name_seed(seed, name));
+    auto full = torch::empty(layout.global_shape, torch::kFloat);
+    if (ends_with(name, "norm.weight")) {
+      full.fill_(1.0);
+    } else if (name == "tok_embeddings.weight") {
+      full.normal_(0.0, 1.0, gen);
+    } else if (name == "output.weight") {
+      const double std = std::pow(static_cast<double>(args.dim()), -0.5);
+      trunc_normal(full, std, -3 * std, 3 * std, gen);
+    } else if (ends_with(name, "attention.wo.weight") || ends_with(name, "feed_forward.w2.weight") ||
+               ends_with(name, "feed_forward.w3.weight")) {
+      TORCH_CHECK(name.rfind("layers.", 0) == 0, "init_weights: unexpected parameter '", name, "'");
+      const int64_t layer_id = std::stoll(name.substr(7, name.find('.', 7) - 7));
+      const double depth = args.depth_init() ? 2.0 * static_cast<double>(layer_id + 1)
+                                             : 2.0 * static_cast<double>(args.n_layers());
+      trunc_normal(full, 0.02 / std::sqrt(depth), -2.0, 2.0, gen);
+    } else if (ends_with(name, "attention.wq.weight") || ends_with(name, "attention.wk.weight") ||
+               ends_with(name, "attention.wv.weight") || ends_with(name, "feed_forward.w1.weight")) {
+      trunc_normal(full, 0.02, -2.0, 2.0, gen);
+    } else {
+      TORCH_CHECK(false, "init_weights: no initialisation rule for parameter '", name, "'");
+    }
+    auto block = full;
+    for (size_t d = 0; d < box.sizes.size(); ++d)
+      block = block.narrow(static_cast<int64_t>(d), box.offsets[d], box.sizes[d]);
+    param.copy_(block);
+  }
+  model.reset_rope_tables();
+}
+
+torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& tokens) {
+  const int64_t vocab = logits.size(-1);
+  auto predictions = logits.narrow(1, 0, logits.size(1) - 1).to(torch::kFloat).reshape({-1, vocab});  // [B(S-1), V]
+  auto targets = tokens.narrow(1, 1, tokens.size(1) - 1).reshape({-1});                              // [B(S-1)]
+  return torch::nn::functional::cross_entropy(predictions, targets);
+}
+
+}  // namespace titan::examples

@@ -1,0 +1,201 @@
+#pragma once
+// Llama 2, Llama 3 / 3.1 and Mistral decoder-only transformers in plain LibTorch, with torchtitan's
+// module and parameter names. No parallelism here: every submodule call goes through titan::call so
+// FSDP / tensor parallel / activation checkpointing hooks attach without changing this code, the
+// modules create their parameters uninitialised on a given device (build on torch::kMeta, then
+// titan::to_empty and init_weights), and attention infers the local head count from tensor shapes
+// so tensor parallelism can shard wq/wk/wv/wo.
+//
+//   auto args = titan::examples::model_args("llama3", "debug").vocab_size(tokenizer.vocab_size());
+//   titan::examples::Transformer model(args, torch::kMeta);
+//   titan::to_empty(*model, torch::kCUDA);
+//   titan::examples::init_weights(*model, /*seed=*/0);
+//   auto logits = titan::call(model, tokens);   // [batch, seq, vocab]
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+namespace titan::examples {
+
+/// Llama 3.1's RoPE frequency scaling (Hugging Face rope_type "llama3").
+struct RopeScaling {
+  /// Apply the scaling at all.
+  TORCH_ARG(bool, enabled) = false;
+  /// Divisor of the low frequencies.
+  TORCH_ARG(double, factor) = 8.0;
+  /// Wavelengths above original_max_position_embeddings / low_freq_factor are divided by factor.
+  TORCH_ARG(double, low_freq_factor) = 1.0;
+  /// Wavelengths below original_max_position_embeddings / high_freq_factor are kept.
+  TORCH_ARG(double, high_freq_factor) = 4.0;
+  /// The context length the model was pre-trained with.
+  TORCH_ARG(int64_t, original_max_position_embeddings) = 8192;
+};
+
+/// Shape and hyper-parameters of a Llama-family model (torchtitan's TransformerModelArgs).
+struct ModelArgs {
+  /// Model (embedding) dimension.
+  TORCH_ARG(int64_t, dim) = 4096;
+  /// Number of transformer blocks.
+  TORCH_ARG(int64_t, n_layers) = 32;
+  /// Number of query heads.
+  TORCH_ARG(int64_t, n_heads) = 32;
+  /// Number of key/value heads (grouped-query attention); must divide n_heads.
+  TORCH_ARG(int64_t, n_kv_heads) = 32;
+  /// Per-head dimension; 0 = dim / n_heads.
+  TORCH_ARG(int64_t, head_dim) = 0;
+  /// Vocabulary size: set it from the tokenizer.
+  TORCH_ARG(int64_t, vocab_size) = 32000;
+  /// SwiGLU hidden size is rounded up to a multiple of this (Meta's formula).
+  TORCH_ARG(int64_t, multiple_of) = 256;
+  /// Multiplier of the SwiGLU hidden size in Meta's formula; 0 = none.
+  TORCH_ARG(double, ffn_dim_multiplier) = 0.0;
+  /// SwiGLU hidden size given directly (e.g. a Hugging Face intermediate_size); 0 = Meta's formula.
+  TORCH_ARG(int64_t, ffn_hidden_dim) = 0;
+  /// RMSNorm epsilon.
+  TORCH_ARG(double, norm_eps) = 1e-5;
+  /// RoPE base.
+  TORCH_ARG(double, rope_theta) = 10000.0;
+  /// Llama 3.1 RoPE scaling (disabled by default).
+  TORCH_ARG(RopeScaling, rope_scaling) = {};
+  /// Longest sequence the RoPE tables cover.
+  TORCH_ARG(int64_t, max_seq_len) = 2048;
+  /// Mistral's sliding-window attention: each position attends to the last `sliding_window`
+  /// positions including itself (transformers' convention); 0 = full causal attention.
+  TORCH_ARG(int64_t, sliding_window) = 0;
+  /// Scale the init std of wo/w2/w3 by the layer's depth (torchtitan's depth_init).
+  TORCH_ARG(bool, depth_init) = true;
+  /// Parameter dtype.
+  TORCH_ARG(torch::Dtype, dtype) = torch::kFloat;
+
+ public:
+  /// head_dim, or dim / n_heads when it is 0.
+  int64_t effective_head_dim() const;
+  /// The SwiGLU hidden size: ffn_hidden_dim, else Meta's formula
+  /// multiple_of * ceil(ffn_dim_multiplier * (2/3 * 4 * dim) / multiple_of).
+  int64_t hidden_dim() const;
+  /// Checks the arguments are consistent (heads divide, sizes positive); a clear error otherwise.
+  void validate() const;
+};
+
+/// The arguments of a named flavor. Families: "llama2" (debug, 7B, 13B, 70B), "llama3" (debug, 8B,
+/// 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "mistral" (debug, 7B). The
+/// debug flavors are tiny (dim 256, 4 layers, 8 heads, 2 kv heads) for tests; set vocab_size from
+/// the tokenizer.
+ModelArgs model_args(const std::string& family, const std::string& flavor);
+/// Every "family/flavor" model_args accepts.
+std::vector<std::string> model_flavors();
+
+/// Number of parameters of the model `args` describes (computed, nothing built).
+int64_t parameter_count(const ModelArgs& args, bool include_embedding = true);
+/// Training FLOPs per token at sequence length `seq_len`, torchtitan's estimate:
+/// 6 * N + 12 * L * H * Q * T with N the parameters without the token embedding (matmul FLOPs of
+/// forward + backward: 2 per multiply-add forward, 4 backward), L layers, H heads, Q head_dim and
+/// T = seq_len (the attention score and value matmuls, which N does not count).
+double flops_per_token(const ModelArgs& args, int64_t seq_len);
+
+/// The RoPE inverse frequencies [head_dim / 2] (float32), with Llama 3.1 scaling when enabled.
+torch::Tensor rope_frequencies(const ModelArgs& args);
+
+/// y = x W^T with W [out, in] created uninitialised on the given device (no bias).
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in_features, int64_t out_features, const torch::TensorOptions& options);
+  /// x [..., in] -> [..., out]
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;  ///< [out, in]
+};
+TORCH_MODULE(Linear);
+
+/// Token embedding table [num, dim] created uninitialised on the given device.
+class EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(int64_t num_embeddings, int64_t dim, const torch::TensorOptions& options);
+  /// tokens [B, S] (int64) -> [B, S, dim]
+  torch::Tensor forward(const torch::Tensor& tokens);
+  torch::Tensor weight;  ///< [num, dim]
+};
+TORCH_MODULE(Embedding);
+
+/// RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in float32.
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps, const torch::TensorOptions& options);
+  /// x [..., dim] -> [..., dim]
+  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor weight;  ///< [dim]
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+/// Multi-head attention with grouped-query heads and RoPE (wq, wk, wv, wo).
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options);
+  /// x [B, S, dim], rope_cos/rope_sin [S, head_dim / 2] -> [B, S, dim]. Head counts are inferred
+  /// from the projections' output sizes, so tensor-parallel shards of wq/wk/wv/wo work unchanged.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin);
+  Linear wq{nullptr}, wk{nullptr}, wv{nullptr}, wo{nullptr};
+  int64_t head_dim;
+  int64_t sliding_window;
+};
+TORCH_MODULE(Attention);
+
+/// SwiGLU feed-forward: w2(silu(w1(x)) * w3(x)).
+class FeedForwardImpl : public torch::nn::Module {
+ public:
+  FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::TensorOptions& options);
+  /// x [B, S, dim] -> [B, S, dim]
+  torch::Tensor forward(const torch::Tensor& x);
+  Linear w1{nullptr}, w2{nullptr}, w3{nullptr};
+};
+TORCH_MODULE(FeedForward);
+
+/// One pre-norm block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
+class TransformerBlockImpl : public torch::nn::Module {
+ public:
+  TransformerBlockImpl(int64_t layer_id, const ModelArgs& args, const torch::TensorOptions& options);
+  /// x [B, S, dim] -> [B, S, dim]
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin);
+  int64_t layer_id;
+  Attention attention{nullptr};
+  FeedForward feed_forward{nullptr};
+  RMSNorm attention_norm{nullptr}, ffn_norm{nullptr};
+};
+TORCH_MODULE(TransformerBlock);
+
+/// The decoder: tok_embeddings, layers (a ModuleList of TransformerBlock indexed by layer), norm,
+/// output (untied), and the RoPE tables as buffers rope_cos / rope_sin [max_seq_len, head_dim / 2]
+/// (recomputed by init_weights; not model weights: Hugging Face export skips them).
+class TransformerImpl : public torch::nn::Module {
+ public:
+  /// Builds the model with uninitialised tensors on `device` (torch::kMeta allocates nothing).
+  TransformerImpl(ModelArgs args, torch::Device device = torch::kCPU);
+  /// tokens [B, S] (int64, S <= max_seq_len) -> logits [B, S, vocab_size]
+  torch::Tensor forward(const torch::Tensor& tokens);
+  /// Recomputes rope_cos / rope_sin from args (wherever the buffers live).
+  void reset_rope_tables();
+  ModelArgs args;
+  Embedding tok_embeddings{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+  Linear output{nullptr};
+  torch::Tensor rope_cos, rope_sin;
+};
+TORCH_MODULE(Transformer);
+
+/// Initialises every parameter by name with torchtitan's scheme and recomputes the RoPE buffers:
+/// tok_embeddings normal(0, 1); wq/wk/wv/w1 truncated normal std 0.02 (cut at +-2);
+/// wo/w2/w3 std 0.02 / sqrt(2 (layer_id + 1)) (depth_init, else 0.02 / sqrt(2 n_layers));
+/// output std dim^-0.5 cut at +-3 std; norms 1. Each parameter draws from its own CPU generator
+/// seeded by (seed, name), over the whole global tensor, and keeps the block its layout
+/// (titan::parameter_layout) assigns to this rank: the result is independent of device, sharding
+/// and parameter order, at the cost of generating each global parameter on CPU once per rank.
+void init_weights(TransformerImpl& model, uint64_t seed = 0);
+
+/// Next-token cross entropy of logits [B, S, V] against tokens [B, S] (predicts tokens[:, 1:] from
+/// logits[:, :-1], mean over positions), as transformers' LlamaForCausalLM(labels=tokens) does.
+torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& tokens);
+
+}  // namespace titan::examples

@@ -1,0 +1,107 @@
+#pragma once
+// Tensor-parallel plans of the example Llama-style Transformers (Llama 3, Mistral), written like
+// torchtitan's: module names follow the example models (tok_embeddings, layers.N.attention.wq, ...,
+// norm, output). Header-only; the models infer their local head counts from tensor shapes
+// (view(b, s, -1, head_dim)), so sharding wq/wk/wv/wo by whole heads is all they need.
+//
+//   auto plan = titan::examples::llama_tp_plan(titan::examples::tp_dims(model->args), mesh.size("tp"),
+//       titan::examples::TpPlanOptions().sequence_parallel(true).loss_parallel(true));
+//   titan::parallelize_module(*model, mesh["tp"], plan);
+//
+// Layouts along a block with sequence parallel (S = sequence, activations [batch, S, dim]):
+//   tok_embeddings (vocab-parallel)          -> Shard(1)
+//   attention_norm (SequenceParallel)        Shard(1) -> Shard(1)
+//   attention (PrepareModuleInput)           Shard(1) -> Replicate
+//     wq, wk, wv (Colwise)                   Replicate -> Shard(-1) (local heads)
+//     wo (Rowwise)                           Shard(-1) -> Shard(1) (reduce-scatter)
+//   ffn_norm, feed_forward: the same with w1, w3 Colwise and w2 Rowwise
+//   norm (SequenceParallel)                  Shard(1) -> Shard(1)
+//   output (Colwise)                         Shard(1) -> Shard(-1) (vocab-sharded, for loss parallel)
+//                                                     or Replicate (gathered logits)
+// Without sequence parallel, the norms are left alone and every Shard(1) above is Replicate.
+
+#include <titan/tensor_parallel.hpp>
+
+#include <cstdint>
+#include <string>
+
+namespace titan::examples {
+
+/// The sizes a Llama-style Transformer shards over the TP degree.
+struct TransformerTpDims {
+  TORCH_ARG(int64_t, dim) = 0;         ///< model width (wq/wk/wv/wo, w1/w2/w3 in/out)
+  TORCH_ARG(int64_t, n_heads) = 0;     ///< attention (query) heads
+  TORCH_ARG(int64_t, n_kv_heads) = 0;  ///< key/value heads (GQA; equal to n_heads without it)
+  TORCH_ARG(int64_t, hidden_dim) = 0;  ///< feed-forward hidden width (w1/w3 out, w2 in)
+  TORCH_ARG(int64_t, vocab_size) = 0;  ///< embedding rows and output features
+};
+
+/// The dims of a model's arguments (examples/models' ModelArgs or anything with the same accessors).
+template <typename Args>
+TransformerTpDims tp_dims(const Args& args) {
+  return TransformerTpDims()
+      .dim(args.dim())
+      .n_heads(args.n_heads())
+      .n_kv_heads(args.n_kv_heads())
+      .hidden_dim(args.hidden_dim())
+      .vocab_size(args.vocab_size());
+}
+
+/// How the plan lays out activations.
+struct TpPlanOptions {
+  /// Shard the norms' activations on the sequence (SequenceParallel) between blocks.
+  TORCH_ARG(bool, sequence_parallel) = true;
+  /// Leave the logits vocabulary-sharded for titan::loss_parallel_cross_entropy; otherwise gather them.
+  TORCH_ARG(bool, loss_parallel) = true;
+};
+
+/// torchtitan's Llama tensor-parallel plan for `tp` ranks, for examples/models' Transformer (Llama 2,
+/// Llama 3 and Mistral share its module names and forward signatures; attention is called with
+/// (x, rope_cos, rope_sin)). Fails with the offending value when
+/// a size does not divide by `tp` (heads are sharded whole, so n_heads and n_kv_heads must divide).
+inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64_t tp,
+                                            const TpPlanOptions& options = TpPlanOptions()) {
+  TORCH_CHECK(tp >= 1, "llama_tp_plan: the tensor-parallel degree must be >= 1, got ", tp);
+  const std::pair<const char*, int64_t> sizes[] = {{"n_heads", dims.n_heads()},
+                                                   {"n_kv_heads", dims.n_kv_heads()},
+                                                   {"dim", dims.dim()},
+                                                   {"hidden_dim", dims.hidden_dim()},
+                                                   {"vocab_size", dims.vocab_size()}};
+  for (const auto& [name, value] : sizes) {
+    TORCH_CHECK(value > 0, "llama_tp_plan: ", name, " must be set (> 0), got ", value);
+    TORCH_CHECK(value % tp == 0, "llama_tp_plan: cannot shard the model over tensor-parallel degree ", tp, ": ", name,
+                "=", value, " is not divisible by ", tp);
+  }
+  using titan::Replicate;
+  using titan::Shard;
+  const bool sp = options.sequence_parallel();
+  // Layout of the residual stream between blocks.
+  const titan::Placement stream = sp ? Shard(1) : Replicate();
+
+  titan::ParallelizePlan plan;
+  plan.add("tok_embeddings",
+           titan::RowwiseParallel().embedding(true).input_layout(Replicate()).output_layout(stream));
+  if (sp) {
+    plan.add("norm", titan::SequenceParallel())
+        .add("layers.*.attention_norm", titan::SequenceParallel())
+        .add("layers.*.ffn_norm", titan::SequenceParallel())
+        .add("layers.*.attention", titan::PrepareModuleInput()  // (x, rope_cos, rope_sin)
+                                       .input_layouts({Shard(1), std::nullopt, std::nullopt})
+                                       .desired_input_layouts({Replicate(), std::nullopt, std::nullopt}))
+        .add("layers.*.feed_forward",
+             titan::PrepareModuleInput().input_layouts({Shard(1)}).desired_input_layouts({Replicate()}));
+  }
+  plan.add("output", titan::ColwiseParallel()
+                         .input_layout(stream)
+                         .output_layout(options.loss_parallel() ? Shard(-1) : Replicate()))
+      .add("layers.*.attention.wq", titan::ColwiseParallel())
+      .add("layers.*.attention.wk", titan::ColwiseParallel())
+      .add("layers.*.attention.wv", titan::ColwiseParallel())
+      .add("layers.*.attention.wo", titan::RowwiseParallel().output_layout(stream))
+      .add("layers.*.feed_forward.w1", titan::ColwiseParallel())
+      .add("layers.*.feed_forward.w3", titan::ColwiseParallel())
+      .add("layers.*.feed_forward.w2", titan::RowwiseParallel().output_layout(stream));
+  return plan;
+}
+
+}  // namespace titan::examples

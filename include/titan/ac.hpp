@@ -1,0 +1,538 @@
+#pragma once
+// titan/ac.hpp: activation checkpointing (recomputation in backward) for modules called through
+// titan::call.
+//
+//   titan::checkpoint_wrapper(*layer);                                       // full AC
+//   titan::checkpoint_wrapper(*layer, titan::CheckpointOptions().policy(    // selective, per op
+//       std::make_shared<titan::OpSavePolicy>()));
+//   titan::apply_activation_checkpointing(*model->layers,                    // from a config
+//       titan::ActivationCheckpointOptions().mode("selective").selective_ac_option("2"));
+//
+// A checkpointed module's forward runs under no-grad, so none of its activations are kept; a
+// closure node on its output recomputes the forward in backward (same RNG and autocast state, grad
+// enabled, on detached inputs) and backpropagates through the recomputed graph. Parameters and any
+// other tensor the forward closes over receive their gradients from that inner backward.
+//
+// Selective per-operator checkpointing additionally keeps the outputs of expensive operators
+// (matrix products, fused attention) from the first forward and hands them back when the
+// recomputation calls the same operator again, so only the cheap operators are recomputed. It
+// intercepts operators in LibTorch's dispatcher below autograd: see docs/activation_checkpointing.md
+// for the mechanism, its one process-wide registration, and the alternatives.
+
+#include <titan/detail/autograd.hpp>
+#include <titan/hooks.hpp>
+
+#include <ATen/Context.h>
+#include <ATen/DeviceAccelerator.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/library.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace titan {
+
+/// Which operators' outputs selective per-operator checkpointing keeps from the first forward
+/// instead of recomputing. Names are as in operator schemas: "aten::mm" means every functional
+/// overload of aten::mm (not aten::mm.out), "aten::max.dim" means that overload only. Operators
+/// that LibTorch decomposes above autograd (CompositeImplicitAutograd, e.g. aten::linear and
+/// aten::matmul, which become aten::addmm / aten::mm / aten::bmm) never reach the policy and are
+/// rejected, as are unknown names and operators that mutate or alias their inputs.
+class OpSavePolicy {
+ public:
+  /// Matrix products and fused attention kernels (CPU and CUDA variants), like torchtitan's list.
+  static std::vector<std::string> default_ops() {
+    return {"aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::baddbmm",
+            "aten::_scaled_mm",
+            "aten::_scaled_dot_product_flash_attention",
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_efficient_attention",
+            "aten::_scaled_dot_product_cudnn_attention",
+            "aten::_scaled_dot_product_fused_attention_overrideable"};
+  }
+
+  /// A policy saving the outputs of `ops` (checked against the operators registered now).
+  explicit OpSavePolicy(std::vector<std::string> ops = default_ops()) : ops_(std::move(ops)) {
+    const auto all = c10::Dispatcher::singleton().getAllOpNames();
+    for (const auto& entry : ops_) {
+      const auto ns = entry.find("::");
+      const auto dot = entry.find('.', ns == std::string::npos ? 0 : ns + 2);
+      const std::string name = entry.substr(0, dot);
+      const std::string overload = dot == std::string::npos ? "" : entry.substr(dot + 1);
+      bool found = false, reaches = false;
+      for (const auto& op_name : all) {
+        if (op_name.name != name || (dot != std::string::npos && op_name.overload_name != overload)) continue;
+        found = true;
+        auto op = c10::Dispatcher::singleton().findSchema(op_name);
+        if (!op || !functional(op->schema())) continue;
+        const bool decomposed = op->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
+                                !op->hasKernelForDispatchKey(c10::DispatchKey::Autograd);
+        reaches = reaches || !decomposed;
+      }
+      TORCH_CHECK(found, "titan::OpSavePolicy: unknown operator '", entry,
+                  "' (expected a registered operator name such as 'aten::mm' or 'aten::max.dim')");
+      TORCH_CHECK(reaches, "titan::OpSavePolicy: operator '", entry,
+                  "' cannot be saved: it mutates or aliases its inputs, or LibTorch decomposes it above autograd ",
+                  "(CompositeImplicitAutograd) so it never reaches the policy; list the operators it calls instead ",
+                  "(aten::linear and aten::matmul become aten::addmm, aten::mm and aten::bmm)");
+      auto& overloads = by_name_[name];
+      if (dot == std::string::npos) {
+        overloads.clear();
+        all_overloads_.insert(name);
+      } else if (!all_overloads_.count(name)) {
+        overloads.insert(overload);
+      }
+    }
+  }
+
+  /// The operator names this policy was built from.
+  const std::vector<std::string>& ops() const { return ops_; }
+
+  /// Whether the outputs of `op` are kept.
+  bool saves(const c10::OperatorHandle& op) const {
+    const auto& name = op.operator_name();
+    auto it = by_name_.find(name.name);
+    if (it == by_name_.end()) return false;
+    if (!all_overloads_.count(name.name) && !it->second.count(name.overload_name)) return false;  // other overload
+    return functional(op.schema());
+  }
+
+ private:
+  static bool functional(const c10::FunctionSchema& schema) {
+    if (schema.is_mutable()) return false;
+    for (const auto& ret : schema.returns())
+      if (ret.alias_info() != nullptr) return false;
+    return true;
+  }
+
+  std::vector<std::string> ops_;
+  std::unordered_map<std::string, std::unordered_set<std::string>> by_name_;  // name -> exact overloads
+  std::unordered_set<std::string> all_overloads_;                              // names listed without overload
+};
+
+/// How checkpoint_wrapper recomputes a module.
+struct CheckpointOptions {
+  /// Restore the CPU and accelerator random generators for the recomputation (dropout and other
+  /// random operators then recompute identically), and restore the current state afterwards.
+  TORCH_ARG(bool, preserve_rng_state) = true;
+  /// Selective per-operator checkpointing: the outputs of the operators this policy names are
+  /// kept from the first forward. nullptr: full checkpointing (only the inputs are kept).
+  TORCH_ARG(std::shared_ptr<const OpSavePolicy>, policy) = nullptr;
+};
+
+namespace detail {
+
+/// Snapshot of the default random generators: CPU and the accelerators holding `tensors`.
+class RngState {
+ public:
+  static RngState capture(const TensorList& tensors) {
+    RngState state;
+    state.add(at::Device(at::kCPU));
+    for (const auto& t : tensors)
+      if (t.defined() && at::isAccelerator(t.device().type())) state.add(t.device());
+    return state;
+  }
+
+  /// Sets every generator back to the snapshot.
+  void restore() const {
+    for (const auto& [generator, snapshot] : states_) {
+      at::Generator gen = generator;
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(snapshot);
+    }
+  }
+
+  /// The current state of the same generators.
+  RngState now() const {
+    RngState state;
+    for (const auto& entry : states_) state.add_generator(entry.first);
+    return state;
+  }
+
+ private:
+  void add(at::Device device) {
+    at::Generator gen = at::globalContext().defaultGenerator(device);
+    for (const auto& entry : states_)
+      if (entry.first == gen) return;
+    add_generator(gen);
+  }
+  void add_generator(at::Generator gen) {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    states_.emplace_back(gen, gen.get_state());
+  }
+
+  std::vector<std::pair<at::Generator, at::Tensor>> states_;
+};
+
+/// Autocast settings (enabled, dtype) for CPU and CUDA, captured in forward and reapplied for the
+/// recomputation (backward runs with the autocast state of the thread calling backward).
+class AutocastState {
+ public:
+  static AutocastState current() {
+    AutocastState state;
+    for (auto type : {at::kCPU, at::kCUDA})
+      state.entries_.push_back({type, at::autocast::is_autocast_enabled(type), at::autocast::get_autocast_dtype(type)});
+    return state;
+  }
+  void apply() const {
+    for (const auto& e : entries_) {
+      at::autocast::set_autocast_enabled(e.type, e.enabled);
+      at::autocast::set_autocast_dtype(e.type, e.dtype);
+    }
+  }
+
+ private:
+  struct Entry {
+    at::DeviceType type;
+    bool enabled;
+    at::ScalarType dtype;
+  };
+  std::vector<Entry> entries_;
+};
+
+/// For a recomputation: applies forward's RNG (when given) and autocast state, and gives the
+/// caller's back on destruction (like torch.random.fork_rng: the caller's random stream continues
+/// as if the recomputation had drawn nothing).
+class RecomputeEnvironment {
+ public:
+  RecomputeEnvironment(const std::optional<RngState>& rng, const AutocastState& autocast)
+      : caller_autocast_(AutocastState::current()) {
+    if (rng) {
+      caller_rng_ = rng->now();
+      rng->restore();
+    }
+    autocast.apply();
+  }
+  ~RecomputeEnvironment() {
+    caller_autocast_.apply();
+    if (caller_rng_) caller_rng_->restore();
+  }
+  RecomputeEnvironment(const RecomputeEnvironment&) = delete;
+  RecomputeEnvironment& operator=(const RecomputeEnvironment&) = delete;
+
+ private:
+  AutocastState caller_autocast_;
+  std::optional<RngState> caller_rng_;
+};
+
+/// The dispatch key used as selective checkpointing's interception point. It is a functionality
+/// key below autograd that LibTorch itself leaves unused (it was reserved for torchdistx's
+/// out-of-tree fake tensors); it is only ever enabled through this thread's included key set
+/// inside a checkpointed region. See docs/activation_checkpointing.md.
+inline constexpr c10::DispatchKey kOpCacheKey = c10::DispatchKey::Fake;
+
+/// Outputs of policy operators, kept from a checkpointed region's first forward for its
+/// recomputation. One per checkpointed call.
+class OpCache {
+ public:
+  explicit OpCache(std::shared_ptr<const OpSavePolicy> policy) : policy_(std::move(policy)) {}
+
+  const OpSavePolicy& policy() const { return *policy_; }
+  /// False while recording the first forward, true while the recomputation replays it.
+  bool replaying = false;
+
+  struct Entry {
+    std::vector<std::vector<int64_t>> input_sizes;  // of the tensor arguments: checks the replay matches
+    std::vector<c10::IValue> outputs;                // detached
+    std::vector<int64_t> versions;                   // of each tensor output when recorded (0: undefined)
+    std::optional<RngState> rng_after;               // for random operators
+  };
+
+  void record(const c10::OperatorName& op, Entry entry) { entries_[op].push_back(std::move(entry)); }
+
+  /// The next recorded entry for `op`, if it is still valid: same input shapes, outputs not
+  /// modified in place since. Otherwise the operator is simply recomputed.
+  std::optional<Entry> take(const c10::OperatorName& op, const std::vector<std::vector<int64_t>>& input_sizes) {
+    auto it = entries_.find(op);
+    if (it == entries_.end() || it->second.empty()) return std::nullopt;
+    Entry entry = std::move(it->second.front());
+    it->second.pop_front();
+    if (entry.input_sizes != input_sizes) return std::nullopt;
+    size_t k = 0;
+    for (const auto& value : entry.outputs) {
+      if (!value.isTensor()) continue;
+      const auto recorded = entry.versions[k++];
+      if (value.toTensor().defined() && value.toTensor()._version() != recorded) return std::nullopt;
+    }
+    return entry;
+  }
+
+ private:
+  std::shared_ptr<const OpSavePolicy> policy_;
+  std::unordered_map<c10::OperatorName, std::deque<Entry>> entries_;
+};
+
+/// The OpCache of the checkpointed region running on this thread, or nullptr. Thread-local state
+/// is how a dispatcher fallback finds its context (PyTorch's own dispatch modes do the same).
+inline OpCache*& active_op_cache() {
+  thread_local OpCache* cache = nullptr;
+  return cache;
+}
+
+inline std::vector<std::vector<int64_t>> tensor_sizes(const torch::jit::Stack& stack, size_t first) {
+  std::vector<std::vector<int64_t>> sizes;
+  for (size_t i = first; i < stack.size(); ++i)
+    if (stack[i].isTensor() && stack[i].toTensor().defined()) sizes.push_back(stack[i].toTensor().sizes().vec());
+  return sizes;
+}
+
+/// The boxed fallback on kOpCacheKey: records or replays policy operators, redispatches the rest.
+inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  // Kernels below run without the key, so the operators they call are not seen again.
+  c10::impl::ExcludeDispatchKeyGuard exclude(kOpCacheKey);
+  const auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kOpCacheKey);
+  OpCache* cache = active_op_cache();
+  if (cache == nullptr || !cache->policy().saves(op)) {
+    op.redispatchBoxed(below, stack);
+    return;
+  }
+  const auto& schema = op.schema();
+  const size_t num_args = schema.arguments().size(), num_returns = schema.returns().size();
+  auto sizes = tensor_sizes(*stack, stack->size() - num_args);
+  if (cache->replaying) {
+    if (auto entry = cache->take(op.operator_name(), sizes)) {
+      torch::jit::drop(*stack, num_args);
+      for (auto& value : entry->outputs) stack->push_back(std::move(value));
+      if (entry->rng_after) entry->rng_after->restore();
+      return;
+    }
+    op.redispatchBoxed(below, stack);
+    return;
+  }
+  const bool random = op.hasTag(at::Tag::nondeterministic_seeded);
+  TensorList arg_tensors;  // for a random operator: which generators it may have advanced
+  for (size_t i = stack->size() - num_args; random && i < stack->size(); ++i)
+    if ((*stack)[i].isTensor()) arg_tensors.push_back((*stack)[i].toTensor());
+  op.redispatchBoxed(below, stack);
+  OpCache::Entry entry;
+  entry.input_sizes = std::move(sizes);
+  auto keep = [&entry](const at::Tensor& t) {
+    // A detached alias: the recomputation's autograd kernel attaches its history to this handle,
+    // not to the tensor the first forward returned.
+    entry.versions.push_back(t.defined() ? t._version() : 0);
+    return t.defined() ? t.detach() : t;
+  };
+  for (size_t i = stack->size() - num_returns; i < stack->size(); ++i) {
+    const auto& value = (*stack)[i];
+    if (value.isTensor()) {
+      entry.outputs.emplace_back(keep(value.toTensor()));
+    } else if (value.isTensorList()) {
+      std::vector<at::Tensor> list;
+      for (const at::Tensor& t : value.toTensorVector()) list.push_back(t.defined() ? t.detach() : t);
+      entry.outputs.emplace_back(std::move(list));
+    } else {
+      entry.outputs.push_back(value);
+    }
+  }
+  if (random) entry.rng_after = RngState::capture(arg_tensors);
+  cache->record(op.operator_name(), std::move(entry));
+}
+
+/// Registers op_cache_fallback once per process, on first use of selective per-operator
+/// checkpointing. The registration is a function-local static (the one process-wide object this
+/// header creates); nothing is registered at static-initialisation time.
+inline void ensure_op_cache_fallback() {
+  static const std::unique_ptr<torch::Library> registration = [] {
+    TORCH_CHECK(!c10::Dispatcher::singleton().hasBackendFallbackForDispatchKey(kOpCacheKey),
+                "titan: selective per-operator activation checkpointing needs the dispatch key ",
+                c10::toString(kOpCacheKey), ", which another library (or a second copy of titan linked with hidden ",
+                "symbols) already uses; use full or per-layer checkpointing instead");
+    auto library =
+        std::make_unique<torch::Library>(torch::Library::IMPL, "_", kOpCacheKey, "titan/ac.hpp", __LINE__);
+    library->fallback(torch::CppFunction::makeFromBoxedFunction<&op_cache_fallback>());
+    return library;
+  }();
+  (void)registration;
+}
+
+/// Enables the interception for `cache` on this thread for the guard's lifetime (no-op for null).
+class OpCacheScope {
+ public:
+  OpCacheScope(OpCache* cache, bool replaying) : previous_(active_op_cache()) {
+    if (cache == nullptr) return;
+    cache->replaying = replaying;
+    include_.emplace(kOpCacheKey);
+    active_op_cache() = cache;
+  }
+  ~OpCacheScope() { active_op_cache() = previous_; }
+  OpCacheScope(const OpCacheScope&) = delete;
+  OpCacheScope& operator=(const OpCacheScope&) = delete;
+
+ private:
+  OpCache* previous_;
+  std::optional<c10::impl::IncludeDispatchKeyGuard> include_;
+};
+
+}  // namespace detail
+
+/// The hook checkpoint_wrapper attaches: runs the rest of the call (inner hooks and forward)
+/// without keeping activations and recomputes it in backward.
+class CheckpointHook : public ModuleHook {
+ public:
+  explicit CheckpointHook(CheckpointOptions options) : options_(std::move(options)) {
+    if (options_.policy()) detail::ensure_op_cache_fallback();
+  }
+  std::string name() const override { return "checkpoint"; }
+  const CheckpointOptions& options() const { return options_; }
+
+  at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
+    // Nothing to save (no-grad, or inside an enclosing checkpointed region's forward or
+    // per-operator recomputation, which already covers this module): run as is.
+    if (!torch::autograd::GradMode::is_enabled() || detail::active_op_cache() != nullptr) return next(inputs);
+    bool needs_grad = false;
+    for (const auto& t : inputs) needs_grad = needs_grad || (t.defined() && t.requires_grad());
+    for (const auto& p : module.parameters()) needs_grad = needs_grad || p.requires_grad();
+    if (!needs_grad) return next(inputs);
+
+    auto state = std::make_shared<Recompute>();
+    state->inputs = inputs;
+    for (const auto& t : inputs) state->versions.push_back(t.defined() ? t._version() : 0);
+    state->next = next;
+    state->module_name = module.name();
+    if (options_.preserve_rng_state()) state->rng = detail::RngState::capture(inputs);
+    state->autocast = detail::AutocastState::current();
+    if (options_.policy()) state->cache = std::make_shared<detail::OpCache>(options_.policy());
+
+    at::Tensor out;
+    {
+      torch::NoGradGuard no_grad;
+      detail::OpCacheScope scope(state->cache.get(), /*replaying=*/false);
+      out = next(inputs);
+    }
+    if (!out.defined() || !(out.is_floating_point() || out.is_complex())) return out;
+    out = out.detach();  // the output may alias an input: give the node a handle of its own
+    std::shared_ptr<detail::ClosureNode> node(
+        new detail::ClosureNode("titan::CheckpointBackward",
+                                [state](torch::autograd::variable_list&& grads) { return state->backward(grads); }),
+        torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    torch::autograd::set_history(out, node);
+    return out;
+  }
+
+ private:
+  /// What backward needs to run the forward again.
+  struct Recompute {
+    TensorList inputs;
+    std::vector<int64_t> versions;
+    ForwardFn next;
+    std::string module_name;
+    std::optional<detail::RngState> rng;
+    detail::AutocastState autocast;
+    std::shared_ptr<detail::OpCache> cache;
+
+    torch::autograd::variable_list backward(const torch::autograd::variable_list& grads) {
+      torch::autograd::variable_list input_grads(inputs.size());
+      if (grads.empty() || !grads[0].defined()) return input_grads;
+      TensorList detached;
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        const auto& t = inputs[i];
+        TORCH_CHECK(!t.defined() || t._version() == versions[i], "titan::checkpoint_wrapper: input ", i, " of '",
+                    module_name, "' was modified in place during or after its checkpointed forward; the ",
+                    "recomputation would differ (clone it before modifying it)");
+        detached.push_back(t.defined() ? t.detach().requires_grad_(t.requires_grad()) : t);
+      }
+      at::Tensor recomputed;
+      {
+        detail::RecomputeEnvironment environment(rng, autocast);
+        torch::AutoGradMode enable_grad(true);
+        detail::OpCacheScope scope(cache.get(), /*replaying=*/true);
+        recomputed = next(detached);
+      }
+      cache.reset();  // outputs not replayed (if any) are not needed any more
+      if (recomputed.requires_grad()) torch::autograd::backward({recomputed}, {grads[0]});
+      for (size_t i = 0; i < detached.size(); ++i)
+        if (detached[i].defined() && detached[i].requires_grad()) input_grads[i] = detached[i].grad();
+      return input_grads;
+    }
+  };
+
+  CheckpointOptions options_;
+};
+
+/// Checkpoints `module` (see the top of this header). Attach it before fully_shard (so FSDP's
+/// hook is outside and the recomputation runs while the parameters are unsharded) and after
+/// parallelize_module. Returns the hook.
+template <typename M>
+std::shared_ptr<CheckpointHook> checkpoint_wrapper(M&& module, CheckpointOptions options = {}) {
+  auto& impl = detail::module_ref(module);
+  TORCH_CHECK(!find_hook<CheckpointHook>(impl), "titan::checkpoint_wrapper: module '", impl.name(),
+              "' is already checkpointed");
+  for (const auto& hook : hooks_of(impl)) {
+    if (hook->name() == "fsdp")
+      TORCH_WARN("titan::checkpoint_wrapper: module '", impl.name(), "' is already sharded; its recomputation will ",
+                 "all-gather the parameters again. Apply activation checkpointing before fully_shard.");
+  }
+  auto hook = std::make_shared<CheckpointHook>(std::move(options));
+  attach_hook(impl, hook);
+  return hook;
+}
+
+/// Activation checkpointing of a stack of layers, as configured by torchtitan's
+/// [activation_checkpoint] section.
+struct ActivationCheckpointOptions {
+  /// "none", "full" (every layer) or "selective".
+  TORCH_ARG(std::string, mode) = "full";
+  /// For mode "selective": "op" (every layer, keeping the outputs of save_ops) or a positive
+  /// integer k (full checkpointing of every k-th layer: the k-th, 2k-th, ...).
+  TORCH_ARG(std::string, selective_ac_option) = "2";
+  /// The operators whose outputs selective "op" checkpointing keeps (see OpSavePolicy).
+  TORCH_ARG(std::vector<std::string>, save_ops) = OpSavePolicy::default_ops();
+  /// See CheckpointOptions::preserve_rng_state.
+  TORCH_ARG(bool, preserve_rng_state) = true;
+};
+
+/// Applies `options` to `layers` (called through titan::call by their parent). Returns how many
+/// layers were checkpointed.
+inline size_t apply_activation_checkpointing(const std::vector<std::shared_ptr<torch::nn::Module>>& layers,
+                                             const ActivationCheckpointOptions& options) {
+  const auto& mode = options.mode();
+  TORCH_CHECK(mode == "none" || mode == "full" || mode == "selective", "activation_checkpoint.mode: expected ",
+              "\"none\", \"full\" or \"selective\", got \"", mode, "\"");
+  if (mode == "none") return 0;
+  CheckpointOptions base = CheckpointOptions().preserve_rng_state(options.preserve_rng_state());
+  int64_t every = 1;
+  if (mode == "selective") {
+    const auto& option = options.selective_ac_option();
+    if (option == "op") {
+      base.policy(std::make_shared<OpSavePolicy>(options.save_ops()));
+    } else {
+      const bool digits = !option.empty() && option.size() < 10 &&
+                          std::all_of(option.begin(), option.end(), [](char c) { return c >= '0' && c <= '9'; });
+      every = digits ? std::stoll(option) : 0;
+      TORCH_CHECK(every >= 1, "activation_checkpoint.selective_ac_option: expected \"op\" or a positive integer k ",
+                  "(checkpoint every k-th layer), got \"", option, "\"");
+    }
+  }
+  size_t wrapped = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if ((static_cast<int64_t>(i) + 1) % every != 0) continue;
+    checkpoint_wrapper(*layers[i], base);
+    ++wrapped;
+  }
+  return wrapped;
+}
+
+/// apply_activation_checkpointing for the children of a ModuleList.
+inline size_t apply_activation_checkpointing(torch::nn::ModuleList& layers,
+                                             const ActivationCheckpointOptions& options) {
+  return apply_activation_checkpointing(layers->children(), options);
+}
+
+}  // namespace titan

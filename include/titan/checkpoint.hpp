@@ -1,0 +1,965 @@
+#pragma once
+// titan/checkpoint.hpp: distributed checkpoints that reshard on load (titan's take on PyTorch DCP).
+//
+//   titan::CheckpointManager ckpt(world, titan::CheckpointOptions("runs/ckpt").interval(500)
+//                                            .keep_latest_k(3).async(true));
+//   titan::TrainState state;  state.model = model.get();  state.optimizer = &optimizer;
+//   if (auto step = ckpt.load_latest(state)) start = *step;   // resumes on any mesh
+//   for (step = start + 1; ...) { train(); ckpt.maybe_save(step, state); }
+//   ckpt.wait();
+//
+// A checkpoint is a directory <folder>/step-<N>/ holding one safetensors file per rank that owns
+// data (rank-<r>.safetensors: only that rank's shards, a replicated tensor once) and metadata.json,
+// written last by rank 0: per tensor its global shape, dtype, placement and every shard's offsets,
+// sizes, file, byte range and CRC-32 per block. A loader computes its own rectangle of each tensor
+// (TensorLayout::local_box) and reads only the blocks of the saved shards that overlap it, so a
+// checkpoint saved on one mesh loads on any other. docs/checkpoint.md specifies the format.
+//
+// Safety: files go to <folder>/.tmp-step-<N>/ and are fsynced; after every rank is done rank 0
+// writes metadata.json, renames the directory into place and atomically updates <folder>/latest.
+// A crash mid-save leaves earlier checkpoints intact. Loading validates every tensor (names,
+// shapes, dtypes, files, sizes, checksums) on every rank before it overwrites anything.
+
+#include <titan/detail/checkpoint_io.hpp>
+#include <titan/detail/json.hpp>
+#include <titan/sharding.hpp>
+
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace titan {
+
+/// Version of the checkpoint format written by this header (metadata.json "version").
+inline constexpr int64_t kCheckpointVersion = 1;
+
+/// One saved block of a tensor: where it sits in the global tensor and in which file.
+struct ShardRecord {
+  std::vector<int64_t> offsets;  ///< start of the block in the global tensor, per dimension
+  std::vector<int64_t> sizes;    ///< extent of the block, per dimension
+  std::string file;              ///< file name inside the checkpoint directory
+  int64_t begin = 0;             ///< first byte of the block's row-major data in `file`
+  int64_t end = 0;               ///< one past its last byte
+  std::vector<uint32_t> crc32;   ///< CRC-32 of each block_bytes-sized piece of [begin, end)
+};
+
+/// Everything saved about one tensor.
+struct TensorRecord {
+  std::string name;
+  std::string dtype;                  ///< safetensors dtype name ("F32", "BF16", ...)
+  std::vector<int64_t> shape;         ///< global shape
+  std::string placement;              ///< TensorLayout::placement() of the saving rank
+  std::vector<ShardRecord> shards;    ///< disjoint blocks covering the tensor
+};
+
+/// The contents of metadata.json.
+struct CheckpointMetadata {
+  int64_t version = kCheckpointVersion;
+  int64_t step = 0;
+  int64_t world_size = 1;                              ///< ranks that saved it
+  int64_t block_bytes = 0;                             ///< checksum granularity
+  std::vector<TensorRecord> tensors;                   ///< in save order
+  std::map<std::string, std::string> extra;            ///< rank 0's extra state
+  std::vector<std::map<std::string, std::string>> rank_extra;  ///< each saving rank's own state
+
+  /// The record of tensor `name`, or nullptr.
+  const TensorRecord* find(const std::string& name) const {
+    for (const auto& tensor : tensors)
+      if (tensor.name == name) return &tensor;
+    return nullptr;
+  }
+};
+
+/// What a checkpoint saves and restores. Loading fills these in place (the model's parameters and
+/// buffers, the optimizer's state, `tensors`, `extra` and `rank_extra`).
+struct TrainState {
+  /// Parameters (with their layouts from titan::sharded_parameters) and buffers (replicated),
+  /// saved as "model.<name>".
+  torch::nn::Module* model = nullptr;
+  /// torch::optim::AdamW, Adam or SGD over parameters of `model`; its per-parameter state is saved
+  /// by parameter name ("optim.<name>.exp_avg", ...), sharded like the parameter, plus each
+  /// group's learning rate.
+  torch::optim::Optimizer* optimizer = nullptr;
+  /// More tensors to save as "extra.<name>" (e.g. RNG state as titan::replicated(...)). On load
+  /// their local tensors are overwritten, so they must already have the right shape.
+  ShardedStateDict tensors;
+  /// Small global state as strings (LR scheduler, step, resolved config): rank 0's copy is saved.
+  std::map<std::string, std::string> extra;
+  /// This rank's own state (e.g. its data loader position). On load it is the saved state of the
+  /// same rank when the world size is unchanged, else empty (read all of them from the metadata).
+  std::map<std::string, std::string> rank_extra;
+};
+
+/// Options of CheckpointManager, with chained setters.
+struct CheckpointOptions {
+  explicit CheckpointOptions(std::string folder) : folder_(std::move(folder)) {}
+  /// Directory holding step-<N>/ checkpoints and the `latest` pointer.
+  TORCH_ARG(std::string, folder);
+  /// maybe_save saves when step % interval == 0.
+  TORCH_ARG(int64_t, interval) = 500;
+  /// Keep only the newest k complete checkpoints (0: keep all).
+  TORCH_ARG(int64_t, keep_latest_k) = 0;
+  /// Stage tensors to CPU memory and write them on a background thread.
+  TORCH_ARG(bool, async) = false;
+  /// The step load_latest loads instead of the newest (-1: the newest).
+  TORCH_ARG(int64_t, load_step) = -1;
+  /// Bytes per checksum block; a loader reads whole blocks around what it needs.
+  TORCH_ARG(int64_t, block_bytes) = int64_t{1} << 20;
+  /// Called with the path of every file a save has written and fsynced (progress, tests).
+  TORCH_ARG(std::function<void(const std::string&)>, on_file_written);
+};
+
+namespace detail {
+
+/// A tensor to save: its name, this rank's contiguous CPU block and its place in the global tensor.
+struct SaveEntry {
+  std::string name;
+  at::Tensor data;  ///< [box.sizes], contiguous, CPU
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::string placement;
+  TensorBox box;
+};
+
+/// A tensor to load: what it must match and where its staged value goes once everything is valid.
+struct LoadTarget {
+  std::string name;
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  TensorBox box;
+  std::function<void(const at::Tensor&)> apply;  ///< receives the staged CPU tensor [box.sizes]
+  at::Tensor staged;
+};
+
+inline std::string step_dir_name(int64_t step) { return "step-" + std::to_string(step); }
+
+inline json::Value int_array(const std::vector<int64_t>& values) {
+  json::Value array = json::Array{};
+  for (auto v : values) array.push_back(v);
+  return array;
+}
+
+inline std::vector<int64_t> read_int_array(const json::Value& value) {
+  std::vector<int64_t> result;
+  for (const auto& v : value.as_array()) result.push_back(v.as_int());
+  return result;
+}
+
+inline json::Value string_map(const std::map<std::string, std::string>& values) {
+  json::Value object = json::Object{};
+  for (const auto& [k, v] : values) object[k] = v;
+  return object;
+}
+
+inline std::map<std::string, std::string> read_string_map(const json::Value& value) {
+  std::map<std::string, std::string> result;
+  for (const auto& [k, v] : value.as_object()) result[k] = v.as_string();
+  return result;
+}
+
+inline std::string box_text(const TensorBox& box) {
+  return c10::str("offsets ", c10::IntArrayRef(box.offsets), " sizes ", c10::IntArrayRef(box.sizes));
+}
+
+/// Parameters (with layouts) and buffers of `model`, optimizer state by parameter name, and the
+/// extra tensors of `state`, as save entries (local blocks not yet copied).
+inline std::vector<std::pair<std::string, ShardedTensor>> state_tensors(const TrainState& state) {
+  std::vector<std::pair<std::string, ShardedTensor>> result;
+  std::unordered_map<const void*, std::pair<std::string, ShardedTensor>> by_impl;
+  if (state.model != nullptr) {
+    for (auto& [name, tensor] : sharded_parameters(*state.model)) {
+      by_impl.emplace(tensor.local.unsafeGetTensorImpl(), std::make_pair(name, tensor));
+      result.emplace_back("model." + name, tensor);
+    }
+    for (const auto& buffer : state.model->named_buffers(/*recurse=*/true))
+      result.emplace_back("model." + buffer.key(), replicated(buffer.value()));
+  }
+  if (state.optimizer != nullptr) {
+    TORCH_CHECK(state.model != nullptr, "titan checkpoint: TrainState has an optimizer but no model "
+                "(optimizer state is saved by parameter name)");
+    auto& optimizer = *state.optimizer;
+    for (const auto& group : optimizer.param_groups()) {
+      for (const auto& param : group.params()) {
+        auto found = by_impl.find(param.unsafeGetTensorImpl());
+        TORCH_CHECK(found != by_impl.end(), "titan checkpoint: the optimizer holds a parameter of shape ",
+                    param.sizes(), " that is not a parameter of the model");
+        const std::string& name = found->second.first;
+        const ShardedTensor& sharded = found->second.second;
+        auto it = optimizer.state().find(param.unsafeGetTensorImpl());
+        if (it == optimizer.state().end()) continue;  // not stepped yet
+        auto add = [&](const char* key, const at::Tensor& t) {
+          if (t.defined()) result.emplace_back("optim." + name + "." + key, ShardedTensor{t, sharded.layout, sharded.box});
+        };
+        auto add_step = [&](int64_t step) {
+          result.emplace_back("optim." + name + ".step", replicated(at::scalar_tensor(step, at::kLong)));
+        };
+        if (auto* s = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
+          add("exp_avg", s->exp_avg());
+          add("exp_avg_sq", s->exp_avg_sq());
+          add("max_exp_avg_sq", s->max_exp_avg_sq());
+          add_step(s->step());
+        } else if (auto* a = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
+          add("exp_avg", a->exp_avg());
+          add("exp_avg_sq", a->exp_avg_sq());
+          add("max_exp_avg_sq", a->max_exp_avg_sq());
+          add_step(a->step());
+        } else if (auto* m = dynamic_cast<torch::optim::SGDParamState*>(it->second.get())) {
+          add("momentum_buffer", m->momentum_buffer());
+        } else {
+          TORCH_CHECK(false, "titan checkpoint: unsupported optimizer state for parameter '", name,
+                      "' (supported: AdamW, Adam, SGD)");
+        }
+      }
+    }
+  }
+  for (const auto& [name, tensor] : state.tensors) result.emplace_back("extra." + name, tensor);
+  return result;
+}
+
+/// "AdamW", "Adam" or "SGD".
+inline std::string optimizer_kind(const torch::optim::Optimizer& optimizer) {
+  if (dynamic_cast<const torch::optim::AdamW*>(&optimizer)) return "AdamW";
+  if (dynamic_cast<const torch::optim::Adam*>(&optimizer)) return "Adam";
+  if (dynamic_cast<const torch::optim::SGD*>(&optimizer)) return "SGD";
+  TORCH_CHECK(false, "titan checkpoint: unsupported optimizer (supported: AdamW, Adam, SGD)");
+}
+
+/// A double as exact text ("%a") and back.
+inline std::string exact_double(double value) {
+  char text[64];
+  std::snprintf(text, sizeof(text), "%a", value);
+  return text;
+}
+
+/// Global extra state of `state`, plus the optimizer's kind and learning rates.
+inline std::map<std::string, std::string> state_extra(const TrainState& state) {
+  auto extra = state.extra;
+  if (state.optimizer != nullptr) {
+    extra["titan.optimizer"] = optimizer_kind(*state.optimizer);
+    const auto& groups = state.optimizer->param_groups();
+    for (size_t i = 0; i < groups.size(); ++i)
+      extra["titan.optimizer.lr." + std::to_string(i)] = exact_double(groups[i].options().get_lr());
+  }
+  return extra;
+}
+
+/// The JSON of this rank's save plan: which blocks of which tensors it holds.
+inline std::string plan_json(const std::vector<SaveEntry>& entries, const std::map<std::string, std::string>& rank_extra) {
+  json::Value plan = json::Object{};
+  plan["tensors"] = json::Array{};
+  for (const auto& e : entries) {
+    json::Value t = json::Object{};
+    t["name"] = e.name;
+    t["dtype"] = e.dtype;
+    t["shape"] = int_array(e.shape);
+    t["placement"] = e.placement;
+    t["offsets"] = int_array(e.box.offsets);
+    t["sizes"] = int_array(e.box.sizes);
+    plan["tensors"].push_back(std::move(t));
+  }
+  plan["rank_extra"] = string_map(rank_extra);
+  return json::dump(plan);
+}
+
+/// One distinct block of a tensor and the rank that writes it.
+struct PlannedBlock {
+  int rank;
+  TensorBox box;
+};
+
+/// A tensor as the ranks' plans describe it.
+struct PlannedTensor {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::string placement;  ///< as announced by the first rank holding it
+  std::vector<PlannedBlock> blocks;
+};
+
+inline bool boxes_overlap(const TensorBox& a, const TensorBox& b) {
+  for (size_t d = 0; d < a.sizes.size(); ++d)
+    if (std::max(a.offsets[d], b.offsets[d]) >= std::min(a.offsets[d] + a.sizes[d], b.offsets[d] + b.sizes[d]))
+      return false;
+  return true;
+}
+
+/// Checks every rank's plan and decides who writes what: each distinct non-empty block is written
+/// by the lowest rank holding it. Returns the tensors in first-seen order.
+inline std::vector<PlannedTensor> resolve_plans(const std::vector<std::string>& plans) {
+  std::vector<PlannedTensor> tensors;
+  std::map<std::string, size_t> index;
+  for (size_t r = 0; r < plans.size(); ++r) {
+    auto plan = json::parse(plans[r], "checkpoint plan of rank " + std::to_string(r));
+    for (const auto& t : plan.at("tensors").as_array()) {
+      const auto& name = t.at("name").as_string();
+      PlannedTensor announced{name, t.at("dtype").as_string(), read_int_array(t.at("shape")),
+                              t.at("placement").as_string(), {}};
+      auto [it, inserted] = index.emplace(name, tensors.size());
+      if (inserted) tensors.push_back(announced);
+      auto& tensor = tensors[it->second];
+      TORCH_CHECK(tensor.shape == announced.shape && tensor.dtype == announced.dtype, "titan checkpoint: tensor '",
+                  name, "' is ", tensor.dtype, c10::IntArrayRef(tensor.shape), " on one rank but ", announced.dtype,
+                  c10::IntArrayRef(announced.shape), " on rank ", r);
+      PlannedBlock block{static_cast<int>(r), TensorBox{read_int_array(t.at("offsets")), read_int_array(t.at("sizes"))}};
+      TORCH_CHECK(block.box.sizes.size() == tensor.shape.size() && block.box.offsets.size() == tensor.shape.size(),
+                  "titan checkpoint: rank ", r, " holds a block of tensor '", name, "' of the wrong rank");
+      if (block.box.numel() == 0) continue;
+      auto& blocks = tensor.blocks;
+      bool duplicate = false;
+      for (const auto& other : blocks) {
+        if (other.box.offsets == block.box.offsets && other.box.sizes == block.box.sizes) {
+          TORCH_CHECK(other.rank != block.rank, "titan checkpoint: rank ", r, " saves tensor '", name, "' twice");
+          duplicate = true;
+          break;
+        }
+        TORCH_CHECK(!boxes_overlap(other.box, block.box), "titan checkpoint: tensor '", name, "': the block of rank ", r,
+                    " (", box_text(block.box), ") overlaps that of rank ", other.rank, " (", box_text(other.box), ")");
+      }
+      if (!duplicate) blocks.push_back(std::move(block));
+    }
+  }
+  for (const auto& tensor : tensors) {
+    int64_t total = 1, covered = 0;
+    for (auto s : tensor.shape) total *= s;
+    for (const auto& b : tensor.blocks) covered += b.box.numel();
+    TORCH_CHECK(covered == total, "titan checkpoint: the ranks' blocks of tensor '", tensor.name, "' cover ", covered,
+                " of its ", total, " elements (is a shard level missing from its layout?)");
+  }
+  return tensors;
+}
+
+/// Writes this rank's blocks to `dir/file` as a safetensors file; returns their shard records
+/// (offsets, sizes, byte range, block checksums) in the order of `entries`.
+inline std::vector<ShardRecord> write_shard_file(const std::string& dir, const std::string& file,
+                                                 const std::vector<const SaveEntry*>& entries, int64_t block_bytes) {
+  json::Value header = json::Object{};
+  header["__metadata__"]["format"] = "pt";
+  int64_t data_size = 0;
+  for (const auto* e : entries) {
+    json::Value t = json::Object{};
+    t["dtype"] = e->dtype;
+    t["shape"] = int_array(e->box.sizes);
+    int64_t bytes = e->data.numel() * static_cast<int64_t>(e->data.element_size());
+    t["data_offsets"] = int_array({data_size, data_size + bytes});
+    header[e->name] = std::move(t);
+    data_size += bytes;
+  }
+  std::string text = json::dump(header);
+  text.append((8 - text.size() % 8) % 8, ' ');  // data starts 8-byte aligned
+  const uint64_t header_size = text.size();
+  const int64_t data_start = 8 + static_cast<int64_t>(header_size);
+
+  PosixFile out(dir + "/" + file, O_WRONLY | O_CREAT | O_TRUNC);
+  out.write(&header_size, 8);  // little-endian u64
+  out.write(text.data(), text.size());
+  std::vector<ShardRecord> records;
+  int64_t position = data_start;
+  for (const auto* e : entries) {
+    ShardRecord record{e->box.offsets, e->box.sizes, file, position, 0, {}};
+    const auto* bytes = static_cast<const uint8_t*>(e->data.data_ptr());
+    const int64_t size = e->data.numel() * static_cast<int64_t>(e->data.element_size());
+    for (int64_t done = 0; done < size; done += block_bytes) {
+      const auto n = static_cast<size_t>(std::min(block_bytes, size - done));
+      record.crc32.push_back(crc32(bytes + done, n));
+      out.write(bytes + done, n);
+    }
+    position += size;
+    record.end = position;
+    records.push_back(std::move(record));
+  }
+  out.sync();
+  return records;
+}
+
+inline json::Value shard_json(const ShardRecord& r) {
+  json::Value v = json::Object{};
+  v["offsets"] = int_array(r.offsets);
+  v["sizes"] = int_array(r.sizes);
+  v["file"] = r.file;
+  v["begin"] = r.begin;
+  v["end"] = r.end;
+  v["crc32"] = json::Array{};
+  for (auto c : r.crc32) v["crc32"].push_back(static_cast<int64_t>(c));
+  return v;
+}
+
+/// A rank's written shards for rank 0: [{"name": ..., "shard": {...}}, ...].
+inline json::Value records_json(const std::vector<std::pair<std::string, ShardRecord>>& records) {
+  json::Value array = json::Array{};
+  for (const auto& [name, r] : records) {
+    json::Value v = json::Object{};
+    v["name"] = name;
+    v["shard"] = shard_json(r);
+    array.push_back(std::move(v));
+  }
+  return array;
+}
+
+inline json::Value metadata_json(const CheckpointMetadata& meta) {
+  json::Value root = json::Object{};
+  root["format"] = "titan-checkpoint";
+  root["version"] = meta.version;
+  root["step"] = meta.step;
+  root["world_size"] = meta.world_size;
+  root["block_bytes"] = meta.block_bytes;
+  root["checksum"] = "crc32";
+  root["tensors"] = json::Array{};
+  for (const auto& t : meta.tensors) {
+    json::Value v = json::Object{};
+    v["name"] = t.name;
+    v["dtype"] = t.dtype;
+    v["shape"] = int_array(t.shape);
+    v["placement"] = t.placement;
+    v["shards"] = json::Array{};
+    for (const auto& s : t.shards) v["shards"].push_back(shard_json(s));
+    root["tensors"].push_back(std::move(v));
+  }
+  root["extra"] = string_map(meta.extra);
+  root["rank_extra"] = json::Array{};
+  for (const auto& r : meta.rank_extra) root["rank_extra"].push_back(string_map(r));
+  return root;
+}
+
+inline ShardRecord read_shard_record(const json::Value& v) {
+  ShardRecord r{read_int_array(v.at("offsets")), read_int_array(v.at("sizes")), v.at("file").as_string(),
+                v.at("begin").as_int(), v.at("end").as_int(), {}};
+  for (const auto& c : v.at("crc32").as_array()) r.crc32.push_back(static_cast<uint32_t>(c.as_int()));
+  return r;
+}
+
+/// Reads one block range [first, last] (block indices) of a shard and checks its checksums.
+inline std::vector<uint8_t> read_checked_blocks(const PosixFile& file, const std::string& path, const std::string& tensor,
+                                                const ShardRecord& shard, int64_t block_bytes, int64_t first,
+                                                int64_t last) {
+  const int64_t size = shard.end - shard.begin;
+  const int64_t from = first * block_bytes;
+  const int64_t to = std::min(size, (last + 1) * block_bytes);
+  std::vector<uint8_t> buffer(static_cast<size_t>(to - from));
+  TORCH_CHECK(file.read_at(buffer.data(), buffer.size(), shard.begin + from), "titan checkpoint: file '", path,
+              "' ends inside tensor '", tensor, "' (bytes ", shard.begin, "..", shard.end, "): it is truncated");
+  for (int64_t b = first; b <= last; ++b) {
+    const int64_t lo = b * block_bytes - from;
+    const int64_t n = std::min(block_bytes, size - b * block_bytes);
+    TORCH_CHECK(static_cast<size_t>(b) < shard.crc32.size(), "titan checkpoint: tensor '", tensor, "' in '", path,
+                "' has ", shard.crc32.size(), " checksums, too few for its ", size, " bytes");
+    uint32_t crc = crc32(buffer.data() + lo, static_cast<size_t>(n));
+    TORCH_CHECK(crc == shard.crc32[static_cast<size_t>(b)], "titan checkpoint: checksum mismatch in file '", path,
+                "' for tensor '", tensor, "' (shard ", box_text(TensorBox{shard.offsets, shard.sizes}), ", bytes ",
+                shard.begin + b * block_bytes, "..", shard.begin + b * block_bytes + n, "): the checkpoint is corrupted");
+  }
+  return buffer;
+}
+
+/// Fills `target.staged` from the saved shards that overlap its box, reading only the checksum
+/// blocks that hold overlapping bytes.
+inline void stage_target(LoadTarget& target, const TensorRecord& record, const std::string& dir, int64_t block_bytes,
+                         std::map<std::string, std::unique_ptr<PosixFile>>& files) {
+  target.staged = at::empty(target.box.sizes, at::TensorOptions().dtype(target.dtype));  // [box.sizes]
+  const size_t ndim = target.box.sizes.size();
+  const int64_t element = static_cast<int64_t>(target.staged.element_size());
+  int64_t filled = 0;
+  for (const auto& shard : record.shards) {
+    TORCH_CHECK(shard.offsets.size() == ndim && shard.sizes.size() == ndim, "titan checkpoint: tensor '",
+                target.name, "' has a shard of rank ", shard.sizes.size(), " in '", shard.file, "'");
+    std::vector<int64_t> lo(ndim), hi(ndim), strides(ndim);
+    bool empty = false;
+    int64_t shard_numel = 1;
+    for (size_t d = ndim; d-- > 0;) {
+      lo[d] = std::max(shard.offsets[d], target.box.offsets[d]);
+      hi[d] = std::min(shard.offsets[d] + shard.sizes[d], target.box.offsets[d] + target.box.sizes[d]);
+      empty = empty || lo[d] >= hi[d];
+      strides[d] = shard_numel;
+      shard_numel *= shard.sizes[d];
+    }
+    if (empty || target.box.numel() == 0) continue;
+    TORCH_CHECK(shard.end - shard.begin == shard_numel * element, "titan checkpoint: tensor '", target.name,
+                "' has a shard of ", shard_numel, " elements but ", shard.end - shard.begin, " bytes in '", shard.file, "'");
+    int64_t first = 0, last = 0;  // element indices within the shard
+    std::vector<int64_t> sizes(ndim);
+    for (size_t d = 0; d < ndim; ++d) {
+      first += (lo[d] - shard.offsets[d]) * strides[d];
+      last += (hi[d] - 1 - shard.offsets[d]) * strides[d];
+      sizes[d] = hi[d] - lo[d];
+    }
+    const std::string path = dir + "/" + shard.file;
+    auto& file = files[shard.file];
+    if (!file) {
+      TORCH_CHECK(std::filesystem::exists(path), "titan checkpoint: file '", path, "' (holding tensor '", target.name,
+                  "') is missing");
+      file = std::make_unique<PosixFile>(path, O_RDONLY);
+    }
+    TORCH_CHECK(file->size() >= shard.end, "titan checkpoint: file '", path, "' has ", file->size(),
+                " bytes but tensor '", target.name, "' needs bytes up to ", shard.end, ": it is truncated");
+    const int64_t first_block = first * element / block_bytes;
+    const int64_t last_block = ((last + 1) * element - 1) / block_bytes;
+    auto buffer = read_checked_blocks(*file, path, target.name, shard, block_bytes, first_block, last_block);
+    auto source = at::from_blob(buffer.data() + (first * element - first_block * block_bytes), sizes, strides,
+                                at::TensorOptions().dtype(target.dtype));  // [overlap sizes], shard strides
+    auto destination = target.staged;
+    for (size_t d = 0; d < ndim; ++d) destination = destination.narrow(static_cast<int64_t>(d), lo[d] - target.box.offsets[d], sizes[d]);
+    destination.copy_(source);
+    int64_t n = 1;
+    for (auto s : sizes) n *= s;
+    filled += n;
+  }
+  TORCH_CHECK(filled == target.box.numel(), "titan checkpoint: the saved shards of tensor '", target.name, "' cover ",
+              filled, " of the ", target.box.numel(), " elements this rank needs (", box_text(target.box), ")");
+}
+
+/// Runs `work` on every rank, then fails on every rank if it failed on any (naming the first
+/// failing rank's error), so that no rank goes on alone.
+inline void all_ranks_or_none(const ProcessGroupPtr& group, const std::function<void()>& work) {
+  std::string error;
+  try {
+    work();
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  auto errors = all_gather_strings(group, error);
+  for (size_t r = 0; r < errors.size(); ++r) {
+    if (errors[r].empty()) continue;
+    auto message = c10::str(errors[r]);
+    auto cut = message.find("\nException raised from");  // drop c10's C++ backtrace
+    if (cut != std::string::npos) message.resize(cut);
+    TORCH_CHECK(false, group->size() > 1 ? c10::str("(rank ", group->global_ranks()[r], ") ") : std::string(), message);
+  }
+}
+
+}  // namespace detail
+
+/// Reads and checks `dir`/metadata.json; errors name the file.
+inline CheckpointMetadata read_checkpoint_metadata(const std::string& dir) {
+  const std::string path = dir + "/metadata.json";
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in, "titan checkpoint: '", path, "' is missing: '", dir, "' is not a complete checkpoint");
+  std::stringstream text;
+  text << in.rdbuf();
+  CheckpointMetadata meta;
+  try {
+    auto root = json::parse(text.str(), path);
+    TORCH_CHECK(root.at("format").as_string() == "titan-checkpoint", "format is '", root.at("format").as_string(),
+                "', expected 'titan-checkpoint'");
+    meta.version = root.at("version").as_int();
+    TORCH_CHECK(meta.version == kCheckpointVersion, "version ", meta.version, " is not supported (this titan reads ",
+                kCheckpointVersion, ")");
+    TORCH_CHECK(root.at("checksum").as_string() == "crc32", "unknown checksum '", root.at("checksum").as_string(), "'");
+    meta.step = root.at("step").as_int();
+    meta.world_size = root.at("world_size").as_int();
+    meta.block_bytes = root.at("block_bytes").as_int();
+    TORCH_CHECK(meta.block_bytes > 0, "block_bytes must be positive");
+    for (const auto& t : root.at("tensors").as_array()) {
+      TensorRecord record{t.at("name").as_string(), t.at("dtype").as_string(), detail::read_int_array(t.at("shape")),
+                          t.at("placement").as_string(), {}};
+      for (const auto& s : t.at("shards").as_array()) record.shards.push_back(detail::read_shard_record(s));
+      meta.tensors.push_back(std::move(record));
+    }
+    meta.extra = detail::read_string_map(root.at("extra"));
+    for (const auto& r : root.at("rank_extra").as_array()) meta.rank_extra.push_back(detail::read_string_map(r));
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "titan checkpoint: bad metadata '", path, "': ", e.msg());
+  }
+  return meta;
+}
+
+/// Loads checkpoint directory `dir` into `state` on every rank of `group` (a collective). Each
+/// rank reads only the saved blocks overlapping its own blocks; everything is validated on every
+/// rank (names, global shapes, dtypes, files, sizes, checksums) before anything is overwritten.
+/// Returns the metadata.
+inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& state, const ProcessGroupPtr& group) {
+  CheckpointMetadata meta;
+  std::vector<detail::LoadTarget> targets;
+  std::map<std::string, std::unique_ptr<torch::optim::OptimizerParamState>> new_states;  // by parameter name
+  detail::all_ranks_or_none(group, [&] {
+    meta = read_checkpoint_metadata(dir);
+    auto add_target = [&](const std::string& name, const ShardedTensor& tensor, std::function<void(const at::Tensor&)> apply) {
+      targets.push_back(detail::LoadTarget{name, tensor.local.scalar_type(), tensor.layout.global_shape, tensor.box,
+                                           std::move(apply), {}});
+    };
+    // Model parameters and buffers: copied in place.
+    std::map<std::string, ShardedTensor> params;  // by parameter name
+    if (state.model != nullptr) {
+      for (auto& [name, tensor] : sharded_parameters(*state.model)) params.emplace(name, tensor);
+      for (const auto& [name, tensor] : detail::state_tensors(TrainState{state.model, nullptr, {}, {}, {}})) {
+        at::Tensor local = tensor.local;
+        add_target(name, tensor, [local](const at::Tensor& value) mutable {
+          at::NoGradGuard no_grad;
+          local.copy_(value);
+        });
+      }
+      for (const auto& record : meta.tensors) {
+        if (record.name.rfind("model.", 0) != 0) continue;
+        bool wanted = std::any_of(targets.begin(), targets.end(), [&](const auto& t) { return t.name == record.name; });
+        TORCH_CHECK(wanted, "titan checkpoint: '", dir, "' holds tensor '", record.name,
+                    "' that the model does not have (a checkpoint of a different model?)");
+      }
+    }
+    // Optimizer state: new state objects, installed after validation.
+    if (state.optimizer != nullptr) {
+      TORCH_CHECK(state.model != nullptr, "titan checkpoint: TrainState has an optimizer but no model");
+      const auto kind = detail::optimizer_kind(*state.optimizer);
+      auto saved = meta.extra.find("titan.optimizer");
+      TORCH_CHECK(saved != meta.extra.end(), "titan checkpoint: '", dir, "' holds no optimizer state");
+      TORCH_CHECK(saved->second == kind, "titan checkpoint: '", dir, "' holds ", saved->second,
+                  " state but the optimizer is ", kind);
+      std::unordered_map<const void*, std::string> names;
+      for (const auto& [name, tensor] : params) names.emplace(tensor.local.unsafeGetTensorImpl(), name);
+      for (const auto& group_ : state.optimizer->param_groups()) {
+        for (const auto& param : group_.params()) {
+          auto found = names.find(param.unsafeGetTensorImpl());
+          TORCH_CHECK(found != names.end(), "titan checkpoint: the optimizer holds a parameter that is not in the model");
+          const std::string& name = found->second;
+          const auto& sharded = params.at(name);
+          const std::string prefix = "optim." + name + ".";
+          std::vector<std::string> keys;
+          if (kind == "SGD") {
+            keys = {"momentum_buffer"};
+          } else {
+            keys = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"};
+          }
+          if (kind != "SGD" && !meta.find(prefix + "exp_avg")) continue;  // never stepped when saved
+          if (kind == "SGD" && !meta.find(prefix + "momentum_buffer")) continue;
+          std::unique_ptr<torch::optim::OptimizerParamState> fresh;
+          if (kind == "AdamW") fresh = std::make_unique<torch::optim::AdamWParamState>();
+          if (kind == "Adam") fresh = std::make_unique<torch::optim::AdamParamState>();
+          if (kind == "SGD") fresh = std::make_unique<torch::optim::SGDParamState>();
+          auto* raw = fresh.get();
+          new_states[name] = std::move(fresh);
+          for (const auto& key : keys) {
+            if (key == "max_exp_avg_sq" && !meta.find(prefix + key)) continue;  // amsgrad off
+            const bool is_step = key == "step";
+            ShardedTensor target = is_step ? replicated(at::zeros({}, at::kLong)) : ShardedTensor{param, sharded.layout, sharded.box};
+            auto device = param.device();
+            add_target(prefix + key, target, [raw, key, device](const at::Tensor& value) {
+              auto v = value.to(device);
+              if (auto* w = dynamic_cast<torch::optim::AdamWParamState*>(raw)) {
+                if (key == "exp_avg") w->exp_avg(v);
+                if (key == "exp_avg_sq") w->exp_avg_sq(v);
+                if (key == "max_exp_avg_sq") w->max_exp_avg_sq(v);
+                if (key == "step") w->step(value.item<int64_t>());
+              } else if (auto* a = dynamic_cast<torch::optim::AdamParamState*>(raw)) {
+                if (key == "exp_avg") a->exp_avg(v);
+                if (key == "exp_avg_sq") a->exp_avg_sq(v);
+                if (key == "max_exp_avg_sq") a->max_exp_avg_sq(v);
+                if (key == "step") a->step(value.item<int64_t>());
+              } else if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(raw)) {
+                s->momentum_buffer(v);
+              }
+            });
+          }
+        }
+      }
+      for (size_t i = 0; i < state.optimizer->param_groups().size(); ++i) {
+        auto lr = meta.extra.find("titan.optimizer.lr." + std::to_string(i));
+        TORCH_CHECK(lr != meta.extra.end(), "titan checkpoint: '", dir, "' has no learning rate for optimizer group ", i,
+                    " (the optimizer has ", state.optimizer->param_groups().size(), " groups)");
+      }
+    }
+    for (const auto& [name, tensor] : state.tensors) {
+      at::Tensor local = tensor.local;
+      add_target("extra." + name, tensor, [local](const at::Tensor& value) mutable {
+        at::NoGradGuard no_grad;
+        local.copy_(value);
+      });
+    }
+    // Validate against the metadata, then read and check every needed block.
+    std::map<std::string, std::unique_ptr<detail::PosixFile>> files;
+    for (auto& target : targets) {
+      const auto* record = meta.find(target.name);
+      TORCH_CHECK(record != nullptr, "titan checkpoint: tensor '", target.name, "' is not in '", dir, "' (it holds ",
+                  meta.tensors.size(), " tensors; a checkpoint of a different model?)");
+      TORCH_CHECK(record->shape == target.shape, "titan checkpoint: tensor '", target.name, "' has global shape ",
+                  c10::IntArrayRef(target.shape), " but '", dir, "' saved it as ", c10::IntArrayRef(record->shape));
+      auto saved_type = detail::scalar_type_of(record->dtype, "tensor '" + target.name + "'");
+      TORCH_CHECK(saved_type == target.dtype, "titan checkpoint: tensor '", target.name, "' is ", target.dtype,
+                  " but '", dir, "' saved it as ", record->dtype);
+    }
+    for (auto& target : targets) detail::stage_target(target, *meta.find(target.name), dir, meta.block_bytes, files);
+  });
+  // Everything is valid on every rank: overwrite.
+  for (auto& target : targets) target.apply(target.staged);
+  if (state.optimizer != nullptr) {
+    std::unordered_map<const void*, std::string> names;
+    for (auto& [name, tensor] : sharded_parameters(*state.model)) names.emplace(tensor.local.unsafeGetTensorImpl(), name);
+    auto& groups = state.optimizer->param_groups();
+    for (size_t i = 0; i < groups.size(); ++i) {
+      groups[i].options().set_lr(std::strtod(meta.extra.at("titan.optimizer.lr." + std::to_string(i)).c_str(), nullptr));
+      for (const auto& param : groups[i].params()) {
+        auto* key = param.unsafeGetTensorImpl();
+        auto fresh = new_states.find(names.at(key));
+        if (fresh == new_states.end()) {
+          state.optimizer->state().erase(key);
+        } else {
+          state.optimizer->state()[key] = std::move(fresh->second);
+        }
+      }
+    }
+  }
+  state.extra = meta.extra;
+  state.extra.erase("titan.optimizer");
+  for (size_t i = 0; state.optimizer != nullptr && i < state.optimizer->param_groups().size(); ++i)
+    state.extra.erase("titan.optimizer.lr." + std::to_string(i));
+  const int rank = group->global_ranks()[static_cast<size_t>(group->rank())];
+  state.rank_extra.clear();
+  if (meta.world_size == group->size() && static_cast<size_t>(rank) < meta.rank_extra.size())
+    state.rank_extra = meta.rank_extra[static_cast<size_t>(rank)];
+  return meta;
+}
+
+/// Saves, loads and rotates checkpoints of one training run in options.folder(). Every rank of
+/// the world constructs it (it makes its own process group) and calls its methods in the same order.
+class CheckpointManager {
+ public:
+  CheckpointManager(const WorldPtr& world, CheckpointOptions options) : options_(std::move(options)) {
+    TORCH_CHECK(world, "titan: CheckpointManager needs a World");
+    TORCH_CHECK(!options_.folder().empty(), "titan: CheckpointOptions::folder is empty");
+    TORCH_CHECK(options_.interval() >= 1, "titan: CheckpointOptions::interval must be >= 1, got ", options_.interval());
+    TORCH_CHECK(options_.keep_latest_k() >= 0, "titan: CheckpointOptions::keep_latest_k must be >= 0, got ",
+                options_.keep_latest_k());
+    TORCH_CHECK(options_.block_bytes() >= 8, "titan: CheckpointOptions::block_bytes must be >= 8, got ",
+                options_.block_bytes());
+    std::vector<int> all(static_cast<size_t>(world->world_size()));
+    for (int r = 0; r < world->world_size(); ++r) all[static_cast<size_t>(r)] = r;
+    group_ = world->new_group(all, "checkpoint");  // a saver thread's collectives never meet training's
+    logger_ = world->logger();
+    rank_ = world->rank();
+  }
+  CheckpointManager(const CheckpointManager&) = delete;
+  CheckpointManager& operator=(const CheckpointManager&) = delete;
+  /// Waits for an unfinished save (its error is logged, not thrown).
+  ~CheckpointManager() {
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      logger_.error("checkpoint save failed: ", e.what());
+    }
+  }
+
+  const CheckpointOptions& options() const { return options_; }
+
+  /// Saves when `step` is a multiple of the interval, or when `force` (e.g. the last step or a
+  /// SIGTERM). Returns whether a save was started.
+  bool maybe_save(int64_t step, const TrainState& state, bool force = false) {
+    if (!force && step % options_.interval() != 0) return false;
+    save(step, state);
+    return true;
+  }
+
+  /// Saves `state` as step `step` (a collective). Sync mode returns when the checkpoint is
+  /// complete on disk; async mode returns once the state is copied to CPU memory and writes it in
+  /// the background (a save still in flight is waited for first).
+  void save(int64_t step, const TrainState& state) {
+    wait();
+    TORCH_CHECK(step >= 0, "titan checkpoint: step must be >= 0, got ", step);
+    const std::string folder = options_.folder();
+    const std::string tmp = folder + "/.tmp-" + detail::step_dir_name(step);
+    if (rank_ == 0) {
+      std::filesystem::create_directories(folder);
+      std::filesystem::remove_all(tmp);  // debris of a crashed save of the same step
+      std::filesystem::create_directories(tmp);
+    }
+    auto job = std::make_shared<Job>();
+    job->step = step;
+    job->extra = detail::state_extra(state);
+    for (auto& [name, tensor] : detail::state_tensors(state)) {
+      at::NoGradGuard no_grad;
+      auto local = tensor.local.detach();
+      at::Tensor data = options_.async() ? local.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                                         : local.cpu().contiguous();  // [box.sizes]
+      job->entries.push_back(detail::SaveEntry{name, data, detail::safetensors_dtype(data.scalar_type()),
+                                               tensor.layout.global_shape, tensor.layout.placement(), tensor.box});
+    }
+    // The plan exchange is also the barrier after which the temporary directory exists.
+    job->plans = detail::all_gather_strings(group_, detail::plan_json(job->entries, state.rank_extra));
+    if (!options_.async()) {
+      write(*job);
+      return;
+    }
+    writing_ = true;
+    in_flight_ = std::thread([this, job] {
+      try {
+        write(*job);
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+      writing_ = false;
+    });
+  }
+
+  /// Whether an async save is still being written (wait() has not returned for it yet).
+  bool saving() const { return writing_; }
+
+  /// Blocks until the save in flight (if any) is complete; rethrows its error.
+  void wait() {
+    if (in_flight_.joinable()) in_flight_.join();
+    if (error_) {
+      auto error = error_;
+      error_ = nullptr;
+      std::rethrow_exception(error);
+    }
+  }
+
+  /// Steps of the complete checkpoints in the folder, ascending.
+  std::vector<int64_t> complete_steps() const {
+    std::vector<int64_t> steps;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(options_.folder(), ec)) {
+      const auto name = entry.path().filename().string();
+      if (name.rfind("step-", 0) != 0 || !std::filesystem::exists(entry.path() / "metadata.json")) continue;
+      try {
+        size_t used = 0;
+        int64_t step = std::stoll(name.substr(5), &used);
+        if (used == name.size() - 5) steps.push_back(step);
+      } catch (const std::exception&) {
+      }
+    }
+    std::sort(steps.begin(), steps.end());
+    return steps;
+  }
+
+  /// The step of the newest complete checkpoint: the `latest` pointer when it names a complete
+  /// one, else the highest complete step; nullopt when there is none.
+  std::optional<int64_t> latest_step() const {
+    std::ifstream in(options_.folder() + "/latest");
+    std::string name;
+    if (in >> name && name.rfind("step-", 0) == 0 &&
+        std::filesystem::exists(options_.folder() + "/" + name + "/metadata.json")) {
+      try {
+        return std::stoll(name.substr(5));
+      } catch (const std::exception&) {
+      }
+    }
+    auto steps = complete_steps();
+    if (steps.empty()) return std::nullopt;
+    return steps.back();
+  }
+
+  /// Loads options.load_step() if set, else the latest checkpoint, into `state` (a collective).
+  /// Returns the loaded step, or nullopt when the folder has no checkpoint (a fresh run).
+  std::optional<int64_t> load_latest(TrainState& state) {
+    if (options_.load_step() >= 0) return load(options_.load_step(), state);
+    wait();
+    auto step = latest_step();
+    // Every rank must agree (a shared file system may show rank 0's rename late).
+    auto answers = detail::all_gather_strings(group_, step ? std::to_string(*step) : "none");
+    for (const auto& answer : answers)
+      TORCH_CHECK(answer == answers.front(), "titan checkpoint: ranks disagree on the latest checkpoint in '",
+                  options_.folder(), "' (", answers.front(), " vs ", answer, ")");
+    if (!step) return std::nullopt;
+    return load(*step, state);
+  }
+
+  /// Loads step `step` into `state` (a collective); errors if it is not a complete checkpoint.
+  std::optional<int64_t> load(int64_t step, TrainState& state) {
+    wait();
+    auto meta = load_checkpoint(options_.folder() + "/" + detail::step_dir_name(step), state, group_);
+    logger_.info("loaded checkpoint step ", meta.step, " (saved on ", meta.world_size, " ranks) from ",
+                 options_.folder());
+    return meta.step;
+  }
+
+ private:
+  struct Job {
+    int64_t step = 0;
+    std::vector<detail::SaveEntry> entries;
+    std::vector<std::string> plans;
+    std::map<std::string, std::string> extra;
+  };
+
+  /// Writes this rank's file; rank 0 then writes the metadata, renames the directory into place,
+  /// updates `latest` and removes old checkpoints. Ends with a barrier.
+  void write(const Job& job) {
+    const std::string folder = options_.folder();
+    const std::string tmp = folder + "/.tmp-" + detail::step_dir_name(job.step);
+    const std::string file = "rank-" + std::to_string(rank_) + ".safetensors";
+    std::vector<std::pair<std::string, ShardRecord>> mine;
+    std::vector<detail::PlannedTensor> tensors;
+    detail::all_ranks_or_none(group_, [&] {
+      tensors = detail::resolve_plans(job.plans);
+      std::map<std::string, const detail::PlannedTensor*> by_name;
+      for (const auto& tensor : tensors) by_name[tensor.name] = &tensor;
+      std::vector<const detail::SaveEntry*> to_write;
+      for (const auto& entry : job.entries) {
+        for (const auto& block : by_name.at(entry.name)->blocks)
+          if (block.rank == rank_ && block.box.offsets == entry.box.offsets) to_write.push_back(&entry);
+      }
+      if (!to_write.empty()) {
+        auto records = detail::write_shard_file(tmp, file, to_write, options_.block_bytes());
+        detail::sync_directory(tmp);
+        for (size_t i = 0; i < records.size(); ++i) mine.emplace_back(to_write[i]->name, std::move(records[i]));
+        if (options_.on_file_written()) options_.on_file_written()(tmp + "/" + file);
+      }
+    });
+    auto all_records = detail::all_gather_strings(group_, json::dump(detail::records_json(mine)));
+    if (rank_ == 0) {
+      detail::all_ranks_or_none(group_, [&] { finish(job, tensors, all_records); });
+    } else {
+      detail::all_ranks_or_none(group_, [] {});
+    }
+  }
+
+  /// Rank 0: metadata.json (last file), rename into place, `latest`, rotation.
+  void finish(const Job& job, const std::vector<detail::PlannedTensor>& tensors,
+              const std::vector<std::string>& all_records) {
+    const std::string folder = options_.folder();
+    const std::string tmp = folder + "/.tmp-" + detail::step_dir_name(job.step);
+    CheckpointMetadata meta;
+    meta.step = job.step;
+    meta.world_size = static_cast<int64_t>(all_records.size());
+    meta.block_bytes = options_.block_bytes();
+    meta.extra = job.extra;
+    std::map<std::string, size_t> index;
+    for (const auto& tensor : tensors) {
+      index[tensor.name] = meta.tensors.size();
+      meta.tensors.push_back(TensorRecord{tensor.name, tensor.dtype, tensor.shape, tensor.placement, {}});
+    }
+    for (const auto& plan : job.plans)
+      meta.rank_extra.push_back(detail::read_string_map(json::parse(plan).at("rank_extra")));
+    for (size_t r = 0; r < all_records.size(); ++r) {
+      auto records = json::parse(all_records[r], "checkpoint records of rank " + std::to_string(r));
+      for (const auto& v : records.as_array())
+        meta.tensors[index.at(v.at("name").as_string())].shards.push_back(detail::read_shard_record(v.at("shard")));
+    }
+    detail::write_file_atomically(tmp, "metadata.json", json::dump(detail::metadata_json(meta), 1));
+    if (options_.on_file_written()) options_.on_file_written()(tmp + "/metadata.json");
+    const std::string final_dir = folder + "/" + detail::step_dir_name(job.step);
+    std::filesystem::remove_all(final_dir);  // an older save of the same step (a rerun)
+    std::filesystem::rename(tmp, final_dir);
+    detail::sync_directory(folder);
+    detail::write_file_atomically(folder, "latest", detail::step_dir_name(job.step) + "\n");
+    if (options_.keep_latest_k() > 0) {
+      auto steps = complete_steps();
+      const auto keep = static_cast<size_t>(options_.keep_latest_k());
+      for (size_t i = 0; i + keep < steps.size(); ++i)
+        if (steps[i] != job.step) std::filesystem::remove_all(folder + "/" + detail::step_dir_name(steps[i]));
+    }
+    logger_.info("saved checkpoint step ", job.step, " to ", final_dir);
+  }
+
+  CheckpointOptions options_;
+  ProcessGroupPtr group_;
+  Logger logger_;
+  int rank_ = 0;
+  std::thread in_flight_;
+  std::atomic<bool> writing_{false};
+  std::exception_ptr error_;
+};
+
+}  // namespace titan

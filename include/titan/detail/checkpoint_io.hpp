@@ -1,0 +1,180 @@
+#pragma once
+// titan/detail/checkpoint_io.hpp: the low-level pieces of checkpoint.hpp — CRC-32, POSIX file
+// helpers with errors that name the path, safetensors dtype names and string exchange between ranks.
+
+#include <titan/collectives.hpp>
+#include <titan/world.hpp>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace titan {
+namespace detail {
+
+/// Lookup tables of CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320: the CRC of zlib, gzip
+/// and Python's zlib.crc32), slicing-by-8.
+inline const std::array<std::array<uint32_t, 256>, 8>& crc32_tables() {
+  static const auto tables = [] {
+    std::array<std::array<uint32_t, 256>, 8> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1U) ? (c >> 1) ^ 0xEDB88320U : c >> 1;
+      t[0][i] = c;
+    }
+    for (size_t k = 1; k < 8; ++k)
+      for (uint32_t i = 0; i < 256; ++i) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFU];
+    return t;
+  }();
+  return tables;
+}
+
+/// CRC-32 of `size` bytes, continuing from `crc` (0 to start): equals zlib.crc32(data, crc).
+inline uint32_t crc32(const void* data, size_t size, uint32_t crc = 0) {
+  const auto& t = crc32_tables();
+  const auto* p = static_cast<const uint8_t*>(data);
+  crc = ~crc;
+  while (size >= 8) {
+    uint32_t one = 0, two = 0;
+    std::memcpy(&one, p, 4);  // little-endian hosts only (x86-64, aarch64)
+    std::memcpy(&two, p + 4, 4);
+    one ^= crc;
+    crc = t[7][one & 0xFFU] ^ t[6][(one >> 8) & 0xFFU] ^ t[5][(one >> 16) & 0xFFU] ^ t[4][one >> 24] ^
+          t[3][two & 0xFFU] ^ t[2][(two >> 8) & 0xFFU] ^ t[1][(two >> 16) & 0xFFU] ^ t[0][two >> 24];
+    p += 8;
+    size -= 8;
+  }
+  while (size-- > 0) crc = t[0][(crc ^ *p++) & 0xFFU] ^ (crc >> 8);
+  return ~crc;
+}
+
+/// An open POSIX file descriptor, closed on destruction; every failure names the path.
+class PosixFile {
+ public:
+  PosixFile(const std::string& path, int flags, mode_t mode = 0644) : path_(path) {
+    fd_ = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+    TORCH_CHECK(fd_ >= 0, "titan checkpoint: cannot open '", path, "': ", std::strerror(errno));
+  }
+  PosixFile(const PosixFile&) = delete;
+  PosixFile& operator=(const PosixFile&) = delete;
+  ~PosixFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  /// Writes all `size` bytes at the current position.
+  void write(const void* data, size_t size) {
+    const auto* p = static_cast<const char*>(data);
+    while (size > 0) {
+      ssize_t n = ::write(fd_, p, size);
+      if (n < 0 && errno == EINTR) continue;
+      TORCH_CHECK(n > 0, "titan checkpoint: writing '", path_, "' failed: ", std::strerror(errno));
+      p += n;
+      size -= static_cast<size_t>(n);
+    }
+  }
+  /// Reads exactly `size` bytes at `offset`; false if the file ends first.
+  bool read_at(void* data, size_t size, int64_t offset) const {
+    auto* p = static_cast<char*>(data);
+    while (size > 0) {
+      ssize_t n = ::pread(fd_, p, size, static_cast<off_t>(offset));
+      if (n < 0 && errno == EINTR) continue;
+      TORCH_CHECK(n >= 0, "titan checkpoint: reading '", path_, "' failed: ", std::strerror(errno));
+      if (n == 0) return false;
+      p += n;
+      size -= static_cast<size_t>(n);
+      offset += n;
+    }
+    return true;
+  }
+  /// Flushes the file's data and metadata to the storage device.
+  void sync() {
+    TORCH_CHECK(::fsync(fd_) == 0, "titan checkpoint: fsync of '", path_, "' failed: ", std::strerror(errno));
+  }
+  int64_t size() const {
+    struct stat st {};
+    TORCH_CHECK(::fstat(fd_, &st) == 0, "titan checkpoint: stat of '", path_, "' failed: ", std::strerror(errno));
+    return static_cast<int64_t>(st.st_size);
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+/// fsyncs a directory, so that the entries created or renamed in it are durable.
+inline void sync_directory(const std::string& path) {
+  PosixFile dir(path, O_RDONLY | O_DIRECTORY);
+  dir.sync();
+}
+
+/// Writes `text` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
+inline void write_file_atomically(const std::string& dir, const std::string& name, const std::string& text) {
+  const std::string tmp = dir + "/." + name + ".tmp";
+  {
+    PosixFile file(tmp, O_WRONLY | O_CREAT | O_TRUNC);
+    file.write(text.data(), text.size());
+    file.sync();
+  }
+  const std::string path = dir + "/" + name;
+  TORCH_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "titan checkpoint: renaming '", tmp, "' to '", path,
+              "' failed: ", std::strerror(errno));
+  sync_directory(dir);
+}
+
+/// The safetensors name of a dtype ("F32", "BF16", ...).
+inline std::string safetensors_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kDouble: return "F64";
+    case at::kFloat: return "F32";
+    case at::kHalf: return "F16";
+    case at::kBFloat16: return "BF16";
+    case at::kLong: return "I64";
+    case at::kInt: return "I32";
+    case at::kShort: return "I16";
+    case at::kChar: return "I8";
+    case at::kByte: return "U8";
+    case at::kBool: return "BOOL";
+    default: TORCH_CHECK(false, "titan checkpoint: cannot save tensors of dtype ", type);
+  }
+}
+
+/// The dtype of a safetensors name; `what` names the tensor in the error.
+inline at::ScalarType scalar_type_of(const std::string& name, const std::string& what) {
+  static const std::array<at::ScalarType, 10> types{at::kDouble, at::kFloat, at::kHalf, at::kBFloat16, at::kLong,
+                                                    at::kInt,    at::kShort, at::kChar, at::kByte,     at::kBool};
+  for (auto type : types)
+    if (safetensors_dtype(type) == name) return type;
+  TORCH_CHECK(false, "titan checkpoint: ", what, " has unknown dtype '", name, "'");
+}
+
+/// Every rank's `text`, in rank order (a collective over `group`; identity for one rank).
+inline std::vector<std::string> all_gather_strings(const ProcessGroupPtr& group, const std::string& text) {
+  if (group->size() == 1) return {text};
+  at::NoGradGuard no_grad;
+  auto bytes = at::empty({static_cast<int64_t>(text.size())}, at::kByte);  // [len]
+  if (!text.empty()) std::memcpy(bytes.data_ptr(), text.data(), text.size());
+  bytes = bytes.to(group->device());
+  auto sizes = exchange_sizes(bytes, *group, 0);
+  auto all = all_gather_raw(bytes, *group, 0, sizes).cpu().contiguous();  // [sum(sizes)]
+  std::vector<std::string> result;
+  int64_t offset = 0;
+  for (auto size : sizes) {
+    if (size == 0) {
+      result.emplace_back();
+      continue;
+    }
+    result.emplace_back(static_cast<const char*>(all.data_ptr()) + offset, static_cast<size_t>(size));
+    offset += size;
+  }
+  return result;
+}
+
+}  // namespace detail
+}  // namespace titan

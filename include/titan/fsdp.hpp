@@ -1,0 +1,721 @@
+#pragma once
+// titan/fsdp.hpp: fully sharded data parallelism with per-parameter sharding (PyTorch's FSDP2).
+//
+//   titan::DeviceMesh mesh(world, {"dp_shard"}, {world->world_size()});
+//   for (auto& block : *model->layers) titan::fully_shard(*block, mesh);
+//   titan::fully_shard(*model, mesh);            // the root: what no block owns
+//   torch::optim::AdamW optimizer(model->parameters(), ...);   // sees the local shards
+//   auto loss = loss_fn(titan::call(model, batch));
+//   loss.backward();                             // gradients reduce-scattered into the shards
+//   optimizer.step();
+//
+// Each parameter of a unit is split along dim 0 in torch.chunk parts across the "dp_shard" mesh
+// dimension (uneven sizes padded internally). The module's parameter dictionary gets the local
+// shard (what optimizers, clipping and state dicts see); the member the user's forward reads keeps
+// the original TensorImpl as the unsharded parameter, whose storage is all-gathered before the
+// unit runs and resized to 0 bytes after (docs/design.md, section 4). Units must be called through
+// titan::call. See docs/fsdp.md.
+
+#include <titan/collectives.hpp>
+#include <titan/detail/autograd.hpp>
+#include <titan/hooks.hpp>
+#include <titan/mesh.hpp>
+#include <titan/sharding.hpp>
+
+#include <ATen/native/Resize.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/nn/module.h>
+#include <torch/optim/adagrad.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/rmsprop.h>
+#include <torch/optim/sgd.h>
+#if TITAN_HAS_NCCL
+#include <ATen/native/cuda/Resize.h>
+#endif
+
+#include <algorithm>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace titan {
+
+/// Options of fully_shard, with chained setters.
+struct FsdpOptions {
+  /// Free the unsharded parameters after the unit's forward and all-gather them again for
+  /// backward (less memory, one more all-gather). The root unit never reshards after a forward
+  /// run with gradients enabled, since backward needs it first.
+  TORCH_ARG(bool, reshard_after_forward) = true;
+  /// Dtype of the unsharded parameters (compute and all-gather), e.g. torch::kBFloat16; unset:
+  /// the parameters' own dtype. Sharded (master) parameters keep their dtype. Floating-point
+  /// inputs of the unit are cast to it.
+  TORCH_ARG(std::optional<at::ScalarType>, param_dtype) = std::nullopt;
+  /// Dtype gradients are reduced in, e.g. torch::kFloat32; unset: param_dtype (or the parameters'
+  /// dtype). The sharded gradient is cast back to the sharded parameter's dtype.
+  TORCH_ARG(std::optional<at::ScalarType>, reduce_dtype) = std::nullopt;
+  /// Start the next unit's all-gather (in the previous forward's order) before this unit computes.
+  TORCH_ARG(bool, forward_prefetch) = true;
+  /// In backward, start the all-gather of the unit that ran before this one in forward.
+  TORCH_ARG(bool, backward_prefetch) = true;
+};
+
+/// Counters of what a unit did, for diagnostics and tests.
+struct FsdpStats {
+  int64_t all_gathers = 0;      ///< all-gathers issued (prefetched or not)
+  int64_t prefetches = 0;       ///< of which started ahead of use (forward or backward prefetch)
+  int64_t reduce_scatters = 0;  ///< gradient reductions issued
+};
+
+class FsdpHook;
+
+namespace detail {
+
+/// Grants access to Module::parameters_ (protected) through a pointer to member: a documented C++
+/// rule, not undefined behaviour.
+struct ParameterDictAccess : torch::nn::Module {
+  using torch::nn::Module::parameters_;
+};
+
+inline torch::OrderedDict<std::string, at::Tensor>& parameter_dict(torch::nn::Module& module) {
+  return module.*(&ParameterDictAccess::parameters_);
+}
+
+/// Sets the byte size of `tensor`'s storage in place (0 frees it); every tensor sharing the
+/// StorageImpl (views saved by autograd included) sees the new memory.
+inline void resize_storage_bytes(const at::Tensor& tensor, size_t bytes) {
+  auto* storage = tensor.storage().unsafeGetStorageImpl();
+  if (storage->nbytes() == bytes) return;
+  if (tensor.device().is_cpu()) {
+    at::native::resize_bytes_cpu(storage, bytes);
+    return;
+  }
+#if TITAN_HAS_NCCL
+  if (tensor.device().is_cuda()) {
+    at::native::resize_bytes_cuda(storage, bytes);
+    return;
+  }
+#endif
+  TORCH_CHECK(false, "titan::fully_shard: cannot resize storage on device ", tensor.device());
+}
+
+/// A tensor sharing `tensor`'s storage but not its version counter: writing through it does not
+/// invalidate what autograd saved of `tensor` (PyTorch's _unsafe_preserve_version_counter).
+inline at::Tensor storage_alias_flat(const at::Tensor& tensor) {
+  at::NoGradGuard no_grad;
+  return at::empty({0}, tensor.options()).set_(tensor.storage(), tensor.storage_offset(), {tensor.numel()}, {1});
+}
+
+/// The hooks of type H in `module`'s subtree, itself included, in pre-order.
+template <typename H>
+std::vector<std::shared_ptr<H>> hooks_in_subtree(torch::nn::Module& module) {
+  std::vector<std::shared_ptr<H>> found;
+  module.apply([&found](torch::nn::Module& m) {
+    if (auto hook = find_hook<H>(m)) found.push_back(hook);
+  });
+  return found;
+}
+
+/// Shared by the units under one root: orders, the pending reduction, the backward callback.
+struct FsdpContext {
+  std::vector<FsdpHook*> units;               ///< every unit under the root, pre-order
+  std::vector<FsdpHook*> pre_forward_order;   ///< this forward's pre-forward order
+  std::vector<FsdpHook*> last_forward_order;  ///< the previous forward's (forward prefetch)
+  std::vector<FsdpHook*> post_forward_order;  ///< this forward's post-forward order (backward prefetch)
+  bool callback_queued = false;
+};
+
+}  // namespace detail
+
+/// The state fully_shard attaches to one module (a "unit"): its parameters' shards, the
+/// all-gather / reduce-scatter logic and the hooks titan::call runs around forward. Also reports
+/// the sharded parameters' layouts for state dicts.
+class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::enable_shared_from_this<FsdpHook> {
+ public:
+  /// One parameter managed by the unit.
+  struct Param {
+    std::vector<std::string> names;  ///< names relative to the unit (several when tied in the unit)
+    std::vector<std::pair<torch::nn::Module*, std::string>> owners;  ///< dictionary entries
+    at::Tensor unsharded;            ///< the member handle (original TensorImpl), full shape
+    at::Tensor sharded;              ///< the dictionary entry: this rank's dim-0 chunk, unpadded
+    std::vector<int64_t> shape;      ///< global (unsharded) shape
+    int64_t row_numel = 1;           ///< elements per dim-0 row
+    int64_t padded_rows = 0;         ///< rows of every rank's padded chunk
+    std::vector<int64_t> rows;       ///< rows of each rank's chunk (chunk_sizes)
+    int64_t flat_offset = 0;         ///< offset of this parameter in a rank's flat buffer
+    TensorLayout layout;             ///< global layout of `sharded` (inner levels + Shard(0))
+    int64_t padded_numel() const { return padded_rows * row_numel; }
+  };
+
+  FsdpHook(std::vector<Param> params, ProcessGroupPtr shard_group, ProcessGroupPtr replicate_group,
+           std::string shard_dim, FsdpOptions options, std::string module_name)
+      : params_(std::move(params)),
+        shard_group_(std::move(shard_group)),
+        replicate_group_(std::move(replicate_group)),
+        shard_dim_(std::move(shard_dim)),
+        options_(std::move(options)),
+        module_name_(std::move(module_name)) {
+    for (auto& p : params_) {
+      p.flat_offset = flat_numel_;
+      flat_numel_ += p.padded_numel();
+    }
+  }
+
+  std::string name() const override { return "fsdp"; }
+
+  std::optional<TensorLayout> layout_of(const std::string& relative_name) const override {
+    for (const auto& p : params_)
+      if (std::find(p.names.begin(), p.names.end(), relative_name) != p.names.end()) return p.layout;
+    return std::nullopt;
+  }
+
+  /// The parameters this unit manages.
+  const std::vector<Param>& params() const { return params_; }
+  const FsdpOptions& options() const { return options_; }
+  const FsdpStats& stats() const { return stats_; }
+  /// Whether this unit is the root of the units it was called with (known after the first call).
+  bool is_root() const { return context_ && context_->units.front() == this; }
+  /// Whether the unsharded parameters currently hold memory.
+  bool is_unsharded() const { return state_ == State::Unsharded; }
+  /// When false, backward accumulates the unsharded gradients locally and skips the reduction
+  /// (gradient-accumulation micro-steps); the next backward with true reduces the sum.
+  void set_requires_gradient_sync(bool sync) { requires_gradient_sync_ = sync; }
+  bool requires_gradient_sync() const { return requires_gradient_sync_; }
+
+  /// All-gathers the parameters into the unsharded handles (no-op if already there).
+  void unshard() {
+    if (state_ == State::Resharded) start_all_gather(false);
+    if (state_ == State::Gathering) finish_all_gather();
+  }
+
+  /// Frees the unsharded parameters' storage (their gradients, if kept for accumulation, stay).
+  void reshard() {
+    if (state_ == State::Gathering) finish_all_gather();
+    if (state_ != State::Unsharded) return;
+    for (auto& p : params_) detail::resize_storage_bytes(p.unsharded, 0);
+    state_ = State::Resharded;
+  }
+
+  at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
+    if (!context_) become_root(module);
+    const bool grad = torch::autograd::GradMode::is_enabled();
+    if (is_root()) root_pre_forward();
+    pre_forward();
+    TensorList prepared = inputs;
+    if (grad) {
+      // Post-backward: an identity node on the inputs runs once the unit's gradients are done.
+      torch::autograd::variable_list ins, outs;
+      std::vector<size_t> where;
+      for (size_t i = 0; i < prepared.size(); ++i) {
+        if (prepared[i].defined() && prepared[i].requires_grad()) {
+          ins.push_back(prepared[i]);
+          outs.push_back(prepared[i].detach());
+          where.push_back(i);
+        }
+      }
+      if (!ins.empty()) {
+        std::weak_ptr<FsdpHook> self = weak_from_this();
+        detail::connect_backward(ins, outs, "titan::FsdpPostBackward",
+                                 [self](torch::autograd::variable_list&& grads) {
+                                   if (auto hook = self.lock()) hook->post_backward();
+                                   return std::move(grads);
+                                 });
+        for (size_t k = 0; k < where.size(); ++k) prepared[where[k]] = outs[k];
+      }
+    }
+    if (options_.param_dtype()) {
+      for (auto& t : prepared)
+        if (t.defined() && t.is_floating_point()) t = t.to(*options_.param_dtype());
+    }
+    at::Tensor output = next(prepared);
+    post_forward(output, grad);
+    return output;
+  }
+
+  /// Reduces this unit's unsharded gradients into the sharded parameters' .grad (or keeps them
+  /// when gradient sync is off) and frees the unsharded parameters. Run by backward.
+  void post_backward() {
+    if (!needs_post_backward_) return;
+    needs_post_backward_ = false;
+    if (!requires_gradient_sync_) {
+      reshard();
+      return;
+    }
+    bool any = false;
+    for (const auto& p : params_) any = any || p.unsharded.grad().defined();
+    if (any) start_reduce_scatter();
+    reshard();
+  }
+
+  /// Waits for this unit's reduction in flight, if any, and writes the sharded gradients.
+  void finish_reduce_scatter() {
+    if (!reduce_work_ && !reduce_output_.defined()) return;
+    if (reduce_work_) reduce_work_->wait();
+    reduce_work_.reset();
+    at::Tensor out = reduce_output_;  // [flat_numel]: this rank's padded chunks, summed / world
+    reduce_input_ = at::Tensor();
+    reduce_output_ = at::Tensor();
+    if (replicate_group_ && replicate_group_->size() > 1) {
+      std::vector<at::Tensor> buffer{out};
+      replicate_group_->backend()->allreduce(buffer)->wait();
+    }
+    at::NoGradGuard no_grad;
+    const int rank = shard_group_->rank();
+    for (auto& p : params_) {
+      if (!p.sharded.requires_grad()) continue;
+      auto local_rows = p.rows[static_cast<size_t>(rank)];
+      auto shape = p.shape;
+      shape[0] = local_rows;
+      auto grad = out.narrow(0, p.flat_offset, local_rows * p.row_numel).view(shape).to(p.sharded.scalar_type());
+      auto& slot = p.sharded.mutable_grad();
+      if (slot.defined()) {
+        slot.add_(grad);
+      } else {
+        slot = grad.clone(at::MemoryFormat::Contiguous);
+      }
+    }
+  }
+
+ private:
+  enum class State { Resharded, Gathering, Unsharded };
+
+  at::ScalarType compute_dtype(const Param& p) const {
+    return options_.param_dtype().value_or(p.sharded.scalar_type());
+  }
+
+  void become_root(torch::nn::Module& module) {
+    auto context = std::make_shared<detail::FsdpContext>();
+    std::unordered_map<c10::TensorImpl*, std::string> seen;
+    for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(module)) {
+      context->units.push_back(hook.get());
+      hook->context_ = context;
+      for (const auto& p : hook->params_) {
+        auto where = hook->module_name_ + "." + p.names.front();
+        auto [it, fresh] = seen.emplace(p.unsharded.unsafeGetTensorImpl(), where);
+        TORCH_CHECK(fresh, "titan::fully_shard: parameter '", where, "' is the same tensor as '", it->second,
+                    "' of another unit; tied (shared) parameters must belong to one unit: apply fully_shard ",
+                    "to a module holding both, or untie them");
+      }
+    }
+    TORCH_CHECK(context->units.front() == this, "titan::fully_shard: internal error: root is not first");
+  }
+
+  void root_pre_forward() {
+    // Anything left unsharded by a forward without backward (eval, or reshard_after_forward off)
+    // is refreshed from the shards, which the optimizer may have changed since.
+    for (auto* unit : context_->units) unit->reshard();
+    context_->pre_forward_order.clear();
+    context_->post_forward_order.clear();
+  }
+
+  void pre_forward() {
+    unshard();
+    auto& order = context_->pre_forward_order;
+    if (std::find(order.begin(), order.end(), this) == order.end()) order.push_back(this);
+    if (options_.forward_prefetch()) {
+      const auto& last = context_->last_forward_order;
+      auto it = std::find(last.begin(), last.end(), this);
+      if (it != last.end() && it + 1 != last.end()) (*(it + 1))->prefetch();
+    }
+  }
+
+  void post_forward(const at::Tensor& output, bool grad) {
+    auto& order = context_->post_forward_order;
+    if (std::find(order.begin(), order.end(), this) == order.end()) order.push_back(this);
+    if (is_root()) context_->last_forward_order = context_->pre_forward_order;
+    const bool reshard_now = !grad || (options_.reshard_after_forward() && !is_root());
+    if (reshard_now) reshard();
+    if (grad && output.requires_grad()) {
+      std::weak_ptr<FsdpHook> self = weak_from_this();
+      output.register_hook([self](at::Tensor) {
+        if (auto hook = self.lock()) hook->pre_backward();
+      });
+    }
+  }
+
+  void prefetch() {
+    if (state_ == State::Resharded) start_all_gather(true);
+  }
+
+  void pre_backward() {
+    if (!context_->callback_queued) {
+      context_->callback_queued = true;
+      std::weak_ptr<detail::FsdpContext> weak = context_;
+      torch::autograd::Engine::get_default_engine().queue_callback([weak] {
+        if (auto context = weak.lock()) finish_backward(*context);
+      });
+    }
+    if (needs_post_backward_) return;  // a second output of the same call
+    needs_post_backward_ = true;
+    unshard();
+    if (options_.backward_prefetch()) {
+      // The unit that finished forward just before this one runs backward next.
+      const auto& order = context_->post_forward_order;
+      auto it = std::find(order.begin(), order.end(), this);
+      if (it != order.end() && it != order.begin()) (*(it - 1))->prefetch();
+    }
+  }
+
+  /// End of backward: reduce what no post-backward node reached, wait every reduction, reshard.
+  static void finish_backward(detail::FsdpContext& context) {
+    const auto& order = context.post_forward_order;
+    for (auto it = order.rbegin(); it != order.rend(); ++it) (*it)->post_backward();
+    for (auto* unit : context.units) {
+      unit->finish_reduce_scatter();
+      unit->reshard();
+    }
+    context.callback_queued = false;
+  }
+
+  void start_all_gather(bool prefetched) {
+    const int world = shard_group_->size();
+    const int rank = shard_group_->rank();
+    auto& first = params_.front().sharded;
+    TORCH_CHECK(!first.is_meta(), "titan::fully_shard: the parameters of '", module_name_,
+                "' are still on the meta device; call titan::to_empty(model, device) and initialise them first");
+    auto dtype = compute_dtype(params_.front());
+    auto input = at::zeros({flat_numel_}, first.options().dtype(dtype));  // [flat_numel]
+    {
+      at::NoGradGuard no_grad;
+      for (const auto& p : params_) {
+        auto n = p.rows[static_cast<size_t>(rank)] * p.row_numel;
+        if (n > 0) input.narrow(0, p.flat_offset, n).copy_(p.sharded.reshape({-1}));
+      }
+    }
+    gather_input_ = input;
+    if (world == 1) {
+      gather_output_ = input;
+    } else {
+      gather_output_ = at::empty({world * flat_numel_}, input.options());  // [world * flat_numel]
+      // On NCCL, c10d orders the collective after the current stream's work and records the
+      // buffers on its stream; wait() makes the current stream wait for it.
+      gather_work_ = shard_group_->backend()->_allgather_base(gather_output_, gather_input_);
+    }
+    state_ = State::Gathering;
+    ++stats_.all_gathers;
+    if (prefetched) ++stats_.prefetches;
+  }
+
+  void finish_all_gather() {
+    if (gather_work_) gather_work_->wait();
+    gather_work_.reset();
+    const int world = shard_group_->size();
+    at::NoGradGuard no_grad;
+    for (auto& p : params_) {
+      auto dtype = compute_dtype(p);
+      if (p.unsharded.device() != p.sharded.device() || p.unsharded.is_meta() || p.unsharded.scalar_type() != dtype) {
+        auto fresh = at::empty(p.shape, p.sharded.options().dtype(dtype));
+        p.unsharded.unsafeGetTensorImpl()->shallow_copy_from(fresh.getIntrusivePtr());
+      }
+      detail::resize_storage_bytes(p.unsharded, static_cast<size_t>(p.unsharded.numel()) * p.unsharded.element_size());
+      auto flat = detail::storage_alias_flat(p.unsharded);  // [numel]
+      for (int r = 0; r < world; ++r) {
+        auto n = p.rows[static_cast<size_t>(r)] * p.row_numel;
+        if (n == 0) continue;
+        flat.narrow(0, r * p.padded_numel(), n).copy_(gather_output_.narrow(0, r * flat_numel_ + p.flat_offset, n));
+      }
+    }
+    gather_input_ = at::Tensor();
+    gather_output_ = at::Tensor();
+    state_ = State::Unsharded;
+  }
+
+  void start_reduce_scatter() {
+    // One reduction in flight per context: finish the previous unit's before issuing this one.
+    for (auto* unit : context_->units) unit->finish_reduce_scatter();
+    const int world = shard_group_->size();
+    const auto& first = params_.front();
+    auto dtype = options_.reduce_dtype().value_or(compute_dtype(first));
+    int64_t dp_size = world * (replicate_group_ ? replicate_group_->size() : 1);
+    auto input = at::zeros({world * flat_numel_}, first.sharded.options().dtype(dtype));  // [world * flat_numel]
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : params_) {
+        auto& grad = p.unsharded.mutable_grad();
+        if (!grad.defined()) continue;
+        auto g = grad.reshape({-1});  // [numel]
+        for (int r = 0; r < world; ++r) {
+          auto n = p.rows[static_cast<size_t>(r)] * p.row_numel;
+          if (n == 0) continue;
+          input.narrow(0, r * flat_numel_ + p.flat_offset, n).copy_(g.narrow(0, r * p.padded_numel(), n));
+        }
+        grad = at::Tensor();  // the unsharded gradient is freed
+      }
+      input.div_(dp_size);  // average over data-parallel ranks (pre-divided: no overflow in low precision)
+    }
+    reduce_input_ = input;
+    if (world == 1) {
+      reduce_output_ = input;
+    } else {
+      reduce_output_ = at::empty({flat_numel_}, input.options());  // [flat_numel]
+      reduce_work_ = shard_group_->backend()->_reduce_scatter_base(reduce_output_, reduce_input_);
+    }
+    ++stats_.reduce_scatters;
+  }
+
+  std::vector<Param> params_;
+  ProcessGroupPtr shard_group_;
+  ProcessGroupPtr replicate_group_;
+  std::string shard_dim_;
+  FsdpOptions options_;
+  std::string module_name_;
+  int64_t flat_numel_ = 0;
+
+  std::shared_ptr<detail::FsdpContext> context_;
+  State state_ = State::Resharded;
+  bool needs_post_backward_ = false;
+  bool requires_gradient_sync_ = true;
+  FsdpStats stats_;
+
+  c10::intrusive_ptr<c10d::Work> gather_work_;
+  at::Tensor gather_input_, gather_output_;
+  c10::intrusive_ptr<c10d::Work> reduce_work_;
+  at::Tensor reduce_input_, reduce_output_;
+};
+
+namespace detail {
+
+/// Parameters of `module` not owned by a unit below it, with their dotted names relative to it.
+inline void collect_unit_parameters(torch::nn::Module& module, const std::string& prefix,
+                                    std::vector<std::tuple<std::string, torch::nn::Module*, std::string>>& out) {
+  for (auto& item : parameter_dict(module)) out.emplace_back(prefix + item.key(), &module, item.key());
+  for (const auto& child : module.named_children()) {
+    if (child.key() == kHookSlotName || find_hook<FsdpHook>(*child.value())) continue;
+    collect_unit_parameters(*child.value(), prefix + child.key() + ".", out);
+  }
+}
+
+}  // namespace detail
+
+/// Shards `module`'s parameters (those no unit below it owns) along dim 0 across the mesh's shard
+/// dimension and attaches the FSDP hook run by titan::call. `mesh` is 1-D (shard dim, e.g.
+/// mesh["dp_shard"]) or 2-D for HSDP (replicate dim, shard dim: mesh.slice({"dp_replicate",
+/// "dp_shard"})): gradients are reduce-scattered over the shard dim, then all-reduced over the
+/// replicate dim. Apply it bottom-up (blocks, then the root). `module` may be a module, a
+/// ModuleHolder or a pointer to one. Returns the unit's hook.
+template <typename M>
+std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, FsdpOptions options = {}) {
+  torch::nn::Module& module = detail::module_ref(module_like);
+  TORCH_CHECK(mesh.ndim() == 1 || mesh.ndim() == 2, "titan::fully_shard: the mesh must be 1-D (shard) or 2-D ",
+              "(replicate, shard) but has ", mesh.ndim(), " dimensions");
+  TORCH_CHECK(!find_hook<FsdpHook>(module), "titan::fully_shard: module '", module.name(), "' is already sharded");
+  const std::string shard_dim = mesh.dim_names().back();
+  ProcessGroupPtr shard_group = mesh.group(shard_dim);
+  ProcessGroupPtr replicate_group = mesh.ndim() == 2 ? mesh.group(mesh.dim_names().front()) : nullptr;
+  TORCH_CHECK(shard_group, "titan::fully_shard: this rank is not in the mesh's '", shard_dim, "' group");
+  if (auto pt = options.param_dtype())
+    TORCH_CHECK(at::isFloatingType(*pt), "titan::fully_shard: param_dtype must be floating point, got ", *pt);
+
+  // Parameters already managed by units below: a tie to one of them cannot be sharded twice.
+  std::unordered_map<c10::TensorImpl*, std::string> below;
+  module.apply([&below](torch::nn::Module& m) {
+    if (auto hook = find_hook<FsdpHook>(m))
+      for (const auto& p : hook->params()) below.emplace(p.unsharded.unsafeGetTensorImpl(), p.names.front());
+  });
+
+  std::vector<std::tuple<std::string, torch::nn::Module*, std::string>> entries;
+  detail::collect_unit_parameters(module, "", entries);
+  TORCH_CHECK(!entries.empty(), "titan::fully_shard: module '", module.name(),
+              "' has no parameters of its own (all belong to units below it)");
+  // Check every entry before changing anything, so a refused call leaves the model intact.
+  for (auto& [name, owner, key] : entries) {
+    const at::Tensor& tensor = detail::parameter_dict(*owner)[key];
+    auto tied = below.find(tensor.unsafeGetTensorImpl());
+    TORCH_CHECK(tied == below.end(), "titan::fully_shard: parameter '", name, "' of '", module.name(),
+                "' is the same tensor as '", tied == below.end() ? "" : tied->second,
+                "' of a unit already sharded below it; tied (shared) parameters must belong to one unit");
+    TORCH_CHECK(tensor.is_meta() || tensor.storage().nbytes() >= static_cast<size_t>(tensor.numel()) * tensor.element_size(),
+                "titan::fully_shard: parameter '", name, "' of '", module.name(), "' has no memory: it is the ",
+                "unsharded parameter of another fully_shard unit; tied (shared) parameters must belong to one unit");
+    TORCH_CHECK(tensor.dim() >= 1, "titan::fully_shard: parameter '", name, "' is 0-dimensional; FSDP shards dim 0 ",
+                "(give it shape [1])");
+  }
+  std::vector<FsdpHook::Param> params;
+  std::unordered_map<c10::TensorImpl*, size_t> index;
+  const int world = shard_group->size();
+  const int rank = shard_group->rank();
+  for (auto& [name, owner, key] : entries) {
+    at::Tensor tensor = detail::parameter_dict(*owner)[key];
+    auto* impl = tensor.unsafeGetTensorImpl();
+    if (auto it = index.find(impl); it != index.end()) {  // tied inside this unit: one shard for both
+      params[it->second].names.push_back(name);
+      params[it->second].owners.emplace_back(owner, key);
+      continue;
+    }
+    FsdpHook::Param p;
+    p.names = {name};
+    p.owners = {{owner, key}};
+    p.layout = parameter_layout(module, name, tensor).with_level(ShardLevel{0, shard_dim, shard_group});
+    p.shape = tensor.sizes().vec();
+    p.rows = chunk_sizes(p.shape[0], world);
+    p.padded_rows = p.rows.front();
+    p.row_numel = p.shape[0] == 0 ? 0 : tensor.numel() / p.shape[0];
+    int64_t offset = 0;
+    for (int r = 0; r < rank; ++r) offset += p.rows[static_cast<size_t>(r)];
+    {
+      at::NoGradGuard no_grad;
+      at::Tensor local = tensor.narrow(0, offset, p.rows[static_cast<size_t>(rank)]);
+      p.sharded = tensor.is_meta() ? at::empty(local.sizes(), tensor.options()) : local.clone(at::MemoryFormat::Contiguous);
+      p.sharded.set_requires_grad(tensor.requires_grad());
+      // The member handle becomes the unsharded parameter: fresh contiguous storage of the compute
+      // dtype (on meta while the model is), freed until the first all-gather.
+      auto dtype = options.param_dtype().value_or(tensor.scalar_type());
+      auto fresh = at::empty(p.shape, tensor.options().dtype(dtype));
+      tensor.mutable_grad() = at::Tensor();
+      impl->shallow_copy_from(fresh.getIntrusivePtr());
+      if (!tensor.is_meta()) detail::resize_storage_bytes(tensor, 0);
+    }
+    p.unsharded = tensor;
+    index.emplace(impl, params.size());
+    params.push_back(std::move(p));
+  }
+  for (const auto& p : params)
+    for (const auto& [owner, key] : p.owners) detail::parameter_dict(*owner)[key] = p.sharded;
+  auto hook = std::make_shared<FsdpHook>(std::move(params), std::move(shard_group), std::move(replicate_group),
+                                         shard_dim, std::move(options), module.name());
+  attach_hook(module, hook);
+  return hook;
+}
+
+/// Turns gradient reduction on or off for every unit in `module`'s subtree (off: gradient
+/// accumulation micro-steps keep the unsharded gradients; the next synced backward reduces them).
+inline void set_requires_gradient_sync(torch::nn::Module& module, bool sync) {
+  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(module)) hook->set_requires_gradient_sync(sync);
+}
+
+/// Frees the unsharded parameters of every unit in `module`'s subtree.
+inline void reshard(torch::nn::Module& module) {
+  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(module)) hook->reshard();
+}
+
+/// Per-rank bytes held for a model and its optimizer.
+struct FsdpMemory {
+  int64_t param_bytes = 0;            ///< parameters as the optimizer sees them (local shards)
+  int64_t grad_bytes = 0;             ///< their gradients
+  int64_t optimizer_state_bytes = 0;  ///< optimizer state tensors of those parameters
+  int64_t unsharded_bytes = 0;        ///< unsharded parameters and gradients currently allocated
+  int64_t global_param_bytes = 0;     ///< all parameters unsharded (what one replica would hold)
+};
+
+namespace detail {
+
+inline int64_t tensor_bytes(const at::Tensor& t) {
+  return t.defined() && !t.is_meta() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
+}
+
+inline int64_t optimizer_state_bytes(const torch::optim::OptimizerParamState& state) {
+  if (auto* s = dynamic_cast<const torch::optim::AdamWParamState*>(&state))
+    return tensor_bytes(s->exp_avg()) + tensor_bytes(s->exp_avg_sq()) + tensor_bytes(s->max_exp_avg_sq());
+  if (auto* s = dynamic_cast<const torch::optim::AdamParamState*>(&state))
+    return tensor_bytes(s->exp_avg()) + tensor_bytes(s->exp_avg_sq()) + tensor_bytes(s->max_exp_avg_sq());
+  if (auto* s = dynamic_cast<const torch::optim::SGDParamState*>(&state)) return tensor_bytes(s->momentum_buffer());
+  if (auto* s = dynamic_cast<const torch::optim::AdagradParamState*>(&state)) return tensor_bytes(s->sum());
+  if (auto* s = dynamic_cast<const torch::optim::RMSpropParamState*>(&state))
+    return tensor_bytes(s->square_avg()) + tensor_bytes(s->momentum_buffer()) + tensor_bytes(s->grad_avg());
+  TORCH_CHECK(false, "titan::fsdp_memory: cannot count the state of optimizer state type '", typeid(state).name(),
+              "' (supported: Adam, AdamW, SGD, Adagrad, RMSprop)");
+}
+
+}  // namespace detail
+
+/// What this rank holds for `module` (sharded or not) and, when given, `optimizer`'s state.
+inline FsdpMemory fsdp_memory(torch::nn::Module& module, const torch::optim::Optimizer* optimizer = nullptr) {
+  FsdpMemory memory;
+  for (const auto& item : module.named_parameters(true)) {
+    memory.param_bytes += detail::tensor_bytes(item.value());
+    memory.grad_bytes += detail::tensor_bytes(item.value().grad());
+    auto layout = parameter_layout(module, item.key(), item.value());
+    int64_t numel = 1;
+    for (auto s : layout.global_shape) numel *= s;
+    memory.global_param_bytes += numel * static_cast<int64_t>(item.value().element_size());
+  }
+  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(module)) {
+    for (const auto& p : hook->params()) {
+      memory.unsharded_bytes += static_cast<int64_t>(p.unsharded.is_meta() ? 0 : p.unsharded.storage().nbytes());
+      memory.unsharded_bytes += detail::tensor_bytes(p.unsharded.grad());
+    }
+  }
+  if (optimizer != nullptr) {
+    for (const auto& entry : optimizer->state()) memory.optimizer_state_bytes += detail::optimizer_state_bytes(*entry.second);
+  }
+  return memory;
+}
+
+/// Options of full_state_dict, with chained setters.
+struct FullStateDictOptions {
+  /// Only rank 0 of the given group keeps the gathered tensors (every rank still takes part in
+  /// the gathers); the others get an empty dict.
+  TORCH_ARG(bool, rank0_only) = true;
+  /// Copy the gathered tensors to the CPU.
+  TORCH_ARG(bool, cpu_offload) = true;
+};
+
+/// The global tensor of a sharded one: all-gathers its levels, innermost first. Every rank of
+/// each level's group must call it.
+inline at::Tensor gather_full(const ShardedTensor& sharded) {
+  const auto& levels = sharded.layout.levels;
+  // Size along each level's dim before that level split it.
+  std::vector<int64_t> before(levels.size());
+  std::vector<int64_t> sizes = sharded.layout.global_shape;
+  for (size_t k = 0; k < levels.size(); ++k) {
+    auto d = static_cast<size_t>(levels[k].dim);
+    before[k] = sizes[d];
+    sizes[d] = chunk_sizes(sizes[d], levels[k].group->size())[static_cast<size_t>(levels[k].group->rank())];
+  }
+  at::NoGradGuard no_grad;
+  at::Tensor full = sharded.local.detach();
+  for (size_t k = levels.size(); k-- > 0;) {
+    const auto& level = levels[k];
+    full = detail::all_gather_raw(full, *level.group, level.dim, chunk_sizes(before[k], level.group->size()));
+  }
+  return full;
+}
+
+/// Every parameter (gathered to its global shape) and buffer of `module`, by name: a plain state
+/// dict for export or for a single-process model. Every rank of `group` (normally the world group)
+/// calls it; `group` says which rank is rank 0 for rank0_only.
+inline torch::OrderedDict<std::string, at::Tensor> full_state_dict(const torch::nn::Module& module,
+                                                                   const ProcessGroupPtr& group,
+                                                                   const FullStateDictOptions& options = {}) {
+  detail::check_group(group, "full_state_dict");
+  torch::OrderedDict<std::string, at::Tensor> result;
+  const bool keep = !options.rank0_only() || group->rank() == 0;
+  auto add = [&](const std::string& name, const at::Tensor& tensor) {
+    if (!keep) return;
+    auto copy = tensor.detach().clone();
+    result.insert(name, options.cpu_offload() ? copy.cpu() : copy);
+  };
+  for (const auto& [name, sharded] : sharded_parameters(module)) add(name, gather_full(sharded));
+  for (const auto& item : module.named_buffers(true)) add(item.key(), item.value());
+  return result;
+}
+
+/// Loads a full (unsharded) state dict, e.g. from full_state_dict or a single-process model, into
+/// `module`'s local shards and buffers. Every parameter and buffer must be present with its
+/// global shape.
+inline void load_full_state_dict(torch::nn::Module& module, const torch::OrderedDict<std::string, at::Tensor>& state) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, sharded] : sharded_parameters(module)) {
+    const at::Tensor* full = state.find(name);
+    TORCH_CHECK(full != nullptr, "titan::load_full_state_dict: no entry for parameter '", name, "'");
+    TORCH_CHECK(full->sizes().vec() == sharded.layout.global_shape, "titan::load_full_state_dict: '", name,
+                "' has shape ", full->sizes(), " but the model's global shape is ",
+                c10::IntArrayRef(sharded.layout.global_shape));
+    at::Tensor block = *full;
+    for (size_t d = 0; d < sharded.box.sizes.size(); ++d)
+      block = block.narrow(static_cast<int64_t>(d), sharded.box.offsets[d], sharded.box.sizes[d]);
+    sharded.local.copy_(block);
+  }
+  for (auto& item : module.named_buffers(true)) {
+    const at::Tensor* full = state.find(item.key());
+    TORCH_CHECK(full != nullptr, "titan::load_full_state_dict: no entry for buffer '", item.key(), "'");
+    item.value().copy_(*full);
+  }
+}
+
+}  // namespace titan

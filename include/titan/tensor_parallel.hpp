@@ -1,0 +1,617 @@
+#pragma once
+// titan/tensor_parallel.hpp: Megatron-style tensor parallelism for an unchanged LibTorch model.
+//
+//   titan::ParallelizePlan plan;
+//   plan.add("tok_embeddings", titan::RowwiseParallel().input_layout(titan::Replicate()).output_layout(titan::Shard(1)))
+//       .add("layers.*.attention_norm", titan::SequenceParallel())
+//       .add("layers.*.attention", titan::PrepareModuleInput().input_layouts({titan::Shard(1), std::nullopt})
+//                                                             .desired_input_layouts({titan::Replicate(), std::nullopt}))
+//       .add("layers.*.attention.wq", titan::ColwiseParallel())
+//       .add("layers.*.attention.wo", titan::RowwiseParallel().output_layout(titan::Shard(1)));
+//   titan::parallelize_module(*model, mesh["tp"], plan);   // parameters become local shards, in place
+//   auto logits = titan::call(model, tokens);               // hooks move activations between layouts
+//   auto loss = titan::loss_parallel_cross_entropy(logits, labels, mesh.group("tp"));
+//
+// There is no DTensor: an activation is a plain local tensor and its layout over the TP group is
+// a convention between consecutive styles of the plan (a Placement):
+//   Replicate()  every rank holds the whole tensor, and its gradient is whole (and equal) on every rank;
+//   Shard(d)     rank r holds chunk r of dimension d (torch.chunk sizes) and the matching chunk of its gradient.
+// Each style states the layouts it accepts and produces. Parameters are replaced by their local
+// shard in place (Tensor::set_data, also on the meta device, where nothing is allocated), so the
+// module's members, its parameter dictionary and optimizers all see the shard; each style's hook
+// reports the parameters' TensorLayouts (sharding.hpp), which FSDP composes with for 2-D.
+
+#include <titan/collectives.hpp>
+#include <titan/hooks.hpp>
+#include <titan/mesh.hpp>
+#include <titan/sharding.hpp>
+
+#include <torch/nn/modules/embedding.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace titan {
+
+/// The layout of an activation over the tensor-parallel group: replicated, or sharded on one dim.
+class Placement {
+ public:
+  /// Every rank holds the whole tensor (and the whole gradient).
+  static Placement replicate() { return Placement(false, 0); }
+  /// Rank r holds chunk r of dimension `dim` (negative counts from the end).
+  static Placement shard(int64_t dim) { return Placement(true, dim); }
+
+  bool is_replicate() const { return !shard_; }  ///< whether this is Replicate()
+  bool is_shard() const { return shard_; }       ///< whether this is Shard(d)
+  /// The sharded dimension as given (may be negative); only for Shard(d).
+  int64_t dim() const {
+    TORCH_CHECK(shard_, "titan: Replicate() has no shard dimension");
+    return dim_;
+  }
+  /// The sharded dimension of a tensor of rank `ndim` (negative dims wrapped).
+  int64_t dim_for(int64_t ndim) const {
+    int64_t d = dim();
+    TORCH_CHECK(d >= -ndim && d < ndim, "titan: ", str(), " does not fit a tensor of rank ", ndim);
+    return d < 0 ? d + ndim : d;
+  }
+  /// "Replicate()" or "Shard(d)".
+  std::string str() const { return shard_ ? "Shard(" + std::to_string(dim_) + ")" : std::string("Replicate()"); }
+  bool operator==(const Placement& other) const { return shard_ == other.shard_ && (!shard_ || dim_ == other.dim_); }
+  bool operator!=(const Placement& other) const { return !(*this == other); }
+
+ private:
+  Placement(bool shard, int64_t dim) : shard_(shard), dim_(dim) {}
+  bool shard_;
+  int64_t dim_;
+};
+
+/// Placement::replicate(), named as in PyTorch plans.
+inline Placement Replicate() { return Placement::replicate(); }
+/// Placement::shard(dim), named as in PyTorch plans.
+inline Placement Shard(int64_t dim) { return Placement::shard(dim); }
+
+/// Differentiable moves between layouts over a TP group (Megatron's f / g and their sequence
+/// variants). Gradients follow the layout convention above; a group of one rank is an identity.
+namespace tp {
+
+namespace detail {
+
+inline torch::autograd::variable_list one(at::Tensor grad) { return torch::autograd::variable_list{std::move(grad)}; }
+
+/// Offset of this rank's chunk given every rank's size.
+inline int64_t offset_of(const std::vector<int64_t>& sizes, int rank) {
+  int64_t offset = 0;
+  for (int r = 0; r < rank; ++r) offset += sizes[static_cast<size_t>(r)];
+  return offset;
+}
+
+}  // namespace detail
+
+/// Replicate -> Replicate feeding a computation that is split over the group (a column-parallel
+/// layer): forward identity, backward all-reduce (sum) of the partial input gradients.
+inline at::Tensor copy_to_group(const at::Tensor& x, const ProcessGroupPtr& group) {
+  titan::detail::check_group(group, "tp::copy_to_group");
+  if (group->size() == 1) return x;
+  return titan::detail::with_backward(x, x.detach(), "titan::tp::CopyToGroupBackward",
+                                      [group](torch::autograd::variable_list&& grads) {
+                                        return detail::one(titan::detail::all_reduce_raw(grads[0], *group, ReduceOp::Sum));
+                                      });
+}
+
+/// Partial sums -> Replicate (after a row-parallel layer): forward all-reduce (sum), backward
+/// identity (the gradient of a replicated output is already whole on every rank).
+inline at::Tensor reduce_from_group(const at::Tensor& x, const ProcessGroupPtr& group) {
+  titan::detail::check_group(group, "tp::reduce_from_group");
+  if (group->size() == 1) return x;
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = titan::detail::all_reduce_raw(x, *group, ReduceOp::Sum);
+  }
+  return titan::detail::with_backward(x, std::move(out), "titan::tp::ReduceFromGroupBackward",
+                                      [](torch::autograd::variable_list&& grads) { return detail::one(grads[0]); });
+}
+
+/// Shard(dim) -> Replicate: forward all-gather along `dim` (rank r holds sizes[r] rows; empty:
+/// exchanged), backward this rank's rows of the whole gradient (no communication).
+inline at::Tensor gather_from_group(const at::Tensor& x, const ProcessGroupPtr& group, int64_t dim,
+                                    std::vector<int64_t> sizes = {}) {
+  titan::detail::check_group(group, "tp::gather_from_group");
+  dim = titan::detail::wrap_dim(dim, x);
+  if (group->size() == 1) return x;
+  if (sizes.empty()) sizes = titan::detail::exchange_sizes(x, *group, dim);
+  titan::detail::check_sizes(sizes, *group, "tp::gather_from_group");
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = titan::detail::all_gather_raw(x, *group, dim, sizes);
+  }
+  const int64_t offset = detail::offset_of(sizes, group->rank());
+  const int64_t rows = sizes[static_cast<size_t>(group->rank())];
+  return titan::detail::with_backward(x, std::move(out), "titan::tp::GatherFromGroupBackward",
+                                      [dim, offset, rows](torch::autograd::variable_list&& grads) {
+                                        return detail::one(grads[0].narrow(dim, offset, rows).contiguous());
+                                      });
+}
+
+/// Replicate -> Shard(dim): forward this rank's chunk (torch.chunk sizes) of `dim`, backward
+/// all-gather of the chunks' gradients into the whole gradient.
+inline at::Tensor scatter_to_group(const at::Tensor& x, const ProcessGroupPtr& group, int64_t dim) {
+  titan::detail::check_group(group, "tp::scatter_to_group");
+  dim = titan::detail::wrap_dim(dim, x);
+  if (group->size() == 1) return x;
+  auto sizes = chunk_sizes(x.size(dim), group->size());
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = x.narrow(dim, detail::offset_of(sizes, group->rank()), sizes[static_cast<size_t>(group->rank())]).contiguous();
+  }
+  return titan::detail::with_backward(x, std::move(out), "titan::tp::ScatterToGroupBackward",
+                                      [group, dim, sizes](torch::autograd::variable_list&& grads) {
+                                        return detail::one(titan::detail::all_gather_raw(grads[0], *group, dim, sizes));
+                                      });
+}
+
+/// Moves an activation from layout `from` to layout `to` (Replicate <-> Shard(d); equal layouts
+/// are an identity). Shard(a) -> Shard(b) with a != b is not supported.
+inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const Placement& to,
+                               const ProcessGroupPtr& group) {
+  if (from.is_replicate() && to.is_replicate()) return x;
+  if (from.is_shard() && to.is_replicate()) return gather_from_group(x, group, from.dim_for(x.dim()));
+  if (from.is_replicate() && to.is_shard()) return scatter_to_group(x, group, to.dim_for(x.dim()));
+  TORCH_CHECK(from.dim_for(x.dim()) == to.dim_for(x.dim()), "titan: redistributing ", from.str(), " -> ", to.str(),
+              " (an all-to-all) is not supported; go through Replicate()");
+  return x;
+}
+
+}  // namespace tp
+
+/// A way of parallelizing one module over a TP group (ColwiseParallel, RowwiseParallel,
+/// SequenceParallel, PrepareModuleInput). A style is a value with chained setters; applying it
+/// shards the module's parameters in place and attaches a bound copy of it as the module's hook,
+/// which titan::call runs and which reports the sharded parameters' layouts.
+class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
+ public:
+  /// Shards `module`'s parameters over `group` (named `mesh_dim`) and attaches the hook. `path` is
+  /// the module's name in the model, for messages.
+  virtual void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+                     const std::string& mesh_dim) const = 0;
+
+  std::optional<TensorLayout> layout_of(const std::string& relative_name) const override {
+    auto it = layouts_.find(relative_name);
+    if (it == layouts_.end()) return std::nullopt;
+    return it->second;
+  }
+
+ protected:
+  /// Binds this (copied) style to the group after checking `module` is not parallelized yet.
+  void bind(const torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+            const std::string& mesh_dim) {
+    TORCH_CHECK(group, "titan: ", name(), " on '", path, "': this rank is not in the tensor-parallel group");
+    for (const auto& hook : hooks_of(module)) {
+      TORCH_CHECK(!std::dynamic_pointer_cast<ParameterLayoutProvider>(hook), "titan: ", name(), " on '", path,
+                  "': the module already has the hook '", hook->name(),
+                  "' (apply tensor parallelism once, and before fully_shard)");
+    }
+    group_ = group;
+    mesh_dim_ = mesh_dim;
+    path_ = path;
+  }
+
+  /// Replaces parameter `name` of `module` by this rank's chunk of dimension `dim`, in place, and
+  /// records its layout. Works on meta parameters without allocating.
+  void shard_parameter(torch::nn::Module& module, const std::string& name, int64_t dim) {
+    auto parameter = direct_parameter(module, name);
+    TORCH_CHECK(dim < parameter.dim(), "titan: ", this->name(), " on '", path_, "': parameter '", name, "' of shape ",
+                parameter.sizes(), " has no dimension ", dim);
+    const auto global = parameter.sizes().vec();
+    const int n = group_->size();
+    auto sizes = chunk_sizes(global[static_cast<size_t>(dim)], n);
+    TORCH_CHECK(sizes.back() > 0, "titan: ", this->name(), " on '", path_, "': dimension ", dim, " of '", name,
+                "' (size ", global[static_cast<size_t>(dim)], ") cannot give each of the ", n,
+                " tensor-parallel ranks a non-empty chunk");
+    if (n > 1) {
+      at::Tensor local;
+      {
+        at::NoGradGuard no_grad;
+        local = parameter.narrow(dim, tp::detail::offset_of(sizes, group_->rank()),
+                                 sizes[static_cast<size_t>(group_->rank())])
+                    .clone(at::MemoryFormat::Contiguous);  // meta stays meta: no allocation
+      }
+      parameter.set_data(local);  // the same TensorImpl: member and dictionary both see the shard
+      parameter.mutable_grad() = at::Tensor();
+    }
+    layouts_[name] = TensorLayout{global, {ShardLevel{dim, mesh_dim_, group_}}};
+  }
+
+  /// `module`'s own parameter `name` (a handle to the same TensorImpl), with a clear error if absent.
+  at::Tensor direct_parameter(const torch::nn::Module& module, const std::string& name) const {
+    auto parameters = module.named_parameters(/*recurse=*/false);
+    auto* found = parameters.find(name);
+    TORCH_CHECK(found != nullptr, "titan: ", this->name(), " on '", path_, "' needs a parameter named '", name,
+                "' (the module has ", names_of(module), ")");
+    return *found;
+  }
+
+  /// Checks that `module` holds only the parameters `allowed` (directly, no submodule parameters).
+  void check_parameters(const torch::nn::Module& module, const std::vector<std::string>& allowed) const {
+    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+      bool known = std::find(allowed.begin(), allowed.end(), item.key()) != allowed.end();
+      TORCH_CHECK(known, "titan: ", name(), " on '", path_, "' does not know how to shard parameter '", item.key(),
+                  "' (it shards a module whose parameters are 'weight' [out, in] and optionally 'bias' [out])");
+    }
+  }
+
+  static std::string names_of(const torch::nn::Module& module) {
+    std::string text;
+    for (const auto& item : module.named_parameters(/*recurse=*/false)) text += (text.empty() ? "" : ", ") + item.key();
+    return text.empty() ? std::string("no parameters") : "parameters " + text;
+  }
+
+  ProcessGroupPtr group_;                    ///< the TP group (set on the attached copy)
+  std::string mesh_dim_;                     ///< its mesh dimension name, for layouts
+  std::string path_;                         ///< the module's name in the model, for messages
+  std::map<std::string, TensorLayout> layouts_;  ///< layouts of the sharded parameters
+};
+
+namespace detail {
+
+inline bool is_embedding(const torch::nn::Module& module, bool declared) {
+  return declared || dynamic_cast<const torch::nn::EmbeddingImpl*>(&module) != nullptr;
+}
+
+inline void check_feature_layout(const Placement& layout, const char* style, const char* what, bool allow_last) {
+  if (layout.is_shard() && !allow_last)
+    TORCH_CHECK(layout.dim() != -1, "titan: ", style, " ", what, " cannot be Shard(-1): the last dimension holds "
+                "the features it splits; use Replicate() or a sequence dimension such as Shard(1)");
+}
+
+}  // namespace detail
+
+/// Column parallel: splits the OUTPUT features. On a linear-like module (parameters 'weight'
+/// [out, in], optional 'bias' [out]) weight and bias are sharded on dim 0; on an embedding
+/// (torch::nn::Embedding, or any module declared with embedding(true)) the weight [vocab, dim] is
+/// sharded on dim 1.
+///   input  (first tensor argument): Replicate() (default: forward identity, backward all-reduce) or
+///          Shard(d) of a sequence dim d (all-gathered along d; backward reduce-scatter);
+///   output: Shard(-1) (default: the local features) or Replicate() (all-gathered features).
+class ColwiseParallel : public ParallelStyle {
+ public:
+  /// Layout of the first tensor input.
+  TORCH_ARG(Placement, input_layout) = Replicate();
+  /// Layout of the output: Shard(-1) (local) or Replicate() (gathered).
+  TORCH_ARG(Placement, output_layout) = Shard(-1);
+  /// The module is an embedding table (weight [vocab, dim], integer ids in); automatic for torch::nn::Embedding.
+  TORCH_ARG(bool, embedding) = false;
+
+ public:
+  std::string name() const override { return "tp.colwise"; }
+
+  void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+             const std::string& mesh_dim) const override {
+    TORCH_CHECK(output_layout_ == Shard(-1) || output_layout_.is_replicate(), "titan: ColwiseParallel on '", path,
+                "': output_layout must be Shard(-1) or Replicate(), got ", output_layout_.str());
+    detail::check_feature_layout(input_layout_, "ColwiseParallel", "input_layout", false);
+    auto hook = std::make_shared<ColwiseParallel>(*this);
+    hook->bind(module, path, group, mesh_dim);
+    hook->check_parameters(module, {"weight", "bias"});
+    const bool embedding = detail::is_embedding(module, embedding_);
+    const auto weight = hook->direct_parameter(module, "weight");
+    TORCH_CHECK(weight.dim() == 2, "titan: ColwiseParallel on '", path, "' needs a 2-D weight, got ", weight.sizes());
+    const int64_t features = weight.size(embedding ? 1 : 0);
+    hook->shard_parameter(module, "weight", embedding ? 1 : 0);
+    if (module.named_parameters(false).contains("bias")) hook->shard_parameter(module, "bias", 0);
+    hook->output_sizes_ = chunk_sizes(features, group->size());
+    attach_hook(module, hook);
+  }
+
+  at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    TORCH_CHECK(!inputs.empty(), "titan: ColwiseParallel on '", path_, "' needs a tensor input");
+    TensorList prepared = inputs;
+    auto& x = prepared[0];
+    x = input_layout_.is_replicate() ? tp::copy_to_group(x, group_)
+                                     : all_gather(x, group_, input_layout_.dim_for(x.dim()));
+    auto out = next(prepared);  // [..., out / tp]
+    if (output_layout_.is_replicate()) out = tp::gather_from_group(out, group_, -1, output_sizes_);  // [..., out]
+    return out;
+  }
+
+ private:
+  std::vector<int64_t> output_sizes_;  ///< every rank's number of output features
+};
+
+/// Row parallel: splits the INPUT features. On a linear-like module the weight [out, in] is sharded
+/// on dim 1 and the bias stays replicated (added once); on an embedding (vocabulary parallel;
+/// torch::nn::Embedding, or any module declared with embedding(true)) the weight [vocab, dim] is sharded on dim 0, token ids outside this rank's vocabulary
+/// range are looked up as 0 and their rows zeroed, and the partial rows are summed.
+///   input  (first tensor argument): Shard(-1) (default; the local features of a ColwiseParallel
+///          output) or Replicate() (this rank takes its chunk); an embedding requires Replicate();
+///   output: Replicate() (default: all-reduce; backward identity) or Shard(d) (reduce-scatter into
+///          chunks of dim d, e.g. Shard(1) for sequence parallel; backward all-gather).
+class RowwiseParallel : public ParallelStyle {
+ public:
+  /// Layout of the first tensor input.
+  TORCH_ARG(Placement, input_layout) = Shard(-1);
+  /// Layout of the output.
+  TORCH_ARG(Placement, output_layout) = Replicate();
+  /// The module is an embedding table (weight [vocab, dim], integer ids in); automatic for torch::nn::Embedding.
+  TORCH_ARG(bool, embedding) = false;
+
+ public:
+  std::string name() const override { return "tp.rowwise"; }
+
+  void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+             const std::string& mesh_dim) const override {
+    detail::check_feature_layout(output_layout_, "RowwiseParallel", "output_layout", false);
+    auto hook = std::make_shared<RowwiseParallel>(*this);
+    hook->bind(module, path, group, mesh_dim);
+    hook->check_parameters(module, {"weight", "bias"});
+    const auto weight = hook->direct_parameter(module, "weight");
+    TORCH_CHECK(weight.dim() == 2, "titan: RowwiseParallel on '", path, "' needs a 2-D weight, got ", weight.sizes());
+    if (detail::is_embedding(module, embedding_)) {
+      TORCH_CHECK(input_layout_.is_replicate(), "titan: RowwiseParallel on embedding '", path,
+                  "' needs input_layout Replicate() (token ids), got ", input_layout_.str());
+      if (auto* library = dynamic_cast<torch::nn::EmbeddingImpl*>(&module))
+        TORCH_CHECK(!library->options.padding_idx() && !library->options.max_norm(),
+                    "titan: RowwiseParallel on embedding '", path,
+                    "': padding_idx and max_norm are not supported with a vocabulary-sharded weight");
+      auto sizes = chunk_sizes(weight.size(0), group->size());
+      hook->vocab_start_ = tp::detail::offset_of(sizes, group->rank());
+      hook->vocab_end_ = hook->vocab_start_ + sizes[static_cast<size_t>(group->rank())];
+      hook->is_embedding_ = true;
+      hook->shard_parameter(module, "weight", 0);
+      attach_hook(module, hook);
+      return;
+    }
+    TORCH_CHECK(input_layout_ == Shard(-1) || input_layout_.is_replicate(), "titan: RowwiseParallel on '", path,
+                "': input_layout must be Shard(-1) or Replicate(), got ", input_layout_.str());
+    hook->shard_parameter(module, "weight", 1);
+    if (module.named_parameters(false).contains("bias")) hook->bias_ = hook->direct_parameter(module, "bias");
+    attach_hook(module, hook);
+  }
+
+  at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    TORCH_CHECK(!inputs.empty(), "titan: RowwiseParallel on '", path_, "' needs a tensor input");
+    TensorList prepared = inputs;
+    at::Tensor partial;
+    if (is_embedding_) {
+      const auto& ids = inputs[0];  // [batch, seq] token ids over the whole vocabulary
+      auto outside = (ids < vocab_start_).logical_or(ids >= vocab_end_);
+      prepared[0] = (ids - vocab_start_).masked_fill(outside, 0);
+      partial = next(prepared).masked_fill(outside.unsqueeze(-1), 0.0);  // [batch, seq, dim], this rank's rows
+    } else {
+      if (input_layout_.is_replicate()) prepared[0] = tp::scatter_to_group(prepared[0], group_, -1);
+      partial = next(prepared);  // [..., out] partial sums (each rank added the bias)
+    }
+    auto out = output_layout_.is_replicate()
+                   ? tp::reduce_from_group(partial, group_)
+                   : reduce_scatter(partial, group_, output_layout_.dim_for(partial.dim()), ReduceOp::Sum);
+    // Every rank's forward added the bias: keep one. Detached, so the bias gradient is the
+    // module's own (whole on every rank, since the reduction's backward hands each rank all of it).
+    if (bias_.defined() && group_->size() > 1) out = out - bias_.detach() * (group_->size() - 1);
+    return out;
+  }
+
+ private:
+  bool is_embedding_ = false;                ///< vocabulary parallel (resolved at apply)
+  int64_t vocab_start_ = 0, vocab_end_ = 0;  ///< this rank's token id range [start, end)
+  at::Tensor bias_;                          ///< the replicated bias of a linear-like module, if any
+};
+
+/// Sequence parallel for modules that act on each position independently (norms, dropout): the
+/// activations stay sharded on the sequence dimension (input and output Shard(1) by default), the
+/// parameters stay replicated, and since each rank's gradient covers only its sequence chunk, the
+/// parameters' gradients are all-reduced (sum) over the TP group as backward computes them.
+class SequenceParallel : public ParallelStyle {
+ public:
+  /// The sharded sequence dimension of the input and output (documentation and checks).
+  TORCH_ARG(int64_t, sequence_dim) = 1;
+
+ public:
+  std::string name() const override { return "tp.sequence_parallel"; }
+
+  void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+             const std::string& mesh_dim) const override {
+    auto hook = std::make_shared<SequenceParallel>(*this);
+    hook->bind(module, path, group, mesh_dim);
+    for (auto& parameter : module.parameters(/*recurse=*/true)) {
+      if (!parameter.requires_grad() || group->size() == 1) continue;
+      parameter.register_hook([group](const at::Tensor& grad) {  // sum of the sequence chunks' gradients
+        return titan::detail::all_reduce_raw(grad, *group, ReduceOp::Sum);
+      });
+    }
+    attach_hook(module, hook);
+  }
+
+  at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    for (const auto& x : inputs)
+      TORCH_CHECK(x.dim() > sequence_dim_, "titan: SequenceParallel on '", path_, "' expects inputs sharded on dim ",
+                  sequence_dim_, ", got a tensor of rank ", x.dim());
+    return next(inputs);  // position-wise: the local sequence chunk in, the same chunk out
+  }
+};
+
+/// Moves a module's tensor inputs from the layouts they arrive in to the layouts its forward
+/// needs (e.g. an attention block's input from Shard(1) to Replicate()). One entry per tensor
+/// argument, in order; std::nullopt leaves that argument alone. Has no parameters to shard.
+class PrepareModuleInput : public ParallelStyle {
+ public:
+  /// Layouts the tensor arguments arrive in.
+  TORCH_ARG(std::vector<std::optional<Placement>>, input_layouts);
+  /// Layouts forward receives.
+  TORCH_ARG(std::vector<std::optional<Placement>>, desired_input_layouts);
+
+ public:
+  std::string name() const override { return "tp.prepare_module_input"; }
+
+  void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+             const std::string& mesh_dim) const override {
+    TORCH_CHECK(input_layouts_.size() == desired_input_layouts_.size(), "titan: PrepareModuleInput on '", path,
+                "' has ", input_layouts_.size(), " input_layouts but ", desired_input_layouts_.size(),
+                " desired_input_layouts");
+    for (size_t i = 0; i < input_layouts_.size(); ++i)
+      TORCH_CHECK(input_layouts_[i].has_value() == desired_input_layouts_[i].has_value(),
+                  "titan: PrepareModuleInput on '", path, "': input ", i,
+                  " has a layout on one side and std::nullopt on the other");
+    auto hook = std::make_shared<PrepareModuleInput>(*this);
+    hook->bind(module, path, group, mesh_dim);
+    attach_hook(module, hook);
+  }
+
+  at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    TORCH_CHECK(inputs.size() == input_layouts_.size(), "titan: PrepareModuleInput on '", path_, "' has ",
+                input_layouts_.size(), " layouts but forward got ", inputs.size(), " tensor arguments");
+    TensorList prepared = inputs;
+    for (size_t i = 0; i < inputs.size(); ++i)
+      if (input_layouts_[i]) prepared[i] = tp::redistribute(inputs[i], *input_layouts_[i], *desired_input_layouts_[i], group_);
+    return next(prepared);
+  }
+};
+
+/// Which module gets which style: (pattern, style) entries applied in order. A pattern is a dotted
+/// module name in which a '*' matches any run of characters inside one name component, e.g.
+/// "layers.*.attention.wq"; "" is the root module. Every entry must match at least one module.
+class ParallelizePlan {
+ public:
+  /// Adds an entry (the style is copied).
+  template <typename Style>
+  ParallelizePlan& add(std::string pattern, Style style) {
+    static_assert(std::is_base_of_v<ParallelStyle, Style>, "titan::ParallelizePlan::add needs a ParallelStyle");
+    entries_.emplace_back(std::move(pattern), std::make_shared<Style>(std::move(style)));
+    return *this;
+  }
+  /// The entries, in order.
+  const std::vector<std::pair<std::string, std::shared_ptr<const ParallelStyle>>>& entries() const { return entries_; }
+
+ private:
+  std::vector<std::pair<std::string, std::shared_ptr<const ParallelStyle>>> entries_;
+};
+
+namespace detail {
+
+/// Whether one name component matches a glob component ('*' = any run of characters).
+inline bool glob_component(const std::string& pattern, const std::string& text) {
+  size_t p = 0, t = 0, star = std::string::npos, resume = 0;
+  while (t < text.size()) {
+    if (p < pattern.size() && pattern[p] == '*') {
+      star = p++;
+      resume = t;
+    } else if (p < pattern.size() && pattern[p] == text[t]) {
+      ++p;
+      ++t;
+    } else if (star != std::string::npos) {
+      p = star + 1;
+      t = ++resume;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+inline std::vector<std::string> split_dots(const std::string& name) {
+  std::vector<std::string> parts;
+  if (name.empty()) return parts;
+  size_t start = 0;
+  while (true) {
+    auto dot = name.find('.', start);
+    parts.push_back(name.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  return parts;
+}
+
+/// Whether dotted module `name` matches `pattern` component by component.
+inline bool match_module_name(const std::string& pattern, const std::string& name) {
+  auto p = split_dots(pattern), n = split_dots(name);
+  if (p.size() != n.size()) return false;
+  for (size_t i = 0; i < p.size(); ++i)
+    if (!glob_component(p[i], n[i])) return false;
+  return true;
+}
+
+}  // namespace detail
+
+/// Applies `plan` to `module`'s submodules over `tp_group` (whose mesh dimension is `mesh_dim`):
+/// shards their parameters in place (meta parameters stay meta) and attaches the styles' hooks.
+/// Call it on every rank of the group, before fully_shard, with the model called through titan::call.
+inline void parallelize_module(torch::nn::Module& module, const ProcessGroupPtr& tp_group, const ParallelizePlan& plan,
+                               const std::string& mesh_dim = "tp") {
+  TORCH_CHECK(tp_group, "titan::parallelize_module: this rank is not in the tensor-parallel group");
+  std::map<std::string, std::string> claimed;  // module name -> the pattern that matched it
+  for (const auto& [pattern, style] : plan.entries()) {
+    TORCH_CHECK(style, "titan::parallelize_module: plan entry '", pattern, "' has no style");
+    std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> targets;
+    for (const auto& item : module.named_modules("", /*include_self=*/true)) {
+      if (item.key().find(titan::detail::kHookSlotName) != std::string::npos) continue;
+      if (detail::match_module_name(pattern, item.key())) targets.emplace_back(item.key(), item.value());
+    }
+    TORCH_CHECK(!targets.empty(), "titan::parallelize_module: plan entry '", pattern,
+                "' matches no module of the model (names look like 'layers.0.attention.wq'; '*' matches one component)");
+    for (const auto& [name, target] : targets) {
+      auto [it, fresh] = claimed.emplace(name, pattern);
+      TORCH_CHECK(fresh, "titan::parallelize_module: module '", name, "' is matched by plan entries '", it->second,
+                  "' and '", pattern, "'");
+      style->apply(*target, name.empty() ? std::string("<root>") : name, tp_group, mesh_dim);
+    }
+  }
+}
+
+/// parallelize_module over a 1-D mesh (e.g. mesh["tp"]).
+inline void parallelize_module(torch::nn::Module& module, const DeviceMesh& tp_mesh, const ParallelizePlan& plan) {
+  TORCH_CHECK(tp_mesh.ndim() == 1, "titan::parallelize_module needs a 1-D mesh (e.g. mesh[\"tp\"]), got ",
+              tp_mesh.ndim(), " dimensions");
+  const auto& dim = tp_mesh.dim_names()[0];
+  parallelize_module(module, tp_mesh.group(dim), plan, dim);
+}
+
+/// Loss parallel: the cross-entropy of logits sharded on the vocabulary (the local output of a
+/// ColwiseParallel output layer, [..., vocab / tp]) against `targets` [...] (global token ids),
+/// without gathering the logits: the row maximum and the sum of exponentials are all-reduced, and
+/// the target's logit is picked on the rank owning it. Targets equal to `ignore_index` are skipped;
+/// the result is the mean over the others (NaN if there are none, as at::cross_entropy), the same
+/// on every rank. Backward gives each rank the gradient of its logits chunk.
+inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
+                                              const ProcessGroupPtr& tp_group, int64_t ignore_index = -100) {
+  titan::detail::check_group(tp_group, "loss_parallel_cross_entropy");
+  TORCH_CHECK(logits.dim() >= 1 && logits.sizes().slice(0, logits.dim() - 1) == targets.sizes(),
+              "titan: loss_parallel_cross_entropy needs logits [..., vocab / tp] and targets [...], got ",
+              logits.sizes(), " and ", targets.sizes());
+  TORCH_CHECK(!at::isFloatingType(targets.scalar_type()), "titan: loss_parallel_cross_entropy needs integer targets");
+  const int64_t last = logits.dim() - 1;
+  auto sizes = tp_group->size() == 1 ? std::vector<int64_t>{logits.size(last)}
+                                     : titan::detail::exchange_sizes(logits, *tp_group, last);
+  const int64_t start = tp::detail::offset_of(sizes, tp_group->rank());
+  const int64_t end = start + logits.size(last);
+
+  auto x = logits.to(at::kFloat);  // [..., V_local]
+  at::Tensor row_max;              // [...], the global maximum: a constant for the gradient
+  {
+    at::NoGradGuard no_grad;
+    row_max = std::get<0>(x.max(last));
+    if (tp_group->size() > 1) {
+      std::vector<at::Tensor> buffer{row_max.contiguous()};
+      c10d::AllreduceOptions options;
+      options.reduceOp = c10d::ReduceOp::MAX;
+      tp_group->backend()->allreduce(buffer, options)->wait();
+      row_max = buffer[0];
+    }
+  }
+  auto shifted = x - row_max.unsqueeze(-1);  // [..., V_local]
+  auto valid = targets != ignore_index;      // [...]
+  auto mine = valid.logical_and(targets >= start).logical_and(targets < end);
+  auto local_ids = (targets - start).masked_fill(mine.logical_not(), 0).to(at::kLong);
+  auto picked = shifted.gather(last, local_ids.unsqueeze(-1)).squeeze(-1).masked_fill(mine.logical_not(), 0.0);
+  // One all-reduce for both sums: [2, ...] = (sum of exponentials, target logit) over the vocabulary.
+  auto sums = tp::reduce_from_group(at::stack({shifted.exp().sum(last), picked}), tp_group);
+  auto per_token = (sums[0].log() - sums[1]).masked_fill(valid.logical_not(), 0.0);  // [...]
+  return per_token.sum() / valid.sum().to(per_token.scalar_type());
+}
+
+}  // namespace titan

@@ -1,0 +1,299 @@
+// titan/ac.hpp: checkpointed runs give the no-checkpoint losses and gradients, and keep less.
+#include "../support/multirank.hpp"
+#include "ac_testing.hpp"
+
+#include <titan/ac.hpp>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+using titan_ac::BlockOptions;
+using titan_ac::Stack;
+
+/// What a training step produced, to compare runs.
+struct Step {
+  torch::Tensor loss;
+  std::vector<torch::Tensor> grads;  // of the parameters, in order
+  torch::Tensor input_grad;
+  torch::Tensor next_random;  // first draw after the step: the caller's RNG stream
+};
+
+Stack make_stack(int64_t layers, const BlockOptions& o) {
+  torch::manual_seed(7);
+  return Stack(layers, o);
+}
+
+torch::Tensor make_input(int64_t batch, int64_t seq, int64_t dim, bool requires_grad = true) {
+  torch::manual_seed(11);
+  return torch::randn({batch, seq, dim}).requires_grad_(requires_grad);
+}
+
+Step run_step(Stack& model, const torch::Tensor& x) {
+  model->zero_grad();
+  if (x.requires_grad()) x.mutable_grad() = torch::Tensor();
+  torch::manual_seed(1234);
+  Step step;
+  step.loss = model->forward(x).pow(2).mean();
+  step.loss.backward();
+  for (const auto& p : model->parameters()) step.grads.push_back(p.grad().defined() ? p.grad().clone() : p.grad());
+  if (x.requires_grad()) step.input_grad = x.grad().clone();
+  step.next_random = torch::rand({4});
+  return step;
+}
+
+double max_grad_diff(const Step& a, const Step& b) {
+  REQUIRE(a.grads.size() == b.grads.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.grads.size(); ++i) {
+    REQUIRE_MESSAGE(a.grads[i].defined(), "parameter ", i, " has no gradient");
+    REQUIRE_MESSAGE(b.grads[i].defined(), "parameter ", i, " has no gradient");
+    worst = std::max(worst, titan_test::max_abs_diff(a.grads[i], b.grads[i]));
+  }
+  if (a.input_grad.defined() || b.input_grad.defined())
+    worst = std::max(worst, titan_test::max_abs_diff(a.input_grad, b.input_grad));
+  return worst;
+}
+
+void check_same_step(const Step& reference, const Step& checkpointed) {
+  CHECK_CLOSE(reference.loss, checkpointed.loss, 0.0);
+  const double diff = max_grad_diff(reference, checkpointed);
+  MESSAGE("max gradient difference to the run without checkpointing: ", diff);
+  CHECK(diff <= 1e-6);
+  CHECK_CLOSE(reference.next_random, checkpointed.next_random, 0.0);
+}
+
+titan::ActivationCheckpointOptions ac(const std::string& mode, const std::string& option = "2") {
+  return titan::ActivationCheckpointOptions().mode(mode).selective_ac_option(option);
+}
+
+/// A hook counting its calls, to see where in the nesting the recomputation starts.
+struct CountingHook : titan::ModuleHook {
+  std::string name() const override { return "count"; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn& next) override {
+    ++calls;
+    return next(inputs);
+  }
+  int calls = 0;
+};
+
+/// y = linear(x) * scale, where `scale` is a tensor the forward closes over (not an input).
+struct ScaledLinearImpl : torch::nn::Module {
+  ScaledLinearImpl() : linear(register_module("linear", torch::nn::Linear(6, 6))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return torch::tanh(linear(x)) * scale; }
+  torch::nn::Linear linear;
+  torch::Tensor scale;
+};
+TORCH_MODULE(ScaledLinear);
+
+/// Draws random numbers inside a policy operator (aten::bernoulli) and after it (dropout).
+struct RandomOpsImpl : torch::nn::Module {
+  RandomOpsImpl() : linear(register_module("linear", torch::nn::Linear(8, 8))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = linear(x);
+    auto mask = torch::bernoulli(torch::full_like(h, 0.7));
+    return torch::dropout(torch::sin(h) * mask, 0.3, true);
+  }
+  torch::nn::Linear linear;
+};
+TORCH_MODULE(RandomOps);
+
+}  // namespace
+
+TEST_CASE("activation checkpointing: every mode gives the losses and gradients of the run without it") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  const auto o = BlockOptions().dim(32).heads(4).hidden(64);
+  const auto x = make_input(2, 16, 32);
+  auto reference_model = make_stack(4, o);
+  const Step reference = run_step(reference_model, x);
+  for (const auto& [mode, option] : std::vector<std::pair<std::string, std::string>>{
+           {"full", "2"}, {"selective", "1"}, {"selective", "2"}, {"selective", "3"}, {"selective", "op"}}) {
+    CAPTURE(mode);
+    CAPTURE(option);
+    auto model = make_stack(4, o);
+    const size_t wrapped = titan::apply_activation_checkpointing(model->layers, ac(mode, option));
+    CHECK(wrapped == (mode == "full" || option == "1" || option == "op" ? 4u : option == "2" ? 2u : 1u));
+    check_same_step(reference, run_step(model, x));
+    // A second step through the same hooks is the same again (nothing left over from the first).
+    check_same_step(reference, run_step(model, x));
+  }
+}
+
+TEST_CASE("activation checkpointing: dropout recomputes identically (RNG restored), and differs without") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  const auto o = BlockOptions().dim(32).heads(4).hidden(64).dropout(0.2);
+  const auto x = make_input(2, 16, 32);
+  auto reference_model = make_stack(3, o);
+  const Step reference = run_step(reference_model, x);
+  for (const std::string option : {"full", "op", "2"}) {
+    CAPTURE(option);
+    auto model = make_stack(3, o);
+    titan::apply_activation_checkpointing(model->layers, option == "full" ? ac("full") : ac("selective", option));
+    check_same_step(reference, run_step(model, x));
+  }
+  // The check above can fail: without restoring the generator, the masks of the recomputation differ.
+  auto unrestored = make_stack(3, o);
+  titan::apply_activation_checkpointing(unrestored->layers, ac("full").preserve_rng_state(false));
+  const Step step = run_step(unrestored, x);
+  CHECK_CLOSE(reference.loss, step.loss, 0.0);
+  CHECK(max_grad_diff(reference, step) > 1e-3);
+}
+
+TEST_CASE("selective per-operator checkpointing replays random policy operators and keeps the RNG stream") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  auto make = [] {
+    torch::manual_seed(3);
+    return RandomOps();
+  };
+  const auto x = make_input(4, 3, 8);
+  auto plain = make();
+  titan::CheckpointOptions options;
+  options.policy(std::make_shared<titan::OpSavePolicy>(std::vector<std::string>{"aten::addmm", "aten::bernoulli"}));
+  auto checkpointed = make();
+  titan::checkpoint_wrapper(checkpointed, options);
+  auto step = [&x](RandomOps& m) {
+    m->zero_grad();
+    x.mutable_grad() = torch::Tensor();
+    torch::manual_seed(99);
+    auto loss = titan::call(m, x).sum();
+    loss.backward();
+    return std::make_tuple(loss.detach(), m->linear->weight.grad().clone(), x.grad().clone(), torch::rand({3}));
+  };
+  auto [loss_a, grad_a, input_a, next_a] = step(plain);
+  auto [loss_b, grad_b, input_b, next_b] = step(checkpointed);
+  CHECK_CLOSE(loss_a, loss_b, 0.0);
+  CHECK_CLOSE(grad_a, grad_b, 1e-6);
+  CHECK_CLOSE(input_a, input_b, 1e-6);
+  CHECK_CLOSE(next_a, next_b, 0.0);
+}
+
+TEST_CASE("checkpoint_wrapper: parameters and closed-over tensors get gradients, also when no input requires grad") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  auto make = [] {
+    torch::manual_seed(5);
+    return ScaledLinear();
+  };
+  for (bool input_grad : {true, false}) {
+    CAPTURE(input_grad);
+    auto run = [&](bool checkpoint) {
+      auto m = make();
+      if (checkpoint) titan::checkpoint_wrapper(m);
+      auto base = torch::linspace(0.5, 1.5, 6).requires_grad_(true);
+      m->scale = base * 2;  // a non-leaf tensor the forward closes over
+      auto x = make_input(3, 2, 6, input_grad);
+      auto loss = titan::call(m, x).pow(2).sum();
+      loss.backward();
+      return std::make_tuple(loss.detach(), m->linear->weight.grad(), m->linear->bias.grad(), base.grad(),
+                             input_grad ? x.grad() : torch::zeros({1}));
+    };
+    auto [loss_a, w_a, b_a, s_a, x_a] = run(false);
+    auto [loss_b, w_b, b_b, s_b, x_b] = run(true);
+    CHECK_CLOSE(loss_a, loss_b, 0.0);
+    REQUIRE(w_b.defined());
+    REQUIRE(s_b.defined());
+    CHECK_CLOSE(w_a, w_b, 1e-6);
+    CHECK_CLOSE(b_a, b_b, 1e-6);
+    CHECK_CLOSE(s_a, s_b, 1e-6);
+    CHECK_CLOSE(x_a, x_b, 1e-6);
+  }
+}
+
+TEST_CASE("checkpoint_wrapper recomputes through the inner hooks, once, and not the outer ones") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  torch::manual_seed(5);
+  ScaledLinear m;
+  m->scale = torch::ones({6});
+  auto inner = std::make_shared<CountingHook>();
+  auto outer = std::make_shared<CountingHook>();
+  titan::attach_hook(*m, inner);
+  titan::checkpoint_wrapper(m);
+  titan::attach_hook(*m, outer);
+  auto x = make_input(2, 2, 6);
+  auto out = titan::call(m, x);
+  CHECK(inner->calls == 1);
+  CHECK(outer->calls == 1);
+  CHECK_FALSE(m->linear->weight.grad().defined());
+  out.sum().backward();
+  CHECK(inner->calls == 2);  // the recomputation ran `next`: inner hook + forward
+  CHECK(outer->calls == 1);
+  CHECK(m->linear->weight.grad().defined());
+  // Under no-grad nothing is checkpointed or recomputed.
+  {
+    torch::NoGradGuard no_grad;
+    titan::call(m, x);
+  }
+  CHECK(inner->calls == 3);
+  CHECK_THROWS_WITH_AS(titan::checkpoint_wrapper(m), doctest::Contains("already checkpointed"), c10::Error);
+}
+
+TEST_CASE("checkpoint_wrapper rejects an input modified in place after forward") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  torch::manual_seed(5);
+  ScaledLinear m;
+  m->scale = torch::ones({6});
+  titan::checkpoint_wrapper(m);
+  auto leaf = make_input(2, 2, 6);
+  auto x = leaf * 1.0;
+  auto out = titan::call(m, x);
+  {
+    torch::NoGradGuard no_grad;
+    x.add_(1.0);
+  }
+  CHECK_THROWS_WITH_AS(out.sum().backward(), doctest::Contains("modified in place"), c10::Error);
+}
+
+TEST_CASE("activation checkpointing keeps less: full < selective < none") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  const auto o = BlockOptions().dim(64).heads(4).hidden(256);
+  const auto x = make_input(4, 64, 64);
+  auto saved = [&](const titan::ActivationCheckpointOptions& options) {
+    auto model = make_stack(4, o);
+    titan::apply_activation_checkpointing(model->layers, options);
+    return titan_ac::measure_step(model, x);
+  };
+  const auto none = saved(ac("none")), full = saved(ac("full")), every2 = saved(ac("selective", "2")),
+             op = saved(ac("selective", "op"));
+  MESSAGE("saved bytes: none ", none.saved, ", full ", full.saved, ", selective 2 ", every2.saved, ", selective op ",
+          op.saved);
+  MESSAGE("peak bytes: none ", none.peak, ", full ", full.peak, ", selective 2 ", every2.peak, ", selective op ",
+          op.peak);
+  CHECK(full.saved * 4 < none.saved);
+  CHECK(full.saved < every2.saved);
+  CHECK(every2.saved < none.saved);
+  CHECK(full.saved < op.saved);
+  CHECK(op.saved < none.saved);
+  CHECK(full.peak < none.peak);
+  CHECK(op.peak < none.peak);
+  // Deterministic: the same step measures the same again.
+  CHECK(saved(ac("selective", "op")).saved == op.saved);
+}
+
+TEST_CASE("activation checkpointing options and policies reject bad values, naming them") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  auto model = make_stack(2, BlockOptions());
+  CHECK_THROWS_WITH_AS(titan::apply_activation_checkpointing(model->layers, ac("partial")),
+                       doctest::Contains("activation_checkpoint.mode"), c10::Error);
+  for (const std::string bad : {"0", "-1", "x", "", "2x"}) {
+    CAPTURE(bad);
+    CHECK_THROWS_WITH_AS(titan::apply_activation_checkpointing(model->layers, ac("selective", bad)),
+                         doctest::Contains("activation_checkpoint.selective_ac_option"), c10::Error);
+  }
+  CHECK(titan::hooks_of(*model->layers[0]).empty());
+  CHECK_THROWS_WITH_AS(titan::OpSavePolicy({"aten::mmm"}), doctest::Contains("unknown operator 'aten::mmm'"),
+                       c10::Error);
+  CHECK_THROWS_WITH_AS(titan::OpSavePolicy({"aten::linear"}), doctest::Contains("CompositeImplicitAutograd"),
+                       c10::Error);
+  CHECK_THROWS_WITH_AS(titan::OpSavePolicy({"aten::mm.out"}), doctest::Contains("mutates or aliases"), c10::Error);
+  titan::OpSavePolicy policy({"aten::mm", "aten::max.dim"});
+  auto op = [](const char* name, const char* overload) {
+    return *c10::Dispatcher::singleton().findSchema({name, overload});
+  };
+  CHECK(policy.saves(op("aten::mm", "")));
+  CHECK(policy.saves(op("aten::mm", "dtype")));
+  CHECK_FALSE(policy.saves(op("aten::mm", "out")));
+  CHECK(policy.saves(op("aten::max", "dim")));
+  CHECK_FALSE(policy.saves(op("aten::max", "")));
+  CHECK_FALSE(policy.saves(op("aten::addmm", "")));
+  CHECK(titan::OpSavePolicy().ops() == titan::OpSavePolicy::default_ops());
+}

@@ -1,0 +1,75 @@
+#pragma once
+// Shared by the checkpoint suite (test_titan) and checkpoint_driver: reproducible global tensors,
+// hand-built layouts over a DeviceMesh and a directory every rank of a job agrees on.
+#include <titan/checkpoint.hpp>
+#include <titan/dist.hpp>
+#include <torch/torch.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+namespace titan_ckpt {
+
+/// A reproducible global tensor: sin(0.37 * i + index) over the flat index i, cast to `dtype`.
+/// tests/checkpoint/read_checkpoint.py computes the same values in Python.
+inline torch::Tensor global_tensor(int64_t index, const std::vector<int64_t>& shape, torch::ScalarType dtype) {
+  int64_t numel = 1;
+  for (auto s : shape) numel *= s;
+  auto values = torch::arange(numel, torch::kDouble).mul(0.37).add(static_cast<double>(index)).sin();
+  if (dtype == torch::kLong || dtype == torch::kInt) values = values.mul(1000).round();
+  return values.to(dtype).reshape(shape);
+}
+
+/// This rank's block of `global` under `layout`.
+inline titan::ShardedTensor shard_of(const torch::Tensor& global, const titan::TensorLayout& layout) {
+  auto box = layout.local_box();
+  auto local = global;
+  for (size_t d = 0; d < box.sizes.size(); ++d)
+    local = local.narrow(static_cast<int64_t>(d), box.offsets[d], box.sizes[d]);
+  return titan::ShardedTensor{local.contiguous(), layout, box};
+}
+
+/// One tensor of the resharding set: its shape, dtype and how each mesh kind shards it.
+struct Spec {
+  std::string name;
+  std::vector<int64_t> shape;
+  torch::ScalarType dtype;
+  int tp_dim;  ///< dim sharded over "tp" in the FSDP x TP mesh (-1: not TP-sharded)
+};
+
+/// Tensors with uneven sizes, several dtypes and ranks, a scalar.
+inline std::vector<Spec> specs() {
+  return {{"layers.0.wq", {10, 6}, torch::kFloat, 0},       {"layers.0.wo", {6, 10}, torch::kFloat, 1},
+          {"layers.0.norm", {7}, torch::kFloat, -1},        {"embed", {5, 3, 2}, torch::kBFloat16, 0},
+          {"counts", {9}, torch::kLong, -1},                {"scale", {}, torch::kDouble, -1},
+          {"wide", {3, 257}, torch::kHalf, 1}};
+}
+
+/// The layout of `spec` on `mesh`: "dp_shard" alone (FSDP: Shard(0) over dp_shard, scalars
+/// replicated), or "dp_shard" x "tp" (TP level first on tp_dim, then Shard(0) over dp_shard).
+inline titan::TensorLayout layout_for(const Spec& spec, const titan::DeviceMesh& mesh) {
+  titan::TensorLayout layout{spec.shape, {}};
+  if (spec.shape.empty()) return layout;
+  if (mesh.has_dim("tp") && spec.tp_dim >= 0) layout = layout.with_level({spec.tp_dim, "tp", mesh.group("tp")});
+  return layout.with_level({0, "dp_shard", mesh.group("dp_shard")});
+}
+
+/// A directory shared by the ranks of this job (MASTER_PORT differs between jobs), emptied by
+/// rank 0 before the others look at it.
+inline std::string shared_dir(const titan::WorldPtr& world, const std::string& name) {
+  const char* port = std::getenv("MASTER_PORT");
+  auto root = std::filesystem::temp_directory_path() /
+              ("titan_ckpt_" + (port ? std::string(port) : std::to_string(::getpid())));
+  auto dir = (root / name).string();
+  if (world->rank() == 0) {
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+  }
+  world->group()->barrier();
+  return dir;
+}
+
+}  // namespace titan_ckpt

@@ -1,0 +1,333 @@
+// titan/checkpoint.hpp: round trips, bitwise resume, async saves, rotation, corruption. Runs on
+// 1, 2 and 4 ranks (titan.ranksN); resharding across world sizes and kill-during-save are
+// separate ctest entries (checkpoint_driver.cpp).
+#include "../support/multirank.hpp"
+#include "checkpoint_fixtures.hpp"
+
+#include <titan/checkpoint.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+namespace {
+
+using titan_ckpt::global_tensor;
+using titan_test::world;
+
+/// The message of the exception `fn` throws ("" if none).
+template <typename F>
+std::string error_of(F&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+/// The specs' tensors sharded FSDP-style over all ranks (Shard(0) over "dp_shard").
+titan::ShardedStateDict fsdp_tensors(const titan::DeviceMesh& mesh, bool zeros) {
+  titan::ShardedStateDict tensors;
+  int64_t index = 0;
+  for (const auto& spec : titan_ckpt::specs()) {
+    auto sharded = titan_ckpt::shard_of(global_tensor(index++, spec.shape, spec.dtype),
+                                        titan_ckpt::layout_for(spec, mesh));
+    if (zeros) sharded.local.zero_();
+    tensors.emplace_back(spec.name, sharded);
+  }
+  return tensors;
+}
+
+/// Gives every parameter of a module a layout: Shard(0) over one group (what FSDP reports).
+class TestLayouts : public titan::ModuleHook, public titan::ParameterLayoutProvider {
+ public:
+  std::map<std::string, titan::TensorLayout> layouts;
+  std::string name() const override { return "test_layouts"; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn& next) override {
+    return next(inputs);
+  }
+  std::optional<titan::TensorLayout> layout_of(const std::string& name) const override {
+    auto it = layouts.find(name);
+    if (it == layouts.end()) return std::nullopt;
+    return it->second;
+  }
+};
+
+/// A two-layer MLP whose parameters are hand-sharded along dim 0 (FSDP-style): forward all-gathers
+/// them (differentiably, so gradients are reduce-scattered into the shards).
+struct ShardedMlpImpl : torch::nn::Module {
+  ShardedMlpImpl(const titan::DeviceMesh& mesh, int64_t seed) : group(mesh.group("dp_shard")) {
+    auto hook = std::make_shared<TestLayouts>();
+    const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{
+        {"w1", {12, 5}}, {"b1", {12}}, {"w2", {3, 12}}, {"b2", {3}}};
+    for (const auto& [name, shape] : shapes) {
+      titan::TensorLayout layout{shape, {{0, "dp_shard", group}}};
+      auto global = global_tensor(seed++, shape, torch::kFloat).mul(0.5);
+      register_parameter(name, titan_ckpt::shard_of(global, layout).local.clone());
+      hook->layouts[name] = layout;
+    }
+    titan::attach_hook(*this, hook);
+  }
+  torch::Tensor full(const std::string& name) {
+    auto local = named_parameters(false)[name];
+    auto global_rows = titan::parameter_layout(*this, name, local).global_shape[0];
+    return titan::all_gather(local, group, 0, titan::chunk_sizes(global_rows, group->size()));
+  }
+  torch::Tensor forward(torch::Tensor x) {  // x [batch, 5]
+    auto h = torch::relu(torch::addmm(full("b1"), x, full("w1").t()));  // [batch, 12]
+    return torch::addmm(full("b2"), h, full("w2").t());                // [batch, 3]
+  }
+  titan::ProcessGroupPtr group;
+};
+TORCH_MODULE(ShardedMlp);
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& kind, std::vector<torch::Tensor> params) {
+  if (kind == "AdamW") return std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(0.02).weight_decay(0.1));
+  if (kind == "Adam") return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(0.02).amsgrad(true));
+  return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(0.05).momentum(0.9).nesterov(true));
+}
+
+/// Trains steps [first, last] and returns each step's loss on this rank.
+std::vector<float> train(ShardedMlp& model, torch::optim::Optimizer& optimizer, int first, int last) {
+  std::vector<float> losses;
+  const int rank = world()->rank();
+  for (int step = first; step <= last; ++step) {
+    auto x = global_tensor(1000 + 10 * step + rank, {4, 5}, torch::kFloat);
+    auto y = global_tensor(2000 + 10 * step + rank, {4, 3}, torch::kFloat);
+    for (auto& group : optimizer.param_groups()) group.options().set_lr(0.02 * (1.0 - 0.03 * step));  // a schedule
+    optimizer.zero_grad();
+    auto loss = torch::mse_loss(titan::call(model, x), y);
+    loss.backward();
+    optimizer.step();
+    losses.push_back(loss.item<float>());
+  }
+  return losses;
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint: CRC-32 is zlib's") {
+  const std::string text = "123456789";
+  CHECK(titan::detail::crc32(text.data(), text.size()) == 0xCBF43926U);  // the standard check value
+  std::string long_text(1000, '\0');
+  for (size_t i = 0; i < long_text.size(); ++i) long_text[i] = static_cast<char>(i * 7 + 3);
+  uint32_t whole = titan::detail::crc32(long_text.data(), long_text.size());
+  uint32_t part = titan::detail::crc32(long_text.data(), 333);
+  CHECK(titan::detail::crc32(long_text.data() + 333, long_text.size() - 333, part) == whole);
+}
+
+TEST_CASE("checkpoint: sharded tensors and extra state round-trip") {
+  titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
+  auto dir = titan_ckpt::shared_dir(world(), "roundtrip");
+  titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir).interval(10).block_bytes(16));
+  titan::TrainState nothing;
+  CHECK_FALSE(manager.load_latest(nothing).has_value());  // a fresh run
+
+  titan::TrainState saved;
+  saved.tensors = fsdp_tensors(mesh, /*zeros=*/false);
+  saved.extra = {{"lr_scheduler", "{\"step\": 20}"}, {"config", "dim = 8\n"}};
+  saved.rank_extra = {{"data_position", std::to_string(100 + world()->rank())}};
+  CHECK_FALSE(manager.maybe_save(15, saved));
+  CHECK(manager.maybe_save(20, saved));
+  CHECK(std::filesystem::exists(dir + "/step-20/metadata.json"));
+  CHECK_FALSE(std::filesystem::exists(dir + "/.tmp-step-20"));
+  std::ifstream latest(dir + "/latest");
+  std::string pointer;
+  latest >> pointer;
+  CHECK(pointer == "step-20");
+
+  titan::TrainState loaded;
+  loaded.tensors = fsdp_tensors(mesh, /*zeros=*/true);
+  auto step = manager.load_latest(loaded);
+  REQUIRE(step.has_value());
+  CHECK(*step == 20);
+  for (size_t i = 0; i < saved.tensors.size(); ++i) {
+    INFO(saved.tensors[i].first);
+    CHECK(torch::equal(loaded.tensors[i].second.local, saved.tensors[i].second.local));
+  }
+  CHECK(loaded.extra == saved.extra);
+  CHECK(loaded.rank_extra == saved.rank_extra);
+
+  // Every tensor is saved once, a replicated one by one rank only.
+  auto meta = titan::read_checkpoint_metadata(dir + "/step-20");
+  CHECK(meta.world_size == world()->world_size());
+  REQUIRE(meta.find("extra.scale") != nullptr);
+  CHECK(meta.find("extra.scale")->shards.size() == 1);
+  CHECK(meta.find("extra.layers.0.wq")->placement == "Shard(0)@dp_shard");
+  CHECK(meta.find("extra.layers.0.wq")->shards.size() == static_cast<size_t>(std::min(world()->world_size(), 10)));
+}
+
+TEST_CASE("checkpoint: training resumes bitwise (AdamW, Adam amsgrad, SGD momentum), keyed by name") {
+  titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
+  for (std::string kind : {"AdamW", "Adam", "SGD"}) {
+    INFO(kind);
+    ShardedMlp straight(mesh, 0);
+    auto straight_optimizer = make_optimizer(kind, straight->parameters());
+    auto expected = train(straight, *straight_optimizer, 1, 10);
+
+    auto dir = titan_ckpt::shared_dir(world(), "resume_" + kind);
+    std::vector<float> first_half;
+    {
+      ShardedMlp model(mesh, 0);
+      auto optimizer = make_optimizer(kind, model->parameters());
+      first_half = train(model, *optimizer, 1, 5);
+      titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir).interval(5));
+      titan::TrainState state;
+      state.model = model.get();
+      state.optimizer = optimizer.get();
+      state.extra["step"] = "5";
+      CHECK(manager.maybe_save(5, state));
+    }
+    // A fresh model with other values and a fresh optimizer over the parameters in another order.
+    ShardedMlp resumed(mesh, 50);
+    auto params = resumed->parameters();
+    std::reverse(params.begin(), params.end());
+    auto optimizer = make_optimizer(kind, params);
+    titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir));
+    titan::TrainState state;
+    state.model = resumed.get();
+    state.optimizer = optimizer.get();
+    REQUIRE(manager.load_latest(state) == std::optional<int64_t>(5));
+    CHECK(state.extra.at("step") == "5");
+    CHECK(optimizer->param_groups()[0].options().get_lr() == 0.02 * (1.0 - 0.03 * 5));
+    auto second_half = train(resumed, *optimizer, 6, 10);
+
+    first_half.insert(first_half.end(), second_half.begin(), second_half.end());
+    CHECK(first_half == expected);  // bitwise
+    auto a = straight->named_parameters();
+    auto b = resumed->named_parameters();
+    for (const auto& item : a) {
+      INFO(item.key());
+      CHECK(torch::equal(item.value(), b[item.key()]));
+    }
+  }
+}
+
+TEST_CASE("checkpoint: an async save writes the staged copy while training goes on") {
+  titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
+  auto dir = titan_ckpt::shared_dir(world(), "async");
+  titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir).async(true).interval(1).keep_latest_k(2));
+  titan::TrainState state;
+  state.tensors = fsdp_tensors(mesh, false);
+  std::vector<torch::Tensor> originals;
+  for (const auto& [name, tensor] : state.tensors) originals.push_back(tensor.local.clone());
+
+  manager.save(1, state);
+  for (auto& [name, tensor] : state.tensors) tensor.local.add_(1);  // training modifies the tensors at once
+  manager.save(2, state);  // waits for step 1, then stages step 2
+  for (auto& [name, tensor] : state.tensors) tensor.local.add_(1);
+  manager.save(3, state);
+  manager.wait();
+  CHECK(manager.complete_steps() == std::vector<int64_t>{2, 3});  // keep_latest_k = 2
+
+  titan::TrainState loaded;
+  loaded.tensors = fsdp_tensors(mesh, true);
+  CHECK(manager.load(2, loaded) == std::optional<int64_t>(2));
+  for (size_t i = 0; i < originals.size(); ++i) {
+    INFO(state.tensors[i].first);
+    CHECK(torch::equal(loaded.tensors[i].second.local, originals[i] + 1));
+  }
+}
+
+TEST_CASE("checkpoint: corrupt, truncated, missing or mismatched checkpoints fail before overwriting") {
+  titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
+  auto dir = titan_ckpt::shared_dir(world(), "corrupt");
+  {
+    titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir).block_bytes(64));
+    titan::TrainState state;
+    state.tensors = fsdp_tensors(mesh, false);
+    manager.save(7, state);
+  }
+  const std::string good = dir + "/step-7";
+  auto meta = titan::read_checkpoint_metadata(good);
+  const auto& wq = meta.find("extra.layers.0.wq")->shards.front();
+  REQUIRE(wq.file == "rank-0.safetensors");
+
+  // Copies the good checkpoint to `name`, lets rank 0 damage it, loads it on every rank into
+  // zeroed tensors and returns the error; the tensors must still be zero.
+  auto load_damaged = [&](const std::string& name, const std::function<void(const std::string&)>& damage,
+                          const std::function<void(titan::TrainState&)>& edit = nullptr) {
+    const std::string copy = dir + "/" + name;
+    if (world()->rank() == 0) {
+      std::filesystem::copy(good, copy, std::filesystem::copy_options::recursive);
+      if (damage) damage(copy);
+    }
+    world()->group()->barrier();
+    titan::TrainState state;
+    state.tensors = fsdp_tensors(mesh, true);
+    if (edit) edit(state);
+    auto error = error_of([&] { titan::load_checkpoint(copy, state, world()->group()); });
+    for (const auto& [tensor_name, tensor] : state.tensors) {
+      INFO(tensor_name);
+      CHECK(tensor.local.count_nonzero().item<int64_t>() == 0);
+    }
+    return error;
+  };
+
+  SUBCASE("a flipped byte") {
+    auto error = load_damaged("flipped", [&](const std::string& copy) {
+      std::fstream file(copy + "/rank-0.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+      file.seekg(wq.begin + 3);
+      char byte = 0;
+      file.read(&byte, 1);
+      byte = static_cast<char>(byte ^ 0x10);
+      file.seekp(wq.begin + 3);
+      file.write(&byte, 1);
+    });
+    INFO(error);
+    CHECK(contains(error, "checksum mismatch"));
+    CHECK(contains(error, "rank-0.safetensors"));
+    CHECK(contains(error, "'extra.layers.0.wq'"));
+  }
+  SUBCASE("a truncated file") {
+    auto error = load_damaged("truncated", [&](const std::string& copy) {
+      std::filesystem::resize_file(copy + "/rank-0.safetensors", static_cast<uintmax_t>(wq.begin + 5));
+    });
+    INFO(error);
+    CHECK(contains(error, "truncated"));
+    CHECK(contains(error, "rank-0.safetensors"));
+    CHECK(contains(error, "'extra.layers.0.wq'"));
+  }
+  SUBCASE("a missing file") {
+    auto error = load_damaged("missing", [&](const std::string& copy) {
+      std::filesystem::remove(copy + "/rank-0.safetensors");
+    });
+    INFO(error);
+    CHECK(contains(error, "is missing"));
+    CHECK(contains(error, "rank-0.safetensors"));
+    CHECK(contains(error, "'extra.layers.0.wq'"));
+  }
+  SUBCASE("no metadata (an unfinished save)") {
+    auto error = load_damaged("unfinished", [&](const std::string& copy) {
+      std::filesystem::remove(copy + "/metadata.json");
+    });
+    INFO(error);
+    CHECK(contains(error, "metadata.json' is missing"));
+  }
+  SUBCASE("another shape") {
+    auto error = load_damaged("shape", nullptr, [&](titan::TrainState& state) {
+      titan_ckpt::Spec spec{"layers.0.wo", {6, 11}, torch::kFloat, -1};
+      state.tensors[1].second = titan_ckpt::shard_of(torch::zeros({6, 11}), titan_ckpt::layout_for(spec, mesh));
+    });
+    INFO(error);
+    CHECK(contains(error, "'extra.layers.0.wo' has global shape [6, 11]"));
+    CHECK(contains(error, "saved it as [6, 10]"));
+  }
+  SUBCASE("another dtype") {
+    auto error = load_damaged("dtype", nullptr, [&](titan::TrainState& state) {
+      state.tensors[2].second = titan::replicated(torch::zeros({7}, torch::kDouble));
+    });
+    INFO(error);
+    CHECK(contains(error, "'extra.layers.0.norm' is Double but"));
+  }
+  SUBCASE("a tensor the checkpoint lacks") {
+    auto error = load_damaged("name", nullptr, [&](titan::TrainState& state) {
+      state.tensors.emplace_back("layers.9.wq", titan::replicated(torch::zeros({2})));
+    });
+    INFO(error);
+    CHECK(contains(error, "'extra.layers.9.wq' is not in"));
+  }
+}

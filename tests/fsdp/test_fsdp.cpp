@@ -1,0 +1,502 @@
+// titan/fsdp.hpp: per-parameter sharding, checked against single-process training of the same
+// global batch (computed on every rank locally). Runs at 1, 2 and 4 CPU ranks over Gloo.
+#include "../support/multirank.hpp"
+
+#include <titan/fsdp.hpp>
+#include <titan/meta.hpp>
+
+#include <functional>
+
+namespace {
+
+using torch::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Models. Sizes 5, 7 and 13 are not divisible by 2 or 4: every shard split is uneven somewhere.
+
+Tensor init_param(std::vector<int64_t> shape, torch::Device device, double scale, double shift = 0.0) {
+  if (device.is_meta()) return torch::empty(shape, torch::TensorOptions().device(device));
+  return torch::randn(shape) * scale + shift;
+}
+
+/// A residual MLP block with its own parameters (so it can be built on the meta device).
+struct BlockImpl : torch::nn::Module {
+  BlockImpl(int64_t dim, int64_t hidden, torch::Device device) {
+    norm = register_parameter("norm", init_param({dim}, device, 0.1, 1.0));
+    up = register_parameter("up", init_param({hidden, dim}, device, 0.3));
+    up_bias = register_parameter("up_bias", init_param({hidden}, device, 0.1));
+    down = register_parameter("down", init_param({dim, hidden}, device, 0.3));
+  }
+  Tensor forward(const Tensor& x) {  // x: [B, dim]
+    auto h = torch::tanh(torch::nn::functional::linear(x * norm, up, up_bias));  // [B, hidden]
+    return x + torch::matmul(h, down.t());                                        // [B, dim]
+  }
+  Tensor norm, up, up_bias, down;
+};
+TORCH_MODULE(Block);
+
+/// input [B, 5] -> embed -> depth blocks -> head [B, 3].
+struct MlpImpl : torch::nn::Module {
+  explicit MlpImpl(torch::Device device = torch::kCPU, int64_t dim = 7, int64_t hidden = 13, int64_t depth = 3) {
+    embed = register_parameter("embed", init_param({dim, 5}, device, 0.4));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (int64_t i = 0; i < depth; ++i) layers->push_back(Block(dim, hidden, device));
+    head = register_parameter("head", init_param({3, dim}, device, 0.3));
+  }
+  Tensor forward(const Tensor& x) {
+    auto h = torch::matmul(x, embed.t());
+    for (const auto& layer : *layers) h = titan::call(layer->as<BlockImpl>(), h);
+    return torch::matmul(h, head.t());
+  }
+  Tensor embed, head;
+  torch::nn::ModuleList layers{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+/// input [B, 2, 6, 6] -> conv(3) -> conv(5) -> linear(13) -> linear(4), library modules only.
+struct CnnImpl : torch::nn::Module {
+  CnnImpl() {
+    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)));
+    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 5, 3)));
+    fc = register_module("fc", torch::nn::Linear(5 * 4 * 4, 13));
+    head = register_module("head", torch::nn::Linear(13, 4));
+  }
+  Tensor forward(const Tensor& x) {
+    auto h = torch::tanh(titan::call(conv1, x));     // [B, 3, 6, 6]
+    h = torch::tanh(titan::call(conv2, h));           // [B, 5, 4, 4]
+    h = torch::tanh(titan::call(fc, h.flatten(1)));   // [B, 13]
+    return head->forward(h);                          // [B, 4]
+  }
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::Linear fc{nullptr}, head{nullptr};
+};
+TORCH_MODULE(Cnn);
+
+// ---------------------------------------------------------------------------------------------
+// Harness.
+
+const titan::World& world() { return *titan_test::world(); }
+
+titan::DeviceMesh shard_mesh() {
+  return titan::DeviceMesh(titan_test::world(), {"dp_shard"}, {world().world_size()});
+}
+
+void shard_mlp(Mlp& model, const titan::DeviceMesh& mesh, titan::FsdpOptions options = {}) {
+  for (const auto& layer : *model->layers) titan::fully_shard(layer, mesh, options);
+  titan::fully_shard(model, mesh, options);
+}
+
+void shard_cnn(Cnn& model, const titan::DeviceMesh& mesh, titan::FsdpOptions options = {}) {
+  titan::fully_shard(model->conv1, mesh, options);
+  titan::fully_shard(model->conv2, mesh, options);
+  titan::fully_shard(model->fc, mesh, options);
+  titan::fully_shard(model, mesh, options);
+}
+
+/// This rank's rows of a global batch (every rank holds an equal slice).
+Tensor local_rows(const Tensor& global) {
+  const int64_t n = world().world_size();
+  REQUIRE(global.size(0) % n == 0);
+  const int64_t rows = global.size(0) / n;
+  return global.narrow(0, world().rank() * rows, rows);
+}
+
+/// Global batches for `steps` steps: inputs [steps, B, ...] and targets [steps, B, out].
+struct Data {
+  Tensor inputs, targets;
+};
+Data make_data(std::vector<int64_t> input_shape, int64_t out, int64_t steps, int64_t batch = 8) {
+  torch::manual_seed(1234);
+  std::vector<int64_t> shape{steps, batch};
+  shape.insert(shape.end(), input_shape.begin(), input_shape.end());
+  return Data{torch::randn(shape), torch::randn({steps, batch, out})};
+}
+
+/// The loss of a model output for inputs x and targets y.
+using LossFn = std::function<Tensor(const Tensor& out, const Tensor& x, const Tensor& y)>;
+Tensor mse(const Tensor& out, const Tensor&, const Tensor& y) { return torch::mse_loss(out.to(torch::kFloat), y); }
+
+/// Trains with AdamW on `inputs[s]` (all rows, or the rows this rank holds when `distributed`),
+/// split into `micro_batches` micro-steps; returns the global loss of each step (averaged over
+/// ranks when `distributed`).
+template <typename Model>
+std::vector<double> train(Model& model, const Data& data, bool distributed, int64_t micro_batches = 1,
+                          const LossFn& loss_fn = mse) {
+  torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+  std::vector<double> losses;
+  for (int64_t s = 0; s < data.inputs.size(0); ++s) {
+    auto x = distributed ? local_rows(data.inputs[s]) : data.inputs[s];
+    auto y = distributed ? local_rows(data.targets[s]) : data.targets[s];
+    optimizer.zero_grad();
+    double total = 0.0;
+    const int64_t micro = x.size(0) / micro_batches;
+    for (int64_t m = 0; m < micro_batches; ++m) {
+      if (distributed) titan::set_requires_gradient_sync(*model, m == micro_batches - 1);
+      auto xm = x.narrow(0, m * micro, micro), ym = y.narrow(0, m * micro, micro);
+      auto loss = loss_fn(titan::call(model, xm), xm, ym) / static_cast<double>(micro_batches);
+      loss.backward();
+      total += loss.item<double>();
+    }
+    if (distributed) {
+      auto t = titan::all_reduce(torch::tensor({total}, torch::kDouble), world().group(), titan::ReduceOp::Avg);
+      total = t.item<double>();
+    }
+    losses.push_back(total);
+    optimizer.step();
+  }
+  return losses;
+}
+
+void check_losses(const std::vector<double>& got, const std::vector<double>& want, double tol) {
+  REQUIRE(got.size() == want.size());
+  for (size_t i = 0; i < got.size(); ++i)
+    CHECK_MESSAGE(std::abs(got[i] - want[i]) <= tol, "step ", i, ": loss ", got[i], " vs ", want[i]);
+}
+
+/// Largest difference between the gathered parameters of `sharded` and those of `reference`.
+double max_param_diff(const torch::nn::Module& sharded, const torch::nn::Module& reference) {
+  auto full = titan::full_state_dict(sharded, world().group(), titan::FullStateDictOptions().rank0_only(false));
+  double worst = 0.0;
+  for (const auto& item : reference.named_parameters()) {
+    const Tensor* got = full.find(item.key());
+    REQUIRE_MESSAGE(got != nullptr, "missing ", item.key());
+    worst = std::max(worst, titan_test::max_abs_diff(*got, item.value()));
+  }
+  return worst;
+}
+
+/// Every parameter's gradient, gathered to the global shape.
+std::map<std::string, Tensor> full_grads(const torch::nn::Module& model) {
+  std::map<std::string, Tensor> grads;
+  for (auto [name, sharded] : titan::sharded_parameters(model)) {
+    sharded.local = sharded.local.grad();
+    REQUIRE_MESSAGE(sharded.local.defined(), "no gradient for ", name);
+    grads[name] = titan::gather_full(sharded);
+  }
+  return grads;
+}
+
+/// sqrt(sum of squared differences) between the sharded model's gradients and the reference's.
+double grad_error(const torch::nn::Module& model, const torch::nn::Module& reference) {
+  auto grads = full_grads(model);
+  double sum = 0.0;
+  for (const auto& item : reference.named_parameters())
+    sum += (grads.at(item.key()).to(torch::kDouble) - item.value().grad().to(torch::kDouble)).pow(2).sum().item<double>();
+  return std::sqrt(sum);
+}
+
+/// One forward and backward of the whole global batch (reference) or this rank's slice.
+template <typename Model>
+void forward_backward(Model& model, const Data& data, bool distributed) {
+  auto x = distributed ? local_rows(data.inputs[0]) : data.inputs[0];
+  auto y = distributed ? local_rows(data.targets[0]) : data.targets[0];
+  torch::mse_loss(titan::call(model, x).to(torch::kFloat), y).backward();
+}
+
+}  // namespace
+
+TEST_CASE("fsdp: dictionary entries become dim-0 chunks, members are freed, layouts give offsets") {
+  const int n = world().world_size(), rank = world().rank();
+  torch::manual_seed(0);
+  Mlp reference;
+  torch::manual_seed(0);
+  Mlp model;
+  auto mesh = shard_mesh();
+  shard_mlp(model, mesh);
+
+  auto names = model->named_parameters().keys();
+  CHECK(names == reference->named_parameters().keys());  // names unchanged
+  for (const auto& [name, sharded] : titan::sharded_parameters(*model)) {
+    const auto& full = reference->named_parameters()[name];
+    CHECK(sharded.layout.global_shape == full.sizes().vec());
+    CHECK(sharded.layout.placement() == "Shard(0)@dp_shard");
+    auto rows = titan::chunk_sizes(full.size(0), n);
+    CHECK(sharded.local.size(0) == rows[static_cast<size_t>(rank)]);
+    int64_t offset = 0;
+    for (int r = 0; r < rank; ++r) offset += rows[static_cast<size_t>(r)];
+    CHECK(sharded.box.offsets[0] == offset);
+    CHECK(torch::equal(sharded.local, full.narrow(0, offset, sharded.local.size(0))));
+  }
+  // The member (the tensor forward reads) is the unsharded parameter, without memory until gathered.
+  auto* block = model->layers[0]->as<BlockImpl>();
+  CHECK(block->up.sizes() == torch::IntArrayRef({13, 7}));
+  CHECK(block->up.storage().nbytes() == 0);
+  CHECK(titan::fsdp_memory(*model).unsharded_bytes == 0);
+  // Bypassing titan::call finds no data; sharding twice is refused.
+  CHECK_THROWS(block->forward(torch::ones({2, 7})));
+  CHECK_THROWS_WITH(titan::fully_shard(model, mesh), doctest::Contains("already sharded"));
+  // Forward without gradients matches the reference and frees everything again.
+  auto x = torch::randn({4, 5});
+  {
+    torch::NoGradGuard no_grad;
+    CHECK_CLOSE(titan::call(model, x), reference->forward(x), 1e-6);
+  }
+  CHECK(titan::fsdp_memory(*model).unsharded_bytes == 0);
+}
+
+TEST_CASE("fsdp: MLP training equals single-process training of the global batch") {
+  auto data = make_data({5}, 3, 5);
+  torch::manual_seed(0);
+  Mlp reference;
+  auto want = train(reference, data, false);
+  auto mesh = shard_mesh();
+  for (bool reshard : {true, false}) {
+    CAPTURE(reshard);
+    torch::manual_seed(0);
+    Mlp model;
+    shard_mlp(model, mesh, titan::FsdpOptions().reshard_after_forward(reshard));
+    auto got = train(model, data, true);
+    check_losses(got, want, 1e-5);
+    double diff = max_param_diff(*model, *reference);
+    MESSAGE("MLP fp32 reshard_after_forward=", reshard, " ranks=", world().world_size(), " max param diff ", diff);
+    CHECK(diff <= 1e-5);
+    // Overlap: after the first step every block's all-gather was started ahead of its use
+    // (forward prefetch; with resharding also backward prefetch).
+    auto stats = titan::find_hook<titan::FsdpHook>(*model->layers[1])->stats();
+    CHECK(stats.prefetches >= (reshard ? 2 : 1) * (5 - 1));
+    CHECK(stats.reduce_scatters == 5);
+    CHECK(titan::fsdp_memory(*model).unsharded_bytes == 0);  // all resharded after backward
+  }
+}
+
+TEST_CASE("fsdp: CNN of library modules (Conv2d, Linear) trains like the reference") {
+  auto data = make_data({2, 6, 6}, 4, 5);
+  torch::manual_seed(0);
+  Cnn reference;
+  auto want = train(reference, data, false);
+  torch::manual_seed(0);
+  Cnn model;
+  auto mesh = shard_mesh();
+  shard_cnn(model, mesh);
+  auto got = train(model, data, true);
+  check_losses(got, want, 1e-5);
+  double diff = max_param_diff(*model, *reference);
+  MESSAGE("CNN fp32 ranks=", world().world_size(), " max param diff ", diff);
+  CHECK(diff <= 1e-5);
+}
+
+TEST_CASE("fsdp: a model built on the meta device, sharded, then to_empty and loaded") {
+  auto data = make_data({5}, 3, 5);
+  torch::manual_seed(0);
+  Mlp reference;
+  auto initial = titan::full_state_dict(*reference, world().group(), titan::FullStateDictOptions().rank0_only(false));
+  auto want = train(reference, data, false);
+
+  Mlp model(torch::kMeta);
+  auto mesh = shard_mesh();
+  shard_mlp(model, mesh);
+  CHECK(model->parameters()[0].is_meta());
+  CHECK_THROWS_WITH(titan::call(model, data.inputs[0]), doctest::Contains("meta device"));
+  titan::to_empty(*model, torch::kCPU);
+  titan::load_full_state_dict(*model, initial);
+  auto mem = titan::fsdp_memory(*model);
+  CHECK(mem.unsharded_bytes == 0);
+  auto got = train(model, data, true);
+  check_losses(got, want, 1e-5);
+  CHECK(max_param_diff(*model, *reference) <= 1e-5);
+}
+
+TEST_CASE("fsdp: bf16 parameters; fp32 reduction is closer to fp32 than bf16 reduction") {
+  auto data = make_data({5}, 3, 5);
+  torch::manual_seed(0);
+  Mlp reference;
+  forward_backward(reference, data, false);
+  auto mesh = shard_mesh();
+  double errors[2];
+  for (int i = 0; i < 2; ++i) {
+    auto reduce = i == 0 ? torch::kFloat : torch::kBFloat16;
+    torch::manual_seed(0);
+    Mlp model;
+    shard_mlp(model, mesh, titan::FsdpOptions().param_dtype(torch::kBFloat16).reduce_dtype(reduce));
+    forward_backward(model, data, true);
+    CHECK(model->parameters()[0].scalar_type() == torch::kFloat);  // fp32 master weights
+    CHECK(model->parameters()[0].grad().scalar_type() == torch::kFloat);
+    errors[i] = grad_error(*model, *reference);
+  }
+  MESSAGE("bf16 params, ranks=", world().world_size(), ": gradient error (L2) with fp32 reduce ", errors[0],
+          ", with bf16 reduce ", errors[1]);
+  CHECK(errors[0] < 0.05);  // bf16 compute: ~3 significant digits
+  if (world().world_size() == 1) {
+    CHECK(errors[0] == errors[1]);  // nothing is summed: both only round the same bf16 gradient
+  } else {
+    CHECK(errors[0] < errors[1]);
+  }
+
+  // Training: losses follow the fp32 reference within bf16 precision (documented in docs/fsdp.md).
+  torch::manual_seed(0);
+  Mlp fp32;
+  auto want = train(fp32, data, false);
+  torch::manual_seed(0);
+  Mlp model;
+  shard_mlp(model, mesh, titan::FsdpOptions().param_dtype(torch::kBFloat16).reduce_dtype(torch::kFloat));
+  auto got = train(model, data, true);
+  check_losses(got, want, 2e-2 * want[0]);
+  double diff = max_param_diff(*model, *fp32);
+  MESSAGE("bf16 params / fp32 reduce, 5 AdamW steps: max param diff ", diff);
+  CHECK(diff <= 2e-2);
+}
+
+TEST_CASE("fsdp: gradient accumulation without sync equals one large batch") {
+  auto data = make_data({5}, 3, 5);
+  torch::manual_seed(0);
+  Mlp reference;
+  auto want = train(reference, data, false);
+  torch::manual_seed(0);
+  Mlp model;
+  auto mesh = shard_mesh();
+  shard_mlp(model, mesh);
+  auto got = train(model, data, true, /*micro_batches=*/2);
+  check_losses(got, want, 1e-5);
+  CHECK(max_param_diff(*model, *reference) <= 1e-5);
+  // One reduction per step: the first micro-step only accumulated locally.
+  CHECK(titan::find_hook<titan::FsdpHook>(*model->layers[0])->stats().reduce_scatters == 5);
+}
+
+TEST_CASE("fsdp: HSDP (replicate x shard) equals FSDP and the reference") {
+  const int n = world().world_size();
+  auto data = make_data({5}, 3, 5);
+  torch::manual_seed(0);
+  Mlp reference;
+  auto want = train(reference, data, false);
+  // 4 ranks: 2 x 2; 2 ranks: 2 replicas of 1 shard; 1 rank: 1 x 1.
+  const int64_t replicate = n == 4 ? 2 : n;
+  titan::DeviceMesh mesh(titan_test::world(), {"dp_replicate", "dp_shard"}, {replicate, n / replicate});
+  torch::manual_seed(0);
+  Mlp hsdp;
+  shard_mlp(hsdp, mesh);
+  auto got = train(hsdp, data, true);
+  torch::manual_seed(0);
+  Mlp fsdp;
+  shard_mlp(fsdp, shard_mesh());
+  auto flat = train(fsdp, data, true);
+  check_losses(got, want, 1e-5);
+  check_losses(got, flat, 1e-5);
+  double diff = max_param_diff(*hsdp, *reference);
+  MESSAGE("HSDP ", replicate, "x", n / replicate, ": max param diff ", diff);
+  CHECK(diff <= 1e-5);
+  auto sharded = titan::sharded_parameters(*hsdp);
+  CHECK(sharded.front().second.layout.placement() == "Shard(0)@dp_shard");
+}
+
+/// One matrix used twice (like tied input and output embeddings), registered under two names.
+struct TiedImpl : torch::nn::Module {
+  TiedImpl() {
+    weight = torch::randn({6, 5}) * 0.4;
+    register_parameter("in_proj", weight);
+    register_parameter("out_proj", weight);
+    bias = register_parameter("bias", torch::randn({5}) * 0.1);
+  }
+  Tensor forward(const Tensor& x) {                        // x: [B, 6]
+    auto h = torch::tanh(torch::matmul(x, weight) + bias);  // [B, 5]
+    return torch::matmul(h, weight.t());                    // [B, 6]
+  }
+  Tensor weight, bias;
+};
+TORCH_MODULE(Tied);
+
+TEST_CASE("fsdp: tied parameters are shared inside a unit and refused across units") {
+  auto mesh = shard_mesh();
+  {
+    auto data = make_data({6}, 6, 1);
+    torch::manual_seed(0);
+    Tied reference;
+    forward_backward(reference, data, false);
+    torch::manual_seed(0);
+    Tied model;
+    auto hook = titan::fully_shard(model, mesh);
+    CHECK(hook->params().size() == 2);  // one shard for both names
+    CHECK(model->named_parameters()["in_proj"].is_same(model->named_parameters()["out_proj"]));
+    forward_backward(model, data, true);
+    auto grads = full_grads(*model);
+    CHECK_CLOSE(grads.at("in_proj"), reference->weight.grad(), 1e-6);
+    CHECK_CLOSE(grads.at("bias"), reference->bias.grad(), 1e-6);
+  }
+  {
+    // Sibling units: the second unit finds the first's unsharded parameter.
+    torch::manual_seed(0);
+    Mlp model;
+    auto* first = model->layers[0]->as<BlockImpl>();
+    auto* second = model->layers[1]->as<BlockImpl>();
+    second->down = first->down;
+    titan::detail::parameter_dict(*second)["down"] = first->down;
+    titan::fully_shard(model->layers[0], mesh);
+    CHECK_THROWS_WITH(titan::fully_shard(model->layers[1], mesh), doctest::Contains("tied"));
+  }
+  {
+    // A parent unit holding a child unit's parameter.
+    torch::manual_seed(0);
+    Mlp model;
+    titan::detail::parameter_dict(*model)["head"] = model->layers[0]->as<BlockImpl>()->norm;
+    titan::fully_shard(model->layers[0], mesh);
+    CHECK_THROWS_WITH(titan::fully_shard(model, mesh), doctest::Contains("tied"));
+  }
+}
+
+TEST_CASE("fsdp: per-rank parameter, gradient and optimizer memory is ~1/N of the model") {
+  const int n = world().world_size();
+  torch::manual_seed(0);
+  Mlp model(torch::kCPU, /*dim=*/64, /*hidden=*/256, /*depth=*/2);
+  auto mesh = shard_mesh();
+  shard_mlp(model, mesh);
+  torch::optim::AdamW optimizer(model->parameters());
+  auto x = torch::randn({8, 5});
+  torch::mse_loss(titan::call(model, local_rows(x)), torch::zeros({8 / n, 3})).backward();
+  optimizer.step();
+  auto mem = titan::fsdp_memory(*model, &optimizer);
+  const double ideal = static_cast<double>(mem.global_param_bytes) / n;
+  MESSAGE("ranks=", n, ": params ", mem.param_bytes, " B, grads ", mem.grad_bytes, " B, AdamW state ",
+          mem.optimizer_state_bytes, " B per rank; model ", mem.global_param_bytes, " B");
+  // Uneven chunks: rank 0 holds at most one extra row per parameter (here < 3% of the model).
+  CHECK(mem.param_bytes >= 0.97 * ideal);
+  CHECK(mem.param_bytes <= 1.03 * ideal);
+  CHECK(mem.grad_bytes == mem.param_bytes);
+  CHECK(mem.optimizer_state_bytes == 2 * mem.param_bytes);
+  CHECK(mem.unsharded_bytes == 0);
+}
+
+TEST_CASE("fsdp: full_state_dict on rank 0 only") {
+  torch::manual_seed(0);
+  Mlp reference;
+  torch::manual_seed(0);
+  Mlp model;
+  auto mesh = shard_mesh();
+  shard_mlp(model, mesh);
+  auto full = titan::full_state_dict(*model, world().group());
+  if (world().rank() == 0) {
+    REQUIRE(full.size() == reference->named_parameters().size());
+    for (const auto& item : reference->named_parameters()) CHECK(torch::equal(full[item.key()], item.value()));
+  } else {
+    CHECK(full.is_empty());
+  }
+}
+
+#if __has_include("models/transformer.hpp")  // the example models are linked (tests/fsdp/CMakeLists.txt)
+#include "models/transformer.hpp"
+
+TEST_CASE("fsdp: debug Llama built on meta trains like the single-process reference") {
+  namespace ex = titan::examples;
+  // Vocabulary 61: the embedding and output rows split unevenly over 2 and 4 ranks.
+  auto args = ex::model_args("llama3", "debug").vocab_size(61).max_seq_len(16).n_layers(2);
+  torch::manual_seed(7);
+  Data data{torch::randint(0, 61, {5, 4, 16}), torch::zeros({5, 4, 1})};  // tokens [steps, B, S]
+  LossFn loss = [](const Tensor& logits, const Tensor& tokens, const Tensor&) {
+    return ex::causal_lm_loss(logits, tokens);
+  };
+  ex::Transformer reference(args, torch::kCPU);
+  ex::init_weights(*reference, 0);
+  auto want = train(reference, data, false, 1, loss);
+
+  ex::Transformer model(args, torch::kMeta);
+  auto mesh = shard_mesh();
+  for (const auto& layer : *model->layers) titan::fully_shard(layer, mesh);
+  titan::fully_shard(model, mesh);
+  titan::to_empty(*model, torch::kCPU);
+  ex::init_weights(*model, 0);
+  auto got = train(model, data, true, 1, loss);
+  check_losses(got, want, 1e-5);
+  double diff = max_param_diff(*model, *reference);
+  MESSAGE("debug Llama (2 layers) fp32, ranks=", world().world_size(), ": max param diff ", diff, ", losses ",
+          got.front(), " -> ", got.back());
+  CHECK(diff <= 1e-5);
+}
+#endif

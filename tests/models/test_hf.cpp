@@ -1,0 +1,215 @@
+// Hugging Face interop and parity with transformers (suite "parity": needs make_reference.py's
+// output, found through $TITAN_MODELS_REFERENCE; ctest's models.reference fixture makes it).
+#include "support.hpp"
+
+#include "models/hf.hpp"
+
+#include <titan/meta.hpp>
+#include <titan/safetensors.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+
+#include <sys/wait.h>
+
+using namespace models_test;
+using namespace titan::examples;
+namespace st = titan::safetensors;
+
+namespace {
+
+std::string reference_dir() {
+  const char* dir = std::getenv("TITAN_MODELS_REFERENCE");
+  REQUIRE_MESSAGE(dir != nullptr, "set TITAN_MODELS_REFERENCE (ctest's models.reference fixture does)");
+  return dir;
+}
+
+/// A model built on meta, materialised on CPU and loaded from the checkpoint at `dir`.
+Transformer load_model(const std::string& dir, const std::string& weights = "") {
+  Transformer model(read_hf_config(dir), torch::kMeta);
+  titan::to_empty(*model, torch::kCPU);
+  load_hf(*model, weights.empty() ? dir : weights);
+  return model;
+}
+
+/// Runs check_export.py on an export; returns its exit status.
+int check_export(const std::string& export_dir, const std::string& reference, const std::string& architecture) {
+  const std::string command = std::string("\"") + TITAN_PYTHON + "\" \"" + TITAN_MODELS_TEST_DIR +
+                              "/check_export.py\" \"" + export_dir + "\" \"" + reference + "\" " + architecture;
+  int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+}  // namespace
+
+TEST_CASE("hf: name mapping both ways") {
+  CHECK(to_hf_name("tok_embeddings.weight") == "model.embed_tokens.weight");
+  CHECK(to_hf_name("layers.12.attention.wq.weight") == "model.layers.12.self_attn.q_proj.weight");
+  CHECK(to_hf_name("layers.0.feed_forward.w1.weight") == "model.layers.0.mlp.gate_proj.weight");
+  CHECK(to_hf_name("layers.0.feed_forward.w2.weight") == "model.layers.0.mlp.down_proj.weight");
+  CHECK(to_hf_name("layers.0.feed_forward.w3.weight") == "model.layers.0.mlp.up_proj.weight");
+  CHECK(to_hf_name("layers.3.ffn_norm.weight") == "model.layers.3.post_attention_layernorm.weight");
+  CHECK(to_hf_name("output.weight") == "lm_head.weight");
+  Transformer model(ModelArgs().dim(32).n_layers(2).n_heads(2).n_kv_heads(1).vocab_size(10).max_seq_len(8), torch::kMeta);
+  for (const auto& item : model->named_parameters()) CHECK(from_hf_name(to_hf_name(item.key())) == item.key());
+  CHECK_CONTAINS(error_of([] { to_hf_name("layers.x.attention.wq.weight"); }), "'layers.x.attention.wq.weight' is not");
+  CHECK_CONTAINS(error_of([] { from_hf_name("model.layers.0.self_attn.q_proj.bias"); }), "is not a parameter");
+  // The q/k permutation is a bijection on rows within each head.
+  auto args = ModelArgs().dim(32).n_heads(2).n_kv_heads(1);
+  auto w = torch::arange(32 * 3, torch::kFloat).reshape({32, 3});
+  auto hf = to_hf_tensor("layers.0.attention.wq.weight", w, args);
+  CHECK(torch::equal(hf[1], w[2]));   // HF row 1 = (pair 1, first) = Meta row 2
+  CHECK(torch::equal(hf[8], w[1]));   // HF row hd/2 = (pair 0, second) = Meta row 1
+  CHECK(torch::equal(hf[16], w[16])); // second head starts at the same row
+  CHECK(torch::equal(from_hf_tensor("model.layers.0.self_attn.q_proj.weight", hf, args), w));
+  CHECK(torch::equal(to_hf_tensor("layers.0.attention.wv.weight", w, args), w));
+}
+
+TEST_CASE("parity: logits, loss and gradients match transformers" * doctest::test_suite("parity")) {
+  const auto root = reference_dir();
+  for (const char* name : {"llama2", "llama31", "mistral"}) {
+    CAPTURE(name);
+    const std::string dir = root + "/" + name;
+    auto model = load_model(dir);
+    st::File ref(dir + "/reference.safetensors");
+    auto ids = ref.read("input_ids");
+    CHECK(max_abs_diff(rope_frequencies(model->args), ref.read("inv_freq")) <= 1e-12);
+
+    auto logits = titan::call(model, ids);
+    auto loss = causal_lm_loss(logits, ids);
+    loss.backward();
+    double logits_diff = max_abs_diff(logits, ref.read("logits"));
+    double loss_diff = std::abs(loss.item<double>() - ref.read("loss").item<double>());
+    MESSAGE(name, ": max |logits| ", ref.read("logits").abs().max().item<double>(), ", logits diff ", logits_diff,
+            ", loss ", loss.item<double>(), " diff ", loss_diff);
+    CHECK(logits_diff <= 1e-5);
+    CHECK(loss_diff <= 1e-6);
+    double worst = 0;
+    for (const auto& item : model->named_parameters()) {
+      const auto hf_name = to_hf_name(item.key());
+      CAPTURE(hf_name);
+      auto expected = ref.read("grad." + hf_name);
+      auto grad = to_hf_tensor(item.key(), item.value().grad(), model->args);
+      // Relative to the gradient's scale: fp32 sums over 2 x S positions in different orders.
+      double rel = max_abs_diff(grad, expected) / std::max(expected.abs().max().item<double>(), 1e-3);
+      worst = std::max(worst, rel);
+      CHECK(rel <= 1e-5);
+    }
+    MESSAGE(name, ": worst gradient diff relative to its max ", worst);
+  }
+}
+
+TEST_CASE("parity: sharded checkpoints and per-parameter rectangles" * doctest::test_suite("parity")) {
+  const std::string dir = reference_dir() + "/llama31";
+  auto whole = load_model(dir);
+  auto sharded = load_model(dir, dir + "/sharded");
+  REQUIRE(st::Reader(dir + "/sharded").files().size() > 1);
+  for (const auto& item : sharded->named_parameters())
+    CHECK(torch::equal(item.value(), whole->named_parameters()[item.key()]));
+
+  // A model whose q/k/embedding parameters hold only a block (as tensor or FSDP sharding leaves
+  // them), read by rectangles that cut through heads.
+  Transformer part(read_hf_config(dir), torch::kCPU);
+  std::map<std::string, titan::TensorBox> boxes = {
+      {"layers.0.attention.wq.weight", {{5, 3}, {20, 40}}},
+      {"layers.1.attention.wk.weight", {{9, 0}, {13, 64}}},
+      {"tok_embeddings.weight", {{100, 0}, {51, 64}}},
+  };
+  for (auto& [name, box] : boxes) part->named_parameters()[name].set_data(torch::empty(box.sizes));
+  load_hf(*part, dir, LoadHfOptions().box([&](const std::string& name, const torch::Tensor& param) {
+    auto it = boxes.find(name);
+    return it != boxes.end() ? it->second : titan::TensorBox{std::vector<int64_t>(param.dim(), 0), param.sizes().vec()};
+  }));
+  for (const auto& [name, box] : boxes) {
+    CAPTURE(name);
+    auto expected = whole->named_parameters()[name].narrow(0, box.offsets[0], box.sizes[0]).narrow(1, box.offsets[1], box.sizes[1]);
+    CHECK(torch::equal(part->named_parameters()[name], expected));
+  }
+}
+
+TEST_CASE("parity: exported checkpoints load in transformers with the same logits" * doctest::test_suite("parity")) {
+  const auto root = reference_dir();
+  const auto out = scratch_dir("export");
+  for (const char* name : {"llama2", "llama31", "mistral"}) {
+    CAPTURE(name);
+    const std::string dir = root + "/" + name;
+    auto model = load_model(dir);
+    const std::string export_dir = out + "/" + name;
+    // The Llama 3.1 export is sharded (index + several files).
+    save_hf(*model, export_dir, SaveHfOptions().max_shard_bytes(std::string(name) == "llama31" ? 100000 : 0));
+    CHECK(std::filesystem::exists(export_dir + "/config.json"));
+    CHECK(std::filesystem::exists(export_dir + "/" + (std::string(name) == "llama31" ? st::kIndexName : st::kSingleName)));
+    auto exported_args = read_hf_config(export_dir);
+    CHECK(parameter_count(exported_args) == parameter_count(model->args));
+    CHECK(exported_args.rope_scaling().enabled() == model->args.rope_scaling().enabled());
+    CHECK(exported_args.sliding_window() == model->args.sliding_window());
+    const char* architecture = std::string(name) == "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM";
+    CHECK(check_export(export_dir, dir + "/reference.safetensors", architecture) == 0);
+    // And back into titan: identical parameters.
+    auto again = load_model(export_dir);
+    for (const auto& item : again->named_parameters())
+      CHECK(torch::equal(item.value(), model->named_parameters()[item.key()]));
+  }
+  // bfloat16 export: weights stored as BF16, config says so.
+  auto model = load_model(root + "/llama2");
+  save_hf(*model, out + "/bf16", SaveHfOptions().dtype(torch::kBFloat16));
+  CHECK(st::File(out + "/bf16/model.safetensors").info("lm_head.weight").dtype == torch::kBFloat16);
+  CHECK_CONTAINS(read_bytes(out + "/bf16/config.json"), "\"torch_dtype\": \"bfloat16\"");
+}
+
+TEST_CASE("parity: safetensors written by the Python package read back exactly" * doctest::test_suite("parity")) {
+  st::File file(reference_dir() + "/dtypes.safetensors");
+  auto base = torch::arange(-6, 6, torch::kDouble).reshape({3, 4});
+  for (const auto& [name, type] : st::dtype_table()) {
+    if (!file.contains(name)) continue;
+    CAPTURE(name);
+    auto t = file.read(name);
+    CHECK(t.scalar_type() == type);
+    auto expected = name == "U8" ? torch::arange(12, torch::kByte).reshape({3, 4})
+                  : name == "BOOL" ? base.gt(0) : base.to(type);
+    CHECK(torch::equal(t, expected));
+  }
+  CHECK(file.tensors().size() == 10);
+}
+
+TEST_CASE("parity: checkpoints that do not match the config give clear errors" * doctest::test_suite("parity")) {
+  const std::string dir = reference_dir() + "/llama2";
+  auto args = read_hf_config(dir);
+  {
+    Transformer deeper(ModelArgs(args).n_layers(3), torch::kCPU);
+    auto message = error_of([&] { load_hf(*deeper, dir); });
+    CHECK_CONTAINS(message, "has no tensor 'model.layers.2.self_attn.q_proj.weight' for parameter 'layers.2.attention.wq.weight'");
+  }
+  {
+    Transformer shallower(ModelArgs(args).n_layers(1), torch::kCPU);
+    auto message = error_of([&] { load_hf(*shallower, dir); });
+    CHECK_CONTAINS(message, "tensors the model has no parameter for");
+    CHECK_CONTAINS(message, "model.layers.1.");
+  }
+  {
+    Transformer wider(ModelArgs(args).ffn_hidden_dim(192), torch::kCPU);
+    auto message = error_of([&] { load_hf(*wider, dir); });
+    CHECK_CONTAINS(message, "tensor 'model.layers.0.mlp.gate_proj.weight' in ");
+    CHECK_CONTAINS(message, "model.safetensors has shape [160, 64] but parameter 'layers.0.feed_forward.w1.weight' has shape [192, 64]");
+  }
+  // A truncated checkpoint file.
+  const auto bad = scratch_dir("truncated_ckpt");
+  std::filesystem::copy_file(dir + "/config.json", bad + "/config.json");
+  auto bytes = read_bytes(dir + "/model.safetensors");
+  write_bytes(bad + "/model.safetensors", bytes.substr(0, bytes.size() / 2));
+  Transformer model(args, torch::kCPU);
+  auto message = error_of([&] { load_hf(*model, bad); });
+  CHECK_CONTAINS(message, bad + "/model.safetensors");
+  CHECK_CONTAINS(message, "out of range");
+  // Unsupported configs.
+  write_bytes(bad + "/config.json", R"({"model_type": "llama", "tie_word_embeddings": true})");
+  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "config.json: tie_word_embeddings = true is not supported");
+  write_bytes(bad + "/config.json", R"({"model_type": "gpt2"})");
+  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "model_type \"gpt2\" is not supported");
+  write_bytes(bad + "/config.json", R"({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "vocab_size": 10, "intermediate_size": 8, "max_position_embeddings": 16,
+    "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})");
+  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "rope type \"yarn\" is not supported");
+  write_bytes(bad + "/config.json", R"({"model_type": "llama", "hidden_size": 64})");
+  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "config.json: missing \"num_hidden_layers\"");
+}

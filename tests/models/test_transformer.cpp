@@ -1,0 +1,228 @@
+// The example Transformer: flavors, parameter counts, names, meta build, attention against a
+// naive reference, causality / sliding window, init_weights, titan::call coverage.
+#include "support.hpp"
+
+#include "models/transformer.hpp"
+
+#include <titan/hooks.hpp>
+#include <titan/meta.hpp>
+
+#include <cmath>
+#include <map>
+
+using namespace models_test;
+using namespace titan::examples;
+
+namespace {
+
+ModelArgs tiny_args() {
+  return ModelArgs().dim(64).n_layers(2).n_heads(4).n_kv_heads(2).vocab_size(97).multiple_of(32).max_seq_len(64);
+}
+
+/// Attention written the naive way (complex RoPE as Meta's reference, explicit masked softmax).
+torch::Tensor naive_attention(AttentionImpl& a, const torch::Tensor& x, const ModelArgs& args) {
+  const int64_t B = x.size(0), S = x.size(1), H = args.n_heads(), KV = args.n_kv_heads(), hd = args.effective_head_dim();
+  auto rope = [&](const torch::Tensor& t) {
+    auto angles = torch::outer(torch::arange(S, torch::kFloat), rope_frequencies(args));
+    auto freqs = torch::polar(torch::ones_like(angles), angles).view({1, S, 1, hd / 2});
+    auto c = torch::view_as_complex(t.reshape({B, S, -1, hd / 2, 2}).contiguous());
+    return torch::view_as_real(c * freqs).flatten(3);
+  };
+  auto q = rope(torch::matmul(x, a.wq->weight.t()).view({B, S, H, hd}));
+  auto k = rope(torch::matmul(x, a.wk->weight.t()).view({B, S, KV, hd}));
+  auto v = torch::matmul(x, a.wv->weight.t()).view({B, S, KV, hd});
+  auto group = torch::arange(H, torch::kLong).div(H / KV, "floor");
+  k = k.index_select(2, group);
+  v = v.index_select(2, group);
+  auto scores = torch::einsum("bqhd,bkhd->bhqk", {q, k}) / std::sqrt(static_cast<double>(hd));
+  auto i = torch::arange(S).unsqueeze(1), j = torch::arange(S).unsqueeze(0);
+  auto allowed = j.le(i);
+  if (args.sliding_window() > 0) allowed = allowed.logical_and((i - j).lt(args.sliding_window()));
+  scores = scores.masked_fill(allowed.logical_not(), -INFINITY);
+  auto out = torch::einsum("bhqk,bkhd->bqhd", {scores.softmax(-1), v}).reshape({B, S, H * hd});
+  return torch::matmul(out, a.wo->weight.t());
+}
+
+/// Counts titan::call invocations per module.
+class CountingHook : public titan::ModuleHook {
+ public:
+  explicit CountingHook(std::map<std::string, int>& counts, std::string key) : counts_(counts), key_(std::move(key)) {}
+  std::string name() const override { return "count"; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn& next) override {
+    ++counts_[key_];
+    return next(inputs);
+  }
+
+ private:
+  std::map<std::string, int>& counts_;
+  std::string key_;
+};
+
+}  // namespace
+
+TEST_CASE("model: flavors have the published shapes and parameter counts") {
+  struct Expected {
+    const char* family;
+    const char* flavor;
+    int64_t hidden;
+    int64_t params;
+  };
+  // Published parameter counts (Meta model cards, transformers' num_parameters()).
+  for (auto e : {Expected{"llama2", "7B", 11008, 6738415616LL}, Expected{"llama2", "13B", 13824, 13015864320LL},
+                 Expected{"llama2", "70B", 28672, 68976648192LL}, Expected{"llama3", "8B", 14336, 8030261248LL},
+                 Expected{"llama3", "70B", 28672, 70553706496LL}, Expected{"llama3.1", "405B", 53248, 405853388800LL},
+                 Expected{"mistral", "7B", 14336, 7241732096LL}}) {
+    CAPTURE(e.family);
+    CAPTURE(e.flavor);
+    auto args = model_args(e.family, e.flavor);
+    CHECK(args.hidden_dim() == e.hidden);
+    CHECK(parameter_count(args) == e.params);
+  }
+  CHECK(model_args("llama3.1", "8B").rope_scaling().enabled());
+  CHECK(model_args("llama3.1", "8B").rope_theta() == 500000.0);
+  CHECK_FALSE(model_args("llama3", "8B").rope_scaling().enabled());
+  CHECK(model_args("mistral", "7B").sliding_window() == 4096);
+  for (const auto& name : model_flavors()) CHECK_NOTHROW(model_args(name.substr(0, name.find('/')), name.substr(name.find('/') + 1)).validate());
+  CHECK_CONTAINS(error_of([] { model_args("llama4", "8B"); }), "unknown model family 'llama4'");
+  CHECK_CONTAINS(error_of([] { model_args("llama3", "9B"); }), "unknown flavor '9B' of llama3");
+  CHECK_CONTAINS(error_of([] { ModelArgs().n_heads(32).n_kv_heads(5).validate(); }), "n_kv_heads 5 must divide");
+
+  // 6 N + 12 L H Q T with N the non-embedding parameters.
+  auto debug = model_args("llama3", "debug");
+  const double n = static_cast<double>(parameter_count(debug) - debug.vocab_size() * debug.dim());
+  CHECK(flops_per_token(debug, 128) == doctest::Approx(6 * n + 12.0 * 4 * 8 * 32 * 128));
+}
+
+TEST_CASE("model: Llama 3 70B builds on the meta device without allocating") {
+  Transformer model(model_args("llama3", "70B"), torch::kMeta);
+  int64_t total = 0;
+  for (const auto& p : model->parameters()) {
+    CHECK(p.is_meta());
+    total += p.numel();
+  }
+  CHECK(total == parameter_count(model->args));
+  CHECK(static_cast<double>(total) == doctest::Approx(70.6e9).epsilon(0.001));
+  CHECK(model->layers->size() == 80);
+  CHECK(model->rope_cos.is_meta());
+}
+
+TEST_CASE("model: parameter names are torchtitan's") {
+  Transformer model(tiny_args(), torch::kMeta);
+  std::vector<std::string> names;
+  for (const auto& item : model->named_parameters()) names.push_back(item.key());
+  std::vector<std::string> expected = {"tok_embeddings.weight"};
+  for (int i = 0; i < 2; ++i)
+    for (const char* suffix : {"attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                               "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
+                               "feed_forward.w3.weight", "attention_norm.weight", "ffn_norm.weight"})
+      expected.push_back("layers." + std::to_string(i) + "." + suffix);
+  expected.push_back("norm.weight");
+  expected.push_back("output.weight");
+  CHECK(names == expected);
+  CHECK(model->named_parameters()["layers.1.attention.wk.weight"].sizes() == torch::IntArrayRef({32, 64}));
+  CHECK(model->named_parameters()["layers.0.feed_forward.w1.weight"].sizes() == torch::IntArrayRef({192, 64}));
+  CHECK(model->named_buffers().size() == 2);
+}
+
+TEST_CASE("model: attention matches a naive reference (GQA, RoPE, causal and sliding window)") {
+  torch::manual_seed(0);
+  for (int64_t window : {0, 5}) {
+    for (bool scaled : {false, true}) {
+      CAPTURE(window);
+      CAPTURE(scaled);
+      auto args = tiny_args().sliding_window(window).rope_theta(scaled ? 500000.0 : 10000.0);
+      if (scaled) args.rope_scaling(RopeScaling().enabled(true).original_max_position_embeddings(16));
+      Attention attention(args, torch::TensorOptions());
+      for (auto& p : attention->parameters()) p.data().normal_(0, 0.2);
+      auto angles = torch::outer(torch::arange(args.max_seq_len(), torch::kFloat), rope_frequencies(args));
+      auto x = torch::randn({2, 12, 64});
+      auto out = attention->forward(x, angles.cos().narrow(0, 0, 12), angles.sin().narrow(0, 0, 12));
+      CHECK(max_abs_diff(out, naive_attention(*attention, x, args)) < 1e-5);
+    }
+  }
+  // Unscaled frequencies are theta^(-2i / head_dim).
+  auto freqs = rope_frequencies(tiny_args());
+  auto expected = torch::pow(10000.0, -torch::arange(0, 16, 2, torch::kDouble) / 16.0);
+  CHECK(max_abs_diff(freqs, expected) < 1e-7);
+}
+
+TEST_CASE("model: causal, and Mistral attends only inside the window") {
+  torch::manual_seed(1);
+  auto args = tiny_args().n_layers(1).sliding_window(4);
+  Transformer model(args);
+  init_weights(*model, 3);
+  auto tokens = torch::randint(0, 97, {1, 16}, torch::kLong);
+  auto logits = titan::call(model, tokens);
+  CHECK(logits.sizes() == torch::IntArrayRef({1, 16, 97}));
+  auto changed = tokens.clone();
+  changed[0][10] = (tokens[0][10].item<int64_t>() + 1) % 97;
+  auto after = titan::call(model, changed);
+  CHECK(max_abs_diff(after.narrow(1, 0, 10), logits.narrow(1, 0, 10)) == 0.0);  // causal
+  CHECK(max_abs_diff(after.narrow(1, 10, 4), logits.narrow(1, 10, 4)) > 1e-4);   // positions 10..13 see it
+  CHECK(max_abs_diff(after.narrow(1, 14, 2), logits.narrow(1, 14, 2)) == 0.0);   // 14 - 10 >= window
+  CHECK_CONTAINS(error_of([&] { model->forward(torch::zeros({1, 65}, torch::kLong)); }), "exceeds max_seq_len 64");
+}
+
+TEST_CASE("model: init_weights follows torchtitan's scheme and is reproducible") {
+  auto args = model_args("llama3", "debug").n_layers(4).vocab_size(512);
+  Transformer model(args, torch::kMeta);
+  CHECK_CONTAINS(error_of([&] { init_weights(*model, 0); }), "call titan::to_empty");
+  titan::to_empty(*model, torch::kCPU);
+  init_weights(*model, 7);
+  auto params = model->named_parameters();
+  auto std_of = [&](const std::string& name) { return params[name].std().item<double>(); };
+  CHECK(std_of("tok_embeddings.weight") == doctest::Approx(1.0).epsilon(0.02));
+  CHECK(std_of("layers.0.attention.wq.weight") == doctest::Approx(0.02).epsilon(0.03));
+  CHECK(std_of("layers.2.feed_forward.w1.weight") == doctest::Approx(0.02).epsilon(0.03));
+  for (int layer : {0, 3})
+    for (const char* w : {"attention.wo.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"}) {
+      auto name = "layers." + std::to_string(layer) + "." + w;
+      CAPTURE(name);
+      CHECK(std_of(name) == doctest::Approx(0.02 / std::sqrt(2.0 * (layer + 1))).epsilon(0.03));
+    }
+  const double out_std = 1.0 / std::sqrt(256.0);
+  // A normal truncated at 3 std has std 0.9866 of the untruncated one.
+  CHECK(std_of("output.weight") == doctest::Approx(0.9866 * out_std).epsilon(0.02));
+  CHECK(params["output.weight"].abs().max().item<double>() <= 3 * out_std + 1e-7);
+  CHECK(torch::equal(params["layers.1.ffn_norm.weight"], torch::ones({256})));
+  CHECK(torch::equal(params["norm.weight"], torch::ones({256})));
+
+  // Same seed: same values, also for a model built directly on CPU; another seed differs.
+  Transformer again(args);
+  init_weights(*again, 7);
+  for (const auto& item : again->named_parameters()) CHECK(torch::equal(item.value(), params[item.key()]));
+  CHECK(torch::equal(again->rope_cos, model->rope_cos));
+  init_weights(*again, 8);
+  CHECK_FALSE(torch::equal(again->named_parameters()["layers.0.attention.wq.weight"], params["layers.0.attention.wq.weight"]));
+  // No depth_init: one std for every layer.
+  Transformer flat(ModelArgs(args).depth_init(false));
+  init_weights(*flat, 7);
+  CHECK(flat->named_parameters()["layers.0.attention.wo.weight"].std().item<double>() ==
+        doctest::Approx(0.02 / std::sqrt(8.0)).epsilon(0.03));
+}
+
+TEST_CASE("model: every submodule call goes through titan::call") {
+  Transformer model(tiny_args());
+  init_weights(*model, 0);
+  std::map<std::string, int> counts;
+  for (const auto& item : model->named_modules("", /*include_self=*/false)) {
+    if (item.key().find('.') != std::string::npos && item.key().rfind("layers.", 0) != 0) continue;
+    titan::attach_hook(*item.value(), std::make_shared<CountingHook>(counts, item.key()));
+  }
+  auto tokens = torch::randint(0, 97, {2, 8}, torch::kLong);
+  titan::call(model, tokens);
+  CHECK(counts["tok_embeddings"] == 1);
+  CHECK(counts["norm"] == 1);
+  CHECK(counts["output"] == 1);
+  for (int i = 0; i < 2; ++i) {
+    const auto p = "layers." + std::to_string(i) + ".";
+    for (const char* m : {"", "attention", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                          "feed_forward", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention_norm",
+                          "ffn_norm"}) {
+      auto key = std::string(m).empty() ? p.substr(0, p.size() - 1) : p + m;
+      CAPTURE(key);
+      CHECK(counts[key] == 1);
+    }
+  }
+  CHECK(causal_lm_loss(titan::call(model, tokens), tokens).item<double>() > 0);
+}

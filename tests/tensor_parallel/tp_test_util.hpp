@@ -1,0 +1,42 @@
+#pragma once
+// Helpers shared by the tensor-parallel test files: gathering sharded parameters back and
+// comparing them with an unsharded reference model.
+#include "../support/multirank.hpp"
+
+#include <titan/tensor_parallel.hpp>
+
+namespace tp_test {
+
+/// The TP group of these tests: every rank of the job.
+inline const titan::ProcessGroupPtr& tp_group() { return titan_test::world()->group(); }
+/// The TP degree of these tests: the world size (1, 2 or 4).
+inline int tp_size() { return titan_test::world()->world_size(); }
+
+/// The global tensor of a (possibly sharded) tensor, all-gathered level by level, innermost first.
+inline torch::Tensor gather_full(const titan::ShardedTensor& sharded) {
+  auto full = sharded.local.detach();
+  const auto& levels = sharded.layout.levels;
+  std::vector<int64_t> extent = sharded.layout.global_shape;
+  std::vector<std::vector<int64_t>> sizes;  // each level's split, outermost first
+  for (const auto& level : levels) {
+    sizes.push_back(titan::chunk_sizes(extent[static_cast<size_t>(level.dim)], level.group->size()));
+    extent[static_cast<size_t>(level.dim)] = sizes.back()[static_cast<size_t>(level.group->rank())];
+  }
+  for (size_t i = levels.size(); i-- > 0;)
+    full = titan::detail::all_gather_raw(full, *levels[i].group, levels[i].dim, sizes[i]);
+  return full;
+}
+
+/// Every parameter of `parallel`, gathered, equals the same-named one of `reference`.
+inline void check_parameters_match(const torch::nn::Module& parallel, const torch::nn::Module& reference, double tol) {
+  auto expected = reference.named_parameters();
+  auto sharded = titan::sharded_parameters(parallel);
+  REQUIRE(sharded.size() == expected.size());
+  for (const auto& [name, tensor] : sharded) {
+    INFO("parameter ", name, " (", tensor.layout.placement(), ")");
+    REQUIRE(expected.contains(name));
+    CHECK_CLOSE(gather_full(tensor), expected[name], tol);
+  }
+}
+
+}  // namespace tp_test

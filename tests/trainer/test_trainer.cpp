@@ -1,0 +1,825 @@
+// Tests of the example trainers' shared pieces (examples/common): config, data, optimizer,
+// metrics and run guards. Cases in the "multirank" suite run under 2 ranks (trainer.ranks2); the
+// others in one process (trainer.unit). The cases marked skip are run by the Python scripts next
+// to this file (trainer.optim_parity, trainer.tensorboard), which prepare their inputs.
+#include "multirank.hpp"
+
+#include <common/config.hpp>
+#include <common/data.hpp>
+#include <common/guard.hpp>
+#include <common/metrics.hpp>
+#include <common/optim.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+namespace fs = std::filesystem;
+using namespace titan::examples;
+
+namespace {
+
+/// This process's scratch folder, removed when the process ends.
+const fs::path& scratch_root() {
+  static const struct Root {
+    fs::path path = fs::temp_directory_path() / ("titan_trainer_" + std::to_string(::getpid()));
+    ~Root() {
+      std::error_code ignored;
+      fs::remove_all(path, ignored);
+    }
+  } root;
+  return root.path;
+}
+
+/// A fresh folder for one test case.
+fs::path scratch(const std::string& name) {
+  auto dir = scratch_root() / name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+void write_file(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+/// The message of the c10::Error that `fn` throws ("" when it does not throw).
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+#define CHECK_ERROR_HAS(expr, ...)                                                        \
+  do {                                                                                    \
+    std::string message_ = error_of([&]() { (void)(expr); });                             \
+    CHECK_MESSAGE(!message_.empty(), #expr " did not throw");                             \
+    for (const char* part_ : {__VA_ARGS__})                                               \
+      CHECK_MESSAGE(message_.find(part_) != std::string::npos, "'", part_, "' missing from: ", message_); \
+  } while (0)
+
+/// Bytes as tokens: id = byte + 3; BOS 1, EOS 2, padding 0 (or none).
+class ByteTokenizer : public Tokenizer {
+ public:
+  explicit ByteTokenizer(int64_t pad = 0) : pad_(pad) {}
+  std::vector<int64_t> encode(std::string_view text, bool bos, bool eos) const override {
+    std::vector<int64_t> ids;
+    if (bos) ids.push_back(1);
+    for (unsigned char ch : text) ids.push_back(ch + 3);
+    if (eos) ids.push_back(2);
+    return ids;
+  }
+  std::string decode(const std::vector<int64_t>& ids) const override {
+    std::string text;
+    for (auto id : ids)
+      if (id >= 3) text += static_cast<char>(id - 3);
+    return text;
+  }
+  int64_t vocab_size() const override { return 259; }
+  int64_t bos_id() const override { return 1; }
+  int64_t eos_id() const override { return 2; }
+  int64_t pad_id() const override { return pad_; }
+
+ private:
+  int64_t pad_;
+};
+
+std::vector<int64_t> to_vector(const torch::Tensor& t) {
+  auto c = t.contiguous().to(torch::kLong);
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+/// The reference packed stream of `docs` ([BOS prompt body EOS] each) and which positions are targets.
+struct Stream {
+  std::vector<int64_t> tokens;
+  std::vector<bool> target;
+};
+Stream reference_stream(const std::vector<std::pair<std::string, std::string>>& docs) {
+  ByteTokenizer tok;
+  Stream s;
+  for (const auto& [prompt, body] : docs) {
+    s.tokens.push_back(1);
+    s.target.push_back(false);
+    for (auto id : tok.encode(prompt, false, false)) {
+      s.tokens.push_back(id);
+      s.target.push_back(false);
+    }
+    for (auto id : tok.encode(body, false, false)) {
+      s.tokens.push_back(id);
+      s.target.push_back(true);
+    }
+    s.tokens.push_back(2);
+    s.target.push_back(true);
+  }
+  return s;
+}
+
+/// The expected (input, labels) of packed window `w`.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> reference_window(const Stream& s, int64_t w, int64_t seq) {
+  std::vector<int64_t> input, labels;
+  for (int64_t i = 0; i < seq; ++i) {
+    input.push_back(s.tokens[w * (seq + 1) + i]);
+    auto p = w * (seq + 1) + i + 1;
+    labels.push_back(s.target[p] ? s.tokens[p] : -100);
+  }
+  return {input, labels};
+}
+
+const std::vector<std::string> kDocs = {
+    "The first document talks about packing.",
+    "Second: short.",
+    "A third document, somewhat longer than the others, so that windows cross document boundaries.",
+    "Fourth and last one!",
+};
+
+fs::path write_text_corpus(const fs::path& dir, const std::vector<std::string>& docs) {
+  std::string text;
+  for (const auto& d : docs) text += d + "\n\f\n";
+  write_file(dir / "corpus.txt", text);
+  return dir / "corpus.txt";
+}
+
+std::shared_ptr<const TokenCorpus> open_corpus(const fs::path& file, const fs::path& dir, const std::string& kind = "text",
+                                               bool skip = false) {
+  return TokenCorpus::open(
+      CorpusOptions().path(file.string()).kind(kind).cache_dir((dir / "cache").string()).skip_malformed(skip).show_progress(false),
+      ByteTokenizer());
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// Config
+
+TEST_CASE("config: to_toml reads back to the same config") {
+  auto dir = scratch("config_roundtrip");
+  TrainConfig c;
+  c.job.description = "quotes \" and \\ backslash\tand tab";
+  c.optimizer.lr = 3e-4;
+  c.optimizer.eps = 1e-8;
+  c.optimizer.weight_decay = 0.1;
+  c.training.steps = 17;
+  c.training.max_norm = 0.0;
+  c.lr_scheduler.decay_type = "cosine";
+  c.lr_scheduler.min_lr_ratio = 1.0 / 3.0;
+  c.activation_checkpoint.selective_ac_option = "op";
+  c.data.pack = false;
+  save_config(c, (dir / "sub" / "saved.toml").string());
+  auto back = load_config_file((dir / "sub" / "saved.toml").string());
+  CHECK(to_toml(back) == to_toml(c));
+  CHECK(back.optimizer.lr == c.optimizer.lr);
+  CHECK(back.lr_scheduler.min_lr_ratio == c.lr_scheduler.min_lr_ratio);
+  CHECK(back.job.description == c.job.description);
+  CHECK(back.data.pack == false);
+  CHECK(config_keys().size() == 54);
+}
+
+TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
+  auto dir = scratch("config_unknown");
+  write_file(dir / "a.toml", "[training]\nstepz = 5\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "a.toml").string()), "a.toml", "training.stepz", "training.steps");
+  write_file(dir / "b.toml", "[trainig]\nsteps = 5\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "b.toml").string()), "b.toml", "[trainig]", "did you mean [training]");
+  write_file(dir / "c.toml", "steps = 5\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "c.toml").string()), "c.toml", "'steps' must be a [section] table");
+  write_file(dir / "d.toml", "[training\nsteps = 5\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "d.toml").string()), "d.toml", "TOML syntax error", "line 1");
+  CHECK(closest_match("warmup_step", {"warmup_steps", "decay_type", "min_lr_ratio"}) == "warmup_steps");
+}
+
+TEST_CASE("config: wrong types and out-of-range values name the key and what is valid") {
+  auto dir = scratch("config_values");
+  write_file(dir / "t.toml", "[training]\nsteps = \"ten\"\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "t.toml").string()), "t.toml", "training.steps must be an integer",
+                  "string");
+  write_file(dir / "r.toml", "[optimizer]\nlr = -1\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "r.toml").string()), "r.toml", "optimizer.lr = -1", "out of range", ">= 0");
+  write_file(dir / "b.toml", "[optimizer]\nbeta2 = 1.5\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "b.toml").string()), "optimizer.beta2", "in [0.0, 1.0]");
+  write_file(dir / "c.toml", "[lr_scheduler]\ndecay_type = \"exp\"\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "c.toml").string()), "lr_scheduler.decay_type = 'exp'",
+                  "linear, cosine, constant");
+  write_file(dir / "s.toml", "[activation_checkpoint]\nselective_ac_option = \"sometimes\"\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "s.toml").string()), "selective_ac_option", "\"op\" or a positive integer");
+  write_file(dir / "g.toml", "[training]\nbatch_size = 8\nglobal_batch_size = 4\n");
+  CHECK_ERROR_HAS(load_config_file((dir / "g.toml").string()), "training.global_batch_size = 4");
+  // Integers are fine for floats and for selective_ac_option.
+  write_file(dir / "ok.toml", "[optimizer]\nlr = 1\n[activation_checkpoint]\nselective_ac_option = 3\n");
+  auto ok = load_config_file((dir / "ok.toml").string());
+  CHECK(ok.optimizer.lr == 1.0);
+  CHECK(ok.activation_checkpoint.selective_ac_option == "3");
+}
+
+TEST_CASE("config: command-line overrides in both forms, after the file") {
+  auto dir = scratch("config_cli");
+  auto file = (dir / "base.toml").string();
+  write_file(file, "[training]\nsteps = 100\nseed = 3\n[model]\nname = \"llama2\"\n");
+  std::vector<const char*> argv{"prog",          "--training.steps", "7", "--config", file.c_str(),
+                                "--optimizer.lr=0.5", "--metrics.enable_tensorboard", "true",
+                                "--activation_checkpoint.selective_ac_option=op"};
+  auto c = parse_config_args(static_cast<int>(argv.size()), argv.data());
+  CHECK(c.training.steps == 7);  // the override wins although it came first
+  CHECK(c.training.seed == 3);
+  CHECK(c.model.name == "llama2");
+  CHECK(c.optimizer.lr == 0.5);
+  CHECK(c.metrics.enable_tensorboard);
+  CHECK(c.activation_checkpoint.selective_ac_option == "op");
+
+  std::vector<const char*> bad_key{"prog", "--training.sed", "1"};
+  CHECK_ERROR_HAS(parse_config_args(3, bad_key.data()), "command line", "training.sed", "training.seed");
+  std::vector<const char*> bad_int{"prog", "--training.steps=many"};
+  CHECK_ERROR_HAS(parse_config_args(2, bad_int.data()), "training.steps = 'many' is not an integer");
+  std::vector<const char*> bad_bool{"prog", "--data.pack", "yes"};
+  CHECK_ERROR_HAS(parse_config_args(3, bad_bool.data()), "data.pack = 'yes' must be true or false");
+  std::vector<const char*> bad_choice{"prog", "--model.name", "gpt2"};
+  CHECK_ERROR_HAS(parse_config_args(3, bad_choice.data()), "model.name = 'gpt2'", "llama2, llama3, mistral");
+  std::vector<const char*> missing{"prog", "--training.steps"};
+  CHECK_ERROR_HAS(parse_config_args(2, missing.data()), "--training.steps needs a value");
+  std::vector<const char*> twice{"prog", "--config", "a", "--config=b"};
+  CHECK_ERROR_HAS(parse_config_args(4, twice.data()), "--config given twice");
+}
+
+TEST_CASE("config: every example config validates") {
+  int count = 0;
+  std::set<std::string> names;
+  for (const auto& entry : fs::directory_iterator(fs::path(TITAN_SOURCE_DIR) / "examples" / "configs")) {
+    if (entry.path().extension() != ".toml") continue;
+    INFO("config ", entry.path().string());
+    auto c = load_config_file(entry.path().string());
+    CHECK(!c.model.tokenizer_path.empty());
+    CHECK(!c.data.path.empty());
+    // The batch settings divide at the data-parallel degree the file asks for (or 1 when inferred).
+    int64_t dp = std::max<int64_t>(1, c.parallelism.data_parallel_shard_degree) *
+                 c.parallelism.data_parallel_replicate_degree;
+    CHECK(gradient_accumulation_steps(c.training.global_batch_size, c.training.batch_size, dp) >= 1);
+    names.insert(entry.path().filename().string());
+    ++count;
+  }
+  for (const char* expected : {"llama3_debug.toml", "llama2_debug.toml", "mistral_debug.toml", "llama3_debug_alpaca.toml",
+                               "llama2_7b.toml", "llama2_13b.toml", "llama2_70b.toml", "llama3_8b.toml",
+                               "llama3_70b.toml", "llama3_405b.toml", "mistral_7b.toml"})
+    CHECK_MESSAGE(names.count(expected) == 1, expected, " is missing");
+  CHECK(count >= 11);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Data
+
+TEST_CASE("data: text corpus is tokenized once and cached by path, size, mtime and tokenizer") {
+  auto dir = scratch("data_cache");
+  auto file = write_text_corpus(dir, kDocs);
+  auto first = open_corpus(file, dir);
+  CHECK_FALSE(first->from_cache());
+  REQUIRE(first->num_documents() == 4);
+  ByteTokenizer tok;
+  int64_t total = 0;
+  for (int64_t d = 0; d < 4; ++d) {
+    std::vector<int64_t> ids(first->document(d), first->document(d) + first->document_length(d));
+    CHECK(tok.decode(ids) == kDocs[d]);
+    CHECK(first->prompt_length(d) == 0);
+    total += static_cast<int64_t>(kDocs[d].size());
+  }
+  CHECK(first->num_tokens() == total);
+  auto again = open_corpus(file, dir);
+  CHECK(again->from_cache());
+  CHECK(again->index_path() == first->index_path());
+  // A different tokenizer (other special ids) gets its own cache.
+  auto other = TokenCorpus::open(CorpusOptions().path(file.string()).cache_dir((dir / "cache").string()).show_progress(false),
+                                 ByteTokenizer(-1));
+  CHECK(other->index_path() == first->index_path());  // pad id does not change the tokens
+  auto docs = kDocs;
+  docs.push_back("A fifth document appears.");
+  write_text_corpus(dir, docs);
+  auto changed = open_corpus(file, dir);
+  CHECK_FALSE(changed->from_cache());
+  CHECK(changed->index_path() != first->index_path());
+  CHECK(changed->num_documents() == 5);
+}
+
+TEST_CASE("data: JSONL field, malformed lines fail with file:line or are skipped and counted") {
+  auto dir = scratch("data_jsonl");
+  write_file(dir / "c.jsonl", "{\"body\": \"one\"}\n\n{\"body\": \"two\", \"x\": 1}\n{\"body\": 3}\n{\"body\": \"four\"}\n");
+  auto open_with = [&](const std::string& field, bool skip) {
+    return TokenCorpus::open(CorpusOptions()
+                                 .path((dir / "c.jsonl").string())
+                                 .kind("jsonl")
+                                 .text_field(field)
+                                 .skip_malformed(skip)
+                                 .cache_dir((dir / "cache").string())
+                                 .show_progress(false),
+                             ByteTokenizer());
+  };
+  CHECK_ERROR_HAS(open_with("body", false), "c.jsonl:4", "field \"body\" is not a string", "data.skip_malformed");
+  CHECK_ERROR_HAS(open_with("text", false), "c.jsonl:1", "no field \"text\"");
+  auto skipped = open_with("body", true);
+  CHECK(skipped->num_documents() == 3);
+  CHECK(skipped->skipped_lines() == 1);
+  CHECK(open_with("body", true)->skipped_lines() == 1);  // also when read from the cache
+  write_file(dir / "bad.jsonl", "{\"body\": \"ok\"}\n{not json\n");
+  CHECK_ERROR_HAS(open_corpus(dir / "bad.jsonl", dir, "jsonl"), "bad.jsonl:2", "invalid JSON");
+}
+
+TEST_CASE("data: packed windows follow the BOS/EOS stream, in file order without shuffle") {
+  auto dir = scratch("data_pack");
+  auto corpus = open_corpus(write_text_corpus(dir, kDocs), dir);
+  std::vector<std::pair<std::string, std::string>> docs;
+  for (const auto& d : kDocs) docs.emplace_back("", d);
+  auto stream = reference_stream(docs);
+  const int64_t seq = 16;
+  DataLoader loader(corpus, ByteTokenizer(), LoaderOptions().batch_size(3).seq_len(seq).shuffle(false));
+  const int64_t windows = static_cast<int64_t>(stream.tokens.size()) / (seq + 1);
+  REQUIRE(loader.samples_per_epoch() == windows);
+  for (int64_t w = 0; w < windows + 3; ++w) {  // past the epoch end: epoch 1 starts at window 0 again
+    auto batch = loader.next();
+    CHECK(batch.input.sizes() == torch::IntArrayRef{3, seq});
+    CHECK(batch.labels.dtype() == torch::kLong);
+    for (int64_t r = 0; r < 3; ++r) {
+      auto expected = reference_window(stream, (w * 3 + r) % windows, seq);
+      CHECK(to_vector(batch.input[r]) == expected.first);
+      CHECK(to_vector(batch.labels[r]) == expected.second);
+    }
+    CHECK(batch.num_label_tokens == batch.labels.ne(-100).sum().item<int64_t>());
+  }
+}
+
+TEST_CASE("data: shuffling is a seeded permutation per epoch; ranks take disjoint strided shares") {
+  auto dir = scratch("data_shuffle");
+  std::vector<std::string> docs;
+  for (int i = 0; i < 40; ++i) docs.push_back("document number " + std::to_string(i) + " with some words");
+  auto corpus = open_corpus(write_text_corpus(dir, docs), dir);
+  const int64_t seq = 8;
+  auto epoch_rows = [&](LoaderOptions options, int64_t epochs) {
+    DataLoader loader(corpus, ByteTokenizer(), options.batch_size(1).seq_len(seq));
+    std::vector<std::vector<int64_t>> rows;
+    for (int64_t i = 0; i < loader.samples_per_rank() * epochs; ++i) rows.push_back(to_vector(loader.next().input[0]));
+    return rows;
+  };
+  auto plain = epoch_rows(LoaderOptions().shuffle(false), 1);
+  auto shuffled = epoch_rows(LoaderOptions().seed(5), 2);
+  const auto n = plain.size();
+  REQUIRE(n > 20);
+  std::vector<std::vector<int64_t>> epoch0(shuffled.begin(), shuffled.begin() + n), epoch1(shuffled.begin() + n, shuffled.end());
+  CHECK(epoch0 != plain);
+  CHECK(epoch0 != epoch1);
+  auto sorted = [](std::vector<std::vector<int64_t>> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  CHECK(sorted(epoch0) == sorted(plain));
+  CHECK(sorted(epoch1) == sorted(plain));
+  CHECK(epoch_rows(LoaderOptions().seed(5), 2) == shuffled);
+  CHECK(epoch_rows(LoaderOptions().seed(6), 1) != epoch0);
+
+  // Two ranks: rank r takes positions r, r + 2, ... of the same permutation.
+  auto rank0 = epoch_rows(LoaderOptions().seed(5).dp_size(2).dp_rank(0), 1);
+  auto rank1 = epoch_rows(LoaderOptions().seed(5).dp_size(2).dp_rank(1), 1);
+  REQUIRE(rank0.size() == n / 2);
+  for (size_t i = 0; i < n / 2; ++i) {
+    CHECK(rank0[i] == epoch0[2 * i]);
+    CHECK(rank1[i] == epoch0[2 * i + 1]);
+  }
+  CHECK_ERROR_HAS(DataLoader(corpus, ByteTokenizer(), LoaderOptions().seq_len(100000)), "fewer than the 1");
+}
+
+TEST_CASE("data: the saved state resumes the exact stream, across epochs") {
+  auto dir = scratch("data_resume");
+  std::vector<std::string> docs;
+  for (int i = 0; i < 12; ++i) docs.push_back("resumable document " + std::to_string(i));
+  auto corpus = open_corpus(write_text_corpus(dir, docs), dir);
+  auto options = LoaderOptions().batch_size(2).seq_len(8).seed(11).dp_size(2).dp_rank(1);
+  DataLoader a(corpus, ByteTokenizer(), options);
+  const int64_t per_epoch_batches = a.samples_per_rank() / 2;
+  for (int64_t i = 0; i < per_epoch_batches + 1; ++i) a.next();
+  auto saved = a.state().to_json();
+  std::vector<torch::Tensor> expected;
+  for (int i = 0; i < per_epoch_batches + 2; ++i) expected.push_back(a.next().labels);
+
+  DataLoader b(corpus, ByteTokenizer(), options);
+  auto state = DataState::from_json(saved);
+  CHECK(state.epoch >= 1);
+  CHECK(DataState::from_map(state.to_map()) == state);
+  b.load_state(state);
+  for (const auto& e : expected) CHECK(torch::equal(b.next().labels, e));
+
+  DataLoader other_seed(corpus, ByteTokenizer(), LoaderOptions(options).seed(12));
+  CHECK_ERROR_HAS(other_seed.load_state(state), "seed 11", "training.seed = 12");
+  DataLoader other_rank(corpus, ByteTokenizer(), LoaderOptions(options).dp_rank(0));
+  CHECK_ERROR_HAS(other_rank.load_state(state), "rank 1 of 2");
+  CHECK_ERROR_HAS(DataState::from_json("{\"epoch\": 1}"), "no 'dp_rank'");
+}
+
+TEST_CASE("data: Alpaca samples train on the response only, padded or packed") {
+  auto dir = scratch("data_alpaca");
+  struct Example {
+    std::string instruction, input, output;
+  };
+  std::vector<Example> examples = {{"Define the word.", "abaca", "A plant."},
+                                   {"Say hello.", "", "Hello!"},
+                                   {"Give a longer answer, please.", "x", "This answer is long enough to be cut."}};
+  std::string text;
+  for (const auto& e : examples) {
+    nlohmann::json j{{"instruction", e.instruction}, {"output", e.output}};
+    if (!e.input.empty()) j["input"] = e.input;
+    text += j.dump() + "\n";
+  }
+  write_file(dir / "a.jsonl", text);
+  CHECK(alpaca_prompt("Say hello.", "").find("### Input:") == std::string::npos);
+  CHECK(alpaca_prompt("Define.", "abaca").find("### Input:\nabaca\n\n### Response:\n") != std::string::npos);
+  auto corpus = open_corpus(dir / "a.jsonl", dir, "alpaca");
+  REQUIRE(corpus->num_documents() == 3);
+  ByteTokenizer tok;
+  std::vector<std::pair<std::string, std::string>> docs;
+  for (const auto& e : examples) docs.emplace_back(alpaca_prompt(e.instruction, e.input), e.output);
+  CHECK(corpus->prompt_length(0) == static_cast<int64_t>(docs[0].first.size()));
+
+  // Padded: one example per row; padding and prompt are ignored in the labels.
+  const int64_t seq = static_cast<int64_t>(docs[1].first.size() + docs[1].second.size()) + 10;
+  for (int64_t pad : {0, -1}) {
+    DataLoader padded(corpus, ByteTokenizer(pad), LoaderOptions().batch_size(3).seq_len(seq).shuffle(false).pack(false));
+    auto batch = padded.next();
+    auto row = to_vector(batch.input[1]), labels = to_vector(batch.labels[1]);
+    auto stream = reference_stream({docs[1]});
+    for (int64_t i = 0; i < seq; ++i) {
+      bool inside = i + 1 < static_cast<int64_t>(stream.tokens.size());
+      CHECK(row[i] == (i < static_cast<int64_t>(stream.tokens.size()) ? stream.tokens[i] : (pad >= 0 ? pad : 2)));
+      CHECK(labels[i] == (inside && stream.target[i + 1] ? stream.tokens[i + 1] : -100));
+    }
+    std::vector<int64_t> trained;
+    for (auto id : labels)
+      if (id != -100) trained.push_back(id);
+    CHECK(tok.decode(trained) == "Hello!");
+    CHECK(trained.back() == 2);  // EOS is a target
+    // The long example is cut to seq + 1 tokens.
+    CHECK(to_vector(batch.input[2])[seq - 1] == reference_stream({docs[2]}).tokens[seq - 1]);
+  }
+
+  // Packed: the same stream as the reference, with prompt targets ignored.
+  DataLoader packed(corpus, ByteTokenizer(), LoaderOptions().batch_size(1).seq_len(32).shuffle(false));
+  auto stream = reference_stream(docs);
+  for (int64_t w = 0; w < packed.samples_per_epoch(); ++w) {
+    auto batch = packed.next();
+    auto expected = reference_window(stream, w, 32);
+    CHECK(to_vector(batch.input[0]) == expected.first);
+    CHECK(to_vector(batch.labels[0]) == expected.second);
+  }
+}
+
+TEST_CASE("data: evaluate weights each batch's loss by its label tokens") {
+  auto dir = scratch("data_eval");
+  auto corpus = open_corpus(write_text_corpus(dir, kDocs), dir);
+  auto options = LoaderOptions().batch_size(2).seq_len(12).shuffle(false).pack(false);
+  DataLoader loader(corpus, ByteTokenizer(), options);
+  // A stand-in loss that differs per batch: the mean label id / 100 over non-ignored labels.
+  auto loss_fn = [](const Batch& b) {
+    auto mask = b.labels.ne(-100);
+    return (b.labels.masked_select(mask).to(torch::kDouble).sum() / mask.sum() / 100.0).to(torch::kFloat);
+  };
+  loader.next();  // evaluate starts from the beginning anyway
+  auto result = evaluate(loader, 5, loss_fn);
+  CHECK(result.batches == 2);  // 4 documents / batch 2: capped at one epoch
+  DataLoader fresh(corpus, ByteTokenizer(), options);
+  double sum = 0, count = 0;
+  for (int i = 0; i < 2; ++i) {
+    auto b = fresh.next();
+    auto mask = b.labels.ne(-100);
+    sum += b.labels.masked_select(mask).to(torch::kDouble).sum().item<double>() / 100.0;
+    count += static_cast<double>(mask.sum().item<int64_t>());
+  }
+  CHECK(result.tokens == static_cast<int64_t>(count));
+  CHECK(result.loss == doctest::Approx(sum / count).epsilon(1e-6));
+  CHECK(result.perplexity == doctest::Approx(std::exp(sum / count)).epsilon(1e-6));
+  CHECK(loader.state().position == 0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Optimizer
+
+namespace {
+
+/// A small model with weights, biases and a norm (the names decide the weight-decay groups).
+struct TinyMLP : torch::nn::Module {
+  TinyMLP(int64_t in, int64_t hidden, int64_t out) {
+    fc1 = register_module("fc1", torch::nn::Linear(in, hidden));
+    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({hidden})));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, out));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(norm(fc1(x)))); }  // [N, in] -> [N, out]
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::LayerNorm norm{nullptr};
+};
+
+}  // namespace
+
+TEST_CASE("optim: AdamW groups exclude norms, biases and 1-D parameters from weight decay") {
+  CHECK(is_no_decay("layers.0.attention_norm.weight", torch::zeros({4, 4})));
+  CHECK(is_no_decay("fc1.bias", torch::zeros({4, 4})));
+  CHECK(is_no_decay("scale", torch::zeros({4})));
+  CHECK_FALSE(is_no_decay("layers.0.attention.wq.weight", torch::zeros({4, 4})));
+  CHECK_FALSE(is_no_decay("tok_embeddings.weight", torch::zeros({4, 4})));
+  auto model = std::make_shared<TinyMLP>(3, 4, 2);
+  auto opt = make_adamw(model->named_parameters(), AdamWConfig().lr(0.01).weight_decay(0.2).beta2(0.99));
+  REQUIRE(opt->param_groups().size() == 2);
+  CHECK(opt->param_groups()[0].params().size() == 2);  // fc1.weight, fc2.weight
+  CHECK(opt->param_groups()[0].params()[0].is_same(model->fc1->weight));
+  CHECK(opt->param_groups()[1].params().size() == 4);
+  auto& decayed = static_cast<torch::optim::AdamWOptions&>(opt->param_groups()[0].options());
+  auto& exempt = static_cast<torch::optim::AdamWOptions&>(opt->param_groups()[1].options());
+  CHECK(decayed.weight_decay() == 0.2);
+  CHECK(exempt.weight_decay() == 0.0);
+  CHECK(std::get<1>(exempt.betas()) == 0.99);
+  auto all = make_adamw(model->named_parameters(), AdamWConfig().no_decay_norms_and_biases(false));
+  CHECK(all->param_groups().size() == 1);
+  CHECK(all->param_groups()[0].params().size() == 6);
+}
+
+TEST_CASE("optim: LR schedule warms up linearly, then decays to the minimum at the last step") {
+  LRSchedule cosine(LRScheduleOptions().warmup_steps(2).total_steps(10).decay_type("cosine").min_lr_ratio(0.1));
+  CHECK(cosine.factor(1) == doctest::Approx(1.0 / 3.0));
+  CHECK(cosine.factor(2) == doctest::Approx(2.0 / 3.0));
+  CHECK(cosine.factor(3) == doctest::Approx(0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI / 8))));
+  CHECK(cosine.factor(6) == doctest::Approx(0.55));
+  CHECK(cosine.factor(10) == doctest::Approx(0.1));
+  LRSchedule linear(LRScheduleOptions().warmup_steps(0).total_steps(4).decay_type("linear"));
+  CHECK(linear.factor(1) == doctest::Approx(0.75));
+  CHECK(linear.factor(4) == doctest::Approx(0.0));
+  LRSchedule constant(LRScheduleOptions().warmup_steps(3).total_steps(4).decay_type("constant").min_lr_ratio(0.5));
+  CHECK(constant.factor(3) == doctest::Approx(0.75));
+  CHECK(constant.factor(4) == 1.0);
+  auto model = std::make_shared<TinyMLP>(3, 4, 2);
+  auto opt = make_adamw(model->named_parameters(), AdamWConfig());
+  CHECK(cosine.apply(*opt, 6, 2e-3) == doctest::Approx(1.1e-3));
+  for (auto& g : opt->param_groups()) CHECK(g.options().get_lr() == doctest::Approx(1.1e-3));
+  CHECK_ERROR_HAS(cosine.factor(0), "count from 1");
+  CHECK_ERROR_HAS(LRSchedule(LRScheduleOptions().decay_type("step")), "'step'", "linear, cosine, constant");
+}
+
+TEST_CASE("optim: clip_grad_norm matches torch::nn::utils::clip_grad_norm_ locally") {
+  torch::manual_seed(3);
+  for (double max_norm : {0.5, 100.0}) {
+    std::vector<torch::Tensor> a, b;
+    for (auto shape : {std::vector<int64_t>{4, 3}, std::vector<int64_t>{5}, std::vector<int64_t>{2, 2, 2}}) {
+      auto p = torch::randn(shape).requires_grad_();
+      p.mutable_grad() = torch::randn(shape);
+      auto q = p.detach().clone().requires_grad_();
+      q.mutable_grad() = p.grad().clone();
+      a.push_back(p);
+      b.push_back(q);
+    }
+    double expected = torch::nn::utils::clip_grad_norm_(b, max_norm);
+    double norm = clip_grad_norm(a, max_norm);
+    CHECK(norm == doctest::Approx(expected).epsilon(1e-6));
+    for (size_t i = 0; i < a.size(); ++i) CHECK_CLOSE(a[i].grad(), b[i].grad(), 1e-6);
+  }
+}
+
+TEST_CASE("optim: gradient accumulation steps come from the global batch") {
+  CHECK(gradient_accumulation_steps(32, 4, 2) == 4);
+  CHECK(gradient_accumulation_steps(-1, 4, 2) == 1);
+  CHECK(gradient_accumulation_steps(8, 4, 2) == 1);
+  CHECK_ERROR_HAS(gradient_accumulation_steps(30, 4, 2), "training.global_batch_size = 30", "4 x 2 = 8");
+}
+
+TEST_CASE("optim: parity with PyTorch AdamW, warmup + cosine and clip_grad_norm_" * doctest::skip()) {
+  // Run by optim_parity.py, which writes the reference (initial weights, data, and what PyTorch
+  // computed) and names it in TITAN_TRAINER_PARITY.
+  const char* path = std::getenv("TITAN_TRAINER_PARITY");
+  REQUIRE_MESSAGE(path != nullptr, "set TITAN_TRAINER_PARITY (optim_parity.py does)");
+  auto ref = nlohmann::json::parse(read_file(path));
+  auto tensor = [](const nlohmann::json& j) {
+    auto values = j["data"].get<std::vector<double>>();
+    return torch::tensor(values, torch::kDouble).to(torch::kFloat).reshape(j["shape"].get<std::vector<int64_t>>());
+  };
+  const auto& cfg = ref["config"];
+  auto model = std::make_shared<TinyMLP>(cfg["in"].get<int64_t>(), cfg["hidden"].get<int64_t>(), cfg["out"].get<int64_t>());
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& item : model->named_parameters()) item.value().copy_(tensor(ref["initial"][item.key()]));
+  }
+  auto opt = make_adamw(model->named_parameters(), AdamWConfig()
+                                                       .lr(cfg["lr"].get<double>())
+                                                       .beta1(cfg["beta1"].get<double>())
+                                                       .beta2(cfg["beta2"].get<double>())
+                                                       .eps(cfg["eps"].get<double>())
+                                                       .weight_decay(cfg["weight_decay"].get<double>()));
+  const int64_t steps = cfg["steps"].get<int64_t>();
+  LRSchedule schedule(LRScheduleOptions()
+                          .warmup_steps(cfg["warmup_steps"].get<int64_t>())
+                          .total_steps(steps)
+                          .decay_type(cfg["decay_type"].get<std::string>())
+                          .min_lr_ratio(cfg["min_lr_ratio"].get<double>()));
+  for (int64_t s = 1; s <= steps; ++s) {
+    const auto& batch = ref["batches"][s - 1];
+    double lr = schedule.apply(*opt, s, cfg["lr"].get<double>());
+    opt->zero_grad();
+    auto logits = model->forward(tensor(batch["x"]));  // [N, out]
+    auto loss = torch::nn::functional::cross_entropy(logits, tensor(batch["y"]).to(torch::kLong));
+    loss.backward();
+    double norm = clip_grad_norm(model->parameters(), cfg["max_norm"].get<double>());
+    opt->step();
+    INFO("step ", s);
+    CHECK(loss.item<double>() == doctest::Approx(ref["losses"][s - 1].get<double>()).epsilon(1e-6));
+    CHECK(lr == doctest::Approx(ref["lrs"][s - 1].get<double>()).epsilon(1e-12));
+    CHECK(norm == doctest::Approx(ref["grad_norms"][s - 1].get<double>()).epsilon(1e-5));
+  }
+  for (auto& item : model->named_parameters()) {
+    INFO("parameter ", item.key());
+    CHECK_CLOSE(item.value(), tensor(ref["final"][item.key()]), 1e-6);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Metrics
+
+TEST_CASE("metrics: CRC-32C check value and TFRecord mask") {
+  const std::string check = "123456789";
+  CHECK(crc32c(check.data(), check.size()) == 0xE3069283u);  // the published CRC-32C check value
+  uint32_t crc = 0xE3069283u;
+  CHECK(masked_crc32c(check.data(), check.size()) == ((crc >> 15) | (crc << 17)) + 0xa282ead8u);
+  CHECK(crc32c("", 0) == 0u);
+}
+
+TEST_CASE("metrics: TensorBoard scalars written from a spec" * doctest::skip()) {
+  // Run by check_tensorboard.py, which reads the events back with tensorboard's EventAccumulator.
+  const char* spec = std::getenv("TITAN_TRAINER_TB_SPEC");
+  const char* dir = std::getenv("TITAN_TRAINER_TB_DIR");
+  REQUIRE_MESSAGE((spec && dir), "set TITAN_TRAINER_TB_SPEC and TITAN_TRAINER_TB_DIR (check_tensorboard.py does)");
+  TensorBoardWriter writer(dir);
+  for (const auto& s : nlohmann::json::parse(read_file(spec))) {
+    double value = s["value"].is_string() ? std::nan("") : s["value"].get<double>();
+    writer.add_scalar(s["tag"].get<std::string>(), value, s["step"].get<int64_t>(), s["wall_time"].get<double>());
+  }
+  writer.flush();
+  CHECK(fs::file_size(writer.path()) > 0);
+}
+
+TEST_CASE("metrics: the logger averages each interval into a line, metrics.jsonl and TensorBoard") {
+  auto dir = scratch("metrics_logger");
+  MetricsLogger logger(MetricsOptions()
+                           .log_freq(2)
+                           .jsonl_path((dir / "m" / "metrics.jsonl").string())
+                           .tensorboard_dir((dir / "tb").string())
+                           .flops_per_token(6e3)
+                           .peak_flops(1e9));
+  std::vector<std::optional<std::string>> lines;
+  for (int64_t step = 1; step <= 4; ++step)
+    lines.push_back(logger.record(StepStats{step, 1.0 + static_cast<double>(step), 0.5 * static_cast<double>(step),
+                                            1e-3 * static_cast<double>(step), 1000, 0.5, 0.1}));
+  CHECK(lines[0].has_value());
+  CHECK(lines[1].has_value());
+  CHECK_FALSE(lines[2].has_value());
+  REQUIRE(lines[3].has_value());
+  CHECK(lines[3]->find("loss   4.5000") != std::string::npos);  // mean of steps 3 and 4
+  CHECK(lines[3]->find("tok/s/rank      2000") != std::string::npos);
+  CHECK(lines[3]->find("mfu 1.2%") != std::string::npos);  // 2000 tok/s x 6e3 / 1e9
+  std::ifstream jsonl(dir / "m" / "metrics.jsonl");
+  std::vector<nlohmann::json> records;
+  for (std::string line; std::getline(jsonl, line);) records.push_back(nlohmann::json::parse(line));
+  REQUIRE(records.size() == 3);
+  CHECK(records[2]["step"] == 4);
+  CHECK(records[2]["loss"].get<double>() == doctest::Approx(4.5));
+  CHECK(records[2]["perplexity"].get<double>() == doctest::Approx(std::exp(4.5)));
+  CHECK(records[2]["grad_norm"].get<double>() == doctest::Approx(1.75));
+  CHECK(records[2]["lr"].get<double>() == doctest::Approx(4e-3));
+  CHECK(records[2]["mfu_percent"].get<double>() == doctest::Approx(1.2));
+  CHECK(records[2]["data_seconds"].get<double>() == doctest::Approx(0.1));
+  CHECK(records[2]["peak_memory_gib"].get<double>() > 0.0);
+  int event_files = 0;
+  for (const auto& entry : fs::directory_iterator(dir / "tb"))
+    event_files += entry.path().filename().string().rfind("events.out.tfevents.", 0) == 0;
+  CHECK(event_files == 1);
+  MetricsLogger cpu(MetricsOptions().log_freq(1));
+  CHECK(cpu.record(StepStats{1, 2.0, 1.0, 1e-3, 10, 1.0, 0.0})->find("mfu n/a") != std::string::npos);
+}
+
+TEST_CASE("metrics: peak memory on CPU is the RSS high-water mark") {
+  auto before = peak_memory_bytes(c10::Device(c10::kCPU));
+  CHECK(before > 0);
+  auto big = torch::ones({64 * 1024 * 1024 / 4}, torch::kFloat);  // 64 MiB, touched
+  CHECK(big.sum().item<double>() > 0);
+  CHECK(peak_memory_bytes(c10::Device(c10::kCPU)) >= std::max<int64_t>(before, 64 << 20));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Guards
+
+TEST_CASE("guard: NaN/Inf losses stop the run with the step, or skip the step") {
+  NanGuard stop(nan_policy_from_string("stop"));
+  CHECK(stop.check(6, 2.5));
+  CHECK_ERROR_HAS(stop.check(7, std::nan("")), "step 7", "nan_policy");
+  NanGuard skip(nan_policy_from_string("skip"));
+  CHECK_FALSE(skip.check(3, INFINITY));
+  CHECK_FALSE(skip.check(4, -INFINITY));
+  CHECK(skip.check(5, 1.0));
+  CHECK(skip.skipped() == 2);
+  CHECK_ERROR_HAS(nan_policy_from_string("ignore"), "'ignore'", "stop, skip");
+}
+
+TEST_CASE("guard: SIGINT/SIGTERM set the flag instead of ending the process") {
+  {
+    SignalFlag flag;
+    CHECK_FALSE(flag.requested());
+    CHECK_ERROR_HAS(SignalFlag(), "another SignalFlag");
+    std::raise(SIGTERM);
+    CHECK(flag.requested());
+    CHECK(flag.signal_number() == SIGTERM);
+    CHECK(flag.any_rank(nullptr));
+  }
+  SignalFlag again;
+  CHECK_FALSE(again.requested());
+  std::raise(SIGINT);
+  CHECK(again.signal_number() == SIGINT);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Several ranks
+
+TEST_SUITE("multirank") {
+  TEST_CASE("multirank: clip_grad_norm over shards equals the unsharded clipping") {
+    const auto& group = titan_test::world()->group();
+    torch::manual_seed(7);  // the same full gradients on every rank
+    std::vector<torch::Tensor> full, shards;
+    for (auto shape : {std::vector<int64_t>{5, 3}, std::vector<int64_t>{7}, std::vector<int64_t>{1, 4}}) {
+      auto p = torch::randn(shape).requires_grad_();
+      p.mutable_grad() = torch::randn(shape) * 3;
+      // This rank's dim-0 chunk, as FSDP shards (may be empty).
+      auto sizes = titan::chunk_sizes(shape[0], group->size());
+      int64_t offset = 0;
+      for (int r = 0; r < group->rank(); ++r) offset += sizes[r];
+      auto shard = p.detach().narrow(0, offset, sizes[group->rank()]).clone().requires_grad_();
+      shard.mutable_grad() = p.grad().narrow(0, offset, sizes[group->rank()]).clone();
+      full.push_back(p);
+      shards.push_back(shard);
+    }
+    double expected = clip_grad_norm(full, 1.0);
+    double norm = clip_grad_norm(shards, 1.0, group);
+    CHECK(norm == doctest::Approx(expected).epsilon(1e-6));
+    for (size_t i = 0; i < full.size(); ++i) {
+      auto sizes = titan::chunk_sizes(full[i].size(0), group->size());
+      int64_t offset = 0;
+      for (int r = 0; r < group->rank(); ++r) offset += sizes[r];
+      CHECK_CLOSE(shards[i].grad(), full[i].grad().narrow(0, offset, sizes[group->rank()]), 1e-6);
+    }
+  }
+
+  TEST_CASE("multirank: rank 0 tokenizes, every rank reads the cache; validation reduces over ranks") {
+    const auto& world = titan_test::world();
+    const auto& group = world->group();
+    auto port = std::getenv("MASTER_PORT") ? std::string(std::getenv("MASTER_PORT")) : std::string("single");
+    auto dir = fs::temp_directory_path() / ("titan_trainer_ranks_" + port);
+    if (group->rank() == 0) {
+      fs::remove_all(dir);
+      fs::create_directories(dir);
+      write_text_corpus(dir, kDocs);
+    }
+    group->barrier();
+    auto options = CorpusOptions().path((dir / "corpus.txt").string()).cache_dir((dir / "cache").string()).show_progress(false);
+    auto corpus = TokenCorpus::open(options, ByteTokenizer(), group);
+    CHECK(corpus->num_documents() == 4);
+    CHECK(corpus->from_cache() == (group->rank() != 0));
+    auto loader_options = LoaderOptions().batch_size(1).seq_len(10).shuffle(false).dp_size(group->size());
+    auto loss_fn = [](const Batch& b) {
+      auto mask = b.labels.ne(-100);
+      return b.labels.masked_select(mask).to(torch::kDouble).mean();
+    };
+    DataLoader mine(corpus, ByteTokenizer(), LoaderOptions(loader_options).dp_rank(group->rank()));
+    auto result = evaluate(mine, 3, loss_fn, group);
+    double sum = 0, count = 0;
+    for (int r = 0; r < group->size(); ++r) {  // every rank's share, computed here
+      DataLoader theirs(corpus, ByteTokenizer(), LoaderOptions(loader_options).dp_rank(r));
+      for (int64_t i = 0; i < result.batches; ++i) {
+        auto b = theirs.next();
+        sum += loss_fn(b).item<double>() * static_cast<double>(b.num_label_tokens);
+        count += static_cast<double>(b.num_label_tokens);
+      }
+    }
+    CHECK(result.tokens == static_cast<int64_t>(count));
+    CHECK(result.loss == doctest::Approx(sum / count).epsilon(1e-9));
+    group->barrier();
+    if (group->rank() == 0) fs::remove_all(dir);
+  }
+
+  TEST_CASE("multirank: a signal on one rank stops every rank") {
+    const auto& group = titan_test::world()->group();
+    SignalFlag flag;
+    CHECK_FALSE(flag.any_rank(group));
+    if (group->rank() == group->size() - 1) std::raise(SIGINT);
+    CHECK(flag.any_rank(group));
+    CHECK(flag.requested() == (group->rank() == group->size() - 1));
+  }
+}
