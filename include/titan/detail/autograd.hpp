@@ -3,6 +3,7 @@
 // torch::autograd::Function keeps non-tensor state only as IValues; collectives need a process
 // group in their backward, so titan builds its nodes from a closure instead.
 
+#include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -50,7 +51,7 @@ inline void connect_backward(const torch::autograd::variable_list& inputs, torch
   auto wrapped = [backward = std::move(backward), shapes = std::move(shapes),
                   options = std::move(options)](torch::autograd::variable_list&& grads) {
     for (size_t i = 0; i < grads.size(); ++i)
-      if (!grads[i].defined()) grads[i] = torch::zeros(shapes[i], options[i]);
+      if (!grads[i].defined()) grads[i] = at::zeros(shapes[i], options[i]);
     return backward(std::move(grads));
   };
   std::shared_ptr<ClosureNode> node(new ClosureNode(name, std::move(wrapped)), torch::autograd::deleteNode);
