@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -246,4 +247,23 @@ TEST_CASE("round trips and invalid UTF-8") {
   CHECK(tik.encode("\xF0\x9F\x99", false, false) == tik.encode("\xEF\xBF\xBD", false, false));
   CHECK(tik.encode("", true, true) == std::vector<int64_t>{tik.bos_id(), tik.eos_id()});
   CHECK(spm.encode("", true, true) == std::vector<int64_t>{spm.bos_id(), spm.eos_id()});
+}
+
+TEST_CASE("encode is safe to call from several threads") {
+  const std::string sample = read_file(std::string(TITAN_TOKENIZERS_TEST_DIR) + "/multilingual_sample.txt");
+  const auto tik = load_tokenizer(tiktoken_model(), "tiktoken");
+  const auto spm = load_tokenizer(sentencepiece_model(), "sentencepiece");
+  const auto tik_ids = tik->encode(sample, true, true);
+  const auto spm_ids = spm->encode(sample, true, true);
+  std::vector<int> same(4, 0);
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < same.size(); ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 20; ++i) {
+        same[t] += tik->encode(sample, true, true) == tik_ids && spm->encode(sample, true, true) == spm_ids;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(same == std::vector<int>(4, 20));
 }
