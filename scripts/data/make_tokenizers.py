@@ -86,7 +86,22 @@ def train_tiktoken(documents, out_dir, vocab_size):
     with open(path, "w", encoding="ascii", newline="\n") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
+    check_ranks(path, tok, documents[:20], decode)
     return path
+
+
+def check_ranks(path, hf_tokenizer, documents, byte_decoder):
+    """Fails unless tiktoken with the written ranks splits `documents` into the same token bytes as
+    the trained Hugging Face BPE (merge order = rank order)."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    enc = tiktoken.Encoding("check", pat_str=LLAMA3_PATTERN, mergeable_ranks=load_tiktoken_bpe(path),
+                            special_tokens={})
+    for i, text in enumerate(documents):
+        expected = [bytes(byte_decoder[c] for c in t) for t in hf_tokenizer.encode(text).tokens]
+        actual = [enc.decode_single_token_bytes(t) for t in enc.encode_ordinary(text)]
+        if actual != expected:
+            sys.exit(f"make_tokenizers.py: {path} does not reproduce the trained BPE on document {i}")
 
 
 def main():
