@@ -22,7 +22,16 @@ if [[ ! -x "$python" ]]; then
   exit 1
 fi
 echo "[make_corpus] building the offline corpus and test tokenizers in $out" >&2
-rm -f "$stamp"
-"$python" "$root/scripts/data/make_corpus.py" --out "$out"
-"$python" "$root/scripts/data/make_tokenizers.py" --corpus "$out/pretrain/python_docs.txt" --out "$out/tokenizers"
-echo "$want" > "$stamp"
+# Built in a private folder, then each file is renamed into place (atomic): readers running at the
+# same time (tests, a second bootstrap) never see a partly written file.
+mkdir -p "$out"
+tmp=$(mktemp -d "$out/.build.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+"$python" "$root/scripts/data/make_corpus.py" --out "$tmp"
+"$python" "$root/scripts/data/make_tokenizers.py" --corpus "$tmp/pretrain/python_docs.txt" --out "$tmp/tokenizers"
+(cd "$tmp" && find . -type f) | while read -r f; do
+  mkdir -p "$out/$(dirname "$f")"
+  mv -f "$tmp/$f" "$out/$f"
+done
+echo "$want" > "$tmp/stamp"
+mv -f "$tmp/stamp" "$stamp"
