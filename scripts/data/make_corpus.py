@@ -179,6 +179,10 @@ def _first_definition(entry, headword):
     text = re.sub(r"\s*--\s*[A-Z][\w. ]*\.?$", "", text)  # trailing citation ("--Shak.")
     text = re.sub(r"[{}]", "", text)
     text = re.sub(r"\s+", " ", text).strip()
+    # Keep the definition proper: drop a quoted example or a "--" citation / derived form after it.
+    text = re.split(r"(?<=\.)\s+(?:\"|--)", text)[0]
+    if any(c in text for c in "*`\""):  # leftover syllable marks or quotations
+        return None
     # Pronunciation markup ([a^], [=e]), unknown Greek (???) and cross references are not prose.
     if "[" in text or "?" in text or "\ufffd" in text or "\\" in text or text.startswith("See ") or "See under" in text:
         return None
