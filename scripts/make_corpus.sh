@@ -35,3 +35,4 @@ trap 'rm -rf "$tmp"' EXIT
 done
 echo "$want" > "$tmp/stamp"
 mv -f "$tmp/stamp" "$stamp"
+echo "[make_corpus] done: $out" >&2

@@ -114,7 +114,7 @@ def main():
     documents = read_documents(args.corpus)
     spm_path = train_sentencepiece(documents, os.path.join(args.out, "sentencepiece"), args.spm_vocab)
     bpe_path = train_tiktoken(documents, os.path.join(args.out, "tiktoken"), args.bpe_vocab)
-    print(f"make_tokenizers.py: wrote {spm_path} and {bpe_path}", file=sys.stderr)
+    print(f"make_tokenizers.py: wrote {os.path.basename(spm_path)} and {os.path.basename(bpe_path)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
