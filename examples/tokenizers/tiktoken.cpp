@@ -189,6 +189,7 @@ TiktokenTokenizer::TiktokenTokenizer(const std::string& path, TiktokenOptions op
   specials_ = llama3_special_tokens(options.num_special_tokens());
   for (size_t i = 0; i < specials_.size(); ++i) {
     special_ids_.emplace(specials_[i], num_base_tokens() + static_cast<int64_t>(i));
+    if (special_first_bytes_.find(specials_[i][0]) == std::string::npos) special_first_bytes_ += specials_[i][0];
   }
   const auto id_or_none = [&](const char* name) {
     auto it = special_ids_.find(name);
@@ -316,12 +317,8 @@ std::vector<int64_t> TiktokenTokenizer::encode(std::string_view raw, bool bos, b
   size_t done = 0;
   if (special != SpecialTokens::kAsText && !specials_.empty()) {
     // Find special-token text left to right (the longest one where several start at a position).
-    std::string first_bytes;
-    for (const auto& s : specials_) {
-      if (first_bytes.find(s[0]) == std::string::npos) first_bytes += s[0];
-    }
-    for (size_t at = text.find_first_of(first_bytes); at != std::string_view::npos;
-         at = text.find_first_of(first_bytes, at)) {
+    for (size_t at = text.find_first_of(special_first_bytes_); at != std::string_view::npos;
+         at = text.find_first_of(special_first_bytes_, at)) {
       const std::string* found = nullptr;
       for (const auto& s : specials_) {
         if (text.compare(at, s.size(), s) == 0 && (found == nullptr || s.size() > found->size())) found = &s;

@@ -91,6 +91,7 @@ class TiktokenTokenizer final : public Tokenizer {
   std::unordered_map<std::string_view, uint32_t> ranks_;  // token bytes (views of tokens_) -> rank
   std::vector<std::string> specials_;                      // special id - num_base_tokens -> text
   std::unordered_map<std::string, int64_t> special_ids_;
+  std::string special_first_bytes_;                        // the bytes special tokens start with
   std::unique_ptr<Regex> regex_;
   int64_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1;
 };
