@@ -67,7 +67,7 @@ TEST_CASE("hf: name mapping both ways") {
 
 TEST_CASE("parity: logits, loss and gradients match transformers" * doctest::test_suite("parity")) {
   const auto root = reference_dir();
-  for (const char* name : {"llama2", "llama31", "mistral"}) {
+  for (const std::string name : {"llama2", "llama31", "mistral"}) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
     auto model = load_model(dir);
@@ -130,20 +130,20 @@ TEST_CASE("parity: sharded checkpoints and per-parameter rectangles" * doctest::
 TEST_CASE("parity: exported checkpoints load in transformers with the same logits" * doctest::test_suite("parity")) {
   const auto root = reference_dir();
   const auto out = scratch_dir("export");
-  for (const char* name : {"llama2", "llama31", "mistral"}) {
+  for (const std::string name : {"llama2", "llama31", "mistral"}) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
     auto model = load_model(dir);
     const std::string export_dir = out + "/" + name;
     // The Llama 3.1 export is sharded (index + several files).
-    save_hf(*model, export_dir, SaveHfOptions().max_shard_bytes(std::string(name) == "llama31" ? 100000 : 0));
+    save_hf(*model, export_dir, SaveHfOptions().max_shard_bytes(name == "llama31" ? 100000 : 0));
     CHECK(std::filesystem::exists(export_dir + "/config.json"));
-    CHECK(std::filesystem::exists(export_dir + "/" + (std::string(name) == "llama31" ? st::kIndexName : st::kSingleName)));
+    CHECK(std::filesystem::exists(export_dir + "/" + (name == "llama31" ? st::kIndexName : st::kSingleName)));
     auto exported_args = read_hf_config(export_dir);
     CHECK(parameter_count(exported_args) == parameter_count(model->args));
     CHECK(exported_args.rope_scaling().enabled() == model->args.rope_scaling().enabled());
     CHECK(exported_args.sliding_window() == model->args.sliding_window());
-    const char* architecture = std::string(name) == "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM";
+    const char* architecture = name == "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM";
     CHECK(check_export(export_dir, dir + "/reference.safetensors", architecture) == 0);
     // And back into titan: identical parameters.
     auto again = load_model(export_dir);
@@ -153,7 +153,7 @@ TEST_CASE("parity: exported checkpoints load in transformers with the same logit
   // bfloat16 export: weights stored as BF16, config says so.
   auto model = load_model(root + "/llama2");
   save_hf(*model, out + "/bf16", SaveHfOptions().dtype(torch::kBFloat16));
-  CHECK(st::File(out + "/bf16/model.safetensors").info("lm_head.weight").dtype == torch::kBFloat16);
+  CHECK((st::File(out + "/bf16/model.safetensors").info("lm_head.weight").dtype == torch::kBFloat16));
   CHECK_CONTAINS(read_bytes(out + "/bf16/config.json"), "\"torch_dtype\": \"bfloat16\"");
 }
 
@@ -164,7 +164,7 @@ TEST_CASE("parity: safetensors written by the Python package read back exactly" 
     if (!file.contains(name)) continue;
     CAPTURE(name);
     auto t = file.read(name);
-    CHECK(t.scalar_type() == type);
+    CHECK((t.scalar_type() == type));
     auto expected = name == "U8" ? torch::arange(12, torch::kByte).reshape({3, 4})
                   : name == "BOOL" ? base.gt(0) : base.to(type);
     CHECK(torch::equal(t, expected));

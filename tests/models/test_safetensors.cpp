@@ -82,11 +82,11 @@ TEST_CASE("safetensors: every dtype round-trips, header is 8-byte aligned") {
   for (const auto& [name, tensor] : tensors) {
     CAPTURE(name);
     auto back = file.read(name);
-    CHECK(back.scalar_type() == tensor.scalar_type());
+    CHECK((back.scalar_type() == tensor.scalar_type()));
     CHECK(back.sizes() == tensor.sizes());
     CHECK(torch::equal(back, tensor));
   }
-  CHECK(file.info("BF16").dtype == torch::kBFloat16);
+  CHECK((file.info("BF16").dtype == torch::kBFloat16));
   CHECK(file.info("F16").shape == std::vector<int64_t>{3, 4});
 }
 
