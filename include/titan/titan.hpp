@@ -6,4 +6,5 @@
 #include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>
 #include <titan/meta.hpp>
+#include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>

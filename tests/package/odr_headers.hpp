@@ -9,5 +9,6 @@
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>
 #include <titan/meta.hpp>
+#include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
 #include <titan/world.hpp>
