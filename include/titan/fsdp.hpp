@@ -39,6 +39,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <typeinfo>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
