@@ -3,7 +3,7 @@
 // titan::call.
 //
 //   titan::checkpoint_wrapper(*layer);                                       // full AC
-//   titan::checkpoint_wrapper(*layer, titan::CheckpointOptions().policy(    // selective, per op
+//   titan::checkpoint_wrapper(*layer, titan::CheckpointWrapperOptions().policy(    // selective, per op
 //       std::make_shared<titan::OpSavePolicy>()));
 //   titan::apply_activation_checkpointing(*model->layers,                    // from a config
 //       titan::ActivationCheckpointOptions().mode("selective").selective_ac_option("2"));
@@ -81,9 +81,7 @@ class OpSavePolicy {
         found = true;
         auto op = c10::Dispatcher::singleton().findSchema(op_name);
         if (!op || !functional(op->schema())) continue;
-        const bool decomposed = op->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
-                                !op->hasKernelForDispatchKey(c10::DispatchKey::Autograd);
-        reaches = reaches || !decomposed;
+        reaches = reaches || !decomposed(*op);
       }
       TORCH_CHECK(found, "titan::OpSavePolicy: unknown operator '", entry,
                   "' (expected a registered operator name such as 'aten::mm' or 'aten::max.dim')");
@@ -114,6 +112,17 @@ class OpSavePolicy {
   }
 
  private:
+  /// Whether autograd runs `op`'s CompositeImplicitAutograd kernel (LibTorch's choice when the
+  /// operator has no backend or CompositeExplicitAutograd kernel): its parts are dispatched instead.
+  static bool decomposed(const c10::OperatorHandle& op) {
+    using K = c10::DispatchKey;
+    if (!op.hasKernelForDispatchKey(K::CompositeImplicitAutograd)) return false;
+    if (op.hasKernelForDispatchKey(K::CompositeExplicitAutograd) ||
+        op.hasKernelForDispatchKey(K::CompositeExplicitAutogradNonFunctional))
+      return false;
+    return !op.hasKernelForAnyDispatchKey(c10::DispatchKeySet({K::CPU, K::CUDA, K::HIP, K::XPU, K::MPS, K::PrivateUse1}));
+  }
+
   static bool functional(const c10::FunctionSchema& schema) {
     if (schema.is_mutable()) return false;
     for (const auto& ret : schema.returns())
@@ -127,7 +136,7 @@ class OpSavePolicy {
 };
 
 /// How checkpoint_wrapper recomputes a module.
-struct CheckpointOptions {
+struct CheckpointWrapperOptions {
   /// Restore the CPU and accelerator random generators for the recomputation (dropout and other
   /// random operators then recompute identically), and restore the current state afterwards.
   TORCH_ARG(bool, preserve_rng_state) = true;
@@ -249,27 +258,20 @@ class OpCache {
 
   struct Entry {
     std::vector<std::vector<int64_t>> input_sizes;  // of the tensor arguments: checks the replay matches
-    std::vector<c10::IValue> outputs;                // detached
-    std::vector<int64_t> versions;                   // of each tensor output when recorded (0: undefined)
+    std::vector<c10::IValue> outputs;                // private copies
     std::optional<RngState> rng_after;               // for random operators
   };
 
   void record(const c10::OperatorName& op, Entry entry) { entries_[op].push_back(std::move(entry)); }
 
-  /// The next recorded entry for `op`, if it is still valid: same input shapes, outputs not
-  /// modified in place since. Otherwise the operator is simply recomputed.
+  /// The next recorded entry for `op` if its input shapes match (otherwise the recomputation took
+  /// another path and the operator is simply recomputed).
   std::optional<Entry> take(const c10::OperatorName& op, const std::vector<std::vector<int64_t>>& input_sizes) {
     auto it = entries_.find(op);
     if (it == entries_.end() || it->second.empty()) return std::nullopt;
     Entry entry = std::move(it->second.front());
     it->second.pop_front();
     if (entry.input_sizes != input_sizes) return std::nullopt;
-    size_t k = 0;
-    for (const auto& value : entry.outputs) {
-      if (!value.isTensor()) continue;
-      const auto recorded = entry.versions[k++];
-      if (value.toTensor().defined() && value.toTensor()._version() != recorded) return std::nullopt;
-    }
     return entry;
   }
 
@@ -322,19 +324,17 @@ inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
   op.redispatchBoxed(below, stack);
   OpCache::Entry entry;
   entry.input_sizes = std::move(sizes);
-  auto keep = [&entry](const at::Tensor& t) {
-    // A detached alias: the recomputation's autograd kernel attaches its history to this handle,
-    // not to the tensor the first forward returned.
-    entry.versions.push_back(t.defined() ? t._version() : 0);
-    return t.defined() ? t.detach() : t;
-  };
+  // A private copy, not an alias: composite kernels may write into an output through an alias that
+  // does not share its version counter (SDPA's math path adds the mask in place to the result of
+  // _unsafe_view(bmm(...))), so an alias could silently change before the recomputation.
+  auto keep = [](const at::Tensor& t) { return t.defined() ? t.clone() : t; };
   for (size_t i = stack->size() - num_returns; i < stack->size(); ++i) {
     const auto& value = (*stack)[i];
     if (value.isTensor()) {
       entry.outputs.emplace_back(keep(value.toTensor()));
     } else if (value.isTensorList()) {
       std::vector<at::Tensor> list;
-      for (const at::Tensor& t : value.toTensorVector()) list.push_back(t.defined() ? t.detach() : t);
+      for (const at::Tensor& t : value.toTensorVector()) list.push_back(keep(t));
       entry.outputs.emplace_back(std::move(list));
     } else {
       entry.outputs.push_back(value);
@@ -385,11 +385,11 @@ class OpCacheScope {
 /// without keeping activations and recomputes it in backward.
 class CheckpointHook : public ModuleHook {
  public:
-  explicit CheckpointHook(CheckpointOptions options) : options_(std::move(options)) {
+  explicit CheckpointHook(CheckpointWrapperOptions options) : options_(std::move(options)) {
     if (options_.policy()) detail::ensure_op_cache_fallback();
   }
   std::string name() const override { return "checkpoint"; }
-  const CheckpointOptions& options() const { return options_; }
+  const CheckpointWrapperOptions& options() const { return options_; }
 
   at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
     // Nothing to save (no-grad, or inside an enclosing checkpointed region's forward or
@@ -463,14 +463,14 @@ class CheckpointHook : public ModuleHook {
     }
   };
 
-  CheckpointOptions options_;
+  CheckpointWrapperOptions options_;
 };
 
 /// Checkpoints `module` (see the top of this header). Attach it before fully_shard (so FSDP's
 /// hook is outside and the recomputation runs while the parameters are unsharded) and after
 /// parallelize_module. Returns the hook.
 template <typename M>
-std::shared_ptr<CheckpointHook> checkpoint_wrapper(M&& module, CheckpointOptions options = {}) {
+std::shared_ptr<CheckpointHook> checkpoint_wrapper(M&& module, CheckpointWrapperOptions options = {}) {
   auto& impl = detail::module_ref(module);
   TORCH_CHECK(!find_hook<CheckpointHook>(impl), "titan::checkpoint_wrapper: module '", impl.name(),
               "' is already checkpointed");
@@ -494,7 +494,7 @@ struct ActivationCheckpointOptions {
   TORCH_ARG(std::string, selective_ac_option) = "2";
   /// The operators whose outputs selective "op" checkpointing keeps (see OpSavePolicy).
   TORCH_ARG(std::vector<std::string>, save_ops) = OpSavePolicy::default_ops();
-  /// See CheckpointOptions::preserve_rng_state.
+  /// See CheckpointWrapperOptions::preserve_rng_state.
   TORCH_ARG(bool, preserve_rng_state) = true;
 };
 
@@ -506,7 +506,7 @@ inline size_t apply_activation_checkpointing(const std::vector<std::shared_ptr<t
   TORCH_CHECK(mode == "none" || mode == "full" || mode == "selective", "activation_checkpoint.mode: expected ",
               "\"none\", \"full\" or \"selective\", got \"", mode, "\"");
   if (mode == "none") return 0;
-  CheckpointOptions base = CheckpointOptions().preserve_rng_state(options.preserve_rng_state());
+  CheckpointWrapperOptions base = CheckpointWrapperOptions().preserve_rng_state(options.preserve_rng_state());
   int64_t every = 1;
   if (mode == "selective") {
     const auto& option = options.selective_ac_option();

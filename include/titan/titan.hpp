@@ -1,6 +1,7 @@
 #pragma once
 // titan/titan.hpp: everything titan offers, in one include.
 
+#include <titan/ac.hpp>
 #include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
 #include <titan/fsdp.hpp>

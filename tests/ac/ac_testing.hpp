@@ -3,9 +3,11 @@
 #include <titan/hooks.hpp>
 #include <torch/torch.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 
 namespace titan_ac {
 
@@ -67,7 +69,9 @@ struct StackImpl : torch::nn::Module {
 TORCH_MODULE(Stack);
 
 /// Counts the bytes of CPU tensor storage allocated while a CpuMemoryMeter is alive (and frees of
-/// those allocations, whenever they happen). One per process, so storages never outlive it.
+/// those allocations, whenever they happen). One per process, so storages never outlive it. Its
+/// data pointers are "simple" (context == data), as kernels using raw_allocate require, so the
+/// wrapped allocations are looked up by address when freed.
 class CountingAllocator final : public c10::Allocator {
  public:
   static CountingAllocator& instance() {
@@ -77,19 +81,30 @@ class CountingAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr inner = inner_->allocate(n);
     void* data = inner.get();
+    if (data == nullptr) return inner;  // empty: nothing to count
     const auto device = inner.device();
-    const auto now = current_ += static_cast<int64_t>(n);
-    int64_t high = peak_.load();
-    while (now > high && !peak_.compare_exchange_weak(high, now)) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ += static_cast<int64_t>(n);
+      peak_ = std::max(peak_, current_);
+      live_.emplace(data, Block{std::move(inner), static_cast<int64_t>(n)});
     }
-    return {data, new Block{std::move(inner), static_cast<int64_t>(n)}, &release, device};
+    return {data, data, &release, device};
   }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
-  int64_t current() const { return current_.load(); }
-  int64_t peak() const { return peak_.load(); }
+  int64_t current() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return current_;
+  }
+  int64_t peak() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return peak_;
+  }
   void reset(c10::Allocator* inner) {
+    std::lock_guard<std::mutex> lock(mutex_);
     inner_ = inner;
     current_ = 0;
     peak_ = 0;
@@ -100,13 +115,23 @@ class CountingAllocator final : public c10::Allocator {
     c10::DataPtr inner;
     int64_t bytes;
   };
-  static void release(void* ctx) {
-    auto* block = static_cast<Block*>(ctx);
-    instance().current_ -= block->bytes;
-    delete block;
+  static void release(void* data) {
+    if (data == nullptr) return;
+    auto& self = instance();
+    c10::DataPtr inner;  // freed outside the lock
+    {
+      std::lock_guard<std::mutex> lock(self.mutex_);
+      auto it = self.live_.find(data);
+      TORCH_INTERNAL_ASSERT(it != self.live_.end(), "CountingAllocator: freeing unknown pointer");
+      self.current_ -= it->second.bytes;
+      inner = std::move(it->second.inner);
+      self.live_.erase(it);
+    }
   }
+  mutable std::mutex mutex_;
   c10::Allocator* inner_ = nullptr;
-  std::atomic<int64_t> current_{0}, peak_{0};
+  int64_t current_ = 0, peak_ = 0;
+  std::unordered_map<void*, Block> live_;
 };
 
 /// While alive, CPU tensors are allocated through CountingAllocator: current() is the bytes

@@ -148,7 +148,7 @@ TEST_CASE("selective per-operator checkpointing replays random policy operators 
   };
   const auto x = make_input(4, 3, 8);
   auto plain = make();
-  titan::CheckpointOptions options;
+  titan::CheckpointWrapperOptions options;
   options.policy(std::make_shared<titan::OpSavePolicy>(std::vector<std::string>{"aten::addmm", "aten::bernoulli"}));
   auto checkpointed = make();
   titan::checkpoint_wrapper(checkpointed, options);

@@ -1,6 +1,7 @@
 #pragma once
 // Every public titan header (keep in sync with include/titan/).
 #include <titan/titan.hpp>
+#include <titan/ac.hpp>
 #include <titan/checkpoint.hpp>
 #include <titan/collectives.hpp>
 #include <titan/dist.hpp>
