@@ -28,9 +28,9 @@ struct BlockImpl : torch::nn::Module {
       : options(o),
         norm1(register_module("norm1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.dim()})))),
         norm2(register_module("norm2", torch::nn::LayerNorm(torch::nn::LayerNormOptions({o.dim()})))),
-        wq(register_module("wq", torch::nn::Linear(torch::nn::LinearOptions(o.dim(), o.dim()).bias(false)))),
-        wk(register_module("wk", torch::nn::Linear(torch::nn::LinearOptions(o.dim(), o.dim()).bias(false)))),
-        wv(register_module("wv", torch::nn::Linear(torch::nn::LinearOptions(o.dim(), o.dim()).bias(false)))),
+        wq(register_module("wq", torch::nn::Linear(o.dim(), o.dim()))),
+        wk(register_module("wk", torch::nn::Linear(o.dim(), o.dim()))),
+        wv(register_module("wv", torch::nn::Linear(o.dim(), o.dim()))),
         wo(register_module("wo", torch::nn::Linear(o.dim(), o.dim()))),
         w1(register_module("w1", torch::nn::Linear(o.dim(), o.hidden()))),
         w2(register_module("w2", torch::nn::Linear(o.hidden(), o.dim()))) {}
@@ -54,17 +54,20 @@ struct BlockImpl : torch::nn::Module {
 };
 TORCH_MODULE(Block);
 
-/// `n` blocks called through titan::call.
+/// `n` blocks called through titan::call, then a linear head.
 struct StackImpl : torch::nn::Module {
-  StackImpl(int64_t n, const BlockOptions& o) : layers(register_module("layers", torch::nn::ModuleList())) {
+  StackImpl(int64_t n, const BlockOptions& o)
+      : layers(register_module("layers", torch::nn::ModuleList())),
+        head(register_module("head", torch::nn::Linear(o.dim(), o.dim()))) {
     for (int64_t i = 0; i < n; ++i) layers->push_back(Block(o));
   }
   torch::Tensor forward(const torch::Tensor& x) {
     auto h = x;
     for (const auto& layer : *layers) h = titan::call(layer->as<BlockImpl>(), h);
-    return h;
+    return head(h);
   }
   torch::nn::ModuleList layers;
+  torch::nn::Linear head;
 };
 TORCH_MODULE(Stack);
 
