@@ -229,11 +229,20 @@ std::shared_ptr<const TokenCorpus> TokenCorpus::open(const CorpusOptions& option
 
   bool leader = !group || group->rank() == 0;
   bool cached = fs::exists(index_path);
-  if (leader && !cached) build_cache(options, tokenizer, tokens_path, index_path);
+  if (leader && !cached) {
+    try {
+      build_cache(options, tokenizer, tokens_path, index_path);
+    } catch (...) {
+      std::error_code ignored;  // leave no partial files behind
+      for (const auto& path : {tokens_path, index_path})
+        fs::remove(path + ".tmp" + std::to_string(::getpid()), ignored);
+      throw;
+    }
+  }
   if (group) group->barrier();
 
   std::shared_ptr<TokenCorpus> corpus(new TokenCorpus());
-  corpus->from_cache_ = cached;
+  corpus->from_cache_ = !(leader && !cached);
   corpus->index_path_ = index_path;
   std::ifstream index(index_path, std::ios::binary);
   TORCH_CHECK(index, "data: cannot open the token index '", index_path, "'");
@@ -410,6 +419,30 @@ void DataLoader::load_state(const DataState& state) {
 void DataLoader::reset() {
   epoch_ = 0;
   position_ = 0;
+}
+
+CorpusOptions corpus_options(const TrainConfig& config, bool validation) {
+  const auto& d = config.data;
+  TORCH_CHECK(!validation || !d.val_path.empty(), "data: validation asked for but data.val_path is empty");
+  auto cache = d.cache_dir.empty() ? (fs::path(config.job.dump_folder) / "token_cache").string() : d.cache_dir;
+  return CorpusOptions()
+      .path(validation ? d.val_path : d.path)
+      .kind(d.kind)
+      .text_field(d.text_field)
+      .skip_malformed(d.skip_malformed)
+      .cache_dir(cache)
+      .tokenizer_id(config.model.tokenizer_kind + ":" + config.model.tokenizer_path);
+}
+
+LoaderOptions loader_options(const TrainConfig& config, int64_t dp_rank, int64_t dp_size, bool validation) {
+  return LoaderOptions()
+      .batch_size(config.training.batch_size)
+      .seq_len(config.training.seq_len)
+      .pack(config.data.pack)
+      .shuffle(!validation)
+      .seed(config.training.seed)
+      .dp_rank(dp_rank)
+      .dp_size(dp_size);
 }
 
 ValidationResult evaluate(DataLoader& loader, int64_t steps, const std::function<torch::Tensor(const Batch&)>& loss_fn,

@@ -12,6 +12,8 @@
 //   std::string s = loader.state().to_json();  loader.load_state(DataState::from_json(s));  // resume
 //   ValidationResult v = evaluate(val_loader, steps, [&](const Batch& b) { return mean_loss; }, group);
 //   std::string p = alpaca_prompt(instruction, input);   // the Alpaca prompt template
+//   corpus_options(cfg, /*validation=*/false), loader_options(cfg, dp_rank, dp_size, false)
+//       // the options a TrainConfig's [data] / [training] / [model] sections ask for
 //
 // Corpus formats (CorpusOptions::kind):
 //   "text"   plain UTF-8; a line holding only a form feed ("\f") ends a document (a file without
@@ -36,6 +38,7 @@
 // restores the exact stream; there is no other RNG state.
 
 #include "../tokenizers/tokenizer.hpp"
+#include "config.hpp"
 
 #include <titan/world.hpp>
 #include <torch/arg.h>
@@ -85,7 +88,7 @@ class TokenCorpus {
   /// Leading tokens of document `d` that are prompt (not trained on); 0 except for "alpaca".
   int64_t prompt_length(int64_t d) const { return prompt_lengths_[d]; }
   int64_t skipped_lines() const { return skipped_lines_; }  ///< malformed lines skipped when tokenizing
-  bool from_cache() const { return from_cache_; }  ///< true when no tokenizing was needed
+  bool from_cache() const { return from_cache_; }  ///< true when this process did not tokenize
   const std::string& index_path() const { return index_path_; }  ///< the .index file
 
  private:
@@ -167,6 +170,15 @@ class DataLoader {
   mutable int64_t order_epoch_ = -1;
   mutable std::vector<int64_t> order_;  // permutation of the current epoch
 };
+
+/// The corpus of `config.data` (val_path when `validation`): kind, field, skip_malformed, the cache
+/// folder (data.cache_dir, or <job.dump_folder>/token_cache when empty) and the tokenizer's path
+/// and kind in the cache key.
+CorpusOptions corpus_options(const TrainConfig& config, bool validation);
+
+/// Batches of `config.training` for data-parallel rank `dp_rank` of `dp_size`: batch_size,
+/// seq_len, data.pack, seed; validation keeps file order (no shuffle).
+LoaderOptions loader_options(const TrainConfig& config, int64_t dp_rank, int64_t dp_size, bool validation);
 
 /// Mean validation loss (weighted by label tokens over all ranks) and its exponential.
 struct ValidationResult {

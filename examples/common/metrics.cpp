@@ -132,6 +132,16 @@ int64_t peak_memory_bytes(const c10::Device& device) {
   return -1;
 }
 
+MetricsOptions metrics_options(const TrainConfig& config, int rank) {
+  const auto& m = config.metrics;
+  auto root = std::filesystem::path(config.job.dump_folder);
+  return MetricsOptions()
+      .log_freq(m.log_freq)
+      .jsonl_path(m.enable_jsonl ? (root / "metrics.jsonl").string() : "")
+      .tensorboard_dir(m.enable_tensorboard ? (root / m.save_tb_folder).string() : "")
+      .enabled(rank == 0);
+}
+
 MetricsLogger::MetricsLogger(MetricsOptions options) : options_(std::move(options)) {
   TORCH_CHECK(options_.log_freq() >= 1, "metrics.log_freq must be >= 1, got ", options_.log_freq());
   if (!options_.enabled()) return;

@@ -12,10 +12,13 @@
 //       // every log_freq steps (and step 1) it appends to jsonl and TensorBoard and returns
 //       // the readable line for the caller to print
 //   log.record_scalars(step, {{"val/loss", 2.1}});   // extra scalars (validation)
+//   metrics_options(cfg, rank)   // from a TrainConfig: jsonl / TensorBoard under job.dump_folder
 //
 // Loss and grad norm are taken as given: reduce the loss over data-parallel ranks before
 // recording. Tokens/s is per rank. MFU = tokens/s x flops_per_token / peak_flops, printed "n/a"
 // when peak_flops is 0 (the default on CPU, which has no meaningful nominal peak here).
+
+#include "config.hpp"
 
 #include <torch/arg.h>
 #include <torch/types.h>
@@ -75,6 +78,11 @@ struct MetricsOptions {
   TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);  ///< for peak memory
   TORCH_ARG(bool, enabled) = true;           ///< false on ranks that should not write (rank != 0)
 };
+
+/// The [metrics] section for global rank `rank` (only rank 0 writes): log_freq,
+/// <dump_folder>/metrics.jsonl when enable_jsonl, <dump_folder>/<save_tb_folder> when
+/// enable_tensorboard. FLOPs per token, peak FLOP/s and device are left for the caller.
+MetricsOptions metrics_options(const TrainConfig& config, int rank);
 
 /// Averages StepStats over each logging interval and writes them out.
 class MetricsLogger {

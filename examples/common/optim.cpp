@@ -86,6 +86,27 @@ double clip_grad_norm(const std::vector<torch::Tensor>& parameters, double max_n
   return norm;
 }
 
+AdamWConfig adamw_config(const TrainConfig& config) {
+  const auto& o = config.optimizer;
+  TORCH_CHECK(o.name == "AdamW", "optimizer.name = '", o.name, "' is not one of: AdamW");
+  return AdamWConfig()
+      .lr(o.lr)
+      .beta1(o.beta1)
+      .beta2(o.beta2)
+      .eps(o.eps)
+      .weight_decay(o.weight_decay)
+      .no_decay_norms_and_biases(o.no_decay_norms_and_biases);
+}
+
+LRScheduleOptions lr_schedule_options(const TrainConfig& config) {
+  const auto& s = config.lr_scheduler;
+  return LRScheduleOptions()
+      .warmup_steps(s.warmup_steps)
+      .total_steps(config.training.steps)
+      .decay_type(s.decay_type)
+      .min_lr_ratio(s.min_lr_ratio);
+}
+
 int64_t gradient_accumulation_steps(int64_t global_batch, int64_t local_batch, int64_t dp_degree) {
   TORCH_CHECK(local_batch >= 1 && dp_degree >= 1, "training.batch_size (", local_batch,
               ") and the data-parallel degree (", dp_degree, ") must be >= 1");

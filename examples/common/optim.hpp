@@ -10,6 +10,9 @@
 //                                                        // about to run); sets every group's lr
 //   double norm = clip_grad_norm(params, max_norm, group);  // global L2 norm over all shards
 //   int64_t k = gradient_accumulation_steps(global_batch, local_batch, dp_degree);
+//   adamw_config(cfg), lr_schedule_options(cfg)   // from a TrainConfig
+
+#include "config.hpp"
 
 #include <titan/world.hpp>
 #include <torch/arg.h>
@@ -79,6 +82,11 @@ class LRSchedule {
 /// non-finite norm is returned and the gradients are left as they are. max_norm <= 0 only measures.
 double clip_grad_norm(const std::vector<torch::Tensor>& parameters, double max_norm,
                       const ProcessGroupPtr& group = nullptr);
+
+/// The [optimizer] section as AdamWConfig (errors when optimizer.name is not AdamW).
+AdamWConfig adamw_config(const TrainConfig& config);
+/// The [lr_scheduler] section with training.steps as the total.
+LRScheduleOptions lr_schedule_options(const TrainConfig& config);
 
 /// Micro-batches per optimizer step: global_batch / (local_batch * dp_degree); global_batch <= 0
 /// means local_batch * dp_degree (no accumulation). Errors when it does not divide.

@@ -25,13 +25,25 @@ using namespace titan::examples;
 
 namespace {
 
+/// Removes `dir` and everything in it. (Not fs::remove_all: libtorch.so exports its own
+/// std::filesystem symbols, and its remove_all crashes on non-empty folders here.)
+void remove_tree(const fs::path& dir) {
+  std::error_code ignored;
+  if (!fs::exists(dir, ignored)) return;
+  std::vector<fs::path> entries;
+  for (auto it = fs::recursive_directory_iterator(dir, ignored); it != fs::recursive_directory_iterator(); it.increment(ignored))
+    entries.push_back(it->path());
+  std::sort(entries.begin(), entries.end(), [](const fs::path& a, const fs::path& b) { return a.string() > b.string(); });
+  for (const auto& entry : entries) fs::remove(entry, ignored);  // children sort after their parents
+  fs::remove(dir, ignored);
+}
+
 /// This process's scratch folder, removed when the process ends.
 const fs::path& scratch_root() {
   static const struct Root {
     fs::path path = fs::temp_directory_path() / ("titan_trainer_" + std::to_string(::getpid()));
     ~Root() {
-      std::error_code ignored;
-      fs::remove_all(path, ignored);
+      remove_tree(path);
     }
   } root;
   return root.path;
@@ -40,7 +52,7 @@ const fs::path& scratch_root() {
 /// A fresh folder for one test case.
 fs::path scratch(const std::string& name) {
   auto dir = scratch_root() / name;
-  fs::remove_all(dir);
+  remove_tree(dir);
   fs::create_directories(dir);
   return dir;
 }
@@ -71,7 +83,7 @@ std::string error_of(Fn&& fn) {
     std::string message_ = error_of([&]() { (void)(expr); });                             \
     CHECK_MESSAGE(!message_.empty(), #expr " did not throw");                             \
     for (const char* part_ : {__VA_ARGS__})                                               \
-      CHECK_MESSAGE(message_.find(part_) != std::string::npos, "'", part_, "' missing from: ", message_); \
+      CHECK_MESSAGE(message_.find(part_) != std::string::npos, "'", std::string(part_), "' missing from: ", message_); \
   } while (0)
 
 /// Bytes as tokens: id = byte + 3; BOS 1, EOS 2, padding 0 (or none).
@@ -278,6 +290,49 @@ TEST_CASE("config: every example config validates") {
   CHECK(count >= 11);
 }
 
+TEST_CASE("config: the sections become the options of data, optimizer and metrics") {
+  TrainConfig c;
+  c.job.dump_folder = "/runs/x";
+  c.model.tokenizer_path = "tok.model";
+  c.data.kind = "jsonl";
+  c.data.path = "train.jsonl";
+  c.data.val_path = "valid.jsonl";
+  c.data.text_field = "body";
+  c.data.pack = false;
+  c.training.batch_size = 3;
+  c.training.seq_len = 64;
+  c.training.seed = 9;
+  c.training.steps = 77;
+  c.optimizer.lr = 1e-3;
+  c.optimizer.beta2 = 0.99;
+  c.lr_scheduler.warmup_steps = 5;
+  c.lr_scheduler.decay_type = "cosine";
+  c.metrics.enable_tensorboard = true;
+  auto corpus = corpus_options(c, false);
+  CHECK(corpus.path() == "train.jsonl");
+  CHECK(corpus.text_field() == "body");
+  CHECK(corpus.cache_dir() == "/runs/x/token_cache");
+  CHECK(corpus.tokenizer_id() == "tiktoken:tok.model");
+  CHECK(corpus_options(c, true).path() == "valid.jsonl");
+  c.data.cache_dir = "/cache";
+  CHECK(corpus_options(c, true).cache_dir() == "/cache");
+  auto train = loader_options(c, 1, 2, false);
+  CHECK((train.batch_size() == 3 && train.seq_len() == 64 && train.seed() == 9 && !train.pack() && train.shuffle()));
+  CHECK((train.dp_rank() == 1 && train.dp_size() == 2));
+  CHECK_FALSE(loader_options(c, 1, 2, true).shuffle());
+  auto adamw = adamw_config(c);
+  CHECK((adamw.lr() == 1e-3 && adamw.beta2() == 0.99 && adamw.weight_decay() == 0.1));
+  auto schedule = lr_schedule_options(c);
+  CHECK((schedule.total_steps() == 77 && schedule.warmup_steps() == 5 && schedule.decay_type() == "cosine"));
+  auto metrics = metrics_options(c, 0);
+  CHECK(metrics.jsonl_path() == "/runs/x/metrics.jsonl");
+  CHECK(metrics.tensorboard_dir() == "/runs/x/tb");
+  CHECK(metrics.enabled());
+  CHECK_FALSE(metrics_options(c, 1).enabled());
+  c.data.val_path = "";
+  CHECK_ERROR_HAS(corpus_options(c, true), "data.val_path is empty");
+}
+
 // ------------------------------------------------------------------------------------------------
 // Data
 
@@ -327,11 +382,13 @@ TEST_CASE("data: JSONL field, malformed lines fail with file:line or are skipped
   };
   CHECK_ERROR_HAS(open_with("body", false), "c.jsonl:4", "field \"body\" is not a string", "data.skip_malformed");
   CHECK_ERROR_HAS(open_with("text", false), "c.jsonl:1", "no field \"text\"");
+  for (const auto& entry : fs::directory_iterator(dir / "cache"))  // failed builds leave nothing
+    CHECK_MESSAGE(entry.path().string().find(".tmp") == std::string::npos, entry.path().string());
   auto skipped = open_with("body", true);
   CHECK(skipped->num_documents() == 3);
   CHECK(skipped->skipped_lines() == 1);
   CHECK(open_with("body", true)->skipped_lines() == 1);  // also when read from the cache
-  write_file(dir / "bad.jsonl", "{\"body\": \"ok\"}\n{not json\n");
+  write_file(dir / "bad.jsonl", "{\"text\": \"ok\"}\n{not json\n");
   CHECK_ERROR_HAS(open_corpus(dir / "bad.jsonl", dir, "jsonl"), "bad.jsonl:2", "invalid JSON");
 }
 
@@ -421,7 +478,7 @@ TEST_CASE("data: the saved state resumes the exact stream, across epochs") {
   CHECK_ERROR_HAS(other_seed.load_state(state), "seed 11", "training.seed = 12");
   DataLoader other_rank(corpus, ByteTokenizer(), LoaderOptions(options).dp_rank(0));
   CHECK_ERROR_HAS(other_rank.load_state(state), "rank 1 of 2");
-  CHECK_ERROR_HAS(DataState::from_json("{\"epoch\": 1}"), "no 'dp_rank'");
+  CHECK_ERROR_HAS(DataState::from_json("{\"epoch\": 1}"), "no 'position'");
 }
 
 TEST_CASE("data: Alpaca samples train on the response only, padded or packed") {
@@ -783,7 +840,7 @@ TEST_SUITE("multirank") {
     auto port = std::getenv("MASTER_PORT") ? std::string(std::getenv("MASTER_PORT")) : std::string("single");
     auto dir = fs::temp_directory_path() / ("titan_trainer_ranks_" + port);
     if (group->rank() == 0) {
-      fs::remove_all(dir);
+      remove_tree(dir);
       fs::create_directories(dir);
       write_text_corpus(dir, kDocs);
     }
@@ -811,7 +868,7 @@ TEST_SUITE("multirank") {
     CHECK(result.tokens == static_cast<int64_t>(count));
     CHECK(result.loss == doctest::Approx(sum / count).epsilon(1e-9));
     group->barrier();
-    if (group->rank() == 0) fs::remove_all(dir);
+    if (group->rank() == 0) remove_tree(dir);
   }
 
   TEST_CASE("multirank: a signal on one rank stops every rank") {
