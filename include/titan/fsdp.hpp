@@ -155,11 +155,10 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   };
 
   FsdpHook(std::vector<Param> params, ProcessGroupPtr shard_group, ProcessGroupPtr replicate_group,
-           std::string shard_dim, FsdpOptions options, std::string module_name)
+           FsdpOptions options, std::string module_name)
       : params_(std::move(params)),
         shard_group_(std::move(shard_group)),
         replicate_group_(std::move(replicate_group)),
-        shard_dim_(std::move(shard_dim)),
         options_(std::move(options)),
         module_name_(std::move(module_name)) {
     for (auto& p : params_) {
@@ -463,7 +462,6 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   std::vector<Param> params_;
   ProcessGroupPtr shard_group_;
   ProcessGroupPtr replicate_group_;
-  std::string shard_dim_;
   FsdpOptions options_;
   std::string module_name_;
   int64_t flat_numel_ = 0;
@@ -579,7 +577,7 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
   for (const auto& p : params)
     for (const auto& [owner, key] : p.owners) detail::parameter_dict(*owner)[key] = p.sharded;
   auto hook = std::make_shared<FsdpHook>(std::move(params), std::move(shard_group), std::move(replicate_group),
-                                         shard_dim, std::move(options), module.name());
+                                         std::move(options), module.name());
   attach_hook(module, hook);
   return hook;
 }

@@ -499,3 +499,55 @@ TEST_CASE("fsdp: debug Llama built on meta trains like the single-process refere
   CHECK(diff <= 1e-5);
 }
 #endif
+
+namespace {
+
+/// Stands in for tensor parallelism: reports that `weight` is this rank's column block (Shard(1)
+/// over "tp") of a global [5, 6] matrix.
+struct ColumnShardLayout : titan::ModuleHook, titan::ParameterLayoutProvider {
+  explicit ColumnShardLayout(titan::ProcessGroupPtr tp) : tp(std::move(tp)) {}
+  std::string name() const override { return "column_shard"; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn& next) override {
+    return next(inputs);
+  }
+  std::optional<titan::TensorLayout> layout_of(const std::string& relative_name) const override {
+    if (relative_name != "weight") return std::nullopt;
+    return titan::TensorLayout{{5, 6}, {titan::ShardLevel{1, "tp", tp}}};
+  }
+  titan::ProcessGroupPtr tp;
+};
+
+}  // namespace
+
+TEST_CASE("fsdp: layouts compose with an inner hook's (TP-like Shard(1), then FSDP Shard(0))") {
+  const int n = world().world_size();
+  const int64_t dp = n >= 2 ? 2 : 1;
+  titan::DeviceMesh mesh(titan_test::world(), {"dp_shard", "tp"}, {dp, n / dp});
+  torch::manual_seed(0);
+  auto global = torch::randn({5, 6});
+  auto tp = mesh.group("tp");
+  auto cols = titan::chunk_sizes(6, tp->size());
+  int64_t col0 = 0;
+  for (int r = 0; r < tp->rank(); ++r) col0 += cols[static_cast<size_t>(r)];
+  torch::nn::Linear linear(6, 5);
+  {
+    torch::NoGradGuard no_grad;
+    linear->weight.set_data(global.narrow(1, col0, cols[static_cast<size_t>(tp->rank())]).clone());
+  }
+  // As in torchtitan: TP on the projection, FSDP on the block holding it.
+  titan::attach_hook(*linear, std::make_shared<ColumnShardLayout>(tp));
+  torch::nn::Sequential block(linear);
+  titan::fully_shard(block, mesh["dp_shard"]);
+
+  auto sharded = titan::sharded_parameters(*block);
+  REQUIRE(sharded.front().first == "0.weight");
+  const auto& weight = sharded.front().second;
+  CHECK(weight.layout.placement() == "Shard(1)@tp,Shard(0)@dp_shard");
+  auto rows = titan::chunk_sizes(5, dp);
+  int64_t row0 = 0;
+  for (int r = 0; r < mesh.coordinate("dp_shard"); ++r) row0 += rows[static_cast<size_t>(r)];
+  CHECK(weight.box.offsets == std::vector<int64_t>{row0, col0});
+  CHECK(torch::equal(weight.local, global.narrow(0, row0, weight.box.sizes[0]).narrow(1, col0, weight.box.sizes[1])));
+  auto full = titan::full_state_dict(*block, world().group(), titan::FullStateDictOptions().rank0_only(false));
+  CHECK(torch::equal(full["0.weight"], global));
+}
