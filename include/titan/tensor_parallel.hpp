@@ -26,12 +26,15 @@
 #include <titan/mesh.hpp>
 #include <titan/sharding.hpp>
 
+#include <torch/arg.h>
 #include <torch/nn/modules/embedding.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 

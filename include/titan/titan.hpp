@@ -9,3 +9,4 @@
 #include <titan/meta.hpp>
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
+#include <titan/tensor_parallel.hpp>

@@ -12,4 +12,5 @@
 #include <titan/meta.hpp>
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
+#include <titan/tensor_parallel.hpp>
 #include <titan/world.hpp>

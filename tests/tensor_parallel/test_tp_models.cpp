@@ -50,10 +50,11 @@ void check_model_parity(const std::string& family, bool sequence_parallel, bool 
     ref_opt.zero_grad();
     loss.backward();
     ref_loss.backward();
+    tp_test::check_gradients_match(*model, *reference, 1e-5);
     opt.step();
     ref_opt.step();
   }
-  tp_test::check_parameters_match(*model, *reference, 1e-5);
+  tp_test::check_parameters_match(*model, *reference, tp_test::kAdamParamTol);
 }
 
 }  // namespace

@@ -13,7 +13,7 @@ inline const titan::ProcessGroupPtr& tp_group() { return titan_test::world()->gr
 inline int tp_size() { return titan_test::world()->world_size(); }
 
 /// The global tensor of a (possibly sharded) tensor, all-gathered level by level, innermost first.
-inline torch::Tensor gather_full(const titan::ShardedTensor& sharded) {
+inline torch::Tensor gather_global(const titan::ShardedTensor& sharded) {
   auto full = sharded.local.detach();
   const auto& levels = sharded.layout.levels;
   std::vector<int64_t> extent = sharded.layout.global_shape;
@@ -35,8 +35,24 @@ inline void check_parameters_match(const torch::nn::Module& parallel, const torc
   for (const auto& [name, tensor] : sharded) {
     INFO("parameter ", name, " (", tensor.layout.placement(), ")");
     REQUIRE(expected.contains(name));
-    CHECK_CLOSE(gather_full(tensor), expected[name], tol);
+    CHECK_CLOSE(tp_test::gather_global(tensor), expected[name], tol);
   }
 }
+
+/// Every parameter gradient of `parallel`, gathered, equals the same-named one of `reference`.
+inline void check_gradients_match(const torch::nn::Module& parallel, const torch::nn::Module& reference, double tol) {
+  auto expected = reference.named_parameters();
+  for (const auto& [name, tensor] : titan::sharded_parameters(parallel)) {
+    INFO("gradient of ", name, " (", tensor.layout.placement(), ")");
+    REQUIRE(tensor.local.grad().defined());
+    titan::ShardedTensor grad{tensor.local.grad(), tensor.layout, tensor.box};
+    CHECK_CLOSE(gather_global(grad), expected[name].grad(), tol);
+  }
+}
+
+/// Tolerance of parameters after a few AdamW steps: Adam divides by sqrt(v), so elements whose
+/// gradient is rounding noise (|g| ~ 1e-9) move by O(lr) in either implementation; the gradients
+/// themselves are compared tightly (check_gradients_match) at every step.
+constexpr double kAdamParamTol = 1e-4;
 
 }  // namespace tp_test
