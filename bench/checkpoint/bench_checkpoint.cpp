@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
   };
   std::vector<Row> rows_out;
   for (bool async : {false, true}) {
-    std::filesystem::remove_all(dir + (async ? "/async" : "/sync"));
+    titan::detail::remove_tree(dir + (async ? "/async" : "/sync"));
     titan::CheckpointManager manager(world, titan::CheckpointOptions(dir + (async ? "/async" : "/sync")).async(async));
     world->group()->barrier();
     Row row{async ? "async" : "sync"};
@@ -152,8 +152,8 @@ int main(int argc, char** argv) {
                   gb / row.total, row.slowdown);
     std::printf("| load        | %19.2f | %12.2f | %17.2f | %29s |\n", load_time, load_time, gb / load_time, "-");
   }
-  std::filesystem::remove_all(dir + "/sync");
-  std::filesystem::remove_all(dir + "/async");
+  titan::detail::remove_tree(dir + "/sync");
+  titan::detail::remove_tree(dir + "/async");
   world->shutdown();
   return 0;
 }

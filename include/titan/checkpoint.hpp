@@ -22,6 +22,7 @@
 
 #include <titan/detail/checkpoint_io.hpp>
 #include <titan/detail/json.hpp>
+#include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
 
 #include <torch/optim/adam.h>
@@ -345,46 +346,31 @@ inline std::vector<PlannedTensor> resolve_plans(const std::vector<std::string>& 
   return tensors;
 }
 
-/// Writes this rank's blocks to `dir/file` as a safetensors file; returns their shard records
-/// (offsets, sizes, byte range, block checksums) in the order of `entries`.
+/// Writes this rank's blocks to `dir/file` as a safetensors file (fsynced); returns their shard
+/// records (offsets, sizes, byte range, block checksums) in the order of `entries`.
 inline std::vector<ShardRecord> write_shard_file(const std::string& dir, const std::string& file,
                                                  const std::vector<const SaveEntry*>& entries, int64_t block_bytes) {
-  json::Value header = json::Object{};
-  header["__metadata__"]["format"] = "pt";
+  const std::string path = dir + "/" + file;
+  safetensors::NamedTensors named;
   int64_t data_size = 0;
   for (const auto* e : entries) {
-    json::Value t = json::Object{};
-    t["dtype"] = e->dtype;
-    t["shape"] = int_array(e->box.sizes);
-    int64_t bytes = e->data.numel() * static_cast<int64_t>(e->data.element_size());
-    t["data_offsets"] = int_array({data_size, data_size + bytes});
-    header[e->name] = std::move(t);
-    data_size += bytes;
+    named.emplace_back(e->name, e->data);
+    data_size += e->data.numel() * static_cast<int64_t>(e->data.element_size());
   }
-  std::string text = json::dump(header);
-  text.append((8 - text.size() % 8) % 8, ' ');  // data starts 8-byte aligned
-  const uint64_t header_size = text.size();
-  const int64_t data_start = 8 + static_cast<int64_t>(header_size);
-
-  PosixFile out(dir + "/" + file, O_WRONLY | O_CREAT | O_TRUNC);
-  out.write(&header_size, 8);  // little-endian u64
-  out.write(text.data(), text.size());
+  safetensors::save(path, named, {{"format", "pt"}});
+  PosixFile written(path, O_RDONLY);
+  written.sync();
+  int64_t position = written.size() - data_size;  // the data section, in entry order, ends the file
   std::vector<ShardRecord> records;
-  int64_t position = data_start;
   for (const auto* e : entries) {
-    ShardRecord record{e->box.offsets, e->box.sizes, file, position, 0, {}};
     const auto* bytes = static_cast<const uint8_t*>(e->data.data_ptr());
     const int64_t size = e->data.numel() * static_cast<int64_t>(e->data.element_size());
-    for (int64_t done = 0; done < size; done += block_bytes) {
-      const auto n = static_cast<size_t>(std::min(block_bytes, size - done));
-      record.crc32.push_back(crc32(bytes + done, n));
-      out.write(bytes + done, n);
-    }
+    ShardRecord record{e->box.offsets, e->box.sizes, file, position, position + size, {}};
+    for (int64_t done = 0; done < size; done += block_bytes)
+      record.crc32.push_back(crc32(bytes + done, static_cast<size_t>(std::min(block_bytes, size - done))));
     position += size;
-    record.end = position;
     records.push_back(std::move(record));
   }
-  out.sync();
   return records;
 }
 
@@ -621,8 +607,8 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
                   " state but the optimizer is ", kind);
       std::unordered_map<const void*, std::string> names;
       for (const auto& [name, tensor] : params) names.emplace(tensor.local.unsafeGetTensorImpl(), name);
-      for (const auto& group_ : state.optimizer->param_groups()) {
-        for (const auto& param : group_.params()) {
+      for (const auto& param_group : state.optimizer->param_groups()) {
+        for (const auto& param : param_group.params()) {
           auto found = names.find(param.unsafeGetTensorImpl());
           TORCH_CHECK(found != names.end(), "titan checkpoint: the optimizer holds a parameter that is not in the model");
           const std::string& name = found->second;
@@ -687,7 +673,7 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
                   meta.tensors.size(), " tensors; a checkpoint of a different model?)");
       TORCH_CHECK(record->shape == target.shape, "titan checkpoint: tensor '", target.name, "' has global shape ",
                   c10::IntArrayRef(target.shape), " but '", dir, "' saved it as ", c10::IntArrayRef(record->shape));
-      auto saved_type = detail::scalar_type_of(record->dtype, "tensor '" + target.name + "'");
+      auto saved_type = safetensors::dtype_from_name(record->dtype, "titan checkpoint: tensor '" + target.name + "'");
       TORCH_CHECK(saved_type == target.dtype, "titan checkpoint: tensor '", target.name, "' is ", target.dtype,
                   " but '", dir, "' saved it as ", record->dtype);
     }
@@ -772,7 +758,7 @@ class CheckpointManager {
     const std::string tmp = folder + "/.tmp-" + detail::step_dir_name(step);
     if (rank_ == 0) {
       std::filesystem::create_directories(folder);
-      std::filesystem::remove_all(tmp);  // debris of a crashed save of the same step
+      detail::remove_tree(tmp);  // debris of a crashed save of the same step
       std::filesystem::create_directories(tmp);
     }
     auto job = std::make_shared<Job>();
@@ -783,7 +769,7 @@ class CheckpointManager {
       auto local = tensor.local.detach();
       at::Tensor data = options_.async() ? local.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous()
                                          : local.cpu().contiguous();  // [box.sizes]
-      job->entries.push_back(detail::SaveEntry{name, data, detail::safetensors_dtype(data.scalar_type()),
+      job->entries.push_back(detail::SaveEntry{name, data, safetensors::dtype_name(data.scalar_type()),
                                                tensor.layout.global_shape, tensor.layout.placement(), tensor.box});
     }
     // The plan exchange is also the barrier after which the temporary directory exists.
@@ -940,7 +926,7 @@ class CheckpointManager {
     detail::write_file_atomically(tmp, "metadata.json", json::dump(detail::metadata_json(meta), 1));
     if (options_.on_file_written()) options_.on_file_written()(tmp + "/metadata.json");
     const std::string final_dir = folder + "/" + detail::step_dir_name(job.step);
-    std::filesystem::remove_all(final_dir);  // an older save of the same step (a rerun)
+    detail::remove_tree(final_dir);  // an older save of the same step (a rerun)
     std::filesystem::rename(tmp, final_dir);
     detail::sync_directory(folder);
     detail::write_file_atomically(folder, "latest", detail::step_dir_name(job.step) + "\n");
@@ -948,7 +934,7 @@ class CheckpointManager {
       auto steps = complete_steps();
       const auto keep = static_cast<size_t>(options_.keep_latest_k());
       for (size_t i = 0; i + keep < steps.size(); ++i)
-        if (steps[i] != job.step) std::filesystem::remove_all(folder + "/" + detail::step_dir_name(steps[i]));
+        if (steps[i] != job.step) detail::remove_tree(folder + "/" + detail::step_dir_name(steps[i]));
     }
     logger_.info("saved checkpoint step ", job.step, " to ", final_dir);
   }

@@ -2,11 +2,16 @@
 //
 //   checkpoint_driver save DIR MESH    save the reproducible tensors sharded on MESH as step 1
 //   checkpoint_driver load DIR MESH    load DIR's latest checkpoint sharded on MESH, compare exactly
+//   checkpoint_driver fsdp-save DIR    train an FSDP model 3 steps (AdamW), save it, and write its
+//                                      gathered parameters and moments to DIR/reference.safetensors
+//   checkpoint_driver fsdp-load DIR    load it into a fresh FSDP model on this world, compare exactly
 //   checkpoint_driver kill DIR         a save killed (SIGKILL) midway leaves the previous one intact
 //
 // MESH is "fsdp" (Shard(0) over dp_shard = all ranks) or "fsdp_tp" (dp_shard x tp = world/2 x 2).
 // Exits 0 on success, 1 with a message on failure.
 #include "checkpoint_fixtures.hpp"
+
+#include <titan/safetensors.hpp>
 
 #include <signal.h>
 #include <spawn.h>
@@ -58,7 +63,7 @@ void check_state(const titan::TrainState& loaded, const titan::DeviceMesh& mesh,
 
 int save(const titan::WorldPtr& world, const std::string& dir, const std::string& kind) {
   auto mesh = make_mesh(world, kind);
-  if (world->rank() == 0) std::filesystem::remove_all(dir);
+  if (world->rank() == 0) titan::detail::remove_tree(dir);
   world->group()->barrier();
   titan::CheckpointManager manager(world, titan::CheckpointOptions(dir).block_bytes(32));
   auto state = make_state(mesh, false);
@@ -79,6 +84,55 @@ int load(const titan::WorldPtr& world, const std::string& dir, const std::string
   expect(state.extra.count("mesh") == 1, "extra state survives");
   // Per-rank state comes back only on the same world size.
   expect(state.rank_extra.empty() == (meta.world_size != world->world_size()), "rank_extra only on the same world size");
+  return 0;
+}
+
+/// Every parameter of `model` and its AdamW moments, gathered to global tensors (a collective).
+titan::safetensors::NamedTensors gathered_state(titan_ckpt::Net& model, torch::optim::AdamW& optimizer) {
+  titan::safetensors::NamedTensors result;
+  for (const auto& [name, sharded] : titan::sharded_parameters(*model)) {
+    result.emplace_back(name, titan::gather_full(sharded));
+    auto& state = static_cast<torch::optim::AdamWParamState&>(
+        *optimizer.state().at(sharded.local.unsafeGetTensorImpl()));
+    result.emplace_back(name + ".exp_avg", titan::gather_full({state.exp_avg(), sharded.layout, sharded.box}));
+    result.emplace_back(name + ".exp_avg_sq", titan::gather_full({state.exp_avg_sq(), sharded.layout, sharded.box}));
+    result.emplace_back(name + ".step", torch::scalar_tensor(state.step(), torch::kLong));
+  }
+  return result;
+}
+
+int fsdp_save(const titan::WorldPtr& world, const std::string& dir) {
+  titan::DeviceMesh mesh(world, {"dp_shard"}, {world->world_size()});
+  if (world->rank() == 0) titan::detail::remove_tree(dir);
+  world->group()->barrier();
+  titan_ckpt::Net model(mesh, 1);
+  torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.05));
+  titan_ckpt::train_net(model, optimizer, 1, 3, world->rank());
+  titan::CheckpointManager manager(world, titan::CheckpointOptions(dir));
+  titan::TrainState state;
+  state.model = model.get();
+  state.optimizer = &optimizer;
+  manager.save(3, state);
+  auto reference = gathered_state(model, optimizer);
+  if (world->rank() == 0) titan::safetensors::save(dir + "/reference.safetensors", reference);
+  return 0;
+}
+
+int fsdp_load(const titan::WorldPtr& world, const std::string& dir) {
+  titan::DeviceMesh mesh(world, {"dp_shard"}, {world->world_size()});
+  titan_ckpt::Net model(mesh, 2);
+  torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.05));
+  titan::CheckpointManager manager(world, titan::CheckpointOptions(dir));
+  titan::TrainState state;
+  state.model = model.get();
+  state.optimizer = &optimizer;
+  expect(manager.load_latest(state) == std::optional<int64_t>(3), "load_latest found step 3");
+  auto loaded = gathered_state(model, optimizer);
+  if (world->rank() == 0) {
+    titan::safetensors::File reference(dir + "/reference.safetensors");
+    for (const auto& [name, tensor] : loaded)
+      expect(torch::equal(tensor, reference.read(name)), "FSDP " + name + " equals the saving job's");
+  }
   return 0;
 }
 
@@ -109,7 +163,7 @@ int child(const titan::WorldPtr& world, const std::string& dir, int64_t step, co
 
 int kill_test(const titan::WorldPtr& world, const std::string& dir) {
   TORCH_CHECK(world->world_size() == 1, "checkpoint_driver kill runs as one process");
-  std::filesystem::remove_all(dir);
+  titan::detail::remove_tree(dir);
   titan::DeviceMesh mesh(world, {"dp_shard"}, {1});
   titan::CheckpointManager manager(world, titan::CheckpointOptions(dir).keep_latest_k(1));
   auto state = make_state(mesh, false);
@@ -119,7 +173,8 @@ int kill_test(const titan::WorldPtr& world, const std::string& dir) {
   // Killed after its shard file, then after its metadata (but before the rename).
   for (std::string kill_after : {"rank-0.safetensors", "metadata.json"}) {
     int status = run_child(dir, 2, kill_after);
-    expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL, "the child was killed by SIGKILL after " + kill_after);
+    expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL,
+           "the child was killed by SIGKILL after " + kill_after + " (wait status " + std::to_string(status) + ")");
     expect(std::filesystem::exists(dir + "/.tmp-step-2/" + kill_after), "the killed save wrote " + kill_after);
     expect(!std::filesystem::exists(dir + "/step-2"), "no step-2 after a save killed after " + kill_after);
     expect(manager.latest_step() == std::optional<int64_t>(1), "latest is still step 1");
@@ -146,7 +201,7 @@ int main(int argc, char** argv) {
   torch::set_num_threads(1);
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) {
-    std::cerr << "usage: checkpoint_driver save|load DIR MESH | kill DIR\n";
+    std::cerr << "usage: checkpoint_driver save|load DIR MESH | fsdp-save|fsdp-load|kill DIR\n";
     return 2;
   }
   auto world = titan::init_distributed(titan::DistOptions().timeout(std::chrono::seconds(120)));
@@ -154,6 +209,8 @@ int main(int argc, char** argv) {
     if (args[0] == "save" && args.size() == 3) save(world, args[1], args[2]);
     else if (args[0] == "load" && args.size() == 3) load(world, args[1], args[2]);
     else if (args[0] == "kill" && args.size() == 2) kill_test(world, args[1]);
+    else if (args[0] == "fsdp-save" && args.size() == 2) fsdp_save(world, args[1]);
+    else if (args[0] == "fsdp-load" && args.size() == 2) fsdp_load(world, args[1]);
     else if (args[0] == "child" && args.size() == 4) child(world, args[1], std::stoll(args[2]), args[3]);
     else {
       std::cerr << "checkpoint_driver: bad arguments\n";

@@ -1,8 +1,10 @@
 #pragma once
 // Shared by the checkpoint suite (test_titan) and checkpoint_driver: reproducible global tensors,
-// hand-built layouts over a DeviceMesh and a directory every rank of a job agrees on.
+// hand-built layouts over a DeviceMesh, a small FSDP model and a directory every rank of a job
+// agrees on.
 #include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
+#include <titan/fsdp.hpp>
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -65,11 +67,57 @@ inline std::string shared_dir(const titan::WorldPtr& world, const std::string& n
               ("titan_ckpt_" + (port ? std::string(port) : std::to_string(::getpid())));
   auto dir = (root / name).string();
   if (world->rank() == 0) {
-    std::filesystem::remove_all(dir);
+    titan::detail::remove_tree(dir);
     std::filesystem::create_directories(dir);
   }
   world->group()->barrier();
   return dir;
+}
+
+/// x + fc2(tanh(fc1(x))): library modules only.
+struct ResidualImpl : torch::nn::Module {
+  ResidualImpl() {
+    fc1 = register_module("fc1", torch::nn::Linear(6, 9));
+    fc2 = register_module("fc2", torch::nn::Linear(9, 6));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return x + fc2(torch::tanh(fc1(x))); }  // [B, 6]
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(Residual);
+
+/// [B, 5] -> embed -> 2 residual blocks -> head [B, 3], every block and the root FSDP units.
+struct NetImpl : torch::nn::Module {
+  NetImpl(const titan::DeviceMesh& mesh, uint64_t seed) {
+    torch::manual_seed(seed);  // the same initial values on every rank
+    embed = register_module("embed", torch::nn::Linear(5, 6));
+    blocks = register_module("blocks", torch::nn::ModuleList(Residual(), Residual()));
+    head = register_module("head", torch::nn::Linear(6, 3));
+    for (const auto& block : *blocks) titan::fully_shard(block, mesh);
+    titan::fully_shard(*this, mesh);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = embed(x);
+    for (const auto& block : *blocks) h = titan::call(block->as<ResidualImpl>(), h);
+    return head(h);
+  }
+  torch::nn::Linear embed{nullptr}, head{nullptr};
+  torch::nn::ModuleList blocks{nullptr};
+};
+TORCH_MODULE(Net);
+
+/// Trains steps [first, last] on this rank's batches; returns the losses.
+inline std::vector<float> train_net(Net& model, torch::optim::Optimizer& optimizer, int first, int last, int rank) {
+  std::vector<float> losses;
+  for (int step = first; step <= last; ++step) {
+    auto x = global_tensor(3000 + 10 * step + rank, {4, 5}, torch::kFloat);
+    auto y = global_tensor(4000 + 10 * step + rank, {4, 3}, torch::kFloat);
+    optimizer.zero_grad();
+    auto loss = torch::mse_loss(titan::call(model, x), y);
+    loss.backward();
+    optimizer.step();
+    losses.push_back(loss.item<float>());
+  }
+  return losses;
 }
 
 }  // namespace titan_ckpt

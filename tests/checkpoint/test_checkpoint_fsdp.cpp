@@ -8,51 +8,11 @@
 
 namespace {
 
+using titan_ckpt::Net;
 using titan_test::world;
 
-/// x + fc2(tanh(fc1(x))): library modules only.
-struct ResidualImpl : torch::nn::Module {
-  ResidualImpl() {
-    fc1 = register_module("fc1", torch::nn::Linear(6, 9));
-    fc2 = register_module("fc2", torch::nn::Linear(9, 6));
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return x + fc2(torch::tanh(fc1(x))); }  // [B, 6]
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
-};
-TORCH_MODULE(Residual);
-
-/// [B, 5] -> embed -> 2 residual blocks -> head [B, 3], every block and the root FSDP units.
-struct NetImpl : torch::nn::Module {
-  NetImpl(const titan::DeviceMesh& mesh, uint64_t seed) {
-    torch::manual_seed(seed);  // the same initial values on every rank
-    embed = register_module("embed", torch::nn::Linear(5, 6));
-    blocks = register_module("blocks", torch::nn::ModuleList(Residual(), Residual()));
-    head = register_module("head", torch::nn::Linear(6, 3));
-    for (const auto& block : *blocks) titan::fully_shard(block, mesh);
-    titan::fully_shard(*this, mesh);
-  }
-  torch::Tensor forward(const torch::Tensor& x) {
-    auto h = embed(x);
-    for (const auto& block : *blocks) h = titan::call(block->as<ResidualImpl>(), h);
-    return head(h);
-  }
-  torch::nn::Linear embed{nullptr}, head{nullptr};
-  torch::nn::ModuleList blocks{nullptr};
-};
-TORCH_MODULE(Net);
-
 std::vector<float> train(Net& model, torch::optim::Optimizer& optimizer, int first, int last) {
-  std::vector<float> losses;
-  for (int step = first; step <= last; ++step) {
-    auto x = titan_ckpt::global_tensor(3000 + 10 * step + world()->rank(), {4, 5}, torch::kFloat);
-    auto y = titan_ckpt::global_tensor(4000 + 10 * step + world()->rank(), {4, 3}, torch::kFloat);
-    optimizer.zero_grad();
-    auto loss = torch::mse_loss(titan::call(model, x), y);
-    loss.backward();
-    optimizer.step();
-    losses.push_back(loss.item<float>());
-  }
-  return losses;
+  return titan_ckpt::train_net(model, optimizer, first, last, world()->rank());
 }
 
 }  // namespace

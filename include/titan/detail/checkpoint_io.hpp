@@ -1,11 +1,12 @@
 #pragma once
 // titan/detail/checkpoint_io.hpp: the low-level pieces of checkpoint.hpp — CRC-32, POSIX file
-// helpers with errors that name the path, safetensors dtype names and string exchange between ranks.
+// helpers with errors that name the path, and string exchange between ranks.
 
 #include <titan/collectives.hpp>
 #include <titan/world.hpp>
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -114,6 +115,17 @@ inline void sync_directory(const std::string& path) {
   dir.sync();
 }
 
+/// Removes `path` and everything below it; nothing if it does not exist. (Not
+/// std::filesystem::remove_all: LibTorch's libraries export their own copy of it, which crashes on
+/// non-empty directories when it is the one the dynamic linker binds.)
+inline void remove_tree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  auto remove_one = [](const char* entry, const struct stat*, int, struct FTW*) { return ::remove(entry); };
+  TORCH_CHECK(::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS) == 0, "titan checkpoint: cannot remove '",
+              path, "': ", std::strerror(errno));
+}
+
 /// Writes `text` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
 inline void write_file_atomically(const std::string& dir, const std::string& name, const std::string& text) {
   const std::string tmp = dir + "/." + name + ".tmp";
@@ -126,32 +138,6 @@ inline void write_file_atomically(const std::string& dir, const std::string& nam
   TORCH_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "titan checkpoint: renaming '", tmp, "' to '", path,
               "' failed: ", std::strerror(errno));
   sync_directory(dir);
-}
-
-/// The safetensors name of a dtype ("F32", "BF16", ...).
-inline std::string safetensors_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kDouble: return "F64";
-    case at::kFloat: return "F32";
-    case at::kHalf: return "F16";
-    case at::kBFloat16: return "BF16";
-    case at::kLong: return "I64";
-    case at::kInt: return "I32";
-    case at::kShort: return "I16";
-    case at::kChar: return "I8";
-    case at::kByte: return "U8";
-    case at::kBool: return "BOOL";
-    default: TORCH_CHECK(false, "titan checkpoint: cannot save tensors of dtype ", type);
-  }
-}
-
-/// The dtype of a safetensors name; `what` names the tensor in the error.
-inline at::ScalarType scalar_type_of(const std::string& name, const std::string& what) {
-  static const std::array<at::ScalarType, 10> types{at::kDouble, at::kFloat, at::kHalf, at::kBFloat16, at::kLong,
-                                                    at::kInt,    at::kShort, at::kChar, at::kByte,     at::kBool};
-  for (auto type : types)
-    if (safetensors_dtype(type) == name) return type;
-  TORCH_CHECK(false, "titan checkpoint: ", what, " has unknown dtype '", name, "'");
 }
 
 /// Every rank's `text`, in rank order (a collective over `group`; identity for one rank).
