@@ -274,8 +274,8 @@ void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfO
   torch::Dtype stored = options.dtype() ? *options.dtype() : model.args.dtype();
   for (const auto& item : model.named_parameters()) {
     auto layout = titan::parameter_layout(model, item.key(), item.value());
-    TORCH_CHECK(layout.levels.empty(), "save_hf: parameter '", item.key(), "' is sharded (", layout.placement(),
-                "); export a full (unsharded) model");
+    TORCH_CHECK(layout.local_box().sizes == layout.global_shape, "save_hf: parameter '", item.key(),
+                "' is sharded (", layout.placement(), "); export a full (unsharded) model");
     auto tensor = to_hf_tensor(item.key(), item.value().detach(), model.args);
     tensors.emplace_back(to_hf_name(item.key()), options.dtype() ? tensor.to(*options.dtype()) : tensor);
   }

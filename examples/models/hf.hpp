@@ -72,8 +72,9 @@ struct SaveHfOptions {
   TORCH_ARG(std::optional<torch::Dtype>, dtype) = std::nullopt;
 };
 
-/// Exports an unsharded `model` as a transformers directory `dir` (created if needed): config.json,
-/// model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+/// Exports a `model` whose parameters are whole on this rank (unsharded, or sharded over one
+/// rank) as a transformers directory `dir` (created if needed): config.json, and model.safetensors
+/// or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
 void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options = {});
 
 }  // namespace titan::examples

@@ -3,6 +3,10 @@
 #include <doctest/doctest.h>
 #include <torch/torch.h>
 
+#include <ftw.h>
+#include <sys/stat.h>
+
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -10,12 +14,19 @@
 
 namespace models_test {
 
+/// Removes `path` and everything below it. (Not std::filesystem::remove_all: the libtorch wheel
+/// exports its own copy of that symbol, which crashes on non-empty directories.)
+inline void remove_tree(const std::string& path) {
+  auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); };
+  ::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
 /// A fresh empty directory under $TITAN_MODELS_SCRATCH (or the system temp dir).
 inline std::string scratch_dir(const std::string& name) {
   const char* root = std::getenv("TITAN_MODELS_SCRATCH");
   std::filesystem::path dir = std::filesystem::path(root ? root : std::filesystem::temp_directory_path().string()) /
                               ("titan_models_" + name);
-  std::filesystem::remove_all(dir);
+  remove_tree(dir.string());
   std::filesystem::create_directories(dir);
   return dir.string();
 }
