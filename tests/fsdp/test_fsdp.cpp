@@ -121,8 +121,8 @@ Tensor mse(const Tensor& out, const Tensor&, const Tensor& y) { return torch::ms
 /// ranks when `distributed`).
 template <typename Model>
 std::vector<double> train(Model& model, const Data& data, bool distributed, int64_t micro_batches = 1,
-                          const LossFn& loss_fn = mse) {
-  torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(1e-2).weight_decay(0.1));
+                          const LossFn& loss_fn = mse, double lr = 1e-2) {
+  torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(lr).weight_decay(0.1));
   std::vector<double> losses;
   for (int64_t s = 0; s < data.inputs.size(0); ++s) {
     auto x = distributed ? local_rows(data.inputs[s]) : data.inputs[s];
@@ -483,7 +483,8 @@ TEST_CASE("fsdp: debug Llama built on meta trains like the single-process refere
   };
   ex::Transformer reference(args, torch::kCPU);
   ex::init_weights(*reference, 0);
-  auto want = train(reference, data, false, 1, loss);
+  // lr 1e-3: AdamW turns rounding-level gradient differences into updates of up to ~lr.
+  auto want = train(reference, data, false, 1, loss, 1e-3);
 
   ex::Transformer model(args, torch::kMeta);
   auto mesh = shard_mesh();
@@ -491,7 +492,7 @@ TEST_CASE("fsdp: debug Llama built on meta trains like the single-process refere
   titan::fully_shard(model, mesh);
   titan::to_empty(*model, torch::kCPU);
   ex::init_weights(*model, 0);
-  auto got = train(model, data, true, 1, loss);
+  auto got = train(model, data, true, 1, loss, 1e-3);
   check_losses(got, want, 1e-5);
   double diff = max_param_diff(*model, *reference);
   MESSAGE("debug Llama (2 layers) fp32, ranks=", world().world_size(), ": max param diff ", diff, ", losses ",
@@ -546,7 +547,7 @@ TEST_CASE("fsdp: layouts compose with an inner hook's (TP-like Shard(1), then FS
   auto rows = titan::chunk_sizes(5, dp);
   int64_t row0 = 0;
   for (int r = 0; r < mesh.coordinate("dp_shard"); ++r) row0 += rows[static_cast<size_t>(r)];
-  CHECK(weight.box.offsets == std::vector<int64_t>{row0, col0});
+  CHECK((weight.box.offsets == std::vector<int64_t>{row0, col0}));
   CHECK(torch::equal(weight.local, global.narrow(0, row0, weight.box.sizes[0]).narrow(1, col0, weight.box.sizes[1])));
   auto full = titan::full_state_dict(*block, world().group(), titan::FullStateDictOptions().rank0_only(false));
   CHECK(torch::equal(full["0.weight"], global));
