@@ -104,14 +104,17 @@ class ParameterLayoutProvider {
 };
 
 /// The layout of `module`'s parameter `name` (a dotted name from named_parameters): the answer of
-/// the provider hook on the shortest module prefix that manages it, else replicated.
+/// the provider hook on the shortest module prefix that manages it (on one module, the outermost
+/// hook first), else replicated.
 inline TensorLayout parameter_layout(const torch::nn::Module& module, const std::string& name,
                                      const at::Tensor& parameter) {
   const torch::nn::Module* current = &module;
   std::string rest = name;
   while (current != nullptr) {
-    for (const auto& hook : hooks_of(*current)) {
-      if (auto provider = std::dynamic_pointer_cast<ParameterLayoutProvider>(hook)) {
+    // Outermost hook first: an outer provider (FSDP) already composes what inner ones (TP) report.
+    const auto hooks = hooks_of(*current);
+    for (auto hook = hooks.rbegin(); hook != hooks.rend(); ++hook) {
+      if (auto provider = std::dynamic_pointer_cast<ParameterLayoutProvider>(*hook)) {
         if (auto layout = provider->layout_of(rest)) return *layout;
       }
     }
