@@ -5,10 +5,12 @@
 #include "../common/guard.hpp"
 #include "../common/metrics.hpp"
 #include "../common/optim.hpp"
+#include "../models/hf.hpp"
 #include "../models/transformer.hpp"
 #include "../tokenizers/tokenizer.hpp"
 #include "parallelize.hpp"
 
+#include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
@@ -61,6 +63,25 @@ ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) 
   return args;
 }
 
+torch::Dtype dtype_named(const std::string& name) {
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kFloat16;
+  return torch::kFloat32;
+}
+
+/// Writes the trained weights as a Hugging Face directory (config.json + safetensors) in
+/// checkpoint.export_dtype: gathered on rank 0 into a CPU copy of the model, so rank 0 needs the
+/// whole model in host memory once.
+void export_model(const TransformerImpl& model, const TrainConfig& config, const titan::WorldPtr& world,
+                  const std::string& dir) {
+  auto state = titan::full_state_dict(model, world->group());  // every rank gathers; rank 0 keeps
+  if (world->rank() != 0) return;
+  Transformer copy(model.args, torch::kCPU);
+  titan::load_full_state_dict(*copy, state);
+  save_hf(*copy, dir, SaveHfOptions().dtype(dtype_named(config.checkpoint.export_dtype)));
+  world->logger().info("exported the model (", config.checkpoint.export_dtype, ") to ", dir);
+}
+
 void train(const TrainConfig& config) {
   auto world = titan::init_distributed();
   const auto& log = world->logger();
@@ -87,61 +108,27 @@ void train(const TrainConfig& config) {
   log.info(config.model.name, " ", config.model.flavor, ": ", parameter_count(args), " parameters, ",
            flops / 1e9, " GFLOP per token");
 
-  auto optimizer = make_adamw(model->named_parameters(), AdamWConfig()
-                                                             .lr(config.optimizer.lr)
-                                                             .beta1(config.optimizer.beta1)
-                                                             .beta2(config.optimizer.beta2)
-                                                             .eps(config.optimizer.eps)
-                                                             .weight_decay(config.optimizer.weight_decay)
-                                                             .no_decay_norms_and_biases(
-                                                                 config.optimizer.no_decay_norms_and_biases));
-  const LRSchedule schedule(LRScheduleOptions()
-                                .warmup_steps(config.lr_scheduler.warmup_steps)
-                                .total_steps(training.steps)
-                                .decay_type(config.lr_scheduler.decay_type)
-                                .min_lr_ratio(config.lr_scheduler.min_lr_ratio));
+  auto optimizer = make_adamw(model->named_parameters(), adamw_config(config));
+  const LRSchedule schedule(lr_schedule_options(config));
   const int64_t accumulation = gradient_accumulation_steps(training.global_batch_size, training.batch_size, dims.dp());
 
   const auto& data = config.data;
-  const std::string cache_dir = data.cache_dir.empty() ? (dump / "token_cache").string() : data.cache_dir;
-  auto corpus_options = [&](const std::string& path) {
-    return CorpusOptions()
-        .path(path)
-        .kind(data.kind)
-        .text_field(data.text_field)
-        .skip_malformed(data.skip_malformed)
-        .cache_dir(cache_dir)
-        .tokenizer_id(config.model.tokenizer_path);
-  };
-  auto loader_options = LoaderOptions()
-                            .batch_size(training.batch_size)
-                            .seq_len(training.seq_len)
-                            .pack(data.pack)
-                            .seed(training.seed)
-                            .dp_rank(mesh.coordinate("dp"))
-                            .dp_size(dims.dp());
   const auto& dp_group = mesh.group("dp");
-  DataLoader loader(TokenCorpus::open(corpus_options(data.path), *tokenizer, world->group()), *tokenizer,
-                    loader_options);
+  const int64_t dp_rank = mesh.coordinate("dp");
+  DataLoader loader(TokenCorpus::open(corpus_options(config, false), *tokenizer, world->group()), *tokenizer,
+                    loader_options(config, dp_rank, dims.dp(), false));
   std::unique_ptr<DataLoader> val_loader;
   if (!data.val_path.empty() && data.val_freq > 0) {
-    val_loader = std::make_unique<DataLoader>(TokenCorpus::open(corpus_options(data.val_path), *tokenizer, world->group()),
-                                              *tokenizer, LoaderOptions(loader_options).shuffle(false));
+    val_loader = std::make_unique<DataLoader>(TokenCorpus::open(corpus_options(config, true), *tokenizer, world->group()),
+                                              *tokenizer, loader_options(config, dp_rank, dims.dp(), true));
   }
   log.info("data: ", loader.samples_per_epoch(), " samples of ", training.seq_len, " tokens per epoch; ",
            accumulation, " micro-batches of ", training.batch_size, " per rank per step");
 
-  const auto& metrics_config = config.metrics;
-  MetricsLogger metrics(MetricsOptions()
-                            .log_freq(metrics_config.log_freq)
-                            .jsonl_path(metrics_config.enable_jsonl ? (dump / "metrics.jsonl").string() : "")
-                            .tensorboard_dir(metrics_config.enable_tensorboard
-                                                 ? (dump / metrics_config.save_tb_folder).string()
-                                                 : "")
+  MetricsLogger metrics(metrics_options(config, world->rank())
                             .flops_per_token(flops)
                             .peak_flops(peak_flops(world->device()))
-                            .device(world->device())
-                            .enabled(world->rank() == 0));
+                            .device(world->device()));
 
   const bool loss_parallel = dims.tp > 1 && config.parallelism.enable_loss_parallel;
   const auto& tp_group = mesh.group("tp");
@@ -155,9 +142,49 @@ void train(const TrainConfig& config) {
         torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
   };
 
+  // Checkpoints: model and optimizer shards by name, the CPU RNG, the config and step, and each
+  // rank's data position. Resumes automatically from the latest complete one.
+  at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle sharing the global CPU generator
+  titan::TrainState state;
+  state.model = model.get();
+  state.optimizer = optimizer.get();
+  state.tensors.emplace_back("cpu_rng_state", titan::replicated(generator.get_state()));
+  std::unique_ptr<titan::CheckpointManager> checkpoints;
+  int64_t start_step = 0;
+  const auto& checkpoint = config.checkpoint;
+  if (checkpoint.enable) {
+    checkpoints = std::make_unique<titan::CheckpointManager>(
+        world, titan::CheckpointOptions((dump / checkpoint.folder).string())
+                   .interval(checkpoint.interval)
+                   .keep_latest_k(checkpoint.keep_latest_k)
+                   .async(checkpoint.async_mode == "async")
+                   .load_step(checkpoint.load_step));
+    if (auto step = checkpoints->load_latest(state)) {
+      start_step = *step;
+      generator.set_state(state.tensors.front().second.local);
+      auto data_state = state.rank_extra.find("data");
+      if (data_state != state.rank_extra.end()) {
+        loader.load_state(DataState::from_json(data_state->second));
+      } else {
+        log.warn("the checkpoint of step ", start_step, " was saved with another world size: the data order restarts");
+      }
+      log.info("resumed from the checkpoint of step ", start_step);
+    }
+  }
+  auto save_checkpoint = [&](int64_t step, bool force) {
+    if (!checkpoints) return;
+    state.tensors.front().second.local.copy_(generator.get_state());
+    state.extra["step"] = std::to_string(step);
+    state.extra["config"] = to_toml(config);
+    state.rank_extra["data"] = loader.state().to_json();
+    if (checkpoints->maybe_save(step, state, force)) log.info("checkpoint of step ", step, " started");
+  };
+
   NanGuard nan_guard(nan_policy_from_string(training.nan_policy));
   SignalFlag stop;
-  for (int64_t step = 1; step <= training.steps; ++step) {
+  int64_t step = start_step;
+  while (step < training.steps) {
+    ++step;
     const auto step_start = Clock::now();
     const double lr = schedule.apply(*optimizer, step, config.optimizer.lr);
     optimizer->zero_grad();
@@ -201,10 +228,16 @@ void train(const TrainConfig& config) {
                result.tokens, " tokens");
       metrics.record_scalars(step, {{"val/loss", result.loss}, {"val/perplexity", result.perplexity}});
     }
-    if (stop.any_rank(world->group())) {
-      log.info("signal ", stop.signal_number(), " received: stopping after step ", step);
+    const bool stopping = stop.any_rank(world->group());
+    save_checkpoint(step, stopping || step == training.steps);
+    if (stopping) {
+      log.info("signal received: stopped after step ", step, checkpoints ? " (checkpoint saved)" : "");
       break;
     }
+  }
+  if (checkpoints) {
+    checkpoints->wait();
+    if (step == training.steps) export_model(*model, config, world, (dump / "export").string());
   }
   world->shutdown();
 }
