@@ -1,5 +1,5 @@
 // The Llama 2 / 3 / 3.1 trainer: pretraining, continual pretraining and instruction tuning.
-//   torchrun --standalone --no-python --nproc_per_node 2 build/examples/llama/llama_train \
+//   torchrun --standalone --no-python --nproc_per_node 2 build/examples/llama/llama_train
 //       --config examples/configs/llama3_debug.toml [--training.steps 20]
 #include "../trainer/train.hpp"
 

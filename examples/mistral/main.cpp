@@ -1,5 +1,5 @@
 // The Mistral trainer: pretraining, continual pretraining and instruction tuning.
-//   torchrun --standalone --no-python --nproc_per_node 2 build/examples/mistral/mistral_train \
+//   torchrun --standalone --no-python --nproc_per_node 2 build/examples/mistral/mistral_train
 //       --config examples/configs/mistral_debug.toml
 #include "../trainer/train.hpp"
 
