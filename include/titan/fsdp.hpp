@@ -483,7 +483,10 @@ namespace detail {
 /// Parameters of `module` not owned by a unit below it, with their dotted names relative to it.
 inline void collect_unit_parameters(torch::nn::Module& module, const std::string& prefix,
                                     std::vector<std::tuple<std::string, torch::nn::Module*, std::string>>& out) {
-  for (auto& item : parameter_dict(module)) out.emplace_back(prefix + item.key(), &module, item.key());
+  for (auto& item : parameter_dict(module)) {
+    // An undefined entry is a parameter the module does without (Linear's bias with bias(false)).
+    if (item.value().defined()) out.emplace_back(prefix + item.key(), &module, item.key());
+  }
   for (const auto& child : module.named_children()) {
     if (child.key() == kHookSlotName || find_hook<FsdpHook>(*child.value())) continue;
     collect_unit_parameters(*child.value(), prefix + child.key() + ".", out);

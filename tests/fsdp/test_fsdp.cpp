@@ -53,13 +53,14 @@ struct MlpImpl : torch::nn::Module {
 };
 TORCH_MODULE(Mlp);
 
-/// input [B, 2, 6, 6] -> conv(3) -> conv(5) -> linear(13) -> linear(4), library modules only.
+/// input [B, 2, 6, 6] -> conv(3) -> conv(5) -> linear(13) -> linear(4), library modules only;
+/// conv2 and head have no bias (an undefined entry in their parameter dictionaries).
 struct CnnImpl : torch::nn::Module {
   CnnImpl() {
     conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 3, 3).padding(1)));
-    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 5, 3)));
+    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 5, 3).bias(false)));
     fc = register_module("fc", torch::nn::Linear(5 * 4 * 4, 13));
-    head = register_module("head", torch::nn::Linear(13, 4));
+    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(13, 4).bias(false)));
   }
   Tensor forward(const Tensor& x) {
     auto h = torch::tanh(titan::call(conv1, x));     // [B, 3, 6, 6]
@@ -258,7 +259,7 @@ TEST_CASE("fsdp: MLP training equals single-process training of the global batch
   }
 }
 
-TEST_CASE("fsdp: CNN of library modules (Conv2d, Linear) trains like the reference") {
+TEST_CASE("fsdp: CNN of library modules (Conv2d, Linear, some without bias) trains like the reference") {
   auto data = make_data({2, 6, 6}, 4, 5);
   torch::manual_seed(0);
   Cnn reference;
