@@ -11,14 +11,16 @@
 // Layouts along a block with sequence parallel (S = sequence, activations [batch, S, dim]):
 //   tok_embeddings (vocab-parallel)          -> Shard(1)
 //   attention_norm (SequenceParallel)        Shard(1) -> Shard(1)
-//   attention (PrepareModuleInput)           Shard(1) -> Replicate
-//     wq, wk, wv (Colwise)                   Replicate -> Shard(-1) (local heads)
+//   attention (PrepareModuleInput)           Shard(1) -> ReplicatePartialGrad (one all-gather;
+//                                            backward: one reduce-scatter of the summed gradients)
+//     wq, wk, wv (Colwise)                   ReplicatePartialGrad -> Shard(-1) (local heads)
 //     wo (Rowwise)                           Shard(-1) -> Shard(1) (reduce-scatter)
 //   ffn_norm, feed_forward: the same with w1, w3 Colwise and w2 Rowwise
 //   norm (SequenceParallel)                  Shard(1) -> Shard(1)
 //   output (Colwise)                         Shard(1) -> Shard(-1) (vocab-sharded, for loss parallel)
 //                                                     or Replicate (gathered logits)
-// Without sequence parallel, the norms are left alone and every Shard(1) above is Replicate.
+// Without sequence parallel, the norms are left alone, every Shard(1) above is Replicate, and the
+// attention and feed-forward inputs' gradients are all-reduced once each.
 
 #include <titan/tensor_parallel.hpp>
 
@@ -73,10 +75,22 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
                 "=", value, " is not divisible by ", tp);
   }
   using titan::Replicate;
+  using titan::ReplicatePartialGrad;
   using titan::Shard;
   const bool sp = options.sequence_parallel();
   // Layout of the residual stream between blocks.
   const titan::Placement stream = sp ? Shard(1) : Replicate();
+  // The attention and feed-forward inputs are gathered (sequence parallel) once per block, and
+  // the gradients of the column-parallel layers sharing them (q, k, v; w1, w3) are summed locally
+  // and reduced once, as DTensor's Partial gradients are in torchtitan.
+  auto block_input = [&](int64_t tensor_arguments) {
+    std::vector<std::optional<titan::Placement>> from(static_cast<size_t>(tensor_arguments), std::nullopt);
+    std::vector<std::optional<titan::Placement>> to = from;
+    from[0] = stream;
+    to[0] = ReplicatePartialGrad();
+    return titan::PrepareModuleInput().input_layouts(from).desired_input_layouts(to);
+  };
+  const auto shared_input = titan::ColwiseParallel().input_layout(ReplicatePartialGrad());
 
   titan::ParallelizePlan plan;
   plan.add("tok_embeddings",
@@ -84,22 +98,19 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
   if (sp) {
     plan.add("norm", titan::SequenceParallel())
         .add("layers.*.attention_norm", titan::SequenceParallel())
-        .add("layers.*.ffn_norm", titan::SequenceParallel())
-        .add("layers.*.attention", titan::PrepareModuleInput()  // (x, rope_cos, rope_sin)
-                                       .input_layouts({Shard(1), std::nullopt, std::nullopt})
-                                       .desired_input_layouts({Replicate(), std::nullopt, std::nullopt}))
-        .add("layers.*.feed_forward",
-             titan::PrepareModuleInput().input_layouts({Shard(1)}).desired_input_layouts({Replicate()}));
+        .add("layers.*.ffn_norm", titan::SequenceParallel());
   }
-  plan.add("output", titan::ColwiseParallel()
+  plan.add("layers.*.attention", block_input(3))  // (x, rope_cos, rope_sin)
+      .add("layers.*.feed_forward", block_input(1))
+      .add("output", titan::ColwiseParallel()
                          .input_layout(stream)
                          .output_layout(options.loss_parallel() ? Shard(-1) : Replicate()))
-      .add("layers.*.attention.wq", titan::ColwiseParallel())
-      .add("layers.*.attention.wk", titan::ColwiseParallel())
-      .add("layers.*.attention.wv", titan::ColwiseParallel())
+      .add("layers.*.attention.wq", shared_input)
+      .add("layers.*.attention.wk", shared_input)
+      .add("layers.*.attention.wv", shared_input)
       .add("layers.*.attention.wo", titan::RowwiseParallel().output_layout(stream))
-      .add("layers.*.feed_forward.w1", titan::ColwiseParallel())
-      .add("layers.*.feed_forward.w3", titan::ColwiseParallel())
+      .add("layers.*.feed_forward.w1", shared_input)
+      .add("layers.*.feed_forward.w3", shared_input)
       .add("layers.*.feed_forward.w2", titan::RowwiseParallel().output_layout(stream));
   return plan;
 }

@@ -26,6 +26,7 @@
 #include <titan/mesh.hpp>
 #include <titan/sharding.hpp>
 
+#include <ATen/core/Reduction.h>
 #include <torch/arg.h>
 #include <torch/nn/modules/embedding.h>
 
@@ -44,15 +45,24 @@ namespace titan {
 class Placement {
  public:
   /// Every rank holds the whole tensor (and the whole gradient).
-  static Placement replicate() { return Placement(false, 0); }
+  static Placement replicate() { return Placement(Kind::Replicate, 0); }
   /// Rank r holds chunk r of dimension `dim` (negative counts from the end).
-  static Placement shard(int64_t dim) { return Placement(true, dim); }
+  static Placement shard(int64_t dim) { return Placement(Kind::Shard, dim); }
+  /// Every rank holds the whole tensor, but each rank's gradient is a partial sum that the
+  /// producer of the tensor reduces (DTensor's Replicate value with a Partial gradient). Lets the
+  /// column-parallel layers sharing one input (q, k, v; w1, w3) add their gradients locally, so
+  /// the input's gradient is reduced once: one reduce-scatter under sequence parallelism, one
+  /// all-reduce without. Only a desired layout of PrepareModuleInput (the producer) and the input
+  /// layout of ColwiseParallel (a consumer) take it.
+  static Placement replicate_partial_grad() { return Placement(Kind::ReplicatePartialGrad, 0); }
 
-  bool is_replicate() const { return !shard_; }  ///< whether this is Replicate()
-  bool is_shard() const { return shard_; }       ///< whether this is Shard(d)
+  bool is_replicate() const { return kind_ == Kind::Replicate; }  ///< whether this is Replicate()
+  bool is_shard() const { return kind_ == Kind::Shard; }          ///< whether this is Shard(d)
+  /// Whether this is ReplicatePartialGrad().
+  bool is_replicate_partial_grad() const { return kind_ == Kind::ReplicatePartialGrad; }
   /// The sharded dimension as given (may be negative); only for Shard(d).
   int64_t dim() const {
-    TORCH_CHECK(shard_, "titan: Replicate() has no shard dimension");
+    TORCH_CHECK(is_shard(), "titan: ", str(), " has no shard dimension");
     return dim_;
   }
   /// The sharded dimension of a tensor of rank `ndim` (negative dims wrapped).
@@ -61,14 +71,20 @@ class Placement {
     TORCH_CHECK(d >= -ndim && d < ndim, "titan: ", str(), " does not fit a tensor of rank ", ndim);
     return d < 0 ? d + ndim : d;
   }
-  /// "Replicate()" or "Shard(d)".
-  std::string str() const { return shard_ ? "Shard(" + std::to_string(dim_) + ")" : std::string("Replicate()"); }
-  bool operator==(const Placement& other) const { return shard_ == other.shard_ && (!shard_ || dim_ == other.dim_); }
+  /// "Replicate()", "Shard(d)" or "ReplicatePartialGrad()".
+  std::string str() const {
+    if (is_shard()) return "Shard(" + std::to_string(dim_) + ")";
+    return is_replicate() ? "Replicate()" : "ReplicatePartialGrad()";
+  }
+  bool operator==(const Placement& other) const {
+    return kind_ == other.kind_ && (!is_shard() || dim_ == other.dim_);
+  }
   bool operator!=(const Placement& other) const { return !(*this == other); }
 
  private:
-  Placement(bool shard, int64_t dim) : shard_(shard), dim_(dim) {}
-  bool shard_;
+  enum class Kind { Replicate, Shard, ReplicatePartialGrad };
+  Placement(Kind kind, int64_t dim) : kind_(kind), dim_(dim) {}
+  Kind kind_;
   int64_t dim_;
 };
 
@@ -76,6 +92,8 @@ class Placement {
 inline Placement Replicate() { return Placement::replicate(); }
 /// Placement::shard(dim), named as in PyTorch plans.
 inline Placement Shard(int64_t dim) { return Placement::shard(dim); }
+/// Placement::replicate_partial_grad().
+inline Placement ReplicatePartialGrad() { return Placement::replicate_partial_grad(); }
 
 /// Differentiable moves between layouts over a TP group (Megatron's f / g and their sequence
 /// variants). Gradients follow the layout convention above; a group of one rank is an identity.
@@ -160,9 +178,16 @@ inline at::Tensor scatter_to_group(const at::Tensor& x, const ProcessGroupPtr& g
 }
 
 /// Moves an activation from layout `from` to layout `to` (Replicate <-> Shard(d); equal layouts
-/// are an identity). Shard(a) -> Shard(b) with a != b is not supported.
+/// are an identity). To ReplicatePartialGrad(): from Shard(d) an all-gather whose backward
+/// reduce-scatters the summed partial gradients, from Replicate() an identity whose backward
+/// all-reduces them. Shard(a) -> Shard(b) with a != b is not supported.
 inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const Placement& to,
                                const ProcessGroupPtr& group) {
+  TORCH_CHECK(!from.is_replicate_partial_grad(), "titan: ReplicatePartialGrad() is a layout a module receives, ",
+              "not one a tensor arrives in (redistributing it to ", to.str(), ")");
+  if (to.is_replicate_partial_grad()) {
+    return from.is_replicate() ? copy_to_group(x, group) : all_gather(x, group, from.dim_for(x.dim()));
+  }
   if (from.is_replicate() && to.is_replicate()) return x;
   if (from.is_shard() && to.is_replicate()) return gather_from_group(x, group, from.dim_for(x.dim()));
   if (from.is_replicate() && to.is_shard()) return scatter_to_group(x, group, to.dim_for(x.dim()));
@@ -279,8 +304,10 @@ inline void check_feature_layout(const Placement& layout, const char* style, con
 /// [out, in], optional 'bias' [out]) weight and bias are sharded on dim 0; on an embedding
 /// (torch::nn::Embedding, or any module declared with embedding(true)) the weight [vocab, dim] is
 /// sharded on dim 1.
-///   input  (first tensor argument): Replicate() (default: forward identity, backward all-reduce) or
-///          Shard(d) of a sequence dim d (all-gathered along d; backward reduce-scatter);
+///   input  (first tensor argument): Replicate() (default: forward identity, backward all-reduce),
+///          Shard(d) of a sequence dim d (all-gathered along d; backward reduce-scatter), or
+///          ReplicatePartialGrad() (identity both ways: the producer, a PrepareModuleInput,
+///          reduces the gradient once for every layer sharing the input);
 ///   output: Shard(-1) (default: the local features) or Replicate() (all-gathered features).
 class ColwiseParallel : public ParallelStyle {
  public:
@@ -316,8 +343,11 @@ class ColwiseParallel : public ParallelStyle {
     TORCH_CHECK(!inputs.empty(), "titan: ColwiseParallel on '", path_, "' needs a tensor input");
     TensorList prepared = inputs;
     auto& x = prepared[0];
-    x = input_layout_.is_replicate() ? tp::copy_to_group(x, group_)
-                                     : all_gather(x, group_, input_layout_.dim_for(x.dim()));
+    if (input_layout_.is_replicate()) {
+      x = tp::copy_to_group(x, group_);
+    } else if (input_layout_.is_shard()) {
+      x = all_gather(x, group_, input_layout_.dim_for(x.dim()));
+    }  // ReplicatePartialGrad(): as it is; its producer reduces the gradient
     auto out = next(prepared);  // [..., out / tp]
     if (output_layout_.is_replicate()) out = tp::gather_from_group(out, group_, -1, output_sizes_);  // [..., out]
     return out;
@@ -350,6 +380,8 @@ class RowwiseParallel : public ParallelStyle {
   void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
              const std::string& mesh_dim) const override {
     detail::check_feature_layout(output_layout_, "RowwiseParallel", "output_layout", false);
+    TORCH_CHECK(!output_layout_.is_replicate_partial_grad(), "titan: RowwiseParallel on '", path,
+                "': output_layout must be Replicate() or Shard(d), got ", output_layout_.str());
     auto hook = std::make_shared<RowwiseParallel>(*this);
     hook->bind(module, path, group, mesh_dim);
     hook->check_parameters(module, {"weight", "bias"});
@@ -439,7 +471,8 @@ class SequenceParallel : public ParallelStyle {
 };
 
 /// Moves a module's tensor inputs from the layouts they arrive in to the layouts its forward
-/// needs (e.g. an attention block's input from Shard(1) to Replicate()). One entry per tensor
+/// needs (e.g. an attention block's input from Shard(1) to Replicate(), or to
+/// ReplicatePartialGrad() when its column-parallel layers take that). One entry per tensor
 /// argument, in order; std::nullopt leaves that argument alone. Has no parameters to shard.
 class PrepareModuleInput : public ParallelStyle {
  public:
@@ -577,16 +610,22 @@ inline void parallelize_module(torch::nn::Module& module, const DeviceMesh& tp_m
 /// Loss parallel: the cross-entropy of logits sharded on the vocabulary (the local output of a
 /// ColwiseParallel output layer, [..., vocab / tp]) against `targets` [...] (global token ids),
 /// without gathering the logits: the row maximum and the sum of exponentials are all-reduced, and
-/// the target's logit is picked on the rank owning it. Targets equal to `ignore_index` are skipped;
-/// the result is the mean over the others (NaN if there are none, as at::cross_entropy), the same
-/// on every rank. Backward gives each rank the gradient of its logits chunk.
+/// the target's logit is picked on the rank owning it. Targets equal to `ignore_index` are skipped.
+/// `reduction` (at::Reduction, as at::cross_entropy_loss): Mean over the other targets (NaN if
+/// there are none, as at::cross_entropy), Sum, or None (the per-target losses [...], 0 where
+/// ignored). The result is the same on every rank; backward gives each rank the gradient of its
+/// logits chunk.
 inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
-                                              const ProcessGroupPtr& tp_group, int64_t ignore_index = -100) {
+                                              const ProcessGroupPtr& tp_group, int64_t ignore_index = -100,
+                                              int64_t reduction = at::Reduction::Mean) {
   titan::detail::check_group(tp_group, "loss_parallel_cross_entropy");
   TORCH_CHECK(logits.dim() >= 1 && logits.sizes().slice(0, logits.dim() - 1) == targets.sizes(),
               "titan: loss_parallel_cross_entropy needs logits [..., vocab / tp] and targets [...], got ",
               logits.sizes(), " and ", targets.sizes());
   TORCH_CHECK(!at::isFloatingType(targets.scalar_type()), "titan: loss_parallel_cross_entropy needs integer targets");
+  TORCH_CHECK(reduction == at::Reduction::Mean || reduction == at::Reduction::Sum || reduction == at::Reduction::None,
+              "titan: loss_parallel_cross_entropy: unknown reduction ", reduction,
+              " (expected at::Reduction::None, Mean or Sum)");
   const int64_t last = logits.dim() - 1;
   auto sizes = tp_group->size() == 1 ? std::vector<int64_t>{logits.size(last)}
                                      : titan::detail::exchange_sizes(logits, *tp_group, last);
@@ -614,6 +653,8 @@ inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at
   // One all-reduce for both sums: [2, ...] = (sum of exponentials, target logit) over the vocabulary.
   auto sums = tp::reduce_from_group(at::stack({shifted.exp().sum(last), picked}), tp_group);
   auto per_token = (sums[0].log() - sums[1]).masked_fill(valid.logical_not(), 0.0);  // [...]
+  if (reduction == at::Reduction::None) return per_token;
+  if (reduction == at::Reduction::Sum) return per_token.sum();
   return per_token.sum() / valid.sum().to(per_token.scalar_type());
 }
 

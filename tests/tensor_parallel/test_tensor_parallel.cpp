@@ -94,14 +94,7 @@ void check_llama_parity(const LlamaRun& run) {
       loss = torch::cross_entropy_loss(logits.flatten(0, 1), labels.flatten());
     }
     INFO("step ", step);
-    CHECK(std::abs(loss.item<double>() - ref_loss.item<double>()) < 1e-5);
-    opt.zero_grad();
-    ref_opt.zero_grad();
-    loss.backward();
-    ref_loss.backward();
-    tp_test::check_gradients_match(*model, *reference, 1e-5);
-    opt.step();
-    ref_opt.step();
+    tp_test::check_step(*model, *reference, opt, ref_opt, loss, ref_loss, loss.item<double>());
   }
   check_parameters_match(*model, *reference, tp_test::kAdamParamTol);
 }
@@ -212,6 +205,14 @@ TEST_CASE("tp: loss_parallel_cross_entropy matches cross_entropy on gathered log
   CHECK(std::abs(loss.item<double>() - expected.item<double>()) < 1e-6);
   loss.backward();
   CHECK_CLOSE(titan::tp::gather_from_group(local.grad(), tp_group(), -1), leaf.grad(), 1e-6);
+
+  // Sum and None reductions, as cross_entropy's.
+  for (int64_t reduction : {at::Reduction::Sum, at::Reduction::None}) {
+    CAPTURE(reduction);
+    auto expected_r = torch::cross_entropy_loss(full.flatten(0, 1), targets.flatten(), {}, reduction);
+    auto loss_r = titan::loss_parallel_cross_entropy(local.detach(), targets, tp_group(), -100, reduction);
+    CHECK_CLOSE(loss_r.reshape(expected_r.sizes()), expected_r, 1e-5);
+  }
 
   // No valid target: NaN, as cross_entropy.
   auto none = torch::full({2, 3}, -100, torch::kLong);

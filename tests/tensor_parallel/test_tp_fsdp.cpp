@@ -35,14 +35,7 @@ TEST_CASE("tp: FSDP 2 x TP 2 with sequence and loss parallel matches the single-
     auto loss = titan::loss_parallel_cross_entropy(logits, labels.narrow(0, 2 * dp, 2), mesh.group("tp"));
     auto mean_loss = titan::detail::all_reduce_raw(loss.detach(), *mesh.group("dp_shard"), titan::ReduceOp::Avg);
     INFO("step ", step);
-    CHECK(std::abs(mean_loss.item<double>() - ref_loss.item<double>()) < 1e-5);
-    opt.zero_grad();
-    ref_opt.zero_grad();
-    loss.backward();
-    ref_loss.backward();
-    tp_test::check_gradients_match(*model, *reference, 1e-5);
-    opt.step();
-    ref_opt.step();
+    tp_test::check_step(*model, *reference, opt, ref_opt, loss, ref_loss, mean_loss.item<double>());
   }
   check_parameters_match(*model, *reference, tp_test::kAdamParamTol);
 }

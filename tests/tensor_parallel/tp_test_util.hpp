@@ -50,6 +50,22 @@ inline void check_gradients_match(const torch::nn::Module& parallel, const torch
   }
 }
 
+/// One training step of the parallel `model` and the unsharded `reference` after their forwards:
+/// checks that `loss_value` (the parallel run's loss over the whole batch) equals `ref_loss`,
+/// runs both backwards, compares the gathered gradients, then steps both optimizers.
+inline void check_step(torch::nn::Module& model, torch::nn::Module& reference, torch::optim::Optimizer& opt,
+                       torch::optim::Optimizer& ref_opt, const torch::Tensor& loss, const torch::Tensor& ref_loss,
+                       double loss_value, double tol = 1e-5) {
+  CHECK(std::abs(loss_value - ref_loss.item<double>()) < tol);
+  opt.zero_grad();
+  ref_opt.zero_grad();
+  loss.backward();
+  ref_loss.backward();
+  check_gradients_match(model, reference, tol);
+  opt.step();
+  ref_opt.step();
+}
+
 /// Tolerance of parameters after a few AdamW steps: Adam divides by sqrt(v), so elements whose
 /// gradient is rounding noise (|g| ~ 1e-9) move by O(lr) in either implementation; the gradients
 /// themselves are compared tightly (check_gradients_match) at every step.
