@@ -3,7 +3,7 @@
 # packages python3.11-doc and dict-gcide; no network. Idempotent: does nothing when the outputs
 # exist and were made by the current scripts (stamp: hash of scripts/data/*.py).
 #   data/cache/pretrain/python_docs{,_valid}.{txt,jsonl}   Python 3.11 documentation as plain text
-#   data/cache/alpaca/gcide_instruct.jsonl                 "Define the word" instructions (GCIDE)
+#   data/cache/alpaca/gcide_instruct{,_valid}.jsonl        "Define the word" instructions (GCIDE)
 #   data/cache/tokenizers/sentencepiece/spm_bpe_3k.model   SentencePiece BPE (Llama 2 style)
 #   data/cache/tokenizers/tiktoken/llama3_bpe_4k.model     tiktoken ranks file (Llama 3 format)
 # See docs/tokenizers.md. TITAN_DATA_DIR overrides the output folder.

@@ -68,6 +68,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("training", "global_batch_size", &c.training.global_batch_size, -1),
       integer("training", "seq_len", &c.training.seq_len, 1),
       integer("training", "steps", &c.training.steps, 1),
+      integer("training", "stop_at_step", &c.training.stop_at_step, -1),
       real("training", "max_norm", &c.training.max_norm, -INFINITY),
       integer("training", "seed", &c.training.seed, 0),
       choice("training", "mixed_precision_param", &c.training.mixed_precision_param, dtypes),
@@ -85,6 +86,8 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("checkpoint", "keep_latest_k", &c.checkpoint.keep_latest_k, 0),
       choice("checkpoint", "async_mode", &c.checkpoint.async_mode, {"disabled", "async"}),
       integer("checkpoint", "load_step", &c.checkpoint.load_step, -1),
+      text("checkpoint", "initial_load_path", &c.checkpoint.initial_load_path),
+      flag("checkpoint", "initial_load_in_hf", &c.checkpoint.initial_load_in_hf),
       choice("checkpoint", "export_dtype", &c.checkpoint.export_dtype, {"float32", "bfloat16", "float16"}),
       choice("activation_checkpoint", "mode", &c.activation_checkpoint.mode, {"none", "full", "selective"}),
       ac_option,
@@ -329,6 +332,11 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(t.global_batch_size == -1 || t.global_batch_size >= t.batch_size, source,
               ": training.global_batch_size = ", t.global_batch_size, " must be -1 (batch_size times the data ",
               "parallel degree) or at least training.batch_size = ", t.batch_size);
+  TORCH_CHECK(t.stop_at_step == -1 || (t.stop_at_step >= 1 && t.stop_at_step <= t.steps), source,
+              ": training.stop_at_step = ", t.stop_at_step, " must be -1 (run to the end) or in [1, training.steps = ",
+              t.steps, "]");
+  TORCH_CHECK(!config.checkpoint.initial_load_in_hf || !config.checkpoint.initial_load_path.empty(), source,
+              ": checkpoint.initial_load_in_hf = true needs checkpoint.initial_load_path (the Hugging Face folder)");
   const auto& option = config.activation_checkpoint.selective_ac_option;
   bool positive_integer = !option.empty() && option.size() < 10 &&
                           std::all_of(option.begin(), option.end(), [](char ch) { return ch >= '0' && ch <= '9'; }) &&

@@ -58,7 +58,9 @@ struct TrainingConfig {
   int64_t batch_size = 8;          ///< local micro-batch (sequences per rank per forward)
   int64_t global_batch_size = -1;  ///< sequences per optimizer step over all ranks; -1 = batch_size * dp
   int64_t seq_len = 2048;          ///< tokens per sequence
-  int64_t steps = 10000;           ///< optimizer steps
+  int64_t steps = 10000;           ///< optimizer steps (the LR schedule ends here)
+  int64_t stop_at_step = -1;       ///< end this run after this step, saving a checkpoint as on SIGTERM
+                                   ///< (-1 = run to `steps`); for time-limited jobs
   double max_norm = 1.0;           ///< gradient clipping by global norm; <= 0 disables it
   int64_t seed = 0;                ///< seed of weights and data order
   std::string mixed_precision_param = "bfloat16";  ///< "float32" or "bfloat16" compute dtype
@@ -84,6 +86,9 @@ struct CheckpointConfig {
   int64_t keep_latest_k = 0;           ///< keep this many newest (0 = all)
   std::string async_mode = "disabled";  ///< "disabled" or "async"
   int64_t load_step = -1;              ///< step to resume from; -1 = the latest
+  std::string initial_load_path = "";  ///< weights to start from when there is nothing to resume:
+                                       ///< a titan checkpoint step folder, or a Hugging Face folder
+  bool initial_load_in_hf = false;     ///< initial_load_path is a Hugging Face (transformers) folder
   std::string export_dtype = "float32";  ///< "float32", "bfloat16" or "float16" for the final export
 };
 

@@ -281,8 +281,7 @@ TokenCorpus::~TokenCorpus() {
 }
 
 std::map<std::string, int64_t> DataState::to_map() const {
-  return {{"epoch", epoch}, {"position", position}, {"seed", seed},
-          {"samples", samples}, {"dp_size", dp_size}, {"dp_rank", dp_rank}};
+  return {{"epoch", epoch}, {"position", position}, {"seed", seed}, {"samples", samples}, {"dp_size", dp_size}};
 }
 
 DataState DataState::from_map(const std::map<std::string, int64_t>& values) {
@@ -297,7 +296,6 @@ DataState DataState::from_map(const std::map<std::string, int64_t>& values) {
   state.seed = get("seed");
   state.samples = get("samples");
   state.dp_size = get("dp_size");
-  state.dp_rank = get("dp_rank");
   return state;
 }
 
@@ -377,12 +375,12 @@ Batch DataLoader::next() {
   batch.input = torch::empty({rows, seq}, torch::kLong);   // [B, S]
   batch.labels = torch::empty({rows, seq}, torch::kLong);  // [B, S]
   for (int64_t r = 0; r < rows; ++r) {
-    if (position_ == samples_per_rank()) {
+    if (position_ + options_.dp_size() > samples_) {
       ++epoch_;
       position_ = 0;
     }
-    int64_t sample = sample_at(epoch_, position_ * options_.dp_size() + options_.dp_rank());
-    ++position_;
+    const int64_t sample = sample_at(epoch_, position_ + options_.dp_rank());
+    position_ += options_.dp_size();
     fill_row(sample, batch.input.data_ptr<int64_t>() + r * seq, batch.labels.data_ptr<int64_t>() + r * seq);
   }
   batch.num_label_tokens = batch.labels.ne(kIgnore).sum().item<int64_t>();
@@ -396,7 +394,6 @@ DataState DataLoader::state() const {
   state.seed = options_.seed();
   state.samples = samples_;
   state.dp_size = options_.dp_size();
-  state.dp_rank = options_.dp_rank();
   return state;
 }
 
@@ -406,12 +403,9 @@ void DataLoader::load_state(const DataState& state) {
   TORCH_CHECK(state.samples == samples_, "data: the saved data state had ", state.samples,
               " samples per epoch, this corpus and seq_len give ", samples_,
               " (changed corpus, tokenizer, seq_len or packing?)");
-  TORCH_CHECK(state.dp_size == options_.dp_size() && state.dp_rank == options_.dp_rank(),
-              "data: the saved data state is for data-parallel rank ", state.dp_rank, " of ", state.dp_size,
-              ", this is rank ", options_.dp_rank(), " of ", options_.dp_size());
-  TORCH_CHECK(state.epoch >= 0 && state.position >= 0 && state.position <= samples_per_rank(),
+  TORCH_CHECK(state.epoch >= 0 && state.position >= 0 && state.position <= samples_,
               "data: the saved data state's position ", state.position, " (epoch ", state.epoch,
-              ") is outside [0, ", samples_per_rank(), "]");
+              ") is outside [0, ", samples_, "]");
   epoch_ = state.epoch;
   position_ = state.position;
 }

@@ -32,10 +32,13 @@
 //
 // Order and sharding: each epoch visits every sample once in the order of a permutation drawn
 // from (seed, epoch) with std::mt19937_64 (identical on every platform); shuffle(false) keeps file
-// order. Data-parallel rank r of N takes samples r, r + N, r + 2N, ... of that order (strided), so
-// every rank sees floor(samples / N) samples per epoch and ranks stay in step; epochs roll over
-// by themselves. The state (epoch, position) plus the checked identity (seed, samples, ranks)
-// restores the exact stream; there is no other RNG state.
+// order. The ranks walk that order together: a cursor p (samples of the epoch already taken over
+// all ranks) gives data-parallel rank r of N the sample at p + r, then p advances by N; a new
+// epoch starts when fewer than N samples remain. A step of global batch G therefore takes samples
+// [p, p + G) whatever N is. The state (epoch, cursor) plus the checked identity (seed, samples)
+// restores the exact stream, also on another number of ranks (a checkpoint resumed on a
+// different world size sees the same global batches, until an epoch's last N - 1 samples, where
+// the cut depends on N); there is no other RNG state.
 
 #include "../tokenizers/tokenizer.hpp"
 #include "config.hpp"
@@ -122,13 +125,13 @@ struct Batch {
 };
 
 /// Where a DataLoader stands; enough to continue the same stream after a restart.
+/// Every data-parallel rank holds the same state.
 struct DataState {
   int64_t epoch = 0;     ///< completed epochs
-  int64_t position = 0;  ///< samples of this epoch already taken by this rank
+  int64_t position = 0;  ///< samples of this epoch already taken over all data-parallel ranks
   int64_t seed = 0;      ///< checked on restore
   int64_t samples = 0;   ///< samples per epoch over all ranks; checked on restore
-  int64_t dp_size = 1;   ///< checked on restore
-  int64_t dp_rank = 0;   ///< checked on restore
+  int64_t dp_size = 1;   ///< data-parallel degree of the saving run (a restore may use another)
 
   std::map<std::string, int64_t> to_map() const;  ///< keys: the member names
   static DataState from_map(const std::map<std::string, int64_t>& values);  ///< errors on missing keys
@@ -151,7 +154,8 @@ class DataLoader {
   int64_t samples_per_rank() const { return samples_ / options_.dp_size(); }
   const LoaderOptions& options() const { return options_; }
   DataState state() const;
-  /// Continues from `state`; errors when it came from a different seed, corpus, length or rank layout.
+  /// Continues from `state` (saved with any data-parallel degree); errors when it came from a
+  /// different seed, corpus, tokenizer, seq_len or packing.
   void load_state(const DataState& state);
   /// Back to the first sample of epoch 0 (validation does this every time).
   void reset();
@@ -166,7 +170,7 @@ class DataLoader {
   std::vector<int64_t> starts_;  // [documents + 1] packed start of each document's [BOS doc EOS]
   int64_t samples_ = 0;
   int64_t epoch_ = 0;
-  int64_t position_ = 0;
+  int64_t position_ = 0;  // samples of epoch_ taken over all ranks; this rank's next is position_ + dp_rank
   mutable int64_t order_epoch_ = -1;
   mutable std::vector<int64_t> order_;  // permutation of the current epoch
 };

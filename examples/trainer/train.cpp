@@ -30,6 +30,11 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+/// The sum of the one-element float64 `value` over `group`.
+double sum_over(const torch::Tensor& value, const titan::ProcessGroupPtr& group) {
+  return titan::detail::all_reduce_raw(value.to(group->device()), *group, titan::ReduceOp::Sum).item<double>();
+}
+
 /// Dense bf16 peak FLOP/s of the device for MFU; 0 (MFU "n/a") where no nominal peak applies.
 double peak_flops(const c10::Device& device) {
 #if TITAN_HAS_NCCL
@@ -61,6 +66,39 @@ ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) 
   }
   args.max_seq_len(config.training.seq_len);
   return args;
+}
+
+/// Fails unless the Hugging Face model at `path` has the architecture of `args` (the shapes are
+/// checked again per tensor by load_hf).
+void check_hf_architecture(const ModelArgs& args, const std::string& path) {
+  const auto hf = read_hf_config(path);
+  auto check = [&](const char* what, double ours, double theirs) {
+    TORCH_CHECK(ours == theirs, "checkpoint.initial_load_path: the Hugging Face model '", path, "' has ", what, " = ",
+                theirs, " but the configured model has ", ours, " (check model.name / model.flavor)");
+  };
+  check("hidden size (dim)", args.dim(), hf.dim());
+  check("layers", args.n_layers(), hf.n_layers());
+  check("attention heads", args.n_heads(), hf.n_heads());
+  check("key/value heads", args.n_kv_heads(), hf.n_kv_heads());
+  check("vocabulary size", args.vocab_size(), hf.vocab_size());
+  check("rope_theta", args.rope_theta(), hf.rope_theta());
+  check("rms_norm_eps", args.norm_eps(), hf.norm_eps());
+  check("sliding_window", args.sliding_window(), hf.sliding_window());
+}
+
+/// Starts from checkpoint.initial_load_path (when there was nothing to resume): a Hugging Face
+/// folder, each rank reading only its slices, or the model part of a titan checkpoint.
+void load_initial_weights(TransformerImpl& model, const TrainConfig& config, const titan::WorldPtr& world) {
+  const auto& path = config.checkpoint.initial_load_path;
+  if (config.checkpoint.initial_load_in_hf) {
+    check_hf_architecture(model.args, path);
+    load_hf(model, path);
+  } else {
+    titan::TrainState weights;
+    weights.model = &model;
+    titan::load_checkpoint(path, weights, world->group());
+  }
+  world->logger().info("initial weights loaded from ", path, config.checkpoint.initial_load_in_hf ? " (Hugging Face)" : "");
 }
 
 torch::Dtype dtype_named(const std::string& name) {
@@ -132,18 +170,25 @@ void train(const TrainConfig& config) {
 
   const bool loss_parallel = dims.tp > 1 && config.parallelism.enable_loss_parallel;
   const auto& tp_group = mesh.group("tp");
-  auto compute_loss = [&](const Batch& batch) {
+  // The sum of the cross-entropies of a micro-batch's label tokens (labels -100 are ignored).
+  auto token_loss_sum = [&](const Batch& batch) {
     auto input = batch.input.to(world->device());    // [B, S]
     auto labels = batch.labels.to(world->device());  // [B, S]
     auto logits = titan::call(model, input);         // [B, S, V] (or [B, S, V / tp] with loss parallel)
-    if (loss_parallel) return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, tp_group);
+    if (loss_parallel) {
+      return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, tp_group, -100, at::Reduction::Sum);
+    }
     return torch::nn::functional::cross_entropy(
         logits.flatten(0, 1).to(torch::kFloat32), labels.flatten(),
-        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  };
+  auto mean_loss = [&](const Batch& batch) {  // for validation
+    return token_loss_sum(batch) / static_cast<double>(std::max<int64_t>(batch.num_label_tokens, 1));
   };
 
-  // Checkpoints: model and optimizer shards by name, the CPU RNG, the config and step, and each
-  // rank's data position. Resumes automatically from the latest complete one.
+  // Checkpoints: model and optimizer shards by name, the CPU RNG, the config and step, and the
+  // data position (the same on every rank, valid on any number of ranks). Resumes automatically
+  // from the latest complete one.
   at::Generator generator = at::detail::getDefaultCPUGenerator();  // a handle sharing the global CPU generator
   titan::TrainState state;
   state.model = model.get();
@@ -162,21 +207,20 @@ void train(const TrainConfig& config) {
     if (auto step = checkpoints->load_latest(state)) {
       start_step = *step;
       generator.set_state(state.tensors.front().second.local);
-      auto data_state = state.rank_extra.find("data");
-      if (data_state != state.rank_extra.end()) {
-        loader.load_state(DataState::from_json(data_state->second));
-      } else {
-        log.warn("the checkpoint of step ", start_step, " was saved with another world size: the data order restarts");
-      }
+      auto data_state = state.extra.find("data");
+      TORCH_CHECK(data_state != state.extra.end(), "the checkpoint of step ", start_step, " in ",
+                  checkpoints->options().folder(), " has no data loader state ('data' in its extra state)");
+      loader.load_state(DataState::from_json(data_state->second));
       log.info("resumed from the checkpoint of step ", start_step);
     }
   }
+  if (start_step == 0 && !checkpoint.initial_load_path.empty()) load_initial_weights(*model, config, world);
   auto save_checkpoint = [&](int64_t step, bool force) {
     if (!checkpoints) return;
     state.tensors.front().second.local.copy_(generator.get_state());
     state.extra["step"] = std::to_string(step);
     state.extra["config"] = to_toml(config);
-    state.rank_extra["data"] = loader.state().to_json();
+    state.extra["data"] = loader.state().to_json();
     if (checkpoints->maybe_save(step, state, force)) log.info("checkpoint of step ", step, " started");
   };
 
@@ -188,21 +232,33 @@ void train(const TrainConfig& config) {
     const auto step_start = Clock::now();
     const double lr = schedule.apply(*optimizer, step, config.optimizer.lr);
     optimizer->zero_grad();
-    double data_seconds = 0.0, loss_sum = 0.0;
+    const auto data_start = Clock::now();
+    std::vector<Batch> micro_batches;  // this rank's share of the global batch
+    double label_tokens = 0.0;
     int64_t tokens = 0;
     for (int64_t micro = 0; micro < accumulation; ++micro) {
-      const auto data_start = Clock::now();
-      auto batch = loader.next();
-      data_seconds += seconds_since(data_start);
-      titan::set_requires_gradient_sync(*model, micro + 1 == accumulation);
-      auto loss = compute_loss(batch);
-      (loss / static_cast<double>(accumulation)).backward();
-      loss_sum += loss.item<double>();
-      tokens += batch.input.numel();
+      micro_batches.push_back(loader.next());
+      label_tokens += static_cast<double>(micro_batches.back().num_label_tokens);
+      tokens += micro_batches.back().input.numel();
     }
-    auto step_loss = torch::full({1}, loss_sum / static_cast<double>(accumulation), torch::kFloat64);
-    step_loss = titan::detail::all_reduce_raw(step_loss.to(world->device()), *dp_group, titan::ReduceOp::Avg);
-    const double loss_value = step_loss.item<double>();
+    const double data_seconds = seconds_since(data_start);
+    // The loss is the mean over the label tokens of the whole global batch, so every token weighs
+    // the same however the batch is split into ranks and micro-batches (padding and prompt tokens
+    // vary per sample). Gradients are averaged over the dp ranks, hence the factor dp.
+    auto totals = torch::tensor({label_tokens}, torch::kFloat64);
+    const double global_tokens = sum_over(totals, dp_group);
+    if (global_tokens == 0.0) {
+      log.warn("step ", step, ": the global batch has no label tokens (all prompt or padding); the step is skipped");
+      continue;
+    }
+    double loss_sum = 0.0;
+    for (int64_t micro = 0; micro < accumulation; ++micro) {
+      titan::set_requires_gradient_sync(*model, micro + 1 == accumulation);
+      auto loss = token_loss_sum(micro_batches[micro]);
+      (loss * (static_cast<double>(dims.dp()) / global_tokens)).backward();
+      loss_sum += loss.item<double>();
+    }
+    const double loss_value = sum_over(torch::tensor({loss_sum}, torch::kFloat64), dp_group) / global_tokens;
     if (!nan_guard.check(step, loss_value)) {
       log.warn("step ", step, ": loss is ", loss_value, ", the step is skipped (", nan_guard.skipped(), " so far)");
       optimizer->zero_grad();
@@ -223,15 +279,17 @@ void train(const TrainConfig& config) {
 
     if (val_loader && step % data.val_freq == 0) {
       torch::NoGradGuard no_grad;
-      auto result = evaluate(*val_loader, data.val_steps, compute_loss, dp_group);
+      auto result = evaluate(*val_loader, data.val_steps, mean_loss, dp_group);
       log.info("step ", step, " validation: loss ", result.loss, ", perplexity ", result.perplexity, " over ",
                result.tokens, " tokens");
       metrics.record_scalars(step, {{"val/loss", result.loss}, {"val/perplexity", result.perplexity}});
     }
-    const bool stopping = stop.any_rank(world->group());
+    const bool signalled = stop.any_rank(world->group());
+    const bool stopping = signalled || step == training.stop_at_step;
     save_checkpoint(step, stopping || step == training.steps);
     if (stopping) {
-      log.info("signal received: stopped after step ", step, checkpoints ? " (checkpoint saved)" : "");
+      log.info(signalled ? "signal received" : "training.stop_at_step reached", ": stopped after step ", step,
+               checkpoints ? " (checkpoint saved)" : "");
       break;
     }
   }

@@ -15,6 +15,7 @@ Outputs (under --out, normally data/cache/):
   pretrain/python_docs_valid.txt  held-out documents (every 20th page), same layout
   pretrain/python_docs_valid.jsonl
   alpaca/gcide_instruct.jsonl     {"instruction", "input", "output"} per line
+  alpaca/gcide_instruct_valid.jsonl  held-out records (every 20th), same layout
 """
 
 import argparse
@@ -245,11 +246,14 @@ def main():
                os.path.join(pretrain, "python_docs_valid.jsonl"))
 
     records = gcide_instructions(args.instructions)
-    with open(os.path.join(alpaca, "gcide_instruct.jsonl"), "w", encoding="utf-8", newline="\n") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    held_out = lambda i: i % VALID_EVERY == VALID_EVERY - 1
+    for name, keep in (("gcide_instruct.jsonl", lambda i: not held_out(i)), ("gcide_instruct_valid.jsonl", held_out)):
+        with open(os.path.join(alpaca, name), "w", encoding="utf-8", newline="\n") as f:
+            for i, r in enumerate(records):
+                if keep(i):
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"make_corpus.py: {len(train)} training and {len(valid)} held-out pages, "
-          f"{len(records)} instructions", file=sys.stderr)
+          f"{len(records)} instructions (every {VALID_EVERY}th held out)", file=sys.stderr)
 
 
 if __name__ == "__main__":

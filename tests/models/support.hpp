@@ -1,10 +1,9 @@
 #pragma once
 // Helpers shared by the test_models sources: scratch directories, raw files, error checks.
 #include <doctest/doctest.h>
+#include <titan/detail/checkpoint_io.hpp>
 #include <torch/torch.h>
 
-#include <ftw.h>
-#include <sys/stat.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -14,12 +13,9 @@
 
 namespace models_test {
 
-/// Removes `path` and everything below it. (Not std::filesystem::remove_all: the libtorch wheel
-/// exports its own copy of that symbol, which crashes on non-empty directories.)
-inline void remove_tree(const std::string& path) {
-  auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); };
-  ::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS);
-}
+/// Removes `path` and everything below it (titan's nftw-based helper: the libtorch wheel exports
+/// its own std::filesystem::remove_all, which crashes on non-empty directories).
+using titan::detail::remove_tree;
 
 /// A fresh empty directory under $TITAN_MODELS_SCRATCH (or the system temp dir).
 inline std::string scratch_dir(const std::string& name) {

@@ -1,0 +1,182 @@
+"""End-to-end runs of the example trainers on the real corpus, checked against each other.
+
+Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with small overrides
+(seq_len 32, 20 steps, a metric line per step) and compares what the runs wrote:
+
+  resume      20 steps straight == 10 steps + checkpoint + resume + 10 steps (2 ranks, FSDP):
+              every step's loss and every exported weight bitwise
+  reshard     10 steps on 2 ranks, resumed on 1 rank (same global batch through accumulation):
+              losses and weights equal the straight run within fp32 reduction-order tolerance
+  tp          FSDP 2 x TP 2 on 4 ranks with sequence and loss parallel: the straight run's losses
+  hf_start    2 ranks start from the straight run's Hugging Face export (each rank reads its
+              slices) and train one step at lr 0: the exported weights come back bitwise
+  mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
+  alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
+
+Usage: check_runs.py --launch titan_launch --llama llama_train --mistral mistral_train
+                     --source SRC --workdir DIR [--only NAME ...]
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+SMALL = [
+    "--training.seq_len", "32", "--training.batch_size", "2", "--training.global_batch_size", "4",
+    "--training.steps", "20", "--lr_scheduler.warmup_steps", "4", "--metrics.log_freq", "1",
+    "--metrics.enable_tensorboard", "false", "--checkpoint.enable", "true", "--checkpoint.interval", "10",
+    "--checkpoint.keep_latest_k", "0", "--data.val_freq", "10", "--data.val_steps", "2",
+    "--training.mixed_precision_param", "float32",
+]
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.failures = []
+
+    def run(self, name, trainer, nproc, config, extra=(), expect_code=0):
+        """Runs one trainer job in <workdir>/<name>; returns its combined output."""
+        dump = os.path.join(self.args.workdir, name)
+        cmd = [self.args.launch, "--nproc", str(nproc), "--timeout", "600", "--", trainer, "--config",
+               os.path.join(self.args.source, "examples", "configs", config), "--job.dump_folder", dump,
+               "--data.cache_dir", os.path.join(self.args.workdir, "token_cache"), *SMALL, *extra]
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=self.args.source, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(f"--- {name}: {nproc} ranks, exit {proc.returncode}, {time.time() - start:.1f} s", flush=True)
+        if proc.returncode != expect_code:
+            print(proc.stdout)
+            raise AssertionError(f"{name}: exit code {proc.returncode}, expected {expect_code}: {' '.join(cmd)}")
+        return proc.stdout
+
+    def check(self, condition, message):
+        print(("ok   " if condition else "FAIL ") + message, flush=True)
+        if not condition:
+            self.failures.append(message)
+
+
+def metrics(dump):
+    """step -> record of the training lines, and step -> validation record, from metrics.jsonl."""
+    train, val = {}, {}
+    with open(os.path.join(dump, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            (val if "val/loss" in record else train)[record["step"]] = record
+    return train, val
+
+
+def weights(dump):
+    return load_file(os.path.join(dump, "export", "model.safetensors"))
+
+
+def max_weight_diff(a, b):
+    assert a.keys() == b.keys(), f"exported names differ: {sorted(set(a) ^ set(b))}"
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--launch", required=True)
+    parser.add_argument("--llama", required=True)
+    parser.add_argument("--mistral", required=True)
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+    for key in ("launch", "llama", "mistral", "source", "workdir"):  # the runs start in --source
+        setattr(args, key, os.path.abspath(getattr(args, key)))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    r = Runner(args)
+    wanted = lambda name: args.only is None or name in args.only
+    work = lambda name: os.path.join(args.workdir, name)
+    llama = "llama3_debug.toml"
+
+    r.run("straight", args.llama, 2, llama)
+    straight, straight_val = metrics(work("straight"))
+    straight_weights = weights(work("straight"))
+    r.check(sorted(straight) == list(range(1, 21)), f"straight run logged steps 1..20: {sorted(straight)}")
+    r.check(sorted(straight_val) == [10, 20], "validation at steps 10 and 20")
+    losses = [straight[s]["loss"] for s in range(1, 21)]
+    r.check(all(math.isfinite(x) for x in losses), "finite losses")
+    r.check(os.path.isfile(os.path.join(work("straight"), "checkpoint", "step-20", "metadata.json")),
+            "final checkpoint saved")
+
+    def compare_to_straight(name, steps, what, tol=1e-4):
+        """Losses of `steps` and the final weights of run `name` against the straight run."""
+        run, _ = metrics(work(name))
+        diffs = [abs(run[s]["loss"] - straight[s]["loss"]) for s in steps]
+        r.check(max(diffs) < tol, f"{what}: losses within {tol} of the straight run (max {max(diffs):.2e})")
+        diff = max_weight_diff(weights(work(name)), straight_weights)
+        r.check(diff < tol, f"{what}: final weights within {tol} (max {diff:.2e})")
+
+    if wanted("resume"):
+        first = r.run("resume", args.llama, 2, llama, ["--training.stop_at_step", "10"])
+        r.check("training.stop_at_step reached" in first, "the first half stops at step 10")
+        r.check(not os.path.exists(os.path.join(work("resume"), "export")), "no export before the last step")
+        second = r.run("resume", args.llama, 2, llama)
+        r.check("resumed from the checkpoint of step 10" in second, "the second half resumes from step 10")
+        resumed, resumed_val = metrics(work("resume"))
+        same = [s for s in range(1, 21) if resumed.get(s, {}).get("loss") == straight[s]["loss"]]
+        r.check(len(same) == 20, f"bitwise equal losses at all 20 steps (equal at {len(same)})")
+        r.check(resumed_val.get(20, {}).get("val/loss") == straight_val[20]["val/loss"], "equal validation loss")
+        r.check(max_weight_diff(weights(work("resume")), straight_weights) == 0.0, "bitwise equal final weights")
+
+    if wanted("reshard"):
+        r.run("reshard", args.llama, 2, llama, ["--training.stop_at_step", "10"])
+        out = r.run("reshard", args.llama, 1, llama)
+        r.check("resumed from the checkpoint of step 10" in out, "1 rank resumes the 2-rank checkpoint")
+        compare_to_straight("reshard", range(11, 21), "steps 11..20 resumed on 1 rank")
+
+    if wanted("tp"):
+        r.run("tp", args.llama, 4, llama,
+              ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true",
+               "--parallelism.enable_loss_parallel", "true", "--training.batch_size", "1"])
+        compare_to_straight("tp", range(1, 21), "FSDP 2 x TP 2")
+
+    if wanted("hf_start"):
+        out = r.run("hf_start", args.llama, 2, llama,
+                    ["--checkpoint.initial_load_path", os.path.join(work("straight"), "export"),
+                     "--checkpoint.initial_load_in_hf", "true", "--optimizer.lr", "0", "--training.steps", "1",
+                     "--data.val_freq", "0"])
+        r.check("initial weights loaded from" in out, "started from the Hugging Face export")
+        r.check(max_weight_diff(weights(work("hf_start")), straight_weights) == 0.0,
+                "one step at lr 0 exports the loaded weights bitwise")
+        start, _ = metrics(work("hf_start"))
+        r.check(start[1]["loss"] < losses[0] - 0.5, f"its first loss {start[1]['loss']:.3f} is the trained model's "
+                f"(a fresh model starts at {losses[0]:.3f})")
+
+    # The Alpaca prompt alone is ~50 tokens: longer rows, so that responses fit.
+    for name, trainer, config, extra in (("mistral", args.mistral, "mistral_debug.toml", []),
+                                         ("alpaca", args.llama, "llama3_debug_alpaca.toml",
+                                          ["--training.seq_len", "128"])):
+        if not wanted(name):
+            continue
+        r.run(name, trainer, 2, config, extra)
+        train, val = metrics(work(name))
+        r.check(sorted(train) == list(range(1, 21)), f"{name}: logged steps 1..20")
+        keys = {"loss", "perplexity", "lr", "grad_norm", "tokens_per_second_per_rank", "step_seconds",
+                "data_seconds", "peak_memory_gib"}
+        r.check(all(keys <= set(train[s]) for s in train), f"{name}: every record has {sorted(keys)}")
+        r.check(all(math.isfinite(train[s]["loss"]) for s in train), f"{name}: finite losses")
+        r.check(sorted(val) == [10, 20] and all(math.isfinite(v["val/loss"]) for v in val.values()),
+                f"{name}: validation at steps 10 and 20")
+        r.check(os.path.isfile(os.path.join(work(name), "export", "config.json")), f"{name}: Hugging Face export")
+
+    if r.failures:
+        print(f"{len(r.failures)} check(s) failed:\n  " + "\n  ".join(r.failures))
+        return 1
+    print("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
