@@ -79,6 +79,7 @@ def main():
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     if rank == 0:
         print(f"| torch fsdp2  | {n} | {stats[0]:8.1f} | {stats[1]:9.0f} | {stats[2]:9.1f} |", flush=True)
+    dist.barrier()  # no rank tears Gloo down while another still uses it (seen to abort otherwise)
     dist.destroy_process_group()
 
 
