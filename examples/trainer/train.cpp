@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 
 namespace titan::examples {
 namespace {
@@ -68,6 +69,20 @@ ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) 
   return args;
 }
 
+/// Rank 0's progress lines while a checkpoint loads: every 5 seconds and when it is done.
+titan::LoadProgressFn load_progress_printer(const titan::WorldPtr& world, const std::string& what) {
+  if (world->rank() != 0) return nullptr;
+  const auto start = Clock::now();
+  auto last = std::make_shared<Clock::time_point>(start);
+  return [world, what, start, last](int64_t done, int64_t total, int64_t bytes) {
+    if (done != total && seconds_since(*last) < 5.0) return;
+    *last = Clock::now();
+    const double seconds = std::max(seconds_since(start), 1e-9), megabytes = static_cast<double>(bytes) / 1e6;
+    world->logger().info("loading ", what, ": ", done, "/", total, " tensors, ", megabytes, " MB of this rank's in ",
+                         seconds, " s (", megabytes / seconds, " MB/s)", done == total ? " (done)" : "");
+  };
+}
+
 /// Fails unless the Hugging Face model at `path` has the architecture of `args` (the shapes are
 /// checked again per tensor by load_hf).
 void check_hf_architecture(const ModelArgs& args, const std::string& path) {
@@ -96,7 +111,7 @@ void load_initial_weights(TransformerImpl& model, const TrainConfig& config, con
   } else {
     titan::TrainState weights;
     weights.model = &model;
-    titan::load_checkpoint(path, weights, world->group());
+    titan::load_checkpoint(path, weights, world->group(), load_progress_printer(world, path));
   }
   world->logger().info("initial weights loaded from ", path, config.checkpoint.initial_load_in_hf ? " (Hugging Face)" : "");
 }
@@ -203,7 +218,8 @@ void train(const TrainConfig& config) {
                    .interval(checkpoint.interval)
                    .keep_latest_k(checkpoint.keep_latest_k)
                    .async(checkpoint.async_mode == "async")
-                   .load_step(checkpoint.load_step));
+                   .load_step(checkpoint.load_step)
+                   .on_load_progress(load_progress_printer(world, "the checkpoint")));
     if (auto step = checkpoints->load_latest(state)) {
       start_step = *step;
       generator.set_state(state.tensors.front().second.local);

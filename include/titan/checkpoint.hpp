@@ -108,6 +108,9 @@ struct TrainState {
   std::map<std::string, std::string> rank_extra;
 };
 
+/// Progress of a load: tensors staged so far, of how many, and the bytes staged so far (this rank).
+using LoadProgressFn = std::function<void(int64_t tensors_done, int64_t tensors_total, int64_t bytes_done)>;
+
 /// Options of CheckpointManager, with chained setters.
 struct CheckpointOptions {
   explicit CheckpointOptions(std::string folder) : folder_(std::move(folder)) {}
@@ -125,6 +128,8 @@ struct CheckpointOptions {
   TORCH_ARG(int64_t, block_bytes) = int64_t{1} << 20;
   /// Called with the path of every file a save has written and fsynced (progress, tests).
   TORCH_ARG(std::function<void(const std::string&)>, on_file_written);
+  /// Called after each tensor a load has read and checked (a progress display for long loads).
+  TORCH_ARG(LoadProgressFn, on_load_progress);
 };
 
 namespace detail {
@@ -568,8 +573,9 @@ inline CheckpointMetadata read_checkpoint_metadata(const std::string& dir) {
 /// Loads checkpoint directory `dir` into `state` on every rank of `group` (a collective). Each
 /// rank reads only the saved blocks overlapping its own blocks; everything is validated on every
 /// rank (names, global shapes, dtypes, files, sizes, checksums) before anything is overwritten.
-/// Returns the metadata.
-inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& state, const ProcessGroupPtr& group) {
+/// `progress` (optional) is called after each tensor is read. Returns the metadata.
+inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& state, const ProcessGroupPtr& group,
+                                          const LoadProgressFn& progress = nullptr) {
   CheckpointMetadata meta;
   std::vector<detail::LoadTarget> targets;
   std::map<std::string, std::unique_ptr<torch::optim::OptimizerParamState>> new_states;  // by parameter name
@@ -677,7 +683,12 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
       TORCH_CHECK(saved_type == target.dtype, "titan checkpoint: tensor '", target.name, "' is ", target.dtype,
                   " but '", dir, "' saved it as ", record->dtype);
     }
-    for (auto& target : targets) detail::stage_target(target, *meta.find(target.name), dir, meta.block_bytes, files);
+    int64_t bytes = 0;
+    for (size_t i = 0; i < targets.size(); ++i) {
+      detail::stage_target(targets[i], *meta.find(targets[i].name), dir, meta.block_bytes, files);
+      bytes += static_cast<int64_t>(targets[i].staged.nbytes());
+      if (progress) progress(static_cast<int64_t>(i + 1), static_cast<int64_t>(targets.size()), bytes);
+    }
   });
   // Everything is valid on every rank: overwrite.
   for (auto& target : targets) target.apply(target.staged);
@@ -855,7 +866,8 @@ class CheckpointManager {
   /// Loads step `step` into `state` (a collective); errors if it is not a complete checkpoint.
   std::optional<int64_t> load(int64_t step, TrainState& state) {
     wait();
-    auto meta = load_checkpoint(options_.folder() + "/" + detail::step_dir_name(step), state, group_);
+    auto meta = load_checkpoint(options_.folder() + "/" + detail::step_dir_name(step), state, group_,
+                                options_.on_load_progress());
     logger_.info("loaded checkpoint step ", meta.step, " (saved on ", meta.world_size, " ranks) from ",
                  options_.folder());
     return meta.step;

@@ -6,6 +6,7 @@
 
 #include <titan/checkpoint.hpp>
 
+#include <array>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -122,7 +123,11 @@ TEST_CASE("checkpoint: CRC-32 is zlib's") {
 TEST_CASE("checkpoint: sharded tensors and extra state round-trip") {
   titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
   auto dir = titan_ckpt::shared_dir(world(), "roundtrip");
-  titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir).interval(10).block_bytes(16));
+  std::vector<std::array<int64_t, 3>> progress;  // (tensors done, total, bytes) per call
+  titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir).interval(10).block_bytes(16).on_load_progress(
+                                                [&](int64_t done, int64_t total, int64_t bytes) {
+                                                  progress.push_back({done, total, bytes});
+                                                }));
   titan::TrainState nothing;
   CHECK_FALSE(manager.load_latest(nothing).has_value());  // a fresh run
 
@@ -150,6 +155,15 @@ TEST_CASE("checkpoint: sharded tensors and extra state round-trip") {
   }
   CHECK(loaded.extra == saved.extra);
   CHECK(loaded.rank_extra == saved.rank_extra);
+  // Progress: once per tensor, counting up to every tensor and this rank's bytes.
+  REQUIRE(progress.size() == saved.tensors.size());
+  int64_t local_bytes = 0;
+  for (const auto& [name, tensor] : saved.tensors) local_bytes += static_cast<int64_t>(tensor.local.nbytes());
+  for (size_t i = 0; i < progress.size(); ++i) {
+    CHECK(progress[i][0] == static_cast<int64_t>(i + 1));
+    CHECK(progress[i][1] == static_cast<int64_t>(saved.tensors.size()));
+  }
+  CHECK(progress.back()[2] == local_bytes);
 
   // Every tensor is saved once, a replicated one by one rank only.
   auto meta = titan::read_checkpoint_metadata(dir + "/step-20");

@@ -8,6 +8,8 @@
 // exits with the first non-zero exit code of any rank. When a rank fails the others get a grace
 // period, then are killed. With --expect-codes, nobody is killed early and the launcher succeeds
 // iff rank i exits with the i-th code. Past --timeout seconds every rank is killed (exit 124).
+// SIGTERM and SIGINT sent to the launcher are forwarded to every rank, as torchrun does (a
+// trainer then saves a checkpoint and stops; see docs/training.md).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -25,6 +27,10 @@
 #include <vector>
 
 namespace {
+
+/// The last SIGTERM / SIGINT received, to forward to the ranks (0 = none pending).
+volatile sig_atomic_t g_forward_signal = 0;
+extern "C" void remember_signal(int signal_number) { g_forward_signal = signal_number; }
 
 [[noreturn]] void usage(const char* message) {
   std::fprintf(stderr, "titan_launch: %s\nusage: titan_launch --nproc N [--timeout SECONDS] "
@@ -127,6 +133,11 @@ int main(int argc, char** argv) {
     ranks[static_cast<size_t>(r)].out_fd = fds[0];
   }
 
+  struct sigaction action {};
+  action.sa_handler = remember_signal;
+  sigemptyset(&action.sa_mask);
+  for (int signal_number : {SIGTERM, SIGINT}) sigaction(signal_number, &action, nullptr);
+
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   auto kill_deadline = clock::time_point::max();
@@ -138,6 +149,13 @@ int main(int argc, char** argv) {
       if (rank.out_fd >= 0) fds.push_back({rank.out_fd, POLLIN, 0});
     if (!fds.empty()) poll(fds.data(), fds.size(), 100);
     else usleep(100 * 1000);
+    if (const int signal_number = g_forward_signal) {
+      g_forward_signal = 0;
+      std::fprintf(stdout, "titan_launch: forwarding signal %d to every rank\n", signal_number);
+      fflush(stdout);
+      for (auto& rank : ranks)
+        if (rank.running) kill(rank.pid, signal_number);
+    }
     for (int r = 0; r < nproc; ++r) {
       auto& rank = ranks[static_cast<size_t>(r)];
       if (rank.out_fd < 0) continue;
