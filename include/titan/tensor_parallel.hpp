@@ -199,7 +199,7 @@ inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const
 }  // namespace tp
 
 /// A way of parallelizing one module over a TP group (ColwiseParallel, RowwiseParallel,
-/// SequenceParallel, PrepareModuleInput). A style is a value with chained setters; applying it
+/// SequenceParallel, PrepareModuleInput, PrepareModuleOutput). A style is a value with chained setters; applying it
 /// shards the module's parameters in place and attaches a bound copy of it as the module's hook,
 /// which titan::call runs and which reports the sharded parameters' layouts.
 class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
@@ -505,6 +505,35 @@ class PrepareModuleInput : public ParallelStyle {
     for (size_t i = 0; i < inputs.size(); ++i)
       if (input_layouts_[i]) prepared[i] = tp::redistribute(inputs[i], *input_layouts_[i], *desired_input_layouts_[i], group_);
     return next(prepared);
+  }
+};
+
+/// Moves a module's output from the layout its forward produces to the layout the modules after
+/// it expect (e.g. a replicated block output to Shard(1) for sequence parallel norms). The output
+/// is the single tensor forward returns. Has no parameters to shard. A module needing both input
+/// and output preparation gets the output one on a wrapper module (one TP style per module).
+class PrepareModuleOutput : public ParallelStyle {
+ public:
+  /// Layout forward's output is in.
+  TORCH_ARG(Placement, output_layout) = Replicate();
+  /// Layout the caller receives.
+  TORCH_ARG(Placement, desired_output_layout) = Replicate();
+
+ public:
+  std::string name() const override { return "tp.prepare_module_output"; }
+
+  void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+             const std::string& mesh_dim) const override {
+    for (const auto* layout : {&output_layout_, &desired_output_layout_})
+      TORCH_CHECK(!layout->is_replicate_partial_grad(), "titan: PrepareModuleOutput on '", path,
+                  "': output layouts must be Replicate() or Shard(d), got ", layout->str());
+    auto hook = std::make_shared<PrepareModuleOutput>(*this);
+    hook->bind(module, path, group, mesh_dim);
+    attach_hook(module, hook);
+  }
+
+  at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    return tp::redistribute(next(inputs), output_layout_, desired_output_layout_, group_);
   }
 };
 

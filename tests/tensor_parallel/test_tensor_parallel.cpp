@@ -190,6 +190,40 @@ TEST_CASE("tp: vocabulary-parallel torch::nn::Embedding, all-reduced or sequence
   }
 }
 
+TEST_CASE("tp: PrepareModuleOutput moves a module's output between layouts, with the gradient") {
+  for (bool to_shard : {true, false}) {
+    INFO("Replicate() -> Shard(1): ", to_shard, " (else Shard(1) -> Replicate())");
+    torch::manual_seed(3);
+    torch::nn::Linear reference(4, 6);
+    torch::manual_seed(3);
+    torch::nn::Linear linear(4, 6);
+    auto x = torch::randn({2, 8, 4});
+    auto grad_out = torch::randn({2, 8, 6});
+    const auto from = to_shard ? titan::Replicate() : titan::Shard(1);
+    const auto to = to_shard ? titan::Shard(1) : titan::Replicate();
+    titan::parallelize_module(*linear, tp_group(), titan::ParallelizePlan().add("",
+        titan::PrepareModuleOutput().output_layout(from).desired_output_layout(to)));
+    auto expected = reference->forward(x);  // [2, 8, 6]
+    (expected * grad_out).sum().backward();
+
+    // Shard(1) -> Replicate(): each rank runs the layer on its sequence chunk.
+    auto out = titan::call(linear, to_shard ? x : titan::tp::scatter_to_group(x, tp_group(), 1));
+    auto shard = [](const torch::Tensor& t) { return titan::tp::scatter_to_group(t, tp_group(), 1); };
+    CHECK_CLOSE(out, to_shard ? shard(expected.detach()) : expected, 1e-6);
+    (out * (to_shard ? shard(grad_out) : grad_out)).sum().backward();
+    // Replicate() -> Shard(1): the backward all-gathers the chunks' gradients, so the layer's
+    // gradient is whole on every rank; the other way each rank's covers its chunk: sum them.
+    auto grad = linear->weight.grad();
+    if (!to_shard) grad = titan::detail::all_reduce_raw(grad.clone(), *tp_group(), titan::ReduceOp::Sum);
+    CHECK_CLOSE(grad, reference->weight.grad(), 1e-5);
+  }
+  CHECK_THROWS_WITH(titan::parallelize_module(
+                        *torch::nn::Linear(2, 2), tp_group(),
+                        titan::ParallelizePlan().add("", titan::PrepareModuleOutput().desired_output_layout(
+                                                             titan::ReplicatePartialGrad()))),
+                    doctest::Contains("Replicate() or Shard(d), got ReplicatePartialGrad()"));
+}
+
 TEST_CASE("tp: loss_parallel_cross_entropy matches cross_entropy on gathered logits, with its gradient") {
   const int64_t vocab = 4 * 5 + 2;  // uneven chunks at TP 4 (6, 6, 6, 4)
   auto full = torch::randn({3, 7, vocab}) * 3;
