@@ -9,6 +9,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -105,19 +106,30 @@ struct NetImpl : torch::nn::Module {
 };
 TORCH_MODULE(Net);
 
-/// Trains steps [first, last] on this rank's batches; returns the losses.
-inline std::vector<float> train_net(Net& model, torch::optim::Optimizer& optimizer, int first, int last, int rank) {
+/// Trains `model` (inputs [4, 5] -> outputs [4, 3], MSE) for steps [first, last] on this rank's
+/// batches, drawn from `seed` + 10 * step + rank (targets from seed + 1000 + ...); `lr_of_step`,
+/// when given, sets every group's learning rate first. Returns the losses.
+template <typename Model>
+std::vector<float> train_steps(Model& model, torch::optim::Optimizer& optimizer, int first, int last, int rank,
+                               int seed, const std::function<double(int)>& lr_of_step = nullptr) {
   std::vector<float> losses;
   for (int step = first; step <= last; ++step) {
-    auto x = global_tensor(3000 + 10 * step + rank, {4, 5}, torch::kFloat);
-    auto y = global_tensor(4000 + 10 * step + rank, {4, 3}, torch::kFloat);
+    auto x = global_tensor(seed + 10 * step + rank, {4, 5}, torch::kFloat);
+    auto y = global_tensor(seed + 1000 + 10 * step + rank, {4, 3}, torch::kFloat);
+    if (lr_of_step)
+      for (auto& group : optimizer.param_groups()) group.options().set_lr(lr_of_step(step));
     optimizer.zero_grad();
-    auto loss = torch::mse_loss(titan::call(model, x), y);
+    torch::Tensor loss = torch::mse_loss(titan::call(model, x), y);
     loss.backward();
     optimizer.step();
     losses.push_back(loss.item<float>());
   }
   return losses;
+}
+
+/// train_steps of Net with the batches of seed 3000.
+inline std::vector<float> train_net(Net& model, torch::optim::Optimizer& optimizer, int first, int last, int rank) {
+  return train_steps(model, optimizer, first, last, rank, 3000);
 }
 
 }  // namespace titan_ckpt

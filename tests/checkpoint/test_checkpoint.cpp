@@ -16,16 +16,7 @@ namespace {
 using titan_ckpt::global_tensor;
 using titan_test::world;
 
-/// The message of the exception `fn` throws ("" if none).
-template <typename F>
-std::string error_of(F&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using titan_test::error_of;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
@@ -91,21 +82,10 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& kind,
   return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(0.05).momentum(0.9).nesterov(true));
 }
 
-/// Trains steps [first, last] and returns each step's loss on this rank.
+/// Trains steps [first, last] under a decaying learning rate; returns each step's loss on this rank.
 std::vector<float> train(ShardedMlp& model, torch::optim::Optimizer& optimizer, int first, int last) {
-  std::vector<float> losses;
-  const int rank = world()->rank();
-  for (int step = first; step <= last; ++step) {
-    auto x = global_tensor(1000 + 10 * step + rank, {4, 5}, torch::kFloat);
-    auto y = global_tensor(2000 + 10 * step + rank, {4, 3}, torch::kFloat);
-    for (auto& group : optimizer.param_groups()) group.options().set_lr(0.02 * (1.0 - 0.03 * step));  // a schedule
-    optimizer.zero_grad();
-    auto loss = torch::mse_loss(titan::call(model, x), y);
-    loss.backward();
-    optimizer.step();
-    losses.push_back(loss.item<float>());
-  }
-  return losses;
+  return titan_ckpt::train_steps(model, optimizer, first, last, world()->rank(), 1000,
+                                 [](int step) { return 0.02 * (1.0 - 0.03 * step); });
 }
 
 }  // namespace

@@ -19,14 +19,7 @@ titan::EnvLookup env_of(std::map<std::string, std::string> vars) {
   };
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using titan_test::error_of;
 
 /// Rank r's input: reproducible on every rank.
 torch::Tensor input_of(int r, std::vector<int64_t> shape) {

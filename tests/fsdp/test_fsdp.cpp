@@ -94,6 +94,13 @@ void shard_cnn(Cnn& model, const titan::DeviceMesh& mesh, titan::FsdpOptions opt
   titan::fully_shard(model, mesh, options);
 }
 
+/// A `Model` with the weights of seed 0: every run of a comparison starts from the same ones.
+template <typename Model>
+Model seeded() {
+  torch::manual_seed(0);
+  return Model();
+}
+
 /// This rank's rows of a global batch (every rank holds an equal slice).
 Tensor local_rows(const Tensor& global) {
   const int64_t n = world().world_size();
@@ -198,10 +205,8 @@ void forward_backward(Model& model, const Data& data, bool distributed) {
 
 TEST_CASE("fsdp: dictionary entries become dim-0 chunks, members are freed, layouts give offsets") {
   const int n = world().world_size(), rank = world().rank();
-  torch::manual_seed(0);
-  Mlp reference;
-  torch::manual_seed(0);
-  Mlp model;
+  auto reference = seeded<Mlp>();
+  auto model = seeded<Mlp>();
   auto mesh = shard_mesh();
   shard_mlp(model, mesh);
 
@@ -236,14 +241,12 @@ TEST_CASE("fsdp: dictionary entries become dim-0 chunks, members are freed, layo
 
 TEST_CASE("fsdp: MLP training equals single-process training of the global batch") {
   auto data = make_data({5}, 3, 5);
-  torch::manual_seed(0);
-  Mlp reference;
+  auto reference = seeded<Mlp>();
   auto want = train(reference, data, false);
   auto mesh = shard_mesh();
   for (bool reshard : {true, false}) {
     CAPTURE(reshard);
-    torch::manual_seed(0);
-    Mlp model;
+    auto model = seeded<Mlp>();
     shard_mlp(model, mesh, titan::FsdpOptions().reshard_after_forward(reshard));
     auto got = train(model, data, true);
     check_losses(got, want, 1e-5);
@@ -261,11 +264,9 @@ TEST_CASE("fsdp: MLP training equals single-process training of the global batch
 
 TEST_CASE("fsdp: CNN of library modules (Conv2d, Linear, some without bias) trains like the reference") {
   auto data = make_data({2, 6, 6}, 4, 5);
-  torch::manual_seed(0);
-  Cnn reference;
+  auto reference = seeded<Cnn>();
   auto want = train(reference, data, false);
-  torch::manual_seed(0);
-  Cnn model;
+  auto model = seeded<Cnn>();
   auto mesh = shard_mesh();
   shard_cnn(model, mesh);
   auto got = train(model, data, true);
@@ -277,8 +278,7 @@ TEST_CASE("fsdp: CNN of library modules (Conv2d, Linear, some without bias) trai
 
 TEST_CASE("fsdp: a model built on the meta device, sharded, then to_empty and loaded") {
   auto data = make_data({5}, 3, 5);
-  torch::manual_seed(0);
-  Mlp reference;
+  auto reference = seeded<Mlp>();
   auto initial = titan::full_state_dict(*reference, world().group(), titan::FullStateDictOptions().rank0_only(false));
   auto want = train(reference, data, false);
 
@@ -298,15 +298,13 @@ TEST_CASE("fsdp: a model built on the meta device, sharded, then to_empty and lo
 
 TEST_CASE("fsdp: bf16 parameters; fp32 reduction is closer to fp32 than bf16 reduction") {
   auto data = make_data({5}, 3, 5);
-  torch::manual_seed(0);
-  Mlp reference;
+  auto reference = seeded<Mlp>();
   forward_backward(reference, data, false);
   auto mesh = shard_mesh();
   double errors[2];
   for (int i = 0; i < 2; ++i) {
     auto reduce = i == 0 ? torch::kFloat : torch::kBFloat16;
-    torch::manual_seed(0);
-    Mlp model;
+    auto model = seeded<Mlp>();
     shard_mlp(model, mesh, titan::FsdpOptions().param_dtype(torch::kBFloat16).reduce_dtype(reduce));
     forward_backward(model, data, true);
     CHECK((model->parameters()[0].scalar_type() == torch::kFloat));  // fp32 master weights
@@ -323,11 +321,9 @@ TEST_CASE("fsdp: bf16 parameters; fp32 reduction is closer to fp32 than bf16 red
   }
 
   // Training: losses follow the fp32 reference within bf16 precision (documented in docs/fsdp.md).
-  torch::manual_seed(0);
-  Mlp fp32;
+  auto fp32 = seeded<Mlp>();
   auto want = train(fp32, data, false);
-  torch::manual_seed(0);
-  Mlp model;
+  auto model = seeded<Mlp>();
   shard_mlp(model, mesh, titan::FsdpOptions().param_dtype(torch::kBFloat16).reduce_dtype(torch::kFloat));
   auto got = train(model, data, true);
   check_losses(got, want, 2e-2 * want[0]);
@@ -338,11 +334,9 @@ TEST_CASE("fsdp: bf16 parameters; fp32 reduction is closer to fp32 than bf16 red
 
 TEST_CASE("fsdp: gradient accumulation without sync equals one large batch") {
   auto data = make_data({5}, 3, 5);
-  torch::manual_seed(0);
-  Mlp reference;
+  auto reference = seeded<Mlp>();
   auto want = train(reference, data, false);
-  torch::manual_seed(0);
-  Mlp model;
+  auto model = seeded<Mlp>();
   auto mesh = shard_mesh();
   shard_mlp(model, mesh);
   auto got = train(model, data, true, /*micro_batches=*/2);
@@ -355,18 +349,15 @@ TEST_CASE("fsdp: gradient accumulation without sync equals one large batch") {
 TEST_CASE("fsdp: HSDP (replicate x shard) equals FSDP and the reference") {
   const int n = world().world_size();
   auto data = make_data({5}, 3, 5);
-  torch::manual_seed(0);
-  Mlp reference;
+  auto reference = seeded<Mlp>();
   auto want = train(reference, data, false);
   // 4 ranks: 2 x 2; 2 ranks: 2 replicas of 1 shard; 1 rank: 1 x 1.
   const int64_t replicate = n == 4 ? 2 : n;
   titan::DeviceMesh mesh(titan_test::world(), {"dp_replicate", "dp_shard"}, {replicate, n / replicate});
-  torch::manual_seed(0);
-  Mlp hsdp;
+  auto hsdp = seeded<Mlp>();
   shard_mlp(hsdp, mesh);
   auto got = train(hsdp, data, true);
-  torch::manual_seed(0);
-  Mlp fsdp;
+  auto fsdp = seeded<Mlp>();
   shard_mlp(fsdp, shard_mesh());
   auto flat = train(fsdp, data, true);
   check_losses(got, want, 1e-5);
@@ -413,8 +404,7 @@ TEST_CASE("fsdp: tied parameters are shared inside a unit and refused across uni
   }
   {
     // Sibling units: the second unit finds the first's unsharded parameter.
-    torch::manual_seed(0);
-    Mlp model;
+    auto model = seeded<Mlp>();
     auto* first = model->layers[0]->as<BlockImpl>();
     auto* second = model->layers[1]->as<BlockImpl>();
     second->down = first->down;
@@ -424,8 +414,7 @@ TEST_CASE("fsdp: tied parameters are shared inside a unit and refused across uni
   }
   {
     // A parent unit holding a child unit's parameter.
-    torch::manual_seed(0);
-    Mlp model;
+    auto model = seeded<Mlp>();
     titan::detail::parameter_dict(*model)["head"] = model->layers[0]->as<BlockImpl>()->norm;
     titan::fully_shard(model->layers[0], mesh);
     CHECK_THROWS_WITH(titan::fully_shard(model, mesh), doctest::Contains("tied"));
@@ -455,10 +444,8 @@ TEST_CASE("fsdp: per-rank parameter, gradient and optimizer memory is ~1/N of th
 }
 
 TEST_CASE("fsdp: full_state_dict on rank 0 only") {
-  torch::manual_seed(0);
-  Mlp reference;
-  torch::manual_seed(0);
-  Mlp model;
+  auto reference = seeded<Mlp>();
+  auto model = seeded<Mlp>();
   auto mesh = shard_mesh();
   shard_mlp(model, mesh);
   auto full = titan::full_state_dict(*model, world().group());

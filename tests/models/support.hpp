@@ -1,9 +1,10 @@
 #pragma once
 // Helpers shared by the test_models sources: scratch directories, raw files, error checks.
+#include "../support/multirank.hpp"
+
 #include <doctest/doctest.h>
 #include <titan/detail/checkpoint_io.hpp>
 #include <torch/torch.h>
-
 
 #include <cstdio>
 #include <cstdlib>
@@ -48,17 +49,7 @@ inline std::string raw_safetensors(const std::string& header, const std::string&
   return out + header + data;
 }
 
-/// The message of the c10::Error `fn` throws ("" and a failed check if it throws none).
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  FAIL_CHECK("expected an error");
-  return "";
-}
+using titan_test::error_of;
 
 /// Checks that `text` contains `part`, printing both otherwise.
 #define CHECK_CONTAINS(text, part)                                                                  \

@@ -4,6 +4,8 @@
 #include <titan/titan.hpp>
 #include <torch/torch.h>
 
+#include <string>
+
 namespace titan_test {
 
 /// The job every test case of this executable runs in (one World for the whole process).
@@ -14,6 +16,21 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   REQUIRE_MESSAGE(a.sizes() == b.sizes(), "shapes differ: ", a.sizes(), " vs ", b.sizes());
   if (a.numel() == 0) return 0.0;
   return (a.detach().to(torch::kDouble).cpu() - b.detach().to(torch::kDouble).cpu()).abs().max().item<double>();
+}
+
+/// The message of the error `fn` throws (a c10::Error without its backtrace, else what()); a
+/// failed check and "" when it throws nothing.
+template <typename Fn>
+std::string error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  FAIL_CHECK("expected an error");
+  return "";
 }
 
 }  // namespace titan_test

@@ -58,16 +58,7 @@ std::string read_file(const fs::path& path) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-/// The message of the c10::Error that `fn` throws ("" when it does not throw).
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
+using titan_test::error_of;
 
 #define CHECK_ERROR_HAS(expr, ...)                                                        \
   do {                                                                                    \
