@@ -14,6 +14,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               exported (fp32 master) weights within 2e-2 of the fp32 run (measured: 1.6e-3, 5.5e-3)
   hf_start    2 ranks start from the straight run's Hugging Face export (each rank reads its
               slices) and train one step at lr 0: the exported weights come back bitwise
+  torchrun    the same job launched by PyTorch's torchrun (--standalone --no-python) instead of
+              titan_launch: bitwise the same losses
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
 
@@ -49,11 +51,14 @@ class Runner:
         self.args = args
         self.failures = []
 
-    def run(self, name, trainer, nproc, config, extra=(), signal_after_step=None):
+    def run(self, name, trainer, nproc, config, extra=(), signal_after_step=None, torchrun=False):
         """Runs one trainer job in <workdir>/<name> and returns its combined output; it must exit 0.
-        With signal_after_step, the launcher gets SIGTERM once metrics.jsonl shows that step."""
+        With signal_after_step, the launcher gets SIGTERM once metrics.jsonl shows that step; with
+        torchrun, PyTorch's launcher starts the ranks instead of titan_launch."""
         dump = os.path.join(self.args.workdir, name)
-        cmd = [self.args.launch, "--nproc", str(nproc), "--timeout", "600", "--", trainer, "--config",
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--no-python", "--nproc_per_node",
+                     str(nproc)] if torchrun else [self.args.launch, "--nproc", str(nproc), "--timeout", "600", "--"])
+        cmd = [*launcher, trainer, "--config",
                os.path.join(self.args.source, "examples", "configs", config), "--job.dump_folder", dump,
                "--data.cache_dir", os.path.join(self.args.workdir, "token_cache"), *SMALL, *extra]
         start = time.time()
@@ -197,6 +202,12 @@ def main():
                 f"(a fresh model starts at {losses[0]:.3f})")
 
     # The Alpaca prompt alone is ~50 tokens: longer rows, so that responses fit.
+    if wanted("torchrun"):
+        r.run("torchrun", args.llama, 2, llama, torchrun=True)
+        launched, _ = metrics(work("torchrun"))
+        same = [s for s in range(1, 21) if launched.get(s, {}).get("loss") == straight[s]["loss"]]
+        r.check(len(same) == 20, f"torchrun: bitwise equal losses at all 20 steps (equal at {len(same)})")
+
     for name, trainer, config, extra in (("mistral", args.mistral, "mistral_debug.toml", []),
                                          ("alpaca", args.llama, "llama3_debug_alpaca.toml",
                                           ["--training.seq_len", "128"])):
