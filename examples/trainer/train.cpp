@@ -105,6 +105,10 @@ void check_hf_architecture(const ModelArgs& args, const std::string& path) {
 /// folder, each rank reading only its slices, or the model part of a titan checkpoint.
 void load_initial_weights(TransformerImpl& model, const TrainConfig& config, const titan::WorldPtr& world) {
   const auto& path = config.checkpoint.initial_load_path;
+  TORCH_CHECK(std::filesystem::is_directory(path), "checkpoint.initial_load_path = '", path, "' is not a folder (",
+              config.checkpoint.initial_load_in_hf ? "expected a Hugging Face model folder with config.json"
+                                                   : "expected a titan checkpoint folder such as <folder>/step-1000",
+              ")");
   if (config.checkpoint.initial_load_in_hf) {
     check_hf_architecture(model.args, path);
     load_hf(model, path);
