@@ -1,5 +1,6 @@
 #include "hf.hpp"
 
+#include <titan/fsdp.hpp>
 #include <titan/safetensors.hpp>
 
 #include <filesystem>
@@ -267,18 +268,31 @@ void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOption
   model.reset_rope_tables();  // not in the checkpoint (the model may come from to_empty)
 }
 
-void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options) {
+void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options,
+             const titan::ProcessGroupPtr& group) {
   torch::NoGradGuard no_grad;
-  std::filesystem::create_directories(dir);
-  titan::safetensors::NamedTensors tensors;
-  torch::Dtype stored = options.dtype() ? *options.dtype() : model.args.dtype();
-  for (const auto& item : model.named_parameters()) {
-    auto layout = titan::parameter_layout(model, item.key(), item.value());
-    TORCH_CHECK(layout.local_box().sizes == layout.global_shape, "save_hf: parameter '", item.key(),
-                "' is sharded (", layout.placement(), "); export a full (unsharded) model");
-    auto tensor = to_hf_tensor(item.key(), item.value().detach(), model.args);
-    tensors.emplace_back(to_hf_name(item.key()), options.dtype() ? tensor.to(*options.dtype()) : tensor);
+  const bool writer = !group || group->rank() == 0;
+  const torch::Dtype stored = options.dtype() ? *options.dtype() : model.args.dtype();
+  std::vector<titan::safetensors::LazyTensor> tensors;
+  for (const auto& [name, sharded] : titan::sharded_parameters(model)) {
+    const bool whole = sharded.box.sizes == sharded.layout.global_shape;
+    TORCH_CHECK(group || whole, "save_hf: parameter '", name, "' is sharded (", sharded.layout.placement(),
+                "); pass the process group so that it is gathered");
+    const auto dtype = options.dtype() ? *options.dtype() : sharded.local.scalar_type();
+    int64_t numel = 1;
+    for (auto size : sharded.layout.global_shape) numel *= size;
+    // Gathered (a collective of the parameter's groups) only when its file is written.
+    auto make = [name = name, sharded = sharded, whole, dtype, &model] {
+      auto full = whole ? sharded.local.detach() : titan::gather_full(sharded);
+      return to_hf_tensor(name, full, model.args).to(dtype);
+    };
+    tensors.push_back({to_hf_name(name), numel * static_cast<int64_t>(c10::elementSize(dtype)), std::move(make)});
   }
+  if (!writer) {
+    for (const auto& tensor : tensors) tensor.make();  // the writer's gathers, in the writer's order
+    return;
+  }
+  std::filesystem::create_directories(dir);
   titan::safetensors::save_sharded(dir, tensors,
                                    titan::safetensors::SaveOptions().max_shard_bytes(options.max_shard_bytes()).metadata(
                                        {{"format", "pt"}}));

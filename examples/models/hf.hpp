@@ -7,6 +7,7 @@
 //   titan::to_empty(*model, device);
 //   titan::examples::load_hf(*model, "Llama-3.1-8B");                   // every parameter, by name
 //   titan::examples::save_hf(*model, "exported", SaveHfOptions().max_shard_bytes(5LL << 30));
+//   titan::examples::save_hf(*sharded, "exported", {}, world->group());   // FSDP/TP: gathered file by file
 //
 // Names: tok_embeddings <-> model.embed_tokens, layers.i.attention.{wq,wk,wv,wo} <->
 // model.layers.i.self_attn.{q,k,v,o}_proj, layers.i.feed_forward.{w1,w2,w3} <->
@@ -72,9 +73,13 @@ struct SaveHfOptions {
   TORCH_ARG(std::optional<torch::Dtype>, dtype) = std::nullopt;
 };
 
-/// Exports a `model` whose parameters are whole on this rank (unsharded, or sharded over one
-/// rank) as a transformers directory `dir` (created if needed): config.json, and model.safetensors
-/// or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
-void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options = {});
+/// Exports `model` as a transformers directory `dir` (created if needed): config.json, and
+/// model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+/// Without `group` the parameters must be whole on this rank. With `group` (every rank of it
+/// calls save_hf) sharded parameters (FSDP, TP, 2-D) are gathered one at a time as rank 0 writes
+/// the file holding them, so rank 0 holds at most one file's tensors (max_shard_bytes) and the
+/// other ranks one parameter; only rank 0 writes.
+void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options = {},
+             const titan::ProcessGroupPtr& group = nullptr);
 
 }  // namespace titan::examples

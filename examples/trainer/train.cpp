@@ -126,16 +126,13 @@ torch::Dtype dtype_named(const std::string& name) {
   return torch::kFloat32;
 }
 
-/// Writes the trained weights as a Hugging Face directory (config.json + safetensors) in
-/// checkpoint.export_dtype: gathered on rank 0 into a CPU copy of the model, so rank 0 needs the
-/// whole model in host memory once.
+/// Writes the trained weights as a Hugging Face directory (config.json + safetensors files of at
+/// most 5 GiB + index) in checkpoint.export_dtype. Every rank takes part: parameters are gathered
+/// one at a time while rank 0 writes them file by file, so no rank holds the whole model.
 void export_model(const TransformerImpl& model, const TrainConfig& config, const titan::WorldPtr& world,
                   const std::string& dir) {
-  auto state = titan::full_state_dict(model, world->group());  // every rank gathers; rank 0 keeps
-  if (world->rank() != 0) return;
-  Transformer copy(model.args, torch::kCPU);
-  titan::load_full_state_dict(*copy, state);
-  save_hf(*copy, dir, SaveHfOptions().dtype(dtype_named(config.checkpoint.export_dtype)));
+  save_hf(model, dir, SaveHfOptions().dtype(dtype_named(config.checkpoint.export_dtype)).max_shard_bytes(5LL << 30),
+          world->group());
   world->logger().info("exported the model (", config.checkpoint.export_dtype, ") to ", dir);
 }
 

@@ -13,6 +13,7 @@
 //
 //   titan::safetensors::Reader ckpt("hf_dir");   // model.safetensors or model.safetensors.index.json
 //   titan::safetensors::save_sharded("out_dir", tensors, SaveOptions().max_shard_bytes(5 << 30));
+//       // tensors: NamedTensors, or LazyTensors made file by file (bounded memory for big exports)
 //
 // Reading maps the file with mmap and copies out only the requested rectangle, so per-rank loading
 // of a sharded parameter touches only the pages of its block. Every error names the file, and the
@@ -33,6 +34,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -415,37 +417,55 @@ struct SaveOptions {
   TORCH_ARG(Metadata, metadata) = {};
 };
 
+/// A tensor that save_sharded makes only when it writes the file holding it: its name, the bytes
+/// it will have, and a function returning it (e.g. gathering a sharded parameter).
+struct LazyTensor {
+  std::string name;
+  int64_t bytes = 0;
+  std::function<at::Tensor()> make;
+};
+
 /// Writes `tensors` into directory `dir` (which must exist) the way Hugging Face does: one
 /// model.safetensors, or model-0000i-of-0000n.safetensors files plus model.safetensors.index.json
 /// ({"metadata": {"total_size": bytes}, "weight_map": {name: file}}) when they need several files.
-/// Returns the file names written.
-inline std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors& tensors,
+/// Each file's tensors are made (in order) just before it is written and released after, so at
+/// most one file's tensors are in memory. Returns the file names written.
+inline std::vector<std::string> save_sharded(const std::string& dir, const std::vector<LazyTensor>& tensors,
                                              const SaveOptions& options = {}) {
   TORCH_CHECK(detail::is_directory(dir), "safetensors: ", dir, " is not a directory");
-  std::vector<NamedTensors> shards(1);
+  std::vector<std::vector<const LazyTensor*>> shards(1);
   int64_t shard_bytes = 0, total = 0;
   for (const auto& item : tensors) {
-    int64_t bytes = item.second.numel() * static_cast<int64_t>(item.second.element_size());
-    if (options.max_shard_bytes() > 0 && !shards.back().empty() && shard_bytes + bytes > options.max_shard_bytes()) {
+    if (options.max_shard_bytes() > 0 && !shards.back().empty() && shard_bytes + item.bytes > options.max_shard_bytes()) {
       shards.emplace_back();
       shard_bytes = 0;
     }
-    shards.back().push_back(item);
-    shard_bytes += bytes;
-    total += bytes;
+    shards.back().push_back(&item);
+    shard_bytes += item.bytes;
+    total += item.bytes;
   }
-  std::vector<std::string> names;
+  auto write_shard = [&](const std::string& path, const std::vector<const LazyTensor*>& shard) {
+    NamedTensors made;
+    for (const auto* item : shard) {
+      made.emplace_back(item->name, item->make());
+      const int64_t bytes = made.back().second.numel() * static_cast<int64_t>(made.back().second.element_size());
+      TORCH_CHECK(bytes == item->bytes, "safetensors: ", path, ": tensor '", item->name, "' was announced as ",
+                  item->bytes, " bytes but has ", bytes);
+    }
+    save(path, made, options.metadata());
+  };
   if (shards.size() == 1) {
-    save(dir + "/" + kSingleName, shards[0], options.metadata());
+    write_shard(dir + "/" + kSingleName, shards[0]);
     std::remove((dir + "/" + kIndexName).c_str());  // a stale index would shadow the new file
     return {kSingleName};
   }
+  std::vector<std::string> names;
   json::Value weight_map = json::Object{};
   for (size_t i = 0; i < shards.size(); ++i) {
     char name[64];
     std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
-    save(dir + "/" + name, shards[i], options.metadata());
-    for (const auto& item : shards[i]) weight_map[item.first] = name;
+    write_shard(dir + "/" + name, shards[i]);
+    for (const auto* item : shards[i]) weight_map[item->name] = name;
     names.emplace_back(name);
   }
   json::Value index = json::Object{};
@@ -453,6 +473,16 @@ inline std::vector<std::string> save_sharded(const std::string& dir, const Named
   index["weight_map"] = std::move(weight_map);
   json::save(dir + "/" + kIndexName, index);
   return names;
+}
+
+/// save_sharded of tensors already in memory.
+inline std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors& tensors,
+                                             const SaveOptions& options = {}) {
+  std::vector<LazyTensor> lazy;
+  for (const auto& [name, tensor] : tensors)
+    lazy.push_back(LazyTensor{name, tensor.numel() * static_cast<int64_t>(tensor.element_size()),
+                              [tensor] { return tensor; }});
+  return save_sharded(dir, lazy, options);
 }
 
 }  // namespace titan::safetensors

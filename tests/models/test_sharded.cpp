@@ -8,6 +8,9 @@
 
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
+#include <titan/safetensors.hpp>
+
+#include <filesystem>
 
 using namespace titan::examples;
 
@@ -66,7 +69,27 @@ TEST_CASE("sharded: init_weights and load_hf fill each rank's block; forward mat
   load_hf(*loaded, dir);
   check_blocks(*loaded, *full);
   if (titan_test::world()->world_size() > 1)
-    CHECK_CONTAINS(models_test::error_of([&] { save_hf(*loaded, dir + "/again"); }), "is sharded");
+    CHECK_CONTAINS(models_test::error_of([&] { save_hf(*loaded, dir + "/again"); }), "pass the process group");
   else
     CHECK_NOTHROW(save_hf(*loaded, dir + "/again"));  // one rank holds whole tensors
+
+  // With the group, the sharded model exports what the unsharded one does (small files: several
+  // files and an index, in bf16), gathered parameter by parameter and written by rank 0 only.
+  const auto options = SaveHfOptions().max_shard_bytes(20000).dtype(torch::kBFloat16);
+  save_hf(*loaded, dir + "/gathered", options, titan_test::world()->group());
+  CHECK(std::filesystem::exists(dir + "/gathered/config.json") == (titan_test::world()->rank() == 0));
+  if (titan_test::world()->rank() == 0) {
+    save_hf(*full, dir + "/whole", options);
+    titan::safetensors::Reader gathered(dir + "/gathered"), whole(dir + "/whole");
+    CHECK(gathered.files().size() > 1);
+    REQUIRE(gathered.names() == whole.names());
+    for (const auto& name : whole.names()) {
+      CAPTURE(name);
+      auto file_name = [&](const titan::safetensors::Reader& r) {
+        return std::filesystem::path(r.file_of(name).path()).filename().string();
+      };
+      CHECK(file_name(gathered) == file_name(whole));
+      CHECK(torch::equal(gathered.read(name), whole.read(name)));
+    }
+  }
 }
