@@ -27,6 +27,7 @@
 #include <titan/sharding.hpp>
 
 #include <ATen/core/Reduction.h>
+#include <c10/util/accumulate.h>
 #include <torch/arg.h>
 #include <torch/nn/modules/embedding.h>
 
@@ -177,10 +178,71 @@ inline at::Tensor scatter_to_group(const at::Tensor& x, const ProcessGroupPtr& g
                                       });
 }
 
+namespace detail {
+
+/// All-to-all: splits `x` along `split_dim` into `split_sizes` (one piece per rank) and sends piece
+/// j to rank j; returns the pieces received from every rank, concatenated along `cat_dim` (rank
+/// i's has cat_sizes[i] rows there and split_sizes[this rank] along split_dim). No autograd.
+inline at::Tensor all_to_all_raw(const at::Tensor& x, const ProcessGroup& group, int64_t split_dim,
+                                 const std::vector<int64_t>& split_sizes, int64_t cat_dim,
+                                 const std::vector<int64_t>& cat_sizes) {
+  const int n = group.size(), me = group.rank();
+  std::vector<at::Tensor> pieces;  // this rank's piece for each rank, flattened
+  std::vector<int64_t> send_counts, receive_counts;
+  auto received_shape = [&](int source) {
+    auto shape = x.sizes().vec();
+    shape[static_cast<size_t>(split_dim)] = split_sizes[static_cast<size_t>(me)];
+    shape[static_cast<size_t>(cat_dim)] = cat_sizes[static_cast<size_t>(source)];
+    return shape;
+  };
+  int64_t offset = 0;
+  for (int r = 0; r < n; offset += split_sizes[static_cast<size_t>(r)], ++r) {
+    pieces.push_back(x.narrow(split_dim, offset, split_sizes[static_cast<size_t>(r)]).contiguous().view(-1));
+    send_counts.push_back(pieces.back().numel());
+    receive_counts.push_back(c10::multiply_integers(received_shape(r)));
+  }
+  auto input = at::cat(pieces);  // [sum of send_counts]
+  auto output = at::empty({c10::sum_integers(receive_counts)}, x.options());
+  // Copies: backends may move the count vectors into their work object.
+  std::vector<int64_t> output_counts = receive_counts, input_counts = send_counts;
+  group.backend()->alltoall_base(output, input, output_counts, input_counts)->wait();
+  std::vector<at::Tensor> received;
+  offset = 0;
+  for (int r = 0; r < n; offset += receive_counts[static_cast<size_t>(r)], ++r)
+    received.push_back(output.narrow(0, offset, receive_counts[static_cast<size_t>(r)]).view(received_shape(r)));
+  return at::cat(received, cat_dim);
+}
+
+}  // namespace detail
+
+/// Shard(from_dim) -> Shard(to_dim) (e.g. sequence-sharded to head-sharded activations): one
+/// all-to-all. Rank r sends chunk j of to_dim (torch.chunk sizes) of its local tensor to rank j and
+/// concatenates what it receives along from_dim (every rank's size there is exchanged). Backward:
+/// the inverse all-to-all of the gradient.
+inline at::Tensor all_to_all(const at::Tensor& x, const ProcessGroupPtr& group, int64_t from_dim, int64_t to_dim) {
+  titan::detail::check_group(group, "tp::all_to_all");
+  from_dim = titan::detail::wrap_dim(from_dim, x);
+  to_dim = titan::detail::wrap_dim(to_dim, x);
+  TORCH_CHECK(from_dim != to_dim, "titan: tp::all_to_all needs two different dimensions, got ", from_dim, " twice");
+  if (group->size() == 1) return x;
+  auto from_sizes = titan::detail::exchange_sizes(x, *group, from_dim);
+  auto to_sizes = chunk_sizes(x.size(to_dim), group->size());
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = detail::all_to_all_raw(x, *group, to_dim, to_sizes, from_dim, from_sizes);
+  }
+  return titan::detail::with_backward(
+      x, std::move(out), "titan::tp::AllToAllBackward",
+      [group, from_dim, to_dim, from_sizes, to_sizes](torch::autograd::variable_list&& grads) {
+        return detail::one(detail::all_to_all_raw(grads[0].contiguous(), *group, from_dim, from_sizes, to_dim, to_sizes));
+      });
+}
+
 /// Moves an activation from layout `from` to layout `to` (Replicate <-> Shard(d); equal layouts
 /// are an identity). To ReplicatePartialGrad(): from Shard(d) an all-gather whose backward
 /// reduce-scatters the summed partial gradients, from Replicate() an identity whose backward
-/// all-reduces them. Shard(a) -> Shard(b) with a != b is not supported.
+/// all-reduces them. Shard(a) -> Shard(b) is an all-to-all.
 inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const Placement& to,
                                const ProcessGroupPtr& group) {
   TORCH_CHECK(!from.is_replicate_partial_grad(), "titan: ReplicatePartialGrad() is a layout a module receives, ",
@@ -191,9 +253,8 @@ inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const
   if (from.is_replicate() && to.is_replicate()) return x;
   if (from.is_shard() && to.is_replicate()) return gather_from_group(x, group, from.dim_for(x.dim()));
   if (from.is_replicate() && to.is_shard()) return scatter_to_group(x, group, to.dim_for(x.dim()));
-  TORCH_CHECK(from.dim_for(x.dim()) == to.dim_for(x.dim()), "titan: redistributing ", from.str(), " -> ", to.str(),
-              " (an all-to-all) is not supported; go through Replicate()");
-  return x;
+  if (from.dim_for(x.dim()) == to.dim_for(x.dim())) return x;
+  return all_to_all(x, group, from.dim(), to.dim());
 }
 
 }  // namespace tp

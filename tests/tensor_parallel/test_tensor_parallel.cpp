@@ -190,6 +190,20 @@ TEST_CASE("tp: vocabulary-parallel torch::nn::Embedding, all-reduced or sequence
   }
 }
 
+TEST_CASE("tp: redistribute Shard(1) -> Shard(2) is an all-to-all; its backward the inverse one") {
+  torch::manual_seed(21);
+  auto full = torch::randn({2, 7, 6});  // uneven chunks at TP 4: 2, 2, 2, 1 and 2, 2, 2, 0
+  auto grad_full = torch::randn({2, 7, 6});
+  auto shard = [](const torch::Tensor& t, int64_t dim) { return titan::tp::scatter_to_group(t, tp_group(), dim); };
+  auto local = shard(full, 1).detach().requires_grad_(true);
+  auto out = titan::tp::redistribute(local, titan::Shard(1), titan::Shard(2), tp_group());
+  CHECK(torch::equal(out, shard(full, 2)));
+  (out * shard(grad_full, 2)).sum().backward();  // the sum over ranks is (full * grad_full).sum()
+  CHECK(torch::equal(local.grad(), shard(grad_full, 1)));
+  // And back.
+  CHECK(torch::equal(titan::tp::redistribute(out.detach(), titan::Shard(-1), titan::Shard(1), tp_group()), local.detach()));
+}
+
 TEST_CASE("tp: PrepareModuleOutput moves a module's output between layouts, with the gradient") {
   for (bool to_shard : {true, false}) {
     INFO("Replicate() -> Shard(1): ", to_shard, " (else Shard(1) -> Replicate())");
