@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 
 namespace titan::examples {
 namespace {
@@ -242,10 +243,9 @@ void train(const TrainConfig& config) {
   };
 
   NanGuard nan_guard(nan_policy_from_string(training.nan_policy));
-  SignalFlag stop;
-  int64_t step = start_step;
-  while (step < training.steps) {
-    ++step;
+  // One optimizer step; nullopt when it is skipped (no label tokens, or a NaN loss with
+  // nan_policy "skip"), in which case the parameters are unchanged.
+  auto train_step = [&](int64_t step) -> std::optional<StepStats> {
     const auto step_start = Clock::now();
     const double lr = schedule.apply(*optimizer, step, config.optimizer.lr);
     optimizer->zero_grad();
@@ -266,7 +266,7 @@ void train(const TrainConfig& config) {
     const double global_tokens = sum_over(totals, dp_group);
     if (global_tokens == 0.0) {
       log.warn("step ", step, ": the global batch has no label tokens (all prompt or padding); the step is skipped");
-      continue;
+      return std::nullopt;
     }
     double loss_sum = 0.0;
     for (int64_t micro = 0; micro < accumulation; ++micro) {
@@ -279,7 +279,7 @@ void train(const TrainConfig& config) {
     if (!nan_guard.check(step, loss_value)) {
       log.warn("step ", step, ": loss is ", loss_value, ", the step is skipped (", nan_guard.skipped(), " so far)");
       optimizer->zero_grad();
-      continue;
+      return std::nullopt;
     }
     const double grad_norm = clip_grad_norm_by_layout(*model, training.max_norm, mesh.group("shard_tp"));
     optimizer->step();
@@ -292,7 +292,16 @@ void train(const TrainConfig& config) {
     stats.tokens = tokens;
     stats.step_seconds = seconds_since(step_start);
     stats.data_seconds = data_seconds;
-    if (auto line = metrics.record(stats)) log.info(*line);
+    return stats;
+  };
+
+  SignalFlag stop;
+  int64_t step = start_step;
+  while (step < training.steps) {
+    ++step;
+    if (auto stats = train_step(step)) {
+      if (auto line = metrics.record(*stats)) log.info(*line);
+    }
 
     if (val_loader && step % data.val_freq == 0) {
       torch::NoGradGuard no_grad;

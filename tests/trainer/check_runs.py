@@ -16,6 +16,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               slices) and train one step at lr 0: the exported weights come back bitwise
   torchrun    the same job launched by PyTorch's torchrun (--standalone --no-python) instead of
               titan_launch: bitwise the same losses
+  no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
+              and the run still ends with its checkpoint and export
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
 
@@ -200,6 +202,14 @@ def main():
         start, _ = metrics(work("hf_start"))
         r.check(start[1]["loss"] < losses[0] - 0.5, f"its first loss {start[1]['loss']:.3f} is the trained model's "
                 f"(a fresh model starts at {losses[0]:.3f})")
+
+    if wanted("no_labels"):
+        out = r.run("no_labels", args.llama, 2, "llama3_debug_alpaca.toml", ["--training.seq_len", "16", "--data.val_freq", "0"])
+        skipped = sum("the global batch has no label tokens" in line for line in out.splitlines())
+        r.check(skipped == 20 * 2, f"no_labels: all 20 steps skipped with a warning on each rank ({skipped} warnings)")
+        r.check(os.path.isfile(os.path.join(work("no_labels"), "checkpoint", "step-20", "metadata.json"))
+                and os.path.isfile(os.path.join(work("no_labels"), "export", "config.json")),
+                "no_labels: the final checkpoint and the export are written")
 
     # The Alpaca prompt alone is ~50 tokens: longer rows, so that responses fit.
     if wanted("torchrun"):
