@@ -46,10 +46,10 @@ int main(int argc, char** argv) {
     titan::ActivationCheckpointOptions options;
   };
   const std::vector<Mode> modes = {
-      {"none", titan::ActivationCheckpointOptions().mode("none")},
-      {"full", titan::ActivationCheckpointOptions().mode("full")},
-      {"selective, every 2nd layer", titan::ActivationCheckpointOptions().mode("selective").selective_ac_option("2")},
-      {"selective, per op", titan::ActivationCheckpointOptions().mode("selective").selective_ac_option("op")},
+      {"none", titan::ActivationCheckpointOptions().mode(titan::AcMode::None)},
+      {"full", titan::ActivationCheckpointOptions().mode(titan::AcMode::Full)},
+      {"selective, every 2nd layer", titan::ActivationCheckpointOptions().mode(titan::AcMode::EveryKthLayer).every_k(2)},
+      {"selective, per op", titan::ActivationCheckpointOptions().mode(titan::AcMode::PerOperator)},
   };
   std::printf("transformer stack: %lld layers, dim %lld, %lld heads, hidden %lld, batch %lld x seq %lld, %d thread(s)\n",
               static_cast<long long>(layers), static_cast<long long>(block.dim()),

@@ -81,10 +81,9 @@ int main(int argc, char** argv) {
   titan::TrainState state;
   torch::manual_seed(0);
   for (int64_t i = 0; i < count; ++i) {
-    titan::TensorLayout layout{{rows, cols}, {{0, "dp_shard", mesh.group("dp_shard")}}};
-    auto box = layout.local_box();
-    state.tensors.emplace_back("layers." + std::to_string(i) + ".weight",
-                               titan::ShardedTensor{torch::randn(box.sizes), layout, box});  // [rows/ranks, cols]
+    titan::TensorLayout layout{{rows, cols}, {{0, "dp_shard", mesh.group("dp_shard"), {}}}};
+    auto name = "layers." + std::to_string(i) + ".weight";
+    state.tensors.emplace_back(name, titan::make_sharded(name, torch::randn(layout.local_shape()), layout));  // [rows/ranks, cols]
   }
   const double gb = static_cast<double>(params) * 4 / 1e9;
   world->logger().info("state: ", params, " fp32 parameters (", gb, " GB) in ", count, " tensors over ", ranks,
@@ -129,7 +128,7 @@ int main(int argc, char** argv) {
   // Load into fresh tensors (the page cache is warm: the files were just written).
   titan::TrainState target;
   for (const auto& [name, tensor] : state.tensors)
-    target.tensors.emplace_back(name, titan::ShardedTensor{torch::zeros_like(tensor.local), tensor.layout, tensor.box});
+    target.tensors.emplace_back(name, titan::ShardedTensor{torch::zeros_like(tensor.local), tensor.layout, tensor.blocks});
   titan::CheckpointManager loader(world, titan::CheckpointOptions(dir + "/sync"));
   world->group()->barrier();
   auto start = Clock::now();

@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
     auto ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     if (step >= warmup) total_ms += ms;
   }
-  auto memory = titan::fsdp_memory(*model, &optimizer);
+  auto memory = titan::memory_usage(*model, &optimizer);
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   // The slowest rank's step time and the largest peak RSS (ru_maxrss is in KiB on Linux).

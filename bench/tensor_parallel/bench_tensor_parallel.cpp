@@ -1,12 +1,10 @@
 // bench_tensor_parallel: per-rank parameter memory and training step time of the example Llama
-// (examples/models) sharded with the example TP plan at every TP degree dividing the world size.
+// (examples/models/llama) sharded with the example TP plan at every TP degree dividing the world size.
 // Each degree runs on its own (dp, tp) mesh of the same job; rank 0 prints one table row per degree.
 //
 //   titan_launch --nproc 4 -- bench_tensor_parallel [--family llama3] [--flavor debug] [--vocab 8192]
 //                [--layers 4] [--kv-heads 8] [--batch 4] [--seq 128] [--steps 4] [--warmup 1]
-#include "../../examples/parallelize/llama_tp_plan.hpp"
-
-#include <models/transformer.hpp>
+#include <models/llama/parallelize.hpp>
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 #include <titan/titan.hpp>

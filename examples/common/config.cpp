@@ -351,6 +351,10 @@ void validate(const TrainConfig& config, const std::string& source) {
 
 TrainConfig load_config_file(const std::string& path) {
   TrainConfig config;
+  std::error_code error;
+  TORCH_CHECK(std::filesystem::is_regular_file(path, error), "config ", path, ": ",
+              std::filesystem::exists(path, error) ? "is not a file" : "no such file",
+              " (pass a TOML file such as examples/configs/llama3_debug.toml to --config)");
   toml::table root;
   try {
     root = toml::parse_file(path);

@@ -387,7 +387,7 @@ Batch DataLoader::next() {
   return batch;
 }
 
-DataState DataLoader::state() const {
+DataState DataLoader::position() const {
   DataState state;
   state.epoch = epoch_;
   state.position = position_;
@@ -397,7 +397,7 @@ DataState DataLoader::state() const {
   return state;
 }
 
-void DataLoader::load_state(const DataState& state) {
+void DataLoader::seek(const DataState& state) {
   TORCH_CHECK(state.seed == options_.seed(), "data: the saved data state used seed ", state.seed,
               ", this run uses training.seed = ", options_.seed());
   TORCH_CHECK(state.samples == samples_, "data: the saved data state had ", state.samples,
@@ -408,6 +408,14 @@ void DataLoader::load_state(const DataState& state) {
               ") is outside [0, ", samples_, "]");
   epoch_ = state.epoch;
   position_ = state.position;
+}
+
+titan::ComponentState DataLoader::state() const { return titan::ComponentState{{{"position", position().to_json()}}, {}}; }
+
+void DataLoader::load_state(const titan::ComponentState& state) {
+  auto saved = state.values.find("position");
+  TORCH_CHECK(saved != state.values.end(), "data: the saved data loader state has no 'position'");
+  seek(DataState::from_json(saved->second));
 }
 
 void DataLoader::reset() {

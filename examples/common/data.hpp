@@ -9,7 +9,8 @@
 //   DataLoader loader(corpus, tokenizer, LoaderOptions().batch_size(8).seq_len(2048).seed(0)
 //                                           .dp_rank(r).dp_size(n));
 //   Batch b = loader.next();             // b.input [B, S] int64, b.labels [B, S] int64 (-100 = ignored)
-//   std::string s = loader.state().to_json();  loader.load_state(DataState::from_json(s));  // resume
+//   DataState at = loader.position();  loader.seek(at);      // resume the same stream
+//   train_state.add("data", loader);                      // or checkpoint it as a titan::Stateful
 //   ValidationResult v = evaluate(val_loader, steps, [&](const Batch& b) { return mean_loss; }, group);
 //   std::string p = alpaca_prompt(instruction, input);   // the Alpaca prompt template
 //   corpus_options(cfg, /*validation=*/false), loader_options(cfg, dp_rank, dp_size, false)
@@ -43,6 +44,7 @@
 #include "../tokenizers/tokenizer.hpp"
 #include "config.hpp"
 
+#include <titan/checkpoint.hpp>
 #include <titan/world.hpp>
 #include <torch/arg.h>
 #include <torch/types.h>
@@ -140,8 +142,9 @@ struct DataState {
   bool operator==(const DataState& other) const { return to_map() == other.to_map(); }
 };
 
-/// Endless batches from a TokenCorpus for one data-parallel rank.
-class DataLoader {
+/// Endless batches from a TokenCorpus for one data-parallel rank. Checkpoints save it as a
+/// component (titan::Stateful): its position, the same on every data-parallel rank.
+class DataLoader : public titan::Stateful {
  public:
   /// Ids of BOS, EOS and padding come from `tokenizer`.
   DataLoader(std::shared_ptr<const TokenCorpus> corpus, const Tokenizer& tokenizer, LoaderOptions options);
@@ -153,10 +156,15 @@ class DataLoader {
   /// Samples of one epoch this rank takes: samples_per_epoch() / dp_size.
   int64_t samples_per_rank() const { return samples_ / options_.dp_size(); }
   const LoaderOptions& options() const { return options_; }
-  DataState state() const;
+  /// Where the stream stands (every data-parallel rank holds the same position).
+  DataState position() const;
   /// Continues from `state` (saved with any data-parallel degree); errors when it came from a
   /// different seed, corpus, tokenizer, seq_len or packing.
-  void load_state(const DataState& state);
+  void seek(const DataState& state);
+  /// position() as a checkpoint component: {"position": its JSON}.
+  titan::ComponentState state() const override;
+  /// seek() to a position saved by state().
+  void load_state(const titan::ComponentState& state) override;
   /// Back to the first sample of epoch 0 (validation does this every time).
   void reset();
 

@@ -1,6 +1,6 @@
 #include "metrics.hpp"
 
-#include <titan/detail/backends.hpp>  // TITAN_HAS_NCCL: CUDA headers and libraries are there
+#include <titan/world.hpp>  // TITAN_HAS_NCCL: CUDA headers and libraries are there
 
 #if TITAN_HAS_NCCL
 #include <c10/cuda/CUDACachingAllocator.h>

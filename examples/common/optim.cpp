@@ -1,7 +1,5 @@
 #include "optim.hpp"
 
-#include <titan/collectives.hpp>
-
 #include <cmath>
 
 namespace titan::examples {
@@ -64,26 +62,29 @@ double LRSchedule::factor(int64_t step) const {
   return o.min_lr_ratio() + (1.0 - o.min_lr_ratio()) * decay;
 }
 
-double LRSchedule::apply(torch::optim::Optimizer& optimizer, int64_t step, double base_lr) const {
+double LRSchedule::apply(torch::optim::Optimizer& optimizer, int64_t step, double base_lr) {
   double lr = base_lr * factor(step);
   for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
+  last_step_ = step;
   return lr;
 }
 
-double clip_grad_norm(const std::vector<torch::Tensor>& parameters, double max_norm, const ProcessGroupPtr& group) {
-  std::vector<torch::Tensor> grads;
-  for (const auto& p : parameters)
-    if (p.grad().defined()) grads.push_back(p.grad());
-  c10::Device device = grads.empty() ? (group ? group->device() : c10::Device(c10::kCPU)) : grads[0].device();
-  auto squared = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(device));  // []
-  for (const auto& g : grads) squared = squared + g.detach().to(device).to(torch::kFloat).pow(2).sum();
-  if (group && group->size() > 1) squared = all_reduce(squared.reshape({1}), group).reshape({});
-  double norm = std::sqrt(squared.item<double>());
-  if (max_norm <= 0 || !std::isfinite(norm)) return norm;
-  double coefficient = std::min(1.0, max_norm / (norm + 1e-6));
-  torch::NoGradGuard no_grad;
-  for (auto& g : grads) g.mul_(coefficient);
-  return norm;
+titan::ComponentState LRSchedule::state() const {
+  return titan::ComponentState{{{"last_step", std::to_string(last_step_)}}, {}};
+}
+
+void LRSchedule::load_state(const titan::ComponentState& state) {
+  auto saved = state.values.find("last_step");
+  TORCH_CHECK(saved != state.values.end(), "lr_scheduler: the saved schedule state has no 'last_step'");
+  size_t used = 0;
+  int64_t step = -1;
+  try {
+    step = std::stoll(saved->second, &used);
+  } catch (const std::exception&) {
+  }
+  TORCH_CHECK(used == saved->second.size() && step >= 0, "lr_scheduler: the saved last_step '", saved->second,
+              "' is not a step number");
+  last_step_ = step;
 }
 
 AdamWConfig adamw_config(const TrainConfig& config) {

@@ -1,6 +1,7 @@
 #pragma once
 // Optimization pieces of the example trainers: AdamW with two parameter groups, the learning-rate
-// schedule, gradient clipping over sharded parameters, and gradient accumulation.
+// schedule and gradient accumulation. (Gradient clipping over sharded parameters is the
+// library's titan::clip_grad_norm_.)
 //
 // API summary
 //   auto opt = make_adamw(model->named_parameters(), AdamWConfig().lr(3e-4).weight_decay(0.1));
@@ -8,13 +9,13 @@
 //   LRSchedule schedule(LRScheduleOptions().warmup_steps(2).total_steps(100).decay_type("cosine"));
 //   double lr = schedule.apply(*opt, step, base_lr);     // step = 1, 2, ... (the optimizer step
 //                                                        // about to run); sets every group's lr
-//   double norm = clip_grad_norm(params, max_norm, group);  // global L2 norm over all shards
+//   train_state.add("lr_schedule", schedule);            // checkpointed: the last step applied
 //   int64_t k = gradient_accumulation_steps(global_batch, local_batch, dp_degree);
 //   adamw_config(cfg), lr_schedule_options(cfg)   // from a TrainConfig
 
 #include "config.hpp"
 
-#include <titan/world.hpp>
+#include <titan/checkpoint.hpp>
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>
@@ -61,27 +62,25 @@ struct LRScheduleOptions {
 ///   after:        p = (s - warmup) / (total - warmup)  (in (0, 1])
 ///                 min + (1 - min) * d(p), d = 1 - p (linear), (1 + cos(pi p)) / 2 (cosine), 1 (constant)
 /// so warmup never starts at lr 0 and the last step runs at min_lr_ratio (1 for constant).
-class LRSchedule {
+/// Checkpoints save it as a component (titan::Stateful): the last step it applied.
+class LRSchedule : public titan::Stateful {
  public:
   explicit LRSchedule(LRScheduleOptions options);
   /// The factor of step `step` (1-based optimizer step).
   double factor(int64_t step) const;
   /// Sets the lr of every parameter group of `optimizer` to base_lr * factor(step); returns it.
-  double apply(torch::optim::Optimizer& optimizer, int64_t step, double base_lr) const;
+  double apply(torch::optim::Optimizer& optimizer, int64_t step, double base_lr);
+  /// The step apply() last ran for (0 before the first).
+  int64_t last_step() const { return last_step_; }
   const LRScheduleOptions& options() const { return options_; }
+  /// {"last_step": ...}
+  titan::ComponentState state() const override;
+  void load_state(const titan::ComponentState& state) override;
 
  private:
   LRScheduleOptions options_;
+  int64_t last_step_ = 0;
 };
-
-/// Scales the gradients of `parameters` so their global L2 norm is at most `max_norm` (as
-/// torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), capped at 1) and returns
-/// the norm before clipping. The squared norms of the local gradients (shards) are summed over
-/// `group` (nullptr or size 1 = this process alone), so pass the group across which parameters are
-/// sharded: every rank must hold a disjoint part. Parameters without gradient are skipped. A
-/// non-finite norm is returned and the gradients are left as they are. max_norm <= 0 only measures.
-double clip_grad_norm(const std::vector<torch::Tensor>& parameters, double max_norm,
-                      const ProcessGroupPtr& group = nullptr);
 
 /// The [optimizer] section as AdamWConfig (errors when optimizer.name is not AdamW).
 AdamWConfig adamw_config(const TrainConfig& config);

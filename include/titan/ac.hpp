@@ -5,8 +5,8 @@
 //   titan::checkpoint_wrapper(*layer);                                       // full AC
 //   titan::checkpoint_wrapper(*layer, titan::CheckpointWrapperOptions().policy(    // selective, per op
 //       std::make_shared<titan::OpSavePolicy>()));
-//   titan::apply_activation_checkpointing(*model->layers,                    // from a config
-//       titan::ActivationCheckpointOptions().mode("selective").selective_ac_option("2"));
+//   titan::apply_activation_checkpointing(*model->layers,                    // every 2nd layer
+//       titan::ActivationCheckpointOptions().mode(titan::AcMode::EveryKthLayer).every_k(2));
 //
 // A checkpointed module's forward runs under no-grad, so none of its activations are kept; a
 // closure node on its output recomputes the forward in backward (same RNG and autocast state, grad
@@ -20,6 +20,7 @@
 // for the mechanism, its one process-wide registration, and the alternatives.
 
 #include <titan/detail/autograd.hpp>
+#include <titan/detail/torch_internals.hpp>
 #include <titan/hooks.hpp>
 
 #include <ATen/Context.h>
@@ -240,12 +241,6 @@ class RecomputeEnvironment {
   std::optional<RngState> caller_rng_;
 };
 
-/// The dispatch key used as selective checkpointing's interception point. It is a functionality
-/// key below autograd that LibTorch itself leaves unused (it was reserved for torchdistx's
-/// out-of-tree fake tensors); it is only ever enabled through this thread's included key set
-/// inside a checkpointed region. See docs/activation_checkpointing.md.
-inline constexpr c10::DispatchKey kOpCacheKey = c10::DispatchKey::Fake;
-
 /// Outputs of policy operators, kept from a checkpointed region's first forward for its
 /// recomputation. One per checkpointed call.
 class OpCache {
@@ -388,7 +383,8 @@ class CheckpointHook : public ModuleHook {
   explicit CheckpointHook(CheckpointWrapperOptions options) : options_(std::move(options)) {
     if (options_.policy()) detail::ensure_op_cache_fallback();
   }
-  std::string name() const override { return "checkpoint"; }
+  std::string name() const override { return "checkpoint_wrapper"; }
+  HookKind kind() const override { return HookKind::ActivationCheckpoint; }
   const CheckpointWrapperOptions& options() const { return options_; }
 
   at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
@@ -466,33 +462,39 @@ class CheckpointHook : public ModuleHook {
   CheckpointWrapperOptions options_;
 };
 
-/// Checkpoints `module` (see the top of this header). Attach it before fully_shard (so FSDP's
-/// hook is outside and the recomputation runs while the parameters are unsharded) and after
-/// parallelize_module. Returns the hook.
+/// Checkpoints `module` (a module, ModuleHolder, shared_ptr or pointer; see the top of this
+/// header). Attach it after parallelize_module and before fully_shard (so FSDP's hook is outside
+/// and the recomputation runs while the parameters are unsharded). Returns the hook.
 template <typename M>
 std::shared_ptr<CheckpointHook> checkpoint_wrapper(M&& module, CheckpointWrapperOptions options = {}) {
   auto& impl = detail::module_ref(module);
   TORCH_CHECK(!find_hook<CheckpointHook>(impl), "titan::checkpoint_wrapper: module '", impl.name(),
               "' is already checkpointed");
-  for (const auto& hook : hooks_of(impl)) {
-    if (hook->name() == "fsdp")
-      TORCH_WARN("titan::checkpoint_wrapper: module '", impl.name(), "' is already sharded; its recomputation will ",
-                 "all-gather the parameters again. Apply activation checkpointing before fully_shard.");
-  }
+  if (auto sharded = detail::later_hook(impl, HookKind::ActivationCheckpoint))
+    TORCH_WARN("titan::checkpoint_wrapper: '", sharded->first, "' of module '", impl.name(), "' already has ",
+               sharded->second, " attached; the recomputation will all-gather its parameters again. Apply ",
+               "activation checkpointing before fully_shard.");
   auto hook = std::make_shared<CheckpointHook>(std::move(options));
   attach_hook(impl, hook);
   return hook;
 }
 
-/// Activation checkpointing of a stack of layers, as configured by torchtitan's
-/// [activation_checkpoint] section.
+/// Which layers apply_activation_checkpointing wraps (torchtitan's [activation_checkpoint] mode
+/// and selective_ac_option).
+enum class AcMode {
+  None,           ///< no checkpointing ("none")
+  Full,           ///< every layer, keeping only its inputs ("full")
+  EveryKthLayer,  ///< full checkpointing of every k-th layer: the k-th, 2k-th, ... ("selective", k)
+  PerOperator,    ///< every layer, keeping the outputs of save_ops ("selective", "op")
+};
+
+/// Activation checkpointing of a stack of layers, with chained setters.
 struct ActivationCheckpointOptions {
-  /// "none", "full" (every layer) or "selective".
-  TORCH_ARG(std::string, mode) = "full";
-  /// For mode "selective": "op" (every layer, keeping the outputs of save_ops) or a positive
-  /// integer k (full checkpointing of every k-th layer: the k-th, 2k-th, ...).
-  TORCH_ARG(std::string, selective_ac_option) = "2";
-  /// The operators whose outputs selective "op" checkpointing keeps (see OpSavePolicy).
+  /// Which layers are wrapped, and how.
+  TORCH_ARG(AcMode, mode) = AcMode::Full;
+  /// For EveryKthLayer: k >= 1.
+  TORCH_ARG(int64_t, every_k) = 2;
+  /// For PerOperator: the operators whose outputs are kept (see OpSavePolicy).
   TORCH_ARG(std::vector<std::string>, save_ops) = OpSavePolicy::default_ops();
   /// See CheckpointWrapperOptions::preserve_rng_state.
   TORCH_ARG(bool, preserve_rng_state) = true;
@@ -502,23 +504,14 @@ struct ActivationCheckpointOptions {
 /// layers were checkpointed.
 inline size_t apply_activation_checkpointing(const std::vector<std::shared_ptr<torch::nn::Module>>& layers,
                                              const ActivationCheckpointOptions& options) {
-  const auto& mode = options.mode();
-  TORCH_CHECK(mode == "none" || mode == "full" || mode == "selective", "activation_checkpoint.mode: expected ",
-              "\"none\", \"full\" or \"selective\", got \"", mode, "\"");
-  if (mode == "none") return 0;
+  if (options.mode() == AcMode::None) return 0;
   CheckpointWrapperOptions base = CheckpointWrapperOptions().preserve_rng_state(options.preserve_rng_state());
   int64_t every = 1;
-  if (mode == "selective") {
-    const auto& option = options.selective_ac_option();
-    if (option == "op") {
-      base.policy(std::make_shared<OpSavePolicy>(options.save_ops()));
-    } else {
-      const bool digits = !option.empty() && option.size() < 10 &&
-                          std::all_of(option.begin(), option.end(), [](char c) { return c >= '0' && c <= '9'; });
-      every = digits ? std::stoll(option) : 0;
-      TORCH_CHECK(every >= 1, "activation_checkpoint.selective_ac_option: expected \"op\" or a positive integer k ",
-                  "(checkpoint every k-th layer), got \"", option, "\"");
-    }
+  if (options.mode() == AcMode::PerOperator) base.policy(std::make_shared<OpSavePolicy>(options.save_ops()));
+  if (options.mode() == AcMode::EveryKthLayer) {
+    every = options.every_k();
+    TORCH_CHECK(every >= 1, "titan::apply_activation_checkpointing: every_k must be >= 1 (checkpoint every k-th ",
+                "layer), got ", every);
   }
   size_t wrapped = 0;
   for (size_t i = 0; i < layers.size(); ++i) {

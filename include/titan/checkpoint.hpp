@@ -4,6 +4,7 @@
 //   titan::CheckpointManager ckpt(world, titan::CheckpointOptions("runs/ckpt").interval(500)
 //                                            .keep_latest_k(3).async(true));
 //   titan::TrainState state;  state.model = model.get();  state.optimizer = &optimizer;
+//   state.add("data", loader);                                  // any titan::Stateful, by name
 //   if (auto step = ckpt.load_latest(state)) start = *step;   // resumes on any mesh
 //   for (step = start + 1; ...) { train(); ckpt.maybe_save(step, state); }
 //   ckpt.wait();
@@ -20,18 +21,18 @@
 // A crash mid-save leaves earlier checkpoints intact. Loading validates every tensor (names,
 // shapes, dtypes, files, sizes, checksums) on every rank before it overwrites anything.
 
+#include <titan/collectives.hpp>
 #include <titan/detail/checkpoint_io.hpp>
 #include <titan/detail/json.hpp>
+#include <titan/detail/optimizer_state.hpp>
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
 
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
 #include <torch/optim/optimizer.h>
-#include <torch/optim/sgd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
@@ -43,6 +44,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -56,6 +58,7 @@ struct ShardRecord {
   std::vector<int64_t> offsets;  ///< start of the block in the global tensor, per dimension
   std::vector<int64_t> sizes;    ///< extent of the block, per dimension
   std::string file;              ///< file name inside the checkpoint directory
+  std::string key;               ///< the block's name in that safetensors file
   int64_t begin = 0;             ///< first byte of the block's row-major data in `file`
   int64_t end = 0;               ///< one past its last byte
   std::vector<uint32_t> crc32;   ///< CRC-32 of each block_bytes-sized piece of [begin, end)
@@ -88,24 +91,57 @@ struct CheckpointMetadata {
   }
 };
 
+/// The state of a checkpointed component: small strings, the same on every rank (rank 0's are
+/// saved), and tensors with their layouts (replicated or sharded).
+struct ComponentState {
+  std::map<std::string, std::string> values;
+  ShardedStateDict tensors;
+};
+
+/// A part of the training state besides the model and optimizer that checkpoints save and restore
+/// by name: a data loader, a random generator, an LR schedule (titan::TrainState::add).
+class Stateful {
+ public:
+  virtual ~Stateful() = default;
+  /// The state to save. A load overwrites the local tensors of a fresh state() and hands it to
+  /// load_state, so they must have the saved shapes.
+  virtual ComponentState state() const = 0;
+  /// Restores a state that state() produced.
+  virtual void load_state(const ComponentState& state) = 0;
+};
+
 /// What a checkpoint saves and restores. Loading fills these in place (the model's parameters and
-/// buffers, the optimizer's state, `tensors`, `extra` and `rank_extra`).
+/// buffers, the optimizer's state, the components, `tensors`, `extra` and `rank_extra`).
 struct TrainState {
   /// Parameters (with their layouts from titan::sharded_parameters) and buffers (replicated),
   /// saved as "model.<name>".
   torch::nn::Module* model = nullptr;
-  /// torch::optim::AdamW, Adam or SGD over parameters of `model`; its per-parameter state is saved
-  /// by parameter name ("optim.<name>.exp_avg", ...), sharded like the parameter, plus each
-  /// group's learning rate.
+  /// A LibTorch AdamW, Adam, SGD, Adagrad or RMSprop over parameters of `model`; its per-parameter
+  /// state is saved by parameter name ("optim.<name>.exp_avg", ...), sharded like the parameter,
+  /// plus each group's learning rate.
   torch::optim::Optimizer* optimizer = nullptr;
-  /// More tensors to save as "extra.<name>" (e.g. RNG state as titan::replicated(...)). On load
-  /// their local tensors are overwritten, so they must already have the right shape.
+  /// Named components (add()): tensors saved as "component.<name>.<key>", values in the
+  /// metadata's extra state. A load fails if the checkpoint lacks a registered component.
+  std::vector<std::pair<std::string, Stateful*>> components;
+  /// More tensors to save as "extra.<name>". On load their local tensors are overwritten, so they
+  /// must already have the right shape.
   ShardedStateDict tensors;
-  /// Small global state as strings (LR scheduler, step, resolved config): rank 0's copy is saved.
+  /// Small global state as strings (step, resolved config): rank 0's copy is saved.
   std::map<std::string, std::string> extra;
-  /// This rank's own state (e.g. its data loader position). On load it is the saved state of the
-  /// same rank when the world size is unchanged, else empty (read all of them from the metadata).
+  /// This rank's own state. On load it is the saved state of the same rank when the world size is
+  /// unchanged, else empty (read all of them from the metadata).
   std::map<std::string, std::string> rank_extra;
+
+  /// Registers `component` under `name` (letters, digits and '_'; unique). It must outlive the
+  /// saves and loads of this TrainState.
+  TrainState& add(const std::string& name, Stateful& component) {
+    TORCH_CHECK(!name.empty() && std::all_of(name.begin(), name.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
+                "titan::TrainState::add: component name '", name, "' must be letters, digits and '_'");
+    for (const auto& [other, _] : components)
+      TORCH_CHECK(other != name, "titan::TrainState::add: a component named '", name, "' is already registered");
+    components.emplace_back(name, &component);
+    return *this;
+  }
 };
 
 /// Progress of a load: tensors staged so far, of how many, and the bytes staged so far (this rank).
@@ -134,9 +170,11 @@ struct CheckpointOptions {
 
 namespace detail {
 
-/// A tensor to save: its name, this rank's contiguous CPU block and its place in the global tensor.
+/// A block to save: its tensor's name, its key in the rank's file, this rank's contiguous CPU copy
+/// of it and its place in the global tensor.
 struct SaveEntry {
   std::string name;
+  std::string key;  ///< the tensor's name, with "#<k>" for the k-th block of a fused layout
   at::Tensor data;  ///< [box.sizes], contiguous, CPU
   std::string dtype;
   std::vector<int64_t> shape;
@@ -144,7 +182,7 @@ struct SaveEntry {
   TensorBox box;
 };
 
-/// A tensor to load: what it must match and where its staged value goes once everything is valid.
+/// A block to load: what it must match and where its staged value goes once everything is valid.
 struct LoadTarget {
   std::string name;
   at::ScalarType dtype;
@@ -184,9 +222,20 @@ inline std::string box_text(const TensorBox& box) {
   return c10::str("offsets ", c10::IntArrayRef(box.offsets), " sizes ", c10::IntArrayRef(box.sizes));
 }
 
-/// Parameters (with layouts) and buffers of `model`, optimizer state by parameter name, and the
-/// extra tensors of `state`, as save entries (local blocks not yet copied).
-inline std::vector<std::pair<std::string, ShardedTensor>> state_tensors(const TrainState& state) {
+inline constexpr const char* kComponentPrefix = "titan.component.";
+
+/// Each component of `state` with its current state (state() is called once per save).
+using ComponentStates = std::vector<std::pair<std::string, ComponentState>>;
+inline ComponentStates component_states(const TrainState& state) {
+  ComponentStates states;
+  for (const auto& [name, stateful] : state.components) states.emplace_back(name, stateful->state());
+  return states;
+}
+
+/// Parameters (with layouts) and buffers of `model`, optimizer state by parameter name, the
+/// components' tensors and the extra tensors of `state`, as named sharded tensors.
+inline std::vector<std::pair<std::string, ShardedTensor>> state_tensors(const TrainState& state,
+                                                                       const ComponentStates& components = {}) {
   std::vector<std::pair<std::string, ShardedTensor>> result;
   std::unordered_map<const void*, std::pair<std::string, ShardedTensor>> by_impl;
   if (state.model != nullptr) {
@@ -201,50 +250,27 @@ inline std::vector<std::pair<std::string, ShardedTensor>> state_tensors(const Tr
     TORCH_CHECK(state.model != nullptr, "titan checkpoint: TrainState has an optimizer but no model "
                 "(optimizer state is saved by parameter name)");
     auto& optimizer = *state.optimizer;
+    const auto& kind = optimizer_kind(optimizer, "titan checkpoint");
     for (const auto& group : optimizer.param_groups()) {
       for (const auto& param : group.params()) {
         auto found = by_impl.find(param.unsafeGetTensorImpl());
         TORCH_CHECK(found != by_impl.end(), "titan checkpoint: the optimizer holds a parameter of shape ",
-                    param.sizes(), " that is not a parameter of the model");
-        const std::string& name = found->second.first;
-        const ShardedTensor& sharded = found->second.second;
+                    param.sizes(), " that is not a parameter of the model (built before fully_shard? see ",
+                    "titan::verify_optimizer)");
+        const auto& [name, sharded] = found->second;
         auto it = optimizer.state().find(param.unsafeGetTensorImpl());
         if (it == optimizer.state().end()) continue;  // not stepped yet
-        auto add = [&](const char* key, const at::Tensor& t) {
-          if (t.defined()) result.emplace_back("optim." + name + "." + key, ShardedTensor{t, sharded.layout, sharded.box});
-        };
-        auto add_step = [&](int64_t step) {
-          result.emplace_back("optim." + name + ".step", replicated(at::scalar_tensor(step, at::kLong)));
-        };
-        if (auto* s = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get())) {
-          add("exp_avg", s->exp_avg());
-          add("exp_avg_sq", s->exp_avg_sq());
-          add("max_exp_avg_sq", s->max_exp_avg_sq());
-          add_step(s->step());
-        } else if (auto* a = dynamic_cast<torch::optim::AdamParamState*>(it->second.get())) {
-          add("exp_avg", a->exp_avg());
-          add("exp_avg_sq", a->exp_avg_sq());
-          add("max_exp_avg_sq", a->max_exp_avg_sq());
-          add_step(a->step());
-        } else if (auto* m = dynamic_cast<torch::optim::SGDParamState*>(it->second.get())) {
-          add("momentum_buffer", m->momentum_buffer());
-        } else {
-          TORCH_CHECK(false, "titan checkpoint: unsupported optimizer state for parameter '", name,
-                      "' (supported: AdamW, Adam, SGD)");
-        }
+        for (const auto& [key, tensor] : kind.tensors(*it->second))
+          result.emplace_back("optim." + name + "." + key, ShardedTensor{tensor, sharded.layout, sharded.blocks});
+        if (kind.has_step)
+          result.emplace_back("optim." + name + ".step", replicated(at::scalar_tensor(kind.step(*it->second), at::kLong)));
       }
     }
   }
+  for (const auto& [component, saved] : components)
+    for (const auto& [key, tensor] : saved.tensors) result.emplace_back("component." + component + "." + key, tensor);
   for (const auto& [name, tensor] : state.tensors) result.emplace_back("extra." + name, tensor);
   return result;
-}
-
-/// "AdamW", "Adam" or "SGD".
-inline std::string optimizer_kind(const torch::optim::Optimizer& optimizer) {
-  if (dynamic_cast<const torch::optim::AdamW*>(&optimizer)) return "AdamW";
-  if (dynamic_cast<const torch::optim::Adam*>(&optimizer)) return "Adam";
-  if (dynamic_cast<const torch::optim::SGD*>(&optimizer)) return "SGD";
-  TORCH_CHECK(false, "titan checkpoint: unsupported optimizer (supported: AdamW, Adam, SGD)");
 }
 
 /// A double as exact text ("%a") and back.
@@ -254,14 +280,22 @@ inline std::string exact_double(double value) {
   return text;
 }
 
-/// Global extra state of `state`, plus the optimizer's kind and learning rates.
-inline std::map<std::string, std::string> state_extra(const TrainState& state) {
+/// Global extra state of `state`, plus the optimizer's kind and learning rates and the components'
+/// values (under "titan.").
+inline std::map<std::string, std::string> state_extra(const TrainState& state, const ComponentStates& components) {
   auto extra = state.extra;
+  for (const auto& [key, value] : extra)
+    TORCH_CHECK(key.rfind("titan.", 0) != 0, "titan checkpoint: extra state key '", key,
+                "' starts with 'titan.', which is reserved");
   if (state.optimizer != nullptr) {
-    extra["titan.optimizer"] = optimizer_kind(*state.optimizer);
+    extra["titan.optimizer"] = optimizer_kind(*state.optimizer, "titan checkpoint").name;
     const auto& groups = state.optimizer->param_groups();
     for (size_t i = 0; i < groups.size(); ++i)
       extra["titan.optimizer.lr." + std::to_string(i)] = exact_double(groups[i].options().get_lr());
+  }
+  for (const auto& [component, saved] : components) {
+    extra[kComponentPrefix + component] = "";  // present even when it has no values
+    for (const auto& [key, value] : saved.values) extra[kComponentPrefix + component + "." + key] = value;
   }
   return extra;
 }
@@ -359,7 +393,7 @@ inline std::vector<ShardRecord> write_shard_file(const std::string& dir, const s
   safetensors::NamedTensors named;
   int64_t data_size = 0;
   for (const auto* e : entries) {
-    named.emplace_back(e->name, e->data);
+    named.emplace_back(e->key, e->data);
     data_size += e->data.numel() * static_cast<int64_t>(e->data.element_size());
   }
   safetensors::save(path, named, {{"format", "pt"}});
@@ -370,7 +404,7 @@ inline std::vector<ShardRecord> write_shard_file(const std::string& dir, const s
   for (const auto* e : entries) {
     const auto* bytes = static_cast<const uint8_t*>(e->data.data_ptr());
     const int64_t size = e->data.numel() * static_cast<int64_t>(e->data.element_size());
-    ShardRecord record{e->box.offsets, e->box.sizes, file, position, position + size, {}};
+    ShardRecord record{e->box.offsets, e->box.sizes, file, e->key, position, position + size, {}};
     for (int64_t done = 0; done < size; done += block_bytes)
       record.crc32.push_back(crc32(bytes + done, static_cast<size_t>(std::min(block_bytes, size - done))));
     position += size;
@@ -384,6 +418,7 @@ inline json::Value shard_json(const ShardRecord& r) {
   v["offsets"] = int_array(r.offsets);
   v["sizes"] = int_array(r.sizes);
   v["file"] = r.file;
+  v["key"] = r.key;
   v["begin"] = r.begin;
   v["end"] = r.end;
   v["crc32"] = json::Array{};
@@ -428,9 +463,11 @@ inline json::Value metadata_json(const CheckpointMetadata& meta) {
   return root;
 }
 
-inline ShardRecord read_shard_record(const json::Value& v) {
+/// A shard record; `tensor` is the default of "key" (absent in checkpoints of titan 0.1).
+inline ShardRecord read_shard_record(const json::Value& v, const std::string& tensor) {
+  const auto* key = v.find("key");
   ShardRecord r{read_int_array(v.at("offsets")), read_int_array(v.at("sizes")), v.at("file").as_string(),
-                v.at("begin").as_int(), v.at("end").as_int(), {}};
+                key ? key->as_string() : tensor, v.at("begin").as_int(), v.at("end").as_int(), {}};
   for (const auto& c : v.at("crc32").as_array()) r.crc32.push_back(static_cast<uint32_t>(c.as_int()));
   return r;
 }
@@ -559,7 +596,7 @@ inline CheckpointMetadata read_checkpoint_metadata(const std::string& dir) {
     for (const auto& t : root.at("tensors").as_array()) {
       TensorRecord record{t.at("name").as_string(), t.at("dtype").as_string(), detail::read_int_array(t.at("shape")),
                           t.at("placement").as_string(), {}};
-      for (const auto& s : t.at("shards").as_array()) record.shards.push_back(detail::read_shard_record(s));
+      for (const auto& s : t.at("shards").as_array()) record.shards.push_back(detail::read_shard_record(s, record.name));
       meta.tensors.push_back(std::move(record));
     }
     meta.extra = detail::read_string_map(root.at("extra"));
@@ -570,128 +607,133 @@ inline CheckpointMetadata read_checkpoint_metadata(const std::string& dir) {
   return meta;
 }
 
-/// Loads checkpoint directory `dir` into `state` on every rank of `group` (a collective). Each
-/// rank reads only the saved blocks overlapping its own blocks; everything is validated on every
-/// rank (names, global shapes, dtypes, files, sizes, checksums) before anything is overwritten.
-/// `progress` (optional) is called after each tensor is read. Returns the metadata.
-inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& state, const ProcessGroupPtr& group,
-                                          const LoadProgressFn& progress = nullptr) {
-  CheckpointMetadata meta;
-  std::vector<detail::LoadTarget> targets;
-  std::map<std::string, std::unique_ptr<torch::optim::OptimizerParamState>> new_states;  // by parameter name
-  detail::all_ranks_or_none(group, [&] {
-    meta = read_checkpoint_metadata(dir);
-    auto add_target = [&](const std::string& name, const ShardedTensor& tensor, std::function<void(const at::Tensor&)> apply) {
-      targets.push_back(detail::LoadTarget{name, tensor.local.scalar_type(), tensor.layout.global_shape, tensor.box,
-                                           std::move(apply), {}});
-    };
-    // Model parameters and buffers: copied in place.
-    std::map<std::string, ShardedTensor> params;  // by parameter name
-    if (state.model != nullptr) {
-      for (auto& [name, tensor] : sharded_parameters(*state.model)) params.emplace(name, tensor);
-      for (const auto& [name, tensor] : detail::state_tensors(TrainState{state.model, nullptr, {}, {}, {}})) {
-        at::Tensor local = tensor.local;
-        add_target(name, tensor, [local](const at::Tensor& value) mutable {
-          at::NoGradGuard no_grad;
-          local.copy_(value);
-        });
-      }
-      for (const auto& record : meta.tensors) {
-        if (record.name.rfind("model.", 0) != 0) continue;
-        bool wanted = std::any_of(targets.begin(), targets.end(), [&](const auto& t) { return t.name == record.name; });
-        TORCH_CHECK(wanted, "titan checkpoint: '", dir, "' holds tensor '", record.name,
-                    "' that the model does not have (a checkpoint of a different model?)");
-      }
-    }
-    // Optimizer state: new state objects, installed after validation.
-    if (state.optimizer != nullptr) {
-      TORCH_CHECK(state.model != nullptr, "titan checkpoint: TrainState has an optimizer but no model");
-      const auto kind = detail::optimizer_kind(*state.optimizer);
-      auto saved = meta.extra.find("titan.optimizer");
-      TORCH_CHECK(saved != meta.extra.end(), "titan checkpoint: '", dir, "' holds no optimizer state");
-      TORCH_CHECK(saved->second == kind, "titan checkpoint: '", dir, "' holds ", saved->second,
-                  " state but the optimizer is ", kind);
-      std::unordered_map<const void*, std::string> names;
-      for (const auto& [name, tensor] : params) names.emplace(tensor.local.unsafeGetTensorImpl(), name);
-      for (const auto& param_group : state.optimizer->param_groups()) {
-        for (const auto& param : param_group.params()) {
-          auto found = names.find(param.unsafeGetTensorImpl());
-          TORCH_CHECK(found != names.end(), "titan checkpoint: the optimizer holds a parameter that is not in the model");
-          const std::string& name = found->second;
-          const auto& sharded = params.at(name);
-          const std::string prefix = "optim." + name + ".";
-          std::vector<std::string> keys;
-          if (kind == "SGD") {
-            keys = {"momentum_buffer"};
-          } else {
-            keys = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"};
-          }
-          if (kind != "SGD" && !meta.find(prefix + "exp_avg")) continue;  // never stepped when saved
-          if (kind == "SGD" && !meta.find(prefix + "momentum_buffer")) continue;
-          std::unique_ptr<torch::optim::OptimizerParamState> fresh;
-          if (kind == "AdamW") fresh = std::make_unique<torch::optim::AdamWParamState>();
-          if (kind == "Adam") fresh = std::make_unique<torch::optim::AdamParamState>();
-          if (kind == "SGD") fresh = std::make_unique<torch::optim::SGDParamState>();
-          auto* raw = fresh.get();
-          new_states[name] = std::move(fresh);
-          for (const auto& key : keys) {
-            if (key == "max_exp_avg_sq" && !meta.find(prefix + key)) continue;  // amsgrad off
-            const bool is_step = key == "step";
-            ShardedTensor target = is_step ? replicated(at::zeros({}, at::kLong)) : ShardedTensor{param, sharded.layout, sharded.box};
-            auto device = param.device();
-            add_target(prefix + key, target, [raw, key, device](const at::Tensor& value) {
-              auto v = value.to(device);
-              if (auto* w = dynamic_cast<torch::optim::AdamWParamState*>(raw)) {
-                if (key == "exp_avg") w->exp_avg(v);
-                if (key == "exp_avg_sq") w->exp_avg_sq(v);
-                if (key == "max_exp_avg_sq") w->max_exp_avg_sq(v);
-                if (key == "step") w->step(value.item<int64_t>());
-              } else if (auto* a = dynamic_cast<torch::optim::AdamParamState*>(raw)) {
-                if (key == "exp_avg") a->exp_avg(v);
-                if (key == "exp_avg_sq") a->exp_avg_sq(v);
-                if (key == "max_exp_avg_sq") a->max_exp_avg_sq(v);
-                if (key == "step") a->step(value.item<int64_t>());
-              } else if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(raw)) {
-                s->momentum_buffer(v);
-              }
-            });
-          }
+namespace detail {
+
+/// What a load will write once every rank has validated and staged it.
+struct LoadPlan {
+  std::vector<LoadTarget> targets;  ///< one per block of every local tensor restored
+  /// New optimizer states by parameter name (a parameter never stepped when saved has none).
+  std::map<std::string, std::unique_ptr<torch::optim::OptimizerParamState>> optimizer_states;
+  /// Each component with the fresh state its targets fill.
+  std::vector<std::pair<Stateful*, ComponentState>> components;
+};
+
+/// Adds a target per block of `tensor`, each copying its staged value into `tensor.local`.
+inline void add_block_targets(LoadPlan& plan, const std::string& name, const ShardedTensor& tensor) {
+  for (const auto& block : tensor.blocks) {
+    at::Tensor destination = block.view_of(tensor.local);
+    plan.targets.push_back(LoadTarget{name, tensor.local.scalar_type(), tensor.layout.global_shape, block.box,
+                                      [destination](const at::Tensor& value) mutable {
+                                        at::NoGradGuard no_grad;
+                                        destination.copy_(value);
+                                      },
+                                      {}});
+  }
+}
+
+/// Collect: what `state` restores from checkpoint `dir` (metadata `meta`), as targets. Nothing in
+/// `state` changes: model tensors are copied into by apply, optimizer states and component states
+/// are fresh objects installed by apply.
+inline LoadPlan collect_load_targets(const TrainState& state, const CheckpointMetadata& meta, const std::string& dir) {
+  LoadPlan plan;
+  if (state.model != nullptr) {
+    for (const auto& [name, tensor] : state_tensors(TrainState{state.model, nullptr, {}, {}, {}, {}}))
+      add_block_targets(plan, name, tensor);
+  }
+  if (state.optimizer != nullptr) {
+    TORCH_CHECK(state.model != nullptr, "titan checkpoint: TrainState has an optimizer but no model");
+    const auto& kind = optimizer_kind(*state.optimizer, "titan checkpoint");
+    auto saved = meta.extra.find("titan.optimizer");
+    TORCH_CHECK(saved != meta.extra.end(), "titan checkpoint: '", dir, "' holds no optimizer state");
+    TORCH_CHECK(saved->second == kind.name, "titan checkpoint: '", dir, "' holds ", saved->second,
+                " state but the optimizer is ", kind.name);
+    std::unordered_map<const void*, std::pair<std::string, ShardedTensor>> params;  // by TensorImpl
+    for (auto& [name, tensor] : sharded_parameters(*state.model))
+      params.emplace(tensor.local.unsafeGetTensorImpl(), std::make_pair(name, tensor));
+    for (const auto& param_group : state.optimizer->param_groups()) {
+      for (const auto& param : param_group.params()) {
+        auto found = params.find(param.unsafeGetTensorImpl());
+        TORCH_CHECK(found != params.end(), "titan checkpoint: the optimizer holds a parameter that is not in the model");
+        const auto& [name, sharded] = found->second;
+        const std::string prefix = "optim." + name + ".";
+        bool stepped = false;
+        for (const auto& key : kind.keys) stepped = stepped || meta.find(prefix + key) != nullptr;
+        if (!stepped) continue;  // never stepped when saved
+        auto fresh = kind.make();
+        auto* raw = fresh.get();
+        plan.optimizer_states[name] = std::move(fresh);
+        for (const auto& key : kind.keys) {
+          if (!meta.find(prefix + key)) continue;  // an optional entry (amsgrad, momentum) that was off
+          at::Tensor value = at::empty_like(param, at::MemoryFormat::Contiguous);  // filled block by block
+          kind.set(*raw, key, value);
+          add_block_targets(plan, prefix + key, ShardedTensor{value, sharded.layout, sharded.blocks});
+        }
+        if (kind.has_step) {
+          plan.targets.push_back(LoadTarget{prefix + "step", at::kLong, {}, TensorBox{{}, {}},
+                                            [raw, &kind](const at::Tensor& value) { kind.set_step(*raw, value.item<int64_t>()); },
+                                            {}});
         }
       }
-      for (size_t i = 0; i < state.optimizer->param_groups().size(); ++i) {
-        auto lr = meta.extra.find("titan.optimizer.lr." + std::to_string(i));
-        TORCH_CHECK(lr != meta.extra.end(), "titan checkpoint: '", dir, "' has no learning rate for optimizer group ", i,
-                    " (the optimizer has ", state.optimizer->param_groups().size(), " groups)");
-      }
     }
-    for (const auto& [name, tensor] : state.tensors) {
-      at::Tensor local = tensor.local;
-      add_target("extra." + name, tensor, [local](const at::Tensor& value) mutable {
-        at::NoGradGuard no_grad;
-        local.copy_(value);
-      });
-    }
-    // Validate against the metadata, then read and check every needed block.
-    std::map<std::string, std::unique_ptr<detail::PosixFile>> files;
-    for (auto& target : targets) {
-      const auto* record = meta.find(target.name);
-      TORCH_CHECK(record != nullptr, "titan checkpoint: tensor '", target.name, "' is not in '", dir, "' (it holds ",
-                  meta.tensors.size(), " tensors; a checkpoint of a different model?)");
-      TORCH_CHECK(record->shape == target.shape, "titan checkpoint: tensor '", target.name, "' has global shape ",
-                  c10::IntArrayRef(target.shape), " but '", dir, "' saved it as ", c10::IntArrayRef(record->shape));
-      auto saved_type = safetensors::dtype_from_name(record->dtype, "titan checkpoint: tensor '" + target.name + "'");
-      TORCH_CHECK(saved_type == target.dtype, "titan checkpoint: tensor '", target.name, "' is ", target.dtype,
-                  " but '", dir, "' saved it as ", record->dtype);
-    }
-    int64_t bytes = 0;
-    for (size_t i = 0; i < targets.size(); ++i) {
-      detail::stage_target(targets[i], *meta.find(targets[i].name), dir, meta.block_bytes, files);
-      bytes += static_cast<int64_t>(targets[i].staged.nbytes());
-      if (progress) progress(static_cast<int64_t>(i + 1), static_cast<int64_t>(targets.size()), bytes);
-    }
-  });
-  // Everything is valid on every rank: overwrite.
-  for (auto& target : targets) target.apply(target.staged);
+    for (size_t i = 0; i < state.optimizer->param_groups().size(); ++i)
+      TORCH_CHECK(meta.extra.count("titan.optimizer.lr." + std::to_string(i)), "titan checkpoint: '", dir,
+                  "' has no learning rate for optimizer group ", i, " (the optimizer has ",
+                  state.optimizer->param_groups().size(), " groups)");
+  }
+  for (const auto& [component, stateful] : state.components) {
+    TORCH_CHECK(meta.extra.count(kComponentPrefix + component), "titan checkpoint: '", dir,
+                "' holds no state of component '", component, "' (saved without it?)");
+    ComponentState fresh = stateful->state();
+    const std::string prefix = kComponentPrefix + component + ".";
+    fresh.values.clear();
+    for (auto it = meta.extra.lower_bound(prefix); it != meta.extra.end() && it->first.rfind(prefix, 0) == 0; ++it)
+      fresh.values[it->first.substr(prefix.size())] = it->second;
+    for (const auto& [key, tensor] : fresh.tensors) add_block_targets(plan, "component." + component + "." + key, tensor);
+    plan.components.emplace_back(stateful, std::move(fresh));
+  }
+  for (const auto& [name, tensor] : state.tensors) add_block_targets(plan, "extra." + name, tensor);
+  return plan;
+}
+
+/// Validate: every target is in the checkpoint with its global shape and dtype, and the
+/// checkpoint's model holds nothing the model lacks.
+inline void validate_load_targets(const LoadPlan& plan, const TrainState& state, const CheckpointMetadata& meta,
+                                  const std::string& dir) {
+  for (const auto& target : plan.targets) {
+    const auto* record = meta.find(target.name);
+    TORCH_CHECK(record != nullptr, "titan checkpoint: tensor '", target.name, "' is not in '", dir, "' (it holds ",
+                meta.tensors.size(), " tensors; a checkpoint of a different model?)");
+    TORCH_CHECK(record->shape == target.shape, "titan checkpoint: tensor '", target.name, "' has global shape ",
+                c10::IntArrayRef(target.shape), " but '", dir, "' saved it as ", c10::IntArrayRef(record->shape));
+    auto saved_type = safetensors::dtype_from_name(record->dtype, "titan checkpoint: tensor '" + target.name + "'");
+    TORCH_CHECK(saved_type == target.dtype, "titan checkpoint: tensor '", target.name, "' is ", target.dtype, " but '",
+                dir, "' saved it as ", record->dtype);
+  }
+  if (state.model == nullptr) return;
+  std::unordered_set<std::string> wanted;
+  for (const auto& target : plan.targets) wanted.insert(target.name);
+  for (const auto& record : meta.tensors)
+    TORCH_CHECK(record.name.rfind("model.", 0) != 0 || wanted.count(record.name), "titan checkpoint: '", dir,
+                "' holds tensor '", record.name, "' that the model does not have (a checkpoint of a different model?)");
+}
+
+/// Stage: reads and checks (checksums) every block each target needs into CPU memory.
+inline void stage_load_targets(LoadPlan& plan, const CheckpointMetadata& meta, const std::string& dir,
+                               const LoadProgressFn& progress) {
+  std::map<std::string, std::unique_ptr<PosixFile>> files;
+  int64_t bytes = 0;
+  for (size_t i = 0; i < plan.targets.size(); ++i) {
+    auto& target = plan.targets[i];
+    stage_target(target, *meta.find(target.name), dir, meta.block_bytes, files);
+    bytes += static_cast<int64_t>(target.staged.nbytes());
+    if (progress) progress(static_cast<int64_t>(i + 1), static_cast<int64_t>(plan.targets.size()), bytes);
+  }
+}
+
+/// Apply (every rank has staged everything): overwrites the model, installs the optimizer states
+/// and learning rates, restores the components, and fills `state`'s extra and rank_extra.
+inline void apply_load(LoadPlan& plan, TrainState& state, const CheckpointMetadata& meta, const ProcessGroupPtr& group) {
+  for (auto& target : plan.targets) target.apply(target.staged);
   if (state.optimizer != nullptr) {
     std::unordered_map<const void*, std::string> names;
     for (auto& [name, tensor] : sharded_parameters(*state.model)) names.emplace(tensor.local.unsafeGetTensorImpl(), name);
@@ -700,8 +742,8 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
       groups[i].options().set_lr(std::strtod(meta.extra.at("titan.optimizer.lr." + std::to_string(i)).c_str(), nullptr));
       for (const auto& param : groups[i].params()) {
         auto* key = param.unsafeGetTensorImpl();
-        auto fresh = new_states.find(names.at(key));
-        if (fresh == new_states.end()) {
+        auto fresh = plan.optimizer_states.find(names.at(key));
+        if (fresh == plan.optimizer_states.end()) {
           state.optimizer->state().erase(key);
         } else {
           state.optimizer->state()[key] = std::move(fresh->second);
@@ -709,14 +751,34 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
       }
     }
   }
-  state.extra = meta.extra;
-  state.extra.erase("titan.optimizer");
-  for (size_t i = 0; state.optimizer != nullptr && i < state.optimizer->param_groups().size(); ++i)
-    state.extra.erase("titan.optimizer.lr." + std::to_string(i));
+  for (auto& [stateful, fresh] : plan.components) stateful->load_state(fresh);
+  state.extra.clear();
+  for (const auto& [key, value] : meta.extra)
+    if (key.rfind("titan.", 0) != 0) state.extra[key] = value;
   const int rank = group->global_ranks()[static_cast<size_t>(group->rank())];
   state.rank_extra.clear();
   if (meta.world_size == group->size() && static_cast<size_t>(rank) < meta.rank_extra.size())
     state.rank_extra = meta.rank_extra[static_cast<size_t>(rank)];
+}
+
+}  // namespace detail
+
+/// Loads checkpoint directory `dir` into `state` on every rank of `group` (a collective): collect
+/// the targets, validate them against the metadata, stage (read only the saved blocks overlapping
+/// this rank's blocks, checking their checksums), and only when every rank got that far, apply.
+/// A failure on any rank fails every rank with nothing overwritten. `progress` (optional) is
+/// called after each block is staged. Returns the metadata.
+inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& state, const ProcessGroupPtr& group,
+                                          const LoadProgressFn& progress = nullptr) {
+  CheckpointMetadata meta;
+  detail::LoadPlan plan;
+  detail::all_ranks_or_none(group, [&] {
+    meta = read_checkpoint_metadata(dir);
+    plan = detail::collect_load_targets(state, meta, dir);
+    detail::validate_load_targets(plan, state, meta, dir);
+    detail::stage_load_targets(plan, meta, dir, progress);
+  });
+  detail::apply_load(plan, state, meta, group);
   return meta;
 }
 
@@ -774,17 +836,22 @@ class CheckpointManager {
     }
     auto job = std::make_shared<Job>();
     job->step = step;
-    job->extra = detail::state_extra(state);
-    for (auto& [name, tensor] : detail::state_tensors(state)) {
+    const auto components = detail::component_states(state);
+    job->extra = detail::state_extra(state, components);
+    for (auto& [name, tensor] : detail::state_tensors(state, components)) {
       at::NoGradGuard no_grad;
-      auto local = tensor.local.detach();
-      at::Tensor data = options_.async() ? local.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous()
-                                         : local.cpu().contiguous();  // [box.sizes]
-      job->entries.push_back(detail::SaveEntry{name, data, safetensors::dtype_name(data.scalar_type()),
-                                               tensor.layout.global_shape, tensor.layout.placement(), tensor.box});
+      for (size_t k = 0; k < tensor.blocks.size(); ++k) {
+        const auto& block = tensor.blocks[k];
+        auto local = block.view_of(tensor.local.detach());
+        at::Tensor data = options_.async() ? local.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                                           : local.cpu().contiguous();  // [box.sizes]
+        const std::string key = tensor.blocks.size() == 1 ? name : name + "#" + std::to_string(k);
+        job->entries.push_back(detail::SaveEntry{name, key, data, safetensors::dtype_name(data.scalar_type()),
+                                                 tensor.layout.global_shape, tensor.layout.placement(), block.box});
+      }
     }
     // The plan exchange is also the barrier after which the temporary directory exists.
-    job->plans = detail::all_gather_strings(group_, detail::plan_json(job->entries, state.rank_extra));
+    job->plans = all_gather_strings(group_, detail::plan_json(job->entries, state.rank_extra));
     if (!options_.async()) {
       write(*job);
       return;
@@ -855,7 +922,7 @@ class CheckpointManager {
     wait();
     auto step = latest_step();
     // Every rank must agree (a shared file system may show rank 0's rename late).
-    auto answers = detail::all_gather_strings(group_, step ? std::to_string(*step) : "none");
+    auto answers = all_gather_strings(group_, step ? std::to_string(*step) : "none");
     for (const auto& answer : answers)
       TORCH_CHECK(answer == answers.front(), "titan checkpoint: ranks disagree on the latest checkpoint in '",
                   options_.folder(), "' (", answers.front(), " vs ", answer, ")");
@@ -905,7 +972,7 @@ class CheckpointManager {
         if (options_.on_file_written()) options_.on_file_written()(tmp + "/" + file);
       }
     });
-    auto all_records = detail::all_gather_strings(group_, json::dump(detail::records_json(mine)));
+    auto all_records = all_gather_strings(group_, json::dump(detail::records_json(mine)));
     if (rank_ == 0) {
       detail::all_ranks_or_none(group_, [&] { finish(job, tensors, all_records); });
     } else {
@@ -933,7 +1000,8 @@ class CheckpointManager {
     for (size_t r = 0; r < all_records.size(); ++r) {
       auto records = json::parse(all_records[r], "checkpoint records of rank " + std::to_string(r));
       for (const auto& v : records.as_array())
-        meta.tensors[index.at(v.at("name").as_string())].shards.push_back(detail::read_shard_record(v.at("shard")));
+        meta.tensors[index.at(v.at("name").as_string())].shards.push_back(
+            detail::read_shard_record(v.at("shard"), v.at("name").as_string()));
     }
     detail::write_file_atomically(tmp, "metadata.json", json::dump(detail::metadata_json(meta), 1));
     if (options_.on_file_written()) options_.on_file_written()(tmp + "/metadata.json");

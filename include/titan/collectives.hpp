@@ -1,28 +1,38 @@
 #pragma once
 // titan/collectives.hpp: collectives over a ProcessGroup, differentiable and uneven-size aware.
 //
-//   forward                      backward
-//   all_gather     (concat)      reduce_scatter (sum) of the gradient
-//   reduce_scatter (sum|avg)     all_gather of the gradient (scaled by 1/N for avg)
-//   all_reduce     (sum|avg)     all_reduce (sum|avg) of the gradient
-//   broadcast      (from src)    gradients summed onto src, zero elsewhere
+//   forward                          backward
+//   all_gather        (concat)       reduce_scatter (sum) of the gradient
+//   reduce_scatter    (sum|avg)      all_gather of the gradient (scaled by 1/N for avg)
+//   all_reduce        (sum|avg)      all_reduce (sum|avg) of the gradient
+//   broadcast         (from src)     gradients summed onto src, zero elsewhere
+//   all_to_all        (Shard a->b)   the inverse all-to-all
+//   copy_to_group     (identity)     all_reduce (sum)            Megatron's f: into a split computation
+//   reduce_from_group (all_reduce)   identity                    Megatron's g: out of it
+//   gather_from_group (all_gather)   this rank's chunk           Shard(d) -> Replicate
+//   scatter_to_group  (this chunk)   all_gather                  Replicate -> Shard(d)
 //
 // The backward is that of the sum of every rank's loss, which is what data and tensor parallel
 // training differentiate. Uneven sizes along the gathered or scattered dimension are padded to the
-// largest and trimmed again, so any split works.
+// largest and trimmed again, so any split works. Not differentiable: dist_sum / dist_max of
+// scalars (losses, norms, counters) and all_gather_strings.
 
 #include <titan/detail/autograd.hpp>
 #include <titan/world.hpp>
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
+#include <cstring>
+#include <string>
 #include <vector>
 
 namespace titan {
 
-/// How a reduction combines the ranks' tensors.
-enum class ReduceOp { Sum, Avg };
+/// How a reduction combines the ranks' tensors. Max has no gradient: the differentiable
+/// collectives refuse it (use dist_max or the detail::*_raw functions).
+enum class ReduceOp { Sum, Avg, Max };
 
 /// Sizes of `n` rows split into `parts` the way torch.chunk (and FSDP2) split them: every part
 /// ceil(n / parts) rows except the last non-empty one; trailing parts may be empty.
@@ -35,7 +45,21 @@ inline std::vector<int64_t> chunk_sizes(int64_t n, int64_t parts) {
   return sizes;
 }
 
+/// Where part `index` starts when parts of `sizes` are laid end to end (the offset of a rank's
+/// chunk given every rank's size).
+inline int64_t chunk_offset(const std::vector<int64_t>& sizes, int64_t index) {
+  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(sizes.size()), "titan: chunk_offset: part ", index,
+              " of ", sizes.size());
+  int64_t offset = 0;
+  for (int64_t r = 0; r < index; ++r) offset += sizes[static_cast<size_t>(r)];
+  return offset;
+}
+
 namespace detail {
+
+inline c10d::ReduceOp c10d_op(ReduceOp op) {
+  return op == ReduceOp::Max ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM;  // Avg: a sum, then a division
+}
 
 inline int64_t max_of(const std::vector<int64_t>& sizes) { return *std::max_element(sizes.begin(), sizes.end()); }
 
@@ -109,16 +133,20 @@ inline at::Tensor reduce_scatter_raw(const at::Tensor& x, const ProcessGroup& gr
   auto shape = full.sizes().vec();
   shape[0] = rows;
   auto out = at::empty(shape, full.options());  // [rows, ...rest]
-  group.backend()->_reduce_scatter_base(out, full)->wait();
+  c10d::ReduceScatterOptions options;
+  options.reduceOp = c10d_op(op);
+  group.backend()->_reduce_scatter_base(out, full, options)->wait();
   if (op == ReduceOp::Avg) out.div_(world);
   return out.narrow(0, 0, sizes[static_cast<size_t>(group.rank())]).movedim(0, dim);
 }
 
-/// The sum (or mean) of every rank's `x`. No autograd.
+/// The sum (mean, maximum) of every rank's `x`. No autograd.
 inline at::Tensor all_reduce_raw(const at::Tensor& x, const ProcessGroup& group, ReduceOp op) {
   if (group.size() == 1) return x;
   std::vector<at::Tensor> buffer{x.contiguous().clone()};
-  group.backend()->allreduce(buffer)->wait();
+  c10d::AllreduceOptions options;
+  options.reduceOp = c10d_op(op);
+  group.backend()->allreduce(buffer, options)->wait();
   if (op == ReduceOp::Avg) buffer[0].div_(group.size());
   return buffer[0];
 }
@@ -141,6 +169,46 @@ inline int64_t wrap_dim(int64_t dim, const at::Tensor& x) {
 
 inline void check_group(const ProcessGroupPtr& group, const char* what) {
   TORCH_CHECK(group, "titan: ", what, " called with a null process group (is this rank outside the group?)");
+}
+
+inline void check_differentiable(ReduceOp op, const char* what) {
+  TORCH_CHECK(op != ReduceOp::Max, "titan: ", what, " with ReduceOp::Max has no gradient; use titan::dist_max for ",
+              "values, or detail::all_reduce_raw");
+}
+
+inline torch::autograd::variable_list one(at::Tensor grad) { return torch::autograd::variable_list{std::move(grad)}; }
+
+/// All-to-all: splits `x` along `split_dim` into `split_sizes` (one piece per rank) and sends piece
+/// j to rank j; returns the pieces received from every rank, concatenated along `cat_dim` (rank
+/// i's has cat_sizes[i] rows there and split_sizes[this rank] along split_dim). No autograd.
+inline at::Tensor all_to_all_raw(const at::Tensor& x, const ProcessGroup& group, int64_t split_dim,
+                                 const std::vector<int64_t>& split_sizes, int64_t cat_dim,
+                                 const std::vector<int64_t>& cat_sizes) {
+  const int n = group.size(), me = group.rank();
+  std::vector<at::Tensor> pieces;  // this rank's piece for each rank, flattened
+  std::vector<int64_t> send_counts, receive_counts;
+  auto received_shape = [&](int source) {
+    auto shape = x.sizes().vec();
+    shape[static_cast<size_t>(split_dim)] = split_sizes[static_cast<size_t>(me)];
+    shape[static_cast<size_t>(cat_dim)] = cat_sizes[static_cast<size_t>(source)];
+    return shape;
+  };
+  for (int r = 0; r < n; ++r) {
+    pieces.push_back(
+        x.narrow(split_dim, chunk_offset(split_sizes, r), split_sizes[static_cast<size_t>(r)]).contiguous().view(-1));
+    send_counts.push_back(pieces.back().numel());
+    receive_counts.push_back(c10::multiply_integers(received_shape(r)));
+  }
+  auto input = at::cat(pieces);  // [sum of send_counts]
+  auto output = at::empty({c10::sum_integers(receive_counts)}, x.options());
+  // Copies: backends may move the count vectors into their work object.
+  std::vector<int64_t> output_counts = receive_counts, input_counts = send_counts;
+  group.backend()->alltoall_base(output, input, output_counts, input_counts)->wait();
+  std::vector<at::Tensor> received;
+  for (int r = 0; r < n; ++r)
+    received.push_back(
+        output.narrow(0, chunk_offset(receive_counts, r), receive_counts[static_cast<size_t>(r)]).view(received_shape(r)));
+  return at::cat(received, cat_dim);
 }
 
 inline at::Tensor with_backward(const at::Tensor& input, at::Tensor output, const char* name, BackwardFn backward) {
@@ -179,6 +247,7 @@ inline at::Tensor all_gather(const at::Tensor& x, const ProcessGroupPtr& group, 
 inline at::Tensor reduce_scatter(const at::Tensor& x, const ProcessGroupPtr& group, int64_t dim = 0,
                                  ReduceOp op = ReduceOp::Sum, std::vector<int64_t> sizes = {}) {
   detail::check_group(group, "reduce_scatter");
+  detail::check_differentiable(op, "reduce_scatter");
   dim = detail::wrap_dim(dim, x);
   if (group->size() == 1) return x;
   if (sizes.empty()) sizes = chunk_sizes(x.size(dim), group->size());
@@ -199,6 +268,7 @@ inline at::Tensor reduce_scatter(const at::Tensor& x, const ProcessGroupPtr& gro
 /// The sum (or mean) of every rank's `x`, on every rank. Backward: the same all-reduce of the gradient.
 inline at::Tensor all_reduce(const at::Tensor& x, const ProcessGroupPtr& group, ReduceOp op = ReduceOp::Sum) {
   detail::check_group(group, "all_reduce");
+  detail::check_differentiable(op, "all_reduce");
   if (group->size() == 1) return x;
   at::Tensor out;
   {
@@ -229,6 +299,132 @@ inline at::Tensor broadcast(const at::Tensor& x, const ProcessGroupPtr& group, i
                                  if (group->rank() != src) total = at::zeros_like(total);
                                  return torch::autograd::variable_list{total};
                                });
+}
+
+/// Replicate -> Replicate feeding a computation that is split over the group (a column-parallel
+/// layer; Megatron's f): forward identity, backward all-reduce (sum) of the partial input gradients.
+inline at::Tensor copy_to_group(const at::Tensor& x, const ProcessGroupPtr& group) {
+  detail::check_group(group, "copy_to_group");
+  if (group->size() == 1) return x;
+  return detail::with_backward(x, x.detach(), "titan::CopyToGroupBackward",
+                               [group](torch::autograd::variable_list&& grads) {
+                                 return detail::one(detail::all_reduce_raw(grads[0], *group, ReduceOp::Sum));
+                               });
+}
+
+/// Partial sums -> Replicate (after a row-parallel layer; Megatron's g): forward all-reduce (sum),
+/// backward identity (the gradient of a replicated output is already whole on every rank).
+inline at::Tensor reduce_from_group(const at::Tensor& x, const ProcessGroupPtr& group) {
+  detail::check_group(group, "reduce_from_group");
+  if (group->size() == 1) return x;
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = detail::all_reduce_raw(x, *group, ReduceOp::Sum);
+  }
+  return detail::with_backward(x, std::move(out), "titan::ReduceFromGroupBackward",
+                               [](torch::autograd::variable_list&& grads) { return detail::one(grads[0]); });
+}
+
+/// Shard(dim) -> Replicate: forward all-gather along `dim` (rank r holds sizes[r] rows; empty:
+/// exchanged), backward this rank's rows of the whole gradient (no communication).
+inline at::Tensor gather_from_group(const at::Tensor& x, const ProcessGroupPtr& group, int64_t dim,
+                                    std::vector<int64_t> sizes = {}) {
+  detail::check_group(group, "gather_from_group");
+  dim = detail::wrap_dim(dim, x);
+  if (group->size() == 1) return x;
+  if (sizes.empty()) sizes = detail::exchange_sizes(x, *group, dim);
+  detail::check_sizes(sizes, *group, "gather_from_group");
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = detail::all_gather_raw(x, *group, dim, sizes);
+  }
+  const int64_t offset = chunk_offset(sizes, group->rank());
+  const int64_t rows = sizes[static_cast<size_t>(group->rank())];
+  return detail::with_backward(x, std::move(out), "titan::GatherFromGroupBackward",
+                               [dim, offset, rows](torch::autograd::variable_list&& grads) {
+                                 return detail::one(grads[0].narrow(dim, offset, rows).contiguous());
+                               });
+}
+
+/// Replicate -> Shard(dim): forward this rank's chunk (torch.chunk sizes) of `dim`, backward
+/// all-gather of the chunks' gradients into the whole gradient.
+inline at::Tensor scatter_to_group(const at::Tensor& x, const ProcessGroupPtr& group, int64_t dim) {
+  detail::check_group(group, "scatter_to_group");
+  dim = detail::wrap_dim(dim, x);
+  if (group->size() == 1) return x;
+  auto sizes = chunk_sizes(x.size(dim), group->size());
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = x.narrow(dim, chunk_offset(sizes, group->rank()), sizes[static_cast<size_t>(group->rank())]).contiguous();
+  }
+  return detail::with_backward(x, std::move(out), "titan::ScatterToGroupBackward",
+                               [group, dim, sizes](torch::autograd::variable_list&& grads) {
+                                 return detail::one(detail::all_gather_raw(grads[0], *group, dim, sizes));
+                               });
+}
+
+/// Shard(from_dim) -> Shard(to_dim) (e.g. sequence-sharded to head-sharded activations): one
+/// all-to-all. Rank r sends chunk j of to_dim (torch.chunk sizes) of its local tensor to rank j and
+/// concatenates what it receives along from_dim (every rank's size there is exchanged). Backward:
+/// the inverse all-to-all of the gradient.
+inline at::Tensor all_to_all(const at::Tensor& x, const ProcessGroupPtr& group, int64_t from_dim, int64_t to_dim) {
+  detail::check_group(group, "all_to_all");
+  from_dim = detail::wrap_dim(from_dim, x);
+  to_dim = detail::wrap_dim(to_dim, x);
+  TORCH_CHECK(from_dim != to_dim, "titan: all_to_all needs two different dimensions, got ", from_dim, " twice");
+  if (group->size() == 1) return x;
+  auto from_sizes = detail::exchange_sizes(x, *group, from_dim);
+  auto to_sizes = chunk_sizes(x.size(to_dim), group->size());
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = detail::all_to_all_raw(x, *group, to_dim, to_sizes, from_dim, from_sizes);
+  }
+  return detail::with_backward(
+      x, std::move(out), "titan::AllToAllBackward",
+      [group, from_dim, to_dim, from_sizes, to_sizes](torch::autograd::variable_list&& grads) {
+        return detail::one(detail::all_to_all_raw(grads[0].contiguous(), *group, from_dim, from_sizes, to_dim, to_sizes));
+      });
+}
+
+namespace detail {
+inline double reduce_scalar(double value, const ProcessGroupPtr& group, ReduceOp op, const char* what) {
+  check_group(group, what);
+  if (group->size() == 1) return value;
+  auto buffer = at::full({1}, value, at::TensorOptions().dtype(at::kDouble).device(group->device()));
+  return all_reduce_raw(buffer, *group, op).item<double>();
+}
+}  // namespace detail
+
+/// The sum of `value` over the ranks of `group` (e.g. a loss or a token count), on every rank.
+inline double dist_sum(double value, const ProcessGroupPtr& group) {
+  return detail::reduce_scalar(value, group, ReduceOp::Sum, "dist_sum");
+}
+
+/// The maximum of `value` over the ranks of `group`, on every rank.
+inline double dist_max(double value, const ProcessGroupPtr& group) {
+  return detail::reduce_scalar(value, group, ReduceOp::Max, "dist_max");
+}
+
+/// Every rank's `text`, in rank order (a collective over `group`; `{text}` for one rank).
+inline std::vector<std::string> all_gather_strings(const ProcessGroupPtr& group, const std::string& text) {
+  detail::check_group(group, "all_gather_strings");
+  if (group->size() == 1) return {text};
+  at::NoGradGuard no_grad;
+  auto bytes = at::empty({static_cast<int64_t>(text.size())}, at::kByte);  // [len]
+  if (!text.empty()) std::memcpy(bytes.data_ptr(), text.data(), text.size());
+  bytes = bytes.to(group->device());
+  auto sizes = detail::exchange_sizes(bytes, *group, 0);
+  auto all = detail::all_gather_raw(bytes, *group, 0, sizes).cpu().contiguous();  // [sum(sizes)]
+  std::vector<std::string> result;
+  for (size_t r = 0; r < sizes.size(); ++r) {
+    const auto* begin = static_cast<const char*>(all.data_ptr()) + chunk_offset(sizes, static_cast<int64_t>(r));
+    result.emplace_back(begin, static_cast<size_t>(sizes[r]));
+  }
+  return result;
 }
 
 }  // namespace titan

@@ -18,29 +18,19 @@
 
 #include <titan/collectives.hpp>
 #include <titan/detail/autograd.hpp>
+#include <titan/detail/torch_internals.hpp>
 #include <titan/hooks.hpp>
 #include <titan/mesh.hpp>
 #include <titan/sharding.hpp>
 
-#include <ATen/native/Resize.h>
-#include <torch/csrc/autograd/engine.h>
 #include <torch/nn/module.h>
-#include <torch/optim/adagrad.h>
-#include <torch/optim/adam.h>
-#include <torch/optim/adamw.h>
 #include <torch/optim/optimizer.h>
-#include <torch/optim/rmsprop.h>
-#include <torch/optim/sgd.h>
-#if TITAN_HAS_NCCL
-#include <ATen/native/cuda/Resize.h>
-#endif
 
 #include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
-#include <typeinfo>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -78,34 +68,6 @@ class FsdpHook;
 
 namespace detail {
 
-/// Grants access to Module::parameters_ (protected) through a pointer to member: a documented C++
-/// rule, not undefined behaviour.
-struct ParameterDictAccess : torch::nn::Module {
-  using torch::nn::Module::parameters_;
-};
-
-inline torch::OrderedDict<std::string, at::Tensor>& parameter_dict(torch::nn::Module& module) {
-  return module.*(&ParameterDictAccess::parameters_);
-}
-
-/// Sets the byte size of `tensor`'s storage in place (0 frees it); every tensor sharing the
-/// StorageImpl (views saved by autograd included) sees the new memory.
-inline void resize_storage_bytes(const at::Tensor& tensor, size_t bytes) {
-  auto* storage = tensor.storage().unsafeGetStorageImpl();
-  if (storage->nbytes() == bytes) return;
-  if (tensor.device().is_cpu()) {
-    at::native::resize_bytes_cpu(storage, bytes);
-    return;
-  }
-#if TITAN_HAS_NCCL
-  if (tensor.device().is_cuda()) {
-    at::native::resize_bytes_cuda(storage, bytes);
-    return;
-  }
-#endif
-  TORCH_CHECK(false, "titan::fully_shard: cannot resize storage on device ", tensor.device());
-}
-
 /// A tensor sharing `tensor`'s storage but not its version counter: writing through it does not
 /// invalidate what autograd saved of `tensor` (PyTorch's _unsafe_preserve_version_counter).
 inline at::Tensor storage_alias_flat(const at::Tensor& tensor) {
@@ -115,9 +77,9 @@ inline at::Tensor storage_alias_flat(const at::Tensor& tensor) {
 
 /// The hooks of type H in `module`'s subtree, itself included, in pre-order.
 template <typename H>
-std::vector<std::shared_ptr<H>> hooks_in_subtree(torch::nn::Module& module) {
+std::vector<std::shared_ptr<H>> hooks_in_subtree(const torch::nn::Module& module) {
   std::vector<std::shared_ptr<H>> found;
-  module.apply([&found](torch::nn::Module& m) {
+  visit_modules(module, "", [&found](const std::string&, const torch::nn::Module& m) {
     if (auto hook = find_hook<H>(m)) found.push_back(hook);
   });
   return found;
@@ -144,6 +106,19 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     std::vector<std::string> names;  ///< names relative to the unit (several when tied in the unit)
     std::vector<std::pair<torch::nn::Module*, std::string>> owners;  ///< dictionary entries
     at::Tensor unsharded;            ///< the member handle (original TensorImpl), full shape
+    /// The unsharded storage (an alias of the member while unsharded): resized to 0 bytes when
+    /// resharded, back to full size for the next all-gather. Tensors autograd saved from the
+    /// member share its StorageImpl, so they are valid again whenever it is unsharded.
+    at::Tensor storage;
+    /// What the member points at while resharded: one zero element expanded to the full shape
+    /// (strides 0). A unit called without titan::call then computes with zeros instead of reading
+    /// freed memory, and titan::call reports it.
+    at::Tensor placeholder;
+    /// Fresh unsharded storage and placeholder of `options` (the compute dtype, the shards' device).
+    void allocate(const at::TensorOptions& options) {
+      storage = at::empty(shape, options);
+      placeholder = at::zeros({1}, options).expand(shape);
+    }
     at::Tensor sharded;              ///< the dictionary entry: this rank's dim-0 chunk, unpadded
     std::vector<int64_t> shape;      ///< global (unsharded) shape
     int64_t row_numel = 1;           ///< elements per dim-0 row
@@ -167,7 +142,36 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     }
   }
 
-  std::string name() const override { return "fsdp"; }
+  std::string name() const override { return "fully_shard"; }
+  HookKind kind() const override { return HookKind::FullyShard; }
+
+  int64_t unsharded_bytes() const override {
+    int64_t bytes = 0;
+    for (const auto& p : params_) {
+      bytes += static_cast<int64_t>(p.storage.is_meta() ? 0 : p.storage.storage().nbytes());
+      bytes += detail::tensor_bytes(p.unsharded.grad());
+    }
+    return bytes;
+  }
+
+  /// Every trainable parameter of the model belongs to a unit: a parameter outside every unit
+  /// (fully_shard on the blocks but not on the root) would never have its gradient reduced, and
+  /// the replicas would drift apart.
+  void verify_model(const torch::nn::Module& root) const override {
+    std::unordered_set<const c10::TensorImpl*> owned;
+    for (const auto& unit : detail::hooks_in_subtree<FsdpHook>(root))
+      for (const auto& p : unit->params()) owned.insert(p.sharded.unsafeGetTensorImpl());
+    std::string outside;
+    int count = 0;
+    for (const auto& item : root.named_parameters(/*recurse=*/true)) {
+      if (!item.value().requires_grad() || owned.count(item.value().unsafeGetTensorImpl())) continue;
+      if (count++ < 3) outside += (outside.empty() ? "'" : ", '") + item.key() + "'";
+    }
+    TORCH_CHECK(count == 0, "titan::fully_shard: ", count, " trainable parameter(s) of '", root.name(),
+                "' belong to no fully_shard unit (", outside, count > 3 ? ", ..." : "",
+                "): their gradients are never reduced across the data-parallel ranks, so the replicas drift apart. ",
+                "Apply titan::fully_shard to the root module too, after its blocks: fully_shard(model, mesh)");
+  }
 
   std::optional<TensorLayout> layout_of(const std::string& relative_name) const override {
     for (const auto& p : params_)
@@ -198,7 +202,10 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   void reshard() {
     if (state_ == State::Gathering) finish_all_gather();
     if (state_ != State::Unsharded) return;
-    for (auto& p : params_) detail::resize_storage_bytes(p.unsharded, 0);
+    for (auto& p : params_) {
+      detail::repoint_tensor(p.unsharded, p.placeholder);
+      detail::resize_storage_bytes(p.storage, 0);
+    }
     state_ = State::Resharded;
   }
 
@@ -347,7 +354,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     if (!context_->callback_queued) {
       context_->callback_queued = true;
       std::weak_ptr<detail::FsdpContext> weak = context_;
-      torch::autograd::Engine::get_default_engine().queue_callback([weak] {
+      detail::queue_end_of_backward([weak] {
         if (auto context = weak.lock()) finish_backward(*context);
       });
     }
@@ -409,12 +416,11 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     at::NoGradGuard no_grad;
     for (auto& p : params_) {
       auto dtype = compute_dtype(p);
-      if (p.unsharded.device() != p.sharded.device() || p.unsharded.is_meta() || p.unsharded.scalar_type() != dtype) {
-        auto fresh = at::empty(p.shape, p.sharded.options().dtype(dtype));
-        p.unsharded.unsafeGetTensorImpl()->shallow_copy_from(fresh.getIntrusivePtr());
-      }
-      detail::resize_storage_bytes(p.unsharded, static_cast<size_t>(p.unsharded.numel()) * p.unsharded.element_size());
-      auto flat = detail::storage_alias_flat(p.unsharded);  // [numel]
+      if (p.storage.device() != p.sharded.device() || p.storage.is_meta() || p.storage.scalar_type() != dtype)
+        p.allocate(p.sharded.options().dtype(dtype));
+      detail::resize_storage_bytes(p.storage, static_cast<size_t>(p.storage.numel()) * p.storage.element_size());
+      detail::repoint_tensor(p.unsharded, p.storage);
+      auto flat = detail::storage_alias_flat(p.storage);  // [numel]
       for (int r = 0; r < world; ++r) {
         auto n = p.rows[static_cast<size_t>(r)] * p.row_numel;
         if (n == 0) continue;
@@ -553,27 +559,25 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
     FsdpHook::Param p;
     p.names = {name};
     p.owners = {{owner, key}};
-    p.layout = parameter_layout(module, name, tensor).with_level(ShardLevel{0, shard_dim, shard_group});
+    p.layout = parameter_layout(module, name, tensor).with_level(ShardLevel{0, shard_dim, shard_group, {}});
     p.shape = tensor.sizes().vec();
     p.rows = chunk_sizes(p.shape[0], world);
     p.padded_rows = p.rows.front();
     p.row_numel = p.shape[0] == 0 ? 0 : tensor.numel() / p.shape[0];
-    int64_t offset = 0;
-    for (int r = 0; r < rank; ++r) offset += p.rows[static_cast<size_t>(r)];
+    const int64_t offset = chunk_offset(p.rows, rank);
     {
       at::NoGradGuard no_grad;
       at::Tensor local = tensor.narrow(0, offset, p.rows[static_cast<size_t>(rank)]);
       p.sharded = tensor.is_meta() ? at::empty(local.sizes(), tensor.options()) : local.clone(at::MemoryFormat::Contiguous);
       p.sharded.set_requires_grad(tensor.requires_grad());
-      // The member handle becomes the unsharded parameter: fresh contiguous storage of the compute
-      // dtype (on meta while the model is), freed until the first all-gather.
-      auto dtype = options.param_dtype().value_or(tensor.scalar_type());
-      auto fresh = at::empty(p.shape, tensor.options().dtype(dtype));
+      // The member handle becomes the unsharded parameter: the placeholder until the first
+      // all-gather fills fresh contiguous storage of the compute dtype (on meta while the model is).
       tensor.mutable_grad() = at::Tensor();
-      impl->shallow_copy_from(fresh.getIntrusivePtr());
-      if (!tensor.is_meta()) detail::resize_storage_bytes(tensor, 0);
+      p.unsharded = tensor;
+      p.allocate(tensor.options().dtype(options.param_dtype().value_or(tensor.scalar_type())));
+      if (!tensor.is_meta()) detail::resize_storage_bytes(p.storage, 0);
+      detail::repoint_tensor(p.unsharded, p.placeholder);
     }
-    p.unsharded = tensor;
     index.emplace(impl, params.size());
     params.push_back(std::move(p));
   }
@@ -587,137 +591,41 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
 
 /// Turns gradient reduction on or off for every unit in `module`'s subtree (off: gradient
 /// accumulation micro-steps keep the unsharded gradients; the next synced backward reduces them).
-inline void set_requires_gradient_sync(torch::nn::Module& module, bool sync) {
-  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(module)) hook->set_requires_gradient_sync(sync);
+/// `module` may be a module, a ModuleHolder or a pointer to one.
+template <typename M>
+void set_requires_gradient_sync(const M& module, bool sync) {
+  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module)))
+    hook->set_requires_gradient_sync(sync);
 }
 
-/// Frees the unsharded parameters of every unit in `module`'s subtree.
-inline void reshard(torch::nn::Module& module) {
-  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(module)) hook->reshard();
+/// Frees the unsharded parameters of every unit in `module`'s subtree (a module, a ModuleHolder
+/// or a pointer to one).
+template <typename M>
+void reshard(const M& module) {
+  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module))) hook->reshard();
 }
 
-/// Per-rank bytes held for a model and its optimizer.
-struct FsdpMemory {
-  int64_t param_bytes = 0;            ///< parameters as the optimizer sees them (local shards)
-  int64_t grad_bytes = 0;             ///< their gradients
-  int64_t optimizer_state_bytes = 0;  ///< optimizer state tensors of those parameters
-  int64_t unsharded_bytes = 0;        ///< unsharded parameters and gradients currently allocated
-  int64_t global_param_bytes = 0;     ///< all parameters unsharded (what one replica would hold)
-};
-
-namespace detail {
-
-inline int64_t tensor_bytes(const at::Tensor& t) {
-  return t.defined() && !t.is_meta() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
-}
-
-inline int64_t optimizer_state_bytes(const torch::optim::OptimizerParamState& state) {
-  if (auto* s = dynamic_cast<const torch::optim::AdamWParamState*>(&state))
-    return tensor_bytes(s->exp_avg()) + tensor_bytes(s->exp_avg_sq()) + tensor_bytes(s->max_exp_avg_sq());
-  if (auto* s = dynamic_cast<const torch::optim::AdamParamState*>(&state))
-    return tensor_bytes(s->exp_avg()) + tensor_bytes(s->exp_avg_sq()) + tensor_bytes(s->max_exp_avg_sq());
-  if (auto* s = dynamic_cast<const torch::optim::SGDParamState*>(&state)) return tensor_bytes(s->momentum_buffer());
-  if (auto* s = dynamic_cast<const torch::optim::AdagradParamState*>(&state)) return tensor_bytes(s->sum());
-  if (auto* s = dynamic_cast<const torch::optim::RMSpropParamState*>(&state))
-    return tensor_bytes(s->square_avg()) + tensor_bytes(s->momentum_buffer()) + tensor_bytes(s->grad_avg());
-  TORCH_CHECK(false, "titan::fsdp_memory: cannot count the state of optimizer state type '", typeid(state).name(),
-              "' (supported: Adam, AdamW, SGD, Adagrad, RMSprop)");
-}
-
-}  // namespace detail
-
-/// What this rank holds for `module` (sharded or not) and, when given, `optimizer`'s state.
-inline FsdpMemory fsdp_memory(torch::nn::Module& module, const torch::optim::Optimizer* optimizer = nullptr) {
-  FsdpMemory memory;
-  for (const auto& item : module.named_parameters(true)) {
-    memory.param_bytes += detail::tensor_bytes(item.value());
-    memory.grad_bytes += detail::tensor_bytes(item.value().grad());
-    auto layout = parameter_layout(module, item.key(), item.value());
-    int64_t numel = 1;
-    for (auto s : layout.global_shape) numel *= s;
-    memory.global_param_bytes += numel * static_cast<int64_t>(item.value().element_size());
-  }
-  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(module)) {
-    for (const auto& p : hook->params()) {
-      memory.unsharded_bytes += static_cast<int64_t>(p.unsharded.is_meta() ? 0 : p.unsharded.storage().nbytes());
-      memory.unsharded_bytes += detail::tensor_bytes(p.unsharded.grad());
+/// Checks that `optimizer` updates `model`'s parameters as fully_shard left them (`model`: a
+/// module, a ModuleHolder or a pointer to one). An optimizer built before fully_shard holds the
+/// unsharded tensors fully_shard took out of the parameter dictionary: their gradients are freed
+/// after each reduction, so it would never change the model. The error names the parameter.
+template <typename M>
+void verify_optimizer(const torch::optim::Optimizer& optimizer, const M& model) {
+  const torch::nn::Module& root = detail::module_ref(model);
+  std::unordered_map<const c10::TensorImpl*, std::string> unsharded;  // -> the parameter's name
+  detail::visit_modules(root, "", [&unsharded](const std::string& path, const torch::nn::Module& m) {
+    if (auto unit = find_hook<FsdpHook>(m))
+      for (const auto& p : unit->params())
+        unsharded.emplace(p.unsharded.unsafeGetTensorImpl(), (path.empty() ? "" : path + ".") + p.names.front());
+  });
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& param : group.params()) {
+      auto it = unsharded.find(param.unsafeGetTensorImpl());
+      TORCH_CHECK(it == unsharded.end(), "titan::verify_optimizer: the optimizer holds parameter '", it->second,
+                  "' of '", root.name(), "' as it was before fully_shard (the unsharded tensor, whose gradient FSDP ",
+                  "frees after reducing it), so it would never update the model: build the optimizer after ",
+                  "fully_shard, from model->parameters()");
     }
-  }
-  if (optimizer != nullptr) {
-    for (const auto& entry : optimizer->state()) memory.optimizer_state_bytes += detail::optimizer_state_bytes(*entry.second);
-  }
-  return memory;
-}
-
-/// Options of full_state_dict, with chained setters.
-struct FullStateDictOptions {
-  /// Only rank 0 of the given group keeps the gathered tensors (every rank still takes part in
-  /// the gathers); the others get an empty dict.
-  TORCH_ARG(bool, rank0_only) = true;
-  /// Copy the gathered tensors to the CPU.
-  TORCH_ARG(bool, cpu_offload) = true;
-};
-
-/// The global tensor of a sharded one: all-gathers its levels, innermost first. Every rank of
-/// each level's group must call it.
-inline at::Tensor gather_full(const ShardedTensor& sharded) {
-  const auto& levels = sharded.layout.levels;
-  // Size along each level's dim before that level split it.
-  std::vector<int64_t> before(levels.size());
-  std::vector<int64_t> sizes = sharded.layout.global_shape;
-  for (size_t k = 0; k < levels.size(); ++k) {
-    auto d = static_cast<size_t>(levels[k].dim);
-    before[k] = sizes[d];
-    sizes[d] = chunk_sizes(sizes[d], levels[k].group->size())[static_cast<size_t>(levels[k].group->rank())];
-  }
-  at::NoGradGuard no_grad;
-  at::Tensor full = sharded.local.detach();
-  for (size_t k = levels.size(); k-- > 0;) {
-    const auto& level = levels[k];
-    full = detail::all_gather_raw(full, *level.group, level.dim, chunk_sizes(before[k], level.group->size()));
-  }
-  return full;
-}
-
-/// Every parameter (gathered to its global shape) and buffer of `module`, by name: a plain state
-/// dict for export or for a single-process model. Every rank of `group` (normally the world group)
-/// calls it; `group` says which rank is rank 0 for rank0_only.
-inline torch::OrderedDict<std::string, at::Tensor> full_state_dict(const torch::nn::Module& module,
-                                                                   const ProcessGroupPtr& group,
-                                                                   const FullStateDictOptions& options = {}) {
-  detail::check_group(group, "full_state_dict");
-  torch::OrderedDict<std::string, at::Tensor> result;
-  const bool keep = !options.rank0_only() || group->rank() == 0;
-  auto add = [&](const std::string& name, const at::Tensor& tensor) {
-    if (!keep) return;
-    auto copy = tensor.detach().clone();
-    result.insert(name, options.cpu_offload() ? copy.cpu() : copy);
-  };
-  for (const auto& [name, sharded] : sharded_parameters(module)) add(name, gather_full(sharded));
-  for (const auto& item : module.named_buffers(true)) add(item.key(), item.value());
-  return result;
-}
-
-/// Loads a full (unsharded) state dict, e.g. from full_state_dict or a single-process model, into
-/// `module`'s local shards and buffers. Every parameter and buffer must be present with its
-/// global shape.
-inline void load_full_state_dict(torch::nn::Module& module, const torch::OrderedDict<std::string, at::Tensor>& state) {
-  at::NoGradGuard no_grad;
-  for (auto& [name, sharded] : sharded_parameters(module)) {
-    const at::Tensor* full = state.find(name);
-    TORCH_CHECK(full != nullptr, "titan::load_full_state_dict: no entry for parameter '", name, "'");
-    TORCH_CHECK(full->sizes().vec() == sharded.layout.global_shape, "titan::load_full_state_dict: '", name,
-                "' has shape ", full->sizes(), " but the model's global shape is ",
-                c10::IntArrayRef(sharded.layout.global_shape));
-    at::Tensor block = *full;
-    for (size_t d = 0; d < sharded.box.sizes.size(); ++d)
-      block = block.narrow(static_cast<int64_t>(d), sharded.box.offsets[d], sharded.box.sizes[d]);
-    sharded.local.copy_(block);
-  }
-  for (auto& item : module.named_buffers(true)) {
-    const at::Tensor* full = state.find(item.key());
-    TORCH_CHECK(full != nullptr, "titan::load_full_state_dict: no entry for buffer '", item.key(), "'");
-    item.value().copy_(*full);
   }
 }
 

@@ -11,21 +11,32 @@
 // and parallelize_module attach a ModuleHook to the module (kept in a child module named
 // "_titan_hooks", so the hooks live and die with the model: no global registry), and titan::call
 // runs the hooks around forward. Hooks nest like decorators: the last one attached is outermost,
-// so applying TP, then AC, then FSDP (torchtitan's order) runs FSDP's all-gather first, then the
-// checkpointed region, then TP's layouts around the user's forward.
+// so applying TP, then AC, then FSDP (torchtitan's order, HookKind) runs FSDP's all-gather first,
+// then the checkpointed region, then TP's layouts around the user's forward.
+//
+// The contract is checked: when the outermost titan::call on a thread returns, every module below
+// it that has hooks must have been called through titan::call during that call, else the error
+// names the module and its hooks (a module called with ->forward would silently skip them).
+// titan::verify_calls(model) checks the same after the fact and runs the hooks' model-wide checks.
 //
 // Tensor arguments are handed to hooks as a list (they may be replaced, e.g. redistributed by TP);
 // other arguments are bound by value, so a hook may run the forward again later (activation
 // checkpointing recomputes it during backward). forward must return a single at::Tensor.
 
+#include <titan/detail/torch_internals.hpp>
+
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <typeindex>
 #include <utility>
 #include <vector>
 
@@ -36,31 +47,122 @@ using TensorList = std::vector<at::Tensor>;
 /// Runs the rest of a module call (inner hooks and forward) on the given tensor inputs.
 using ForwardFn = std::function<at::Tensor(const TensorList&)>;
 
+/// Which of titan's parallelisms a hook implements, in the order they must be applied (torchtitan's):
+/// tensor parallelism first (its hooks innermost), then activation checkpointing, then FSDP.
+/// parallelize_module and checkpoint_wrapper check this order on the model; Other is unordered.
+enum class HookKind { TensorParallel = 0, ActivationCheckpoint = 1, FullyShard = 2, Other = 3 };
+
 /// Behaviour attached to a module and run by titan::call around its forward.
 class ModuleHook {
  public:
   virtual ~ModuleHook() = default;
-  /// A short name for messages, e.g. "fsdp" or "checkpoint".
+  /// A short name for messages, e.g. "fully_shard" or "tensor-parallel rowwise".
   virtual std::string name() const = 0;
+  /// Which parallelism this hook implements (for the order checks).
+  virtual HookKind kind() const { return HookKind::Other; }
   /// Runs the module: typically prepares `inputs`, calls `next(inputs)`, post-processes the output.
   virtual at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) = 0;
+  /// Checks a requirement this kind of hook has of the whole model `root` it is part of, throwing
+  /// an error that names what is wrong (e.g. FSDP: every trainable parameter belongs to a unit).
+  /// titan::verify_calls runs it once per hook type.
+  virtual void verify_model(const torch::nn::Module& root) const {}
 };
 
 namespace detail {
 
-/// The child module holding a module's hooks, innermost first.
+/// The child module holding a module's hooks, innermost first, and how often they ran.
 class HookSlotImpl : public torch::nn::Module {
  public:
   std::vector<std::shared_ptr<ModuleHook>> hooks;
+  uint64_t calls = 0;  ///< titan::calls of the module since the hooks were attached
+  uint64_t pass = 0;   ///< the outermost call (CallTracking::pass) it last ran in
 };
 
 inline constexpr const char* kHookSlotName = "_titan_hooks";
 
-inline std::shared_ptr<HookSlotImpl> hook_slot(const torch::nn::Module& module) {
-  for (const auto& child : module.named_children()) {
-    if (child.key() == kHookSlotName) return std::dynamic_pointer_cast<HookSlotImpl>(child.value());
+/// `module`'s hook slot, or nullptr (a hash lookup among its children: no copy, no scan).
+inline HookSlotImpl* hook_slot(const torch::nn::Module& module) {
+  const auto* child = child_dict(module).find(kHookSlotName);
+  return child ? dynamic_cast<HookSlotImpl*>(child->get()) : nullptr;
+}
+
+/// How deep this thread is inside titan::call, and a counter numbering its outermost calls. The
+/// one piece of thread-local state of hooks.hpp: nesting is a property of the call stack, which is
+/// per thread (a backward recomputation on the autograd engine's thread starts at depth 0).
+struct CallTracking {
+  int depth = 0;
+  uint64_t pass = 0;
+};
+
+inline CallTracking& call_tracking() {
+  thread_local CallTracking tracking;
+  return tracking;
+}
+
+/// Counts one level of titan::call nesting for its lifetime.
+class CallDepth {
+ public:
+  explicit CallDepth(CallTracking& tracking) : tracking_(tracking) { ++tracking_.depth; }
+  ~CallDepth() { --tracking_.depth; }
+  CallDepth(const CallDepth&) = delete;
+  CallDepth& operator=(const CallDepth&) = delete;
+
+ private:
+  CallTracking& tracking_;
+};
+
+/// Calls `visit(path, module)` for `module` (a torch::nn::Module, const or not) and every
+/// descendant, in pre-order, skipping hook slots. `path` is the dotted name relative to `module`
+/// ("" for itself).
+template <typename ModuleT, typename Visit>
+void visit_modules(ModuleT& module, const std::string& path, const Visit& visit) {
+  visit(path, module);
+  for (const auto& child : child_dict(module)) {
+    if (child.key() == kHookSlotName) continue;
+    visit_modules(static_cast<ModuleT&>(*child.value()), path.empty() ? child.key() : path + "." + child.key(), visit);
   }
-  return nullptr;
+}
+
+/// Whether any hooked module below (or at) `module` has `skipped(slot)` true; no allocation.
+template <typename Skipped>
+bool any_hooked(const torch::nn::Module& module, const Skipped& skipped) {
+  if (const auto* slot = hook_slot(module); slot && !slot->hooks.empty() && skipped(*slot)) return true;
+  for (const auto& child : child_dict(module))
+    if (child.key() != kHookSlotName && any_hooked(*child.value(), skipped)) return true;
+  return false;
+}
+
+/// "'wo' has tensor-parallel rowwise attached" for each hooked module below `root` with
+/// `skipped(slot)` (the first three), and " but was" or " but were" to go on with.
+template <typename Skipped>
+std::string describe_hooked(const torch::nn::Module& root, const Skipped& skipped) {
+  std::string text;
+  int listed = 0, more = 0;
+  visit_modules(root, "", [&](const std::string& path, const torch::nn::Module& module) {
+    const auto* slot = hook_slot(module);
+    if (!slot || slot->hooks.empty() || !skipped(*slot)) return;
+    if (listed == 3) {
+      ++more;
+      return;
+    }
+    std::string names;
+    for (auto hook = slot->hooks.rbegin(); hook != slot->hooks.rend(); ++hook)
+      names += (names.empty() ? "" : ", ") + (*hook)->name();
+    text += (listed++ ? "; " : "") + std::string("'") + (path.empty() ? "<root>" : path) + "' has " + names +
+            " attached";
+  });
+  if (more > 0) text += c10::str(" (and ", more, " more)");
+  return text + (listed + more > 1 ? " but were" : " but was");
+}
+
+/// After the outermost titan::call of `root` (numbered `pass`): every hooked module below it ran.
+inline void check_calls(const torch::nn::Module& root, uint64_t pass) {
+  auto skipped = [pass](const HookSlotImpl& slot) { return slot.pass != pass; };
+  if (!any_hooked(root, skipped)) return;
+  TORCH_CHECK(false, "titan::call: ", describe_hooked(root, skipped), " not called through titan::call ",
+              "during the forward of '", root.name(), "' (names relative to it). A module called as ",
+              "module->forward(...) skips its hooks and computes wrong values or reads freed parameters: call it as ",
+              "titan::call(module, ...) in its parent's forward (docs/design.md, section 3)");
 }
 
 template <typename T>
@@ -98,53 +200,115 @@ at::Tensor call_bound(Impl& module, const Bound& bound, const TensorList& tensor
 
 }  // namespace detail
 
-/// Attaches `hook` to `module`, outside the hooks already there.
-inline void attach_hook(torch::nn::Module& module, std::shared_ptr<ModuleHook> hook) {
+/// Attaches `hook` to `module` (a module, ModuleHolder, shared_ptr or pointer), outside the hooks
+/// already there.
+template <typename M>
+void attach_hook(M&& module_like, std::shared_ptr<ModuleHook> hook) {
   TORCH_CHECK(hook, "titan::attach_hook: null hook");
-  auto slot = detail::hook_slot(module);
-  if (!slot) slot = module.register_module(detail::kHookSlotName, std::make_shared<detail::HookSlotImpl>());
+  torch::nn::Module& module = detail::module_ref(module_like);
+  auto* slot = detail::hook_slot(module);
+  if (!slot) slot = module.register_module(detail::kHookSlotName, std::make_shared<detail::HookSlotImpl>()).get();
   slot->hooks.push_back(std::move(hook));
+  slot->calls = 0;
 }
 
-/// The hooks attached to `module`, innermost first.
-inline std::vector<std::shared_ptr<ModuleHook>> hooks_of(const torch::nn::Module& module) {
-  auto slot = detail::hook_slot(module);
+/// The hooks attached to `module` (a module, ModuleHolder, shared_ptr or pointer), innermost first.
+template <typename M>
+std::vector<std::shared_ptr<ModuleHook>> hooks_of(const M& module_like) {
+  const auto* slot = detail::hook_slot(detail::module_ref(module_like));
   return slot ? slot->hooks : std::vector<std::shared_ptr<ModuleHook>>{};
 }
 
-/// The innermost hook of type H attached to `module`, or nullptr.
-template <typename H>
-std::shared_ptr<H> find_hook(const torch::nn::Module& module) {
-  for (const auto& hook : hooks_of(module))
-    if (auto typed = std::dynamic_pointer_cast<H>(hook)) return typed;
+/// The innermost hook of type H attached to `module` (a module, ModuleHolder, shared_ptr or
+/// pointer), or nullptr.
+template <typename H, typename M>
+std::shared_ptr<H> find_hook(const M& module_like) {
+  if (const auto* slot = detail::hook_slot(detail::module_ref(module_like)))
+    for (const auto& hook : slot->hooks)
+      if (auto typed = std::dynamic_pointer_cast<H>(hook)) return typed;
   return nullptr;
 }
 
 /// Calls `module`'s forward with `args` through the hooks titan attached to it (see the top of
 /// this header). `module` may be a module, a ModuleHolder (e.g. torch::nn::Linear), a shared_ptr or
-/// a pointer to one.
+/// a pointer to one. The outermost call on a thread checks, when it returns, that every hooked
+/// module below it ran through titan::call.
 template <typename M, typename... Args>
 at::Tensor call(M&& module, Args&&... args) {
   auto& impl = detail::module_ref(module);
   using Impl = std::remove_reference_t<decltype(impl)>;
   static_assert(std::is_same_v<decltype(impl.forward(std::forward<Args>(args)...)), at::Tensor>,
                 "titan::call supports modules whose forward returns a single at::Tensor");
-  auto slot = detail::hook_slot(impl);
-  if (!slot || slot->hooks.empty()) return impl.forward(std::forward<Args>(args)...);
-
-  TensorList inputs;
-  (detail::collect_tensor(args, inputs), ...);
-  auto bound = std::make_shared<std::tuple<std::decay_t<Args>...>>(std::forward<Args>(args)...);
-  Impl* self = &impl;
-  ForwardFn run = [self, bound](const TensorList& tensors) {
-    return detail::call_bound(*self, *bound, tensors, std::index_sequence_for<Args...>{});
-  };
-  // Wrap from the innermost hook outwards; the outermost runs first.
-  auto hooks = slot->hooks;
-  for (const auto& hook : hooks) {
-    run = [self, hook, inner = std::move(run)](const TensorList& tensors) { return hook->forward(*self, tensors, inner); };
+  auto& tracking = detail::call_tracking();
+  const bool outermost = tracking.depth == 0;
+  if (outermost) ++tracking.pass;
+  at::Tensor output;
+  {
+    detail::CallDepth depth(tracking);
+    auto* slot = detail::hook_slot(impl);
+    if (!slot || slot->hooks.empty()) {
+      output = impl.forward(std::forward<Args>(args)...);
+    } else {
+      ++slot->calls;
+      slot->pass = tracking.pass;
+      TensorList inputs;
+      (detail::collect_tensor(args, inputs), ...);
+      auto bound = std::make_shared<std::tuple<std::decay_t<Args>...>>(std::forward<Args>(args)...);
+      Impl* self = &impl;
+      ForwardFn run = [self, bound](const TensorList& tensors) {
+        return detail::call_bound(*self, *bound, tensors, std::index_sequence_for<Args...>{});
+      };
+      // Wrap from the innermost hook outwards; the outermost runs first.
+      auto hooks = slot->hooks;
+      for (const auto& hook : hooks) {
+        run = [self, hook, inner = std::move(run)](const TensorList& tensors) {
+          return hook->forward(*self, tensors, inner);
+        };
+      }
+      output = run(inputs);
+    }
   }
-  return run(inputs);
+  if (outermost) detail::check_calls(impl, tracking.pass);
+  return output;
 }
 
+/// Checks that `model` (a module, ModuleHolder, shared_ptr or pointer) uses titan as intended,
+/// typically once after the first training step: every module with hooks has been called through
+/// titan::call since they were attached, provided any has (a root called as model->forward(...)
+/// is caught here, not by titan::call), and each kind of hook's model-wide requirement holds (FSDP:
+/// every trainable parameter belongs to a fully_shard unit). Errors name the modules.
+template <typename M>
+void verify_calls(const M& model) {
+  const torch::nn::Module& root = detail::module_ref(model);
+  const bool any_called = detail::any_hooked(root, [](const detail::HookSlotImpl& slot) { return slot.calls > 0; });
+  auto never = [](const detail::HookSlotImpl& slot) { return slot.calls == 0; };
+  TORCH_CHECK(!any_called || !detail::any_hooked(root, never), "titan::verify_calls: ", detail::describe_hooked(root, never),
+              " never called through titan::call, while other hooked modules of '", root.name(),
+              "' were (names relative to it): call it as titan::call(module, ...) instead of module->forward(...) ",
+              "(docs/design.md, section 3)");
+  std::set<std::type_index> verified;
+  detail::visit_modules(root, "", [&](const std::string&, const torch::nn::Module& module) {
+    if (const auto* slot = detail::hook_slot(module))
+      for (const auto& hook : slot->hooks)
+        if (verified.insert(std::type_index(typeid(*hook))).second) hook->verify_model(root);
+  });
+}
+
+namespace detail {
+
+/// The path and name of the first hook of a kind after `kind` (in HookKind order) attached to
+/// `root` or below it, or nullopt: for the order checks of parallelize_module and
+/// checkpoint_wrapper.
+inline std::optional<std::pair<std::string, std::string>> later_hook(const torch::nn::Module& root, HookKind kind) {
+  std::optional<std::pair<std::string, std::string>> found;
+  visit_modules(root, "", [&](const std::string& path, const torch::nn::Module& module) {
+    if (const auto* slot = hook_slot(module); slot && !found)
+      for (const auto& hook : slot->hooks)
+        if (hook->kind() != HookKind::Other && hook->kind() > kind)
+          found = std::make_pair(path.empty() ? std::string("<root>") : path, hook->name());
+  });
+  return found;
+}
+
+}  // namespace detail
 }  // namespace titan

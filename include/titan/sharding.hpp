@@ -1,18 +1,30 @@
 #pragma once
-// titan/sharding.hpp: how a local tensor relates to the global one (titan's stand-in for DTensor).
+// titan/sharding.hpp: how a local tensor relates to the global one (titan's stand-in for DTensor),
+// and what follows from it: sharded and full state dicts, and the memory a rank holds.
 //
 // A TensorLayout is the global shape plus the shard levels applied to it, outermost first. Each
 // level splits one tensor dimension across one process group the way torch.chunk does
-// (titan::chunk_sizes: uneven sizes allowed). Every rank's block is then a rectangle of the global
-// tensor (offsets + sizes), which is what checkpoints record and reshard by. Example: a 2-D
-// FSDP x TP column-parallel weight [out, in] is {Shard(0) over "tp", Shard(0) over "dp_shard"}.
+// (titan::chunk_sizes: uneven sizes allowed), or, for a fused projection ([q|k|v] stacked along
+// dim 0), splits each stacked part that way (ShardLevel::parts). Every rank's piece is then one
+// rectangle of the global tensor, or a few (fused), which is what checkpoints record and reshard
+// by. Example: a 2-D FSDP x TP column-parallel weight [out, in] is {Shard(0) over "tp",
+// Shard(0) over "dp_shard"}.
+//
+//   auto shards = titan::sharded_parameters(model);             // local tensors + layouts
+//   auto full = titan::full_state_dict(model, world->group());   // gathered, on rank 0
+//   titan::load_full_state_dict(model, full);                    // each rank copies its blocks
+//   auto memory = titan::memory_usage(model, &optimizer);        // bytes this rank holds
 
 #include <titan/collectives.hpp>
+#include <titan/detail/optimizer_state.hpp>
 #include <titan/hooks.hpp>
 #include <titan/world.hpp>
 
-#include <optional>
+#include <torch/arg.h>
+#include <torch/optim/optimizer.h>
 
+#include <algorithm>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,9 +36,13 @@ struct ShardLevel {
   int64_t dim = 0;
   std::string mesh_dim;
   ProcessGroupPtr group;
+  /// Empty: the dimension is split as a whole (Shard(dim)). Otherwise the dimension is these
+  /// parts laid end to end (sizes along `dim`, summing to its size) and each part is split across
+  /// the group; rank r holds chunk r of every part, concatenated (a fused [q|k|v] projection).
+  std::vector<int64_t> parts;
 };
 
-/// A rectangle of a tensor: where this rank's block starts and how large it is, per dimension.
+/// A rectangle of a tensor: where it starts and how large it is, per dimension.
 struct TensorBox {
   std::vector<int64_t> offsets;
   std::vector<int64_t> sizes;
@@ -37,34 +53,146 @@ struct TensorBox {
   }
 };
 
+/// A rectangle of the global tensor that this rank holds, and where it sits in the local tensor.
+struct TensorBlock {
+  TensorBox box;                       ///< in the global tensor
+  std::vector<int64_t> local_offsets;  ///< of its first element in the local tensor
+  /// The block's elements in `local` (a view).
+  at::Tensor view_of(const at::Tensor& local) const {
+    at::Tensor view = local;
+    for (size_t d = 0; d < box.sizes.size(); ++d)
+      view = view.narrow(static_cast<int64_t>(d), local_offsets[d], box.sizes[d]);
+    return view;
+  }
+  /// The block's elements in `global` (a view of the whole tensor).
+  at::Tensor view_of_global(const at::Tensor& global) const {
+    at::Tensor view = global;
+    for (size_t d = 0; d < box.sizes.size(); ++d) view = view.narrow(static_cast<int64_t>(d), box.offsets[d], box.sizes[d]);
+    return view;
+  }
+};
+
+namespace detail {
+
+/// A run of global indices [offset, offset + size) along one dimension.
+struct Segment {
+  int64_t offset;
+  int64_t size;
+};
+
+/// The global runs that local indices [begin, begin + size) of `segments` (laid end to end) cover.
+/// An empty range is one empty run at the global index where it would start (as torch.chunk's
+/// empty trailing chunks start at the end).
+inline std::vector<Segment> slice_segments(const std::vector<Segment>& segments, int64_t begin, int64_t size) {
+  std::vector<Segment> result;
+  int64_t position = 0;
+  for (const auto& segment : segments) {
+    if (size == 0 && begin < position + segment.size) return {Segment{segment.offset + (begin - position), 0}};
+    const int64_t lo = std::max(begin, position), hi = std::min(begin + size, position + segment.size);
+    if (lo < hi) result.push_back(Segment{segment.offset + (lo - position), hi - lo});
+    position += segment.size;
+  }
+  if (size == 0) return {Segment{segments.empty() ? 0 : segments.back().offset + segments.back().size, 0}};
+  return result;
+}
+
+inline int64_t segments_size(const std::vector<Segment>& segments) {
+  int64_t total = 0;
+  for (const auto& s : segments) total += s.size;
+  return total;
+}
+
+}  // namespace detail
+
 /// The global shape of a tensor and how it is sharded, outermost level first.
 struct TensorLayout {
   std::vector<int64_t> global_shape;
   std::vector<ShardLevel> levels;
 
-  /// This rank's rectangle of the global tensor.
-  TensorBox local_box() const {
-    TensorBox box{std::vector<int64_t>(global_shape.size(), 0), global_shape};
+  /// This rank's rectangles of the global tensor, in local order (one unless a level has parts).
+  std::vector<TensorBlock> local_blocks() const {
+    const size_t ndim = global_shape.size();
+    std::vector<std::vector<detail::Segment>> dims(ndim);  // per dim: global runs in local order
+    for (size_t d = 0; d < ndim; ++d) dims[d] = {detail::Segment{0, global_shape[d]}};
     for (const auto& level : levels) {
-      TORCH_CHECK(level.dim >= 0 && level.dim < static_cast<int64_t>(global_shape.size()),
-                  "titan: shard level on dim ", level.dim, " of a tensor of rank ", global_shape.size());
+      TORCH_CHECK(level.dim >= 0 && level.dim < static_cast<int64_t>(ndim), "titan: shard level on dim ", level.dim,
+                  " of a tensor of rank ", ndim);
       TORCH_CHECK(level.group, "titan: shard level over '", level.mesh_dim, "' has no group on this rank");
-      auto d = static_cast<size_t>(level.dim);
-      auto sizes = chunk_sizes(box.sizes[d], level.group->size());
-      int64_t offset = 0;
-      for (int r = 0; r < level.group->rank(); ++r) offset += sizes[static_cast<size_t>(r)];
-      box.offsets[d] += offset;
-      box.sizes[d] = sizes[static_cast<size_t>(level.group->rank())];
+      auto& runs = dims[static_cast<size_t>(level.dim)];
+      const int64_t length = detail::segments_size(runs);
+      auto parts = level.parts.empty() ? std::vector<int64_t>{length} : level.parts;
+      int64_t total = 0;
+      for (auto p : parts) total += p;
+      TORCH_CHECK(total == length, "titan: shard level over '", level.mesh_dim, "' splits parts of ",
+                  c10::IntArrayRef(parts), " summing to ", total, " but dimension ", level.dim, " has ", length);
+      std::vector<detail::Segment> mine;
+      int64_t part_start = 0;
+      for (auto part : parts) {
+        auto sizes = chunk_sizes(part, level.group->size());
+        auto piece = detail::slice_segments(runs, part_start + chunk_offset(sizes, level.group->rank()),
+                                            sizes[static_cast<size_t>(level.group->rank())]);
+        for (const auto& run : piece) {  // adjacent runs merge: one rectangle where possible
+          if (!mine.empty() && mine.back().offset + mine.back().size == run.offset) {
+            mine.back().size += run.size;
+          } else {
+            mine.push_back(run);
+          }
+        }
+        part_start += part;
+      }
+      // Empty runs only place an empty piece: keep one when that is all this rank holds.
+      std::vector<detail::Segment> held;
+      for (const auto& run : mine)
+        if (run.size > 0) held.push_back(run);
+      runs = held.empty() ? std::vector<detail::Segment>{mine.front()} : std::move(held);
     }
-    return box;
+    std::vector<TensorBlock> blocks{TensorBlock{TensorBox{{}, {}}, {}}};
+    for (size_t d = 0; d < ndim; ++d) {
+      std::vector<TensorBlock> next;
+      for (const auto& block : blocks) {
+        int64_t local = 0;
+        for (const auto& run : dims[d]) {
+          TensorBlock grown = block;
+          grown.box.offsets.push_back(run.offset);
+          grown.box.sizes.push_back(run.size);
+          grown.local_offsets.push_back(local);
+          next.push_back(std::move(grown));
+          local += run.size;
+        }
+      }
+      blocks = std::move(next);
+    }
+    return blocks;
   }
 
-  /// "Shard(0)@tp,Shard(0)@dp_shard", or "Replicate" with no levels: for metadata and messages.
+  /// The shape of this rank's local tensor.
+  std::vector<int64_t> local_shape() const {
+    auto blocks = local_blocks();
+    std::vector<int64_t> shape(global_shape.size(), 0);
+    for (const auto& block : blocks)
+      for (size_t d = 0; d < shape.size(); ++d)
+        shape[d] = std::max(shape[d], block.local_offsets[d] + block.box.sizes[d]);
+    return shape;
+  }
+
+  /// This rank's rectangle of the global tensor, for layouts without fused (parts) levels.
+  TensorBox local_box() const {
+    auto blocks = local_blocks();
+    TORCH_CHECK(blocks.size() == 1, "titan: the layout ", placement(), " gives this rank ", blocks.size(),
+                " rectangles of the tensor (a fused level); use local_blocks()");
+    return blocks.front().box;
+  }
+
+  /// "Shard(0)@tp,Shard(0)@dp_shard", "Shard(0)[3 parts]@tp", or "Replicate" with no levels: for
+  /// metadata and messages.
   std::string placement() const {
     if (levels.empty()) return "Replicate";
     std::string text;
-    for (const auto& level : levels)
-      text += (text.empty() ? "" : ",") + std::string("Shard(") + std::to_string(level.dim) + ")@" + level.mesh_dim;
+    for (const auto& level : levels) {
+      text += (text.empty() ? "" : ",") + std::string("Shard(") + std::to_string(level.dim) + ")";
+      if (!level.parts.empty()) text += "[" + std::to_string(level.parts.size()) + " parts]";
+      text += "@" + level.mesh_dim;
+    }
     return text;
   }
 
@@ -76,20 +204,36 @@ struct TensorLayout {
   }
 };
 
-/// A local block with its place in the global tensor: what sharded state dicts hold.
+/// A local tensor with its place in the global tensor: what sharded state dicts hold.
 struct ShardedTensor {
-  at::Tensor local;         ///< this rank's block, unpadded, shape == box.sizes
-  TensorLayout layout;      ///< global shape and shard levels
-  TensorBox box;            ///< layout.local_box(), cached
+  at::Tensor local;                  ///< this rank's piece, unpadded, shape == layout.local_shape()
+  TensorLayout layout;               ///< global shape and shard levels
+  std::vector<TensorBlock> blocks;   ///< layout.local_blocks(), cached
+
+  /// The one rectangle of a tensor without fused levels.
+  const TensorBox& box() const {
+    TORCH_CHECK(blocks.size() == 1, "titan: the layout ", layout.placement(), " gives this rank ", blocks.size(),
+                " rectangles (a fused level); use blocks");
+    return blocks.front().box;
+  }
 };
 
 /// Named sharded tensors in a stable order (module registration order).
 using ShardedStateDict = std::vector<std::pair<std::string, ShardedTensor>>;
 
+/// `local` with `layout`, checking that the local shape is the one the layout gives.
+inline ShardedTensor make_sharded(const std::string& name, const at::Tensor& local, TensorLayout layout) {
+  auto blocks = layout.local_blocks();
+  ShardedTensor sharded{local, std::move(layout), std::move(blocks)};
+  auto shape = sharded.layout.local_shape();
+  TORCH_CHECK(shape == local.sizes().vec(), "titan: '", name, "' has local shape ", local.sizes(), " but its layout ",
+              sharded.layout.placement(), " gives ", c10::IntArrayRef(shape));
+  return sharded;
+}
+
 /// A replicated (unsharded) tensor as a ShardedTensor.
 inline ShardedTensor replicated(const at::Tensor& tensor) {
-  TensorLayout layout{tensor.sizes().vec(), {}};
-  return ShardedTensor{tensor, layout, layout.local_box()};
+  return make_sharded("replicated tensor", tensor, TensorLayout{tensor.sizes().vec(), {}});
 }
 
 /// Implemented by hooks that change how parameters are stored (tensor parallel, FSDP). A hook on
@@ -101,6 +245,9 @@ class ParameterLayoutProvider {
   virtual ~ParameterLayoutProvider() = default;
   /// The layout of parameter `relative_name`, or nullopt if this hook does not manage it.
   virtual std::optional<TensorLayout> layout_of(const std::string& relative_name) const = 0;
+  /// Bytes this hook holds beyond the local shards right now (FSDP: unsharded parameters and
+  /// gradients), for memory_usage.
+  virtual int64_t unsharded_bytes() const { return 0; }
 };
 
 /// The layout of `module`'s parameter `name` (a dotted name from named_parameters): the answer of
@@ -112,36 +259,218 @@ inline TensorLayout parameter_layout(const torch::nn::Module& module, const std:
   std::string rest = name;
   while (current != nullptr) {
     // Outermost hook first: an outer provider (FSDP) already composes what inner ones (TP) report.
-    const auto hooks = hooks_of(*current);
-    for (auto hook = hooks.rbegin(); hook != hooks.rend(); ++hook) {
-      if (auto provider = std::dynamic_pointer_cast<ParameterLayoutProvider>(*hook)) {
-        if (auto layout = provider->layout_of(rest)) return *layout;
+    if (const auto* slot = detail::hook_slot(*current)) {
+      for (auto hook = slot->hooks.rbegin(); hook != slot->hooks.rend(); ++hook) {
+        if (auto provider = std::dynamic_pointer_cast<ParameterLayoutProvider>(*hook)) {
+          if (auto layout = provider->layout_of(rest)) return *layout;
+        }
       }
     }
     auto dot = rest.find('.');
     if (dot == std::string::npos) break;
-    auto child_name = rest.substr(0, dot);
-    const torch::nn::Module* next = nullptr;
-    for (const auto& child : current->named_children())
-      if (child.key() == child_name) next = child.value().get();
-    current = next;
+    const auto* child = detail::child_dict(*current).find(rest.substr(0, dot));
+    current = child ? child->get() : nullptr;
     rest = rest.substr(dot + 1);
   }
   return TensorLayout{parameter.sizes().vec(), {}};
 }
 
-/// Every parameter of `module` (local tensors as optimizers see them) with its global layout.
-inline ShardedStateDict sharded_parameters(const torch::nn::Module& module) {
+/// Every parameter of `module` (a module, ModuleHolder, shared_ptr or pointer; local tensors as
+/// optimizers see them) with its global layout.
+template <typename M>
+ShardedStateDict sharded_parameters(const M& module_like) {
+  const torch::nn::Module& module = detail::module_ref(module_like);
   ShardedStateDict result;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    auto layout = parameter_layout(module, item.key(), item.value());
-    auto box = layout.local_box();
-    TORCH_CHECK(box.sizes == item.value().sizes().vec(),
-                "titan: parameter '", item.key(), "' has local shape ", item.value().sizes(),
-                " but its layout ", layout.placement(), " gives ", c10::IntArrayRef(box.sizes));
-    result.emplace_back(item.key(), ShardedTensor{item.value(), std::move(layout), std::move(box)});
-  }
+  for (const auto& item : module.named_parameters(/*recurse=*/true))
+    result.emplace_back(item.key(),
+                        make_sharded("parameter '" + item.key() + "'", item.value(),
+                                     parameter_layout(module, item.key(), item.value())));
   return result;
+}
+
+/// Options of full_state_dict, with chained setters.
+struct FullStateDictOptions {
+  /// Only rank 0 of the given group keeps the gathered tensors (every rank still takes part in
+  /// the gathers); the others get an empty dict.
+  TORCH_ARG(bool, rank0_only) = true;
+  /// Copy the gathered tensors to the CPU.
+  TORCH_ARG(bool, cpu_offload) = true;
+};
+
+/// The global tensor of a sharded one: all-gathers its levels, innermost first. Every rank of
+/// each level's group must call it.
+inline at::Tensor gather_full(const ShardedTensor& sharded) {
+  const auto& levels = sharded.layout.levels;
+  // Size along each level's dim before that level split it.
+  std::vector<int64_t> before(levels.size());
+  std::vector<int64_t> sizes = sharded.layout.global_shape;
+  for (size_t k = 0; k < levels.size(); ++k) {
+    auto d = static_cast<size_t>(levels[k].dim);
+    before[k] = sizes[d];
+    int64_t mine = 0;
+    for (auto part : levels[k].parts.empty() ? std::vector<int64_t>{sizes[d]} : levels[k].parts)
+      mine += chunk_sizes(part, levels[k].group->size())[static_cast<size_t>(levels[k].group->rank())];
+    sizes[d] = mine;
+  }
+  at::NoGradGuard no_grad;
+  at::Tensor full = sharded.local.detach();
+  for (size_t k = levels.size(); k-- > 0;) {
+    const auto& level = levels[k];
+    const int n = level.group->size();
+    if (level.parts.empty()) {
+      full = detail::all_gather_raw(full, *level.group, level.dim, chunk_sizes(before[k], n));
+      continue;
+    }
+    // Rank r holds [chunk r of part 0 | chunk r of part 1 | ...]: gather, then regroup by part.
+    std::vector<std::vector<int64_t>> part_chunks;
+    std::vector<int64_t> per_rank(static_cast<size_t>(n), 0);
+    for (auto part : level.parts) {
+      part_chunks.push_back(chunk_sizes(part, n));
+      for (int r = 0; r < n; ++r) per_rank[static_cast<size_t>(r)] += part_chunks.back()[static_cast<size_t>(r)];
+    }
+    auto gathered = detail::all_gather_raw(full, *level.group, level.dim, per_rank);
+    std::vector<at::Tensor> pieces;
+    for (size_t i = 0; i < level.parts.size(); ++i) {
+      for (int r = 0; r < n; ++r) {
+        int64_t start = chunk_offset(per_rank, r);
+        for (size_t j = 0; j < i; ++j) start += part_chunks[j][static_cast<size_t>(r)];
+        pieces.push_back(gathered.narrow(level.dim, start, part_chunks[i][static_cast<size_t>(r)]));
+      }
+    }
+    full = at::cat(pieces, level.dim);
+  }
+  return full;
+}
+
+/// Every parameter (gathered to its global shape) and buffer of `module` (a module, ModuleHolder,
+/// shared_ptr or pointer), by name: a plain state dict for export or for a single-process model.
+/// Every rank of `group` (normally the world group) calls it; `group` says which rank is rank 0
+/// for rank0_only.
+template <typename M>
+torch::OrderedDict<std::string, at::Tensor> full_state_dict(const M& module_like, const ProcessGroupPtr& group,
+                                                            const FullStateDictOptions& options = {}) {
+  const torch::nn::Module& module = detail::module_ref(module_like);
+  detail::check_group(group, "full_state_dict");
+  torch::OrderedDict<std::string, at::Tensor> result;
+  const bool keep = !options.rank0_only() || group->rank() == 0;
+  auto add = [&](const std::string& name, const at::Tensor& tensor) {
+    if (!keep) return;
+    auto copy = tensor.detach().clone();
+    result.insert(name, options.cpu_offload() ? copy.cpu() : copy);
+  };
+  for (const auto& [name, sharded] : sharded_parameters(module)) add(name, gather_full(sharded));
+  for (const auto& item : module.named_buffers(true)) add(item.key(), item.value());
+  return result;
+}
+
+/// Loads a full (unsharded) state dict, e.g. from full_state_dict or a single-process model, into
+/// the local shards and buffers of `module` (a module, ModuleHolder, shared_ptr or pointer).
+/// Every parameter and buffer must be present with its global shape.
+template <typename M>
+void load_full_state_dict(M&& module_like, const torch::OrderedDict<std::string, at::Tensor>& state) {
+  torch::nn::Module& module = detail::module_ref(module_like);
+  at::NoGradGuard no_grad;
+  for (auto& [name, sharded] : sharded_parameters(module)) {
+    const at::Tensor* full = state.find(name);
+    TORCH_CHECK(full != nullptr, "titan::load_full_state_dict: no entry for parameter '", name, "'");
+    TORCH_CHECK(full->sizes().vec() == sharded.layout.global_shape, "titan::load_full_state_dict: '", name,
+                "' has shape ", full->sizes(), " but the model's global shape is ",
+                c10::IntArrayRef(sharded.layout.global_shape));
+    for (const auto& block : sharded.blocks) block.view_of(sharded.local).copy_(block.view_of_global(*full));
+  }
+  for (auto& item : module.named_buffers(true)) {
+    const at::Tensor* full = state.find(item.key());
+    TORCH_CHECK(full != nullptr, "titan::load_full_state_dict: no entry for buffer '", item.key(), "'");
+    item.value().copy_(*full);
+  }
+}
+
+/// Scales the gradients of the parameters of `module` (a module, ModuleHolder, shared_ptr or
+/// pointer) so that their global L2 norm is at most `max_norm`, as torch.nn.utils.clip_grad_norm_
+/// does for an unsharded model (coefficient max_norm / (norm + 1e-6), capped at 1), and returns the
+/// norm before clipping: a 0-dim float64 tensor on the group's device. The norm counts every
+/// element of every global parameter once, from the layouts: a block several ranks of `group`
+/// hold (a norm weight replicated over TP, an HSDP replica) is counted once. `group` must contain
+/// the groups of every shard level (the world group always does) and every rank of it calls this.
+/// max_norm <= 0 only measures; a non-finite norm leaves the gradients unchanged.
+template <typename M>
+at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupPtr& group) {
+  torch::nn::Module& module = detail::module_ref(module_like);
+  detail::check_group(group, "clip_grad_norm_");
+  const auto& members = group->global_ranks();
+  std::vector<const ProcessGroup*> checked;  // level groups known to lie inside `group`
+  at::NoGradGuard no_grad;
+  auto squared = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(group->device()));  // []
+  std::vector<at::Tensor> grads;
+  for (const auto& [name, sharded] : sharded_parameters(module)) {
+    const auto& grad = sharded.local.grad();
+    if (!grad.defined()) continue;
+    grads.push_back(grad);
+    int64_t split = 1;  // ranks of `group` holding distinct blocks of this parameter
+    for (const auto& level : sharded.layout.levels) {
+      if (std::find(checked.begin(), checked.end(), level.group.get()) == checked.end()) {
+        for (int rank : level.group->global_ranks())
+          TORCH_CHECK(std::find(members.begin(), members.end(), rank) != members.end(), "titan::clip_grad_norm_: ",
+                      "parameter '", name, "' is sharded over '", level.mesh_dim, "', whose rank ", rank,
+                      " is outside the given group of ", group->size(), " ranks: pass a group holding every shard ",
+                      "(the world group)");
+        checked.push_back(level.group.get());
+      }
+      split *= level.group->size();
+    }
+    TORCH_CHECK(group->size() % split == 0, "titan::clip_grad_norm_: parameter '", name, "' is split into ", split,
+                " blocks, which the group's ", group->size(), " ranks cannot hold equally often");
+    const double copies = static_cast<double>(group->size() / split);  // ranks holding this rank's block
+    squared += grad.detach().to(at::kDouble).pow(2).sum().to(squared.device()) / copies;
+  }
+  auto norm = detail::all_reduce_raw(squared, *group, ReduceOp::Sum).sqrt();  // []
+  if (max_norm > 0 && !grads.empty()) {
+    auto coefficient = (max_norm / (norm + 1e-6)).clamp_max(1.0);
+    coefficient = at::where(norm.isfinite(), coefficient, at::ones_like(coefficient));
+    for (auto& grad : grads) grad.mul_(coefficient.to(grad.device(), grad.scalar_type()));
+  }
+  return norm;
+}
+
+/// Per-rank bytes held for a model and its optimizer.
+struct MemoryUsage {
+  int64_t param_bytes = 0;            ///< parameters as the optimizer sees them (local shards)
+  int64_t grad_bytes = 0;             ///< their gradients
+  int64_t optimizer_state_bytes = 0;  ///< optimizer state tensors of those parameters
+  int64_t unsharded_bytes = 0;        ///< unsharded parameters and gradients currently allocated (FSDP)
+  int64_t global_param_bytes = 0;     ///< all parameters unsharded (what one replica would hold)
+};
+
+namespace detail {
+inline int64_t tensor_bytes(const at::Tensor& t) {
+  return t.defined() && !t.is_meta() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
+}
+}  // namespace detail
+
+/// What this rank holds for `module` (a module, ModuleHolder, shared_ptr or pointer; sharded or
+/// not) and, when given, `optimizer`'s state (Adam, AdamW, SGD, Adagrad or RMSprop).
+template <typename M>
+MemoryUsage memory_usage(const M& module_like, const torch::optim::Optimizer* optimizer = nullptr) {
+  const torch::nn::Module& module = detail::module_ref(module_like);
+  MemoryUsage memory;
+  for (const auto& item : module.named_parameters(true)) {
+    memory.param_bytes += detail::tensor_bytes(item.value());
+    memory.grad_bytes += detail::tensor_bytes(item.value().grad());
+    memory.global_param_bytes += c10::multiply_integers(parameter_layout(module, item.key(), item.value()).global_shape) *
+                                 static_cast<int64_t>(item.value().element_size());
+  }
+  detail::visit_modules(module, "", [&memory](const std::string&, const torch::nn::Module& m) {
+    for (const auto& hook : hooks_of(m))
+      if (auto provider = std::dynamic_pointer_cast<ParameterLayoutProvider>(hook))
+        memory.unsharded_bytes += provider->unsharded_bytes();
+  });
+  if (optimizer != nullptr) {
+    for (const auto& entry : optimizer->state()) {
+      const auto& kind = detail::optimizer_kind_of_state(*entry.second, "titan::memory_usage");
+      for (const auto& [key, tensor] : kind.tensors(*entry.second)) memory.optimizer_state_bytes += detail::tensor_bytes(tensor);
+    }
+  }
+  return memory;
 }
 
 }  // namespace titan

@@ -96,153 +96,11 @@ inline Placement Shard(int64_t dim) { return Placement::shard(dim); }
 /// Placement::replicate_partial_grad().
 inline Placement ReplicatePartialGrad() { return Placement::replicate_partial_grad(); }
 
-/// Differentiable moves between layouts over a TP group (Megatron's f / g and their sequence
-/// variants). Gradients follow the layout convention above; a group of one rank is an identity.
-namespace tp {
-
-namespace detail {
-
-inline torch::autograd::variable_list one(at::Tensor grad) { return torch::autograd::variable_list{std::move(grad)}; }
-
-/// Offset of this rank's chunk given every rank's size.
-inline int64_t offset_of(const std::vector<int64_t>& sizes, int rank) {
-  int64_t offset = 0;
-  for (int r = 0; r < rank; ++r) offset += sizes[static_cast<size_t>(r)];
-  return offset;
-}
-
-}  // namespace detail
-
-/// Replicate -> Replicate feeding a computation that is split over the group (a column-parallel
-/// layer): forward identity, backward all-reduce (sum) of the partial input gradients.
-inline at::Tensor copy_to_group(const at::Tensor& x, const ProcessGroupPtr& group) {
-  titan::detail::check_group(group, "tp::copy_to_group");
-  if (group->size() == 1) return x;
-  return titan::detail::with_backward(x, x.detach(), "titan::tp::CopyToGroupBackward",
-                                      [group](torch::autograd::variable_list&& grads) {
-                                        return detail::one(titan::detail::all_reduce_raw(grads[0], *group, ReduceOp::Sum));
-                                      });
-}
-
-/// Partial sums -> Replicate (after a row-parallel layer): forward all-reduce (sum), backward
-/// identity (the gradient of a replicated output is already whole on every rank).
-inline at::Tensor reduce_from_group(const at::Tensor& x, const ProcessGroupPtr& group) {
-  titan::detail::check_group(group, "tp::reduce_from_group");
-  if (group->size() == 1) return x;
-  at::Tensor out;
-  {
-    at::NoGradGuard no_grad;
-    out = titan::detail::all_reduce_raw(x, *group, ReduceOp::Sum);
-  }
-  return titan::detail::with_backward(x, std::move(out), "titan::tp::ReduceFromGroupBackward",
-                                      [](torch::autograd::variable_list&& grads) { return detail::one(grads[0]); });
-}
-
-/// Shard(dim) -> Replicate: forward all-gather along `dim` (rank r holds sizes[r] rows; empty:
-/// exchanged), backward this rank's rows of the whole gradient (no communication).
-inline at::Tensor gather_from_group(const at::Tensor& x, const ProcessGroupPtr& group, int64_t dim,
-                                    std::vector<int64_t> sizes = {}) {
-  titan::detail::check_group(group, "tp::gather_from_group");
-  dim = titan::detail::wrap_dim(dim, x);
-  if (group->size() == 1) return x;
-  if (sizes.empty()) sizes = titan::detail::exchange_sizes(x, *group, dim);
-  titan::detail::check_sizes(sizes, *group, "tp::gather_from_group");
-  at::Tensor out;
-  {
-    at::NoGradGuard no_grad;
-    out = titan::detail::all_gather_raw(x, *group, dim, sizes);
-  }
-  const int64_t offset = detail::offset_of(sizes, group->rank());
-  const int64_t rows = sizes[static_cast<size_t>(group->rank())];
-  return titan::detail::with_backward(x, std::move(out), "titan::tp::GatherFromGroupBackward",
-                                      [dim, offset, rows](torch::autograd::variable_list&& grads) {
-                                        return detail::one(grads[0].narrow(dim, offset, rows).contiguous());
-                                      });
-}
-
-/// Replicate -> Shard(dim): forward this rank's chunk (torch.chunk sizes) of `dim`, backward
-/// all-gather of the chunks' gradients into the whole gradient.
-inline at::Tensor scatter_to_group(const at::Tensor& x, const ProcessGroupPtr& group, int64_t dim) {
-  titan::detail::check_group(group, "tp::scatter_to_group");
-  dim = titan::detail::wrap_dim(dim, x);
-  if (group->size() == 1) return x;
-  auto sizes = chunk_sizes(x.size(dim), group->size());
-  at::Tensor out;
-  {
-    at::NoGradGuard no_grad;
-    out = x.narrow(dim, detail::offset_of(sizes, group->rank()), sizes[static_cast<size_t>(group->rank())]).contiguous();
-  }
-  return titan::detail::with_backward(x, std::move(out), "titan::tp::ScatterToGroupBackward",
-                                      [group, dim, sizes](torch::autograd::variable_list&& grads) {
-                                        return detail::one(titan::detail::all_gather_raw(grads[0], *group, dim, sizes));
-                                      });
-}
-
-namespace detail {
-
-/// All-to-all: splits `x` along `split_dim` into `split_sizes` (one piece per rank) and sends piece
-/// j to rank j; returns the pieces received from every rank, concatenated along `cat_dim` (rank
-/// i's has cat_sizes[i] rows there and split_sizes[this rank] along split_dim). No autograd.
-inline at::Tensor all_to_all_raw(const at::Tensor& x, const ProcessGroup& group, int64_t split_dim,
-                                 const std::vector<int64_t>& split_sizes, int64_t cat_dim,
-                                 const std::vector<int64_t>& cat_sizes) {
-  const int n = group.size(), me = group.rank();
-  std::vector<at::Tensor> pieces;  // this rank's piece for each rank, flattened
-  std::vector<int64_t> send_counts, receive_counts;
-  auto received_shape = [&](int source) {
-    auto shape = x.sizes().vec();
-    shape[static_cast<size_t>(split_dim)] = split_sizes[static_cast<size_t>(me)];
-    shape[static_cast<size_t>(cat_dim)] = cat_sizes[static_cast<size_t>(source)];
-    return shape;
-  };
-  int64_t offset = 0;
-  for (int r = 0; r < n; offset += split_sizes[static_cast<size_t>(r)], ++r) {
-    pieces.push_back(x.narrow(split_dim, offset, split_sizes[static_cast<size_t>(r)]).contiguous().view(-1));
-    send_counts.push_back(pieces.back().numel());
-    receive_counts.push_back(c10::multiply_integers(received_shape(r)));
-  }
-  auto input = at::cat(pieces);  // [sum of send_counts]
-  auto output = at::empty({c10::sum_integers(receive_counts)}, x.options());
-  // Copies: backends may move the count vectors into their work object.
-  std::vector<int64_t> output_counts = receive_counts, input_counts = send_counts;
-  group.backend()->alltoall_base(output, input, output_counts, input_counts)->wait();
-  std::vector<at::Tensor> received;
-  offset = 0;
-  for (int r = 0; r < n; offset += receive_counts[static_cast<size_t>(r)], ++r)
-    received.push_back(output.narrow(0, offset, receive_counts[static_cast<size_t>(r)]).view(received_shape(r)));
-  return at::cat(received, cat_dim);
-}
-
-}  // namespace detail
-
-/// Shard(from_dim) -> Shard(to_dim) (e.g. sequence-sharded to head-sharded activations): one
-/// all-to-all. Rank r sends chunk j of to_dim (torch.chunk sizes) of its local tensor to rank j and
-/// concatenates what it receives along from_dim (every rank's size there is exchanged). Backward:
-/// the inverse all-to-all of the gradient.
-inline at::Tensor all_to_all(const at::Tensor& x, const ProcessGroupPtr& group, int64_t from_dim, int64_t to_dim) {
-  titan::detail::check_group(group, "tp::all_to_all");
-  from_dim = titan::detail::wrap_dim(from_dim, x);
-  to_dim = titan::detail::wrap_dim(to_dim, x);
-  TORCH_CHECK(from_dim != to_dim, "titan: tp::all_to_all needs two different dimensions, got ", from_dim, " twice");
-  if (group->size() == 1) return x;
-  auto from_sizes = titan::detail::exchange_sizes(x, *group, from_dim);
-  auto to_sizes = chunk_sizes(x.size(to_dim), group->size());
-  at::Tensor out;
-  {
-    at::NoGradGuard no_grad;
-    out = detail::all_to_all_raw(x, *group, to_dim, to_sizes, from_dim, from_sizes);
-  }
-  return titan::detail::with_backward(
-      x, std::move(out), "titan::tp::AllToAllBackward",
-      [group, from_dim, to_dim, from_sizes, to_sizes](torch::autograd::variable_list&& grads) {
-        return detail::one(detail::all_to_all_raw(grads[0].contiguous(), *group, from_dim, from_sizes, to_dim, to_sizes));
-      });
-}
-
-/// Moves an activation from layout `from` to layout `to` (Replicate <-> Shard(d); equal layouts
-/// are an identity). To ReplicatePartialGrad(): from Shard(d) an all-gather whose backward
-/// reduce-scatters the summed partial gradients, from Replicate() an identity whose backward
-/// all-reduces them. Shard(a) -> Shard(b) is an all-to-all.
+/// Moves an activation from layout `from` to layout `to` over the TP group, differentiably
+/// (collectives.hpp): Replicate -> Shard(d) scatter_to_group, Shard(d) -> Replicate
+/// gather_from_group, Shard(a) -> Shard(b) all_to_all, equal layouts an identity. To
+/// ReplicatePartialGrad(): from Shard(d) an all-gather whose backward reduce-scatters the summed
+/// partial gradients, from Replicate() copy_to_group (backward all-reduce).
 inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const Placement& to,
                                const ProcessGroupPtr& group) {
   TORCH_CHECK(!from.is_replicate_partial_grad(), "titan: ReplicatePartialGrad() is a layout a module receives, ",
@@ -257,8 +115,6 @@ inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const
   return all_to_all(x, group, from.dim(), to.dim());
 }
 
-}  // namespace tp
-
 /// A way of parallelizing one module over a TP group (ColwiseParallel, RowwiseParallel,
 /// SequenceParallel, PrepareModuleInput, PrepareModuleOutput). A style is a value with chained setters; applying it
 /// shards the module's parameters in place and attaches a bound copy of it as the module's hook,
@@ -269,6 +125,8 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
   /// the module's name in the model, for messages.
   virtual void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
                      const std::string& mesh_dim) const = 0;
+
+  HookKind kind() const override { return HookKind::TensorParallel; }
 
   std::optional<TensorLayout> layout_of(const std::string& relative_name) const override {
     auto it = layouts_.find(relative_name);
@@ -292,29 +150,34 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
   }
 
   /// Replaces parameter `name` of `module` by this rank's chunk of dimension `dim`, in place, and
-  /// records its layout. Works on meta parameters without allocating.
-  void shard_parameter(torch::nn::Module& module, const std::string& name, int64_t dim) {
+  /// records its layout. With `parts` (sizes along `dim` summing to it), each part is split and
+  /// the rank keeps its chunk of every part, concatenated (a fused projection). Works on meta
+  /// parameters without allocating.
+  void shard_parameter(torch::nn::Module& module, const std::string& name, int64_t dim,
+                       const std::vector<int64_t>& parts = {}) {
     auto parameter = direct_parameter(module, name);
     TORCH_CHECK(dim < parameter.dim(), "titan: ", this->name(), " on '", path_, "': parameter '", name, "' of shape ",
                 parameter.sizes(), " has no dimension ", dim);
     const auto global = parameter.sizes().vec();
     const int n = group_->size();
-    auto sizes = chunk_sizes(global[static_cast<size_t>(dim)], n);
-    TORCH_CHECK(sizes.back() > 0, "titan: ", this->name(), " on '", path_, "': dimension ", dim, " of '", name,
-                "' (size ", global[static_cast<size_t>(dim)], ") cannot give each of the ", n,
-                " tensor-parallel ranks a non-empty chunk");
+    for (auto part : parts.empty() ? std::vector<int64_t>{global[static_cast<size_t>(dim)]} : parts)
+      TORCH_CHECK(chunk_sizes(part, n).back() > 0, "titan: ", this->name(), " on '", path_, "': dimension ", dim,
+                  " of '", name, "' (", parts.empty() ? "size " : "a fused part of size ", part,
+                  ") cannot give each of the ", n, " tensor-parallel ranks a non-empty chunk");
+    TensorLayout layout{global, {ShardLevel{dim, mesh_dim_, group_, parts}}};
+    const auto blocks = layout.local_blocks();  // checks that the parts add up to the dimension
     if (n > 1) {
       at::Tensor local;
       {
         at::NoGradGuard no_grad;
-        local = parameter.narrow(dim, tp::detail::offset_of(sizes, group_->rank()),
-                                 sizes[static_cast<size_t>(group_->rank())])
-                    .clone(at::MemoryFormat::Contiguous);  // meta stays meta: no allocation
+        std::vector<at::Tensor> pieces;  // meta stays meta: no allocation
+        for (const auto& block : blocks) pieces.push_back(block.view_of_global(parameter));
+        local = at::cat(pieces, dim).contiguous();
       }
       parameter.set_data(local);  // the same TensorImpl: member and dictionary both see the shard
       parameter.mutable_grad() = at::Tensor();
     }
-    layouts_[name] = TensorLayout{global, {ShardLevel{dim, mesh_dim_, group_}}};
+    layouts_[name] = std::move(layout);
   }
 
   /// `module`'s own parameter `name` (a handle to the same TensorImpl), with a clear error if absent.
@@ -349,6 +212,23 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
 
 namespace detail {
 
+/// Gives a parameter zero values for its lifetime, in place (every handle, the module's member
+/// included, sees zeros), and its own values back afterwards. Autograd still records the
+/// parameter itself, so its gradient is unchanged (for a bias, which backward does not read).
+class ZeroedDuringForward {
+ public:
+  explicit ZeroedDuringForward(at::Tensor parameter) : parameter_(std::move(parameter)), values_(parameter_.tensor_data()) {
+    parameter_.set_data(at::zeros_like(values_));
+  }
+  ~ZeroedDuringForward() { parameter_.set_data(values_); }
+  ZeroedDuringForward(const ZeroedDuringForward&) = delete;
+  ZeroedDuringForward& operator=(const ZeroedDuringForward&) = delete;
+
+ private:
+  at::Tensor parameter_;
+  at::Tensor values_;  ///< shares the parameter's storage
+};
+
 inline bool is_embedding(const torch::nn::Module& module, bool declared) {
   return declared || dynamic_cast<const torch::nn::EmbeddingImpl*>(&module) != nullptr;
 }
@@ -370,6 +250,10 @@ inline void check_feature_layout(const Placement& layout, const char* style, con
 ///          ReplicatePartialGrad() (identity both ways: the producer, a PrepareModuleInput,
 ///          reduces the gradient once for every layer sharing the input);
 ///   output: Shard(-1) (default: the local features) or Replicate() (all-gathered features).
+/// A fused projection computing several outputs at once ([q|k|v] of GPT-2's c_attn, [gate|up] of
+/// a fused SwiGLU) needs fused_sizes: splitting it as one block would give rank 0 q and part of k.
+/// With fused_sizes each part is split across the ranks (as Megatron splits fused qkv), so rank r
+/// computes chunk r of every part, and its local output is [q_r|k_r|v_r].
 class ColwiseParallel : public ParallelStyle {
  public:
   /// Layout of the first tensor input.
@@ -378,9 +262,12 @@ class ColwiseParallel : public ParallelStyle {
   TORCH_ARG(Placement, output_layout) = Shard(-1);
   /// The module is an embedding table (weight [vocab, dim], integer ids in); automatic for torch::nn::Embedding.
   TORCH_ARG(bool, embedding) = false;
+  /// The output features are these parts laid end to end (e.g. {dim, dim, dim} for a fused
+  /// [q|k|v]; sizes summing to the features), each split across the ranks. Empty: one part.
+  TORCH_ARG(std::vector<int64_t>, fused_sizes) = {};
 
  public:
-  std::string name() const override { return "tp.colwise"; }
+  std::string name() const override { return "tensor-parallel colwise"; }
 
   void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
              const std::string& mesh_dim) const override {
@@ -394,9 +281,28 @@ class ColwiseParallel : public ParallelStyle {
     const auto weight = hook->direct_parameter(module, "weight");
     TORCH_CHECK(weight.dim() == 2, "titan: ColwiseParallel on '", path, "' needs a 2-D weight, got ", weight.sizes());
     const int64_t features = weight.size(embedding ? 1 : 0);
-    hook->shard_parameter(module, "weight", embedding ? 1 : 0);
-    if (module.named_parameters(false).contains("bias")) hook->shard_parameter(module, "bias", 0);
-    hook->output_sizes_ = chunk_sizes(features, group->size());
+    int64_t fused = 0;
+    for (auto part : fused_sizes_) fused += part;
+    TORCH_CHECK(fused_sizes_.empty() || fused == features, "titan: ColwiseParallel on '", path, "': fused_sizes ",
+                c10::IntArrayRef(fused_sizes_), " sum to ", fused, " but the module has ", features, " output features");
+    hook->shard_parameter(module, "weight", embedding ? 1 : 0, fused_sizes_);
+    if (module.named_parameters(false).contains("bias")) hook->shard_parameter(module, "bias", 0, fused_sizes_);
+    // Every rank's local features, and for a fused module the order that turns the gathered
+    // [q_0|k_0|v_0|q_1|k_1|v_1|...] back into [q|k|v].
+    const auto parts = fused_sizes_.empty() ? std::vector<int64_t>{features} : fused_sizes_;
+    const int n = group->size();
+    hook->output_sizes_.assign(static_cast<size_t>(n), 0);
+    for (auto part : parts)
+      for (int r = 0; r < n; ++r) hook->output_sizes_[static_cast<size_t>(r)] += chunk_sizes(part, n)[static_cast<size_t>(r)];
+    if (!fused_sizes_.empty()) {
+      for (size_t i = 0; i < parts.size(); ++i) {
+        for (int r = 0; r < n; ++r) {
+          int64_t start = chunk_offset(hook->output_sizes_, r);
+          for (size_t j = 0; j < i; ++j) start += chunk_sizes(parts[j], n)[static_cast<size_t>(r)];
+          for (int64_t k = 0; k < chunk_sizes(parts[i], n)[static_cast<size_t>(r)]; ++k) hook->gather_order_.push_back(start + k);
+        }
+      }
+    }
     attach_hook(module, hook);
   }
 
@@ -405,17 +311,22 @@ class ColwiseParallel : public ParallelStyle {
     TensorList prepared = inputs;
     auto& x = prepared[0];
     if (input_layout_.is_replicate()) {
-      x = tp::copy_to_group(x, group_);
+      x = copy_to_group(x, group_);
     } else if (input_layout_.is_shard()) {
       x = all_gather(x, group_, input_layout_.dim_for(x.dim()));
     }  // ReplicatePartialGrad(): as it is; its producer reduces the gradient
     auto out = next(prepared);  // [..., out / tp]
-    if (output_layout_.is_replicate()) out = tp::gather_from_group(out, group_, -1, output_sizes_);  // [..., out]
+    if (output_layout_.is_replicate()) {
+      out = gather_from_group(out, group_, -1, output_sizes_);  // [..., out], rank by rank
+      if (!gather_order_.empty())
+        out = out.index_select(-1, at::tensor(gather_order_, at::TensorOptions().dtype(at::kLong).device(out.device())));
+    }
     return out;
   }
 
  private:
   std::vector<int64_t> output_sizes_;  ///< every rank's number of output features
+  std::vector<int64_t> gather_order_;  ///< fused: gathered feature index of each global feature
 };
 
 /// Row parallel: splits the INPUT features. On a linear-like module the weight [out, in] is sharded
@@ -436,7 +347,7 @@ class RowwiseParallel : public ParallelStyle {
   TORCH_ARG(bool, embedding) = false;
 
  public:
-  std::string name() const override { return "tp.rowwise"; }
+  std::string name() const override { return "tensor-parallel rowwise"; }
 
   void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
              const std::string& mesh_dim) const override {
@@ -456,7 +367,7 @@ class RowwiseParallel : public ParallelStyle {
                     "titan: RowwiseParallel on embedding '", path,
                     "': padding_idx and max_norm are not supported with a vocabulary-sharded weight");
       auto sizes = chunk_sizes(weight.size(0), group->size());
-      hook->vocab_start_ = tp::detail::offset_of(sizes, group->rank());
+      hook->vocab_start_ = chunk_offset(sizes, group->rank());
       hook->vocab_end_ = hook->vocab_start_ + sizes[static_cast<size_t>(group->rank())];
       hook->is_embedding_ = true;
       hook->shard_parameter(module, "weight", 0);
@@ -480,16 +391,17 @@ class RowwiseParallel : public ParallelStyle {
       prepared[0] = (ids - vocab_start_).masked_fill(outside, 0);
       partial = next(prepared).masked_fill(outside.unsqueeze(-1), 0.0);  // [batch, seq, dim], this rank's rows
     } else {
-      if (input_layout_.is_replicate()) prepared[0] = tp::scatter_to_group(prepared[0], group_, -1);
-      partial = next(prepared);  // [..., out] partial sums (each rank added the bias)
+      if (input_layout_.is_replicate()) prepared[0] = scatter_to_group(prepared[0], group_, -1);
+      // The reduction must add the bias once: rank 0's forward adds it, the others run with it
+      // zeroed. Its gradient still reaches the parameter on every rank (whole, since the
+      // reduction's backward hands each rank the whole output gradient).
+      std::optional<detail::ZeroedDuringForward> zeroed;
+      if (bias_.defined() && group_->rank() != 0) zeroed.emplace(bias_);
+      partial = next(prepared);  // [..., out] partial sums, the bias in rank 0's
     }
-    auto out = output_layout_.is_replicate()
-                   ? tp::reduce_from_group(partial, group_)
-                   : reduce_scatter(partial, group_, output_layout_.dim_for(partial.dim()), ReduceOp::Sum);
-    // Every rank's forward added the bias: keep one. Detached, so the bias gradient is the
-    // module's own (whole on every rank, since the reduction's backward hands each rank all of it).
-    if (bias_.defined() && group_->size() > 1) out = out - bias_.detach() * (group_->size() - 1);
-    return out;
+    return output_layout_.is_replicate()
+               ? reduce_from_group(partial, group_)
+               : reduce_scatter(partial, group_, output_layout_.dim_for(partial.dim()), ReduceOp::Sum);
   }
 
  private:
@@ -508,7 +420,7 @@ class SequenceParallel : public ParallelStyle {
   TORCH_ARG(int64_t, sequence_dim) = 1;
 
  public:
-  std::string name() const override { return "tp.sequence_parallel"; }
+  std::string name() const override { return "tensor-parallel sequence_parallel"; }
 
   void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
              const std::string& mesh_dim) const override {
@@ -517,7 +429,7 @@ class SequenceParallel : public ParallelStyle {
     for (auto& parameter : module.parameters(/*recurse=*/true)) {
       if (!parameter.requires_grad() || group->size() == 1) continue;
       parameter.register_hook([group](const at::Tensor& grad) {  // sum of the sequence chunks' gradients
-        return titan::detail::all_reduce_raw(grad, *group, ReduceOp::Sum);
+        return detail::all_reduce_raw(grad, *group, ReduceOp::Sum);
       });
     }
     attach_hook(module, hook);
@@ -543,7 +455,7 @@ class PrepareModuleInput : public ParallelStyle {
   TORCH_ARG(std::vector<std::optional<Placement>>, desired_input_layouts);
 
  public:
-  std::string name() const override { return "tp.prepare_module_input"; }
+  std::string name() const override { return "tensor-parallel prepare_module_input"; }
 
   void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
              const std::string& mesh_dim) const override {
@@ -564,7 +476,7 @@ class PrepareModuleInput : public ParallelStyle {
                 input_layouts_.size(), " layouts but forward got ", inputs.size(), " tensor arguments");
     TensorList prepared = inputs;
     for (size_t i = 0; i < inputs.size(); ++i)
-      if (input_layouts_[i]) prepared[i] = tp::redistribute(inputs[i], *input_layouts_[i], *desired_input_layouts_[i], group_);
+      if (input_layouts_[i]) prepared[i] = redistribute(inputs[i], *input_layouts_[i], *desired_input_layouts_[i], group_);
     return next(prepared);
   }
 };
@@ -581,7 +493,7 @@ class PrepareModuleOutput : public ParallelStyle {
   TORCH_ARG(Placement, desired_output_layout) = Replicate();
 
  public:
-  std::string name() const override { return "tp.prepare_module_output"; }
+  std::string name() const override { return "tensor-parallel prepare_module_output"; }
 
   void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
              const std::string& mesh_dim) const override {
@@ -594,7 +506,7 @@ class PrepareModuleOutput : public ParallelStyle {
   }
 
   at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
-    return tp::redistribute(next(inputs), output_layout_, desired_output_layout_, group_);
+    return redistribute(next(inputs), output_layout_, desired_output_layout_, group_);
   }
 };
 
@@ -664,22 +576,50 @@ inline bool match_module_name(const std::string& pattern, const std::string& nam
 
 }  // namespace detail
 
-/// Applies `plan` to `module`'s submodules over `tp_group` (whose mesh dimension is `mesh_dim`):
-/// shards their parameters in place (meta parameters stay meta) and attaches the styles' hooks.
-/// Call it on every rank of the group, before fully_shard, with the model called through titan::call.
-inline void parallelize_module(torch::nn::Module& module, const ProcessGroupPtr& tp_group, const ParallelizePlan& plan,
-                               const std::string& mesh_dim = "tp") {
+namespace detail {
+
+/// Up to eight of `module`'s submodule names with as many components as `pattern` (else any), for
+/// the error of a plan entry that matches nothing.
+inline std::string module_names_like(const torch::nn::Module& module, const std::string& pattern) {
+  std::vector<std::string> same_depth, any;
+  const size_t depth = split_dots(pattern).size();
+  visit_modules(module, "", [&](const std::string& path, const torch::nn::Module&) {
+    if (path.empty()) return;
+    (split_dots(path).size() == depth ? same_depth : any).push_back(path);
+  });
+  const auto& names = same_depth.empty() ? any : same_depth;
+  std::string text;
+  for (size_t i = 0; i < names.size() && i < 8; ++i) text += (i ? ", '" : "'") + names[i] + "'";
+  if (names.size() > 8) text += c10::str(", ... (", names.size(), " in all)");
+  return text.empty() ? std::string("none: the model has no submodules") : text;
+}
+
+}  // namespace detail
+
+/// Applies `plan` to the submodules of `module` (a module, ModuleHolder, shared_ptr or pointer)
+/// over `tp_group` (whose mesh dimension is `mesh_dim`): shards their parameters in place (meta
+/// parameters stay meta) and attaches the styles' hooks. Call it on every rank of the group,
+/// before checkpoint_wrapper and fully_shard, with the model calling those submodules through
+/// titan::call.
+template <typename M>
+void parallelize_module(M&& module_like, const ProcessGroupPtr& tp_group, const ParallelizePlan& plan,
+                        const std::string& mesh_dim = "tp") {
+  torch::nn::Module& module = detail::module_ref(module_like);
   TORCH_CHECK(tp_group, "titan::parallelize_module: this rank is not in the tensor-parallel group");
+  if (auto sharded = detail::later_hook(module, HookKind::ActivationCheckpoint))
+    TORCH_CHECK(false, "titan::parallelize_module: '", sharded->first, "' already has ", sharded->second,
+                " attached. Apply tensor parallelism first: parallelize_module, then checkpoint_wrapper, then ",
+                "fully_shard (tensor-parallel shards are what FSDP shards further)");
   std::map<std::string, std::string> claimed;  // module name -> the pattern that matched it
   for (const auto& [pattern, style] : plan.entries()) {
     TORCH_CHECK(style, "titan::parallelize_module: plan entry '", pattern, "' has no style");
-    std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> targets;
-    for (const auto& item : module.named_modules("", /*include_self=*/true)) {
-      if (item.key().find(titan::detail::kHookSlotName) != std::string::npos) continue;
-      if (detail::match_module_name(pattern, item.key())) targets.emplace_back(item.key(), item.value());
-    }
-    TORCH_CHECK(!targets.empty(), "titan::parallelize_module: plan entry '", pattern,
-                "' matches no module of the model (names look like 'layers.0.attention.wq'; '*' matches one component)");
+    std::vector<std::pair<std::string, torch::nn::Module*>> targets;
+    detail::visit_modules(module, "", [&](const std::string& path, torch::nn::Module& m) {
+      if (detail::match_module_name(pattern, path)) targets.emplace_back(path, &m);
+    });
+    TORCH_CHECK(!targets.empty(), "titan::parallelize_module: plan entry '", pattern, "' matches no module of '",
+                module.name(), "' ('*' matches within one dotted component; \"\" is the root). Its modules include ",
+                detail::module_names_like(module, pattern));
     for (const auto& [name, target] : targets) {
       auto [it, fresh] = claimed.emplace(name, pattern);
       TORCH_CHECK(fresh, "titan::parallelize_module: module '", name, "' is matched by plan entries '", it->second,
@@ -690,11 +630,12 @@ inline void parallelize_module(torch::nn::Module& module, const ProcessGroupPtr&
 }
 
 /// parallelize_module over a 1-D mesh (e.g. mesh["tp"]).
-inline void parallelize_module(torch::nn::Module& module, const DeviceMesh& tp_mesh, const ParallelizePlan& plan) {
+template <typename M>
+void parallelize_module(M&& module, const DeviceMesh& tp_mesh, const ParallelizePlan& plan) {
   TORCH_CHECK(tp_mesh.ndim() == 1, "titan::parallelize_module needs a 1-D mesh (e.g. mesh[\"tp\"]), got ",
               tp_mesh.ndim(), " dimensions");
   const auto& dim = tp_mesh.dim_names()[0];
-  parallelize_module(module, tp_mesh.group(dim), plan, dim);
+  parallelize_module(std::forward<M>(module), tp_mesh.group(dim), plan, dim);
 }
 
 /// Loss parallel: the cross-entropy of logits sharded on the vocabulary (the local output of a
@@ -708,7 +649,7 @@ inline void parallelize_module(torch::nn::Module& module, const DeviceMesh& tp_m
 inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
                                               const ProcessGroupPtr& tp_group, int64_t ignore_index = -100,
                                               int64_t reduction = at::Reduction::Mean) {
-  titan::detail::check_group(tp_group, "loss_parallel_cross_entropy");
+  detail::check_group(tp_group, "loss_parallel_cross_entropy");
   TORCH_CHECK(logits.dim() >= 1 && logits.sizes().slice(0, logits.dim() - 1) == targets.sizes(),
               "titan: loss_parallel_cross_entropy needs logits [..., vocab / tp] and targets [...], got ",
               logits.sizes(), " and ", targets.sizes());
@@ -718,22 +659,15 @@ inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at
               " (expected at::Reduction::None, Mean or Sum)");
   const int64_t last = logits.dim() - 1;
   auto sizes = tp_group->size() == 1 ? std::vector<int64_t>{logits.size(last)}
-                                     : titan::detail::exchange_sizes(logits, *tp_group, last);
-  const int64_t start = tp::detail::offset_of(sizes, tp_group->rank());
+                                     : detail::exchange_sizes(logits, *tp_group, last);
+  const int64_t start = chunk_offset(sizes, tp_group->rank());
   const int64_t end = start + logits.size(last);
 
   auto x = logits.to(at::kFloat);  // [..., V_local]
   at::Tensor row_max;              // [...], the global maximum: a constant for the gradient
   {
     at::NoGradGuard no_grad;
-    row_max = std::get<0>(x.max(last));
-    if (tp_group->size() > 1) {
-      std::vector<at::Tensor> buffer{row_max.contiguous()};
-      c10d::AllreduceOptions options;
-      options.reduceOp = c10d::ReduceOp::MAX;
-      tp_group->backend()->allreduce(buffer, options)->wait();
-      row_max = buffer[0];
-    }
+    row_max = detail::all_reduce_raw(std::get<0>(x.max(last)), *tp_group, ReduceOp::Max);
   }
   auto shifted = x - row_max.unsqueeze(-1);  // [..., V_local]
   auto valid = targets != ignore_index;      // [...]
@@ -741,7 +675,7 @@ inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at
   auto local_ids = (targets - start).masked_fill(mine.logical_not(), 0).to(at::kLong);
   auto picked = shifted.gather(last, local_ids.unsqueeze(-1)).squeeze(-1).masked_fill(mine.logical_not(), 0.0);
   // One all-reduce for both sums: [2, ...] = (sum of exponentials, target logit) over the vocabulary.
-  auto sums = tp::reduce_from_group(at::stack({shifted.exp().sum(last), picked}), tp_group);
+  auto sums = reduce_from_group(at::stack({shifted.exp().sum(last), picked}), tp_group);
   auto per_token = (sums[0].log() - sums[1]).masked_fill(valid.logical_not(), 0.0);  // [...]
   if (reduction == at::Reduction::None) return per_token;
   if (reduction == at::Reduction::Sum) return per_token.sum();

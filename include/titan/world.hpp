@@ -30,6 +30,9 @@ struct LaunchInfo {
   std::string master_addr = "127.0.0.1";  ///< host of the rendezvous store (rank 0)
   int master_port = 29500;   ///< port of the rendezvous store
   std::string launcher = "none";  ///< "torchrun", "slurm", "openmpi" or "none"
+  /// torchrun's agent already serves the rendezvous store at master_addr:master_port
+  /// (TORCHELASTIC_USE_AGENT_STORE=True): every rank, rank 0 included, connects as a client.
+  bool agent_store = false;
 };
 
 /// Reads an environment variable; replaceable so the launcher parsing can be tested.
@@ -97,6 +100,8 @@ inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
       TORCH_CHECK(env("MASTER_ADDR"), "titan: RANK and WORLD_SIZE are set but MASTER_ADDR is not");
       TORCH_CHECK(env("MASTER_PORT"), "titan: RANK and WORLD_SIZE are set but MASTER_PORT is not");
     }
+    // As torch.distributed's _create_c10d_store: the elastic agent hosts the store.
+    info.agent_store = env("TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True";
   } else if (env("SLURM_PROCID")) {
     info.launcher = "slurm";
     info.rank = parse_env_int(env, "SLURM_PROCID", 0);
@@ -186,7 +191,7 @@ class World {
     if (info_.world_size > 1) {
       c10d::TCPStoreOptions store_options;
       store_options.port = static_cast<std::uint16_t>(info_.master_port);
-      store_options.isServer = info_.rank == 0;
+      store_options.isServer = info_.rank == 0 && !info_.agent_store;
       store_options.numWorkers = static_cast<size_t>(info_.world_size);
       store_options.timeout = options_.timeout();
       try {

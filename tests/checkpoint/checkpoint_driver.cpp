@@ -94,8 +94,8 @@ titan::safetensors::NamedTensors gathered_state(titan_ckpt::Net& model, torch::o
     result.emplace_back(name, titan::gather_full(sharded));
     auto& state = static_cast<torch::optim::AdamWParamState&>(
         *optimizer.state().at(sharded.local.unsafeGetTensorImpl()));
-    result.emplace_back(name + ".exp_avg", titan::gather_full({state.exp_avg(), sharded.layout, sharded.box}));
-    result.emplace_back(name + ".exp_avg_sq", titan::gather_full({state.exp_avg_sq(), sharded.layout, sharded.box}));
+    result.emplace_back(name + ".exp_avg", titan::gather_full({state.exp_avg(), sharded.layout, sharded.blocks}));
+    result.emplace_back(name + ".exp_avg_sq", titan::gather_full({state.exp_avg_sq(), sharded.layout, sharded.blocks}));
     result.emplace_back(name + ".step", torch::scalar_tensor(state.step(), torch::kLong));
   }
   return result;

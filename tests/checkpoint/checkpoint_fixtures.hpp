@@ -26,13 +26,11 @@ inline torch::Tensor global_tensor(int64_t index, const std::vector<int64_t>& sh
   return values.to(dtype).reshape(shape);
 }
 
-/// This rank's block of `global` under `layout`.
+/// This rank's piece of `global` under `layout` (its blocks, laid out as the layout says).
 inline titan::ShardedTensor shard_of(const torch::Tensor& global, const titan::TensorLayout& layout) {
-  auto box = layout.local_box();
-  auto local = global;
-  for (size_t d = 0; d < box.sizes.size(); ++d)
-    local = local.narrow(static_cast<int64_t>(d), box.offsets[d], box.sizes[d]);
-  return titan::ShardedTensor{local.contiguous(), layout, box};
+  auto local = torch::empty(layout.local_shape(), global.options());
+  for (const auto& block : layout.local_blocks()) block.view_of(local).copy_(block.view_of_global(global));
+  return titan::make_sharded("test tensor", local, layout);
 }
 
 /// One tensor of the resharding set: its shape, dtype and how each mesh kind shards it.
@@ -41,6 +39,7 @@ struct Spec {
   std::vector<int64_t> shape;
   torch::ScalarType dtype;
   int tp_dim;  ///< dim sharded over "tp" in the FSDP x TP mesh (-1: not TP-sharded)
+  std::vector<int64_t> tp_parts = {};  ///< fused parts along tp_dim (a [q|k|v] projection), or none
 };
 
 /// Tensors with uneven sizes, several dtypes and ranks, a scalar.
@@ -48,7 +47,7 @@ inline std::vector<Spec> specs() {
   return {{"layers.0.wq", {10, 6}, torch::kFloat, 0},       {"layers.0.wo", {6, 10}, torch::kFloat, 1},
           {"layers.0.norm", {7}, torch::kFloat, -1},        {"embed", {5, 3, 2}, torch::kBFloat16, 0},
           {"counts", {9}, torch::kLong, -1},                {"scale", {}, torch::kDouble, -1},
-          {"wide", {3, 257}, torch::kHalf, 1}};
+          {"wide", {3, 257}, torch::kHalf, 1},              {"layers.0.wqkv", {14, 3}, torch::kFloat, 0, {6, 4, 4}}};
 }
 
 /// The layout of `spec` on `mesh`: "dp_shard" alone (FSDP: Shard(0) over dp_shard, scalars
@@ -56,8 +55,9 @@ inline std::vector<Spec> specs() {
 inline titan::TensorLayout layout_for(const Spec& spec, const titan::DeviceMesh& mesh) {
   titan::TensorLayout layout{spec.shape, {}};
   if (spec.shape.empty()) return layout;
-  if (mesh.has_dim("tp") && spec.tp_dim >= 0) layout = layout.with_level({spec.tp_dim, "tp", mesh.group("tp")});
-  return layout.with_level({0, "dp_shard", mesh.group("dp_shard")});
+  if (mesh.has_dim("tp") && spec.tp_dim >= 0)
+    layout = layout.with_level({spec.tp_dim, "tp", mesh.group("tp"), spec.tp_parts});
+  return layout.with_level({0, "dp_shard", mesh.group("dp_shard"), {}});
 }
 
 /// A directory shared by the ranks of this job (MASTER_PORT differs between jobs), emptied by

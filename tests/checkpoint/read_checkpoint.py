@@ -50,7 +50,8 @@ def load_checkpoint(directory):
 # The tensors of checkpoint_fixtures.hpp (specs()), in order: name, shape, dtype.
 SPECS = [("layers.0.wq", [10, 6], torch.float32), ("layers.0.wo", [6, 10], torch.float32),
          ("layers.0.norm", [7], torch.float32), ("embed", [5, 3, 2], torch.bfloat16),
-         ("counts", [9], torch.int64), ("scale", [], torch.float64), ("wide", [3, 257], torch.float16)]
+         ("counts", [9], torch.int64), ("scale", [], torch.float64), ("wide", [3, 257], torch.float16),
+         ("layers.0.wqkv", [14, 3], torch.float32)]
 
 
 def global_tensor(index, shape, dtype):
@@ -77,7 +78,7 @@ def main():
     for t in meta["tensors"]:
         for s in t["shards"]:
             with safe_open(os.path.join(directory, s["file"]), framework="pt") as f:
-                shard = f.get_tensor(t["name"])
+                shard = f.get_tensor(s.get("key", t["name"]))  # a fused tensor's blocks: "name#k"
             index = tuple(slice(o, o + n) for o, n in zip(s["offsets"], s["sizes"]))
             if list(shard.shape) != s["sizes"] or not torch.equal(shard, tensors[t["name"]][index]):
                 print(f"FAILED: safetensors reads another {t['name']} from {s['file']}")

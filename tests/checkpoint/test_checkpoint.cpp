@@ -56,7 +56,7 @@ struct ShardedMlpImpl : torch::nn::Module {
     const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{
         {"w1", {12, 5}}, {"b1", {12}}, {"w2", {3, 12}}, {"b2", {3}}};
     for (const auto& [name, shape] : shapes) {
-      titan::TensorLayout layout{shape, {{0, "dp_shard", group}}};
+      titan::TensorLayout layout{shape, {{0, "dp_shard", group, {}}}};
       auto global = global_tensor(seed++, shape, torch::kFloat).mul(0.5);
       register_parameter(name, titan_ckpt::shard_of(global, layout).local.clone());
       hook->layouts[name] = layout;
@@ -79,6 +79,9 @@ TORCH_MODULE(ShardedMlp);
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& kind, std::vector<torch::Tensor> params) {
   if (kind == "AdamW") return std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(0.02).weight_decay(0.1));
   if (kind == "Adam") return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(0.02).amsgrad(true));
+  if (kind == "Adagrad") return std::make_unique<torch::optim::Adagrad>(params, torch::optim::AdagradOptions(0.05).lr_decay(0.01));
+  if (kind == "RMSprop")
+    return std::make_unique<torch::optim::RMSprop>(params, torch::optim::RMSpropOptions(0.01).momentum(0.9).centered(true));
   return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(0.05).momentum(0.9).nesterov(true));
 }
 
@@ -154,9 +157,9 @@ TEST_CASE("checkpoint: sharded tensors and extra state round-trip") {
   CHECK(meta.find("extra.layers.0.wq")->shards.size() == static_cast<size_t>(std::min(world()->world_size(), 10)));
 }
 
-TEST_CASE("checkpoint: training resumes bitwise (AdamW, Adam amsgrad, SGD momentum), keyed by name") {
+TEST_CASE("checkpoint: training resumes bitwise (AdamW, Adam amsgrad, SGD momentum, Adagrad, RMSprop), keyed by name") {
   titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
-  for (std::string kind : {"AdamW", "Adam", "SGD"}) {
+  for (std::string kind : {"AdamW", "Adam", "SGD", "Adagrad", "RMSprop"}) {
     INFO(kind);
     ShardedMlp straight(mesh, 0);
     auto straight_optimizer = make_optimizer(kind, straight->parameters());
@@ -198,6 +201,59 @@ TEST_CASE("checkpoint: training resumes bitwise (AdamW, Adam amsgrad, SGD moment
       CHECK(torch::equal(item.value(), b[item.key()]));
     }
   }
+}
+
+namespace {
+
+/// A counter and a table as a checkpoint component: a value and a tensor sharded over the ranks.
+struct Counter : titan::Stateful {
+  explicit Counter(const titan::DeviceMesh& mesh) : layout{{10, 2}, {{0, "dp_shard", mesh.group("dp_shard"), {}}}} {
+    table = torch::zeros(layout.local_shape());
+  }
+  titan::ComponentState state() const override {
+    return titan::ComponentState{{{"count", std::to_string(count)}}, {{"table", titan::make_sharded("table", table, layout)}}};
+  }
+  void load_state(const titan::ComponentState& state) override {
+    count = std::stoll(state.values.at("count"));
+    table.copy_(state.tensors.at(0).second.local);
+  }
+  titan::TensorLayout layout;
+  int64_t count = 0;
+  torch::Tensor table;
+};
+
+}  // namespace
+
+TEST_CASE("checkpoint: components are saved and restored by name; a missing one is an error") {
+  titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
+  auto dir = titan_ckpt::shared_dir(world(), "components");
+  {
+    Counter counter(mesh), other(mesh);
+    counter.count = 42;
+    counter.table.fill_(world()->rank() + 1.0);
+    other.count = 7;
+    titan::TrainState state;
+    state.add("counter", counter).add("other", other);
+    CHECK_THROWS_WITH(state.add("counter", other), doctest::Contains("a component named 'counter' is already registered"));
+    CHECK_THROWS_WITH(state.add("bad.name", other), doctest::Contains("must be letters, digits and '_'"));
+    titan::CheckpointManager(world(), titan::CheckpointOptions(dir)).save(1, state);
+  }
+  // Registered in the other order: found by name, not by position.
+  Counter counter(mesh), other(mesh);
+  titan::TrainState state;
+  state.add("other", other).add("counter", counter);
+  titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir));
+  REQUIRE(manager.load_latest(state) == std::optional<int64_t>(1));
+  CHECK(counter.count == 42);
+  CHECK(other.count == 7);
+  CHECK(counter.table.eq(world()->rank() + 1.0).all().item<bool>());
+  CHECK(state.extra.empty());  // titan's own entries are not handed back as extra state
+  // A component the checkpoint does not hold fails the load, with nothing overwritten.
+  Counter fresh(mesh), absent(mesh);
+  titan::TrainState more;
+  more.add("counter", fresh).add("absent", absent);
+  CHECK_THROWS_WITH(manager.load_latest(more), doctest::Contains("holds no state of component 'absent'"));
+  CHECK(fresh.count == 0);
 }
 
 TEST_CASE("checkpoint: an async save writes the staged copy while training goes on") {

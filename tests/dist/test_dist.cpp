@@ -78,6 +78,11 @@ TEST_CASE("read_launch_info reads torchrun, Slurm, Open MPI and no launcher") {
   CHECK(torchrun.local_rank == 1);
   CHECK(torchrun.master_addr == "node0");
   CHECK(torchrun.master_port == 1234);
+  CHECK_FALSE(torchrun.agent_store);
+  // torchrun's agent hosting the store: every rank, rank 0 too, connects as a client.
+  auto agent = titan::read_launch_info(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "node0"},
+                                               {"MASTER_PORT", "1234"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"}}));
+  CHECK(agent.agent_store);
 
   auto slurm = titan::read_launch_info(env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"},
                                                {"SLURM_LOCALID", "1"}, {"SLURM_JOB_NODELIST", "gpu[003-006,9],cpu1"}}));
@@ -122,6 +127,33 @@ TEST_CASE("chunk_sizes splits like torch.chunk") {
   CHECK(titan::chunk_sizes(8, 2) == std::vector<int64_t>{4, 4});
   CHECK(titan::chunk_sizes(1, 3) == std::vector<int64_t>{1, 0, 0});
   CHECK(titan::chunk_sizes(0, 2) == std::vector<int64_t>{0, 0});
+  CHECK(titan::chunk_offset({3, 3, 3, 1}, 0) == 0);
+  CHECK(titan::chunk_offset({3, 3, 3, 1}, 3) == 9);
+  CHECK(titan::chunk_offset({3, 3, 3, 1}, 4) == 10);
+}
+
+TEST_CASE("dist_sum, dist_max and ReduceOp::Max reduce scalars and tensors over a group") {
+  const auto& group = world()->group();
+  const int n = world()->world_size(), rank = world()->rank();
+  CHECK(titan::dist_sum(rank + 1.5, group) == doctest::Approx(n * (n + 1) / 2.0 + 0.5 * n));
+  CHECK(titan::dist_max(rank == 0 ? 7.25 : -rank, group) == 7.25);
+  CHECK(titan::dist_max(-1.0 - rank, group) == -1.0);
+  auto values = torch::tensor({static_cast<double>(rank), static_cast<double>(-rank)});
+  CHECK(torch::equal(titan::detail::all_reduce_raw(values, *group, titan::ReduceOp::Max),
+                     torch::tensor({static_cast<double>(n - 1), 0.0})));
+  // Max has no gradient: the differentiable collectives refuse it.
+  CHECK(error_of([&] { titan::all_reduce(values, group, titan::ReduceOp::Max); }).find("has no gradient") !=
+        std::string::npos);
+  CHECK(error_of([&] { titan::dist_sum(1.0, nullptr); }).find("null process group") != std::string::npos);
+}
+
+TEST_CASE("all_gather_strings gives every rank's text in rank order, empty ones included") {
+  const auto& group = world()->group();
+  const int rank = world()->rank();
+  auto texts = titan::all_gather_strings(group, rank % 2 == 0 ? std::string(static_cast<size_t>(rank) * 3, 'x') : "odd");
+  REQUIRE(static_cast<int>(texts.size()) == world()->world_size());
+  for (int r = 0; r < world()->world_size(); ++r)
+    CHECK(texts[static_cast<size_t>(r)] == (r % 2 == 0 ? std::string(static_cast<size_t>(r) * 3, 'x') : "odd"));
 }
 
 TEST_CASE("the world group spans every rank") {
@@ -257,7 +289,7 @@ TEST_CASE("TensorLayout composes shard levels into this rank's rectangle") {
   CHECK(replicated.local_box().sizes == std::vector<int64_t>{7, 5});
   CHECK(replicated.placement() == "Replicate");
   titan::DeviceMesh mesh(world(), {"dp_shard"}, {world_size});
-  auto layout = replicated.with_level({0, "dp_shard", mesh.group("dp_shard")});
+  auto layout = replicated.with_level({0, "dp_shard", mesh.group("dp_shard"), {}});
   auto sizes = titan::chunk_sizes(7, world_size);
   int64_t offset = 0;
   for (int r = 0; r < rank; ++r) offset += sizes[static_cast<size_t>(r)];
@@ -268,10 +300,57 @@ TEST_CASE("TensorLayout composes shard levels into this rank's rectangle") {
     // 2-D: Shard(0) over "tp" (2 ranks), then Shard(0) over "dp_shard" (2 ranks) of a 10-row tensor:
     // tp chunks [0,5) and [5,10); dp chunks of 5 rows are 3 + 2.
     titan::DeviceMesh mesh2(world(), {"dp_shard", "tp"}, {2, 2});
-    titan::TensorLayout two_d{{10, 4}, {{0, "tp", mesh2.group("tp")}, {0, "dp_shard", mesh2.group("dp_shard")}}};
+    titan::TensorLayout two_d{{10, 4}, {{0, "tp", mesh2.group("tp"), {}}, {0, "dp_shard", mesh2.group("dp_shard"), {}}}};
     int tp = mesh2.coordinate("tp"), dp = mesh2.coordinate("dp_shard");
     CHECK(two_d.local_box().offsets[0] == tp * 5 + dp * 3);
     CHECK(two_d.local_box().sizes[0] == (dp == 0 ? 3 : 2));
     CHECK(two_d.placement() == "Shard(0)@tp,Shard(0)@dp_shard");
+  }
+}
+
+TEST_CASE("TensorLayout with a fused level gives a rectangle per part, and composes with an outer level") {
+  const int world_size = world()->world_size(), rank = world()->rank();
+  titan::DeviceMesh mesh(world(), {"tp"}, {world_size});
+  // A [q | k | v] weight of 8 + 4 + 4 rows, each part split over every rank.
+  titan::TensorLayout fused{{16, 3}, {{0, "tp", mesh.group("tp"), {8, 4, 4}}}};
+  CHECK(fused.placement() == "Shard(0)[3 parts]@tp");
+  auto blocks = fused.local_blocks();
+  std::vector<int64_t> expected_rows;
+  int64_t part_start = 0, local = 0;
+  for (int64_t part : {8, 4, 4}) {
+    auto sizes = titan::chunk_sizes(part, world_size);
+    expected_rows.push_back(part_start + titan::chunk_offset(sizes, rank));
+    part_start += part;
+    local += sizes[static_cast<size_t>(rank)];
+  }
+  CHECK(fused.local_shape() == std::vector<int64_t>{local, 3});
+  if (world_size == 1) {
+    REQUIRE(blocks.size() == 1);  // adjacent parts merge into one rectangle
+    CHECK(fused.local_box().sizes == std::vector<int64_t>{16, 3});
+  } else {
+    REQUIRE(blocks.size() == 3);
+    for (size_t i = 0; i < 3; ++i) CHECK(blocks[i].box.offsets[0] == expected_rows[i]);
+    CHECK(blocks[1].local_offsets[0] == blocks[0].box.sizes[0]);
+    CHECK(error_of([&] { fused.local_box(); }).find("use local_blocks()") != std::string::npos);
+  }
+  // A level whose parts do not add up is named.
+  titan::TensorLayout wrong{{16, 3}, {{0, "tp", mesh.group("tp"), {8, 4}}}};
+  CHECK(error_of([&] { wrong.local_blocks(); }).find("summing to 12 but dimension 0 has 16") != std::string::npos);
+  // The fused tensor gathers back (gather_full) and blocks round-trip (load_full_state_dict's copy).
+  torch::manual_seed(5);
+  auto global = torch::randn({16, 3});
+  auto mine = torch::empty(fused.local_shape());
+  for (const auto& block : blocks) block.view_of(mine).copy_(block.view_of_global(global));
+  CHECK(torch::equal(titan::gather_full(titan::make_sharded("q|k|v", mine, fused)), global));
+  if (world_size == 4) {
+    // FSDP's level on top of the fused TP level: Shard(0)[3 parts] over "tp" (2), Shard(0) over "dp_shard" (2).
+    titan::DeviceMesh mesh2(world(), {"dp_shard", "tp"}, {2, 2});
+    auto two_d = titan::TensorLayout{{16, 3}, {{0, "tp", mesh2.group("tp"), {8, 4, 4}}}}.with_level(
+        {0, "dp_shard", mesh2.group("dp_shard"), {}});
+    auto shape = two_d.local_shape();
+    CHECK(shape == std::vector<int64_t>{4, 3});  // tp local 4 + 2 + 2 = 8 rows, half of them
+    auto piece = torch::empty(shape);
+    for (const auto& block : two_d.local_blocks()) block.view_of(piece).copy_(block.view_of_global(global));
+    CHECK(torch::equal(titan::gather_full(titan::make_sharded("q|k|v", piece, two_d)), global));
   }
 }

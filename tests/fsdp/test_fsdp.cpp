@@ -220,14 +220,16 @@ TEST_CASE("fsdp: dictionary entries become dim-0 chunks, members are freed, layo
     CHECK(sharded.local.size(0) == rows[static_cast<size_t>(rank)]);
     int64_t offset = 0;
     for (int r = 0; r < rank; ++r) offset += rows[static_cast<size_t>(r)];
-    CHECK(sharded.box.offsets[0] == offset);
+    CHECK(sharded.box().offsets[0] == offset);
     CHECK(torch::equal(sharded.local, full.narrow(0, offset, sharded.local.size(0))));
   }
-  // The member (the tensor forward reads) is the unsharded parameter, without memory until gathered.
+  // The member (the tensor forward reads) is the unsharded parameter, without memory until
+  // gathered: one zero element expanded to its shape.
   auto* block = model->layers[0]->as<BlockImpl>();
   CHECK(block->up.sizes() == torch::IntArrayRef({13, 7}));
-  CHECK(block->up.storage().nbytes() == 0);
-  CHECK(titan::fsdp_memory(*model).unsharded_bytes == 0);
+  CHECK(block->up.storage().nbytes() == block->up.element_size());
+  CHECK(block->up.stride(0) == 0);
+  CHECK(titan::memory_usage(*model).unsharded_bytes == 0);
   // Sharding twice is refused.
   CHECK_THROWS_WITH(titan::fully_shard(model, mesh), doctest::Contains("already sharded"));
   // Forward without gradients matches the reference and frees everything again.
@@ -236,7 +238,7 @@ TEST_CASE("fsdp: dictionary entries become dim-0 chunks, members are freed, layo
     torch::NoGradGuard no_grad;
     CHECK_CLOSE(titan::call(model, x), reference->forward(x), 1e-6);
   }
-  CHECK(titan::fsdp_memory(*model).unsharded_bytes == 0);
+  CHECK(titan::memory_usage(*model).unsharded_bytes == 0);
 }
 
 TEST_CASE("fsdp: MLP training equals single-process training of the global batch") {
@@ -258,7 +260,7 @@ TEST_CASE("fsdp: MLP training equals single-process training of the global batch
     auto stats = titan::find_hook<titan::FsdpHook>(*model->layers[1])->stats();
     CHECK(stats.prefetches >= (reshard ? 2 : 1) * (5 - 1));
     CHECK(stats.reduce_scatters == 5);
-    CHECK(titan::fsdp_memory(*model).unsharded_bytes == 0);  // all resharded after backward
+    CHECK(titan::memory_usage(*model).unsharded_bytes == 0);  // all resharded after backward
   }
 }
 
@@ -289,7 +291,7 @@ TEST_CASE("fsdp: a model built on the meta device, sharded, then to_empty and lo
   CHECK_THROWS_WITH(titan::call(model, data.inputs[0]), doctest::Contains("meta device"));
   titan::to_empty(*model, torch::kCPU);
   titan::load_full_state_dict(*model, initial);
-  auto mem = titan::fsdp_memory(*model);
+  auto mem = titan::memory_usage(*model);
   CHECK(mem.unsharded_bytes == 0);
   auto got = train(model, data, true);
   check_losses(got, want, 1e-5);
@@ -431,7 +433,7 @@ TEST_CASE("fsdp: per-rank parameter, gradient and optimizer memory is ~1/N of th
   auto x = torch::randn({8, 5});
   torch::mse_loss(titan::call(model, local_rows(x)), torch::zeros({8 / n, 3})).backward();
   optimizer.step();
-  auto mem = titan::fsdp_memory(*model, &optimizer);
+  auto mem = titan::memory_usage(*model, &optimizer);
   const double ideal = static_cast<double>(mem.global_param_bytes) / n;
   MESSAGE("ranks=", n, ": params ", mem.param_bytes, " B, grads ", mem.grad_bytes, " B, AdamW state ",
           mem.optimizer_state_bytes, " B per rank; model ", mem.global_param_bytes, " B");
@@ -457,38 +459,6 @@ TEST_CASE("fsdp: full_state_dict on rank 0 only") {
   }
 }
 
-#if __has_include("models/transformer.hpp")  // the example models are linked (tests/fsdp/CMakeLists.txt)
-#include "models/transformer.hpp"
-
-TEST_CASE("fsdp: debug Llama built on meta trains like the single-process reference") {
-  namespace ex = titan::examples;
-  // Vocabulary 61: the embedding and output rows split unevenly over 2 and 4 ranks.
-  auto args = ex::model_args("llama3", "debug").vocab_size(61).max_seq_len(16).n_layers(2);
-  torch::manual_seed(7);
-  Data data{torch::randint(0, 61, {5, 4, 16}), torch::zeros({5, 4, 1})};  // tokens [steps, B, S]
-  LossFn loss = [](const Tensor& logits, const Tensor& tokens, const Tensor&) {
-    return ex::causal_lm_loss(logits, tokens);
-  };
-  ex::Transformer reference(args, torch::kCPU);
-  ex::init_weights(*reference, 0);
-  // lr 1e-3: AdamW turns rounding-level gradient differences into updates of up to ~lr.
-  auto want = train(reference, data, false, 1, loss, 1e-3);
-
-  ex::Transformer model(args, torch::kMeta);
-  auto mesh = shard_mesh();
-  for (const auto& layer : *model->layers) titan::fully_shard(layer, mesh);
-  titan::fully_shard(model, mesh);
-  titan::to_empty(*model, torch::kCPU);
-  ex::init_weights(*model, 0);
-  auto got = train(model, data, true, 1, loss, 1e-3);
-  check_losses(got, want, 1e-5);
-  double diff = max_param_diff(*model, *reference);
-  MESSAGE("debug Llama (2 layers) fp32, ranks=", world().world_size(), ": max param diff ", diff, ", losses ",
-          got.front(), " -> ", got.back());
-  CHECK(diff <= 1e-5);
-}
-#endif
-
 namespace {
 
 /// Stands in for tensor parallelism: reports that `weight` is this rank's column block (Shard(1)
@@ -501,7 +471,7 @@ struct ColumnShardLayout : titan::ModuleHook, titan::ParameterLayoutProvider {
   }
   std::optional<titan::TensorLayout> layout_of(const std::string& relative_name) const override {
     if (relative_name != "weight") return std::nullopt;
-    return titan::TensorLayout{{5, 6}, {titan::ShardLevel{1, "tp", tp}}};
+    return titan::TensorLayout{{5, 6}, {titan::ShardLevel{1, "tp", tp, {}}}};
   }
   titan::ProcessGroupPtr tp;
 };
@@ -535,8 +505,77 @@ TEST_CASE("fsdp: layouts compose with an inner hook's (TP-like Shard(1), then FS
   auto rows = titan::chunk_sizes(5, dp);
   int64_t row0 = 0;
   for (int r = 0; r < mesh.coordinate("dp_shard"); ++r) row0 += rows[static_cast<size_t>(r)];
-  CHECK((weight.box.offsets == std::vector<int64_t>{row0, col0}));
-  CHECK(torch::equal(weight.local, global.narrow(0, row0, weight.box.sizes[0]).narrow(1, col0, weight.box.sizes[1])));
+  CHECK((weight.box().offsets == std::vector<int64_t>{row0, col0}));
+  CHECK(torch::equal(weight.local, global.narrow(0, row0, weight.box().sizes[0]).narrow(1, col0, weight.box().sizes[1])));
   auto full = titan::full_state_dict(*block, world().group(), titan::FullStateDictOptions().rank0_only(false));
   CHECK(torch::equal(full["0.weight"], global));
+}
+
+namespace {
+
+/// The Mlp's layout, but its forward calls the blocks with ->forward: the mistake a sharded unit
+/// must not survive (its unsharded parameters have no memory outside titan::call).
+struct BypassImpl : torch::nn::Module {
+  BypassImpl() {
+    torch::manual_seed(0);
+    mlp = register_module("mlp", Mlp());
+  }
+  Tensor forward(const Tensor& x) {
+    auto h = torch::matmul(x, mlp->embed.t());
+    for (const auto& layer : *mlp->layers) h = layer->as<BlockImpl>()->forward(h);
+    return torch::matmul(h, mlp->head.t());
+  }
+  Mlp mlp{nullptr};
+};
+TORCH_MODULE(Bypass);
+
+}  // namespace
+
+TEST_CASE("fsdp: a unit called with ->forward is an error naming it, not a read of freed memory") {
+  Bypass model;
+  auto mesh = shard_mesh();
+  for (const auto& layer : *model->mlp->layers) titan::fully_shard(layer, mesh);
+  titan::fully_shard(model, mesh);
+  // The root's hook runs (titan::call), the blocks' do not: they compute with the placeholder
+  // (zeros) their resharded parameters point at, and the root's call reports them.
+  CHECK_THROWS_WITH(titan::call(model, torch::randn({2, 5})),
+                    doctest::Contains("'mlp.layers.0' has fully_shard attached; 'mlp.layers.1' has fully_shard attached; "
+                                      "'mlp.layers.2' has fully_shard attached but were not called through titan::call"));
+  // Resharded parameters hold no memory (their placeholders are not counted as unsharded).
+  titan::reshard(model);
+  CHECK(titan::memory_usage(model).unsharded_bytes == 0);
+}
+
+TEST_CASE("fsdp: verify_optimizer names a parameter the optimizer holds from before fully_shard") {
+  auto model = seeded<Mlp>();
+  torch::optim::AdamW early(model->parameters(), torch::optim::AdamWOptions(1e-2));  // too early
+  shard_mlp(model, shard_mesh());
+  CHECK_THROWS_WITH(titan::verify_optimizer(early, model),
+                    doctest::Contains("holds parameter 'embed' of '(anonymous namespace)::MlpImpl' as it was before fully_shard"));
+  torch::optim::AdamW built_after(model->parameters(), torch::optim::AdamWOptions(1e-2));
+  CHECK_NOTHROW(titan::verify_optimizer(built_after, model));
+}
+
+TEST_CASE("fsdp: verify_calls names trainable parameters no unit owns (the root not sharded)") {
+  auto model = seeded<Mlp>();
+  auto mesh = shard_mesh();
+  for (const auto& layer : *model->layers) titan::fully_shard(layer, mesh);  // ... but not the root
+  titan::call(model, local_rows(make_data({5}, 3, 1).inputs[0]));
+  CHECK_THROWS_WITH(titan::verify_calls(model),
+                    doctest::Contains("2 trainable parameter(s) of '(anonymous namespace)::MlpImpl' belong to no "
+                                      "fully_shard unit ('embed', 'head'): their gradients are never reduced"));
+  titan::fully_shard(model, mesh);
+  titan::call(model, local_rows(make_data({5}, 3, 1).inputs[0]));
+  CHECK_NOTHROW(titan::verify_calls(model));
+}
+
+TEST_CASE("fsdp: state dicts and memory accept module holders") {
+  auto model = seeded<Mlp>();
+  shard_mlp(model, shard_mesh());
+  auto from_holder = titan::full_state_dict(model, world().group(), titan::FullStateDictOptions().rank0_only(false));
+  auto from_module = titan::full_state_dict(*model, world().group(), titan::FullStateDictOptions().rank0_only(false));
+  for (const auto& item : from_module) CHECK(torch::equal(from_holder[item.key()], item.value()));
+  titan::load_full_state_dict(model, from_holder);
+  CHECK(titan::sharded_parameters(model).size() == titan::sharded_parameters(*model).size());
+  CHECK(titan::memory_usage(model).param_bytes == titan::memory_usage(*model).param_bytes);
 }

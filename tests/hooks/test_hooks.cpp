@@ -86,3 +86,73 @@ TEST_CASE("to_empty materialises meta parameters and buffers in place, keeping e
   y.sum().backward();
   CHECK(torch::allclose(net->weight.grad(), torch::full({4, 3}, 2.0)));
 }
+
+namespace {
+
+/// A hook that only records that it ran, with a model-wide check counting its calls.
+struct Marker : titan::ModuleHook {
+  std::string name() const override { return "marker"; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn& next) override {
+    return next(inputs);
+  }
+  void verify_model(const torch::nn::Module&) const override { ++verified; }
+  mutable int verified = 0;
+};
+
+/// parent(x) = b(a(x)); `direct` calls b with ->forward instead of titan::call.
+struct PairImpl : torch::nn::Module {
+  explicit PairImpl(bool direct = false) : direct(direct) {
+    a = register_module("a", torch::nn::Linear(3, 3));
+    b = register_module("b", torch::nn::Linear(3, 3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = titan::call(a, x);
+    return direct ? b->forward(h) : titan::call(b, h);
+  }
+  bool direct;
+  torch::nn::Linear a{nullptr}, b{nullptr};
+};
+TORCH_MODULE(Pair);
+
+}  // namespace
+
+TEST_CASE("titan::call reports a hooked module its parent called with ->forward, when the outermost call returns") {
+  Pair pair(/*direct=*/true);
+  titan::attach_hook(pair->a, std::make_shared<Marker>());
+  titan::attach_hook(pair->b, std::make_shared<Marker>());
+  CHECK_THROWS_WITH(titan::call(pair, torch::ones({2, 3})),
+                    doctest::Contains("'b' has marker attached but was not called through titan::call during the "
+                                      "forward of '(anonymous namespace)::PairImpl'"));
+  // Called properly, nothing is reported, also when the root itself has no hook.
+  Pair good;
+  titan::attach_hook(good->a, std::make_shared<Marker>());
+  titan::attach_hook(good->b, std::make_shared<Marker>());
+  CHECK_NOTHROW(titan::call(good, torch::ones({2, 3})));
+  // A nested titan::call does not check on its own: only the outermost does, once.
+  CHECK_NOTHROW(titan::call(good->a, torch::ones({2, 3})));
+}
+
+TEST_CASE("titan::verify_calls: hooked modules never called while others were, and the hooks' model checks") {
+  Pair pair(/*direct=*/true);
+  auto a = std::make_shared<Marker>(), b = std::make_shared<Marker>();
+  titan::attach_hook(pair->a, a);
+  titan::attach_hook(pair->b, b);
+  CHECK_NOTHROW(titan::verify_calls(pair));  // nothing ran yet: only the model checks
+  CHECK(a->verified + b->verified == 1);       // once per hook type
+  pair->forward(torch::ones({2, 3}));         // the root called directly: a runs through titan::call, b not
+  CHECK_THROWS_WITH(titan::verify_calls(pair),
+                    doctest::Contains("'b' has marker attached but was never called through titan::call"));
+  pair->direct = false;
+  pair->forward(torch::ones({2, 3}));
+  CHECK_NOTHROW(titan::verify_calls(pair));
+}
+
+TEST_CASE("hooks_of, find_hook and attach_hook accept module holders") {
+  Affine affine;
+  auto hook = std::make_shared<Marker>();
+  titan::attach_hook(affine, hook);
+  CHECK(titan::hooks_of(affine).size() == 1);
+  CHECK(titan::find_hook<Marker>(affine) == hook);
+  CHECK(titan::find_hook<Marker>(affine.ptr()) == hook);
+  CHECK(titan::find_hook<ScaleInput>(affine) == nullptr);
+}

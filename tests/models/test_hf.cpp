@@ -2,7 +2,7 @@
 // output, found through $TITAN_MODELS_REFERENCE; ctest's models.reference fixture makes it).
 #include "support.hpp"
 
-#include "models/hf.hpp"
+#include "models/llama/state_dict_adapter.hpp"
 
 #include <titan/meta.hpp>
 #include <titan/safetensors.hpp>

@@ -2,7 +2,7 @@
 // naive reference, causality / sliding window, init_weights, titan::call coverage.
 #include "support.hpp"
 
-#include "models/transformer.hpp"
+#include "models/llama/model.hpp"
 
 #include <titan/hooks.hpp>
 #include <titan/meta.hpp>

@@ -1,8 +1,9 @@
-// titan/tensor_parallel.hpp: every style, the Llama plan and loss parallel match a single-process
-// run of the same model (same weights, same inputs) at TP = world size (1, 2 or 4 ranks).
-#include "tiny_llama.hpp"
+// titan/tensor_parallel.hpp: every style, loss parallel and a GPT-2 written from scratch match a
+// single-process run of the same model (same weights, same inputs) at TP = world size (1, 2 or 4).
+#include "tiny_gpt2.hpp"
 #include "tp_test_util.hpp"
 
+#include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
@@ -10,93 +11,56 @@
 
 namespace {
 
-using namespace tp_test;  // the tiny models and the gather/compare helpers
+using namespace tp_test;  // the test layers and the gather/compare helpers
 
 /// Two linear layers with biases: x -> w2(gelu(w1(x))).
 struct MlpImpl : torch::nn::Module {
-  MlpImpl(int64_t dim, int64_t hidden) {
-    w1 = register_module("w1", Linear(dim, hidden, true));
-    w2 = register_module("w2", Linear(hidden, dim, true));
+  MlpImpl(int64_t dim, int64_t hidden, torch::Device device = torch::kCPU, bool bypass_w2 = false)
+      : bypass_w2(bypass_w2) {
+    w1 = register_module("w1", Linear(dim, hidden, true, device));
+    w2 = register_module("w2", Linear(hidden, dim, true, device));
   }
-  torch::Tensor forward(const torch::Tensor& x) { return titan::call(w2, torch::gelu(titan::call(w1, x))); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = torch::gelu(titan::call(w1, x));
+    return bypass_w2 ? w2->forward(h) : titan::call(w2, h);  // bypass_w2: the mistake titan::call catches
+  }
+  bool bypass_w2;
   Linear w1{nullptr}, w2{nullptr};
 };
 TORCH_MODULE(Mlp);
 
-/// Copies each parameter's local block out of the reference's full parameter (for meta-built models).
-void load_shards_from(torch::nn::Module& parallel, const torch::nn::Module& reference) {
-  torch::NoGradGuard no_grad;
-  auto full = reference.named_parameters();
-  for (auto& [name, tensor] : titan::sharded_parameters(parallel)) {
-    auto block = full[name];
-    for (size_t d = 0; d < tensor.box.sizes.size(); ++d)
-      block = block.narrow(static_cast<int64_t>(d), tensor.box.offsets[d], tensor.box.sizes[d]);
-    tensor.local.copy_(block);
-  }
-  auto buffers = reference.named_buffers();
-  for (auto& item : parallel.named_buffers()) item.value().copy_(buffers[item.key()]);
-}
-
-/// Same tokens and labels on every rank: [batch, seq] with some ignored (-100) labels.
-std::pair<torch::Tensor, torch::Tensor> lm_batch(const TinyArgs& a, int64_t step) {
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(1000 + step);
-  auto tokens = at::randint(a.vocab, {2, 8}, generator, torch::kLong);
-  auto labels = at::randint(a.vocab, {2, 8}, generator, torch::kLong);
-  labels.index_put_({0, torch::indexing::Slice(0, 3)}, -100);
-  return {tokens, labels};
-}
-
-struct LlamaRun {
-  bool sequence_parallel = false, loss_parallel = false, meta = false;
-};
-
-/// Trains the tiny Llama with the example plan and, on every rank, an unsharded copy; losses and
-/// final (gathered) parameters must agree.
-void check_llama_parity(const LlamaRun& run) {
-  TinyArgs a;
-  torch::manual_seed(7);
-  TinyLlama reference(a);
-  TinyLlama model(nullptr);
-  if (run.meta) {
-    model = TinyLlama(a, torch::kMeta);
-  } else {
-    torch::manual_seed(7);  // the same weights as the reference
-    model = TinyLlama(a);
-  }
-  auto plan = titan::examples::llama_tp_plan(
-      dims_of(a), tp_size(),
-      titan::examples::TpPlanOptions().sequence_parallel(run.sequence_parallel).loss_parallel(run.loss_parallel));
+/// Trains the tiny GPT-2 under its plan and, on every rank, an unsharded copy; losses, gradients
+/// and final (gathered) parameters must agree.
+void check_gpt2_parity(bool sequence_parallel, bool loss_parallel) {
+  INFO("sequence_parallel ", sequence_parallel, ", loss_parallel ", loss_parallel);
+  const gpt2_test::Gpt2Args a;
+  auto reference = gpt2_test::seeded_gpt2(a);
+  auto model = gpt2_test::seeded_gpt2(a);
   titan::DeviceMesh mesh(titan_test::world(), {"tp"}, {tp_size()});
-  titan::parallelize_module(*model, mesh["tp"], plan);
-  if (run.meta) {
-    for (const auto& p : model->parameters()) REQUIRE(p.is_meta());  // sharding allocated nothing
-    titan::to_empty(*model, torch::kCPU);
-    load_shards_from(*model, *reference);
-  }
-  // Local shapes: whole heads per rank.
-  auto wq = model->named_parameters()["layers.0.attention.wq.weight"];
-  CHECK(wq.size(0) == a.dim / tp_size());
-  CHECK(model->named_parameters()["layers.0.attention.wk.weight"].size(0) == a.n_kv_heads * a.head_dim() / tp_size());
+  titan::parallelize_module(model, mesh["tp"], gpt2_test::gpt2_plan(a, sequence_parallel, loss_parallel));
+  // c_attn holds chunk r of each of q, k and v: its local rows are [q_r | k_r | v_r].
+  const auto& c_attn = model->h[0]->as<gpt2_test::BlockImpl>()->attn->c_attn;
+  CHECK(c_attn->weight.size(0) == 3 * a.dim / tp_size());
+  const auto rows = a.dim / tp_size(), first = tp_group()->rank() * rows;
+  const auto& ref_attn = reference->h[0]->as<gpt2_test::BlockImpl>()->attn->c_attn->weight;
+  CHECK(torch::equal(c_attn->weight, torch::cat({ref_attn.narrow(0, first, rows), ref_attn.narrow(0, a.dim + first, rows),
+                                                 ref_attn.narrow(0, 2 * a.dim + first, rows)})));
 
-  auto options = torch::optim::AdamWOptions(1e-2).weight_decay(0.1);
+  // eps 1e-6 rather than 1e-8: the key bias's gradient is zero up to rounding (softmax ignores a
+  // shift common to all keys), and AdamW would move it by ~lr in the noise's direction.
+  auto options = torch::optim::AdamWOptions(1e-2).weight_decay(0.1).eps(1e-6);
   torch::optim::AdamW opt(model->parameters(), options), ref_opt(reference->parameters(), options);
-  for (int64_t step = 0; step < 5; ++step) {
-    auto [tokens, labels] = lm_batch(a, step);
-    auto ref_logits = reference->forward(tokens);
-    auto ref_loss = torch::cross_entropy_loss(ref_logits.flatten(0, 1), labels.flatten());
+  for (int64_t step = 0; step < 4; ++step) {
+    auto [tokens, labels] = gpt2_test::lm_batch(a, step);
+    auto ref_loss = torch::cross_entropy_loss(reference->forward(tokens).flatten(0, 1), labels.flatten());
     auto logits = titan::call(model, tokens);
-    torch::Tensor loss;
-    if (run.loss_parallel) {
-      CHECK(logits.size(-1) == a.vocab / tp_size());
-      loss = titan::loss_parallel_cross_entropy(logits, labels, tp_group());
-    } else {
-      CHECK(logits.size(-1) == a.vocab);
-      loss = torch::cross_entropy_loss(logits.flatten(0, 1), labels.flatten());
-    }
+    CHECK(logits.size(-1) == (loss_parallel ? a.vocab / tp_size() : a.vocab));
+    auto loss = loss_parallel ? titan::loss_parallel_cross_entropy(logits, labels, tp_group())
+                              : torch::cross_entropy_loss(logits.flatten(0, 1), labels.flatten());
     INFO("step ", step);
-    tp_test::check_step(*model, *reference, opt, ref_opt, loss, ref_loss, loss.item<double>());
+    check_step(*model, *reference, opt, ref_opt, loss, ref_loss, loss.item<double>());
   }
-  check_parameters_match(*model, *reference, tp_test::kAdamParamTol);
+  check_parameters_match(*model, *reference, kAdamParamTol);
 }
 
 }  // namespace
@@ -152,10 +116,10 @@ TEST_CASE("tp: sharded parameters report their global layout") {
   const auto& w1 = by_name.at("w1.weight");
   CHECK((w1.layout.global_shape == std::vector<int64_t>{24, 16}));
   CHECK(w1.layout.placement() == "Shard(0)@tp");
-  CHECK((w1.box.offsets == std::vector<int64_t>{r * 24 / tp_size(), 0}));
+  CHECK((w1.box().offsets == std::vector<int64_t>{r * 24 / tp_size(), 0}));
   const auto& w2 = by_name.at("w2.weight");
   CHECK(w2.layout.placement() == "Shard(1)@tp");
-  CHECK((w2.box.offsets == std::vector<int64_t>{0, r * 24 / tp_size()}));
+  CHECK((w2.box().offsets == std::vector<int64_t>{0, r * 24 / tp_size()}));
   CHECK(by_name.at("w1.bias").layout.placement() == "Shard(0)@tp");
   CHECK(by_name.at("w2.bias").layout.placement() == "Replicate");
   // The hooks are found on the modules they were attached to.
@@ -179,14 +143,14 @@ TEST_CASE("tp: vocabulary-parallel torch::nn::Embedding, all-reduced or sequence
     auto expected = reference->forward(ids);
     (expected * grad_out).sum().backward();
     auto out = titan::call(embedding, ids);
-    auto mine = sequence ? titan::tp::scatter_to_group(grad_out, tp_group(), 1) : grad_out;
-    if (sequence) expected = titan::tp::scatter_to_group(expected, tp_group(), 1);
+    auto mine = sequence ? titan::scatter_to_group(grad_out, tp_group(), 1) : grad_out;
+    if (sequence) expected = titan::scatter_to_group(expected, tp_group(), 1);
     CHECK_CLOSE(out, expected, 1e-6);
     (out * mine).sum().backward();
     auto sharded = titan::sharded_parameters(*embedding);
     REQUIRE(sharded.size() == 1);
-    titan::ShardedTensor grad{embedding->weight.grad(), sharded[0].second.layout, sharded[0].second.box};
-    CHECK_CLOSE(tp_test::gather_global(grad), reference->weight.grad(), 1e-6);
+    titan::ShardedTensor grad{embedding->weight.grad(), sharded[0].second.layout, sharded[0].second.blocks};
+    CHECK_CLOSE(titan::gather_full(grad), reference->weight.grad(), 1e-6);
   }
 }
 
@@ -194,14 +158,14 @@ TEST_CASE("tp: redistribute Shard(1) -> Shard(2) is an all-to-all; its backward 
   torch::manual_seed(21);
   auto full = torch::randn({2, 7, 6});  // uneven chunks at TP 4: 2, 2, 2, 1 and 2, 2, 2, 0
   auto grad_full = torch::randn({2, 7, 6});
-  auto shard = [](const torch::Tensor& t, int64_t dim) { return titan::tp::scatter_to_group(t, tp_group(), dim); };
+  auto shard = [](const torch::Tensor& t, int64_t dim) { return titan::scatter_to_group(t, tp_group(), dim); };
   auto local = shard(full, 1).detach().requires_grad_(true);
-  auto out = titan::tp::redistribute(local, titan::Shard(1), titan::Shard(2), tp_group());
+  auto out = titan::redistribute(local, titan::Shard(1), titan::Shard(2), tp_group());
   CHECK(torch::equal(out, shard(full, 2)));
   (out * shard(grad_full, 2)).sum().backward();  // the sum over ranks is (full * grad_full).sum()
   CHECK(torch::equal(local.grad(), shard(grad_full, 1)));
   // And back.
-  CHECK(torch::equal(titan::tp::redistribute(out.detach(), titan::Shard(-1), titan::Shard(1), tp_group()), local.detach()));
+  CHECK(torch::equal(titan::redistribute(out.detach(), titan::Shard(-1), titan::Shard(1), tp_group()), local.detach()));
 }
 
 TEST_CASE("tp: PrepareModuleOutput moves a module's output between layouts, with the gradient") {
@@ -221,8 +185,8 @@ TEST_CASE("tp: PrepareModuleOutput moves a module's output between layouts, with
     (expected * grad_out).sum().backward();
 
     // Shard(1) -> Replicate(): each rank runs the layer on its sequence chunk.
-    auto out = titan::call(linear, to_shard ? x : titan::tp::scatter_to_group(x, tp_group(), 1));
-    auto shard = [](const torch::Tensor& t) { return titan::tp::scatter_to_group(t, tp_group(), 1); };
+    auto out = titan::call(linear, to_shard ? x : titan::scatter_to_group(x, tp_group(), 1));
+    auto shard = [](const torch::Tensor& t) { return titan::scatter_to_group(t, tp_group(), 1); };
     CHECK_CLOSE(out, to_shard ? shard(expected.detach()) : expected, 1e-6);
     (out * (to_shard ? shard(grad_out) : grad_out)).sum().backward();
     // Replicate() -> Shard(1): the backward all-gathers the chunks' gradients, so the layer's
@@ -248,11 +212,11 @@ TEST_CASE("tp: loss_parallel_cross_entropy matches cross_entropy on gathered log
   auto expected = torch::cross_entropy_loss(leaf.flatten(0, 1), targets.flatten());
   expected.backward();
 
-  auto local = titan::tp::scatter_to_group(full, tp_group(), -1).detach().requires_grad_(true);
+  auto local = titan::scatter_to_group(full, tp_group(), -1).detach().requires_grad_(true);
   auto loss = titan::loss_parallel_cross_entropy(local, targets, tp_group());
   CHECK(std::abs(loss.item<double>() - expected.item<double>()) < 1e-6);
   loss.backward();
-  CHECK_CLOSE(titan::tp::gather_from_group(local.grad(), tp_group(), -1), leaf.grad(), 1e-6);
+  CHECK_CLOSE(titan::gather_from_group(local.grad(), tp_group(), -1), leaf.grad(), 1e-6);
 
   // Sum and None reductions, as cross_entropy's.
   for (int64_t reduction : {at::Reduction::Sum, at::Reduction::None}) {
@@ -269,47 +233,140 @@ TEST_CASE("tp: loss_parallel_cross_entropy matches cross_entropy on gathered log
                        .item<double>()));
 }
 
-TEST_CASE("tp: Llama plan on a tiny Llama matches the single-process run") {
-  for (bool sp : {false, true}) {
-    for (bool lp : {false, true}) {
-      INFO("sequence_parallel ", sp, ", loss_parallel ", lp);
-      check_llama_parity(LlamaRun{sp, lp, false});
-    }
+TEST_CASE("tp: a GPT-2 written from scratch (fused qkv, biases, LayerNorm) matches the single-process run") {
+  for (bool sp : {false, true})
+    for (bool lp : {false, true}) check_gpt2_parity(sp, lp);
+}
+
+TEST_CASE("tp: ColwiseParallel with fused_sizes splits each stacked part; its layout has a block per part") {
+  torch::manual_seed(4);
+  torch::nn::Linear reference(4, 4 + 8 + 12);  // three parts of unequal sizes: [4 | 8 | 12] rows
+  torch::manual_seed(4);
+  torch::nn::Linear fused(4, 4 + 8 + 12);
+  const std::vector<int64_t> parts{4, 8, 12};
+  titan::parallelize_module(fused, tp_group(), titan::ParallelizePlan().add(
+      "", titan::ColwiseParallel().fused_sizes(parts).output_layout(titan::Replicate())));
+  // Rank r's rows: chunk r of each part, in part order.
+  std::vector<torch::Tensor> mine;
+  int64_t start = 0;
+  for (auto part : parts) {
+    auto sizes = titan::chunk_sizes(part, tp_size());
+    mine.push_back(reference->weight.narrow(0, start + titan::chunk_offset(sizes, tp_group()->rank()),
+                                            sizes[static_cast<size_t>(tp_group()->rank())]));
+    start += part;
+  }
+  CHECK(torch::equal(fused->weight, torch::cat(mine)));
+  auto sharded = titan::sharded_parameters(fused);
+  REQUIRE(sharded.size() == 2);
+  const auto& weight = sharded[0].second;
+  CHECK(weight.layout.placement() == "Shard(0)[3 parts]@tp");
+  CHECK(weight.blocks.size() == (tp_size() == 1 ? 1u : 3u));  // one rectangle per part (merged at TP 1)
+  // Gathered back (full_state_dict), the global weight and bias are the original ones.
+  auto full = titan::full_state_dict(fused, tp_group(), titan::FullStateDictOptions().rank0_only(false));
+  CHECK(torch::equal(full["weight"], reference->weight));
+  CHECK(torch::equal(full["bias"], reference->bias));
+  // The Replicate() output is [part 0 | part 1 | part 2], with the reference's gradients.
+  auto x = torch::randn({3, 4}), grad_out = torch::randn({3, 24});
+  auto out = titan::call(fused, x);
+  CHECK_CLOSE(out, reference->forward(x), 1e-6);
+  (out * grad_out).sum().backward();
+  (reference->forward(x) * grad_out).sum().backward();
+  check_gradients_match(*fused, *reference, 1e-6);
+}
+
+TEST_CASE("tp: fused_sizes errors name the sizes") {
+  torch::nn::Linear other(4, 12);
+  CHECK_THROWS_WITH(titan::parallelize_module(other, tp_group(),
+                                              titan::ParallelizePlan().add("", titan::ColwiseParallel().fused_sizes({4, 4}))),
+                    doctest::Contains("fused_sizes [4, 4] sum to 8 but the module has 12 output features"));
+  if (tp_size() == 4) {
+    torch::nn::Linear small(4, 2 + 10);
+    CHECK_THROWS_WITH(titan::parallelize_module(small, tp_group(), titan::ParallelizePlan().add(
+                                                    "", titan::ColwiseParallel().fused_sizes({2, 10}))),
+                      doctest::Contains("a fused part of size 2) cannot give each of the 4 tensor-parallel ranks"));
   }
 }
 
+TEST_CASE("tp: RowwiseParallel adds the bias once, exactly, also in bf16") {
+  // A zero weight leaves only the bias: the output must be it, bit for bit. Adding it on every
+  // rank and subtracting N - 1 copies after the sum would round in bf16 (3 x (1 + 2^-7) is not a
+  // bf16 number).
+  torch::nn::Linear linear(8, 4);
+  {
+    torch::NoGradGuard no_grad;
+    linear->weight.zero_();
+    linear->bias.fill_(1.0 + 1.0 / 128);
+  }
+  linear->to(torch::kBFloat16);
+  titan::parallelize_module(linear, tp_group(),
+                            titan::ParallelizePlan().add("", titan::RowwiseParallel().input_layout(titan::Replicate())));
+  auto x = torch::randn({2, 8}).to(torch::kBFloat16);
+  auto out = titan::call(linear, x);
+  CHECK(torch::equal(out, linear->bias.detach().expand({2, 4})));
+  // The bias keeps its values and receives the whole gradient on every rank.
+  CHECK(linear->bias.eq(1.0 + 1.0 / 128).all().item<bool>());
+  out.sum().backward();
+  CHECK(torch::equal(linear->bias.grad(), torch::full({4}, 2.0, torch::kBFloat16)));
+}
+
 TEST_CASE("tp: a model built on the meta device is sharded without allocating, then trained") {
-  check_llama_parity(LlamaRun{true, true, true});
+  torch::manual_seed(3);
+  Mlp reference(16, 24);
+  Mlp model(16, 24, torch::kMeta);
+  titan::parallelize_module(model, tp_group(),
+                            titan::ParallelizePlan().add("w1", titan::ColwiseParallel()).add("w2", titan::RowwiseParallel()));
+  for (const auto& p : model->parameters()) REQUIRE(p.is_meta());  // sharding allocated nothing
+  CHECK(model->w1->weight.size(0) == titan::chunk_sizes(24, tp_size())[static_cast<size_t>(tp_group()->rank())]);
+  titan::to_empty(*model, torch::kCPU);
+  titan::load_full_state_dict(model, full_state(*reference));
+  torch::optim::SGD opt(model->parameters(), 0.1), ref_opt(reference->parameters(), 0.1);
+  for (int step = 0; step < 3; ++step) {
+    auto x = torch::randn({4, 5, 16}), target = torch::randn({4, 5, 16});  // same seed stream on every rank
+    auto loss = F::mse_loss(titan::call(model, x), target);
+    auto ref_loss = F::mse_loss(reference->forward(x), target);
+    check_step(*model, *reference, opt, ref_opt, loss, ref_loss, loss.item<double>(), 1e-6);
+  }
+  check_parameters_match(*model, *reference, 1e-6);
+}
+
+TEST_CASE("tp: a tensor-parallel module called with ->forward is an error naming it") {
+  torch::manual_seed(3);
+  Mlp model(16, 24, torch::kCPU, /*bypass_w2=*/true);
+  titan::parallelize_module(model, tp_group(),
+                            titan::ParallelizePlan().add("w1", titan::ColwiseParallel()).add("w2", titan::RowwiseParallel()));
+  CHECK_THROWS_WITH(titan::call(model, torch::randn({2, 16})),
+                    doctest::Contains("'w2' has tensor-parallel rowwise attached but was not called through titan::call"));
 }
 
 TEST_CASE("tp: plan and style errors name what is wrong") {
-  TinyArgs a;
-  auto bad = dims_of(a).n_kv_heads(6);
-  CHECK_THROWS_WITH(titan::examples::llama_tp_plan(bad, 4),
-                    doctest::Contains("n_kv_heads=6 is not divisible by 4"));
-  CHECK_THROWS_WITH(titan::examples::llama_tp_plan(dims_of(a).vocab_size(50), 4),
-                    doctest::Contains("vocab_size=50 is not divisible by 4"));
-  CHECK_THROWS_WITH(titan::examples::llama_tp_plan(dims_of(a).hidden_dim(66), 4),
-                    doctest::Contains("hidden_dim=66 is not divisible by 4"));
-
   Mlp model(16, 24);
-  CHECK_THROWS_WITH(titan::parallelize_module(*model, tp_group(),
+  CHECK_THROWS_WITH(titan::parallelize_module(model, tp_group(),
                                               titan::ParallelizePlan().add("layers.*.w1", titan::ColwiseParallel())),
                     doctest::Contains("plan entry 'layers.*.w1' matches no module"));
-  CHECK_THROWS_WITH(titan::parallelize_module(*model, tp_group(),
+  // The hint shows the model's own names, not Llama's.
+  CHECK_THROWS_WITH(titan::parallelize_module(model, tp_group(),
+                                              titan::ParallelizePlan().add("mlp.w1", titan::ColwiseParallel())),
+                    doctest::Contains("Its modules include 'w1', 'w2'"));
+  CHECK_THROWS_WITH(titan::parallelize_module(model, tp_group(),
                                               titan::ParallelizePlan().add("w*", titan::ColwiseParallel()).add(
                                                   "w2", titan::RowwiseParallel())),
                     doctest::Contains("module 'w2' is matched by plan entries 'w*' and 'w2'"));
   Mlp fresh(16, 24);
-  CHECK_THROWS_WITH(titan::parallelize_module(*fresh, tp_group(), titan::ParallelizePlan().add("", titan::ColwiseParallel())),
+  CHECK_THROWS_WITH(titan::parallelize_module(fresh, tp_group(), titan::ParallelizePlan().add("", titan::ColwiseParallel())),
                     doctest::Contains("does not know how to shard parameter 'w1.weight'"));
   CHECK_THROWS_WITH(titan::ColwiseParallel().output_layout(titan::Shard(1)).apply(*fresh->w1, "w1", tp_group(), "tp"),
                     doctest::Contains("output_layout must be Shard(-1) or Replicate()"));
   if (tp_size() > 1) {
     Linear tiny(4, 1, false);  // one output feature cannot be split
-    CHECK_THROWS_WITH(titan::parallelize_module(*tiny, tp_group(), titan::ParallelizePlan().add("", titan::ColwiseParallel())),
+    CHECK_THROWS_WITH(titan::parallelize_module(tiny, tp_group(), titan::ParallelizePlan().add("", titan::ColwiseParallel())),
                       doctest::Contains("cannot give each of the"));
   }
+  // Tensor parallelism after fully_shard: the order is named.
+  Mlp sharded(16, 24);
+  titan::fully_shard(sharded->w1, titan::DeviceMesh(titan_test::world(), {"dp_shard"}, {tp_size()}));
+  CHECK_THROWS_WITH(titan::parallelize_module(sharded, tp_group(),
+                                              titan::ParallelizePlan().add("w1", titan::ColwiseParallel())),
+                    doctest::Contains("'w1' already has fully_shard attached. Apply tensor parallelism first"));
 }
 
 TEST_CASE("tp: plan patterns match one name component per '*'") {

@@ -5,6 +5,8 @@
 
 #include <titan/tensor_parallel.hpp>
 
+#include <cmath>
+
 namespace tp_test {
 
 /// The TP group of these tests: every rank of the job.
@@ -12,19 +14,26 @@ inline const titan::ProcessGroupPtr& tp_group() { return titan_test::world()->gr
 /// The TP degree of these tests: the world size (1, 2 or 4).
 inline int tp_size() { return titan_test::world()->world_size(); }
 
-/// The global tensor of a (possibly sharded) tensor, all-gathered level by level, innermost first.
-inline torch::Tensor gather_global(const titan::ShardedTensor& sharded) {
-  auto full = sharded.local.detach();
-  const auto& levels = sharded.layout.levels;
-  std::vector<int64_t> extent = sharded.layout.global_shape;
-  std::vector<std::vector<int64_t>> sizes;  // each level's split, outermost first
-  for (const auto& level : levels) {
-    sizes.push_back(titan::chunk_sizes(extent[static_cast<size_t>(level.dim)], level.group->size()));
-    extent[static_cast<size_t>(level.dim)] = sizes.back()[static_cast<size_t>(level.group->rank())];
+namespace F = torch::nn::functional;
+
+/// A linear layer written like user code, buildable on the meta device: weight [out, in], optional
+/// bias [out].
+struct LinearImpl : torch::nn::Module {
+  LinearImpl(int64_t in, int64_t out, bool with_bias, torch::Device device = torch::kCPU) {
+    auto on = torch::TensorOptions().device(device);
+    weight = register_parameter("weight", torch::randn({out, in}, on) / std::sqrt(double(in)));
+    if (with_bias) bias = register_parameter("bias", torch::randn({out}, on) * 0.1);
   }
-  for (size_t i = levels.size(); i-- > 0;)
-    full = titan::detail::all_gather_raw(full, *levels[i].group, levels[i].dim, sizes[i]);
-  return full;
+  torch::Tensor forward(const torch::Tensor& x) { return F::linear(x, weight, bias); }
+  torch::Tensor weight, bias;
+};
+TORCH_MODULE(Linear);
+
+/// `module`'s parameters and buffers by name: what titan::load_full_state_dict takes.
+inline torch::OrderedDict<std::string, torch::Tensor> full_state(const torch::nn::Module& module) {
+  auto state = module.named_parameters();
+  for (const auto& item : module.named_buffers()) state.insert(item.key(), item.value());
+  return state;
 }
 
 /// Every parameter of `parallel`, gathered, equals the same-named one of `reference`.
@@ -35,7 +44,7 @@ inline void check_parameters_match(const torch::nn::Module& parallel, const torc
   for (const auto& [name, tensor] : sharded) {
     INFO("parameter ", name, " (", tensor.layout.placement(), ")");
     REQUIRE(expected.contains(name));
-    CHECK_CLOSE(tp_test::gather_global(tensor), expected[name], tol);
+    CHECK_CLOSE(titan::gather_full(tensor), expected[name], tol);
   }
 }
 
@@ -45,8 +54,8 @@ inline void check_gradients_match(const torch::nn::Module& parallel, const torch
   for (const auto& [name, tensor] : titan::sharded_parameters(parallel)) {
     INFO("gradient of ", name, " (", tensor.layout.placement(), ")");
     REQUIRE(tensor.local.grad().defined());
-    titan::ShardedTensor grad{tensor.local.grad(), tensor.layout, tensor.box};
-    CHECK_CLOSE(gather_global(grad), expected[name].grad(), tol);
+    titan::ShardedTensor grad{tensor.local.grad(), tensor.layout, tensor.blocks};
+    CHECK_CLOSE(titan::gather_full(grad), expected[name].grad(), tol);
   }
 }
 

@@ -1,34 +1,15 @@
 #pragma once
 // titan/detail/backends.hpp: creating c10d backends. Gloo and NCCL are compiled into LibTorch;
-// their C++ classes are declared in headers that need <gloo/...> (Debian's libgloo-dev: only opaque
-// pointers to gloo types appear in ProcessGroupGloo's layout) and <nccl.h> with the CUDA headers.
-// Each is enabled when its headers are found; define TITAN_NO_GLOO / TITAN_NO_NCCL to opt out.
+// their C++ classes are declared in headers that need <gloo/...> (Debian's libgloo-dev) and
+// <nccl.h> with the CUDA headers. detail/torch_internals.hpp enables each when its headers are
+// found (define TITAN_NO_GLOO / TITAN_NO_NCCL to opt out).
+
+#include <titan/detail/torch_internals.hpp>  // TITAN_HAS_GLOO / TITAN_HAS_NCCL and the backend classes
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
-
-#if !defined(TITAN_NO_GLOO) && __has_include(<gloo/context.h>)
-#ifndef USE_C10D_GLOO
-#define USE_C10D_GLOO
-#endif
-#define TITAN_HAS_GLOO 1
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#else
-#define TITAN_HAS_GLOO 0
-#endif
-
-#if !defined(TITAN_NO_NCCL) && __has_include(<nccl.h>) && __has_include(<cuda_runtime_api.h>)
-#ifndef USE_C10D_NCCL
-#define USE_C10D_NCCL
-#endif
-#define TITAN_HAS_NCCL 1
-#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
-#include <c10/cuda/CUDAFunctions.h>
-#else
-#define TITAN_HAS_NCCL 0
-#endif
 
 #include <chrono>
 #include <string>

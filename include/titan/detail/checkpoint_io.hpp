@@ -1,9 +1,8 @@
 #pragma once
-// titan/detail/checkpoint_io.hpp: the low-level pieces of checkpoint.hpp — CRC-32, POSIX file
-// helpers with errors that name the path, and string exchange between ranks.
+// titan/detail/checkpoint_io.hpp: the low-level pieces of checkpoint.hpp — CRC-32 and POSIX file
+// helpers with errors that name the path. Depends on the standard library, POSIX and c10 only.
 
-#include <titan/collectives.hpp>
-#include <titan/world.hpp>
+#include <c10/util/Exception.h>
 
 #include <fcntl.h>
 #include <ftw.h>
@@ -138,28 +137,6 @@ inline void write_file_atomically(const std::string& dir, const std::string& nam
   TORCH_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "titan checkpoint: renaming '", tmp, "' to '", path,
               "' failed: ", std::strerror(errno));
   sync_directory(dir);
-}
-
-/// Every rank's `text`, in rank order (a collective over `group`; identity for one rank).
-inline std::vector<std::string> all_gather_strings(const ProcessGroupPtr& group, const std::string& text) {
-  if (group->size() == 1) return {text};
-  at::NoGradGuard no_grad;
-  auto bytes = at::empty({static_cast<int64_t>(text.size())}, at::kByte);  // [len]
-  if (!text.empty()) std::memcpy(bytes.data_ptr(), text.data(), text.size());
-  bytes = bytes.to(group->device());
-  auto sizes = exchange_sizes(bytes, *group, 0);
-  auto all = all_gather_raw(bytes, *group, 0, sizes).cpu().contiguous();  // [sum(sizes)]
-  std::vector<std::string> result;
-  int64_t offset = 0;
-  for (auto size : sizes) {
-    if (size == 0) {
-      result.emplace_back();
-      continue;
-    }
-    result.emplace_back(static_cast<const char*>(all.data_ptr()) + offset, static_cast<size_t>(size));
-    offset += size;
-  }
-  return result;
 }
 
 }  // namespace detail

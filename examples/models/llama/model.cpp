@@ -1,4 +1,4 @@
-#include "transformer.hpp"
+#include "model.hpp"
 
 #include <titan/hooks.hpp>
 #include <titan/sharding.hpp>

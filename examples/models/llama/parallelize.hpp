@@ -1,12 +1,23 @@
 #pragma once
-// Tensor-parallel plans of the example Llama-style Transformers (Llama 3, Mistral), written like
-// torchtitan's: module names follow the example models (tok_embeddings, layers.N.attention.wq, ...,
-// norm, output). Header-only; the models infer their local head counts from tensor shapes
-// (view(b, s, -1, head_dim)), so sharding wq/wk/wv/wo by whole heads is all they need.
+// Parallelizing the Llama-family Transformer (Llama 2, Llama 3 / 3.1, Mistral), torchtitan's way:
+// tensor parallel, then activation checkpointing, then FSDP, each a small step over the unchanged
+// model built on the meta device (torchtitan's models/llama3/parallelize.py).
 //
-//   auto plan = titan::examples::llama_tp_plan(titan::examples::tp_dims(model->args), mesh.size("tp"),
-//       titan::examples::TpPlanOptions().sequence_parallel(true).loss_parallel(true));
-//   titan::parallelize_module(*model, mesh["tp"], plan);
+//   ParallelDims dims = ParallelDims::from_config(config.parallelism, world->world_size());
+//   titan::DeviceMesh mesh = dims.build_mesh(world);
+//   Transformer model(args, torch::kMeta);
+//   parallelize_llama(*model, mesh, dims, config);
+//   titan::to_empty(*model, world->device());
+//   init_weights(*model, seed);
+//
+// The tensor-parallel plan is a table, like torchtitan's: module names follow the model
+// (tok_embeddings, layers.N.attention.wq, ..., norm, output); the model infers its local head
+// counts from tensor shapes (view(b, s, -1, head_dim)), so sharding wq/wk/wv/wo by whole heads is
+// all it needs.
+//
+//   auto plan = llama_tp_plan(tp_dims(model->args), mesh.size("tp"),
+//                             TpPlanOptions().sequence_parallel(true).loss_parallel(true));
+//   titan::parallelize_module(model, mesh["tp"], plan);
 //
 // Layouts along a block with sequence parallel (S = sequence, activations [batch, S, dim]):
 //   tok_embeddings (vocab-parallel)          -> Shard(1)
@@ -21,6 +32,9 @@
 //                                                     or Replicate (gathered logits)
 // Without sequence parallel, the norms are left alone, every Shard(1) above is Replicate, and the
 // attention and feed-forward inputs' gradients are all-reduced once each.
+
+#include "../../common/parallelism.hpp"
+#include "model.hpp"
 
 #include <titan/tensor_parallel.hpp>
 
@@ -38,7 +52,7 @@ struct TransformerTpDims {
   TORCH_ARG(int64_t, vocab_size) = 0;  ///< embedding rows and output features
 };
 
-/// The dims of a model's arguments (examples/models' ModelArgs or anything with the same accessors).
+/// The dims of a model's arguments (ModelArgs or anything with the same accessors).
 template <typename Args>
 TransformerTpDims tp_dims(const Args& args) {
   return TransformerTpDims()
@@ -57,7 +71,7 @@ struct TpPlanOptions {
   TORCH_ARG(bool, loss_parallel) = true;
 };
 
-/// torchtitan's Llama tensor-parallel plan for `tp` ranks, for examples/models' Transformer (Llama 2,
+/// torchtitan's Llama tensor-parallel plan for `tp` ranks, for the Transformer of model.hpp (Llama 2,
 /// Llama 3 and Mistral share its module names and forward signatures; attention is called with
 /// (x, rope_cos, rope_sin)). Fails with the offending value when
 /// a size does not divide by `tp` (heads are sharded whole, so n_heads and n_kv_heads must divide).
@@ -114,5 +128,12 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
       .add("layers.*.feed_forward.w2", titan::RowwiseParallel().output_layout(stream));
   return plan;
 }
+
+/// Applies tensor parallelism (when dims.tp > 1; the plan above with config.parallelism's sequence
+/// and loss parallel), activation checkpointing (config.activation_checkpoint) and FSDP (when
+/// data parallelism or bf16 compute asks for it: every block, then the root) to `model`, in that
+/// order. The model may still be on the meta device.
+void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
+                       const TrainConfig& config);
 
 }  // namespace titan::examples

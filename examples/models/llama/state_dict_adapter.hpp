@@ -17,9 +17,8 @@
 // pairs (2i, 2i+1), so the rows of each q/k head are permuted on the way in and out (the permute of
 // transformers' convert_llama_weights_to_hf.py).
 
-#include "transformer.hpp"
+#include "model.hpp"
 
-#include <titan/detail/json.hpp>
 #include <titan/sharding.hpp>
 
 #include <functional>
@@ -46,8 +45,6 @@ torch::Tensor from_hf_tensor(const std::string& hf_name, const torch::Tensor& te
 /// naming the file and key. The parameter dtype stays float32 whatever the checkpoint's dtype
 /// (load_hf converts); set args.dtype() to change it.
 ModelArgs read_hf_config(const std::string& path);
-/// The config.json of a model with `args` whose weights are stored as `dtype`.
-titan::json::Value hf_config(const ModelArgs& args, torch::Dtype dtype = torch::kFloat);
 
 /// Options of load_hf.
 struct LoadHfOptions {

@@ -1,11 +1,10 @@
-// The example TP plan on the example models (examples/models: Llama 3 and Mistral debug flavors):
-// a model built on the meta device, sharded, materialised and initialised by name trains exactly
-// like the unsharded model on one process, at TP = world size (1, 2 or 4).
-#include "tp_test_util.hpp"
+// The example TP plan on the example models (examples/models/llama: Llama 3 and Mistral debug
+// flavors): a model built on the meta device, sharded, materialised and initialised by name trains
+// exactly like the unsharded model on one process, at TP = world size (1, 2 or 4).
+#include "../tensor_parallel/tp_test_util.hpp"
 
-#include "../../examples/parallelize/llama_tp_plan.hpp"
+#include "models/llama/parallelize.hpp"
 
-#include <models/transformer.hpp>
 #include <titan/meta.hpp>
 
 namespace {

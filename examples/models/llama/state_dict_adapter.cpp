@@ -1,9 +1,11 @@
-#include "hf.hpp"
+#include "state_dict_adapter.hpp"
 
-#include <titan/fsdp.hpp>
 #include <titan/safetensors.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include <filesystem>
+#include <fstream>
 #include <set>
 #include <utility>
 #include <vector>
@@ -95,6 +97,82 @@ std::string config_file(const std::string& path) {
   return std::filesystem::is_directory(path) ? path + "/config.json" : path;
 }
 
+/// The config.json of a model with `args` whose weights are stored as `dtype`.
+nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
+  const bool mistral = args.sliding_window() > 0;
+  nlohmann::ordered_json c;
+  c["architectures"] = {mistral ? "MistralForCausalLM" : "LlamaForCausalLM"};
+  c["model_type"] = mistral ? "mistral" : "llama";
+  c["hidden_size"] = args.dim();
+  c["intermediate_size"] = args.hidden_dim();
+  c["num_hidden_layers"] = args.n_layers();
+  c["num_attention_heads"] = args.n_heads();
+  c["num_key_value_heads"] = args.n_kv_heads();
+  c["head_dim"] = args.effective_head_dim();
+  c["vocab_size"] = args.vocab_size();
+  c["max_position_embeddings"] = args.max_seq_len();
+  c["rms_norm_eps"] = args.norm_eps();
+  c["rope_theta"] = args.rope_theta();
+  if (args.rope_scaling().enabled()) {
+    const auto& s = args.rope_scaling();
+    c["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", s.factor()},
+                         {"low_freq_factor", s.low_freq_factor()},
+                         {"high_freq_factor", s.high_freq_factor()},
+                         {"original_max_position_embeddings", s.original_max_position_embeddings()}};
+  } else {
+    c["rope_scaling"] = nullptr;
+  }
+  if (mistral) c["sliding_window"] = args.sliding_window();
+  c["hidden_act"] = "silu";
+  c["attention_bias"] = false;
+  if (!mistral) c["mlp_bias"] = false;
+  c["tie_word_embeddings"] = false;
+  c["initializer_range"] = 0.02;
+  c["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kHalf ? "float16" : "float32";
+  return c;
+}
+
+/// Typed reads of a config.json object whose errors name the file and key.
+class ConfigReader {
+ public:
+  ConfigReader(const nlohmann::json& object, std::string file) : object_(object), file_(std::move(file)) {}
+  /// The value of `key`, or nullptr when it is absent or null.
+  const nlohmann::json* find(const char* key) const {
+    auto it = object_.find(key);
+    return it == object_.end() || it->is_null() ? nullptr : &*it;
+  }
+  const nlohmann::json& get(const char* key) const {
+    const auto* v = find(key);
+    TORCH_CHECK(v != nullptr, file_, ": missing \"", key, "\"");
+    return *v;
+  }
+  int64_t integer(const char* key) const { return integer_of(get(key), key); }
+  double number(const char* key) const { return number_of(get(key), key); }
+  std::string text(const char* key) const { return text_of(get(key), key); }
+  int64_t integer_of(const nlohmann::json& v, const char* key) const {
+    TORCH_CHECK(v.is_number_integer(), file_, ": \"", key, "\" must be an integer, got ", v.dump());
+    return v.get<int64_t>();
+  }
+  double number_of(const nlohmann::json& v, const char* key) const {
+    TORCH_CHECK(v.is_number(), file_, ": \"", key, "\" must be a number, got ", v.dump());
+    return v.get<double>();
+  }
+  std::string text_of(const nlohmann::json& v, const char* key) const {
+    TORCH_CHECK(v.is_string(), file_, ": \"", key, "\" must be a string, got ", v.dump());
+    return v.get<std::string>();
+  }
+  bool flag_of(const nlohmann::json& v, const char* key) const {
+    TORCH_CHECK(v.is_boolean(), file_, ": \"", key, "\" must be true or false, got ", v.dump());
+    return v.get<bool>();
+  }
+  const std::string& file() const { return file_; }
+
+ private:
+  const nlohmann::json& object_;
+  std::string file_;
+};
+
 }  // namespace
 
 std::string to_hf_name(const std::string& name) { return translate(name, /*to_hf=*/true); }
@@ -113,60 +191,56 @@ torch::Tensor from_hf_tensor(const std::string& hf_name, const torch::Tensor& te
 
 ModelArgs read_hf_config(const std::string& path) {
   const std::string file = config_file(path);
-  auto config = titan::json::load(file);
-  TORCH_CHECK(config.is_object(), file, ": expected a JSON object");
-  auto get = [&](const char* key) -> const titan::json::Value& {
-    const auto* v = config.find(key);
-    TORCH_CHECK(v != nullptr && !v->is_null(), file, ": missing \"", key, "\"");
-    return *v;
-  };
-  auto get_or_null = [&](const char* key) -> const titan::json::Value* {
-    const auto* v = config.find(key);
-    return v != nullptr && !v->is_null() ? v : nullptr;
-  };
-  auto int_of = [&](const char* key) {
-    const auto& v = get(key);
-    TORCH_CHECK(v.is_number(), file, ": \"", key, "\" must be a number, got ", v.type_name());
-    return v.as_int();
-  };
+  std::ifstream in(file);
+  TORCH_CHECK(in, file, ": cannot open the model's config (expected a Hugging Face config.json)");
+  nlohmann::json root;
+  try {
+    root = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::parse_error& e) {
+    TORCH_CHECK(false, file, ": not valid JSON: ", e.what());
+  }
+  TORCH_CHECK(root.is_object(), file, ": expected a JSON object");
+  const ConfigReader config(root, file);
 
-  const std::string model_type = get("model_type").as_string();
+  const std::string model_type = config.text("model_type");
   TORCH_CHECK(model_type == "llama" || model_type == "mistral", file, ": model_type \"", model_type,
               "\" is not supported (expected \"llama\" or \"mistral\")");
-  if (const auto* tied = get_or_null("tie_word_embeddings"))
-    TORCH_CHECK(!tied->as_bool(), file, ": tie_word_embeddings = true is not supported (output is untied)");
-  if (const auto* act = get_or_null("hidden_act"))
-    TORCH_CHECK(act->as_string() == "silu", file, ": hidden_act \"", act->as_string(), "\" is not supported (silu)");
+  if (const auto* tied = config.find("tie_word_embeddings"))
+    TORCH_CHECK(!config.flag_of(*tied, "tie_word_embeddings"), file,
+                ": tie_word_embeddings = true is not supported (output is untied)");
+  if (const auto* act = config.find("hidden_act"))
+    TORCH_CHECK(config.text_of(*act, "hidden_act") == "silu", file, ": hidden_act \"", act->get<std::string>(),
+                "\" is not supported (silu)");
   for (const char* key : {"attention_bias", "mlp_bias"})
-    if (const auto* bias = get_or_null(key)) TORCH_CHECK(!bias->as_bool(), file, ": ", key, " = true is not supported");
+    if (const auto* bias = config.find(key))
+      TORCH_CHECK(!config.flag_of(*bias, key), file, ": ", key, " = true is not supported");
 
   ModelArgs args;
-  args.dim(int_of("hidden_size"))
-      .n_layers(int_of("num_hidden_layers"))
-      .n_heads(int_of("num_attention_heads"))
-      .vocab_size(int_of("vocab_size"))
-      .ffn_hidden_dim(int_of("intermediate_size"))
-      .max_seq_len(int_of("max_position_embeddings"));
-  args.n_kv_heads(get_or_null("num_key_value_heads") ? int_of("num_key_value_heads") : args.n_heads());
-  if (get_or_null("head_dim")) args.head_dim(int_of("head_dim"));
-  if (const auto* eps = get_or_null("rms_norm_eps")) args.norm_eps(eps->as_double());
-  if (model_type == "mistral" && get_or_null("sliding_window")) args.sliding_window(int_of("sliding_window"));
+  args.dim(config.integer("hidden_size"))
+      .n_layers(config.integer("num_hidden_layers"))
+      .n_heads(config.integer("num_attention_heads"))
+      .vocab_size(config.integer("vocab_size"))
+      .ffn_hidden_dim(config.integer("intermediate_size"))
+      .max_seq_len(config.integer("max_position_embeddings"));
+  args.n_kv_heads(config.find("num_key_value_heads") ? config.integer("num_key_value_heads") : args.n_heads());
+  if (config.find("head_dim")) args.head_dim(config.integer("head_dim"));
+  if (config.find("rms_norm_eps")) args.norm_eps(config.number("rms_norm_eps"));
+  if (model_type == "mistral" && config.find("sliding_window")) args.sliding_window(config.integer("sliding_window"));
 
   // transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters holding both.
-  const auto* rope = get_or_null("rope_parameters");
-  if (rope == nullptr) rope = get_or_null("rope_scaling");
-  if (const auto* theta = get_or_null("rope_theta")) args.rope_theta(theta->as_double());
+  const auto* rope = config.find("rope_parameters");
+  if (rope == nullptr) rope = config.find("rope_scaling");
+  if (config.find("rope_theta")) args.rope_theta(config.number("rope_theta"));
   if (rope != nullptr) {
     TORCH_CHECK(rope->is_object(), file, ": rope parameters must be an object");
-    if (const auto* theta = rope->find("rope_theta")) args.rope_theta(theta->as_double());
-    const auto* type = rope->find("rope_type");
-    if (type == nullptr) type = rope->find("type");
-    const std::string rope_type = type ? type->as_string() : "default";
+    const ConfigReader parameters(*rope, file);
+    if (parameters.find("rope_theta")) args.rope_theta(parameters.number("rope_theta"));
+    const char* type_key = parameters.find("rope_type") ? "rope_type" : "type";
+    const std::string rope_type = parameters.find(type_key) ? parameters.text(type_key) : "default";
     if (rope_type == "llama3") {
       auto field = [&](const char* key) {
-        const auto* v = rope->find(key);
-        TORCH_CHECK(v != nullptr, file, ": llama3 rope scaling needs \"", key, "\"");
-        return v->as_double();
+        TORCH_CHECK(parameters.find(key), file, ": llama3 rope scaling needs \"", key, "\"");
+        return parameters.number(key);
       };
       args.rope_scaling(RopeScaling()
                             .enabled(true)
@@ -182,43 +256,6 @@ ModelArgs read_hf_config(const std::string& path) {
   }
   args.validate();
   return args;
-}
-
-titan::json::Value hf_config(const ModelArgs& args, torch::Dtype dtype) {
-  const bool mistral = args.sliding_window() > 0;
-  titan::json::Value c = titan::json::Object{};
-  c["architectures"] = titan::json::Array{mistral ? "MistralForCausalLM" : "LlamaForCausalLM"};
-  c["model_type"] = mistral ? "mistral" : "llama";
-  c["hidden_size"] = args.dim();
-  c["intermediate_size"] = args.hidden_dim();
-  c["num_hidden_layers"] = args.n_layers();
-  c["num_attention_heads"] = args.n_heads();
-  c["num_key_value_heads"] = args.n_kv_heads();
-  c["head_dim"] = args.effective_head_dim();
-  c["vocab_size"] = args.vocab_size();
-  c["max_position_embeddings"] = args.max_seq_len();
-  c["rms_norm_eps"] = args.norm_eps();
-  c["rope_theta"] = args.rope_theta();
-  if (args.rope_scaling().enabled()) {
-    const auto& s = args.rope_scaling();
-    titan::json::Value scaling = titan::json::Object{};
-    scaling["rope_type"] = "llama3";
-    scaling["factor"] = s.factor();
-    scaling["low_freq_factor"] = s.low_freq_factor();
-    scaling["high_freq_factor"] = s.high_freq_factor();
-    scaling["original_max_position_embeddings"] = s.original_max_position_embeddings();
-    c["rope_scaling"] = std::move(scaling);
-  } else {
-    c["rope_scaling"] = nullptr;
-  }
-  if (mistral) c["sliding_window"] = args.sliding_window();
-  c["hidden_act"] = "silu";
-  c["attention_bias"] = false;
-  if (!mistral) c["mlp_bias"] = false;
-  c["tie_word_embeddings"] = false;
-  c["initializer_range"] = 0.02;
-  c["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kHalf ? "float16" : "float32";
-  return c;
 }
 
 void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOptions& options) {
@@ -275,7 +312,7 @@ void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfO
   const torch::Dtype stored = options.dtype() ? *options.dtype() : model.args.dtype();
   std::vector<titan::safetensors::LazyTensor> tensors;
   for (const auto& [name, sharded] : titan::sharded_parameters(model)) {
-    const bool whole = sharded.box.sizes == sharded.layout.global_shape;
+    const bool whole = sharded.local.sizes().vec() == sharded.layout.global_shape;
     TORCH_CHECK(group || whole, "save_hf: parameter '", name, "' is sharded (", sharded.layout.placement(),
                 "); pass the process group so that it is gathered");
     const auto dtype = options.dtype() ? *options.dtype() : sharded.local.scalar_type();
@@ -296,7 +333,9 @@ void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfO
   titan::safetensors::save_sharded(dir, tensors,
                                    titan::safetensors::SaveOptions().max_shard_bytes(options.max_shard_bytes()).metadata(
                                        {{"format", "pt"}}));
-  titan::json::save(dir + "/config.json", hf_config(model.args, stored));
+  std::ofstream config(dir + "/config.json");
+  config << hf_config(model.args, stored).dump(2) << "\n";
+  TORCH_CHECK(config.flush(), "save_hf: cannot write ", dir, "/config.json");
 }
 
 }  // namespace titan::examples

@@ -1,0 +1,59 @@
+#include "parallelism.hpp"
+
+namespace titan::examples {
+
+ParallelDims ParallelDims::from_config(const ParallelismConfig& config, int64_t world_size) {
+  ParallelDims dims;
+  dims.dp_replicate = config.data_parallel_replicate_degree;
+  dims.tp = config.tensor_parallel_degree;
+  const int64_t others = dims.dp_replicate * dims.tp;
+  if (config.data_parallel_shard_degree == -1) {
+    TORCH_CHECK(world_size % others == 0, "parallelism: data_parallel_replicate_degree (", dims.dp_replicate,
+                ") x tensor_parallel_degree (", dims.tp, ") = ", others, " does not divide the world size ",
+                world_size);
+    dims.dp_shard = world_size / others;
+  } else {
+    dims.dp_shard = config.data_parallel_shard_degree;
+  }
+  TORCH_CHECK(dims.dp_replicate * dims.dp_shard * dims.tp == world_size,
+              "parallelism: data_parallel_replicate_degree (", dims.dp_replicate, ") x data_parallel_shard_degree (",
+              dims.dp_shard, ") x tensor_parallel_degree (", dims.tp, ") = ", dims.dp_replicate * dims.dp_shard * dims.tp,
+              " but the job has ", world_size, " ranks");
+  return dims;
+}
+
+titan::DeviceMesh ParallelDims::build_mesh(const titan::WorldPtr& world) const {
+  titan::DeviceMesh mesh(world, {"dp_replicate", "dp_shard", "tp"}, {dp_replicate, dp_shard, tp});
+  mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
+  return mesh;
+}
+
+titan::DeviceMesh ParallelDims::fsdp_mesh(const titan::DeviceMesh& mesh) const {
+  return dp_replicate > 1 ? mesh.slice({"dp_replicate", "dp_shard"}) : mesh["dp_shard"];
+}
+
+titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config) {
+  const auto& ac = config.activation_checkpoint;
+  titan::ActivationCheckpointOptions options;
+  if (ac.mode == "none") return options.mode(titan::AcMode::None);
+  if (ac.mode == "full") return options.mode(titan::AcMode::Full);
+  TORCH_CHECK(ac.mode == "selective", "activation_checkpoint.mode = '", ac.mode,
+              "' is not one of: none, full, selective");
+  if (ac.selective_ac_option == "op") return options.mode(titan::AcMode::PerOperator);
+  // validate() accepted it: a positive integer.
+  return options.mode(titan::AcMode::EveryKthLayer).every_k(std::stoll(ac.selective_ac_option));
+}
+
+bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config) {
+  return dims.dp() > 1 || config.training.mixed_precision_param == "bfloat16";
+}
+
+titan::FsdpOptions fsdp_options(const TrainConfig& config) {
+  titan::FsdpOptions options;
+  options.reshard_after_forward(config.parallelism.reshard_after_forward);
+  if (config.training.mixed_precision_param == "bfloat16") options.param_dtype(torch::kBFloat16);
+  options.reduce_dtype(config.training.mixed_precision_reduce == "bfloat16" ? torch::kBFloat16 : torch::kFloat32);
+  return options;
+}
+
+}  // namespace titan::examples

@@ -1,0 +1,46 @@
+#pragma once
+// From the [parallelism], [activation_checkpoint] and [training] sections to titan's options: the
+// mesh, activation checkpointing and FSDP, shared by every model's parallelize function.
+//
+//   ParallelDims dims = ParallelDims::from_config(config.parallelism, world->world_size());
+//   titan::DeviceMesh mesh = dims.build_mesh(world);
+//   titan::apply_activation_checkpointing(model.layers, activation_checkpoint_options(config));
+//   for (auto& block : *model.layers) titan::fully_shard(*block, dims.fsdp_mesh(mesh), fsdp_options(config));
+
+#include "config.hpp"
+
+#include <titan/ac.hpp>
+#include <titan/fsdp.hpp>
+#include <titan/mesh.hpp>
+
+#include <cstdint>
+
+namespace titan::examples {
+
+/// The degrees of the mesh dp_replicate x dp_shard x tp, checked against the world size.
+struct ParallelDims {
+  int64_t dp_replicate = 1;
+  int64_t dp_shard = 1;
+  int64_t tp = 1;
+
+  /// Resolves dp_shard = -1 and checks that the product equals `world_size` (the error names the
+  /// config keys and values).
+  static ParallelDims from_config(const ParallelismConfig& config, int64_t world_size);
+  int64_t dp() const { return dp_replicate * dp_shard; }  ///< data-parallel degree
+  /// The mesh {"dp_replicate", "dp_shard", "tp"}, plus the flattened dim "dp" (data: batches, loss).
+  titan::DeviceMesh build_mesh(const titan::WorldPtr& world) const;
+  /// The mesh fully_shard takes: ("dp_replicate", "dp_shard") for HSDP, else "dp_shard".
+  titan::DeviceMesh fsdp_mesh(const titan::DeviceMesh& mesh) const;
+};
+
+/// [activation_checkpoint] as titan's typed options: mode "none" / "full", or "selective" with
+/// selective_ac_option "op" (per operator) or a positive integer k (every k-th layer).
+titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config);
+
+/// Whether the model needs FSDP: data parallelism, or bf16 compute (FSDP's param_dtype casts).
+bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config);
+
+/// FSDP options from [parallelism] (reshard_after_forward) and [training] (mixed precision).
+titan::FsdpOptions fsdp_options(const TrainConfig& config);
+
+}  // namespace titan::examples

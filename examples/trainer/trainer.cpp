@@ -1,0 +1,359 @@
+#include "trainer.hpp"
+
+#include "../models/llama/parallelize.hpp"
+#include "../models/llama/state_dict_adapter.hpp"
+
+#include <titan/fsdp.hpp>
+#include <titan/meta.hpp>
+#include <titan/tensor_parallel.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+
+namespace titan::examples {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+/// Dense bf16 peak FLOP/s of the device for MFU; 0 (MFU "n/a") where no nominal peak applies.
+double peak_flops(const c10::Device& device) {
+#if TITAN_HAS_NCCL
+  if (device.is_cuda()) {
+    const std::string name = at::cuda::getDeviceProperties(device.index())->name;
+    if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return 989e12;
+    if (name.find("A100") != std::string::npos) return 312e12;
+  }
+#endif
+  return 0.0;
+}
+
+std::string join(const std::vector<std::string>& items) {
+  std::string text;
+  for (const auto& item : items) text += (text.empty() ? "" : ", ") + item;
+  return text;
+}
+
+/// The model of `config`: a debug flavor takes its vocabulary from the tokenizer; a real one must
+/// cover it.
+ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) {
+  auto args = model_args(config.model.name, config.model.flavor);
+  if (config.model.flavor == "debug") {
+    args.vocab_size(tokenizer.vocab_size());
+  } else {
+    TORCH_CHECK(tokenizer.vocab_size() <= args.vocab_size(), "model: the tokenizer '", config.model.tokenizer_path,
+                "' has ", tokenizer.vocab_size(), " ids but ", config.model.name, " ", config.model.flavor,
+                " has a vocabulary of ", args.vocab_size());
+  }
+  args.max_seq_len(config.training.seq_len);
+  return args;
+}
+
+/// Rank 0's progress lines while a checkpoint loads: every 5 seconds and when it is done.
+titan::LoadProgressFn load_progress_printer(const titan::WorldPtr& world, const std::string& what) {
+  if (world->rank() != 0) return nullptr;
+  const auto start = Clock::now();
+  auto last = std::make_shared<Clock::time_point>(start);
+  return [world, what, start, last](int64_t done, int64_t total, int64_t bytes) {
+    if (done != total && seconds_since(*last) < 5.0) return;
+    *last = Clock::now();
+    const double seconds = std::max(seconds_since(start), 1e-9), megabytes = static_cast<double>(bytes) / 1e6;
+    world->logger().info("loading ", what, ": ", done, "/", total, " tensors, ", megabytes, " MB of this rank's in ",
+                         seconds, " s (", megabytes / seconds, " MB/s)", done == total ? " (done)" : "");
+  };
+}
+
+/// Fails unless the Hugging Face model at `path` has the architecture of `args` (the shapes are
+/// checked again per tensor by load_hf).
+void check_hf_architecture(const ModelArgs& args, const std::string& path) {
+  const auto hf = read_hf_config(path);
+  auto check = [&](const char* what, double ours, double theirs) {
+    TORCH_CHECK(ours == theirs, "checkpoint.initial_load_path: the Hugging Face model '", path, "' has ", what, " = ",
+                theirs, " but the configured model has ", ours, " (check model.name / model.flavor)");
+  };
+  check("hidden size (dim)", args.dim(), hf.dim());
+  check("layers", args.n_layers(), hf.n_layers());
+  check("attention heads", args.n_heads(), hf.n_heads());
+  check("key/value heads", args.n_kv_heads(), hf.n_kv_heads());
+  check("vocabulary size", args.vocab_size(), hf.vocab_size());
+  check("rope_theta", args.rope_theta(), hf.rope_theta());
+  check("rms_norm_eps", args.norm_eps(), hf.norm_eps());
+  check("sliding_window", args.sliding_window(), hf.sliding_window());
+}
+
+/// Starts from checkpoint.initial_load_path (when there was nothing to resume): a Hugging Face
+/// folder, each rank reading only its slices, or the model part of a titan checkpoint.
+void load_initial_weights(TransformerImpl& model, const TrainConfig& config, const titan::WorldPtr& world) {
+  const auto& path = config.checkpoint.initial_load_path;
+  TORCH_CHECK(std::filesystem::is_directory(path), "checkpoint.initial_load_path = '", path, "' is not a folder (",
+              config.checkpoint.initial_load_in_hf ? "expected a Hugging Face model folder with config.json"
+                                                   : "expected a titan checkpoint folder such as <folder>/step-1000",
+              ")");
+  if (config.checkpoint.initial_load_in_hf) {
+    check_hf_architecture(model.args, path);
+    load_hf(model, path);
+  } else {
+    titan::TrainState weights;
+    weights.model = &model;
+    titan::load_checkpoint(path, weights, world->group(), load_progress_printer(world, path));
+  }
+  world->logger().info("initial weights loaded from ", path, config.checkpoint.initial_load_in_hf ? " (Hugging Face)" : "");
+}
+
+torch::Dtype dtype_named(const std::string& name) {
+  if (name == "bfloat16") return torch::kBFloat16;
+  if (name == "float16") return torch::kFloat16;
+  return torch::kFloat32;
+}
+
+}  // namespace
+
+titan::ComponentState GeneratorState::state() const {
+  std::lock_guard<std::mutex> lock(generator_.mutex());
+  return titan::ComponentState{{}, {{"state", titan::replicated(generator_.get_state())}}};
+}
+
+void GeneratorState::load_state(const titan::ComponentState& state) {
+  auto saved = std::find_if(state.tensors.begin(), state.tensors.end(),
+                                   [](const auto& item) { return item.first == "state"; });
+  TORCH_CHECK(saved != state.tensors.end(), "rng: the saved generator state has no 'state' tensor");
+  std::lock_guard<std::mutex> lock(generator_.mutex());
+  generator_.set_state(saved->second.local);
+}
+
+Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
+  world_ = titan::init_distributed();
+  const auto& log = world_->logger();
+  const std::filesystem::path dump(config_.job.dump_folder);
+  log.info(config_.job.description, " | ", world_->world_size(), " ranks, ", world_->backend_name(), " on ",
+           world_->device().str());
+  log.info("resolved config:\n", to_toml(config_));
+  if (world_->rank() == 0) save_config(config_, (dump / "config.toml").string());
+
+  dims_ = ParallelDims::from_config(config_.parallelism, world_->world_size());
+  mesh_ = std::make_unique<titan::DeviceMesh>(dims_.build_mesh(world_));
+  log.info("mesh: dp_replicate=", dims_.dp_replicate, " dp_shard=", dims_.dp_shard, " tp=", dims_.tp);
+
+  tokenizer_ = load_tokenizer(config_.model.tokenizer_path, config_.model.tokenizer_kind);
+  args_ = model_args_for(config_, *tokenizer_);
+  const auto& training = config_.training;
+
+  // Build on meta, parallelize, then allocate and initialize only what this rank holds.
+  model_ = Transformer(args_, torch::kMeta);
+  parallelize_llama(*model_, *mesh_, dims_, config_);
+  titan::to_empty(*model_, world_->device());
+  init_weights(*model_, static_cast<uint64_t>(training.seed));
+  const double flops = flops_per_token(args_, training.seq_len);
+  log.info(config_.model.name, " ", config_.model.flavor, ": ", parameter_count(args_), " parameters, ",
+           flops / 1e9, " GFLOP per token");
+
+  optimizer_ = make_adamw(model_->named_parameters(), adamw_config(config_));
+  titan::verify_optimizer(*optimizer_, model_);
+  schedule_ = std::make_unique<LRSchedule>(lr_schedule_options(config_));
+  accumulation_ = gradient_accumulation_steps(training.global_batch_size, training.batch_size, dims_.dp());
+
+  const auto& data = config_.data;
+  const int64_t dp_rank = mesh_->coordinate("dp");
+  loader_ = std::make_unique<DataLoader>(TokenCorpus::open(corpus_options(config_, false), *tokenizer_, world_->group()),
+                                         *tokenizer_, loader_options(config_, dp_rank, dims_.dp(), false));
+  if (!data.val_path.empty() && data.val_freq > 0) {
+    val_loader_ = std::make_unique<DataLoader>(
+        TokenCorpus::open(corpus_options(config_, true), *tokenizer_, world_->group()), *tokenizer_,
+        loader_options(config_, dp_rank, dims_.dp(), true));
+  }
+  log.info("data: ", loader_->samples_per_epoch(), " samples of ", training.seq_len, " tokens per epoch; ",
+           accumulation_, " micro-batches of ", training.batch_size, " per rank per step");
+
+  metrics_ = std::make_unique<MetricsLogger>(metrics_options(config_, world_->rank())
+                                                 .flops_per_token(flops)
+                                                 .peak_flops(peak_flops(world_->device()))
+                                                 .device(world_->device()));
+  loss_parallel_ = dims_.tp > 1 && config_.parallelism.enable_loss_parallel;
+  nan_guard_ = std::make_unique<NanGuard>(nan_policy_from_string(training.nan_policy));
+
+  // Checkpoints: model and optimizer shards by name, and the components by name (all valid on any
+  // number of ranks). Resumes automatically from the latest complete one.
+  rng_ = std::make_unique<GeneratorState>(at::detail::getDefaultCPUGenerator());
+  state_.model = model_.get();
+  state_.optimizer = optimizer_.get();
+  state_.add("data", *loader_).add("rng", *rng_).add("lr_schedule", *schedule_);
+  const auto& checkpoint = config_.checkpoint;
+  if (checkpoint.enable) {
+    checkpoints_ = std::make_unique<titan::CheckpointManager>(
+        world_, titan::CheckpointOptions((dump / checkpoint.folder).string())
+                    .interval(checkpoint.interval)
+                    .keep_latest_k(checkpoint.keep_latest_k)
+                    .async(checkpoint.async_mode == "async")
+                    .load_step(checkpoint.load_step)
+                    .on_load_progress(load_progress_printer(world_, "the checkpoint")));
+    if (auto step = checkpoints_->load_latest(state_)) {
+      start_step_ = *step;
+      log.info("resumed from the checkpoint of step ", start_step_);
+    }
+  }
+  if (start_step_ == 0 && !checkpoint.initial_load_path.empty()) load_initial_weights(*model_, config_, world_);
+}
+
+Trainer::~Trainer() = default;
+
+torch::Tensor Trainer::loss_sum(const Batch& batch) {
+  auto input = batch.input.to(world_->device());    // [B, S]
+  auto labels = batch.labels.to(world_->device());  // [B, S]
+  auto logits = titan::call(model_, input);         // [B, S, V] (or [B, S, V / tp] with loss parallel)
+  if (loss_parallel_) {
+    return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, mesh_->group("tp"), -100,
+                                              at::Reduction::Sum);
+  }
+  return torch::nn::functional::cross_entropy(
+      logits.flatten(0, 1).to(torch::kFloat32), labels.flatten(),
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+}
+
+double Trainer::forward_backward(const Batch& batch, double scale) {
+  auto loss = loss_sum(batch);
+  (loss * scale).backward();
+  return loss.item<double>();
+}
+
+std::optional<StepStats> Trainer::train_step(int64_t step) {
+  const auto step_start = Clock::now();
+  const auto& log = world_->logger();
+  const double lr = schedule_->apply(*optimizer_, step, config_.optimizer.lr);
+  optimizer_->zero_grad();
+  const auto data_start = Clock::now();
+  std::vector<Batch> micro_batches;  // this rank's share of the global batch
+  double label_tokens = 0.0;
+  int64_t tokens = 0;
+  for (int64_t micro = 0; micro < accumulation_; ++micro) {
+    micro_batches.push_back(loader_->next());
+    label_tokens += static_cast<double>(micro_batches.back().num_label_tokens);
+    tokens += micro_batches.back().input.numel();
+  }
+  const double data_seconds = seconds_since(data_start);
+  // The loss is the mean over the label tokens of the whole global batch, so every token weighs
+  // the same however the batch is split into ranks and micro-batches (padding and prompt tokens
+  // vary per sample). Gradients are averaged over the dp ranks, hence the factor dp.
+  const auto& dp_group = mesh_->group("dp");
+  const double global_tokens = titan::dist_sum(label_tokens, dp_group);
+  if (global_tokens == 0.0) {
+    log.warn("step ", step, ": the global batch has no label tokens (all prompt or padding); the step is skipped");
+    return std::nullopt;
+  }
+  double loss_sum_here = 0.0;
+  for (int64_t micro = 0; micro < accumulation_; ++micro) {
+    titan::set_requires_gradient_sync(model_, micro + 1 == accumulation_);
+    loss_sum_here += forward_backward(micro_batches[static_cast<size_t>(micro)], static_cast<double>(dims_.dp()) / global_tokens);
+  }
+  const double loss_value = titan::dist_sum(loss_sum_here, dp_group) / global_tokens;
+  if (!nan_guard_->check(step, loss_value)) {
+    log.warn("step ", step, ": loss is ", loss_value, ", the step is skipped (", nan_guard_->skipped(), " so far)");
+    optimizer_->zero_grad();
+    return std::nullopt;
+  }
+  const double grad_norm = titan::clip_grad_norm_(model_, config_.training.max_norm, world_->group()).item<double>();
+  optimizer_->step();
+
+  StepStats stats;
+  stats.step = step;
+  stats.loss = loss_value;
+  stats.grad_norm = grad_norm;
+  stats.lr = lr;
+  stats.tokens = tokens;
+  stats.step_seconds = seconds_since(step_start);
+  stats.data_seconds = data_seconds;
+  return stats;
+}
+
+void Trainer::validate(int64_t step) {
+  torch::NoGradGuard no_grad;
+  auto mean_loss = [this](const Batch& batch) {
+    return loss_sum(batch) / static_cast<double>(std::max<int64_t>(batch.num_label_tokens, 1));
+  };
+  auto result = evaluate(*val_loader_, config_.data.val_steps, mean_loss, mesh_->group("dp"));
+  world_->logger().info("step ", step, " validation: loss ", result.loss, ", perplexity ", result.perplexity,
+                        " over ", result.tokens, " tokens");
+  metrics_->record_scalars(step, {{"val/loss", result.loss}, {"val/perplexity", result.perplexity}});
+}
+
+void Trainer::save_checkpoint(int64_t step, bool force) {
+  if (!checkpoints_) return;
+  state_.extra["step"] = std::to_string(step);
+  state_.extra["config"] = to_toml(config_);
+  if (checkpoints_->maybe_save(step, state_, force)) world_->logger().info("checkpoint of step ", step, " started");
+}
+
+void Trainer::export_model() {
+  const auto dir = (std::filesystem::path(config_.job.dump_folder) / "export").string();
+  const auto& dtype = config_.checkpoint.export_dtype;
+  // Every rank takes part: parameters are gathered one at a time while rank 0 writes them file
+  // by file (at most 5 GiB each), so no rank holds the whole model.
+  save_hf(*model_, dir, SaveHfOptions().dtype(dtype_named(dtype)).max_shard_bytes(5LL << 30), world_->group());
+  world_->logger().info("exported the model (", dtype, ") to ", dir);
+}
+
+void Trainer::train() {
+  const auto& log = world_->logger();
+  const auto& training = config_.training;
+  SignalFlag stop;
+  int64_t step = start_step_;
+  while (step < training.steps) {
+    ++step;
+    if (auto stats = train_step(step)) {
+      if (auto line = metrics_->record(*stats)) log.info(*line);
+      if (!verified_) {  // after the first full step: every hooked module went through titan::call
+        titan::verify_calls(model_);
+        verified_ = true;
+      }
+    }
+    if (val_loader_ && step % config_.data.val_freq == 0) validate(step);
+    const bool signalled = stop.any_rank(world_->group());
+    const bool stopping = signalled || step == training.stop_at_step;
+    save_checkpoint(step, stopping || step == training.steps);
+    if (stopping) {
+      log.info(signalled ? "signal received" : "training.stop_at_step reached", ": stopped after step ", step,
+               checkpoints_ ? " (checkpoint saved)" : "");
+      break;
+    }
+  }
+  if (checkpoints_) {
+    checkpoints_->wait();
+    if (step == training.steps) export_model();
+  }
+  world_->shutdown();
+}
+
+int train_main(int argc, char** argv, const std::vector<std::string>& families) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
+      std::printf("usage: %s --config FILE.toml [--section.key VALUE | --section.key=VALUE ...]\nkeys: %s\n", argv[0],
+                  join(config_keys()).c_str());
+      return 0;
+    }
+  }
+  TrainConfig config;
+  try {
+    config = parse_config_args(argc, argv);
+    TORCH_CHECK(std::find(families.begin(), families.end(), config.model.name) != families.end(), "model.name = '",
+                config.model.name, "' is not trained by ", argv[0], " (expected one of: ", join(families), ")");
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "config error: %s\n", e.what_without_backtrace());
+    return 2;
+  }
+  try {
+    Trainer(std::move(config)).train();
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace titan::examples

@@ -1,0 +1,111 @@
+#pragma once
+// The training job shared by the example trainers (examples/llama, examples/mistral), as a class
+// whose steps are seams: copy this folder and override what your job does differently.
+//
+//   int main(int argc, char** argv) { return titan::examples::train_main(argc, argv, {"llama2", "llama3", "llama3.1"}); }
+//
+//   struct MyTrainer : titan::examples::Trainer {         // or: subclass instead of copying
+//     using Trainer::Trainer;
+//     torch::Tensor loss_sum(const Batch& batch) override { ... }   // e.g. another loss
+//   };
+//
+// The constructor joins the job (torchrun, Slurm, mpirun or one process), builds the model on the
+// meta device, parallelizes it (TP, AC, FSDP), materializes and initializes the local shards,
+// builds the optimizer, data, metrics and checkpoints, and resumes from the latest checkpoint.
+// train() then runs the steps: gradient accumulation, clipping, the LR schedule, validation,
+// metrics (line, metrics.jsonl, TensorBoard), NaN/Inf guard, SIGINT / SIGTERM stop at a step
+// boundary, checkpoints (interval, final, on a signal) and the final Hugging Face export.
+
+#include "../common/config.hpp"
+#include "../common/data.hpp"
+#include "../common/guard.hpp"
+#include "../common/metrics.hpp"
+#include "../common/optim.hpp"
+#include "../common/parallelism.hpp"
+#include "../models/llama/model.hpp"
+#include "../tokenizers/tokenizer.hpp"
+
+#include <titan/checkpoint.hpp>
+#include <titan/dist.hpp>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace titan::examples {
+
+/// The CPU random generator as a checkpoint component: its state, the same on every rank.
+class GeneratorState : public titan::Stateful {
+ public:
+  explicit GeneratorState(at::Generator generator) : generator_(std::move(generator)) {}
+  titan::ComponentState state() const override;
+  void load_state(const titan::ComponentState& state) override;
+
+ private:
+  mutable at::Generator generator_;  ///< a handle (locking its mutex is not const)
+};
+
+/// One training job of a Llama-family model (Llama 2, Llama 3 / 3.1, Mistral).
+class Trainer {
+ public:
+  /// Builds the whole job from `config` and resumes from the latest checkpoint, if any.
+  explicit Trainer(TrainConfig config);
+  virtual ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  /// Runs steps from the resumed one to training.steps (stopping early at training.stop_at_step
+  /// or on SIGINT / SIGTERM, with a checkpoint), validating every data.val_freq steps, then
+  /// exports the model when it reached the last step.
+  virtual void train();
+  /// One optimizer step over this rank's share of the global batch: the micro-batches through
+  /// forward_backward, the NaN guard, clipping and the optimizer. nullopt when it is skipped (no
+  /// label token in the global batch, or a NaN loss with nan_policy "skip"): the parameters are
+  /// then unchanged.
+  virtual std::optional<StepStats> train_step(int64_t step);
+  /// Forward and backward of one micro-batch with the loss multiplied by `scale`; returns the sum
+  /// of its label tokens' cross-entropies (unscaled, for logging).
+  virtual double forward_backward(const Batch& batch, double scale);
+  /// The sum of the cross-entropies of a micro-batch's label tokens (labels -100 are ignored): the
+  /// model's forward and the loss (loss parallel on vocabulary-sharded logits).
+  virtual torch::Tensor loss_sum(const Batch& batch);
+  /// Validation at `step`: data.val_steps batches of the validation set, logged and recorded.
+  virtual void validate(int64_t step);
+
+  const TrainConfig& config() const { return config_; }
+  const titan::WorldPtr& world() const { return world_; }
+  TransformerImpl& model() { return *model_; }
+
+ protected:
+  /// Saves a checkpoint of `step` when the interval says so, or always with `force`.
+  void save_checkpoint(int64_t step, bool force);
+  /// Writes the trained weights as a Hugging Face folder under job.dump_folder/export.
+  void export_model();
+
+  TrainConfig config_;
+  titan::WorldPtr world_;
+  ParallelDims dims_;
+  std::unique_ptr<titan::DeviceMesh> mesh_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  ModelArgs args_;
+  Transformer model_{nullptr};
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::unique_ptr<LRSchedule> schedule_;
+  int64_t accumulation_ = 1;  ///< micro-batches per optimizer step on each rank
+  std::unique_ptr<DataLoader> loader_, val_loader_;
+  std::unique_ptr<MetricsLogger> metrics_;
+  std::unique_ptr<GeneratorState> rng_;
+  std::unique_ptr<NanGuard> nan_guard_;
+  titan::TrainState state_;  ///< model, optimizer and components by name: "data", "rng", "lr_schedule"
+  std::unique_ptr<titan::CheckpointManager> checkpoints_;
+  int64_t start_step_ = 0;   ///< the step resumed from (0 for a fresh run)
+  bool loss_parallel_ = false;
+  bool verified_ = false;    ///< titan::verify_calls ran after the first step
+};
+
+/// Runs a training job; returns the process exit code (0 on success, 2 for a bad config, 1 on
+/// other errors). `families` are the model.name values this trainer accepts.
+int train_main(int argc, char** argv, const std::vector<std::string>& families);
+
+}  // namespace titan::examples
