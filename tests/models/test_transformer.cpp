@@ -207,6 +207,7 @@ TEST_CASE("model: every submodule call goes through titan::call") {
   std::map<std::string, int> counts;
   for (const auto& item : model->named_modules("", /*include_self=*/false)) {
     if (item.key().find('.') != std::string::npos && item.key().rfind("layers.", 0) != 0) continue;
+    if (item.key() == "layers") continue;  // the ModuleList is iterated, never called: no hook there
     titan::attach_hook(*item.value(), std::make_shared<CountingHook>(counts, item.key()));
   }
   auto tokens = torch::randint(0, 97, {2, 8}, torch::kLong);
