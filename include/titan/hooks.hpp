@@ -302,10 +302,10 @@ namespace detail {
 inline std::optional<std::pair<std::string, std::string>> later_hook(const torch::nn::Module& root, HookKind kind) {
   std::optional<std::pair<std::string, std::string>> found;
   visit_modules(root, "", [&](const std::string& path, const torch::nn::Module& module) {
-    if (const auto* slot = hook_slot(module); slot && !found)
-      for (const auto& hook : slot->hooks)
-        if (hook->kind() != HookKind::Other && hook->kind() > kind)
-          found = std::make_pair(path.empty() ? std::string("<root>") : path, hook->name());
+    const auto* slot = hook_slot(module);
+    for (size_t i = 0; slot && !found && i < slot->hooks.size(); ++i)
+      if (slot->hooks[i]->kind() != HookKind::Other && slot->hooks[i]->kind() > kind)
+        found = std::make_pair(path.empty() ? std::string("<root>") : path, slot->hooks[i]->name());
   });
   return found;
 }

@@ -212,13 +212,15 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
 
 namespace detail {
 
-/// Gives a parameter zero values for its lifetime, in place (every handle, the module's member
-/// included, sees zeros), and its own values back afterwards. Autograd still records the
-/// parameter itself, so its gradient is unchanged (for a bias, which backward does not read).
+/// Gives a parameter the values of `zeros` (of its shape, dtype and device) for its lifetime, in
+/// place (every handle, the module's member included, sees them), and its own values back
+/// afterwards. Autograd still records the parameter itself, so its gradient is unchanged (for a
+/// bias, which backward does not read).
 class ZeroedDuringForward {
  public:
-  explicit ZeroedDuringForward(at::Tensor parameter) : parameter_(std::move(parameter)), values_(parameter_.tensor_data()) {
-    parameter_.set_data(at::zeros_like(values_));
+  ZeroedDuringForward(at::Tensor parameter, const at::Tensor& zeros)
+      : parameter_(std::move(parameter)), values_(parameter_.tensor_data()) {
+    parameter_.set_data(zeros);
   }
   ~ZeroedDuringForward() { parameter_.set_data(values_); }
   ZeroedDuringForward(const ZeroedDuringForward&) = delete;
@@ -396,7 +398,12 @@ class RowwiseParallel : public ParallelStyle {
       // zeroed. Its gradient still reaches the parameter on every rank (whole, since the
       // reduction's backward hands each rank the whole output gradient).
       std::optional<detail::ZeroedDuringForward> zeroed;
-      if (bias_.defined() && group_->rank() != 0) zeroed.emplace(bias_);
+      if (bias_.defined() && group_->rank() != 0) {
+        if (!bias_zeros_.defined() || bias_zeros_.sizes() != bias_.sizes() || bias_zeros_.dtype() != bias_.dtype() ||
+            bias_zeros_.device() != bias_.device())
+          bias_zeros_ = at::zeros_like(bias_, at::MemoryFormat::Contiguous);  // made once (per dtype)
+        zeroed.emplace(bias_, bias_zeros_);
+      }
       partial = next(prepared);  // [..., out] partial sums, the bias in rank 0's
     }
     return output_layout_.is_replicate()
@@ -408,6 +415,7 @@ class RowwiseParallel : public ParallelStyle {
   bool is_embedding_ = false;                ///< vocabulary parallel (resolved at apply)
   int64_t vocab_start_ = 0, vocab_end_ = 0;  ///< this rank's token id range [start, end)
   at::Tensor bias_;                          ///< the replicated bias of a linear-like module, if any
+  at::Tensor bias_zeros_;                    ///< what the bias reads on ranks other than 0
 };
 
 /// Sequence parallel for modules that act on each position independently (norms, dropout): the
