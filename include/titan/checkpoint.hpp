@@ -135,8 +135,9 @@ struct TrainState {
   /// Registers `component` under `name` (letters, digits and '_'; unique). It must outlive the
   /// saves and loads of this TrainState.
   TrainState& add(const std::string& name, Stateful& component) {
-    TORCH_CHECK(!name.empty() && std::all_of(name.begin(), name.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }),
-                "titan::TrainState::add: component name '", name, "' must be letters, digits and '_'");
+    auto plain = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+    TORCH_CHECK(!name.empty() && std::all_of(name.begin(), name.end(), plain), "titan::TrainState::add: component ",
+                "name '", name, "' must be letters, digits and '_'");
     for (const auto& [other, _] : components)
       TORCH_CHECK(other != name, "titan::TrainState::add: a component named '", name, "' is already registered");
     components.emplace_back(name, &component);
