@@ -797,7 +797,13 @@ class CheckpointManager {
                 options_.block_bytes());
     std::vector<int> all(static_cast<size_t>(world->world_size()));
     for (int r = 0; r < world->world_size(); ++r) all[static_cast<size_t>(r)] = r;
-    group_ = world->new_group(all, "checkpoint");  // a saver thread's collectives never meet training's
+    // A communicator of its own (a saver thread's collectives never meet training's), on Gloo and
+    // the CPU when titan has Gloo: a background thread then never issues NCCL work, and only
+    // small strings go through it.
+    GroupOptions group;
+    group.shared(false);
+    if (TITAN_HAS_GLOO) group.backend("gloo").device(c10::Device(c10::kCPU));
+    group_ = world->new_group(all, "checkpoint", group);
     logger_ = world->logger();
     rank_ = world->rank();
   }

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -33,6 +34,10 @@ struct LaunchInfo {
   /// torchrun's agent already serves the rendezvous store at master_addr:master_port
   /// (TORCHELASTIC_USE_AGENT_STORE=True): every rank, rank 0 included, connects as a client.
   bool agent_store = false;
+  /// Which attempt this is when torchrun restarted the workers (TORCHELASTIC_RESTART_COUNT): the
+  /// group keys of each attempt live under their own store prefix, so a restarted worker never
+  /// reads the dead attempt's addresses.
+  int restart_count = 0;
 };
 
 /// Reads an environment variable; replaceable so the launcher parsing can be tested.
@@ -102,6 +107,7 @@ inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
     }
     // As torch.distributed's _create_c10d_store: the elastic agent hosts the store.
     info.agent_store = env("TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True";
+    if (env("TORCHELASTIC_RESTART_COUNT")) info.restart_count = parse_env_int(env, "TORCHELASTIC_RESTART_COUNT", 0);
   } else if (env("SLURM_PROCID")) {
     info.launcher = "slurm";
     info.rank = parse_env_int(env, "SLURM_PROCID", 0);
@@ -166,12 +172,31 @@ class ProcessGroup {
 
 using ProcessGroupPtr = std::shared_ptr<const ProcessGroup>;
 
-/// Options of init_distributed, with chained setters.
+/// Options of World::new_group, with chained setters.
+struct GroupOptions {
+  /// Serve the group with the communicator of an earlier one with the same members, backend and
+  /// device: mesh dimensions often span the same ranks (world, dp_shard and dp on a 1-D FSDP
+  /// job), and each NCCL communicator costs GPU memory and setup time. false: a communicator of
+  /// its own, e.g. for collectives issued from another thread (background checkpoint saves).
+  TORCH_ARG(bool, shared) = true;
+  /// "gloo" or "nccl"; empty: the world's backend.
+  TORCH_ARG(std::string, backend) = "";
+  /// Where the group's tensors live; unset: the world's device.
+  TORCH_ARG(std::optional<c10::Device>, device) = std::nullopt;
+};
+
+/// Options of init_distributed, with chained setters. The environment variables TITAN_DEVICE,
+/// TITAN_BACKEND and TITAN_SHARE_GPUS=1 set device, backend and share_gpus where the code left
+/// them at their defaults (titan_launch sets TITAN_DEVICE=cpu and TITAN_BACKEND=gloo).
 struct DistOptions {
   /// "auto" (NCCL when the device is CUDA, else Gloo), "gloo" or "nccl".
   TORCH_ARG(std::string, backend) = "auto";
-  /// "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda".
+  /// "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda". Each rank binds
+  /// its GPU (c10::cuda::set_device) before any group is made.
   TORCH_ARG(std::string, device) = "auto";
+  /// Let more ranks than GPUs run on a node, round robin (Gloo only: tests, debugging). Without
+  /// it that is an error naming both counts.
+  TORCH_ARG(bool, share_gpus) = false;
   /// Rendezvous and collective timeout: a peer that died makes the others fail after this.
   TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::minutes(10);
   /// Worker threads of each Gloo group.
@@ -185,8 +210,7 @@ struct DistOptions {
 class World {
  public:
   World(LaunchInfo info, DistOptions options) : info_(std::move(info)), options_(std::move(options)) {
-    device_ = choose_device();
-    backend_name_ = choose_backend();
+    choose_device_and_backend();
     logger_ = Logger(info_.rank, info_.world_size, options_.log_all_ranks());
     if (info_.world_size > 1) {
       c10d::TCPStoreOptions store_options;
@@ -200,6 +224,8 @@ class World {
         TORCH_CHECK(false, "titan: rank ", info_.rank, " could not rendezvous at ", info_.master_addr, ":",
                     info_.master_port, " within ", options_.timeout().count(), " ms: ", e.what());
       }
+      // An elastic restart may meet the same store: each attempt's keys live apart.
+      store_ = c10::make_intrusive<c10d::PrefixStore>("titan/attempt_" + std::to_string(info_.restart_count), store_);
     }
     std::vector<int> all(static_cast<size_t>(info_.world_size));
     for (int r = 0; r < info_.world_size; ++r) all[static_cast<size_t>(r)] = r;
@@ -222,8 +248,9 @@ class World {
 
   /// A group over `global_ranks` (sorted, distinct). Every rank of the job calls this with the
   /// same arguments in the same order; `tag` names the group's key space in the store.
-  /// Ranks outside the group get nullptr.
-  ProcessGroupPtr new_group(std::vector<int> global_ranks, const std::string& tag) {
+  /// Ranks outside the group get nullptr. A shared group (the default) is the earlier group with
+  /// the same members, backend and device, if there is one.
+  ProcessGroupPtr new_group(std::vector<int> global_ranks, const std::string& tag, const GroupOptions& group = {}) {
     TORCH_CHECK(!global_ranks.empty(), "titan: new_group('", tag, "') needs at least one rank");
     for (size_t i = 0; i < global_ranks.size(); ++i) {
       TORCH_CHECK(global_ranks[i] >= 0 && global_ranks[i] < info_.world_size, "titan: new_group('", tag,
@@ -231,21 +258,35 @@ class World {
       TORCH_CHECK(i == 0 || global_ranks[i] > global_ranks[i - 1], "titan: new_group('", tag,
                   "'): ranks must be sorted and distinct");
     }
+    const std::string backend_name = group.backend().empty() ? backend_name_ : group.backend();
+    TORCH_CHECK(backend_name == "gloo" || backend_name == "nccl", "titan: new_group('", tag, "'): unknown backend '",
+                backend_name, "' (expected 'gloo' or 'nccl')");
+    const c10::Device device = group.device().value_or(device_);
     // Every rank counts every call, members or not, so that members agree on the store prefix.
     int group_id = group_counter_++;
     auto it = std::find(global_ranks.begin(), global_ranks.end(), info_.rank);
     if (it == global_ranks.end()) return nullptr;
+    std::string key = backend_name + "@" + device.str() + ":";
+    for (int r : global_ranks) key += std::to_string(r) + ",";
+    if (group.shared()) {
+      if (auto found = shared_groups_.find(key); found != shared_groups_.end()) return found->second;
+    }
     int group_rank = static_cast<int>(it - global_ranks.begin());
     c10::intrusive_ptr<c10d::Backend> backend;
     if (global_ranks.size() > 1) {
       auto prefix = "titan/" + std::to_string(group_id) + "/" + tag;
       auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, store_);
-      backend = detail::make_backend(backend_name_, store, group_rank, static_cast<int>(global_ranks.size()),
-                                     options_.timeout(), options_.gloo_threads(), info_.master_addr);
+      backend = detail::make_backend(backend_name, store, group_rank, static_cast<int>(global_ranks.size()),
+                                     options_.timeout(), options_.gloo_threads(), info_.master_addr, device);
       backends_.push_back(backend);
     }
-    return std::make_shared<const ProcessGroup>(std::move(backend), std::move(global_ranks), group_rank, device_);
+    auto made = std::make_shared<const ProcessGroup>(std::move(backend), std::move(global_ranks), group_rank, device);
+    if (group.shared()) shared_groups_.emplace(std::move(key), made);
+    return made;
   }
+
+  /// Communicators this rank created (groups of one rank have none; shared groups count once).
+  size_t communicator_count() const { return backends_.size(); }
 
   /// Waits for all ranks, then releases every backend and the store. Idempotent.
   void shutdown() {
@@ -258,28 +299,31 @@ class World {
     }
     for (auto& backend : backends_) backend->shutdown();
     backends_.clear();
+    shared_groups_.clear();
     world_group_.reset();
     store_.reset();
   }
 
  private:
-  c10::Device choose_device() const {
-    const auto& requested = options_.device();
-    TORCH_CHECK(requested == "auto" || requested == "cpu" || requested == "cuda",
-                "titan: DistOptions::device must be 'auto', 'cpu' or 'cuda', got '", requested, "'");
-    bool cuda = requested == "cuda" || (requested == "auto" && detail::cuda_device_count() > 0);
-    if (!cuda) return c10::Device(c10::kCPU);
-    int count = detail::cuda_device_count();
-    TORCH_CHECK(count > 0, "titan: device 'cuda' requested but no CUDA device is visible");
-    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(info_.local_rank % count));
-  }
-
-  std::string choose_backend() const {
-    const auto& requested = options_.backend();
-    TORCH_CHECK(requested == "auto" || requested == "gloo" || requested == "nccl",
-                "titan: DistOptions::backend must be 'auto', 'gloo' or 'nccl', got '", requested, "'");
-    if (requested != "auto") return requested;
-    return device_.is_cuda() ? "nccl" : "gloo";
+  /// The device (binding this rank's GPU) and the backend, from the options and what is visible.
+  void choose_device_and_backend() {
+    const auto& device = options_.device();
+    const auto& backend = options_.backend();
+    TORCH_CHECK(device == "auto" || device == "cpu" || device == "cuda",
+                "titan: DistOptions::device must be 'auto', 'cpu' or 'cuda', got '", device, "'");
+    TORCH_CHECK(backend == "auto" || backend == "gloo" || backend == "nccl",
+                "titan: DistOptions::backend must be 'auto', 'gloo' or 'nccl', got '", backend, "'");
+    detail::check_cuda_support(TITAN_HAS_NCCL != 0, detail::visible_gpu_count(), device);
+    const int visible = detail::cuda_device_count();
+    const bool cuda = device == "cuda" || (device == "auto" && visible > 0);
+    backend_name_ = backend != "auto" ? backend : cuda ? "nccl" : "gloo";
+    if (!cuda) return;
+    const int index = detail::cuda_device_for(info_.local_rank, info_.local_world_size, visible, options_.share_gpus(),
+                                              backend_name_);
+    device_ = c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+#if TITAN_HAS_NCCL
+    c10::cuda::set_device(device_.index());  // before any communicator: no collective guesses the GPU
+#endif
   }
 
   LaunchInfo info_;
@@ -289,6 +333,7 @@ class World {
   Logger logger_;
   c10::intrusive_ptr<c10d::Store> store_;
   std::vector<c10::intrusive_ptr<c10d::Backend>> backends_;
+  std::map<std::string, ProcessGroupPtr> shared_groups_;  ///< by backend, device and members
   ProcessGroupPtr world_group_;
   int group_counter_ = 0;
   bool shut_down_ = false;
@@ -301,6 +346,9 @@ using WorldPtr = std::shared_ptr<World>;
 inline WorldPtr init_distributed(DistOptions options = {}, const EnvLookup& env = process_env()) {
   auto info = read_launch_info(env);
   if (auto all = env("TITAN_LOG_ALL_RANKS")) options.log_all_ranks(*all == "1");
+  if (auto device = env("TITAN_DEVICE"); device && options.device() == "auto") options.device(*device);
+  if (auto backend = env("TITAN_BACKEND"); backend && options.backend() == "auto") options.backend(*backend);
+  if (auto share = env("TITAN_SHARE_GPUS")) options.share_gpus(options.share_gpus() || *share == "1");
   return std::make_shared<World>(std::move(info), std::move(options));
 }
 

@@ -83,6 +83,10 @@ TEST_CASE("read_launch_info reads torchrun, Slurm, Open MPI and no launcher") {
   auto agent = titan::read_launch_info(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "node0"},
                                                {"MASTER_PORT", "1234"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"}}));
   CHECK(agent.agent_store);
+  CHECK(agent.restart_count == 0);
+  auto restarted = titan::read_launch_info(env_of({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "node0"},
+                                                   {"MASTER_PORT", "1234"}, {"TORCHELASTIC_RESTART_COUNT", "2"}}));
+  CHECK(restarted.restart_count == 2);
 
   auto slurm = titan::read_launch_info(env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"},
                                                {"SLURM_LOCALID", "1"}, {"SLURM_JOB_NODELIST", "gpu[003-006,9],cpu1"}}));
@@ -119,6 +123,53 @@ TEST_CASE("read_launch_info rejects missing and inconsistent variables, naming t
             .find("SLURM_JOB_NODELIST") != std::string::npos);
   CHECK(error_of([] { titan::init_distributed(titan::DistOptions().backend("mpi"), env_of({})); })
             .find("'mpi'") != std::string::npos);
+}
+
+TEST_CASE("device choice: one GPU per rank, sharing only with Gloo and on request, no silent CPU fallback") {
+  using titan::detail::cuda_device_for;
+  CHECK(cuda_device_for(3, 8, 8, false, "nccl") == 3);
+  CHECK(error_of([] { cuda_device_for(3, 8, 4, false, "nccl"); }).find("8 ranks run on this node") != std::string::npos);
+  CHECK(error_of([] { cuda_device_for(3, 8, 4, false, "nccl"); }).find("only 4 GPU(s) are visible") != std::string::npos);
+  CHECK(error_of([] { cuda_device_for(1, 2, 1, true, "nccl"); }).find("which NCCL cannot do") != std::string::npos);
+  CHECK(cuda_device_for(1, 2, 1, true, "gloo") == 0);   // two ranks on one GPU through Gloo
+  CHECK(cuda_device_for(5, 8, 4, true, "gloo") == 1);
+  CHECK(error_of([] { cuda_device_for(0, 1, 0, false, "nccl"); }).find("no CUDA device is visible") != std::string::npos);
+  using titan::detail::check_cuda_support;
+  CHECK(error_of([] { check_cuda_support(false, 2, "auto"); })
+            .find("2 GPU(s) are visible but titan was compiled without CUDA support") != std::string::npos);
+  CHECK_NOTHROW(check_cuda_support(false, 2, "cpu"));
+  CHECK_NOTHROW(check_cuda_support(false, 0, "auto"));
+  CHECK_NOTHROW(check_cuda_support(true, 2, "auto"));
+  // The environment sets what the code left to "auto"; an explicit choice wins.
+  if (titan::detail::cuda_device_count() == 0) {
+    CHECK(error_of([] { titan::init_distributed({}, env_of({{"TITAN_DEVICE", "cuda"}})); })
+              .find("no CUDA device is visible") != std::string::npos);
+    auto cpu = titan::init_distributed(titan::DistOptions().device("cpu"), env_of({{"TITAN_DEVICE", "cuda"}}));
+    CHECK(cpu->device().is_cpu());
+    CHECK(cpu->backend_name() == "gloo");
+  }
+  CHECK(error_of([] { titan::init_distributed({}, env_of({{"TITAN_BACKEND", "mpi"}})); }).find("'mpi'") !=
+        std::string::npos);
+}
+
+TEST_CASE("groups with the same members share one communicator, unless asked for their own") {
+  const int n = world()->world_size();
+  const size_t before = world()->communicator_count();
+  // A 1-D FSDP job: world, dp_shard and the flattened dp span the same ranks.
+  titan::DeviceMesh mesh(world(), {"dp_replicate", "dp_shard"}, {1, n});
+  mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
+  CHECK(mesh.group("dp_shard") == world()->group());
+  CHECK(mesh.group("dp") == world()->group());
+  CHECK(world()->communicator_count() == before);  // dp_replicate has one rank: no communicator either
+  auto own = world()->new_group([&] {
+    std::vector<int> all(static_cast<size_t>(n));
+    for (int r = 0; r < n; ++r) all[static_cast<size_t>(r)] = r;
+    return all;
+  }(), "own", titan::GroupOptions().shared(false));
+  CHECK(own != world()->group());
+  CHECK(world()->communicator_count() == before + (n > 1 ? 1 : 0));
+  // The dedicated group works on its own.
+  CHECK(titan::dist_sum(1.0, own) == static_cast<double>(n));
 }
 
 TEST_CASE("chunk_sizes splits like torch.chunk") {

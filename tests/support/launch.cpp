@@ -4,7 +4,8 @@
 //   titan_launch --nproc 4 [--timeout 600] [--expect-codes 0,3] -- program args...
 //
 // Sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT (a free
-// port) and OMP_NUM_THREADS=1 (unless set), prefixes every output line with "[rank r] ", and
+// port), OMP_NUM_THREADS=1, TITAN_DEVICE=cpu and TITAN_BACKEND=gloo (each unless set: titan_launch
+// runs CPU jobs, also on a GPU machine), prefixes every output line with "[rank r] ", and
 // exits with the first non-zero exit code of any rank. When a rank fails the others get a grace
 // period, then are killed. With --expect-codes, nobody is killed early and the launcher succeeds
 // iff rank i exits with the i-th code. Past --timeout seconds every rank is killed (exit 124).
@@ -124,6 +125,11 @@ int main(int argc, char** argv) {
       setenv("MASTER_ADDR", "127.0.0.1", 1);
       setenv("MASTER_PORT", port.c_str(), 1);
       setenv("OMP_NUM_THREADS", "1", 0);
+      // titan_launch runs CPU jobs (tests, scripts/train.sh): Gloo on the CPU, also on a GPU
+      // machine, unless the caller says otherwise (TITAN_DEVICE=cuda with TITAN_SHARE_GPUS=1 puts
+      // the ranks on the GPUs through Gloo).
+      setenv("TITAN_DEVICE", "cpu", 0);
+      setenv("TITAN_BACKEND", "gloo", 0);
       execvp(program[0], program);
       std::fprintf(stderr, "titan_launch: cannot run %s: %s\n", program[0], std::strerror(errno));
       _exit(127);

@@ -1,7 +1,10 @@
 // Main of titan's doctest executables. Joins the job started by titan_launch (or runs as a
 // single process), with one intra-op thread per rank, then runs the test cases on every rank.
+// The suites run on the CPU with Gloo, also on a GPU machine, unless TITAN_DEVICE says otherwise.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include "multirank.hpp"
+
+#include <cstdlib>
 
 namespace titan_test {
 
@@ -16,6 +19,8 @@ const titan::WorldPtr& world() { return world_slot(); }
 
 int main(int argc, char** argv) {
   torch::set_num_threads(1);
+  if (std::getenv("TITAN_DEVICE") == nullptr) setenv("TITAN_DEVICE", "cpu", 1);
+  if (std::getenv("TITAN_BACKEND") == nullptr) setenv("TITAN_BACKEND", "gloo", 1);
   titan_test::world_slot() = titan::init_distributed(titan::DistOptions().timeout(std::chrono::seconds(120)));
   doctest::Context context(argc, argv);
   int failures = context.run();

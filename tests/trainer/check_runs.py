@@ -16,6 +16,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               slices) and train one step at lr 0: the exported weights come back bitwise
   torchrun    the same job launched by PyTorch's torchrun (--standalone --no-python) instead of
               titan_launch: bitwise the same losses
+  restart     torchrun --max-restarts 1, rank 1 killed (SIGKILL) after step 12: torchrun restarts
+              both workers, which resume from the step-10 checkpoint and finish: every step's last
+              loss and the exported weights equal the straight run bitwise
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
@@ -53,26 +56,33 @@ class Runner:
         self.args = args
         self.failures = []
 
-    def run(self, name, trainer, nproc, config, extra=(), signal_after_step=None, torchrun=False):
+    def run(self, name, trainer, nproc, config, extra=(), signal_after_step=None, torchrun=False,
+            kill_rank1_after_step=None, max_restarts=0):
         """Runs one trainer job in <workdir>/<name> and returns its combined output; it must exit 0.
         With signal_after_step, the launcher gets SIGTERM once metrics.jsonl shows that step; with
-        torchrun, PyTorch's launcher starts the ranks instead of titan_launch."""
+        kill_rank1_after_step, the rank-1 worker gets SIGKILL then; with torchrun, PyTorch's
+        launcher (allowed max_restarts restarts) starts the ranks instead of titan_launch."""
         dump = os.path.join(self.args.workdir, name)
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--no-python", "--nproc_per_node",
-                     str(nproc)] if torchrun else [self.args.launch, "--nproc", str(nproc), "--timeout", "600", "--"])
+                     str(nproc), "--max-restarts", str(max_restarts)]
+                    if torchrun else [self.args.launch, "--nproc", str(nproc), "--timeout", "600", "--"])
+        after_step = signal_after_step if signal_after_step is not None else kill_rank1_after_step
         cmd = [*launcher, trainer, "--config",
                os.path.join(self.args.source, "examples", "configs", config), "--job.dump_folder", dump,
                "--data.cache_dir", os.path.join(self.args.workdir, "token_cache"), *SMALL, *extra]
         start = time.time()
         with tempfile.TemporaryFile("w+") as output:
             proc = subprocess.Popen(cmd, cwd=self.args.source, stdout=output, stderr=subprocess.STDOUT, text=True)
-            while signal_after_step is not None and proc.poll() is None:
+            while after_step is not None and proc.poll() is None:
                 try:
-                    reached = signal_after_step in metrics(dump)[0]
+                    reached = after_step in metrics(dump)[0]
                 except (OSError, ValueError):  # not written yet, or a line being written
                     reached = False
                 if reached:
-                    proc.send_signal(signal.SIGTERM)
+                    if signal_after_step is not None:
+                        proc.send_signal(signal.SIGTERM)
+                    else:
+                        kill_worker(dump, rank=1)
                     break
                 time.sleep(0.02)
             code = proc.wait()
@@ -88,6 +98,22 @@ class Runner:
         print(("ok   " if condition else "FAIL ") + message, flush=True)
         if not condition:
             self.failures.append(message)
+
+
+def kill_worker(dump, rank):
+    """SIGKILL to the trainer process of `rank` writing to `dump` (found through /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if dump.encode() in cmdline and f"RANK={rank}".encode() in environ:
+            os.kill(int(pid), signal.SIGKILL)
+            return
+    raise AssertionError(f"no trainer process of rank {rank} writing to {dump}")
 
 
 def metrics(dump):
@@ -220,6 +246,15 @@ def main():
         # torchrun's agent serves the rendezvous store: rank 0 connects to it instead of trying to
         # serve the same port (which printed "failed to bind ... ignoring" on every launch).
         r.check("failed to bind" not in text, "torchrun: no store bind failure in the output")
+
+    if wanted("restart"):
+        text = r.run("restart", args.llama, 2, llama, torchrun=True, max_restarts=1, kill_rank1_after_step=12)
+        r.check("resumed from the checkpoint of step 10" in text, "restart: the restarted workers resume from step 10")
+        restarted, _ = metrics(work("restart"))  # a step's last record wins: the restarted run's
+        same = [s for s in range(1, 21) if restarted.get(s, {}).get("loss") == straight[s]["loss"]]
+        r.check(len(same) == 20, f"restart: bitwise equal losses at all 20 steps (equal at {len(same)})")
+        r.check(max_weight_diff(weights(work("restart")), straight_weights) == 0.0,
+                "restart: bitwise equal final weights")
 
     for name, trainer, config, extra in (("mistral", args.mistral, "mistral_debug.toml", []),
                                          ("alpaca", args.llama, "llama3_debug_alpaca.toml",
