@@ -19,6 +19,10 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   restart     torchrun --max-restarts 1, rank 1 killed (SIGKILL) after step 12: torchrun restarts
               both workers, which resume from the step-10 checkpoint and finish: every step's last
               loss and the exported weights equal the straight run bitwise
+  multinode   HSDP (2 replicas x 2 shards) on 4 ranks launched as two "nodes" of 2 on this machine:
+              two `torchrun --nnodes 2` launchers meeting at a c10d rendezvous, and 4 processes
+              with the Slurm variables of a 2-node job; both give bitwise the losses of the same
+              job on one node (the shard groups are the ranks of one node)
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
@@ -94,10 +98,53 @@ class Runner:
             raise AssertionError(f"{name}: exit code {code}: {' '.join(cmd)}")
         return text
 
+    def run_nodes(self, name, trainer, config, extra, how):
+        """Runs a 4-rank job as two 2-rank "nodes" of this machine: two torchrun launchers meeting at
+        a c10d rendezvous (how="torchrun"), or 4 processes with the variables srun gives a 2-node,
+        2-tasks-per-node job (how="slurm"). Every process must exit 0; returns their outputs."""
+        dump = os.path.join(self.args.workdir, name)
+        trainer_cmd = [trainer, "--config", os.path.join(self.args.source, "examples", "configs", config),
+                       "--job.dump_folder", dump, "--data.cache_dir", os.path.join(self.args.workdir, "token_cache"),
+                       *SMALL, *extra]
+        port = free_port()
+        if how == "torchrun":
+            jobs = [([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+                      "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", name,
+                      "--no-python", *trainer_cmd], dict(os.environ)) for _ in range(2)]
+        else:
+            jobs = [(trainer_cmd, dict(os.environ, SLURM_PROCID=str(i), SLURM_NTASKS="4", SLURM_LOCALID=str(i % 2),
+                                       SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NODELIST="localhost,localhost",
+                                       MASTER_PORT=str(port)))
+                    for i in range(4)]
+        start = time.time()
+        outputs = []
+        procs = []
+        for cmd, env in jobs:
+            output = tempfile.TemporaryFile("w+")
+            procs.append((subprocess.Popen(cmd, cwd=self.args.source, stdout=output, stderr=subprocess.STDOUT,
+                                           text=True, env=env), output))
+        codes = [proc.wait(timeout=600) for proc, _ in procs]
+        for _, output in procs:
+            output.seek(0)
+            outputs.append(output.read())
+            output.close()
+        print(f"--- {name}: 4 ranks as 2 nodes ({how}), exit {codes}, {time.time() - start:.1f} s", flush=True)
+        if any(codes):
+            print("\n".join(outputs))
+            raise AssertionError(f"{name}: exit codes {codes}")
+        return outputs
+
     def check(self, condition, message):
         print(("ok   " if condition else "FAIL ") + message, flush=True)
         if not condition:
             self.failures.append(message)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_worker(dump, rank):
@@ -255,6 +302,18 @@ def main():
         r.check(len(same) == 20, f"restart: bitwise equal losses at all 20 steps (equal at {len(same)})")
         r.check(max_weight_diff(weights(work("restart")), straight_weights) == 0.0,
                 "restart: bitwise equal final weights")
+
+    if wanted("multinode"):
+        hsdp = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2",
+                "--training.batch_size", "1", "--checkpoint.enable", "false"]
+        r.run("one_node", args.llama, 4, llama, hsdp)
+        one_node, _ = metrics(work("one_node"))
+        for how in ("torchrun", "slurm"):
+            r.run_nodes(f"two_nodes_{how}", args.llama, llama, hsdp, how)
+            nodes, _ = metrics(work(f"two_nodes_{how}"))
+            same = [s for s in range(1, 21) if nodes.get(s, {}).get("loss") == one_node[s]["loss"]]
+            r.check(len(same) == 20, f"multinode ({how}): bitwise the one-node HSDP losses at all 20 steps "
+                    f"(equal at {len(same)})")
 
     for name, trainer, config, extra in (("mistral", args.mistral, "mistral_debug.toml", []),
                                          ("alpaca", args.llama, "llama3_debug_alpaca.toml",
