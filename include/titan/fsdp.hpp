@@ -23,6 +23,7 @@
 #include <titan/mesh.hpp>
 #include <titan/sharding.hpp>
 
+#include <ATen/record_function.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
@@ -68,11 +69,13 @@ class FsdpHook;
 
 namespace detail {
 
-/// A tensor sharing `tensor`'s storage but not its version counter: writing through it does not
-/// invalidate what autograd saved of `tensor` (PyTorch's _unsafe_preserve_version_counter).
-inline at::Tensor storage_alias_flat(const at::Tensor& tensor) {
+/// `view`'s elements as a tensor of its own, sharing the base's storage but neither its version
+/// counter (writing through it does not invalidate what autograd saved of the base, like PyTorch's
+/// _unsafe_preserve_version_counter) nor its autograd view link (which LibTorch's
+/// Optimizer::zero_grad could not detach in place).
+inline at::Tensor storage_alias(const at::Tensor& view) {
   at::NoGradGuard no_grad;
-  return at::empty({0}, tensor.options()).set_(tensor.storage(), tensor.storage_offset(), {tensor.numel()}, {1});
+  return at::empty({0}, view.options()).set_(view.storage(), view.storage_offset(), view.sizes(), view.strides());
 }
 
 /// The hooks of type H in `module`'s subtree, itself included, in pre-order.
@@ -115,10 +118,14 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     /// freed memory, and titan::call reports it.
     at::Tensor placeholder;
     /// Fresh unsharded storage and placeholder of `options` (the compute dtype, the shards' device).
-    void allocate(const at::TensorOptions& options) {
-      storage = at::empty(shape, options);
+    /// The storage holds every rank's padded chunk, [world * padded_numel], so one strided copy
+    /// fills it from the all-gather output; the parameter is its first numel elements.
+    void allocate(const at::TensorOptions& options, int world) {
+      storage = at::empty({world * padded_numel()}, options);  // [world * padded_numel]
       placeholder = at::zeros({1}, options).expand(shape);
     }
+    /// The unsharded parameter's elements in `storage`, [shape].
+    at::Tensor full() const { return storage.narrow(0, 0, c10::multiply_integers(shape)).view(shape); }
     at::Tensor sharded;              ///< the dictionary entry: this rank's dim-0 chunk, unpadded
     std::vector<int64_t> shape;      ///< global (unsharded) shape
     int64_t row_numel = 1;           ///< elements per dim-0 row
@@ -139,6 +146,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     for (auto& p : params_) {
       p.flat_offset = flat_numel_;
       flat_numel_ += p.padded_numel();
+      split_sizes_.push_back(p.padded_numel());
     }
   }
 
@@ -204,7 +212,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     if (state_ != State::Unsharded) return;
     for (auto& p : params_) {
       detail::repoint_tensor(p.unsharded, p.placeholder);
-      detail::resize_storage_bytes(p.storage, 0);
+      if (!aliases_shards()) detail::resize_storage_bytes(p.storage, 0);
     }
     state_ = State::Resharded;
   }
@@ -279,13 +287,10 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       auto local_rows = p.rows[static_cast<size_t>(rank)];
       auto shape = p.shape;
       shape[0] = local_rows;
-      auto grad = out.narrow(0, p.flat_offset, local_rows * p.row_numel).view(shape).to(p.sharded.scalar_type());
-      auto& slot = p.sharded.mutable_grad();
-      if (slot.defined()) {
-        slot.add_(grad);
-      } else {
-        slot = grad.clone(at::MemoryFormat::Contiguous);
-      }
+      // The reduction's output, shared (it lives as long as a gradient uses it), or one cast.
+      auto grad = out.narrow(0, p.flat_offset, local_rows * p.row_numel).view(shape);
+      accumulate_grad(p, grad.scalar_type() == p.sharded.scalar_type() ? detail::storage_alias(grad)
+                                                                         : grad.to(p.sharded.scalar_type()));
     }
   }
 
@@ -294,6 +299,16 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
 
   at::ScalarType compute_dtype(const Param& p) const {
     return options_.param_dtype().value_or(p.sharded.scalar_type());
+  }
+
+  /// Adds `grad` (this rank's reduced block, the sharded parameter's dtype) to the sharded .grad.
+  static void accumulate_grad(Param& p, at::Tensor grad) {
+    auto& slot = p.sharded.mutable_grad();
+    if (slot.defined()) {
+      slot.add_(grad);
+    } else {
+      slot = grad.contiguous();
+    }
   }
 
   void become_root(torch::nn::Module& module) {
@@ -380,33 +395,42 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     context.callback_queued = false;
   }
 
+  /// One rank whose compute dtype is the shards' own: the unsharded parameters are the shards
+  /// themselves (no buffer, no copy; reshard only points the members back at the placeholder).
+  bool aliases_shards() const {
+    if (shard_group_->size() != 1) return false;
+    for (const auto& p : params_)
+      if (compute_dtype(p) != p.sharded.scalar_type()) return false;
+    return true;
+  }
+
   void start_all_gather(bool prefetched) {
     const int world = shard_group_->size();
-    const int rank = shard_group_->rank();
     auto& first = params_.front().sharded;
     TORCH_CHECK(!first.is_meta(), "titan::fully_shard: the parameters of '", module_name_,
                 "' are still on the meta device; call titan::to_empty(model, device) and initialise them first");
-    auto dtype = compute_dtype(params_.front());
-    auto input = at::zeros({flat_numel_}, first.options().dtype(dtype));  // [flat_numel]
-    {
-      at::NoGradGuard no_grad;
-      for (const auto& p : params_) {
-        auto n = p.rows[static_cast<size_t>(rank)] * p.row_numel;
-        if (n > 0) input.narrow(0, p.flat_offset, n).copy_(p.sharded.reshape({-1}));
-      }
-    }
-    gather_input_ = input;
-    if (world == 1) {
-      gather_output_ = input;
-    } else {
-      gather_output_ = at::empty({world * flat_numel_}, input.options());  // [world * flat_numel]
-      // On NCCL, c10d orders the collective after the current stream's work and records the
-      // buffers on its stream; wait() makes the current stream wait for it.
-      gather_work_ = shard_group_->backend()->_allgather_base(gather_output_, gather_input_);
-    }
     state_ = State::Gathering;
     ++stats_.all_gathers;
     if (prefetched) ++stats_.prefetches;
+    if (world == 1) return;  // finish_all_gather casts (or aliases) the shards: nothing to gather
+    at::NoGradGuard no_grad;
+    // Padding rows stay uninitialised: they travel with the collective but are never read.
+    auto input = at::empty({flat_numel_}, first.options().dtype(compute_dtype(params_.front())));  // [flat_numel]
+    {
+      RECORD_USER_SCOPE("titan::fsdp::all_gather_copy_in");
+      std::vector<at::Tensor> slots, shards;
+      for (const auto& p : params_) {
+        if (p.sharded.numel() == 0) continue;
+        slots.push_back(input.narrow(0, p.flat_offset, p.sharded.numel()).view(p.sharded.sizes()));
+        shards.push_back(p.sharded);
+      }
+      if (!slots.empty()) at::_foreach_copy_(slots, shards);  // one foreach copy (and cast) for the unit
+    }
+    gather_input_ = input;
+    gather_output_ = at::empty({world * flat_numel_}, input.options());  // [world * flat_numel]
+    // On NCCL, c10d orders the collective after the current stream's work and records the
+    // buffers on its stream; wait() makes the current stream wait for it.
+    gather_work_ = shard_group_->backend()->_allgather_base(gather_output_, gather_input_);
   }
 
   void finish_all_gather() {
@@ -414,22 +438,33 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     gather_work_.reset();
     const int world = shard_group_->size();
     at::NoGradGuard no_grad;
+    state_ = State::Unsharded;
+    if (aliases_shards()) {
+      for (auto& p : params_) detail::repoint_tensor(p.unsharded, p.sharded);
+      return;
+    }
+    const auto dtype = compute_dtype(params_.front());
+    std::vector<at::Tensor> chunks;  // each parameter's storage as [world, padded_numel]
     for (auto& p : params_) {
-      auto dtype = compute_dtype(p);
-      if (p.storage.device() != p.sharded.device() || p.storage.is_meta() || p.storage.scalar_type() != dtype)
-        p.allocate(p.sharded.options().dtype(dtype));
+      if (p.storage.device() != p.sharded.device() || p.storage.is_meta() || p.storage.scalar_type() != dtype ||
+          p.storage.numel() != world * p.padded_numel())
+        p.allocate(p.sharded.options().dtype(dtype), world);
       detail::resize_storage_bytes(p.storage, static_cast<size_t>(p.storage.numel()) * p.storage.element_size());
-      detail::repoint_tensor(p.unsharded, p.storage);
-      auto flat = detail::storage_alias_flat(p.storage);  // [numel]
-      for (int r = 0; r < world; ++r) {
-        auto n = p.rows[static_cast<size_t>(r)] * p.row_numel;
-        if (n == 0) continue;
-        flat.narrow(0, r * p.padded_numel(), n).copy_(gather_output_.narrow(0, r * flat_numel_ + p.flat_offset, n));
-      }
+      detail::repoint_tensor(p.unsharded, p.full());
+      chunks.push_back(detail::storage_alias(p.storage).view({world, p.padded_numel()}));
+    }
+    RECORD_USER_SCOPE("titan::fsdp::all_gather_copy_out");
+    if (world == 1) {
+      std::vector<at::Tensor> shards;  // cast to the compute dtype
+      for (const auto& p : params_) shards.push_back(p.sharded.view({1, p.padded_numel()}));
+      at::_foreach_copy_(chunks, shards);
+    } else {
+      // Column block k of the [world, flat_numel] output is parameter k's padded chunks in rank
+      // order, which is the parameter followed by its padding (torch.chunk puts the short chunks last).
+      at::split_with_sizes_copy_out(chunks, gather_output_.view({world, flat_numel_}), split_sizes_, 1);
     }
     gather_input_ = at::Tensor();
     gather_output_ = at::Tensor();
-    state_ = State::Unsharded;
   }
 
   void start_reduce_scatter() {
@@ -438,23 +473,37 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     const int world = shard_group_->size();
     const auto& first = params_.front();
     auto dtype = options_.reduce_dtype().value_or(compute_dtype(first));
-    int64_t dp_size = world * (replicate_group_ ? replicate_group_->size() : 1);
-    auto input = at::zeros({world * flat_numel_}, first.sharded.options().dtype(dtype));  // [world * flat_numel]
-    {
-      at::NoGradGuard no_grad;
+    const bool replicated = replicate_group_ && replicate_group_->size() > 1;
+    int64_t dp_size = world * (replicated ? replicate_group_->size() : 1);
+    ++stats_.reduce_scatters;
+    at::NoGradGuard no_grad;
+    if (!replicated && world == 1) {
+      // One rank: nothing to reduce. Each gradient moves to its shard (rounded through the
+      // reduction dtype when that differs, as a reduction would); an unused parameter gets zeros.
       for (auto& p : params_) {
         auto& grad = p.unsharded.mutable_grad();
-        if (!grad.defined()) continue;
-        auto g = grad.reshape({-1});  // [numel]
-        for (int r = 0; r < world; ++r) {
-          auto n = p.rows[static_cast<size_t>(r)] * p.row_numel;
-          if (n == 0) continue;
-          input.narrow(0, r * flat_numel_ + p.flat_offset, n).copy_(g.narrow(0, r * p.padded_numel(), n));
-        }
+        if (p.sharded.requires_grad())
+          accumulate_grad(p, grad.defined() ? grad.to(dtype).to(p.sharded.scalar_type()) : at::zeros_like(p.sharded));
         grad = at::Tensor();  // the unsharded gradient is freed
       }
-      input.div_(dp_size);  // average over data-parallel ranks (pre-divided: no overflow in low precision)
+      return;
     }
+    auto input = at::empty({world * flat_numel_}, first.sharded.options().dtype(dtype));  // [world * flat_numel]
+    {
+      RECORD_USER_SCOPE("titan::fsdp::reduce_scatter_copy_in");
+      // Row r of [world, flat_numel] is rank r's padded chunk of every gradient, zero-padded; an
+      // unused parameter contributes zeros.
+      std::vector<at::Tensor> grads;
+      for (auto& p : params_) {
+        auto& grad = p.unsharded.mutable_grad();
+        grads.push_back(!grad.defined() ? at::zeros(p.shape, input.options())
+                        : grad.scalar_type() == dtype ? grad : grad.to(dtype));
+        grad = at::Tensor();  // the unsharded gradient is freed once copied
+      }
+      auto rows = input.view({world, flat_numel_});  // [world, flat_numel]
+      at::_chunk_cat_out(rows, grads, 0, world);
+    }
+    if (dp_size > 1) input.div_(dp_size);  // average over data-parallel ranks (pre-divided: no overflow)
     reduce_input_ = input;
     if (world == 1) {
       reduce_output_ = input;
@@ -462,7 +511,6 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       reduce_output_ = at::empty({flat_numel_}, input.options());  // [flat_numel]
       reduce_work_ = shard_group_->backend()->_reduce_scatter_base(reduce_output_, reduce_input_);
     }
-    ++stats_.reduce_scatters;
   }
 
   std::vector<Param> params_;
@@ -471,6 +519,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   FsdpOptions options_;
   std::string module_name_;
   int64_t flat_numel_ = 0;
+  std::vector<int64_t> split_sizes_;  ///< padded_numel of each parameter: the flat buffer's blocks
 
   std::shared_ptr<detail::FsdpContext> context_;
   State state_ = State::Resharded;
@@ -543,6 +592,13 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
                 "unsharded parameter of another fully_shard unit; tied (shared) parameters must belong to one unit");
     TORCH_CHECK(tensor.dim() >= 1, "titan::fully_shard: parameter '", name, "' is 0-dimensional; FSDP shards dim 0 ",
                 "(give it shape [1])");
+    // One flat buffer per unit carries every parameter: they need one dtype to gather in.
+    const auto& [first_name, first_owner, first_key] = entries.front();
+    const auto first_dtype = detail::parameter_dict(*first_owner)[first_key].scalar_type();
+    TORCH_CHECK(options.param_dtype() || tensor.scalar_type() == first_dtype, "titan::fully_shard: parameter '", name,
+                "' of '", module.name(), "' is ", tensor.scalar_type(), " but '", first_name, "' is ", first_dtype,
+                "; one unit gathers its parameters in one dtype: convert them to one dtype, set ",
+                "FsdpOptions().param_dtype(...), or shard them in separate units");
   }
   std::vector<FsdpHook::Param> params;
   std::unordered_map<c10::TensorImpl*, size_t> index;
@@ -574,7 +630,7 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
       // all-gather fills fresh contiguous storage of the compute dtype (on meta while the model is).
       tensor.mutable_grad() = at::Tensor();
       p.unsharded = tensor;
-      p.allocate(tensor.options().dtype(options.param_dtype().value_or(tensor.scalar_type())));
+      p.allocate(tensor.options().dtype(options.param_dtype().value_or(tensor.scalar_type())), world);
       if (!tensor.is_meta()) detail::resize_storage_bytes(p.storage, 0);
       detail::repoint_tensor(p.unsharded, p.placeholder);
     }

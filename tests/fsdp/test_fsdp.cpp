@@ -5,7 +5,10 @@
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
 
+#include <ATen/record_function.h>
+
 #include <functional>
+#include <map>
 
 namespace {
 
@@ -578,4 +581,97 @@ TEST_CASE("fsdp: state dicts and memory accept module holders") {
   titan::load_full_state_dict(model, from_holder);
   CHECK(titan::sharded_parameters(model).size() == titan::sharded_parameters(*model).size());
   CHECK(titan::memory_usage(model).param_bytes == titan::memory_usage(*model).param_bytes);
+}
+
+/// Counts, per titan::fsdp profiler scope, how often it ran and how many data-moving ATen ops ran
+/// directly inside it (RecordFunction observer on this thread).
+struct ScopeCopies {
+  struct Count {
+    int entries = 0;
+    int moves = 0;
+  };
+  ScopeCopies() {
+    counts().clear();
+    handle_ = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&on_start, &on_end).scopes({at::RecordScope::FUNCTION, at::RecordScope::USER_SCOPE}));
+  }
+  ~ScopeCopies() { at::removeCallback(handle_); }
+  static std::map<std::string, Count>& counts() {
+    static thread_local std::map<std::string, Count> counts;
+    return counts;
+  }
+
+ private:
+  static std::vector<std::string>& stack() {
+    static thread_local std::vector<std::string> stack;
+    return stack;
+  }
+  static bool moves_data(const std::string& op) {
+    for (const char* word : {"copy", "cat", "clone", "fill", "zero", "add"})
+      if (op.find(word) != std::string::npos) return true;
+    return op == "aten::to";
+  }
+  static std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
+    std::string name = fn.name();
+    if (name.rfind("titan::fsdp::", 0) == 0) ++counts()[name].entries;
+    if (!stack().empty() && stack().back().rfind("titan::fsdp::", 0) == 0 && moves_data(name))
+      ++counts()[stack().back()].moves;
+    stack().push_back(name);
+    return nullptr;
+  }
+  static void on_end(const at::RecordFunction&, at::ObserverContext*) { stack().pop_back(); }
+  at::CallbackHandle handle_;
+};
+
+TEST_CASE("fsdp: one copy per unit into and out of each collective, none on one rank") {
+  const int n = world().world_size();
+  for (bool bf16 : {false, true}) {
+    CAPTURE(bf16);
+    auto model = seeded<Mlp>();  // each block unit holds 4 parameters
+    shard_mlp(model, shard_mesh(), bf16 ? titan::FsdpOptions().param_dtype(torch::kBFloat16) : titan::FsdpOptions());
+    auto data = make_data({5}, 3, 1);
+    ScopeCopies observer;
+    forward_backward(model, data, true);
+    auto counts = ScopeCopies::counts();
+    for (const auto& [scope, count] : counts) MESSAGE(scope, ": ", count.entries, " runs, ", count.moves, " copies");
+    if (n == 1 && !bf16) {
+      // The unsharded parameters are the shards themselves: no buffer is filled.
+      CHECK(counts.empty());
+      continue;
+    }
+    const std::vector<std::string> scopes =
+        n == 1 ? std::vector<std::string>{"titan::fsdp::all_gather_copy_out"}
+               : std::vector<std::string>{"titan::fsdp::all_gather_copy_in", "titan::fsdp::all_gather_copy_out",
+                                          "titan::fsdp::reduce_scatter_copy_in"};
+    for (const auto& scope : scopes) {
+      CAPTURE(scope);
+      CHECK(counts[scope].entries >= 4);  // every unit, every time
+      if (scope == "titan::fsdp::all_gather_copy_in" && world().rank() != 0) {
+        CHECK(counts[scope].moves <= counts[scope].entries);  // a rank may hold no row of a small unit
+      } else {
+        CHECK(counts[scope].moves == counts[scope].entries);
+      }
+    }
+  }
+}
+
+TEST_CASE("fsdp: sharded gradients are views of the reduction's output, or the gradient itself on one rank") {
+  auto model = seeded<Mlp>();
+  auto mesh = shard_mesh();
+  shard_mlp(model, mesh);
+  auto data = make_data({5}, 3, 1);
+  forward_backward(model, data, true);
+  auto* block = model->layers[0]->as<BlockImpl>();
+  auto norm = block->named_parameters()["norm"].grad(), up = block->named_parameters()["up"].grad();
+  REQUIRE(norm.defined());
+  REQUIRE(up.defined());
+  if (world().world_size() > 1) {
+    // One buffer per unit holds all of its sharded gradients: no copy per parameter.
+    CHECK(norm.storage().is_alias_of(up.storage()));
+  } else {
+    // Nothing to reduce: each gradient is its own tensor, moved from the unsharded parameter.
+    CHECK_FALSE(norm.storage().is_alias_of(up.storage()));
+  }
+  CHECK(norm.is_contiguous());
+  CHECK(up.is_contiguous());
 }
