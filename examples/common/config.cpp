@@ -95,6 +95,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       flag("metrics", "enable_tensorboard", &c.metrics.enable_tensorboard),
       text("metrics", "save_tb_folder", &c.metrics.save_tb_folder),
       flag("metrics", "enable_jsonl", &c.metrics.enable_jsonl),
+      real("metrics", "peak_flops", &c.metrics.peak_flops, 0.0),
       choice("data", "kind", &c.data.kind, {"text", "jsonl", "alpaca"}),
       text("data", "path", &c.data.path),
       text("data", "text_field", &c.data.text_field),

@@ -104,6 +104,7 @@ struct MetricsConfig {
   bool enable_tensorboard = false;      ///< write TensorBoard event files (rank 0)
   std::string save_tb_folder = "tb";    ///< under job.dump_folder
   bool enable_jsonl = true;             ///< write metrics.jsonl under job.dump_folder (rank 0)
+  double peak_flops = 0.0;              ///< device peak FLOP/s for MFU; 0: by the GPU's name
 };
 
 /// [data]: corpus, packing and validation.

@@ -383,7 +383,8 @@ Batch DataLoader::next() {
     position_ += options_.dp_size();
     fill_row(sample, batch.input.data_ptr<int64_t>() + r * seq, batch.labels.data_ptr<int64_t>() + r * seq);
   }
-  batch.num_label_tokens = batch.labels.ne(kIgnore).sum().item<int64_t>();
+  const int64_t* labels = batch.labels.data_ptr<int64_t>();
+  batch.num_label_tokens = std::count_if(labels, labels + rows * seq, [](int64_t label) { return label != kIgnore; });
   return batch;
 }
 

@@ -3,7 +3,6 @@
 #include <titan/collectives.hpp>
 
 #include <atomic>
-#include <cmath>
 
 namespace titan::examples {
 namespace {
@@ -23,12 +22,10 @@ NanPolicy nan_policy_from_string(const std::string& name) {
   TORCH_CHECK(false, "training.nan_policy = '", name, "' is not one of: stop, skip");
 }
 
-bool NanGuard::check(int64_t step, double loss) {
-  if (std::isfinite(loss)) return true;
-  TORCH_CHECK(policy_ == NanPolicy::Skip, "training: the loss is ", loss, " at step ", step,
-              "; stopping (set training.nan_policy = \"skip\" to skip such steps)");
-  ++skipped_;
-  return false;
+void NanGuard::check(int64_t first_step, int64_t last_step, int64_t nonfinite) const {
+  TORCH_CHECK(policy_ == NanPolicy::Skip || nonfinite == 0, "training: the loss or gradient norm was NaN or infinite in ",
+              nonfinite, " step(s) of steps ", first_step, "-", last_step,
+              " (their updates were skipped); stopping (set training.nan_policy = \"skip\" to go on past such steps)");
 }
 
 SignalFlag::SignalFlag() {

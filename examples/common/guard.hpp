@@ -3,11 +3,16 @@
 //
 // API summary
 //   NanGuard nan(NanPolicy::Stop);          // or nan_policy_from_string(cfg.training.nan_policy)
-//   if (!nan.check(step, loss)) { /* skip: zero grads, no optimizer step */ }  // Stop: throws
-//   nan.skipped();                          // steps skipped so far
+//   nan.check(first_step, last_step, n);    // at a sync step: n steps had a non-finite norm
+//                                           // (Stop: throws naming them; Skip: returns)
 //   SignalFlag stop;                        // installs SIGINT/SIGTERM handlers until destroyed
-//   if (stop.any_rank(group)) break;        // at the end of each step: all ranks agree to stop
+//   if (stop.any_rank(group)) break;        // at a sync step: all ranks agree to stop
 //   stop.requested(); stop.signal_number(); // this process only
+//
+// Neither check runs every step. A step whose global gradient norm is not finite (NaN/Inf loss
+// or gradients on any rank) is skipped on the device as it happens (FusedAdamW::skip_if), so the
+// host needs no sync to keep NaN out of the parameters; it reads the count at the next sync step
+// (logging, validation, checkpoint or last step), before any checkpoint is written.
 
 #include <titan/world.hpp>
 
@@ -17,28 +22,27 @@
 
 namespace titan::examples {
 
-/// What to do when a step's loss is NaN or infinite.
+/// What to do about steps whose gradient norm (or loss) is NaN or infinite. Either way their
+/// updates were skipped on the device.
 enum class NanPolicy {
-  Stop,  ///< fail with the step number
-  Skip,  ///< drop the step's update and go on
+  Stop,  ///< fail at the next sync step, naming the steps
+  Skip,  ///< go on (the metrics line counts the skipped steps)
 };
 
 /// "stop" or "skip" (training.nan_policy).
 NanPolicy nan_policy_from_string(const std::string& name);
 
-/// Checks each step's loss (call it on a loss reduced over the ranks, so all ranks agree).
+/// Applies the NaN policy at the trainer's sync steps.
 class NanGuard {
  public:
   explicit NanGuard(NanPolicy policy) : policy_(policy) {}
-  /// True when `loss` is finite. Otherwise Stop throws c10::Error naming the step, and Skip counts
-  /// the step and returns false: the caller zeroes the gradients and skips the optimizer step.
-  bool check(int64_t step, double loss);
-  int64_t skipped() const { return skipped_; }  ///< steps skipped so far
+  /// `nonfinite` steps among first_step..last_step were not finite. Stop throws c10::Error naming
+  /// those steps when there is any; Skip returns.
+  void check(int64_t first_step, int64_t last_step, int64_t nonfinite) const;
   NanPolicy policy() const { return policy_; }
 
  private:
   NanPolicy policy_;
-  int64_t skipped_ = 0;
 };
 
 /// Records SIGINT and SIGTERM instead of dying, so the loop can stop at a step boundary (and

@@ -116,20 +116,43 @@ void TensorBoardWriter::write_record(const std::string& event) {
 
 void TensorBoardWriter::flush() { file_.flush(); }
 
-int64_t peak_memory_bytes(const c10::Device& device) {
+PeakMemory peak_memory(const c10::Device& device) {
+  PeakMemory peak;
   if (device.is_cuda()) {
 #if TITAN_HAS_NCCL
+    using c10::CachingAllocator::StatType;
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
-#else
-    return -1;
+    peak.active = stats.active_bytes[static_cast<size_t>(StatType::AGGREGATE)].peak;
+    peak.reserved = stats.reserved_bytes[static_cast<size_t>(StatType::AGGREGATE)].peak;
 #endif
+    return peak;
   }
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;  // "VmHWM:  1234 kB"
-  return -1;
+    if (line.rfind("VmHWM:", 0) == 0) peak.active = std::stoll(line.substr(6)) * 1024;  // "VmHWM:  1234 kB"
+  return peak;
+}
+
+void reset_peak_memory(const c10::Device& device) {
+  if (device.is_cuda()) {
+#if TITAN_HAS_NCCL
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#endif
+    return;
+  }
+  std::ofstream clear_refs("/proc/self/clear_refs");
+  clear_refs << "5";  // resets VmHWM to the current RSS (Linux >= 4.0); a refusal keeps the peak
+}
+
+double peak_flops_of(const std::string& name) {
+  auto has = [&](const char* part) { return name.find(part) != std::string::npos; };
+  if (has("A100")) return 312e12;
+  if (has("H100")) return has("NVL") ? 835e12 : has("PCIe") ? 756e12 : 989e12;  // else SXM
+  if (has("H200")) return 989e12;
+  if (has("B200")) return 2250e12;
+  if (has("L40S")) return 362e12;
+  return 0.0;
 }
 
 MetricsOptions metrics_options(const TrainConfig& config, int rank) {
@@ -139,6 +162,7 @@ MetricsOptions metrics_options(const TrainConfig& config, int rank) {
       .log_freq(m.log_freq)
       .jsonl_path(m.enable_jsonl ? (root / "metrics.jsonl").string() : "")
       .tensorboard_dir(m.enable_tensorboard ? (root / m.save_tb_folder).string() : "")
+      .peak_flops(m.peak_flops)
       .enabled(rank == 0);
 }
 
@@ -154,45 +178,46 @@ MetricsLogger::MetricsLogger(MetricsOptions options) : options_(std::move(option
   if (!options_.tensorboard_dir().empty()) tensorboard_ = std::make_unique<TensorBoardWriter>(options_.tensorboard_dir());
 }
 
-std::optional<std::string> MetricsLogger::record(const StepStats& stats) {
-  ++steps_;
-  tokens_ += stats.tokens;
-  loss_ += stats.loss;
-  grad_norm_ += stats.grad_norm;
-  step_seconds_ += stats.step_seconds;
-  data_seconds_ += stats.data_seconds;
-  if (stats.step != 1 && stats.step % options_.log_freq() != 0) return std::nullopt;
-
-  const double n = static_cast<double>(steps_);
-  const double loss = loss_ / n, tokens_per_s = static_cast<double>(tokens_) / std::max(step_seconds_, 1e-12);
+std::string MetricsLogger::record(const IntervalStats& stats) {
+  TORCH_CHECK(stats.steps >= 1, "metrics: an interval needs at least one step, got ", stats.steps);
+  const double n = static_cast<double>(stats.steps);
+  const double tokens_per_s = static_cast<double>(stats.tokens) / std::max(stats.seconds, 1e-12) /
+                              static_cast<double>(std::max<int64_t>(options_.ranks_per_replica(), 1));
   std::map<std::string, double> values{
-      {"loss", loss},
-      {"perplexity", std::exp(loss)},
+      {"loss", stats.loss},
+      {"perplexity", std::exp(stats.loss)},
       {"lr", stats.lr},
-      {"grad_norm", grad_norm_ / n},
+      {"grad_norm", stats.grad_norm},
       {"tokens_per_second_per_rank", tokens_per_s},
-      {"step_seconds", step_seconds_ / n},
-      {"data_seconds", data_seconds_ / n},
+      {"step_seconds", stats.seconds / n},
+      {"data_seconds", stats.data_seconds / n},
+      {"skipped_steps", static_cast<double>(stats.skipped)},
   };
   std::string mfu = "n/a";
   if (options_.peak_flops() > 0 && options_.flops_per_token() > 0) {
     values["mfu_percent"] = 100.0 * tokens_per_s * options_.flops_per_token() / options_.peak_flops();
     mfu = c10::str(std::round(values["mfu_percent"] * 100.0) / 100.0, "%");
   }
-  int64_t memory = peak_memory_bytes(options_.device());
-  if (memory >= 0) values["peak_memory_gib"] = static_cast<double>(memory) / (1024.0 * 1024.0 * 1024.0);
-
+  const PeakMemory memory = peak_memory(options_.device());
+  reset_peak_memory(options_.device());
+  constexpr double gib = 1024.0 * 1024.0 * 1024.0;
+  std::string memory_text = "n/a";
+  if (memory.active >= 0) {
+    values["peak_memory_gib"] = static_cast<double>(memory.active) / gib;
+    memory_text = c10::str(std::round(values["peak_memory_gib"] * 100.0) / 100.0, " GiB");
+  }
+  if (memory.reserved >= 0) {
+    values["peak_reserved_gib"] = static_cast<double>(memory.reserved) / gib;
+    memory_text += c10::str(" (reserved ", std::round(values["peak_reserved_gib"] * 100.0) / 100.0, ")");
+  }
   char line[512];
   std::snprintf(line, sizeof(line),
                 "step %6lld | loss %8.4f | ppl %10.2f | lr %.3e | grad_norm %8.4f | tok/s/rank %9.0f | mfu %s | "
-                "mem %s | step %.3f s | data %.3f s",
-                static_cast<long long>(stats.step), loss, values["perplexity"], stats.lr, values["grad_norm"],
-                tokens_per_s, mfu.c_str(),
-                memory >= 0 ? c10::str(std::round(values["peak_memory_gib"] * 100.0) / 100.0, " GiB").c_str() : "n/a",
-                values["step_seconds"], values["data_seconds"]);
+                "mem %s | step %.3f s | data %.3f s%s",
+                static_cast<long long>(stats.step), stats.loss, values["perplexity"], stats.lr, stats.grad_norm,
+                tokens_per_s, mfu.c_str(), memory_text.c_str(), values["step_seconds"], values["data_seconds"],
+                stats.skipped > 0 ? c10::str(" | skipped ", stats.skipped).c_str() : "");
   record_scalars(stats.step, values);
-  steps_ = tokens_ = 0;
-  loss_ = grad_norm_ = step_seconds_ = data_seconds_ = 0.0;
   return std::string(line);
 }
 

@@ -5,18 +5,21 @@
 // API summary
 //   TensorBoardWriter tb(folder);  tb.add_scalar("loss", 2.5, step);  tb.flush();
 //   uint32_t c = crc32c(data, n);  masked_crc32c(data, n);             // TFRecord checksums
-//   int64_t b = peak_memory_bytes(device);  // CPU: VmHWM of /proc/self/status; CUDA: allocator peak
+//   PeakMemory m = peak_memory(device);  reset_peak_memory(device);    // per logging interval
+//   double peak = peak_flops_of("NVIDIA H100 80GB HBM3");              // 989e12 (dense bf16)
 //   MetricsLogger log(MetricsOptions().log_freq(10).jsonl_path(p).tensorboard_dir(d)
-//                         .flops_per_token(f).peak_flops(0 /* n/a */).enabled(rank == 0));
-//   log.record(StepStats{step, loss, grad_norm, lr, tokens, step_s, data_s});  // every step;
-//       // every log_freq steps (and step 1) it appends to jsonl and TensorBoard and returns
-//       // the readable line for the caller to print
+//                         .flops_per_token(f).peak_flops(0 /* n/a */).ranks_per_replica(tp)
+//                         .enabled(rank == 0));
+//   if (log.is_log_step(step))   // step 1 and every log_freq-th
+//     print(log.record(IntervalStats{...}));  // appends to jsonl and TensorBoard, returns the line
 //   log.record_scalars(step, {{"val/loss", 2.1}});   // extra scalars (validation)
 //   metrics_options(cfg, rank)   // from a TrainConfig: jsonl / TensorBoard under job.dump_folder
 //
-// Loss and grad norm are taken as given: reduce the loss over data-parallel ranks before
-// recording. Tokens/s is per rank. MFU = tokens/s x flops_per_token / peak_flops, printed "n/a"
-// when peak_flops is 0 (the default on CPU, which has no meaningful nominal peak here).
+// The caller measures an interval (the steps since the last line) after the device finished its
+// work, so its time is real and not just the time to enqueue kernels. Loss and grad norm are taken
+// as given: reduce the loss over data-parallel ranks first. Tokens/s is per device: a model
+// replica's tokens are shared by its ranks_per_replica ranks (tensor parallel), as in torchtitan.
+// MFU = tokens/s x flops_per_token / peak_flops, "n/a" when peak_flops is 0 (CPU, unknown GPUs).
 
 #include "config.hpp"
 
@@ -53,19 +56,35 @@ class TensorBoardWriter {
   std::ofstream file_;
 };
 
-/// Peak memory of this process on `device` in bytes: the RSS high-water mark (VmHWM) on CPU, the
-/// caching allocator's peak allocated bytes on CUDA (when compiled with CUDA; -1 otherwise).
-int64_t peak_memory_bytes(const c10::Device& device);
+/// Peak memory of this process on a device since the last reset_peak_memory, in bytes (-1: not
+/// measured). CUDA: the caching allocator's peak active and reserved bytes (when compiled with
+/// CUDA). CPU: the RSS high-water mark (VmHWM) as active; reserved is -1.
+struct PeakMemory {
+  int64_t active = -1;
+  int64_t reserved = -1;
+};
+PeakMemory peak_memory(const c10::Device& device);
+/// Starts a new peak-memory interval on `device`: resets the CUDA allocator's peaks, or on CPU the
+/// RSS high-water mark (writes "5" to /proc/self/clear_refs; where that is refused the CPU figure
+/// stays the process's peak).
+void reset_peak_memory(const c10::Device& device);
 
-/// What the training loop measured in one optimizer step.
-struct StepStats {
-  int64_t step = 0;          ///< 1-based optimizer step
-  double loss = 0.0;         ///< mean loss of the step (reduced over data-parallel ranks)
-  double grad_norm = 0.0;    ///< global gradient norm before clipping
-  double lr = 0.0;           ///< learning rate used
-  int64_t tokens = 0;        ///< tokens this rank processed in the step
-  double step_seconds = 0.0;  ///< wall time of the whole step
+/// Dense bf16 peak FLOP/s of a GPU by its CUDA device name (torchtitan's table: A100 312e12,
+/// H100 SXM 989e12, H100 PCIe 756e12, H100 NVL 835e12, H200 989e12, B200 2250e12, L40S 362e12);
+/// 0 for a name it does not know.
+double peak_flops_of(const std::string& device_name);
+
+/// What the training loop measured over one logging interval (the steps since the last line).
+struct IntervalStats {
+  int64_t step = 0;           ///< last optimizer step of the interval
+  int64_t steps = 0;          ///< optimizer steps in it (skipped ones included)
+  double loss = 0.0;          ///< mean loss of those steps (reduced over data-parallel ranks)
+  double grad_norm = 0.0;     ///< mean global gradient norm before clipping, over the finite ones
+  double lr = 0.0;            ///< learning rate of the last step
+  int64_t tokens = 0;         ///< tokens this rank processed in the interval
+  double seconds = 0.0;       ///< wall time of the interval, until the device finished its work
   double data_seconds = 0.0;  ///< part of it spent waiting for batches
+  int64_t skipped = 0;        ///< steps whose update was skipped (non-finite gradient norm)
 };
 
 /// Where and how often metrics are written.
@@ -75,22 +94,26 @@ struct MetricsOptions {
   TORCH_ARG(std::string, tensorboard_dir) = "";  ///< event folder ("" = none)
   TORCH_ARG(double, flops_per_token) = 0.0;  ///< model FLOPs per token (forward + backward)
   TORCH_ARG(double, peak_flops) = 0.0;       ///< device peak FLOP/s; 0 = MFU "n/a"
+  TORCH_ARG(int64_t, ranks_per_replica) = 1;  ///< ranks sharing one replica's tokens (TP degree)
   TORCH_ARG(c10::Device, device) = c10::Device(c10::kCPU);  ///< for peak memory
   TORCH_ARG(bool, enabled) = true;           ///< false on ranks that should not write (rank != 0)
 };
 
 /// The [metrics] section for global rank `rank` (only rank 0 writes): log_freq,
 /// <dump_folder>/metrics.jsonl when enable_jsonl, <dump_folder>/<save_tb_folder> when
-/// enable_tensorboard. FLOPs per token, peak FLOP/s and device are left for the caller.
+/// enable_tensorboard, peak_flops when set (> 0). FLOPs per token, the peak FLOP/s of the device
+/// otherwise, ranks per replica and device are left for the caller.
 MetricsOptions metrics_options(const TrainConfig& config, int rank);
 
-/// Averages StepStats over each logging interval and writes them out.
+/// Writes each logging interval out: a readable line, metrics.jsonl and TensorBoard scalars.
 class MetricsLogger {
  public:
   explicit MetricsLogger(MetricsOptions options);
-  /// Adds one step; at a logging step (step 1 and every log_freq-th) writes the interval's line,
-  /// JSON record and scalars and returns the line (also on disabled ranks, which write nothing).
-  std::optional<std::string> record(const StepStats& stats);
+  /// Whether `step` ends a logging interval: step 1 and every log_freq-th.
+  bool is_log_step(int64_t step) const { return step == 1 || step % options_.log_freq() == 0; }
+  /// Writes the interval's JSON record and scalars (on enabled ranks), resets the device's peak
+  /// memory for the next interval, and returns the readable line (on every rank).
+  std::string record(const IntervalStats& stats);
   /// Writes extra scalars (e.g. validation loss) at `step` to jsonl and TensorBoard.
   void record_scalars(int64_t step, const std::map<std::string, double>& values);
 
@@ -98,9 +121,6 @@ class MetricsLogger {
   MetricsOptions options_;
   std::ofstream jsonl_;
   std::unique_ptr<TensorBoardWriter> tensorboard_;
-  // Sums over the current interval.
-  int64_t steps_ = 0, tokens_ = 0;
-  double loss_ = 0.0, grad_norm_ = 0.0, step_seconds_ = 0.0, data_seconds_ = 0.0;
 };
 
 }  // namespace titan::examples

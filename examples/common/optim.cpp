@@ -1,6 +1,11 @@
 #include "optim.hpp"
 
+#include <ATen/ops/_fused_adamw.h>
+
 #include <cmath>
+#include <map>
+#include <optional>
+#include <utility>
 
 namespace titan::examples {
 
@@ -18,7 +23,7 @@ bool is_no_decay(const std::string& name, const torch::Tensor& parameter) {
   return last == "bias";
 }
 
-std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::OrderedDict<std::string, torch::Tensor>& parameters,
+std::unique_ptr<FusedAdamW> make_adamw(const torch::OrderedDict<std::string, torch::Tensor>& parameters,
                                                 const AdamWConfig& config) {
   TORCH_CHECK(config.lr() >= 0 && config.eps() >= 0 && config.weight_decay() >= 0, "optimizer: lr (", config.lr(),
               "), eps (", config.eps(), ") and weight_decay (", config.weight_decay(), ") must be >= 0");
@@ -37,7 +42,61 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::OrderedDict<std::st
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (!decay.empty()) groups.emplace_back(decay, options(config.weight_decay()));
   if (!no_decay.empty()) groups.emplace_back(no_decay, options(0.0));
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(config.lr()));
+  return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(config.lr()));
+}
+
+torch::Tensor FusedAdamW::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure) {
+    torch::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  const torch::Tensor found_inf = std::exchange(found_inf_, torch::Tensor());
+  for (auto& group : param_groups()) {
+    const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    // The kernel takes lists of one device and dtype; the step count as a float tensor on that
+    // device (one per distinct count, made by a fill: no host-to-device copy).
+    struct Lists {
+      std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+    };
+    std::map<std::pair<std::string, c10::ScalarType>, Lists> lists;
+    std::map<std::pair<std::string, int64_t>, torch::Tensor> step_tensors;
+    for (auto& param : group.params()) {
+      if (!param.grad().defined()) continue;
+      TORCH_CHECK(!param.grad().is_sparse(), "FusedAdamW does not support sparse gradients");
+      auto& slot = state_[param.unsafeGetTensorImpl()];
+      if (!slot) {
+        auto fresh = std::make_unique<torch::optim::AdamWParamState>();
+        fresh->step(0);
+        fresh->exp_avg(torch::zeros_like(param, torch::MemoryFormat::Preserve));
+        fresh->exp_avg_sq(torch::zeros_like(param, torch::MemoryFormat::Preserve));
+        if (options.amsgrad()) fresh->max_exp_avg_sq(torch::zeros_like(param, torch::MemoryFormat::Preserve));
+        slot = std::move(fresh);
+      }
+      auto& state = static_cast<torch::optim::AdamWParamState&>(*slot);
+      state.step(state.step() + 1);
+      const std::string device = param.device().str();
+      auto& count = step_tensors[{device, state.step()}];
+      if (!count.defined())
+        count = torch::full({}, static_cast<double>(state.step()), param.options().dtype(torch::kFloat));
+      auto& l = lists[{device, param.scalar_type()}];
+      l.params.push_back(param);
+      l.grads.push_back(param.grad());
+      l.exp_avgs.push_back(state.exp_avg());
+      l.exp_avg_sqs.push_back(state.exp_avg_sq());
+      if (options.amsgrad()) l.max_exp_avg_sqs.push_back(state.max_exp_avg_sq());
+      l.steps.push_back(count);
+    }
+    for (auto& [key, l] : lists) {
+      std::optional<torch::Tensor> skip;
+      if (found_inf.defined()) skip = found_inf.to(l.params.front().device(), torch::kFloat).reshape({1});
+      at::_fused_adamw_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.steps, options.lr(),
+                        std::get<0>(options.betas()), std::get<1>(options.betas()), options.weight_decay(),
+                        options.eps(), options.amsgrad(), /*maximize=*/false, /*grad_scale=*/std::nullopt, skip);
+    }
+  }
+  return loss;
 }
 
 LRSchedule::LRSchedule(LRScheduleOptions options) : options_(std::move(options)) {

@@ -5,7 +5,8 @@
 //
 // API summary
 //   auto opt = make_adamw(model->named_parameters(), AdamWConfig().lr(3e-4).weight_decay(0.1));
-//       // group 0: decayed, group 1: no weight decay (norms, biases, 1-D; see is_no_decay)
+//       // a FusedAdamW; group 0: decayed, group 1: no weight decay (norms, biases, 1-D; see is_no_decay)
+//   opt->skip_if(norm.isfinite().logical_not().to(torch::kFloat).reshape({1}));  // device-side skip
 //   LRSchedule schedule(LRScheduleOptions().warmup_steps(2).total_steps(100).decay_type("cosine"));
 //   double lr = schedule.apply(*opt, step, base_lr);     // step = 1, 2, ... (the optimizer step
 //                                                        // about to run); sets every group's lr
@@ -43,10 +44,29 @@ struct AdamWConfig {
 /// dimensions (FSDP shards keep their dimensions, so sharded weights are judged right).
 bool is_no_decay(const std::string& name, const torch::Tensor& parameter);
 
-/// torch::optim::AdamW over `parameters` with two groups: 0 = decayed, 1 = weight_decay 0 (empty
+/// torch::optim::AdamW whose step runs ATen's fused AdamW kernel (at::_fused_adamw_, on CPU and
+/// CUDA: one pass over the tensors of each device and dtype) instead of LibTorch's loop of eight
+/// kernels per parameter. Same math as torch.optim.AdamW and the same state (AdamWParamState), so
+/// checkpoints and titan::memory_usage see a plain AdamW.
+///
+/// skip_if(flag) makes the next step() a no-op on the device wherever `flag` (a 1-element float
+/// tensor, e.g. "the gradient norm is not finite") is nonzero, without a host sync; the step count
+/// still advances (a skipped step shifts Adam's bias correction by one step, which is negligible).
+class FusedAdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  /// Skip the next step where `found_inf` (1 element, float32) is nonzero.
+  void skip_if(torch::Tensor found_inf) { found_inf_ = std::move(found_inf); }
+
+ private:
+  torch::Tensor found_inf_;
+};
+
+/// FusedAdamW over `parameters` with two groups: 0 = decayed, 1 = weight_decay 0 (empty
 /// groups are left out, so a model without norms or biases has one). Without
 /// no_decay_norms_and_biases, every parameter is in group 0.
-std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::OrderedDict<std::string, torch::Tensor>& parameters,
+std::unique_ptr<FusedAdamW> make_adamw(const torch::OrderedDict<std::string, torch::Tensor>& parameters,
                                                 const AdamWConfig& config);
 
 /// Learning-rate schedule options (mirrors [lr_scheduler] plus the step count).

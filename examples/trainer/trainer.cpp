@@ -8,6 +8,7 @@
 #include <titan/tensor_parallel.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -21,16 +22,21 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-/// Dense bf16 peak FLOP/s of the device for MFU; 0 (MFU "n/a") where no nominal peak applies.
-double peak_flops(const c10::Device& device) {
+/// Peak FLOP/s of `device` for MFU: metrics.peak_flops when set, else by the GPU's name (0, MFU
+/// "n/a", on CPU and unknown GPUs).
+double device_peak_flops(const c10::Device& device, double configured) {
+  if (configured > 0) return configured;
 #if TITAN_HAS_NCCL
-  if (device.is_cuda()) {
-    const std::string name = at::cuda::getDeviceProperties(device.index())->name;
-    if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return 989e12;
-    if (name.find("A100") != std::string::npos) return 312e12;
-  }
+  if (device.is_cuda()) return peak_flops_of(at::cuda::getDeviceProperties(device.index())->name);
 #endif
   return 0.0;
+}
+
+/// `batch` on `device`: through pinned memory without waiting for the device (a copy from
+/// pageable memory would wait for every kernel queued before it).
+torch::Tensor to_device(const torch::Tensor& batch, const c10::Device& device) {
+  if (!device.is_cuda()) return batch.to(device);
+  return batch.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 std::string join(const std::vector<std::string>& items) {
@@ -169,10 +175,16 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
   log.info("data: ", loader_->samples_per_epoch(), " samples of ", training.seq_len, " tokens per epoch; ",
            accumulation_, " micro-batches of ", training.batch_size, " per rank per step");
 
-  metrics_ = std::make_unique<MetricsLogger>(metrics_options(config_, world_->rank())
-                                                 .flops_per_token(flops)
-                                                 .peak_flops(peak_flops(world_->device()))
+  auto metrics = metrics_options(config_, world_->rank());
+  metrics_ = std::make_unique<MetricsLogger>(metrics.flops_per_token(flops)
+                                                 .peak_flops(device_peak_flops(world_->device(), metrics.peak_flops()))
+                                                 .ranks_per_replica(dims_.tp)
                                                  .device(world_->device()));
+  // Host values (label-token counts, the stop flag) travel on the CPU: no device sync.
+  std::vector<int> all(static_cast<size_t>(world_->world_size()));
+  for (int r = 0; r < world_->world_size(); ++r) all[static_cast<size_t>(r)] = r;
+  host_group_ = TITAN_HAS_GLOO ? world_->new_group(all, "host", titan::GroupOptions().backend("gloo").device(c10::kCPU))
+                               : world_->group();
   loss_parallel_ = dims_.tp > 1 && config_.parallelism.enable_loss_parallel;
   nan_guard_ = std::make_unique<NanGuard>(nan_policy_from_string(training.nan_policy));
 
@@ -202,9 +214,9 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
 Trainer::~Trainer() = default;
 
 torch::Tensor Trainer::loss_sum(const Batch& batch) {
-  auto input = batch.input.to(world_->device());    // [B, S]
-  auto labels = batch.labels.to(world_->device());  // [B, S]
-  auto logits = titan::call(model_, input);         // [B, S, V] (or [B, S, V / tp] with loss parallel)
+  auto input = to_device(batch.input, world_->device());    // [B, S]
+  auto labels = to_device(batch.labels, world_->device());  // [B, S]
+  auto logits = titan::call(model_, input);  // [B, S, V] (or [B, S, V / tp] with loss parallel)
   if (loss_parallel_) {
     return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, mesh_->group("tp"), -100,
                                               at::Reduction::Sum);
@@ -214,15 +226,13 @@ torch::Tensor Trainer::loss_sum(const Batch& batch) {
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
 }
 
-double Trainer::forward_backward(const Batch& batch, double scale) {
-  auto loss = loss_sum(batch);
+torch::Tensor Trainer::forward_backward(const Batch& batch, double scale) {
+  auto loss = loss_sum(batch);  // []
   (loss * scale).backward();
-  return loss.item<double>();
+  return loss.detach();
 }
 
-std::optional<StepStats> Trainer::train_step(int64_t step) {
-  const auto step_start = Clock::now();
-  const auto& log = world_->logger();
+bool Trainer::train_step(int64_t step) {
   const double lr = schedule_->apply(*optimizer_, step, config_.optimizer.lr);
   optimizer_->zero_grad();
   const auto data_start = Clock::now();
@@ -234,39 +244,74 @@ std::optional<StepStats> Trainer::train_step(int64_t step) {
     label_tokens += static_cast<double>(micro_batches.back().num_label_tokens);
     tokens += micro_batches.back().input.numel();
   }
-  const double data_seconds = seconds_since(data_start);
+  interval_.data_seconds += seconds_since(data_start);
   // The loss is the mean over the label tokens of the whole global batch, so every token weighs
   // the same however the batch is split into ranks and micro-batches (padding and prompt tokens
-  // vary per sample). Gradients are averaged over the dp ranks, hence the factor dp.
-  const auto& dp_group = mesh_->group("dp");
-  const double global_tokens = titan::dist_sum(label_tokens, dp_group);
+  // vary per sample). Gradients are averaged over the dp ranks, hence the factor dp. The count is
+  // a host value summed on the CPU group; the tp ranks of a replica read the same batch.
+  const double global_tokens = titan::dist_sum(label_tokens, host_group_) / static_cast<double>(dims_.tp);
   if (global_tokens == 0.0) {
-    log.warn("step ", step, ": the global batch has no label tokens (all prompt or padding); the step is skipped");
-    return std::nullopt;
+    world_->logger().warn("step ", step,
+                          ": the global batch has no label tokens (all prompt or padding); the step is skipped");
+    return false;
   }
-  double loss_sum_here = 0.0;
+  auto loss_sum_here = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(world_->device()));  // []
   for (int64_t micro = 0; micro < accumulation_; ++micro) {
     titan::set_requires_gradient_sync(model_, micro + 1 == accumulation_);
     loss_sum_here += forward_backward(micro_batches[static_cast<size_t>(micro)], static_cast<double>(dims_.dp()) / global_tokens);
   }
-  const double loss_value = titan::dist_sum(loss_sum_here, dp_group) / global_tokens;
-  if (!nan_guard_->check(step, loss_value)) {
-    log.warn("step ", step, ": loss is ", loss_value, ", the step is skipped (", nan_guard_->skipped(), " so far)");
-    optimizer_->zero_grad();
-    return std::nullopt;
-  }
-  const double grad_norm = titan::clip_grad_norm_(model_, config_.training.max_norm, world_->group()).item<double>();
+  auto norm = titan::clip_grad_norm_(model_, config_.training.max_norm, world_->group());  // [] fp64
+  // A non-finite norm (NaN/Inf loss or gradients on any rank: the norm is global) skips the
+  // update on the device; the host learns of it at the next sync step.
+  auto not_finite = norm.isfinite().logical_not();  // []
+  optimizer_->skip_if(not_finite.to(torch::kFloat).reshape({1}));
   optimizer_->step();
 
-  StepStats stats;
+  if (interval_.steps == 0) {
+    auto zero = torch::zeros({}, norm.options());
+    interval_.loss = zero.clone();
+    interval_.grad_norm = zero.clone();
+    interval_.skipped = zero.clone();
+    interval_.first_step = step;
+  }
+  interval_.loss += loss_sum_here / global_tokens;
+  interval_.grad_norm += torch::where(not_finite, torch::zeros_like(norm), norm);
+  interval_.skipped += not_finite;
+  interval_.steps += 1;
+  interval_.tokens += tokens;
+  interval_.lr = lr;
+  return true;
+}
+
+void Trainer::sync_host(int64_t step, bool log) {
+  if (interval_.steps == 0) {
+    interval_.seconds += seconds_since(clock_);
+    return;
+  }
+  torch::Tensor loss = interval_.loss;
+  if (log) loss = titan::all_reduce(loss.clone(), mesh_->group("dp"));  // the interval's one loss collective
+  auto host = torch::stack({loss, interval_.grad_norm, interval_.skipped}).cpu();  // [3]: waits for the device
+  interval_.seconds += seconds_since(clock_);  // the steps' work is done now
+  const double v[3] = {host[0].item<double>(), host[1].item<double>(), host[2].item<double>()};
+  const auto skipped = static_cast<int64_t>(v[2]);
+  nan_guard_->check(interval_.first_step, step, skipped);
+  if (!log) return;
+  IntervalStats stats;
   stats.step = step;
-  stats.loss = loss_value;
-  stats.grad_norm = grad_norm;
-  stats.lr = lr;
-  stats.tokens = tokens;
-  stats.step_seconds = seconds_since(step_start);
-  stats.data_seconds = data_seconds;
-  return stats;
+  stats.steps = interval_.steps;
+  stats.loss = v[0] / static_cast<double>(interval_.steps);
+  nan_guard_->check(interval_.first_step, step, std::isfinite(stats.loss) ? 0 : 1);
+  stats.grad_norm = interval_.steps > skipped ? v[1] / static_cast<double>(interval_.steps - skipped) : 0.0;
+  stats.lr = interval_.lr;
+  stats.tokens = interval_.tokens;
+  stats.seconds = interval_.seconds;
+  stats.data_seconds = interval_.data_seconds;
+  stats.skipped = skipped;
+  world_->logger().info(metrics_->record(stats));
+  if (skipped > 0)
+    world_->logger().warn("steps ", interval_.first_step, "-", step, ": ", skipped,
+                          " step(s) with a non-finite gradient norm were skipped");
+  interval_ = Interval();
 }
 
 void Trainer::validate(int64_t step) {
@@ -301,19 +346,28 @@ void Trainer::train() {
   const auto& training = config_.training;
   SignalFlag stop;
   int64_t step = start_step_;
+  clock_ = Clock::now();
   while (step < training.steps) {
     ++step;
-    if (auto stats = train_step(step)) {
-      if (auto line = metrics_->record(*stats)) log.info(*line);
-      if (!verified_) {  // after the first full step: every hooked module went through titan::call
-        titan::verify_calls(model_);
-        verified_ = true;
-      }
+    train_step(step);
+    if (!verified_) {  // after the first step: every hooked module went through titan::call
+      titan::verify_calls(model_);
+      verified_ = true;
     }
-    if (val_loader_ && step % config_.data.val_freq == 0) validate(step);
-    const bool signalled = stop.any_rank(world_->group());
+    // The host reads the device, and the ranks agree on a stop, only at sync steps: a signal is
+    // acted on within metrics.log_freq steps, and a non-finite step is reported (nan_policy
+    // "stop": the run fails) before any checkpoint could hold it.
+    const bool log_step = metrics_->is_log_step(step);
+    const bool val_step = val_loader_ && step % config_.data.val_freq == 0;
+    const bool save_step = checkpoints_ && step % config_.checkpoint.interval == 0;
+    const bool last_step = step == training.steps || step == training.stop_at_step;
+    if (!(log_step || val_step || save_step || last_step)) continue;
+    sync_host(step, log_step);
+    if (val_step) validate(step);
+    const bool signalled = stop.any_rank(host_group_);
     const bool stopping = signalled || step == training.stop_at_step;
     save_checkpoint(step, stopping || step == training.steps);
+    clock_ = Clock::now();  // validation and saving are not step time
     if (stopping) {
       log.info(signalled ? "signal received" : "training.stop_at_step reached", ": stopped after step ", step,
                checkpoints_ ? " (checkpoint saved)" : "");

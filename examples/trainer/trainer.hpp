@@ -28,6 +28,7 @@
 #include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
 
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
@@ -57,16 +58,17 @@ class Trainer {
 
   /// Runs steps from the resumed one to training.steps (stopping early at training.stop_at_step
   /// or on SIGINT / SIGTERM, with a checkpoint), validating every data.val_freq steps, then
-  /// exports the model when it reached the last step.
+  /// exports the model when it reached the last step. The host reads the device only at sync
+  /// steps (logging, validation, checkpoint and last steps): see sync_host.
   virtual void train();
   /// One optimizer step over this rank's share of the global batch: the micro-batches through
-  /// forward_backward, the NaN guard, clipping and the optimizer. nullopt when it is skipped (no
-  /// label token in the global batch, or a NaN loss with nan_policy "skip"): the parameters are
-  /// then unchanged.
-  virtual std::optional<StepStats> train_step(int64_t step);
+  /// forward_backward, clipping, and the optimizer (skipped on the device when the gradient norm
+  /// is not finite). No host sync: loss, norm and skip flag add to the interval's device sums.
+  /// False when the global batch has no label token (nothing ran).
+  virtual bool train_step(int64_t step);
   /// Forward and backward of one micro-batch with the loss multiplied by `scale`; returns the sum
-  /// of its label tokens' cross-entropies (unscaled, for logging).
-  virtual double forward_backward(const Batch& batch, double scale);
+  /// of its label tokens' cross-entropies (unscaled, detached, on the device).
+  virtual torch::Tensor forward_backward(const Batch& batch, double scale);
   /// The sum of the cross-entropies of a micro-batch's label tokens (labels -100 are ignored): the
   /// model's forward and the loss (loss parallel on vocabulary-sharded logits).
   virtual torch::Tensor loss_sum(const Batch& batch);
@@ -78,6 +80,9 @@ class Trainer {
   TransformerImpl& model() { return *model_; }
 
  protected:
+  /// Waits for the device's work and reads the interval's sums: applies the NaN policy and, at a
+  /// logging step, reduces the loss over the data-parallel ranks and writes the metrics line.
+  void sync_host(int64_t step, bool log);
   /// Saves a checkpoint of `step` when the interval says so, or always with `force`.
   void save_checkpoint(int64_t step, bool force);
   /// Writes the trained weights as a Hugging Face folder under job.dump_folder/export.
@@ -90,7 +95,7 @@ class Trainer {
   std::unique_ptr<Tokenizer> tokenizer_;
   ModelArgs args_;
   Transformer model_{nullptr};
-  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::unique_ptr<FusedAdamW> optimizer_;
   std::unique_ptr<LRSchedule> schedule_;
   int64_t accumulation_ = 1;  ///< micro-batches per optimizer step on each rank
   std::unique_ptr<DataLoader> loader_, val_loader_;
@@ -99,6 +104,16 @@ class Trainer {
   std::unique_ptr<NanGuard> nan_guard_;
   titan::TrainState state_;  ///< model, optimizer and components by name: "data", "rng", "lr_schedule"
   std::unique_ptr<titan::CheckpointManager> checkpoints_;
+  titan::ProcessGroupPtr host_group_;  ///< every rank, Gloo on the CPU: host values, no device sync
+  /// Sums over the current logging interval. The tensors stay on the device until sync_host.
+  struct Interval {
+    torch::Tensor loss;       ///< [] fp64: this rank's share of each step's mean loss, summed
+    torch::Tensor grad_norm;  ///< [] fp64: the finite global gradient norms, summed
+    torch::Tensor skipped;    ///< [] fp64: steps whose norm was not finite (update skipped)
+    int64_t first_step = 0, steps = 0, tokens = 0;
+    double lr = 0.0, seconds = 0.0, data_seconds = 0.0;
+  } interval_;
+  std::chrono::steady_clock::time_point clock_;  ///< when the current stretch of step time began
   int64_t start_step_ = 0;   ///< the step resumed from (0 for a fresh run)
   bool loss_parallel_ = false;
   bool verified_ = false;    ///< titan::verify_calls ran after the first step

@@ -24,8 +24,10 @@
 #include <torch/optim/optimizer.h>
 
 #include <algorithm>
+#include <map>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -400,12 +402,13 @@ at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupP
   const auto& members = group->global_ranks();
   std::vector<const ProcessGroup*> checked;  // level groups known to lie inside `group`
   at::NoGradGuard no_grad;
-  auto squared = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(group->device()));  // []
-  std::vector<at::Tensor> grads;
+  // Each gradient's norm comes from one foreach kernel per (device, dtype, copies) bucket, in
+  // fp32 or wider; only the per-tensor norms are squared and summed in fp64.
+  std::map<std::tuple<std::string, at::ScalarType, int64_t>, std::vector<at::Tensor>> buckets;
+  std::map<std::string, std::vector<at::Tensor>> by_device;  // for the scaling
   for (const auto& [name, sharded] : sharded_parameters(module)) {
     const auto& grad = sharded.local.grad();
     if (!grad.defined()) continue;
-    grads.push_back(grad);
     int64_t split = 1;  // ranks of `group` holding distinct blocks of this parameter
     for (const auto& level : sharded.layout.levels) {
       if (std::find(checked.begin(), checked.end(), level.group.get()) == checked.end()) {
@@ -420,14 +423,26 @@ at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupP
     }
     TORCH_CHECK(group->size() % split == 0, "titan::clip_grad_norm_: parameter '", name, "' is split into ", split,
                 " blocks, which the group's ", group->size(), " ranks cannot hold equally often");
-    const double copies = static_cast<double>(group->size() / split);  // ranks holding this rank's block
-    squared += grad.detach().to(at::kDouble).pow(2).sum().to(squared.device()) / copies;
+    const int64_t copies = group->size() / split;  // ranks holding this rank's block
+    buckets[{grad.device().str(), grad.scalar_type(), copies}].push_back(grad.detach());
+    by_device[grad.device().str()].push_back(grad.detach());
+  }
+  auto squared = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(group->device()));  // []
+  for (const auto& [key, grads] : buckets) {
+    const auto dtype = std::get<1>(key);
+    const bool narrow = dtype == at::kBFloat16 || dtype == at::kHalf;
+    auto norms = at::_foreach_norm(grads, 2, narrow ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
+    auto sum = at::stack(norms).to(at::kDouble).pow(2).sum();  // []
+    squared += sum.to(squared.device()) / static_cast<double>(std::get<2>(key));
   }
   auto norm = detail::all_reduce_raw(squared, *group, ReduceOp::Sum).sqrt();  // []
-  if (max_norm > 0 && !grads.empty()) {
+  if (max_norm > 0 && !by_device.empty()) {
     auto coefficient = (max_norm / (norm + 1e-6)).clamp_max(1.0);
     coefficient = at::where(norm.isfinite(), coefficient, at::ones_like(coefficient));
-    for (auto& grad : grads) grad.mul_(coefficient.to(grad.device(), grad.scalar_type()));
+    for (auto& [device, grads] : by_device) {
+      const auto wide = grads.front().scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      at::_foreach_mul_(grads, coefficient.to(grads.front().device(), wide));
+    }
   }
   return norm;
 }

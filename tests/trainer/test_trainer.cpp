@@ -9,6 +9,9 @@
 #include <common/guard.hpp>
 #include <common/metrics.hpp>
 #include <common/optim.hpp>
+#include <trainer/trainer.hpp>
+
+#include <ATen/record_function.h>
 
 #include <nlohmann/json.hpp>
 
@@ -18,6 +21,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 
 namespace fs = std::filesystem;
@@ -181,7 +185,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.lr_scheduler.min_lr_ratio == c.lr_scheduler.min_lr_ratio);
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
-  CHECK(config_keys().size() == 57);
+  CHECK(config_keys().size() == 58);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -748,7 +752,7 @@ TEST_CASE("metrics: TensorBoard scalars written from a spec" * doctest::skip()) 
   CHECK(fs::file_size(writer.path()) > 0);
 }
 
-TEST_CASE("metrics: the logger averages each interval into a line, metrics.jsonl and TensorBoard") {
+TEST_CASE("metrics: the logger writes each interval as a line, metrics.jsonl and TensorBoard") {
   auto dir = scratch("metrics_logger");
   MetricsLogger logger(MetricsOptions()
                            .log_freq(2)
@@ -756,58 +760,156 @@ TEST_CASE("metrics: the logger averages each interval into a line, metrics.jsonl
                            .tensorboard_dir((dir / "tb").string())
                            .flops_per_token(6e3)
                            .peak_flops(1e9));
-  std::vector<std::optional<std::string>> lines;
-  for (int64_t step = 1; step <= 4; ++step)
-    lines.push_back(logger.record(StepStats{step, 1.0 + static_cast<double>(step), 0.5 * static_cast<double>(step),
-                                            1e-3 * static_cast<double>(step), 1000, 0.5, 0.1}));
-  CHECK(lines[0].has_value());
-  CHECK(lines[1].has_value());
-  CHECK_FALSE(lines[2].has_value());
-  REQUIRE(lines[3].has_value());
-  CHECK(lines[3]->find("loss   4.5000") != std::string::npos);  // mean of steps 3 and 4
-  CHECK(lines[3]->find("tok/s/rank      2000") != std::string::npos);
-  CHECK(lines[3]->find("mfu 1.2%") != std::string::npos);  // 2000 tok/s x 6e3 / 1e9
+  CHECK(logger.is_log_step(1));
+  CHECK(logger.is_log_step(2));
+  CHECK_FALSE(logger.is_log_step(3));
+  CHECK(logger.is_log_step(4));
+  auto interval = [](int64_t step, int64_t steps, double loss) {
+    IntervalStats stats;
+    stats.step = step;
+    stats.steps = steps;
+    stats.loss = loss;
+    stats.grad_norm = 1.75;
+    stats.lr = 1e-3 * static_cast<double>(step);
+    stats.tokens = 1000 * steps;
+    stats.seconds = 0.5 * static_cast<double>(steps);
+    stats.data_seconds = 0.1 * static_cast<double>(steps);
+    return stats;
+  };
+  logger.record(interval(1, 1, 2.0));
+  auto line = logger.record(interval(4, 3, 4.5));
+  CHECK(line.find("loss   4.5000") != std::string::npos);
+  CHECK(line.find("tok/s/rank      2000") != std::string::npos);  // 3000 tokens in 1.5 s
+  CHECK(line.find("mfu 1.2%") != std::string::npos);              // 2000 tok/s x 6e3 / 1e9
+  CHECK(line.find("step 0.500 s") != std::string::npos);
+  CHECK(line.find("skipped") == std::string::npos);
   std::ifstream jsonl(dir / "m" / "metrics.jsonl");
   std::vector<nlohmann::json> records;
-  for (std::string line; std::getline(jsonl, line);) records.push_back(nlohmann::json::parse(line));
-  REQUIRE(records.size() == 3);
-  CHECK(records[2]["step"] == 4);
-  CHECK(records[2]["loss"].get<double>() == doctest::Approx(4.5));
-  CHECK(records[2]["perplexity"].get<double>() == doctest::Approx(std::exp(4.5)));
-  CHECK(records[2]["grad_norm"].get<double>() == doctest::Approx(1.75));
-  CHECK(records[2]["lr"].get<double>() == doctest::Approx(4e-3));
-  CHECK(records[2]["mfu_percent"].get<double>() == doctest::Approx(1.2));
-  CHECK(records[2]["data_seconds"].get<double>() == doctest::Approx(0.1));
-  CHECK(records[2]["peak_memory_gib"].get<double>() > 0.0);
+  for (std::string text; std::getline(jsonl, text);) records.push_back(nlohmann::json::parse(text));
+  REQUIRE(records.size() == 2);
+  CHECK(records[1]["step"] == 4);
+  CHECK(records[1]["loss"].get<double>() == doctest::Approx(4.5));
+  CHECK(records[1]["perplexity"].get<double>() == doctest::Approx(std::exp(4.5)));
+  CHECK(records[1]["grad_norm"].get<double>() == doctest::Approx(1.75));
+  CHECK(records[1]["lr"].get<double>() == doctest::Approx(4e-3));
+  CHECK(records[1]["mfu_percent"].get<double>() == doctest::Approx(1.2));
+  CHECK(records[1]["step_seconds"].get<double>() == doctest::Approx(0.5));
+  CHECK(records[1]["data_seconds"].get<double>() == doctest::Approx(0.1));
+  CHECK(records[1]["skipped_steps"].get<double>() == 0.0);
+  CHECK(records[1]["peak_memory_gib"].get<double>() > 0.0);
   int event_files = 0;
   for (const auto& entry : fs::directory_iterator(dir / "tb"))
     event_files += entry.path().filename().string().rfind("events.out.tfevents.", 0) == 0;
   CHECK(event_files == 1);
+  // Tensor parallel: a replica's tokens are shared by its ranks, for tokens/s and MFU alike.
+  MetricsLogger tp(MetricsOptions().flops_per_token(6e3).peak_flops(1e9).ranks_per_replica(2).enabled(false));
+  auto skipped = interval(4, 3, 4.5);
+  skipped.skipped = 2;
+  auto tp_line = tp.record(skipped);
+  CHECK(tp_line.find("tok/s/rank      1000") != std::string::npos);
+  CHECK(tp_line.find("mfu 0.6%") != std::string::npos);
+  CHECK(tp_line.find("| skipped 2") != std::string::npos);
   MetricsLogger cpu(MetricsOptions().log_freq(1));
-  CHECK(cpu.record(StepStats{1, 2.0, 1.0, 1e-3, 10, 1.0, 0.0})->find("mfu n/a") != std::string::npos);
+  CHECK(cpu.record(interval(1, 1, 2.0)).find("mfu n/a") != std::string::npos);
+  CHECK_ERROR_HAS(cpu.record(interval(1, 0, 2.0)), "at least one step");
 }
 
-TEST_CASE("metrics: peak memory on CPU is the RSS high-water mark") {
-  auto before = peak_memory_bytes(c10::Device(c10::kCPU));
-  CHECK(before > 0);
-  auto big = torch::ones({64 * 1024 * 1024 / 4}, torch::kFloat);  // 64 MiB, touched
-  CHECK(big.sum().item<double>() > 0);
-  CHECK(peak_memory_bytes(c10::Device(c10::kCPU)) >= std::max<int64_t>(before, 64 << 20));
+TEST_CASE("metrics: peak memory on CPU is the RSS high-water mark, reset per interval") {
+  const auto cpu = c10::Device(c10::kCPU);
+  reset_peak_memory(cpu);
+  const auto before = peak_memory(cpu);
+  CHECK(before.active > 0);
+  CHECK(before.reserved == -1);
+  {
+    auto big = torch::ones({256 * 1024 * 1024 / 4}, torch::kFloat);  // 256 MiB, touched
+    CHECK(big.sum().item<double>() > 0);
+    CHECK(peak_memory(cpu).active >= before.active + (200 << 20));
+  }
+  // Freed: the next interval's peak starts from what the process holds now.
+  reset_peak_memory(cpu);
+  CHECK(peak_memory(cpu).active < before.active + (200 << 20));
+}
+
+TEST_CASE("metrics: peak FLOP/s by GPU name") {
+  CHECK(peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12);
+  CHECK(peak_flops_of("NVIDIA H100 PCIe") == 756e12);
+  CHECK(peak_flops_of("NVIDIA H100 NVL") == 835e12);
+  CHECK(peak_flops_of("NVIDIA H200") == 989e12);
+  CHECK(peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12);
+  CHECK(peak_flops_of("NVIDIA B200") == 2250e12);
+  CHECK(peak_flops_of("NVIDIA L40S") == 362e12);
+  CHECK(peak_flops_of("Some Other GPU") == 0.0);
+  TrainConfig config;
+  config.metrics.peak_flops = 4e14;
+  CHECK(metrics_options(config, 0).peak_flops() == 4e14);  // the config overrides the table
 }
 
 // ------------------------------------------------------------------------------------------------
 // Guards
 
-TEST_CASE("guard: NaN/Inf losses stop the run with the step, or skip the step") {
+TEST_CASE("guard: non-finite steps stop the run naming them, or are skipped") {
   NanGuard stop(nan_policy_from_string("stop"));
-  CHECK(stop.check(6, 2.5));
-  CHECK_ERROR_HAS(stop.check(7, std::nan("")), "step 7", "nan_policy");
+  stop.check(1, 10, 0);
+  CHECK_ERROR_HAS(stop.check(11, 20, 2), "2 step(s) of steps 11-20", "nan_policy");
   NanGuard skip(nan_policy_from_string("skip"));
-  CHECK_FALSE(skip.check(3, INFINITY));
-  CHECK_FALSE(skip.check(4, -INFINITY));
-  CHECK(skip.check(5, 1.0));
-  CHECK(skip.skipped() == 2);
+  skip.check(11, 20, 2);
   CHECK_ERROR_HAS(nan_policy_from_string("ignore"), "'ignore'", "stop, skip");
+}
+
+TEST_CASE("optim: FusedAdamW equals LibTorch's AdamW loop, and skip_if leaves everything as it was") {
+  torch::manual_seed(3);
+  auto make = [] {
+    torch::manual_seed(5);
+    return std::make_shared<TinyMLP>(6, 16, 5);
+  };
+  auto fused_model = make(), loop_model = make();
+  auto fused = make_adamw(fused_model->named_parameters(), AdamWConfig().lr(1e-2));
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  for (const auto& group : fused->param_groups()) {
+    std::vector<torch::Tensor> params;
+    for (const auto& p : group.params()) {
+      for (const auto& item : fused_model->named_parameters())
+        if (item.value().is_same(p)) params.push_back(loop_model->named_parameters()[item.key()]);
+    }
+    groups.emplace_back(params, group.options().clone());
+  }
+  torch::optim::AdamW loop(groups, torch::optim::AdamWOptions(1e-2));
+  auto x = torch::randn({8, 6});
+  auto y = torch::randint(0, 5, {8});
+  auto step = [&](torch::nn::Module& model, torch::optim::Optimizer& optimizer, bool scale_nan) {
+    optimizer.zero_grad();
+    auto logits = static_cast<TinyMLP&>(model).forward(x);
+    auto loss = torch::nn::functional::cross_entropy(logits, y) * (scale_nan ? NAN : 1.0);
+    loss.backward();
+    optimizer.step();
+  };
+  for (int s = 0; s < 4; ++s) {
+    step(*fused_model, *fused, false);
+    step(*loop_model, loop, false);
+  }
+  for (const auto& item : fused_model->named_parameters()) {
+    INFO(item.key());
+    CHECK_CLOSE(item.value(), loop_model->named_parameters()[item.key()], 1e-6);
+  }
+  // A skipped step: NaN gradients, found_inf set; parameters and moments are unchanged.
+  std::map<std::string, torch::Tensor> params, moments;
+  for (const auto& item : fused_model->named_parameters()) {
+    params[item.key()] = item.value().detach().clone();
+    auto& state = static_cast<torch::optim::AdamWParamState&>(*fused->state().at(item.value().unsafeGetTensorImpl()));
+    moments[item.key()] = state.exp_avg_sq().clone();
+  }
+  fused->skip_if(torch::ones({1}));
+  step(*fused_model, *fused, true);
+  for (const auto& item : fused_model->named_parameters()) {
+    INFO(item.key());
+    CHECK(torch::equal(item.value(), params[item.key()]));
+    auto& state = static_cast<torch::optim::AdamWParamState&>(*fused->state().at(item.value().unsafeGetTensorImpl()));
+    CHECK(torch::equal(state.exp_avg_sq(), moments[item.key()]));
+    CHECK(state.step() == 5);  // the count advances (documented)
+  }
+  // The flag holds for one step only.
+  step(*fused_model, *fused, false);
+  CHECK_FALSE(torch::equal(fused_model->named_parameters()[0].value(), params[fused_model->named_parameters()[0].key()]));
 }
 
 TEST_CASE("guard: SIGINT/SIGTERM set the flag instead of ending the process") {
@@ -824,6 +926,102 @@ TEST_CASE("guard: SIGINT/SIGTERM set the flag instead of ending the process") {
   CHECK_FALSE(again.requested());
   std::raise(SIGINT);
   CHECK(again.signal_number() == SIGINT);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The training loop
+
+namespace {
+
+/// Counts the trainer's own .item() calls (aten::item or aten::_local_scalar_dense not inside
+/// another operator: a CPU kernel reading its scalar arguments does not count) per training
+/// step: each is charged to the step whose train_step ran last.
+struct ItemsPerStep {
+  ItemsPerStep() {
+    counts().clear();
+    handle_ = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&on_start, &on_end).scopes({at::RecordScope::FUNCTION}));
+  }
+  ~ItemsPerStep() { at::removeCallback(handle_); }
+  static int64_t& current_step() {
+    static thread_local int64_t step = 0;
+    return step;
+  }
+  static std::map<int64_t, int>& counts() {
+    static thread_local std::map<int64_t, int> counts;
+    return counts;
+  }
+
+ private:
+  static int& depth() {
+    static thread_local int depth = 0;
+    return depth;
+  }
+  static std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
+    const std::string name = fn.name();
+    if (depth()++ == 0 && (name == "aten::item" || name == "aten::_local_scalar_dense")) ++counts()[current_step()];
+    return nullptr;
+  }
+  static void on_end(const at::RecordFunction&, at::ObserverContext*) { --depth(); }
+  at::CallbackHandle handle_;
+};
+
+struct ProbeTrainer : Trainer {
+  using Trainer::Trainer;
+  bool train_step(int64_t step) override {
+    ItemsPerStep::current_step() = step;
+    return Trainer::train_step(step);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("trainer: the host reads the device only at sync steps (logging, checkpoint, last)") {
+  auto dir = scratch("trainer_sync");
+  {
+    std::ofstream tokenizer(dir / "bytes.tiktoken");  // one token per byte: ranks 0..255
+    const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (int b = 0; b < 256; ++b) {
+      const unsigned v = static_cast<unsigned>(b);
+      tokenizer << alphabet[v >> 2] << alphabet[(v & 3) << 4] << "== " << b << "\n";
+    }
+  }
+  std::vector<std::string> docs;
+  for (int i = 0; i < 40; ++i) docs.push_back(kDocs[static_cast<size_t>(i) % kDocs.size()] + " #" + std::to_string(i));
+  const auto corpus = write_text_corpus(dir, docs);
+  const std::string config_path = std::string(TITAN_SOURCE_DIR) + "/examples/configs/llama3_debug.toml";
+  const std::vector<std::string> args = {
+      "train", "--config", config_path, "--job.dump_folder", (dir / "run").string(),
+      "--model.tokenizer_path", (dir / "bytes.tiktoken").string(), "--data.path", corpus.string(),
+      "--data.val_path", "", "--data.cache_dir", (dir / "cache").string(), "--training.steps", "7",
+      "--training.seq_len", "16", "--training.batch_size", "2", "--training.global_batch_size", "4",
+      "--lr_scheduler.warmup_steps", "1", "--metrics.log_freq", "3", "--metrics.enable_tensorboard", "false",
+      "--checkpoint.interval", "5", "--checkpoint.keep_latest_k", "1"};
+  std::vector<const char*> argv;
+  for (const auto& arg : args) argv.push_back(arg.c_str());
+  auto config = parse_config_args(static_cast<int>(argv.size()), argv.data());
+  ItemsPerStep observer;
+  ProbeTrainer(std::move(config)).train();
+  const auto counts = ItemsPerStep::counts();
+  // Sync steps: 1, 3, 6 (log_freq 3), 5 (checkpoint) and 7 (last); between them, none.
+  for (int64_t step = 1; step <= 7; ++step) {
+    CAPTURE(step);
+    const bool sync = step == 1 || step % 3 == 0 || step == 5 || step == 7;
+    const int items = counts.count(step) ? counts.at(step) : 0;
+    if (sync) {
+      CHECK(items > 0);
+    } else {
+      CHECK(items == 0);
+    }
+  }
+  std::ifstream jsonl(dir / "run" / "metrics.jsonl");
+  std::vector<int64_t> logged;
+  for (std::string text; std::getline(jsonl, text);) {
+    auto record = nlohmann::json::parse(text);
+    CHECK(std::isfinite(record["loss"].get<double>()));
+    logged.push_back(record["step"].get<int64_t>());
+  }
+  CHECK(logged == std::vector<int64_t>{1, 3, 6});
 }
 
 // ------------------------------------------------------------------------------------------------
