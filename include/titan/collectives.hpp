@@ -21,6 +21,7 @@
 #include <titan/world.hpp>
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
@@ -69,8 +70,10 @@ inline void check_sizes(const std::vector<int64_t>& sizes, const ProcessGroup& g
   for (auto s : sizes) TORCH_CHECK(s >= 0, "titan: ", what, " got a negative size ", s);
 }
 
-/// Sizes of `x` along `dim` on every rank (one small all-gather).
+/// Sizes of `x` along `dim` on every rank (one small all-gather, and a host read that waits for
+/// the device: the hot paths avoid it by knowing the sizes).
 inline std::vector<int64_t> exchange_sizes(const at::Tensor& x, const ProcessGroup& group, int64_t dim) {
+  RECORD_USER_SCOPE("titan::exchange_sizes");
   auto mine = at::full({1}, x.size(dim), x.options().dtype(at::kLong));
   auto all = at::empty({group.size()}, mine.options());
   group.backend()->_allgather_base(all, mine)->wait();
@@ -368,15 +371,17 @@ inline at::Tensor scatter_to_group(const at::Tensor& x, const ProcessGroupPtr& g
 
 /// Shard(from_dim) -> Shard(to_dim) (e.g. sequence-sharded to head-sharded activations): one
 /// all-to-all. Rank r sends chunk j of to_dim (torch.chunk sizes) of its local tensor to rank j and
-/// concatenates what it receives along from_dim (every rank's size there is exchanged). Backward:
-/// the inverse all-to-all of the gradient.
-inline at::Tensor all_to_all(const at::Tensor& x, const ProcessGroupPtr& group, int64_t from_dim, int64_t to_dim) {
+/// concatenates what it receives along from_dim (rank r's size there is from_sizes[r]; empty:
+/// exchanged). Backward: the inverse all-to-all of the gradient.
+inline at::Tensor all_to_all(const at::Tensor& x, const ProcessGroupPtr& group, int64_t from_dim, int64_t to_dim,
+                             std::vector<int64_t> from_sizes = {}) {
   detail::check_group(group, "all_to_all");
   from_dim = detail::wrap_dim(from_dim, x);
   to_dim = detail::wrap_dim(to_dim, x);
   TORCH_CHECK(from_dim != to_dim, "titan: all_to_all needs two different dimensions, got ", from_dim, " twice");
   if (group->size() == 1) return x;
-  auto from_sizes = detail::exchange_sizes(x, *group, from_dim);
+  if (from_sizes.empty()) from_sizes = detail::exchange_sizes(x, *group, from_dim);
+  detail::check_sizes(from_sizes, *group, "all_to_all");
   auto to_sizes = chunk_sizes(x.size(to_dim), group->size());
   at::Tensor out;
   {

@@ -96,23 +96,102 @@ inline Placement Shard(int64_t dim) { return Placement::shard(dim); }
 /// Placement::replicate_partial_grad().
 inline Placement ReplicatePartialGrad() { return Placement::replicate_partial_grad(); }
 
+namespace detail {
+
+/// The global extents of the sharded activations the hooks of one plan produced, by (tensor
+/// rank, dim). A hook that makes a Shard(d) activation whole again (or moves it to another dim)
+/// takes every rank's size from chunk_sizes(extent) instead of an all-gather of the sizes and a
+/// host read, which would stall a GPU's queue at every layer. Each entry carries the outermost
+/// titan::call (pass) of the forward that recorded it: a forward reads only its own entries; a
+/// recomputation during backward (activation checkpointing) reads the last forward's. Every rank
+/// runs the same hooks, so every rank makes the same choice; with no entry (an activation
+/// sharded by the caller), or two different extents in one forward, the sizes are exchanged.
+class ActivationExtents {
+ public:
+  void record(int64_t ndim, int64_t dim, int64_t extent) {
+    const uint64_t pass = call_tracking().pass;
+    auto [it, fresh] = entries_.try_emplace({ndim, dim}, Entry{pass, extent});
+    if (fresh) return;
+    if (it->second.pass != pass) {
+      it->second = Entry{pass, extent};
+    } else if (it->second.extent != extent) {
+      it->second.extent = -1;  // ambiguous in this forward
+    }
+  }
+  std::optional<int64_t> find(int64_t ndim, int64_t dim) const {
+    auto it = entries_.find({ndim, dim});
+    if (it == entries_.end() || it->second.extent < 0) return std::nullopt;
+    if (!in_backward() && it->second.pass != call_tracking().pass) return std::nullopt;
+    return it->second.extent;
+  }
+
+ private:
+  struct Entry {
+    uint64_t pass;
+    int64_t extent;  ///< -1: two different extents in one forward
+  };
+  std::map<std::pair<int64_t, int64_t>, Entry> entries_;
+};
+
+/// Every rank's size along `dim` of the Shard(dim) activation `x`: chunk_sizes of the extent the
+/// plan recorded, checked against this rank's, else exchanged.
+inline std::vector<int64_t> shard_sizes(const at::Tensor& x, const ProcessGroup& group, int64_t dim,
+                                        const ActivationExtents* extents, const std::string& where) {
+  if (extents) {
+    if (auto extent = extents->find(x.dim(), dim)) {
+      auto sizes = chunk_sizes(*extent, group.size());
+      TORCH_CHECK(sizes[static_cast<size_t>(group.rank())] == x.size(dim), "titan: ", where, ": this rank's Shard(",
+                  dim, ") activation has ", x.size(dim), " rows on dim ", dim, ", but this forward's tensor-parallel ",
+                  "hooks split an extent of ", *extent, " there into ", c10::IntArrayRef(sizes),
+                  "; an activation sharded outside the plan must come in torch.chunk sizes of its extent");
+      return sizes;
+    }
+  }
+  return exchange_sizes(x, group, dim);
+}
+
+/// redistribute, recording the extents it produces in `extents` and reading the ones it needs
+/// from there (nullptr: sizes exchanged).
+inline at::Tensor redistribute_tracked(const at::Tensor& x, const Placement& from, const Placement& to,
+                                       const ProcessGroupPtr& group, ActivationExtents* extents,
+                                       const std::string& where) {
+  TORCH_CHECK(!from.is_replicate_partial_grad(), "titan: ReplicatePartialGrad() is a layout a module receives, ",
+              "not one a tensor arrives in (redistributing it to ", to.str(), ")");
+  if (group->size() == 1) return x;
+  auto sizes_of = [&](int64_t dim) { return shard_sizes(x, *group, dim, extents, where); };
+  if (to.is_replicate_partial_grad()) {
+    if (from.is_replicate()) return copy_to_group(x, group);
+    const int64_t dim = from.dim_for(x.dim());
+    return all_gather(x, group, dim, sizes_of(dim));
+  }
+  if (from.is_replicate() && to.is_replicate()) return x;
+  if (from.is_shard() && to.is_replicate()) {
+    const int64_t dim = from.dim_for(x.dim());
+    return gather_from_group(x, group, dim, sizes_of(dim));
+  }
+  if (from.is_replicate() && to.is_shard()) {
+    const int64_t dim = to.dim_for(x.dim());
+    if (extents) extents->record(x.dim(), dim, x.size(dim));
+    return scatter_to_group(x, group, dim);
+  }
+  const int64_t from_dim = from.dim_for(x.dim()), to_dim = to.dim_for(x.dim());
+  if (from_dim == to_dim) return x;
+  auto from_sizes = sizes_of(from_dim);
+  if (extents) extents->record(x.dim(), to_dim, x.size(to_dim));
+  return all_to_all(x, group, from_dim, to_dim, std::move(from_sizes));
+}
+
+}  // namespace detail
+
 /// Moves an activation from layout `from` to layout `to` over the TP group, differentiably
 /// (collectives.hpp): Replicate -> Shard(d) scatter_to_group, Shard(d) -> Replicate
 /// gather_from_group, Shard(a) -> Shard(b) all_to_all, equal layouts an identity. To
 /// ReplicatePartialGrad(): from Shard(d) an all-gather whose backward reduce-scatters the summed
-/// partial gradients, from Replicate() copy_to_group (backward all-reduce).
+/// partial gradients, from Replicate() copy_to_group (backward all-reduce). The sizes of a
+/// Shard(d) input are exchanged (one small collective); the hooks of a plan know them instead.
 inline at::Tensor redistribute(const at::Tensor& x, const Placement& from, const Placement& to,
                                const ProcessGroupPtr& group) {
-  TORCH_CHECK(!from.is_replicate_partial_grad(), "titan: ReplicatePartialGrad() is a layout a module receives, ",
-              "not one a tensor arrives in (redistributing it to ", to.str(), ")");
-  if (to.is_replicate_partial_grad()) {
-    return from.is_replicate() ? copy_to_group(x, group) : all_gather(x, group, from.dim_for(x.dim()));
-  }
-  if (from.is_replicate() && to.is_replicate()) return x;
-  if (from.is_shard() && to.is_replicate()) return gather_from_group(x, group, from.dim_for(x.dim()));
-  if (from.is_replicate() && to.is_shard()) return scatter_to_group(x, group, to.dim_for(x.dim()));
-  if (from.dim_for(x.dim()) == to.dim_for(x.dim())) return x;
-  return all_to_all(x, group, from.dim(), to.dim());
+  return detail::redistribute_tracked(x, from, to, group, nullptr, "redistribute");
 }
 
 /// A way of parallelizing one module over a TP group (ColwiseParallel, RowwiseParallel,
@@ -127,6 +206,10 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
                      const std::string& mesh_dim) const = 0;
 
   HookKind kind() const override { return HookKind::TensorParallel; }
+
+  /// The extents record the hooks of one plan share (parallelize_module hands every hook it
+  /// attaches the same one); without it, shard sizes are exchanged.
+  void share_extents(std::shared_ptr<detail::ActivationExtents> extents) { extents_ = std::move(extents); }
 
   std::optional<TensorLayout> layout_of(const std::string& relative_name) const override {
     auto it = layouts_.find(relative_name);
@@ -208,6 +291,7 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
   std::string mesh_dim_;                     ///< its mesh dimension name, for layouts
   std::string path_;                         ///< the module's name in the model, for messages
   std::map<std::string, TensorLayout> layouts_;  ///< layouts of the sharded parameters
+  std::shared_ptr<detail::ActivationExtents> extents_;  ///< shared by the plan's hooks, or null
 };
 
 namespace detail {
@@ -315,18 +399,23 @@ class ColwiseParallel : public ParallelStyle {
     if (input_layout_.is_replicate()) {
       x = copy_to_group(x, group_);
     } else if (input_layout_.is_shard()) {
-      x = all_gather(x, group_, input_layout_.dim_for(x.dim()));
+      const int64_t dim = input_layout_.dim_for(x.dim());
+      x = all_gather(x, group_, dim, detail::shard_sizes(x, *group_, dim, extents_.get(), path_));
     }  // ReplicatePartialGrad(): as it is; its producer reduces the gradient
     auto out = next(prepared);  // [..., out / tp]
     if (output_layout_.is_replicate()) {
       out = gather_from_group(out, group_, -1, output_sizes_);  // [..., out], rank by rank
-      if (!gather_order_.empty())
-        out = out.index_select(-1, at::tensor(gather_order_, at::TensorOptions().dtype(at::kLong).device(out.device())));
+      if (!gather_order_.empty()) {
+        if (!gather_index_.defined() || gather_index_.device() != out.device())  // made once per device
+          gather_index_ = at::tensor(gather_order_, at::TensorOptions().dtype(at::kLong)).to(out.device());
+        out = out.index_select(-1, gather_index_);
+      }
     }
     return out;
   }
 
  private:
+  at::Tensor gather_index_;            ///< gather_order_ on the output's device
   std::vector<int64_t> output_sizes_;  ///< every rank's number of output features
   std::vector<int64_t> gather_order_;  ///< fused: gathered feature index of each global feature
 };
@@ -406,9 +495,10 @@ class RowwiseParallel : public ParallelStyle {
       }
       partial = next(prepared);  // [..., out] partial sums, the bias in rank 0's
     }
-    return output_layout_.is_replicate()
-               ? reduce_from_group(partial, group_)
-               : reduce_scatter(partial, group_, output_layout_.dim_for(partial.dim()), ReduceOp::Sum);
+    if (output_layout_.is_replicate()) return reduce_from_group(partial, group_);
+    const int64_t dim = output_layout_.dim_for(partial.dim());
+    if (extents_) extents_->record(partial.dim(), dim, partial.size(dim));
+    return reduce_scatter(partial, group_, dim, ReduceOp::Sum);
   }
 
  private:
@@ -484,7 +574,9 @@ class PrepareModuleInput : public ParallelStyle {
                 input_layouts_.size(), " layouts but forward got ", inputs.size(), " tensor arguments");
     TensorList prepared = inputs;
     for (size_t i = 0; i < inputs.size(); ++i)
-      if (input_layouts_[i]) prepared[i] = redistribute(inputs[i], *input_layouts_[i], *desired_input_layouts_[i], group_);
+      if (input_layouts_[i])
+        prepared[i] = detail::redistribute_tracked(inputs[i], *input_layouts_[i], *desired_input_layouts_[i], group_,
+                                                   extents_.get(), path_);
     return next(prepared);
   }
 };
@@ -514,7 +606,8 @@ class PrepareModuleOutput : public ParallelStyle {
   }
 
   at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
-    return redistribute(next(inputs), output_layout_, desired_output_layout_, group_);
+    return detail::redistribute_tracked(next(inputs), output_layout_, desired_output_layout_, group_, extents_.get(),
+                                        path_);
   }
 };
 
@@ -619,6 +712,7 @@ void parallelize_module(M&& module_like, const ProcessGroupPtr& tp_group, const 
                 " attached. Apply tensor parallelism first: parallelize_module, then checkpoint_wrapper, then ",
                 "fully_shard (tensor-parallel shards are what FSDP shards further)");
   std::map<std::string, std::string> claimed;  // module name -> the pattern that matched it
+  auto extents = std::make_shared<detail::ActivationExtents>();  // shared by the plan's hooks
   for (const auto& [pattern, style] : plan.entries()) {
     TORCH_CHECK(style, "titan::parallelize_module: plan entry '", pattern, "' has no style");
     std::vector<std::pair<std::string, torch::nn::Module*>> targets;
@@ -633,6 +727,8 @@ void parallelize_module(M&& module_like, const ProcessGroupPtr& tp_group, const 
       TORCH_CHECK(fresh, "titan::parallelize_module: module '", name, "' is matched by plan entries '", it->second,
                   "' and '", pattern, "'");
       style->apply(*target, name.empty() ? std::string("<root>") : name, tp_group, mesh_dim);
+      for (const auto& hook : hooks_of(*target))
+        if (auto attached = std::dynamic_pointer_cast<ParallelStyle>(hook)) attached->share_extents(extents);
     }
   }
 }
@@ -653,10 +749,11 @@ void parallelize_module(M&& module, const DeviceMesh& tp_mesh, const Parallelize
 /// `reduction` (at::Reduction, as at::cross_entropy_loss): Mean over the other targets (NaN if
 /// there are none, as at::cross_entropy), Sum, or None (the per-target losses [...], 0 where
 /// ignored). The result is the same on every rank; backward gives each rank the gradient of its
-/// logits chunk.
+/// logits chunk. `vocab_size` is the whole vocabulary (the output layer's features), which gives
+/// every rank's chunk; -1 exchanges the chunk sizes (one small collective and a host read).
 inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
                                               const ProcessGroupPtr& tp_group, int64_t ignore_index = -100,
-                                              int64_t reduction = at::Reduction::Mean) {
+                                              int64_t reduction = at::Reduction::Mean, int64_t vocab_size = -1) {
   detail::check_group(tp_group, "loss_parallel_cross_entropy");
   TORCH_CHECK(logits.dim() >= 1 && logits.sizes().slice(0, logits.dim() - 1) == targets.sizes(),
               "titan: loss_parallel_cross_entropy needs logits [..., vocab / tp] and targets [...], got ",
@@ -666,8 +763,17 @@ inline at::Tensor loss_parallel_cross_entropy(const at::Tensor& logits, const at
               "titan: loss_parallel_cross_entropy: unknown reduction ", reduction,
               " (expected at::Reduction::None, Mean or Sum)");
   const int64_t last = logits.dim() - 1;
-  auto sizes = tp_group->size() == 1 ? std::vector<int64_t>{logits.size(last)}
-                                     : detail::exchange_sizes(logits, *tp_group, last);
+  std::vector<int64_t> sizes;  // every rank's vocabulary chunk
+  if (tp_group->size() == 1) {
+    sizes = {logits.size(last)};
+  } else if (vocab_size >= 0) {
+    sizes = chunk_sizes(vocab_size, tp_group->size());
+    TORCH_CHECK(sizes[static_cast<size_t>(tp_group->rank())] == logits.size(last), "titan: loss_parallel_cross_entropy: ",
+                "this rank's logits have ", logits.size(last), " vocabulary entries, but a vocabulary of ", vocab_size,
+                " splits into ", c10::IntArrayRef(sizes), " over ", tp_group->size(), " ranks");
+  } else {
+    sizes = detail::exchange_sizes(logits, *tp_group, last);
+  }
   const int64_t start = chunk_offset(sizes, tp_group->rank());
   const int64_t end = start + logits.size(last);
 

@@ -3,10 +3,14 @@
 #include "tiny_gpt2.hpp"
 #include "tp_test_util.hpp"
 
+#include <titan/ac.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
+#include <ATen/record_function.h>
+
+#include <atomic>
 #include <cmath>
 
 namespace {
@@ -236,6 +240,66 @@ TEST_CASE("tp: loss_parallel_cross_entropy matches cross_entropy on gathered log
 TEST_CASE("tp: a GPT-2 written from scratch (fused qkv, biases, LayerNorm) matches the single-process run") {
   for (bool sp : {false, true})
     for (bool lp : {false, true}) check_gpt2_parity(sp, lp);
+}
+
+/// Counts titan::exchange_sizes calls (its profiler scope), on any thread, while alive.
+struct SizeExchanges {
+  SizeExchanges() {
+    count() = 0;
+    handle_ = at::addGlobalCallback(at::RecordFunctionCallback(&on_start).scopes({at::RecordScope::USER_SCOPE}));
+  }
+  ~SizeExchanges() { at::removeCallback(handle_); }
+  static std::atomic<int>& count() {
+    static std::atomic<int> n{0};
+    return n;
+  }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
+    if (std::string(fn.name()) == "titan::exchange_sizes") ++count();
+    return nullptr;
+  }
+  at::CallbackHandle handle_;
+};
+
+TEST_CASE("tp: a plan's hooks know their activations' shard sizes: no size exchange, also in AC recompute") {
+  const gpt2_test::Gpt2Args a;
+  auto reference = gpt2_test::seeded_gpt2(a);
+  auto model = gpt2_test::seeded_gpt2(a);
+  titan::DeviceMesh mesh(titan_test::world(), {"tp"}, {tp_size()});
+  titan::parallelize_module(model, mesh["tp"], gpt2_test::gpt2_plan(a, /*sequence_parallel=*/true, /*loss_parallel=*/true));
+  for (const auto& block : *model->h) titan::checkpoint_wrapper(*block);  // full AC: recomputed in backward
+  // 7 positions: uneven chunks at TP 2 (4, 3) and at TP 4 (2, 2, 2, 1).
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(77);
+  auto tokens = at::randint(a.vocab, {2, 7}, generator, torch::kLong);
+  auto labels = at::randint(a.vocab, {2, 7}, generator, torch::kLong);
+  auto ref_loss = torch::cross_entropy_loss(reference->forward(tokens).flatten(0, 1), labels.flatten());
+  ref_loss.backward();
+  for (int pass = 0; pass < 2; ++pass) {
+    INFO("pass ", pass);
+    model->zero_grad();
+    SizeExchanges exchanges;
+    auto loss = titan::loss_parallel_cross_entropy(titan::call(model, tokens), labels, tp_group(), -100,
+                                                   at::Reduction::Mean, a.vocab);
+    loss.backward();
+    CHECK(exchanges.count() == 0);
+    CHECK(loss.item<double>() == doctest::Approx(ref_loss.item<double>()).epsilon(1e-5));
+    CHECK_CLOSE(model->ln_f->weight.grad(), reference->ln_f->weight.grad(), 1e-5);
+  }
+  // A vocabulary that does not match the logits is an error naming both.
+  auto logits = titan::call(model, tokens);
+  if (tp_size() > 1)
+    CHECK_THROWS_WITH(titan::loss_parallel_cross_entropy(logits, labels, tp_group(), -100, at::Reduction::Mean, a.vocab + 3 * tp_size()),
+                      doctest::Contains("vocabulary of"));
+  // An activation the caller shards has no recorded extent: its sizes are exchanged, once.
+  torch::nn::Linear linear(4, 6);
+  titan::parallelize_module(*linear, tp_group(), titan::ParallelizePlan().add("",
+      titan::PrepareModuleInput().input_layouts({titan::Shard(1)}).desired_input_layouts({titan::Replicate()})));
+  auto x = torch::randn({2, 7, 4});
+  SizeExchanges exchanges;
+  auto y = titan::call(linear, titan::scatter_to_group(x, tp_group(), 1));
+  CHECK(exchanges.count() == (tp_size() > 1 ? 1 : 0));
+  CHECK_CLOSE(y, linear->forward(x), 1e-6);
 }
 
 TEST_CASE("tp: ColwiseParallel with fused_sizes splits each stacked part; its layout has a block per part") {

@@ -11,6 +11,7 @@
 #include <ATen/native/Resize.h>
 #include <c10/core/DispatchKey.h>
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/nn/module.h>
 
 // --- 1. USE_C10D_GLOO / USE_C10D_NCCL --------------------------------------------------------
@@ -130,6 +131,11 @@ inline void repoint_tensor(const at::Tensor& tensor, const at::Tensor& fresh) {
 inline void queue_end_of_backward(std::function<void()> callback) {
   torch::autograd::Engine::get_default_engine().queue_callback(std::move(callback));
 }
+
+/// Whether this thread is running a backward pass (an activation checkpoint's recomputation, a
+/// gradient hook). Relies on: get_current_graph_task_id (torch/csrc/autograd/graph_task.h),
+/// -1 outside the engine's work.
+inline bool in_backward() { return torch::autograd::get_current_graph_task_id() != -1; }
 
 // --- 6. A borrowed dispatch key ------------------------------------------------------------
 // Selective per-operator activation checkpointing intercepts operators below autograd with a
