@@ -219,7 +219,7 @@ torch::Tensor Trainer::loss_sum(const Batch& batch) {
   auto logits = titan::call(model_, input);  // [B, S, V] (or [B, S, V / tp] with loss parallel)
   if (loss_parallel_) {
     return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, mesh_->group("tp"), -100,
-                                              at::Reduction::Sum);
+                                              at::Reduction::Sum, args_.vocab_size());
   }
   return torch::nn::functional::cross_entropy(
       logits.flatten(0, 1).to(torch::kFloat32), labels.flatten(),
