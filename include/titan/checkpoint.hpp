@@ -28,6 +28,7 @@
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
 
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/optim/optimizer.h>
 
 #include <algorithm>
@@ -783,6 +784,26 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
   return meta;
 }
 
+namespace detail {
+
+/// A private host copy of `t` for a background write. From a GPU: pinned memory (the caching host
+/// allocator reuses it across saves) filled by a non-blocking copy on the current stream, so the
+/// caller waits once for all copies (wait_for_stream); from the CPU: a contiguous clone.
+inline at::Tensor stage_on_host(const at::Tensor& t) {
+  if (t.is_cpu()) return t.clone(at::MemoryFormat::Contiguous);
+  auto host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(t, /*non_blocking=*/true);
+  return host;
+}
+
+/// Blocks until the work queued so far on `device`'s current stream is done.
+inline void wait_for_stream(const c10::Device& device) {
+  c10::impl::VirtualGuardImpl guard(device.type());
+  guard.getStream(device).synchronize();
+}
+
+}  // namespace detail
+
 /// Saves, loads and rotates checkpoints of one training run in options.folder(). Every rank of
 /// the world constructs it (it makes its own process group) and calls its methods in the same order.
 class CheckpointManager {
@@ -845,18 +866,22 @@ class CheckpointManager {
     job->step = step;
     const auto components = detail::component_states(state);
     job->extra = detail::state_extra(state, components);
+    std::vector<c10::Device> staged_devices;  // devices whose streams carry staging copies
     for (auto& [name, tensor] : detail::state_tensors(state, components)) {
       at::NoGradGuard no_grad;
       for (size_t k = 0; k < tensor.blocks.size(); ++k) {
         const auto& block = tensor.blocks[k];
         auto local = block.view_of(tensor.local.detach());
-        at::Tensor data = options_.async() ? local.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous()
-                                           : local.cpu().contiguous();  // [box.sizes]
+        // Async: a private host copy (pinned, non-blocking from a GPU; one wait below for all).
+        at::Tensor data = options_.async() ? detail::stage_on_host(local) : local.cpu().contiguous();  // [box.sizes]
+        if (!local.is_cpu() && std::find(staged_devices.begin(), staged_devices.end(), local.device()) == staged_devices.end())
+          staged_devices.push_back(local.device());
         const std::string key = tensor.blocks.size() == 1 ? name : name + "#" + std::to_string(k);
         job->entries.push_back(detail::SaveEntry{name, key, data, safetensors::dtype_name(data.scalar_type()),
                                                  tensor.layout.global_shape, tensor.layout.placement(), block.box});
       }
     }
+    for (const auto& device : staged_devices) detail::wait_for_stream(device);  // the one sync of the staging
     // The plan exchange is also the barrier after which the temporary directory exists.
     job->plans = all_gather_strings(group_, detail::plan_json(job->entries, state.rank_extra));
     if (!options_.async()) {
