@@ -6,11 +6,13 @@
 #include "support.hpp"
 
 #include "models/llama/model.hpp"
+#include "models/llama/parallelize.hpp"
 #include "models/llama/state_dict_adapter.hpp"
 
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
 #include <titan/safetensors.hpp>
+#include <titan/tensor_parallel.hpp>
 
 #include <filesystem>
 
@@ -94,6 +96,26 @@ TEST_CASE("sharded: init_weights and load_hf fill each rank's block; forward mat
       CHECK(torch::equal(gathered.read(name), whole.read(name)));
     }
   }
+}
+
+TEST_CASE("sharded: init_weights under FSDP x TP gives each rank its block, tiles cut mid-shard") {
+  // Vocabulary 2000 x dim 64: tok_embeddings and output span two init tiles of 1024 rows, which
+  // the FSDP shards cut in the middle at 2 and 4 ranks.
+  const auto args = small_args().vocab_size(2000);
+  REQUIRE(init_tile_rows({2000, 64}) == 1024);
+  Transformer full(args);
+  init_weights(*full, 9);
+
+  const int n = titan_test::world()->world_size();
+  const int64_t tp = n % 2 == 0 ? 2 : 1;
+  Transformer model(args, torch::kMeta);
+  titan::DeviceMesh mesh(titan_test::world(), {"dp_shard", "tp"}, {n / tp, tp});
+  titan::parallelize_module(*model, mesh["tp"], llama_tp_plan(tp_dims(args), tp, TpPlanOptions()));
+  for (const auto& layer : *model->layers) titan::fully_shard(layer, mesh["dp_shard"]);
+  titan::fully_shard(model, mesh["dp_shard"]);
+  titan::to_empty(*model, torch::kCPU);
+  init_weights(*model, 9);
+  check_blocks(*model, *full);
 }
 
 TEST_CASE("sharded: the debug Llama built on meta trains under FSDP like the single-process reference") {

@@ -5,6 +5,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -319,45 +320,82 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+/// splitmix64: a well-mixed 64-bit value of `x` (seeds of neighbouring tiles are unrelated).
+uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+/// Fills `t` (a tile of parameter `name`, fp32 on the CPU) from `gen` by torchtitan's rule for
+/// that parameter.
+void draw(const std::string& name, const ModelArgs& args, torch::Tensor& t, at::Generator& gen) {
+  if (name == "tok_embeddings.weight") {
+    t.normal_(0.0, 1.0, gen);
+  } else if (name == "output.weight") {
+    const double std = std::pow(static_cast<double>(args.dim()), -0.5);
+    trunc_normal(t, std, -3 * std, 3 * std, gen);
+  } else if (ends_with(name, "attention.wo.weight") || ends_with(name, "feed_forward.w2.weight") ||
+             ends_with(name, "feed_forward.w3.weight")) {
+    TORCH_CHECK(name.rfind("layers.", 0) == 0, "init_weights: unexpected parameter '", name, "'");
+    const int64_t layer_id = std::stoll(name.substr(7, name.find('.', 7) - 7));
+    const double depth = args.depth_init() ? 2.0 * static_cast<double>(layer_id + 1)
+                                           : 2.0 * static_cast<double>(args.n_layers());
+    trunc_normal(t, 0.02 / std::sqrt(depth), -2.0, 2.0, gen);
+  } else if (ends_with(name, "attention.wq.weight") || ends_with(name, "attention.wk.weight") ||
+             ends_with(name, "attention.wv.weight") || ends_with(name, "feed_forward.w1.weight")) {
+    trunc_normal(t, 0.02, -2.0, 2.0, gen);
+  } else {
+    TORCH_CHECK(false, "init_weights: no initialisation rule for parameter '", name, "'");
+  }
+}
+
 }  // namespace
 
-void init_weights(TransformerImpl& model, uint64_t seed) {
+int64_t init_tile_rows(const std::vector<int64_t>& global_shape) {
+  int64_t row_numel = 1;
+  for (size_t d = 1; d < global_shape.size(); ++d) row_numel *= global_shape[d];
+  return std::max<int64_t>(1, kInitTileElements / std::max<int64_t>(row_numel, 1));
+}
+
+void init_parameter(const std::string& name, const titan::TensorLayout& layout, torch::Tensor local,
+                    const ModelArgs& args, uint64_t seed) {
   torch::NoGradGuard no_grad;
-  const auto& args = model.args;
-  for (const auto& item : model.named_parameters()) {
-    const std::string& name = item.key();
-    torch::Tensor param = item.value();
-    TORCH_CHECK(!param.is_meta(), "init_weights: parameter '", name,
-                "' is on the meta device: call titan::to_empty(model, device) first");
-    auto layout = titan::parameter_layout(model, name, param);
-    auto box = layout.local_box();
-    auto gen = at::detail::createCPUGenerator(name_seed(seed, name));
-    auto full = torch::empty(layout.global_shape, torch::kFloat);
-    if (ends_with(name, "norm.weight")) {
-      full.fill_(1.0);
-    } else if (name == "tok_embeddings.weight") {
-      full.normal_(0.0, 1.0, gen);
-    } else if (name == "output.weight") {
-      const double std = std::pow(static_cast<double>(args.dim()), -0.5);
-      trunc_normal(full, std, -3 * std, 3 * std, gen);
-    } else if (ends_with(name, "attention.wo.weight") || ends_with(name, "feed_forward.w2.weight") ||
-               ends_with(name, "feed_forward.w3.weight")) {
-      TORCH_CHECK(name.rfind("layers.", 0) == 0, "init_weights: unexpected parameter '", name, "'");
-      const int64_t layer_id = std::stoll(name.substr(7, name.find('.', 7) - 7));
-      const double depth = args.depth_init() ? 2.0 * static_cast<double>(layer_id + 1)
-                                             : 2.0 * static_cast<double>(args.n_layers());
-      trunc_normal(full, 0.02 / std::sqrt(depth), -2.0, 2.0, gen);
-    } else if (ends_with(name, "attention.wq.weight") || ends_with(name, "attention.wk.weight") ||
-               ends_with(name, "attention.wv.weight") || ends_with(name, "feed_forward.w1.weight")) {
-      trunc_normal(full, 0.02, -2.0, 2.0, gen);
-    } else {
-      TORCH_CHECK(false, "init_weights: no initialisation rule for parameter '", name, "'");
-    }
-    auto block = full;
-    for (size_t d = 0; d < box.sizes.size(); ++d)
-      block = block.narrow(static_cast<int64_t>(d), box.offsets[d], box.sizes[d]);
-    param.copy_(block);
+  TORCH_CHECK(!local.is_meta(), "init_weights: parameter '", name,
+              "' is on the meta device: call titan::to_empty(model, device) first");
+  if (ends_with(name, "norm.weight")) {
+    local.fill_(1.0);
+    return;
   }
+  const auto& shape = layout.global_shape;
+  const int64_t tile_rows = init_tile_rows(shape);
+  const uint64_t parameter_seed = name_seed(seed, name);
+  for (const auto& block : layout.local_blocks()) {
+    auto target = block.view_of(local);  // this block's elements in the local tensor
+    const int64_t first = block.box.offsets[0], rows = block.box.sizes[0];
+    if (rows == 0) continue;
+    // The tiles of rows [first, first + rows): each drawn whole, from its own generator, on the
+    // CPU; this block keeps its rectangle of each.
+    for (int64_t tile = first / tile_rows; tile * tile_rows < first + rows; ++tile) {
+      const int64_t start = tile * tile_rows, length = std::min(tile_rows, shape[0] - start);
+      auto tile_shape = shape;
+      tile_shape[0] = length;
+      auto values = torch::empty(tile_shape, torch::kFloat);  // [length, ...]
+      auto gen = at::detail::createCPUGenerator(mix64(parameter_seed ^ mix64(static_cast<uint64_t>(tile))));
+      draw(name, args, values, gen);
+      const int64_t from = std::max(first, start), to = std::min(first + rows, start + length);
+      auto piece = values.narrow(0, from - start, to - from);
+      for (size_t d = 1; d < shape.size(); ++d)
+        piece = piece.narrow(static_cast<int64_t>(d), block.box.offsets[d], block.box.sizes[d]);
+      target.narrow(0, from - first, to - from).copy_(piece);
+    }
+  }
+}
+
+void init_weights(TransformerImpl& model, uint64_t seed) {
+  for (const auto& item : model.named_parameters())
+    init_parameter(item.key(), titan::parameter_layout(model, item.key(), item.value()), item.value(), model.args, seed);
   model.reset_rope_tables();
 }
 

@@ -17,6 +17,10 @@
 #include <string>
 #include <vector>
 
+namespace titan {
+struct TensorLayout;  // titan/sharding.hpp
+}  // namespace titan
+
 namespace titan::examples {
 
 /// Llama 3.1's RoPE frequency scaling (Hugging Face rope_type "llama3").
@@ -188,11 +192,23 @@ TORCH_MODULE(Transformer);
 /// Initialises every parameter by name with torchtitan's scheme and recomputes the RoPE buffers:
 /// tok_embeddings normal(0, 1); wq/wk/wv/w1 truncated normal std 0.02 (cut at +-2);
 /// wo/w2/w3 std 0.02 / sqrt(2 (layer_id + 1)) (depth_init, else 0.02 / sqrt(2 n_layers));
-/// output std dim^-0.5 cut at +-3 std; norms 1. Each parameter draws from its own CPU generator
-/// seeded by (seed, name), over the whole global tensor, and keeps the block its layout
-/// (titan::parameter_layout) assigns to this rank: the result is independent of device, sharding
-/// and parameter order, at the cost of generating each global parameter on CPU once per rank.
+/// output std dim^-0.5 cut at +-3 std; norms 1. A global parameter is cut into tiles of whole
+/// dim-0 rows (init_tile_rows, ~kInitTileElements each); each tile draws from its own CPU
+/// generator seeded by (seed, name, tile). A rank draws only the tiles its blocks
+/// (titan::parameter_layout) touch, one at a time, and copies its rectangle of each to the
+/// parameter's device: the values are independent of device, sharding and parameter order, and
+/// an FSDP rank draws about 1/N of the model (a tensor-parallel rank all of the rows its FSDP
+/// shard covers).
 void init_weights(TransformerImpl& model, uint64_t seed = 0);
+
+/// Elements per init tile (rounded to whole rows of at least one).
+inline constexpr int64_t kInitTileElements = int64_t{1} << 16;
+/// Rows per init tile of a parameter of `global_shape`.
+int64_t init_tile_rows(const std::vector<int64_t>& global_shape);
+/// init_weights for one parameter: fills `local`, the part of parameter `name` that `layout`
+/// gives this rank.
+void init_parameter(const std::string& name, const titan::TensorLayout& layout, torch::Tensor local,
+                    const ModelArgs& args, uint64_t seed);
 
 /// Next-token cross entropy of logits [B, S, V] against tokens [B, S] (predicts tokens[:, 1:] from
 /// logits[:, :-1], mean over positions), as transformers' LlamaForCausalLM(labels=tokens) does.
