@@ -160,6 +160,11 @@ struct CheckpointOptions {
   TORCH_ARG(int64_t, keep_latest_k) = 0;
   /// Stage tensors to CPU memory and write them on a background thread.
   TORCH_ARG(bool, async) = false;
+  /// Async: keep the host staging buffers between saves and copy into them (pinned memory for GPU
+  /// tensors), so the training loop blocks for a copy only, not for allocating and first-touching
+  /// a host copy of its whole state; costs that much host memory for the run. false: fresh
+  /// buffers per save, freed after the write.
+  TORCH_ARG(bool, reuse_staging) = true;
   /// The step load_latest loads instead of the newest (-1: the newest).
   TORCH_ARG(int64_t, load_step) = -1;
   /// Bytes per checksum block; a loader reads whole blocks around what it needs.
@@ -786,13 +791,16 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
 
 namespace detail {
 
-/// A private host copy of `t` for a background write. From a GPU: pinned memory (the caching host
-/// allocator reuses it across saves) filled by a non-blocking copy on the current stream, so the
-/// caller waits once for all copies (wait_for_stream); from the CPU: a contiguous clone.
-inline at::Tensor stage_on_host(const at::Tensor& t) {
-  if (t.is_cpu()) return t.clone(at::MemoryFormat::Contiguous);
-  auto host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
-  host.copy_(t, /*non_blocking=*/true);
+/// A private host copy of `t` for a background write, in `reuse` when that is a host tensor of
+/// t's shape and dtype (a previous save's buffer), else in a fresh one: pinned for a GPU tensor.
+/// From a GPU the copy is non-blocking on the current stream, so the caller waits once for all
+/// copies (wait_for_stream).
+inline at::Tensor stage_on_host(const at::Tensor& t, const at::Tensor& reuse = {}) {
+  at::Tensor host = reuse;
+  if (!host.defined() || host.sizes() != t.sizes() || host.scalar_type() != t.scalar_type() || !host.is_contiguous() ||
+      host.is_pinned() != !t.is_cpu())
+    host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(!t.is_cpu()));
+  host.copy_(t, /*non_blocking=*/!t.is_cpu());
   return host;
 }
 
@@ -867,13 +875,21 @@ class CheckpointManager {
     const auto components = detail::component_states(state);
     job->extra = detail::state_extra(state, components);
     std::vector<c10::Device> staged_devices;  // devices whose streams carry staging copies
+    std::vector<at::Tensor> staging;           // this save's host buffers, in entry order
     for (auto& [name, tensor] : detail::state_tensors(state, components)) {
       at::NoGradGuard no_grad;
       for (size_t k = 0; k < tensor.blocks.size(); ++k) {
         const auto& block = tensor.blocks[k];
         auto local = block.view_of(tensor.local.detach());
         // Async: a private host copy (pinned, non-blocking from a GPU; one wait below for all).
-        at::Tensor data = options_.async() ? detail::stage_on_host(local) : local.cpu().contiguous();  // [box.sizes]
+        at::Tensor data;  // [box.sizes], contiguous, on the host
+        if (options_.async()) {
+          const size_t i = staging.size();
+          data = detail::stage_on_host(local, i < staging_.size() ? staging_[i] : at::Tensor());
+          staging.push_back(data);
+        } else {
+          data = local.cpu().contiguous();
+        }
         if (!local.is_cpu() && std::find(staged_devices.begin(), staged_devices.end(), local.device()) == staged_devices.end())
           staged_devices.push_back(local.device());
         const std::string key = tensor.blocks.size() == 1 ? name : name + "#" + std::to_string(k);
@@ -882,6 +898,7 @@ class CheckpointManager {
       }
     }
     for (const auto& device : staged_devices) detail::wait_for_stream(device);  // the one sync of the staging
+    staging_ = options_.reuse_staging() ? std::move(staging) : std::vector<at::Tensor>();
     // The plan exchange is also the barrier after which the temporary directory exists.
     job->plans = all_gather_strings(group_, detail::plan_json(job->entries, state.rank_extra));
     if (!options_.async()) {
@@ -1055,6 +1072,7 @@ class CheckpointManager {
   ProcessGroupPtr group_;
   Logger logger_;
   int rank_ = 0;
+  std::vector<at::Tensor> staging_;  ///< the last async save's host buffers (reuse_staging)
   std::thread in_flight_;
   std::atomic<bool> writing_{false};
   std::exception_ptr error_;

@@ -257,28 +257,37 @@ TEST_CASE("checkpoint: components are saved and restored by name; a missing one 
 }
 
 TEST_CASE("checkpoint: an async save writes the staged copy while training goes on") {
-  titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
-  auto dir = titan_ckpt::shared_dir(world(), "async");
-  titan::CheckpointManager manager(world(), titan::CheckpointOptions(dir).async(true).interval(1).keep_latest_k(2));
-  titan::TrainState state;
-  state.tensors = fsdp_tensors(mesh, false);
-  std::vector<torch::Tensor> originals;
-  for (const auto& [name, tensor] : state.tensors) originals.push_back(tensor.local.clone());
+  for (bool reuse : {true, false}) {
+    CAPTURE(reuse);  // reuse: saves 2 and 3 copy into the host buffers of the save before
+    titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
+    auto dir = titan_ckpt::shared_dir(world(), reuse ? "async_reuse" : "async_fresh");
+    titan::CheckpointManager manager(
+        world(), titan::CheckpointOptions(dir).async(true).reuse_staging(reuse).interval(1).keep_latest_k(2));
+    titan::TrainState state;
+    state.tensors = fsdp_tensors(mesh, false);
+    std::map<int64_t, std::vector<torch::Tensor>> saved;  // step -> the tensors as save() saw them
+    auto save = [&](int64_t step) {
+      for (const auto& [name, tensor] : state.tensors) saved[step].push_back(tensor.local.clone());
+      manager.save(step, state);
+    };
+    save(1);
+    for (auto& [name, tensor] : state.tensors) tensor.local.add_(1);  // training modifies the tensors at once
+    save(2);  // waits for step 1, then stages step 2
+    for (auto& [name, tensor] : state.tensors) tensor.local.add_(1);
+    save(3);
+    for (auto& [name, tensor] : state.tensors) tensor.local.add_(1);  // while step 3 is written
+    manager.wait();
+    CHECK(manager.complete_steps() == std::vector<int64_t>{2, 3});  // keep_latest_k = 2
 
-  manager.save(1, state);
-  for (auto& [name, tensor] : state.tensors) tensor.local.add_(1);  // training modifies the tensors at once
-  manager.save(2, state);  // waits for step 1, then stages step 2
-  for (auto& [name, tensor] : state.tensors) tensor.local.add_(1);
-  manager.save(3, state);
-  manager.wait();
-  CHECK(manager.complete_steps() == std::vector<int64_t>{2, 3});  // keep_latest_k = 2
-
-  titan::TrainState loaded;
-  loaded.tensors = fsdp_tensors(mesh, true);
-  CHECK(manager.load(2, loaded) == std::optional<int64_t>(2));
-  for (size_t i = 0; i < originals.size(); ++i) {
-    INFO(state.tensors[i].first);
-    CHECK(torch::equal(loaded.tensors[i].second.local, originals[i] + 1));
+    for (int64_t step : {2, 3}) {
+      titan::TrainState loaded;
+      loaded.tensors = fsdp_tensors(mesh, true);
+      CHECK(manager.load(step, loaded) == std::optional<int64_t>(step));
+      for (size_t i = 0; i < state.tensors.size(); ++i) {
+        INFO(state.tensors[i].first, " step ", step);
+        CHECK(torch::equal(loaded.tensors[i].second.local, saved[step][i]));
+      }
+    }
   }
 }
 
