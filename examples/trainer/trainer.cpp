@@ -120,16 +120,30 @@ torch::Dtype dtype_named(const std::string& name) {
 }  // namespace
 
 titan::ComponentState GeneratorState::state() const {
-  std::lock_guard<std::mutex> lock(generator_.mutex());
-  return titan::ComponentState{{}, {{"state", titan::replicated(generator_.get_state())}}};
+  auto read = [](at::Generator& generator) {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    return titan::replicated(generator.get_state());
+  };
+  titan::ComponentState state{{}, {{"state", read(cpu_)}}};
+  if (device_) state.tensors.emplace_back("device_state", read(*device_));
+  return state;
 }
 
 void GeneratorState::load_state(const titan::ComponentState& state) {
-  auto saved = std::find_if(state.tensors.begin(), state.tensors.end(),
-                                   [](const auto& item) { return item.first == "state"; });
-  TORCH_CHECK(saved != state.tensors.end(), "rng: the saved generator state has no 'state' tensor");
-  std::lock_guard<std::mutex> lock(generator_.mutex());
-  generator_.set_state(saved->second.local);
+  auto find = [&](const char* name) {
+    return std::find_if(state.tensors.begin(), state.tensors.end(), [&](const auto& item) { return item.first == name; });
+  };
+  auto cpu = find("state");
+  TORCH_CHECK(cpu != state.tensors.end(), "rng: the saved generator state has no 'state' tensor");
+  {
+    std::lock_guard<std::mutex> lock(cpu_.mutex());
+    cpu_.set_state(cpu->second.local);
+  }
+  auto device = find("device_state");
+  if (device_ && device != state.tensors.end()) {
+    std::lock_guard<std::mutex> lock(device_->mutex());
+    device_->set_state(device->second.local);
+  }
 }
 
 Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
@@ -190,7 +204,9 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
 
   // Checkpoints: model and optimizer shards by name, and the components by name (all valid on any
   // number of ranks). Resumes automatically from the latest complete one.
-  rng_ = std::make_unique<GeneratorState>(at::detail::getDefaultCPUGenerator());
+  std::optional<at::Generator> device_generator;
+  if (world_->device().is_cuda()) device_generator = at::globalContext().defaultGenerator(world_->device());
+  rng_ = std::make_unique<GeneratorState>(at::detail::getDefaultCPUGenerator(), device_generator);
   state_.model = model_.get();
   state_.optimizer = optimizer_.get();
   state_.add("data", *loader_).add("rng", *rng_).add("lr_schedule", *schedule_);

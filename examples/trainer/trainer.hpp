@@ -36,15 +36,20 @@
 
 namespace titan::examples {
 
-/// The CPU random generator as a checkpoint component: its state, the same on every rank.
+/// The random generators as one checkpoint component ("rng"): the CPU generator's state and, on a
+/// GPU run, the device generator's (each the same on every rank). A checkpoint without a device
+/// state (saved on CPU) leaves the device generator as seeded; a device state resumed on a CPU run
+/// is ignored.
 class GeneratorState : public titan::Stateful {
  public:
-  explicit GeneratorState(at::Generator generator) : generator_(std::move(generator)) {}
+  explicit GeneratorState(at::Generator cpu, std::optional<at::Generator> device = std::nullopt)
+      : cpu_(std::move(cpu)), device_(std::move(device)) {}
   titan::ComponentState state() const override;
   void load_state(const titan::ComponentState& state) override;
 
  private:
-  mutable at::Generator generator_;  ///< a handle (locking its mutex is not const)
+  mutable at::Generator cpu_;                    ///< handles (locking a mutex is not const)
+  mutable std::optional<at::Generator> device_;
 };
 
 /// One training job of a Llama-family model (Llama 2, Llama 3 / 3.1, Mistral).

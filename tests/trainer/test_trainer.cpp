@@ -976,6 +976,26 @@ struct ProbeTrainer : Trainer {
 
 }  // namespace
 
+TEST_CASE("trainer: the rng component restores the CPU and the device generator") {
+  // A second CPU generator stands in for the GPU's (the logic does not depend on the device).
+  auto cpu = at::detail::createCPUGenerator(1), device = at::detail::createCPUGenerator(2);
+  GeneratorState rng(cpu, device);
+  const auto saved = rng.state();
+  REQUIRE(saved.tensors.size() == 2);
+  auto draw = [](at::Generator& g) { return torch::rand({4}, g); };
+  const auto cpu_next = draw(cpu), device_next = draw(device);
+  rng.load_state(saved);
+  CHECK(torch::equal(draw(cpu), cpu_next));
+  CHECK(torch::equal(draw(device), device_next));
+  // A checkpoint saved on CPU (no device state) leaves the device generator alone.
+  GeneratorState cpu_only(at::detail::createCPUGenerator(3));
+  const auto before = draw(device);
+  rng.load_state(cpu_only.state());
+  CHECK_FALSE(torch::equal(draw(device), before));  // not rewound
+  titan::ComponentState empty;
+  CHECK_ERROR_HAS(rng.load_state(empty), "no 'state' tensor");
+}
+
 TEST_CASE("trainer: the host reads the device only at sync steps (logging, checkpoint, last)") {
   auto dir = scratch("trainer_sync");
   {
