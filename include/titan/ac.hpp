@@ -34,7 +34,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -51,15 +50,17 @@ namespace titan {
 /// overload of aten::mm (not aten::mm.out), "aten::max.dim" means that overload only. Operators
 /// that LibTorch decomposes above autograd (CompositeImplicitAutograd, e.g. aten::linear and
 /// aten::matmul, which become aten::addmm / aten::mm / aten::bmm) never reach the policy and are
-/// rejected, as are unknown names and operators that mutate or alias their inputs.
+/// rejected, as are unknown names and operators that mutate or alias their inputs. Operators in
+/// `every_other` are saved at their 1st, 3rd, 5th... call in a checkpointed region and recomputed
+/// at the others (torchtitan keeps every other aten::mm: half the matmul outputs for half the
+/// recomputation).
 class OpSavePolicy {
  public:
-  /// Matrix products and fused attention kernels (CPU and CUDA variants), like torchtitan's list.
+  /// torchtitan's list: matrix products and fused attention kernels (CPU and CUDA variants); no
+  /// bmm (the math attention path writes into its output through an alias).
   static std::vector<std::string> default_ops() {
     return {"aten::mm",
             "aten::addmm",
-            "aten::bmm",
-            "aten::baddbmm",
             "aten::_scaled_mm",
             "aten::_scaled_dot_product_flash_attention",
             "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -68,8 +69,15 @@ class OpSavePolicy {
             "aten::_scaled_dot_product_fused_attention_overrideable"};
   }
 
-  /// A policy saving the outputs of `ops` (checked against the operators registered now).
-  explicit OpSavePolicy(std::vector<std::string> ops = default_ops()) : ops_(std::move(ops)) {
+  /// The operators saved at every other call by default: aten::mm, as torchtitan.
+  static std::vector<std::string> default_every_other() { return {"aten::mm"}; }
+
+  /// A policy saving the outputs of `ops` (checked against the operators registered now); those
+  /// whose name (without overload) is in `every_other` only at every other call (a name not among
+  /// `ops` has no effect).
+  explicit OpSavePolicy(std::vector<std::string> ops = default_ops(),
+                        std::vector<std::string> every_other = default_every_other())
+      : ops_(std::move(ops)), every_other_(every_other.begin(), every_other.end()) {
     const auto all = c10::Dispatcher::singleton().getAllOpNames();
     for (const auto& entry : ops_) {
       const auto ns = entry.find("::");
@@ -103,6 +111,9 @@ class OpSavePolicy {
   /// The operator names this policy was built from.
   const std::vector<std::string>& ops() const { return ops_; }
 
+  /// Whether `op` is saved at every other call only.
+  bool alternates(const c10::OperatorHandle& op) const { return every_other_.count(op.operator_name().name) > 0; }
+
   /// Whether the outputs of `op` are kept.
   bool saves(const c10::OperatorHandle& op) const {
     const auto& name = op.operator_name();
@@ -132,6 +143,7 @@ class OpSavePolicy {
   }
 
   std::vector<std::string> ops_;
+  std::unordered_set<std::string> every_other_;
   std::unordered_map<std::string, std::unordered_set<std::string>> by_name_;  // name -> exact overloads
   std::unordered_set<std::string> all_overloads_;                              // names listed without overload
 };
@@ -257,22 +269,33 @@ class OpCache {
     std::optional<RngState> rng_after;               // for random operators
   };
 
-  void record(const c10::OperatorName& op, Entry entry) { entries_[op].push_back(std::move(entry)); }
+  /// Numbers the calls of policy operators, per operator, from 0 in each pass (recording or
+  /// replaying): the k-th call of an operator in the recomputation is the k-th of the forward.
+  int64_t next_call(const c10::OperatorName& op) { return calls_[op]++; }
+  void start_pass(bool replay) {
+    replaying = replay;
+    calls_.clear();
+  }
 
-  /// The next recorded entry for `op` if its input shapes match (otherwise the recomputation took
-  /// another path and the operator is simply recomputed).
-  std::optional<Entry> take(const c10::OperatorName& op, const std::vector<std::vector<int64_t>>& input_sizes) {
+  void record(const c10::OperatorName& op, int64_t call, Entry entry) { entries_[op][call] = std::move(entry); }
+
+  /// The entry recorded for the `call`-th call of `op`, if any and its input shapes match
+  /// (otherwise the recomputation took another path and the operator is simply recomputed).
+  std::optional<Entry> take(const c10::OperatorName& op, int64_t call, const std::vector<std::vector<int64_t>>& input_sizes) {
     auto it = entries_.find(op);
-    if (it == entries_.end() || it->second.empty()) return std::nullopt;
-    Entry entry = std::move(it->second.front());
-    it->second.pop_front();
+    if (it == entries_.end()) return std::nullopt;
+    auto found = it->second.find(call);
+    if (found == it->second.end()) return std::nullopt;
+    Entry entry = std::move(found->second);
+    it->second.erase(found);
     if (entry.input_sizes != input_sizes) return std::nullopt;
     return entry;
   }
 
  private:
   std::shared_ptr<const OpSavePolicy> policy_;
-  std::unordered_map<c10::OperatorName, std::deque<Entry>> entries_;
+  std::unordered_map<c10::OperatorName, std::unordered_map<int64_t, Entry>> entries_;  // op -> call -> entry
+  std::unordered_map<c10::OperatorName, int64_t> calls_;
 };
 
 /// The OpCache of the checkpointed region running on this thread, or nullptr. Thread-local state
@@ -302,13 +325,18 @@ inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
   const auto& schema = op.schema();
   const size_t num_args = schema.arguments().size(), num_returns = schema.returns().size();
   auto sizes = tensor_sizes(*stack, stack->size() - num_args);
+  const int64_t call = cache->next_call(op.operator_name());
   if (cache->replaying) {
-    if (auto entry = cache->take(op.operator_name(), sizes)) {
+    if (auto entry = cache->take(op.operator_name(), call, sizes)) {
       torch::jit::drop(*stack, num_args);
       for (auto& value : entry->outputs) stack->push_back(std::move(value));
       if (entry->rng_after) entry->rng_after->restore();
       return;
     }
+    op.redispatchBoxed(below, stack);
+    return;
+  }
+  if (cache->policy().alternates(op) && call % 2 == 1) {  // recomputed: every other call is
     op.redispatchBoxed(below, stack);
     return;
   }
@@ -336,7 +364,7 @@ inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
     }
   }
   if (random) entry.rng_after = RngState::capture(arg_tensors);
-  cache->record(op.operator_name(), std::move(entry));
+  cache->record(op.operator_name(), call, std::move(entry));
 }
 
 /// Registers op_cache_fallback once per process, on first use of selective per-operator
@@ -361,7 +389,7 @@ class OpCacheScope {
  public:
   OpCacheScope(OpCache* cache, bool replaying) : previous_(active_op_cache()) {
     if (cache == nullptr) return;
-    cache->replaying = replaying;
+    cache->start_pass(replaying);
     include_.emplace(kOpCacheKey);
     active_op_cache() = cache;
   }
@@ -496,6 +524,8 @@ struct ActivationCheckpointOptions {
   TORCH_ARG(int64_t, every_k) = 2;
   /// For PerOperator: the operators whose outputs are kept (see OpSavePolicy).
   TORCH_ARG(std::vector<std::string>, save_ops) = OpSavePolicy::default_ops();
+  /// For PerOperator: those of save_ops kept only at every other call (see OpSavePolicy).
+  TORCH_ARG(std::vector<std::string>, every_other_ops) = OpSavePolicy::default_every_other();
   /// See CheckpointWrapperOptions::preserve_rng_state.
   TORCH_ARG(bool, preserve_rng_state) = true;
 };
@@ -507,7 +537,8 @@ inline size_t apply_activation_checkpointing(const std::vector<std::shared_ptr<t
   if (options.mode() == AcMode::None) return 0;
   CheckpointWrapperOptions base = CheckpointWrapperOptions().preserve_rng_state(options.preserve_rng_state());
   int64_t every = 1;
-  if (options.mode() == AcMode::PerOperator) base.policy(std::make_shared<OpSavePolicy>(options.save_ops()));
+  if (options.mode() == AcMode::PerOperator)
+    base.policy(std::make_shared<OpSavePolicy>(options.save_ops(), options.every_other_ops()));
   if (options.mode() == AcMode::EveryKthLayer) {
     every = options.every_k();
     TORCH_CHECK(every >= 1, "titan::apply_activation_checkpointing: every_k must be >= 1 (checkpoint every k-th ",

@@ -111,9 +111,13 @@ TEST_CASE("activation checkpointing: every mode gives the losses and gradients o
   using titan::AcMode;
   for (const auto& [options, expected] : std::vector<std::pair<titan::ActivationCheckpointOptions, size_t>>{
            {ac(AcMode::Full), 4}, {ac(AcMode::EveryKthLayer, 1), 4}, {ac(AcMode::EveryKthLayer, 2), 2},
-           {ac(AcMode::EveryKthLayer, 3), 1}, {ac(AcMode::PerOperator), 4}}) {
+           {ac(AcMode::EveryKthLayer, 3), 1}, {ac(AcMode::PerOperator), 4},
+           // Every other matrix product kept, the others recomputed and matched by call index.
+           {ac(AcMode::PerOperator).every_other_ops({"aten::mm", "aten::addmm"}), 4},
+           {ac(AcMode::PerOperator).every_other_ops({}), 4}}) {
     CAPTURE(static_cast<int>(options.mode()));
     CAPTURE(options.every_k());
+    CAPTURE(options.every_other_ops().size());
     auto model = make_stack(4, o);
     const size_t wrapped = titan::apply_activation_checkpointing(model->layers, options);
     CHECK(wrapped == expected);
@@ -287,6 +291,13 @@ TEST_CASE("activation checkpointing keeps less: full < selective < none") {
   CHECK(op.peak < none.peak);
   // Deterministic: the same step measures the same again.
   CHECK(saved(ac(titan::AcMode::PerOperator)).saved == op.saved);
+  // Keeping every other matrix product (torchtitan's policy, here on the blocks' addmm) keeps less
+  // than keeping them all, and more than full checkpointing.
+  const auto all = saved(ac(titan::AcMode::PerOperator).every_other_ops({}));
+  const auto half = saved(ac(titan::AcMode::PerOperator).every_other_ops({"aten::mm", "aten::addmm"}));
+  MESSAGE("selective op saved bytes: every matmul ", all.saved, ", every other ", half.saved);
+  CHECK(half.saved < all.saved);
+  CHECK(full.saved < half.saved);
 }
 
 TEST_CASE("activation checkpointing options and policies reject bad values, naming them") {
