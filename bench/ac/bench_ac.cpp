@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
       {"full", titan::ActivationCheckpointOptions().mode(titan::AcMode::Full)},
       {"selective, every 2nd layer", titan::ActivationCheckpointOptions().mode(titan::AcMode::EveryKthLayer).every_k(2)},
       {"selective, per op", titan::ActivationCheckpointOptions().mode(titan::AcMode::PerOperator)},
+      {"selective, per op, every mm", titan::ActivationCheckpointOptions().mode(titan::AcMode::PerOperator).every_other_ops({})},
   };
   std::printf("transformer stack: %lld layers, dim %lld, %lld heads, hidden %lld, batch %lld x seq %lld, %d thread(s)\n",
               static_cast<long long>(layers), static_cast<long long>(block.dim()),
