@@ -195,9 +195,8 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
                                                  .ranks_per_replica(dims_.tp)
                                                  .device(world_->device()));
   // Host values (label-token counts, the stop flag) travel on the CPU: no device sync.
-  std::vector<int> all(static_cast<size_t>(world_->world_size()));
-  for (int r = 0; r < world_->world_size(); ++r) all[static_cast<size_t>(r)] = r;
-  host_group_ = TITAN_HAS_GLOO ? world_->new_group(all, "host", titan::GroupOptions().backend("gloo").device(c10::kCPU))
+  host_group_ = TITAN_HAS_GLOO ? world_->new_group(world_->group()->global_ranks(), "host",
+                                                   titan::GroupOptions().backend("gloo").device(c10::kCPU))
                                : world_->group();
   loss_parallel_ = dims_.tp > 1 && config_.parallelism.enable_loss_parallel;
   nan_guard_ = std::make_unique<NanGuard>(nan_policy_from_string(training.nan_policy));
