@@ -70,6 +70,8 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
   // Published parameter counts (Meta model cards, transformers' num_parameters()).
   for (auto e : {Expected{"llama2", "7B", 11008, 6738415616LL}, Expected{"llama2", "13B", 13824, 13015864320LL},
                  Expected{"llama2", "70B", 28672, 68976648192LL}, Expected{"llama3", "8B", 14336, 8030261248LL},
+                 // Llama 3.2 1B: 1,235,814,400 with the output tied to the embedding; untied here.
+                 Expected{"llama3", "1B", 8192, 1235814400LL + 128256LL * 2048},
                  Expected{"llama3", "70B", 28672, 70553706496LL}, Expected{"llama3.1", "405B", 53248, 405853388800LL},
                  Expected{"mistral", "7B", 14336, 7241732096LL}}) {
     CAPTURE(e.family);

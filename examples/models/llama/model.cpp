@@ -67,6 +67,11 @@ const FlavorTable& flavors() {
     };
     auto llama3 = [](ModelArgs a) { return a.vocab_size(128256).rope_theta(500000).max_seq_len(8192); };
     t["llama3"]["debug"] = [=] { return debug_args().vocab_size(4000).rope_theta(500000); };
+    // Llama 3.2 1B's shape with an untied output layer (1.50B parameters): the GPU benchmark's model.
+    t["llama3"]["1B"] = [=] {
+      return llama3(ModelArgs().dim(2048).n_layers(16).n_heads(32).n_kv_heads(8).ffn_dim_multiplier(1.5).multiple_of(
+          256));
+    };
     t["llama3"]["8B"] = [=] {
       return llama3(ModelArgs().dim(4096).n_layers(32).n_heads(32).n_kv_heads(8).ffn_dim_multiplier(1.3).multiple_of(
           1024));

@@ -83,8 +83,8 @@ struct ModelArgs {
   void validate() const;
 };
 
-/// The arguments of a named flavor. Families: "llama2" (debug, 7B, 13B, 70B), "llama3" (debug, 8B,
-/// 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "mistral" (debug, 7B). The
+/// The arguments of a named flavor. Families: "llama2" (debug, 7B, 13B, 70B), "llama3" (debug, 1B,
+/// 8B, 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "mistral" (debug, 7B). The
 /// debug flavors are tiny (dim 256, 4 layers, 8 heads, 2 kv heads) for tests; set vocab_size from
 /// the tokenizer.
 ModelArgs model_args(const std::string& family, const std::string& flavor);
