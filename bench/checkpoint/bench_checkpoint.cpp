@@ -1,5 +1,6 @@
-// bench_checkpoint: save and load throughput of titan/checkpoint.hpp on CPU, sync vs async, and
-// the training stall each causes.
+// bench_checkpoint: save and load throughput of titan/checkpoint.hpp, sync vs async, and the
+// training stall each causes, with the state on the job's device (TITAN_DEVICE=cuda: on the GPU,
+// staged through pinned host memory).
 //
 //   bench_checkpoint [--params N] [--dir DIR] [--steps S]
 //   titan_launch --nproc 2 -- bench_checkpoint ...     (each rank holds 1/world of every tensor)
@@ -11,9 +12,11 @@
 // while the background thread writes.
 #include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -39,10 +42,11 @@ int64_t available_memory() {
   return 0;
 }
 
-/// A fixed amount of compute standing in for a training step.
+/// A fixed amount of compute standing in for a training step (finished on the device when timed).
 double train_step(const torch::Tensor& a, torch::Tensor& b) {
   auto start = Clock::now();
-  for (int i = 0; i < 8; ++i) b = torch::tanh(torch::mm(a, b));  // [512, 512]
+  for (int i = 0; i < 8; ++i) b = torch::tanh(torch::mm(a, b));  // [512, 512] (CPU) or [4096, 4096] (GPU)
+  if (b.is_cuda()) torch::cuda::synchronize(b.device().index());
   return seconds_since(start);
 }
 
@@ -66,6 +70,7 @@ int main(int argc, char** argv) {
   auto world = titan::init_distributed();
   const int ranks = world->world_size();
   titan::DeviceMesh mesh(world, {"dp_shard"}, {ranks});
+  const auto device = world->device();
 
   // Fit the state into memory (state + async staging copy + load staging) and disk (two steps).
   const int64_t requested = params;
@@ -83,14 +88,15 @@ int main(int argc, char** argv) {
   for (int64_t i = 0; i < count; ++i) {
     titan::TensorLayout layout{{rows, cols}, {{0, "dp_shard", mesh.group("dp_shard"), {}}}};
     auto name = "layers." + std::to_string(i) + ".weight";
-    state.tensors.emplace_back(name, titan::make_sharded(name, torch::randn(layout.local_shape()), layout));  // [rows/ranks, cols]
+    state.tensors.emplace_back(name, titan::make_sharded(name, torch::randn(layout.local_shape(), device), layout));  // [rows/ranks, cols]
   }
   const double gb = static_cast<double>(params) * 4 / 1e9;
   world->logger().info("state: ", params, " fp32 parameters (", gb, " GB) in ", count, " tensors over ", ranks,
-                       " ranks", params < requested ? " (reduced from the requested size: memory/disk)" : "");
+                       " ranks on ", device, params < requested ? " (reduced from the requested size: memory/disk)" : "");
 
-  auto a = torch::randn({512, 512}).div(32);
-  auto b = torch::randn({512, 512});
+  const int64_t work = device.is_cuda() ? 4096 : 512;  // a step of tens of ms on an H100 or a CPU core
+  auto a = torch::randn({work, work}, device).div(std::sqrt(static_cast<double>(work)) * 1.5);
+  auto b = torch::randn({work, work}, device);
   // Baseline step time.
   double baseline = 0;
   for (int s = 0; s < steps; ++s) baseline += train_step(a, b);
@@ -145,8 +151,8 @@ int main(int argc, char** argv) {
   TORCH_CHECK(equal, "bench_checkpoint: the loaded tensors differ from the saved ones");
 
   if (world->rank() == 0) {
-    std::printf("\ncheckpoint of %.2f GB (%lld fp32 params, %lld tensors) on %d rank(s), dir %s\n", gb,
-                static_cast<long long>(params), static_cast<long long>(count), ranks, dir.c_str());
+    std::printf("\ncheckpoint of %.2f GB (%lld fp32 params, %lld tensors) on %d rank(s) (%s), dir %s\n", gb,
+                static_cast<long long>(params), static_cast<long long>(count), ranks, device.str().c_str(), dir.c_str());
     std::printf("baseline training step: %.1f ms\n\n", baseline * 1e3);
     std::printf("| operation   | blocks training (s) | complete (s) | throughput (GB/s) | stall of overlapped steps (s) |\n");
     std::printf("|-------------|---------------------|--------------|-------------------|-------------------------------|\n");

@@ -1,0 +1,342 @@
+"""The PyTorch side of bench/side_by_side: one Llama 3 training run, one JSON line from rank 0.
+
+    torchrun --standalone --nproc_per_node N bench/side_by_side/reference.py --impl fsdp2 [shape...]
+
+Implementations (same shape, batch, optimizer and activation checkpointing as titan's row):
+  fsdp2          a plain PyTorch Llama 3 (below), fully_shard per block and root, eager
+  fsdp2_compile  the same with torch.compile on each block (as torchtitan compiles)
+  torchtitan     torchtitan's own Llama 3 model, parallelize_llama (AC, compile, FSDP exactly as
+                 torchtitan applies them), optimizer container, loss and gradient clipping, in
+                 torchtitan's train_step order. Its dataloader, metrics and checkpointer are not in
+                 the loop; batches are uniform random tokens, as for the other rows.
+  torchtitan_compile  the same with torchtitan's [compile] enable = true (model and loss)
+
+Timing: `--warmup` steps, then `--steps` steps between two device synchronisations; tokens/s per
+rank = local tokens per step / mean step time (slowest rank). Peak memory: the CUDA caching
+allocator's peak active and reserved bytes after warm-up, or peak RSS on the CPU.
+"""
+import argparse
+import contextlib
+import json
+import os
+import resource
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# torchtitan's per-operator save list (torchtitan/models/llama3/infra/parallelize.py): the matmuls
+# (every other one is recomputed), the attention kernels and the reduce-scatter.
+SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops.aten.max.default,
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", choices=["fsdp2", "fsdp2_compile", "torchtitan", "torchtitan_compile"], required=True)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=8)
+    p.add_argument("--n-kv-heads", type=int, default=2)
+    p.add_argument("--multiple-of", type=int, default=64)
+    p.add_argument("--ffn-dim-multiplier", type=float, default=None)
+    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--rope-theta", type=float, default=500000.0)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--local-batch", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="FSDP param_dtype")
+    p.add_argument("--ac", default="2", help="'op' (per-operator), 'N' (every N-th block), 'full' or 'none'")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+# ---- the plain PyTorch Llama 3 of the fsdp2 rows (same architecture as titan's examples/models/llama)
+
+
+def hidden_dim(a):
+    hidden = int(2 * 4 * a.dim / 3)
+    if a.ffn_dim_multiplier:
+        hidden = int(a.ffn_dim_multiplier * hidden)
+    return a.multiple_of * ((hidden + a.multiple_of - 1) // a.multiple_of)
+
+
+def rope_tables(a):
+    head = a.dim // a.n_heads
+    freqs = 1.0 / (a.rope_theta ** (torch.arange(0, head, 2).float() / head))
+    angles = torch.outer(torch.arange(a.seq_len).float(), freqs)  # [T, head/2]
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, T, H, D] viewed as pairs (D/2, 2); cos, sin: [T, D/2]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head = a.n_heads, a.n_kv_heads, a.dim // a.n_heads
+        self.wq = nn.Linear(a.dim, a.n_heads * self.head, bias=False)
+        self.wk = nn.Linear(a.dim, a.n_kv_heads * self.head, bias=False)
+        self.wv = nn.Linear(a.dim, a.n_kv_heads * self.head, bias=False)
+        self.wo = nn.Linear(a.n_heads * self.head, a.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape  # x: [B, T, dim]
+        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head), cos, sin)  # [B, T, H, D]
+        k = apply_rope(self.wk(x).view(b, t, self.n_kv, self.head), cos, sin)  # [B, T, KV, D]
+        v = self.wv(x).view(b, t, self.n_kv, self.head)  # [B, T, KV, D]
+        rep = self.n_heads // self.n_kv
+        k = k.repeat_interleave(rep, dim=2)  # [B, T, H, D]
+        v = v.repeat_interleave(rep, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))  # [B, T, dim]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        h = hidden_dim(a)
+        self.w1 = nn.Linear(a.dim, h, bias=False)
+        self.w2 = nn.Linear(h, a.dim, bias=False)
+        self.w3 = nn.Linear(a.dim, h, bias=False)
+
+    def forward(self, x):  # x: [B, T, dim]
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(a.dim, eps=1e-5)
+        self.attention = Attention(a)
+        self.ffn_norm = nn.RMSNorm(a.dim, eps=1e-5)
+        self.feed_forward = FeedForward(a)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, a):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleDict({str(i): Block(a) for i in range(a.n_layers)})
+        self.norm = nn.RMSNorm(a.dim, eps=1e-5)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
+        cos, sin = rope_tables(a)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, tokens):  # tokens: [B, T]
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        for layer in self.layers.values():
+            h = layer(h, self.cos, self.sin)
+        return self.output(self.norm(h))  # [B, T, vocab]
+
+
+def op_sac_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    counts = defaultdict(int)
+
+    def policy(ctx, func, *args, **kwargs):
+        if func == torch.ops.aten.mm.default:
+            counts["forward" if not ctx.is_recompute else "recompute"] += 1
+            # torchtitan keeps every other matmul: the odd ones of each pass
+            if counts["forward" if not ctx.is_recompute else "recompute"] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if func in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def build_fsdp2(a, mesh, device):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    with torch.device("meta"):
+        model = Llama(a)
+    for name, block in list(model.layers.items()):
+        index = int(name)
+        if a.ac == "full" or (a.ac.isdigit() and index % int(a.ac) == 0):
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        elif a.ac == "op":
+            block = checkpoint_wrapper(block, context_fn=op_sac_context, preserve_rng_state=False)
+        if a.impl == "fsdp2_compile":
+            block = torch.compile(block, fullgraph=True)
+        model.layers[name] = block
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, a.dtype), reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        torch.manual_seed(a.seed)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+        cos, sin = rope_tables(a)
+        model.cos.copy_(cos)
+        model.sin.copy_(sin)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=8e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            fused=fused, foreach=not fused)
+
+    def loss_fn(logits, labels):  # logits: [B, T, vocab]; labels: [B, T]
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+
+    def clip():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+
+    return model, opt, loss_fn, clip, contextlib.nullcontext
+
+
+def build_torchtitan(a, world, device):
+    if device.type == "cpu":  # torchtitan picks "cuda" when no accelerator is visible: make it pick the CPU
+        torch._utils._get_available_device_type = lambda: "cpu"
+    from torch.distributed.fsdp import FSDPModule
+    from torchtitan.components.loss import build_cross_entropy_loss
+    from torchtitan.components.optimizer import build_optimizers
+    from torchtitan.config import JobConfig
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed import utils as dist_utils
+    from torchtitan.models.llama3 import Transformer, TransformerModelArgs, parallelize_llama
+
+    job = JobConfig()
+    job.training.local_batch_size = a.local_batch
+    job.training.global_batch_size = a.global_batch
+    job.training.seq_len = a.seq_len
+    job.training.mixed_precision_param = a.dtype
+    job.training.max_norm = 1.0
+    job.activation_checkpoint.mode = {"full": "full", "none": "none"}.get(a.ac, "selective")
+    job.activation_checkpoint.selective_ac_option = a.ac
+    job.compile.enable = a.impl == "torchtitan_compile"
+    job.optimizer.lr = 8e-4
+    job.optimizer.eps = 1e-8
+    job.optimizer.weight_decay = 0.1
+    job.optimizer.implementation = "fused" if device.type == "cuda" else "foreach"
+    job.job.dump_folder = "/tmp/titan_side_by_side_torchtitan"
+    parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world)
+    parallel_dims.build_mesh()
+    args = TransformerModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                                vocab_size=a.vocab_size, multiple_of=a.multiple_of,
+                                ffn_dim_multiplier=a.ffn_dim_multiplier, rope_theta=a.rope_theta, max_seq_len=a.seq_len)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = parallelize_llama(model, parallel_dims, job)
+    if device.type == "cpu":  # torchtitan reduces gradients with NCCL's PreMulSum, which Gloo lacks: average
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(float(world))
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    model.train()
+    optimizers = build_optimizers([model], job.optimizer, parallel_dims)
+    sum_loss = build_cross_entropy_loss(job)
+    amp = dist_utils.maybe_enable_amp(parallel_dims, a.dtype, device.type)
+
+    def loss_fn(logits, labels):  # torchtitan's: the sum over the tokens over the global token count
+        return sum_loss(logits, labels) / (labels.numel() * (world if device.type == "cuda" else 1))
+
+    def clip():
+        dist_utils.clip_grad_norm_(list(model.parameters()), 1.0, foreach=True)
+
+    return model, optimizers, loss_fn, clip, lambda: amp
+
+
+def main():
+    a = parse_args()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if a.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl" if world == 1 or torch.cuda.device_count() >= world else "gloo"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    accumulation = a.global_batch // (a.local_batch * world)
+    assert accumulation * a.local_batch * world == a.global_batch, "global batch = local batch x ranks x accumulation"
+    if a.impl.startswith("torchtitan"):
+        model, opt, loss_fn, clip, amp = build_torchtitan(a, world, device)
+    else:
+        mesh = init_device_mesh(device.type, (world,))
+        model, opt, loss_fn, clip, amp = build_fsdp2(a, mesh, device)
+
+    gen = torch.Generator().manual_seed(a.seed + rank)
+    batches = [torch.randint(0, a.vocab_size, (a.local_batch, a.seq_len + 1), generator=gen) for _ in range(4)]
+
+    def step(i):
+        opt.zero_grad()
+        for m in range(accumulation):
+            tokens = batches[(i * accumulation + m) % len(batches)].to(device, non_blocking=True)
+            with amp():
+                logits = model(tokens[:, :-1])  # [B, T, vocab]
+                loss = loss_fn(logits, tokens[:, 1:]) / accumulation
+            del logits
+            loss.backward()
+        clip()
+        opt.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    for i in range(a.warmup):
+        step(i)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(a.steps):
+        step(a.warmup + i)
+    sync()
+    seconds = torch.tensor([(time.perf_counter() - start) / a.steps], dtype=torch.float64)
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats()
+        memory = torch.tensor([stats["active_bytes.all.peak"] / 2**30, stats["reserved_bytes.all.peak"] / 2**30],
+                              dtype=torch.float64)
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        memory = torch.tensor([rss, rss], dtype=torch.float64)
+    if backend == "nccl":
+        seconds, memory = seconds.to(device), memory.to(device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    tokens_per_step = a.local_batch * a.seq_len * accumulation
+    tps = tokens_per_step / seconds.item()
+    if rank == 0:
+        print(json.dumps({"impl": a.impl, "ranks": world, "device": device.type, "step_ms": seconds.item() * 1e3,
+                          "tokens_per_s_per_rank": tps,
+                          "peak_active_gib": memory[0].item(), "peak_reserved_gib": memory[1].item()}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The example trainer on the GPU, checked against references (part of scripts/gpu/run.sh).
+
+    python3 scripts/gpu/check_trainer.py --build gpu_kit/build --out OUT/trainer
+
+1. fp32: the debug Llama 3 on CUDA against the same run on the CPU, every step's loss within 1e-4.
+2. bf16 with each activation-checkpointing mode (none, full, every 2nd block, per operator): losses
+   finite and within 5e-2 of the run without AC (recomputation must not change the function);
+   tokens/s and peak memory per mode.
+3. bf16 async checkpoint and resume: a run stopped at step 10 (async save) and resumed gives the
+   losses of the uninterrupted run for steps 11-20, within 1e-2 (GPU kernels such as attention
+   backward are not bitwise deterministic; on the CPU the same resume is bitwise, see
+   tests/trainer/check_runs.py).
+Prints one table; exits non-zero when a check fails.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build", required=True, help="folder with tests/titan_launch and examples/llama/llama_train")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    p.add_argument("--device", default="cuda", help="the device under test; 'cpu' dry-runs this script's logic")
+    return p.parse_args()
+
+
+class Runs:
+    def __init__(self, a):
+        self.a, self.out = a, Path(a.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def train(self, name, device, overrides, fresh=True):
+        """Runs llama_train on one rank; returns its metrics.jsonl records (one per step)."""
+        dump = self.out / name
+        if fresh:
+            shutil.rmtree(dump, ignore_errors=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", TITAN_DEVICE=device,
+                   TITAN_BACKEND="nccl" if device == "cuda" else "gloo")
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        settings = {"job.dump_folder": str(dump), "metrics.log_freq": 1, "metrics.enable_tensorboard": "false",
+                    "data.val_freq": 0, "checkpoint.enable": "false", "training.steps": self.a.steps,
+                    "data.cache_dir": str(self.out / "token_cache"), **overrides}
+        cmd = [f"{self.a.build}/tests/titan_launch", "--nproc", "1", "--timeout", str(self.a.timeout), "--",
+               f"{self.a.build}/examples/llama/llama_train", "--config", "examples/configs/llama3_debug.toml"]
+        for key, value in settings.items():
+            cmd += [f"--{key}", str(value)]
+        log = self.out / f"{name}.log"
+        with open(log, "a") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"{name}: llama_train exited with {rc}; see {log}")
+        return [json.loads(line) for line in open(dump / "metrics.jsonl")]
+
+
+def loss_gap(a, b, steps):
+    by_step = {r["step"]: r["loss"] for r in b}
+    return max(abs(r["loss"] - by_step[r["step"]]) for r in a if r["step"] in steps)
+
+
+def main():
+    a = parse_args()
+    runs = Runs(a)
+    rows, failures = [], []
+
+    def check(name, ok, detail):
+        rows.append(f"| {name} | {'pass' if ok else 'FAIL'} | {detail} |")
+        if not ok:
+            failures.append(name)
+
+    everything = set(range(1, a.steps + 1))
+    fp32 = {"training.mixed_precision_param": "float32"}
+    cuda, cpu = runs.train("fp32_cuda", a.device, fp32), runs.train("fp32_cpu", "cpu", fp32)
+    gap = loss_gap(cuda, cpu, everything)
+    check(f"fp32 {a.device} vs CPU, every step's loss", gap <= 1e-4, f"max |diff| {gap:.2e} (<= 1e-4)")
+
+    modes = {"none": {"activation_checkpoint.mode": "none"},
+             "full": {"activation_checkpoint.mode": "full"},
+             "every 2nd block": {"activation_checkpoint.mode": "selective",
+                                 "activation_checkpoint.selective_ac_option": "2"},
+             "per operator": {"activation_checkpoint.mode": "selective",
+                              "activation_checkpoint.selective_ac_option": "op"}}
+    bf16 = {"training.mixed_precision_param": "bfloat16"}
+    results = {name: runs.train("bf16_ac_" + name.replace(" ", "_"), a.device, {**bf16, **ac})
+               for name, ac in modes.items()}
+    perf, half = [], a.steps // 2
+    for name, records in results.items():
+        finite = all(math.isfinite(r["loss"]) for r in records)
+        gap = loss_gap(records, results["none"], everything)
+        check(f"bf16 AC {name}: losses finite, same as no AC", finite and gap <= 5e-2, f"max |diff| {gap:.2e} (<= 5e-2)")
+        timed = [r for r in records if r["step"] > half] or records
+        perf.append(f"| {name} | {sum(r['tokens_per_second_per_rank'] for r in timed) / len(timed):,.0f} | "
+                    f"{max(r.get('peak_memory_gib', 0) for r in timed):.3f} | "
+                    f"{max(r.get('peak_reserved_gib', 0) for r in timed):.3f} |")
+
+    saving = {**bf16, "activation_checkpoint.mode": "selective", "activation_checkpoint.selective_ac_option": "op",
+              "checkpoint.enable": "true", "checkpoint.interval": half, "checkpoint.async_mode": "async"}
+    straight = runs.train("resume_straight", a.device, saving)
+    runs.train("resume_split", a.device, {**saving, "training.stop_at_step": half})
+    resumed = runs.train("resume_split", a.device, saving, fresh=False)
+    later = set(range(half + 1, a.steps + 1))
+    resumed_steps = sorted(r["step"] for r in resumed if r["step"] > half)
+    gap = loss_gap([r for r in resumed if r["step"] > half], straight, later) if resumed_steps else math.inf
+    check(f"bf16 async checkpoint at {half}, resume: losses of steps {half + 1}-{a.steps}",
+          resumed_steps == sorted(later) and gap <= 1e-2, f"max |diff| {gap:.2e} (<= 1e-2)")
+
+    table = "\n".join([f"| trainer check on {a.device} | result | detail |", "|---|---|---|", *rows, "",
+                       "| bf16 AC mode (debug model) | tokens/s | peak active GiB | peak reserved GiB |",
+                       "|---|---|---|---|", *perf])
+    (runs.out / "table.md").write_text(table + "\n")
+    print(table)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# GPU validation kit, step 2 (the run step, on the GPU machine, after scripts/gpu/setup.sh):
+#   scripts/gpu/run.sh [tests] [trainer] [bench] [checkpoint]     (none named: all four)
+# Writes every log and table under $OUT (default ./gpu_out) and prints the tables last; exits
+# non-zero when a stage fails. Stages (minutes on one H100, to fit a 10-minute command limit:
+# run `tests trainer checkpoint` in one command and `bench` in another):
+#   tests       test_titan on CUDA with 1 rank over NCCL and 2 ranks on the one GPU over Gloo;
+#               test_models (transformers parity from the carried references) and test_models_ranks;
+#               test_trainer (single-process cases; the multirank suite on 2 Gloo ranks)
+#   trainer     scripts/gpu/check_trainer.py: fp32 CUDA vs CPU, bf16 with each AC mode, async
+#               checkpoint and resume
+#   checkpoint  bench_checkpoint on CUDA tensors (blocked time of a 1B-parameter async save)
+#   bench       bench/side_by_side/run.py --device cuda: titan vs FSDP2 (eager, compiled) and
+#               torchtitan on Llama 3 1B, seq 8192, bf16
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+stages=("$@")
+((${#stages[@]})) || stages=(tests trainer checkpoint bench)
+summary="$out/summary.md"
+: > "$summary"
+failed=0
+
+# run NAME TIMEOUT ENV... -- COMMAND...: logs to $out/NAME.log, one summary line.
+run() {
+  local name=$1 limit=$2
+  shift 2
+  local vars=()
+  while [[ $1 != -- ]]; do vars+=("$1"); shift; done
+  shift
+  local started=$SECONDS
+  env "${vars[@]}" timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  local result
+  result=$(grep -h -E '^(\[rank 0\] )?\[doctest\] (test cases|assertions)' "$out/$name.log" | sed 's/^\[rank 0\] //' |
+    tr '\n' ' ')
+  printf '| %s | %s | %ss | %s |\n' "$name" "$([[ $rc == 0 ]] && echo pass || echo "FAIL ($rc)")" \
+    "$((SECONDS - started))" "${result:-see $name.log}" | tee -a "$summary" >&2
+  [[ $rc == 0 ]] || failed=1
+}
+
+cuda=(TITAN_TEST_DEVICE=cuda TITAN_DEVICE=cuda)
+launch="$kit_build/tests/titan_launch"
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    tests)
+      run titan_1rank_nccl 300 "${cuda[@]}" TITAN_BACKEND=nccl -- "$launch" --nproc 1 -- "$kit_build/tests/test_titan"
+      run titan_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 -- \
+        "$launch" --nproc 2 -- "$kit_build/tests/test_titan"
+      run models_cuda 300 "${cuda[@]}" TITAN_MODELS_REFERENCE="$kit/models_reference" \
+        TITAN_MODELS_SCRATCH="$out/models_scratch" -- "$kit_build/tests/models/test_models"
+      run models_ranks_1rank_nccl 300 "${cuda[@]}" TITAN_BACKEND=nccl TITAN_MODELS_SCRATCH="$out/models_scratch" -- \
+        "$launch" --nproc 1 -- "$kit_build/tests/models/test_models_ranks"
+      run trainer_unit_cuda 300 "${cuda[@]}" TITAN_BACKEND=nccl -- \
+        "$launch" --nproc 1 -- "$kit_build/tests/trainer/test_trainer" -tse=multirank
+      run trainer_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 -- \
+        "$launch" --nproc 2 -- "$kit_build/tests/trainer/test_trainer" -ts=multirank
+      ;;
+    trainer)
+      run trainer_checks 420 -- "$python" "$root/scripts/gpu/check_trainer.py" --build "$kit_build" --out "$out/trainer"
+      ;;
+    checkpoint)
+      run checkpoint_bench 300 TITAN_DEVICE=cuda TITAN_BACKEND=nccl -- \
+        "$launch" --nproc 1 -- "$kit_build/bench/checkpoint/bench_checkpoint" --dir "$out/ckpt_bench"
+      rm -rf "$out/ckpt_bench"
+      ;;
+    bench)
+      run side_by_side 570 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --build "$kit_build" \
+        --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side" --timeout 240
+      ;;
+    *) die "unknown stage '$stage' (expected tests, trainer, checkpoint or bench)" ;;
+  esac
+done
+
+{
+  echo
+  echo "GPU validation kit, $(date -u +%Y-%m-%d), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(head -1 "$kit/MANIFEST")"
+  echo "| stage | result | time | doctest |"
+  echo "|---|---|---|---|"
+  cat "$summary"
+  for table in "$out/trainer/table.md" "$out/checkpoint_bench.log" "$out/side_by_side/table.md"; do
+    [[ -f "$table" ]] && { echo; grep -h '^\(\[rank 0\] \)\?|\|^side by side' "$table" | sed 's/^\[rank 0\] //'; }
+  done
+} | tee "$out/report.md"
+exit "$failed"
