@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from reference import hidden_dim  # bench/side_by_side/reference.py: the feed-forward width of a shape
+
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = {
     "cpu": dict(ranks=2, flavor="debug", dim=256, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=64,
@@ -58,13 +60,6 @@ def parse_args():
         if getattr(a, key) is None:
             setattr(a, key, value)
     return a
-
-
-def hidden_dim(a):
-    hidden = int(2 * 4 * a.dim / 3)
-    if a.ffn_dim_multiplier:
-        hidden = int(a.ffn_dim_multiplier * hidden)
-    return a.multiple_of * ((hidden + a.multiple_of - 1) // a.multiple_of)
 
 
 def body_parameters(a):
