@@ -1,7 +1,10 @@
 #pragma once
-// Shared by tests/ac and bench/ac: a stack of small transformer blocks and a CPU memory meter.
+// Shared by tests/ac and bench/ac: a stack of small transformer blocks and memory meters (CPU
+// tensor storage, an accelerator's caching allocator).
 #include <titan/hooks.hpp>
 #include <torch/torch.h>
+
+#include <ATen/DeviceAccelerator.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -160,21 +163,47 @@ class CpuMemoryMeter {
   c10::Allocator* previous_;
 };
 
+/// While alive, counts the bytes allocated on accelerator `device` (a GPU) since construction:
+/// current() and its high-water mark peak(), from the caching allocator's statistics (allocated
+/// bytes, in the allocator's rounded block sizes). Deterministic like CpuMemoryMeter; resets the
+/// device's peak statistics.
+class DeviceMemoryMeter {
+ public:
+  explicit DeviceMemoryMeter(c10::Device device) : index_(device.index()) {
+    at::accelerator::resetPeakStats(index_);
+    base_ = allocated().current;
+  }
+  int64_t current() const { return allocated().current - base_; }
+  int64_t peak() const { return allocated().peak - base_; }
+
+ private:
+  c10::CachingAllocator::Stat allocated() const {
+    const auto stats = at::accelerator::getDeviceStats(index_);
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+  }
+  c10::DeviceIndex index_;
+  int64_t base_ = 0;
+};
+
 /// Activation memory of one training step of `model` on `x` (loss: mean of squares).
 struct StepMemory {
   int64_t saved = 0;  ///< bytes still allocated when forward returns: what backward keeps
   int64_t peak = 0;   ///< high-water mark over forward and backward (gradients included)
 };
 
+/// Measures a step on x's device: CpuMemoryMeter on the CPU, DeviceMemoryMeter on a GPU.
 inline StepMemory measure_step(Stack& model, const torch::Tensor& x) {
   model->zero_grad();
-  StepMemory memory;
-  CpuMemoryMeter meter;
-  auto loss = model->forward(x).pow(2).mean();
-  memory.saved = meter.current();
-  loss.backward();
-  memory.peak = meter.peak();
-  return memory;
+  auto measure = [&](const auto& meter) {
+    StepMemory memory;
+    auto loss = model->forward(x).pow(2).mean();
+    memory.saved = meter.current();
+    loss.backward();
+    memory.peak = meter.peak();
+    return memory;
+  };
+  if (x.is_cpu()) return measure(CpuMemoryMeter());
+  return measure(DeviceMemoryMeter(x.device()));
 }
 
 }  // namespace titan_ac

@@ -1,4 +1,5 @@
-// titan/ac.hpp: checkpointed runs give the no-checkpoint losses and gradients, and keep less.
+// titan/ac.hpp: checkpointed runs give the no-checkpoint losses and gradients, and keep less. The
+// models, inputs and random streams are titan_test::device()'s.
 #include "../support/multirank.hpp"
 #include "ac_testing.hpp"
 
@@ -12,23 +13,28 @@ namespace {
 
 using titan_ac::BlockOptions;
 using titan_ac::Stack;
+using titan_test::device;
 
 /// What a training step produced, to compare runs.
 struct Step {
   torch::Tensor loss;
   std::vector<torch::Tensor> grads;  // of the parameters, in order
   torch::Tensor input_grad;
-  torch::Tensor next_random;  // first draw after the step: the caller's RNG stream
+  torch::Tensor next_random;  // first draw after the step: the caller's RNG stream (device()'s)
 };
 
+/// A stack with the weights of seed 7 (drawn on the CPU), on device().
 Stack make_stack(int64_t layers, const BlockOptions& o) {
   torch::manual_seed(7);
-  return Stack(layers, o);
+  Stack stack(layers, o);
+  stack->to(device());
+  return stack;
 }
 
+/// An input of seed 11 (drawn on the CPU), on device().
 torch::Tensor make_input(int64_t batch, int64_t seq, int64_t dim, bool requires_grad = true) {
   torch::manual_seed(11);
-  return torch::randn({batch, seq, dim}).requires_grad_(requires_grad);
+  return torch::randn({batch, seq, dim}).to(device()).requires_grad_(requires_grad);
 }
 
 Step run_step(Stack& model, const torch::Tensor& x) {
@@ -40,7 +46,7 @@ Step run_step(Stack& model, const torch::Tensor& x) {
   step.loss.backward();
   for (const auto& p : model->parameters()) step.grads.push_back(p.grad().defined() ? p.grad().clone() : p.grad());
   if (x.requires_grad()) step.input_grad = x.grad().clone();
-  step.next_random = torch::rand({4});
+  step.next_random = torch::rand({4}, device());
   return step;
 }
 
@@ -152,7 +158,9 @@ TEST_CASE("selective per-operator checkpointing replays random policy operators 
   if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
   auto make = [] {
     torch::manual_seed(3);
-    return RandomOps();
+    RandomOps m;
+    m->to(device());
+    return m;
   };
   const auto x = make_input(4, 3, 8);
   auto plain = make();
@@ -166,7 +174,7 @@ TEST_CASE("selective per-operator checkpointing replays random policy operators 
     torch::manual_seed(99);
     auto loss = titan::call(m, x).sum();
     loss.backward();
-    return std::make_tuple(loss.detach(), m->linear->weight.grad().clone(), x.grad().clone(), torch::rand({3}));
+    return std::make_tuple(loss.detach(), m->linear->weight.grad().clone(), x.grad().clone(), torch::rand({3}, device()));
   };
   auto [loss_a, grad_a, input_a, next_a] = step(plain);
   auto [loss_b, grad_b, input_b, next_b] = step(checkpointed);
@@ -180,20 +188,22 @@ TEST_CASE("checkpoint_wrapper: parameters and closed-over tensors get gradients,
   if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
   auto make = [] {
     torch::manual_seed(5);
-    return ScaledLinear();
+    ScaledLinear m;
+    m->to(device());
+    return m;
   };
   for (bool input_grad : {true, false}) {
     CAPTURE(input_grad);
     auto run = [&](bool checkpoint) {
       auto m = make();
       if (checkpoint) titan::checkpoint_wrapper(m);
-      auto base = torch::linspace(0.5, 1.5, 6).requires_grad_(true);
+      auto base = torch::linspace(0.5, 1.5, 6, device()).requires_grad_(true);
       m->scale = base * 2;  // a non-leaf tensor the forward closes over
       auto x = make_input(3, 2, 6, input_grad);
       auto loss = titan::call(m, x).pow(2).sum();
       loss.backward();
       return std::make_tuple(loss.detach(), m->linear->weight.grad(), m->linear->bias.grad(), base.grad(),
-                             input_grad ? x.grad() : torch::zeros({1}));
+                             input_grad ? x.grad() : torch::zeros({1}, device()));
     };
     auto [loss_a, w_a, b_a, s_a, x_a] = run(false);
     auto [loss_b, w_b, b_b, s_b, x_b] = run(true);
@@ -211,7 +221,8 @@ TEST_CASE("checkpoint_wrapper recomputes through the inner hooks, once, and not 
   if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
   torch::manual_seed(5);
   ScaledLinear m;
-  m->scale = torch::ones({6});
+  m->to(device());
+  m->scale = torch::ones({6}, device());
   auto inner = std::make_shared<CountingHook>();
   auto outer = std::make_shared<CountingHook>();
   titan::attach_hook(*m, inner);
@@ -240,7 +251,11 @@ TEST_CASE("checkpoint_wrapper: a checkpointed module called with ->forward is an
   // The stack calls its layers through titan::call; a parent calling one directly skips its hook
   // (nothing would be checkpointed), which titan::call reports when the parent's call returns.
   struct BypassImpl : torch::nn::Module {
-    BypassImpl() { inner = register_module("inner", ScaledLinear()); inner->scale = torch::ones({6}); }
+    BypassImpl() {
+      inner = register_module("inner", ScaledLinear());
+      inner->to(device());
+      inner->scale = torch::ones({6}, device());
+    }
     torch::Tensor forward(const torch::Tensor& x) { return inner->forward(x); }
     ScaledLinear inner{nullptr};
   };
@@ -255,7 +270,8 @@ TEST_CASE("checkpoint_wrapper rejects an input modified in place after forward")
   if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
   torch::manual_seed(5);
   ScaledLinear m;
-  m->scale = torch::ones({6});
+  m->to(device());
+  m->scale = torch::ones({6}, device());
   titan::checkpoint_wrapper(m);
   auto leaf = make_input(2, 2, 6);
   auto x = leaf * 1.0;
@@ -267,6 +283,7 @@ TEST_CASE("checkpoint_wrapper rejects an input modified in place after forward")
   CHECK_THROWS_WITH_AS(out.sum().backward(), doctest::Contains("modified in place"), c10::Error);
 }
 
+// Measured by the CPU's counting allocator, or by the GPU's caching allocator (titan_ac::measure_step).
 TEST_CASE("activation checkpointing keeps less: full < selective < none") {
   if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
   const auto o = BlockOptions().dim(64).heads(4).hidden(256);
@@ -334,7 +351,7 @@ TEST_CASE("activation checkpointing under FSDP: same losses and sharded gradient
   titan::DeviceMesh mesh(titan_test::world(), {"dp_shard"}, {titan_test::world()->world_size()});
   const auto o = BlockOptions().dim(16).heads(2).hidden(32).dropout(0.1);
   torch::manual_seed(100 + rank);
-  const auto x = torch::randn({2, 8, 16});  // this rank's batch; no gradient: the first unit's input
+  const auto x = torch::randn({2, 8, 16}).to(device());  // this rank's batch; no gradient: the first unit's input
   struct Run {
     std::vector<torch::Tensor> losses, grads;
     int64_t all_gathers = 0;

@@ -16,7 +16,7 @@
 
 namespace titan_ckpt {
 
-/// A reproducible global tensor: sin(0.37 * i + index) over the flat index i, cast to `dtype`.
+/// A reproducible global tensor on the CPU: sin(0.37 * i + index) over the flat index i, cast to `dtype`.
 /// tests/checkpoint/read_checkpoint.py computes the same values in Python.
 inline torch::Tensor global_tensor(int64_t index, const std::vector<int64_t>& shape, torch::ScalarType dtype) {
   int64_t numel = 1;
@@ -26,7 +26,7 @@ inline torch::Tensor global_tensor(int64_t index, const std::vector<int64_t>& sh
   return values.to(dtype).reshape(shape);
 }
 
-/// This rank's piece of `global` under `layout` (its blocks, laid out as the layout says).
+/// This rank's piece of `global` under `layout` (its blocks, laid out as the layout says), on global's device.
 inline titan::ShardedTensor shard_of(const torch::Tensor& global, const titan::TensorLayout& layout) {
   auto local = torch::empty(layout.local_shape(), global.options());
   for (const auto& block : layout.local_blocks()) block.view_of(local).copy_(block.view_of_global(global));
@@ -86,13 +86,15 @@ struct ResidualImpl : torch::nn::Module {
 };
 TORCH_MODULE(Residual);
 
-/// [B, 5] -> embed -> 2 residual blocks -> head [B, 3], every block and the root FSDP units.
+/// [B, 5] -> embed -> 2 residual blocks -> head [B, 3], every block and the root FSDP units, on
+/// the mesh's device.
 struct NetImpl : torch::nn::Module {
   NetImpl(const titan::DeviceMesh& mesh, uint64_t seed) {
     torch::manual_seed(seed);  // the same initial values on every rank
     embed = register_module("embed", torch::nn::Linear(5, 6));
     blocks = register_module("blocks", torch::nn::ModuleList(Residual(), Residual()));
     head = register_module("head", torch::nn::Linear(6, 3));
+    to(mesh.world()->device());
     for (const auto& block : *blocks) titan::fully_shard(block, mesh);
     titan::fully_shard(*this, mesh);
   }
@@ -107,15 +109,17 @@ struct NetImpl : torch::nn::Module {
 TORCH_MODULE(Net);
 
 /// Trains `model` (inputs [4, 5] -> outputs [4, 3], MSE) for steps [first, last] on this rank's
-/// batches, drawn from `seed` + 10 * step + rank (targets from seed + 1000 + ...); `lr_of_step`,
-/// when given, sets every group's learning rate first. Returns the losses.
+/// batches, drawn from `seed` + 10 * step + rank (targets from seed + 1000 + ...) and put on the
+/// device of its parameters; `lr_of_step`, when given, sets every group's learning rate first.
+/// Returns the losses.
 template <typename Model>
 std::vector<float> train_steps(Model& model, torch::optim::Optimizer& optimizer, int first, int last, int rank,
                                int seed, const std::function<double(int)>& lr_of_step = nullptr) {
   std::vector<float> losses;
+  const auto device = model->parameters().front().device();
   for (int step = first; step <= last; ++step) {
-    auto x = global_tensor(seed + 10 * step + rank, {4, 5}, torch::kFloat);
-    auto y = global_tensor(seed + 1000 + 10 * step + rank, {4, 3}, torch::kFloat);
+    auto x = global_tensor(seed + 10 * step + rank, {4, 5}, torch::kFloat).to(device);
+    auto y = global_tensor(seed + 1000 + 10 * step + rank, {4, 3}, torch::kFloat).to(device);
     if (lr_of_step)
       for (auto& group : optimizer.param_groups()) group.options().set_lr(lr_of_step(step));
     optimizer.zero_grad();

@@ -1,6 +1,7 @@
-// titan/checkpoint.hpp: round trips, bitwise resume, async saves, rotation, corruption. Runs on
-// 1, 2 and 4 ranks (titan.ranksN); resharding across world sizes and kill-during-save are
-// separate ctest entries (checkpoint_driver.cpp).
+// titan/checkpoint.hpp: round trips, bitwise resume, async saves, rotation, corruption, with the
+// tensors and models on titan_test::device(). Runs on 1, 2 and 4 ranks (titan.ranksN); resharding
+// across world sizes and kill-during-save are separate ctest entries (checkpoint_driver.cpp, on
+// the CPU).
 #include "../support/multirank.hpp"
 #include "checkpoint_fixtures.hpp"
 
@@ -14,18 +15,20 @@
 namespace {
 
 using titan_ckpt::global_tensor;
+using titan_test::device;
+using titan_test::same_values;
 using titan_test::world;
 
 using titan_test::error_of;
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
-/// The specs' tensors sharded FSDP-style over all ranks (Shard(0) over "dp_shard").
+/// The specs' tensors sharded FSDP-style over all ranks (Shard(0) over "dp_shard"), on device().
 titan::ShardedStateDict fsdp_tensors(const titan::DeviceMesh& mesh, bool zeros) {
   titan::ShardedStateDict tensors;
   int64_t index = 0;
   for (const auto& spec : titan_ckpt::specs()) {
-    auto sharded = titan_ckpt::shard_of(global_tensor(index++, spec.shape, spec.dtype),
+    auto sharded = titan_ckpt::shard_of(global_tensor(index++, spec.shape, spec.dtype).to(device()),
                                         titan_ckpt::layout_for(spec, mesh));
     if (zeros) sharded.local.zero_();
     tensors.emplace_back(spec.name, sharded);
@@ -48,8 +51,8 @@ class TestLayouts : public titan::ModuleHook, public titan::ParameterLayoutProvi
   }
 };
 
-/// A two-layer MLP whose parameters are hand-sharded along dim 0 (FSDP-style): forward all-gathers
-/// them (differentiably, so gradients are reduce-scattered into the shards).
+/// A two-layer MLP whose parameters are hand-sharded along dim 0 (FSDP-style) on device(): forward
+/// all-gathers them (differentiably, so gradients are reduce-scattered into the shards).
 struct ShardedMlpImpl : torch::nn::Module {
   ShardedMlpImpl(const titan::DeviceMesh& mesh, int64_t seed) : group(mesh.group("dp_shard")) {
     auto hook = std::make_shared<TestLayouts>();
@@ -57,7 +60,7 @@ struct ShardedMlpImpl : torch::nn::Module {
         {"w1", {12, 5}}, {"b1", {12}}, {"w2", {3, 12}}, {"b2", {3}}};
     for (const auto& [name, shape] : shapes) {
       titan::TensorLayout layout{shape, {{0, "dp_shard", group, {}}}};
-      auto global = global_tensor(seed++, shape, torch::kFloat).mul(0.5);
+      auto global = global_tensor(seed++, shape, torch::kFloat).mul(0.5).to(device());
       register_parameter(name, titan_ckpt::shard_of(global, layout).local.clone());
       hook->layouts[name] = layout;
     }
@@ -208,7 +211,7 @@ namespace {
 /// A counter and a table as a checkpoint component: a value and a tensor sharded over the ranks.
 struct Counter : titan::Stateful {
   explicit Counter(const titan::DeviceMesh& mesh) : layout{{10, 2}, {{0, "dp_shard", mesh.group("dp_shard"), {}}}} {
-    table = torch::zeros(layout.local_shape());
+    table = torch::zeros(layout.local_shape(), device());
   }
   titan::ComponentState state() const override {
     return titan::ComponentState{{{"count", std::to_string(count)}}, {{"table", titan::make_sharded("table", table, layout)}}};
@@ -291,6 +294,31 @@ TEST_CASE("checkpoint: an async save writes the staged copy while training goes 
   }
 }
 
+TEST_CASE("checkpoint: async staging copies into host memory, pinned for a GPU tensor, reusing a fitting buffer") {
+  auto stage = [](const torch::Tensor& t, const torch::Tensor& reuse) {
+    auto host = titan::detail::stage_on_host(t, reuse);
+    if (!t.is_cpu()) titan::detail::wait_for_stream(t.device());  // the copy from a GPU is non-blocking
+    return host;
+  };
+  const auto t = global_tensor(3, {5, 7}, torch::kFloat).to(device());
+  const auto staged = stage(t, {});
+  CHECK(staged.is_cpu());
+  CHECK(staged.is_pinned() == !t.is_cpu());
+  CHECK(same_values(staged, t));
+  // The next save copies into the same buffer; another shape or dtype gets a fresh one.
+  const auto again = stage(t * 2, staged);
+  CHECK(again.data_ptr() == staged.data_ptr());
+  CHECK(same_values(again, t * 2));
+  CHECK(stage(t.narrow(0, 0, 2), staged).data_ptr() != staged.data_ptr());
+  CHECK(stage(t.to(torch::kDouble), staged).data_ptr() != staged.data_ptr());
+  // Pageable host memory fits a CPU tensor only: a GPU tensor is staged in pinned memory.
+  const auto pageable = torch::empty({5, 7});
+  const auto into_pageable = stage(t, pageable);
+  CHECK((into_pageable.data_ptr() == pageable.data_ptr()) == t.is_cpu());
+  CHECK(into_pageable.is_pinned() == !t.is_cpu());
+  CHECK(same_values(into_pageable, t));
+}
+
 TEST_CASE("checkpoint: corrupt, truncated, missing or mismatched checkpoints fail before overwriting") {
   titan::DeviceMesh mesh(world(), {"dp_shard"}, {world()->world_size()});
   auto dir = titan_ckpt::shared_dir(world(), "corrupt");
@@ -369,7 +397,7 @@ TEST_CASE("checkpoint: corrupt, truncated, missing or mismatched checkpoints fai
   SUBCASE("another shape") {
     auto error = load_damaged("shape", nullptr, [&](titan::TrainState& state) {
       titan_ckpt::Spec spec{"layers.0.wo", {6, 11}, torch::kFloat, -1};
-      state.tensors[1].second = titan_ckpt::shard_of(torch::zeros({6, 11}), titan_ckpt::layout_for(spec, mesh));
+      state.tensors[1].second = titan_ckpt::shard_of(torch::zeros({6, 11}, device()), titan_ckpt::layout_for(spec, mesh));
     });
     INFO(error);
     CHECK(contains(error, "'extra.layers.0.wo' has global shape [6, 11]"));
@@ -377,14 +405,15 @@ TEST_CASE("checkpoint: corrupt, truncated, missing or mismatched checkpoints fai
   }
   SUBCASE("another dtype") {
     auto error = load_damaged("dtype", nullptr, [&](titan::TrainState& state) {
-      state.tensors[2].second = titan::replicated(torch::zeros({7}, torch::kDouble));
+      state.tensors[2].second =
+          titan::replicated(torch::zeros({7}, torch::TensorOptions().dtype(torch::kDouble).device(device())));
     });
     INFO(error);
     CHECK(contains(error, "'extra.layers.0.norm' is Double but"));
   }
   SUBCASE("a tensor the checkpoint lacks") {
     auto error = load_damaged("name", nullptr, [&](titan::TrainState& state) {
-      state.tensors.emplace_back("layers.9.wq", titan::replicated(torch::zeros({2})));
+      state.tensors.emplace_back("layers.9.wq", titan::replicated(torch::zeros({2}, device())));
     });
     INFO(error);
     CHECK(contains(error, "'extra.layers.9.wq' is not in"));

@@ -1,5 +1,6 @@
 // titan/checkpoint.hpp with titan/fsdp.hpp: a real FSDP model saves and resumes bitwise, its
-// parameters and AdamW state carrying FSDP's layouts. Runs on 1, 2 and 4 ranks (titan.ranksN).
+// parameters and AdamW state carrying FSDP's layouts. Runs on 1, 2 and 4 ranks (titan.ranksN), on
+// titan_test::device() (the world's, which titan_ckpt::Net is built on).
 #include "../support/multirank.hpp"
 #include "checkpoint_fixtures.hpp"
 

@@ -1,11 +1,14 @@
 // titan/dist.hpp: launcher environments, DeviceMesh and the differentiable collectives.
-// Runs on 1, 2 and 4 ranks; every collective and its backward is compared with the same
-// computation done on one process from every rank's (reproducible) inputs.
+// Runs on 1, 2 and 4 ranks; every collective and its backward runs on titan_test::device() and is
+// compared with the same computation done on one process, on the CPU, from every rank's
+// (reproducible) inputs.
 #include "../support/multirank.hpp"
 
 #include <functional>
 #include <map>
 
+using titan_test::device;
+using titan_test::same_values;
 using titan_test::world;
 
 namespace {
@@ -21,7 +24,7 @@ titan::EnvLookup env_of(std::map<std::string, std::string> vars) {
 
 using titan_test::error_of;
 
-/// Rank r's input: reproducible on every rank.
+/// Rank r's input, on the CPU: reproducible on every rank.
 torch::Tensor input_of(int r, std::vector<int64_t> shape) {
   auto gen = at::detail::createCPUGenerator(100 + static_cast<uint64_t>(r));
   return at::randn(shape, gen, torch::kFloat64);
@@ -33,16 +36,17 @@ torch::Tensor weight_of(int k, std::vector<int64_t> shape) {
   return at::randn(shape, gen, torch::kFloat64);
 }
 
-/// Runs `real` on this rank's input and backpropagates loss_k = sum(out * w_k); runs `reference`
-/// for every rank k on one process from all inputs, backpropagates sum_k loss_k, and compares this
-/// rank's output and input gradient.
+/// Runs `real` on this rank's input on device() and backpropagates loss_k = sum(out * w_k); runs
+/// `reference` on the CPU for every rank k from all inputs, backpropagates sum_k loss_k, and
+/// compares this rank's output and input gradient.
 void check_collective(const std::function<std::vector<int64_t>(int)>& shape_of,
                       const std::function<torch::Tensor(const torch::Tensor&)>& real,
                       const std::function<torch::Tensor(const std::vector<torch::Tensor>&, int)>& reference) {
   const int world_size = world()->world_size(), rank = world()->rank();
-  auto x = input_of(rank, shape_of(rank)).requires_grad_(true);
+  auto x = input_of(rank, shape_of(rank)).to(device()).requires_grad_(true);
   auto out = real(x);
-  auto w = weight_of(rank, out.sizes().vec());
+  CHECK(out.device() == device());
+  auto w = weight_of(rank, out.sizes().vec()).to(device());
   (out * w).sum().backward();
 
   std::vector<torch::Tensor> all;
@@ -56,8 +60,9 @@ void check_collective(const std::function<std::vector<int64_t>(int)>& shape_of,
   total_loss.backward();
   CHECK_CLOSE(out, expected_out, 1e-12);
   REQUIRE(x.grad().defined());
+  CHECK(x.grad().device() == device());
   auto expected_grad = all[static_cast<size_t>(rank)].grad();
-  if (!expected_grad.defined()) expected_grad = torch::zeros_like(x);
+  if (!expected_grad.defined()) expected_grad = torch::zeros(x.sizes(), torch::kFloat64);
   CHECK_CLOSE(x.grad(), expected_grad, 1e-12);
 }
 
@@ -189,9 +194,9 @@ TEST_CASE("dist_sum, dist_max and ReduceOp::Max reduce scalars and tensors over 
   CHECK(titan::dist_sum(rank + 1.5, group) == doctest::Approx(n * (n + 1) / 2.0 + 0.5 * n));
   CHECK(titan::dist_max(rank == 0 ? 7.25 : -rank, group) == 7.25);
   CHECK(titan::dist_max(-1.0 - rank, group) == -1.0);
-  auto values = torch::tensor({static_cast<double>(rank), static_cast<double>(-rank)});
-  CHECK(torch::equal(titan::detail::all_reduce_raw(values, *group, titan::ReduceOp::Max),
-                     torch::tensor({static_cast<double>(n - 1), 0.0})));
+  auto values = torch::tensor({static_cast<double>(rank), static_cast<double>(-rank)}).to(device());
+  CHECK(same_values(titan::detail::all_reduce_raw(values, *group, titan::ReduceOp::Max),
+                    torch::tensor({static_cast<double>(n - 1), 0.0})));
   // Max has no gradient: the differentiable collectives refuse it.
   CHECK(error_of([&] { titan::all_reduce(values, group, titan::ReduceOp::Max); }).find("has no gradient") !=
         std::string::npos);
@@ -207,12 +212,14 @@ TEST_CASE("all_gather_strings gives every rank's text in rank order, empty ones 
     CHECK(texts[static_cast<size_t>(r)] == (r % 2 == 0 ? std::string(static_cast<size_t>(r) * 3, 'x') : "odd"));
 }
 
-TEST_CASE("the world group spans every rank") {
+TEST_CASE("the world group spans every rank, on the device and backend the test main exported") {
   const auto& group = world()->group();
   CHECK(group->size() == world()->world_size());
   CHECK(group->rank() == world()->rank());
-  CHECK(world()->device().is_cpu());
-  CHECK(world()->backend_name() == "gloo");
+  CHECK(group->device() == device());
+  // TITAN_DEVICE is "cpu" or "cuda" (the device is then "cuda:<index>").
+  CHECK(device().str().rfind(std::getenv("TITAN_DEVICE"), 0) == 0);
+  CHECK(world()->backend_name() == std::getenv("TITAN_BACKEND"));
   group->barrier();
 }
 
@@ -240,9 +247,9 @@ TEST_CASE("DeviceMesh lays ranks out row-major with one group per dimension") {
     CHECK(dp.size() == 4);
     CHECK(mesh.group("dp")->rank() == rank);
     // A collective on each sub-group sums exactly its members.
-    auto shard_sum = titan::all_reduce(torch::full({1}, double(rank)), mesh.group("dp_shard"));
+    auto shard_sum = titan::all_reduce(torch::full({1}, double(rank), device()), mesh.group("dp_shard"));
     CHECK(shard_sum.item<double>() == double(rank / 2 * 2 + rank / 2 * 2 + 1));
-    auto replicate_sum = titan::all_reduce(torch::full({1}, double(rank)), mesh.group("dp_replicate"));
+    auto replicate_sum = titan::all_reduce(torch::full({1}, double(rank), device()), mesh.group("dp_replicate"));
     CHECK(replicate_sum.item<double>() == double(rank % 2 + rank % 2 + 2));
   }
 }
@@ -282,6 +289,9 @@ TEST_CASE("all_gather and its backward, even and uneven, along dim 0 and 1") {
                    gather_ref(0));
   check_collective([&](int r) { return std::vector<int64_t>{2, uneven(r)[0]}; },
                    [&](const torch::Tensor& x) { return titan::all_gather(x, group, -1); }, gather_ref(1));
+  // Empty on every rank.
+  check_collective([](int) { return std::vector<int64_t>{0, 4}; },
+                   [&](const torch::Tensor& x) { return titan::all_gather(x, group, 0); }, gather_ref(0));
 }
 
 TEST_CASE("reduce_scatter (sum and avg) and its backward, even and uneven") {
@@ -322,10 +332,35 @@ TEST_CASE("all_reduce (sum and avg) and broadcast, with their backward") {
                    [&](const std::vector<torch::Tensor>& all, int) { return all[static_cast<size_t>(src)] * 1.0; });
 }
 
+TEST_CASE("all_to_all and its backward, uneven, with empty pieces, sizes exchanged or given") {
+  auto group = world()->group();
+  const int world_size = world()->world_size();
+  // Shard(from) -> Shard(to): every rank's piece concatenated along `from`, rank k's chunk of `to`.
+  auto reference = [world_size](int64_t from, int64_t to) {
+    return [=](const std::vector<torch::Tensor>& all, int k) {
+      auto sizes = titan::chunk_sizes(all[0].size(to), world_size);
+      return torch::cat(all, from).narrow(to, titan::chunk_offset(sizes, k), sizes[static_cast<size_t>(k)]);
+    };
+  };
+  // 5 rows over the ranks (at 4 ranks 2, 2, 1, 0: the last rank sends nothing), 7 columns to split
+  // (2, 2, 2, 1).
+  std::vector<int64_t> rows = titan::chunk_sizes(5, world_size);
+  auto shape = [&](int r) { return std::vector<int64_t>{rows[static_cast<size_t>(r)], 7, 2}; };
+  check_collective(shape, [&](const torch::Tensor& x) { return titan::all_to_all(x, group, 0, 1); }, reference(0, 1));
+  check_collective(shape, [&](const torch::Tensor& x) { return titan::all_to_all(x, group, 0, 1, rows); },
+                   reference(0, 1));
+  // The other way round: 3 rows to split (at 4 ranks 1, 1, 1, 0: the last rank receives nothing).
+  check_collective([](int r) { return std::vector<int64_t>{3, r + 1}; },
+                   [&](const torch::Tensor& x) { return titan::all_to_all(x, group, -1, 0); }, reference(1, 0));
+}
+
 TEST_CASE("collectives keep float32 and reject bad arguments") {
   auto group = world()->group();
-  auto x = torch::ones({2, 2});
-  CHECK((titan::all_gather(x, group).scalar_type() == torch::kFloat));
+  auto x = torch::ones({2, 2}, device());
+  auto gathered = titan::all_gather(x, group);
+  CHECK((gathered.scalar_type() == torch::kFloat));
+  CHECK(gathered.device() == device());
+  CHECK(same_values(gathered, torch::ones({2 * world()->world_size(), 2})));
   CHECK(error_of([&] { titan::all_gather(x, group, 2); }).find("dim 2 is out of range") != std::string::npos);
   CHECK(error_of([&] { titan::all_gather(x, nullptr); }).find("null process group") != std::string::npos);
   if (world()->world_size() > 1) {
@@ -390,9 +425,9 @@ TEST_CASE("TensorLayout with a fused level gives a rectangle per part, and compo
   // The fused tensor gathers back (gather_full) and blocks round-trip (load_full_state_dict's copy).
   torch::manual_seed(5);
   auto global = torch::randn({16, 3});
-  auto mine = torch::empty(fused.local_shape());
+  auto mine = torch::empty(fused.local_shape(), device());
   for (const auto& block : blocks) block.view_of(mine).copy_(block.view_of_global(global));
-  CHECK(torch::equal(titan::gather_full(titan::make_sharded("q|k|v", mine, fused)), global));
+  CHECK(same_values(titan::gather_full(titan::make_sharded("q|k|v", mine, fused)), global));
   if (world_size == 4) {
     // FSDP's level on top of the fused TP level: Shard(0)[3 parts] over "tp" (2), Shard(0) over "dp_shard" (2).
     titan::DeviceMesh mesh2(world(), {"dp_shard", "tp"}, {2, 2});
@@ -400,8 +435,8 @@ TEST_CASE("TensorLayout with a fused level gives a rectangle per part, and compo
         {0, "dp_shard", mesh2.group("dp_shard"), {}});
     auto shape = two_d.local_shape();
     CHECK(shape == std::vector<int64_t>{4, 3});  // tp local 4 + 2 + 2 = 8 rows, half of them
-    auto piece = torch::empty(shape);
+    auto piece = torch::empty(shape, device());
     for (const auto& block : two_d.local_blocks()) block.view_of(piece).copy_(block.view_of_global(global));
-    CHECK(torch::equal(titan::gather_full(titan::make_sharded("q|k|v", piece, two_d)), global));
+    CHECK(same_values(titan::gather_full(titan::make_sharded("q|k|v", piece, two_d)), global));
   }
 }

@@ -1,5 +1,6 @@
 // titan/fsdp.hpp: per-parameter sharding, checked against single-process training of the same
-// global batch (computed on every rank locally). Runs at 1, 2 and 4 CPU ranks over Gloo.
+// global batch (computed on every rank locally), both on titan_test::device(). Runs at 1, 2 and 4
+// ranks.
 #include "../support/multirank.hpp"
 
 #include <titan/fsdp.hpp>
@@ -12,6 +13,8 @@
 
 namespace {
 
+using titan_test::device;
+using titan_test::same_values;
 using torch::Tensor;
 
 // ---------------------------------------------------------------------------------------------
@@ -97,11 +100,14 @@ void shard_cnn(Cnn& model, const titan::DeviceMesh& mesh, titan::FsdpOptions opt
   titan::fully_shard(model, mesh, options);
 }
 
-/// A `Model` with the weights of seed 0: every run of a comparison starts from the same ones.
+/// A `Model` with the weights of seed 0 (drawn on the CPU), on device(): every run of a comparison
+/// starts from the same ones.
 template <typename Model>
 Model seeded() {
   torch::manual_seed(0);
-  return Model();
+  Model model;
+  model->to(device());
+  return model;
 }
 
 /// This rank's rows of a global batch (every rank holds an equal slice).
@@ -112,7 +118,7 @@ Tensor local_rows(const Tensor& global) {
   return global.narrow(0, world().rank() * rows, rows);
 }
 
-/// Global batches for `steps` steps: inputs [steps, B, ...] and targets [steps, B, out].
+/// Global batches for `steps` steps, on device(): inputs [steps, B, ...] and targets [steps, B, out].
 struct Data {
   Tensor inputs, targets;
 };
@@ -120,7 +126,9 @@ Data make_data(std::vector<int64_t> input_shape, int64_t out, int64_t steps, int
   torch::manual_seed(1234);
   std::vector<int64_t> shape{steps, batch};
   shape.insert(shape.end(), input_shape.begin(), input_shape.end());
-  return Data{torch::randn(shape), torch::randn({steps, batch, out})};
+  auto inputs = torch::randn(shape);
+  auto targets = torch::randn({steps, batch, out});
+  return Data{inputs.to(device()), targets.to(device())};
 }
 
 /// The loss of a model output for inputs x and targets y.
@@ -149,7 +157,8 @@ std::vector<double> train(Model& model, const Data& data, bool distributed, int6
       total += loss.item<double>();
     }
     if (distributed) {
-      auto t = titan::all_reduce(torch::tensor({total}, torch::kDouble), world().group(), titan::ReduceOp::Avg);
+      auto t = titan::all_reduce(torch::tensor({total}, torch::TensorOptions().dtype(torch::kDouble).device(device())),
+                                 world().group(), titan::ReduceOp::Avg);
       total = t.item<double>();
     }
     losses.push_back(total);
@@ -236,7 +245,7 @@ TEST_CASE("fsdp: dictionary entries become dim-0 chunks, members are freed, layo
   // Sharding twice is refused.
   CHECK_THROWS_WITH(titan::fully_shard(model, mesh), doctest::Contains("already sharded"));
   // Forward without gradients matches the reference and frees everything again.
-  auto x = torch::randn({4, 5});
+  auto x = torch::randn({4, 5}).to(device());
   {
     torch::NoGradGuard no_grad;
     CHECK_CLOSE(titan::call(model, x), reference->forward(x), 1e-6);
@@ -292,7 +301,7 @@ TEST_CASE("fsdp: a model built on the meta device, sharded, then to_empty and lo
   shard_mlp(model, mesh);
   CHECK(model->parameters()[0].is_meta());
   CHECK_THROWS_WITH(titan::call(model, data.inputs[0]), doctest::Contains("meta device"));
-  titan::to_empty(*model, torch::kCPU);
+  titan::to_empty(*model, device());
   titan::load_full_state_dict(*model, initial);
   auto mem = titan::memory_usage(*model);
   CHECK(mem.unsharded_bytes == 0);
@@ -396,9 +405,11 @@ TEST_CASE("fsdp: tied parameters are shared inside a unit and refused across uni
     auto data = make_data({6}, 6, 1);
     torch::manual_seed(0);
     Tied reference;
+    reference->to(device());
     forward_backward(reference, data, false);
     torch::manual_seed(0);
     Tied model;
+    model->to(device());
     auto hook = titan::fully_shard(model, mesh);
     CHECK(hook->params().size() == 2);  // one shard for both names
     CHECK(model->named_parameters()["in_proj"].is_same(model->named_parameters()["out_proj"]));
@@ -430,11 +441,12 @@ TEST_CASE("fsdp: per-rank parameter, gradient and optimizer memory is ~1/N of th
   const int n = world().world_size();
   torch::manual_seed(0);
   Mlp model(torch::kCPU, /*dim=*/64, /*hidden=*/256, /*depth=*/2);
+  model->to(device());
   auto mesh = shard_mesh();
   shard_mlp(model, mesh);
   torch::optim::AdamW optimizer(model->parameters());
-  auto x = torch::randn({8, 5});
-  torch::mse_loss(titan::call(model, local_rows(x)), torch::zeros({8 / n, 3})).backward();
+  auto x = torch::randn({8, 5}).to(device());
+  torch::mse_loss(titan::call(model, local_rows(x)), torch::zeros({8 / n, 3}, device())).backward();
   optimizer.step();
   auto mem = titan::memory_usage(*model, &optimizer);
   const double ideal = static_cast<double>(mem.global_param_bytes) / n;
@@ -456,7 +468,7 @@ TEST_CASE("fsdp: full_state_dict on rank 0 only") {
   auto full = titan::full_state_dict(*model, world().group());
   if (world().rank() == 0) {
     REQUIRE(full.size() == reference->named_parameters().size());
-    for (const auto& item : reference->named_parameters()) CHECK(torch::equal(full[item.key()], item.value()));
+    for (const auto& item : reference->named_parameters()) CHECK(same_values(full[item.key()], item.value()));
   } else {
     CHECK(full.is_empty());
   }
@@ -492,9 +504,10 @@ TEST_CASE("fsdp: layouts compose with an inner hook's (TP-like Shard(1), then FS
   int64_t col0 = 0;
   for (int r = 0; r < tp->rank(); ++r) col0 += cols[static_cast<size_t>(r)];
   torch::nn::Linear linear(6, 5);
+  linear->to(device());
   {
     torch::NoGradGuard no_grad;
-    linear->weight.set_data(global.narrow(1, col0, cols[static_cast<size_t>(tp->rank())]).clone());
+    linear->weight.set_data(global.narrow(1, col0, cols[static_cast<size_t>(tp->rank())]).to(device()));
   }
   // As in torchtitan: TP on the projection, FSDP on the block holding it.
   titan::attach_hook(*linear, std::make_shared<ColumnShardLayout>(tp));
@@ -509,9 +522,9 @@ TEST_CASE("fsdp: layouts compose with an inner hook's (TP-like Shard(1), then FS
   int64_t row0 = 0;
   for (int r = 0; r < mesh.coordinate("dp_shard"); ++r) row0 += rows[static_cast<size_t>(r)];
   CHECK((weight.box().offsets == std::vector<int64_t>{row0, col0}));
-  CHECK(torch::equal(weight.local, global.narrow(0, row0, weight.box().sizes[0]).narrow(1, col0, weight.box().sizes[1])));
+  CHECK(same_values(weight.local, global.narrow(0, row0, weight.box().sizes[0]).narrow(1, col0, weight.box().sizes[1])));
   auto full = titan::full_state_dict(*block, world().group(), titan::FullStateDictOptions().rank0_only(false));
-  CHECK(torch::equal(full["0.weight"], global));
+  CHECK(same_values(full["0.weight"], global));
 }
 
 namespace {
@@ -536,12 +549,13 @@ TORCH_MODULE(Bypass);
 
 TEST_CASE("fsdp: a unit called with ->forward is an error naming it, not a read of freed memory") {
   Bypass model;
+  model->to(device());
   auto mesh = shard_mesh();
   for (const auto& layer : *model->mlp->layers) titan::fully_shard(layer, mesh);
   titan::fully_shard(model, mesh);
   // The root's hook runs (titan::call), the blocks' do not: they compute with the placeholder
   // (zeros) their resharded parameters point at, and the root's call reports them.
-  CHECK_THROWS_WITH(titan::call(model, torch::randn({2, 5})),
+  CHECK_THROWS_WITH(titan::call(model, torch::randn({2, 5}, device())),
                     doctest::Contains("'mlp.layers.0' has fully_shard attached; 'mlp.layers.1' has fully_shard attached; "
                                       "'mlp.layers.2' has fully_shard attached but were not called through titan::call"));
   // Resharded parameters hold no memory (their placeholders are not counted as unsharded).

@@ -1,10 +1,13 @@
-// titan/hooks.hpp: titan::call runs attached hooks around forward, outermost last attached.
+// titan/hooks.hpp: titan::call runs attached hooks around forward, outermost last attached. The
+// modules and inputs live on titan_test::device().
 #include "../support/multirank.hpp"
 
 #include <titan/hooks.hpp>
 #include <titan/meta.hpp>
 
 namespace {
+
+using titan_test::device;
 
 struct AffineImpl : torch::nn::Module {
   AffineImpl() { weight = register_parameter("weight", torch::full({3}, 2.0)); }
@@ -33,19 +36,22 @@ struct ScaleInput : titan::ModuleHook {
 
 TEST_CASE("titan::call without hooks is forward") {
   Affine affine;
-  auto x = torch::ones({3}), y = torch::full({3}, 0.5);
+  affine->to(device());
+  auto x = torch::ones({3}, device()), y = torch::full({3}, 0.5, device());
   CHECK(torch::equal(titan::call(affine, x, 1.0, y), affine->forward(x, 1.0, y)));
   CHECK(titan::hooks_of(*affine).empty());
 }
 
 TEST_CASE("titan::call nests hooks, the last attached outermost, and binds non-tensor arguments") {
   Affine affine;
+  affine->to(device());
   std::vector<std::string> log;
   titan::attach_hook(*affine, std::make_shared<ScaleInput>(3.0, &log));
   titan::attach_hook(*affine, std::make_shared<ScaleInput>(10.0, &log));
-  auto x = torch::ones({3}), y = torch::full({3}, 0.5);
+  auto x = torch::ones({3}, device()), y = torch::full({3}, 0.5, device());
   auto out = titan::call(affine, x, 1.0, y);
-  CHECK(torch::allclose(out, torch::full({3}, 1.0 * 10 * 3 * 2 + 1.0 + 0.5)));
+  CHECK(out.device() == device());
+  CHECK(torch::allclose(out, torch::full({3}, 1.0 * 10 * 3 * 2 + 1.0 + 0.5, device())));
   CHECK(log == std::vector<std::string>{"enter 10.000000", "enter 3.000000", "leave 3.000000", "leave 10.000000"});
   CHECK(titan::hooks_of(*affine).size() == 2);
   CHECK(titan::find_hook<ScaleInput>(*affine)->factor == 3.0);
@@ -70,21 +76,21 @@ TEST_CASE("to_empty materialises meta parameters and buffers in place, keeping e
   };
   auto net = std::make_shared<NetImpl>();
   CHECK(net->weight.is_meta());
-  titan::to_empty(*net, torch::kCPU);
-  CHECK(net->weight.device().is_cpu());
-  CHECK(net->named_parameters()["weight"].device().is_cpu());
-  CHECK(net->scale.device().is_cpu());
+  titan::to_empty(*net, device());
+  CHECK(net->weight.device() == device());
+  CHECK(net->named_parameters()["weight"].device() == device());
+  CHECK(net->scale.device() == device());
   CHECK(net->weight.requires_grad());
   {
     torch::NoGradGuard no_grad;
     net->named_parameters()["weight"].fill_(2.0);  // writes through the dictionary handle...
     net->named_buffers()["scale"].fill_(1.0);
   }
-  auto x = torch::ones({2, 3});
+  auto x = torch::ones({2, 3}, device());
   auto y = titan::call(net, x);  // ...and forward reads the member handle: the same tensor
-  CHECK(torch::allclose(y, torch::full({2, 4}, 6.0)));
+  CHECK(torch::allclose(y, torch::full({2, 4}, 6.0, device())));
   y.sum().backward();
-  CHECK(torch::allclose(net->weight.grad(), torch::full({4, 3}, 2.0)));
+  CHECK(torch::allclose(net->weight.grad(), torch::full({4, 3}, 2.0, device())));
 }
 
 namespace {
@@ -118,32 +124,36 @@ TORCH_MODULE(Pair);
 
 TEST_CASE("titan::call reports a hooked module its parent called with ->forward, when the outermost call returns") {
   Pair pair(/*direct=*/true);
+  pair->to(device());
   titan::attach_hook(pair->a, std::make_shared<Marker>());
   titan::attach_hook(pair->b, std::make_shared<Marker>());
-  CHECK_THROWS_WITH(titan::call(pair, torch::ones({2, 3})),
+  const auto x = torch::ones({2, 3}, device());
+  CHECK_THROWS_WITH(titan::call(pair, x),
                     doctest::Contains("'b' has marker attached but was not called through titan::call during the "
                                       "forward of '(anonymous namespace)::PairImpl'"));
   // Called properly, nothing is reported, also when the root itself has no hook.
   Pair good;
+  good->to(device());
   titan::attach_hook(good->a, std::make_shared<Marker>());
   titan::attach_hook(good->b, std::make_shared<Marker>());
-  CHECK_NOTHROW(titan::call(good, torch::ones({2, 3})));
+  CHECK_NOTHROW(titan::call(good, x));
   // A nested titan::call does not check on its own: only the outermost does, once.
-  CHECK_NOTHROW(titan::call(good->a, torch::ones({2, 3})));
+  CHECK_NOTHROW(titan::call(good->a, x));
 }
 
 TEST_CASE("titan::verify_calls: hooked modules never called while others were, and the hooks' model checks") {
   Pair pair(/*direct=*/true);
+  pair->to(device());
   auto a = std::make_shared<Marker>(), b = std::make_shared<Marker>();
   titan::attach_hook(pair->a, a);
   titan::attach_hook(pair->b, b);
   CHECK_NOTHROW(titan::verify_calls(pair));  // nothing ran yet: only the model checks
   CHECK(a->verified + b->verified == 1);       // once per hook type
-  pair->forward(torch::ones({2, 3}));         // the root called directly: a runs through titan::call, b not
+  pair->forward(torch::ones({2, 3}, device()));  // the root called directly: a runs through titan::call, b not
   CHECK_THROWS_WITH(titan::verify_calls(pair),
                     doctest::Contains("'b' has marker attached but was never called through titan::call"));
   pair->direct = false;
-  pair->forward(torch::ones({2, 3}));
+  pair->forward(torch::ones({2, 3}, device()));
   CHECK_NOTHROW(titan::verify_calls(pair));
 }
 

@@ -49,7 +49,10 @@ inline std::string raw_safetensors(const std::string& header, const std::string&
   return out + header + data;
 }
 
+using titan_test::device;
 using titan_test::error_of;
+using titan_test::max_abs_diff;
+using titan_test::same_values;
 
 /// Checks that `text` contains `part`, printing both otherwise.
 #define CHECK_CONTAINS(text, part)                                                                  \
@@ -57,12 +60,5 @@ using titan_test::error_of;
     std::string models_text_ = (text);                                                              \
     CHECK_MESSAGE(models_text_.find(part) != std::string::npos, "'", models_text_, "' lacks '", part, "'"); \
   } while (0)
-
-/// Largest absolute difference of two tensors of the same shape.
-inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  REQUIRE_MESSAGE(a.sizes() == b.sizes(), "shapes differ: ", a.sizes(), " vs ", b.sizes());
-  if (a.numel() == 0) return 0.0;
-  return (a.detach().to(torch::kDouble) - b.detach().to(torch::kDouble)).abs().max().item<double>();
-}
 
 }  // namespace models_test

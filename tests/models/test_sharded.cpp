@@ -1,7 +1,7 @@
 // The example Transformer under titan::fully_shard (run at 1, 2 and 4 ranks): built on meta,
 // sharded, materialised, then init_weights / load_hf must give every rank exactly its block of
 // the values the unsharded model gets, the sharded forward must match, and training must follow
-// the single-process run.
+// the single-process run. The models and tokens live on titan_test::device().
 #include "../support/multirank.hpp"
 #include "support.hpp"
 
@@ -17,6 +17,7 @@
 #include <filesystem>
 
 using namespace titan::examples;
+using titan_test::device;
 
 namespace {
 
@@ -24,13 +25,13 @@ ModelArgs small_args() {
   return ModelArgs().dim(64).n_layers(2).n_heads(4).n_kv_heads(2).vocab_size(97).multiple_of(32).max_seq_len(32);
 }
 
-/// A model built on meta, sharded over every rank (blocks, then the root), given CPU storage.
+/// A model built on meta, sharded over every rank (blocks, then the root), given storage on device().
 Transformer sharded_model(const ModelArgs& args) {
   Transformer model(args, torch::kMeta);
   titan::DeviceMesh mesh(titan_test::world(), {"dp_shard"}, {titan_test::world()->world_size()});
   for (const auto& layer : *model->layers) titan::fully_shard(layer, mesh);
   titan::fully_shard(model, mesh);
-  titan::to_empty(*model, torch::kCPU);
+  titan::to_empty(*model, device());
   return model;
 }
 
@@ -51,7 +52,7 @@ void check_blocks(const TransformerImpl& sharded, const TransformerImpl& full) {
 
 TEST_CASE("sharded: init_weights and load_hf fill each rank's block; forward matches") {
   const auto args = small_args();
-  Transformer full(args);
+  Transformer full(args, device());
   init_weights(*full, 5);
 
   auto model = sharded_model(args);
@@ -63,7 +64,7 @@ TEST_CASE("sharded: init_weights and load_hf fill each rank's block; forward mat
     CHECK(local[1].second.local.size(0) < 64);
   }
   torch::manual_seed(11);  // same tokens on every rank
-  auto tokens = torch::randint(0, 97, {2, 16}, torch::kLong);
+  auto tokens = torch::randint(0, 97, {2, 16}, torch::kLong).to(device());
   CHECK_CLOSE(titan::call(model, tokens), titan::call(full, tokens), 1e-5);
 
   // load_hf reads only each rank's rectangle, also for q/k rows cut mid-head by the shard.
@@ -103,7 +104,7 @@ TEST_CASE("sharded: init_weights under FSDP x TP gives each rank its block, tile
   // the FSDP shards cut in the middle at 2 and 4 ranks.
   const auto args = small_args().vocab_size(2000);
   REQUIRE(init_tile_rows({2000, 64}) == 1024);
-  Transformer full(args);
+  Transformer full(args, device());
   init_weights(*full, 9);
 
   const int n = titan_test::world()->world_size();
@@ -113,7 +114,7 @@ TEST_CASE("sharded: init_weights under FSDP x TP gives each rank its block, tile
   titan::parallelize_module(*model, mesh["tp"], llama_tp_plan(tp_dims(args), tp, TpPlanOptions()));
   for (const auto& layer : *model->layers) titan::fully_shard(layer, mesh["dp_shard"]);
   titan::fully_shard(model, mesh["dp_shard"]);
-  titan::to_empty(*model, torch::kCPU);
+  titan::to_empty(*model, device());
   init_weights(*model, 9);
   check_blocks(*model, *full);
 }
@@ -121,7 +122,7 @@ TEST_CASE("sharded: init_weights under FSDP x TP gives each rank its block, tile
 TEST_CASE("sharded: the debug Llama built on meta trains under FSDP like the single-process reference") {
   // Vocabulary 61: the embedding and output rows split unevenly over 2 and 4 ranks.
   const auto args = model_args("llama3", "debug").vocab_size(61).max_seq_len(16).n_layers(2);
-  Transformer reference(args, torch::kCPU);
+  Transformer reference(args, device());
   init_weights(*reference, 0);
   auto model = sharded_model(args);
   init_weights(*model, 0);
@@ -132,7 +133,7 @@ TEST_CASE("sharded: the debug Llama built on meta trains under FSDP like the sin
   const auto& group = titan_test::world()->group();
   const int64_t n = group->size(), rows = 4 / n;  // the global batch of 4 sequences, split over the ranks
   torch::manual_seed(7);
-  const auto data = torch::randint(0, 61, {5, 4, 16});  // tokens [steps, B, S], the same on every rank
+  const auto data = torch::randint(0, 61, {5, 4, 16}).to(device());  // tokens [steps, B, S], the same on every rank
   for (int64_t step = 0; step < 5; ++step) {
     auto ref_loss = causal_lm_loss(reference->forward(data[step]), data[step]);
     ref_optimizer.zero_grad();

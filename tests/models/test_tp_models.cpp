@@ -1,6 +1,7 @@
 // The example TP plan on the example models (examples/models/llama: Llama 3 and Mistral debug
 // flavors): a model built on the meta device, sharded, materialised and initialised by name trains
-// exactly like the unsharded model on one process, at TP = world size (1, 2 or 4).
+// exactly like the unsharded model on one process, at TP = world size (1, 2 or 4), both on
+// titan_test::device().
 #include "../tensor_parallel/tp_test_util.hpp"
 
 #include "models/llama/parallelize.hpp"
@@ -21,7 +22,7 @@ ModelArgs small_args(const std::string& family) {
 void check_model_parity(const std::string& family, bool sequence_parallel, bool loss_parallel) {
   INFO(family, ", sequence_parallel ", sequence_parallel, ", loss_parallel ", loss_parallel);
   const auto args = small_args(family);
-  titan::examples::Transformer reference(args);
+  titan::examples::Transformer reference(args, titan_test::device());
   titan::examples::init_weights(*reference, 11);
 
   titan::examples::Transformer model(args, torch::kMeta);
@@ -30,7 +31,7 @@ void check_model_parity(const std::string& family, bool sequence_parallel, bool 
       titan::examples::TpPlanOptions().sequence_parallel(sequence_parallel).loss_parallel(loss_parallel));
   titan::DeviceMesh mesh(titan_test::world(), {"tp"}, {tp_test::tp_size()});
   titan::parallelize_module(*model, mesh["tp"], plan);
-  titan::to_empty(*model, torch::kCPU);
+  titan::to_empty(*model, titan_test::device());
   titan::examples::init_weights(*model, 11);  // draws each global tensor and keeps this rank's block
 
   // eps 1e-6 rather than 1e-8: elements whose gradient is rounding noise (|g| ~ 1e-9, summed in
@@ -39,7 +40,8 @@ void check_model_parity(const std::string& family, bool sequence_parallel, bool 
   torch::optim::AdamW opt(model->parameters(), options), ref_opt(reference->parameters(), options);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(5);
   for (int step = 0; step < 5; ++step) {
-    auto tokens = at::randint(args.vocab_size(), {2, 17}, generator, torch::kLong);  // same on every rank
+    // The same on every rank.
+    auto tokens = at::randint(args.vocab_size(), {2, 17}, generator, torch::kLong).to(titan_test::device());
     auto ref_loss = titan::examples::causal_lm_loss(reference->forward(tokens), tokens);
     auto logits = titan::call(model, tokens);
     auto loss = loss_parallel ? titan::loss_parallel_cross_entropy(logits.narrow(1, 0, 16), tokens.narrow(1, 1, 16),

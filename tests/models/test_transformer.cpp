@@ -1,5 +1,6 @@
 // The example Transformer: flavors, parameter counts, names, meta build, attention against a
-// naive reference, causality / sliding window, init_weights, titan::call coverage.
+// naive reference, causality / sliding window, init_weights, titan::call coverage. Real models run
+// on titan_test::device().
 #include "support.hpp"
 
 #include "models/llama/model.hpp"
@@ -19,11 +20,13 @@ ModelArgs tiny_args() {
   return ModelArgs().dim(64).n_layers(2).n_heads(4).n_kv_heads(2).vocab_size(97).multiple_of(32).max_seq_len(64);
 }
 
-/// Attention written the naive way (complex RoPE as Meta's reference, explicit masked softmax).
+/// Attention written the naive way (complex RoPE as Meta's reference, explicit masked softmax), on
+/// x's device.
 torch::Tensor naive_attention(AttentionImpl& a, const torch::Tensor& x, const ModelArgs& args) {
   const int64_t B = x.size(0), S = x.size(1), H = args.n_heads(), KV = args.n_kv_heads(), hd = args.effective_head_dim();
+  const auto on = x.options();
   auto rope = [&](const torch::Tensor& t) {
-    auto angles = torch::outer(torch::arange(S, torch::kFloat), rope_frequencies(args));
+    auto angles = torch::outer(torch::arange(S, on.dtype(torch::kFloat)), rope_frequencies(args).to(x.device()));
     auto freqs = torch::polar(torch::ones_like(angles), angles).view({1, S, 1, hd / 2});
     auto c = torch::view_as_complex(t.reshape({B, S, -1, hd / 2, 2}).contiguous());
     return torch::view_as_real(c * freqs).flatten(3);
@@ -31,11 +34,12 @@ torch::Tensor naive_attention(AttentionImpl& a, const torch::Tensor& x, const Mo
   auto q = rope(torch::matmul(x, a.wq->weight.t()).view({B, S, H, hd}));
   auto k = rope(torch::matmul(x, a.wk->weight.t()).view({B, S, KV, hd}));
   auto v = torch::matmul(x, a.wv->weight.t()).view({B, S, KV, hd});
-  auto group = torch::arange(H, torch::kLong).div(H / KV, "floor");
+  auto group = torch::arange(H, on.dtype(torch::kLong)).div(H / KV, "floor");
   k = k.index_select(2, group);
   v = v.index_select(2, group);
   auto scores = torch::einsum("bqhd,bkhd->bhqk", {q, k}) / std::sqrt(static_cast<double>(hd));
-  auto i = torch::arange(S).unsqueeze(1), j = torch::arange(S).unsqueeze(0);
+  auto positions = torch::arange(S, on.dtype(torch::kLong));
+  auto i = positions.unsqueeze(1), j = positions.unsqueeze(0);
   auto allowed = j.le(i);
   if (args.sliding_window() > 0) allowed = allowed.logical_and((i - j).lt(args.sliding_window()));
   scores = scores.masked_fill(allowed.logical_not(), -INFINITY);
@@ -134,15 +138,15 @@ TEST_CASE("model: attention matches a naive reference (GQA, RoPE, causal and sli
       CAPTURE(scaled);
       auto args = tiny_args().sliding_window(window).rope_theta(scaled ? 500000.0 : 10000.0);
       if (scaled) args.rope_scaling(RopeScaling().enabled(true).original_max_position_embeddings(16));
-      Attention attention(args, torch::TensorOptions());
+      Attention attention(args, torch::TensorOptions().device(device()));
       for (auto& p : attention->parameters()) p.data().normal_(0, 0.2);
-      auto angles = torch::outer(torch::arange(args.max_seq_len(), torch::kFloat), rope_frequencies(args));
-      auto x = torch::randn({2, 12, 64});
+      auto angles = torch::outer(torch::arange(args.max_seq_len(), torch::kFloat), rope_frequencies(args)).to(device());
+      auto x = torch::randn({2, 12, 64}).to(device());
       auto out = attention->forward(x, angles.cos().narrow(0, 0, 12), angles.sin().narrow(0, 0, 12));
       CHECK(max_abs_diff(out, naive_attention(*attention, x, args)) < 1e-5);
     }
   }
-  // Unscaled frequencies are theta^(-2i / head_dim).
+  // Unscaled frequencies are theta^(-2i / head_dim) (a CPU table: the model copies it to its device).
   auto freqs = rope_frequencies(tiny_args());
   auto expected = torch::pow(10000.0, -torch::arange(0, 16, 2, torch::kDouble) / 16.0);
   CHECK(max_abs_diff(freqs, expected) < 1e-7);
@@ -151,9 +155,9 @@ TEST_CASE("model: attention matches a naive reference (GQA, RoPE, causal and sli
 TEST_CASE("model: causal, and Mistral attends only inside the window") {
   torch::manual_seed(1);
   auto args = tiny_args().n_layers(1).sliding_window(4);
-  Transformer model(args);
+  Transformer model(args, device());
   init_weights(*model, 3);
-  auto tokens = torch::randint(0, 97, {1, 16}, torch::kLong);
+  auto tokens = torch::randint(0, 97, {1, 16}, torch::kLong).to(device());
   auto logits = titan::call(model, tokens);
   CHECK(logits.sizes() == torch::IntArrayRef({1, 16, 97}));
   auto changed = tokens.clone();
@@ -162,14 +166,15 @@ TEST_CASE("model: causal, and Mistral attends only inside the window") {
   CHECK(max_abs_diff(after.narrow(1, 0, 10), logits.narrow(1, 0, 10)) == 0.0);  // causal
   CHECK(max_abs_diff(after.narrow(1, 10, 4), logits.narrow(1, 10, 4)) > 1e-4);   // positions 10..13 see it
   CHECK(max_abs_diff(after.narrow(1, 14, 2), logits.narrow(1, 14, 2)) == 0.0);   // 14 - 10 >= window
-  CHECK_CONTAINS(error_of([&] { model->forward(torch::zeros({1, 65}, torch::kLong)); }), "exceeds max_seq_len 64");
+  const auto too_long = torch::zeros({1, 65}, torch::TensorOptions().dtype(torch::kLong).device(device()));
+  CHECK_CONTAINS(error_of([&] { model->forward(too_long); }), "exceeds max_seq_len 64");
 }
 
 TEST_CASE("model: init_weights follows torchtitan's scheme and is reproducible") {
   auto args = model_args("llama3", "debug").n_layers(4).vocab_size(512);
   Transformer model(args, torch::kMeta);
   CHECK_CONTAINS(error_of([&] { init_weights(*model, 0); }), "call titan::to_empty");
-  titan::to_empty(*model, torch::kCPU);
+  titan::to_empty(*model, device());
   init_weights(*model, 7);
   auto params = model->named_parameters();
   auto std_of = [&](const std::string& name) { return params[name].std().item<double>(); };
@@ -186,16 +191,16 @@ TEST_CASE("model: init_weights follows torchtitan's scheme and is reproducible")
   // A normal truncated at 3 std has std 0.9866 of the untruncated one.
   CHECK(std_of("output.weight") == doctest::Approx(0.9866 * out_std).epsilon(0.02));
   CHECK(params["output.weight"].abs().max().item<double>() <= 3 * out_std + 1e-7);
-  CHECK(torch::equal(params["layers.1.ffn_norm.weight"], torch::ones({256})));
-  CHECK(torch::equal(params["norm.weight"], torch::ones({256})));
+  CHECK(same_values(params["layers.1.ffn_norm.weight"], torch::ones({256})));
+  CHECK(same_values(params["norm.weight"], torch::ones({256})));
 
-  // Same seed: same values, also for a model built directly on CPU; another seed differs.
-  Transformer again(args);
+  // Same seed: same values, also for a model built directly on the CPU; another seed differs.
+  Transformer again(args, torch::kCPU);
   init_weights(*again, 7);
-  for (const auto& item : again->named_parameters()) CHECK(torch::equal(item.value(), params[item.key()]));
-  CHECK(torch::equal(again->rope_cos, model->rope_cos));
+  for (const auto& item : again->named_parameters()) CHECK(same_values(item.value(), params[item.key()]));
+  CHECK(same_values(again->rope_cos, model->rope_cos));
   init_weights(*again, 8);
-  CHECK_FALSE(torch::equal(again->named_parameters()["layers.0.attention.wq.weight"], params["layers.0.attention.wq.weight"]));
+  CHECK_FALSE(same_values(again->named_parameters()["layers.0.attention.wq.weight"], params["layers.0.attention.wq.weight"]));
   // No depth_init: one std for every layer.
   Transformer flat(ModelArgs(args).depth_init(false));
   init_weights(*flat, 7);
@@ -204,7 +209,7 @@ TEST_CASE("model: init_weights follows torchtitan's scheme and is reproducible")
 }
 
 TEST_CASE("model: every submodule call goes through titan::call") {
-  Transformer model(tiny_args());
+  Transformer model(tiny_args(), device());
   init_weights(*model, 0);
   std::map<std::string, int> counts;
   for (const auto& item : model->named_modules("", /*include_self=*/false)) {
@@ -212,7 +217,7 @@ TEST_CASE("model: every submodule call goes through titan::call") {
     if (item.key() == "layers") continue;  // the ModuleList is iterated, never called: no hook there
     titan::attach_hook(*item.value(), std::make_shared<CountingHook>(counts, item.key()));
   }
-  auto tokens = torch::randint(0, 97, {2, 8}, torch::kLong);
+  auto tokens = torch::randint(0, 97, {2, 8}, torch::kLong).to(device());
   titan::call(model, tokens);
   CHECK(counts["tok_embeddings"] == 1);
   CHECK(counts["norm"] == 1);

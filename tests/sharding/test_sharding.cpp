@@ -1,6 +1,6 @@
 // titan/sharding.hpp: clip_grad_norm_ driven by parameter layouts equals PyTorch's
 // torch::nn::utils::clip_grad_norm_ on the single-process model, under FSDP, TP and FSDP x TP
-// (1, 2 and 4 ranks); memory_usage counts every optimizer titan knows.
+// (1, 2 and 4 ranks); memory_usage counts every optimizer titan knows. On titan_test::device().
 #include "../tensor_parallel/tiny_gpt2.hpp"
 #include "../tensor_parallel/tp_test_util.hpp"
 
@@ -9,6 +9,7 @@
 namespace {
 
 const titan::WorldPtr& world() { return titan_test::world(); }
+using titan_test::device;
 
 enum class Parallelism { Fsdp, Tp, FsdpTp };
 
@@ -17,7 +18,7 @@ std::pair<gpt2_test::Gpt2, titan::DeviceMesh> parallel_gpt2(const gpt2_test::Gpt
   const int64_t n = world()->world_size();
   const int64_t tp = how == Parallelism::Fsdp ? 1 : how == Parallelism::Tp ? n : 2;
   titan::DeviceMesh mesh(world(), {"dp_shard", "tp"}, {n / tp, tp});
-  auto model = gpt2_test::seeded_gpt2(a);
+  auto model = gpt2_test::seeded_gpt2(a, device());
   if (tp > 1) titan::parallelize_module(model, mesh["tp"], gpt2_test::gpt2_plan(a, true, true));
   if (how != Parallelism::Tp) {
     for (const auto& block : *model->h) titan::fully_shard(block, mesh["dp_shard"]);
@@ -33,12 +34,14 @@ TEST_CASE("clip_grad_norm_: replicated parameters are counted once, as torch::nn
     CAPTURE(max_norm);
     torch::manual_seed(3);
     torch::nn::Linear a(4, 3), b(4, 3);  // the same weights; the same gradients on every rank
+    a->to(device());
+    b->to(device());
     {
       torch::NoGradGuard no_grad;
       b->weight.copy_(a->weight);
       b->bias.copy_(a->bias);
     }
-    auto x = torch::randn({5, 4});
+    auto x = torch::randn({5, 4}).to(device());
     (a->forward(x).pow(2).sum() * 3).backward();
     (b->forward(x).pow(2).sum() * 3).backward();
     const double expected = torch::nn::utils::clip_grad_norm_(b->parameters(), max_norm > 0 ? max_norm : 1e30);
@@ -52,9 +55,9 @@ TEST_CASE("clip_grad_norm_: replicated parameters are counted once, as torch::nn
 TEST_CASE("clip_grad_norm_ under FSDP, TP and FSDP x TP gives the single-process norm and clipped gradients") {
   const gpt2_test::Gpt2Args a;
   const int64_t n = world()->world_size();
-  auto [tokens, labels] = gpt2_test::lm_batch(a, 0);  // the global batch of 4 rows, the same on every rank
+  auto [tokens, labels] = gpt2_test::lm_batch(a, 0, device());  // the global batch of 4 rows, the same on every rank
   const double valid = labels.ne(-100).sum().item<double>();
-  auto reference = gpt2_test::seeded_gpt2(a);
+  auto reference = gpt2_test::seeded_gpt2(a, device());
   torch::cross_entropy_loss(reference->forward(tokens).flatten(0, 1), labels.flatten()).backward();
   const double max_norm = 0.25;  // below the norm: the gradients are scaled
   const double expected = torch::nn::utils::clip_grad_norm_(reference->parameters(), max_norm);
@@ -80,8 +83,9 @@ TEST_CASE("clip_grad_norm_ names a shard level outside the given group") {
   if (world()->world_size() == 1) return;
   titan::DeviceMesh mesh(world(), {"dp_shard", "tp"}, {world()->world_size(), 1});
   torch::nn::Linear linear(4, 8);
+  linear->to(device());
   titan::fully_shard(linear, mesh["dp_shard"]);
-  titan::call(linear, torch::randn({2, 4})).sum().backward();
+  titan::call(linear, torch::randn({2, 4}, device())).sum().backward();
   CHECK_THROWS_WITH(titan::clip_grad_norm_(linear, 1.0, mesh.group("tp")),
                     doctest::Contains("parameter 'weight' is sharded over 'dp_shard', whose rank"));
 }
@@ -89,11 +93,12 @@ TEST_CASE("clip_grad_norm_ names a shard level outside the given group") {
 TEST_CASE("memory_usage counts the state of every optimizer titan knows, sharded like the parameters") {
   torch::manual_seed(3);
   torch::nn::Linear linear(6, 10);
+  linear->to(device());
   titan::fully_shard(linear, titan::DeviceMesh(world(), {"dp_shard"}, {world()->world_size()}));
   const auto params = linear->parameters();
   auto step = [&](torch::optim::Optimizer& optimizer) {
     optimizer.zero_grad();
-    titan::call(linear, torch::randn({3, 6})).pow(2).sum().backward();
+    titan::call(linear, torch::randn({3, 6}).to(device())).pow(2).sum().backward();
     optimizer.step();
     return titan::memory_usage(linear, &optimizer).optimizer_state_bytes;
   };

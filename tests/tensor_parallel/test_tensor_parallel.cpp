@@ -1,5 +1,6 @@
 // titan/tensor_parallel.hpp: every style, loss parallel and a GPT-2 written from scratch match a
-// single-process run of the same model (same weights, same inputs) at TP = world size (1, 2 or 4).
+// single-process run of the same model (same weights, same inputs) at TP = world size (1, 2 or 4),
+// both on titan_test::device().
 #include "tiny_gpt2.hpp"
 #include "tp_test_util.hpp"
 
@@ -16,6 +17,8 @@
 namespace {
 
 using namespace tp_test;  // the test layers and the gather/compare helpers
+using titan_test::device;
+using titan_test::same_values;
 
 /// Two linear layers with biases: x -> w2(gelu(w1(x))).
 struct MlpImpl : torch::nn::Module {
@@ -38,8 +41,8 @@ TORCH_MODULE(Mlp);
 void check_gpt2_parity(bool sequence_parallel, bool loss_parallel) {
   INFO("sequence_parallel ", sequence_parallel, ", loss_parallel ", loss_parallel);
   const gpt2_test::Gpt2Args a;
-  auto reference = gpt2_test::seeded_gpt2(a);
-  auto model = gpt2_test::seeded_gpt2(a);
+  auto reference = gpt2_test::seeded_gpt2(a, device());
+  auto model = gpt2_test::seeded_gpt2(a, device());
   titan::DeviceMesh mesh(titan_test::world(), {"tp"}, {tp_size()});
   titan::parallelize_module(model, mesh["tp"], gpt2_test::gpt2_plan(a, sequence_parallel, loss_parallel));
   // c_attn holds chunk r of each of q, k and v: its local rows are [q_r | k_r | v_r].
@@ -55,7 +58,7 @@ void check_gpt2_parity(bool sequence_parallel, bool loss_parallel) {
   auto options = torch::optim::AdamWOptions(1e-2).weight_decay(0.1).eps(1e-6);
   torch::optim::AdamW opt(model->parameters(), options), ref_opt(reference->parameters(), options);
   for (int64_t step = 0; step < 4; ++step) {
-    auto [tokens, labels] = gpt2_test::lm_batch(a, step);
+    auto [tokens, labels] = gpt2_test::lm_batch(a, step, device());
     auto ref_loss = torch::cross_entropy_loss(reference->forward(tokens).flatten(0, 1), labels.flatten());
     auto logits = titan::call(model, tokens);
     CHECK(logits.size(-1) == (loss_parallel ? a.vocab / tp_size() : a.vocab));
@@ -73,9 +76,9 @@ TEST_CASE("tp: Colwise then Rowwise MLP (with biases) trains like the unsharded 
   for (bool gathered : {false, true}) {
     INFO("gathered intermediate: ", gathered);
     torch::manual_seed(3);
-    Mlp reference(16, 24);
+    Mlp reference(16, 24, device());
     torch::manual_seed(3);
-    Mlp model(16, 24);
+    Mlp model(16, 24, device());
     titan::ParallelizePlan plan;
     if (gathered) {  // Colwise with a gathered output feeding Rowwise with a replicated input
       plan.add("w1", titan::ColwiseParallel().output_layout(titan::Replicate()))
@@ -93,7 +96,8 @@ TEST_CASE("tp: Colwise then Rowwise MLP (with biases) trains like the unsharded 
 
     torch::optim::SGD opt(model->parameters(), 0.1), ref_opt(reference->parameters(), 0.1);
     for (int step = 0; step < 5; ++step) {
-      auto x = torch::randn({4, 5, 16}), target = torch::randn({4, 5, 16});  // same seed stream on every rank
+      // The same seed stream on every rank (the CPU's).
+      auto x = torch::randn({4, 5, 16}).to(device()), target = torch::randn({4, 5, 16}).to(device());
       auto loss = F::mse_loss(titan::call(model, x), target);
       auto ref_loss = F::mse_loss(reference->forward(x), target);
       CHECK(std::abs(loss.item<double>() - ref_loss.item<double>()) < 1e-6);
@@ -110,7 +114,7 @@ TEST_CASE("tp: Colwise then Rowwise MLP (with biases) trains like the unsharded 
 
 TEST_CASE("tp: sharded parameters report their global layout") {
   torch::manual_seed(3);
-  Mlp model(16, 24);
+  Mlp model(16, 24, device());
   titan::DeviceMesh mesh(titan_test::world(), {"tp"}, {tp_size()});
   titan::parallelize_module(*model, mesh["tp"],
                             titan::ParallelizePlan().add("w1", titan::ColwiseParallel()).add("w2", titan::RowwiseParallel()));
@@ -138,12 +142,14 @@ TEST_CASE("tp: vocabulary-parallel torch::nn::Embedding, all-reduced or sequence
     torch::nn::Embedding reference(20, 6);
     torch::manual_seed(5);
     torch::nn::Embedding embedding(20, 6);
+    reference->to(device());
+    embedding->to(device());
     auto style = titan::RowwiseParallel().input_layout(titan::Replicate());
     if (sequence) style.output_layout(titan::Shard(1));
     titan::parallelize_module(*embedding, tp_group(), titan::ParallelizePlan().add("", style));
     CHECK(embedding->weight.size(0) == titan::chunk_sizes(20, tp_size())[static_cast<size_t>(tp_group()->rank())]);
-    auto ids = torch::randint(20, {3, 8});
-    auto grad_out = torch::randn({3, 8, 6});
+    auto ids = torch::randint(20, {3, 8}).to(device());
+    auto grad_out = torch::randn({3, 8, 6}).to(device());
     auto expected = reference->forward(ids);
     (expected * grad_out).sum().backward();
     auto out = titan::call(embedding, ids);
@@ -160,8 +166,8 @@ TEST_CASE("tp: vocabulary-parallel torch::nn::Embedding, all-reduced or sequence
 
 TEST_CASE("tp: redistribute Shard(1) -> Shard(2) is an all-to-all; its backward the inverse one") {
   torch::manual_seed(21);
-  auto full = torch::randn({2, 7, 6});  // uneven chunks at TP 4: 2, 2, 2, 1 and 2, 2, 2, 0
-  auto grad_full = torch::randn({2, 7, 6});
+  auto full = torch::randn({2, 7, 6}).to(device());  // uneven chunks at TP 4: 2, 2, 2, 1 and 2, 2, 2, 0
+  auto grad_full = torch::randn({2, 7, 6}).to(device());
   auto shard = [](const torch::Tensor& t, int64_t dim) { return titan::scatter_to_group(t, tp_group(), dim); };
   auto local = shard(full, 1).detach().requires_grad_(true);
   auto out = titan::redistribute(local, titan::Shard(1), titan::Shard(2), tp_group());
@@ -179,8 +185,10 @@ TEST_CASE("tp: PrepareModuleOutput moves a module's output between layouts, with
     torch::nn::Linear reference(4, 6);
     torch::manual_seed(3);
     torch::nn::Linear linear(4, 6);
-    auto x = torch::randn({2, 8, 4});
-    auto grad_out = torch::randn({2, 8, 6});
+    reference->to(device());
+    linear->to(device());
+    auto x = torch::randn({2, 8, 4}).to(device());
+    auto grad_out = torch::randn({2, 8, 6}).to(device());
     const auto from = to_shard ? titan::Replicate() : titan::Shard(1);
     const auto to = to_shard ? titan::Shard(1) : titan::Replicate();
     titan::parallelize_module(*linear, tp_group(), titan::ParallelizePlan().add("",
@@ -208,8 +216,8 @@ TEST_CASE("tp: PrepareModuleOutput moves a module's output between layouts, with
 
 TEST_CASE("tp: loss_parallel_cross_entropy matches cross_entropy on gathered logits, with its gradient") {
   const int64_t vocab = 4 * 5 + 2;  // uneven chunks at TP 4 (6, 6, 6, 4)
-  auto full = torch::randn({3, 7, vocab}) * 3;
-  auto targets = torch::randint(vocab, {3, 7});
+  auto full = (torch::randn({3, 7, vocab}) * 3).to(device());
+  auto targets = torch::randint(vocab, {3, 7}).to(device());
   targets.index_put_({1, torch::indexing::Slice()}, -100);
   targets.index_put_({2, 0}, vocab - 1);
   auto leaf = full.clone().requires_grad_(true);
@@ -231,7 +239,7 @@ TEST_CASE("tp: loss_parallel_cross_entropy matches cross_entropy on gathered log
   }
 
   // No valid target: NaN, as cross_entropy.
-  auto none = torch::full({2, 3}, -100, torch::kLong);
+  auto none = torch::full({2, 3}, -100, torch::TensorOptions().dtype(torch::kLong).device(device()));
   CHECK(std::isnan(titan::loss_parallel_cross_entropy(local.detach().narrow(0, 0, 2).narrow(1, 0, 3), none,
                                                       tp_group())
                        .item<double>()));
@@ -264,15 +272,15 @@ struct SizeExchanges {
 
 TEST_CASE("tp: a plan's hooks know their activations' shard sizes: no size exchange, also in AC recompute") {
   const gpt2_test::Gpt2Args a;
-  auto reference = gpt2_test::seeded_gpt2(a);
-  auto model = gpt2_test::seeded_gpt2(a);
+  auto reference = gpt2_test::seeded_gpt2(a, device());
+  auto model = gpt2_test::seeded_gpt2(a, device());
   titan::DeviceMesh mesh(titan_test::world(), {"tp"}, {tp_size()});
   titan::parallelize_module(model, mesh["tp"], gpt2_test::gpt2_plan(a, /*sequence_parallel=*/true, /*loss_parallel=*/true));
   for (const auto& block : *model->h) titan::checkpoint_wrapper(*block);  // full AC: recomputed in backward
   // 7 positions: uneven chunks at TP 2 (4, 3) and at TP 4 (2, 2, 2, 1).
   auto generator = at::make_generator<at::CPUGeneratorImpl>(77);
-  auto tokens = at::randint(a.vocab, {2, 7}, generator, torch::kLong);
-  auto labels = at::randint(a.vocab, {2, 7}, generator, torch::kLong);
+  auto tokens = at::randint(a.vocab, {2, 7}, generator, torch::kLong).to(device());
+  auto labels = at::randint(a.vocab, {2, 7}, generator, torch::kLong).to(device());
   auto ref_loss = torch::cross_entropy_loss(reference->forward(tokens).flatten(0, 1), labels.flatten());
   ref_loss.backward();
   for (int pass = 0; pass < 2; ++pass) {
@@ -293,9 +301,10 @@ TEST_CASE("tp: a plan's hooks know their activations' shard sizes: no size excha
                       doctest::Contains("vocabulary of"));
   // An activation the caller shards has no recorded extent: its sizes are exchanged, once.
   torch::nn::Linear linear(4, 6);
+  linear->to(device());
   titan::parallelize_module(*linear, tp_group(), titan::ParallelizePlan().add("",
       titan::PrepareModuleInput().input_layouts({titan::Shard(1)}).desired_input_layouts({titan::Replicate()})));
-  auto x = torch::randn({2, 7, 4});
+  auto x = torch::randn({2, 7, 4}).to(device());
   SizeExchanges exchanges;
   auto y = titan::call(linear, titan::scatter_to_group(x, tp_group(), 1));
   CHECK(exchanges.count() == (tp_size() > 1 ? 1 : 0));
@@ -307,6 +316,8 @@ TEST_CASE("tp: ColwiseParallel with fused_sizes splits each stacked part; its la
   torch::nn::Linear reference(4, 4 + 8 + 12);  // three parts of unequal sizes: [4 | 8 | 12] rows
   torch::manual_seed(4);
   torch::nn::Linear fused(4, 4 + 8 + 12);
+  reference->to(device());
+  fused->to(device());
   const std::vector<int64_t> parts{4, 8, 12};
   titan::parallelize_module(fused, tp_group(), titan::ParallelizePlan().add(
       "", titan::ColwiseParallel().fused_sizes(parts).output_layout(titan::Replicate())));
@@ -327,10 +338,10 @@ TEST_CASE("tp: ColwiseParallel with fused_sizes splits each stacked part; its la
   CHECK(weight.blocks.size() == (tp_size() == 1 ? 1u : 3u));  // one rectangle per part (merged at TP 1)
   // Gathered back (full_state_dict), the global weight and bias are the original ones.
   auto full = titan::full_state_dict(fused, tp_group(), titan::FullStateDictOptions().rank0_only(false));
-  CHECK(torch::equal(full["weight"], reference->weight));
-  CHECK(torch::equal(full["bias"], reference->bias));
+  CHECK(same_values(full["weight"], reference->weight));
+  CHECK(same_values(full["bias"], reference->bias));
   // The Replicate() output is [part 0 | part 1 | part 2], with the reference's gradients.
-  auto x = torch::randn({3, 4}), grad_out = torch::randn({3, 24});
+  auto x = torch::randn({3, 4}).to(device()), grad_out = torch::randn({3, 24}).to(device());
   auto out = titan::call(fused, x);
   CHECK_CLOSE(out, reference->forward(x), 1e-6);
   (out * grad_out).sum().backward();
@@ -361,31 +372,32 @@ TEST_CASE("tp: RowwiseParallel adds the bias once, exactly, also in bf16") {
     linear->weight.zero_();
     linear->bias.fill_(1.0 + 1.0 / 128);
   }
-  linear->to(torch::kBFloat16);
+  linear->to(device(), torch::kBFloat16);
   titan::parallelize_module(linear, tp_group(),
                             titan::ParallelizePlan().add("", titan::RowwiseParallel().input_layout(titan::Replicate())));
-  auto x = torch::randn({2, 8}).to(torch::kBFloat16);
+  auto x = torch::randn({2, 8}).to(device(), torch::kBFloat16);
   auto out = titan::call(linear, x);
   CHECK(torch::equal(out, linear->bias.detach().expand({2, 4})));
   // The bias keeps its values and receives the whole gradient on every rank.
   CHECK(linear->bias.eq(1.0 + 1.0 / 128).all().item<bool>());
   out.sum().backward();
-  CHECK(torch::equal(linear->bias.grad(), torch::full({4}, 2.0, torch::kBFloat16)));
+  CHECK(same_values(linear->bias.grad(), torch::full({4}, 2.0, torch::kBFloat16)));
 }
 
 TEST_CASE("tp: a model built on the meta device is sharded without allocating, then trained") {
   torch::manual_seed(3);
-  Mlp reference(16, 24);
+  Mlp reference(16, 24, device());
   Mlp model(16, 24, torch::kMeta);
   titan::parallelize_module(model, tp_group(),
                             titan::ParallelizePlan().add("w1", titan::ColwiseParallel()).add("w2", titan::RowwiseParallel()));
   for (const auto& p : model->parameters()) REQUIRE(p.is_meta());  // sharding allocated nothing
   CHECK(model->w1->weight.size(0) == titan::chunk_sizes(24, tp_size())[static_cast<size_t>(tp_group()->rank())]);
-  titan::to_empty(*model, torch::kCPU);
+  titan::to_empty(*model, device());
   titan::load_full_state_dict(model, full_state(*reference));
   torch::optim::SGD opt(model->parameters(), 0.1), ref_opt(reference->parameters(), 0.1);
   for (int step = 0; step < 3; ++step) {
-    auto x = torch::randn({4, 5, 16}), target = torch::randn({4, 5, 16});  // same seed stream on every rank
+    // The same seed stream on every rank (the CPU's).
+    auto x = torch::randn({4, 5, 16}).to(device()), target = torch::randn({4, 5, 16}).to(device());
     auto loss = F::mse_loss(titan::call(model, x), target);
     auto ref_loss = F::mse_loss(reference->forward(x), target);
     check_step(*model, *reference, opt, ref_opt, loss, ref_loss, loss.item<double>(), 1e-6);
@@ -395,10 +407,10 @@ TEST_CASE("tp: a model built on the meta device is sharded without allocating, t
 
 TEST_CASE("tp: a tensor-parallel module called with ->forward is an error naming it") {
   torch::manual_seed(3);
-  Mlp model(16, 24, torch::kCPU, /*bypass_w2=*/true);
+  Mlp model(16, 24, device(), /*bypass_w2=*/true);
   titan::parallelize_module(model, tp_group(),
                             titan::ParallelizePlan().add("w1", titan::ColwiseParallel()).add("w2", titan::RowwiseParallel()));
-  CHECK_THROWS_WITH(titan::call(model, torch::randn({2, 16})),
+  CHECK_THROWS_WITH(titan::call(model, torch::randn({2, 16}, device())),
                     doctest::Contains("'w2' has tensor-parallel rowwise attached but was not called through titan::call"));
 }
 
@@ -426,7 +438,7 @@ TEST_CASE("tp: plan and style errors name what is wrong") {
                       doctest::Contains("cannot give each of the"));
   }
   // Tensor parallelism after fully_shard: the order is named.
-  Mlp sharded(16, 24);
+  Mlp sharded(16, 24, device());
   titan::fully_shard(sharded->w1, titan::DeviceMesh(titan_test::world(), {"dp_shard"}, {tp_size()}));
   CHECK_THROWS_WITH(titan::parallelize_module(sharded, tp_group(),
                                               titan::ParallelizePlan().add("w1", titan::ColwiseParallel())),

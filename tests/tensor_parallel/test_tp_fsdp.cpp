@@ -1,7 +1,7 @@
 // 2-D parallelism: tensor parallel inside, FSDP outside, on a (dp_shard, tp) = (2, 2) mesh of 4
 // ranks, on the tiny GPT-2 (its fused c_attn is sharded by both). Each dp_shard rank trains on its
 // half of the batch; the mean of their losses and the gathered parameters must match one process
-// training the unsharded model on the whole batch.
+// training the unsharded model on the whole batch. Both run on titan_test::device().
 #include "tiny_gpt2.hpp"
 #include "tp_test_util.hpp"
 
@@ -11,8 +11,8 @@ TEST_CASE("tp: FSDP 2 x TP 2 on GPT-2 with sequence and loss parallel matches th
   if (tp_test::tp_size() != 4) return;  // needs 4 ranks
   using namespace tp_test;
   const gpt2_test::Gpt2Args a;
-  auto reference = gpt2_test::seeded_gpt2(a, 9);
-  auto model = gpt2_test::seeded_gpt2(a, 9);
+  auto reference = gpt2_test::seeded_gpt2(a, titan_test::device(), 9);
+  auto model = gpt2_test::seeded_gpt2(a, titan_test::device(), 9);
 
   titan::DeviceMesh mesh(titan_test::world(), {"dp_shard", "tp"}, {2, 2});
   titan::parallelize_module(model, mesh["tp"], gpt2_test::gpt2_plan(a, true, true));
@@ -29,7 +29,7 @@ TEST_CASE("tp: FSDP 2 x TP 2 on GPT-2 with sequence and loss parallel matches th
   titan::verify_optimizer(opt, model);
   const int dp = mesh.coordinate("dp_shard");
   for (int step = 0; step < 4; ++step) {
-    auto [tokens, labels] = gpt2_test::lm_batch(a, step);  // the global batch
+    auto [tokens, labels] = gpt2_test::lm_batch(a, step, titan_test::device());  // the global batch
     labels.index_put_({2, 0}, -100);  // both halves have ignored labels: the loss weighs tokens
     const double valid = labels.ne(-100).sum().item<double>();
     auto ref_loss = torch::cross_entropy_loss(reference->forward(tokens).flatten(0, 1), labels.flatten());

@@ -97,10 +97,12 @@ struct Gpt2Impl : torch::nn::Module {
 };
 TORCH_MODULE(Gpt2);
 
-/// A GPT-2 with the weights of `seed`.
-inline Gpt2 seeded_gpt2(const Gpt2Args& a, uint64_t seed = 3) {
+/// A GPT-2 with the weights of `seed` (drawn on the CPU: the same on any device), on `device`.
+inline Gpt2 seeded_gpt2(const Gpt2Args& a, c10::Device device, uint64_t seed = 3) {
   torch::manual_seed(seed);
-  return Gpt2(a);
+  Gpt2 model(a);
+  model->to(device);
+  return model;
 }
 
 /// The GPT-2 tensor-parallel plan. With sequence parallel, the residual stream between blocks is
@@ -129,13 +131,14 @@ inline titan::ParallelizePlan gpt2_plan(const Gpt2Args& a, bool sequence_paralle
   return plan;
 }
 
-/// Same tokens and labels on every rank: [batch, seq] with some ignored (-100) labels.
-inline std::pair<torch::Tensor, torch::Tensor> lm_batch(const Gpt2Args& a, int64_t step, int64_t batch = 4) {
+/// Same tokens and labels on every rank, on `device`: [batch, seq] with some ignored (-100) labels.
+inline std::pair<torch::Tensor, torch::Tensor> lm_batch(const Gpt2Args& a, int64_t step, c10::Device device,
+                                                        int64_t batch = 4) {
   auto generator = at::make_generator<at::CPUGeneratorImpl>(1000 + step);
   auto tokens = at::randint(a.vocab, {batch, 8}, generator, torch::kLong);
   auto labels = at::randint(a.vocab, {batch, 8}, generator, torch::kLong);
   labels.index_put_({0, torch::indexing::Slice(0, 3)}, -100);
-  return {tokens, labels};
+  return {tokens.to(device), labels.to(device)};
 }
 
 }  // namespace gpt2_test

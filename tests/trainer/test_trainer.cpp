@@ -1,7 +1,8 @@
 // Tests of the example trainers' shared pieces (examples/common): config, data, optimizer,
 // metrics and run guards. Cases in the "multirank" suite run under 2 ranks (trainer.ranks2); the
 // others in one process (trainer.unit). The cases marked skip are run by the Python scripts next
-// to this file (trainer.optim_parity, trainer.tensorboard), which prepare their inputs.
+// to this file (trainer.optim_parity, trainer.tensorboard), which prepare their inputs. Models,
+// losses, optimizer steps, memory figures and the trainer itself run on titan_test::device().
 #include "multirank.hpp"
 
 #include <common/config.hpp>
@@ -26,6 +27,7 @@
 
 namespace fs = std::filesystem;
 using namespace titan::examples;
+using titan_test::device;
 
 namespace {
 
@@ -329,7 +331,7 @@ TEST_CASE("config: the sections become the options of data, optimizer and metric
 }
 
 // ------------------------------------------------------------------------------------------------
-// Data
+// Data: corpora, tokens and batches are CPU tensors (the trainer moves each batch to its device).
 
 TEST_CASE("data: text corpus is tokenized once and cached by path, size, mtime and tokenizer") {
   auto dir = scratch("data_cache");
@@ -573,10 +575,11 @@ TEST_CASE("data: evaluate weights each batch's loss by its label tokens") {
   auto corpus = open_corpus(write_text_corpus(dir, kDocs), dir);
   auto options = LoaderOptions().batch_size(2).seq_len(12).shuffle(false).pack(false);
   DataLoader loader(corpus, ByteTokenizer(), options);
-  // A stand-in loss that differs per batch: the mean label id / 100 over non-ignored labels.
+  // A stand-in loss that differs per batch, on the device: the mean label id / 100 over non-ignored labels.
   auto loss_fn = [](const Batch& b) {
-    auto mask = b.labels.ne(-100);
-    return (b.labels.masked_select(mask).to(torch::kDouble).sum() / mask.sum() / 100.0).to(torch::kFloat);
+    auto labels = b.labels.to(device());
+    auto mask = labels.ne(-100);
+    return (labels.masked_select(mask).to(torch::kDouble).sum() / mask.sum() / 100.0).to(torch::kFloat);
   };
   loader.next();  // evaluate starts from the beginning anyway
   auto result = evaluate(loader, 5, loss_fn);
@@ -685,12 +688,13 @@ TEST_CASE("optim: parity with PyTorch AdamW, warmup + cosine and clip_grad_norm_
   const char* path = std::getenv("TITAN_TRAINER_PARITY");
   REQUIRE_MESSAGE(path != nullptr, "set TITAN_TRAINER_PARITY (optim_parity.py does)");
   auto ref = nlohmann::json::parse(read_file(path));
-  auto tensor = [](const nlohmann::json& j) {
+  auto tensor = [](const nlohmann::json& j) {  // on device()
     auto values = j["data"].get<std::vector<double>>();
-    return torch::tensor(values, torch::kDouble).to(torch::kFloat).reshape(j["shape"].get<std::vector<int64_t>>());
+    return torch::tensor(values, torch::kDouble).to(device(), torch::kFloat).reshape(j["shape"].get<std::vector<int64_t>>());
   };
   const auto& cfg = ref["config"];
   auto model = std::make_shared<TinyMLP>(cfg["in"].get<int64_t>(), cfg["hidden"].get<int64_t>(), cfg["out"].get<int64_t>());
+  model->to(device());
   {
     torch::NoGradGuard no_grad;
     for (auto& item : model->named_parameters()) item.value().copy_(tensor(ref["initial"][item.key()]));
@@ -759,7 +763,9 @@ TEST_CASE("metrics: the logger writes each interval as a line, metrics.jsonl and
                            .jsonl_path((dir / "m" / "metrics.jsonl").string())
                            .tensorboard_dir((dir / "tb").string())
                            .flops_per_token(6e3)
-                           .peak_flops(1e9));
+                           .peak_flops(1e9)
+                           .device(device()));
+  const auto live = torch::ones({1 << 20}, device());  // 4 MiB: a GPU's peak active memory is not 0
   CHECK(logger.is_log_step(1));
   CHECK(logger.is_log_step(2));
   CHECK_FALSE(logger.is_log_step(3));
@@ -783,6 +789,7 @@ TEST_CASE("metrics: the logger writes each interval as a line, metrics.jsonl and
   CHECK(line.find("mfu 1.2%") != std::string::npos);              // 2000 tok/s x 6e3 / 1e9
   CHECK(line.find("step 0.500 s") != std::string::npos);
   CHECK(line.find("skipped") == std::string::npos);
+  CHECK((line.find(" (reserved ") != std::string::npos) == !device().is_cpu());  // the allocator's reserved bytes
   std::ifstream jsonl(dir / "m" / "metrics.jsonl");
   std::vector<nlohmann::json> records;
   for (std::string text; std::getline(jsonl, text);) records.push_back(nlohmann::json::parse(text));
@@ -797,6 +804,10 @@ TEST_CASE("metrics: the logger writes each interval as a line, metrics.jsonl and
   CHECK(records[1]["data_seconds"].get<double>() == doctest::Approx(0.1));
   CHECK(records[1]["skipped_steps"].get<double>() == 0.0);
   CHECK(records[1]["peak_memory_gib"].get<double>() > 0.0);
+  // A GPU's caching allocator also reports what it reserved (at least the active bytes); the CPU's RSS does not.
+  CHECK(records[1].contains("peak_reserved_gib") == !device().is_cpu());
+  if (!device().is_cpu())
+    CHECK(records[1]["peak_reserved_gib"].get<double>() >= records[1]["peak_memory_gib"].get<double>());
   int event_files = 0;
   for (const auto& entry : fs::directory_iterator(dir / "tb"))
     event_files += entry.path().filename().string().rfind("events.out.tfevents.", 0) == 0;
@@ -814,20 +825,28 @@ TEST_CASE("metrics: the logger writes each interval as a line, metrics.jsonl and
   CHECK_ERROR_HAS(cpu.record(interval(1, 0, 2.0)), "at least one step");
 }
 
-TEST_CASE("metrics: peak memory on CPU is the RSS high-water mark, reset per interval") {
-  const auto cpu = c10::Device(c10::kCPU);
-  reset_peak_memory(cpu);
-  const auto before = peak_memory(cpu);
-  CHECK(before.active > 0);
-  CHECK(before.reserved == -1);
+// The CPU's figure is the RSS high-water mark (VmHWM), a GPU's the caching allocator's peak active bytes.
+TEST_CASE("metrics: peak memory is the device's high-water mark, reset per interval") {
+  const auto on = device();
+  reset_peak_memory(on);
+  const auto before = peak_memory(on);
+  if (on.is_cpu()) {
+    CHECK(before.active > 0);  // VmHWM
+    CHECK(before.reserved == -1);
+  } else {
+    CHECK(before.active >= 0);  // peak active bytes: what live tensors hold (maybe nothing)
+    CHECK(before.reserved >= before.active);
+  }
   {
-    auto big = torch::ones({256 * 1024 * 1024 / 4}, torch::kFloat);  // 256 MiB, touched
+    auto big = torch::ones({256 * 1024 * 1024 / 4}, torch::TensorOptions().device(on));  // 256 MiB of float, touched
     CHECK(big.sum().item<double>() > 0);
-    CHECK(peak_memory(cpu).active >= before.active + (200 << 20));
+    const auto during = peak_memory(on);
+    CHECK(during.active >= before.active + (200 << 20));
+    CHECK((during.reserved >= during.active) == !on.is_cpu());
   }
   // Freed: the next interval's peak starts from what the process holds now.
-  reset_peak_memory(cpu);
-  CHECK(peak_memory(cpu).active < before.active + (200 << 20));
+  reset_peak_memory(on);
+  CHECK(peak_memory(on).active < before.active + (200 << 20));
 }
 
 TEST_CASE("metrics: peak FLOP/s by GPU name") {
@@ -863,6 +882,8 @@ TEST_CASE("optim: FusedAdamW equals LibTorch's AdamW loop, and skip_if leaves ev
     return std::make_shared<TinyMLP>(6, 16, 5);
   };
   auto fused_model = make(), loop_model = make();
+  fused_model->to(device());
+  loop_model->to(device());
   auto fused = make_adamw(fused_model->named_parameters(), AdamWConfig().lr(1e-2));
   std::vector<torch::optim::OptimizerParamGroup> groups;
   for (const auto& group : fused->param_groups()) {
@@ -874,8 +895,8 @@ TEST_CASE("optim: FusedAdamW equals LibTorch's AdamW loop, and skip_if leaves ev
     groups.emplace_back(params, group.options().clone());
   }
   torch::optim::AdamW loop(groups, torch::optim::AdamWOptions(1e-2));
-  auto x = torch::randn({8, 6});
-  auto y = torch::randint(0, 5, {8});
+  auto x = torch::randn({8, 6}).to(device());
+  auto y = torch::randint(0, 5, {8}).to(device());
   auto step = [&](torch::nn::Module& model, torch::optim::Optimizer& optimizer, bool scale_nan) {
     optimizer.zero_grad();
     auto logits = static_cast<TinyMLP&>(model).forward(x);
@@ -898,7 +919,7 @@ TEST_CASE("optim: FusedAdamW equals LibTorch's AdamW loop, and skip_if leaves ev
     auto& state = static_cast<torch::optim::AdamWParamState&>(*fused->state().at(item.value().unsafeGetTensorImpl()));
     moments[item.key()] = state.exp_avg_sq().clone();
   }
-  fused->skip_if(torch::ones({1}));
+  fused->skip_if(torch::ones({1}, device()));
   step(*fused_model, *fused, true);
   for (const auto& item : fused_model->named_parameters()) {
     INFO(item.key());
@@ -977,12 +998,21 @@ struct ProbeTrainer : Trainer {
 }  // namespace
 
 TEST_CASE("trainer: the rng component restores the CPU and the device generator") {
-  // A second CPU generator stands in for the GPU's (the logic does not depend on the device).
-  auto cpu = at::detail::createCPUGenerator(1), device = at::detail::createCPUGenerator(2);
+  // On a GPU run, a fresh generator of the GPU; on the CPU a second CPU generator stands in for it.
+  auto device_generator = [](uint64_t seed) {
+    if (titan_test::device().is_cpu()) return at::detail::createCPUGenerator(seed);
+    auto generator = at::globalContext()
+                         .getAcceleratorHooksInterface(titan_test::device().type())
+                         .getNewGenerator(titan_test::device().index());
+    generator.set_current_seed(seed);
+    return generator;
+  };
+  auto cpu = at::detail::createCPUGenerator(1), device = device_generator(2);
+  CHECK(device.device() == titan_test::device());
   GeneratorState rng(cpu, device);
   const auto saved = rng.state();
   REQUIRE(saved.tensors.size() == 2);
-  auto draw = [](at::Generator& g) { return torch::rand({4}, g); };
+  auto draw = [](at::Generator& g) { return torch::rand({4}, g, torch::TensorOptions().device(g.device())); };
   const auto cpu_next = draw(cpu), device_next = draw(device);
   rng.load_state(saved);
   CHECK(torch::equal(draw(cpu), cpu_next));
@@ -1021,7 +1051,9 @@ TEST_CASE("trainer: the host reads the device only at sync steps (logging, check
   for (const auto& arg : args) argv.push_back(arg.c_str());
   auto config = parse_config_args(static_cast<int>(argv.size()), argv.data());
   ItemsPerStep observer;
-  ProbeTrainer(std::move(config)).train();
+  ProbeTrainer trainer(std::move(config));
+  CHECK(trainer.world()->device() == device());  // the test main exported TITAN_DEVICE
+  trainer.train();
   const auto counts = ItemsPerStep::counts();
   // Sync steps: 1, 3, 6 (log_freq 3), 5 (checkpoint) and 7 (last); between them, none.
   for (int64_t step = 1; step <= 7; ++step) {
@@ -1064,9 +1096,9 @@ TEST_SUITE("multirank") {
     CHECK(corpus->num_documents() == 4);
     CHECK(corpus->from_cache() == (group->rank() != 0));
     auto loader_options = LoaderOptions().batch_size(1).seq_len(10).shuffle(false).dp_size(group->size());
-    auto loss_fn = [](const Batch& b) {
-      auto mask = b.labels.ne(-100);
-      return b.labels.masked_select(mask).to(torch::kDouble).mean();
+    auto loss_fn = [](const Batch& b) {  // on the device, as a trainer's
+      auto labels = b.labels.to(device());
+      return labels.masked_select(labels.ne(-100)).to(torch::kDouble).mean();
     };
     DataLoader mine(corpus, ByteTokenizer(), LoaderOptions(loader_options).dp_rank(group->rank()));
     auto result = evaluate(mine, 3, loss_fn, group);
