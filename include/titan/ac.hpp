@@ -265,7 +265,7 @@ class OpCache {
 
   struct Entry {
     std::vector<std::vector<int64_t>> input_sizes;  // of the tensor arguments: checks the replay matches
-    std::vector<c10::IValue> outputs;                // private copies
+    std::vector<c10::IValue> outputs;                // the operator's results themselves (no copy)
     std::optional<RngState> rng_after;               // for random operators
   };
 
@@ -277,7 +277,24 @@ class OpCache {
     calls_.clear();
   }
 
-  void record(const c10::OperatorName& op, int64_t call, Entry entry) { entries_[op][call] = std::move(entry); }
+  void record(const c10::OperatorName& op, int64_t call, Entry entry) {
+    for_each_tensor(entry.outputs, [this](at::Tensor& t) { saved_storages_.insert(storage_of(t)); });
+    entries_[op][call] = std::move(entry);
+  }
+
+  /// Called before `written` is modified in place, or when it leaves the region: a saved output
+  /// sharing its storage is replaced by a private copy first. Saved outputs are aliases, and an
+  /// alias need not share their version counter (`add_` into `_unsafe_view(mm(...))`, as
+  /// matmul + bias does), so versions alone would not see the write.
+  void protect(const at::Tensor& written) {
+    if (saved_storages_.empty() || !written.defined() || !written.has_storage()) return;
+    if (saved_storages_.erase(storage_of(written)) == 0) return;
+    for (auto& [op, calls] : entries_)
+      for (auto& [call, entry] : calls)
+        for_each_tensor(entry.outputs, [&](at::Tensor& t) {
+          if (storage_of(t) == storage_of(written)) t = t.clone();
+        });
+  }
 
   /// The entry recorded for the `call`-th call of `op`, if any and its input shapes match
   /// (otherwise the recomputation took another path and the operator is simply recomputed).
@@ -296,6 +313,26 @@ class OpCache {
   std::shared_ptr<const OpSavePolicy> policy_;
   std::unordered_map<c10::OperatorName, std::unordered_map<int64_t, Entry>> entries_;  // op -> call -> entry
   std::unordered_map<c10::OperatorName, int64_t> calls_;
+  std::unordered_set<const c10::StorageImpl*> saved_storages_;  // of the outputs not yet copied
+
+  static const c10::StorageImpl* storage_of(const at::Tensor& t) {
+    return t.defined() && t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
+  }
+  template <typename Fn>
+  static void for_each_tensor(std::vector<c10::IValue>& values, Fn&& fn) {
+    for (auto& value : values) {
+      if (value.isTensor()) {
+        fn(value.toTensor());
+      } else if (value.isTensorList()) {
+        auto list = value.toTensorList();
+        for (size_t i = 0; i < list.size(); ++i) {
+          at::Tensor t = list[i];
+          fn(t);
+          list[i] = t;
+        }
+      }
+    }
+  }
 };
 
 /// The OpCache of the checkpointed region running on this thread, or nullptr. Thread-local state
@@ -318,12 +355,22 @@ inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
   c10::impl::ExcludeDispatchKeyGuard exclude(kOpCacheKey);
   const auto below = keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kOpCacheKey);
   OpCache* cache = active_op_cache();
+  const auto& schema = op.schema();
+  const size_t num_args = schema.arguments().size(), num_returns = schema.returns().size();
+  if (cache != nullptr && !cache->replaying && schema.is_mutable()) {  // copy saved outputs it writes to
+    for (size_t i = 0; i < num_args; ++i) {
+      const auto* alias = schema.arguments()[i].alias_info();
+      if (alias == nullptr || !alias->isWrite()) continue;
+      const auto& value = (*stack)[stack->size() - num_args + i];
+      if (value.isTensor()) cache->protect(value.toTensor());
+      if (value.isTensorList())
+        for (const at::Tensor& t : value.toTensorVector()) cache->protect(t);
+    }
+  }
   if (cache == nullptr || !cache->policy().saves(op)) {
     op.redispatchBoxed(below, stack);
     return;
   }
-  const auto& schema = op.schema();
-  const size_t num_args = schema.arguments().size(), num_returns = schema.returns().size();
   auto sizes = tensor_sizes(*stack, stack->size() - num_args);
   const int64_t call = cache->next_call(op.operator_name());
   if (cache->replaying) {
@@ -347,22 +394,8 @@ inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
   op.redispatchBoxed(below, stack);
   OpCache::Entry entry;
   entry.input_sizes = std::move(sizes);
-  // A private copy, not an alias: composite kernels may write into an output through an alias that
-  // does not share its version counter (SDPA's math path adds the mask in place to the result of
-  // _unsafe_view(bmm(...))), so an alias could silently change before the recomputation.
-  auto keep = [](const at::Tensor& t) { return t.defined() ? t.clone() : t; };
-  for (size_t i = stack->size() - num_returns; i < stack->size(); ++i) {
-    const auto& value = (*stack)[i];
-    if (value.isTensor()) {
-      entry.outputs.emplace_back(keep(value.toTensor()));
-    } else if (value.isTensorList()) {
-      std::vector<at::Tensor> list;
-      for (const at::Tensor& t : value.toTensorVector()) list.push_back(keep(t));
-      entry.outputs.emplace_back(std::move(list));
-    } else {
-      entry.outputs.push_back(value);
-    }
-  }
+  // The results themselves (aliases, no copy); OpCache::protect copies one before anything writes to it.
+  for (size_t i = stack->size() - num_returns; i < stack->size(); ++i) entry.outputs.push_back((*stack)[i]);
   if (random) entry.rng_after = RngState::capture(arg_tensors);
   cache->record(op.operator_name(), call, std::move(entry));
 }
@@ -439,6 +472,7 @@ class CheckpointHook : public ModuleHook {
       detail::OpCacheScope scope(state->cache.get(), /*replaying=*/false);
       out = next(inputs);
     }
+    if (state->cache) state->cache->protect(out);  // the caller may write into the output in place
     if (!out.defined() || !(out.is_floating_point() || out.is_complex())) return out;
     out = out.detach();  // the output may alias an input: give the node a handle of its own
     std::shared_ptr<detail::ClosureNode> node(

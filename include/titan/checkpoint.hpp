@@ -824,15 +824,13 @@ class CheckpointManager {
                 options_.keep_latest_k());
     TORCH_CHECK(options_.block_bytes() >= 8, "titan: CheckpointOptions::block_bytes must be >= 8, got ",
                 options_.block_bytes());
-    std::vector<int> all(static_cast<size_t>(world->world_size()));
-    for (int r = 0; r < world->world_size(); ++r) all[static_cast<size_t>(r)] = r;
     // A communicator of its own (a saver thread's collectives never meet training's), on Gloo and
     // the CPU when titan has Gloo: a background thread then never issues NCCL work, and only
     // small strings go through it.
     GroupOptions group;
     group.shared(false);
     if (TITAN_HAS_GLOO) group.backend("gloo").device(c10::Device(c10::kCPU));
-    group_ = world->new_group(all, "checkpoint", group);
+    group_ = world->new_group(world->group()->global_ranks(), "checkpoint", group);
     logger_ = world->logger();
     rank_ = world->rank();
   }
@@ -887,11 +885,11 @@ class CheckpointManager {
           const size_t i = staging.size();
           data = detail::stage_on_host(local, i < staging_.size() ? staging_[i] : at::Tensor());
           staging.push_back(data);
+          if (!local.is_cpu() && std::find(staged_devices.begin(), staged_devices.end(), local.device()) == staged_devices.end())
+            staged_devices.push_back(local.device());
         } else {
-          data = local.cpu().contiguous();
+          data = local.cpu().contiguous();  // a blocking copy: nothing to wait for
         }
-        if (!local.is_cpu() && std::find(staged_devices.begin(), staged_devices.end(), local.device()) == staged_devices.end())
-          staged_devices.push_back(local.device());
         const std::string key = tensor.blocks.size() == 1 ? name : name + "#" + std::to_string(k);
         job->entries.push_back(detail::SaveEntry{name, key, data, safetensors::dtype_name(data.scalar_type()),
                                                  tensor.layout.global_shape, tensor.layout.placement(), block.box});

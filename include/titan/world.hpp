@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <numeric>
 #include <memory>
 #include <optional>
 #include <string>
@@ -228,7 +229,7 @@ class World {
       store_ = c10::make_intrusive<c10d::PrefixStore>("titan/attempt_" + std::to_string(info_.restart_count), store_);
     }
     std::vector<int> all(static_cast<size_t>(info_.world_size));
-    for (int r = 0; r < info_.world_size; ++r) all[static_cast<size_t>(r)] = r;
+    std::iota(all.begin(), all.end(), 0);  // ranks 0 .. world_size - 1
     world_group_ = new_group(all, "world");
   }
 

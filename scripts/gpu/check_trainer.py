@@ -39,6 +39,12 @@ class Runs:
         self.a, self.out = a, Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
+    def dry_run_shape(self):
+        """On the CPU (a dry run of this script) a small batch: bf16 matmuls are slow there."""
+        if self.a.device != "cpu":
+            return {}
+        return {"training.batch_size": 2, "training.global_batch_size": 2, "training.seq_len": 32}
+
     def train(self, name, device, overrides, fresh=True):
         """Runs llama_train on one rank; returns its metrics.jsonl records (one per step)."""
         dump = self.out / name
@@ -50,7 +56,7 @@ class Runs:
             env["CUDA_VISIBLE_DEVICES"] = ""
         settings = {"job.dump_folder": str(dump), "metrics.log_freq": 1, "metrics.enable_tensorboard": "false",
                     "data.val_freq": 0, "checkpoint.enable": "false", "training.steps": self.a.steps,
-                    "data.cache_dir": str(self.out / "token_cache"), **overrides}
+                    "data.cache_dir": str(self.out / "token_cache"), **self.dry_run_shape(), **overrides}
         cmd = [f"{self.a.build}/tests/titan_launch", "--nproc", "1", "--timeout", str(self.a.timeout), "--",
                f"{self.a.build}/examples/llama/llama_train", "--config", "examples/configs/llama3_debug.toml"]
         for key, value in settings.items():

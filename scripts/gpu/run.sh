@@ -5,7 +5,8 @@
 # non-zero when a stage fails. Stages (minutes on one H100, to fit a 10-minute command limit:
 # run `tests trainer checkpoint` in one command and `bench` in another):
 #   tests       test_titan on CUDA with 1 rank over NCCL and 2 ranks on the one GPU over Gloo;
-#               test_models (transformers parity from the carried references) and test_models_ranks;
+#               test_models (transformers parity from the carried references), test_models_ranks
+#               (1 rank NCCL, 2 ranks Gloo);
 #               test_trainer (single-process cases; the multirank suite on 2 Gloo ranks)
 #   trainer     scripts/gpu/check_trainer.py: fp32 CUDA vs CPU, bf16 with each AC mode, async
 #               checkpoint and resume
@@ -51,6 +52,8 @@ for stage in "${stages[@]}"; do
         TITAN_MODELS_SCRATCH="$out/models_scratch" -- "$kit_build/tests/models/test_models"
       run models_ranks_1rank_nccl 300 "${cuda[@]}" TITAN_BACKEND=nccl TITAN_MODELS_SCRATCH="$out/models_scratch" -- \
         "$launch" --nproc 1 -- "$kit_build/tests/models/test_models_ranks"
+      run models_ranks_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 \
+        TITAN_MODELS_SCRATCH="$out/models_scratch" -- "$launch" --nproc 2 -- "$kit_build/tests/models/test_models_ranks"
       run trainer_unit_cuda 300 "${cuda[@]}" TITAN_BACKEND=nccl -- \
         "$launch" --nproc 1 -- "$kit_build/tests/trainer/test_trainer" -tse=multirank
       run trainer_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 -- \

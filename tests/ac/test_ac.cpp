@@ -1,6 +1,7 @@
 // titan/ac.hpp: checkpointed runs give the no-checkpoint losses and gradients, and keep less. The
 // models, inputs and random streams are titan_test::device()'s.
 #include "../support/multirank.hpp"
+#include "../support/op_events.hpp"
 #include "ac_testing.hpp"
 
 #include <titan/ac.hpp>
@@ -106,7 +107,58 @@ struct RandomOpsImpl : torch::nn::Module {
 };
 TORCH_MODULE(RandomOps);
 
+/// Two matrix products through `_unsafe_view`, whose result does not share mm's version counter:
+/// a saved mm output kept as an alias sees a write into the view (as matmul + bias writes the bias).
+struct WrittenProductImpl : torch::nn::Module {
+  WrittenProductImpl() : w(register_parameter("w", torch::randn({6, 6}) / 3)) {}
+  torch::Tensor forward(const torch::Tensor& x) {                    // x: [4, 6]
+    auto y = at::_unsafe_view(torch::mm(x, w), {2, 2, 6});             // [2, 2, 6]
+    if (write_inside) y.add_(1.0);
+    auto z = at::_unsafe_view(torch::mm(torch::tanh(y).view({4, 6}), w), {2, 2, 6});  // [2, 2, 6]
+    return return_product ? z : torch::tanh(z);                        // z: the caller may write into it
+  }
+  torch::Tensor w;
+  bool write_inside = false;
+  bool return_product = false;
+};
+TORCH_MODULE(WrittenProduct);
+
 }  // namespace
+
+TEST_CASE("per-operator checkpointing keeps saved outputs without copying, and copies one before a write") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  // WrittenProduct saves two mm outputs. Without writes none is copied; a write into the first
+  // inside the region copies it (1), a write by the caller into the region's output also the
+  // second (2). Gradients stay those of the run without checkpointing.
+  for (int writes : {0, 1, 2}) {
+    CAPTURE(writes);
+    auto run = [&](bool checkpoint, int& clones) {
+      torch::manual_seed(5);
+      WrittenProduct model;
+      model->to(device());
+      model->write_inside = writes >= 1;
+      model->return_product = writes == 2;
+      if (checkpoint)
+        titan::checkpoint_wrapper(model, titan::CheckpointWrapperOptions().policy(
+                                             std::make_shared<titan::OpSavePolicy>(std::vector<std::string>{"aten::mm"},
+                                                                                   std::vector<std::string>{})));
+      auto input = torch::randn({4, 6}).to(device()).requires_grad_(true);
+      titan_test::OpEvents observer;
+      auto out = titan::call(model, input);
+      for (const auto& e : observer.events()) clones += e.name == "aten::clone";
+      if (writes == 2) out.mul_(2.0);
+      out.pow(2).sum().backward();
+      return std::make_pair(model->w.grad(), input.grad());
+    };
+    int plain_clones = 0, checkpointed_clones = 0;
+    const auto [w_plain, x_plain] = run(false, plain_clones);
+    const auto [w_ac, x_ac] = run(true, checkpointed_clones);
+    CHECK(plain_clones == 0);
+    CHECK(checkpointed_clones == writes);
+    CHECK_CLOSE(w_ac, w_plain, 1e-6);
+    CHECK_CLOSE(x_ac, x_plain, 1e-6);
+  }
+}
 
 TEST_CASE("activation checkpointing: every mode gives the losses and gradients of the run without it") {
   if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1

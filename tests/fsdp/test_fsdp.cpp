@@ -6,7 +6,7 @@
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
 
-#include <ATen/record_function.h>
+#include "../support/op_events.hpp"
 
 #include <functional>
 #include <map>
@@ -597,45 +597,25 @@ TEST_CASE("fsdp: state dicts and memory accept module holders") {
   CHECK(titan::memory_usage(model).param_bytes == titan::memory_usage(*model).param_bytes);
 }
 
-/// Counts, per titan::fsdp profiler scope, how often it ran and how many data-moving ATen ops ran
-/// directly inside it (RecordFunction observer on this thread).
-struct ScopeCopies {
-  struct Count {
-    int entries = 0;
-    int moves = 0;
-  };
-  ScopeCopies() {
-    counts().clear();
-    handle_ = at::addThreadLocalCallback(
-        at::RecordFunctionCallback(&on_start, &on_end).scopes({at::RecordScope::FUNCTION, at::RecordScope::USER_SCOPE}));
-  }
-  ~ScopeCopies() { at::removeCallback(handle_); }
-  static std::map<std::string, Count>& counts() {
-    static thread_local std::map<std::string, Count> counts;
-    return counts;
-  }
-
- private:
-  static std::vector<std::string>& stack() {
-    static thread_local std::vector<std::string> stack;
-    return stack;
-  }
-  static bool moves_data(const std::string& op) {
+/// Per titan::fsdp profiler scope: how often it ran, and how many data-moving ATen ops ran
+/// directly inside it.
+struct ScopeCount {
+  int entries = 0;
+  int moves = 0;
+};
+std::map<std::string, ScopeCount> fsdp_scope_copies(const std::vector<titan_test::OpEvents::Event>& events) {
+  auto moves_data = [](const std::string& op) {
     for (const char* word : {"copy", "cat", "clone", "fill", "zero", "add"})
       if (op.find(word) != std::string::npos) return true;
     return op == "aten::to";
+  };
+  std::map<std::string, ScopeCount> counts;
+  for (const auto& e : events) {
+    if (e.name.rfind("titan::fsdp::", 0) == 0) ++counts[e.name].entries;
+    if (e.parent.rfind("titan::fsdp::", 0) == 0 && moves_data(e.name)) ++counts[e.parent].moves;
   }
-  static std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
-    std::string name = fn.name();
-    if (name.rfind("titan::fsdp::", 0) == 0) ++counts()[name].entries;
-    if (!stack().empty() && stack().back().rfind("titan::fsdp::", 0) == 0 && moves_data(name))
-      ++counts()[stack().back()].moves;
-    stack().push_back(name);
-    return nullptr;
-  }
-  static void on_end(const at::RecordFunction&, at::ObserverContext*) { stack().pop_back(); }
-  at::CallbackHandle handle_;
-};
+  return counts;
+}
 
 TEST_CASE("fsdp: one copy per unit into and out of each collective, none on one rank") {
   const int n = world().world_size();
@@ -644,9 +624,9 @@ TEST_CASE("fsdp: one copy per unit into and out of each collective, none on one 
     auto model = seeded<Mlp>();  // each block unit holds 4 parameters
     shard_mlp(model, shard_mesh(), bf16 ? titan::FsdpOptions().param_dtype(torch::kBFloat16) : titan::FsdpOptions());
     auto data = make_data({5}, 3, 1);
-    ScopeCopies observer;
+    titan_test::OpEvents observer;
     forward_backward(model, data, true);
-    auto counts = ScopeCopies::counts();
+    auto counts = fsdp_scope_copies(observer.events());
     for (const auto& [scope, count] : counts) MESSAGE(scope, ": ", count.entries, " runs, ", count.moves, " copies");
     if (n == 1 && !bf16) {
       // The unsharded parameters are the shards themselves: no buffer is filled.

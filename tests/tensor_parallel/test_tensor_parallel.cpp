@@ -9,9 +9,8 @@
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
-#include <ATen/record_function.h>
+#include "../support/op_events.hpp"
 
-#include <atomic>
 #include <cmath>
 
 namespace {
@@ -250,25 +249,12 @@ TEST_CASE("tp: a GPT-2 written from scratch (fused qkv, biases, LayerNorm) match
     for (bool lp : {false, true}) check_gpt2_parity(sp, lp);
 }
 
-/// Counts titan::exchange_sizes calls (its profiler scope), on any thread, while alive.
-struct SizeExchanges {
-  SizeExchanges() {
-    count() = 0;
-    handle_ = at::addGlobalCallback(at::RecordFunctionCallback(&on_start).scopes({at::RecordScope::USER_SCOPE}));
-  }
-  ~SizeExchanges() { at::removeCallback(handle_); }
-  static std::atomic<int>& count() {
-    static std::atomic<int> n{0};
-    return n;
-  }
-
- private:
-  static std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
-    if (std::string(fn.name()) == "titan::exchange_sizes") ++count();
-    return nullptr;
-  }
-  at::CallbackHandle handle_;
-};
+/// How many titan::exchange_sizes scopes (a size exchange) `observer` saw.
+int64_t size_exchanges(const titan_test::OpEvents& observer) {
+  int64_t n = 0;
+  for (const auto& e : observer.events()) n += e.name == "titan::exchange_sizes";
+  return n;
+}
 
 TEST_CASE("tp: a plan's hooks know their activations' shard sizes: no size exchange, also in AC recompute") {
   const gpt2_test::Gpt2Args a;
@@ -286,11 +272,11 @@ TEST_CASE("tp: a plan's hooks know their activations' shard sizes: no size excha
   for (int pass = 0; pass < 2; ++pass) {
     INFO("pass ", pass);
     model->zero_grad();
-    SizeExchanges exchanges;
+    titan_test::OpEvents exchanges;
     auto loss = titan::loss_parallel_cross_entropy(titan::call(model, tokens), labels, tp_group(), -100,
                                                    at::Reduction::Mean, a.vocab);
     loss.backward();
-    CHECK(exchanges.count() == 0);
+    CHECK(size_exchanges(exchanges) == 0);
     CHECK(loss.item<double>() == doctest::Approx(ref_loss.item<double>()).epsilon(1e-5));
     CHECK_CLOSE(model->ln_f->weight.grad(), reference->ln_f->weight.grad(), 1e-5);
   }
@@ -305,9 +291,9 @@ TEST_CASE("tp: a plan's hooks know their activations' shard sizes: no size excha
   titan::parallelize_module(*linear, tp_group(), titan::ParallelizePlan().add("",
       titan::PrepareModuleInput().input_layouts({titan::Shard(1)}).desired_input_layouts({titan::Replicate()})));
   auto x = torch::randn({2, 7, 4}).to(device());
-  SizeExchanges exchanges;
+  titan_test::OpEvents exchanges;
   auto y = titan::call(linear, titan::scatter_to_group(x, tp_group(), 1));
-  CHECK(exchanges.count() == (tp_size() > 1 ? 1 : 0));
+  CHECK(size_exchanges(exchanges) == (tp_size() > 1 ? 1 : 0));
   CHECK_CLOSE(y, linear->forward(x), 1e-6);
 }
 

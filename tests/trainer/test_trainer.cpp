@@ -12,7 +12,7 @@
 #include <common/optim.hpp>
 #include <trainer/trainer.hpp>
 
-#include <ATen/record_function.h>
+#include "op_events.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -954,43 +954,21 @@ TEST_CASE("guard: SIGINT/SIGTERM set the flag instead of ending the process") {
 
 namespace {
 
-/// Counts the trainer's own .item() calls (aten::item or aten::_local_scalar_dense not inside
-/// another operator: a CPU kernel reading its scalar arguments does not count) per training
-/// step: each is charged to the step whose train_step ran last.
-struct ItemsPerStep {
-  ItemsPerStep() {
-    counts().clear();
-    handle_ = at::addThreadLocalCallback(
-        at::RecordFunctionCallback(&on_start, &on_end).scopes({at::RecordScope::FUNCTION}));
-  }
-  ~ItemsPerStep() { at::removeCallback(handle_); }
-  static int64_t& current_step() {
-    static thread_local int64_t step = 0;
-    return step;
-  }
-  static std::map<int64_t, int>& counts() {
-    static thread_local std::map<int64_t, int> counts;
-    return counts;
-  }
-
- private:
-  static int& depth() {
-    static thread_local int depth = 0;
-    return depth;
-  }
-  static std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
-    const std::string name = fn.name();
-    if (depth()++ == 0 && (name == "aten::item" || name == "aten::_local_scalar_dense")) ++counts()[current_step()];
-    return nullptr;
-  }
-  static void on_end(const at::RecordFunction&, at::ObserverContext*) { --depth(); }
-  at::CallbackHandle handle_;
-};
+/// The trainer's own .item() calls (aten::item or aten::_local_scalar_dense not inside another
+/// operator: a CPU kernel reading its scalar arguments does not count) per training step, each
+/// charged to the step whose train_step ran last (the events' tag).
+std::map<int64_t, int> items_per_step(const titan_test::OpEvents& observer) {
+  std::map<int64_t, int> counts;
+  for (const auto& e : observer.events())
+    if (e.depth == 0 && (e.name == "aten::item" || e.name == "aten::_local_scalar_dense")) ++counts[e.tag];
+  return counts;
+}
 
 struct ProbeTrainer : Trainer {
   using Trainer::Trainer;
+  titan_test::OpEvents* events = nullptr;  // tagged with the step
   bool train_step(int64_t step) override {
-    ItemsPerStep::current_step() = step;
+    if (events != nullptr) events->tag(step);
     return Trainer::train_step(step);
   }
 };
@@ -1050,11 +1028,12 @@ TEST_CASE("trainer: the host reads the device only at sync steps (logging, check
   std::vector<const char*> argv;
   for (const auto& arg : args) argv.push_back(arg.c_str());
   auto config = parse_config_args(static_cast<int>(argv.size()), argv.data());
-  ItemsPerStep observer;
+  titan_test::OpEvents observer;
   ProbeTrainer trainer(std::move(config));
+  trainer.events = &observer;
   CHECK(trainer.world()->device() == device());  // the test main exported TITAN_DEVICE
   trainer.train();
-  const auto counts = ItemsPerStep::counts();
+  const auto counts = items_per_step(observer);
   // Sync steps: 1, 3, 6 (log_freq 3), 5 (checkpoint) and 7 (last); between them, none.
   for (int64_t step = 1; step <= 7; ++step) {
     CAPTURE(step);
