@@ -174,6 +174,8 @@ def main():
     if a.steps % a.warmup != 0:
         sys.exit(f"--steps ({a.steps}) must be a multiple of --warmup ({a.warmup}): titan logs every warmup steps")
     impls = a.impls.split(",")
+    if a.vocab_size is None and impls[0] != "titan":
+        sys.exit("the debug flavor takes its vocabulary from titan's run: list titan first or pass --vocab-size")
     peak = matmul_peak_flops(a.python) if a.device == "cuda" else 0.0
     results = {}
     for impl in impls:  # titan first: on the debug flavor it tells the vocabulary the others use
