@@ -1,0 +1,96 @@
+"""PyTorch DCP on the state of bench_checkpoint.cpp: one JSON line with save, async save and load.
+
+    .venv/bin/python bench/checkpoint/dcp_reference.py --params 1000000000 --dir DIR
+    torchrun --standalone --nproc_per_node 2 bench/checkpoint/dcp_reference.py ...   (row-sharded)
+
+The state is `params` fp32 values in [4096, 4096] tensors (each rank holds its rows of every tensor,
+as DTensors sharded on dim 0 when there are several ranks), the same as bench_checkpoint. A save
+counts until its files are durable (`os.sync()` after `dcp.save`, as titan fsyncs its files); the
+async save's blocked time is until `dcp.async_save` returns, its total until the future is done and
+synced. The load goes into fresh zero tensors (page cache warm) and is checked for equality.
+"""
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+ROWS = COLS = 4096
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=int, default=1_000_000_000)
+    p.add_argument("--dir", default="/tmp/titan_bench_checkpoint_dcp")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    ranks = int(os.environ.get("WORLD_SIZE", 1))
+    if ranks > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if ranks > 1 else 0
+    count = max(1, a.params // (ROWS * COLS))
+    torch.manual_seed(0)
+
+    mesh = None
+    if ranks > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = init_device_mesh("cpu", (ranks,))
+
+    def make(fill):
+        state = {}
+        for i in range(count):
+            local = torch.randn(ROWS // ranks, COLS) if fill else torch.zeros(ROWS // ranks, COLS)  # [rows/ranks, cols]
+            if mesh is not None:
+                local = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+            state[f"layers.{i}.weight"] = local
+        return state
+
+    def barrier():
+        if ranks > 1:
+            dist.barrier()
+
+    state = make(True)
+    gb = count * ROWS * COLS * 4 / 1e9
+    result = {"impl": "dcp", "ranks": ranks, "gb": gb}
+    for mode in ("sync", "async"):
+        folder = os.path.join(a.dir, mode)
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        barrier()
+        start = time.perf_counter()
+        if mode == "sync":
+            dcp.save(state, checkpoint_id=folder)
+            blocked = time.perf_counter() - start
+        else:
+            future = dcp.async_save(state, checkpoint_id=folder)
+            blocked = time.perf_counter() - start
+            future.result()
+        os.sync()
+        barrier()
+        result[f"save_{mode}_blocked_s"] = blocked
+        result[f"save_{mode}_s"] = time.perf_counter() - start
+    target = make(False)
+    barrier()
+    start = time.perf_counter()
+    dcp.load(target, checkpoint_id=os.path.join(a.dir, "sync"))
+    barrier()
+    result["load_s"] = time.perf_counter() - start
+    for name, tensor in state.items():
+        got = target[name].to_local() if ranks > 1 else target[name]
+        want = tensor.to_local() if ranks > 1 else tensor
+        assert torch.equal(got, want), f"dcp_reference: {name} differs after the load"
+    if rank == 0:
+        shutil.rmtree(a.dir, ignore_errors=True)
+        print(json.dumps(result), flush=True)
+    if ranks > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
