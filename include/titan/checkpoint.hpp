@@ -479,27 +479,32 @@ inline ShardRecord read_shard_record(const json::Value& v, const std::string& te
   return r;
 }
 
-/// Reads one block range [first, last] (block indices) of a shard and checks its checksums.
-inline std::vector<uint8_t> read_checked_blocks(const PosixFile& file, const std::string& path, const std::string& tensor,
-                                                const ShardRecord& shard, int64_t block_bytes, int64_t first,
-                                                int64_t last) {
+/// Bytes of the block range [first, last] (block indices) of a shard of `size` bytes.
+inline int64_t block_range_bytes(int64_t size, int64_t block_bytes, int64_t first, int64_t last) {
+  return std::min(size, (last + 1) * block_bytes) - first * block_bytes;
+}
+
+/// Reads one block range [first, last] (block indices) of a shard into `buffer` (its
+/// block_range_bytes) and checks their checksums.
+inline void read_checked_blocks(const PosixFile& file, const std::string& path, const std::string& tensor,
+                                const ShardRecord& shard, int64_t block_bytes, int64_t first, int64_t last,
+                                uint8_t* buffer) {
   const int64_t size = shard.end - shard.begin;
   const int64_t from = first * block_bytes;
-  const int64_t to = std::min(size, (last + 1) * block_bytes);
-  std::vector<uint8_t> buffer(static_cast<size_t>(to - from));
-  TORCH_CHECK(file.read_at(buffer.data(), buffer.size(), shard.begin + from), "titan checkpoint: file '", path,
-              "' ends inside tensor '", tensor, "' (bytes ", shard.begin, "..", shard.end, "): it is truncated");
+  TORCH_CHECK(file.read_at(buffer, static_cast<size_t>(block_range_bytes(size, block_bytes, first, last)),
+                           shard.begin + from),
+              "titan checkpoint: file '", path, "' ends inside tensor '", tensor, "' (bytes ", shard.begin, "..",
+              shard.end, "): it is truncated");
   for (int64_t b = first; b <= last; ++b) {
     const int64_t lo = b * block_bytes - from;
     const int64_t n = std::min(block_bytes, size - b * block_bytes);
     TORCH_CHECK(static_cast<size_t>(b) < shard.crc32.size(), "titan checkpoint: tensor '", tensor, "' in '", path,
                 "' has ", shard.crc32.size(), " checksums, too few for its ", size, " bytes");
-    uint32_t crc = crc32(buffer.data() + lo, static_cast<size_t>(n));
+    uint32_t crc = crc32(buffer + lo, static_cast<size_t>(n));
     TORCH_CHECK(crc == shard.crc32[static_cast<size_t>(b)], "titan checkpoint: checksum mismatch in file '", path,
                 "' for tensor '", tensor, "' (shard ", box_text(TensorBox{shard.offsets, shard.sizes}), ", bytes ",
                 shard.begin + b * block_bytes, "..", shard.begin + b * block_bytes + n, "): the checkpoint is corrupted");
   }
-  return buffer;
 }
 
 /// Fills `target.staged` from the saved shards that overlap its box, reading only the checksum
@@ -544,9 +549,20 @@ inline void stage_target(LoadTarget& target, const TensorRecord& record, const s
                 " bytes but tensor '", target.name, "' needs bytes up to ", shard.end, ": it is truncated");
     const int64_t first_block = first * element / block_bytes;
     const int64_t last_block = ((last + 1) * element - 1) / block_bytes;
-    auto buffer = read_checked_blocks(*file, path, target.name, shard, block_bytes, first_block, last_block);
-    auto source = at::from_blob(buffer.data() + (first * element - first_block * block_bytes), sizes, strides,
-                                at::TensorOptions().dtype(target.dtype));  // [overlap sizes], shard strides
+    if (shard.offsets == target.box.offsets && shard.sizes == target.box.sizes) {
+      // The shard is this target (a load into the layout that saved it): read straight into the
+      // staged tensor and check it there, no buffer and no copy.
+      read_checked_blocks(*file, path, target.name, shard, block_bytes, 0, last_block,
+                          static_cast<uint8_t*>(target.staged.data_ptr()));
+      filled += target.box.numel();
+      continue;
+    }
+    auto buffer = at::empty({block_range_bytes(shard.end - shard.begin, block_bytes, first_block, last_block)},
+                            at::TensorOptions().dtype(at::kByte));  // [bytes of the blocks], not zeroed
+    read_checked_blocks(*file, path, target.name, shard, block_bytes, first_block, last_block,
+                        buffer.data_ptr<uint8_t>());
+    auto source = at::from_blob(buffer.data_ptr<uint8_t>() + (first * element - first_block * block_bytes), sizes,
+                                strides, at::TensorOptions().dtype(target.dtype));  // [overlap sizes], shard strides
     auto destination = target.staged;
     for (size_t d = 0; d < ndim; ++d) destination = destination.narrow(static_cast<int64_t>(d), lo[d] - target.box.offsets[d], sizes[d]);
     destination.copy_(source);
