@@ -7,12 +7,15 @@
 //
 // The state is N fp32 parameters (default 1e9 = 4 GB) in [4096, 4096]-row tensors sharded along
 // dim 0 across the ranks. If free memory (3x the state) or disk (2x) is short, N is reduced and
-// the table says so. A "training step" is a fixed matmul workload; the stall of a save is the
+// the table says so. The load reads from the disk (the files are dropped from the page cache
+// first). A "training step" is a fixed matmul workload; the stall of a save is the
 // extra time of the step that saves, and for async saves also the slowdown of the steps that run
 // while the background thread writes.
 #include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
 #include <torch/cuda.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -40,6 +43,14 @@ int64_t available_memory() {
   while (in >> key >> kb >> unit)
     if (key == "MemAvailable:") return kb * 1024;
   return 0;
+}
+
+/// Asks the kernel to drop `path`'s pages from the page cache (they are on disk: saves fsync).
+void drop_from_page_cache(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return;
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
 }
 
 /// A fixed amount of compute standing in for a training step (finished on the device when timed).
@@ -135,7 +146,11 @@ int main(int argc, char** argv) {
     }
   }
 
-  // Load into fresh tensors (the page cache is warm: the files were just written).
+  // Load into fresh tensors, from the disk: the saved files leave the page cache first (the later
+  // saves may or may not have pushed them out; dcp_reference.py does the same).
+  if (world->rank() == 0)
+    for (const auto& entry : std::filesystem::recursive_directory_iterator(dir + "/sync"))
+      if (entry.is_regular_file()) drop_from_page_cache(entry.path().string());
   titan::TrainState target;
   for (const auto& [name, tensor] : state.tensors)
     target.tensors.emplace_back(name, titan::ShardedTensor{torch::zeros_like(tensor.local), tensor.layout, tensor.blocks});

@@ -7,7 +7,8 @@ The state is `params` fp32 values in [4096, 4096] tensors (each rank holds its r
 as DTensors sharded on dim 0 when there are several ranks), the same as bench_checkpoint. A save
 counts until its files are durable (`os.sync()` after `dcp.save`, as titan fsyncs its files); the
 async save's blocked time is until `dcp.async_save` returns, its total until the future is done and
-synced. The load goes into fresh zero tensors (page cache warm) and is checked for equality.
+synced. The load goes into fresh zero tensors from the disk (the files are dropped from the page cache
+first, as bench_checkpoint does) and is checked for equality.
 """
 import argparse
 import json
@@ -75,6 +76,12 @@ def main():
         barrier()
         result[f"save_{mode}_blocked_s"] = blocked
         result[f"save_{mode}_s"] = time.perf_counter() - start
+    if rank == 0:  # load from the disk, as bench_checkpoint does: the files leave the page cache
+        for folder, _, files in os.walk(os.path.join(a.dir, "sync")):
+            for name in files:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
     target = make(False)
     barrier()
     start = time.perf_counter()
