@@ -40,23 +40,23 @@ run() {
   [[ $rc == 0 ]] || failed=1
 }
 
-cuda=(TITAN_TEST_DEVICE=cuda TITAN_DEVICE=cuda)
+cuda=(TITAN_TEST_DEVICE=cuda)  # the test main sets TITAN_DEVICE and TITAN_SHARE_GPUS to match
 launch="$kit_build/tests/titan_launch"
 for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
       run titan_1rank_nccl 300 "${cuda[@]}" TITAN_BACKEND=nccl -- "$launch" --nproc 1 -- "$kit_build/tests/test_titan"
-      run titan_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 -- \
+      run titan_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo -- \
         "$launch" --nproc 2 -- "$kit_build/tests/test_titan"
       run models_cuda 300 "${cuda[@]}" TITAN_MODELS_REFERENCE="$kit/models_reference" \
         TITAN_MODELS_SCRATCH="$out/models_scratch" -- "$kit_build/tests/models/test_models"
       run models_ranks_1rank_nccl 300 "${cuda[@]}" TITAN_BACKEND=nccl TITAN_MODELS_SCRATCH="$out/models_scratch" -- \
         "$launch" --nproc 1 -- "$kit_build/tests/models/test_models_ranks"
-      run models_ranks_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 \
+      run models_ranks_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo \
         TITAN_MODELS_SCRATCH="$out/models_scratch" -- "$launch" --nproc 2 -- "$kit_build/tests/models/test_models_ranks"
       run trainer_unit_cuda 300 "${cuda[@]}" TITAN_BACKEND=nccl -- \
         "$launch" --nproc 1 -- "$kit_build/tests/trainer/test_trainer" -tse=multirank
-      run trainer_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 -- \
+      run trainer_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo -- \
         "$launch" --nproc 2 -- "$kit_build/tests/trainer/test_trainer" -ts=multirank
       ;;
     trainer)
