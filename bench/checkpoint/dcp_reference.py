@@ -3,7 +3,7 @@
     .venv/bin/python bench/checkpoint/dcp_reference.py --params 1000000000 --dir DIR
     torchrun --standalone --nproc_per_node 2 bench/checkpoint/dcp_reference.py ...   (row-sharded)
 
-The state is `params` fp32 values in [4096, 4096] tensors (each rank holds its rows of every tensor,
+The state is on TITAN_DEVICE (cpu, or cuda: each rank's GPU), as bench_checkpoint's is. It is `params` fp32 values in [4096, 4096] tensors (each rank holds its rows of every tensor,
 as DTensors sharded on dim 0 when there are several ranks), the same as bench_checkpoint. A save
 counts until its files are durable (`os.sync()` after `dcp.save`, as titan fsyncs its files); the
 async save's blocked time is until `dcp.async_save` returns, its total until the future is done and
@@ -30,8 +30,12 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(1)
     ranks = int(os.environ.get("WORLD_SIZE", 1))
+    device = os.environ.get("TITAN_DEVICE", "cpu")  # as bench_checkpoint: cpu, or cuda (this rank's GPU)
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
     if ranks > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank() if ranks > 1 else 0
     count = max(1, a.params // (ROWS * COLS))
     torch.manual_seed(0)
@@ -41,12 +45,13 @@ def main():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor, Shard
 
-        mesh = init_device_mesh("cpu", (ranks,))
+        mesh = init_device_mesh(device.split(":")[0], (ranks,))
 
     def make(fill):
         state = {}
         for i in range(count):
-            local = torch.randn(ROWS // ranks, COLS) if fill else torch.zeros(ROWS // ranks, COLS)  # [rows/ranks, cols]
+            shape = (ROWS // ranks, COLS)
+            local = torch.randn(shape, device=device) if fill else torch.zeros(shape, device=device)  # [rows/ranks, cols]
             if mesh is not None:
                 local = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
             state[f"layers.{i}.weight"] = local

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checkpoint I/O in one run on one disk: the disk's fsync'd write bandwidth (dd), titan's
 # bench_checkpoint and PyTorch DCP (dcp_reference.py) on the same state; prints one table with
-# titan / DCP ratios. Build first (scripts/build.sh); BUILD_DIR selects the build.
+# titan / DCP ratios. Build first (scripts/build.sh); BUILD_DIR selects the build, TITAN_DEVICE=cuda
+# puts both states on the GPU.
 #   bench/checkpoint/run.sh [--params N] [--dir DIR] [--nproc R]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -22,24 +23,29 @@ mkdir -p "$dir"
 count=$(( (params * 4 / 67108864) < 64 ? (params * 4 / 67108864) : 64 ))
 count=$(( count < 1 ? 1 : count ))
 dd_bytes=$(( count * 67108864 ))
-dd_start=$(date +%s.%N)
+dd_start=$EPOCHREALTIME
 dd if=/dev/zero of="$dir/dd.bin" bs=64M count="$count" conv=fsync status=none
-dd_seconds=$(echo "$(date +%s.%N) - $dd_start" | bc -l)
+dd_end=$EPOCHREALTIME
 rm -f "$dir/dd.bin"
 
 titan=$("$build/tests/titan_launch" --nproc "$nproc" -- "$build/bench/checkpoint/bench_checkpoint" --params "$params" \
   --dir "$dir/titan" | sed 's/^\[rank 0\] //')
+dcp_log="$dir/dcp.log"
 if ((nproc > 1)); then
-  dcp=$("$root/.venv/bin/torchrun" --standalone --nproc_per_node "$nproc" "$root/bench/checkpoint/dcp_reference.py" \
-    --params "$params" --dir "$dir/dcp" 2>/dev/null | grep '^{')
+  dcp_run=("$root/.venv/bin/torchrun" --standalone --nproc_per_node "$nproc")
 else
-  dcp=$("$root/.venv/bin/python" "$root/bench/checkpoint/dcp_reference.py" --params "$params" --dir "$dir/dcp" 2>/dev/null |
-    grep '^{')
+  dcp_run=("$root/.venv/bin/python")
 fi
+if ! "${dcp_run[@]}" "$root/bench/checkpoint/dcp_reference.py" --params "$params" --dir "$dir/dcp" > "$dcp_log" 2>&1; then
+  echo "run.sh: the DCP reference failed:" >&2
+  tail -20 "$dcp_log" >&2
+  exit 1
+fi
+dcp=$(grep '^{' "$dcp_log")
 
 table=$(cat <<'EOF'
 import json, re, sys
-dd_bytes, dd_seconds, dcp, titan_text = int(sys.argv[1]), float(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+dd_bytes, dd_seconds, dcp, titan_text = int(sys.argv[1]), float(sys.argv[3]) - float(sys.argv[2]), json.loads(sys.argv[4]), sys.argv[5]
 gb = float(re.search(r"checkpoint of ([\d.]+) GB", titan_text).group(1))
 rows = {}
 for line in titan_text.splitlines():
@@ -60,4 +66,4 @@ row("async save: until durable", rows["save async"][1], dcp["save_async_s"])
 row("load", rows["load"][1], dcp["load_s"], False)
 EOF
 )
-"$root/.venv/bin/python" -c "$table" "$dd_bytes" "$dd_seconds" "$dcp" "$titan"
+"$root/.venv/bin/python" -c "$table" "$dd_bytes" "$dd_start" "$dd_end" "$dcp" "$titan"

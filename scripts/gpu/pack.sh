@@ -13,6 +13,7 @@
 #              SentencePiece);
 #   models_reference/  the transformers reference checkpoints test_models compares against
 #              (tests/models/make_reference.py, so the GPU machine needs no transformers);
+#   data_cache/  data/cache: the offline corpus and the tokenizers (scripts/make_corpus.sh);
 #   wheels/    torchtitan 0.2.2 and the packages it imports that the GPU image lacks, as Python
 #              3.12 wheels (bench/side_by_side/requirements.txt);
 #   MANIFEST   the commit, the date, the source folder the binaries were built in, sizes.
@@ -51,6 +52,11 @@ mapfile -t extra < <(for b in "${binaries[@]}"; do ldd "$build/$b"; done |
   grep -v -E '/(site-packages)/|/lib(c|m|dl|rt|pthread|util|stdc\+\+|gcc_s)\.so')
 for lib in "${extra[@]}"; do cp -L "$lib" "$kit/lib/"; done
 log "libraries: $(cd "$kit/lib" && ls | tr '\n' ' ')"
+
+# The offline corpus and tokenizers (git-ignored, so they do not travel with the checkout).
+data="$root/data/cache"
+[[ -f "$data/tokenizers/tiktoken/llama3_bpe_4k.model" ]] || "$root/scripts/make_corpus.sh"
+cp -r "$data" "$kit/data_cache"
 
 reference="$build/tests/models/reference"
 if [[ -z "$(ls -A "$reference" 2>/dev/null)" ]]; then

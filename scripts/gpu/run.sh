@@ -10,7 +10,10 @@
 #               test_trainer (single-process cases; the multirank suite on 2 Gloo ranks)
 #   trainer     scripts/gpu/check_trainer.py: fp32 CUDA vs CPU, bf16 with each AC mode, async
 #               checkpoint and resume
-#   checkpoint  bench_checkpoint on CUDA tensors (blocked time of a 1B-parameter async save)
+#   checkpoint  bench/checkpoint/run.sh on CUDA tensors: dd, titan's bench_checkpoint and PyTorch DCP on
+#               a 1B-parameter fp32 state (save, async save blocked time, load)
+# GPU_KIT_STAGE_LIMIT=S caps every stage at S seconds; SIDE_BY_SIDE_ARGS adds options to run.py
+# (e.g. "--impls titan,fsdp2 --steps 10").
 #   bench       bench/side_by_side/run.py --device cuda: titan vs FSDP2 (eager, compiled) and
 #               torchtitan on Llama 3 1B, seq 8192, bf16
 set -uo pipefail
@@ -26,6 +29,7 @@ failed=0
 run() {
   local name=$1 limit=$2
   shift 2
+  ((limit <= ${GPU_KIT_STAGE_LIMIT:-$limit})) || limit=$GPU_KIT_STAGE_LIMIT
   local vars=()
   while [[ $1 != -- ]]; do vars+=("$1"); shift; done
   shift
@@ -63,13 +67,13 @@ for stage in "${stages[@]}"; do
       run trainer_checks 420 -- "$python" "$root/scripts/gpu/check_trainer.py" --build "$kit_build" --out "$out/trainer"
       ;;
     checkpoint)
-      run checkpoint_bench 300 TITAN_DEVICE=cuda TITAN_BACKEND=nccl -- \
-        "$launch" --nproc 1 -- "$kit_build/bench/checkpoint/bench_checkpoint" --dir "$out/ckpt_bench"
+      run checkpoint_bench 300 TITAN_DEVICE=cuda TITAN_BACKEND=nccl BUILD_DIR="$kit_build" -- \
+        "$root/bench/checkpoint/run.sh" --dir "$out/ckpt_bench"
       rm -rf "$out/ckpt_bench"
       ;;
     bench)
       run side_by_side 570 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --build "$kit_build" \
-        --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side" --timeout 240
+        --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side" --timeout 240 ${SIDE_BY_SIDE_ARGS:-}
       ;;
     *) die "unknown stage '$stage' (expected tests, trainer, checkpoint or bench)" ;;
   esac

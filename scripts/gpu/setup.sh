@@ -23,9 +23,23 @@ if [[ "$source_dir" != "$root" ]]; then
     die "$source_dir exists and is not this checkout ($root): move it, or run the kit from there"
   fi
 fi
-if [[ ! -x "$root/.venv/bin/python" ]]; then
-  mkdir -p "$root/.venv/bin" && ln -sfn "$(command -v "$python")" "$root/.venv/bin/python"
+# Wrappers, not links: a link to a virtual environment's interpreter would lose that environment
+# (Python finds it next to the path it was started as) and with it torch.
+if [[ ! -x "$root/.venv/bin/python" || -f "$root/.venv/kit_wrappers" ]]; then
+  mkdir -p "$root/.venv/bin"
+  interpreter=$(command -v "$python")
+  printf '#!/bin/sh\nexec %q "$@"\n' "$interpreter" > "$root/.venv/bin/python"
+  printf '#!/bin/sh\nexec %q -m torch.distributed.run "$@"\n' "$interpreter" > "$root/.venv/bin/torchrun"
+  chmod +x "$root/.venv/bin/python" "$root/.venv/bin/torchrun"
+  touch "$root/.venv/kit_wrappers"
 fi
+"$root/.venv/bin/python" -c 'import torch' || die "$root/.venv/bin/python cannot import torch"
+# The corpus and tokenizers the trainers and tests read from data/cache.
+if [[ ! -e "$root/data/cache" ]]; then
+  ln -sfn "$kit/data_cache" "$root/data/cache"
+fi
+[[ -f "$root/data/cache/tokenizers/tiktoken/llama3_bpe_4k.model" ]] ||
+  die "$root/data/cache lacks the tokenizers: run scripts/gpu/pack.sh again (it packs data/cache)"
 
 rm -rf "$kit_site"
 "$python" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
