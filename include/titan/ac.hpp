@@ -265,6 +265,7 @@ class OpCache {
 
   struct Entry {
     std::vector<std::vector<int64_t>> input_sizes;  // of the tensor arguments: checks the replay matches
+    std::vector<c10::IValue> other_args;             // the non-tensor arguments (flags, scales): likewise
     std::vector<c10::IValue> outputs;                // the operator's results themselves (no copy)
     std::optional<RngState> rng_after;               // for random operators
   };
@@ -296,16 +297,20 @@ class OpCache {
         });
   }
 
-  /// The entry recorded for the `call`-th call of `op`, if any and its input shapes match
-  /// (otherwise the recomputation took another path and the operator is simply recomputed).
-  std::optional<Entry> take(const c10::OperatorName& op, int64_t call, const std::vector<std::vector<int64_t>>& input_sizes) {
+  /// The entry recorded for the `call`-th call of `op`, if any and its input shapes and non-tensor
+  /// arguments match (otherwise the recomputation took another path and the operator is simply
+  /// recomputed).
+  std::optional<Entry> take(const c10::OperatorName& op, int64_t call, const std::vector<std::vector<int64_t>>& input_sizes,
+                            const std::vector<c10::IValue>& other_args) {
     auto it = entries_.find(op);
     if (it == entries_.end()) return std::nullopt;
     auto found = it->second.find(call);
     if (found == it->second.end()) return std::nullopt;
     Entry entry = std::move(found->second);
     it->second.erase(found);
-    if (entry.input_sizes != input_sizes) return std::nullopt;
+    if (entry.input_sizes != input_sizes || entry.other_args.size() != other_args.size()) return std::nullopt;
+    for (size_t i = 0; i < other_args.size(); ++i)
+      if (!(entry.other_args[i] == other_args[i])) return std::nullopt;
     return entry;
   }
 
@@ -349,6 +354,14 @@ inline std::vector<std::vector<int64_t>> tensor_sizes(const torch::jit::Stack& s
   return sizes;
 }
 
+/// The arguments from `first` on that hold no tensor (flags, scales, sizes), for matching a replay.
+inline std::vector<c10::IValue> non_tensor_args(const torch::jit::Stack& stack, size_t first) {
+  std::vector<c10::IValue> args;
+  for (size_t i = first; i < stack.size(); ++i)
+    if (!stack[i].isTensor() && !stack[i].isTensorList() && !stack[i].isOptionalTensorList()) args.push_back(stack[i]);
+  return args;
+}
+
 /// The boxed fallback on kOpCacheKey: records or replays policy operators, redispatches the rest.
 inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   // Kernels below run without the key, so the operators they call are not seen again.
@@ -371,10 +384,19 @@ inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
     op.redispatchBoxed(below, stack);
     return;
   }
-  auto sizes = tensor_sizes(*stack, stack->size() - num_args);
+  const size_t first_arg = stack->size() - num_args;
+  if (!cache->replaying) {
+    // The first forward runs under no-grad, where the fused attention kernels skip the log-sum-exp
+    // that their backward needs (SDPA derives compute_log_sumexp from grad mode). The saved outputs
+    // feed the recomputation's backward, so record them as the grad-mode call computes them.
+    for (size_t i = 0; i < num_args; ++i)
+      if (schema.arguments()[i].name() == "compute_log_sumexp") (*stack)[first_arg + i] = true;
+  }
+  auto sizes = tensor_sizes(*stack, first_arg);
+  auto other_args = non_tensor_args(*stack, first_arg);
   const int64_t call = cache->next_call(op.operator_name());
   if (cache->replaying) {
-    if (auto entry = cache->take(op.operator_name(), call, sizes)) {
+    if (auto entry = cache->take(op.operator_name(), call, sizes, other_args)) {
       torch::jit::drop(*stack, num_args);
       for (auto& value : entry->outputs) stack->push_back(std::move(value));
       if (entry->rng_after) entry->rng_after->restore();
@@ -394,6 +416,7 @@ inline void op_cache_fallback(const c10::OperatorHandle& op, c10::DispatchKeySet
   op.redispatchBoxed(below, stack);
   OpCache::Entry entry;
   entry.input_sizes = std::move(sizes);
+  entry.other_args = std::move(other_args);
   // The results themselves (aliases, no copy); OpCache::protect copies one before anything writes to it.
   for (size_t i = stack->size() - num_returns; i < stack->size(); ++i) entry.outputs.push_back((*stack)[i]);
   if (random) entry.rng_after = RngState::capture(arg_tensors);

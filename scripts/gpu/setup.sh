@@ -36,7 +36,7 @@ fi
 "$root/.venv/bin/python" -c 'import torch' || die "$root/.venv/bin/python cannot import torch"
 # The corpus and tokenizers the trainers and tests read from data/cache.
 if [[ ! -e "$root/data/cache" ]]; then
-  ln -sfn "$kit/data_cache" "$root/data/cache"
+  mkdir -p "$root/data" && ln -sfn "$kit/data_cache" "$root/data/cache"
 fi
 [[ -f "$root/data/cache/tokenizers/tiktoken/llama3_bpe_4k.model" ]] ||
   die "$root/data/cache lacks the tokenizers: run scripts/gpu/pack.sh again (it packs data/cache)"

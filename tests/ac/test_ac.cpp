@@ -123,7 +123,41 @@ struct WrittenProductImpl : torch::nn::Module {
 };
 TORCH_MODULE(WrittenProduct);
 
+/// addmm whose alpha depends on grad mode: the checkpointed first forward (no-grad) and the
+/// recomputation call it with different non-tensor arguments, as SDPA's compute_log_sumexp does.
+struct GradModeScaledImpl : torch::nn::Module {
+  GradModeScaledImpl() : w(register_parameter("w", torch::randn({6, 6}) / 3)), b(register_parameter("b", torch::randn({6}))) {}
+  torch::Tensor forward(const torch::Tensor& x) {  // x: [4, 6]
+    const double alpha = torch::autograd::GradMode::is_enabled() ? 1.0 : 2.0;
+    return torch::tanh(at::addmm(b, x, w, /*beta=*/1.0, alpha));  // [4, 6]
+  }
+  torch::Tensor w, b;
+};
+TORCH_MODULE(GradModeScaled);
+
 }  // namespace
+
+TEST_CASE("per-operator checkpointing replays a saved output only for the same non-tensor arguments") {
+  if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1
+  // The recomputation calls addmm with alpha 1 where the first forward used 2: replaying the saved
+  // output would give tanh' of the wrong product; the operator is recomputed and the gradients are
+  // those of the run without checkpointing.
+  auto run = [](bool checkpoint) {
+    torch::manual_seed(3);
+    GradModeScaled model;
+    model->to(device());
+    if (checkpoint)
+      titan::checkpoint_wrapper(model, titan::CheckpointWrapperOptions().policy(std::make_shared<titan::OpSavePolicy>(
+                                           std::vector<std::string>{"aten::addmm"}, std::vector<std::string>{})));
+    auto input = torch::randn({4, 6}).to(device()).requires_grad_(true);
+    titan::call(model, input).sum().backward();
+    return std::make_pair(model->w.grad(), input.grad());
+  };
+  const auto [w_plain, x_plain] = run(false);
+  const auto [w_ac, x_ac] = run(true);
+  CHECK_CLOSE(w_ac, w_plain, 1e-6);
+  CHECK_CLOSE(x_ac, x_plain, 1e-6);
+}
 
 TEST_CASE("per-operator checkpointing keeps saved outputs without copying, and copies one before a write") {
   if (titan_test::world()->world_size() > 1) return;  // single-process cases: run once, in titan.ranks1

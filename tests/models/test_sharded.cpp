@@ -153,6 +153,9 @@ TEST_CASE("sharded: the debug Llama built on meta trains under FSDP like the sin
   double worst = 0.0;
   for (const auto& item : reference->named_parameters())
     worst = std::max(worst, titan_test::max_abs_diff(full[item.key()], item.value()));
-  MESSAGE("debug Llama (2 layers) fp32, ranks=", n, ": max param diff ", worst);
-  CHECK(worst <= 1e-5);
+  // On CUDA, cuBLAS picks other kernels (summation orders) for the per-rank batch than for the
+  // global one; 5e-5 is 1% of the 5 x lr the parameters can move in these steps.
+  const double tolerance = device().is_cuda() ? 5e-5 : 1e-5;
+  MESSAGE("debug Llama (2 layers) fp32, ranks=", n, ": max param diff ", worst, " (tolerance ", tolerance, ")");
+  CHECK(worst <= tolerance);
 }
