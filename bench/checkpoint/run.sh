@@ -1,69 +1,107 @@
 #!/usr/bin/env bash
 # Checkpoint I/O in one run on one disk: the disk's fsync'd write bandwidth (dd), titan's
-# bench_checkpoint and PyTorch DCP (dcp_reference.py) on the same state; prints one table with
-# titan / DCP ratios. Build first (scripts/build.sh); BUILD_DIR selects the build, TITAN_DEVICE=cuda
-# puts both states on the GPU.
-#   bench/checkpoint/run.sh [--params N] [--dir DIR] [--nproc R]
+# bench_checkpoint and PyTorch DCP (dcp_reference.py) on the same state, in --rounds rounds
+# (default 3; titan first in odd rounds, DCP first in even ones, a dd before each), and one table of
+# medians with the rounds' range and titan / DCP ratios: shared virtual disks vary by 2-4x within
+# minutes, so single runs mislead. Build first (scripts/build.sh); BUILD_DIR selects the build,
+# TITAN_DEVICE=cuda puts both states on the GPU.
+#   bench/checkpoint/run.sh [--params N] [--dir DIR] [--nproc R] [--io-threads T] [--rounds K]
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build="${BUILD_DIR:-$root/build}"
-params=1000000000 dir=/tmp/titan_bench_checkpoint nproc=1
+params=1000000000 dir=/tmp/titan_bench_checkpoint nproc=1 io_threads=0 rounds=3
 while (($#)); do
   case "$1" in
     --params) params=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
     --nproc) nproc=$2; shift 2 ;;
-    *) echo "usage: run.sh [--params N] [--dir DIR] [--nproc R]" >&2; exit 2 ;;
+    --io-threads) io_threads=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    *) echo "usage: run.sh [--params N] [--dir DIR] [--nproc R] [--io-threads T] [--rounds K]" >&2; exit 2 ;;
   esac
 done
 export OMP_NUM_THREADS=1
 mkdir -p "$dir"
+results="$dir/results"
+rm -rf "$results"
+mkdir -p "$results"
 
 # dd: as many bytes as the state (at most 4 GiB), written and fsynced.
 count=$(( (params * 4 / 67108864) < 64 ? (params * 4 / 67108864) : 64 ))
 count=$(( count < 1 ? 1 : count ))
-dd_bytes=$(( count * 67108864 ))
-dd_start=$EPOCHREALTIME
-dd if=/dev/zero of="$dir/dd.bin" bs=64M count="$count" conv=fsync status=none
-dd_end=$EPOCHREALTIME
-rm -f "$dir/dd.bin"
+run_dd() {
+  local start=$EPOCHREALTIME
+  dd if=/dev/zero of="$dir/dd.bin" bs=64M count="$count" conv=fsync status=none
+  echo "$((count * 67108864)) $start $EPOCHREALTIME" > "$1"
+  rm -f "$dir/dd.bin"
+}
+run_titan() {
+  "$build/tests/titan_launch" --nproc "$nproc" -- "$build/bench/checkpoint/bench_checkpoint" --params "$params" \
+    --dir "$dir/titan" --io-threads "$io_threads" | sed 's/^\[rank 0\] //' > "$1"
+}
+run_dcp() {
+  local launcher=("$root/.venv/bin/python")
+  ((nproc == 1)) || launcher=("$root/.venv/bin/torchrun" --standalone --nproc_per_node "$nproc")
+  if ! "${launcher[@]}" "$root/bench/checkpoint/dcp_reference.py" --params "$params" --dir "$dir/dcp" > "$1.log" 2>&1; then
+    echo "run.sh: the DCP reference failed:" >&2
+    tail -20 "$1.log" >&2
+    exit 1
+  fi
+  grep '^{' "$1.log" > "$1"
+}
+for ((round = 1; round <= rounds; ++round)); do
+  run_dd "$results/dd.$round"
+  if ((round % 2)); then
+    run_titan "$results/titan.$round"; run_dcp "$results/dcp.$round"
+  else
+    run_dcp "$results/dcp.$round"; run_titan "$results/titan.$round"
+  fi
+  echo "run.sh: round $round of $rounds done" >&2
+done
 
-titan=$("$build/tests/titan_launch" --nproc "$nproc" -- "$build/bench/checkpoint/bench_checkpoint" --params "$params" \
-  --dir "$dir/titan" | sed 's/^\[rank 0\] //')
-dcp_log="$dir/dcp.log"
-if ((nproc > 1)); then
-  dcp_run=("$root/.venv/bin/torchrun" --standalone --nproc_per_node "$nproc")
-else
-  dcp_run=("$root/.venv/bin/python")
-fi
-if ! "${dcp_run[@]}" "$root/bench/checkpoint/dcp_reference.py" --params "$params" --dir "$dir/dcp" > "$dcp_log" 2>&1; then
-  echo "run.sh: the DCP reference failed:" >&2
-  tail -20 "$dcp_log" >&2
-  exit 1
-fi
-dcp=$(grep '^{' "$dcp_log")
-
-table=$(cat <<'EOF'
-import json, re, sys
-dd_bytes, dd_seconds, dcp, titan_text = int(sys.argv[1]), float(sys.argv[3]) - float(sys.argv[2]), json.loads(sys.argv[4]), sys.argv[5]
-gb = float(re.search(r"checkpoint of ([\d.]+) GB", titan_text).group(1))
-rows = {}
-for line in titan_text.splitlines():
-    m = re.match(r"\| (save sync|save async 2|save async|load)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line)
-    if m:
-        rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
-disk = dd_bytes / 1e9 / dd_seconds
-print(f"checkpoint of {gb:.2f} GB, {dcp['ranks']} rank(s); disk (dd, fsync): {disk:.2f} GB/s\n")
+"$root/.venv/bin/python" - "$results" "$rounds" <<'PY'
+import json, re, statistics, sys
+folder, rounds = sys.argv[1], int(sys.argv[2])
+titan, dcp, disk = [], [], []
+for r in range(1, rounds + 1):
+    nbytes, start, end = open(f"{folder}/dd.{r}").read().split()
+    disk.append(int(nbytes) / 1e9 / (float(end) - float(start)))
+    dcp.append(json.load(open(f"{folder}/dcp.{r}")))
+    text = open(f"{folder}/titan.{r}").read()
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\| (save sync|save async 2|save async|load)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line)
+        if m:
+            rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+        m = re.match(r"\| save (async 2|async)\s*\|.*\|\s*([\d.-]+) s of ([\d.]+) s", line)
+        if m:
+            rows["stall " + m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    rows["memcpy"] = float(re.search(r"\(memcpy\): ([\d.]+) s", text).group(1))
+    rows["gb"] = float(re.search(r"checkpoint of ([\d.]+) GB", text).group(1))
+    titan.append(rows)
+gb = titan[0]["gb"]
+med = statistics.median
+span = lambda xs: f"{med(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+print(f"checkpoint of {gb:.2f} GB, {dcp[0]['ranks']} rank(s), {rounds} rounds (median, range); "
+      f"disk (dd, fsync): {span(disk)} GB/s\n")
 print("| operation | titan s | DCP s | titan GB/s | DCP GB/s | titan / DCP speed | titan / disk |")
 print("|---|---|---|---|---|---|---|")
 def row(name, titan_s, dcp_s, vs_disk=True):
-    print(f"| {name} | {titan_s:.2f} | {dcp_s:.2f} | {gb / titan_s:.2f} | {gb / dcp_s:.2f} | {dcp_s / titan_s:.2f}x | "
-          + (f"{gb / titan_s / disk:.0%} |" if vs_disk else "- |"))
-row("save (sync, durable)", rows["save sync"][1], dcp["save_sync_s"])
-row("async save: training blocked", rows["save async"][0], dcp["save_async_blocked_s"], False)
-row("async save, reused staging: blocked", rows["save async 2"][0], dcp["save_async_blocked_s"], False)
-row("async save: until durable", rows["save async"][1], dcp["save_async_s"])
-row("load", rows["load"][1], dcp["load_s"], False)
-EOF
-)
-"$root/.venv/bin/python" -c "$table" "$dd_bytes" "$dd_start" "$dd_end" "$dcp" "$titan"
+    t, d = med(titan_s), med(dcp_s)
+    ratios = [b / a for a, b in zip(titan_s, dcp_s)]  # per round: the two ran minutes apart
+    print(f"| {name} | {span(titan_s)} | {span(dcp_s)} | {gb / t:.2f} | {gb / d:.2f} | {span(ratios)}x | "
+          + (f"{gb / t / med(disk):.0%} |" if vs_disk else "- |"))
+row("save (sync, durable)", [t["save sync"][1] for t in titan], [d["save_sync_s"] for d in dcp])
+row("async save: training blocked", [t["save async"][0] for t in titan], [d["save_async_blocked_s"] for d in dcp], False)
+row("async save, reused staging: blocked", [t["save async 2"][0] for t in titan], [d["save_async_blocked_s"] for d in dcp], False)
+row("async save: until durable", [t["save async"][1] for t in titan], [d["save_async_s"] for d in dcp])
+row("load (cold)", [t["load"][1] for t in titan], [d["load_s"] for d in dcp], False)
+memcpy = [t["memcpy"] for t in titan]
+blocked = [t["save async 2"][0] / t["memcpy"] for t in titan]
+print(f"\ncopy of the state into preallocated host memory (memcpy): {span(memcpy)} s; titan's async save with reused "
+      f"staging blocks for {span(blocked)}x that")
+for mode in ("async", "async 2"):
+    stalls = [100 * t["stall " + mode][0] / t["stall " + mode][1] for t in titan if "stall " + mode in t]
+    if stalls:
+        print(f"training steps overlapped with titan's background write ({mode}): stall {span(stalls)} % of their time")
+PY

@@ -40,6 +40,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -169,6 +170,9 @@ struct CheckpointOptions {
   TORCH_ARG(int64_t, load_step) = -1;
   /// Bytes per checksum block; a loader reads whole blocks around what it needs.
   TORCH_ARG(int64_t, block_bytes) = int64_t{1} << 20;
+  /// Threads per rank writing a save's file and reading a load's (0: the cores, at most 4). Each
+  /// writes or reads pieces of about 8 MiB and checksums what it wrote or read.
+  TORCH_ARG(int, io_threads) = 0;
   /// Called with the path of every file a save has written and fsynced (progress, tests).
   TORCH_ARG(std::function<void(const std::string&)>, on_file_written);
   /// Called after each tensor a load has read and checked (a progress display for long loads).
@@ -392,30 +396,38 @@ inline std::vector<PlannedTensor> resolve_plans(const std::vector<std::string>& 
   return tensors;
 }
 
-/// Writes this rank's blocks to `dir/file` as a safetensors file (fsynced); returns their shard
-/// records (offsets, sizes, byte range, block checksums) in the order of `entries`.
+/// Writes this rank's blocks to `dir/file` as a safetensors file (fsynced) on `io_threads`
+/// threads, each computing the checksums of the blocks it writes; returns their shard records
+/// (offsets, sizes, byte range, block checksums) in the order of `entries`.
 inline std::vector<ShardRecord> write_shard_file(const std::string& dir, const std::string& file,
-                                                 const std::vector<const SaveEntry*>& entries, int64_t block_bytes) {
-  const std::string path = dir + "/" + file;
+                                                 const std::vector<const SaveEntry*>& entries, int64_t block_bytes,
+                                                 int io_threads) {
   safetensors::NamedTensors named;
-  int64_t data_size = 0;
-  for (const auto* e : entries) {
-    named.emplace_back(e->key, e->data);
-    data_size += e->data.numel() * static_cast<int64_t>(e->data.element_size());
-  }
-  safetensors::save(path, named, {{"format", "pt"}});
-  PosixFile written(path, O_RDONLY);
-  written.sync();
-  int64_t position = written.size() - data_size;  // the data section, in entry order, ends the file
   std::vector<ShardRecord> records;
   for (const auto* e : entries) {
-    const auto* bytes = static_cast<const uint8_t*>(e->data.data_ptr());
-    const int64_t size = e->data.numel() * static_cast<int64_t>(e->data.element_size());
-    ShardRecord record{e->box.offsets, e->box.sizes, file, e->key, position, position + size, {}};
-    for (int64_t done = 0; done < size; done += block_bytes)
-      record.crc32.push_back(crc32(bytes + done, static_cast<size_t>(std::min(block_bytes, size - done))));
+    named.emplace_back(e->key, e->data);
+    const int64_t size = static_cast<int64_t>(e->data.nbytes());
+    records.push_back(ShardRecord{e->box.offsets, e->box.sizes, file, e->key, 0, size, {}});
+    records.back().crc32.resize(static_cast<size_t>((size + block_bytes - 1) / block_bytes));
+  }
+  // Pieces of whole checksum blocks, about 8 MiB: each block's checksum is computed by the thread
+  // writing it, just before the write, while its bytes are in the cache.
+  const int64_t piece_bytes = block_bytes * std::max<int64_t>(1, (int64_t{8} << 20) / block_bytes);
+  const int64_t data_begin = safetensors::detail::write_file(
+      dir + "/" + file, named, {{"format", "pt"}}, io_threads, piece_bytes,
+      [&](size_t k, int64_t begin, const uint8_t* bytes, int64_t size) {
+        auto& crcs = records[k].crc32;
+        for (int64_t done = 0; done < size; done += block_bytes)
+          crcs[static_cast<size_t>((begin + done) / block_bytes)] =
+              crc32(bytes + done, static_cast<size_t>(std::min(block_bytes, size - done)));
+      },
+      /*durable=*/true);
+  int64_t position = data_begin;  // the data section, in entry order, ends the file
+  for (auto& record : records) {
+    const int64_t size = record.end;
+    record.begin = position;
+    record.end = position + size;
     position += size;
-    records.push_back(std::move(record));
   }
   return records;
 }
@@ -507,10 +519,29 @@ inline void read_checked_blocks(const PosixFile& file, const std::string& path, 
   }
 }
 
-/// Fills `target.staged` from the saved shards that overlap its box, reading only the checksum
-/// blocks that hold overlapping bytes.
-inline void stage_target(LoadTarget& target, const TensorRecord& record, const std::string& dir, int64_t block_bytes,
-                         std::map<std::string, std::unique_ptr<PosixFile>>& files) {
+/// One positioned read of a load: checksum blocks [first_block, last_block] of a saved shard,
+/// checked, into the staged tensor of its target.
+struct ShardRead {
+  LoadTarget* target = nullptr;
+  const ShardRecord* shard = nullptr;
+  const PosixFile* file = nullptr;
+  std::string path;
+  int64_t first_block = 0, last_block = 0;
+  /// The shard is the target's box (a load into the layout that saved it): the blocks go straight
+  /// into the staged tensor, at their own byte offset, and are checked there (no buffer, no copy).
+  bool direct = false;
+  /// Otherwise the overlap: its first element in the shard, its corner in the target's box, its
+  /// sizes, and the shard's strides; the blocks go through a buffer and the overlap is copied.
+  int64_t first = 0;
+  std::vector<int64_t> corner, sizes, strides;
+};
+
+/// Allocates `target.staged` and appends the reads that fill it from the saved shards overlapping
+/// its box, each reading only the checksum blocks that hold overlapping bytes; a direct read is cut
+/// into pieces of about `piece_bytes` so that threads share large tensors.
+inline void plan_target_reads(LoadTarget& target, const TensorRecord& record, const std::string& dir,
+                              int64_t block_bytes, int64_t piece_bytes,
+                              std::map<std::string, std::unique_ptr<PosixFile>>& files, std::vector<ShardRead>& reads) {
   target.staged = at::empty(target.box.sizes, at::TensorOptions().dtype(target.dtype));  // [box.sizes]
   const size_t ndim = target.box.sizes.size();
   const int64_t element = static_cast<int64_t>(target.staged.element_size());
@@ -531,47 +562,71 @@ inline void stage_target(LoadTarget& target, const TensorRecord& record, const s
     if (empty || target.box.numel() == 0) continue;
     TORCH_CHECK(shard.end - shard.begin == shard_numel * element, "titan checkpoint: tensor '", target.name,
                 "' has a shard of ", shard_numel, " elements but ", shard.end - shard.begin, " bytes in '", shard.file, "'");
-    int64_t first = 0, last = 0;  // element indices within the shard
-    std::vector<int64_t> sizes(ndim);
-    for (size_t d = 0; d < ndim; ++d) {
-      first += (lo[d] - shard.offsets[d]) * strides[d];
-      last += (hi[d] - 1 - shard.offsets[d]) * strides[d];
-      sizes[d] = hi[d] - lo[d];
-    }
-    const std::string path = dir + "/" + shard.file;
+    ShardRead read;
+    read.target = &target;
+    read.shard = &shard;
+    read.path = dir + "/" + shard.file;
     auto& file = files[shard.file];
     if (!file) {
-      TORCH_CHECK(std::filesystem::exists(path), "titan checkpoint: file '", path, "' (holding tensor '", target.name,
-                  "') is missing");
-      file = std::make_unique<PosixFile>(path, O_RDONLY);
+      TORCH_CHECK(std::filesystem::exists(read.path), "titan checkpoint: file '", read.path, "' (holding tensor '",
+                  target.name, "') is missing");
+      file = std::make_unique<PosixFile>(read.path, O_RDONLY);
     }
-    TORCH_CHECK(file->size() >= shard.end, "titan checkpoint: file '", path, "' has ", file->size(),
+    TORCH_CHECK(file->size() >= shard.end, "titan checkpoint: file '", read.path, "' has ", file->size(),
                 " bytes but tensor '", target.name, "' needs bytes up to ", shard.end, ": it is truncated");
-    const int64_t first_block = first * element / block_bytes;
-    const int64_t last_block = ((last + 1) * element - 1) / block_bytes;
+    read.file = file.get();
+    int64_t last = 0;  // element index within the shard
+    read.sizes.resize(ndim);
+    read.corner.resize(ndim);
+    int64_t overlap = 1;
+    for (size_t d = 0; d < ndim; ++d) {
+      read.first += (lo[d] - shard.offsets[d]) * strides[d];
+      last += (hi[d] - 1 - shard.offsets[d]) * strides[d];
+      read.sizes[d] = hi[d] - lo[d];
+      read.corner[d] = lo[d] - target.box.offsets[d];
+      overlap *= read.sizes[d];
+    }
+    filled += overlap;
+    read.strides = std::move(strides);
+    read.first_block = read.first * element / block_bytes;
+    read.last_block = ((last + 1) * element - 1) / block_bytes;
     if (shard.offsets == target.box.offsets && shard.sizes == target.box.sizes) {
-      // The shard is this target (a load into the layout that saved it): read straight into the
-      // staged tensor and check it there, no buffer and no copy.
-      read_checked_blocks(*file, path, target.name, shard, block_bytes, 0, last_block,
-                          static_cast<uint8_t*>(target.staged.data_ptr()));
-      filled += target.box.numel();
+      read.direct = true;
+      const int64_t blocks_per_piece = std::max<int64_t>(1, piece_bytes / block_bytes);
+      const int64_t last_block = read.last_block;
+      for (int64_t b = 0; b <= last_block; b += blocks_per_piece) {
+        read.first_block = b;
+        read.last_block = std::min(last_block, b + blocks_per_piece - 1);
+        reads.push_back(read);
+      }
       continue;
     }
-    auto buffer = at::empty({block_range_bytes(shard.end - shard.begin, block_bytes, first_block, last_block)},
-                            at::TensorOptions().dtype(at::kByte));  // [bytes of the blocks], not zeroed
-    read_checked_blocks(*file, path, target.name, shard, block_bytes, first_block, last_block,
-                        buffer.data_ptr<uint8_t>());
-    auto source = at::from_blob(buffer.data_ptr<uint8_t>() + (first * element - first_block * block_bytes), sizes,
-                                strides, at::TensorOptions().dtype(target.dtype));  // [overlap sizes], shard strides
-    auto destination = target.staged;
-    for (size_t d = 0; d < ndim; ++d) destination = destination.narrow(static_cast<int64_t>(d), lo[d] - target.box.offsets[d], sizes[d]);
-    destination.copy_(source);
-    int64_t n = 1;
-    for (auto s : sizes) n *= s;
-    filled += n;
+    reads.push_back(std::move(read));
   }
   TORCH_CHECK(filled == target.box.numel(), "titan checkpoint: the saved shards of tensor '", target.name, "' cover ",
               filled, " of the ", target.box.numel(), " elements this rank needs (", box_text(target.box), ")");
+}
+
+/// Performs one planned read (any thread: reads fill disjoint parts of their staged tensors).
+inline void run_shard_read(const ShardRead& read, int64_t block_bytes) {
+  LoadTarget& target = *read.target;
+  const ShardRecord& shard = *read.shard;
+  if (read.direct) {
+    read_checked_blocks(*read.file, read.path, target.name, shard, block_bytes, read.first_block, read.last_block,
+                        static_cast<uint8_t*>(target.staged.data_ptr()) + read.first_block * block_bytes);
+    return;
+  }
+  const int64_t element = static_cast<int64_t>(target.staged.element_size());
+  auto buffer = at::empty({block_range_bytes(shard.end - shard.begin, block_bytes, read.first_block, read.last_block)},
+                          at::TensorOptions().dtype(at::kByte));  // [bytes of the blocks], not zeroed
+  read_checked_blocks(*read.file, read.path, target.name, shard, block_bytes, read.first_block, read.last_block,
+                      buffer.data_ptr<uint8_t>());
+  auto source = at::from_blob(buffer.data_ptr<uint8_t>() + (read.first * element - read.first_block * block_bytes),
+                              read.sizes, read.strides, at::TensorOptions().dtype(target.dtype));  // [overlap], shard strides
+  auto destination = target.staged;
+  for (size_t d = 0; d < read.sizes.size(); ++d)
+    destination = destination.narrow(static_cast<int64_t>(d), read.corner[d], read.sizes[d]);
+  destination.copy_(source);
 }
 
 /// Runs `work` on every rank, then fails on every rank if it failed on any (naming the first
@@ -740,17 +795,39 @@ inline void validate_load_targets(const LoadPlan& plan, const TrainState& state,
                 "' holds tensor '", record.name, "' that the model does not have (a checkpoint of a different model?)");
 }
 
-/// Stage: reads and checks (checksums) every block each target needs into CPU memory.
+/// Stage: reads and checks (checksums) every block each target needs into CPU memory, on
+/// `io_threads` threads (positioned reads of about 8 MiB, each checked by the thread reading it).
 inline void stage_load_targets(LoadPlan& plan, const CheckpointMetadata& meta, const std::string& dir,
-                               const LoadProgressFn& progress) {
+                               const LoadProgressFn& progress, int io_threads) {
   std::map<std::string, std::unique_ptr<PosixFile>> files;
-  int64_t bytes = 0;
-  for (size_t i = 0; i < plan.targets.size(); ++i) {
-    auto& target = plan.targets[i];
-    stage_target(target, *meta.find(target.name), dir, meta.block_bytes, files);
-    bytes += static_cast<int64_t>(target.staged.nbytes());
-    if (progress) progress(static_cast<int64_t>(i + 1), static_cast<int64_t>(plan.targets.size()), bytes);
+  std::vector<ShardRead> reads;
+  std::vector<size_t> first_read;  // of each target, in `reads`
+  const int64_t piece_bytes = int64_t{8} << 20;
+  for (auto& target : plan.targets) {
+    first_read.push_back(reads.size());
+    plan_target_reads(target, *meta.find(target.name), dir, meta.block_bytes, piece_bytes, files, reads);
   }
+  // Progress: a target is staged when its last read is done.
+  std::vector<std::atomic<int64_t>> remaining(plan.targets.size());
+  for (size_t i = 0; i < plan.targets.size(); ++i)
+    remaining[i] = static_cast<int64_t>((i + 1 < first_read.size() ? first_read[i + 1] : reads.size()) - first_read[i]);
+  std::mutex progress_mutex;
+  int64_t done = 0, bytes = 0;
+  auto staged = [&](size_t i) {
+    if (!progress) return;
+    std::lock_guard<std::mutex> lock(progress_mutex);
+    bytes += static_cast<int64_t>(plan.targets[i].staged.nbytes());
+    progress(++done, static_cast<int64_t>(plan.targets.size()), bytes);
+  };
+  for (size_t i = 0; i < plan.targets.size(); ++i)
+    if (remaining[i] == 0) staged(i);
+  std::unordered_map<const LoadTarget*, size_t> index;
+  for (size_t i = 0; i < plan.targets.size(); ++i) index[&plan.targets[i]] = i;
+  run_tasks(io_threads, reads.size(), [&](size_t k) {
+    run_shard_read(reads[k], meta.block_bytes);
+    const size_t i = index.at(reads[k].target);
+    if (--remaining[i] == 0) staged(i);
+  });
 }
 
 /// Apply (every rank has staged everything): overwrites the model, installs the optimizer states
@@ -792,14 +869,14 @@ inline void apply_load(LoadPlan& plan, TrainState& state, const CheckpointMetada
 /// A failure on any rank fails every rank with nothing overwritten. `progress` (optional) is
 /// called after each block is staged. Returns the metadata.
 inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& state, const ProcessGroupPtr& group,
-                                          const LoadProgressFn& progress = nullptr) {
+                                          const LoadProgressFn& progress = nullptr, int io_threads = 0) {
   CheckpointMetadata meta;
   detail::LoadPlan plan;
   detail::all_ranks_or_none(group, [&] {
     meta = read_checkpoint_metadata(dir);
     plan = detail::collect_load_targets(state, meta, dir);
     detail::validate_load_targets(plan, state, meta, dir);
-    detail::stage_load_targets(plan, meta, dir, progress);
+    detail::stage_load_targets(plan, meta, dir, progress, io_threads > 0 ? io_threads : detail::default_io_threads());
   });
   detail::apply_load(plan, state, meta, group);
   return meta;
@@ -840,6 +917,8 @@ class CheckpointManager {
                 options_.keep_latest_k());
     TORCH_CHECK(options_.block_bytes() >= 8, "titan: CheckpointOptions::block_bytes must be >= 8, got ",
                 options_.block_bytes());
+    TORCH_CHECK(options_.io_threads() >= 0, "titan: CheckpointOptions::io_threads must be >= 0 (0: automatic), got ",
+                options_.io_threads());
     // A communicator of its own (a saver thread's collectives never meet training's), on Gloo and
     // the CPU when titan has Gloo: a background thread then never issues NCCL work, and only
     // small strings go through it.
@@ -997,7 +1076,7 @@ class CheckpointManager {
   std::optional<int64_t> load(int64_t step, TrainState& state) {
     wait();
     auto meta = load_checkpoint(options_.folder() + "/" + detail::step_dir_name(step), state, group_,
-                                options_.on_load_progress());
+                                options_.on_load_progress(), io_threads());
     logger_.info("loaded checkpoint step ", meta.step, " (saved on ", meta.world_size, " ranks) from ",
                  options_.folder());
     return meta.step;
@@ -1029,7 +1108,7 @@ class CheckpointManager {
           if (block.rank == rank_ && block.box.offsets == entry.box.offsets) to_write.push_back(&entry);
       }
       if (!to_write.empty()) {
-        auto records = detail::write_shard_file(tmp, file, to_write, options_.block_bytes());
+        auto records = detail::write_shard_file(tmp, file, to_write, options_.block_bytes(), io_threads());
         detail::sync_directory(tmp);
         for (size_t i = 0; i < records.size(); ++i) mine.emplace_back(to_write[i]->name, std::move(records[i]));
         if (options_.on_file_written()) options_.on_file_written()(tmp + "/" + file);
@@ -1042,6 +1121,8 @@ class CheckpointManager {
       detail::all_ranks_or_none(group_, [] {});
     }
   }
+
+  int io_threads() const { return options_.io_threads() > 0 ? options_.io_threads() : detail::default_io_threads(); }
 
   /// Rank 0: metadata.json (last file), rename into place, `latest`, rotation.
   void finish(const Job& job, const std::vector<detail::PlannedTensor>& tensors,

@@ -19,6 +19,7 @@
 // of a sharded parameter touches only the pages of its block. Every error names the file, and the
 // tensor where one is involved. Depends on LibTorch and POSIX only.
 
+#include <titan/detail/checkpoint_io.hpp>
 #include <titan/detail/json.hpp>
 
 #include <ATen/ATen.h>
@@ -259,11 +260,12 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 /// String metadata stored under "__metadata__".
 using Metadata = std::map<std::string, std::string>;
 
-/// Writes `tensors` (any device; written row-major) to `path` with `metadata`. The header is
-/// padded with spaces to a multiple of 8 bytes so every tensor starts 8-byte aligned when the
-/// offsets are; tensors are copied to CPU one at a time. The file is written as `path`.tmp and
-/// renamed, so a reader never sees a half-written file.
-inline void save(const std::string& path, const NamedTensors& tensors, const Metadata& metadata = {}) {
+namespace detail {
+
+/// The bytes a safetensors file of `tensors` (in this order) starts with: the header's length and
+/// the JSON header, padded with spaces to a multiple of 8 bytes so that every tensor starts 8-byte
+/// aligned when the offsets are.
+inline std::string file_header(const std::string& path, const NamedTensors& tensors, const Metadata& metadata) {
   json::Value header = json::Object{};
   if (!metadata.empty()) {
     json::Value meta = json::Object{};
@@ -287,29 +289,51 @@ inline void save(const std::string& path, const NamedTensors& tensors, const Met
   }
   std::string text = json::dump(header);
   text.append((8 - text.size() % 8) % 8, ' ');
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(static_cast<uint64_t>(text.size()) >> (8 * i));
+  return bytes + text;
+}
 
-  const std::string tmp = path + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "wb");
-  TORCH_CHECK(f != nullptr, "safetensors: cannot create ", tmp, ": ", std::strerror(errno));
-  auto write = [&](const void* data, size_t n) {
-    if (n > 0 && std::fwrite(data, 1, n, f) != n) {
-      int err = errno;
-      std::fclose(f);
-      std::remove(tmp.c_str());
-      TORCH_CHECK(false, "safetensors: cannot write ", tmp, ": ", std::strerror(err));
-    }
-  };
-  uint8_t length[8];
-  for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
-  write(length, 8);
-  write(text.data(), text.size());
-  for (const auto& [name, tensor] : tensors) {
-    at::Tensor cpu = tensor.detach().to(at::kCPU).contiguous();
-    write(cpu.data_ptr(), static_cast<size_t>(cpu.numel()) * cpu.element_size());
+/// Writes the safetensors file `path` (created or truncated) of `host_tensors` (CPU, contiguous):
+/// the header, then every tensor's bytes on up to `io_threads` threads (titan::detail::write_spans;
+/// span k is tensor k, `piece_bytes` per piece). Returns the file offset of the first tensor's
+/// bytes. fsyncs the file when `durable`.
+inline int64_t write_file(const std::string& path, const NamedTensors& host_tensors, const Metadata& metadata,
+                          int io_threads, int64_t piece_bytes, const titan::detail::PieceFn& on_piece, bool durable) {
+  const std::string header = file_header(path, host_tensors, metadata);
+  titan::detail::PosixFile file(path, O_WRONLY | O_CREAT | O_TRUNC);
+  file.write_at(header.data(), header.size(), 0);
+  std::vector<titan::detail::WriteSpan> spans;
+  int64_t offset = static_cast<int64_t>(header.size());
+  for (const auto& [name, tensor] : host_tensors) {
+    TORCH_CHECK(tensor.is_cpu() && tensor.is_contiguous(), "safetensors: ", path, ": tensor '", name,
+                "' must be a contiguous CPU tensor here");
+    const int64_t size = static_cast<int64_t>(tensor.nbytes());
+    spans.push_back(titan::detail::WriteSpan{static_cast<const uint8_t*>(tensor.data_ptr()), size, offset});
+    offset += size;
   }
-  if (std::fclose(f) != 0) {
+  titan::detail::write_spans(file, spans, io_threads, piece_bytes, on_piece);
+  if (durable) file.sync();
+  return static_cast<int64_t>(header.size());
+}
+
+}  // namespace detail
+
+/// Writes `tensors` (any device; written row-major) to `path` with `metadata`, on `io_threads`
+/// threads (0: titan::detail::default_io_threads()). Tensors on other devices are first copied to
+/// CPU memory (all of them: save_sharded bounds that to one file). The file is written as
+/// `path`.tmp and renamed, so a reader never sees a half-written file.
+inline void save(const std::string& path, const NamedTensors& tensors, const Metadata& metadata = {}, int io_threads = 0) {
+  NamedTensors host;
+  for (const auto& [name, tensor] : tensors)
+    host.emplace_back(name, tensor.defined() ? tensor.detach().to(at::kCPU).contiguous() : tensor);
+  const std::string tmp = path + ".tmp";
+  try {
+    detail::write_file(tmp, host, metadata, io_threads > 0 ? io_threads : titan::detail::default_io_threads(),
+                       int64_t{8} << 20, {}, /*durable=*/false);
+  } catch (...) {
     std::remove(tmp.c_str());
-    TORCH_CHECK(false, "safetensors: cannot write ", tmp, ": ", std::strerror(errno));
+    throw;
   }
   TORCH_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "safetensors: cannot rename ", tmp, " to ", path, ": ",
               std::strerror(errno));
@@ -415,6 +439,8 @@ struct SaveOptions {
   TORCH_ARG(int64_t, max_shard_bytes) = 0;
   /// String metadata written into every file's "__metadata__".
   TORCH_ARG(Metadata, metadata) = {};
+  /// Threads writing each file (0: titan::detail::default_io_threads(), the cores up to 4).
+  TORCH_ARG(int, io_threads) = 0;
 };
 
 /// A tensor that save_sharded makes only when it writes the file holding it: its name, the bytes
@@ -452,7 +478,7 @@ inline std::vector<std::string> save_sharded(const std::string& dir, const std::
       TORCH_CHECK(bytes == item->bytes, "safetensors: ", path, ": tensor '", item->name, "' was announced as ",
                   item->bytes, " bytes but has ", bytes);
     }
-    save(path, made, options.metadata());
+    save(path, made, options.metadata(), options.io_threads());
   };
   if (shards.size() == 1) {
     write_shard(dir + "/" + kSingleName, shards[0]);

@@ -1,6 +1,7 @@
 #pragma once
-// titan/detail/checkpoint_io.hpp: the low-level pieces of checkpoint.hpp — CRC-32 and POSIX file
-// helpers with errors that name the path. Depends on the standard library, POSIX and c10 only.
+// titan/detail/checkpoint_io.hpp: the low-level pieces of checkpoint.hpp and safetensors.hpp —
+// CRC-32, POSIX file helpers with errors that name the path, and the parallel writer and task
+// runner that keep the disk busy. Depends on the standard library, POSIX and c10 only.
 
 #include <c10/util/Exception.h>
 
@@ -9,11 +10,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <functional>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace titan {
@@ -79,6 +86,28 @@ class PosixFile {
       size -= static_cast<size_t>(n);
     }
   }
+  /// Writes all `size` bytes at `offset` (pwrite: safe from several threads at disjoint ranges).
+  void write_at(const void* data, size_t size, int64_t offset) {
+    const auto* p = static_cast<const char*>(data);
+    while (size > 0) {
+      ssize_t n = ::pwrite(fd_, p, size, static_cast<off_t>(offset));
+      if (n < 0 && errno == EINTR) continue;
+      TORCH_CHECK(n > 0, "titan checkpoint: writing '", path_, "' failed: ", std::strerror(errno));
+      p += n;
+      size -= static_cast<size_t>(n);
+      offset += n;
+    }
+  }
+  /// Asks the kernel to start writing [offset, offset + size) to the device now rather than when
+  /// the dirty pages age or fsync comes, so that filling the page cache and the device's writes
+  /// overlap. Only a hint: errors surface at sync().
+  void start_writeback(int64_t offset, int64_t size) {
+#ifdef SYNC_FILE_RANGE_WRITE
+    (void)::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(size), SYNC_FILE_RANGE_WRITE);
+#else
+    (void)offset, (void)size;
+#endif
+  }
   /// Reads exactly `size` bytes at `offset`; false if the file ends first.
   bool read_at(void* data, size_t size, int64_t offset) const {
     auto* p = static_cast<char*>(data);
@@ -107,6 +136,76 @@ class PosixFile {
   std::string path_;
   int fd_ = -1;
 };
+
+/// Threads per rank for checkpoint and safetensors file I/O when the options say 0: the cores,
+/// at most 4 (beyond that a single device rarely writes faster, and ranks share the cores).
+inline int default_io_threads() {
+  return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1U, 4U));
+}
+
+/// Runs task(0) ... task(count - 1) on up to `threads` threads (the caller's included), each
+/// taking the next index. After the first error no new task starts; it is rethrown once all
+/// threads have stopped.
+inline void run_tasks(int threads, size_t count, const std::function<void(size_t)>& task) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&] {
+    for (size_t i = next++; i < count && !failed; i = next++) {
+      try {
+        task(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        failed = true;
+      }
+    }
+  };
+  const size_t helpers = std::min(count, static_cast<size_t>(std::max(threads, 1))) - (count > 0 ? 1 : 0);
+  std::vector<std::thread> pool;
+  pool.reserve(helpers);
+  for (size_t t = 0; t < helpers; ++t) pool.emplace_back(work);
+  work();
+  for (auto& thread : pool) thread.join();
+  if (error) std::rethrow_exception(error);
+}
+
+/// Bytes to write at a file offset.
+struct WriteSpan {
+  const uint8_t* data = nullptr;
+  int64_t size = 0;
+  int64_t offset = 0;  ///< in the file
+};
+
+/// Called on the writing thread for each piece of a span before it is written: (span index,
+/// offset of the piece in the span, its bytes, their count). Checksums are computed here, while
+/// the bytes are in the cache, on as many threads as write.
+using PieceFn = std::function<void(size_t, int64_t, const uint8_t*, int64_t)>;
+
+/// Writes `spans` into `file` on up to `threads` threads, cut into pieces of `piece_bytes` from
+/// each span's start, starting each piece's write-back at once (PosixFile::start_writeback). The
+/// caller fsyncs.
+inline void write_spans(PosixFile& file, const std::vector<WriteSpan>& spans, int threads, int64_t piece_bytes,
+                        const PieceFn& on_piece = {}) {
+  TORCH_CHECK(piece_bytes > 0, "titan: write_spans needs piece_bytes > 0, got ", piece_bytes);
+  struct Piece {
+    size_t span;
+    int64_t begin, size;
+  };
+  std::vector<Piece> pieces;
+  for (size_t i = 0; i < spans.size(); ++i)
+    for (int64_t begin = 0; begin < spans[i].size; begin += piece_bytes)
+      pieces.push_back(Piece{i, begin, std::min(piece_bytes, spans[i].size - begin)});
+  run_tasks(threads, pieces.size(), [&](size_t k) {
+    const Piece& piece = pieces[k];
+    const WriteSpan& span = spans[piece.span];
+    const uint8_t* bytes = span.data + piece.begin;
+    if (on_piece) on_piece(piece.span, piece.begin, bytes, piece.size);
+    file.write_at(bytes, static_cast<size_t>(piece.size), span.offset + piece.begin);
+    file.start_writeback(span.offset + piece.begin, piece.size);
+  });
+}
 
 /// fsyncs a directory, so that the entries created or renamed in it are durable.
 inline void sync_directory(const std::string& path) {
