@@ -14,6 +14,7 @@
 // compared with a plain copy of the same bytes into preallocated host memory (pinned from a GPU),
 // timed in the same run: the floor of a save that must snapshot the state.
 #include <titan/checkpoint.hpp>
+#include <titan/safetensors.hpp>
 #include <titan/dist.hpp>
 #include <torch/cuda.h>
 #include <fcntl.h>
@@ -184,6 +185,34 @@ int main(int argc, char** argv) {
     equal = equal && torch::equal(state.tensors[i].second.local, target.tensors[i].second.local);
   TORCH_CHECK(equal, "bench_checkpoint: the loaded tensors differ from the saved ones");
 
+  // Hugging Face export and import of the same tensors (each rank its local ones, as whole
+  // tensors): safetensors::save_sharded (5 GB files, then fsynced, as the checkpoint is) and
+  // safetensors::Reader::read of every tensor from the disk.
+  const std::string hf = dir + "/hf-rank" + std::to_string(world->rank());
+  titan::detail::remove_tree(hf);
+  std::filesystem::create_directories(hf);
+  titan::safetensors::NamedTensors named;
+  for (const auto& [name, tensor] : state.tensors) named.emplace_back(name, tensor.local);
+  world->group()->barrier();
+  start = Clock::now();
+  for (const auto& file :
+       titan::safetensors::save_sharded(hf, named, titan::safetensors::SaveOptions().max_shard_bytes(5000000000LL).io_threads(io_threads)))
+    titan::detail::PosixFile(hf + "/" + file, O_RDONLY).sync();
+  titan::detail::sync_directory(hf);
+  world->group()->barrier();
+  const double export_time = seconds_since(start);
+  for (const auto& entry : std::filesystem::directory_iterator(hf)) drop_from_page_cache(entry.path().string());
+  world->group()->barrier();
+  start = Clock::now();
+  {
+    titan::safetensors::Reader reader(hf);
+    for (const auto& [name, tensor] : state.tensors)
+      TORCH_CHECK(torch::equal(reader.read(name), tensor.local.cpu()), "bench_checkpoint: HF import of '", name, "' differs");
+  }
+  world->group()->barrier();
+  const double import_time = seconds_since(start);
+  titan::detail::remove_tree(hf);
+
   if (world->rank() == 0) {
     std::printf("\ncheckpoint of %.2f GB (%lld fp32 params, %lld tensors) on %d rank(s) (%s), dir %s\n", gb,
                 static_cast<long long>(params), static_cast<long long>(count), ranks, device.str().c_str(), dir.c_str());
@@ -202,6 +231,9 @@ int main(int argc, char** argv) {
                   row.total, gb / row.total, row.blocked / memcpy_time, stall);
     }
     std::printf("| load        | %19.2f | %12.2f | %17.2f | %16s | %25s |\n", load_time, load_time, gb / load_time, "-", "-");
+    std::printf("| HF export   | %19.2f | %12.2f | %17.2f | %16s | %25s |\n", export_time, export_time, gb / export_time, "-", "-");
+    std::printf("| HF import   | %19.2f | %12.2f | %17.2f | %16s | %25s |\n", import_time, import_time, gb / import_time,
+                "-", "-");
   }
   titan::detail::remove_tree(dir + "/sync");
   titan::detail::remove_tree(dir + "/async");

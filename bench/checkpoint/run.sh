@@ -70,7 +70,7 @@ for r in range(1, rounds + 1):
     text = open(f"{folder}/titan.{r}").read()
     rows = {}
     for line in text.splitlines():
-        m = re.match(r"\| (save sync|save async 2|save async|load)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line)
+        m = re.match(r"\| (save sync|save async 2|save async|load|HF export|HF import)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line)
         if m:
             rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
         m = re.match(r"\| save (async 2|async)\s*\|.*\|\s*([\d.-]+) s of ([\d.]+) s", line)
@@ -96,6 +96,11 @@ row("async save: training blocked", [t["save async"][0] for t in titan], [d["sav
 row("async save, reused staging: blocked", [t["save async 2"][0] for t in titan], [d["save_async_blocked_s"] for d in dcp], False)
 row("async save: until durable", [t["save async"][1] for t in titan], [d["save_async_s"] for d in dcp])
 row("load (cold)", [t["load"][1] for t in titan], [d["load_s"] for d in dcp], False)
+for name in ("HF export", "HF import"):
+    seconds = [t[name][1] for t in titan]
+    print(f"| titan {name} ({'safetensors::save_sharded + fsync' if 'export' in name else 'cold, safetensors::Reader'}) "
+          f"| {span(seconds)} | - | {gb / med(seconds):.2f} | - | - | "
+          + (f"{gb / med(seconds) / med(disk):.0%} |" if "export" in name else "- |"))
 memcpy = [t["memcpy"] for t in titan]
 blocked = [t["save async 2"][0] / t["memcpy"] for t in titan]
 print(f"\ncopy of the state into preallocated host memory (memcpy): {span(memcpy)} s; titan's async save with reused "

@@ -106,6 +106,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       choice("data", "prompt_template", &c.data.prompt_template, {"alpaca"}),
       flag("data", "pack", &c.data.pack),
       text("data", "cache_dir", &c.data.cache_dir),
+      integer("data", "tokenize_threads", &c.data.tokenize_threads, 0),
   };
 }
 

@@ -119,6 +119,7 @@ struct DataConfig {
   std::string prompt_template = "alpaca";  ///< instruction template; only "alpaca"
   bool pack = true;                 ///< pack documents into seq_len windows (else one per row, padded)
   std::string cache_dir = "";       ///< token cache folder ("" = <job.dump_folder>/token_cache)
+  int64_t tokenize_threads = 0;     ///< threads per rank building the token cache (0 = the cores, at most 4)
 };
 
 /// The whole configuration of a training run.

@@ -1,10 +1,12 @@
 #include "data.hpp"
 
 #include <titan/collectives.hpp>
+#include <titan/detail/checkpoint_io.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -17,7 +19,10 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <exception>
+#include <memory>
 #include <random>
+#include <thread>
 
 namespace titan::examples {
 namespace fs = std::filesystem;
@@ -100,108 +105,243 @@ class Progress {
   Clock::time_point last_print_ = Clock::now();
 };
 
-/// Tokenizes the corpus into `tokens_path` and `index_path` (each written to a temporary file
-/// and renamed, the index last, so a present index means a complete cache).
-void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const std::string& tokens_path,
-                 const std::string& index_path) {
-  const auto& kind = options.kind();
-  std::ifstream in(options.path(), std::ios::binary);
-  TORCH_CHECK(in, "data: cannot open the corpus file '", options.path(), "'");
-  auto tmp_tokens = tokens_path + ".tmp" + std::to_string(::getpid());
-  std::ofstream out(tmp_tokens, std::ios::binary);
-  TORCH_CHECK(out, "data: cannot write the token cache '", tmp_tokens, "'");
+/// A unit of tokenizing work read from the corpus: a document ("text") or a line ("jsonl",
+/// "alpaca"), with the number of its first line counted from the start of the reader's range.
+struct CorpusItem {
+  std::string text;
+  int64_t line = 0;
+};
 
-  std::vector<int64_t> offsets{0};
-  std::vector<uint32_t> prompt_lengths;
+/// The tokens of consecutive items, in order.
+struct TokenizedBatch {
+  std::vector<uint32_t> tokens;
+  std::vector<int64_t> lengths;          // [documents]
+  std::vector<uint32_t> prompt_lengths;  // [documents]
   int64_t skipped = 0;
-  std::vector<uint32_t> buffer;
+};
+
+/// Where `line` of a range starting at byte `begin` of the corpus is, as "path:N" (counts the
+/// lines before the range only when asked: an error message).
+std::string corpus_line(const std::string& path, int64_t begin, int64_t line) {
+  int64_t before = 0;
+  if (begin > 0) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<char> chunk(size_t{1} << 20);
+    for (int64_t left = begin; left > 0 && in;) {
+      in.read(chunk.data(), static_cast<std::streamsize>(std::min<int64_t>(left, static_cast<int64_t>(chunk.size()))));
+      before += std::count(chunk.data(), chunk.data() + in.gcount(), '\n');
+      left -= in.gcount();
+    }
+  }
+  return path + ":" + std::to_string(before + line);
+}
+
+/// Tokenizes `items` (the documents or lines of one batch) into `out`.
+void tokenize_items(const CorpusOptions& options, const Tokenizer& tokenizer, int64_t range_begin,
+                    const std::vector<CorpusItem>& items, TokenizedBatch& out) {
   auto add_document = [&](const std::vector<int64_t>& prompt, const std::vector<int64_t>& body) {
-    buffer.clear();
     for (const auto* part : {&prompt, &body})
       for (auto id : *part) {
         TORCH_CHECK(id >= 0 && id <= UINT32_MAX, "data: the tokenizer produced the id ", id,
                     ", outside the cache's uint32 range");
-        buffer.push_back(static_cast<uint32_t>(id));
+        out.tokens.push_back(static_cast<uint32_t>(id));
       }
-    out.write(reinterpret_cast<const char*>(buffer.data()), static_cast<std::streamsize>(buffer.size() * 4));
-    offsets.push_back(offsets.back() + static_cast<int64_t>(buffer.size()));
-    prompt_lengths.push_back(static_cast<uint32_t>(prompt.size()));
+    out.lengths.push_back(static_cast<int64_t>(prompt.size() + body.size()));
+    out.prompt_lengths.push_back(static_cast<uint32_t>(prompt.size()));
   };
-
-  Progress progress(options.path(), fs::file_size(options.path()), options.show_progress(),
-                    options.progress_interval_s());
-  std::string line, document;
-  int64_t line_number = 0;
-  auto flush_text = [&]() {
-    if (document.find_first_not_of(" \t\r\n") != std::string::npos) add_document({}, tokenizer.encode(document, false, false));
-    document.clear();
-  };
-  while (std::getline(in, line)) {
-    ++line_number;
+  const auto& kind = options.kind();
+  for (const auto& item : items) {
     if (kind == "text") {
-      if (line == "\f") {
-        if (!document.empty() && document.back() == '\n') document.pop_back();
-        flush_text();
+      if (item.text.find_first_not_of(" \t\r\n") != std::string::npos) add_document({}, tokenizer.encode(item.text, false, false));
+      continue;
+    }
+    // One JSON object per line; `problem` is empty when the line is usable.
+    std::string problem;
+    nlohmann::json record;
+    try {
+      record = nlohmann::json::parse(item.text);
+    } catch (const nlohmann::json::parse_error& e) {
+      problem = std::string("invalid JSON (") + e.what() + ")";
+    }
+    auto string_field = [&](const std::string& name, bool required, std::string& value) {
+      if (!problem.empty()) return;
+      if (!record.is_object()) {
+        problem = "not a JSON object";
+      } else if (!record.contains(name)) {
+        if (required) problem = "no field \"" + name + "\"";
+      } else if (!record[name].is_string()) {
+        problem = "field \"" + name + "\" is not a string";
       } else {
-        document += line;
-        document += '\n';
+        value = record[name].get<std::string>();
       }
-    } else if (line.find_first_not_of(" \t\r") != std::string::npos) {
-      // One JSON object per line; `problem` is empty when the line is usable.
-      std::string problem;
-      nlohmann::json record;
-      try {
-        record = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::parse_error& e) {
-        problem = std::string("invalid JSON (") + e.what() + ")";
-      }
-      auto string_field = [&](const std::string& name, bool required, std::string& value) {
-        if (!problem.empty()) return;
-        if (!record.is_object()) {
-          problem = "not a JSON object";
-        } else if (!record.contains(name)) {
-          if (required) problem = "no field \"" + name + "\"";
-        } else if (!record[name].is_string()) {
-          problem = "field \"" + name + "\" is not a string";
-        } else {
-          value = record[name].get<std::string>();
-        }
-      };
-      std::string text, instruction, input, output;
-      if (kind == "jsonl") {
-        string_field(options.text_field(), true, text);
+    };
+    std::string text, instruction, input, output;
+    if (kind == "jsonl") {
+      string_field(options.text_field(), true, text);
+    } else {
+      string_field("instruction", true, instruction);
+      string_field("input", false, input);
+      string_field("output", true, output);
+    }
+    if (!problem.empty()) {
+      TORCH_CHECK(options.skip_malformed(), "data: ", corpus_line(options.path(), range_begin, item.line),
+                  ": malformed ", kind, " line: ", problem, " (set data.skip_malformed = true to skip such lines)");
+      ++out.skipped;
+    } else if (kind == "jsonl") {
+      add_document({}, tokenizer.encode(text, false, false));
+    } else {
+      add_document(tokenizer.encode(alpaca_prompt(instruction, input), false, false),
+                   tokenizer.encode(output, false, false));
+    }
+  }
+}
+
+/// The first position at or after `position` where a document starts: after a line "\f" for
+/// "text", after a newline for the line formats (0 and the file size are boundaries). Ranks cut the
+/// corpus at such positions, where the single-threaded reader holds no partial document.
+int64_t next_document_boundary(const std::string& path, const std::string& kind, int64_t size, int64_t position) {
+  if (position <= 0) return 0;
+  if (position >= size) return size;
+  const std::string marker = kind == "text" ? "\n\f\n" : "\n";
+  const int64_t m = static_cast<int64_t>(marker.size());
+  int64_t window_begin = std::max<int64_t>(0, position - m);  // a marker found from here ends at or after `position`
+  std::ifstream in(path, std::ios::binary);
+  in.seekg(window_begin);
+  std::string window;
+  std::vector<char> chunk(size_t{1} << 20);
+  while (true) {
+    in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    window.append(chunk.data(), static_cast<size_t>(in.gcount()));
+    auto found = window.find(marker);
+    if (found != std::string::npos) return window_begin + static_cast<int64_t>(found) + m;
+    if (!in) return size;
+    window_begin += static_cast<int64_t>(window.size()) - (m - 1);  // keep a possible marker's start
+    window.erase(0, window.size() - static_cast<size_t>(m - 1));
+  }
+}
+
+/// Reads the items of [begin, end) (both document boundaries) in batches of about `batch_bytes`.
+class RangeReader {
+ public:
+  RangeReader(const CorpusOptions& options, int64_t begin, int64_t end)
+      : in_(options.path(), std::ios::binary), text_(options.kind() == "text"), position_(begin), end_(end) {
+    TORCH_CHECK(in_, "data: cannot open the corpus file '", options.path(), "'");
+    in_.seekg(begin);
+  }
+  /// The next batch (empty at the end of the range).
+  std::vector<CorpusItem> next(int64_t batch_bytes) {
+    std::vector<CorpusItem> items;
+    int64_t bytes = 0;
+    while (bytes < batch_bytes && position_ < end_ && std::getline(in_, line_)) {
+      position_ += static_cast<int64_t>(line_.size()) + 1;  // (past the end on a last line without newline)
+      ++line_number_;
+      bytes += static_cast<int64_t>(line_.size()) + 1;
+      if (!text_) {
+        if (line_.find_first_not_of(" \t\r") != std::string::npos) items.push_back(CorpusItem{line_, line_number_});
+      } else if (line_ == "\f") {
+        finish_document(items);
       } else {
-        string_field("instruction", true, instruction);
-        string_field("input", false, input);
-        string_field("output", true, output);
-      }
-      if (!problem.empty()) {
-        TORCH_CHECK(options.skip_malformed(), "data: ", options.path(), ":", line_number, ": malformed ", kind,
-                    " line: ", problem, " (set data.skip_malformed = true to skip such lines)");
-        ++skipped;
-      } else if (kind == "jsonl") {
-        add_document({}, tokenizer.encode(text, false, false));
-      } else {
-        add_document(tokenizer.encode(alpaca_prompt(instruction, input), false, false),
-                     tokenizer.encode(output, false, false));
+        if (document_.text.empty()) document_.line = line_number_;
+        document_.text += line_;
+        document_.text += '\n';
       }
     }
-    auto position = in.tellg();
-    progress.update(position < 0 ? 0 : static_cast<uint64_t>(position), offsets.back(),
-                    static_cast<int64_t>(prompt_lengths.size()));
+    TORCH_CHECK(!in_.bad(), "data: reading the corpus failed");
+    if (text_ && (position_ >= end_ || !in_)) finish_document(items);  // the range's last document
+    return items;
   }
-  if (kind == "text") {
-    if (!document.empty() && document.back() == '\n') document.pop_back();
-    flush_text();
-  }
-  TORCH_CHECK(!in.bad(), "data: reading '", options.path(), "' failed");
-  progress.update(fs::file_size(options.path()), offsets.back(), static_cast<int64_t>(prompt_lengths.size()), true);
-  out.close();
-  TORCH_CHECK(out.good(), "data: writing the token cache '", tmp_tokens, "' failed");
-  TORCH_CHECK(!prompt_lengths.empty(), "data: the corpus '", options.path(), "' holds no documents");
-  fs::rename(tmp_tokens, tokens_path);
+  /// Whether the range (or the file) is read to its end.
+  bool done() const { return position_ >= end_ || !in_; }
+  /// The byte after the last line read.
+  int64_t position() const { return position_; }
 
-  auto tmp_index = index_path + ".tmp" + std::to_string(::getpid());
+ private:
+  void finish_document(std::vector<CorpusItem>& items) {
+    if (!document_.text.empty() && document_.text.back() == '\n') document_.text.pop_back();
+    if (!document_.text.empty()) items.push_back(std::move(document_));
+    document_ = CorpusItem{};
+  }
+  std::ifstream in_;
+  bool text_;
+  int64_t position_, end_;
+  int64_t line_number_ = 0;
+  std::string line_;
+  CorpusItem document_;
+};
+
+/// What one rank tokenized of its range: documents' lengths and prompt lengths, malformed lines
+/// skipped; the tokens are in the part's file.
+struct PartIndex {
+  std::vector<int64_t> lengths;
+  std::vector<uint32_t> prompt_lengths;
+  int64_t skipped = 0;
+};
+
+/// Tokenizes the documents of [begin, end) into `tokens_path` on `threads` threads: batches of
+/// text (1/16 of a thread's share, 4 KB to 1 MB), `threads` x 2 at a time, tokenized in parallel
+/// while the next ones are read, written in order (so the result is the single-threaded one).
+PartIndex tokenize_range(const CorpusOptions& options, const Tokenizer& tokenizer, int64_t begin, int64_t end,
+                         const std::string& tokens_path, int threads, const std::string& what) {
+  std::ofstream out(tokens_path, std::ios::binary);
+  TORCH_CHECK(out, "data: cannot write the token cache '", tokens_path, "'");
+  RangeReader reader(options, begin, end);
+  const int64_t batch_bytes = std::clamp<int64_t>((end - begin) / (threads * 16), 4096, int64_t{1} << 20);
+  const size_t wave_size = static_cast<size_t>(threads) * 2;
+  auto read_wave = [&] {
+    std::vector<std::vector<CorpusItem>> wave;
+    while (wave.size() < wave_size) {
+      auto items = reader.next(batch_bytes);
+      if (items.empty() && reader.done()) break;
+      wave.push_back(std::move(items));
+    }
+    return wave;
+  };
+  PartIndex part;
+  int64_t tokens = 0;
+  Progress progress(what, static_cast<uint64_t>(end - begin), options.show_progress(), options.progress_interval_s());
+  auto wave = read_wave();
+  while (!wave.empty()) {
+    std::vector<std::vector<CorpusItem>> next;
+    std::exception_ptr read_error;
+    std::thread read_ahead([&] {  // reads the next wave while this one is tokenized
+      try {
+        next = read_wave();
+      } catch (...) {
+        read_error = std::current_exception();
+      }
+    });
+    std::vector<TokenizedBatch> done(wave.size());
+    std::exception_ptr tokenize_error;
+    try {
+      titan::detail::run_tasks(threads, wave.size(),
+                               [&](size_t i) { tokenize_items(options, tokenizer, begin, wave[i], done[i]); });
+    } catch (...) {
+      tokenize_error = std::current_exception();
+    }
+    read_ahead.join();
+    if (tokenize_error) std::rethrow_exception(tokenize_error);
+    if (read_error) std::rethrow_exception(read_error);
+    for (auto& batch : done) {
+      out.write(reinterpret_cast<const char*>(batch.tokens.data()), static_cast<std::streamsize>(batch.tokens.size() * 4));
+      tokens += static_cast<int64_t>(batch.tokens.size());
+      part.lengths.insert(part.lengths.end(), batch.lengths.begin(), batch.lengths.end());
+      part.prompt_lengths.insert(part.prompt_lengths.end(), batch.prompt_lengths.begin(), batch.prompt_lengths.end());
+      part.skipped += batch.skipped;
+    }
+    progress.update(static_cast<uint64_t>(std::min(reader.position(), end) - begin), tokens,
+                    static_cast<int64_t>(part.lengths.size()));
+    wave = std::move(next);
+  }
+  progress.update(static_cast<uint64_t>(end - begin), tokens, static_cast<int64_t>(part.lengths.size()), true);
+  out.close();
+  TORCH_CHECK(out.good(), "data: writing the token cache '", tokens_path, "' failed");
+  return part;
+}
+
+/// Writes the index of a cache whose tokens are `tokens` (as a temporary file, renamed).
+void write_index(const std::string& index_path, const std::string& tmp_suffix, const std::vector<int64_t>& offsets,
+                 const std::vector<uint32_t>& prompt_lengths, int64_t skipped) {
+  auto tmp_index = index_path + tmp_suffix;
   std::ofstream index(tmp_index, std::ios::binary);
   uint64_t header[4] = {kIndexVersion, prompt_lengths.size(), static_cast<uint64_t>(offsets.back()),
                         static_cast<uint64_t>(skipped)};
@@ -213,6 +353,112 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
   index.close();
   TORCH_CHECK(index.good(), "data: writing the token index '", tmp_index, "' failed");
   fs::rename(tmp_index, index_path);
+}
+
+/// The lock that makes one process per cache build it (flock: released when the process ends,
+/// however it ends). Waits, saying so, while another process holds it.
+class CacheLock {
+ public:
+  explicit CacheLock(const std::string& path) {
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    TORCH_CHECK(fd_ >= 0, "data: cannot open the token cache lock '", path, "': ", std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) == 0) return;
+    TORCH_CHECK(errno == EWOULDBLOCK, "data: cannot lock '", path, "': ", std::strerror(errno));
+    std::cerr << "[data] another process is building this token cache; waiting for it (lock " << path << ")\n"
+              << std::flush;
+    while (::flock(fd_, LOCK_EX) != 0)
+      TORCH_CHECK(errno == EINTR, "data: cannot lock '", path, "': ", std::strerror(errno));
+  }
+  ~CacheLock() { ::close(fd_); }
+  CacheLock(const CacheLock&) = delete;
+  CacheLock& operator=(const CacheLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+/// Builds the cache `tokens_path` / `index_path` with every rank of `group` (or this process
+/// alone) tokenizing a share of the corpus cut at document boundaries on `threads` threads each;
+/// rank 0 then joins the parts in order. Every rank fails if one does, leaving no files.
+void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const std::string& tokens_path,
+                 const std::string& index_path, const ProcessGroupPtr& group, const std::string& job_id) {
+  const int rank = group ? group->rank() : 0, ranks = group ? group->size() : 1;
+  const int64_t size = static_cast<int64_t>(fs::file_size(options.path()));
+  const int64_t begin = next_document_boundary(options.path(), options.kind(), size, size * rank / ranks);
+  const int64_t end = next_document_boundary(options.path(), options.kind(), size, size * (rank + 1) / ranks);
+  const int threads = titan::detail::io_threads_or_default(options.threads());
+  auto part_path = [&](int r) { return tokens_path + ".part" + std::to_string(r) + ".tmp" + job_id; };
+  auto remove_parts = [&] {
+    std::error_code ignored;
+    fs::remove(part_path(rank), ignored);
+    fs::remove(part_path(rank) + ".index", ignored);
+  };
+  std::string error;
+  try {
+    const std::string what = options.path() + (ranks > 1 ? " (rank " + std::to_string(rank) + "'s share)" : "");
+    PartIndex part = tokenize_range(options, tokenizer, begin, end, part_path(rank), threads, what);
+    std::ofstream index(part_path(rank) + ".index", std::ios::binary);
+    const uint64_t documents = part.lengths.size();
+    index.write(reinterpret_cast<const char*>(&documents), 8);
+    index.write(reinterpret_cast<const char*>(&part.skipped), 8);
+    index.write(reinterpret_cast<const char*>(part.lengths.data()), static_cast<std::streamsize>(documents * 8));
+    index.write(reinterpret_cast<const char*>(part.prompt_lengths.data()), static_cast<std::streamsize>(documents * 4));
+    index.close();
+    TORCH_CHECK(index.good(), "data: writing '", part_path(rank), ".index' failed");
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  auto first_error = [&](const std::string& mine) {
+    if (!group) return mine;
+    for (const auto& e : titan::all_gather_strings(group, mine))
+      if (!e.empty()) return e;
+    return std::string();
+  };
+  if (auto failed = first_error(error); !failed.empty()) {
+    remove_parts();
+    TORCH_CHECK(false, failed.substr(0, failed.find("\nException raised from")));
+  }
+  if (rank == 0) {
+    try {
+      // Join the parts: tokens appended in rank order, document offsets shifted.
+      const std::string tmp_tokens = tokens_path + ".tmp" + job_id;
+      std::ofstream out(tmp_tokens, std::ios::binary);
+      TORCH_CHECK(out, "data: cannot write the token cache '", tmp_tokens, "'");
+      std::vector<int64_t> offsets{0};
+      std::vector<uint32_t> prompt_lengths;
+      int64_t skipped = 0;
+      for (int r = 0; r < ranks; ++r) {
+        std::ifstream index(part_path(r) + ".index", std::ios::binary);
+        uint64_t documents = 0;
+        int64_t part_skipped = 0;
+        index.read(reinterpret_cast<char*>(&documents), 8);
+        index.read(reinterpret_cast<char*>(&part_skipped), 8);
+        std::vector<int64_t> lengths(documents);
+        std::vector<uint32_t> prompts(documents);
+        index.read(reinterpret_cast<char*>(lengths.data()), static_cast<std::streamsize>(documents * 8));
+        index.read(reinterpret_cast<char*>(prompts.data()), static_cast<std::streamsize>(documents * 4));
+        TORCH_CHECK(index, "data: the part index '", part_path(r), ".index' is truncated");
+        for (auto n : lengths) offsets.push_back(offsets.back() + n);
+        prompt_lengths.insert(prompt_lengths.end(), prompts.begin(), prompts.end());
+        skipped += part_skipped;
+        std::ifstream tokens(part_path(r), std::ios::binary);
+        if (fs::file_size(part_path(r)) > 0) out << tokens.rdbuf();
+      }
+      out.close();
+      TORCH_CHECK(out.good(), "data: writing the token cache '", tmp_tokens, "' failed");
+      TORCH_CHECK(!prompt_lengths.empty(), "data: the corpus '", options.path(), "' holds no documents");
+      fs::rename(tmp_tokens, tokens_path);
+      write_index(index_path, ".tmp" + job_id, offsets, prompt_lengths, skipped);
+    } catch (const std::exception& e) {
+      error = e.what();
+      std::error_code ignored;
+      fs::remove(tokens_path + ".tmp" + job_id, ignored);
+      fs::remove(index_path + ".tmp" + job_id, ignored);
+    }
+  }
+  const std::string joined = first_error(error);
+  remove_parts();
+  TORCH_CHECK(joined.empty(), joined.substr(0, joined.find("\nException raised from")));
 }
 
 }  // namespace
@@ -227,22 +473,23 @@ std::shared_ptr<const TokenCorpus> TokenCorpus::open(const CorpusOptions& option
   auto base = (fs::path(options.cache_dir()) / (fs::path(options.path()).filename().string() + "." + key)).string();
   auto tokens_path = base + ".tokens", index_path = base + ".index";
 
-  bool leader = !group || group->rank() == 0;
-  bool cached = fs::exists(index_path);
-  if (leader && !cached) {
-    try {
-      build_cache(options, tokenizer, tokens_path, index_path);
-    } catch (...) {
-      std::error_code ignored;  // leave no partial files behind
-      for (const auto& path : {tokens_path, index_path})
-        fs::remove(path + ".tmp" + std::to_string(::getpid()), ignored);
-      throw;
-    }
+  // One build per cache on this machine: rank 0 holds the lock while the job builds (another job
+  // or rank 0 of a second run waits for it, then finds the cache).
+  const bool leader = !group || group->rank() == 0;
+  std::unique_ptr<CacheLock> lock;
+  if (leader) lock = std::make_unique<CacheLock>(base + ".lock");
+  bool cached = leader && fs::exists(index_path);
+  std::string job_id = std::to_string(::getpid());  // rank 0's: names the parts of this build
+  if (group) {
+    auto answers = titan::all_gather_strings(group, cached ? "cached " + job_id : "build " + job_id);
+    cached = answers.front().rfind("cached", 0) == 0;
+    job_id = answers.front().substr(answers.front().find(' ') + 1);
   }
-  if (group) group->barrier();
+  if (!cached) build_cache(options, tokenizer, tokens_path, index_path, group, job_id);
+  lock.reset();
 
   std::shared_ptr<TokenCorpus> corpus(new TokenCorpus());
-  corpus->from_cache_ = !(leader && !cached);
+  corpus->from_cache_ = cached;
   corpus->index_path_ = index_path;
   std::ifstream index(index_path, std::ios::binary);
   TORCH_CHECK(index, "data: cannot open the token index '", index_path, "'");
@@ -434,6 +681,7 @@ CorpusOptions corpus_options(const TrainConfig& config, bool validation) {
       .text_field(d.text_field)
       .skip_malformed(d.skip_malformed)
       .cache_dir(cache)
+      .threads(static_cast<int>(d.tokenize_threads))
       .tokenizer_id(config.model.tokenizer_kind + ":" + config.model.tokenizer_path);
 }
 

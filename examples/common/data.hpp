@@ -72,13 +72,16 @@ struct CorpusOptions {
   TORCH_ARG(std::string, tokenizer_id) = "";    ///< extra text for the cache key (e.g. tokenizer path)
   TORCH_ARG(bool, show_progress) = true;        ///< print progress lines while tokenizing
   TORCH_ARG(double, progress_interval_s) = 5.0;  ///< seconds between progress lines
+  TORCH_ARG(int, threads) = 0;  ///< tokenizing threads per rank (0: the cores, at most 4)
 };
 
 /// A tokenized corpus: each document's token ids (memory-mapped from the cache) without BOS/EOS.
 class TokenCorpus {
  public:
   /// Opens the cached tokens of `options.path`, tokenizing it first when the cache is missing or
-  /// stale. With a group of several ranks, its rank 0 tokenizes while the others wait.
+  /// stale: every rank of `group` tokenizes a share of the corpus (cut at document boundaries) on
+  /// `options.threads` threads, and rank 0 joins the shares; the cache is the single-threaded one,
+  /// byte for byte. A lock file makes one job per machine build a cache while others wait.
   static std::shared_ptr<const TokenCorpus> open(const CorpusOptions& options, const Tokenizer& tokenizer,
                                                  const ProcessGroupPtr& group = nullptr);
   ~TokenCorpus();
@@ -93,7 +96,7 @@ class TokenCorpus {
   /// Leading tokens of document `d` that are prompt (not trained on); 0 except for "alpaca".
   int64_t prompt_length(int64_t d) const { return prompt_lengths_[d]; }
   int64_t skipped_lines() const { return skipped_lines_; }  ///< malformed lines skipped when tokenizing
-  bool from_cache() const { return from_cache_; }  ///< true when this process did not tokenize
+  bool from_cache() const { return from_cache_; }  ///< true when the cache existed (nothing tokenized)
   const std::string& index_path() const { return index_path_; }  ///< the .index file
 
  private:

@@ -106,7 +106,8 @@ void load_initial_weights(TransformerImpl& model, const TrainConfig& config, con
   } else {
     titan::TrainState weights;
     weights.model = &model;
-    titan::load_checkpoint(path, weights, world->group(), load_progress_printer(world, path));
+    titan::load_checkpoint(path, weights, world->group(),
+                           titan::LoadOptions().on_progress(load_progress_printer(world, path)));
   }
   world->logger().info("initial weights loaded from ", path, config.checkpoint.initial_load_in_hf ? " (Hugging Face)" : "");
 }

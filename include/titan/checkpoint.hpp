@@ -177,6 +177,25 @@ struct CheckpointOptions {
   TORCH_ARG(std::function<void(const std::string&)>, on_file_written);
   /// Called after each tensor a load has read and checked (a progress display for long loads).
   TORCH_ARG(LoadProgressFn, on_load_progress);
+  /// Host memory a load may use to stage this rank's tensors (0: as much as they take); see
+  /// LoadOptions::max_staging_bytes.
+  TORCH_ARG(int64_t, max_staging_bytes) = 0;
+};
+
+/// Options of load_checkpoint, with chained setters.
+struct LoadOptions {
+  /// Called after each tensor the load has read and checked.
+  TORCH_ARG(LoadProgressFn, on_progress);
+  /// Threads per rank reading (0: the cores, at most 4).
+  TORCH_ARG(int, io_threads) = 0;
+  /// Host memory the load may use to stage this rank's tensors (0: as much as they take, one extra
+  /// copy of this rank's state). When the tensors need more, the load reads twice: a first pass
+  /// checks every block's checksum on every rank and keeps nothing, then groups of tensors of at
+  /// most this many bytes (or one larger tensor) are staged and copied into place one group after
+  /// the other. Nothing is overwritten before all checksums passed; the files must not change
+  /// during the load (the second pass checks the checksums again and fails if they did, with the
+  /// groups before applied).
+  TORCH_ARG(int64_t, max_staging_bytes) = 0;
 };
 
 namespace detail {
@@ -536,15 +555,14 @@ struct ShardRead {
   std::vector<int64_t> corner, sizes, strides;
 };
 
-/// Allocates `target.staged` and appends the reads that fill it from the saved shards overlapping
-/// its box, each reading only the checksum blocks that hold overlapping bytes; a direct read is cut
-/// into pieces of about `piece_bytes` so that threads share large tensors.
+/// Appends the reads that fill `target.staged` from the saved shards overlapping its box, each
+/// reading only the checksum blocks that hold overlapping bytes; a direct read is cut into pieces
+/// of about `piece_bytes` so that threads share large tensors. Allocates nothing.
 inline void plan_target_reads(LoadTarget& target, const TensorRecord& record, const std::string& dir,
                               int64_t block_bytes, int64_t piece_bytes,
                               std::map<std::string, std::unique_ptr<PosixFile>>& files, std::vector<ShardRead>& reads) {
-  target.staged = at::empty(target.box.sizes, at::TensorOptions().dtype(target.dtype));  // [box.sizes]
   const size_t ndim = target.box.sizes.size();
-  const int64_t element = static_cast<int64_t>(target.staged.element_size());
+  const int64_t element = static_cast<int64_t>(c10::elementSize(target.dtype));
   int64_t filled = 0;
   for (const auto& shard : record.shards) {
     TORCH_CHECK(shard.offsets.size() == ndim && shard.sizes.size() == ndim, "titan checkpoint: tensor '",
@@ -608,19 +626,21 @@ inline void plan_target_reads(LoadTarget& target, const TensorRecord& record, co
 }
 
 /// Performs one planned read (any thread: reads fill disjoint parts of their staged tensors).
-inline void run_shard_read(const ShardRead& read, int64_t block_bytes) {
+/// Without `keep` it only checks the blocks' checksums (through a scratch buffer).
+inline void run_shard_read(const ShardRead& read, int64_t block_bytes, bool keep) {
   LoadTarget& target = *read.target;
   const ShardRecord& shard = *read.shard;
-  if (read.direct) {
+  if (read.direct && keep) {
     read_checked_blocks(*read.file, read.path, target.name, shard, block_bytes, read.first_block, read.last_block,
                         static_cast<uint8_t*>(target.staged.data_ptr()) + read.first_block * block_bytes);
     return;
   }
-  const int64_t element = static_cast<int64_t>(target.staged.element_size());
+  const int64_t element = static_cast<int64_t>(c10::elementSize(target.dtype));
   auto buffer = at::empty({block_range_bytes(shard.end - shard.begin, block_bytes, read.first_block, read.last_block)},
                           at::TensorOptions().dtype(at::kByte));  // [bytes of the blocks], not zeroed
   read_checked_blocks(*read.file, read.path, target.name, shard, block_bytes, read.first_block, read.last_block,
                       buffer.data_ptr<uint8_t>());
+  if (!keep) return;
   auto source = at::from_blob(buffer.data_ptr<uint8_t>() + (read.first * element - read.first_block * block_bytes),
                               read.sizes, read.strides, at::TensorOptions().dtype(target.dtype));  // [overlap], shard strides
   auto destination = target.staged;
@@ -795,45 +815,99 @@ inline void validate_load_targets(const LoadPlan& plan, const TrainState& state,
                 "' holds tensor '", record.name, "' that the model does not have (a checkpoint of a different model?)");
 }
 
-/// Stage: reads and checks (checksums) every block each target needs into CPU memory, on
-/// `io_threads` threads (positioned reads of about 8 MiB, each checked by the thread reading it).
-inline void stage_load_targets(LoadPlan& plan, const CheckpointMetadata& meta, const std::string& dir,
-                               const LoadProgressFn& progress, int io_threads) {
+/// Every read of a load, by target: the reads of target i are reads[first_read[i] .. first_read[i + 1]).
+struct ReadPlan {
   std::map<std::string, std::unique_ptr<PosixFile>> files;
   std::vector<ShardRead> reads;
-  std::vector<size_t> first_read;  // of each target, in `reads`
-  const int64_t piece_bytes = int64_t{8} << 20;
+  std::vector<size_t> first_read;  // [targets + 1]
+};
+
+inline ReadPlan plan_reads(LoadPlan& plan, const CheckpointMetadata& meta, const std::string& dir) {
+  ReadPlan reads;
   for (auto& target : plan.targets) {
-    first_read.push_back(reads.size());
-    plan_target_reads(target, *meta.find(target.name), dir, meta.block_bytes, piece_bytes, files, reads);
+    reads.first_read.push_back(reads.reads.size());
+    plan_target_reads(target, *meta.find(target.name), dir, meta.block_bytes, int64_t{8} << 20, reads.files, reads.reads);
   }
-  // Progress: a target is staged when its last read is done.
-  std::vector<std::atomic<int64_t>> remaining(plan.targets.size());
-  for (size_t i = 0; i < plan.targets.size(); ++i)
-    remaining[i] = static_cast<int64_t>((i + 1 < first_read.size() ? first_read[i + 1] : reads.size()) - first_read[i]);
+  reads.first_read.push_back(reads.reads.size());
+  return reads;
+}
+
+/// Runs the reads of targets [begin, end) on `io_threads` threads (~8 MiB positioned reads, each
+/// checked by the thread reading it): into their staged tensors, allocated here, when `keep`;
+/// else only checking. `done(i)` is called once target i's reads are all done.
+inline void run_target_reads(LoadPlan& plan, const ReadPlan& reads, size_t begin, size_t end, int64_t block_bytes,
+                             int io_threads, bool keep, const std::function<void(size_t)>& done) {
+  if (keep)
+    for (size_t i = begin; i < end; ++i)
+      plan.targets[i].staged = at::empty(plan.targets[i].box.sizes, at::TensorOptions().dtype(plan.targets[i].dtype));  // [box.sizes]
+  std::vector<std::atomic<size_t>> remaining(end - begin);
+  std::unordered_map<const LoadTarget*, size_t> index;
+  for (size_t i = begin; i < end; ++i) {
+    remaining[i - begin] = reads.first_read[i + 1] - reads.first_read[i];
+    index[&plan.targets[i]] = i;
+    if (remaining[i - begin] == 0) done(i);
+  }
+  const size_t first = reads.first_read[begin];
+  run_tasks(io_threads, reads.first_read[end] - first, [&](size_t k) {
+    const ShardRead& read = reads.reads[first + k];
+    run_shard_read(read, block_bytes, keep);
+    const size_t i = index.at(read.target);
+    if (--remaining[i - begin] == 0) done(i);
+  });
+}
+
+/// Stage (every rank, before anything is overwritten): reads and checks every block each target
+/// needs: into CPU staging tensors, or, when `bounded`, checking only (stage_and_apply_groups
+/// reads again). Reports progress per target.
+inline void stage_load_targets(LoadPlan& plan, const ReadPlan& reads, const CheckpointMetadata& meta, bool bounded,
+                               const LoadOptions& options) {
   std::mutex progress_mutex;
   int64_t done = 0, bytes = 0;
-  auto staged = [&](size_t i) {
-    if (!progress) return;
-    std::lock_guard<std::mutex> lock(progress_mutex);
-    bytes += static_cast<int64_t>(plan.targets[i].staged.nbytes());
-    progress(++done, static_cast<int64_t>(plan.targets.size()), bytes);
-  };
-  for (size_t i = 0; i < plan.targets.size(); ++i)
-    if (remaining[i] == 0) staged(i);
-  std::unordered_map<const LoadTarget*, size_t> index;
-  for (size_t i = 0; i < plan.targets.size(); ++i) index[&plan.targets[i]] = i;
-  run_tasks(io_threads, reads.size(), [&](size_t k) {
-    run_shard_read(reads[k], meta.block_bytes);
-    const size_t i = index.at(reads[k].target);
-    if (--remaining[i] == 0) staged(i);
-  });
+  run_target_reads(plan, reads, 0, plan.targets.size(), meta.block_bytes, io_threads_or_default(options.io_threads()),
+                   !bounded, [&](size_t i) {
+                     if (!options.on_progress()) return;
+                     std::lock_guard<std::mutex> lock(progress_mutex);
+                     bytes += plan.targets[i].box.numel() * static_cast<int64_t>(c10::elementSize(plan.targets[i].dtype));
+                     options.on_progress()(++done, static_cast<int64_t>(plan.targets.size()), bytes);
+                   });
+}
+
+/// Bytes of host staging all targets need at once.
+inline int64_t staging_bytes(const LoadPlan& plan) {
+  int64_t bytes = 0;
+  for (const auto& target : plan.targets) bytes += target.box.numel() * static_cast<int64_t>(c10::elementSize(target.dtype));
+  return bytes;
+}
+
+/// After a checking-only stage: stages groups of consecutive targets of at most `max_bytes` (or
+/// one larger target) and applies each group before staging the next.
+inline void stage_and_apply_groups(LoadPlan& plan, const ReadPlan& reads, const CheckpointMetadata& meta,
+                                   int64_t max_bytes, int io_threads) {
+  for (size_t begin = 0; begin < plan.targets.size();) {
+    size_t end = begin;
+    int64_t bytes = 0;
+    while (end < plan.targets.size()) {
+      const int64_t next = plan.targets[end].box.numel() * static_cast<int64_t>(c10::elementSize(plan.targets[end].dtype));
+      if (end > begin && bytes + next > max_bytes) break;
+      bytes += next;
+      ++end;
+    }
+    run_target_reads(plan, reads, begin, end, meta.block_bytes, io_threads, /*keep=*/true, [](size_t) {});
+    for (size_t i = begin; i < end; ++i) {
+      plan.targets[i].apply(plan.targets[i].staged);
+      plan.targets[i].staged = at::Tensor();
+    }
+    begin = end;
+  }
 }
 
 /// Apply (every rank has staged everything): overwrites the model, installs the optimizer states
 /// and learning rates, restores the components, and fills `state`'s extra and rank_extra.
-inline void apply_load(LoadPlan& plan, TrainState& state, const CheckpointMetadata& meta, const ProcessGroupPtr& group) {
-  for (auto& target : plan.targets) target.apply(target.staged);
+/// `targets_applied`: stage_and_apply_groups has already copied the targets into place.
+inline void apply_load(LoadPlan& plan, TrainState& state, const CheckpointMetadata& meta, const ProcessGroupPtr& group,
+                       bool targets_applied) {
+  if (!targets_applied)
+    for (auto& target : plan.targets) target.apply(target.staged);
   if (state.optimizer != nullptr) {
     std::unordered_map<const void*, std::string> names;
     for (auto& [name, tensor] : sharded_parameters(*state.model)) names.emplace(tensor.local.unsafeGetTensorImpl(), name);
@@ -866,19 +940,29 @@ inline void apply_load(LoadPlan& plan, TrainState& state, const CheckpointMetada
 /// Loads checkpoint directory `dir` into `state` on every rank of `group` (a collective): collect
 /// the targets, validate them against the metadata, stage (read only the saved blocks overlapping
 /// this rank's blocks, checking their checksums), and only when every rank got that far, apply.
-/// A failure on any rank fails every rank with nothing overwritten. `progress` (optional) is
-/// called after each block is staged. Returns the metadata.
+/// A failure on any rank fails every rank with nothing overwritten. Returns the metadata.
 inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& state, const ProcessGroupPtr& group,
-                                          const LoadProgressFn& progress = nullptr, int io_threads = 0) {
+                                          const LoadOptions& options = LoadOptions()) {
+  TORCH_CHECK(options.io_threads() >= 0, "titan: LoadOptions::io_threads must be >= 0 (0: automatic), got ",
+              options.io_threads());
+  TORCH_CHECK(options.max_staging_bytes() >= 0, "titan: LoadOptions::max_staging_bytes must be >= 0 (0: no limit), got ",
+              options.max_staging_bytes());
   CheckpointMetadata meta;
   detail::LoadPlan plan;
+  detail::ReadPlan reads;
+  bool bounded = false;
   detail::all_ranks_or_none(group, [&] {
     meta = read_checkpoint_metadata(dir);
     plan = detail::collect_load_targets(state, meta, dir);
     detail::validate_load_targets(plan, state, meta, dir);
-    detail::stage_load_targets(plan, meta, dir, progress, io_threads > 0 ? io_threads : detail::default_io_threads());
+    reads = detail::plan_reads(plan, meta, dir);
+    bounded = options.max_staging_bytes() > 0 && detail::staging_bytes(plan) > options.max_staging_bytes();
+    detail::stage_load_targets(plan, reads, meta, bounded, options);
   });
-  detail::apply_load(plan, state, meta, group);
+  if (bounded)
+    detail::stage_and_apply_groups(plan, reads, meta, options.max_staging_bytes(),
+                                   detail::io_threads_or_default(options.io_threads()));
+  detail::apply_load(plan, state, meta, group, /*targets_applied=*/bounded);
   return meta;
 }
 
@@ -919,6 +1003,8 @@ class CheckpointManager {
                 options_.block_bytes());
     TORCH_CHECK(options_.io_threads() >= 0, "titan: CheckpointOptions::io_threads must be >= 0 (0: automatic), got ",
                 options_.io_threads());
+    TORCH_CHECK(options_.max_staging_bytes() >= 0, "titan: CheckpointOptions::max_staging_bytes must be >= 0 (0: no ",
+                "limit), got ", options_.max_staging_bytes());
     // A communicator of its own (a saver thread's collectives never meet training's), on Gloo and
     // the CPU when titan has Gloo: a background thread then never issues NCCL work, and only
     // small strings go through it.
@@ -1000,6 +1086,7 @@ class CheckpointManager {
     }
     writing_ = true;
     in_flight_ = std::thread([this, job] {
+      detail::lower_thread_priority();  // the writers yield the cores to training
       try {
         write(*job);
       } catch (...) {
@@ -1076,7 +1163,10 @@ class CheckpointManager {
   std::optional<int64_t> load(int64_t step, TrainState& state) {
     wait();
     auto meta = load_checkpoint(options_.folder() + "/" + detail::step_dir_name(step), state, group_,
-                                options_.on_load_progress(), io_threads());
+                                LoadOptions()
+                                    .on_progress(options_.on_load_progress())
+                                    .io_threads(options_.io_threads())
+                                    .max_staging_bytes(options_.max_staging_bytes()));
     logger_.info("loaded checkpoint step ", meta.step, " (saved on ", meta.world_size, " ranks) from ",
                  options_.folder());
     return meta.step;
@@ -1108,7 +1198,8 @@ class CheckpointManager {
           if (block.rank == rank_ && block.box.offsets == entry.box.offsets) to_write.push_back(&entry);
       }
       if (!to_write.empty()) {
-        auto records = detail::write_shard_file(tmp, file, to_write, options_.block_bytes(), io_threads());
+        auto records = detail::write_shard_file(tmp, file, to_write, options_.block_bytes(),
+                                                detail::io_threads_or_default(options_.io_threads()));
         detail::sync_directory(tmp);
         for (size_t i = 0; i < records.size(); ++i) mine.emplace_back(to_write[i]->name, std::move(records[i]));
         if (options_.on_file_written()) options_.on_file_written()(tmp + "/" + file);
@@ -1121,8 +1212,6 @@ class CheckpointManager {
       detail::all_ranks_or_none(group_, [] {});
     }
   }
-
-  int io_threads() const { return options_.io_threads() > 0 ? options_.io_threads() : detail::default_io_threads(); }
 
   /// Rank 0: metadata.json (last file), rename into place, `latest`, rotation.
   void finish(const Job& job, const std::vector<detail::PlannedTensor>& tensors,

@@ -116,6 +116,14 @@ class Mapping {
   Mapping& operator=(const Mapping&) = delete;
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
+  /// Asks the kernel to read [offset, offset + bytes) ahead, in large requests, before the pages
+  /// are touched (a cold copy out of the mapping otherwise reads page fault by page fault).
+  void prefetch(size_t offset, size_t bytes) const {
+    if (data_ == nullptr || bytes == 0) return;
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    const size_t begin = offset / page * page;
+    (void)::madvise(const_cast<uint8_t*>(data_) + begin, std::min(size_, offset + bytes) - begin, MADV_WILLNEED);
+  }
 
  private:
   const uint8_t* data_ = nullptr;
@@ -232,6 +240,15 @@ class File {
     auto options = at::TensorOptions().dtype(i.dtype);
     if (i.numel() == 0) return at::empty(sizes, options);
     const uint8_t* bytes = map_->data() + data_offset_ + i.begin;
+    // The bytes between the slice's first and last element (all of them for a whole tensor).
+    int64_t first = 0, last = 0, stride = 1;
+    for (size_t d = i.shape.size(); d-- > 0;) {
+      first += offsets[d] * stride;
+      last += (offsets[d] + std::max<int64_t>(sizes[d], 1) - 1) * stride;
+      stride *= i.shape[d];
+    }
+    const int64_t element = static_cast<int64_t>(at::elementSize(i.dtype));
+    map_->prefetch(data_offset_ + i.begin + first * element, static_cast<size_t>((last - first + 1) * element));
     at::Tensor whole;
     if (reinterpret_cast<uintptr_t>(bytes) % at::elementSize(i.dtype) == 0) {
       // A view of the mapped bytes; only narrowed elements are copied out below.
@@ -329,7 +346,7 @@ inline void save(const std::string& path, const NamedTensors& tensors, const Met
     host.emplace_back(name, tensor.defined() ? tensor.detach().to(at::kCPU).contiguous() : tensor);
   const std::string tmp = path + ".tmp";
   try {
-    detail::write_file(tmp, host, metadata, io_threads > 0 ? io_threads : titan::detail::default_io_threads(),
+    detail::write_file(tmp, host, metadata, titan::detail::io_threads_or_default(io_threads),
                        int64_t{8} << 20, {}, /*durable=*/false);
   } catch (...) {
     std::remove(tmp.c_str());

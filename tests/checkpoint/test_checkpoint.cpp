@@ -151,6 +151,16 @@ TEST_CASE("checkpoint: sharded tensors and extra state round-trip") {
   }
   CHECK(progress.back()[2] == local_bytes);
 
+  // The same load with bounded staging (groups of at most 48 bytes, 3 threads): the same tensors.
+  titan::TrainState bounded;
+  bounded.tensors = fsdp_tensors(mesh, /*zeros=*/true);
+  titan::load_checkpoint(dir + "/step-20", bounded, world()->group(),
+                         titan::LoadOptions().max_staging_bytes(48).io_threads(3));
+  for (size_t i = 0; i < saved.tensors.size(); ++i) {
+    INFO(saved.tensors[i].first);
+    CHECK(torch::equal(bounded.tensors[i].second.local, saved.tensors[i].second.local));
+  }
+
   // Every tensor is saved once, a replicated one by one rank only.
   auto meta = titan::read_checkpoint_metadata(dir + "/step-20");
   CHECK(meta.world_size == world()->world_size());
@@ -347,6 +357,12 @@ TEST_CASE("checkpoint: corrupt, truncated, missing or mismatched checkpoints fai
     state.tensors = fsdp_tensors(mesh, true);
     if (edit) edit(state);
     auto error = error_of([&] { titan::load_checkpoint(copy, state, world()->group()); });
+    // With bounded staging (groups of at most 64 bytes staged and applied one after the other)
+    // every checksum is checked before the first group is applied: the same error.
+    auto bounded_error = error_of([&] {
+      titan::load_checkpoint(copy, state, world()->group(), titan::LoadOptions().max_staging_bytes(64).io_threads(3));
+    });
+    CHECK(bounded_error == error);
     for (const auto& [tensor_name, tensor] : state.tensors) {
       INFO(tensor_name);
       CHECK(tensor.local.count_nonzero().item<int64_t>() == 0);

@@ -16,14 +16,20 @@
 
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <random>
 #include <set>
+#include <thread>
 
 namespace fs = std::filesystem;
 using namespace titan::examples;
@@ -155,6 +161,37 @@ fs::path write_text_corpus(const fs::path& dir, const std::vector<std::string>& 
   return dir / "corpus.txt";
 }
 
+/// A corpus of `n` documents of varied lengths (lines, blank lines inside) in `kind`'s format
+/// ("text", "jsonl" with a malformed line every 37th, "alpaca" with and without input).
+std::string varied_corpus(const std::string& kind, int n) {
+  std::mt19937 rng(5);
+  const std::vector<std::string> words = {"alpha", "beta", "gamma", "delta", "tokens", "cache", "thread", "rank", "x"};
+  auto sentence = [&] {
+    std::string text;
+    for (int w = 0, count = 1 + static_cast<int>(rng() % 12); w < count; ++w) text += (w ? " " : "") + words[rng() % words.size()];
+    return text;
+  };
+  std::string out;
+  for (int d = 0; d < n; ++d) {
+    std::string doc = sentence();
+    for (int l = 0, lines = static_cast<int>(rng() % 6); l < lines; ++l) doc += (rng() % 4 == 0 ? "\n\n" : "\n") + sentence();
+    if (kind == "text") {
+      out += doc + "\n\f\n";
+    } else if (kind == "jsonl") {
+      out += nlohmann::json{{"text", doc}}.dump() + "\n" + (d % 37 == 5 ? "{\"text\": 5}\n\n" : "");
+    } else {
+      out += nlohmann::json{{"instruction", sentence()}, {"input", d % 3 ? sentence() : ""}, {"output", doc}}.dump() + "\n";
+    }
+  }
+  return out;
+}
+
+/// The .tokens file next to a corpus's .index.
+std::string tokens_file(const TokenCorpus& corpus) {
+  const auto& index = corpus.index_path();
+  return index.substr(0, index.size() - std::string(".index").size()) + ".tokens";
+}
+
 std::shared_ptr<const TokenCorpus> open_corpus(const fs::path& file, const fs::path& dir, const std::string& kind = "text",
                                                bool skip = false) {
   return TokenCorpus::open(
@@ -180,6 +217,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   c.lr_scheduler.min_lr_ratio = 1.0 / 3.0;
   c.activation_checkpoint.selective_ac_option = "op";
   c.data.pack = false;
+  c.data.tokenize_threads = 3;
   save_config(c, (dir / "sub" / "saved.toml").string());
   auto back = load_config_file((dir / "sub" / "saved.toml").string());
   CHECK(to_toml(back) == to_toml(c));
@@ -187,7 +225,8 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.lr_scheduler.min_lr_ratio == c.lr_scheduler.min_lr_ratio);
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
-  CHECK(config_keys().size() == 58);
+  CHECK(back.data.tokenize_threads == 3);
+  CHECK(config_keys().size() == 59);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -387,6 +426,62 @@ TEST_CASE("data: JSONL field, malformed lines fail with file:line or are skipped
   CHECK(open_with("body", true)->skipped_lines() == 1);  // also when read from the cache
   write_file(dir / "bad.jsonl", "{\"text\": \"ok\"}\n{not json\n");
   CHECK_ERROR_HAS(open_corpus(dir / "bad.jsonl", dir, "jsonl"), "bad.jsonl:2", "invalid JSON");
+}
+
+TEST_CASE("data: tokenizing on several threads gives the single-threaded cache byte for byte") {
+  for (const std::string kind : {"text", "jsonl", "alpaca"}) {
+    CAPTURE(kind);
+    auto dir = scratch("data_threads_" + kind);
+    const auto file = dir / ("corpus." + kind);
+    write_file(file, varied_corpus(kind, 400));
+    auto build = [&](int threads) {
+      return TokenCorpus::open(CorpusOptions()
+                                   .path(file.string())
+                                   .kind(kind)
+                                   .skip_malformed(true)
+                                   .cache_dir((dir / ("cache" + std::to_string(threads))).string())
+                                   .threads(threads)
+                                   .show_progress(false),
+                               ByteTokenizer());
+    };
+    auto one = build(1), three = build(3);  // 3 threads: ~20 batches of 4 KB in several waves
+    CHECK(one->num_documents() == 400);
+    CHECK(three->skipped_lines() == (kind == "jsonl" ? 11 : 0));
+    CHECK(read_file(three->index_path()) == read_file(one->index_path()));
+    CHECK(read_file(tokens_file(*three)) == read_file(tokens_file(*one)));
+  }
+}
+
+TEST_CASE("data: a job waits while another holds the cache's lock, then reads the cache it built") {
+  auto dir = scratch("data_lock");
+  const auto file = write_text_corpus(dir, kDocs);
+  const auto first = open_corpus(file, dir);
+  const std::string index = first->index_path(), tokens = tokens_file(*first);
+  const std::string lock = index.substr(0, index.size() - std::string(".index").size()) + ".lock";
+  const std::string saved_index = read_file(index), saved_tokens = read_file(tokens);
+  fs::remove(index);
+  fs::remove(tokens);
+  // Another process is building: it holds the lock (flock conflicts across open files, also in
+  // one process).
+  int fd = ::open(lock.c_str(), O_RDWR);
+  REQUIRE(fd >= 0);
+  REQUIRE(::flock(fd, LOCK_EX) == 0);
+  std::atomic<bool> opened{false};
+  std::shared_ptr<const TokenCorpus> second;
+  std::thread job([&] {
+    second = open_corpus(file, dir);
+    opened = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK_FALSE(opened);  // waits as long as the lock is held
+  write_file(index, saved_index);  // the other process finishes its cache, then unlocks
+  write_file(tokens, saved_tokens);
+  ::flock(fd, LOCK_UN);
+  ::close(fd);
+  job.join();
+  REQUIRE(second);
+  CHECK(second->from_cache());  // read, not built a second time
+  CHECK(second->num_documents() == 4);
 }
 
 TEST_CASE("data: packed windows follow the BOS/EOS stream, in file order without shuffle") {
@@ -1059,7 +1154,7 @@ TEST_CASE("trainer: the host reads the device only at sync steps (logging, check
 // Several ranks
 
 TEST_SUITE("multirank") {
-  TEST_CASE("multirank: rank 0 tokenizes, every rank reads the cache; validation reduces over ranks") {
+  TEST_CASE("multirank: the ranks tokenize a share each into one cache; validation reduces over ranks") {
     const auto& world = titan_test::world();
     const auto& group = world->group();
     auto port = std::getenv("MASTER_PORT") ? std::string(std::getenv("MASTER_PORT")) : std::string("single");
@@ -1073,7 +1168,25 @@ TEST_SUITE("multirank") {
     auto options = CorpusOptions().path((dir / "corpus.txt").string()).cache_dir((dir / "cache").string()).show_progress(false);
     auto corpus = TokenCorpus::open(options, ByteTokenizer(), group);
     CHECK(corpus->num_documents() == 4);
-    CHECK(corpus->from_cache() == (group->rank() != 0));
+    CHECK_FALSE(corpus->from_cache());  // every rank tokenized its share
+    CHECK(TokenCorpus::open(options, ByteTokenizer(), group)->from_cache());
+    // The ranks' shares joined are the single-process cache, byte for byte (cut points fall inside
+    // documents, which go to the rank where they start).
+    for (const std::string kind : {"text", "jsonl"}) {
+      CAPTURE(kind);
+      const auto file = dir / ("varied." + kind);
+      if (group->rank() == 0) write_file(file, varied_corpus(kind, 300));
+      group->barrier();
+      auto varied = CorpusOptions().path(file.string()).kind(kind).skip_malformed(true).show_progress(false);
+      auto shared = TokenCorpus::open(CorpusOptions(varied).cache_dir((dir / "varied_cache").string()), ByteTokenizer(), group);
+      CHECK(shared->num_documents() == 300);
+      if (group->rank() == 0) {
+        auto alone = TokenCorpus::open(CorpusOptions(varied).cache_dir((dir / "alone_cache").string()).threads(1), ByteTokenizer());
+        CHECK(read_file(shared->index_path()) == read_file(alone->index_path()));
+        CHECK(read_file(tokens_file(*shared)) == read_file(tokens_file(*alone)));
+      }
+      group->barrier();
+    }
     auto loader_options = LoaderOptions().batch_size(1).seq_len(10).shuffle(false).dp_size(group->size());
     auto loss_fn = [](const Batch& b) {  // on the device, as a trainer's
       auto labels = b.labels.to(device());

@@ -7,6 +7,7 @@
 
 #include <fcntl.h>
 #include <ftw.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -142,6 +143,15 @@ class PosixFile {
 inline int default_io_threads() {
   return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1U, 4U));
 }
+
+/// Lowers the calling thread's CPU priority to nice 10 (threads it then creates inherit it), so
+/// that a background save's writers yield the cores to the training loop. Best effort.
+inline void lower_thread_priority() {
+  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10);
+}
+
+/// `threads` when positive, else default_io_threads().
+inline int io_threads_or_default(int threads) { return threads > 0 ? threads : default_io_threads(); }
 
 /// Runs task(0) ... task(count - 1) on up to `threads` threads (the caller's included), each
 /// taking the next index. After the first error no new task starts; it is rethrown once all
