@@ -6,6 +6,7 @@
 //   bench_data [--corpus PATH] [--tokenizer PATH] [--generated-mb N] [--threads 1,2] [--dir DIR]
 #include <common/data.hpp>
 #include <tokenizers/tokenizer.hpp>
+#include <titan/detail/checkpoint_io.hpp>
 
 #include <chrono>
 #include <cstdio>
@@ -70,7 +71,7 @@ int main(int argc, char** argv) {
   }
   TORCH_CHECK(fs::exists(corpus), "bench_data: no corpus '", corpus, "' (run scripts/make_corpus.sh)");
   auto tokenizer = titan::examples::load_tokenizer(tokenizer_path, "tiktoken");
-  fs::remove_all(dir);
+  titan::detail::remove_tree(dir);
   fs::create_directories(dir);
   std::vector<std::pair<std::string, std::string>> corpora = {{"pretraining corpus", corpus}};
   if (generated_mb > 0) {
@@ -85,7 +86,7 @@ int main(int argc, char** argv) {
     double first = 0;
     for (int threads : thread_counts) {
       const std::string cache = dir + "/cache_" + std::to_string(threads);
-      fs::remove_all(cache);
+      titan::detail::remove_tree(cache);
       const auto start = std::chrono::steady_clock::now();
       auto tokens = TokenCorpus::open(
           CorpusOptions().path(path).kind("text").cache_dir(cache).threads(threads).show_progress(false), *tokenizer);
@@ -94,9 +95,9 @@ int main(int argc, char** argv) {
       std::printf("| %s | %.1f | %d | %.2f | %.1f | %.0f | %.2fx |\n", name.c_str(), megabytes, threads, seconds,
                   megabytes / seconds, static_cast<double>(tokens->num_tokens()) / seconds, first / seconds);
       std::fflush(stdout);
-      fs::remove_all(cache);
+      titan::detail::remove_tree(cache);
     }
   }
-  fs::remove_all(dir);
+  titan::detail::remove_tree(dir);
   return 0;
 }
