@@ -396,7 +396,9 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
   std::string error;
   try {
     const std::string what = options.path() + (ranks > 1 ? " (rank " + std::to_string(rank) + "'s share)" : "");
-    PartIndex part = tokenize_range(options, tokenizer, begin, end, part_path(rank), threads, what);
+    // Progress lines from rank 0 only (its share stands for the others').
+    PartIndex part = tokenize_range(CorpusOptions(options).show_progress(options.show_progress() && rank == 0),
+                                    tokenizer, begin, end, part_path(rank), threads, what);
     std::ofstream index(part_path(rank) + ".index", std::ios::binary);
     const uint64_t documents = part.lengths.size();
     index.write(reinterpret_cast<const char*>(&documents), 8);
