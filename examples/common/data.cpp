@@ -18,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <exception>
 #include <memory>
@@ -106,7 +107,7 @@ class Progress {
 };
 
 /// A unit of tokenizing work read from the corpus: a document ("text") or a line ("jsonl",
-/// "alpaca"), with the number of its first line counted from the start of the reader's range.
+/// "alpaca", with its number counted from the start of the reader's range, for error messages).
 struct CorpusItem {
   std::string text;
   int64_t line = 0;
@@ -241,7 +242,6 @@ class RangeReader {
       } else if (line_ == "\f") {
         finish_document(items);
       } else {
-        if (document_.text.empty()) document_.line = line_number_;
         document_.text += line_;
         document_.text += '\n';
       }
@@ -393,74 +393,73 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
     fs::remove(part_path(rank), ignored);
     fs::remove(part_path(rank) + ".index", ignored);
   };
-  std::string error;
-  try {
-    const std::string what = options.path() + (ranks > 1 ? " (rank " + std::to_string(rank) + "'s share)" : "");
-    // Progress lines from rank 0 only (its share stands for the others').
-    PartIndex part = tokenize_range(CorpusOptions(options).show_progress(options.show_progress() && rank == 0),
-                                    tokenizer, begin, end, part_path(rank), threads, what);
-    std::ofstream index(part_path(rank) + ".index", std::ios::binary);
-    const uint64_t documents = part.lengths.size();
-    index.write(reinterpret_cast<const char*>(&documents), 8);
-    index.write(reinterpret_cast<const char*>(&part.skipped), 8);
-    index.write(reinterpret_cast<const char*>(part.lengths.data()), static_cast<std::streamsize>(documents * 8));
-    index.write(reinterpret_cast<const char*>(part.prompt_lengths.data()), static_cast<std::streamsize>(documents * 4));
-    index.close();
-    TORCH_CHECK(index.good(), "data: writing '", part_path(rank), ".index' failed");
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  auto first_error = [&](const std::string& mine) {
-    if (!group) return mine;
-    for (const auto& e : titan::all_gather_strings(group, mine))
-      if (!e.empty()) return e;
-    return std::string();
-  };
-  if (auto failed = first_error(error); !failed.empty()) {
-    remove_parts();
-    TORCH_CHECK(false, failed.substr(0, failed.find("\nException raised from")));
-  }
-  if (rank == 0) {
-    try {
-      // Join the parts: tokens appended in rank order, document offsets shifted.
-      const std::string tmp_tokens = tokens_path + ".tmp" + job_id;
-      std::ofstream out(tmp_tokens, std::ios::binary);
-      TORCH_CHECK(out, "data: cannot write the token cache '", tmp_tokens, "'");
-      std::vector<int64_t> offsets{0};
-      std::vector<uint32_t> prompt_lengths;
-      int64_t skipped = 0;
-      for (int r = 0; r < ranks; ++r) {
-        std::ifstream index(part_path(r) + ".index", std::ios::binary);
-        uint64_t documents = 0;
-        int64_t part_skipped = 0;
-        index.read(reinterpret_cast<char*>(&documents), 8);
-        index.read(reinterpret_cast<char*>(&part_skipped), 8);
-        std::vector<int64_t> lengths(documents);
-        std::vector<uint32_t> prompts(documents);
-        index.read(reinterpret_cast<char*>(lengths.data()), static_cast<std::streamsize>(documents * 8));
-        index.read(reinterpret_cast<char*>(prompts.data()), static_cast<std::streamsize>(documents * 4));
-        TORCH_CHECK(index, "data: the part index '", part_path(r), ".index' is truncated");
-        for (auto n : lengths) offsets.push_back(offsets.back() + n);
-        prompt_lengths.insert(prompt_lengths.end(), prompts.begin(), prompts.end());
-        skipped += part_skipped;
-        std::ifstream tokens(part_path(r), std::ios::binary);
-        if (fs::file_size(part_path(r)) > 0) out << tokens.rdbuf();
-      }
-      out.close();
-      TORCH_CHECK(out.good(), "data: writing the token cache '", tmp_tokens, "' failed");
-      TORCH_CHECK(!prompt_lengths.empty(), "data: the corpus '", options.path(), "' holds no documents");
-      fs::rename(tmp_tokens, tokens_path);
-      write_index(index_path, ".tmp" + job_id, offsets, prompt_lengths, skipped);
-    } catch (const std::exception& e) {
-      error = e.what();
-      std::error_code ignored;
-      fs::remove(tokens_path + ".tmp" + job_id, ignored);
-      fs::remove(index_path + ".tmp" + job_id, ignored);
+  // Every rank, or this process alone, fails when one fails (with that rank's message).
+  auto on_every_rank = [&](const std::function<void()>& work) {
+    if (group) {
+      titan::detail::all_ranks_or_none(group, work);
+    } else {
+      work();
     }
+  };
+  try {
+    on_every_rank([&] {
+      const std::string what = options.path() + (ranks > 1 ? " (rank " + std::to_string(rank) + "'s share)" : "");
+      // Progress lines from rank 0 only (its share stands for the others').
+      PartIndex part = tokenize_range(CorpusOptions(options).show_progress(options.show_progress() && rank == 0),
+                                      tokenizer, begin, end, part_path(rank), threads, what);
+      std::ofstream index(part_path(rank) + ".index", std::ios::binary);
+      const uint64_t documents = part.lengths.size();
+      index.write(reinterpret_cast<const char*>(&documents), 8);
+      index.write(reinterpret_cast<const char*>(&part.skipped), 8);
+      index.write(reinterpret_cast<const char*>(part.lengths.data()), static_cast<std::streamsize>(documents * 8));
+      index.write(reinterpret_cast<const char*>(part.prompt_lengths.data()), static_cast<std::streamsize>(documents * 4));
+      index.close();
+      TORCH_CHECK(index.good(), "data: writing '", part_path(rank), ".index' failed");
+    });
+    on_every_rank([&] {
+      if (rank != 0) return;
+      try {
+        // Join the parts: tokens appended in rank order, document offsets shifted.
+        const std::string tmp_tokens = tokens_path + ".tmp" + job_id;
+        std::ofstream out(tmp_tokens, std::ios::binary);
+        TORCH_CHECK(out, "data: cannot write the token cache '", tmp_tokens, "'");
+        std::vector<int64_t> offsets{0};
+        std::vector<uint32_t> prompt_lengths;
+        int64_t skipped = 0;
+        for (int r = 0; r < ranks; ++r) {
+          std::ifstream index(part_path(r) + ".index", std::ios::binary);
+          uint64_t documents = 0;
+          int64_t part_skipped = 0;
+          index.read(reinterpret_cast<char*>(&documents), 8);
+          index.read(reinterpret_cast<char*>(&part_skipped), 8);
+          std::vector<int64_t> lengths(documents);
+          std::vector<uint32_t> prompts(documents);
+          index.read(reinterpret_cast<char*>(lengths.data()), static_cast<std::streamsize>(documents * 8));
+          index.read(reinterpret_cast<char*>(prompts.data()), static_cast<std::streamsize>(documents * 4));
+          TORCH_CHECK(index, "data: the part index '", part_path(r), ".index' is truncated");
+          for (auto n : lengths) offsets.push_back(offsets.back() + n);
+          prompt_lengths.insert(prompt_lengths.end(), prompts.begin(), prompts.end());
+          skipped += part_skipped;
+          std::ifstream tokens(part_path(r), std::ios::binary);
+          if (fs::file_size(part_path(r)) > 0) out << tokens.rdbuf();
+        }
+        out.close();
+        TORCH_CHECK(out.good(), "data: writing the token cache '", tmp_tokens, "' failed");
+        TORCH_CHECK(!prompt_lengths.empty(), "data: the corpus '", options.path(), "' holds no documents");
+        fs::rename(tmp_tokens, tokens_path);
+        write_index(index_path, ".tmp" + job_id, offsets, prompt_lengths, skipped);
+      } catch (...) {
+        std::error_code ignored;
+        fs::remove(tokens_path + ".tmp" + job_id, ignored);
+        fs::remove(index_path + ".tmp" + job_id, ignored);
+        throw;
+      }
+    });
+  } catch (...) {
+    remove_parts();
+    throw;
   }
-  const std::string joined = first_error(error);
   remove_parts();
-  TORCH_CHECK(joined.empty(), joined.substr(0, joined.find("\nException raised from")));
 }
 
 }  // namespace

@@ -220,6 +220,9 @@ struct LoadTarget {
   TensorBox box;
   std::function<void(const at::Tensor&)> apply;  ///< receives the staged CPU tensor [box.sizes]
   at::Tensor staged;
+
+  /// Bytes of its staged tensor.
+  int64_t bytes() const { return box.numel() * static_cast<int64_t>(c10::elementSize(dtype)); }
 };
 
 inline std::string step_dir_name(int64_t step) { return "step-" + std::to_string(step); }
@@ -429,9 +432,9 @@ inline std::vector<ShardRecord> write_shard_file(const std::string& dir, const s
     records.push_back(ShardRecord{e->box.offsets, e->box.sizes, file, e->key, 0, size, {}});
     records.back().crc32.resize(static_cast<size_t>((size + block_bytes - 1) / block_bytes));
   }
-  // Pieces of whole checksum blocks, about 8 MiB: each block's checksum is computed by the thread
-  // writing it, just before the write, while its bytes are in the cache.
-  const int64_t piece_bytes = block_bytes * std::max<int64_t>(1, (int64_t{8} << 20) / block_bytes);
+  // Pieces of whole checksum blocks, about kIoPieceBytes: each block's checksum is computed by the
+  // thread writing it, just before the write, while its bytes are in the cache.
+  const int64_t piece_bytes = block_bytes * std::max<int64_t>(1, kIoPieceBytes / block_bytes);
   const int64_t data_begin = safetensors::detail::write_file(
       dir + "/" + file, named, {{"format", "pt"}}, io_threads, piece_bytes,
       [&](size_t k, int64_t begin, const uint8_t* bytes, int64_t size) {
@@ -649,26 +652,6 @@ inline void run_shard_read(const ShardRead& read, int64_t block_bytes, bool keep
   destination.copy_(source);
 }
 
-/// Runs `work` on every rank, then fails on every rank if it failed on any (naming the first
-/// failing rank's error), so that no rank goes on alone.
-inline void all_ranks_or_none(const ProcessGroupPtr& group, const std::function<void()>& work) {
-  std::string error;
-  try {
-    work();
-  } catch (const std::exception& e) {
-    error = e.what();
-    if (error.empty()) error = "unknown error";
-  }
-  auto errors = all_gather_strings(group, error);
-  for (size_t r = 0; r < errors.size(); ++r) {
-    if (errors[r].empty()) continue;
-    auto message = c10::str(errors[r]);
-    auto cut = message.find("\nException raised from");  // drop c10's C++ backtrace
-    if (cut != std::string::npos) message.resize(cut);
-    TORCH_CHECK(false, group->size() > 1 ? c10::str("(rank ", group->global_ranks()[r], ") ") : std::string(), message);
-  }
-}
-
 }  // namespace detail
 
 /// Reads and checks `dir`/metadata.json; errors name the file.
@@ -826,7 +809,7 @@ inline ReadPlan plan_reads(LoadPlan& plan, const CheckpointMetadata& meta, const
   ReadPlan reads;
   for (auto& target : plan.targets) {
     reads.first_read.push_back(reads.reads.size());
-    plan_target_reads(target, *meta.find(target.name), dir, meta.block_bytes, int64_t{8} << 20, reads.files, reads.reads);
+    plan_target_reads(target, *meta.find(target.name), dir, meta.block_bytes, kIoPieceBytes, reads.files, reads.reads);
   }
   reads.first_read.push_back(reads.reads.size());
   return reads;
@@ -841,17 +824,15 @@ inline void run_target_reads(LoadPlan& plan, const ReadPlan& reads, size_t begin
     for (size_t i = begin; i < end; ++i)
       plan.targets[i].staged = at::empty(plan.targets[i].box.sizes, at::TensorOptions().dtype(plan.targets[i].dtype));  // [box.sizes]
   std::vector<std::atomic<size_t>> remaining(end - begin);
-  std::unordered_map<const LoadTarget*, size_t> index;
   for (size_t i = begin; i < end; ++i) {
     remaining[i - begin] = reads.first_read[i + 1] - reads.first_read[i];
-    index[&plan.targets[i]] = i;
     if (remaining[i - begin] == 0) done(i);
   }
   const size_t first = reads.first_read[begin];
   run_tasks(io_threads, reads.first_read[end] - first, [&](size_t k) {
     const ShardRead& read = reads.reads[first + k];
     run_shard_read(read, block_bytes, keep);
-    const size_t i = index.at(read.target);
+    const auto i = static_cast<size_t>(read.target - plan.targets.data());
     if (--remaining[i - begin] == 0) done(i);
   });
 }
@@ -867,7 +848,7 @@ inline void stage_load_targets(LoadPlan& plan, const ReadPlan& reads, const Chec
                    !bounded, [&](size_t i) {
                      if (!options.on_progress()) return;
                      std::lock_guard<std::mutex> lock(progress_mutex);
-                     bytes += plan.targets[i].box.numel() * static_cast<int64_t>(c10::elementSize(plan.targets[i].dtype));
+                     bytes += plan.targets[i].bytes();
                      options.on_progress()(++done, static_cast<int64_t>(plan.targets.size()), bytes);
                    });
 }
@@ -875,7 +856,7 @@ inline void stage_load_targets(LoadPlan& plan, const ReadPlan& reads, const Chec
 /// Bytes of host staging all targets need at once.
 inline int64_t staging_bytes(const LoadPlan& plan) {
   int64_t bytes = 0;
-  for (const auto& target : plan.targets) bytes += target.box.numel() * static_cast<int64_t>(c10::elementSize(target.dtype));
+  for (const auto& target : plan.targets) bytes += target.bytes();
   return bytes;
 }
 
@@ -887,7 +868,7 @@ inline void stage_and_apply_groups(LoadPlan& plan, const ReadPlan& reads, const 
     size_t end = begin;
     int64_t bytes = 0;
     while (end < plan.targets.size()) {
-      const int64_t next = plan.targets[end].box.numel() * static_cast<int64_t>(c10::elementSize(plan.targets[end].dtype));
+      const int64_t next = plan.targets[end].bytes();
       if (end > begin && bytes + next > max_bytes) break;
       bytes += next;
       ++end;

@@ -15,7 +15,7 @@
 // The backward is that of the sum of every rank's loss, which is what data and tensor parallel
 // training differentiate. Uneven sizes along the gathered or scattered dimension are padded to the
 // largest and trimmed again, so any split works. Not differentiable: dist_sum / dist_max of
-// scalars (losses, norms, counters) and all_gather_strings.
+// scalars (losses, norms, counters), all_gather_strings and all_ranks_or_none (fail together).
 
 #include <titan/detail/autograd.hpp>
 #include <titan/world.hpp>
@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -431,5 +433,29 @@ inline std::vector<std::string> all_gather_strings(const ProcessGroupPtr& group,
   }
   return result;
 }
+
+namespace detail {
+
+/// Runs `work` on every rank, then fails on every rank if it failed on any (naming the first
+/// failing rank's error), so that no rank goes on alone.
+inline void all_ranks_or_none(const ProcessGroupPtr& group, const std::function<void()>& work) {
+  std::string error;
+  try {
+    work();
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  auto errors = all_gather_strings(group, error);
+  for (size_t r = 0; r < errors.size(); ++r) {
+    if (errors[r].empty()) continue;
+    auto message = c10::str(errors[r]);
+    auto cut = message.find("\nException raised from");  // drop c10's C++ backtrace
+    if (cut != std::string::npos) message.resize(cut);
+    TORCH_CHECK(false, group->size() > 1 ? c10::str("(rank ", group->global_ranks()[r], ") ") : std::string(), message);
+  }
+}
+
+}  // namespace detail
 
 }  // namespace titan

@@ -347,7 +347,7 @@ inline void save(const std::string& path, const NamedTensors& tensors, const Met
   const std::string tmp = path + ".tmp";
   try {
     detail::write_file(tmp, host, metadata, titan::detail::io_threads_or_default(io_threads),
-                       int64_t{8} << 20, {}, /*durable=*/false);
+                       titan::detail::kIoPieceBytes, {}, /*durable=*/false);
   } catch (...) {
     std::remove(tmp.c_str());
     throw;

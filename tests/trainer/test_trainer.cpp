@@ -186,10 +186,10 @@ std::string varied_corpus(const std::string& kind, int n) {
   return out;
 }
 
-/// The .tokens file next to a corpus's .index.
-std::string tokens_file(const TokenCorpus& corpus) {
+/// The cache file with `extension` (".tokens", ".lock") next to a corpus's .index.
+std::string cache_file(const TokenCorpus& corpus, const std::string& extension) {
   const auto& index = corpus.index_path();
-  return index.substr(0, index.size() - std::string(".index").size()) + ".tokens";
+  return index.substr(0, index.size() - std::string(".index").size()) + extension;
 }
 
 std::shared_ptr<const TokenCorpus> open_corpus(const fs::path& file, const fs::path& dir, const std::string& kind = "text",
@@ -448,7 +448,7 @@ TEST_CASE("data: tokenizing on several threads gives the single-threaded cache b
     CHECK(one->num_documents() == 400);
     CHECK(three->skipped_lines() == (kind == "jsonl" ? 11 : 0));
     CHECK(read_file(three->index_path()) == read_file(one->index_path()));
-    CHECK(read_file(tokens_file(*three)) == read_file(tokens_file(*one)));
+    CHECK(read_file(cache_file(*three, ".tokens")) == read_file(cache_file(*one, ".tokens")));
   }
 }
 
@@ -456,8 +456,8 @@ TEST_CASE("data: a job waits while another holds the cache's lock, then reads th
   auto dir = scratch("data_lock");
   const auto file = write_text_corpus(dir, kDocs);
   const auto first = open_corpus(file, dir);
-  const std::string index = first->index_path(), tokens = tokens_file(*first);
-  const std::string lock = index.substr(0, index.size() - std::string(".index").size()) + ".lock";
+  const std::string index = first->index_path(), tokens = cache_file(*first, ".tokens");
+  const std::string lock = cache_file(*first, ".lock");
   const std::string saved_index = read_file(index), saved_tokens = read_file(tokens);
   fs::remove(index);
   fs::remove(tokens);
@@ -1183,7 +1183,7 @@ TEST_SUITE("multirank") {
       if (group->rank() == 0) {
         auto alone = TokenCorpus::open(CorpusOptions(varied).cache_dir((dir / "alone_cache").string()).threads(1), ByteTokenizer());
         CHECK(read_file(shared->index_path()) == read_file(alone->index_path()));
-        CHECK(read_file(tokens_file(*shared)) == read_file(tokens_file(*alone)));
+        CHECK(read_file(cache_file(*shared, ".tokens")) == read_file(cache_file(*alone, ".tokens")));
       }
       group->barrier();
     }

@@ -76,17 +76,6 @@ class PosixFile {
     if (fd_ >= 0) ::close(fd_);
   }
 
-  /// Writes all `size` bytes at the current position.
-  void write(const void* data, size_t size) {
-    const auto* p = static_cast<const char*>(data);
-    while (size > 0) {
-      ssize_t n = ::write(fd_, p, size);
-      if (n < 0 && errno == EINTR) continue;
-      TORCH_CHECK(n > 0, "titan checkpoint: writing '", path_, "' failed: ", std::strerror(errno));
-      p += n;
-      size -= static_cast<size_t>(n);
-    }
-  }
   /// Writes all `size` bytes at `offset` (pwrite: safe from several threads at disjoint ranges).
   void write_at(const void* data, size_t size, int64_t offset) {
     const auto* p = static_cast<const char*>(data);
@@ -149,6 +138,10 @@ inline int default_io_threads() {
 inline void lower_thread_priority() {
   (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10);
 }
+
+/// Bytes per positioned read or write of the parallel file I/O: large requests that still let
+/// several threads share one big tensor.
+constexpr int64_t kIoPieceBytes = int64_t{8} << 20;
 
 /// `threads` when positive, else default_io_threads().
 inline int io_threads_or_default(int threads) { return threads > 0 ? threads : default_io_threads(); }
@@ -239,7 +232,7 @@ inline void write_file_atomically(const std::string& dir, const std::string& nam
   const std::string tmp = dir + "/." + name + ".tmp";
   {
     PosixFile file(tmp, O_WRONLY | O_CREAT | O_TRUNC);
-    file.write(text.data(), text.size());
+    file.write_at(text.data(), text.size(), 0);
     file.sync();
   }
   const std::string path = dir + "/" + name;
