@@ -76,6 +76,12 @@ struct ParallelismConfig {
   bool enable_sequence_parallel = true;        ///< shard norms/dropout activations along the sequence
   bool enable_loss_parallel = true;            ///< cross-entropy on vocabulary-sharded logits
   bool reshard_after_forward = true;           ///< FSDP frees gathered weights after forward
+  int64_t pipeline_parallel_degree = 1;        ///< pipeline stages' ranks (pp)
+  std::string pipeline_parallel_schedule = "1F1B";  ///< "GPipe", "1F1B", "Interleaved1F1B" or "ZBH1"
+  int64_t pipeline_parallel_microbatch_size = 1;    ///< samples per pipeline micro-batch
+  /// Comma-separated layer names where stages 1, 2, ... begin (e.g. "layers.4,layers.8"); empty:
+  /// an even split into pp stages (2 per rank for Interleaved1F1B).
+  std::string pipeline_parallel_split_points = "";
 };
 
 /// [checkpoint]: distributed checkpoints.

@@ -4,26 +4,28 @@ namespace titan::examples {
 
 ParallelDims ParallelDims::from_config(const ParallelismConfig& config, int64_t world_size) {
   ParallelDims dims;
+  dims.pp = config.pipeline_parallel_degree;
   dims.dp_replicate = config.data_parallel_replicate_degree;
   dims.tp = config.tensor_parallel_degree;
-  const int64_t others = dims.dp_replicate * dims.tp;
+  const int64_t others = dims.pp * dims.dp_replicate * dims.tp;
   if (config.data_parallel_shard_degree == -1) {
-    TORCH_CHECK(world_size % others == 0, "parallelism: data_parallel_replicate_degree (", dims.dp_replicate,
-                ") x tensor_parallel_degree (", dims.tp, ") = ", others, " does not divide the world size ",
-                world_size);
+    TORCH_CHECK(world_size % others == 0, "parallelism: pipeline_parallel_degree (", dims.pp,
+                ") x data_parallel_replicate_degree (", dims.dp_replicate, ") x tensor_parallel_degree (", dims.tp,
+                ") = ", others, " does not divide the world size ", world_size);
     dims.dp_shard = world_size / others;
   } else {
     dims.dp_shard = config.data_parallel_shard_degree;
   }
-  TORCH_CHECK(dims.dp_replicate * dims.dp_shard * dims.tp == world_size,
-              "parallelism: data_parallel_replicate_degree (", dims.dp_replicate, ") x data_parallel_shard_degree (",
-              dims.dp_shard, ") x tensor_parallel_degree (", dims.tp, ") = ", dims.dp_replicate * dims.dp_shard * dims.tp,
-              " but the job has ", world_size, " ranks");
+  TORCH_CHECK(dims.pp * dims.dp_replicate * dims.dp_shard * dims.tp == world_size,
+              "parallelism: pipeline_parallel_degree (", dims.pp, ") x data_parallel_replicate_degree (",
+              dims.dp_replicate, ") x data_parallel_shard_degree (", dims.dp_shard, ") x tensor_parallel_degree (",
+              dims.tp, ") = ", dims.pp * dims.dp_replicate * dims.dp_shard * dims.tp, " but the job has ", world_size,
+              " ranks");
   return dims;
 }
 
 titan::DeviceMesh ParallelDims::build_mesh(const titan::WorldPtr& world) const {
-  titan::DeviceMesh mesh(world, {"dp_replicate", "dp_shard", "tp"}, {dp_replicate, dp_shard, tp});
+  titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard", "tp"}, {pp, dp_replicate, dp_shard, tp});
   mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
   return mesh;
 }
@@ -50,7 +52,8 @@ bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config) {
 
 titan::FsdpOptions fsdp_options(const TrainConfig& config) {
   titan::FsdpOptions options;
-  options.reshard_after_forward(config.parallelism.reshard_after_forward);
+  options.reshard_after_forward(config.parallelism.reshard_after_forward &&
+                                config.parallelism.pipeline_parallel_degree == 1);
   if (config.training.mixed_precision_param == "bfloat16") options.param_dtype(torch::kBFloat16);
   options.reduce_dtype(config.training.mixed_precision_reduce == "bfloat16" ? torch::kBFloat16 : torch::kFloat32);
   return options;

@@ -17,8 +17,9 @@
 
 namespace titan::examples {
 
-/// The degrees of the mesh dp_replicate x dp_shard x tp, checked against the world size.
+/// The degrees of the mesh pp x dp_replicate x dp_shard x tp, checked against the world size.
 struct ParallelDims {
+  int64_t pp = 1;
   int64_t dp_replicate = 1;
   int64_t dp_shard = 1;
   int64_t tp = 1;
@@ -27,7 +28,8 @@ struct ParallelDims {
   /// config keys and values).
   static ParallelDims from_config(const ParallelismConfig& config, int64_t world_size);
   int64_t dp() const { return dp_replicate * dp_shard; }  ///< data-parallel degree
-  /// The mesh {"dp_replicate", "dp_shard", "tp"}, plus the flattened dim "dp" (data: batches, loss).
+  /// The mesh {"pp", "dp_replicate", "dp_shard", "tp"} (pipeline outermost, as torchtitan), plus the
+  /// flattened dim "dp" (data: batches, loss).
   titan::DeviceMesh build_mesh(const titan::WorldPtr& world) const;
   /// The mesh fully_shard takes: ("dp_replicate", "dp_shard") for HSDP, else "dp_shard".
   titan::DeviceMesh fsdp_mesh(const titan::DeviceMesh& mesh) const;
@@ -40,7 +42,9 @@ titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConf
 /// Whether the model needs FSDP: data parallelism, or bf16 compute (FSDP's param_dtype casts).
 bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config);
 
-/// FSDP options from [parallelism] (reshard_after_forward) and [training] (mixed precision).
+/// FSDP options from [parallelism] (reshard_after_forward, off with pipeline parallelism as in
+/// torchtitan's default policy: a stage runs forward once per micro-batch) and [training] (mixed
+/// precision).
 titan::FsdpOptions fsdp_options(const TrainConfig& config);
 
 }  // namespace titan::examples

@@ -93,16 +93,17 @@ void check_hf_architecture(const ModelArgs& args, const std::string& path) {
 }
 
 /// Starts from checkpoint.initial_load_path (when there was nothing to resume): a Hugging Face
-/// folder, each rank reading only its slices, or the model part of a titan checkpoint.
-void load_initial_weights(TransformerImpl& model, const TrainConfig& config, const titan::WorldPtr& world) {
+/// folder, each rank reading only its stages' slices, or the model part of a titan checkpoint.
+void load_initial_weights(std::vector<Transformer>& stages, torch::nn::Module& model, const TrainConfig& config,
+                          const titan::WorldPtr& world) {
   const auto& path = config.checkpoint.initial_load_path;
   TORCH_CHECK(std::filesystem::is_directory(path), "checkpoint.initial_load_path = '", path, "' is not a folder (",
               config.checkpoint.initial_load_in_hf ? "expected a Hugging Face model folder with config.json"
                                                    : "expected a titan checkpoint folder such as <folder>/step-1000",
               ")");
   if (config.checkpoint.initial_load_in_hf) {
-    check_hf_architecture(model.args, path);
-    load_hf(model, path);
+    check_hf_architecture(stages.front()->args, path);
+    for (auto& stage : stages) load_hf(*stage, path);
   } else {
     titan::TrainState weights;
     weights.model = &model;
@@ -158,23 +159,40 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
 
   dims_ = ParallelDims::from_config(config_.parallelism, world_->world_size());
   mesh_ = std::make_unique<titan::DeviceMesh>(dims_.build_mesh(world_));
-  log.info("mesh: dp_replicate=", dims_.dp_replicate, " dp_shard=", dims_.dp_shard, " tp=", dims_.tp);
+  log.info("mesh: pp=", dims_.pp, " dp_replicate=", dims_.dp_replicate, " dp_shard=", dims_.dp_shard, " tp=", dims_.tp);
 
   tokenizer_ = load_tokenizer(config_.model.tokenizer_path, config_.model.tokenizer_kind);
   args_ = model_args_for(config_, *tokenizer_);
   const auto& training = config_.training;
 
-  // Build on meta, parallelize, then allocate and initialize only what this rank holds.
-  model_ = Transformer(args_, torch::kMeta);
-  parallelize_llama(*model_, *mesh_, dims_, config_);
-  titan::to_empty(*model_, world_->device());
-  init_weights(*model_, static_cast<uint64_t>(training.seed));
+  // Build on meta, keep this rank's pipeline stages, parallelize, then allocate and initialize
+  // only what this rank holds. Parameter names stay the whole model's.
+  const int64_t stages_per_rank = dims_.pp > 1 ? pipeline_stages_per_rank(config_.parallelism) : 1;
+  const int64_t pp_rank = mesh_->coordinate("pp");
+  std::vector<std::shared_ptr<torch::nn::Module>> parts;
+  for (int64_t v = 0; v < stages_per_rank; ++v) {
+    Transformer stage(args_, torch::kMeta);
+    if (dims_.pp > 1) {
+      const int64_t index = pp_rank + v * dims_.pp;
+      titan::keep_pipeline_stage(*stage, llama_pipeline_split(config_.parallelism), dims_.pp * stages_per_rank, index);
+      std::vector<std::string> layers;
+      for (const auto& item : stage->layers->named_children()) layers.push_back(item.key());
+      log.info("pipeline stage ", index, " (rank ", world_->rank(), "): layers ", layers.front(), "-", layers.back(),
+               index == 0 ? " + tok_embeddings" : "", index == dims_.pp * stages_per_rank - 1 ? " + norm, output" : "");
+    }
+    parallelize_llama(*stage, *mesh_, dims_, config_);
+    titan::to_empty(*stage, world_->device());
+    init_weights(*stage, static_cast<uint64_t>(training.seed));
+    stages_.push_back(stage);
+    parts.push_back(stage.ptr());
+  }
+  model_ = parts.size() == 1 ? parts.front() : titan::pipeline_stages_view(parts);
   const double flops = flops_per_token(args_, training.seq_len);
   log.info(config_.model.name, " ", config_.model.flavor, ": ", parameter_count(args_), " parameters, ",
            flops / 1e9, " GFLOP per token");
 
   optimizer_ = make_adamw(model_->named_parameters(), adamw_config(config_));
-  titan::verify_optimizer(*optimizer_, model_);
+  for (const auto& stage : stages_) titan::verify_optimizer(*optimizer_, stage);
   schedule_ = std::make_unique<LRSchedule>(lr_schedule_options(config_));
   accumulation_ = gradient_accumulation_steps(training.global_batch_size, training.batch_size, dims_.dp());
 
@@ -189,11 +207,12 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
   }
   log.info("data: ", loader_->samples_per_epoch(), " samples of ", training.seq_len, " tokens per epoch; ",
            accumulation_, " micro-batches of ", training.batch_size, " per rank per step");
+  if (dims_.pp > 1) make_pipelines(stages_per_rank);
 
   auto metrics = metrics_options(config_, world_->rank());
   metrics_ = std::make_unique<MetricsLogger>(metrics.flops_per_token(flops)
                                                  .peak_flops(device_peak_flops(world_->device(), metrics.peak_flops()))
-                                                 .ranks_per_replica(dims_.tp)
+                                                 .ranks_per_replica(dims_.tp * dims_.pp)
                                                  .device(world_->device()));
   // Host values (label-token counts, the stop flag) travel on the CPU: no device sync.
   host_group_ = TITAN_HAS_GLOO ? world_->new_group(world_->group()->global_ranks(), "host",
@@ -224,7 +243,38 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
       log.info("resumed from the checkpoint of step ", start_step_);
     }
   }
-  if (start_step_ == 0 && !checkpoint.initial_load_path.empty()) load_initial_weights(*model_, config_, world_);
+  if (start_step_ == 0 && !checkpoint.initial_load_path.empty()) load_initial_weights(stages_, *model_, config_, world_);
+}
+
+void Trainer::make_pipelines(int64_t stages_per_rank) {
+  const auto& parallelism = config_.parallelism;
+  const int64_t size = parallelism.pipeline_parallel_microbatch_size;
+  auto microbatches = [size](int64_t samples, const char* what) {
+    TORCH_CHECK(samples % size == 0, "parallelism.pipeline_parallel_microbatch_size = ", size, " does not divide the ",
+                samples, " samples of ", what);
+    return samples / size;
+  };
+  std::vector<titan::PipelineStage> stages;
+  for (int64_t v = 0; v < stages_per_rank; ++v) {
+    auto stage = stages_[static_cast<size_t>(v)].ptr();
+    stages.emplace_back(mesh_->coordinate("pp") + v * dims_.pp, stage,
+                        [stage](const torch::Tensor& input) { return titan::call(*stage, input); });
+  }
+  const auto schedule = titan::parse_schedule(parallelism.pipeline_parallel_schedule);
+  const int64_t per_step = accumulation_ * config_.training.batch_size;
+  pipeline_ = std::make_unique<titan::Pipeline>(
+      mesh_->group("pp"), stages,
+      titan::PipelineOptions().schedule(schedule).microbatches(
+          microbatches(per_step, "a step on each data-parallel rank (training.global_batch_size / data-parallel degree)")));
+  if (val_loader_) {
+    eval_pipeline_ = std::make_unique<titan::Pipeline>(
+        mesh_->group("pp"), stages,
+        titan::PipelineOptions().schedule(schedule).microbatches(
+            microbatches(config_.training.batch_size, "a validation batch (training.batch_size)")));
+  }
+  world_->logger().info("pipeline: ", dims_.pp, " ranks x ", stages_per_rank, " stage(s), schedule ",
+                        parallelism.pipeline_parallel_schedule, ", ", pipeline_->schedule().microbatches,
+                        " micro-batches of ", size, " samples per step");
 }
 
 Trainer::~Trainer() = default;
@@ -232,7 +282,11 @@ Trainer::~Trainer() = default;
 torch::Tensor Trainer::loss_sum(const Batch& batch) {
   auto input = to_device(batch.input, world_->device());    // [B, S]
   auto labels = to_device(batch.labels, world_->device());  // [B, S]
-  auto logits = titan::call(model_, input);  // [B, S, V] (or [B, S, V / tp] with loss parallel)
+  return token_loss_sum(titan::call(stages_.front(), input), labels);
+}
+
+torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels) {
+  // logits [B, S, V] (or [B, S, V / tp] with loss parallel), labels [B, S]
   if (loss_parallel_) {
     return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, mesh_->group("tp"), -100,
                                               at::Reduction::Sum, args_.vocab_size());
@@ -240,6 +294,32 @@ torch::Tensor Trainer::loss_sum(const Batch& batch) {
   return torch::nn::functional::cross_entropy(
       logits.flatten(0, 1).to(torch::kFloat32), labels.flatten(),
       torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+}
+
+torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector<Batch>& batches, double scale,
+                                    bool train) {
+  std::vector<torch::Tensor> inputs, labels;
+  for (const auto& batch : batches) {
+    inputs.push_back(batch.input);
+    labels.push_back(batch.labels);
+  }
+  auto input = to_device(torch::cat(inputs), world_->device());    // [rows, S]
+  auto label = to_device(torch::cat(labels), world_->device());    // [rows, S]
+  const int64_t count = pipeline.schedule().microbatches, rows = input.size(0) / count;
+  std::vector<torch::Tensor> microbatches;
+  if (pipeline.has_first_stage())
+    for (int64_t mb = 0; mb < count; ++mb) microbatches.push_back(input.narrow(0, mb * rows, rows));  // [rows / m, S]
+  auto sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(world_->device()));  // []
+  auto loss_fn = [&](const torch::Tensor& logits, int64_t mb) {
+    auto tokens = token_loss_sum(logits, label.narrow(0, mb * rows, rows));  // []
+    sum += tokens.detach().to(torch::kDouble);
+    return tokens * scale;
+  };
+  if (train)
+    pipeline.step(microbatches, loss_fn);
+  else
+    pipeline.evaluate(microbatches, loss_fn);
+  return sum;
 }
 
 torch::Tensor Trainer::forward_backward(const Batch& batch, double scale) {
@@ -264,19 +344,26 @@ bool Trainer::train_step(int64_t step) {
   // The loss is the mean over the label tokens of the whole global batch, so every token weighs
   // the same however the batch is split into ranks and micro-batches (padding and prompt tokens
   // vary per sample). Gradients are averaged over the dp ranks, hence the factor dp. The count is
-  // a host value summed on the CPU group; the tp ranks of a replica read the same batch.
-  const double global_tokens = titan::dist_sum(label_tokens, host_group_) / static_cast<double>(dims_.tp);
+  // a host value summed on the CPU group; the tp and pp ranks of a replica read the same batch.
+  const double global_tokens =
+      titan::dist_sum(label_tokens, host_group_) / static_cast<double>(dims_.tp * dims_.pp);
   if (global_tokens == 0.0) {
     world_->logger().warn("step ", step,
                           ": the global batch has no label tokens (all prompt or padding); the step is skipped");
     return false;
   }
+  const double scale = static_cast<double>(dims_.dp()) / global_tokens;
   auto loss_sum_here = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(world_->device()));  // []
-  for (int64_t micro = 0; micro < accumulation_; ++micro) {
-    titan::set_requires_gradient_sync(model_, micro + 1 == accumulation_);
-    loss_sum_here += forward_backward(micro_batches[static_cast<size_t>(micro)], static_cast<double>(dims_.dp()) / global_tokens);
+  if (pipeline_) {
+    loss_sum_here += run_pipeline(*pipeline_, micro_batches, scale, true);  // the last stage's share, else 0
+  } else {
+    for (int64_t micro = 0; micro < accumulation_; ++micro) {
+      titan::set_requires_gradient_sync(model_, micro + 1 == accumulation_);
+      loss_sum_here += forward_backward(micro_batches[static_cast<size_t>(micro)], scale);
+    }
   }
-  auto norm = titan::clip_grad_norm_(model_, config_.training.max_norm, world_->group());  // [] fp64
+  auto norm = titan::clip_grad_norm_(model_, config_.training.max_norm, world_->group(),
+                                     dims_.pp > 1 ? mesh_->group("pp") : nullptr);  // [] fp64
   // A non-finite norm (NaN/Inf loss or gradients on any rank: the norm is global) skips the
   // update on the device; the host learns of it at the next sync step.
   auto not_finite = norm.isfinite().logical_not();  // []
@@ -305,7 +392,10 @@ void Trainer::sync_host(int64_t step, bool log) {
     return;
   }
   torch::Tensor loss = interval_.loss;
-  if (log) loss = titan::all_reduce(loss.clone(), mesh_->group("dp"));  // the interval's one loss collective
+  if (log) {  // the interval's loss collectives: over data parallel, and from the last pipeline stage
+    loss = titan::all_reduce(loss.clone(), mesh_->group("dp"));
+    if (dims_.pp > 1) loss = titan::all_reduce(loss, mesh_->group("pp"));
+  }
   auto host = torch::stack({loss, interval_.grad_norm, interval_.skipped}).cpu();  // [3]: waits for the device
   interval_.seconds += seconds_since(clock_);  // the steps' work is done now
   const double v[3] = {host[0].item<double>(), host[1].item<double>(), host[2].item<double>()};
@@ -333,7 +423,9 @@ void Trainer::sync_host(int64_t step, bool log) {
 void Trainer::validate(int64_t step) {
   torch::NoGradGuard no_grad;
   auto mean_loss = [this](const Batch& batch) {
-    return loss_sum(batch) / static_cast<double>(std::max<int64_t>(batch.num_label_tokens, 1));
+    const auto tokens = static_cast<double>(std::max<int64_t>(batch.num_label_tokens, 1));
+    if (!eval_pipeline_) return loss_sum(batch) / tokens;
+    return titan::all_reduce(run_pipeline(*eval_pipeline_, {batch}, 1.0, false), mesh_->group("pp")) / tokens;
   };
   auto result = evaluate(*val_loader_, config_.data.val_steps, mean_loss, mesh_->group("dp"));
   world_->logger().info("step ", step, " validation: loss ", result.loss, ", perplexity ", result.perplexity,
@@ -353,7 +445,8 @@ void Trainer::export_model() {
   const auto& dtype = config_.checkpoint.export_dtype;
   // Every rank takes part: parameters are gathered one at a time while rank 0 writes them file
   // by file (at most 5 GiB each), so no rank holds the whole model.
-  save_hf(*model_, dir, SaveHfOptions().dtype(dtype_named(dtype)).max_shard_bytes(5LL << 30), world_->group());
+  save_hf(*model_, args_, dir, SaveHfOptions().dtype(dtype_named(dtype)).max_shard_bytes(5LL << 30), world_->group(),
+          dims_.pp > 1 ? mesh_->group("pp") : nullptr);
   world_->logger().info("exported the model (", dtype, ") to ", dir);
 }
 
@@ -367,7 +460,7 @@ void Trainer::train() {
     ++step;
     train_step(step);
     if (!verified_) {  // after the first step: every hooked module went through titan::call
-      titan::verify_calls(model_);
+      for (const auto& stage : stages_) titan::verify_calls(stage);
       verified_ = true;
     }
     // The host reads the device, and the ranks agree on a stop, only at sync steps: a signal is

@@ -10,7 +10,8 @@
 //   };
 //
 // The constructor joins the job (torchrun, Slurm, mpirun or one process), builds the model on the
-// meta device, parallelizes it (TP, AC, FSDP), materializes and initializes the local shards,
+// meta device, keeps this rank's pipeline stages (PP), parallelizes them (TP, AC, FSDP),
+// materializes and initializes the local shards,
 // builds the optimizer, data, metrics and checkpoints, and resumes from the latest checkpoint.
 // train() then runs the steps: gradient accumulation, clipping, the LR schedule, validation,
 // metrics (line, metrics.jsonl, TensorBoard), NaN/Inf guard, SIGINT / SIGTERM stop at a step
@@ -27,6 +28,7 @@
 
 #include <titan/checkpoint.hpp>
 #include <titan/dist.hpp>
+#include <titan/pipeline.hpp>
 
 #include <chrono>
 #include <memory>
@@ -67,22 +69,34 @@ class Trainer {
   /// steps (logging, validation, checkpoint and last steps): see sync_host.
   virtual void train();
   /// One optimizer step over this rank's share of the global batch: the micro-batches through
-  /// forward_backward, clipping, and the optimizer (skipped on the device when the gradient norm
-  /// is not finite). No host sync: loss, norm and skip flag add to the interval's device sums.
-  /// False when the global batch has no label token (nothing ran).
+  /// forward_backward (or, with pipeline parallelism, through the pipeline's schedule), clipping,
+  /// and the optimizer (skipped on the device when the gradient norm is not finite). No host sync:
+  /// loss, norm and skip flag add to the interval's device sums. False when the global batch has
+  /// no label token (nothing ran).
   virtual bool train_step(int64_t step);
   /// Forward and backward of one micro-batch with the loss multiplied by `scale`; returns the sum
   /// of its label tokens' cross-entropies (unscaled, detached, on the device).
   virtual torch::Tensor forward_backward(const Batch& batch, double scale);
   /// The sum of the cross-entropies of a micro-batch's label tokens (labels -100 are ignored): the
-  /// model's forward and the loss (loss parallel on vocabulary-sharded logits).
+  /// model's forward and token_loss_sum. Without pipeline parallelism only.
   virtual torch::Tensor loss_sum(const Batch& batch);
+  /// The sum of the cross-entropies of the label tokens of `labels` [B, S] under `logits` [B, S, V]
+  /// (loss parallel on vocabulary-sharded logits).
+  virtual torch::Tensor token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels);
   /// Validation at `step`: data.val_steps batches of the validation set, logged and recorded.
   virtual void validate(int64_t step);
+  /// With pipeline parallelism: `batches` (a step's rows on this rank, or a validation batch) cut
+  /// into `pipeline`'s micro-batches and run by its schedule (with backward when `train`), each
+  /// micro-batch's token-loss sum times `scale` backpropagated. Returns the sum of the label
+  /// tokens' cross-entropies (unscaled, on the device) on the ranks of the last stage, else 0.
+  virtual torch::Tensor run_pipeline(titan::Pipeline& pipeline, const std::vector<Batch>& batches, double scale,
+                                     bool train);
 
   const TrainConfig& config() const { return config_; }
   const titan::WorldPtr& world() const { return world_; }
-  TransformerImpl& model() { return *model_; }
+  /// This rank's model as checkpoints and the optimizer see it: the whole model, its pipeline
+  /// stage, or a view of its stages (titan::pipeline_stages_view).
+  torch::nn::Module& model() { return *model_; }
 
  protected:
   /// Waits for the device's work and reads the interval's sums: applies the NaN policy and, at a
@@ -92,6 +106,8 @@ class Trainer {
   void save_checkpoint(int64_t step, bool force);
   /// Writes the trained weights as a Hugging Face folder under job.dump_folder/export.
   void export_model();
+  /// Builds the training and validation pipelines over this rank's stages (pipeline parallelism).
+  void make_pipelines(int64_t stages_per_rank);
 
   TrainConfig config_;
   titan::WorldPtr world_;
@@ -99,7 +115,10 @@ class Trainer {
   std::unique_ptr<titan::DeviceMesh> mesh_;
   std::unique_ptr<Tokenizer> tokenizer_;
   ModelArgs args_;
-  Transformer model_{nullptr};
+  std::vector<Transformer> stages_;              ///< the whole model, or this rank's pipeline stages
+  std::shared_ptr<torch::nn::Module> model_;     ///< stages_[0], or a view of several stages
+  std::unique_ptr<titan::Pipeline> pipeline_;       ///< with pipeline parallelism: training steps
+  std::unique_ptr<titan::Pipeline> eval_pipeline_;  ///< and validation (training.batch_size samples)
   std::unique_ptr<FusedAdamW> optimizer_;
   std::unique_ptr<LRSchedule> schedule_;
   int64_t accumulation_ = 1;  ///< micro-batches per optimizer step on each rank

@@ -394,9 +394,12 @@ void load_full_state_dict(M&& module_like, const torch::OrderedDict<std::string,
 /// element of every global parameter once, from the layouts: a block several ranks of `group`
 /// hold (a norm weight replicated over TP, an HSDP replica) is counted once. `group` must contain
 /// the groups of every shard level (the world group always does) and every rank of it calls this.
-/// max_norm <= 0 only measures; a non-finite norm leaves the gradients unchanged.
+/// max_norm <= 0 only measures; a non-finite norm leaves the gradients unchanged. With pipeline
+/// parallelism `module` is this rank's stage(s): pass the pipeline group as `pipeline_group` and
+/// a `group` spanning every stage (the world group), so each stage's blocks count once.
 template <typename M>
-at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupPtr& group) {
+at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupPtr& group,
+                           const ProcessGroupPtr& pipeline_group = nullptr) {
   torch::nn::Module& module = detail::module_ref(module_like);
   detail::check_group(group, "clip_grad_norm_");
   const auto& members = group->global_ranks();
@@ -421,8 +424,10 @@ at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupP
       }
       split *= level.group->size();
     }
+    split *= pipeline_group ? pipeline_group->size() : 1;  // other stages hold other parameters
     TORCH_CHECK(group->size() % split == 0, "titan::clip_grad_norm_: parameter '", name, "' is split into ", split,
-                " blocks, which the group's ", group->size(), " ranks cannot hold equally often");
+                " blocks (pipeline stages included), which the group's ", group->size(),
+                " ranks cannot hold equally often");
     const int64_t copies = group->size() / split;  // ranks holding this rank's block
     buckets[{grad.device().str(), grad.scalar_type(), copies}].push_back(grad.detach());
     by_device[grad.device().str()].push_back(grad.detach());

@@ -623,6 +623,11 @@ class ParallelizePlan {
     entries_.emplace_back(std::move(pattern), std::make_shared<Style>(std::move(style)));
     return *this;
   }
+  /// Adds an entry sharing `style` (e.g. an entry of another plan).
+  ParallelizePlan& add(std::string pattern, std::shared_ptr<const ParallelStyle> style) {
+    entries_.emplace_back(std::move(pattern), std::move(style));
+    return *this;
+  }
   /// The entries, in order.
   const std::vector<std::pair<std::string, std::shared_ptr<const ParallelStyle>>>& entries() const { return entries_; }
 

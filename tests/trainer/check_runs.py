@@ -23,6 +23,11 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               two `torchrun --nnodes 2` launchers meeting at a c10d rendezvous, and 4 processes
               with the Slurm variables of a 2-node job; both give bitwise the losses of the same
               job on one node (the shard groups are the ranks of one node)
+  pp          pipeline parallel 2 x FSDP 2 on 4 ranks (1F1B, 2 micro-batches per step): the straight
+              run's losses, validation and weights; its step-10 checkpoint resumed without pipeline
+              parallelism (2 ranks), and the straight run's step-10 checkpoint resumed with it
+  pp_schedules  PP 2 on 2 ranks with Interleaved1F1B (4 stages of one layer) and with ZBH1 (no
+              activation checkpointing): the straight run's losses and weights
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
@@ -275,6 +280,30 @@ def main():
         start, _ = metrics(work("hf_start"))
         r.check(start[1]["loss"] < losses[0] - 0.5, f"its first loss {start[1]['loss']:.3f} is the trained model's "
                 f"(a fresh model starts at {losses[0]:.3f})")
+
+    if wanted("pp"):
+        pp = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
+        out = r.run("pp", args.llama, 4, llama, pp)
+        r.check("pipeline: 2 ranks x 1 stage(s), schedule 1F1B, 2 micro-batches" in out, "pp: the pipeline is set up")
+        compare_to_straight("pp", range(1, 21), "PP 2 x FSDP 2")
+        _, pp_val = metrics(work("pp"))
+        r.check(sorted(pp_val) == [10, 20] and all(abs(pp_val[s]["val/loss"] - straight_val[s]["val/loss"]) < 1e-4
+                                                   for s in (10, 20)), "pp: validation losses of the straight run")
+        # A pipeline checkpoint resumed without the pipeline, and a plain one resumed with it.
+        for name, source, extra, nproc in (("pp_to_fsdp", "pp", [], 2), ("fsdp_to_pp", "straight", pp, 4)):
+            os.makedirs(os.path.join(work(name), "checkpoint"))
+            shutil.copytree(os.path.join(work(source), "checkpoint", "step-10"),
+                            os.path.join(work(name), "checkpoint", "step-10"))
+            out = r.run(name, args.llama, nproc, llama, extra)
+            r.check("resumed from the checkpoint of step 10" in out, f"{name}: resumed from step 10")
+            compare_to_straight(name, range(11, 21), f"{name}: steps 11..20")
+
+    if wanted("pp_schedules"):
+        for name, extra in (("pp_interleaved", ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]),
+                            ("pp_zbh1", ["--parallelism.pipeline_parallel_schedule", "ZBH1",
+                                         "--activation_checkpoint.mode", "none"])):
+            out = r.run(name, args.llama, 2, llama, ["--parallelism.pipeline_parallel_degree", "2", *extra])
+            compare_to_straight(name, range(1, 21), name)
 
     if wanted("no_labels"):
         out = r.run("no_labels", args.llama, 2, "llama3_debug_alpaca.toml", ["--training.seq_len", "16", "--data.val_freq", "0"])

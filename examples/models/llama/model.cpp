@@ -294,16 +294,23 @@ TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(s
   if (!device.is_meta()) reset_rope_tables();
 }
 
-torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens) {
-  TORCH_CHECK(tokens.dim() == 2, "Transformer: tokens must be [batch, seq], got ", tokens.sizes());
-  const int64_t seq = tokens.size(1);
+torch::Tensor TransformerImpl::forward(const torch::Tensor& input) {
+  // A pipeline stage holds only some of the modules (titan::keep_pipeline_stage): without the
+  // embedding its input is the previous stage's hidden states, without the output layer it
+  // returns them.
+  const auto children = named_children();
+  const bool embeds = children.contains("tok_embeddings"), outputs = children.contains("output");
+  TORCH_CHECK(input.dim() == (embeds ? 2 : 3), "Transformer: the input must be ",
+              embeds ? "tokens [batch, seq]" : "hidden states [batch, seq, dim] (a pipeline stage)", ", got ",
+              input.sizes());
+  const int64_t seq = input.size(1);
   TORCH_CHECK(seq <= args.max_seq_len(), "Transformer: sequence length ", seq, " exceeds max_seq_len ",
               args.max_seq_len());
   auto cos = rope_cos.narrow(0, 0, seq);  // [S, hd / 2]
   auto sin = rope_sin.narrow(0, 0, seq);
-  auto h = titan::call(tok_embeddings, tokens);  // [B, S, dim]
-  for (const auto& layer : *layers) h = titan::call(layer->as<TransformerBlockImpl>(), h, cos, sin);
-  return titan::call(output, titan::call(norm, h));  // [B, S, vocab]
+  auto h = embeds ? titan::call(tok_embeddings, input) : input;  // [B, S, dim]
+  for (const auto& layer : layers->children()) h = titan::call(layer->as<TransformerBlockImpl>(), h, cos, sin);
+  return outputs ? titan::call(output, titan::call(norm, h)) : h;  // [B, S, vocab] (or [B, S, dim])
 }
 
 namespace {

@@ -176,8 +176,10 @@ class TransformerImpl : public torch::nn::Module {
  public:
   /// Builds the model with uninitialised tensors on `device` (torch::kMeta allocates nothing).
   TransformerImpl(ModelArgs args, torch::Device device = torch::kCPU);
-  /// tokens [B, S] (int64, S <= max_seq_len) -> logits [B, S, vocab_size]
-  torch::Tensor forward(const torch::Tensor& tokens);
+  /// tokens [B, S] (int64, S <= max_seq_len) -> logits [B, S, vocab_size]. A pipeline stage
+  /// (titan::keep_pipeline_stage with llama_pipeline_split) skips the modules it does not hold:
+  /// without tok_embeddings the input is hidden states [B, S, dim]; without output it returns them.
+  torch::Tensor forward(const torch::Tensor& input);
   /// Recomputes rope_cos / rope_sin from args (wherever the buffers live).
   void reset_rope_tables();
   ModelArgs args;

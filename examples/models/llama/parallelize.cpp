@@ -2,7 +2,10 @@
 
 #include <titan/ac.hpp>
 #include <titan/fsdp.hpp>
+#include <titan/pipeline.hpp>
 #include <titan/tensor_parallel.hpp>
+
+#include <sstream>
 
 namespace titan::examples {
 
@@ -14,14 +17,41 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
                               TpPlanOptions()
                                   .sequence_parallel(parallelism.enable_sequence_parallel)
                                   .loss_parallel(parallelism.enable_loss_parallel));
-    titan::parallelize_module(model, mesh["tp"], plan);
+    titan::parallelize_module(model, mesh["tp"], titan::plan_for_stage(plan, model));  // a stage: its entries
   }
   titan::apply_activation_checkpointing(model.layers, activation_checkpoint_options(config));
   if (!needs_fsdp(dims, config)) return;
   const auto fsdp_mesh = dims.fsdp_mesh(mesh);
   const auto options = fsdp_options(config);
-  for (const auto& layer : *model.layers) titan::fully_shard(*layer, fsdp_mesh, options);
-  titan::fully_shard(model, fsdp_mesh, options);
+  for (const auto& layer : model.layers->children()) titan::fully_shard(*layer, fsdp_mesh, options);
+  // The root unit holds what no block does; a middle pipeline stage holds only blocks.
+  const auto children = model.named_children();
+  if (children.contains("tok_embeddings") || children.contains("output")) titan::fully_shard(model, fsdp_mesh, options);
+}
+
+titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism) {
+  std::vector<std::string> points;
+  std::stringstream list(parallelism.pipeline_parallel_split_points);
+  for (std::string point; std::getline(list, point, ',');) {
+    point.erase(0, point.find_first_not_of(" \t"));
+    point.erase(point.find_last_not_of(" \t") + 1);
+    if (!point.empty()) points.push_back(point);
+  }
+  return titan::PipelineSplit().first({"tok_embeddings"}).layers("layers").last({"norm", "output"}).split_points(points);
+}
+
+int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism) {
+  const auto points = llama_pipeline_split(parallelism).split_points();
+  const int64_t pp = parallelism.pipeline_parallel_degree;
+  const bool interleaved = titan::is_multi_stage(titan::parse_schedule(parallelism.pipeline_parallel_schedule));
+  if (points.empty()) return interleaved ? 2 : 1;
+  const auto stages = static_cast<int64_t>(points.size()) + 1;
+  TORCH_CHECK(stages % pp == 0, "parallelism.pipeline_parallel_split_points: ", points.size(), " split points make ",
+              stages, " stages, which pipeline_parallel_degree ", pp, " ranks cannot hold equally");
+  TORCH_CHECK(interleaved || stages == pp, "parallelism.pipeline_parallel_split_points: ", points.size(),
+              " split points make ", stages, " stages but schedule ", parallelism.pipeline_parallel_schedule,
+              " runs one stage per rank (", pp, " stages: ", pp - 1, " split points)");
+  return stages / pp;
 }
 
 }  // namespace titan::examples

@@ -36,6 +36,7 @@
 #include "../../common/parallelism.hpp"
 #include "model.hpp"
 
+#include <titan/pipeline.hpp>
 #include <titan/tensor_parallel.hpp>
 
 #include <cstdint>
@@ -129,10 +130,19 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
   return plan;
 }
 
+/// How the Transformer is cut into pipeline stages: tok_embeddings in the first, norm and output in
+/// the last, the layers evenly or at parallelism.pipeline_parallel_split_points (comma-separated).
+titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism);
+
+/// Stages per pipeline rank: the split points' stages over the degree, else 2 for an interleaved
+/// schedule and 1 for the others. Errors name the keys.
+int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism);
+
 /// Applies tensor parallelism (when dims.tp > 1; the plan above with config.parallelism's sequence
 /// and loss parallel), activation checkpointing (config.activation_checkpoint) and FSDP (when
 /// data parallelism or bf16 compute asks for it: every block, then the root) to `model`, in that
-/// order. The model may still be on the meta device.
+/// order. The model may still be on the meta device, and may be a pipeline stage (the plan's
+/// entries for modules it does not hold are left out).
 void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
                        const TrainConfig& config);
 

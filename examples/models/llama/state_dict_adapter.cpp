@@ -6,6 +6,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <set>
 #include <utility>
 #include <vector>
@@ -290,10 +292,13 @@ void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOption
     }
     param.copy_(block);
   }
+  // Tensors of the whole model that a pipeline stage does not hold are expected; others are not.
+  std::set<std::string> known;
+  for (const auto& item : Transformer(args, torch::kMeta)->named_parameters()) known.insert(to_hf_name(item.key()));
   std::vector<std::string> unused;
   for (const auto& name : reader.names()) {
     // rotary_emb.inv_freq: a buffer older transformers versions saved.
-    if (!used.count(name) && !ends_with(name, "rotary_emb.inv_freq")) unused.push_back(name);
+    if (!known.count(name) && !ends_with(name, "rotary_emb.inv_freq")) unused.push_back(name);
   }
   if (!unused.empty()) {
     std::string list;
@@ -305,24 +310,70 @@ void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOption
   model.reset_rope_tables();  // not in the checkpoint (the model may come from to_empty)
 }
 
-void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options,
-             const titan::ProcessGroupPtr& group) {
+void save_hf(const torch::nn::Module& model, const ModelArgs& args, const std::string& dir,
+             const SaveHfOptions& options, const titan::ProcessGroupPtr& group,
+             const titan::ProcessGroupPtr& pipeline_group) {
   torch::NoGradGuard no_grad;
   const bool writer = !group || group->rank() == 0;
-  const torch::Dtype stored = options.dtype() ? *options.dtype() : model.args.dtype();
+  const bool pipelined = pipeline_group && pipeline_group->size() > 1;
+  TORCH_CHECK(!pipelined || group, "save_hf: a pipeline stage needs the group of every rank to export the model");
+  const torch::Dtype stored = options.dtype() ? *options.dtype() : args.dtype();
+  std::map<std::string, titan::ShardedTensor> local;
+  std::vector<std::string> order;  // parameter names in the whole model's order
+  for (auto& [name, sharded] : titan::sharded_parameters(model)) {
+    local.emplace(name, sharded);
+    if (!pipelined) order.push_back(name);
+  }
+  // With pipeline parallelism each stage holds some parameters: the lowest rank holding one sends
+  // it (gathered by its stage's ranks) to rank 0.
+  std::map<std::string, int> lead;
+  if (pipelined) {
+    std::string mine;
+    for (const auto& [name, sharded] : local) mine += name + "\n";
+    const auto all = titan::all_gather_strings(group, mine);
+    for (size_t r = 0; r < all.size(); ++r) {
+      std::stringstream lines(all[r]);
+      for (std::string name; std::getline(lines, name);) lead.emplace(name, static_cast<int>(r));
+    }
+    for (const auto& item : Transformer(args, torch::kMeta)->named_parameters()) {
+      TORCH_CHECK(lead.count(item.key()), "save_hf: no pipeline stage holds parameter '", item.key(), "'");
+      order.push_back(item.key());
+    }
+  }
   std::vector<titan::safetensors::LazyTensor> tensors;
-  for (const auto& [name, sharded] : titan::sharded_parameters(model)) {
-    const bool whole = sharded.local.sizes().vec() == sharded.layout.global_shape;
-    TORCH_CHECK(group || whole, "save_hf: parameter '", name, "' is sharded (", sharded.layout.placement(),
-                "); pass the process group so that it is gathered");
-    const auto dtype = options.dtype() ? *options.dtype() : sharded.local.scalar_type();
+  for (size_t index = 0; index < order.size(); ++index) {
+    const auto& name = order[index];
+    const auto held = local.find(name);
+    const auto global = global_shape(name, args);
+    const auto dtype = options.dtype() ? *options.dtype() : held != local.end() ? held->second.local.scalar_type()
+                                                                                  : args.dtype();
     int64_t numel = 1;
-    for (auto size : sharded.layout.global_shape) numel *= size;
+    for (auto size : global) numel *= size;
     // Gathered (a collective of the parameter's groups) only when its file is written.
-    auto make = [name = name, sharded = sharded, whole, dtype, &model] {
-      auto full = whole ? sharded.local.detach() : titan::gather_full(sharded);
-      return to_hf_tensor(name, full, model.args).to(dtype);
+    auto make = [&, name, index, global, dtype, held]() -> torch::Tensor {
+      torch::Tensor full;
+      if (held != local.end()) {
+        const auto& sharded = held->second;
+        const bool whole = sharded.local.sizes().vec() == sharded.layout.global_shape;
+        TORCH_CHECK(group || whole, "save_hf: parameter '", name, "' is sharded (", sharded.layout.placement(),
+                    "); pass the process group so that it is gathered");
+        full = whole ? sharded.local.detach() : titan::gather_full(sharded);
+      }
+      if (pipelined && lead.at(name) != 0) {
+        const auto tag = static_cast<uint32_t>(index);
+        if (group->rank() == lead.at(name)) {
+          std::vector<torch::Tensor> out{full.to(args.dtype()).contiguous()};
+          group->backend()->send(out, 0, tag)->wait();
+        } else if (writer) {
+          std::vector<torch::Tensor> in{torch::empty(global, torch::TensorOptions().dtype(args.dtype()).device(group->device()))};
+          group->backend()->recv(in, lead.at(name), tag)->wait();
+          full = in.front();
+        }
+      }
+      if (!writer) return torch::Tensor();
+      return to_hf_tensor(name, full, args).to(dtype);
     };
+    if (!pipelined && held == local.end()) continue;
     tensors.push_back({to_hf_name(name), numel * static_cast<int64_t>(c10::elementSize(dtype)), std::move(make)});
   }
   if (!writer) {
@@ -334,8 +385,13 @@ void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfO
                                    titan::safetensors::SaveOptions().max_shard_bytes(options.max_shard_bytes()).metadata(
                                        {{"format", "pt"}}));
   std::ofstream config(dir + "/config.json");
-  config << hf_config(model.args, stored).dump(2) << "\n";
+  config << hf_config(args, stored).dump(2) << "\n";
   TORCH_CHECK(config.flush(), "save_hf: cannot write ", dir, "/config.json");
+}
+
+void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options,
+             const titan::ProcessGroupPtr& group) {
+  save_hf(model, model.args, dir, options, group, nullptr);
 }
 
 }  // namespace titan::examples

@@ -59,7 +59,8 @@ struct LoadHfOptions {
 /// model.safetensors.index.json, or one .safetensors file) into `model`, iterating its
 /// named_parameters and reading only each parameter's rectangle; recomputes the RoPE tables.
 /// Errors name the tensor and file: a parameter missing from the checkpoint, a shape that differs
-/// from the parameter's global shape, tensors the model has no place for.
+/// from the parameter's global shape, tensors the model has no place for. A pipeline stage reads
+/// its own parameters; the other stages' tensors are expected.
 void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOptions& options = {});
 
 /// Options of save_hf.
@@ -78,5 +79,12 @@ struct SaveHfOptions {
 /// other ranks one parameter; only rank 0 writes.
 void save_hf(const TransformerImpl& model, const std::string& dir, const SaveHfOptions& options = {},
              const titan::ProcessGroupPtr& group = nullptr);
+
+/// save_hf of `model` (the Transformer of `args`, a pipeline stage of it, or a view of several:
+/// titan::pipeline_stages_view). With pipeline parallelism pass `pipeline_group` and the group of
+/// every rank: each parameter is gathered by its stage's ranks and sent to rank 0, which writes.
+void save_hf(const torch::nn::Module& model, const ModelArgs& args, const std::string& dir,
+             const SaveHfOptions& options, const titan::ProcessGroupPtr& group,
+             const titan::ProcessGroupPtr& pipeline_group = nullptr);
 
 }  // namespace titan::examples
