@@ -14,17 +14,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <string>
 #include <vector>
 
+#include "bench_args.hpp"
+
 namespace {
 
-int64_t arg(int argc, char** argv, const char* name, int64_t fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], name) == 0) return std::stoll(argv[i + 1]);
-  return fallback;
-}
+using titan_bench::int_arg;
 
 double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
 
@@ -32,12 +29,12 @@ double mib(int64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0
 
 int main(int argc, char** argv) {
   const auto block = titan_ac::BlockOptions()
-                         .dim(arg(argc, argv, "--dim", 256))
-                         .heads(arg(argc, argv, "--heads", 8))
-                         .hidden(arg(argc, argv, "--hidden", 1024));
-  const int64_t layers = arg(argc, argv, "--layers", 8), batch = arg(argc, argv, "--batch", 8),
-                seq = arg(argc, argv, "--seq", 256), steps = arg(argc, argv, "--steps", 3);
-  torch::set_num_threads(static_cast<int>(arg(argc, argv, "--threads", 1)));
+                         .dim(int_arg(argc, argv, "--dim", 256))
+                         .heads(int_arg(argc, argv, "--heads", 8))
+                         .hidden(int_arg(argc, argv, "--hidden", 1024));
+  const int64_t layers = int_arg(argc, argv, "--layers", 8), batch = int_arg(argc, argv, "--batch", 8),
+                seq = int_arg(argc, argv, "--seq", 256), steps = int_arg(argc, argv, "--steps", 3);
+  torch::set_num_threads(static_cast<int>(int_arg(argc, argv, "--threads", 1)));
   torch::manual_seed(0);
   const auto x = torch::randn({batch, seq, block.dim()});
 

@@ -12,8 +12,9 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <string>
+
+#include "bench_args.hpp"
 
 namespace {
 
@@ -49,26 +50,17 @@ struct StackImpl : torch::nn::Module {
 };
 TORCH_MODULE(Stack);
 
-int64_t arg(int argc, char** argv, const char* name, int64_t fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], name) == 0) return std::stoll(argv[i + 1]);
-  return fallback;
-}
-
-bool flag(int argc, char** argv, const char* name) {
-  for (int i = 1; i < argc; ++i)
-    if (std::strcmp(argv[i], name) == 0) return true;
-  return false;
-}
+using titan_bench::has_flag;
+using titan_bench::int_arg;
 
 }  // namespace
 
 int main(int argc, char** argv) {
   torch::set_num_threads(1);
-  const int64_t dim = arg(argc, argv, "--dim", 512), hidden = arg(argc, argv, "--hidden", 2048);
-  const int64_t depth = arg(argc, argv, "--depth", 8), batch = arg(argc, argv, "--batch", 32);
-  const int64_t steps = arg(argc, argv, "--steps", 6), warmup = arg(argc, argv, "--warmup", 2);
-  const bool plain = flag(argc, argv, "--plain");
+  const int64_t dim = int_arg(argc, argv, "--dim", 512), hidden = int_arg(argc, argv, "--hidden", 2048);
+  const int64_t depth = int_arg(argc, argv, "--depth", 8), batch = int_arg(argc, argv, "--batch", 32);
+  const int64_t steps = int_arg(argc, argv, "--steps", 6), warmup = int_arg(argc, argv, "--warmup", 2);
+  const bool plain = has_flag(argc, argv, "--plain");
   auto world = titan::init_distributed();
   const int n = world->world_size();
   TORCH_CHECK(batch % n == 0, "bench_fsdp: --batch ", batch, " must be divisible by the world size ", n);

@@ -14,20 +14,13 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
 
-namespace {
+#include "bench_args.hpp"
 
-std::string text_arg(int argc, char** argv, const char* name, const char* fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], name) == 0) return argv[i + 1];
-  return fallback;
-}
-
-}  // namespace
+using titan_bench::text_arg;
 
 int main(int argc, char** argv) {
   using namespace titan::examples;

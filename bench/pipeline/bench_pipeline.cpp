@@ -18,21 +18,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <string>
+
+#include "bench_args.hpp"
 
 namespace {
 
-std::string text_arg(int argc, char** argv, const char* name, std::string fallback) {
-  for (int i = 1; i + 1 < argc; ++i)
-    if (std::strcmp(argv[i], name) == 0) return argv[i + 1];
-  return fallback;
-}
-
-int64_t int_arg(int argc, char** argv, const char* name, int64_t fallback) {
-  auto text = text_arg(argc, argv, name, "");
-  return text.empty() ? fallback : std::stoll(text);
-}
+using titan_bench::int_arg;
+using titan_bench::text_arg;
 
 /// Bytes malloc has handed out and not taken back (heap and mmapped chunks).
 double heap_bytes() {

@@ -776,10 +776,8 @@ inline LoadPlan collect_load_targets(const TrainState& state, const CheckpointMe
   return plan;
 }
 
-/// Validate: every target is in the checkpoint with its global shape and dtype, and the
-/// checkpoint's model holds nothing the model lacks.
-inline void validate_load_targets(const LoadPlan& plan, const TrainState& state, const CheckpointMetadata& meta,
-                                  const std::string& dir) {
+/// Validate: every target is in the checkpoint with its global shape and dtype.
+inline void validate_load_targets(const LoadPlan& plan, const CheckpointMetadata& meta, const std::string& dir) {
   for (const auto& target : plan.targets) {
     const auto* record = meta.find(target.name);
     TORCH_CHECK(record != nullptr, "titan checkpoint: tensor '", target.name, "' is not in '", dir, "' (it holds ",
@@ -790,12 +788,30 @@ inline void validate_load_targets(const LoadPlan& plan, const TrainState& state,
     TORCH_CHECK(saved_type == target.dtype, "titan checkpoint: tensor '", target.name, "' is ", target.dtype, " but '",
                 dir, "' saved it as ", record->dtype);
   }
-  if (state.model == nullptr) return;
+}
+
+/// The checkpoint's model tensors this rank's model lacks, one per line.
+inline std::string missing_model_tensors(const LoadPlan& plan, const TrainState& state, const CheckpointMetadata& meta) {
+  if (state.model == nullptr) return "";
   std::unordered_set<std::string> wanted;
   for (const auto& target : plan.targets) wanted.insert(target.name);
+  std::string missing;
   for (const auto& record : meta.tensors)
-    TORCH_CHECK(record.name.rfind("model.", 0) != 0 || wanted.count(record.name), "titan checkpoint: '", dir,
-                "' holds tensor '", record.name, "' that the model does not have (a checkpoint of a different model?)");
+    if (record.name.rfind("model.", 0) == 0 && !wanted.count(record.name)) missing += record.name + "\n";
+  return missing;
+}
+
+/// Fails on every rank when the checkpoint's model holds a tensor that no rank's model has (each
+/// rank's `missing_model_tensors`; a pipeline stage lacks the other stages' tensors).
+inline void check_model_holds_checkpoint(const std::vector<std::string>& missing, const std::string& dir) {
+  std::map<std::string, size_t> lacking;  // tensor -> ranks lacking it
+  for (const auto& lines : missing) {
+    std::stringstream list(lines);
+    for (std::string name; std::getline(list, name);) ++lacking[name];
+  }
+  for (const auto& [name, ranks] : lacking)
+    TORCH_CHECK(ranks < missing.size(), "titan checkpoint: '", dir, "' holds tensor '", name,
+                "' that the model does not have (a checkpoint of a different model?)");
 }
 
 /// Every read of a load, by target: the reads of target i are reads[first_read[i] .. first_read[i + 1]).
@@ -932,10 +948,15 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
   detail::LoadPlan plan;
   detail::ReadPlan reads;
   bool bounded = false;
+  std::string missing;
   detail::all_ranks_or_none(group, [&] {
     meta = read_checkpoint_metadata(dir);
     plan = detail::collect_load_targets(state, meta, dir);
-    detail::validate_load_targets(plan, state, meta, dir);
+    detail::validate_load_targets(plan, meta, dir);
+    missing = detail::missing_model_tensors(plan, state, meta);
+  });
+  detail::check_model_holds_checkpoint(all_gather_strings(group, missing), dir);
+  detail::all_ranks_or_none(group, [&] {
     reads = detail::plan_reads(plan, meta, dir);
     bounded = options.max_staging_bytes() > 0 && detail::staging_bytes(plan) > options.max_staging_bytes();
     detail::stage_load_targets(plan, reads, meta, bounded, options);

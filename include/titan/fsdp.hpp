@@ -199,6 +199,11 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   /// (gradient-accumulation micro-steps); the next backward with true reduces the sum.
   void set_requires_gradient_sync(bool sync) { requires_gradient_sync_ = sync; }
   bool requires_gradient_sync() const { return requires_gradient_sync_; }
+  /// When false, the unsharded parameters stay gathered after backward and across the root's next
+  /// forwards (micro-batches of one step: one all-gather for all of them); the next backward with
+  /// true frees them. The optimizer must not change the shards while it is false.
+  void set_reshard_after_backward(bool reshard) { reshard_after_backward_ = reshard; }
+  bool reshard_after_backward() const { return reshard_after_backward_; }
 
   /// All-gathers the parameters into the unsharded handles (no-op if already there).
   void unshard() {
@@ -254,18 +259,17 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   }
 
   /// Reduces this unit's unsharded gradients into the sharded parameters' .grad (or keeps them
-  /// when gradient sync is off) and frees the unsharded parameters. Run by backward.
+  /// when gradient sync is off) and frees the unsharded parameters (unless reshard_after_backward
+  /// is off). Run by backward.
   void post_backward() {
     if (!needs_post_backward_) return;
     needs_post_backward_ = false;
-    if (!requires_gradient_sync_) {
-      reshard();
-      return;
+    if (requires_gradient_sync_) {
+      bool any = false;
+      for (const auto& p : params_) any = any || p.unsharded.grad().defined();
+      if (any) start_reduce_scatter();
     }
-    bool any = false;
-    for (const auto& p : params_) any = any || p.unsharded.grad().defined();
-    if (any) start_reduce_scatter();
-    reshard();
+    if (reshard_after_backward_) reshard();
   }
 
   /// Waits for this unit's reduction in flight, if any, and writes the sharded gradients.
@@ -330,8 +334,10 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
 
   void root_pre_forward() {
     // Anything left unsharded by a forward without backward (eval, or reshard_after_forward off)
-    // is refreshed from the shards, which the optimizer may have changed since.
-    for (auto* unit : context_->units) unit->reshard();
+    // is refreshed from the shards, which the optimizer may have changed since; units kept
+    // gathered for the micro-batches of a step (reshard_after_backward off) stay.
+    for (auto* unit : context_->units)
+      if (unit->reshard_after_backward_) unit->reshard();
     context_->pre_forward_order.clear();
     context_->post_forward_order.clear();
   }
@@ -390,7 +396,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     for (auto it = order.rbegin(); it != order.rend(); ++it) (*it)->post_backward();
     for (auto* unit : context.units) {
       unit->finish_reduce_scatter();
-      unit->reshard();
+      if (unit->reshard_after_backward_) unit->reshard();
     }
     context.callback_queued = false;
   }
@@ -525,6 +531,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   State state_ = State::Resharded;
   bool needs_post_backward_ = false;
   bool requires_gradient_sync_ = true;
+  bool reshard_after_backward_ = true;
   FsdpStats stats_;
 
   c10::intrusive_ptr<c10d::Work> gather_work_;
@@ -652,6 +659,14 @@ template <typename M>
 void set_requires_gradient_sync(const M& module, bool sync) {
   for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module)))
     hook->set_requires_gradient_sync(sync);
+}
+
+/// Sets FsdpHook::set_reshard_after_backward on every unit in `module`'s subtree (off: the
+/// micro-batches of a pipeline step share one all-gather; see titan/pipeline.hpp).
+template <typename M>
+void set_reshard_after_backward(const M& module, bool reshard) {
+  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module)))
+    hook->set_reshard_after_backward(reshard);
 }
 
 /// Frees the unsharded parameters of every unit in `module`'s subtree (a module, a ModuleHolder

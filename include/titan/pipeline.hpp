@@ -886,8 +886,11 @@ class Pipeline {
     if (!last) grads.push_back(slot.grad);
     const bool needs_input_grad = a.stage > 0 && slot.input.requires_grad();
     if (a.kind == Kind::Backward) {
-      // FSDP reduces the gradients only in the stage's last backward of the step.
-      set_requires_gradient_sync(*stage.module, a.microbatch == last_backward_.at(a.stage));
+      // FSDP reduces the gradients and frees the gathered parameters only in the stage's last
+      // backward of the step: one all-gather and one reduce-scatter per unit and step.
+      const bool last_of_stage = a.microbatch == last_backward_.at(a.stage);
+      set_requires_gradient_sync(*stage.module, last_of_stage);
+      set_reshard_after_backward(*stage.module, last_of_stage);
       torch::autograd::backward({slot.output}, grads);
       if (a.stage > 0) send_input_grad(a, needs_input_grad ? slot.input.grad() : at::Tensor(), slot.input);
       slots_.erase(it);
@@ -932,6 +935,7 @@ class Pipeline {
     for (const auto& a : actions)
       if (a.kind == Kind::Backward) last_backward_[a.stage] = a.microbatch;
     std::vector<at::Tensor> losses(has_last_stage() ? static_cast<size_t>(m) : 0);
+    if (train) set_fsdp_step_mode(true);
     try {
       for (size_t k = 0; k < actions.size(); ++k) {
         // Receives are posted in the table's order (NCCL matches them by order, not tag): this
@@ -947,18 +951,27 @@ class Pipeline {
       }
       for (auto& [work, tensor] : sends_) work->wait();
     } catch (...) {
-      // Abort the group so that neighbours blocked on this rank fail instead of waiting out
-      // the timeout, then leave the pipeline clean for the caller's error handling.
-      if (group_->backend()) group_->backend()->abort();
+      // The error goes to the caller, whose process is expected to end (as the example trainer
+      // does): the neighbours waiting on this rank then fail as its connections close.
+      set_fsdp_step_mode(false);
       clear();
       throw;
     }
-    for (const auto& stage : stages_) set_requires_gradient_sync(*stage.module, true);
+    set_fsdp_step_mode(false);
     TORCH_CHECK(slots_.empty() && recvs_.empty() && local_.empty(), "titan::Pipeline: internal error: ",
                 slots_.size(), " micro-batch states, ", recvs_.size(), " receives left after the step");
     clear();
     stats_.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     return losses;
+  }
+
+  /// FSDP units of the stages keep their gathered parameters and unreduced gradients across the
+  /// micro-batches of a step (`within`), or behave as usual.
+  void set_fsdp_step_mode(bool within) {
+    for (const auto& stage : stages_) {
+      set_requires_gradient_sync(*stage.module, !within);
+      set_reshard_after_backward(*stage.module, !within);
+    }
   }
 
   void clear() {

@@ -7,6 +7,7 @@
 #include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>
 #include <titan/meta.hpp>
+#include <titan/pipeline.hpp>
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
 #include <titan/tensor_parallel.hpp>

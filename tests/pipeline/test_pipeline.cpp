@@ -1,7 +1,9 @@
 // titan/pipeline.hpp: schedule tables and their simulation, splitting a model into stages, and
 // training parity: a pipelined model (alone, with FSDP, with tensor parallelism, with both) trains
-// like one process training the whole model on the whole batch, with the same parameter names.
+// like one process training the whole model on the whole batch, with the same parameter names,
+// and checkpoints of the stages load into the whole model and back.
 // The model is a plain stack of residual blocks written for this test (not the example Llama).
+#include "../checkpoint/checkpoint_fixtures.hpp"
 #include "../support/multirank.hpp"
 #include "../tensor_parallel/tp_test_util.hpp"
 
@@ -114,9 +116,12 @@ void check_parity(const Setup& s) {
       titan::parallelize_module(part, mesh["tp"], titan::plan_for_stage(plan, *part));
     }
     if (s.dp > 1) {
-      for (const auto& block : part->blocks->children()) titan::fully_shard(*block, mesh["dp_shard"]);
+      // torchtitan's policy with pipelining: no resharding after forward (each stage runs forward
+      // once per micro-batch).
+      const auto fsdp = titan::FsdpOptions().reshard_after_forward(false);
+      for (const auto& block : part->blocks->children()) titan::fully_shard(*block, mesh["dp_shard"], fsdp);
       const auto children = part->named_children();  // a middle stage holds only blocks: no root unit
-      if (children.contains("embed") || children.contains("head")) titan::fully_shard(part, mesh["dp_shard"]);
+      if (children.contains("embed") || children.contains("head")) titan::fully_shard(part, mesh["dp_shard"], fsdp);
     }
     titan::to_empty(*part, device);
     titan::load_full_state_dict(part, tp_test::full_state(*reference));
@@ -178,6 +183,14 @@ void check_parity(const Setup& s) {
     const double loss = titan::dist_sum(local, world->group()) / static_cast<double>(s.dp * s.tp);
     CHECK(std::abs(loss - ref_loss.item<double>()) < 1e-5);
     opt.step();
+  }
+  // With FSDP the micro-batches of a step share one all-gather and one reduce-scatter per unit.
+  for (const auto& part : parts) {
+    for (const auto& unit : titan::detail::hooks_in_subtree<titan::FsdpHook>(*part)) {
+      CHECK(unit->stats().all_gathers == 5);
+      CHECK(unit->stats().reduce_scatters == 5);
+    }
+    CHECK(titan::memory_usage(*part).unsharded_bytes == 0);  // freed by each stage's last backward
   }
   const auto expected = reference->named_parameters();
   for (const auto& part : parts) {
@@ -383,4 +396,65 @@ TEST_CASE("pipeline: bad setups are errors at start") {
           titan::Pipeline(mesh.group("pp"), {titan::PipelineStage(0, module, forward)},
                           titan::PipelineOptions().schedule(PipelineScheduleKind::ZeroBubbleH1));
         }).find("ZBH1 splits backward") != std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+
+TEST_CASE("pipeline: a checkpoint of the stages loads into the whole model and back") {
+  const auto& world = titan_test::world();
+  if (world->world_size() != 2) return;
+  const auto device = titan_test::device();
+  torch::manual_seed(3);
+  Stack whole(4, device);
+  const int64_t rank = world->rank();
+  auto stage_of = [&](const Stack& source) {  // this rank's stage with `source`'s values
+    Stack part(4, torch::kMeta);
+    titan::keep_pipeline_stage(*part, stack_split(), 2, rank);
+    titan::to_empty(*part, device);
+    titan::load_full_state_dict(part, tp_test::full_state(*source));
+    return part;
+  };
+  auto same_as_whole = [&](const torch::nn::Module& model) {
+    const auto expected = whole->named_parameters();
+    for (const auto& item : model.named_parameters()) {
+      INFO("parameter ", item.key());
+      CHECK(titan_test::same_values(item.value(), expected[item.key()]));
+    }
+  };
+  // The stages' checkpoint (each rank saves its stage) into the whole model on every rank.
+  const auto staged_dir = titan_ckpt::shared_dir(world, "pipeline_stages");
+  auto part = stage_of(whole);
+  titan::TrainState staged;
+  staged.model = part.get();
+  titan::CheckpointManager(world, titan::CheckpointOptions(staged_dir)).save(1, staged);
+  torch::manual_seed(4);
+  Stack loaded(4, device);
+  titan::TrainState everything;
+  everything.model = loaded.get();
+  CHECK(titan::CheckpointManager(world, titan::CheckpointOptions(staged_dir)).load(1, everything) == 1);
+  same_as_whole(*loaded);
+  CHECK(parameter_names(*loaded) == parameter_names(*whole));
+
+  // The whole model's checkpoint into the stages.
+  const auto whole_dir = titan_ckpt::shared_dir(world, "pipeline_whole");
+  titan::TrainState all;
+  all.model = whole.get();
+  titan::CheckpointManager(world, titan::CheckpointOptions(whole_dir)).save(1, all);
+  torch::manual_seed(5);
+  Stack other(4, device);
+  auto fresh = stage_of(other);
+  titan::TrainState stage_state;
+  stage_state.model = fresh.get();
+  titan::CheckpointManager(world, titan::CheckpointOptions(whole_dir)).load(1, stage_state);
+  same_as_whole(*fresh);
+
+  // A tensor that no rank's model holds is still an error, on every rank.
+  Stack smaller(3, device);
+  titan::TrainState small;
+  small.model = smaller.get();
+  const auto error =
+      titan_test::error_of([&] { titan::CheckpointManager(world, titan::CheckpointOptions(whole_dir)).load(1, small); });
+  CHECK_MESSAGE(error.find("holds tensor 'model.blocks.3.w1.bias' that the model does not have") != std::string::npos,
+                error);
 }
