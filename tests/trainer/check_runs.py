@@ -25,7 +25,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               job on one node (the shard groups are the ranks of one node)
   pp          pipeline parallel 2 x FSDP 2 on 4 ranks (1F1B, 2 micro-batches per step): the straight
               run's losses, validation and weights; its step-10 checkpoint resumed without pipeline
-              parallelism (2 ranks), and the straight run's step-10 checkpoint resumed with it
+              parallelism (2 ranks), and the straight run's step-10 checkpoint resumed with it; PP 2
+              starts from the straight run's Hugging Face export and exports it back bitwise
   pp_schedules  PP 2 on 2 ranks with Interleaved1F1B (4 stages of one layer) and with ZBH1 (no
               activation checkpointing): the straight run's losses and weights
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
@@ -297,6 +298,14 @@ def main():
             out = r.run(name, args.llama, nproc, llama, extra)
             r.check("resumed from the checkpoint of step 10" in out, f"{name}: resumed from step 10")
             compare_to_straight(name, range(11, 21), f"{name}: steps 11..20")
+        # Each stage reads its tensors of a Hugging Face folder, and the stages export it back.
+        out = r.run("pp_hf_start", args.llama, 2, llama,
+                    ["--parallelism.pipeline_parallel_degree", "2", "--checkpoint.initial_load_path",
+                     os.path.join(work("straight"), "export"), "--checkpoint.initial_load_in_hf", "true",
+                     "--optimizer.lr", "0", "--training.steps", "1", "--data.val_freq", "0"])
+        r.check("initial weights loaded from" in out, "pp_hf_start: started from the Hugging Face export")
+        r.check(max_weight_diff(weights(work("pp_hf_start")), straight_weights) == 0.0,
+                "pp_hf_start: one step at lr 0 exports the loaded weights bitwise")
 
     if wanted("pp_schedules"):
         for name, extra in (("pp_interleaved", ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]),
