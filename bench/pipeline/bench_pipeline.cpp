@@ -89,8 +89,8 @@ int main(int argc, char** argv) {
                 static_cast<long long>(seq), static_cast<long long>(layers), static_cast<long long>(dim),
                 static_cast<long long>(hidden), static_cast<long long>(steps), static_cast<long long>(warmup));
   if (rank == 0)
-    std::printf("| schedule | stages | bubble measured | bubble formula | bubble simulated | step ms | peak MB per rank "
-                "(held micro-batches) |\n|---|---|---|---|---|---|---|\n");
+    std::printf("| schedule | stages | bubble measured | bubble formula | bubble simulated | step ms | pass ms: F, B (I + W) "
+                "| peak MB per rank (held micro-batches) |\n|---|---|---|---|---|---|---|---|\n");
   const auto split = titan::PipelineSplit().first({"embed"}).layers("blocks").last({"head"});
   for (auto kind : {titan::PipelineScheduleKind::GPipe, titan::PipelineScheduleKind::OneFOneB,
                     titan::PipelineScheduleKind::Interleaved1F1B, titan::PipelineScheduleKind::ZeroBubbleH1}) {
@@ -156,10 +156,15 @@ int main(int argc, char** argv) {
     if (rank == 0) {
       std::string per_rank;
       for (size_t r = 0; r < peaks.size(); ++r) per_rank += (r ? ", " : "") + peaks[r];
-      std::printf("| %s | %lld x %lld | %.3f | %s | %.3f | %.1f | %s |\n", titan::schedule_name(kind).c_str(),
-                  static_cast<long long>(p), static_cast<long long>(v), median(bubbles),
-                  formula.c_str(),
-                  sim.bubble(), median(step_ms), per_rank.c_str());
+      char passes[96];
+      if (split_backward)
+        std::snprintf(passes, sizeof(passes), "%.1f, %.1f (%.1f + %.1f)", forward * 1e3, (input + weight) * 1e3,
+                      input * 1e3, weight * 1e3);
+      else
+        std::snprintf(passes, sizeof(passes), "%.1f, %.1f", forward * 1e3, full * 1e3);
+      std::printf("| %s | %lld x %lld | %.3f | %s | %.3f | %.1f | %s | %s |\n", titan::schedule_name(kind).c_str(),
+                  static_cast<long long>(p), static_cast<long long>(v), median(bubbles), formula.c_str(), sim.bubble(),
+                  median(step_ms), passes, per_rank.c_str());
     }
   }
   world->shutdown();
