@@ -26,6 +26,9 @@
 #include <titan/world.hpp>
 
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/nn/module.h>
 
 #include <algorithm>
@@ -617,6 +620,116 @@ inline std::shared_ptr<torch::nn::Module> pipeline_stages_view(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Zero-bubble weight passes
+
+namespace detail {
+
+/// Keeps the gradients an autograd node receives (its inputs, summed) when it runs.
+class CaptureGradients : public torch::autograd::FunctionPreHook {
+ public:
+  explicit CaptureGradients(std::shared_ptr<torch::autograd::variable_list> into) : into_(std::move(into)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    *into_ = grads;
+    return grads;
+  }
+
+ private:
+  std::shared_ptr<torch::autograd::variable_list> into_;
+};
+
+/// A micro-batch's weight-gradient pass, prepared by its input-gradient pass. A node on the
+/// input's gradient path (which the input pass runs) whose other edges lead only to parameters
+/// is a branch point: the input pass captures the gradients it receives, and the weight pass
+/// runs the node again from them, restricted to those parameters. The parameter-only parts of
+/// the graph run once, the activation-gradient path not again (PyTorch's stage_backward_weight).
+struct WeightPass {
+  struct Branch {
+    std::shared_ptr<torch::autograd::Node> node;
+    std::shared_ptr<torch::autograd::variable_list> grads;  // captured by the input pass
+    torch::autograd::edge_list params;                      // gradient edges of its parameters
+  };
+  std::vector<Branch> branches;
+
+  /// Accumulates every branch's parameter gradients.
+  void run() const {
+    for (const auto& branch : branches) {
+      torch::autograd::edge_list roots;
+      torch::autograd::variable_list grads;
+      for (size_t i = 0; i < branch.grads->size(); ++i) {
+        if (!(*branch.grads)[i].defined()) continue;
+        roots.emplace_back(branch.node, static_cast<uint32_t>(i));
+        grads.push_back((*branch.grads)[i]);
+      }
+      // The graph stays: parameter-only nodes (a transpose of a weight) may serve two branches;
+      // it is freed with the micro-batch's output.
+      if (!roots.empty())
+        torch::autograd::Engine::get_default_engine().execute(roots, grads, /*keep_graph=*/true,
+                                                              /*create_graph=*/false, /*accumulate_grad=*/true,
+                                                              branch.params);
+    }
+  }
+};
+
+/// Finds the branch points of `output`'s graph for `params` (see WeightPass) and hooks them, before
+/// the input pass runs. nullopt when a parameter lies below two branch points (a weight used
+/// twice): running them one by one would count it twice, so the caller re-runs backward instead.
+inline std::optional<WeightPass> prepare_weight_pass(const at::Tensor& output, const at::Tensor& input,
+                                                     const std::vector<at::Tensor>& params) {
+  using torch::autograd::Node;
+  std::map<const Node*, torch::autograd::Edge> accumulators;  // parameter gradient edges by node
+  for (const auto& p : params)
+    if (auto acc = torch::autograd::impl::try_get_grad_accumulator(p)) accumulators.emplace(acc.get(), torch::autograd::Edge(acc, 0));
+  const auto input_acc = torch::autograd::impl::try_get_grad_accumulator(input);
+  if (!output.grad_fn() || !input_acc) return std::nullopt;
+  // Which nodes lead to the input (memoized depth-first search).
+  std::map<const Node*, bool> to_input;
+  std::function<bool(const Node*)> leads_to_input = [&](const Node* node) {
+    if (node == input_acc.get()) return true;
+    auto [it, fresh] = to_input.emplace(node, false);
+    if (!fresh) return it->second;
+    bool found = false;
+    for (const auto& edge : node->next_edges())
+      if (edge.is_valid() && leads_to_input(edge.function.get())) found = true;
+    to_input[node] = found;
+    return found;
+  };
+  leads_to_input(output.grad_fn().get());
+  WeightPass pass;
+  std::map<const Node*, int> owners;  // parameter node -> branch points above it
+  for (const auto& [node, on_path] : to_input) {
+    if (!on_path) continue;
+    torch::autograd::edge_list below;
+    std::set<const Node*> seen;
+    std::function<void(const std::shared_ptr<Node>&)> collect = [&](const std::shared_ptr<Node>& n) {
+      if (!seen.insert(n.get()).second) return;
+      if (auto it = accumulators.find(n.get()); it != accumulators.end()) {
+        below.push_back(it->second);
+        owners[n.get()] += 1;
+        return;
+      }
+      for (const auto& edge : n->next_edges())
+        if (edge.is_valid()) collect(edge.function);
+    };
+    for (const auto& edge : node->next_edges()) {
+      if (!edge.is_valid() || edge.function.get() == input_acc.get()) continue;
+      auto it = to_input.find(edge.function.get());
+      if (it != to_input.end() && it->second) continue;  // on the input's path: the input pass runs it
+      collect(edge.function);
+    }
+    if (below.empty()) continue;
+    pass.branches.push_back({std::const_pointer_cast<Node>(node->shared_from_this()),
+                             std::make_shared<torch::autograd::variable_list>(), std::move(below)});
+  }
+  for (const auto& [param, count] : owners)
+    if (count > 1) return std::nullopt;
+  for (const auto& branch : pass.branches)
+    branch.node->add_pre_hook(std::make_unique<CaptureGradients>(branch.grads));
+  return pass;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
 // Running a schedule
 
 /// One stage this rank runs: its index, its module (the pruned model, for FSDP's gradient sync
@@ -727,6 +840,7 @@ class Pipeline {
   /// A micro-batch's state on one stage between its forward and backward.
   struct Slot {
     at::Tensor input, output, grad;  // output: the loss on the last stage
+    std::optional<detail::WeightPass> weights;  // zero-bubble: prepared by the input pass
   };
   struct PendingRecv {
     c10::intrusive_ptr<c10d::Work> work;
@@ -864,7 +978,7 @@ class Pipeline {
     if (train) {
       TORCH_CHECK(output.requires_grad(), "titan::Pipeline: the output of stage ", a.stage, " for micro-batch ",
                   a.microbatch, " does not require grad; nothing would train");
-      slots_[{a.stage, a.microbatch}] = Slot{input, output, {}};
+      slots_[{a.stage, a.microbatch}] = Slot{input, output, {}, std::nullopt};
       stats_.peak_live = std::max<int64_t>(stats_.peak_live, static_cast<int64_t>(slots_.size()));
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
@@ -895,7 +1009,10 @@ class Pipeline {
       if (a.stage > 0) send_input_grad(a, needs_input_grad ? slot.input.grad() : at::Tensor(), slot.input);
       slots_.erase(it);
     } else if (a.kind == Kind::BackwardInput) {
+      // The input gradient only, sent on at once; the branch points of the weight gradients keep
+      // what they received (the first stage has no input gradient: its weight pass does it all).
       if (needs_input_grad) {
+        slot.weights = detail::prepare_weight_pass(slot.output, slot.input, trainable(stage));
         auto g = torch::autograd::grad({slot.output}, {slot.input}, grads, /*retain_graph=*/true,
                                        /*create_graph=*/false, /*allow_unused=*/true);
         send_input_grad(a, g[0], slot.input);
@@ -903,10 +1020,12 @@ class Pipeline {
         send_input_grad(a, at::Tensor(), slot.input);
       }
     } else {
-      std::vector<at::Tensor> params;
-      for (const auto& p : stage.module->parameters())
-        if (p.requires_grad()) params.push_back(p);
-      if (!params.empty()) torch::autograd::backward({slot.output}, grads, /*retain_graph=*/false, false, params);
+      if (slot.weights) {
+        slot.weights->run();
+      } else {  // the first stage, or a weight used twice: backward restricted to the parameters
+        const auto params = trainable(stage);
+        if (!params.empty()) torch::autograd::backward({slot.output}, grads, /*retain_graph=*/false, false, params);
+      }
       slots_.erase(it);
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
@@ -914,6 +1033,13 @@ class Pipeline {
      : a.kind == Kind::BackwardInput ? stats_.input_seconds
                                      : stats_.weight_seconds) += seconds;
     stats_.compute_seconds += seconds;
+  }
+
+  static std::vector<at::Tensor> trainable(const PipelineStage& stage) {
+    std::vector<at::Tensor> params;
+    for (const auto& p : stage.module->parameters())
+      if (p.requires_grad()) params.push_back(p);
+    return params;
   }
 
   void send_input_grad(const PipelineAction& a, const at::Tensor& grad, const at::Tensor& input) {

@@ -10,6 +10,8 @@
    losses of the uninterrupted run for steps 11-20, within 1e-2 (GPU kernels such as attention
    backward are not bitwise deterministic; on the CPU the same resume is bitwise, see
    tests/trainer/check_runs.py).
+4. fp32 pipeline parallel 2 (1F1B) on 2 ranks sharing the GPU over Gloo (NCCL cannot put two ranks
+   on one GPU): every step's loss within 1e-4 of the 1-rank run of check 1.
 Prints one table; exits non-zero when a check fails.
 """
 import argparse
@@ -45,19 +47,20 @@ class Runs:
             return {}
         return {"training.batch_size": 2, "training.global_batch_size": 2, "training.seq_len": 32}
 
-    def train(self, name, device, overrides, fresh=True):
-        """Runs llama_train on one rank; returns its metrics.jsonl records (one per step)."""
+    def train(self, name, device, overrides, fresh=True, nproc=1):
+        """Runs llama_train on `nproc` ranks (more than one share the device over Gloo); returns its
+        metrics.jsonl records (one per step)."""
         dump = self.out / name
         if fresh:
             shutil.rmtree(dump, ignore_errors=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", TITAN_DEVICE=device,
-                   TITAN_BACKEND="nccl" if device == "cuda" else "gloo")
+                   TITAN_BACKEND="nccl" if device == "cuda" and nproc == 1 else "gloo", TITAN_SHARE_GPUS="1")
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         settings = {"job.dump_folder": str(dump), "metrics.log_freq": 1, "metrics.enable_tensorboard": "false",
                     "data.val_freq": 0, "checkpoint.enable": "false", "training.steps": self.a.steps,
                     "data.cache_dir": str(self.out / "token_cache"), **self.dry_run_shape(), **overrides}
-        cmd = [f"{self.a.build}/tests/titan_launch", "--nproc", "1", "--timeout", str(self.a.timeout), "--",
+        cmd = [f"{self.a.build}/tests/titan_launch", "--nproc", str(nproc), "--timeout", str(self.a.timeout), "--",
                f"{self.a.build}/examples/llama/llama_train", "--config", "examples/configs/llama3_debug.toml"]
         for key, value in settings.items():
             cmd += [f"--{key}", str(value)]
@@ -121,6 +124,11 @@ def main():
     gap = loss_gap([r for r in resumed if r["step"] > half], straight, later) if resumed_steps else math.inf
     check(f"bf16 async checkpoint at {half}, resume: losses of steps {half + 1}-{a.steps}",
           resumed_steps == sorted(later) and gap <= 1e-2, f"max |diff| {gap:.2e} (<= 1e-2)")
+
+    pipelined = runs.train("fp32_pp2", a.device, {**fp32, "parallelism.pipeline_parallel_degree": 2}, nproc=2)
+    gap = loss_gap(pipelined, cuda, everything)
+    check(f"fp32 pipeline parallel 2 (1F1B, 2 ranks) vs 1 rank, every step's loss", gap <= 1e-4,
+          f"max |diff| {gap:.2e} (<= 1e-4)")
 
     table = "\n".join([f"| trainer check on {a.device} | result | detail |", "|---|---|---|", *rows, "",
                        "| bf16 AC mode (debug model) | tokens/s | peak active GiB | peak reserved GiB |",

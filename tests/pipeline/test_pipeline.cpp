@@ -302,6 +302,39 @@ TEST_CASE("pipeline: schedules reject micro-batch counts and stage counts they c
             .find("rank 1 receives the messages of rank 0 in another order than they are sent") != std::string::npos);
 }
 
+TEST_CASE("pipeline: the zero-bubble weight pass starts from gradients captured by the input pass") {
+  // y = tanh(x W1^T + b1) W2^T, a 2-layer MLP; the input pass computes dx, the weight pass the rest.
+  auto run = [](bool tied) {
+    torch::manual_seed(0);
+    auto w1 = torch::randn({5, 4}, torch::requires_grad()), b1 = torch::randn({5}, torch::requires_grad());
+    auto w2 = tied ? w1 : torch::randn({5, 5}, torch::requires_grad());
+    auto x = torch::randn({3, 4}, torch::requires_grad());
+    auto h = torch::tanh(torch::nn::functional::linear(x, w1, b1));                             // [3, 5]
+    auto y = tied ? torch::nn::functional::linear(h.narrow(1, 0, 4), w1) : torch::matmul(h, w2.t());  // [3, 5]
+    auto grad = torch::randn(y.sizes());
+    std::vector<torch::Tensor> params{w1, b1};
+    if (!tied) params.push_back(w2);
+    auto pass = titan::detail::prepare_weight_pass(y, x, params);
+    auto dx = torch::autograd::grad({y}, {x}, {grad}, /*retain_graph=*/true)[0];
+    for (const auto& p : params) CHECK_FALSE(p.grad().defined());  // the input pass left them alone
+    if (pass)
+      pass->run();
+    else
+      torch::autograd::backward({y}, {grad}, /*retain_graph=*/false, /*create_graph=*/false, params);
+    std::vector<torch::Tensor> got;
+    for (const auto& p : params) got.push_back(p.grad().clone());
+    // The reference: one full backward of a fresh graph.
+    for (auto& p : params) p.mutable_grad() = torch::Tensor();
+    auto h2 = torch::tanh(torch::nn::functional::linear(x.detach().requires_grad_(), w1, b1));
+    auto y2 = tied ? torch::nn::functional::linear(h2.narrow(1, 0, 4), w1) : torch::matmul(h2, w2.t());
+    y2.backward(grad);
+    for (size_t i = 0; i < params.size(); ++i) CHECK(torch::allclose(got[i], params[i].grad()));
+    return pass.has_value();
+  };
+  CHECK(run(false));       // a branch point per layer (W1 and b1 below the first, W2 below the second)
+  CHECK_FALSE(run(true));  // W1 used twice: no split (the caller re-runs backward for the weights)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stages
 
