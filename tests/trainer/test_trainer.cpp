@@ -10,6 +10,8 @@
 #include <common/guard.hpp>
 #include <common/metrics.hpp>
 #include <common/optim.hpp>
+#include <common/parallelism.hpp>
+#include <models/llama/parallelize.hpp>
 #include <trainer/trainer.hpp>
 
 #include "op_events.hpp"
@@ -324,6 +326,42 @@ TEST_CASE("config: every example config validates") {
                                "llama3_70b.toml", "llama3_405b.toml", "mistral_7b.toml"})
     CHECK_MESSAGE(names.count(expected) == 1, expected, " is missing");
   CHECK(count >= 11);
+}
+
+TEST_CASE("config: pipeline parallel degrees, schedules and split points are checked with the keys named") {
+  ParallelismConfig p;
+  p.pipeline_parallel_degree = 2;
+  p.tensor_parallel_degree = 2;
+  auto dims = ParallelDims::from_config(p, 8);  // dp_shard inferred
+  CHECK(dims.pp == 2);
+  CHECK(dims.dp_shard == 2);
+  CHECK_THROWS_WITH(ParallelDims::from_config(p, 6),
+                    doctest::Contains("pipeline_parallel_degree (2) x data_parallel_replicate_degree (1) x "
+                                      "tensor_parallel_degree (2) = 4 does not divide the world size 6"));
+  p.data_parallel_shard_degree = 3;
+  CHECK_THROWS_WITH(ParallelDims::from_config(p, 8), doctest::Contains("= 12 but the job has 8 ranks"));
+
+  // Stages per rank: from the split points, or 2 for an interleaved schedule without them.
+  ParallelismConfig q;
+  q.pipeline_parallel_degree = 2;
+  CHECK(pipeline_stages_per_rank(q) == 1);
+  q.pipeline_parallel_schedule = "Interleaved1F1B";
+  CHECK(pipeline_stages_per_rank(q) == 2);
+  q.pipeline_parallel_split_points = "layers.1, layers.2,layers.3 ";
+  CHECK(llama_pipeline_split(q).split_points() == std::vector<std::string>{"layers.1", "layers.2", "layers.3"});
+  CHECK(pipeline_stages_per_rank(q) == 2);
+  q.pipeline_parallel_split_points = "layers.2";
+  CHECK_THROWS_WITH(pipeline_stages_per_rank(q),
+                    doctest::Contains("1 split points make 2 stages, 1 per rank, but schedule Interleaved1F1B runs "
+                                      "at least 2 per rank (4 stages: 3 split points)"));
+  q.pipeline_parallel_schedule = "1F1B";
+  q.pipeline_parallel_split_points = "layers.1,layers.2";
+  CHECK_THROWS_WITH(pipeline_stages_per_rank(q),
+                    doctest::Contains("2 split points make 3 stages, which pipeline_parallel_degree 2 ranks cannot "
+                                      "hold equally"));
+  q.pipeline_parallel_split_points = "layers.1,layers.2,layers.3";
+  CHECK_THROWS_WITH(pipeline_stages_per_rank(q),
+                    doctest::Contains("3 split points make 4 stages but schedule 1F1B runs one stage per rank"));
 }
 
 TEST_CASE("config: the sections become the options of data, optimizer and metrics") {

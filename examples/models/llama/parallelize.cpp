@@ -51,6 +51,10 @@ int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism) {
   TORCH_CHECK(interleaved || stages == pp, "parallelism.pipeline_parallel_split_points: ", points.size(),
               " split points make ", stages, " stages but schedule ", parallelism.pipeline_parallel_schedule,
               " runs one stage per rank (", pp, " stages: ", pp - 1, " split points)");
+  TORCH_CHECK(!interleaved || stages >= 2 * pp, "parallelism.pipeline_parallel_split_points: ", points.size(),
+              " split points make ", stages, " stages, ", stages / pp, " per rank, but schedule ",
+              parallelism.pipeline_parallel_schedule, " runs at least 2 per rank (", 2 * pp, " stages: ", 2 * pp - 1,
+              " split points)");
   return stages / pp;
 }
 
