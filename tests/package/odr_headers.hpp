@@ -10,6 +10,7 @@
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>
 #include <titan/meta.hpp>
+#include <titan/pipeline.hpp>
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
 #include <titan/tensor_parallel.hpp>
