@@ -75,7 +75,7 @@ struct ParallelismConfig {
   int64_t tensor_parallel_degree = 1;          ///< tensor parallel degree
   bool enable_sequence_parallel = true;        ///< shard norms/dropout activations along the sequence
   bool enable_loss_parallel = true;            ///< cross-entropy on vocabulary-sharded logits
-  bool reshard_after_forward = true;           ///< FSDP frees gathered weights after forward
+  bool reshard_after_forward = true;           ///< FSDP frees gathered weights after forward (not with PP)
   int64_t pipeline_parallel_degree = 1;        ///< pipeline stages' ranks (pp)
   std::string pipeline_parallel_schedule = "1F1B";  ///< "GPipe", "1F1B", "Interleaved1F1B" or "ZBH1"
   int64_t pipeline_parallel_microbatch_size = 1;    ///< samples per pipeline micro-batch
