@@ -206,34 +206,35 @@ void check_parity(const Setup& s) {
 // ---------------------------------------------------------------------------------------------
 // Schedules
 
+namespace {
+
+/// Rank `rank`'s actions, each followed by a space: "F0.0 F0.1 B0.0 ".
+std::string row(const titan::PipelineSchedule& schedule, size_t rank) {
+  std::string text;
+  for (const auto& a : schedule.actions[rank]) text += a.text() + " ";
+  return text;
+}
+
+}  // namespace
+
 TEST_CASE("pipeline: schedule tables of GPipe, 1F1B, interleaved 1F1B and ZB-H1") {
   auto gpipe = titan::make_pipeline_schedule(PipelineScheduleKind::GPipe, 2, 3);
   CHECK(gpipe.table() == "rank 0: F0.0 F0.1 F0.2 B0.0 B0.1 B0.2\nrank 1: F1.0 F1.1 F1.2 B1.0 B1.1 B1.2\n");
   auto one = titan::make_pipeline_schedule(PipelineScheduleKind::OneFOneB, 4, 6);
   MESSAGE("1F1B, 4 ranks, 6 micro-batches:\n" << one.table());
   CHECK(one.actions[0].size() == 12);
-  std::string row0;
-  for (const auto& a : one.actions[0]) row0 += a.text() + " ";
-  CHECK(row0 == "F0.0 F0.1 F0.2 F0.3 B0.0 F0.4 B0.1 F0.5 B0.2 B0.3 B0.4 B0.5 ");
-  std::string row3;
-  for (const auto& a : one.actions[3]) row3 += a.text() + " ";
-  CHECK(row3 == "F3.0 B3.0 F3.1 B3.1 F3.2 B3.2 F3.3 B3.3 F3.4 B3.4 F3.5 B3.5 ");
+  CHECK(row(one, 0) == "F0.0 F0.1 F0.2 F0.3 B0.0 F0.4 B0.1 F0.5 B0.2 B0.3 B0.4 B0.5 ");
+  CHECK(row(one, 3) == "F3.0 B3.0 F3.1 B3.1 F3.2 B3.2 F3.3 B3.3 F3.4 B3.4 F3.5 B3.5 ");
   auto interleaved = titan::make_pipeline_schedule(PipelineScheduleKind::Interleaved1F1B, 2, 4, 2);
   MESSAGE("Interleaved1F1B, 2 ranks x 2 stages, 4 micro-batches:\n" << interleaved.table());
-  std::string irow1;
-  for (const auto& a : interleaved.actions[1]) irow1 += a.text() + " ";
   // Rank 1 holds stages 1 and 3: two micro-batches through stage 1, then through stage 3, ...
-  CHECK(irow1 == "F1.0 F1.1 F3.0 B3.0 F3.1 B3.1 F1.2 B1.0 F1.3 B1.1 F3.2 B3.2 F3.3 B3.3 B1.2 B1.3 ");
+  CHECK(row(interleaved, 1) == "F1.0 F1.1 F3.0 B3.0 F3.1 B3.1 F1.2 B1.0 F1.3 B1.1 F3.2 B3.2 F3.3 B3.3 B1.2 B1.3 ");
   auto zb = titan::make_pipeline_schedule(PipelineScheduleKind::ZeroBubbleH1, 4, 6);
   MESSAGE("ZBH1, 4 ranks, 6 micro-batches:\n" << zb.table());
-  std::string zrow0;
-  for (const auto& a : zb.actions[0]) zrow0 += a.text() + " ";
-  CHECK(zrow0 ==
+  CHECK(row(zb, 0) ==
         "F0.0 F0.1 F0.2 F0.3 I0.0 W0.0 F0.4 I0.1 W0.1 F0.5 I0.2 W0.2 I0.3 W0.3 I0.4 W0.4 I0.5 W0.5 ");
-  std::string zrow3;
-  for (const auto& a : zb.actions[3]) zrow3 += a.text() + " ";
   // The last rank defers its weight passes, so its forwards, and the input passes behind them, come sooner.
-  CHECK(zrow3 ==
+  CHECK(row(zb, 3) ==
         "F3.0 I3.0 F3.1 I3.1 F3.2 I3.2 F3.3 I3.3 W3.0 F3.4 I3.4 W3.1 F3.5 I3.5 W3.2 W3.3 W3.4 W3.5 ");
 }
 
