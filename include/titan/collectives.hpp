@@ -16,6 +16,7 @@
 // training differentiate. Uneven sizes along the gathered or scattered dimension are padded to the
 // largest and trimmed again, so any split works. Not differentiable: dist_sum / dist_max of
 // scalars (losses, norms, counters), all_gather_strings and all_ranks_or_none (fail together).
+// Point-to-point: send_async / recv_async (pipeline stages), on every backend and device.
 
 #include <titan/detail/autograd.hpp>
 #include <titan/world.hpp>
@@ -457,5 +458,64 @@ inline void all_ranks_or_none(const ProcessGroupPtr& group, const std::function<
 }
 
 }  // namespace detail
+
+/// A send or receive in flight (send_async, recv_async). wait() completes it and returns the
+/// tensor, a received one on the device it was asked for.
+class PendingTransfer {
+ public:
+  PendingTransfer() = default;
+  PendingTransfer(c10::intrusive_ptr<c10d::Work> work, at::Tensor buffer, c10::Device device)
+      : work_(std::move(work)), buffer_(std::move(buffer)), device_(device) {}
+
+  at::Tensor wait() {
+    if (work_) work_->wait();
+    work_.reset();
+    return buffer_.device() == device_ ? buffer_ : buffer_.to(device_);
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::Work> work_;
+  at::Tensor buffer_;  // what travels: host memory where the backend needs it
+  c10::Device device_{c10::kCPU};
+};
+
+namespace detail {
+/// Gloo's collectives take CUDA tensors, but its send and recv hand the data pointer to the
+/// socket (a device pointer fails in writev with "Bad address"): such transfers go through host
+/// copies. NCCL moves device memory itself.
+inline bool p2p_through_host(const ProcessGroup& group, c10::Device device) {
+  return device.is_cuda() && group.backend() && group.backend()->getBackendName() != "nccl";
+}
+
+inline void check_peer(const ProcessGroup& group, int peer, const char* what) {
+  TORCH_CHECK(group.size() > 1, "titan: ", what, " needs a group of more than one rank");
+  TORCH_CHECK(peer >= 0 && peer < group.size() && peer != group.rank(), "titan: ", what, ": peer ", peer,
+              " is not another rank of this group of ", group.size(), " (this rank is ", group.rank(), ")");
+}
+}  // namespace detail
+
+/// Posts a send of `tensor` to group rank `peer` under `tag`; the peer's recv_async with the same
+/// tag receives it. Keep the returned transfer until wait() (the data must stay alive).
+inline PendingTransfer send_async(const ProcessGroup& group, const at::Tensor& tensor, int peer, uint32_t tag) {
+  detail::check_peer(group, peer, "send_async");
+  auto data = tensor.detach().contiguous();
+  if (detail::p2p_through_host(group, data.device())) data = data.cpu();
+  std::vector<at::Tensor> list{data};
+  auto work = group.backend()->send(list, peer, static_cast<int>(tag));
+  const auto device = data.device();
+  return PendingTransfer(std::move(work), std::move(data), device);
+}
+
+/// Posts the receive from group rank `peer` of the tensor it sends under `tag`, of `shape` and
+/// `options` (dtype and device of the result).
+inline PendingTransfer recv_async(const ProcessGroup& group, at::IntArrayRef shape, const at::TensorOptions& options,
+                                  int peer, uint32_t tag) {
+  detail::check_peer(group, peer, "recv_async");
+  const bool staged = detail::p2p_through_host(group, options.device());
+  auto buffer = at::empty(shape, staged ? options.device(at::kCPU) : options);
+  std::vector<at::Tensor> list{buffer};
+  auto work = group.backend()->recv(list, peer, static_cast<int>(tag));
+  return PendingTransfer(std::move(work), std::move(buffer), options.device());
+}
 
 }  // namespace titan

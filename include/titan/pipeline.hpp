@@ -21,6 +21,7 @@
 // docs/pipeline_parallel.md.
 
 #include <titan/ac.hpp>
+#include <titan/collectives.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/tensor_parallel.hpp>
 #include <titan/world.hpp>
@@ -842,10 +843,6 @@ class Pipeline {
     at::Tensor input, output, grad;  // output: the loss on the last stage
     std::optional<detail::WeightPass> weights;  // zero-bubble: prepared by the input pass
   };
-  struct PendingRecv {
-    c10::intrusive_ptr<c10d::Work> work;
-    at::Tensor buffer;
-  };
 
   const PipelineStage& local(int64_t stage) const {
     return stages_[static_cast<size_t>(stage / group_->size())];
@@ -859,22 +856,18 @@ class Pipeline {
   int peer(int64_t stage) const { return static_cast<int>(schedule_.rank_of(stage)); }
 
   void send(const at::Tensor& tensor, int64_t to_stage, uint32_t t) {
-    auto data = tensor.detach().contiguous();
     if (peer(to_stage) == group_->rank()) {  // the next stage is this rank's (one pipeline rank)
-      local_[t] = data;
+      local_[t] = tensor.detach().contiguous();
       return;
     }
-    std::vector<at::Tensor> list{data};
-    sends_.emplace_back(group_->backend()->send(list, peer(to_stage), t), data);
+    sends_.push_back(send_async(*group_, tensor, peer(to_stage), t));
   }
 
   /// Posts the receive of `t` from `from_stage` into a new tensor of `shape` and `options`.
   void post_recv(uint32_t t, int64_t from_stage, const std::vector<int64_t>& shape, const at::TensorOptions& options) {
     if (recvs_.count(t) || local_.count(t)) return;
     if (peer(from_stage) == group_->rank()) return;  // arrives through local_
-    auto buffer = at::empty(shape, options);
-    std::vector<at::Tensor> list{buffer};
-    recvs_[t] = PendingRecv{group_->backend()->recv(list, peer(from_stage), t), buffer};
+    recvs_[t] = recv_async(*group_, shape, options, peer(from_stage), t);
   }
 
   at::Tensor wait_recv(uint32_t t, int64_t stage, int64_t mb, const char* what) {
@@ -887,14 +880,14 @@ class Pipeline {
     TORCH_CHECK(it != recvs_.end(), "titan::Pipeline: internal error: no receive posted for micro-batch ", mb, "'s ",
                 what, " from stage ", stage);
     const auto start = Clock::now();
+    at::Tensor out;
     try {
-      it->second.work->wait();
+      out = it->second.wait();
     } catch (const std::exception& e) {
       TORCH_CHECK(false, "titan::Pipeline: receiving micro-batch ", mb, "'s ", what, " from stage ", stage,
                   " (pipeline rank ", peer(stage), ") failed (did that rank fail?): ", e.what());
     }
     stats_.wait_seconds += std::chrono::duration<double>(Clock::now() - start).count();
-    auto out = it->second.buffer;
     recvs_.erase(it);
     return out;
   }
@@ -1075,7 +1068,7 @@ class Pipeline {
           backward(a);
         if (options_.after_action()) options_.after_action()(a);
       }
-      for (auto& [work, tensor] : sends_) work->wait();
+      for (auto& transfer : sends_) transfer.wait();
     } catch (...) {
       // The error goes to the caller, whose process is expected to end (as the example trainer
       // does): the neighbours waiting on this rank then fail as its connections close.
@@ -1113,9 +1106,9 @@ class Pipeline {
   PipelineSchedule schedule_;
   PipelineStats stats_;
   std::map<std::pair<int64_t, int64_t>, Slot> slots_;  // (stage, micro-batch)
-  std::map<uint32_t, PendingRecv> recvs_;               // by tag
+  std::map<uint32_t, PendingTransfer> recvs_;           // by tag
   std::map<uint32_t, at::Tensor> local_;                // stage-to-stage on this rank, by tag
-  std::vector<std::pair<c10::intrusive_ptr<c10d::Work>, at::Tensor>> sends_;
+  std::vector<PendingTransfer> sends_;
   std::map<int64_t, std::pair<std::vector<int64_t>, at::TensorOptions>> meta_;  // received shapes by stage
   std::map<int64_t, std::vector<int64_t>> sent_shape_;                         // sent shapes by stage
   std::map<int64_t, int64_t> last_backward_;                                   // stage -> its last B

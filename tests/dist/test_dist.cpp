@@ -354,6 +354,36 @@ TEST_CASE("all_to_all and its backward, uneven, with empty pieces, sizes exchang
                    [&](const torch::Tensor& x) { return titan::all_to_all(x, group, -1, 0); }, reference(1, 0));
 }
 
+TEST_CASE("send_async / recv_async: a ring of transfers in any tag order, dtypes kept, on the device") {
+  auto group = world()->group();
+  const int n = world()->world_size(), rank = world()->rank();
+  if (n == 1) {  // no peer: refused, naming the group size
+    CHECK(error_of([&] { titan::send_async(*group, torch::ones({1}), 0, 0); }).find("more than one rank") !=
+          std::string::npos);
+    return;
+  }
+  const int next = (rank + 1) % n, prev = (rank + n - 1) % n;
+  // Each rank sends a non-contiguous float64 block and a bfloat16 vector to the next rank; the
+  // receives are posted in the opposite tag order to the sends.
+  auto block = input_of(rank, {3, 4}).to(device()).t();        // [4, 3], non-contiguous
+  auto vector = input_of(rank, {5}).to(device()).to(torch::kBFloat16);  // [5]
+  auto second = titan::recv_async(*group, {5}, vector.options(), prev, 7);
+  auto first = titan::recv_async(*group, {4, 3}, block.options(), prev, 3);
+  auto sent_block = titan::send_async(*group, block, next, 3);
+  auto sent_vector = titan::send_async(*group, vector, next, 7);
+  auto got_block = first.wait(), got_vector = second.wait();
+  sent_block.wait();
+  sent_vector.wait();
+  CHECK(got_block.device() == device());
+  CHECK(got_vector.device() == device());
+  CHECK((got_vector.scalar_type() == torch::kBFloat16));
+  CHECK(same_values(got_block.cpu(), input_of(prev, {3, 4}).t()));
+  CHECK(same_values(got_vector.cpu(), input_of(prev, {5}).to(torch::kBFloat16)));
+  CHECK(error_of([&] { titan::send_async(*group, block, rank, 0); }).find("is not another rank") != std::string::npos);
+  CHECK(error_of([&] { titan::recv_async(*group, {1}, block.options(), n, 0); }).find("peer " + std::to_string(n)) !=
+        std::string::npos);
+}
+
 TEST_CASE("collectives keep float32 and reject bad arguments") {
   auto group = world()->group();
   auto x = torch::ones({2, 2}, device());

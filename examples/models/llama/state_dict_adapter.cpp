@@ -1,5 +1,6 @@
 #include "state_dict_adapter.hpp"
 
+#include <titan/collectives.hpp>
 #include <titan/safetensors.hpp>
 
 #include <nlohmann/json.hpp>
@@ -362,12 +363,10 @@ void save_hf(const torch::nn::Module& model, const ModelArgs& args, const std::s
       if (pipelined && lead.at(name) != 0) {
         const auto tag = static_cast<uint32_t>(index);
         if (group->rank() == lead.at(name)) {
-          std::vector<torch::Tensor> out{full.to(args.dtype()).contiguous()};
-          group->backend()->send(out, 0, tag)->wait();
+          titan::send_async(*group, full.to(args.dtype()), 0, tag).wait();
         } else if (writer) {
-          std::vector<torch::Tensor> in{torch::empty(global, torch::TensorOptions().dtype(args.dtype()).device(group->device()))};
-          group->backend()->recv(in, lead.at(name), tag)->wait();
-          full = in.front();
+          const auto options = torch::TensorOptions().dtype(args.dtype()).device(group->device());
+          full = titan::recv_async(*group, global, options, lead.at(name), tag).wait();
         }
       }
       if (!writer) return torch::Tensor();
