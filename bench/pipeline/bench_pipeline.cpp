@@ -13,25 +13,20 @@
 #include <titan/titan.hpp>
 #include <torch/torch.h>
 
-#include <malloc.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <string>
 
 #include "bench_args.hpp"
+#include "bench_measure.hpp"
 
 namespace {
 
+using titan_bench::heap_bytes;
 using titan_bench::int_arg;
+using titan_bench::median;
 using titan_bench::text_arg;
-
-/// Bytes malloc has handed out and not taken back (heap and mmapped chunks).
-double heap_bytes() {
-  const auto info = mallinfo2();
-  return static_cast<double>(info.uordblks + info.hblkhd);
-}
 
 struct BlockImpl : torch::nn::Module {
   BlockImpl(int64_t dim, int64_t hidden) {
@@ -64,11 +59,6 @@ struct StackImpl : torch::nn::Module {
   torch::nn::Linear head{nullptr};
 };
 TORCH_MODULE(Stack);
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
 
 }  // namespace
 

@@ -85,6 +85,9 @@ std::vector<Field> fields_of(TrainConfig& c) {
              {"GPipe", "1F1B", "Interleaved1F1B", "ZBH1"}),
       integer("parallelism", "pipeline_parallel_microbatch_size", &c.parallelism.pipeline_parallel_microbatch_size, 1),
       text("parallelism", "pipeline_parallel_split_points", &c.parallelism.pipeline_parallel_split_points),
+      integer("parallelism", "context_parallel_degree", &c.parallelism.context_parallel_degree, 1),
+      choice("parallelism", "context_parallel_rotate_method", &c.parallelism.context_parallel_rotate_method,
+             {"allgather", "p2p"}),
       flag("checkpoint", "enable", &c.checkpoint.enable),
       text("checkpoint", "folder", &c.checkpoint.folder),
       integer("checkpoint", "interval", &c.checkpoint.interval, 1),
@@ -354,6 +357,10 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(p.data_parallel_shard_degree == -1 || p.data_parallel_shard_degree >= 1, source,
               ": parallelism.data_parallel_shard_degree = ", p.data_parallel_shard_degree,
               " must be -1 (inferred) or >= 1");
+  const int64_t cp_chunks = p.context_parallel_degree > 1 ? 2 * p.context_parallel_degree : 1;
+  TORCH_CHECK(t.seq_len % cp_chunks == 0, source, ": training.seq_len = ", t.seq_len, " must be a multiple of 2 x ",
+              "parallelism.context_parallel_degree = ", cp_chunks, " (each context-parallel rank holds two equal ",
+              "chunks of every sequence)");
 }
 
 TrainConfig load_config_file(const std::string& path) {

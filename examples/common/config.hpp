@@ -82,6 +82,10 @@ struct ParallelismConfig {
   /// Comma-separated layer names where stages 1, 2, ... begin (e.g. "layers.4,layers.8"); empty:
   /// an even split into pp stages (2 per rank for Interleaved1F1B).
   std::string pipeline_parallel_split_points = "";
+  /// Ranks sharing each sequence (cp): tokens, labels and attention sharded along the sequence
+  /// (load-balanced; training.seq_len a multiple of 2 cp). FSDP shards over dp_shard x cp.
+  int64_t context_parallel_degree = 1;
+  std::string context_parallel_rotate_method = "allgather";  ///< how K/V reach the cp ranks: "allgather" or "p2p" (ring)
 };
 
 /// [checkpoint]: distributed checkpoints.

@@ -1,37 +1,44 @@
 #include "parallelism.hpp"
 
+#include <sstream>
+
 namespace titan::examples {
 
 ParallelDims ParallelDims::from_config(const ParallelismConfig& config, int64_t world_size) {
   ParallelDims dims;
   dims.pp = config.pipeline_parallel_degree;
   dims.dp_replicate = config.data_parallel_replicate_degree;
+  dims.cp = config.context_parallel_degree;
   dims.tp = config.tensor_parallel_degree;
-  const int64_t others = dims.pp * dims.dp_replicate * dims.tp;
+  const int64_t others = dims.pp * dims.dp_replicate * dims.cp * dims.tp;
+  auto others_text = [&] {
+    std::ostringstream text;
+    text << "pipeline_parallel_degree (" << dims.pp << ") x data_parallel_replicate_degree (" << dims.dp_replicate
+         << ") x context_parallel_degree (" << dims.cp << ") x tensor_parallel_degree (" << dims.tp << ")";
+    return text.str();
+  };
   if (config.data_parallel_shard_degree == -1) {
-    TORCH_CHECK(world_size % others == 0, "parallelism: pipeline_parallel_degree (", dims.pp,
-                ") x data_parallel_replicate_degree (", dims.dp_replicate, ") x tensor_parallel_degree (", dims.tp,
-                ") = ", others, " does not divide the world size ", world_size);
+    TORCH_CHECK(world_size % others == 0, "parallelism: ", others_text(), " = ", others,
+                " does not divide the world size ", world_size);
     dims.dp_shard = world_size / others;
   } else {
     dims.dp_shard = config.data_parallel_shard_degree;
   }
-  TORCH_CHECK(dims.pp * dims.dp_replicate * dims.dp_shard * dims.tp == world_size,
-              "parallelism: pipeline_parallel_degree (", dims.pp, ") x data_parallel_replicate_degree (",
-              dims.dp_replicate, ") x data_parallel_shard_degree (", dims.dp_shard, ") x tensor_parallel_degree (",
-              dims.tp, ") = ", dims.pp * dims.dp_replicate * dims.dp_shard * dims.tp, " but the job has ", world_size,
-              " ranks");
+  TORCH_CHECK(others * dims.dp_shard == world_size, "parallelism: ", others_text(), " x data_parallel_shard_degree (",
+              dims.dp_shard, ") = ", others * dims.dp_shard, " but the job has ", world_size, " ranks");
   return dims;
 }
 
 titan::DeviceMesh ParallelDims::build_mesh(const titan::WorldPtr& world) const {
-  titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard", "tp"}, {pp, dp_replicate, dp_shard, tp});
+  titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard", "cp", "tp"}, {pp, dp_replicate, dp_shard, cp, tp});
   mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
+  mesh.flatten({"dp_shard", "cp"}, "dp_shard_cp");
+  mesh.flatten({"dp_replicate", "dp_shard", "cp"}, "dp_cp");
   return mesh;
 }
 
 titan::DeviceMesh ParallelDims::fsdp_mesh(const titan::DeviceMesh& mesh) const {
-  return dp_replicate > 1 ? mesh.slice({"dp_replicate", "dp_shard"}) : mesh["dp_shard"];
+  return dp_replicate > 1 ? mesh.slice({"dp_replicate", "dp_shard_cp"}) : mesh["dp_shard_cp"];
 }
 
 titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config) {
@@ -47,7 +54,7 @@ titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConf
 }
 
 bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config) {
-  return dims.dp() > 1 || config.training.mixed_precision_param == "bfloat16";
+  return dims.dp() > 1 || dims.cp > 1 || config.training.mixed_precision_param == "bfloat16";
 }
 
 titan::FsdpOptions fsdp_options(const TrainConfig& config) {

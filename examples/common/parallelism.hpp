@@ -17,21 +17,24 @@
 
 namespace titan::examples {
 
-/// The degrees of the mesh pp x dp_replicate x dp_shard x tp, checked against the world size.
+/// The degrees of the mesh pp x dp_replicate x dp_shard x cp x tp, checked against the world size.
 struct ParallelDims {
   int64_t pp = 1;
   int64_t dp_replicate = 1;
   int64_t dp_shard = 1;
+  int64_t cp = 1;
   int64_t tp = 1;
 
   /// Resolves dp_shard = -1 and checks that the product equals `world_size` (the error names the
   /// config keys and values).
   static ParallelDims from_config(const ParallelismConfig& config, int64_t world_size);
   int64_t dp() const { return dp_replicate * dp_shard; }  ///< data-parallel degree
-  /// The mesh {"pp", "dp_replicate", "dp_shard", "tp"} (pipeline outermost, as torchtitan), plus the
-  /// flattened dim "dp" (data: batches, loss).
+  /// The mesh {"pp", "dp_replicate", "dp_shard", "cp", "tp"} (pipeline outermost, as torchtitan),
+  /// plus the flattened dims "dp" (data: which samples), "dp_shard_cp" (FSDP's shards: the cp ranks
+  /// of a sample hold the same parameters and reduce their gradients with the dp ranks) and "dp_cp"
+  /// (the loss's tokens).
   titan::DeviceMesh build_mesh(const titan::WorldPtr& world) const;
-  /// The mesh fully_shard takes: ("dp_replicate", "dp_shard") for HSDP, else "dp_shard".
+  /// The mesh fully_shard takes: ("dp_replicate", "dp_shard_cp") for HSDP, else "dp_shard_cp".
   titan::DeviceMesh fsdp_mesh(const titan::DeviceMesh& mesh) const;
 };
 
@@ -39,7 +42,8 @@ struct ParallelDims {
 /// selective_ac_option "op" (per operator) or a positive integer k (every k-th layer).
 titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config);
 
-/// Whether the model needs FSDP: data parallelism, or bf16 compute (FSDP's param_dtype casts).
+/// Whether the model needs FSDP: data or context parallelism (gradients to reduce), or bf16
+/// compute (FSDP's param_dtype casts).
 bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config);
 
 /// FSDP options from [parallelism] (reshard_after_forward, off with pipeline parallelism as in

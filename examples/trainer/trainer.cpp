@@ -159,7 +159,12 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
 
   dims_ = ParallelDims::from_config(config_.parallelism, world_->world_size());
   mesh_ = std::make_unique<titan::DeviceMesh>(dims_.build_mesh(world_));
-  log.info("mesh: pp=", dims_.pp, " dp_replicate=", dims_.dp_replicate, " dp_shard=", dims_.dp_shard, " tp=", dims_.tp);
+  log.info("mesh: pp=", dims_.pp, " dp_replicate=", dims_.dp_replicate, " dp_shard=", dims_.dp_shard, " cp=", dims_.cp,
+           " tp=", dims_.tp);
+  if (dims_.cp > 1) {
+    cp_layout_.emplace(dims_.cp, mesh_->coordinate("cp"));
+    positions_ = cp_layout_->positions(config_.training.seq_len, torch::TensorOptions().device(world_->device()));
+  }
 
   tokenizer_ = load_tokenizer(config_.model.tokenizer_path, config_.model.tokenizer_kind);
   args_ = model_args_for(config_, *tokenizer_);
@@ -258,7 +263,7 @@ void Trainer::make_pipelines(int64_t stages_per_rank) {
   for (int64_t v = 0; v < stages_per_rank; ++v) {
     auto stage = stages_[static_cast<size_t>(v)].ptr();
     stages.emplace_back(mesh_->coordinate("pp") + v * dims_.pp, stage,
-                        [stage](const torch::Tensor& input) { return titan::call(*stage, input); });
+                        [this, v](const torch::Tensor& input) { return run_stage(stages_[static_cast<size_t>(v)], input); });
   }
   const auto schedule = titan::parse_schedule(parallelism.pipeline_parallel_schedule);
   const int64_t per_step = accumulation_ * config_.training.batch_size;
@@ -279,10 +284,21 @@ void Trainer::make_pipelines(int64_t stages_per_rank) {
 
 Trainer::~Trainer() = default;
 
+torch::Tensor Trainer::run_stage(Transformer& stage, const torch::Tensor& input) {
+  return positions_.defined() ? titan::call(stage, input, positions_) : titan::call(stage, input);
+}
+
+Batch Trainer::shard_sequence(const Batch& batch) const {
+  if (!cp_layout_) return batch;
+  Batch local{cp_layout_->shard(batch.input, 1), cp_layout_->shard(batch.labels, 1), 0};  // [B, S / cp]
+  local.num_label_tokens = local.labels.ne(-100).sum().item<int64_t>();  // host tensors: no device sync
+  return local;
+}
+
 torch::Tensor Trainer::loss_sum(const Batch& batch) {
-  auto input = to_device(batch.input, world_->device());    // [B, S]
+  auto input = to_device(batch.input, world_->device());    // [B, S] (S / cp with context parallelism)
   auto labels = to_device(batch.labels, world_->device());  // [B, S]
-  return token_loss_sum(titan::call(stages_.front(), input), labels);
+  return token_loss_sum(run_stage(stages_.front(), input), labels);
 }
 
 torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels) {
@@ -336,15 +352,16 @@ bool Trainer::train_step(int64_t step) {
   double label_tokens = 0.0;
   int64_t tokens = 0;
   for (int64_t micro = 0; micro < accumulation_; ++micro) {
-    micro_batches.push_back(loader_->next());
+    micro_batches.push_back(shard_sequence(loader_->next()));
     label_tokens += static_cast<double>(micro_batches.back().num_label_tokens);
     tokens += micro_batches.back().input.numel();
   }
   interval_.data_seconds += seconds_since(data_start);
   // The loss is the mean over the label tokens of the whole global batch, so every token weighs
   // the same however the batch is split into ranks and micro-batches (padding and prompt tokens
-  // vary per sample). Gradients are averaged over the dp ranks, hence the factor dp. The count is
-  // a host value summed on the CPU group; the tp and pp ranks of a replica read the same batch.
+  // vary per sample). Gradients are averaged over the dp x cp ranks (FSDP's), hence the factor
+  // dp x cp. The count is a host value summed on the CPU group; the tp and pp ranks of a replica
+  // read the same tokens, the cp ranks each their part of the sequence.
   const double global_tokens =
       titan::dist_sum(label_tokens, host_group_) / static_cast<double>(dims_.tp * dims_.pp);
   if (global_tokens == 0.0) {
@@ -352,7 +369,7 @@ bool Trainer::train_step(int64_t step) {
                           ": the global batch has no label tokens (all prompt or padding); the step is skipped");
     return false;
   }
-  const double scale = static_cast<double>(dims_.dp()) / global_tokens;
+  const double scale = static_cast<double>(dims_.dp() * dims_.cp) / global_tokens;
   auto loss_sum_here = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(world_->device()));  // []
   if (pipeline_) {
     loss_sum_here += run_pipeline(*pipeline_, micro_batches, scale, true);  // the last stage's share, else 0
@@ -392,8 +409,8 @@ void Trainer::sync_host(int64_t step, bool log) {
     return;
   }
   torch::Tensor loss = interval_.loss;
-  if (log) {  // the interval's loss collectives: over data parallel, and from the last pipeline stage
-    loss = titan::all_reduce(loss.clone(), mesh_->group("dp"));
+  if (log) {  // the interval's loss collectives: over data and context parallel, and from the last pipeline stage
+    loss = titan::all_reduce(loss.clone(), mesh_->group("dp_cp"));
     if (dims_.pp > 1) loss = titan::all_reduce(loss, mesh_->group("pp"));
   }
   auto host = torch::stack({loss, interval_.grad_norm, interval_.skipped}).cpu();  // [3]: waits for the device
@@ -422,10 +439,13 @@ void Trainer::sync_host(int64_t step, bool log) {
 
 void Trainer::validate(int64_t step) {
   torch::NoGradGuard no_grad;
-  auto mean_loss = [this](const Batch& batch) {
+  auto mean_loss = [this](const Batch& batch) {  // over the whole batch: summed over the cp ranks' parts
     const auto tokens = static_cast<double>(std::max<int64_t>(batch.num_label_tokens, 1));
-    if (!eval_pipeline_) return loss_sum(batch) / tokens;
-    return titan::all_reduce(run_pipeline(*eval_pipeline_, {batch}, 1.0, false), mesh_->group("pp")) / tokens;
+    const auto local = shard_sequence(batch);
+    auto sum = eval_pipeline_ ? titan::all_reduce(run_pipeline(*eval_pipeline_, {local}, 1.0, false), mesh_->group("pp"))
+                              : loss_sum(local);
+    if (dims_.cp > 1) sum = titan::all_reduce(sum, mesh_->group("cp"));
+    return sum / tokens;
   };
   auto result = evaluate(*val_loader_, config_.data.val_steps, mean_loss, mesh_->group("dp"));
   world_->logger().info("step ", step, " validation: loss ", result.loss, ", perplexity ", result.perplexity,

@@ -10,7 +10,7 @@
 //   };
 //
 // The constructor joins the job (torchrun, Slurm, mpirun or one process), builds the model on the
-// meta device, keeps this rank's pipeline stages (PP), parallelizes them (TP, AC, FSDP),
+// meta device, keeps this rank's pipeline stages (PP), parallelizes them (TP, CP, AC, FSDP),
 // materializes and initializes the local shards,
 // builds the optimizer, data, metrics and checkpoints, and resumes from the latest checkpoint.
 // train() then runs the steps: gradient accumulation, clipping, the LR schedule, validation,
@@ -27,6 +27,7 @@
 #include "../tokenizers/tokenizer.hpp"
 
 #include <titan/checkpoint.hpp>
+#include <titan/context_parallel.hpp>
 #include <titan/dist.hpp>
 #include <titan/pipeline.hpp>
 
@@ -108,6 +109,11 @@ class Trainer {
   void export_model();
   /// Builds the training and validation pipelines over this rank's stages (pipeline parallelism).
   void make_pipelines(int64_t stages_per_rank);
+  /// The forward of `stage` on `input`, with this rank's RoPE positions under context parallelism.
+  torch::Tensor run_stage(Transformer& stage, const torch::Tensor& input);
+  /// With context parallelism: this rank's part of `batch` along the sequence, its label tokens
+  /// counted again; else `batch`.
+  Batch shard_sequence(const Batch& batch) const;
 
   TrainConfig config_;
   titan::WorldPtr world_;
@@ -128,6 +134,8 @@ class Trainer {
   std::unique_ptr<NanGuard> nan_guard_;
   titan::TrainState state_;  ///< model, optimizer and components by name: "data", "rng", "lr_schedule"
   std::unique_ptr<titan::CheckpointManager> checkpoints_;
+  std::optional<titan::ContextParallelLayout> cp_layout_;  ///< with context parallelism
+  torch::Tensor positions_;  ///< [seq_len / cp] this rank's token positions (undefined without CP)
   titan::ProcessGroupPtr host_group_;  ///< every rank, Gloo on the CPU: host values, no device sync
   /// Sums over the current logging interval. The tensors stay on the device until sync_host.
   struct Interval {

@@ -3,6 +3,7 @@
 
 #include <titan/ac.hpp>
 #include <titan/checkpoint.hpp>
+#include <titan/context_parallel.hpp>
 #include <titan/dist.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>

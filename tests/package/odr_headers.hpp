@@ -4,6 +4,7 @@
 #include <titan/ac.hpp>
 #include <titan/checkpoint.hpp>
 #include <titan/collectives.hpp>
+#include <titan/context_parallel.hpp>
 #include <titan/dist.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>

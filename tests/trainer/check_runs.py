@@ -29,6 +29,12 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               starts from the straight run's Hugging Face export and exports it back bitwise
   pp_schedules  PP 2 on 2 ranks with Interleaved1F1B (4 stages of one layer) and with ZBH1 (no
               activation checkpointing): the straight run's losses and weights
+  cp          context parallel 2 (load-balanced sequence halves, all-gather K/V) on 2 ranks, the same
+              with the ring (p2p), CP 2 x FSDP 2 (FSDP over dp_shard x cp), CP 2 x TP 2 and CP 2 x PP 2
+              on 4 ranks: the straight run's losses, validation and weights; CP 2 x FSDP 2's step-10
+              checkpoint resumed without CP (2 ranks) and the straight run's resumed with CP 2
+  mistral_cp  Mistral at seq_len 256 (its 128-token sliding window cuts the sequence): CP 2 with the
+              ring on 2 ranks gives the 2-rank FSDP run's losses and weights
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
@@ -224,6 +230,16 @@ def main():
         diff = max_weight_diff(weights(work(name)), straight_weights)
         r.check(diff < tol, f"{what}: final weights within {tol} (max {diff:.2e})")
 
+    def resume_elsewhere(name, source, extra, nproc):
+        """Run `name` resumes run `source`'s step-10 checkpoint with other parallelism (`extra`,
+        `nproc` ranks): steps 11..20 of the straight run."""
+        os.makedirs(os.path.join(work(name), "checkpoint"))
+        shutil.copytree(os.path.join(work(source), "checkpoint", "step-10"),
+                        os.path.join(work(name), "checkpoint", "step-10"))
+        out = r.run(name, args.llama, nproc, llama, extra)
+        r.check("resumed from the checkpoint of step 10" in out, f"{name}: resumed from step 10")
+        compare_to_straight(name, range(11, 21), f"{name}: steps 11..20")
+
     if wanted("resume"):
         first = r.run("resume", args.llama, 2, llama, ["--training.stop_at_step", "10"])
         r.check("training.stop_at_step reached" in first, "the first half stops at step 10")
@@ -292,12 +308,7 @@ def main():
                                                    for s in (10, 20)), "pp: validation losses of the straight run")
         # A pipeline checkpoint resumed without the pipeline, and a plain one resumed with it.
         for name, source, extra, nproc in (("pp_to_fsdp", "pp", [], 2), ("fsdp_to_pp", "straight", pp, 4)):
-            os.makedirs(os.path.join(work(name), "checkpoint"))
-            shutil.copytree(os.path.join(work(source), "checkpoint", "step-10"),
-                            os.path.join(work(name), "checkpoint", "step-10"))
-            out = r.run(name, args.llama, nproc, llama, extra)
-            r.check("resumed from the checkpoint of step 10" in out, f"{name}: resumed from step 10")
-            compare_to_straight(name, range(11, 21), f"{name}: steps 11..20")
+            resume_elsewhere(name, source, extra, nproc)
         # Each stage reads its tensors of a Hugging Face folder, and the stages export it back.
         out = r.run("pp_hf_start", args.llama, 2, llama,
                     ["--parallelism.pipeline_parallel_degree", "2", "--checkpoint.initial_load_path",
@@ -313,6 +324,39 @@ def main():
                                          "--activation_checkpoint.mode", "none"])):
             out = r.run(name, args.llama, 2, llama, ["--parallelism.pipeline_parallel_degree", "2", *extra])
             compare_to_straight(name, range(1, 21), name)
+
+    cp = ["--parallelism.context_parallel_degree", "2"]
+    if wanted("cp"):
+        # 2 ranks of CP 2 are one data-parallel rank: the global batch of 4 in 2 micro-batches, and
+        # the straight run's validation samples (2 ranks x 2 batches of 2) in 4 batches of 2.
+        one_dp = [*cp, "--data.val_steps", "4"]
+        for name, nproc, extra, what in (
+                ("cp", 2, one_dp, "CP 2 (allgather)"),
+                ("cp_p2p", 2, [*one_dp, "--parallelism.context_parallel_rotate_method", "p2p"], "CP 2 (p2p ring)"),
+                ("cp_fsdp", 4, cp, "CP 2 x FSDP 2"),
+                ("cp_tp", 4, [*cp, "--parallelism.tensor_parallel_degree", "2", "--training.batch_size", "1",
+                              "--data.val_steps", "8"], "CP 2 x TP 2"),
+                ("cp_pp", 4, [*one_dp, "--parallelism.pipeline_parallel_degree", "2"], "CP 2 x PP 2")):
+            out = r.run(name, args.llama, nproc, llama, extra)
+            r.check(" cp=2 " in out, f"{name}: the mesh has cp=2")
+            compare_to_straight(name, range(1, 21), what)
+            _, val = metrics(work(name))
+            r.check(sorted(val) == [10, 20] and all(abs(val[s]["val/loss"] - straight_val[s]["val/loss"]) < 1e-4
+                                                    for s in (10, 20)), f"{name}: validation losses of the straight run")
+        for name, source, extra, nproc in (("cp_to_fsdp", "cp_fsdp", [], 2), ("fsdp_to_cp", "straight", cp, 2)):
+            resume_elsewhere(name, source, extra, nproc)
+
+    if wanted("mistral_cp"):
+        long = ["--training.seq_len", "256", "--data.val_freq", "0"]  # past Mistral's 128-token window
+        r.run("mistral_long", args.mistral, 2, "mistral_debug.toml", long)
+        r.run("mistral_cp", args.mistral, 2, "mistral_debug.toml",
+              [*long, *cp, "--parallelism.context_parallel_rotate_method", "p2p"])
+        full, _ = metrics(work("mistral_long"))
+        sharded, _ = metrics(work("mistral_cp"))
+        diff = max(abs(full[s]["loss"] - sharded[s]["loss"]) for s in range(1, 21))
+        r.check(diff < 1e-4, f"mistral_cp: losses within 1e-4 of the unsharded run (max {diff:.2e})")
+        diff = max_weight_diff(weights(work("mistral_cp")), weights(work("mistral_long")))
+        r.check(diff < 1e-4, f"mistral_cp: final weights within 1e-4 (max {diff:.2e})")
 
     if wanted("no_labels"):
         out = r.run("no_labels", args.llama, 2, "llama3_debug_alpaca.toml", ["--training.seq_len", "16", "--data.val_freq", "0"])

@@ -228,7 +228,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 63);
+  CHECK(config_keys().size() == 65);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -328,6 +328,24 @@ TEST_CASE("config: every example config validates") {
   CHECK(count >= 11);
 }
 
+TEST_CASE("config: context parallel degree in the mesh; the sequence length must split into 2 cp chunks") {
+  ParallelismConfig p;
+  p.context_parallel_degree = 2;
+  auto dims = ParallelDims::from_config(p, 4);  // dp_shard inferred: 2
+  CHECK(dims.cp == 2);
+  CHECK(dims.dp_shard == 2);
+  CHECK(dims.dp() == 2);
+  CHECK_THROWS_WITH(ParallelDims::from_config(p, 3), doctest::Contains("context_parallel_degree (2)"));
+  TrainConfig c;
+  c.parallelism.context_parallel_degree = 2;
+  c.training.seq_len = 30;
+  CHECK_ERROR_HAS(validate(c), "training.seq_len = 30 must be a multiple of 2 x parallelism.context_parallel_degree = 4");
+  c.training.seq_len = 32;
+  validate(c);
+  apply_override(c, "parallelism.context_parallel_rotate_method", "ring", "command line");
+  CHECK_ERROR_HAS(validate(c), "context_parallel_rotate_method = 'ring'", "allgather, p2p");
+}
+
 TEST_CASE("config: pipeline parallel degrees, schedules and split points are checked with the keys named") {
   ParallelismConfig p;
   p.pipeline_parallel_degree = 2;
@@ -337,7 +355,8 @@ TEST_CASE("config: pipeline parallel degrees, schedules and split points are che
   CHECK(dims.dp_shard == 2);
   CHECK_THROWS_WITH(ParallelDims::from_config(p, 6),
                     doctest::Contains("pipeline_parallel_degree (2) x data_parallel_replicate_degree (1) x "
-                                      "tensor_parallel_degree (2) = 4 does not divide the world size 6"));
+                                      "context_parallel_degree (1) x tensor_parallel_degree (2) = 4 does not divide "
+                                      "the world size 6"));
   p.data_parallel_shard_degree = 3;
   CHECK_THROWS_WITH(ParallelDims::from_config(p, 8), doctest::Contains("= 12 but the job has 8 ranks"));
 

@@ -176,12 +176,12 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
   return torch::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).flatten(-2).to(x.scalar_type());  // [B, S, H, hd]
 }
 
-/// x [B, S, KV, hd] -> [B, S, KV * n_rep, hd], each kv head repeated for its n_rep query heads.
+/// x [B, KV, S, hd] -> [B, KV * n_rep, S, hd], each kv head repeated for its n_rep query heads.
 torch::Tensor repeat_kv(const torch::Tensor& x, int64_t n_rep) {
   if (n_rep == 1) return x;
   auto sizes = x.sizes();
-  return x.unsqueeze(3).expand({sizes[0], sizes[1], sizes[2], n_rep, sizes[3]}).reshape(
-      {sizes[0], sizes[1], sizes[2] * n_rep, sizes[3]});
+  return x.unsqueeze(2).expand({sizes[0], sizes[1], n_rep, sizes[2], sizes[3]}).reshape(
+      {sizes[0], sizes[1] * n_rep, sizes[2], sizes[3]});
 }
 
 }  // namespace
@@ -208,13 +208,32 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   return weight * normed.to(x.scalar_type());
 }
 
+AttentionCoreImpl::AttentionCoreImpl(int64_t sliding_window_) : sliding_window(sliding_window_) {}
+
+torch::Tensor AttentionCoreImpl::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "Attention: ", q.size(1), " query heads are not a multiple of ", k.size(1),
+              " key/value heads");
+  const int64_t seq = q.size(2), n_rep = q.size(1) / k.size(1);
+  auto keys = repeat_kv(k, n_rep);  // [B, Hq, S, hd]
+  auto values = repeat_kv(v, n_rep);
+  if (sliding_window > 0 && seq > sliding_window) {
+    // An explicit [S, S] boolean mask (S^2 bytes, and no flash kernel) only when the window cuts.
+    auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kLong).device(q.device()));
+    auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S]: query - key
+    auto mask = distance.ge(0).logical_and(distance.lt(sliding_window));
+    return at::scaled_dot_product_attention(q, keys, values, mask, 0.0, /*is_causal=*/false);
+  }
+  return at::scaled_dot_product_attention(q, keys, values, {}, 0.0, /*is_causal=*/true);
+}
+
 AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options)
-    : head_dim(args.effective_head_dim()), sliding_window(args.sliding_window()) {
+    : head_dim(args.effective_head_dim()) {
   const int64_t d = args.dim();
   wq = register_module("wq", Linear(d, args.n_heads() * head_dim, options));
   wk = register_module("wk", Linear(d, args.n_kv_heads() * head_dim, options));
   wv = register_module("wv", Linear(d, args.n_kv_heads() * head_dim, options));
   wo = register_module("wo", Linear(args.n_heads() * head_dim, d, options));
+  core = register_module("core", AttentionCore(args.sliding_window()));
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
@@ -223,26 +242,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   auto q = titan::call(wq, x).view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
   auto k = titan::call(wk, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
   auto v = titan::call(wv, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
-  TORCH_CHECK(q.size(2) % k.size(2) == 0, "Attention: ", q.size(2), " query heads are not a multiple of ", k.size(2),
-              " key/value heads");
-  q = apply_rope(q, rope_cos, rope_sin);
-  k = apply_rope(k, rope_cos, rope_sin);
-  const int64_t n_rep = q.size(2) / k.size(2);
-  k = repeat_kv(k, n_rep);  // [B, S, Hq, hd]
-  v = repeat_kv(v, n_rep);
-  q = q.transpose(1, 2);  // [B, Hq, S, hd]
-  k = k.transpose(1, 2);
-  v = v.transpose(1, 2);
-  torch::Tensor out;                                   // [B, Hq, S, hd]
-  if (sliding_window > 0 && seq > sliding_window) {
-    // An explicit [S, S] boolean mask (S^2 bytes, and no flash kernel) only when the window cuts.
-    auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kLong).device(x.device()));
-    auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S]: query - key
-    auto mask = distance.ge(0).logical_and(distance.lt(sliding_window));
-    out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false);
-  } else {
-    out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
-  }
+  q = apply_rope(q, rope_cos, rope_sin).transpose(1, 2);  // [B, Hq, S, hd]
+  k = apply_rope(k, rope_cos, rope_sin).transpose(1, 2);  // [B, Hkv, S, hd]
+  auto out = titan::call(core, q, k, v.transpose(1, 2));  // [B, Hq, S, hd]
   return titan::call(wo, out.transpose(1, 2).reshape({batch, seq, -1}));  // [B, S, dim]
 }
 
@@ -294,7 +296,7 @@ TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(s
   if (!device.is_meta()) reset_rope_tables();
 }
 
-torch::Tensor TransformerImpl::forward(const torch::Tensor& input) {
+torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::Tensor& positions) {
   // A pipeline stage holds only some of the modules (titan::keep_pipeline_stage): without the
   // embedding its input is the previous stage's hidden states, without the output layer it
   // returns them.
@@ -306,8 +308,17 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& input) {
   const int64_t seq = input.size(1);
   TORCH_CHECK(seq <= args.max_seq_len(), "Transformer: sequence length ", seq, " exceeds max_seq_len ",
               args.max_seq_len());
-  auto cos = rope_cos.narrow(0, 0, seq);  // [S, hd / 2]
-  auto sin = rope_sin.narrow(0, 0, seq);
+  torch::Tensor cos, sin;  // [S, hd / 2]
+  if (positions.defined()) {
+    TORCH_CHECK(positions.dim() == 1 && positions.size(0) == seq && positions.scalar_type() == torch::kLong,
+                "Transformer: positions must be int64 [", seq, "] (one per token), got ", positions.scalar_type(), " ",
+                positions.sizes());
+    cos = rope_cos.index_select(0, positions);
+    sin = rope_sin.index_select(0, positions);
+  } else {
+    cos = rope_cos.narrow(0, 0, seq);
+    sin = rope_sin.narrow(0, 0, seq);
+  }
   auto h = embeds ? titan::call(tok_embeddings, input) : input;  // [B, S, dim]
   for (const auto& layer : layers->children()) h = titan::call(layer->as<TransformerBlockImpl>(), h, cos, sin);
   return outputs ? titan::call(output, titan::call(norm, h)) : h;  // [B, S, vocab] (or [B, S, dim])

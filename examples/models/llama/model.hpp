@@ -133,7 +133,20 @@ class RMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RMSNorm);
 
-/// Multi-head attention with grouped-query heads and RoPE (wq, wk, wv, wo).
+/// The attention core: causal softmax(q kᵀ / sqrt(hd)) v, within the sliding window when one is
+/// set, each key/value head shared by a group of query heads. A module of its own, called through
+/// titan::call, because it is the seam for parallelisms that replace attention itself
+/// (titan::apply_context_parallel attaches to "layers.*.attention.core"). No parameters.
+class AttentionCoreImpl : public torch::nn::Module {
+ public:
+  explicit AttentionCoreImpl(int64_t sliding_window);
+  /// q [B, Hq, S, hd], k and v [B, Hkv, S, hd] (positions 0..S-1) -> [B, Hq, S, hd]
+  torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
+  int64_t sliding_window;
+};
+TORCH_MODULE(AttentionCore);
+
+/// Multi-head attention with grouped-query heads and RoPE (wq, wk, wv, wo, and the core).
 class AttentionImpl : public torch::nn::Module {
  public:
   AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options);
@@ -141,8 +154,8 @@ class AttentionImpl : public torch::nn::Module {
   /// from the projections' output sizes, so tensor-parallel shards of wq/wk/wv/wo work unchanged.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin);
   Linear wq{nullptr}, wk{nullptr}, wv{nullptr}, wo{nullptr};
+  AttentionCore core{nullptr};
   int64_t head_dim;
-  int64_t sliding_window;
 };
 TORCH_MODULE(Attention);
 
@@ -179,7 +192,9 @@ class TransformerImpl : public torch::nn::Module {
   /// tokens [B, S] (int64, S <= max_seq_len) -> logits [B, S, vocab_size]. A pipeline stage
   /// (titan::keep_pipeline_stage with llama_pipeline_split) skips the modules it does not hold:
   /// without tok_embeddings the input is hidden states [B, S, dim]; without output it returns them.
-  torch::Tensor forward(const torch::Tensor& input);
+  /// `positions` [S] (int64): the tokens' positions for RoPE when they are not 0..S-1, e.g. this
+  /// rank's part of the sequence under context parallelism (titan::ContextParallelLayout).
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& positions = {});
   /// Recomputes rope_cos / rope_sin from args (wherever the buffers live).
   void reset_rope_tables();
   ModelArgs args;

@@ -1,6 +1,7 @@
 #include "parallelize.hpp"
 
 #include <titan/ac.hpp>
+#include <titan/context_parallel.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/pipeline.hpp>
 #include <titan/tensor_parallel.hpp>
@@ -18,6 +19,13 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
                                   .sequence_parallel(parallelism.enable_sequence_parallel)
                                   .loss_parallel(parallelism.enable_loss_parallel));
     titan::parallelize_module(model, mesh["tp"], titan::plan_for_stage(plan, model));  // a stage: its entries
+  }
+  if (dims.cp > 1) {  // the attention cores attend across the cp ranks' parts of each sequence
+    titan::apply_context_parallel(
+        model, "layers.*.attention.core", mesh.group("cp"),
+        titan::ContextParallelOptions()
+            .rotate_method(titan::parse_rotate_method(parallelism.context_parallel_rotate_method))
+            .sliding_window(model.args.sliding_window()));
   }
   titan::apply_activation_checkpointing(model.layers, activation_checkpoint_options(config));
   if (!needs_fsdp(dims, config)) return;

@@ -1,7 +1,7 @@
 #pragma once
 // Parallelizing the Llama-family Transformer (Llama 2, Llama 3 / 3.1, Mistral), torchtitan's way:
-// tensor parallel, then activation checkpointing, then FSDP, each a small step over the unchanged
-// model built on the meta device (torchtitan's models/llama3/parallelize.py).
+// tensor parallel, then context parallel, then activation checkpointing, then FSDP, each a small
+// step over the unchanged model built on the meta device (torchtitan's models/llama3/parallelize.py).
 //
 //   ParallelDims dims = ParallelDims::from_config(config.parallelism, world->world_size());
 //   titan::DeviceMesh mesh = dims.build_mesh(world);
@@ -139,9 +139,10 @@ titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism);
 int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism);
 
 /// Applies tensor parallelism (when dims.tp > 1; the plan above with config.parallelism's sequence
-/// and loss parallel), activation checkpointing (config.activation_checkpoint) and FSDP (when
-/// data parallelism or bf16 compute asks for it: every block, then the root) to `model`, in that
-/// order. The model may still be on the meta device, and may be a pipeline stage (the plan's
+/// and loss parallel), context parallelism (when dims.cp > 1: the attention cores, rotate method
+/// and the model's sliding window from the config), activation checkpointing
+/// (config.activation_checkpoint) and FSDP (when data or context parallelism or bf16 compute asks
+/// for it: every block, then the root, over dp_shard x cp) to `model`, in that order. The model may still be on the meta device, and may be a pipeline stage (the plan's
 /// entries for modules it does not hold are left out).
 void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
                        const TrainConfig& config);

@@ -1,0 +1,568 @@
+#pragma once
+// titan/context_parallel.hpp: context parallelism: every sequence sharded across the ranks of a
+// `cp` group, through attention too.
+//
+// FSDP and TP shard parameters and heads; activations still grow with the sequence. With context
+// parallelism each of the cp ranks holds 1/cp of every sequence (its tokens, labels and RoPE
+// positions, so every activation), and attention, the one operation that mixes positions, reads
+// the other ranks' keys and values:
+//
+//   layout (load-balanced for causal attention, as PyTorch's context parallel): the sequence is
+//   cut into 2·cp chunks and rank r holds chunks r and 2·cp−1−r, so every rank does the same
+//   causal work:
+//
+//     cp = 2, 8 tokens   chunks [0 1][2 3][4 5][6 7]   rank 0 holds [0 1 6 7], rank 1 [2 3 4 5]
+//
+//   attention: each rank keeps its queries and attends to every rank's key/value chunks, one
+//   (query chunk, key chunk) pair at a time: a pair wholly visible runs the fused kernel as is, a
+//   pair on the causal diagonal runs it causal, a pair cut by the causal or sliding-window border
+//   runs it with a mask, a pair wholly invisible is skipped. The pairs' partial results are merged
+//   by their log-sum-exp (out = Σ out_i · exp(lse_i − lse), lse = log Σ exp lse_i). The backward
+//   runs the kernel's backward per pair with the merged output and log-sum-exp, which gives each
+//   pair's exact share of dQ, dK and dV.
+//
+//   rotate methods: RotateMethod::P2P (ring attention): the key/value chunks travel around the
+//   ring (send to rank r+1, receive from r−1), the next transfer overlapping the current pair's
+//   kernel; in the backward the dK/dV accumulators travel with them and arrive at their owner
+//   after cp steps. RotateMethod::AllGather: one all-gather of K and V, then every pair locally;
+//   the backward reduce-scatters dK/dV. All-gather moves the same bytes in one collective and wins
+//   at small cp; the ring holds only two chunks' K/V at a time.
+//
+// Kernels: ATen's attention kernels that return the log-sum-exp: the CPU flash kernel (masks and
+// grouped-query attention natively) and, on CUDA, the memory-efficient kernel (masks as an
+// additive bias; grouped-query attention by repeating K/V per pair). GQA/MQA: K/V keep their own
+// head count on the wire.
+//
+// The seam in model code is the attention core, `titan::call(core, q, k, v)` (q [B, Hq, S, hd],
+// k and v [B, Hkv, S, hd], the local tokens in this layout); apply_context_parallel attaches a
+// hook to it that computes context_parallel_attention instead. The caller shards inputs, labels
+// and RoPE positions with ContextParallelLayout.
+
+#include <titan/collectives.hpp>
+#include <titan/hooks.hpp>
+#include <titan/tensor_parallel.hpp>
+#include <titan/world.hpp>
+
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace titan {
+
+/// How keys and values reach the other ranks of the context-parallel group.
+enum class RotateMethod { AllGather, P2P };
+
+/// "allgather" or "p2p" (the trainer's `parallelism.context_parallel_rotate_method` values).
+inline std::string rotate_method_name(RotateMethod method) {
+  return method == RotateMethod::AllGather ? "allgather" : "p2p";
+}
+
+/// Parses "allgather" or "p2p"; anything else is an error naming the value.
+inline RotateMethod parse_rotate_method(const std::string& name) {
+  if (name == "allgather") return RotateMethod::AllGather;
+  if (name == "p2p") return RotateMethod::P2P;
+  TORCH_CHECK(false, "titan: unknown context-parallel rotate method '", name, "' (expected 'allgather' or 'p2p')");
+}
+
+/// A run of consecutive global positions held by one rank: positions [start, start + length) at
+/// offset `offset` of its local sequence.
+struct SequenceSegment {
+  int64_t start = 0;
+  int64_t length = 0;
+  int64_t offset = 0;
+};
+
+/// Which positions of a sequence each rank of a context-parallel group holds: load-balanced
+/// (chunks r and 2·cp−1−r of 2·cp) or contiguous (chunk r of cp).
+class ContextParallelLayout {
+ public:
+  ContextParallelLayout(int64_t degree, int64_t rank, bool load_balance = true)
+      : degree_(degree), rank_(rank), load_balance_(load_balance) {
+    TORCH_CHECK(degree >= 1, "titan::ContextParallelLayout: degree must be >= 1, got ", degree);
+    TORCH_CHECK(rank >= 0 && rank < degree, "titan::ContextParallelLayout: rank ", rank, " is not below the degree ",
+                degree);
+  }
+
+  int64_t degree() const { return degree_; }
+  int64_t rank() const { return rank_; }
+  bool load_balance() const { return load_balance_; }
+  /// Pieces the sequence is cut into: 2·cp load-balanced, else cp.
+  int64_t chunks() const { return load_balance_ && degree_ > 1 ? 2 * degree_ : degree_; }
+
+  /// Checks that a sequence of `seq` tokens splits into chunks() equal chunks.
+  void check_length(int64_t seq) const {
+    TORCH_CHECK(seq > 0 && seq % chunks() == 0, "titan context parallel: sequence length ", seq,
+                " does not split into ", chunks(), " equal chunks (context-parallel degree ", degree_,
+                load_balance_ && degree_ > 1 ? ", load-balanced: 2 chunks per rank" : "",
+                "); make the sequence length a multiple of ", chunks());
+  }
+
+  /// The segments rank `rank` holds of a sequence of `seq` tokens, in local order.
+  std::vector<SequenceSegment> segments(int64_t seq, int64_t rank) const {
+    check_length(seq);
+    const int64_t chunk = seq / chunks();
+    if (chunks() == degree_) return {SequenceSegment{rank * chunk, chunk, 0}};
+    return {SequenceSegment{rank * chunk, chunk, 0}, SequenceSegment{(chunks() - 1 - rank) * chunk, chunk, chunk}};
+  }
+  std::vector<SequenceSegment> segments(int64_t seq) const { return segments(seq, rank_); }
+
+  /// This rank's part of `x`, whose dimension `dim` is the whole sequence (inputs, labels, masks).
+  at::Tensor shard(const at::Tensor& x, int64_t dim) const {
+    const int64_t d = dim < 0 ? dim + x.dim() : dim;
+    TORCH_CHECK(d >= 0 && d < x.dim(), "titan::ContextParallelLayout::shard: dim ", dim, " is out of range for a ",
+                x.dim(), "-dimensional tensor");
+    std::vector<at::Tensor> parts;
+    for (const auto& s : segments(x.size(d))) parts.push_back(x.narrow(d, s.start, s.length));
+    return parts.size() == 1 ? parts.front() : at::cat(parts, d);
+  }
+
+  /// The global positions of this rank's tokens of a sequence of `seq` tokens ([seq / cp] long).
+  at::Tensor positions(int64_t seq, const at::TensorOptions& options = {}) const {
+    return shard(at::arange(seq, options.dtype(at::kLong)), 0);
+  }
+
+  /// The whole sequence from every rank's part along `dim` (an all-gather over `group`, the
+  /// layout's cp ranks; differentiable: the gradient goes back to this rank's part).
+  at::Tensor unshard(const at::Tensor& local, const ProcessGroupPtr& group, int64_t dim) const {
+    TORCH_CHECK(group && group->size() == degree_ && group->rank() == rank_, "titan::ContextParallelLayout::unshard:",
+                " the group must be the layout's ", degree_, " ranks with this rank at ", rank_);
+    const int64_t d = dim < 0 ? dim + local.dim() : dim;
+    auto gathered = all_gather(local, group, d);  // rank-major: rank j's local tokens at j * local
+    const int64_t n = local.size(d), seq = n * degree_;
+    std::vector<at::Tensor> pieces(static_cast<size_t>(chunks()));
+    for (int64_t j = 0; j < degree_; ++j)
+      for (const auto& s : segments(seq, j))
+        pieces[static_cast<size_t>(s.start / s.length)] = gathered.narrow(d, j * n + s.offset, s.length);
+    return at::cat(pieces, d);
+  }
+
+ private:
+  int64_t degree_, rank_;
+  bool load_balance_;
+};
+
+/// How context_parallel_attention attends (chained setters).
+class ContextParallelOptions {
+ public:
+  /// RotateMethod::AllGather (default, as torchtitan's) or P2P (ring).
+  ContextParallelOptions& rotate_method(RotateMethod m) { rotate_method_ = m; return *this; }
+  /// Causal attention (default) or full.
+  ContextParallelOptions& causal(bool on) { causal_ = on; return *this; }
+  /// A query attends to the `w` latest positions up to its own (0: no window; Mistral's).
+  ContextParallelOptions& sliding_window(int64_t w) {
+    TORCH_CHECK(w >= 0, "titan::ContextParallelOptions: sliding_window must be >= 0, got ", w);
+    sliding_window_ = w;
+    return *this;
+  }
+  /// The load-balanced layout (default) or contiguous chunks; must match how the inputs were
+  /// sharded (ContextParallelLayout).
+  ContextParallelOptions& load_balance(bool on) { load_balance_ = on; return *this; }
+  /// Softmax scale (default 1 / sqrt(head dim)).
+  ContextParallelOptions& scale(std::optional<double> s) { scale_ = s; return *this; }
+
+  RotateMethod rotate_method() const { return rotate_method_; }
+  bool causal() const { return causal_; }
+  int64_t sliding_window() const { return sliding_window_; }
+  bool load_balance() const { return load_balance_; }
+  std::optional<double> scale() const { return scale_; }
+
+ private:
+  RotateMethod rotate_method_ = RotateMethod::AllGather;
+  bool causal_ = true;
+  int64_t sliding_window_ = 0;
+  bool load_balance_ = true;
+  std::optional<double> scale_;
+};
+
+namespace detail {
+
+/// One kernel call: query segment `query` of the local tokens against key rows
+/// [key_offset, key_offset + key_length) of a rank's keys, which hold positions
+/// [key_start, key_start + key_length) (for Explicit and Causal pairs; joined Mask::None pairs
+/// may span several key segments).
+struct AttentionPair {
+  enum class Mask { None, Causal, Explicit };
+  size_t query = 0;
+  int64_t key_offset = 0, key_start = 0, key_length = 0;
+  Mask mask = Mask::None;
+};
+
+/// Which pairs of `queries` (this rank's segments) and `keys` (a key rank's) the options need,
+/// each with its mask kind. Adjacent wholly visible key segments are joined into one call.
+inline std::vector<AttentionPair> attention_pairs(const std::vector<SequenceSegment>& queries,
+                                                  const std::vector<SequenceSegment>& keys,
+                                                  const ContextParallelOptions& options) {
+  const int64_t window = options.sliding_window();
+  std::vector<AttentionPair> pairs;
+  for (size_t qi = 0; qi < queries.size(); ++qi) {
+    const auto& q = queries[qi];
+    const int64_t q_first = q.start, q_last = q.start + q.length - 1;
+    for (const auto& k : keys) {
+      const int64_t k_first = k.start, k_last = k.start + k.length - 1;
+      const bool none_causal = options.causal() && k_first > q_last;
+      const bool none_window = window > 0 && q_first - k_last >= window;
+      if (none_causal || none_window) continue;
+      const bool all_causal = !options.causal() || k_last <= q_first;
+      const bool all_window = window == 0 || q_last - k_first < window;
+      AttentionPair pair{qi, k.offset, k.start, k.length, AttentionPair::Mask::Explicit};
+      if (all_causal && all_window)
+        pair.mask = AttentionPair::Mask::None;
+      else if (options.causal() && all_window && k.start == q.start && k.length == q.length)
+        pair.mask = AttentionPair::Mask::Causal;  // the diagonal: the kernel's own causal mask
+      if (!pairs.empty()) {
+        auto& last = pairs.back();
+        if (pair.mask == AttentionPair::Mask::None && last.query == qi && last.mask == AttentionPair::Mask::None &&
+            last.key_offset + last.key_length == pair.key_offset) {
+          last.key_length += pair.key_length;  // one call over both (no mask: their positions do not matter)
+          continue;
+        }
+      }
+      pairs.push_back(pair);
+    }
+  }
+  return pairs;
+}
+
+/// The mask of an Explicit pair: an additive [Lq, Lk] mask (0 or −inf, `dtype`) and which query
+/// rows see any key ([Lq] bool).
+inline std::pair<at::Tensor, at::Tensor> pair_mask(const SequenceSegment& query, const AttentionPair& pair,
+                                                   const ContextParallelOptions& options, at::ScalarType dtype,
+                                                   c10::Device device) {
+  const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
+  auto q_pos = at::arange(query.start, query.start + query.length, longs).unsqueeze(1);  // [Lq, 1]
+  auto k_pos = at::arange(pair.key_start, pair.key_start + pair.key_length, longs).unsqueeze(0);  // [1, Lk]
+  auto distance = q_pos - k_pos;                                                                   // [Lq, Lk]
+  auto visible = options.causal() ? distance.ge(0) : at::ones_like(distance, at::kBool);
+  if (options.sliding_window() > 0) visible = visible.logical_and(distance.lt(options.sliding_window()));
+  auto additive = at::zeros(distance.sizes(), at::TensorOptions().dtype(dtype).device(device))
+                      .masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
+  return {additive, visible.any(1)};
+}
+
+/// CUDA's memory-efficient kernel takes equal head counts and an additive bias whose rows are
+/// 16-element aligned: K/V repeated per query head group, the [Lq, Lk] mask padded and expanded.
+inline at::Tensor repeat_heads(const at::Tensor& kv, int64_t heads) {
+  return kv.size(1) == heads ? kv : kv.repeat_interleave(heads / kv.size(1), 1);  // [B, Hq, Lk, D]
+}
+inline at::Tensor cuda_bias(const at::Tensor& mask, const at::Tensor& q) {
+  if (!mask.defined()) return mask;
+  const int64_t lk = mask.size(1), padded = (lk + 15) / 16 * 16;
+  auto storage = at::zeros({mask.size(0), padded}, mask.options());
+  storage.narrow(1, 0, lk).copy_(mask);
+  return storage.narrow(1, 0, lk).expand({q.size(0), q.size(1), mask.size(0), lk});  // [B, Hq, Lq, Lk]
+}
+
+/// The kernel on one pair: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] -> out [B, Hq, Lq, D] (q's
+/// dtype) and lse [B, Hq, Lq] (float, double for double inputs; −inf on rows that see nothing).
+inline std::pair<at::Tensor, at::Tensor> pair_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const AttentionPair& pair, const at::Tensor& mask,
+                                                      const at::Tensor& rows_visible, std::optional<double> scale) {
+  const bool causal = pair.mask == AttentionPair::Mask::Causal;
+  at::Tensor out, lse;
+  if (q.is_cpu()) {
+    std::optional<at::Tensor> m;
+    if (mask.defined()) m = mask;
+    std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, m, scale);
+  } else {
+    TORCH_CHECK(q.is_cuda(), "titan context parallel: attention on ", q.device(), " is not supported (CPU or CUDA)");
+    std::optional<at::Tensor> bias;
+    if (mask.defined()) bias = cuda_bias(mask, q);
+    auto result = at::_scaled_dot_product_efficient_attention(q, repeat_heads(k, q.size(1)), repeat_heads(v, q.size(1)),
+                                                              bias, true, 0.0, causal, scale);
+    out = std::get<0>(result);
+    lse = std::get<1>(result).narrow(2, 0, q.size(2));  // the kernel pads rows to 32
+  }
+  if (rows_visible.defined())  // the kernels leave a row that sees no key at lse 0, out 0
+    lse = lse.masked_fill(rows_visible.logical_not(), -std::numeric_limits<double>::infinity());
+  return {out, lse};
+}
+
+/// The kernel's backward on one pair, given the merged `out` and `lse` of the query rows:
+/// returns this pair's share of (dq, dk, dv).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_backward(const at::Tensor& grad, const at::Tensor& q,
+                                                                    const at::Tensor& k, const at::Tensor& v,
+                                                                    const at::Tensor& out, const at::Tensor& lse,
+                                                                    const AttentionPair& pair, const at::Tensor& mask,
+                                                                    std::optional<double> scale) {
+  const bool causal = pair.mask == AttentionPair::Mask::Causal;
+  if (q.is_cpu()) {
+    std::optional<at::Tensor> m;
+    if (mask.defined()) m = mask;
+    return at::_scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, causal, m, scale);
+  }
+  const int64_t groups = q.size(1) / k.size(1), rows = q.size(2), padded_rows = (rows + 31) / 32 * 32;
+  auto lse_padded = at::constant_pad_nd(lse.to(at::kFloat), {0, padded_rows - rows}, 0);  // [B, Hq, pad32(Lq)]
+  auto unused = at::empty({0}, at::TensorOptions().dtype(at::kLong).device(q.device()));  // no dropout
+  auto [dq, dk, dv, dbias] = at::_scaled_dot_product_efficient_attention_backward(
+      grad, q, repeat_heads(k, q.size(1)), repeat_heads(v, q.size(1)), cuda_bias(mask, q), out, lse_padded, unused, unused, 0.0, {true, true, true, false}, causal, scale);
+  if (groups > 1) {
+    dk = dk.view({k.size(0), k.size(1), groups, k.size(2), k.size(3)}).sum(2);
+    dv = dv.view({v.size(0), v.size(1), groups, v.size(2), v.size(3)}).sum(2);
+  }
+  return {dq, dk, dv};
+}
+
+/// The merged attention of this rank's query segments so far.
+struct MergedAttention {
+  std::vector<at::Tensor> out;  // per query segment [B, Hq, Lq, D], accumulation dtype
+  std::vector<at::Tensor> lse;  // per query segment [B, Hq, Lq]
+};
+
+/// Attends this rank's queries `q` (segments `queries`) to keys `k`, values `v` of a rank holding
+/// segments `keys`, merging into `merged`.
+inline void attend(const at::Tensor& q, const std::vector<SequenceSegment>& queries, const at::Tensor& k,
+                   const at::Tensor& v, const std::vector<SequenceSegment>& keys,
+                   const ContextParallelOptions& options, MergedAttention& merged) {
+  for (const auto& pair : attention_pairs(queries, keys, options)) {
+    const auto& segment = queries[pair.query];
+    at::Tensor mask, rows;
+    if (pair.mask == AttentionPair::Mask::Explicit)
+      std::tie(mask, rows) = pair_mask(segment, pair, options, q.scalar_type(), q.device());
+    auto [out, lse] = pair_forward(q.narrow(2, segment.offset, segment.length),
+                                   k.narrow(2, pair.key_offset, pair.key_length),
+                                   v.narrow(2, pair.key_offset, pair.key_length), pair, mask, rows, options.scale());
+    auto& acc_out = merged.out[pair.query];
+    auto& acc_lse = merged.lse[pair.query];
+    if (!acc_out.defined()) {
+      acc_out = out.to(lse.scalar_type());
+      acc_lse = lse;
+      continue;
+    }
+    auto total = at::logaddexp(acc_lse, lse);             // [B, Hq, Lq]
+    auto base = total.masked_fill(total.isneginf(), 0);  // rows seeing nothing yet keep weight 0
+    acc_out = acc_out * (acc_lse - base).exp().unsqueeze(-1) + out.to(acc_out.scalar_type()) *
+                                                                  (lse - base).exp().unsqueeze(-1);
+    acc_lse = total;
+  }
+}
+
+/// Accumulates the gradients of this rank's queries against keys `k`, values `v` (segments
+/// `keys`) into `dq`, `dk`, `dv` (accumulation dtype).
+inline void attend_backward(const at::Tensor& grad, const at::Tensor& q, const std::vector<SequenceSegment>& queries,
+                            const at::Tensor& k, const at::Tensor& v, const std::vector<SequenceSegment>& keys,
+                            const at::Tensor& out, const std::vector<at::Tensor>& lse,
+                            const ContextParallelOptions& options, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  for (const auto& pair : attention_pairs(queries, keys, options)) {
+    const auto& segment = queries[pair.query];
+    at::Tensor mask, rows;
+    if (pair.mask == AttentionPair::Mask::Explicit)
+      std::tie(mask, rows) = pair_mask(segment, pair, options, q.scalar_type(), q.device());
+    auto rows_of = [&](const at::Tensor& t) { return t.narrow(2, segment.offset, segment.length); };
+    auto keys_of = [&](const at::Tensor& t) { return t.narrow(2, pair.key_offset, pair.key_length); };
+    auto [gq, gk, gv] = pair_backward(rows_of(grad), rows_of(q), keys_of(k), keys_of(v), rows_of(out),
+                                      lse[pair.query], pair, mask, options.scale());
+    rows_of(dq).add_(gq);
+    keys_of(dk).add_(gk);
+    keys_of(dv).add_(gv);
+  }
+}
+
+/// Sends `tensors` to the next rank of the ring and receives as many of the same shapes from the
+/// previous one (posted together; NCCL as one group, so neighbours exchanging do not deadlock).
+class RingShift {
+ public:
+  RingShift(const ProcessGroup& group, const std::vector<at::Tensor>& tensors, uint32_t tag) {
+    const int n = group.size(), next = (group.rank() + 1) % n, prev = (group.rank() + n - 1) % n;
+    const bool coalesce = group.backend()->getBackendName() == "nccl";
+    if (coalesce) group.backend()->startCoalescing();
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const auto t = tag + static_cast<uint32_t>(i);
+      receives_.push_back(recv_async(group, tensors[i].sizes(), tensors[i].options(), prev, t));
+      sends_.push_back(send_async(group, tensors[i], next, t));
+    }
+    if (coalesce) group_work_ = group.backend()->endCoalescing();
+  }
+
+  /// Waits for both directions; returns the received tensors.
+  std::vector<at::Tensor> wait() {
+    if (group_work_) group_work_->wait();
+    std::vector<at::Tensor> received;
+    for (auto& r : receives_) received.push_back(r.wait());
+    for (auto& s : sends_) s.wait();
+    return received;
+  }
+
+ private:
+  std::vector<PendingTransfer> receives_, sends_;
+  c10::intrusive_ptr<c10d::Work> group_work_;
+};
+
+inline at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "titan::context_parallel_attention: q, k and v must be ",
+              "[batch, heads, local seq, head dim], got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "titan::context_parallel_attention: k ", k.sizes(), " and v ", v.sizes(),
+              " differ in shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+              "titan::context_parallel_attention: q ", q.sizes(), " and k ", k.sizes(),
+              " must agree in batch, local sequence and head dim");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "titan::context_parallel_attention: ", q.size(1),
+              " query heads are not a multiple of ", k.size(1), " key/value heads");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "titan::context_parallel_attention: q, k and v must share a dtype");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(!q.is_cuda() || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "titan::context_parallel_attention on CUDA takes float32, float16 or bfloat16, got ", dtype,
+              " (its memory-efficient attention kernel); float64 runs on the CPU");
+}
+
+}  // namespace detail
+
+/// Attention of this rank's tokens (q [B, Hq, S/cp, D], k and v [B, Hkv, S/cp, D], in the
+/// options' layout over `group`) against the whole sequence; returns [B, Hq, S/cp, D].
+/// Differentiable in q, k and v. Every rank of `group` must call it with the same shapes.
+inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const ProcessGroupPtr& group, const ContextParallelOptions& options = {}) {
+  RECORD_USER_SCOPE("titan::context_parallel_attention");
+  TORCH_CHECK(group, "titan::context_parallel_attention: null process group");
+  detail::check_attention_inputs(q, k, v);
+  const int64_t n = group->size(), rank = group->rank(), seq = q.size(2) * n;
+  const ContextParallelLayout layout(n, rank, options.load_balance());
+  const auto queries = layout.segments(seq);
+  const auto acc = detail::accumulation_dtype(q.scalar_type());
+  const int64_t rows = q.size(2);  // local tokens
+  const auto gathered_part = [rows](const at::Tensor& all, int64_t j) { return all.narrow(2, j * rows, rows); };
+  const std::vector<int64_t> even(static_cast<size_t>(n), rows);
+
+  auto qc = q.detach().contiguous(), kc = k.detach().contiguous(), vc = v.detach().contiguous();
+  detail::MergedAttention merged{std::vector<at::Tensor>(queries.size()), std::vector<at::Tensor>(queries.size())};
+  {
+    at::NoGradGuard no_grad;
+    if (options.rotate_method() == RotateMethod::AllGather || n == 1) {
+      auto k_all = detail::all_gather_raw(kc, *group, 2, even), v_all = detail::all_gather_raw(vc, *group, 2, even);
+      for (int64_t j = 0; j < n; ++j)
+        detail::attend(qc, queries, gathered_part(k_all, j), gathered_part(v_all, j), layout.segments(seq, j), options,
+                       merged);
+    } else {
+      at::Tensor k_cur = kc, v_cur = vc;
+      for (int64_t step = 0; step < n; ++step) {
+        const int64_t owner = (rank - step + n) % n;
+        std::optional<detail::RingShift> shift;
+        if (step + 1 < n) shift.emplace(*group, std::vector<at::Tensor>{k_cur, v_cur}, static_cast<uint32_t>(2 * step));
+        detail::attend(qc, queries, k_cur, v_cur, layout.segments(seq, owner), options, merged);
+        if (shift) {
+          auto next = shift->wait();
+          k_cur = next[0];
+          v_cur = next[1];
+        }
+      }
+    }
+  }
+  std::vector<at::Tensor> parts;
+  for (size_t i = 0; i < queries.size(); ++i) {
+    TORCH_CHECK(merged.out[i].defined(), "titan::context_parallel_attention: query segment at position ",
+                queries[i].start, " attends to no key (a sliding window of 0 under a non-causal mask?)");
+    parts.push_back(merged.out[i].to(q.scalar_type()));
+  }
+  auto out = parts.size() == 1 ? parts.front() : at::cat(parts, 2);  // [B, Hq, S/cp, D]
+
+  torch::autograd::variable_list outputs{out};
+  detail::connect_backward(
+      {q, k, v}, outputs, "titan::ContextParallelAttentionBackward",
+      // `out` detached: the node must not own its own output (a reference cycle).
+      [group, options, layout, queries, qc, kc, vc, out = out.detach(), lse = merged.lse, seq, n, rank, acc, even,
+       gathered_part](torch::autograd::variable_list&& grads) -> torch::autograd::variable_list {
+        RECORD_USER_SCOPE("titan::context_parallel_attention_backward");
+        auto grad = grads[0].contiguous();  // [B, Hq, S/cp, D]
+        auto dq = at::zeros(qc.sizes(), qc.options().dtype(acc));
+        at::Tensor dk, dv;
+        if (options.rotate_method() == RotateMethod::AllGather || n == 1) {
+          auto k_all = detail::all_gather_raw(kc, *group, 2, even), v_all = detail::all_gather_raw(vc, *group, 2, even);
+          auto dk_all = at::zeros(k_all.sizes(), k_all.options().dtype(acc));
+          auto dv_all = at::zeros(v_all.sizes(), v_all.options().dtype(acc));
+          for (int64_t j = 0; j < n; ++j) {
+            auto dk_j = gathered_part(dk_all, j), dv_j = gathered_part(dv_all, j);
+            detail::attend_backward(grad, qc, queries, gathered_part(k_all, j), gathered_part(v_all, j),
+                                    layout.segments(seq, j), out, lse, options, dq, dk_j, dv_j);
+          }
+          dk = detail::reduce_scatter_raw(dk_all, *group, 2, ReduceOp::Sum, even);
+          dv = detail::reduce_scatter_raw(dv_all, *group, 2, ReduceOp::Sum, even);
+        } else {
+          // Step t holds owner (rank − t)'s K/V and dK/dV accumulators; both move to rank + 1.
+          at::Tensor k_cur = kc, v_cur = vc;
+          std::optional<detail::RingShift> grads_in;
+          for (int64_t step = 0; step < n; ++step) {
+            const int64_t owner = (rank - step + n) % n;
+            std::optional<detail::RingShift> kv_in;
+            if (step + 1 < n)
+              kv_in.emplace(*group, std::vector<at::Tensor>{k_cur, v_cur}, static_cast<uint32_t>(2 * step));
+            auto dk_part = at::zeros(kc.sizes(), kc.options().dtype(acc));
+            auto dv_part = at::zeros(vc.sizes(), vc.options().dtype(acc));
+            detail::attend_backward(grad, qc, queries, k_cur, v_cur, layout.segments(seq, owner), out, lse, options,
+                                    dq, dk_part, dv_part);
+            if (grads_in) {  // the accumulators of this owner from the ranks before
+              auto received = grads_in->wait();
+              dk_part.add_(received[0]);
+              dv_part.add_(received[1]);
+            }
+            grads_in.emplace(*group, std::vector<at::Tensor>{dk_part, dv_part},
+                             static_cast<uint32_t>(2 * n + 2 * step));
+            if (kv_in) {
+              auto next = kv_in->wait();
+              k_cur = next[0];
+              v_cur = next[1];
+            }
+          }
+          auto own = grads_in->wait();  // after n steps every accumulator is back at its owner
+          dk = own[0];
+          dv = own[1];
+        }
+        return {dq.to(qc.scalar_type()), dk.to(kc.scalar_type()), dv.to(vc.scalar_type())};
+      });
+  return outputs[0];
+}
+
+/// Replaces the forward of an attention core module, forward(q, k, v), by
+/// context_parallel_attention over its group (see apply_context_parallel).
+class ContextParallelHook : public ModuleHook {
+ public:
+  ContextParallelHook(ProcessGroupPtr group, ContextParallelOptions options)
+      : group_(std::move(group)), options_(options) {}
+
+  std::string name() const override { return "context_parallel " + rotate_method_name(options_.rotate_method()); }
+
+  at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
+    TORCH_CHECK(inputs.size() == 3, "titan context parallel: module ", module.name(), " must be called as ",
+                "titan::call(core, q, k, v) (3 tensors); it got ", inputs.size());
+    return context_parallel_attention(inputs[0], inputs[1], inputs[2], group_, options_);
+  }
+
+  const ProcessGroupPtr& group() const { return group_; }
+  const ContextParallelOptions& options() const { return options_; }
+
+ private:
+  ProcessGroupPtr group_;
+  ContextParallelOptions options_;
+};
+
+/// Makes every submodule of `root` whose dotted name matches `pattern` (e.g.
+/// "layers.*.attention.core") compute context-parallel attention over `group`. Those modules must
+/// be attention cores called as titan::call(core, q, k, v) on local tokens (ContextParallelLayout
+/// of `group` and the options' load_balance). Returns how many modules it attached to; none is an
+/// error naming the pattern. A group of one rank attaches nothing.
+inline int apply_context_parallel(torch::nn::Module& root, const std::string& pattern, const ProcessGroupPtr& group,
+                                  const ContextParallelOptions& options = {}) {
+  TORCH_CHECK(group, "titan::apply_context_parallel: null process group");
+  int attached = 0;
+  auto hook = std::make_shared<ContextParallelHook>(group, options);
+  for (const auto& item : root.named_modules("", /*include_self=*/false)) {
+    if (!detail::match_module_name(pattern, item.key())) continue;
+    if (group->size() > 1) attach_hook(*item.value(), hook);
+    ++attached;
+  }
+  TORCH_CHECK(attached > 0, "titan::apply_context_parallel: no module matches '", pattern, "'; modules like it: ",
+              detail::module_names_like(root, pattern));
+  return attached;
+}
+
+}  // namespace titan

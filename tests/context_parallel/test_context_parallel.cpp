@@ -1,0 +1,194 @@
+// titan/context_parallel.hpp: the load-balanced sequence layout, and context-parallel attention
+// (all-gather and ring) against unsharded scaled-dot-product attention on the whole sequence:
+// outputs and q/k/v gradients, causal and not, MHA/GQA/MQA, sliding windows, both layouts. The
+// context-parallel group is the world (cp = 1, 2, 4 under titan.ranks1/2/4).
+#include "../support/multirank.hpp"
+
+#include <titan/context_parallel.hpp>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+using titan::ContextParallelLayout;
+using titan::ContextParallelOptions;
+using titan::RotateMethod;
+using titan_test::device;
+using titan_test::error_of;
+using titan_test::world;
+using torch::Tensor;
+
+/// The whole-sequence reference on the CPU in float64: SDPA with K/V repeated per head group and
+/// the causal / sliding-window mask written out.
+Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const ContextParallelOptions& options) {
+  const int64_t seq = q.size(2), groups = q.size(1) / k.size(1);
+  auto pos = torch::arange(seq, torch::kLong);
+  auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S] query - key
+  auto visible = options.causal() ? distance.ge(0) : torch::ones({seq, seq}, torch::kBool);
+  if (options.sliding_window() > 0) visible = visible.logical_and(distance.lt(options.sliding_window()));
+  return at::scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), visible);
+}
+
+struct Shape {
+  int64_t batch, q_heads, kv_heads, seq, head_dim;
+};
+
+/// Runs context_parallel_attention on this rank's tokens and compares output and gradients with
+/// the reference's rows of this rank.
+void check_attention(const Shape& s, const ContextParallelOptions& options, torch::ScalarType dtype, double tol,
+                     const std::string& what) {
+  CAPTURE(what);
+  auto group = world()->group();
+  const ContextParallelLayout layout(group->size(), group->rank(), options.load_balance());
+  auto gen = at::detail::createCPUGenerator(7);
+  auto q = at::randn({s.batch, s.q_heads, s.seq, s.head_dim}, gen, torch::kFloat64);  // [B, Hq, S, D]
+  auto k = at::randn({s.batch, s.kv_heads, s.seq, s.head_dim}, gen, torch::kFloat64);  // [B, Hkv, S, D]
+  auto v = at::randn({s.batch, s.kv_heads, s.seq, s.head_dim}, gen, torch::kFloat64);
+  auto grad = at::randn({s.batch, s.q_heads, s.seq, s.head_dim}, gen, torch::kFloat64);
+
+  auto qr = q.clone().requires_grad_(true), kr = k.clone().requires_grad_(true), vr = v.clone().requires_grad_(true);
+  auto expected = reference_attention(qr, kr, vr, options);
+  expected.backward(grad);
+
+  auto local = [&](const Tensor& t) { return layout.shard(t, 2).to(device(), dtype).requires_grad_(true); };
+  auto ql = local(q), kl = local(k), vl = local(v);
+  auto out = titan::context_parallel_attention(ql, kl, vl, group, options);  // [B, Hq, S/cp, D]
+  CHECK(out.device() == device());
+  CHECK((out.scalar_type() == dtype));
+  out.backward(layout.shard(grad, 2).to(device(), dtype));
+  CHECK_CLOSE(out.to(torch::kFloat64), layout.shard(expected, 2), tol);
+  CHECK_CLOSE(ql.grad().to(torch::kFloat64), layout.shard(qr.grad(), 2), tol);
+  CHECK_CLOSE(kl.grad().to(torch::kFloat64), layout.shard(kr.grad(), 2), tol);
+  CHECK_CLOSE(vl.grad().to(torch::kFloat64), layout.shard(vr.grad(), 2), tol);
+}
+
+}  // namespace
+
+TEST_CASE("context parallel: the load-balanced layout holds chunks r and 2cp-1-r; shard and unshard invert") {
+  const ContextParallelLayout two(2, 0), two_last(2, 1);
+  CHECK(two.chunks() == 4);
+  CHECK(torch::equal(two.positions(8), torch::tensor({0, 1, 6, 7}, torch::kLong)));
+  CHECK(torch::equal(two_last.positions(8), torch::tensor({2, 3, 4, 5}, torch::kLong)));
+  const ContextParallelLayout plain(2, 1, /*load_balance=*/false);
+  CHECK(plain.chunks() == 2);
+  CHECK(torch::equal(plain.positions(8), torch::tensor({4, 5, 6, 7}, torch::kLong)));
+  const ContextParallelLayout four(4, 1);
+  CHECK(torch::equal(four.positions(16), torch::tensor({2, 3, 12, 13}, torch::kLong)));
+  CHECK(torch::equal(ContextParallelLayout(1, 0).positions(5), torch::arange(5, torch::kLong)));
+  CHECK(error_of([&] { two.positions(10); }).find("sequence length 10 does not split into 4 equal chunks") !=
+        std::string::npos);
+  CHECK(error_of([&] { ContextParallelLayout(2, 2); }).find("rank 2 is not below the degree 2") != std::string::npos);
+
+  // unshard over the world: every rank's part back in sequence order, with the gradient.
+  auto group = world()->group();
+  const ContextParallelLayout layout(group->size(), group->rank());
+  const int64_t seq = 4 * layout.chunks();
+  auto whole = torch::arange(2 * seq, torch::kFloat64).view({2, seq}).to(device());  // [2, S]
+  auto mine = layout.shard(whole, 1).clone().requires_grad_(true);                    // [2, S/cp]
+  auto gathered = layout.unshard(mine, group, 1);
+  CHECK(titan_test::same_values(gathered, whole));
+  gathered.sum().backward();  // every rank's sum: each token's gradient is the world size
+  CHECK(titan_test::same_values(mine.grad(), torch::full({2, seq / group->size()}, double(group->size()))));
+}
+
+TEST_CASE("context parallel: the pairs each rank computes (skipped, whole, causal diagonal, masked)") {
+  using Mask = titan::detail::AttentionPair::Mask;
+  const ContextParallelLayout layout(2, 0);  // holds positions [0, 4) and [12, 16) of 16
+  const auto mine = layout.segments(16), other = layout.segments(16, 1);  // other: [4, 8) and [8, 12)
+  auto own = titan::detail::attention_pairs(mine, mine, ContextParallelOptions());
+  REQUIRE(own.size() == 3);  // [0,4) diagonal; [12,16) against [0,4) whole and itself diagonal
+  CHECK((own[0].mask == Mask::Causal && own[0].query == 0));
+  CHECK((own[1].mask == Mask::None && own[1].query == 1 && own[1].key_start == 0));
+  CHECK((own[2].mask == Mask::Causal && own[2].query == 1));
+  auto from_other = titan::detail::attention_pairs(mine, other, ContextParallelOptions());
+  REQUIRE(from_other.size() == 1);  // only [12,16) sees [4,12), one call over both adjacent chunks
+  CHECK((from_other[0].query == 1 && from_other[0].key_start == 4 && from_other[0].key_length == 8));
+  // A window of 4: [12,16) sees [8,12) partly (masked), [4,8) not at all (12 - 7 >= 4).
+  auto windowed = titan::detail::attention_pairs(mine, other, ContextParallelOptions().sliding_window(4));
+  REQUIRE(windowed.size() == 1);
+  CHECK((windowed[0].mask == Mask::Explicit && windowed[0].key_start == 8));
+  CHECK(titan::detail::attention_pairs(mine, other, ContextParallelOptions().causal(false)).size() == 2);
+}
+
+TEST_CASE("context parallel attention equals SDPA on the whole sequence: outputs and q, k, v gradients") {
+  const int n = world()->world_size();
+  for (auto method : {RotateMethod::AllGather, RotateMethod::P2P}) {
+    const auto name = titan::rotate_method_name(method);
+    auto options = ContextParallelOptions().rotate_method(method);
+    const int64_t seq = 8 * n;  // 4 tokens per chunk
+    check_attention({2, 4, 4, seq, 8}, options, torch::kFloat32, 1e-5, name + " causal MHA");
+    check_attention({2, 4, 2, seq, 8}, options, torch::kFloat32, 1e-5, name + " causal GQA");
+    check_attention({1, 4, 1, seq, 8}, options, torch::kFloat32, 1e-5, name + " causal MQA");
+    check_attention({1, 4, 2, seq, 8}, ContextParallelOptions(options).causal(false), torch::kFloat32, 1e-5,
+                    name + " full attention");
+    check_attention({1, 4, 2, seq, 8}, ContextParallelOptions(options).load_balance(false), torch::kFloat32, 1e-5,
+                    name + " contiguous layout");
+    // Sliding window: the sequence 3x the window; the window's border cuts chunks (masked pairs)
+    // and leaves some pairs wholly outside (skipped).
+    const int64_t window_seq = 12 * n, window = window_seq / 3;
+    check_attention({1, 4, 2, window_seq, 8}, ContextParallelOptions(options).sliding_window(window),
+                    torch::kFloat32, 1e-5, name + " sliding window");
+    check_attention({1, 4, 2, window_seq, 8}, ContextParallelOptions(options).sliding_window(5), torch::kFloat32,
+                    1e-5, name + " sliding window of 5 (not a chunk multiple)");
+    if (device().is_cpu()) {  // the CPU kernel takes float64; CUDA's memory-efficient one does not
+      check_attention({1, 2, 1, seq, 4}, options, torch::kFloat64, 1e-12, name + " float64");
+    } else {
+      auto x = torch::randn({1, 2, 4, 4}, torch::TensorOptions().dtype(torch::kFloat64).device(device()));
+      CHECK(error_of([&] { titan::context_parallel_attention(x, x, x, world()->group(), options); })
+                .find("on CUDA takes float32, float16 or bfloat16, got Double") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("context parallel attention rejects bad shapes, naming them") {
+  auto group = world()->group();
+  auto q = torch::randn({1, 4, 3, 8}, device()), kv = torch::randn({1, 3, 3, 8}, device());
+  CHECK(error_of([&] { titan::context_parallel_attention(q, kv, kv, group); }).find("4 query heads are not a multiple "
+                                                                                  "of 3 key/value heads") !=
+        std::string::npos);
+  auto q3 = torch::randn({1, 3, 8}, device());
+  CHECK(error_of([&] { titan::context_parallel_attention(q3, q3, q3, group); }).find("[batch, heads, local seq") !=
+        std::string::npos);
+  if (world()->world_size() > 1) {  // 3 local tokens: a sequence of 3 * cp does not split into 2 * cp chunks
+    auto odd = torch::randn({1, 2, 3, 8}, device());
+    CHECK(error_of([&] { titan::context_parallel_attention(odd, odd, odd, group); }).find("does not split into") !=
+          std::string::npos);
+  }
+  CHECK(error_of([] { titan::parse_rotate_method("ring"); }).find("'ring' (expected 'allgather' or 'p2p')") !=
+        std::string::npos);
+}
+
+namespace {
+/// An attention core as a model writes it: forward(q, k, v) is causal SDPA.
+struct CoreImpl : torch::nn::Module {
+  Tensor forward(const Tensor& q, const Tensor& k, const Tensor& v) {
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  }
+};
+TORCH_MODULE(Core);
+struct BlockImpl : torch::nn::Module {
+  BlockImpl() { core = register_module("core", Core()); }
+  Core core{nullptr};
+};
+TORCH_MODULE(Block);
+}  // namespace
+
+TEST_CASE("apply_context_parallel: the core's titan::call computes context-parallel attention") {
+  auto group = world()->group();
+  torch::nn::ModuleList model;
+  model->push_back(Block());
+  model->push_back(Block());
+  CHECK(titan::apply_context_parallel(*model, "*.core", group, ContextParallelOptions().rotate_method(RotateMethod::P2P)) ==
+        2);
+  CHECK(error_of([&] { titan::apply_context_parallel(*model, "*.attention", group); }).find("no module matches "
+                                                                                           "'*.attention'") !=
+        std::string::npos);
+  const ContextParallelLayout layout(group->size(), group->rank());
+  auto gen = at::detail::createCPUGenerator(3);
+  auto q = at::randn({1, 2, 4 * layout.chunks(), 8}, gen, torch::kFloat32);  // [B, H, S, D]
+  auto expected = at::scaled_dot_product_attention(q, q, q, {}, 0.0, true);
+  auto core = model[0]->as<BlockImpl>()->core;
+  auto local = layout.shard(q, 2).to(device());
+  CHECK_CLOSE(titan::call(core, local, local, local), layout.shard(expected, 2), 1e-5);
+}
