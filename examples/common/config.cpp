@@ -412,6 +412,23 @@ TrainConfig parse_config_args(int argc, const char* const* argv) {
   return config;
 }
 
+namespace {
+/// A field's value as TOML text.
+std::string value_text(const Field& f) {
+  std::ostringstream out;
+  std::visit(
+      [&](auto* target) {
+        using T = std::remove_pointer_t<decltype(target)>;
+        if constexpr (std::is_same_v<T, int64_t>) out << *target;
+        else if constexpr (std::is_same_v<T, double>) out << format_double(*target);
+        else if constexpr (std::is_same_v<T, bool>) out << (*target ? "true" : "false");
+        else out << quote(*target);
+      },
+      f.target);
+  return out.str();
+}
+}  // namespace
+
 std::string to_toml(const TrainConfig& config) {
   auto fields = fields_of(const_cast<TrainConfig&>(config));  // read only
   std::ostringstream out;
@@ -421,19 +438,27 @@ std::string to_toml(const TrainConfig& config) {
       out << (section.empty() ? "" : "\n") << "[" << f.section << "]\n";
       section = f.section;
     }
-    out << f.key << " = ";
-    std::visit(
-        [&](auto* target) {
-          using T = std::remove_pointer_t<decltype(target)>;
-          if constexpr (std::is_same_v<T, int64_t>) out << *target;
-          else if constexpr (std::is_same_v<T, double>) out << format_double(*target);
-          else if constexpr (std::is_same_v<T, bool>) out << (*target ? "true" : "false");
-          else out << quote(*target);
-        },
-        f.target);
-    out << "\n";
+    out << f.key << " = " << value_text(f) << "\n";
   }
   return out.str();
+}
+
+std::vector<std::string> config_changes(const std::string& saved_toml, const TrainConfig& config) {
+  TrainConfig saved;
+  try {
+    apply_table(saved, toml::parse(saved_toml), "the checkpoint's config");
+  } catch (const toml::parse_error& e) {
+    return {std::string("the checkpoint's saved config is not TOML (") + std::string(e.description()) + ")"};
+  } catch (const c10::Error& e) {
+    return {e.what_without_backtrace()};
+  }
+  auto before = fields_of(saved), now = fields_of(const_cast<TrainConfig&>(config));  // read only
+  std::vector<std::string> changes;
+  for (size_t i = 0; i < now.size(); ++i) {
+    const auto was = value_text(before[i]), is = value_text(now[i]);
+    if (was != is) changes.push_back(now[i].name() + ": " + was + " -> " + is);
+  }
+  return changes;
 }
 
 void save_config(const TrainConfig& config, const std::string& path) {

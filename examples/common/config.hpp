@@ -163,6 +163,11 @@ void validate(const TrainConfig& config, const std::string& source = "config");
 /// The configuration as TOML, every key, in section order; load_config_file reads it back.
 std::string to_toml(const TrainConfig& config);
 
+/// What differs between the config saved as `saved_toml` (to_toml's text, e.g. a checkpoint's)
+/// and `config`: one "section.key: old -> new" per changed key, or one line saying why the saved
+/// text could not be read.
+std::vector<std::string> config_changes(const std::string& saved_toml, const TrainConfig& config);
+
 /// Writes to_toml(config) to `path` (parent folders are created).
 void save_config(const TrainConfig& config, const std::string& path);
 

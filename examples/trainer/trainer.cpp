@@ -246,6 +246,13 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
     if (auto step = checkpoints_->load_latest(state_)) {
       start_step_ = *step;
       log.info("resumed from the checkpoint of step ", start_step_);
+      // Auto-resume picks up whatever the folder holds: say when it was trained otherwise.
+      if (auto saved = state_.extra.find("config"); saved != state_.extra.end()) {
+        const auto changes = config_changes(saved->second, config_);
+        if (!changes.empty())
+          log.warn("the checkpoint of step ", start_step_, " was saved with another config (", changes.size(),
+                   " key(s) differ): ", join(changes));
+      }
     }
   }
   if (start_step_ == 0 && !checkpoint.initial_load_path.empty()) load_initial_weights(stages_, *model_, config_, world_);

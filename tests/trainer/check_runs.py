@@ -246,6 +246,8 @@ def main():
         r.check(not os.path.exists(os.path.join(work("resume"), "export")), "no export before the last step")
         second = r.run("resume", args.llama, 2, llama)
         r.check("resumed from the checkpoint of step 10" in second, "the second half resumes from step 10")
+        r.check("was saved with another config (1 key(s) differ): training.stop_at_step: 10 -> -1" in second,
+                "the resumed run names the one key it changed")
         r.check(any("loading the checkpoint:" in line and "(done)" in line for line in second.splitlines()),
                 "a progress line for the checkpoint load")
         resumed, resumed_val = metrics(work("resume"))

@@ -328,6 +328,24 @@ TEST_CASE("config: every example config validates") {
   CHECK(count >= 11);
 }
 
+TEST_CASE("config: config_changes lists the keys a resumed run changed, with both values") {
+  TrainConfig saved;
+  saved.training.stop_at_step = 10;
+  const auto text = to_toml(saved);
+  CHECK(config_changes(text, saved).empty());
+  TrainConfig now = saved;
+  now.training.stop_at_step = -1;
+  now.parallelism.context_parallel_degree = 2;
+  CHECK(config_changes(text, now) ==
+        std::vector<std::string>{"training.stop_at_step: 10 -> -1", "parallelism.context_parallel_degree: 1 -> 2"});
+  const auto unreadable = config_changes("[training\nsteps = 1", now);
+  REQUIRE(unreadable.size() == 1);
+  CHECK(unreadable[0].find("not TOML") != std::string::npos);
+  const auto unknown = config_changes("[training]\nstepz = 1\n", now);
+  REQUIRE(unknown.size() == 1);
+  CHECK(unknown[0].find("training.stepz") != std::string::npos);
+}
+
 TEST_CASE("config: context parallel degree in the mesh; the sequence length must split into 2 cp chunks") {
   ParallelismConfig p;
   p.context_parallel_degree = 2;
