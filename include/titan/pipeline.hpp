@@ -898,14 +898,8 @@ class Pipeline {
     auto it = meta_.find(stage);
     if (it != meta_.end()) return it->second;
     const uint32_t t = meta_tag(stage);
-    at::Tensor meta;
-    if (local_.count(t)) {
-      meta = wait_recv(t, stage, 0, "shape");
-    } else {
-      post_recv(t, stage, {kMetaSize}, at::TensorOptions().dtype(at::kLong).device(group_->device()));
-      meta = wait_recv(t, stage, 0, "shape");
-    }
-    meta = meta.cpu();
+    post_recv(t, stage, {kMetaSize}, at::TensorOptions().dtype(at::kLong).device(group_->device()));  // unless local
+    const auto meta = wait_recv(t, stage, 0, "shape").cpu();  // [8]
     const auto* m = meta.data_ptr<int64_t>();
     std::vector<int64_t> shape(m + 2, m + 2 + m[1]);
     auto options = at::TensorOptions().dtype(static_cast<at::ScalarType>(m[0])).device(group_->device());
