@@ -88,6 +88,12 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("parallelism", "context_parallel_degree", &c.parallelism.context_parallel_degree, 1),
       choice("parallelism", "context_parallel_rotate_method", &c.parallelism.context_parallel_rotate_method,
              {"allgather", "p2p"}),
+      flag("float8", "enable", &c.float8.enable),
+      choice("float8", "recipe_name", &c.float8.recipe_name, {"tensorwise", "rowwise", "rowwise_with_gw_hp"}),
+      text("float8", "filter_fqns", &c.float8.filter_fqns),
+      flag("float8", "enable_fsdp_float8_all_gather", &c.float8.enable_fsdp_float8_all_gather),
+      flag("float8", "precompute_float8_dynamic_scale_for_fsdp", &c.float8.precompute_float8_dynamic_scale_for_fsdp),
+      flag("float8", "emulate", &c.float8.emulate),
       flag("checkpoint", "enable", &c.checkpoint.enable),
       text("checkpoint", "folder", &c.checkpoint.folder),
       integer("checkpoint", "interval", &c.checkpoint.interval, 1),
@@ -361,6 +367,24 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(t.seq_len % cp_chunks == 0, source, ": training.seq_len = ", t.seq_len, " must be a multiple of 2 x ",
               "parallelism.context_parallel_degree = ", cp_chunks, " (each context-parallel rank holds two equal ",
               "chunks of every sequence)");
+  const auto& f = config.float8;
+  TORCH_CHECK(!f.enable_fsdp_float8_all_gather || f.recipe_name == "tensorwise", source,
+              ": float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = \"tensorwise\" (one scale per ",
+              "weight), not \"", f.recipe_name, "\"");
+  TORCH_CHECK(!f.precompute_float8_dynamic_scale_for_fsdp || f.enable_fsdp_float8_all_gather, source,
+              ": float8.precompute_float8_dynamic_scale_for_fsdp = true needs ",
+              "float8.enable_fsdp_float8_all_gather = true (it precomputes the scales of the float8 all-gather)");
+}
+
+std::vector<std::string> comma_list(const std::string& text) {
+  std::vector<std::string> items;
+  std::stringstream list(text);
+  for (std::string item; std::getline(list, item, ',');) {
+    item.erase(0, item.find_first_not_of(" \t"));
+    item.erase(item.find_last_not_of(" \t") + 1);
+    if (!item.empty()) items.push_back(item);
+  }
+  return items;
 }
 
 TrainConfig load_config_file(const std::string& path) {

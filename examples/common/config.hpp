@@ -88,6 +88,18 @@ struct ParallelismConfig {
   std::string context_parallel_rotate_method = "allgather";  ///< how K/V reach the cp ranks: "allgather" or "p2p" (ring)
 };
 
+/// [float8]: float8 linear layers (torchao's Float8Linear; titan/float8.hpp).
+struct Float8Config {
+  bool enable = false;                    ///< compute the linear layers' matmuls in float8
+  std::string recipe_name = "tensorwise";  ///< "tensorwise", "rowwise" or "rowwise_with_gw_hp"
+  /// Comma-separated substrings of module names left in high precision ("output": the vocabulary
+  /// projection, as torchtitan). Layers with a dimension not divisible by 16 are skipped too.
+  std::string filter_fqns = "output";
+  bool enable_fsdp_float8_all_gather = false;            ///< FSDP all-gathers the weights in float8 (tensorwise)
+  bool precompute_float8_dynamic_scale_for_fsdp = false;  ///< one amax all-reduce per step for all weights
+  bool emulate = false;  ///< multiply dequantized values in fp32 instead of _scaled_mm (testing)
+};
+
 /// [checkpoint]: distributed checkpoints.
 struct CheckpointConfig {
   bool enable = false;                 ///< save checkpoints
@@ -140,6 +152,7 @@ struct TrainConfig {
   LRSchedulerConfig lr_scheduler;
   TrainingConfig training;
   ParallelismConfig parallelism;
+  Float8Config float8;
   CheckpointConfig checkpoint;
   ActivationCheckpointConfig activation_checkpoint;
   MetricsConfig metrics;
@@ -163,6 +176,8 @@ void validate(const TrainConfig& config, const std::string& source = "config");
 /// The configuration as TOML, every key, in section order; load_config_file reads it back.
 std::string to_toml(const TrainConfig& config);
 
+/// The non-empty, trimmed items of a comma-separated list ("layers.2, layers.4" or "output").
+std::vector<std::string> comma_list(const std::string& text);
 /// What differs between the config saved as `saved_toml` (to_toml's text, e.g. a checkpoint's)
 /// and `config`: one "section.key: old -> new" per changed key, or one line saying why the saved
 /// text could not be read.

@@ -3,6 +3,7 @@
 #include "../models/llama/parallelize.hpp"
 #include "../models/llama/state_dict_adapter.hpp"
 
+#include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
@@ -192,6 +193,15 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
     parts.push_back(stage.ptr());
   }
   model_ = parts.size() == 1 ? parts.front() : titan::pipeline_stages_view(parts);
+  if (config_.float8.enable) {
+    int64_t converted = 0;
+    for (const auto& part : parts)
+      for (const auto& module : part->modules()) converted += titan::find_hook<titan::Float8LinearHook>(*module) ? 1 : 0;
+    log.info("float8: ", converted, " linear layers (", config_.float8.recipe_name, " scaling",
+             config_.float8.enable_fsdp_float8_all_gather ? ", float8 FSDP all-gather" : "",
+             config_.float8.emulate ? ", emulated" : "", "); left in high precision: ",
+             config_.float8.filter_fqns.empty() ? "none" : config_.float8.filter_fqns);
+  }
   const double flops = flops_per_token(args_, training.seq_len);
   log.info(config_.model.name, " ", config_.model.flavor, ": ", parameter_count(args_), " parameters, ",
            flops / 1e9, " GFLOP per token");
@@ -393,6 +403,8 @@ bool Trainer::train_step(int64_t step) {
   auto not_finite = norm.isfinite().logical_not();  // []
   optimizer_->skip_if(not_finite.to(torch::kFloat).reshape({1}));
   optimizer_->step();
+  if (config_.float8.precompute_float8_dynamic_scale_for_fsdp)  // the next all-gathers' scales, one all-reduce
+    for (const auto& stage : stages_) titan::precompute_float8_dynamic_scale_for_fsdp(stage);
 
   if (interval_.steps == 0) {
     auto zero = torch::zeros({}, norm.options());

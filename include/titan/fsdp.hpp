@@ -60,9 +60,44 @@ struct FsdpOptions {
 
 /// Counters of what a unit did, for diagnostics and tests.
 struct FsdpStats {
-  int64_t all_gathers = 0;      ///< all-gathers issued (prefetched or not)
-  int64_t prefetches = 0;       ///< of which started ahead of use (forward or backward prefetch)
-  int64_t reduce_scatters = 0;  ///< gradient reductions issued
+  int64_t all_gathers = 0;        ///< all-gathers issued (prefetched or not)
+  int64_t prefetches = 0;         ///< of which started ahead of use (forward or backward prefetch)
+  int64_t reduce_scatters = 0;    ///< gradient reductions issued
+  int64_t all_gather_bytes = 0;   ///< bytes this rank contributed to its all-gathers (its shards as sent)
+};
+
+/// A parameter that FSDP all-gathers in another form than its values (FSDP2's
+/// fsdp_pre_all_gather / fsdp_post_all_gather extension): float8 weights cast with a scale from the
+/// global amax (titan/float8.hpp). A hook on the module that owns the parameter provides it
+/// (FsdpGatherProvider) before fully_shard runs. The module's member then stays FSDP's placeholder:
+/// the hook computes from what post_all_gather handed it, and the gradient still reaches the member.
+class FsdpParamGather {
+ public:
+  virtual ~FsdpParamGather() = default;
+  /// The dtype the parameter is all-gathered and kept unsharded in.
+  virtual at::ScalarType gather_dtype() const = 0;
+  /// A statistic of this rank's shard that must be reduced (maximum) over every rank holding a
+  /// piece of the parameter before the cast, e.g. its amax: a 0-dim float32 tensor; undefined
+  /// when nothing needs reducing (a precomputed scale). FSDP reduces the unit's statistics in one
+  /// all-reduce over its shard group (and one over statistic_group()).
+  virtual at::Tensor shard_statistic(const at::Tensor& shard) = 0;
+  /// A further group the parameter is sharded over (tensor parallel), or null.
+  virtual ProcessGroupPtr statistic_group() const { return nullptr; }
+  /// This rank's shard as sent, in gather_dtype() and the shard's shape, given the statistic reduced
+  /// over all ranks (undefined when shard_statistic was).
+  virtual at::Tensor pre_all_gather(const at::Tensor& shard, const at::Tensor& reduced_statistic) = 0;
+  /// The gathered parameter, [global shape] in gather_dtype(): valid until post_reshard.
+  virtual void post_all_gather(const at::Tensor& full) = 0;
+  /// The unit freed the gathered parameter.
+  virtual void post_reshard() = 0;
+};
+
+/// Implemented by hooks that have FSDP gather some of their module's parameters in another form.
+class FsdpGatherProvider {
+ public:
+  virtual ~FsdpGatherProvider() = default;
+  /// The gather for the module's parameter `key` (e.g. "weight"), or nullptr for a plain one.
+  virtual std::shared_ptr<FsdpParamGather> fsdp_gather(const std::string& key) = 0;
 };
 
 class FsdpHook;
@@ -86,6 +121,25 @@ std::vector<std::shared_ptr<H>> hooks_in_subtree(const torch::nn::Module& module
     if (auto hook = find_hook<H>(m)) found.push_back(hook);
   });
   return found;
+}
+
+/// Replaces each entry of `values` ([n]) by its maximum over the group `group_of[i]` (null or one
+/// rank: kept): one all-reduce per distinct group, of the entries it reduces.
+inline void max_over_groups(at::Tensor& values, const std::vector<ProcessGroupPtr>& group_of) {
+  std::vector<ProcessGroupPtr> groups;  // in the order of first appearance, the same on every rank
+  for (const auto& g : group_of)
+    if (g && g->size() > 1 && std::find(groups.begin(), groups.end(), g) == groups.end()) groups.push_back(g);
+  for (const auto& group : groups) {
+    std::vector<int64_t> rows;
+    for (size_t i = 0; i < group_of.size(); ++i)
+      if (group_of[i] == group) rows.push_back(static_cast<int64_t>(i));
+    if (static_cast<int64_t>(rows.size()) == values.size(0)) {
+      values = all_reduce_raw(values, *group, ReduceOp::Max);
+      continue;
+    }
+    auto index = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(values.device());
+    values.index_copy_(0, index, all_reduce_raw(values.index_select(0, index), *group, ReduceOp::Max));
+  }
 }
 
 /// Shared by the units under one root: orders, the pending reduction, the backward callback.
@@ -117,12 +171,13 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     /// (strides 0). A unit called without titan::call then computes with zeros instead of reading
     /// freed memory, and titan::call reports it.
     at::Tensor placeholder;
-    /// Fresh unsharded storage and placeholder of `options` (the compute dtype, the shards' device).
-    /// The storage holds every rank's padded chunk, [world * padded_numel], so one strided copy
-    /// fills it from the all-gather output; the parameter is its first numel elements.
-    void allocate(const at::TensorOptions& options, int world) {
+    /// Fresh unsharded storage of `options` (the gathered dtype, the shards' device) and a
+    /// placeholder of `member_dtype` (the compute dtype). The storage holds every rank's padded
+    /// chunk, [world * padded_numel], so one strided copy fills it from the all-gather output; the
+    /// parameter is its first numel elements.
+    void allocate(const at::TensorOptions& options, at::ScalarType member_dtype, int world) {
       storage = at::empty({world * padded_numel()}, options);  // [world * padded_numel]
-      placeholder = at::zeros({1}, options).expand(shape);
+      placeholder = at::zeros({1}, options.dtype(member_dtype)).expand(shape);
     }
     /// The unsharded parameter's elements in `storage`, [shape].
     at::Tensor full() const { return storage.narrow(0, 0, c10::multiply_integers(shape)).view(shape); }
@@ -133,6 +188,10 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     std::vector<int64_t> rows;       ///< rows of each rank's chunk (chunk_sizes)
     int64_t flat_offset = 0;         ///< offset of this parameter in a rank's flat buffer
     TensorLayout layout;             ///< global layout of `sharded` (inner levels + Shard(0))
+    /// Gathered in another form (float8), or null: gathered in the compute dtype.
+    std::shared_ptr<FsdpParamGather> custom_gather;
+    size_t bucket = 0;               ///< which all-gather buffer carries it
+    int64_t gather_offset = 0;       ///< its offset in a rank's part of that buffer
     int64_t padded_numel() const { return padded_rows * row_numel; }
   };
 
@@ -143,10 +202,24 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
         replicate_group_(std::move(replicate_group)),
         options_(std::move(options)),
         module_name_(std::move(module_name)) {
-    for (auto& p : params_) {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      auto& p = params_[i];
       p.flat_offset = flat_numel_;
       flat_numel_ += p.padded_numel();
-      split_sizes_.push_back(p.padded_numel());
+      // One all-gather buffer for the plain parameters (the compute dtype), one per custom dtype.
+      if (buckets_.empty()) buckets_.emplace_back(compute_dtype(p));
+      const auto dtype = gathered_dtype(p);
+      p.bucket = 0;
+      if (p.custom_gather) {
+        auto it = std::find_if(buckets_.begin() + 1, buckets_.end(), [dtype](const auto& b) { return b.dtype == dtype; });
+        p.bucket = it == buckets_.end() ? buckets_.size() : static_cast<size_t>(it - buckets_.begin());
+        if (it == buckets_.end()) buckets_.emplace_back(dtype);
+      }
+      auto& bucket = buckets_[p.bucket];
+      p.gather_offset = bucket.flat_numel;
+      bucket.flat_numel += p.padded_numel();
+      bucket.members.push_back(i);
+      bucket.split_sizes.push_back(p.padded_numel());
     }
   }
 
@@ -190,6 +263,8 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   /// The parameters this unit manages.
   const std::vector<Param>& params() const { return params_; }
   const FsdpOptions& options() const { return options_; }
+  /// The group the parameters are sharded over.
+  const ProcessGroupPtr& shard_group() const { return shard_group_; }
   const FsdpStats& stats() const { return stats_; }
   /// Whether this unit is the root of the units it was called with (known after the first call).
   bool is_root() const { return context_ && context_->units.front() == this; }
@@ -218,6 +293,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     for (auto& p : params_) {
       detail::repoint_tensor(p.unsharded, p.placeholder);
       if (!aliases_shards()) detail::resize_storage_bytes(p.storage, 0);
+      if (p.custom_gather) p.custom_gather->post_reshard();
     }
     state_ = State::Resharded;
   }
@@ -303,6 +379,59 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
 
   at::ScalarType compute_dtype(const Param& p) const {
     return options_.param_dtype().value_or(p.sharded.scalar_type());
+  }
+
+  /// The dtype `p` travels and is kept unsharded in.
+  at::ScalarType gathered_dtype(const Param& p) const {
+    return p.custom_gather ? p.custom_gather->gather_dtype() : compute_dtype(p);
+  }
+
+  /// One flat all-gather buffer: every member parameter's padded chunk, laid end to end.
+  struct GatherBucket {
+    explicit GatherBucket(at::ScalarType dtype) : dtype(dtype) {}
+    at::ScalarType dtype;
+    int64_t flat_numel = 0;
+    std::vector<size_t> members;       ///< indices into params_
+    std::vector<int64_t> split_sizes;  ///< padded_numel of each member
+    c10::intrusive_ptr<c10d::Work> work;
+    at::Tensor input, output;          ///< [flat_numel], [world * flat_numel]
+    std::vector<at::Tensor> sent;      ///< one rank: the members' shards as sent (no collective)
+  };
+
+  /// What this rank sends of each parameter: its shard, or the custom gather's form of it, whose
+  /// statistics (e.g. amaxes) are reduced first in one all-reduce per group.
+  std::vector<at::Tensor> shards_to_send() {
+    std::vector<at::Tensor> sent;
+    std::vector<at::Tensor> statistics;
+    std::vector<size_t> owners;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      sent.push_back(params_[i].sharded);
+      if (!params_[i].custom_gather) continue;
+      auto statistic = params_[i].custom_gather->shard_statistic(params_[i].sharded);
+      if (!statistic.defined()) continue;
+      statistics.push_back(statistic.reshape({1}).to(at::kFloat));
+      owners.push_back(i);
+    }
+    at::Tensor reduced;  // [statistics]
+    if (!statistics.empty()) {
+      reduced = at::cat(statistics);
+      detail::max_over_groups(reduced, std::vector<ProcessGroupPtr>(owners.size(), shard_group_));
+      std::vector<ProcessGroupPtr> further;  // e.g. tensor parallel
+      for (size_t i : owners) further.push_back(params_[i].custom_gather->statistic_group());
+      detail::max_over_groups(reduced, further);
+    }
+    for (size_t i = 0, k = 0; i < params_.size(); ++i) {
+      auto& p = params_[i];
+      if (!p.custom_gather) continue;
+      const bool has = k < owners.size() && owners[k] == i;
+      sent[i] = p.custom_gather->pre_all_gather(p.sharded, has ? reduced[static_cast<int64_t>(k)] : at::Tensor());
+      if (has) ++k;
+      TORCH_CHECK(sent[i].scalar_type() == p.custom_gather->gather_dtype() && sent[i].sizes() == p.sharded.sizes(),
+                  "titan::fully_shard: the custom gather of '", module_name_, ".", p.names.front(), "' sent a ",
+                  sent[i].scalar_type(), " tensor of shape ", sent[i].sizes(), "; expected ",
+                  p.custom_gather->gather_dtype(), " of the shard's shape ", p.sharded.sizes());
+    }
+    return sent;
   }
 
   /// Adds `grad` (this rank's reduced block, the sharded parameter's dtype) to the sharded .grad.
@@ -406,7 +535,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   bool aliases_shards() const {
     if (shard_group_->size() != 1) return false;
     for (const auto& p : params_)
-      if (compute_dtype(p) != p.sharded.scalar_type()) return false;
+      if (p.custom_gather || compute_dtype(p) != p.sharded.scalar_type()) return false;
     return true;
   }
 
@@ -418,30 +547,46 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     state_ = State::Gathering;
     ++stats_.all_gathers;
     if (prefetched) ++stats_.prefetches;
-    if (world == 1) return;  // finish_all_gather casts (or aliases) the shards: nothing to gather
+    if (aliases_shards()) return;  // finish_all_gather points the members at the shards
     at::NoGradGuard no_grad;
-    // Padding rows stay uninitialised: they travel with the collective but are never read.
-    auto input = at::empty({flat_numel_}, first.options().dtype(compute_dtype(params_.front())));  // [flat_numel]
-    {
-      RECORD_USER_SCOPE("titan::fsdp::all_gather_copy_in");
-      std::vector<at::Tensor> slots, shards;
-      for (const auto& p : params_) {
-        if (p.sharded.numel() == 0) continue;
-        slots.push_back(input.narrow(0, p.flat_offset, p.sharded.numel()).view(p.sharded.sizes()));
-        shards.push_back(p.sharded);
+    const auto sent = shards_to_send();
+    for (auto& bucket : buckets_) {
+      if (bucket.members.empty()) continue;
+      if (world == 1) {  // finish_all_gather copies (and casts) the shards: nothing to gather
+        bucket.sent.clear();
+        for (size_t i : bucket.members) bucket.sent.push_back(sent[i]);
+        continue;
       }
-      if (!slots.empty()) at::_foreach_copy_(slots, shards);  // one foreach copy (and cast) for the unit
+      // Padding rows stay uninitialised: they travel with the collective but are never read.
+      auto input = at::empty({bucket.flat_numel}, first.options().dtype(bucket.dtype));  // [flat_numel]
+      {
+        RECORD_USER_SCOPE("titan::fsdp::all_gather_copy_in");
+        std::vector<at::Tensor> slots, shards;
+        for (size_t i : bucket.members) {
+          const auto& p = params_[i];
+          if (p.sharded.numel() == 0) continue;
+          slots.push_back(input.narrow(0, p.gather_offset, p.sharded.numel()).view(p.sharded.sizes()));
+          shards.push_back(sent[i]);
+        }
+        if (!slots.empty()) at::_foreach_copy_(slots, shards);  // one foreach copy (and cast) per buffer
+      }
+      stats_.all_gather_bytes += static_cast<int64_t>(input.nbytes());
+      bucket.input = input;
+      bucket.output = at::empty({world * bucket.flat_numel}, input.options());  // [world * flat_numel]
+      // On NCCL, c10d orders the collective after the current stream's work and records the
+      // buffers on its stream; wait() makes the current stream wait for it.
+      // Float8 travels as bytes (Gloo has no float8 type; an all-gather does no arithmetic).
+      const bool bytes = c10::isFloat8Type(bucket.dtype);
+      auto send = bytes ? input.view(at::kByte) : input, receive = bytes ? bucket.output.view(at::kByte) : bucket.output;
+      bucket.work = shard_group_->backend()->_allgather_base(receive, send);
     }
-    gather_input_ = input;
-    gather_output_ = at::empty({world * flat_numel_}, input.options());  // [world * flat_numel]
-    // On NCCL, c10d orders the collective after the current stream's work and records the
-    // buffers on its stream; wait() makes the current stream wait for it.
-    gather_work_ = shard_group_->backend()->_allgather_base(gather_output_, gather_input_);
   }
 
   void finish_all_gather() {
-    if (gather_work_) gather_work_->wait();
-    gather_work_.reset();
+    for (auto& bucket : buckets_) {
+      if (bucket.work) bucket.work->wait();
+      bucket.work.reset();
+    }
     const int world = shard_group_->size();
     at::NoGradGuard no_grad;
     state_ = State::Unsharded;
@@ -449,28 +594,36 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       for (auto& p : params_) detail::repoint_tensor(p.unsharded, p.sharded);
       return;
     }
-    const auto dtype = compute_dtype(params_.front());
-    std::vector<at::Tensor> chunks;  // each parameter's storage as [world, padded_numel]
-    for (auto& p : params_) {
-      if (p.storage.device() != p.sharded.device() || p.storage.is_meta() || p.storage.scalar_type() != dtype ||
-          p.storage.numel() != world * p.padded_numel())
-        p.allocate(p.sharded.options().dtype(dtype), world);
-      detail::resize_storage_bytes(p.storage, static_cast<size_t>(p.storage.numel()) * p.storage.element_size());
-      detail::repoint_tensor(p.unsharded, p.full());
-      chunks.push_back(detail::storage_alias(p.storage).view({world, p.padded_numel()}));
-    }
     RECORD_USER_SCOPE("titan::fsdp::all_gather_copy_out");
-    if (world == 1) {
-      std::vector<at::Tensor> shards;  // cast to the compute dtype
-      for (const auto& p : params_) shards.push_back(p.sharded.view({1, p.padded_numel()}));
-      at::_foreach_copy_(chunks, shards);
-    } else {
-      // Column block k of the [world, flat_numel] output is parameter k's padded chunks in rank
-      // order, which is the parameter followed by its padding (torch.chunk puts the short chunks last).
-      at::split_with_sizes_copy_out(chunks, gather_output_.view({world, flat_numel_}), split_sizes_, 1);
+    for (auto& bucket : buckets_) {
+      if (bucket.members.empty()) continue;
+      std::vector<at::Tensor> chunks;  // each parameter's storage as [world, padded_numel]
+      for (size_t i : bucket.members) {
+        auto& p = params_[i];
+        if (p.storage.device() != p.sharded.device() || p.storage.is_meta() || p.storage.scalar_type() != bucket.dtype ||
+            p.storage.numel() != world * p.padded_numel())
+          p.allocate(p.sharded.options().dtype(bucket.dtype), compute_dtype(p), world);
+        detail::resize_storage_bytes(p.storage, static_cast<size_t>(p.storage.numel()) * p.storage.element_size());
+        // A custom gather's member stays the placeholder: its hook computes from the gathered form.
+        if (!p.custom_gather) detail::repoint_tensor(p.unsharded, p.full());
+        chunks.push_back(detail::storage_alias(p.storage).view({world, p.padded_numel()}));
+      }
+      if (world == 1) {
+        std::vector<at::Tensor> shards;  // cast to the gathered dtype
+        for (size_t k = 0; k < bucket.members.size(); ++k)
+          shards.push_back(bucket.sent[k].view({1, params_[bucket.members[k]].padded_numel()}));
+        at::_foreach_copy_(chunks, shards);
+        bucket.sent.clear();
+      } else {
+        // Column block k of the [world, flat_numel] output is member k's padded chunks in rank
+        // order, which is the parameter followed by its padding (torch.chunk puts the short chunks last).
+        at::split_with_sizes_copy_out(chunks, bucket.output.view({world, bucket.flat_numel}), bucket.split_sizes, 1);
+      }
+      bucket.input = at::Tensor();
+      bucket.output = at::Tensor();
     }
-    gather_input_ = at::Tensor();
-    gather_output_ = at::Tensor();
+    for (auto& p : params_)
+      if (p.custom_gather) p.custom_gather->post_all_gather(p.full());
   }
 
   void start_reduce_scatter() {
@@ -524,8 +677,8 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   ProcessGroupPtr replicate_group_;
   FsdpOptions options_;
   std::string module_name_;
-  int64_t flat_numel_ = 0;
-  std::vector<int64_t> split_sizes_;  ///< padded_numel of each parameter: the flat buffer's blocks
+  int64_t flat_numel_ = 0;             ///< elements of a rank's part of the gradient reduction
+  std::vector<GatherBucket> buckets_;  ///< the all-gather buffers (one per gathered dtype)
 
   std::shared_ptr<detail::FsdpContext> context_;
   State state_ = State::Resharded;
@@ -534,13 +687,19 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   bool reshard_after_backward_ = true;
   FsdpStats stats_;
 
-  c10::intrusive_ptr<c10d::Work> gather_work_;
-  at::Tensor gather_input_, gather_output_;
   c10::intrusive_ptr<c10d::Work> reduce_work_;
   at::Tensor reduce_input_, reduce_output_;
 };
 
 namespace detail {
+
+/// What a hook on `owner` asks FSDP to gather its parameter `key` as, or nullptr.
+inline std::shared_ptr<FsdpParamGather> custom_gather(torch::nn::Module& owner, const std::string& key) {
+  for (const auto& hook : hooks_of(owner))
+    if (auto* provider = dynamic_cast<FsdpGatherProvider*>(hook.get()))
+      if (auto gather = provider->fsdp_gather(key)) return gather;
+  return nullptr;
+}
 
 /// Parameters of `module` not owned by a unit below it, with their dotted names relative to it.
 inline void collect_unit_parameters(torch::nn::Module& module, const std::string& prefix,
@@ -637,7 +796,9 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
       // all-gather fills fresh contiguous storage of the compute dtype (on meta while the model is).
       tensor.mutable_grad() = at::Tensor();
       p.unsharded = tensor;
-      p.allocate(tensor.options().dtype(options.param_dtype().value_or(tensor.scalar_type())), world);
+      const auto compute = options.param_dtype().value_or(tensor.scalar_type());
+      p.custom_gather = detail::custom_gather(*owner, key);
+      p.allocate(tensor.options().dtype(p.custom_gather ? p.custom_gather->gather_dtype() : compute), compute, world);
       if (!tensor.is_meta()) detail::resize_storage_bytes(p.storage, 0);
       detail::repoint_tensor(p.unsharded, p.placeholder);
     }

@@ -5,6 +5,7 @@
 #include <titan/checkpoint.hpp>
 #include <titan/context_parallel.hpp>
 #include <titan/dist.hpp>
+#include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>
 #include <titan/meta.hpp>

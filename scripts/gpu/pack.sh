@@ -65,6 +65,9 @@ if [[ -z "$(ls -A "$reference" 2>/dev/null)" ]]; then
 fi
 cp -r "$reference" "$kit/models_reference"
 
+log "writing torchao's float8 reference (tests/float8/make_reference.py: the GPU machine has no torchao)"
+OMP_NUM_THREADS=1 "$root/.venv/bin/python" "$root/tests/float8/make_reference.py" --out "$kit/float8_reference.safetensors"
+
 log "downloading torchtitan and its imports as Python 3.12 wheels"
 "$root/.venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

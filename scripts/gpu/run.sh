@@ -9,7 +9,7 @@
 #               (1 rank NCCL, 2 ranks Gloo);
 #               test_trainer (single-process cases; the multirank suite on 2 Gloo ranks)
 #   trainer     scripts/gpu/check_trainer.py: fp32 CUDA vs CPU, bf16 with each AC mode, async
-#               checkpoint and resume
+#               checkpoint and resume, PP 2 and CP 2 on the shared GPU, float8 vs bf16 tokens/s
 #   checkpoint  bench/checkpoint/run.sh on CUDA tensors: dd, titan's bench_checkpoint and PyTorch DCP on
 #               a 1B-parameter fp32 state (save, async save blocked time, load)
 # GPU_KIT_STAGE_LIMIT=S caps every stage at S seconds; SIDE_BY_SIDE_ARGS adds options to run.py
@@ -45,12 +45,14 @@ run() {
 }
 
 cuda=(TITAN_TEST_DEVICE=cuda)  # the test main sets TITAN_DEVICE and TITAN_SHARE_GPUS to match
+float8_reference=(TITAN_FLOAT8_REFERENCE="$kit/float8_reference.safetensors")
 launch="$kit_build/tests/titan_launch"
 for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
-      run titan_1rank_nccl 300 "${cuda[@]}" TITAN_BACKEND=nccl -- "$launch" --nproc 1 -- "$kit_build/tests/test_titan"
-      run titan_2ranks_gloo_cuda 300 "${cuda[@]}" TITAN_BACKEND=gloo -- \
+      run titan_1rank_nccl 300 "${cuda[@]}" "${float8_reference[@]}" TITAN_BACKEND=nccl -- \
+        "$launch" --nproc 1 -- "$kit_build/tests/test_titan"
+      run titan_2ranks_gloo_cuda 300 "${cuda[@]}" "${float8_reference[@]}" TITAN_BACKEND=gloo -- \
         "$launch" --nproc 2 -- "$kit_build/tests/test_titan"
       run models_cuda 300 "${cuda[@]}" TITAN_MODELS_REFERENCE="$kit/models_reference" \
         TITAN_MODELS_SCRATCH="$out/models_scratch" -- "$kit_build/tests/models/test_models"
@@ -64,7 +66,7 @@ for stage in "${stages[@]}"; do
         "$launch" --nproc 2 -- "$kit_build/tests/trainer/test_trainer" -ts=multirank
       ;;
     trainer)
-      run trainer_checks 420 -- "$python" "$root/scripts/gpu/check_trainer.py" --build "$kit_build" --out "$out/trainer"
+      run trainer_checks 540 -- "$python" "$root/scripts/gpu/check_trainer.py" --build "$kit_build" --out "$out/trainer"
       ;;
     checkpoint)
       run checkpoint_bench 300 TITAN_DEVICE=cuda TITAN_BACKEND=nccl BUILD_DIR="$kit_build" -- \

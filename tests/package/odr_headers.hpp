@@ -6,6 +6,7 @@
 #include <titan/collectives.hpp>
 #include <titan/context_parallel.hpp>
 #include <titan/dist.hpp>
+#include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>
 #include <titan/log.hpp>

@@ -35,6 +35,10 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               checkpoint resumed without CP (2 ranks) and the straight run's resumed with CP 2
   mistral_cp  Mistral at seq_len 256 (its 128-token sliding window cuts the sequence): CP 2 with the
               ring on 2 ranks gives the 2-rank FSDP run's losses and weights
+  float8      float8 linear layers (tensorwise) with and without float8 FSDP all-gather (and
+              precomputed scales) on 2 ranks: bitwise the same losses and weights; FSDP 2 x TP 2 in
+              float8 within FLOAT8_TP_TOL of FSDP 2; 50 steps of bf16 compute with float8 tensorwise
+              and rowwise: every loss within FLOAT8_TRACK_TOL of the bf16 run's
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
@@ -65,6 +69,12 @@ SMALL = [
     "--checkpoint.keep_latest_k", "0", "--data.val_freq", "10", "--data.val_steps", "2",
     "--training.mixed_precision_param", "float32",
 ]
+
+
+# Float8 against bf16 over 50 steps, and FSDP x TP against FSDP in float8 (set from measured runs,
+# see docs/float8.md).
+FLOAT8_TRACK_TOL = 0.1
+FLOAT8_TP_TOL = 1e-2
 
 
 class Runner:
@@ -359,6 +369,43 @@ def main():
         r.check(diff < 1e-4, f"mistral_cp: losses within 1e-4 of the unsharded run (max {diff:.2e})")
         diff = max_weight_diff(weights(work("mistral_cp")), weights(work("mistral_long")))
         r.check(diff < 1e-4, f"mistral_cp: final weights within 1e-4 (max {diff:.2e})")
+
+    if wanted("float8"):
+        f8 = ["--float8.enable", "true"]
+        gather = ["--float8.enable_fsdp_float8_all_gather", "true", "--float8.precompute_float8_dynamic_scale_for_fsdp",
+                  "true"]
+        # Float8 all-gather under FSDP changes no value: fp32 master weights cast with the global amax
+        # are the float8 weights the plain float8 run casts after gathering fp32.
+        out = r.run("float8_plain", args.llama, 2, llama, f8)
+        r.check("float8: 28 linear layers (tensorwise scaling); left in high precision: output" in out,
+                "float8: the 28 block linear layers are converted, the output projection is not")
+        r.run("float8_gather", args.llama, 2, llama, [*f8, *gather])
+        plain, _ = metrics(work("float8_plain"))
+        gathered, _ = metrics(work("float8_gather"))
+        same = [s for s in range(1, 21) if plain[s]["loss"] == gathered[s]["loss"]]
+        r.check(len(same) == 20, f"float8 FSDP all-gather: bitwise the plain float8 run's losses (equal at {len(same)})")
+        r.check(max_weight_diff(weights(work("float8_gather")), weights(work("float8_plain"))) == 0.0,
+                "float8 FSDP all-gather: bitwise the plain float8 run's weights")
+        # FSDP 2 x TP 2: amaxes reduced over the TP group, so the same scales as FSDP 2.
+        r.run("float8_tp", args.llama, 4, llama,
+              [*f8, *gather, "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel",
+               "true", "--training.batch_size", "1"])
+        tp_run, _ = metrics(work("float8_tp"))
+        diff = max(abs(tp_run[s]["loss"] - gathered[s]["loss"]) for s in range(1, 21))
+        r.check(diff < FLOAT8_TP_TOL, f"float8 FSDP 2 x TP 2: losses within {FLOAT8_TP_TOL} of float8 FSDP 2 "
+                f"(max {diff:.2e})")
+        # 50 steps in bf16 compute: each float8 recipe tracks the bf16 run.
+        fifty = ["--training.steps", "50", "--training.mixed_precision_param", "bfloat16", "--data.val_freq", "0",
+                 "--checkpoint.interval", "50"]
+        r.run("float8_bf16", args.llama, 2, llama, fifty)
+        bf16, _ = metrics(work("float8_bf16"))
+        for name, extra in (("float8_bf16_tensorwise", [*f8, *gather]),
+                            ("float8_bf16_rowwise", [*f8, "--float8.recipe_name", "rowwise"])):
+            r.run(name, args.llama, 2, llama, [*fifty, *extra])
+            run, _ = metrics(work(name))
+            diff = max(abs(run[s]["loss"] - bf16[s]["loss"]) for s in range(1, 51))
+            r.check(diff < FLOAT8_TRACK_TOL, f"{name}: 50 losses within {FLOAT8_TRACK_TOL} of the bf16 run's "
+                    f"(max {diff:.2e}; last {run[50]['loss']:.4f} vs {bf16[50]['loss']:.4f})")
 
     if wanted("no_labels"):
         out = r.run("no_labels", args.llama, 2, "llama3_debug_alpaca.toml", ["--training.seq_len", "16", "--data.val_freq", "0"])

@@ -228,7 +228,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 65);
+  CHECK(config_keys().size() == 71);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -362,6 +362,23 @@ TEST_CASE("config: context parallel degree in the mesh; the sequence length must
   validate(c);
   apply_override(c, "parallelism.context_parallel_rotate_method", "ring", "command line");
   CHECK_ERROR_HAS(validate(c), "context_parallel_rotate_method = 'ring'", "allgather, p2p");
+}
+
+TEST_CASE("config: float8 options that do not go together are errors naming both keys") {
+  TrainConfig c;
+  c.float8.enable = true;
+  apply_override(c, "float8.recipe_name", "rowwise", "command line");
+  apply_override(c, "float8.enable_fsdp_float8_all_gather", "true", "command line");
+  CHECK_ERROR_HAS(validate(c), "float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = \"tensorwise\"",
+                  "not \"rowwise\"");
+  c.float8.recipe_name = "tensorwise";
+  validate(c);
+  c.float8.enable_fsdp_float8_all_gather = false;
+  c.float8.precompute_float8_dynamic_scale_for_fsdp = true;
+  CHECK_ERROR_HAS(validate(c), "precompute_float8_dynamic_scale_for_fsdp = true needs",
+                  "float8.enable_fsdp_float8_all_gather = true");
+  apply_override(c, "float8.recipe_name", "rowwize", "command line");
+  CHECK_ERROR_HAS(validate(c), "float8.recipe_name = 'rowwize'", "tensorwise, rowwise, rowwise_with_gw_hp");
 }
 
 TEST_CASE("config: pipeline parallel degrees, schedules and split points are checked with the keys named") {

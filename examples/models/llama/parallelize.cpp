@@ -2,17 +2,25 @@
 
 #include <titan/ac.hpp>
 #include <titan/context_parallel.hpp>
+#include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/pipeline.hpp>
 #include <titan/tensor_parallel.hpp>
-
-#include <sstream>
 
 namespace titan::examples {
 
 void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
                        const TrainConfig& config) {
   const auto& parallelism = config.parallelism;
+  if (config.float8.enable) {  // first: the float8 hooks sit innermost, under TP's
+    titan::convert_to_float8_training(
+        model, titan::Float8Options()
+                   .recipe(titan::parse_float8_recipe(config.float8.recipe_name))
+                   .filter_fqns(comma_list(config.float8.filter_fqns))
+                   .enable_fsdp_float8_all_gather(config.float8.enable_fsdp_float8_all_gather)
+                   .emulate(config.float8.emulate)
+                   .is_linear(titan::is_module<LinearImpl>));
+  }
   if (dims.tp > 1) {
     auto plan = llama_tp_plan(tp_dims(model.args), dims.tp,
                               TpPlanOptions()
@@ -38,13 +46,7 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
 }
 
 titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism) {
-  std::vector<std::string> points;
-  std::stringstream list(parallelism.pipeline_parallel_split_points);
-  for (std::string point; std::getline(list, point, ',');) {
-    point.erase(0, point.find_first_not_of(" \t"));
-    point.erase(point.find_last_not_of(" \t") + 1);
-    if (!point.empty()) points.push_back(point);
-  }
+  const auto points = comma_list(parallelism.pipeline_parallel_split_points);
   return titan::PipelineSplit().first({"tok_embeddings"}).layers("layers").last({"norm", "output"}).split_points(points);
 }
 

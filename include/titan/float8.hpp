@@ -1,0 +1,494 @@
+#pragma once
+// titan/float8.hpp: float8 training of linear layers (torchao's Float8Linear) and float8
+// all-gather of their weights under fully_shard.
+//
+//   titan::convert_to_float8_training(model, titan::Float8Options()       // before parallelizing
+//                                                .recipe(titan::Float8Recipe::Tensorwise)
+//                                                .filter_fqns({"output"})
+//                                                .enable_fsdp_float8_all_gather(true));
+//   ... parallelize_module (TP), activation checkpointing, fully_shard ...
+//   loss.backward(); optimizer.step();
+//   titan::precompute_float8_dynamic_scale_for_fsdp(model);   // optional: one all-reduce per step
+//
+// A converted linear layer (y = x Wᵀ + b) computes its three matmuls with float8 operands through
+// at::_scaled_mm, each operand cast with a dynamic scale from its current absolute maximum (amax):
+//
+//   forward      y  = x  · Wᵀ      x, W in e4m3
+//   grad input   dx = dy · W       dy in e5m2 (tensorwise) or e4m3 (rowwise), W in e4m3
+//   grad weight  dW = dyᵀ · x      dy, x as above (high precision with rowwise_with_gw_hp)
+//
+//   cast(t) = saturate(t · s) to float8,  s = float8_max / amax(t)   (one s per tensor, or per
+//   row / column of the matmul's operand along its contraction dimension for rowwise; rowwise
+//   scales are rounded down to powers of two), and _scaled_mm multiplies the result by 1/(s_a s_b).
+//
+// Master weights, gradients and optimizer state keep their dtype; outputs have the input's dtype;
+// state dicts and checkpoints are unchanged (the module's parameters are untouched). Under tensor
+// parallelism every amax is reduced across the TP group wherever the operand is split along the
+// dimension it is taken over, so the scales (and the values) are those of the unsharded layer.
+// With fully_shard and enable_fsdp_float8_all_gather (tensorwise), each rank casts its shard of a
+// weight with the scale of the whole weight (the unit's amaxes reduced in one all-reduce, or
+// precomputed for the whole model after the optimizer step) and the unit all-gathers float8: half
+// of bf16's bytes. The layer then computes from the gathered float8 weight. Numerics follow
+// torchao 0.18 (tests compare with it); on the CPU, _scaled_mm takes tensorwise scales only, so
+// the rowwise recipes multiply the dequantized float8 values in fp32 there (torchao's emulate).
+// See docs/float8.md.
+
+#include <titan/collectives.hpp>
+#include <titan/detail/autograd.hpp>
+#include <titan/fsdp.hpp>
+#include <titan/hooks.hpp>
+#include <titan/sharding.hpp>
+
+#include <ATen/ops/_scaled_mm.h>
+#include <torch/nn/modules/linear.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace titan {
+
+/// The scaling recipes, as torchao names them.
+enum class Float8Recipe {
+  Tensorwise,       ///< one scale per tensor; grad_output in e5m2
+  Rowwise,          ///< one scale per row of each operand (along the contraction); power-of-2 scales
+  RowwiseWithGwHp,  ///< rowwise, with the weight gradient computed in high precision
+};
+
+/// "tensorwise", "rowwise", "rowwise_with_gw_hp" (torchao's recipe names).
+inline std::string float8_recipe_name(Float8Recipe recipe) {
+  switch (recipe) {
+    case Float8Recipe::Tensorwise: return "tensorwise";
+    case Float8Recipe::Rowwise: return "rowwise";
+    case Float8Recipe::RowwiseWithGwHp: return "rowwise_with_gw_hp";
+  }
+  return "?";
+}
+
+/// The recipe named `name`; an unknown name is an error listing the known ones.
+inline Float8Recipe parse_float8_recipe(const std::string& name) {
+  for (auto recipe : {Float8Recipe::Tensorwise, Float8Recipe::Rowwise, Float8Recipe::RowwiseWithGwHp})
+    if (float8_recipe_name(recipe) == name) return recipe;
+  TORCH_CHECK(false, "titan::parse_float8_recipe: unknown recipe '", name,
+              "'; expected tensorwise, rowwise or rowwise_with_gw_hp");
+}
+
+/// How one operand is cast (torchao's CastConfig).
+struct Float8Cast {
+  enum class Scaling { Tensorwise, Axiswise, Disabled };
+  Scaling scaling = Scaling::Tensorwise;
+  at::ScalarType dtype = at::kFloat8_e4m3fn;
+};
+
+/// The casts of the three matmuls (torchao's Float8LinearConfig).
+struct Float8Casts {
+  Float8Cast input, weight, grad_output;      ///< forward, and grad_output of grad_input
+  Float8Cast weight_for_grad_input;           ///< W in dx = dy · W
+  Float8Cast input_for_grad_weight;           ///< x in dW = dyᵀ · x
+  Float8Cast grad_output_for_grad_weight;     ///< dy in dW = dyᵀ · x
+  bool round_scales_to_power_of_2 = false;
+
+  /// torchao's Float8LinearConfig.from_recipe_name.
+  static Float8Casts of(Float8Recipe recipe) {
+    using S = Float8Cast::Scaling;
+    const Float8Cast e4m3_tensorwise{S::Tensorwise, at::kFloat8_e4m3fn};
+    const Float8Cast e4m3_axiswise{S::Axiswise, at::kFloat8_e4m3fn};
+    Float8Casts c;
+    switch (recipe) {
+      case Float8Recipe::Tensorwise: {
+        const Float8Cast e5m2_tensorwise{S::Tensorwise, at::kFloat8_e5m2};
+        c.input = c.weight = c.weight_for_grad_input = c.input_for_grad_weight = e4m3_tensorwise;
+        c.grad_output = c.grad_output_for_grad_weight = e5m2_tensorwise;
+        break;
+      }
+      case Float8Recipe::Rowwise:
+        c.input = c.weight = c.grad_output = e4m3_axiswise;
+        c.weight_for_grad_input = c.input_for_grad_weight = c.grad_output_for_grad_weight = e4m3_axiswise;
+        c.round_scales_to_power_of_2 = true;
+        break;
+      case Float8Recipe::RowwiseWithGwHp:
+        c.input = c.weight = c.grad_output = e4m3_axiswise;
+        c.weight_for_grad_input = e4m3_tensorwise;
+        c.input_for_grad_weight = c.grad_output_for_grad_weight = Float8Cast{S::Disabled, at::kFloat8_e4m3fn};
+        c.round_scales_to_power_of_2 = true;
+        break;
+    }
+    return c;
+  }
+};
+
+/// Options of convert_to_float8_training, with chained setters.
+struct Float8Options {
+  TORCH_ARG(Float8Recipe, recipe) = Float8Recipe::Tensorwise;
+  /// Modules whose dotted name contains one of these strings stay in high precision (torchtitan's
+  /// filter_fqns; it skips {"output"}, the vocabulary projection).
+  TORCH_ARG(std::vector<std::string>, filter_fqns) = {};
+  /// Under fully_shard, all-gather the converted weights in float8 (tensorwise recipe only).
+  TORCH_ARG(bool, enable_fsdp_float8_all_gather) = false;
+  /// Which modules are linear layers: y = x Wᵀ (+ b) from parameters "weight" [out, in] and an
+  /// optional "bias" [out]. Default: torch::nn::Linear. A model with its own linear module passes
+  /// its type here (titan::is_module<MyLinearImpl>).
+  TORCH_ARG(std::function<bool(const torch::nn::Module&)>, is_linear) = [](const torch::nn::Module& m) {
+    return dynamic_cast<const torch::nn::LinearImpl*>(&m) != nullptr;
+  };
+  /// Multiply dequantized float8 values in fp32 instead of calling _scaled_mm (torchao's emulate):
+  /// same casts, a high-precision product. Always on for the rowwise recipes on the CPU, whose
+  /// _scaled_mm takes tensorwise scales only.
+  TORCH_ARG(bool, emulate) = false;
+};
+
+/// A predicate for Float8Options::is_linear: modules of type T.
+template <typename T>
+bool is_module(const torch::nn::Module& module) {
+  return dynamic_cast<const T*>(&module) != nullptr;
+}
+
+namespace detail {
+
+/// A matmul operand: float8 `data` with its scale (0-dim: tensorwise; [rows, 1] or [1, cols]:
+/// axiswise), or a high-precision `data` with no scale (cast disabled).
+struct Float8Operand {
+  at::Tensor data;
+  at::Tensor scale;  ///< float32; data ≈ value · scale
+  Float8Operand t() const { return {data.t(), scale.defined() && scale.dim() == 2 ? scale.t() : scale}; }
+  bool axiswise() const { return scale.defined() && scale.dim() == 2; }
+};
+
+inline double float8_max(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2, "titan float8: unsupported dtype ", dtype,
+              "; expected Float8_e4m3fn or Float8_e5m2");
+  return dtype == at::kFloat8_e4m3fn ? 448.0 : 57344.0;
+}
+
+/// The scale for `amax` (any float dtype, any shape): float8_max / max(amax, 1e-12) computed in
+/// float64 as torchao does (reciprocal, then product), float32, optionally rounded down to 2^k.
+inline at::Tensor amax_to_scale(const at::Tensor& amax, at::ScalarType dtype, bool power_of_2) {
+  auto scale = amax.to(at::kDouble).clamp_min(1e-12).reciprocal().mul(float8_max(dtype)).to(at::kFloat);
+  return power_of_2 ? at::exp2(at::floor(at::log2(scale))) : scale;
+}
+
+/// saturate(hp · scale) in `dtype` (the scale broadcasts: 0-dim or keepdim axiswise).
+inline at::Tensor cast_with_scale(const at::Tensor& hp, const at::Tensor& scale, at::ScalarType dtype) {
+  const double max = float8_max(dtype);
+  return (hp.to(at::kFloat) * scale).clamp(-max, max).to(dtype);
+}
+
+/// `hp` cast per `cast`, the axiswise amax taken along `dim`; the amax is reduced (maximum) over
+/// `group` when given (the operand is split over it along the amax's dimension).
+inline Float8Operand cast_operand(const at::Tensor& hp, const Float8Cast& cast, int64_t dim, bool power_of_2,
+                                  const ProcessGroupPtr& group) {
+  if (cast.scaling == Float8Cast::Scaling::Disabled) return {hp, at::Tensor()};
+  at::NoGradGuard no_grad;
+  at::Tensor amax = cast.scaling == Float8Cast::Scaling::Tensorwise ? at::max(at::abs(hp))  // []
+                                                                     : at::amax(at::abs(hp), {dim}, true);  // keepdim
+  if (group && group->size() > 1) amax = all_reduce_raw(amax.to(at::kFloat), *group, ReduceOp::Max);
+  auto scale = amax_to_scale(amax, cast.dtype, power_of_2);
+  return {cast_with_scale(hp, scale, cast.dtype), scale};
+}
+
+inline bool is_row_major(const at::Tensor& t) { return t.stride(0) > t.stride(1) && t.stride(1) == 1; }
+
+/// a · b (a [M, K], b [K, N]) in `out_dtype`, as torchao's float8 mm: _scaled_mm with the inverse
+/// scales (a row-major, b column-major; a tensorwise scale repeated when the other is axiswise;
+/// rowwise without fast accumulation as a tensorwise product scaled afterwards), or emulated.
+inline at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& b, at::ScalarType out_dtype, bool fast_accum,
+                            bool emulate) {
+  if (!a.scale.defined()) {
+    TORCH_CHECK(!b.scale.defined(), "titan float8: internal error: one matmul operand in float8, one not");
+    return at::mm(a.data, b.data);
+  }
+  if (emulate) return at::mm(a.data.to(at::kFloat) / a.scale, b.data.to(at::kFloat) / b.scale).to(out_dtype);
+  at::Tensor a_data = is_row_major(a.data) ? a.data : a.data.contiguous();
+  at::Tensor b_data = is_row_major(b.data) ? b.data.t().contiguous().t() : b.data;
+  at::Tensor a_scale = a.scale, b_scale = b.scale;
+  if (!a.axiswise() && b.axiswise()) a_scale = a_scale.repeat({a_data.size(0)}).reshape({-1, 1});
+  if (a.axiswise() && !b.axiswise()) b_scale = b_scale.repeat({b_data.size(1)}).reshape({1, -1});
+  at::Tensor a_inverse = a_scale.reciprocal(), b_inverse = b_scale.reciprocal();
+  const bool rowwise = a_scale.dim() == 2 && a_scale.size(0) == a_data.size(0) && a_scale.size(1) == 1 &&
+                       b_scale.dim() == 2 && b_scale.size(0) == 1 && b_scale.size(1) == b_data.size(1);
+  at::Tensor post_inverse;
+  if (rowwise && !fast_accum) {
+    post_inverse = a_inverse * b_inverse;  // [M, N]
+    a_inverse = a_inverse.new_ones({});
+    b_inverse = a_inverse.new_ones({});
+  }
+  const bool via_bf16 = rowwise && (out_dtype == at::kFloat || out_dtype == at::kHalf);
+  at::Tensor out;
+  try {
+    out = at::_scaled_mm(a_data, b_data, a_inverse, b_inverse, std::nullopt, std::nullopt,
+                         via_bf16 ? at::kBFloat16 : out_dtype, fast_accum);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "titan float8: at::_scaled_mm of ", a_data.sizes(), " x ", b_data.sizes(), " (", a_data.scalar_type(),
+                " x ", b_data.scalar_type(), ", ", rowwise ? "rowwise" : "tensorwise", " scales) failed on ",
+                a_data.device(), ": ", e.what_without_backtrace(), ". Float8 matmuls need float8 tensor cores (CUDA ",
+                "compute capability 8.9 or newer: Ada, Hopper, Blackwell); Float8Options::emulate (float8.emulate) ",
+                "runs the same casts without them");
+  }
+  if (post_inverse.defined()) out.mul_(post_inverse);
+  return via_bf16 ? out.to(out_dtype) : out;
+}
+
+/// How a converted layer's weight is split by tensor parallelism: which of its matmul dimensions
+/// (N = out features, K = in features) is sharded over `group`.
+struct Float8TensorParallel {
+  enum class Split { None, OutFeatures, InFeatures };
+  Split split = Split::None;
+  ProcessGroupPtr group;
+  /// The group to reduce an amax over: always for tensorwise scales, for an axiswise one when it is
+  /// taken along the split dimension.
+  ProcessGroupPtr reduce_group(const Float8Cast& cast, Split along) const {
+    if (split == Split::None || cast.scaling == Float8Cast::Scaling::Disabled) return nullptr;
+    return cast.scaling == Float8Cast::Scaling::Tensorwise || along == split ? group : nullptr;
+  }
+};
+
+/// What one float8 linear computes with (fixed per layer).
+struct Float8LinearSpec {
+  Float8Casts casts;
+  bool emulate = false;
+  Float8TensorParallel tp;
+};
+
+/// y = x Wᵀ ([..., K] · [N, K]ᵀ → [..., N], x's dtype), differentiable in x and `weight`. With
+/// `weight_fp8` (a tensorwise float8 W [N, K] gathered by FSDP) the weight's values are not read:
+/// it only receives the gradient.
+inline at::Tensor float8_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<Float8Operand>& weight_fp8,
+                                const Float8LinearSpec& spec) {
+  using Split = Float8TensorParallel::Split;
+  const auto& c = spec.casts;
+  const bool pow2 = c.round_scales_to_power_of_2;
+  const int64_t K = x.size(-1);
+  const int64_t N = weight.size(0);
+  at::Tensor y;  // [..., N]
+  {
+    at::NoGradGuard no_grad;
+    auto x2 = x.reshape({-1, K});  // [M, K]
+    auto a = cast_operand(x2, c.input, -1, pow2, spec.tp.reduce_group(c.input, Split::InFeatures));
+    auto b = weight_fp8 ? weight_fp8->t()  // [K, N]
+                        : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, Split::InFeatures));
+    auto out_sizes = x.sizes().vec();
+    out_sizes.back() = N;
+    y = float8_mm(a, b, x.scalar_type(), /*fast_accum=*/true, spec.emulate).view(out_sizes);
+  }
+  torch::autograd::variable_list outputs{y};
+  // By value: the closure outlives this call (it runs in backward).
+  detail::connect_backward(
+      {x, weight}, outputs, "titan::Float8LinearBackward",
+      [x = x.detach(), weight = weight.detach(), weight_fp8, spec, K, N](torch::autograd::variable_list&& grads) {
+        using Split = Float8TensorParallel::Split;
+        const auto& c = spec.casts;
+        const bool pow2 = c.round_scales_to_power_of_2;
+        at::NoGradGuard no_grad;
+        auto dy = grads[0].reshape({-1, N});  // [M, N]
+        auto x2 = x.reshape({-1, K});         // [M, K]
+        // dx = dy · W: dy rowwise along N, W (as Wᵀ [K, N]) along N.
+        auto dy_n = cast_operand(dy, c.grad_output, -1, pow2, spec.tp.reduce_group(c.grad_output, Split::OutFeatures));
+        auto w_n = weight_fp8 ? weight_fp8->t()
+                              : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
+                                             spec.tp.reduce_group(c.weight_for_grad_input, Split::OutFeatures));
+        auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x.sizes());  // [..., K]
+        // dW = dyᵀ · x: both along M (the tokens, never split by TP).
+        auto dy_m = cast_operand(dy, c.grad_output_for_grad_weight, 0, pow2,
+                                 spec.tp.reduce_group(c.grad_output_for_grad_weight, Split::None));
+        auto x_m = cast_operand(x2, c.input_for_grad_weight, 0, pow2,
+                                spec.tp.reduce_group(c.input_for_grad_weight, Split::None));
+        auto dw = float8_mm(dy_m.t(), x_m, dy.scalar_type(), false, spec.emulate);  // [N, K]
+        return torch::autograd::variable_list{dx, dw.to(weight.scalar_type())};
+      });
+  return outputs[0];
+}
+
+/// FSDP's float8 all-gather of one converted weight (tensorwise): the shard cast with the scale
+/// of the whole weight, then the gathered float8 weight handed to the layer.
+class Float8WeightGather : public FsdpParamGather {
+ public:
+  explicit Float8WeightGather(ProcessGroupPtr tp_group) : tp_group_(std::move(tp_group)) {}
+  at::ScalarType gather_dtype() const override { return at::kFloat8_e4m3fn; }
+  ProcessGroupPtr statistic_group() const override { return tp_group_; }
+  at::Tensor shard_statistic(const at::Tensor& shard) override {
+    if (precomputed_current(shard)) return at::Tensor();
+    at::NoGradGuard no_grad;
+    return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat)) : at::max(at::abs(shard)).to(at::kFloat);
+  }
+  at::Tensor pre_all_gather(const at::Tensor& shard, const at::Tensor& reduced_amax) override {
+    at::NoGradGuard no_grad;
+    scale_ = reduced_amax.defined() ? amax_to_scale(reduced_amax, at::kFloat8_e4m3fn, false) : precomputed_;
+    return cast_with_scale(shard, scale_, at::kFloat8_e4m3fn);
+  }
+  void post_all_gather(const at::Tensor& full) override { gathered_ = Float8Operand{full, scale_}; }
+  void post_reshard() override { gathered_.reset(); }
+
+  /// The gathered weight [N, K] and its scale, while the unit is unsharded.
+  const std::optional<Float8Operand>& gathered() const { return gathered_; }
+  /// A scale precomputed from the global amax for the shard as it is now (its version).
+  void set_precomputed_scale(const at::Tensor& scale, const at::Tensor& shard) {
+    precomputed_ = scale;
+    precomputed_version_ = shard._version();
+  }
+
+ private:
+  /// The precomputed scale belongs to the shard's current values (the optimizer's in-place update
+  /// since then would have bumped the version: such a scale is stale and not used).
+  bool precomputed_current(const at::Tensor& shard) const {
+    return precomputed_.defined() && precomputed_version_ == shard._version();
+  }
+
+  ProcessGroupPtr tp_group_;
+  at::Tensor precomputed_, scale_;
+  uint32_t precomputed_version_ = 0;
+  std::optional<Float8Operand> gathered_;
+};
+
+}  // namespace detail
+
+/// The hook convert_to_float8_training attaches to a linear layer: runs float8_linear instead of
+/// the module's forward.
+class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
+ public:
+  Float8LinearHook(torch::nn::Module& module, at::Tensor weight, at::Tensor bias, Float8Options options)
+      : module_(&module), weight_(std::move(weight)), bias_(std::move(bias)), options_(std::move(options)) {
+    spec_.casts = Float8Casts::of(options_.recipe());
+    spec_.emulate = options_.emulate();
+  }
+
+  std::string name() const override { return "float8 linear (" + float8_recipe_name(options_.recipe()) + ")"; }
+
+  std::shared_ptr<FsdpParamGather> fsdp_gather(const std::string& key) override {
+    if (key != "weight" || !options_.enable_fsdp_float8_all_gather()) return nullptr;
+    if (!gather_) gather_ = std::make_shared<detail::Float8WeightGather>(tensor_parallel().group);
+    return gather_;
+  }
+
+  at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
+    TORCH_CHECK(inputs.size() == 1, "titan float8: linear layer '", module.name(), "' was called with ",
+                inputs.size(), " tensors; a converted layer takes one input x [..., in_features]");
+    const auto& x = inputs[0];
+    TORCH_CHECK(x.size(-1) == weight_.size(1), "titan float8: linear layer '", module.name(), "' got an input of ",
+                x.sizes(), " but its weight is ", weight_.sizes(), " (expected the last dimension ", weight_.size(1), ")");
+    TORCH_CHECK(x.is_floating_point() && !c10::isFloat8Type(x.scalar_type()), "titan float8: linear layer '",
+                module.name(), "' got a ", x.scalar_type(), " input; expected float32, bfloat16 or float16");
+    if (!tp_known_) {
+      spec_.tp = tensor_parallel();
+      tp_known_ = true;
+      spec_.emulate = options_.emulate() || (x.device().is_cpu() && options_.recipe() != Float8Recipe::Tensorwise);
+    }
+    if (!spec_.emulate && x.device().is_cuda()) {
+      const int64_t k = x.size(-1), n = weight_.size(0);
+      TORCH_CHECK(k % 16 == 0 && n % 16 == 0, "titan float8: linear layer '", module.name(), "' multiplies [..., ", k,
+                  "] by [", n, ", ", k, "] (local shapes); CUDA's _scaled_mm needs both dimensions divisible by 16: ",
+                  "leave the layer in high precision (Float8Options::filter_fqns) or change the tensor-parallel degree");
+    }
+    std::optional<detail::Float8Operand> gathered;
+    if (gather_) {
+      gathered = gather_->gathered();
+      TORCH_CHECK(gathered, "titan float8: linear layer '", module.name(), "' gathers its weight in float8 under ",
+                  "fully_shard, but no float8 weight is gathered: call the layer's fully_shard unit through titan::call");
+    }
+    auto y = detail::float8_linear(x, weight_, gathered, spec_);
+    return bias_.defined() ? y + bias_.to(y.scalar_type()) : y;
+  }
+
+  const Float8Options& options() const { return options_; }
+
+ private:
+  /// The weight's tensor-parallel split, from the layouts of the TP hooks on the module.
+  detail::Float8TensorParallel tensor_parallel() const {
+    detail::Float8TensorParallel tp;
+    for (const auto& hook : hooks_of(*module_)) {
+      auto* provider = dynamic_cast<ParameterLayoutProvider*>(hook.get());
+      if (!provider || hook->kind() != HookKind::TensorParallel) continue;
+      auto layout = provider->layout_of("weight");
+      if (!layout || layout->levels.empty()) continue;
+      const auto& level = layout->levels.front();
+      tp.group = level.group;
+      tp.split = level.dim == 0 ? detail::Float8TensorParallel::Split::OutFeatures
+                                : detail::Float8TensorParallel::Split::InFeatures;
+    }
+    return tp;
+  }
+
+  torch::nn::Module* module_;  ///< the module this hook is attached to (owns the hook)
+  at::Tensor weight_, bias_;   ///< the module's parameters (handles to the members' tensors)
+  Float8Options options_;
+  detail::Float8LinearSpec spec_;
+  bool tp_known_ = false;
+  std::shared_ptr<detail::Float8WeightGather> gather_;
+};
+
+/// Converts the linear layers of `root` (a module, ModuleHolder, shared_ptr or pointer) to float8
+/// training: every module Float8Options::is_linear accepts, whose name contains none of
+/// filter_fqns and whose weight's dimensions are both divisible by 16 (torchtitan's rule), gets a
+/// Float8LinearHook. Apply it before tensor parallelism, activation checkpointing and fully_shard
+/// (the float8 hook must be innermost); the layers must be called through titan::call. Returns the
+/// names of the converted layers.
+template <typename M>
+std::vector<std::string> convert_to_float8_training(M&& root_like, const Float8Options& options = {}) {
+  torch::nn::Module& root = detail::module_ref(root_like);
+  TORCH_CHECK(!options.enable_fsdp_float8_all_gather() || options.recipe() == Float8Recipe::Tensorwise,
+              "titan::convert_to_float8_training: enable_fsdp_float8_all_gather needs the tensorwise recipe (one ",
+              "scale per weight), but the recipe is ", float8_recipe_name(options.recipe()));
+  std::vector<std::pair<std::string, torch::nn::Module*>> chosen;
+  detail::visit_modules(root, "", [&](const std::string& path, torch::nn::Module& module) {
+    if (!options.is_linear()(module)) return;
+    for (const auto& skip : options.filter_fqns())
+      if (!skip.empty() && path.find(skip) != std::string::npos) return;
+    const auto params = module.named_parameters(/*recurse=*/false);
+    const auto* weight = params.find("weight");
+    TORCH_CHECK(weight && weight->dim() == 2, "titan::convert_to_float8_training: linear layer '", path,
+                "' has no 2-D parameter 'weight' [out_features, in_features]; Float8Options::is_linear should only ",
+                "accept modules computing y = x weightᵀ (+ bias)");
+    if (weight->size(0) % 16 != 0 || weight->size(1) % 16 != 0) return;
+    TORCH_CHECK(hooks_of(module).empty(), "titan::convert_to_float8_training: linear layer '", path,
+                "' already has hooks (", hooks_of(module).back()->name(), "); convert to float8 before ",
+                "parallelize_module, activation checkpointing and fully_shard");
+    chosen.emplace_back(path, &module);
+  });
+  std::vector<std::string> converted;
+  for (auto& [path, module] : chosen) {
+    const auto params = module->named_parameters(/*recurse=*/false);
+    const auto* bias = params.find("bias");
+    attach_hook(*module, std::make_shared<Float8LinearHook>(*module, params["weight"], bias ? *bias : at::Tensor(), options));
+    converted.push_back(path);
+  }
+  return converted;
+}
+
+/// Precomputes, for every float8-gathered weight under `model` (a module, ModuleHolder, shared_ptr
+/// or pointer), the scale of its next all-gather from the global amax: one all-reduce for the
+/// whole model instead of one per unit (torchao's precompute_float8_dynamic_scale_for_fsdp). Call
+/// it after optimizer.step(); a scale whose shard has changed since is not used (the unit then
+/// reduces the amaxes itself), so forgetting a call costs time, never correctness.
+template <typename M>
+void precompute_float8_dynamic_scale_for_fsdp(const M& model) {
+  struct Entry {
+    std::shared_ptr<detail::Float8WeightGather> gather;
+    at::Tensor shard;
+    ProcessGroupPtr shard_group, tp_group;
+  };
+  std::vector<Entry> entries;
+  for (const auto& unit : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(model)))
+    for (const auto& p : unit->params())
+      if (auto gather = std::dynamic_pointer_cast<detail::Float8WeightGather>(p.custom_gather))
+        entries.push_back({gather, p.sharded, unit->shard_group(), gather->statistic_group()});
+  if (entries.empty()) return;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> amaxes;
+  for (const auto& e : entries)
+    amaxes.push_back(e.shard.numel() == 0 ? at::zeros({1}, e.shard.options().dtype(at::kFloat))
+                                          : at::max(at::abs(e.shard)).to(at::kFloat).reshape({1}));
+  auto amax = at::cat(amaxes);  // [weights]
+  std::vector<ProcessGroupPtr> shard_groups, tp_groups;  // one all-reduce per distinct group
+  for (const auto& e : entries) {
+    shard_groups.push_back(e.shard_group);
+    tp_groups.push_back(e.tp_group);
+  }
+  detail::max_over_groups(amax, shard_groups);
+  detail::max_over_groups(amax, tp_groups);
+  auto scales = detail::amax_to_scale(amax, at::kFloat8_e4m3fn, false);  // [weights]
+  for (size_t i = 0; i < entries.size(); ++i)
+    entries[i].gather->set_precomputed_scale(scales[static_cast<int64_t>(i)], entries[i].shard);
+}
+
+}  // namespace titan
