@@ -604,8 +604,9 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
             p.storage.numel() != world * p.padded_numel())
           p.allocate(p.sharded.options().dtype(bucket.dtype), compute_dtype(p), world);
         detail::resize_storage_bytes(p.storage, static_cast<size_t>(p.storage.numel()) * p.storage.element_size());
-        // A custom gather's member stays the placeholder: its hook computes from the gathered form.
-        if (!p.custom_gather) detail::repoint_tensor(p.unsharded, p.full());
+        // A custom gather's member is the placeholder (of this device: the model may have been
+        // sharded on meta): its hook computes from the gathered form, the gradient reaches it.
+        detail::repoint_tensor(p.unsharded, p.custom_gather ? p.placeholder : p.full());
         chunks.push_back(detail::storage_alias(p.storage).view({world, p.padded_numel()}));
       }
       if (world == 1) {

@@ -7,6 +7,7 @@
 
 #include <titan/ac.hpp>
 #include <titan/float8.hpp>
+#include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
 #include <cstdlib>
@@ -220,10 +221,16 @@ TEST_CASE("float8: fully_shard with float8 all-gather equals float8 without FSDP
 
   for (bool precompute : {false, true}) {
     CAPTURE(precompute);
+    // Built, converted and sharded on the meta device, then materialised (the trainer's order).
     auto model = make_mlp(5);
+    const auto initial = titan::full_state_dict(model, world()->group(), titan::FullStateDictOptions().rank0_only(false));
+    for (auto& param : model->parameters())  // as if built on meta: no storage
+      titan::detail::repoint_tensor(param, at::empty(param.sizes(), param.options().device(torch::kMeta)));
     titan::convert_to_float8_training(model, Float8Options().enable_fsdp_float8_all_gather(true));
     auto w1_unit = titan::fully_shard(*model->w1, mesh);  // the float8 layer as its own unit
     titan::fully_shard(*model, mesh);                     // w2 in float8, the gain in fp32
+    titan::to_empty(*model, device());
+    titan::load_full_state_dict(model, initial);
     auto run = train(model, 4, [&] {
       if (precompute) titan::precompute_float8_dynamic_scale_for_fsdp(model);
     });

@@ -71,10 +71,11 @@ SMALL = [
 ]
 
 
-# Float8 against bf16 over 50 steps, and FSDP x TP against FSDP in float8 (set from measured runs,
-# see docs/float8.md).
-FLOAT8_TRACK_TOL = 0.1
-FLOAT8_TP_TOL = 1e-2
+# Float8 against bf16 over 50 steps, and FSDP x TP against FSDP in float8: about 4x what was measured
+# on 2026-11-26 (8.1e-3 tensorwise, 7.8e-3 rowwise; 7.4e-4 with TP; docs/performance.md). TP changes
+# the order of partial sums, and a last-bit difference can move a value to the next float8 step.
+FLOAT8_TRACK_TOL = 0.03
+FLOAT8_TP_TOL = 3e-3
 
 
 class Runner:
