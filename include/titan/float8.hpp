@@ -42,7 +42,9 @@
 #include <ATen/ops/_scaled_mm.h>
 #include <torch/nn/modules/linear.h>
 
+#include <algorithm>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -169,6 +171,12 @@ inline at::Tensor amax_to_scale(const at::Tensor& amax, at::ScalarType dtype, bo
   return power_of_2 ? at::exp2(at::floor(at::log2(scale))) : scale;
 }
 
+/// A weight shard's amax as float32 [] (0 for an empty shard: a rank may hold no rows).
+inline at::Tensor shard_amax(const at::Tensor& shard) {
+  at::NoGradGuard no_grad;
+  return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat)) : at::max(at::abs(shard)).to(at::kFloat);
+}
+
 /// saturate(hp · scale) in `dtype` (the scale broadcasts: 0-dim or keepdim axiswise).
 inline at::Tensor cast_with_scale(const at::Tensor& hp, const at::Tensor& scale, at::ScalarType dtype) {
   const double max = float8_max(dtype);
@@ -236,10 +244,13 @@ struct Float8TensorParallel {
   enum class Split { None, OutFeatures, InFeatures };
   Split split = Split::None;
   ProcessGroupPtr group;
-  /// The group to reduce an amax over: always for tensorwise scales, for an axiswise one when it is
-  /// taken along the split dimension.
-  ProcessGroupPtr reduce_group(const Float8Cast& cast, Split along) const {
+  /// The group to reduce the amax of an operand with dimensions `dims` (Split::None: the tokens)
+  /// over: when the operand is split and its amax is taken along the split dimension (a tensorwise
+  /// amax along all of them). A replicated operand (x of a column-parallel layer, dy of a
+  /// row-parallel one) has the same amax on every rank: nothing to reduce.
+  ProcessGroupPtr reduce_group(const Float8Cast& cast, std::initializer_list<Split> dims, Split along) const {
     if (split == Split::None || cast.scaling == Float8Cast::Scaling::Disabled) return nullptr;
+    if (std::find(dims.begin(), dims.end(), split) == dims.end()) return nullptr;
     return cast.scaling == Float8Cast::Scaling::Tensorwise || along == split ? group : nullptr;
   }
 };
@@ -257,6 +268,7 @@ struct Float8LinearSpec {
 inline at::Tensor float8_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<Float8Operand>& weight_fp8,
                                 const Float8LinearSpec& spec) {
   using Split = Float8TensorParallel::Split;
+  constexpr Split tokens = Split::None, out = Split::OutFeatures, in = Split::InFeatures;  // operand dims
   const auto& c = spec.casts;
   const bool pow2 = c.round_scales_to_power_of_2;
   const int64_t K = x.size(-1);
@@ -265,9 +277,9 @@ inline at::Tensor float8_linear(const at::Tensor& x, const at::Tensor& weight, c
   {
     at::NoGradGuard no_grad;
     auto x2 = x.reshape({-1, K});  // [M, K]
-    auto a = cast_operand(x2, c.input, -1, pow2, spec.tp.reduce_group(c.input, Split::InFeatures));
+    auto a = cast_operand(x2, c.input, -1, pow2, spec.tp.reduce_group(c.input, {tokens, in}, in));
     auto b = weight_fp8 ? weight_fp8->t()  // [K, N]
-                        : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, Split::InFeatures));
+                        : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, {out, in}, in));
     auto out_sizes = x.sizes().vec();
     out_sizes.back() = N;
     y = float8_mm(a, b, x.scalar_type(), /*fast_accum=*/true, spec.emulate).view(out_sizes);
@@ -278,22 +290,23 @@ inline at::Tensor float8_linear(const at::Tensor& x, const at::Tensor& weight, c
       {x, weight}, outputs, "titan::Float8LinearBackward",
       [x = x.detach(), weight = weight.detach(), weight_fp8, spec, K, N](torch::autograd::variable_list&& grads) {
         using Split = Float8TensorParallel::Split;
+        constexpr Split tokens = Split::None, out = Split::OutFeatures, in = Split::InFeatures;
         const auto& c = spec.casts;
         const bool pow2 = c.round_scales_to_power_of_2;
         at::NoGradGuard no_grad;
         auto dy = grads[0].reshape({-1, N});  // [M, N]
         auto x2 = x.reshape({-1, K});         // [M, K]
         // dx = dy · W: dy rowwise along N, W (as Wᵀ [K, N]) along N.
-        auto dy_n = cast_operand(dy, c.grad_output, -1, pow2, spec.tp.reduce_group(c.grad_output, Split::OutFeatures));
+        auto dy_n = cast_operand(dy, c.grad_output, -1, pow2, spec.tp.reduce_group(c.grad_output, {tokens, out}, out));
         auto w_n = weight_fp8 ? weight_fp8->t()
                               : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
-                                             spec.tp.reduce_group(c.weight_for_grad_input, Split::OutFeatures));
+                                             spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out));
         auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x.sizes());  // [..., K]
         // dW = dyᵀ · x: both along M (the tokens, never split by TP).
         auto dy_m = cast_operand(dy, c.grad_output_for_grad_weight, 0, pow2,
-                                 spec.tp.reduce_group(c.grad_output_for_grad_weight, Split::None));
+                                 spec.tp.reduce_group(c.grad_output_for_grad_weight, {tokens, out}, tokens));
         auto x_m = cast_operand(x2, c.input_for_grad_weight, 0, pow2,
-                                spec.tp.reduce_group(c.input_for_grad_weight, Split::None));
+                                spec.tp.reduce_group(c.input_for_grad_weight, {tokens, in}, tokens));
         auto dw = float8_mm(dy_m.t(), x_m, dy.scalar_type(), false, spec.emulate);  // [N, K]
         return torch::autograd::variable_list{dx, dw.to(weight.scalar_type())};
       });
@@ -308,9 +321,7 @@ class Float8WeightGather : public FsdpParamGather {
   at::ScalarType gather_dtype() const override { return at::kFloat8_e4m3fn; }
   ProcessGroupPtr statistic_group() const override { return tp_group_; }
   at::Tensor shard_statistic(const at::Tensor& shard) override {
-    if (precomputed_current(shard)) return at::Tensor();
-    at::NoGradGuard no_grad;
-    return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat)) : at::max(at::abs(shard)).to(at::kFloat);
+    return precomputed_current(shard) ? at::Tensor() : shard_amax(shard);
   }
   at::Tensor pre_all_gather(const at::Tensor& shard, const at::Tensor& reduced_amax) override {
     at::NoGradGuard no_grad;
@@ -476,8 +487,7 @@ void precompute_float8_dynamic_scale_for_fsdp(const M& model) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> amaxes;
   for (const auto& e : entries)
-    amaxes.push_back(e.shard.numel() == 0 ? at::zeros({1}, e.shard.options().dtype(at::kFloat))
-                                          : at::max(at::abs(e.shard)).to(at::kFloat).reshape({1}));
+    amaxes.push_back(detail::shard_amax(e.shard).reshape({1}));
   auto amax = at::cat(amaxes);  // [weights]
   std::vector<ProcessGroupPtr> shard_groups, tp_groups;  // one all-reduce per distinct group
   for (const auto& e : entries) {
