@@ -170,12 +170,11 @@ def op_sac_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def build_fsdp2(a, mesh, device):
+def apply_block_ac(model, a):
+    """Wraps the blocks of the plain Llama for activation checkpointing as `a.ac` says (and
+    compiles each for fsdp2_compile), as torchtitan's apply_ac does."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    with torch.device("meta"):
-        model = Llama(a)
     for name, block in list(model.layers.items()):
         index = int(name)
         if a.ac == "full" or (a.ac.isdigit() and index % int(a.ac) == 0):
@@ -185,6 +184,14 @@ def build_fsdp2(a, mesh, device):
         if a.impl == "fsdp2_compile":
             block = torch.compile(block, fullgraph=True)
         model.layers[name] = block
+
+
+def build_fsdp2(a, mesh, device):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    with torch.device("meta"):
+        model = Llama(a)
+    apply_block_ac(model, a)
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, a.dtype), reduce_dtype=torch.float32)
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
@@ -213,15 +220,11 @@ def build_fsdp2(a, mesh, device):
     return model, opt, loss_fn, clip, contextlib.nullcontext
 
 
-def build_torchtitan(a, world, device):
-    if device.type == "cpu":  # torchtitan picks "cuda" when no accelerator is visible: make it pick the CPU
-        torch._utils._get_available_device_type = lambda: "cpu"
-    from torch.distributed.fsdp import FSDPModule
-    from torchtitan.components.loss import build_cross_entropy_loss
-    from torchtitan.components.optimizer import build_optimizers
+def torchtitan_model(a, world, optimizer_implementation):
+    """torchtitan's job config for this run, its ParallelDims (mesh built) and its Llama 3 built on
+    the meta device and parallelized by torchtitan's parallelize_llama (AC, compile, FSDP)."""
     from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
-    from torchtitan.distributed import utils as dist_utils
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs, parallelize_llama
 
     job = JobConfig()
@@ -236,7 +239,7 @@ def build_torchtitan(a, world, device):
     job.optimizer.lr = 8e-4
     job.optimizer.eps = 1e-8
     job.optimizer.weight_decay = 0.1
-    job.optimizer.implementation = "fused" if device.type == "cuda" else "foreach"
+    job.optimizer.implementation = optimizer_implementation
     job.job.dump_folder = "/tmp/titan_side_by_side_torchtitan"
     parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world)
     parallel_dims.build_mesh()
@@ -245,7 +248,18 @@ def build_torchtitan(a, world, device):
                                 ffn_dim_multiplier=a.ffn_dim_multiplier, rope_theta=a.rope_theta, max_seq_len=a.seq_len)
     with torch.device("meta"):
         model = Transformer(args)
-    model = parallelize_llama(model, parallel_dims, job)
+    return job, parallel_dims, parallelize_llama(model, parallel_dims, job)
+
+
+def build_torchtitan(a, world, device):
+    if device.type == "cpu":  # torchtitan picks "cuda" when no accelerator is visible: make it pick the CPU
+        torch._utils._get_available_device_type = lambda: "cpu"
+    from torch.distributed.fsdp import FSDPModule
+    from torchtitan.components.loss import build_cross_entropy_loss
+    from torchtitan.components.optimizer import build_optimizers
+    from torchtitan.distributed import utils as dist_utils
+
+    job, parallel_dims, model = torchtitan_model(a, world, "fused" if device.type == "cuda" else "foreach")
     if device.type == "cpu":  # torchtitan reduces gradients with NCCL's PreMulSum, which Gloo lacks: average
         for module in model.modules():
             if isinstance(module, FSDPModule):

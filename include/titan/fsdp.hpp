@@ -542,8 +542,9 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   void start_all_gather(bool prefetched) {
     const int world = shard_group_->size();
     auto& first = params_.front().sharded;
-    TORCH_CHECK(!first.is_meta(), "titan::fully_shard: the parameters of '", module_name_,
-                "' are still on the meta device; call titan::to_empty(model, device) and initialise them first");
+    TORCH_CHECK(!first.is_meta() || shard_group_->device().is_meta(), "titan::fully_shard: the parameters of '",
+                module_name_, "' are still on the meta device; call titan::to_empty(model, device) and initialise them ",
+                "first");
     state_ = State::Gathering;
     ++stats_.all_gathers;
     if (prefetched) ++stats_.prefetches;

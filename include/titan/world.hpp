@@ -193,7 +193,9 @@ struct DistOptions {
   /// "auto" (NCCL when the device is CUDA, else Gloo), "gloo" or "nccl".
   TORCH_ARG(std::string, backend) = "auto";
   /// "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda". Each rank binds
-  /// its GPU (c10::cuda::set_device) before any group is made.
+  /// its GPU (c10::cuda::set_device) before any group is made. "meta" (one process only): shapes
+  /// without storage, nothing computed, e.g. to trace a whole training step for a cost model
+  /// (bench/gpu_cost); FSDP then accepts parameters left on the meta device.
   TORCH_ARG(std::string, device) = "auto";
   /// Let more ranks than GPUs run on a node, round robin (Gloo only: tests, debugging). Without
   /// it that is an error naming both counts.
@@ -310,10 +312,17 @@ class World {
   void choose_device_and_backend() {
     const auto& device = options_.device();
     const auto& backend = options_.backend();
-    TORCH_CHECK(device == "auto" || device == "cpu" || device == "cuda",
-                "titan: DistOptions::device must be 'auto', 'cpu' or 'cuda', got '", device, "'");
+    TORCH_CHECK(device == "auto" || device == "cpu" || device == "cuda" || device == "meta",
+                "titan: DistOptions::device must be 'auto', 'cpu', 'cuda' or 'meta', got '", device, "'");
     TORCH_CHECK(backend == "auto" || backend == "gloo" || backend == "nccl",
                 "titan: DistOptions::backend must be 'auto', 'gloo' or 'nccl', got '", backend, "'");
+    if (device == "meta") {  // groups of one rank carry no backend: nothing is ever communicated
+      TORCH_CHECK(info_.world_size == 1, "titan: DistOptions::device 'meta' is for one process, but the job has ",
+                  info_.world_size, " ranks");
+      device_ = c10::Device(c10::kMeta);
+      backend_name_ = "gloo";
+      return;
+    }
     detail::check_cuda_support(TITAN_HAS_NCCL != 0, detail::visible_gpu_count(), device);
     const int visible = detail::cuda_device_count();
     const bool cuda = device == "cuda" || (device == "auto" && visible > 0);

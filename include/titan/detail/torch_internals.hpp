@@ -101,13 +101,17 @@ inline void resize_storage_bytes(const at::Tensor& tensor, size_t bytes) {
     at::native::resize_bytes_cpu(storage, bytes);
     return;
   }
+  if (tensor.device().is_meta()) {  // a trace on the meta device (DistOptions::device "meta"): no memory
+    storage->set_nbytes(bytes);
+    return;
+  }
 #if TITAN_HAS_NCCL
   if (tensor.device().is_cuda()) {
     at::native::resize_bytes_cuda(storage, bytes);
     return;
   }
 #endif
-  TORCH_CHECK(false, "titan: cannot resize storage on device ", tensor.device(), " (CPU and CUDA are supported)");
+  TORCH_CHECK(false, "titan: cannot resize storage on device ", tensor.device(), " (CPU, CUDA and meta are supported)");
 }
 
 // --- 4. TensorImpl::shallow_copy_from --------------------------------------------------------

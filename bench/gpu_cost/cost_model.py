@@ -1,0 +1,270 @@
+"""GPU cost model: prices every kernel of a traced training step on a GPU description.
+
+A trace (bench_gpu_cost_trace for titan, trace_peers.py for the Python peers) has one JSON line
+per operator call below autograd. Each becomes zero or more kernels:
+  - views, allocations and metadata operators: no kernel;
+  - matmuls (mm, addmm, bmm, baddbmm, _scaled_mm): 2·M·N·K FLOPs at the matmul rate;
+  - fused attention (cuDNN, flash, efficient): 4·B·H·Sq·Sk·D FLOPs forward (half when causal),
+    2.5x that backward (five matmuls instead of two), at the attention rate;
+  - one-rank NCCL collectives: a launch, and a copy when not in place;
+  - multi-tensor kernels (_foreach_*, _fused_adamw_): their bytes, one launch per group of
+    tensors or of 320 chunks of 65,536 elements, as CUDA's multi_tensor_apply launches them;
+  - everything else is memory-bound: the bytes it reads (distinct elements of its inputs; gathers
+    such as embedding and nll_loss read only what they pick) and writes (its outputs, or the
+    arguments it writes in place).
+A kernel takes launch + max(FLOPs / rate, bytes / bandwidth). The step time is the sum over
+kernels (one stream, one GPU: the GPU is never idle waiting for the host at these shapes, an
+assumption the GPU kit's profile stage checks).
+
+torch.compile is modelled by what Inductor does to such a step: consecutive memory-bound kernels
+of the forward and backward (not the optimizer, not FSDP's copies) become one kernel that reads
+what the group takes from outside it and writes what is read after it (data identity by storage).
+
+Rates are the GPU description's peaks times efficiencies calibrated on measured runs
+(calibrate()); GPUS lists each figure's source.
+"""
+import json
+import math
+from collections import defaultdict
+
+# Peak figures of each GPU (dense bf16 tensor-core rate, HBM bandwidth), with their source.
+GPUS = {
+    "H200": dict(name="NVIDIA H200 SXM (141 GB HBM3e)", bf16_tflops=989.4, hbm_tb_s=4.8,
+                 source="NVIDIA H200 Tensor Core GPU datasheet (2024): 989 TFLOPS bf16 dense "
+                        "(1,979 with sparsity), 4.8 TB/s"),
+    "H100": dict(name="NVIDIA H100 SXM (80 GB HBM3)", bf16_tflops=989.4, hbm_tb_s=3.35,
+                 source="NVIDIA H100 Tensor Core GPU datasheet (2023): 989 TFLOPS bf16 dense "
+                        "(1,979 with sparsity), 3.35 TB/s"),
+}
+
+# Efficiencies against the peaks: what calibrate() found on the H200 eager rows of 2026-11-26
+# (docs/performance.md, "GPU cost model"), with the matmul efficiency pinned: the step's GEMMs at 92%
+# of the 8192^3 bf16 rate measured in that run (777 TFLOP/s = 0.785 of peak). The three rows alone
+# cannot tell matmul from attention time (both scale with the same FLOPs), hence the anchor.
+MATMUL_ANCHOR = 0.72
+DEFAULT_EFFICIENCY = dict(matmul=MATMUL_ANCHOR, attention=0.30, bandwidth=0.90, launch_us=5.0)
+
+NO_KERNEL = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+    "aten::_unsafe_view", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::_reshape_alias",
+    "aten::set_", "aten::resize_", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item",
+    "aten::_has_compatible_shallow_copy_type", "aten::record_stream", "aten::detach_",
+}
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"}
+ATTENTION_FORWARD = {"aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
+                     "aten::_scaled_dot_product_efficient_attention"}
+ATTENTION_BACKWARD = {name + "_backward" for name in ATTENTION_FORWARD}
+# Operators that read only the rows they pick from their first input (the table / the logits).
+GATHERS = {"aten::embedding", "aten::nll_loss_forward", "aten::index_select", "aten::gather"}
+# In-place operators that do not read what they overwrite.
+OVERWRITES = {"aten::copy_", "aten::fill_", "aten::zero_", "aten::_foreach_copy_", "aten::normal_", "aten::uniform_"}
+# multi_tensor_apply: tensors per launch by how many lists the kernel walks, chunks per launch.
+TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+CHUNK_ELEMENTS, CHUNKS_PER_LAUNCH = 65536, 320
+# Lists of equal length a multi-tensor kernel walks (the others walk one, with scalars).
+LIST_DEPTH = {"aten::_fused_adamw_": 4, "aten::_fused_adam_": 4, "aten::_foreach_copy_": 2}
+
+
+def base_name(op):
+    return op.split(".")[0]
+
+
+def tensor_bytes(t):
+    return t["elements"] * t["itemsize"]
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def kernel(event):
+    """The kernel an event runs: dict(kind, launches, bytes, flops, reads, writes) or None."""
+    op, name = event["op"], base_name(event["op"])
+    if event["view"] or name in NO_KERNEL:
+        return None
+    inputs, outputs = event["inputs"], event["outputs"]
+    reads = {t["storage"] for t in inputs}
+    writes = {t["storage"] for t in outputs} | {t["storage"] for t in inputs if t.get("written")}
+    k = dict(op=op, phase=event["phase"], launches=1, flops=0.0, reads=reads, writes=writes)
+    if name.startswith("nccl::"):
+        in_place = event["scalars"].get("in_place", False)
+        k.update(kind="collective", bytes=0 if in_place else sum(tensor_bytes(t) for t in inputs + outputs))
+        return k
+    if name in MATMULS:
+        a, b = [t["shape"] for t in inputs if len(t["shape"]) >= 2][:2]
+        m, kk, n = a[-2], a[-1], b[-1]
+        batch = math.prod(a[:-2]) if len(a) > 2 else 1
+        k.update(kind="matmul", flops=2.0 * batch * m * n * kk,
+                 bytes=sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs))
+        return k
+    if name in ATTENTION_FORWARD or name in ATTENTION_BACKWARD:
+        backward = name in ATTENTION_BACKWARD
+        tensors = inputs[1:4] if backward else inputs[:3]  # backward: (grad_out, q, k, v, ...)
+        q, key = tensors[0]["shape"], tensors[1]["shape"]
+        causal = 0.5 if event["scalars"].get("is_causal") else 1.0
+        forward_flops = 4.0 * q[0] * q[1] * q[2] * key[2] * q[3] * causal
+        k.update(kind="attention", flops=forward_flops * (2.5 if backward else 1.0),
+                 bytes=sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs))
+        return k
+    if name.startswith("aten::_foreach_") or name.startswith("aten::_fused_adam"):
+        tensors = [t for t in inputs if t["shape"] != []] or inputs  # the lists walked, not scalars
+        depth = LIST_DEPTH.get(name, 1)
+        per_list = max(1, len(tensors) // depth)
+        chunks = sum(math.ceil(t["elements"] / CHUNK_ELEMENTS) for t in tensors) / depth
+        launches = max(math.ceil(per_list / TENSORS_PER_LAUNCH[depth]), math.ceil(chunks / CHUNKS_PER_LAUNCH))
+        written = sum(tensor_bytes(t) for t in inputs if t.get("written"))
+        k.update(kind="multi_tensor", launches=max(1, launches),
+                 bytes=sum(tensor_bytes(t) for t in inputs) + written + sum(tensor_bytes(t) for t in outputs))
+        return k
+    # Memory-bound.
+    if name in GATHERS:
+        picked = outputs[0]["elements"] if outputs else 0
+        read = picked * inputs[0]["itemsize"] + sum(tensor_bytes(t) for t in inputs[1:])
+    elif event["mutates"]:
+        overwrites = name in OVERWRITES or name.endswith("_out") or op.endswith(".out")
+        read = sum(tensor_bytes(t) for t in inputs if not (t.get("written") and overwrites))
+    else:
+        read = sum(tensor_bytes(t) for t in inputs)
+    if event["mutates"]:
+        written = sum(tensor_bytes(t) for t in inputs if t.get("written"))
+    else:
+        written = sum(tensor_bytes(t) for t in outputs)
+    if name == "aten::nll_loss_backward":  # zero-fills grad_input, then writes one entry per row
+        read = sum(tensor_bytes(t) for t in inputs if t["shape"] != outputs[0]["shape"])
+    k.update(kind="memory", bytes=read + written)
+    return k
+
+
+def kernels(events):
+    """The kernels of a trace's events, each also knowing the bytes of every storage it touches."""
+    out = []
+    for e in events:
+        k = kernel(e)
+        if k is None:
+            continue
+        k["storage_bytes"] = {}
+        for t in e["inputs"] + e["outputs"]:
+            k["storage_bytes"][t["storage"]] = max(k["storage_bytes"].get(t["storage"], 0), tensor_bytes(t))
+        out.append(k)
+    return out
+
+
+def fuse(ks, phases=("forward", "backward")):
+    """torch.compile's fusion of memory-bound kernels (see the module docstring)."""
+    # Which kernels read each storage, in order: a group's write is external if read after it.
+    readers = defaultdict(list)
+    for i, k in enumerate(ks):
+        for s in k["reads"]:
+            readers[s].append(i)
+    fused, group = [], []
+
+    def close():
+        if not group:
+            return
+        members = [ks[i] for i in group]
+        written = set().union(*(m["writes"] for m in members))
+        produced_by = {}
+        for i in group:
+            for s in ks[i]["writes"]:
+                produced_by.setdefault(s, i)
+        read_bytes, write_bytes = 0, 0
+        sizes = storage_sizes(members)
+        for s in set().union(*(m["reads"] for m in members)):
+            if s not in produced_by or min(i for i in group if s in ks[i]["reads"]) <= produced_by[s]:
+                read_bytes += sizes.get(s, 0)
+        for s in written:
+            if any(r > group[-1] for r in readers[s]) or s not in readers:
+                write_bytes += sizes.get(s, 0)
+        fused.append(dict(op=f"fused[{len(group)}]", phase=members[0]["phase"], kind="memory", launches=1,
+                          flops=0.0, bytes=read_bytes + write_bytes, reads=set(), writes=set()))
+        group.clear()
+
+    for i, k in enumerate(ks):
+        if k["kind"] == "memory" and k["phase"] in phases:
+            group.append(i)
+        else:
+            close()
+            fused.append(k)
+    close()
+    return fused
+
+
+def storage_sizes(members):
+    """Bytes of each storage the kernels touch (the largest view of it they name)."""
+    sizes = {}
+    for m in members:
+        for s, b in m.get("storage_bytes", {}).items():
+            sizes[s] = max(sizes.get(s, 0), b)
+    return sizes
+
+
+def kernel_ms(k, gpu, eff):
+    rate = {"matmul": eff["matmul"], "attention": eff["attention"]}.get(k["kind"])
+    compute = k["flops"] / (gpu["bf16_tflops"] * 1e12 * rate) if rate else 0.0
+    memory = k["bytes"] / (gpu["hbm_tb_s"] * 1e12 * eff["bandwidth"])
+    return 1e3 * (k["launches"] * eff["launch_us"] * 1e-6 + max(compute, memory))
+
+
+def summary(ks, gpu, eff):
+    """Kernels per step, GB moved by memory-bound kernels, TFLOPs of matmul and attention, ms."""
+    s = dict(kernels=sum(k["launches"] for k in ks), memory_gb=0.0, matmul_tflop=0.0, attention_tflop=0.0, ms=0.0,
+             by_kind=defaultdict(float))
+    for k in ks:
+        ms = kernel_ms(k, gpu, eff)
+        s["ms"] += ms
+        s["by_kind"][k["kind"]] += ms
+        if k["kind"] in ("memory", "multi_tensor", "collective"):
+            s["memory_gb"] += k["bytes"] / 1e9
+        elif k["kind"] == "matmul":
+            s["matmul_tflop"] += k["flops"] / 1e12
+        else:
+            s["attention_tflop"] += k["flops"] / 1e12
+    return s
+
+
+def top_memory_ops(ks, gpu, eff, n=12):
+    """The memory-bound operators costing most time: (op, calls, GB, ms)."""
+    agg = defaultdict(lambda: [0, 0.0, 0.0])
+    for k in ks:
+        if k["kind"] == "matmul" or k["kind"] == "attention":
+            continue
+        a = agg[k["op"]]
+        a[0] += 1
+        a[1] += k["bytes"] / 1e9
+        a[2] += kernel_ms(k, gpu, eff)
+    return sorted(((op, *v) for op, v in agg.items()), key=lambda r: -r[3])[:n]
+
+
+def calibrate(rows, gpu, fixed=None):
+    """Efficiencies minimising the squared log error of the predicted step times of `rows`
+    ({name: (kernels, measured_ms)}), by a grid over physically plausible ranges; `fixed` pins some
+    of them (e.g. {"bandwidth": 0.85})."""
+    import numpy as np
+
+    grid = dict(matmul=np.arange(0.55, 0.805, 0.01), attention=np.arange(0.25, 0.705, 0.01),
+                bandwidth=np.arange(0.60, 0.955, 0.05), launch_us=np.array([2.0, 3.0, 4.0, 5.0, 6.0, 8.0]))
+    for key, value in (fixed or {}).items():
+        grid[key] = np.array([value])
+    arrays = {}
+    for name, (ks, measured) in rows.items():
+        kinds = np.array([k["kind"] for k in ks])
+        arrays[name] = (np.array([k["launches"] for k in ks], dtype=float), np.array([k["flops"] for k in ks]),
+                        np.array([k["bytes"] for k in ks], dtype=float), kinds == "matmul", kinds == "attention",
+                        measured)
+    best = None
+    peak, hbm = gpu["bf16_tflops"] * 1e12, gpu["hbm_tb_s"] * 1e12
+    for mm in grid["matmul"]:
+        for at in grid["attention"]:
+            for bw in grid["bandwidth"]:
+                memory = {name: a[2] / (hbm * bw) for name, a in arrays.items()}
+                for lu in grid["launch_us"]:
+                    err = 0.0
+                    for name, (launches, flops, _, is_mm, is_at, measured) in arrays.items():
+                        compute = np.where(is_mm, flops / (peak * mm), np.where(is_at, flops / (peak * at), 0.0))
+                        seconds = launches.sum() * lu * 1e-6 + np.maximum(compute, memory[name]).sum()
+                        err += math.log(1e3 * seconds / measured) ** 2
+                    if best is None or err < best[0]:
+                        best = (err, dict(matmul=round(float(mm), 2), attention=round(float(at), 2),
+                                          bandwidth=round(float(bw), 2), launch_us=float(lu)))
+    return best[1]

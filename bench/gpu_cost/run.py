@@ -1,0 +1,187 @@
+"""The GPU cost model's table: titan and its Python peers, each step traced on the meta device at the
+GPU benchmark's shape, every kernel priced on a GPU description (cost_model.py), one table.
+
+    .venv/bin/python bench/gpu_cost/run.py                      # Llama 3 1B, seq 8192, bf16, AC op
+    .venv/bin/python bench/gpu_cost/run.py --calibrate          # refit the efficiencies on the H200 rows
+    .venv/bin/python bench/gpu_cost/run.py --preset small --check   # the ctest (gpu_cost.small)
+
+Rows: titan (bench_gpu_cost_trace: the trainer's model, parallelize_llama, FusedAdamW, step), and
+the peers of bench/side_by_side (trace_peers.py): PyTorch FSDP2 eager, torchtitan 0.2.2 eager, and
+both with torch.compile (the eager traces with Inductor's fusion of memory-bound kernels applied).
+Measured H200 figures (MEASURED, from docs/performance.md) stand beside the predictions with the
+ratio error. torchtitan and its imports are installed into build/torchtitan-site on first use
+(bench/side_by_side/install_torchtitan.sh, PyPI).
+
+--check (the ctest): traces without AC, and checks for titan and both peers that the matmul FLOPs
+are exactly 6 x (parameters without the token embedding) x tokens (forward 2, backward 4 per
+multiply-add), one attention kernel per layer forward and one backward, and every line priced;
+then with per-operator AC that titan recomputes the same matmul FLOPs as the peers (torchtitan's
+policy: every other matmul kept).
+"""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import cost_model as cm  # noqa: E402
+
+PRESETS = {
+    "gpu": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5,
+                vocab_size=128256, seq_len=8192, local_batch=1, dtype="bfloat16", ac="op"),
+    "small": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=64, ffn_dim_multiplier=1.5,
+                  vocab_size=4000, seq_len=128, local_batch=2, dtype="bfloat16", ac="op"),
+}
+
+# Step times measured on an H200 by the GPU kit (bench/side_by_side, same run: docs/performance.md,
+# "Kit run of 2026-11-26, 07:45 UTC", commit 287104f): ms per step of 8192 tokens.
+MEASURED = {
+    "H200": dict(when="2026-11-26, commit 287104f", matmul_tflops=777,
+                 ms=dict(titan=8192e3 / 34469, fsdp2=8192e3 / 34950, fsdp2_compile=8192e3 / 42245,
+                         torchtitan=8192e3 / 39283, torchtitan_compile=8192e3 / 46182)),
+}
+EAGER = ("titan", "fsdp2", "torchtitan")
+
+
+def shape_flags(shape):
+    return [item for k, v in shape.items() for item in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def trace_all(a, shape, out):
+    """Writes titan.jsonl, fsdp2.jsonl and torchtitan.jsonl under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    site = Path(a.torchtitan_site)
+    if not (site / "torchtitan").is_dir():
+        subprocess.run([str(ROOT / "bench/side_by_side/install_torchtitan.sh"), str(site)], check=True)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    flags = shape_flags(shape)
+    run([a.trace, "--out", str(out / "titan.jsonl")] + flags, env)
+    for impl in ("fsdp2", "torchtitan"):
+        run([sys.executable, str(HERE / "trace_peers.py"), "--impl", impl, "--out", str(out / f"{impl}.jsonl")] + flags,
+            env)
+    traces = {impl: cm.kernels(cm.load(out / f"{impl}.jsonl")) for impl in EAGER}
+    traces["fsdp2_compile"] = cm.fuse(traces["fsdp2"])
+    traces["torchtitan_compile"] = cm.fuse(traces["torchtitan"])
+    return traces
+
+
+def run(cmd, env):
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+    print(done.stdout.strip().splitlines()[-1], flush=True)
+
+
+def table(traces, gpu_name, eff, shape):
+    gpu = cm.GPUS[gpu_name]
+    measured = MEASURED.get(gpu_name, {}).get("ms", {})
+    sums = {impl: cm.summary(ks, gpu, eff) for impl, ks in traces.items()}
+    titan = sums["titan"]["ms"]
+    lines = [f"GPU cost model, {gpu['name']} ({gpu['bf16_tflops']:.0f} TFLOP/s bf16, {gpu['hbm_tb_s']} TB/s); "
+             f"efficiencies: matmul {eff['matmul']:.2f}, attention {eff['attention']:.2f}, "
+             f"bandwidth {eff['bandwidth']:.2f}, {eff['launch_us']:.1f} us per launch; "
+             f"dim {shape['dim']}, {shape['n_layers']} layers, vocab {shape['vocab_size']}, seq {shape['seq_len']}, "
+             f"batch {shape['local_batch']}, {shape['dtype']}, AC {shape['ac']}",
+             "| impl | kernels | memory-bound GB | matmul TFLOP | attention TFLOP | predicted ms | titan / this "
+             "predicted | measured ms | titan / this measured | ratio error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for impl, s in sums.items():
+        row = [impl, f"{s['kernels']:,}", f"{s['memory_gb']:.1f}", f"{s['matmul_tflop']:.1f}",
+               f"{s['attention_tflop']:.1f}", f"{s['ms']:.1f}", f"{s['ms'] / titan:.3f}x" if impl != "titan" else "-"]
+        if impl in measured and "titan" in measured:
+            m_ratio = measured[impl] / measured["titan"]
+            p_ratio = s["ms"] / titan
+            row += [f"{measured[impl]:.1f}", f"{m_ratio:.3f}x" if impl != "titan" else "-",
+                    f"{100 * (p_ratio / m_ratio - 1):+.1f}%" if impl != "titan" else
+                    f"{100 * (s['ms'] / measured[impl] - 1):+.1f}% (time)"]
+        else:
+            row += ["", "", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Where titan's predicted time goes (ms): " + ", ".join(
+        f"{kind} {ms:.1f}" for kind, ms in sorted(sums["titan"]["by_kind"].items(), key=lambda x: -x[1])))
+    lines.append("titan's costliest memory-bound operators (op, calls, GB, ms): " + "; ".join(
+        f"{op} {calls} {gb:.1f} {ms:.1f}" for op, calls, gb, ms in cm.top_memory_ops(traces["titan"], gpu, eff, 8)))
+    return "\n".join(lines)
+
+
+def check(a, out):
+    """The ctest's checks (see the module docstring); returns the failures."""
+    failures = []
+    base = dict(PRESETS["small"])
+    shape = dict(base, ac="none")
+    traces = trace_all(a, shape, out / "ac_none")
+    head = shape["dim"] // shape["n_heads"]
+    hidden = cm_hidden_dim(shape)
+    body = shape["n_layers"] * (shape["dim"] * head * (2 * shape["n_heads"] + 2 * shape["n_kv_heads"]) +
+                                3 * shape["dim"] * hidden) + shape["vocab_size"] * shape["dim"]
+    tokens = shape["seq_len"] * shape["local_batch"]
+    expected = 6.0 * body * tokens
+    for impl in EAGER:
+        ks = traces[impl]
+        flops = sum(k["flops"] for k in ks if k["kind"] == "matmul")
+        if flops != expected:
+            failures.append(f"{impl}: matmul FLOPs {flops:.0f}, expected 6 x {body} x {tokens} = {expected:.0f}")
+        fwd = sum(1 for k in ks if k["kind"] == "attention" and not k["op"].endswith("_backward"))
+        bwd = sum(1 for k in ks if k["kind"] == "attention" and k["op"].endswith("_backward"))
+        if (fwd, bwd) != (shape["n_layers"], shape["n_layers"]):
+            failures.append(f"{impl}: {fwd} forward and {bwd} backward attention kernels, expected "
+                            f"{shape['n_layers']} each")
+        unknown = [e["op"] for e in cm.load(out / "ac_none" / f"{impl}.jsonl") if "inputs" not in e]
+        if unknown:
+            failures.append(f"{impl}: lines without inputs: {unknown[:3]}")
+    traces = trace_all(a, base, out / "ac_op")
+    recomputed = {impl: sum(k["flops"] for k in traces[impl] if k["kind"] == "matmul") - expected for impl in EAGER}
+    if recomputed["titan"] <= 0 or len(set(recomputed.values())) != 1:
+        failures.append(f"per-operator AC: recomputed matmul FLOPs differ or are zero: {recomputed}")
+    return failures
+
+
+def cm_hidden_dim(shape):
+    hidden = int(2 * 4 * shape["dim"] / 3)
+    if shape["ffn_dim_multiplier"]:
+        hidden = int(shape["ffn_dim_multiplier"] * hidden)
+    m = shape["multiple_of"]
+    return m * ((hidden + m - 1) // m)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    p.add_argument("--ac", help="override the preset's activation checkpointing: op, none, full or N")
+    p.add_argument("--gpu", choices=sorted(cm.GPUS), action="append", help="GPU description(s); default all")
+    p.add_argument("--trace", default=str(ROOT / "build/bench/gpu_cost/bench_gpu_cost_trace"),
+                   help="the bench_gpu_cost_trace executable")
+    p.add_argument("--torchtitan-site", default=str(ROOT / "build/torchtitan-site"))
+    p.add_argument("--out", default="/tmp/titan_gpu_cost", help="traces and the table go here")
+    p.add_argument("--calibrate", action="store_true", help="fit the efficiencies on the measured eager rows")
+    p.add_argument("--check", action="store_true", help="the ctest's checks (see above)")
+    a = p.parse_args()
+    out = Path(a.out)
+    if a.check:
+        failures = check(a, out)
+        for f in failures:
+            print("FAILED:", f)
+        print(f"gpu_cost checks: {'all passed' if not failures else f'{len(failures)} failed'}")
+        return 1 if failures else 0
+    shape = dict(PRESETS[a.preset])
+    if a.ac:
+        shape["ac"] = a.ac
+    traces = trace_all(a, shape, out)
+    eff = dict(cm.DEFAULT_EFFICIENCY)
+    if a.calibrate:
+        rows = {impl: (traces[impl], MEASURED["H200"]["ms"][impl]) for impl in EAGER}
+        eff = cm.calibrate(rows, cm.GPUS["H200"], fixed={"matmul": cm.MATMUL_ANCHOR})
+        print("calibrated on the H200 eager rows:", eff)
+    text = "\n\n".join(table(traces, g, eff, shape) for g in (a.gpu or sorted(cm.GPUS, reverse=True)))
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
