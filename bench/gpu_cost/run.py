@@ -87,7 +87,8 @@ def table(traces, gpu_name, eff, shape):
              f"dim {shape['dim']}, {shape['n_layers']} layers, vocab {shape['vocab_size']}, seq {shape['seq_len']}, "
              f"batch {shape['local_batch']}, {shape['dtype']}, AC {shape['ac']}",
              "| impl | kernels | memory-bound GB | matmul TFLOP | attention TFLOP | predicted ms | titan / this "
-             "predicted | measured ms | titan / this measured | ratio error |",
+             f"predicted | measured ms ({MEASURED.get(gpu_name, {}).get('when', 'none')}) | titan / this measured | "
+             "predicted / measured ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for impl, s in sums.items():
         row = [impl, f"{s['kernels']:,}", f"{s['memory_gb']:.1f}", f"{s['matmul_tflop']:.1f}",

@@ -11,15 +11,17 @@ Peers (those of bench/side_by_side/reference.py, with its shape flags):
 
 The model runs on the meta device under a TorchDispatchMode that writes one line per operator call
 below autograd (what runs as a kernel; per-operator AC's cached outputs run none and are not seen).
-Three things cannot run on meta tensors as they do on the GPU, and are reproduced here:
+What cannot run on meta tensors as it does on the GPU is reproduced here:
   - CUDA's kernel choices: SDPA's cuDNN backend and the fused RMSNorm kernel (registered below,
     the same choices bench_gpu_cost_trace makes for titan);
-  - autocast to bf16 (torchtitan on one GPU): meta tensors carry no autocast key, so a
-    TorchFunctionMode applies CUDA autocast's rule to the calls this model makes: matmul-like calls
-    take bf16 copies of fp32 tensors (parameters' copies cached within a region, as autocast
-    does), softmax/loss calls take fp32;
+  - autocast to bf16 (torchtitan on one GPU): meta tensors carry no autocast key, so CUDA
+    autocast's rule is applied to the calls of this model that it changes: F.linear and SDPA take
+    bf16 copies of fp32 tensors (parameters' copies cached within a region, as autocast does); the
+    loss casts to fp32 itself, and RMSNorm is on no autocast list;
+  - gradient clipping with foreach kernels (meta tensors refuse foreach=True): _foreach_norm, the
+    norm of norms, _foreach_mul_, as CUDA runs clip_grad_norm_;
   - FSDP2 on one rank (fsdp2): FSDP2 refuses meta parameters, so its per-unit work is issued as
-    FSDP2 1.x issues it on one rank: per all-gather a cast of each fp32 shard to bf16, one
+    FSDP2 (torch 2.11) issues it on one rank: per all-gather a cast of each fp32 shard to bf16, one
     _foreach_copy_ into the all-gather buffer, the (in-place) all-gather and one
     split_with_sizes_copy out; per reduce-scatter one _chunk_cat of the bf16 gradients into an fp32
     buffer and the (copying) reduce-scatter; blocks gathered twice (reshard after forward), the

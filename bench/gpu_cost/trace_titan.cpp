@@ -21,8 +21,9 @@
 //   - SDPA: the cuDNN attention kernel (what an H200 runs for these shapes),
 //   - at::rms_norm with matching dtypes: the fused RMSNorm kernel and its fused backward,
 //   - the fused AdamW kernel (no C++ meta kernel in LibTorch; nor have index_select and
-//     embedding_dense_backward, the embedding's, and abs.out, logical_not.out and where.self,
-//     which gradient clipping and the skip flag reach: all registered here).
+//     embedding_dense_backward, the embedding's, complex.out, RoPE's, and abs.out,
+//     logical_not.out and where.self, which gradient clipping and the skip flag reach: all
+//     registered here).
 #include "models/llama/model.hpp"
 #include "models/llama/parallelize.hpp"
 #include "common/config.hpp"
@@ -153,6 +154,16 @@ void unary_out_meta(const c10::OperatorHandle&, Stack* stack) {
   stack->emplace_back(out);
 }
 
+/// (a, b, out) -> out resized to the broadcast shape (complex.out: RoPE's rotation).
+void binary_out_meta(const c10::OperatorHandle&, Stack* stack) {
+  const auto a = (*stack)[stack->size() - 3].toTensor();
+  const auto b = (*stack)[stack->size() - 2].toTensor();
+  auto out = (*stack)[stack->size() - 1].toTensor();
+  torch::jit::drop(*stack, 3);
+  out.resize_(at::infer_size(a.sizes(), b.sizes()));
+  stack->emplace_back(out);
+}
+
 /// where.self(condition, self, other): the broadcast shape, self and other's promoted dtype.
 void where_meta(const c10::OperatorHandle&, Stack* stack) {
   const auto condition = (*stack)[stack->size() - 3].toTensor();
@@ -178,6 +189,7 @@ TORCH_LIBRARY_IMPL(aten, Meta, m) {
   m.impl("abs.out", torch::CppFunction::makeFromBoxedFunction<&unary_out_meta>());
   m.impl("where.self", torch::CppFunction::makeFromBoxedFunction<&where_meta>());
   m.impl("logical_not.out", torch::CppFunction::makeFromBoxedFunction<&unary_out_meta>());
+  m.impl("complex.out", torch::CppFunction::makeFromBoxedFunction<&binary_out_meta>());
 }
 
 // ---- the recorder -----------------------------------------------------------------------------

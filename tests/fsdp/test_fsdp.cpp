@@ -310,6 +310,40 @@ TEST_CASE("fsdp: a model built on the meta device, sharded, then to_empty and lo
   CHECK(max_param_diff(*model, *reference) <= 1e-5);
 }
 
+TEST_CASE("fsdp: on a meta world the model stays on meta and a whole step runs without storage") {
+  // DistOptions::device("meta") is how a step is traced at any size (bench/gpu_cost): FSDP takes
+  // the meta parameters, gathers (casting to bf16), reshards (storage resized on meta) and reduces.
+  auto meta_world = titan::init_distributed(titan::DistOptions().device("meta"),
+                                            [](const std::string&) -> std::optional<std::string> { return {}; });
+  REQUIRE(meta_world->device().is_meta());
+  titan::DeviceMesh mesh(meta_world, {"dp_shard"}, {1});
+  Mlp model(torch::kMeta, 64, 96, 2);
+  shard_mlp(model, mesh, titan::FsdpOptions().param_dtype(torch::kBFloat16).reshard_after_forward(true));
+  auto x = torch::empty({4, 5}, torch::TensorOptions().device(torch::kMeta));
+  auto out = titan::call(model, x);
+  CHECK(out.is_meta());
+  CHECK((out.sizes().vec() == std::vector<int64_t>{4, 3}));
+  CHECK((out.scalar_type() == torch::kBFloat16));
+  out.sum().backward();
+  for (const auto& [name, sharded] : titan::sharded_parameters(*model)) {
+    CAPTURE(name);
+    REQUIRE(sharded.local.grad().defined());
+    CHECK(sharded.local.grad().is_meta());
+    CHECK((sharded.local.grad().sizes() == sharded.local.sizes()));
+    CHECK((sharded.local.grad().scalar_type() == torch::kFloat));  // fp32 shards, fp32 reduction
+  }
+  // Several ranks cannot share a meta world: refused before any rendezvous.
+  auto two = [](const std::string& name) -> std::optional<std::string> {
+    static const std::map<std::string, std::string> vars = {{"RANK", "0"},        {"WORLD_SIZE", "2"},
+                                                            {"LOCAL_RANK", "0"},  {"LOCAL_WORLD_SIZE", "2"},
+                                                            {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "1"}};
+    auto it = vars.find(name);
+    return it == vars.end() ? std::nullopt : std::optional<std::string>(it->second);
+  };
+  CHECK(titan_test::error_of([&] { titan::init_distributed(titan::DistOptions().device("meta"), two); })
+            .find("DistOptions::device 'meta' is for one process, but the job has 2 ranks") != std::string::npos);
+}
+
 TEST_CASE("fsdp: bf16 parameters; fp32 reduction is closer to fp32 than bf16 reduction") {
   auto data = make_data({5}, 3, 5);
   auto reference = seeded<Mlp>();

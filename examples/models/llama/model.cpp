@@ -167,21 +167,18 @@ torch::Tensor rope_frequencies(const ModelArgs& args) {
 
 namespace {
 
-/// x [B, S, H, hd] rotated by position (Meta's interleaved pairs (x[2i], x[2i+1])), in float32.
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  auto pairs = x.to(torch::kFloat).unflatten(-1, {-1, 2});  // [B, S, H, hd/2, 2]
-  auto x0 = pairs.select(-1, 0), x1 = pairs.select(-1, 1);  // [B, S, H, hd/2]
-  auto c = cos.view({1, cos.size(0), 1, cos.size(1)});      // [1, S, 1, hd/2]
-  auto s = sin.view({1, sin.size(0), 1, sin.size(1)});
-  return torch::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).flatten(-2).to(x.scalar_type());  // [B, S, H, hd]
+/// The rotations of positions [S] as unit complex numbers cos + i sin [1, S, 1, hd/2] (complex64;
+/// the tables arrive in the compute dtype when FSDP casts a block's inputs).
+torch::Tensor rope_rotation(const torch::Tensor& cos, const torch::Tensor& sin) {
+  return torch::complex(cos.to(torch::kFloat), sin.to(torch::kFloat)).view({1, cos.size(0), 1, cos.size(1)});
 }
 
-/// x [B, KV, S, hd] -> [B, KV * n_rep, S, hd], each kv head repeated for its n_rep query heads.
-torch::Tensor repeat_kv(const torch::Tensor& x, int64_t n_rep) {
-  if (n_rep == 1) return x;
-  auto sizes = x.sizes();
-  return x.unsqueeze(2).expand({sizes[0], sizes[1], n_rep, sizes[2], sizes[3]}).reshape(
-      {sizes[0], sizes[1] * n_rep, sizes[2], sizes[3]});
+/// x [B, S, H, hd] rotated by position: Meta's interleaved pairs (x[2i], x[2i+1]) as complex numbers
+/// times the rotation, in float32. One complex multiply (torchtitan's formulation): one kernel in
+/// float32, three with the casts in bf16 (a real-arithmetic version takes about ten).
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& rotation) {
+  auto pairs = torch::view_as_complex(x.to(torch::kFloat).unflatten(-1, {-1, 2}));  // [B, S, H, hd/2] complex
+  return torch::view_as_real(pairs * rotation).flatten(-2).to(x.scalar_type());     // [B, S, H, hd]
 }
 
 }  // namespace
@@ -203,9 +200,8 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& o
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto xf = x.to(torch::kFloat);  // [..., dim]
-  auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * normed.to(x.scalar_type());
+  // x [..., dim]; the weight in x's dtype (a no-op when they match), so that CUDA takes the fused kernel
+  return at::rms_norm(x, {weight.size(0)}, weight.to(x.scalar_type()), eps);
 }
 
 AttentionCoreImpl::AttentionCoreImpl(int64_t sliding_window_) : sliding_window(sliding_window_) {}
@@ -213,17 +209,16 @@ AttentionCoreImpl::AttentionCoreImpl(int64_t sliding_window_) : sliding_window(s
 torch::Tensor AttentionCoreImpl::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "Attention: ", q.size(1), " query heads are not a multiple of ", k.size(1),
               " key/value heads");
-  const int64_t seq = q.size(2), n_rep = q.size(1) / k.size(1);
-  auto keys = repeat_kv(k, n_rep);  // [B, Hq, S, hd]
-  auto values = repeat_kv(v, n_rep);
+  const int64_t seq = q.size(2);
+  const bool grouped = q.size(1) != k.size(1);  // SDPA shares each kv head with its query heads (no copies)
   if (sliding_window > 0 && seq > sliding_window) {
     // An explicit [S, S] boolean mask (S^2 bytes, and no flash kernel) only when the window cuts.
     auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kLong).device(q.device()));
     auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S]: query - key
     auto mask = distance.ge(0).logical_and(distance.lt(sliding_window));
-    return at::scaled_dot_product_attention(q, keys, values, mask, 0.0, /*is_causal=*/false);
+    return at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, std::nullopt, grouped);
   }
-  return at::scaled_dot_product_attention(q, keys, values, {}, 0.0, /*is_causal=*/true);
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt, grouped);
 }
 
 AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options)
@@ -242,8 +237,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   auto q = titan::call(wq, x).view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
   auto k = titan::call(wk, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
   auto v = titan::call(wv, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
-  q = apply_rope(q, rope_cos, rope_sin).transpose(1, 2);  // [B, Hq, S, hd]
-  k = apply_rope(k, rope_cos, rope_sin).transpose(1, 2);  // [B, Hkv, S, hd]
+  const auto rotation = rope_rotation(rope_cos, rope_sin);  // [1, S, 1, hd / 2] complex
+  q = apply_rope(q, rotation).transpose(1, 2);              // [B, Hq, S, hd]
+  k = apply_rope(k, rotation).transpose(1, 2);              // [B, Hkv, S, hd]
   auto out = titan::call(core, q, k, v.transpose(1, 2));  // [B, Hq, S, hd]
   return titan::call(wo, out.transpose(1, 2).reshape({batch, seq, -1}));  // [B, S, dim]
 }

@@ -38,7 +38,11 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
   titan::apply_activation_checkpointing(model.layers, activation_checkpoint_options(config));
   if (!needs_fsdp(dims, config)) return;
   const auto fsdp_mesh = dims.fsdp_mesh(mesh);
-  const auto options = fsdp_options(config);
+  auto options = fsdp_options(config);
+  // One rank (FSDP only for bf16 compute): resharding frees nothing another rank needs, and the
+  // backward's gather would only cast the same shards again. Kept gathered, each unit casts its
+  // parameters once per step (torchtitan trains one GPU without FSDP, casting at every use).
+  if (fsdp_mesh.size() == 1) options.reshard_after_forward(false);
   for (const auto& layer : model.layers->children()) titan::fully_shard(*layer, fsdp_mesh, options);
   // The root unit holds what no block does; a middle pipeline stage holds only blocks.
   const auto children = model.named_children();

@@ -142,8 +142,9 @@ int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism);
 /// and loss parallel), context parallelism (when dims.cp > 1: the attention cores, rotate method
 /// and the model's sliding window from the config), activation checkpointing
 /// (config.activation_checkpoint) and FSDP (when data or context parallelism or bf16 compute asks
-/// for it: every block, then the root, over dp_shard x cp) to `model`, in that order. The model may still be on the meta device, and may be a pipeline stage (the plan's
-/// entries for modules it does not hold are left out).
+/// for it: every block, then the root, over dp_shard x cp; on one rank the units stay gathered from
+/// forward to backward) to `model`, in that order. The model may still be on the meta device, and
+/// may be a pipeline stage (the plan's entries for modules it does not hold are left out).
 void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
                        const TrainConfig& config);
 
