@@ -42,7 +42,7 @@ GPUS = {
 # of the 8192^3 bf16 rate measured in that run (777 TFLOP/s = 0.785 of peak). The three rows alone
 # cannot tell matmul from attention time (both scale with the same FLOPs), hence the anchor.
 MATMUL_ANCHOR = 0.72
-DEFAULT_EFFICIENCY = dict(matmul=MATMUL_ANCHOR, attention=0.30, bandwidth=0.90, launch_us=5.0)
+DEFAULT_EFFICIENCY = dict(matmul=MATMUL_ANCHOR, attention=0.29, bandwidth=0.95, launch_us=6.0)
 
 NO_KERNEL = {
     "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
@@ -63,6 +63,8 @@ TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 CHUNK_ELEMENTS, CHUNKS_PER_LAUNCH = 65536, 320
 # Lists of equal length a multi-tensor kernel walks (the others walk one, with scalars).
 LIST_DEPTH = {"aten::_fused_adamw_": 4, "aten::_fused_adam_": 4, "aten::_foreach_copy_": 2}
+# Fused optimizers whose second list (the gradients) is read, not written, whatever the schema says.
+READ_ONLY_SECOND_LIST = {"aten::_fused_adamw_", "aten::_fused_adam_"}
 
 
 def base_name(op):
@@ -113,7 +115,10 @@ def kernel(event):
         per_list = max(1, len(tensors) // depth)
         chunks = sum(math.ceil(t["elements"] / CHUNK_ELEMENTS) for t in tensors) / depth
         launches = max(math.ceil(per_list / TENSORS_PER_LAUNCH[depth]), math.ceil(chunks / CHUNKS_PER_LAUNCH))
-        written = sum(tensor_bytes(t) for t in inputs if t.get("written"))
+        written = [t for t in inputs if t.get("written")]
+        if name in READ_ONLY_SECOND_LIST:  # the schema marks the gradients written; the kernel only reads them
+            written = [t for t in written if not any(t is g for g in inputs[per_list:2 * per_list])]
+        written = sum(tensor_bytes(t) for t in written)
         k.update(kind="multi_tensor", launches=max(1, launches),
                  bytes=sum(tensor_bytes(t) for t in inputs) + written + sum(tensor_bytes(t) for t in outputs))
         return k
