@@ -72,7 +72,9 @@ void cudnn_attention_meta(const c10::OperatorHandle&, Stack* stack) {
   const auto k = (*stack)[stack->size() - 8].toTensor();
   const auto v = (*stack)[stack->size() - 7].toTensor();
   torch::jit::drop(*stack, 9);
-  auto out = v.size(-1) == q.size(-1) ? at::empty_like(q) : at::empty({q.size(0), q.size(1), q.size(2), v.size(-1)}, q.options());
+  // The output takes the query's layout (a transposed [B, S, H, D] stays one), as CUDA's kernel does.
+  auto out = v.size(-1) == q.size(-1) ? at::empty_like(q)
+                                      : at::empty({q.size(0), q.size(1), q.size(2), v.size(-1)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2), 1}, q.options().dtype(at::kFloat));
   auto seed = at::empty({}, q.options().dtype(at::kLong));
   stack->emplace_back(out);
@@ -215,7 +217,8 @@ nlohmann::json tensor_json(const at::Tensor& t, bool written) {
                       {"dtype", std::string(c10::toString(t.scalar_type()))},
                       {"elements", distinct},
                       {"itemsize", static_cast<int64_t>(t.element_size())},
-                      {"storage", t.has_storage() ? reinterpret_cast<uintptr_t>(t.storage().unsafeGetStorageImpl()) : 0}};
+                      {"storage", t.has_storage() ? reinterpret_cast<uintptr_t>(t.storage().unsafeGetStorageImpl())
+                                                  : uintptr_t{0}}};
   if (written) j["written"] = true;
   return j;
 }

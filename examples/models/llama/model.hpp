@@ -137,9 +137,10 @@ class RMSNormImpl : public torch::nn::Module {
 TORCH_MODULE(RMSNorm);
 
 /// The attention core: causal softmax(q kᵀ / sqrt(hd)) v, within the sliding window when one is
-/// set, each key/value head shared by a group of query heads (SDPA's enable_gqa: no copies). A module of its own, called through
-/// titan::call, because it is the seam for parallelisms that replace attention itself
-/// (titan::apply_context_parallel attaches to "layers.*.attention.core"). No parameters.
+/// set, each key/value head shared by a group of query heads (SDPA's enable_gqa: no copies). A
+/// module of its own, called through titan::call, because it is the seam for parallelisms that
+/// replace attention itself (titan::apply_context_parallel attaches to "layers.*.attention.core").
+/// No parameters.
 class AttentionCoreImpl : public torch::nn::Module {
  public:
   explicit AttentionCoreImpl(int64_t sliding_window);
