@@ -24,11 +24,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "bench/side_by_side"))
 import cost_model as cm  # noqa: E402
+import reference  # noqa: E402  (bench/side_by_side/reference.py: hidden_dim)
 
 PRESETS = {
     "gpu": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5,
@@ -118,7 +121,7 @@ def check(a, out):
     shape = dict(base, ac="none")
     traces = trace_all(a, shape, out / "ac_none")
     head = shape["dim"] // shape["n_heads"]
-    hidden = cm_hidden_dim(shape)
+    hidden = reference.hidden_dim(SimpleNamespace(**shape))  # the feed-forward width, as the peers compute it
     body = shape["n_layers"] * (shape["dim"] * head * (2 * shape["n_heads"] + 2 * shape["n_kv_heads"]) +
                                 3 * shape["dim"] * hidden) + shape["vocab_size"] * shape["dim"]
     tokens = shape["seq_len"] * shape["local_batch"]
@@ -147,14 +150,6 @@ def check(a, out):
     if recomputed["titan"] <= 0 or len(set(recomputed.values())) != 1:
         failures.append(f"per-operator AC: recomputed matmul FLOPs differ or are zero: {recomputed}")
     return failures
-
-
-def cm_hidden_dim(shape):
-    hidden = int(2 * 4 * shape["dim"] / 3)
-    if shape["ffn_dim_multiplier"]:
-        hidden = int(shape["ffn_dim_multiplier"] * hidden)
-    m = shape["multiple_of"]
-    return m * ((hidden + m - 1) // m)
 
 
 def main():
