@@ -88,17 +88,21 @@ def kernel(event):
     inputs, outputs = event["inputs"], event["outputs"]
     reads = {t["storage"] for t in inputs}
     writes = {t["storage"] for t in outputs} | {t["storage"] for t in inputs if t.get("written")}
-    k = dict(op=op, phase=event["phase"], launches=1, flops=0.0, reads=reads, writes=writes)
+    storage_bytes = {}  # the bytes of each storage it touches (the largest view of it named): for fuse
+    for t in inputs + outputs:
+        storage_bytes[t["storage"]] = max(storage_bytes.get(t["storage"], 0), tensor_bytes(t))
+    k = dict(op=op, phase=event["phase"], launches=1, flops=0.0, reads=reads, writes=writes,
+             storage_bytes=storage_bytes)
+    all_bytes = sum(tensor_bytes(t) for t in inputs + outputs)
     if name.startswith("nccl::"):
         in_place = event["scalars"].get("in_place", False)
-        k.update(kind="collective", bytes=0 if in_place else sum(tensor_bytes(t) for t in inputs + outputs))
+        k.update(kind="collective", bytes=0 if in_place else all_bytes)
         return k
     if name in MATMULS:
         a, b = [t["shape"] for t in inputs if len(t["shape"]) >= 2][:2]
         m, kk, n = a[-2], a[-1], b[-1]
         batch = math.prod(a[:-2]) if len(a) > 2 else 1
-        k.update(kind="matmul", flops=2.0 * batch * m * n * kk,
-                 bytes=sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs))
+        k.update(kind="matmul", flops=2.0 * batch * m * n * kk, bytes=all_bytes)
         return k
     if name in ATTENTION_FORWARD or name in ATTENTION_BACKWARD:
         backward = name in ATTENTION_BACKWARD
@@ -106,8 +110,7 @@ def kernel(event):
         q, key = tensors[0]["shape"], tensors[1]["shape"]
         causal = 0.5 if event["scalars"].get("is_causal") else 1.0
         forward_flops = 4.0 * q[0] * q[1] * q[2] * key[2] * q[3] * causal
-        k.update(kind="attention", flops=forward_flops * (2.5 if backward else 1.0),
-                 bytes=sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs))
+        k.update(kind="attention", flops=forward_flops * (2.5 if backward else 1.0), bytes=all_bytes)
         return k
     if name.startswith("aten::_foreach_") or name.startswith("aten::_fused_adam"):
         tensors = [t for t in inputs if t["shape"] != []] or inputs  # the lists walked, not scalars
@@ -119,8 +122,7 @@ def kernel(event):
         if name in READ_ONLY_SECOND_LIST:  # the schema marks the gradients written; the kernel only reads them
             written = [t for t in written if not any(t is g for g in inputs[per_list:2 * per_list])]
         written = sum(tensor_bytes(t) for t in written)
-        k.update(kind="multi_tensor", launches=max(1, launches),
-                 bytes=sum(tensor_bytes(t) for t in inputs) + written + sum(tensor_bytes(t) for t in outputs))
+        k.update(kind="multi_tensor", launches=max(1, launches), bytes=all_bytes + written)
         return k
     # Memory-bound.
     if name in GATHERS:
@@ -142,17 +144,8 @@ def kernel(event):
 
 
 def kernels(events):
-    """The kernels of a trace's events, each also knowing the bytes of every storage it touches."""
-    out = []
-    for e in events:
-        k = kernel(e)
-        if k is None:
-            continue
-        k["storage_bytes"] = {}
-        for t in e["inputs"] + e["outputs"]:
-            k["storage_bytes"][t["storage"]] = max(k["storage_bytes"].get(t["storage"], 0), tensor_bytes(t))
-        out.append(k)
-    return out
+    """The kernels of a trace's events."""
+    return [k for k in (kernel(e) for e in events) if k is not None]
 
 
 def fuse(ks, phases=("forward", "backward")):
@@ -174,7 +167,10 @@ def fuse(ks, phases=("forward", "backward")):
             for s in ks[i]["writes"]:
                 produced_by.setdefault(s, i)
         read_bytes, write_bytes = 0, 0
-        sizes = storage_sizes(members)
+        sizes = {}  # bytes of each storage the group touches
+        for m in members:
+            for storage, size in m["storage_bytes"].items():
+                sizes[storage] = max(sizes.get(storage, 0), size)
         for s in set().union(*(m["reads"] for m in members)):
             if s not in produced_by or min(i for i in group if s in ks[i]["reads"]) <= produced_by[s]:
                 read_bytes += sizes.get(s, 0)
@@ -193,15 +189,6 @@ def fuse(ks, phases=("forward", "backward")):
             fused.append(k)
     close()
     return fused
-
-
-def storage_sizes(members):
-    """Bytes of each storage the kernels touch (the largest view of it they name)."""
-    sizes = {}
-    for m in members:
-        for s, b in m.get("storage_bytes", {}).items():
-            sizes[s] = max(sizes.get(s, 0), b)
-    return sizes
 
 
 def kernel_ms(k, gpu, eff):
