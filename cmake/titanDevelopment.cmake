@@ -14,6 +14,10 @@ set(CMAKE_CXX_EXTENSIONS OFF)
 
 add_library(titan_dev STATIC "${PROJECT_SOURCE_DIR}/cmake/titan_pch.cpp")
 target_link_libraries(titan_dev PUBLIC titan::titan)
+# The CUDA kernels where they are built (their definition TITAN_CUDA_KERNELS is part of the PCH).
+if(TARGET titan_cuda_kernels)
+  target_link_libraries(titan_dev PUBLIC titan_cuda_kernels)
+endif()
 target_compile_options(titan_dev PUBLIC -Wall -Wextra -Wno-unused-parameter)
 target_precompile_headers(titan_dev PRIVATE
   <torch/torch.h>

@@ -7,6 +7,7 @@
 #include <titan/dist.hpp>
 #include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
+#include <titan/fused.hpp>
 #include <titan/hooks.hpp>
 #include <titan/meta.hpp>
 #include <titan/pipeline.hpp>

@@ -8,6 +8,8 @@
 #include <titan/dist.hpp>
 #include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
+#include <titan/fused.hpp>
+#include <titan/fused/cuda/kernels.hpp>
 #include <titan/hooks.hpp>
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>

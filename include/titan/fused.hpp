@@ -1,0 +1,16 @@
+#pragma once
+// titan/fused.hpp: titan's fused operators, for what ATen does not fuse.
+//
+//   auto loss = titan::cross_entropy(logits, labels, titan::CrossEntropyOptions().reduction(at::Reduction::Sum));
+//   auto hidden = titan::swiglu(w1(x), w3(x));    // silu(w1 x) * w3 x, SwiGLU's gate
+//
+// Each is a dispatcher operator in the namespace `titan` (titan::cross_entropy, titan::swiglu) with
+// autograd, registered on first use (a function-local static; nothing at static-initialisation
+// time). Its ATen implementation is the CPU path, the path of any device without a titan kernel,
+// and the tests' reference. CUDA kernels are `.cuh` headers under titan/fused/cuda/, compiled by
+// nvcc into the `titan::cuda_kernels` target where CUDA is found, and used once a program calls
+// titan::cuda::register_kernels() (titan/fused/cuda/kernels.hpp); docs/fused.md says which have
+// run on a GPU.
+
+#include <titan/fused/cross_entropy.hpp>
+#include <titan/fused/swiglu.hpp>

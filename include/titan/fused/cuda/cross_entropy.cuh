@@ -1,0 +1,98 @@
+#pragma once
+// titan/fused/cuda/cross_entropy.cuh: the CUDA kernel of titan::cross_entropy_loss_and_grad (see
+// titan/fused/cross_entropy.hpp for the formulas). One block per row of logits: an online softmax
+// pass (running max and sum of exp, in fp32) and, for the gradient, a second pass writing
+// softmax - one_hot(target) in the logits' dtype. Compiled by nvcc into titan::cuda_kernels;
+// fp64 logits take the ATen implementation.
+#include <titan/fused/cross_entropy.hpp>
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace titan::cuda {
+namespace detail {
+
+inline constexpr int kCrossEntropyThreads = 512;
+
+/// A row's running max and sum of exp(x - max).
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+__device__ inline MaxSum combine(MaxSum a, MaxSum b) {
+  if (a.max == -INFINITY) return b;  // exp(-inf - -inf) would be NaN
+  if (b.max == -INFINITY) return a;
+  const float max = fmaxf(a.max, b.max);
+  return {max, a.sum * expf(a.max - max) + b.sum * expf(b.max - max)};
+}
+
+/// Row blockIdx.x of logits [rows, vocab]: row_loss[row] = lse - x[target] (0 when ignored) and,
+/// when grad is not null, grad[row, :] = softmax - one_hot(target) (0 when ignored).
+template <typename scalar_t>
+__global__ void cross_entropy_rows(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+                                   scalar_t* __restrict__ grad, float* __restrict__ row_loss, int64_t vocab,
+                                   int64_t ignore_index) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = logits + row * vocab;  // [vocab]
+  MaxSum state{-INFINITY, 0.f};
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) state = combine(state, {static_cast<float>(x[v]), 1.f});
+  for (int offset = 16; offset > 0; offset /= 2)
+    state = combine(state, {__shfl_down_sync(0xffffffffu, state.max, offset),
+                            __shfl_down_sync(0xffffffffu, state.sum, offset)});
+  __shared__ MaxSum warps[kCrossEntropyThreads / 32];
+  __shared__ float row_lse;
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = state;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    MaxSum total = warps[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) total = combine(total, warps[w]);
+    row_lse = total.max + logf(total.sum);
+  }
+  __syncthreads();
+  const float lse = row_lse;
+  const int64_t target = targets[row];
+  const bool kept = target != ignore_index;
+  CUDA_KERNEL_ASSERT(!kept || (target >= 0 && target < vocab));
+  if (threadIdx.x == 0) row_loss[row] = kept ? lse - static_cast<float>(x[target]) : 0.f;
+  if (grad == nullptr) return;
+  scalar_t* dx = grad + row * vocab;  // [vocab]
+  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+    const float value = kept ? expf(static_cast<float>(x[v]) - lse) - (v == target ? 1.f : 0.f) : 0.f;
+    dx[v] = static_cast<scalar_t>(value);
+  }
+}
+
+}  // namespace detail
+
+/// titan::cross_entropy_loss_and_grad on CUDA tensors (same contract as the ATen implementation).
+inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::Tensor& logits,
+                                                                      const at::Tensor& targets, int64_t ignore_index,
+                                                                      int64_t chunk_elements, bool compute_grad) {
+  if (logits.scalar_type() == at::kDouble)
+    return titan::detail::cross_entropy_loss_and_grad_aten(logits, targets, ignore_index, chunk_elements, compute_grad);
+  titan::detail::check_cross_entropy_rows(logits, targets, "titan::cross_entropy");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto x = logits.contiguous();   // [N, V]
+  const auto t = targets.contiguous();  // [N]
+  const int64_t rows = x.size(0), vocab = x.size(1);
+  auto row_loss = at::empty({rows}, x.options().dtype(at::kFloat));                              // [N]
+  auto grad = compute_grad ? at::empty({rows, vocab}, x.options()) : at::empty({0}, x.options());  // [N, V]
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "titan::cross_entropy", [&] {
+      detail::cross_entropy_rows<scalar_t>
+          <<<static_cast<unsigned>(rows), detail::kCrossEntropyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              x.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
+              row_loss.data_ptr<float>(), vocab, ignore_index);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {row_loss.sum(), grad};  // [], [N, V]
+}
+
+}  // namespace titan::cuda

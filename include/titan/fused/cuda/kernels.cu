@@ -1,0 +1,28 @@
+// titan::cuda_kernels: titan's CUDA kernels and their registration for titan's fused operators.
+// Compiled by nvcc (CMake option TITAN_CUDA_KERNELS); nothing is registered until
+// titan::cuda::register_kernels() is called.
+#include <titan/fused/cuda/cross_entropy.cuh>
+#include <titan/fused/cuda/kernels.hpp>
+#include <titan/fused/cuda/swiglu.cuh>
+
+#include <torch/library.h>
+
+#include <memory>
+
+namespace titan::cuda {
+
+void register_kernels() {
+  static const std::unique_ptr<torch::Library> library = [] {
+    titan::register_cross_entropy_operators();  // the definitions first
+    titan::register_swiglu_operators();
+    auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "titan", c10::DispatchKey::CUDA,
+                                                "titan/fused/cuda/kernels.cu", __LINE__);
+    lib->impl("cross_entropy_loss_and_grad", TORCH_FN(cross_entropy_loss_and_grad));
+    lib->impl("swiglu_forward", TORCH_FN(swiglu_forward));
+    lib->impl("swiglu_backward", TORCH_FN(swiglu_backward));
+    return lib;
+  }();
+  (void)library;
+}
+
+}  // namespace titan::cuda

@@ -1,0 +1,93 @@
+#pragma once
+// titan/fused/cuda/swiglu.cuh: the CUDA kernels of titan::swiglu_forward and
+// titan::swiglu_backward (see titan/fused/swiglu.hpp for the formulas): one element-wise pass
+// each way, in fp32. Compiled by nvcc into titan::cuda_kernels; fp64 takes the ATen implementation.
+#include <titan/fused/swiglu.hpp>
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace titan::cuda {
+namespace detail {
+
+inline constexpr int kSwiGluThreads = 256;
+
+/// Blocks for `n` elements of a grid-stride loop: enough to fill the GPU, no more.
+inline unsigned swiglu_blocks(int64_t n) {
+  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 8;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, (n + kSwiGluThreads - 1) / kSwiGluThreads)));
+}
+
+template <typename scalar_t>
+__global__ void swiglu_forward_kernel(const scalar_t* __restrict__ gate, const scalar_t* __restrict__ up,
+                                      scalar_t* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{blockDim.x} * gridDim.x) {
+    const float a = static_cast<float>(gate[i]);
+    const float s = 1.f / (1.f + expf(-a));
+    out[i] = static_cast<scalar_t>(a * s * static_cast<float>(up[i]));
+  }
+}
+
+template <typename scalar_t>
+__global__ void swiglu_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ gate,
+                                       const scalar_t* __restrict__ up, scalar_t* __restrict__ d_gate,
+                                       scalar_t* __restrict__ d_up, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{blockDim.x} * gridDim.x) {
+    const float g = static_cast<float>(grad[i]), a = static_cast<float>(gate[i]);
+    const float s = 1.f / (1.f + expf(-a));
+    d_gate[i] = static_cast<scalar_t>(g * static_cast<float>(up[i]) * s * (1.f + a * (1.f - s)));
+    d_up[i] = static_cast<scalar_t>(g * a * s);
+  }
+}
+
+}  // namespace detail
+
+/// titan::swiglu_forward on CUDA tensors.
+inline at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
+  if (gate.scalar_type() == at::kDouble) return titan::detail::swiglu_forward_aten(gate, up);
+  titan::detail::check_swiglu_inputs(gate, up);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  const auto a = gate.contiguous(), b = up.contiguous();  // [...]
+  auto out = at::empty_like(a);                           // [...]
+  const int64_t n = a.numel();
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "titan::swiglu_forward", [&] {
+      detail::swiglu_forward_kernel<scalar_t>
+          <<<detail::swiglu_blocks(n), detail::kSwiGluThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+/// titan::swiglu_backward on CUDA tensors.
+inline std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
+                                                          const at::Tensor& up) {
+  if (gate.scalar_type() == at::kDouble || grad.scalar_type() != gate.scalar_type())
+    return titan::detail::swiglu_backward_aten(grad, gate, up);
+  titan::detail::check_swiglu_inputs(gate, up);
+  TORCH_CHECK(grad.sizes() == gate.sizes(), "titan::swiglu: the output gradient must have the input's shape ",
+              gate.sizes(), ", got ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(gate.device());
+  const auto g = grad.contiguous(), a = gate.contiguous(), b = up.contiguous();  // [...]
+  auto d_gate = at::empty_like(a), d_up = at::empty_like(b);                     // [...]
+  const int64_t n = a.numel();
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "titan::swiglu_backward", [&] {
+      detail::swiglu_backward_kernel<scalar_t>
+          <<<detail::swiglu_blocks(n), detail::kSwiGluThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), d_gate.data_ptr<scalar_t>(),
+              d_up.data_ptr<scalar_t>(), n);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {d_gate, d_up};
+}
+
+}  // namespace titan::cuda
