@@ -11,7 +11,7 @@ per operator call below autograd. Each becomes zero or more kernels:
     tensors or of 320 chunks of 65,536 elements, as CUDA's multi_tensor_apply launches them;
   - everything else is memory-bound: the bytes it reads (distinct elements of its inputs; gathers
     such as embedding and nll_loss read only what they pick) and writes (its outputs, or the
-    arguments it writes in place).
+    arguments it writes in place; in-place scatters only the elements they pick).
 A kernel takes launch + max(FLOPs / rate, bytes / bandwidth). The step time is the sum over
 kernels (one stream, one GPU: the GPU is never idle waiting for the host at these shapes, an
 assumption the GPU kit's profile stage checks).
@@ -56,6 +56,8 @@ ATTENTION_FORWARD = {"aten::_scaled_dot_product_cudnn_attention", "aten::_scaled
 ATTENTION_BACKWARD = {name + "_backward" for name in ATTENTION_FORWARD}
 # Operators that read only the rows they pick from their first input (the table / the logits).
 GATHERS = {"aten::embedding", "aten::nll_loss_forward", "aten::index_select", "aten::gather"}
+# In-place scatters: they read and write only the elements their index picks in the first input.
+SCATTERS = {"aten::scatter_add_", "aten::scatter_", "aten::index_put_"}
 # In-place operators that do not read what they overwrite.
 OVERWRITES = {"aten::copy_", "aten::fill_", "aten::zero_", "aten::_foreach_copy_", "aten::normal_", "aten::uniform_"}
 # multi_tensor_apply: tensors per launch by how many lists the kernel walks, chunks per launch.
@@ -63,6 +65,8 @@ TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 CHUNK_ELEMENTS, CHUNKS_PER_LAUNCH = 65536, 320
 # Lists of equal length a multi-tensor kernel walks (the others walk one, with scalars).
 LIST_DEPTH = {"aten::_fused_adamw_": 4, "aten::_fused_adam_": 4, "aten::_foreach_copy_": 2}
+# titan's fused CUDA kernels (include/titan/fused/cuda/) that read their first input more than once.
+INPUT_PASSES = {"titan::cross_entropy_loss_and_grad": 2}  # the row's max and sum of exp, then its gradient
 # Fused optimizers whose second list (the gradients) is read, not written, whatever the schema says.
 READ_ONLY_SECOND_LIST = {"aten::_fused_adamw_", "aten::_fused_adam_"}
 
@@ -133,7 +137,13 @@ def kernel(event):
         read = sum(tensor_bytes(t) for t in inputs if not (t.get("written") and overwrites))
     else:
         read = sum(tensor_bytes(t) for t in inputs)
-    if event["mutates"]:
+    if name in INPUT_PASSES:
+        read += (INPUT_PASSES[name] - 1) * tensor_bytes(inputs[0])
+    if name in SCATTERS:
+        picked = max(t["elements"] for t in inputs[1:]) * inputs[0]["itemsize"]
+        read = picked + sum(tensor_bytes(t) for t in inputs[1:])
+        written = picked
+    elif event["mutates"]:
         written = sum(tensor_bytes(t) for t in inputs if t.get("written"))
     else:
         written = sum(tensor_bytes(t) for t in outputs)

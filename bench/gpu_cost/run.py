@@ -5,7 +5,9 @@ GPU benchmark's shape, every kernel priced on a GPU description (cost_model.py),
     .venv/bin/python bench/gpu_cost/run.py --calibrate          # refit the efficiencies on the H200 rows
     .venv/bin/python bench/gpu_cost/run.py --preset small --check   # the ctest (gpu_cost.small)
 
-Rows: titan (bench_gpu_cost_trace: the trainer's model, parallelize_llama, FusedAdamW, step), and
+Rows: titan (bench_gpu_cost_trace: the trainer's model, parallelize_llama, FusedAdamW, step; titan's
+fused operators as their ATen implementation, the default build), titan_kernels (the same step
+with each fused operator one CUDA kernel: a build with TITAN_CUDA_KERNELS), and
 the peers of bench/side_by_side (trace_peers.py): PyTorch FSDP2 eager, torchtitan 0.2.2 eager, and
 both with torch.compile (the eager traces with Inductor's fusion of memory-bound kernels applied).
 Measured H200 figures (MEASURED, from docs/performance.md) stand beside the predictions with the
@@ -64,10 +66,11 @@ def trace_all(a, shape, out):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     flags = shape_flags(shape)
     run([a.trace, "--out", str(out / "titan.jsonl")] + flags, env)
+    run([a.trace, "--titan-kernels", "cuda", "--out", str(out / "titan_kernels.jsonl")] + flags, env)
     for impl in ("fsdp2", "torchtitan"):
         run([sys.executable, str(HERE / "trace_peers.py"), "--impl", impl, "--out", str(out / f"{impl}.jsonl")] + flags,
             env)
-    traces = {impl: cm.kernels(cm.load(out / f"{impl}.jsonl")) for impl in EAGER}
+    traces = {impl: cm.kernels(cm.load(out / f"{impl}.jsonl")) for impl in EAGER + ("titan_kernels",)}
     traces["fsdp2_compile"] = cm.fuse(traces["fsdp2"])
     traces["torchtitan_compile"] = cm.fuse(traces["torchtitan"])
     return traces

@@ -7,7 +7,7 @@
 //
 //   bench_gpu_cost_trace --out titan.jsonl --dim 2048 --n-layers 16 --n-heads 32 --n-kv-heads 8 \
 //       --multiple-of 256 --ffn-dim-multiplier 1.5 --vocab-size 128256 --seq-len 8192 --local-batch 1 \
-//       --dtype bfloat16 --ac op
+//       --dtype bfloat16 --ac op --titan-kernels aten
 //
 // What is recorded is what a PyTorch dispatch mode would see (TorchDispatchMode, used for the
 // Python peers by trace_peers.py): every operator call that reaches the kernels below autograd,
@@ -35,6 +35,7 @@
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <titan/fsdp.hpp>
+#include <titan/fused.hpp>
 #include <titan/sharding.hpp>
 #include <titan/world.hpp>
 #include <torch/library.h>
@@ -251,7 +252,9 @@ const c10::StorageImpl* storage_of(const c10::IValue& value) {
 
 class Recorder {
  public:
-  explicit Recorder(const std::string& path) : out_(path) {
+  /// `titan_ops_in_aten`: titan's fused operators are not lines, the ATen operators of their ATen
+  /// implementation are (a build without titan's CUDA kernels); else each is one kernel.
+  Recorder(const std::string& path, bool titan_ops_in_aten) : out_(path), titan_ops_in_aten_(titan_ops_in_aten) {
     TORCH_CHECK(out_, "bench_gpu_cost_trace: cannot write '", path, "'");
   }
   void set_phase(const std::string& phase) { phase_ = phase; }
@@ -265,7 +268,8 @@ class Recorder {
     const auto name = fn.operator_name();
     if (!inside_atom && fn.scope() == at::RecordScope::FUNCTION && name) {
       auto op = c10::Dispatcher::singleton().findOp(*name);
-      if (op && !decomposed_on_meta(*op)) {
+      const bool in_aten = titan_ops_in_aten_ && op && op->schema().name().rfind("titan::", 0) == 0;
+      if (op && !decomposed_on_meta(*op) && !in_aten) {
         frame.inside_atom = frame.atom = true;
         frame.op = op;
         frame.event = {{"op", fn.name() + std::string(*fn.overload_name() ? "." : "") + fn.overload_name()},
@@ -332,6 +336,7 @@ class Recorder {
     return frames;
   }
   std::ofstream out_;
+  bool titan_ops_in_aten_;
   std::string phase_ = "forward";
   std::mutex mutex_;
   // Weak references keep each recorded storage's address from being reused during the trace.
@@ -358,6 +363,10 @@ int run(int argc, char** argv) {
   const std::string out = text_arg(argc, argv, "--out", "titan.jsonl");
   const std::string dtype = text_arg(argc, argv, "--dtype", "bfloat16");
   const std::string ac = text_arg(argc, argv, "--ac", "op");
+  const std::string titan_kernels = text_arg(argc, argv, "--titan-kernels", "aten");
+  TORCH_CHECK(titan_kernels == "aten" || titan_kernels == "cuda", "bench_gpu_cost_trace: --titan-kernels '",
+              titan_kernels, "' is not 'aten' (titan's fused operators as their ATen implementation, the default ",
+              "build) or 'cuda' (each one kernel: a build with TITAN_CUDA_KERNELS)");
   const int64_t seq = int_arg(argc, argv, "--seq-len", 8192), batch = int_arg(argc, argv, "--local-batch", 1);
   auto args = ModelArgs()
                   .dim(int_arg(argc, argv, "--dim", 2048))
@@ -392,15 +401,13 @@ int run(int argc, char** argv) {
   const auto meta_long = torch::TensorOptions().dtype(torch::kLong).device(torch::kMeta);
   auto input = torch::empty({batch, seq}, meta_long), labels = torch::empty({batch, seq}, meta_long);
 
-  Recorder trace(out);
+  Recorder trace(out, titan_kernels == "aten");
   auto step = [&](Recorder* r) {
     if (r) r->set_phase("forward");
     optimizer->zero_grad();
     auto logits = titan::call(model, input);  // [B, S, V]
     // The trainer's token_loss_sum (no loss parallel on one GPU).
-    auto loss = torch::nn::functional::cross_entropy(
-        logits.flatten(0, 1).to(torch::kFloat32), labels.flatten(),
-        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+    auto loss = titan::cross_entropy(logits, labels, titan::CrossEntropyOptions().reduction(at::Reduction::Sum));
     if (r) r->set_phase("backward");
     (loss * (1.0 / static_cast<double>(batch * seq))).backward();
     if (r) r->set_phase("optimizer");

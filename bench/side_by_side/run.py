@@ -6,6 +6,7 @@
 Every row trains the same Llama 3 shape with the same batch, optimizer (AdamW, clipping at 1.0),
 FSDP (reshard after forward) and activation checkpointing, in this one run on this one machine:
   titan               examples/llama/llama_train (the trainer a user copies) on the offline corpus
+  titan_kernels       the same with training.fused_kernels = "cuda" (titan's CUDA kernels; cuda preset)
   fsdp2, fsdp2_compile, torchtitan, torchtitan_compile: bench/side_by_side/reference.py
 torchtitan rows need torchtitan 0.2.2 and what it imports in `--torchtitan-site` (CPU:
 bench/side_by_side/install_torchtitan.sh build/torchtitan-site; GPU: scripts/gpu/ brings them);
@@ -38,7 +39,8 @@ PRESETS = {
                 dtype="float32", ac="2", impls="titan,fsdp2,torchtitan", warmup=5, steps=10),
     "cuda": dict(ranks=1, flavor="1B", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
                  ffn_dim_multiplier=1.5, vocab_size=128256, seq_len=8192, local_batch=1, global_batch=1,
-                 dtype="bfloat16", ac="op", impls="titan,fsdp2,fsdp2_compile,torchtitan,torchtitan_compile",
+                 dtype="bfloat16", ac="op",
+                 impls="titan,titan_kernels,fsdp2,fsdp2_compile,torchtitan,torchtitan_compile",
                  warmup=10, steps=20),
 }
 
@@ -102,8 +104,11 @@ def run(cmd, env, log, timeout):
             return 124
 
 
-def titan_row(a, env, out):
-    dump = out / "titan"
+TITAN_ROWS = {"titan": {}, "titan_kernels": {"training.fused_kernels": "cuda"}}  # impl -> extra overrides
+
+
+def titan_row(a, impl, env, out):
+    dump = out / impl
     shutil.rmtree(dump, ignore_errors=True)
     steps = a.warmup + a.steps
     overrides = {
@@ -114,13 +119,13 @@ def titan_row(a, env, out):
         "activation_checkpoint.mode": {"none": "none", "full": "full"}.get(a.ac, "selective"),
         "activation_checkpoint.selective_ac_option": a.ac if a.ac not in ("none", "full") else "2",
         "checkpoint.enable": "false", "data.val_freq": 0, "metrics.enable_tensorboard": "false",
-        "metrics.log_freq": a.warmup, "data.cache_dir": str(out / "token_cache"),
+        "metrics.log_freq": a.warmup, "data.cache_dir": str(out / "token_cache"), **TITAN_ROWS[impl],
     }
     cmd = [f"{a.build}/tests/titan_launch", "--nproc", str(a.ranks), "--timeout", str(a.timeout), "--",
            f"{a.build}/examples/llama/llama_train", "--config", "examples/configs/llama3_debug.toml"]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
-    log = out / "titan.log"
+    log = out / f"{impl}.log"
     rc = run(cmd, env, log, a.timeout)
     if rc != 0:
         return {"error": f"exit {rc}, see {log}"}
@@ -180,7 +185,7 @@ def main():
     results = {}
     for impl in impls:  # titan first: on the debug flavor it tells the vocabulary the others use
         started = time.time()
-        results[impl] = titan_row(a, env, out) if impl == "titan" else reference_row(a, impl, env, out)
+        results[impl] = titan_row(a, impl, env, out) if impl in TITAN_ROWS else reference_row(a, impl, env, out)
         print(f"[side_by_side] {impl}: {time.time() - started:.0f} s {json.dumps(results[impl])}", flush=True)
 
     fpt = flops_per_token(a)

@@ -74,6 +74,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       choice("training", "mixed_precision_param", &c.training.mixed_precision_param, dtypes),
       choice("training", "mixed_precision_reduce", &c.training.mixed_precision_reduce, dtypes),
       choice("training", "nan_policy", &c.training.nan_policy, {"stop", "skip"}),
+      choice("training", "fused_kernels", &c.training.fused_kernels, {"aten", "cuda"}),
       integer("parallelism", "data_parallel_shard_degree", &c.parallelism.data_parallel_shard_degree, -1),
       integer("parallelism", "data_parallel_replicate_degree", &c.parallelism.data_parallel_replicate_degree, 1),
       integer("parallelism", "tensor_parallel_degree", &c.parallelism.tensor_parallel_degree, 1),

@@ -66,6 +66,10 @@ struct TrainingConfig {
   std::string mixed_precision_param = "bfloat16";  ///< "float32" or "bfloat16" compute dtype
   std::string mixed_precision_reduce = "float32";  ///< "float32" or "bfloat16" gradient reduction
   std::string nan_policy = "stop";  ///< on a NaN/Inf loss: "stop" the run or "skip" the step
+  /// titan's fused operators (the loss: titan::cross_entropy): "aten" (their ATen implementation,
+  /// every device) or "cuda" (titan::cuda_kernels on CUDA tensors; not yet run on a GPU, see
+  /// docs/fused.md; needs a build that found CUDA)
+  std::string fused_kernels = "aten";
 };
 
 /// [parallelism]: the device mesh.

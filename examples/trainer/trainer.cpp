@@ -5,6 +5,10 @@
 
 #include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
+#include <titan/fused.hpp>
+#ifdef TITAN_CUDA_KERNELS
+#include <titan/fused/cuda/kernels.hpp>
+#endif
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
@@ -156,6 +160,15 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
   log.info(config_.job.description, " | ", world_->world_size(), " ranks, ", world_->backend_name(), " on ",
            world_->device().str());
   log.info("resolved config:\n", to_toml(config_));
+  if (config_.training.fused_kernels == "cuda") {
+#ifdef TITAN_CUDA_KERNELS
+    titan::cuda::register_kernels();
+    log.info("fused operators: titan's CUDA kernels on CUDA tensors (not yet run on a GPU: see docs/fused.md)");
+#else
+    TORCH_CHECK(false, "training.fused_kernels = \"cuda\": this build has no titan::cuda_kernels (CMake found no ",
+                "CUDA compiler, or LibTorch is a CPU build); use \"aten\"");
+#endif
+  }
   if (world_->rank() == 0) save_config(config_, (dump / "config.toml").string());
 
   dims_ = ParallelDims::from_config(config_.parallelism, world_->world_size());
@@ -324,9 +337,8 @@ torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::
     return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, mesh_->group("tp"), -100,
                                               at::Reduction::Sum, args_.vocab_size());
   }
-  return torch::nn::functional::cross_entropy(
-      logits.flatten(0, 1).to(torch::kFloat32), labels.flatten(),
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
+  // Computed in fp32 a chunk of rows at a time, the logits' gradient written during the forward.
+  return titan::cross_entropy(logits, labels, titan::CrossEntropyOptions().ignore_index(-100).reduction(at::Reduction::Sum));
 }
 
 torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector<Batch>& batches, double scale,

@@ -228,7 +228,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 71);
+  CHECK(config_keys().size() == 72);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {

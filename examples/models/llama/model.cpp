@@ -1,5 +1,6 @@
 #include "model.hpp"
 
+#include <titan/fused.hpp>
 #include <titan/hooks.hpp>
 #include <titan/sharding.hpp>
 
@@ -251,7 +252,9 @@ FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::T
 }
 
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
-  return titan::call(w2, torch::silu(titan::call(w1, x)) * titan::call(w3, x));
+  const auto gate = titan::call(w1, x);             // [B, S, hidden]
+  const auto up = titan::call(w3, x);               // [B, S, hidden]
+  return titan::call(w2, titan::swiglu(gate, up));  // [B, S, dim]: silu(gate) * up, one operator
 }
 
 TransformerBlockImpl::TransformerBlockImpl(int64_t layer_id_, const ModelArgs& args,
