@@ -54,6 +54,8 @@ def parse_args():
     p.add_argument("--torchtitan-site", default=str(ROOT / "build/torchtitan-site"),
                    help="a folder holding torchtitan and its dependencies (bench/side_by_side/install_torchtitan.sh)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per row")
+    p.add_argument("--titan-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="an extra config override for the titan rows (repeatable), e.g. profiling.enable_profiling=true")
     for key, value in PRESETS["cuda"].items():
         kind = float if key == "ffn_dim_multiplier" else int if isinstance(value, int) else str
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
@@ -121,6 +123,11 @@ def titan_row(a, impl, env, out):
         "checkpoint.enable": "false", "data.val_freq": 0, "metrics.enable_tensorboard": "false",
         "metrics.log_freq": a.warmup, "data.cache_dir": str(out / "token_cache"), **TITAN_ROWS[impl],
     }
+    for item in a.titan_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--titan-set '{item}': expected SECTION.KEY=VALUE")
+        overrides[key] = value
     cmd = [f"{a.build}/tests/titan_launch", "--nproc", str(a.ranks), "--timeout", str(a.timeout), "--",
            f"{a.build}/examples/llama/llama_train", "--config", "examples/configs/llama3_debug.toml"]
     for key, value in overrides.items():

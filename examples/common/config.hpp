@@ -133,6 +133,13 @@ struct MetricsConfig {
   double peak_flops = 0.0;              ///< device peak FLOP/s for MFU; 0: by the GPU's name
 };
 
+/// [profiling]: PyTorch profiler (Kineto) traces of chosen steps, torchtitan's keys.
+struct ProfilingConfig {
+  bool enable_profiling = false;                     ///< record every profile_freq-th step
+  std::string save_traces_folder = "profile_trace";  ///< under job.dump_folder: iteration_<step>/rank<r>_trace.json
+  int64_t profile_freq = 10;                         ///< steps profile_freq, 2 profile_freq, ... are recorded
+};
+
 /// [data]: corpus, packing and validation.
 struct DataConfig {
   std::string kind = "text";        ///< "text", "jsonl" or "alpaca"
@@ -160,6 +167,7 @@ struct TrainConfig {
   CheckpointConfig checkpoint;
   ActivationCheckpointConfig activation_checkpoint;
   MetricsConfig metrics;
+  ProfilingConfig profiling;
   DataConfig data;
 };
 

@@ -124,6 +124,7 @@ PeakMemory peak_memory(const c10::Device& device) {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
     peak.active = stats.active_bytes[static_cast<size_t>(StatType::AGGREGATE)].peak;
     peak.reserved = stats.reserved_bytes[static_cast<size_t>(StatType::AGGREGATE)].peak;
+    peak.alloc_retries = stats.num_alloc_retries;
 #endif
     return peak;
   }
@@ -210,6 +211,7 @@ std::string MetricsLogger::record(const IntervalStats& stats) {
     values["peak_reserved_gib"] = static_cast<double>(memory.reserved) / gib;
     memory_text += c10::str(" (reserved ", std::round(values["peak_reserved_gib"] * 100.0) / 100.0, ")");
   }
+  if (memory.alloc_retries >= 0) values["alloc_retries"] = static_cast<double>(memory.alloc_retries);
   char line[512];
   std::snprintf(line, sizeof(line),
                 "step %6lld | loss %8.4f | ppl %10.2f | lr %.3e | grad_norm %8.4f | tok/s/rank %9.0f | mfu %s | "

@@ -58,10 +58,13 @@ class TensorBoardWriter {
 
 /// Peak memory of this process on a device since the last reset_peak_memory, in bytes (-1: not
 /// measured). CUDA: the caching allocator's peak active and reserved bytes (when compiled with
-/// CUDA). CPU: the RSS high-water mark (VmHWM) as active; reserved is -1.
+/// CUDA) and its allocation retries so far (a cudaMalloc that failed, freed the cache and tried
+/// again: a sign of fragmentation or memory pressure). CPU: the RSS high-water mark (VmHWM) as
+/// active; reserved and retries are -1.
 struct PeakMemory {
   int64_t active = -1;
   int64_t reserved = -1;
+  int64_t alloc_retries = -1;
 };
 PeakMemory peak_memory(const c10::Device& device);
 /// Starts a new peak-memory interval on `device`: resets the CUDA allocator's peaks, or on CPU the

@@ -242,6 +242,8 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
                                                  .peak_flops(device_peak_flops(world_->device(), metrics.peak_flops()))
                                                  .ranks_per_replica(dims_.tp * dims_.pp)
                                                  .device(world_->device()));
+  if (config_.profiling.enable_profiling)
+    profiler_ = std::make_unique<StepProfiler>(config_.profiling, dump, world_->rank(), world_->device());
   // Host values (label-token counts, the stop flag) travel on the CPU: no device sync.
   host_group_ = TITAN_HAS_GLOO ? world_->new_group(world_->group()->global_ranks(), "host",
                                                    titan::GroupOptions().backend("gloo").device(c10::kCPU))
@@ -509,7 +511,12 @@ void Trainer::train() {
   clock_ = Clock::now();
   while (step < training.steps) {
     ++step;
+    if (profiler_) profiler_->step_begins(step);
     train_step(step);
+    if (profiler_) {
+      const auto trace = profiler_->step_ends(step);
+      if (!trace.empty()) log.info("profiling: step ", step, " -> ", trace);
+    }
     if (!verified_) {  // after the first step: every hooked module went through titan::call
       for (const auto& stage : stages_) titan::verify_calls(stage);
       verified_ = true;

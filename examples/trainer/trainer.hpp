@@ -23,6 +23,7 @@
 #include "../common/metrics.hpp"
 #include "../common/optim.hpp"
 #include "../common/parallelism.hpp"
+#include "../common/profiling.hpp"
 #include "../models/llama/model.hpp"
 #include "../tokenizers/tokenizer.hpp"
 
@@ -130,6 +131,7 @@ class Trainer {
   int64_t accumulation_ = 1;  ///< micro-batches per optimizer step on each rank
   std::unique_ptr<DataLoader> loader_, val_loader_;
   std::unique_ptr<MetricsLogger> metrics_;
+  std::unique_ptr<StepProfiler> profiler_;  ///< with profiling.enable_profiling
   std::unique_ptr<GeneratorState> rng_;
   std::unique_ptr<NanGuard> nan_guard_;
   titan::TrainState state_;  ///< model, optimizer and components by name: "data", "rng", "lr_schedule"

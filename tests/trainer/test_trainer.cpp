@@ -228,7 +228,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 72);
+  CHECK(config_keys().size() == 75);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -1191,8 +1191,9 @@ TEST_CASE("trainer: the rng component restores the CPU and the device generator"
   CHECK_ERROR_HAS(rng.load_state(empty), "no 'state' tensor");
 }
 
-TEST_CASE("trainer: the host reads the device only at sync steps (logging, checkpoint, last)") {
-  auto dir = scratch("trainer_sync");
+/// A trainer config for a few quick steps in `dir`: the debug Llama 3 with a byte tokenizer, a
+/// 40-document corpus, seq 16, 2 micro-batches of 2, no validation, then `extra` overrides.
+TrainConfig tiny_run(const fs::path& dir, const std::vector<std::string>& extra) {
   {
     std::ofstream tokenizer(dir / "bytes.tiktoken");  // one token per byte: ranks 0..255
     const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -1205,16 +1206,22 @@ TEST_CASE("trainer: the host reads the device only at sync steps (logging, check
   for (int i = 0; i < 40; ++i) docs.push_back(kDocs[static_cast<size_t>(i) % kDocs.size()] + " #" + std::to_string(i));
   const auto corpus = write_text_corpus(dir, docs);
   const std::string config_path = std::string(TITAN_SOURCE_DIR) + "/examples/configs/llama3_debug.toml";
-  const std::vector<std::string> args = {
+  std::vector<std::string> args = {
       "train", "--config", config_path, "--job.dump_folder", (dir / "run").string(),
       "--model.tokenizer_path", (dir / "bytes.tiktoken").string(), "--data.path", corpus.string(),
-      "--data.val_path", "", "--data.cache_dir", (dir / "cache").string(), "--training.steps", "7",
-      "--training.seq_len", "16", "--training.batch_size", "2", "--training.global_batch_size", "4",
-      "--lr_scheduler.warmup_steps", "1", "--metrics.log_freq", "3", "--metrics.enable_tensorboard", "false",
-      "--checkpoint.interval", "5", "--checkpoint.keep_latest_k", "1"};
+      "--data.val_path", "", "--data.cache_dir", (dir / "cache").string(), "--training.seq_len", "16",
+      "--training.batch_size", "2", "--training.global_batch_size", "4", "--lr_scheduler.warmup_steps", "1",
+      "--metrics.enable_tensorboard", "false"};
+  args.insert(args.end(), extra.begin(), extra.end());
   std::vector<const char*> argv;
   for (const auto& arg : args) argv.push_back(arg.c_str());
-  auto config = parse_config_args(static_cast<int>(argv.size()), argv.data());
+  return parse_config_args(static_cast<int>(argv.size()), argv.data());
+}
+
+TEST_CASE("trainer: the host reads the device only at sync steps (logging, checkpoint, last)") {
+  auto dir = scratch("trainer_sync");
+  auto config = tiny_run(dir, {"--training.steps", "7", "--metrics.log_freq", "3", "--checkpoint.interval", "5",
+                               "--checkpoint.keep_latest_k", "1"});
   titan_test::OpEvents observer;
   ProbeTrainer trainer(std::move(config));
   trainer.events = &observer;
@@ -1240,6 +1247,34 @@ TEST_CASE("trainer: the host reads the device only at sync steps (logging, check
     logged.push_back(record["step"].get<int64_t>());
   }
   CHECK(logged == std::vector<int64_t>{1, 3, 6});
+}
+
+TEST_CASE("trainer: profiling writes a Chrome trace of every profile_freq-th step") {
+  auto dir = scratch("trainer_profiling");
+  Trainer trainer(tiny_run(dir, {"--training.steps", "5", "--metrics.log_freq", "5", "--checkpoint.enable", "false",
+                                 "--profiling.enable_profiling", "true", "--profiling.profile_freq", "2",
+                                 "--profiling.save_traces_folder", "traces"}));
+  trainer.train();
+  const auto rank = std::to_string(trainer.world()->rank());
+  for (int64_t step = 1; step <= 5; ++step) {
+    CAPTURE(step);
+    const auto trace = dir / "run" / "traces" / ("iteration_" + std::to_string(step)) / ("rank" + rank + "_trace.json");
+    REQUIRE(fs::exists(trace) == (step % 2 == 0));
+    if (step % 2 != 0) continue;
+    std::ifstream file(trace);
+    const auto json = nlohmann::json::parse(file);
+    // The step's operators with their shapes: the model's matrix products among them.
+    std::set<std::string> names;
+    bool shapes = false;
+    for (const auto& event : json.at("traceEvents")) {
+      if (!event.contains("name")) continue;
+      names.insert(event["name"].get<std::string>());
+      shapes = shapes || (event.contains("args") && event["args"].contains("Input Dims"));
+    }
+    CHECK(names.count("aten::mm") == 1);
+    CHECK(names.count("titan::swiglu_forward") == 1);
+    CHECK(shapes);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
