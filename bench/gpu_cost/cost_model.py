@@ -129,7 +129,10 @@ def kernel(event):
         k.update(kind="multi_tensor", launches=max(1, launches), bytes=all_bytes + written)
         return k
     # Memory-bound.
-    if name in GATHERS:
+    if name in SCATTERS:  # the elements it picks in its first input, read and written
+        picked = max(t["elements"] for t in inputs[1:]) * inputs[0]["itemsize"]
+        read = picked + sum(tensor_bytes(t) for t in inputs[1:])
+    elif name in GATHERS:
         picked = outputs[0]["elements"] if outputs else 0
         read = picked * inputs[0]["itemsize"] + sum(tensor_bytes(t) for t in inputs[1:])
     elif event["mutates"]:
@@ -140,8 +143,6 @@ def kernel(event):
     if name in INPUT_PASSES:
         read += (INPUT_PASSES[name] - 1) * tensor_bytes(inputs[0])
     if name in SCATTERS:
-        picked = max(t["elements"] for t in inputs[1:]) * inputs[0]["itemsize"]
-        read = picked + sum(tensor_bytes(t) for t in inputs[1:])
         written = picked
     elif event["mutates"]:
         written = sum(tensor_bytes(t) for t in inputs if t.get("written"))
