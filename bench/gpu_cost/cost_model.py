@@ -126,7 +126,8 @@ def kernel(event):
         if name in READ_ONLY_SECOND_LIST:  # the schema marks the gradients written; the kernel only reads them
             written = [t for t in written if not any(t is g for g in inputs[per_list:2 * per_list])]
         written = sum(tensor_bytes(t) for t in written)
-        k.update(kind="multi_tensor", launches=max(1, launches), bytes=all_bytes + written)
+        read = all_bytes - (written if name in OVERWRITES else 0)  # a copy's destination is not read
+        k.update(kind="multi_tensor", launches=max(1, launches), bytes=read + written)
         return k
     # Memory-bound.
     if name in SCATTERS:  # the elements it picks in its first input, read and written

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/side_by_side/run.py --device cpu     # 2 Gloo ranks, debug Llama 3, fp32
     python3 bench/side_by_side/run.py --device cuda             # 1 GPU, Llama 3 1B, seq 8192, bf16
+    python3 bench/side_by_side/run.py --device cuda --shape 8B  # 1 GPU, Llama 3 8B's shape, 8 layers
 
 Every row trains the same Llama 3 shape with the same batch, optimizer (AdamW, clipping at 1.0),
 FSDP (reshard after forward) and activation checkpointing, in this one run on this one machine:
@@ -18,6 +19,8 @@ Presets (override any with the flags below):
         4 sequences per rank, global batch 16 (2 accumulation steps), AC every 2nd block, fp32.
   cuda: 1 rank, Llama 3 1B shape (dim 2048, 16 layers, 32/8 heads, vocab 128256), seq 8192,
         1 sequence, bf16 parameters with fp32 reduction, per-operator selective AC.
+  --shape 8B (cuda): Llama 3 8B's shape with 8 of its 32 layers (dim 4096, 32/8 heads, hidden
+        14336, vocab 128256; 2.8B parameters), which fills the GPU's matmul units: the MFU figure.
 tokens/s per rank is the mean after `--warmup` steps over `--steps` steps; MFU counts torchtitan's
 6N + 12LHQT FLOPs per token against the measured bf16 matmul peak (cuda) or is left out (cpu).
 """
@@ -44,6 +47,9 @@ PRESETS = {
                  impls="titan,titan_kernels,titan_float8,fsdp2,fsdp2_compile,torchtitan,torchtitan_compile",
                  warmup=10, steps=20),
 }
+# A second cuda shape (--shape): the preset's model replaced, everything else kept.
+SHAPES = {"8B": dict(flavor="8B", dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, multiple_of=1024,
+                     ffn_dim_multiplier=1.3)}
 
 
 def parse_args():
@@ -57,11 +63,14 @@ def parse_args():
     p.add_argument("--timeout", type=int, default=900, help="seconds per row")
     p.add_argument("--titan-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="an extra config override for the titan rows (repeatable), e.g. profiling.enable_profiling=true")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="another model shape (cuda): see above")
     for key, value in PRESETS["cuda"].items():
         kind = float if key == "ffn_dim_multiplier" else int if isinstance(value, int) else str
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
     a = p.parse_args()
-    for key, value in PRESETS[a.device].items():
+    if a.shape and a.device != "cuda":
+        p.error("--shape is a cuda shape (the cpu preset trains the debug model)")
+    for key, value in {**PRESETS[a.device], **SHAPES.get(a.shape, {})}.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
     return a
@@ -118,7 +127,8 @@ def titan_row(a, impl, env, out):
     shutil.rmtree(dump, ignore_errors=True)
     steps = a.warmup + a.steps
     overrides = {
-        "job.dump_folder": str(dump), "model.flavor": a.flavor, "training.steps": steps,
+        "job.dump_folder": str(dump), "model.flavor": a.flavor, "model.n_layers": a.n_layers,
+        "training.steps": steps,
         "training.batch_size": a.local_batch, "training.global_batch_size": a.global_batch,
         "training.seq_len": a.seq_len, "training.mixed_precision_param": a.dtype,
         "training.mixed_precision_reduce": "float32", "lr_scheduler.warmup_steps": 2,

@@ -52,6 +52,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       text("job", "description", &c.job.description),
       choice("model", "name", &c.model.name, {"llama2", "llama3", "mistral"}),
       text("model", "flavor", &c.model.flavor),
+      integer("model", "n_layers", &c.model.n_layers, 0),
       text("model", "tokenizer_path", &c.model.tokenizer_path),
       choice("model", "tokenizer_kind", &c.model.tokenizer_kind, {"tiktoken", "sentencepiece"}),
       choice("optimizer", "name", &c.optimizer.name, {"AdamW"}),

@@ -31,6 +31,7 @@ struct JobConfig {
 struct ModelConfig {
   std::string name = "llama3";           ///< "llama2", "llama3" or "mistral"
   std::string flavor = "debug";          ///< size: "debug", "7B", "8B", "13B", "70B", "405B"
+  int64_t n_layers = 0;                  ///< 0: the flavor's; else that many blocks of the flavor's shape
   std::string tokenizer_path = "";       ///< tokenizer.model file
   std::string tokenizer_kind = "tiktoken";  ///< "tiktoken" (Llama 3) or "sentencepiece" (Llama 2, Mistral)
 };

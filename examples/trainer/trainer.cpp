@@ -51,7 +51,7 @@ std::string join(const std::vector<std::string>& items) {
 }
 
 /// The model of `config`: a debug flavor takes its vocabulary from the tokenizer; a real one must
-/// cover it.
+/// cover it. model.n_layers > 0 replaces the flavor's block count.
 ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) {
   auto args = model_args(config.model.name, config.model.flavor);
   if (config.model.flavor == "debug") {
@@ -61,6 +61,7 @@ ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) 
                 "' has ", tokenizer.vocab_size(), " ids but ", config.model.name, " ", config.model.flavor,
                 " has a vocabulary of ", args.vocab_size());
   }
+  if (config.model.n_layers > 0) args.n_layers(config.model.n_layers);  // a shorter model of the flavor's shape
   args.max_seq_len(config.training.seq_len);
   return args;
 }

@@ -601,7 +601,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       std::vector<at::Tensor> chunks;  // each parameter's storage as [world, padded_numel]
       for (size_t i : bucket.members) {
         auto& p = params_[i];
-        if (p.storage.device() != p.sharded.device() || p.storage.is_meta() || p.storage.scalar_type() != bucket.dtype ||
+        if (p.storage.device() != p.sharded.device() || p.storage.scalar_type() != bucket.dtype ||
             p.storage.numel() != world * p.padded_numel())
           p.allocate(p.sharded.options().dtype(bucket.dtype), compute_dtype(p), world);
         detail::resize_storage_bytes(p.storage, static_cast<size_t>(p.storage.numel()) * p.storage.element_size());
@@ -640,13 +640,26 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     at::NoGradGuard no_grad;
     if (!replicated && world == 1) {
       // One rank: nothing to reduce. Each gradient moves to its shard (rounded through the
-      // reduction dtype when that differs, as a reduction would); an unused parameter gets zeros.
+      // reduction dtype when that differs from both, as a reduction would); an unused parameter
+      // gets zeros. The unit's casts are one foreach copy, not a kernel per parameter.
+      std::vector<Param*> cast_params;
+      std::vector<at::Tensor> casts, grads;
       for (auto& p : params_) {
         auto& grad = p.unsharded.mutable_grad();
-        if (p.sharded.requires_grad())
-          accumulate_grad(p, grad.defined() ? grad.to(dtype).to(p.sharded.scalar_type()) : at::zeros_like(p.sharded));
+        const auto target = p.sharded.scalar_type();
+        const bool one_cast = grad.defined() && grad.scalar_type() != target &&
+                              (dtype == grad.scalar_type() || dtype == target);
+        if (p.sharded.requires_grad() && one_cast) {
+          cast_params.push_back(&p);
+          casts.push_back(at::empty(grad.sizes(), grad.options().dtype(target)));
+          grads.push_back(grad);
+        } else if (p.sharded.requires_grad()) {
+          accumulate_grad(p, grad.defined() ? grad.to(dtype).to(target) : at::zeros_like(p.sharded));
+        }
         grad = at::Tensor();  // the unsharded gradient is freed
       }
+      if (!casts.empty()) at::_foreach_copy_(casts, grads);
+      for (size_t i = 0; i < casts.size(); ++i) accumulate_grad(*cast_params[i], casts[i]);
       return;
     }
     auto input = at::empty({world * flat_numel_}, first.sharded.options().dtype(dtype));  // [world * flat_numel]

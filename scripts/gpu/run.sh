@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU validation kit, step 2 (the run step, on the GPU machine, after scripts/gpu/setup.sh):
-#   scripts/gpu/run.sh [tests] [trainer] [checkpoint] [bench] [profile]     (none named: all five)
+#   scripts/gpu/run.sh [tests] [trainer] [checkpoint] [bench] [bench_8b] [profile]   (none named: all six)
 # Writes every log and table under $OUT (default ./gpu_out) and prints the tables last; exits
 # non-zero when a stage fails. Stages (minutes on one H100, to fit a 10-minute command limit:
-# run `tests trainer checkpoint` in one command, `bench` in another and `profile` in a third):
+# run `tests trainer checkpoint bench` in one command and `bench_8b profile` in a second):
 #   tests       test_titan on CUDA with 1 rank over NCCL and 2 ranks on the one GPU over Gloo;
 #               test_models (transformers parity from the carried references), test_models_ranks
 #               (1 rank NCCL, 2 ranks Gloo);
@@ -16,6 +16,8 @@
 # (e.g. "--impls titan,fsdp2 --steps 10").
 #   bench       bench/side_by_side/run.py --device cuda: titan vs FSDP2 (eager, compiled) and
 #               torchtitan on Llama 3 1B, seq 8192, bf16
+#   bench_8b    the same on Llama 3 8B's shape with 8 layers (--shape 8B: fills the GPU for the MFU
+#               figure): titan, titan_kernels, torchtitan and torchtitan + compile
 #   profile     the titan and titan_kernels rows of the benchmark for 10 steps with step 8 profiled
 #               ([profiling]), summarised by scripts/gpu/profile_report.py: top kernels, GPU idle
 #               share, the SDPA backend, the runtime cuDNN version, allocator retries
@@ -23,7 +25,7 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 stages=("$@")
-((${#stages[@]})) || stages=(tests trainer checkpoint bench profile)
+((${#stages[@]})) || stages=(tests trainer checkpoint bench bench_8b profile)
 summary="$out/summary.md"
 : > "$summary"
 failed=0
@@ -80,6 +82,11 @@ for stage in "${stages[@]}"; do
       run side_by_side 570 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --build "$kit_build" \
         --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side" --timeout 240 ${SIDE_BY_SIDE_ARGS:-}
       ;;
+    bench_8b)
+      run side_by_side_8b 420 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --shape 8B \
+        --build "$kit_build" --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side_8b" \
+        --impls titan,titan_kernels,torchtitan,torchtitan_compile --timeout 200
+      ;;
     profile)
       run profile 420 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --build "$kit_build" \
         --python "$python" --out "$out/profile" --impls titan,titan_kernels --warmup 5 --steps 5 --timeout 200 \
@@ -87,7 +94,7 @@ for stage in "${stages[@]}"; do
       "$python" "$root/scripts/gpu/profile_report.py" "$out"/profile/titan*/profile_trace/iteration_8/rank0_trace.json \
         > "$out/profile/report.md" 2>&1 || failed=1
       ;;
-    *) die "unknown stage '$stage' (expected tests, trainer, checkpoint, bench or profile)" ;;
+    *) die "unknown stage '$stage' (expected tests, trainer, checkpoint, bench, bench_8b or profile)" ;;
   esac
 done
 
@@ -97,7 +104,8 @@ done
   echo "| stage | result | time | doctest |"
   echo "|---|---|---|---|"
   cat "$summary"
-  for table in "$out/trainer/table.md" "$out/checkpoint_bench.log" "$out/side_by_side/table.md"; do
+  for table in "$out/trainer/table.md" "$out/checkpoint_bench.log" "$out/side_by_side/table.md" \
+    "$out/side_by_side_8b/table.md"; do
     [[ -f "$table" ]] && { echo; grep -h '^\(\[rank 0\] \)\?|\|^side by side' "$table" | sed 's/^\[rank 0\] //'; }
   done
   [[ -f "$out/profile/report.md" ]] && { echo; cat "$out/profile/report.md"; }

@@ -228,7 +228,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 75);
+  CHECK(config_keys().size() == 76);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -1249,6 +1249,16 @@ TEST_CASE("trainer: the host reads the device only at sync steps (logging, check
   CHECK(logged == std::vector<int64_t>{1, 3, 6});
 }
 
+TEST_CASE("trainer: model.n_layers builds that many blocks of the flavor's shape") {
+  auto dir = scratch("trainer_n_layers");
+  Trainer trainer(tiny_run(dir, {"--training.steps", "1", "--checkpoint.enable", "false", "--model.n_layers", "1"}));
+  const auto children = trainer.model().named_children();
+  REQUIRE(children.contains("layers"));
+  CHECK(children["layers"]->children().size() == 1);  // the debug flavor has 4
+  CHECK(trainer.model().named_parameters().contains("layers.0.attention.wq.weight"));
+  CHECK(!trainer.model().named_parameters().contains("layers.1.attention.wq.weight"));
+}
+
 TEST_CASE("trainer: profiling writes a Chrome trace of every profile_freq-th step") {
   auto dir = scratch("trainer_profiling");
   Trainer trainer(tiny_run(dir, {"--training.steps", "5", "--metrics.log_freq", "5", "--checkpoint.enable", "false",
@@ -1273,6 +1283,7 @@ TEST_CASE("trainer: profiling writes a Chrome trace of every profile_freq-th ste
     }
     CHECK(names.count("aten::mm") == 1);
     CHECK(names.count("titan::swiglu_forward") == 1);
+    CHECK(names.count("titan::rope_forward") == 1);
     CHECK(shapes);
   }
 }

@@ -166,24 +166,6 @@ torch::Tensor rope_frequencies(const ModelArgs& args) {
   return torch::where(medium, smoothed, scaled);
 }
 
-namespace {
-
-/// The rotations of positions [S] as unit complex numbers cos + i sin [1, S, 1, hd/2] (complex64;
-/// the tables arrive in the compute dtype when FSDP casts a block's inputs).
-torch::Tensor rope_rotation(const torch::Tensor& cos, const torch::Tensor& sin) {
-  return torch::complex(cos.to(torch::kFloat), sin.to(torch::kFloat)).view({1, cos.size(0), 1, cos.size(1)});
-}
-
-/// x [B, S, H, hd] rotated by position: Meta's interleaved pairs (x[2i], x[2i+1]) as complex numbers
-/// times the rotation, in float32. One complex multiply (torchtitan's formulation): one kernel in
-/// float32, three with the casts in bf16 (a real-arithmetic version takes about ten).
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& rotation) {
-  auto pairs = torch::view_as_complex(x.to(torch::kFloat).unflatten(-1, {-1, 2}));  // [B, S, H, hd/2] complex
-  return torch::view_as_real(pairs * rotation).flatten(-2).to(x.scalar_type());     // [B, S, H, hd]
-}
-
-}  // namespace
-
 LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, const torch::TensorOptions& options) {
   weight = register_parameter("weight", torch::empty({out_features, in_features}, options));
 }
@@ -238,10 +220,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   auto q = titan::call(wq, x).view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
   auto k = titan::call(wk, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
   auto v = titan::call(wv, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
-  const auto rotation = rope_rotation(rope_cos, rope_sin);  // [1, S, 1, hd / 2] complex
-  q = apply_rope(q, rotation).transpose(1, 2);              // [B, Hq, S, hd]
-  k = apply_rope(k, rotation).transpose(1, 2);              // [B, Hkv, S, hd]
-  auto out = titan::call(core, q, k, v.transpose(1, 2));  // [B, Hq, S, hd]
+  // Meta's interleaved pairs rotated by position, q and k in one operator (in fp32; the tables
+  // [S, hd / 2] arrive in the compute dtype when FSDP casts a block's inputs).
+  auto [q_rotated, k_rotated] = titan::rope(q, k, rope_cos, rope_sin);  // [B, S, Hq, hd], [B, S, Hkv, hd]
+  auto out = titan::call(core, q_rotated.transpose(1, 2), k_rotated.transpose(1, 2),
+                         v.transpose(1, 2));  // [B, Hq, S, hd]
   return titan::call(wo, out.transpose(1, 2).reshape({batch, seq, -1}));  // [B, S, dim]
 }
 

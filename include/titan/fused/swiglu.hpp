@@ -36,6 +36,13 @@ inline void check_swiglu_inputs(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.device() == up.device(), "titan::swiglu: gate is on ", gate.device(), " but up on ", up.device());
 }
 
+/// Checks what SwiGLU's backward needs: the inputs' checks, and an output gradient of their shape.
+inline void check_swiglu_grad(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu_inputs(gate, up);
+  TORCH_CHECK(grad.sizes() == gate.sizes(), "titan::swiglu: the output gradient must have the input's shape ",
+              gate.sizes(), ", got ", grad.sizes());
+}
+
 /// titan::swiglu_forward in ATen: silu(gate) * up [...].
 inline at::Tensor swiglu_forward_aten(const at::Tensor& gate, const at::Tensor& up) {
   check_swiglu_inputs(gate, up);
@@ -45,9 +52,7 @@ inline at::Tensor swiglu_forward_aten(const at::Tensor& gate, const at::Tensor& 
 /// titan::swiglu_backward in ATen: (d gate, d up) [...] for the output gradient `grad`.
 inline std::tuple<at::Tensor, at::Tensor> swiglu_backward_aten(const at::Tensor& grad, const at::Tensor& gate,
                                                                const at::Tensor& up) {
-  check_swiglu_inputs(gate, up);
-  TORCH_CHECK(grad.sizes() == gate.sizes(), "titan::swiglu: the output gradient must have the input's shape ",
-              gate.sizes(), ", got ", grad.sizes());
+  check_swiglu_grad(grad, gate, up);
   auto d_gate = at::silu_backward(grad.mul(up), gate);  // [...]
   auto d_up = at::silu(gate).mul_(grad);             // [...]
   return {d_gate, d_up};
@@ -108,8 +113,7 @@ inline at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("titan::swiglu", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  detail::check_swiglu_inputs(gate, up);
-  return op.call(gate, up);
+  return op.call(gate, up);  // titan::swiglu_forward checks gate and up
 }
 
 }  // namespace titan

@@ -3,6 +3,7 @@
 // titan::cuda::register_kernels() is called.
 #include <titan/fused/cuda/cross_entropy.cuh>
 #include <titan/fused/cuda/kernels.hpp>
+#include <titan/fused/cuda/rope.cuh>
 #include <titan/fused/cuda/swiglu.cuh>
 
 #include <torch/library.h>
@@ -14,10 +15,13 @@ namespace titan::cuda {
 void register_kernels() {
   static const std::unique_ptr<torch::Library> library = [] {
     titan::register_cross_entropy_operators();  // the definitions first
+    titan::register_rope_operators();
     titan::register_swiglu_operators();
     auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "titan", c10::DispatchKey::CUDA,
                                                 "titan/fused/cuda/kernels.cu", __LINE__);
     lib->impl("cross_entropy_loss_and_grad", TORCH_FN(cross_entropy_loss_and_grad));
+    lib->impl("rope_forward", TORCH_FN(rope_forward));
+    lib->impl("rope_backward", TORCH_FN(rope_backward));
     lib->impl("swiglu_forward", TORCH_FN(swiglu_forward));
     lib->impl("swiglu_backward", TORCH_FN(swiglu_backward));
     return lib;

@@ -71,9 +71,7 @@ inline std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad
                                                           const at::Tensor& up) {
   if (gate.scalar_type() == at::kDouble || grad.scalar_type() != gate.scalar_type())
     return titan::detail::swiglu_backward_aten(grad, gate, up);
-  titan::detail::check_swiglu_inputs(gate, up);
-  TORCH_CHECK(grad.sizes() == gate.sizes(), "titan::swiglu: the output gradient must have the input's shape ",
-              gate.sizes(), ", got ", grad.sizes());
+  titan::detail::check_swiglu_grad(grad, gate, up);
   const c10::cuda::CUDAGuard guard(gate.device());
   const auto g = grad.contiguous(), a = gate.contiguous(), b = up.contiguous();  // [...]
   auto d_gate = at::empty_like(a), d_up = at::empty_like(b);                     // [...]
