@@ -5,9 +5,9 @@
 // sum, backward, clip_grad_norm_, skip flag, optimizer step. The second step is recorded (the
 // first one creates the optimizer state).
 //
-//   bench_gpu_cost_trace --out titan.jsonl --dim 2048 --n-layers 16 --n-heads 32 --n-kv-heads 8 \
-//       --multiple-of 256 --ffn-dim-multiplier 1.5 --vocab-size 128256 --seq-len 8192 --local-batch 1 \
-//       --dtype bfloat16 --ac op --titan-kernels aten
+//   bench_gpu_cost_trace --out titan.jsonl --dim 2048 --n-layers 16 --n-heads 32 --n-kv-heads 8
+//       --multiple-of 256 --ffn-dim-multiplier 1.5 --vocab-size 128256 --seq-len 8192 --local-batch 1
+//       --dtype bfloat16 --ac op --titan-kernels aten      (one command line)
 //
 // What is recorded is what a PyTorch dispatch mode would see (TorchDispatchMode, used for the
 // Python peers by trace_peers.py): every operator call that reaches the kernels below autograd,

@@ -1,7 +1,7 @@
 #include "data.hpp"
 
 #include <titan/collectives.hpp>
-#include <titan/detail/checkpoint_io.hpp>
+#include <titan/tasks.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -313,7 +313,7 @@ PartIndex tokenize_range(const CorpusOptions& options, const Tokenizer& tokenize
     std::vector<TokenizedBatch> done(wave.size());
     std::exception_ptr tokenize_error;
     try {
-      titan::detail::run_tasks(threads, wave.size(),
+      titan::run_tasks(threads, wave.size(),
                                [&](size_t i) { tokenize_items(options, tokenizer, begin, wave[i], done[i]); });
     } catch (...) {
       tokenize_error = std::current_exception();
@@ -386,7 +386,7 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
   const int64_t size = static_cast<int64_t>(fs::file_size(options.path()));
   const int64_t begin = next_document_boundary(options.path(), options.kind(), size, size * rank / ranks);
   const int64_t end = next_document_boundary(options.path(), options.kind(), size, size * (rank + 1) / ranks);
-  const int threads = titan::detail::io_threads_or_default(options.threads());
+  const int threads = titan::io_threads_or_default(options.threads());
   auto part_path = [&](int r) { return tokens_path + ".part" + std::to_string(r) + ".tmp" + job_id; };
   auto remove_parts = [&] {
     std::error_code ignored;
@@ -396,7 +396,7 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
   // Every rank, or this process alone, fails when one fails (with that rank's message).
   auto on_every_rank = [&](const std::function<void()>& work) {
     if (group) {
-      titan::detail::all_ranks_or_none(group, work);
+      titan::all_ranks_or_none(group, work);
     } else {
       work();
     }

@@ -949,14 +949,14 @@ inline CheckpointMetadata load_checkpoint(const std::string& dir, TrainState& st
   detail::ReadPlan reads;
   bool bounded = false;
   std::string missing;
-  detail::all_ranks_or_none(group, [&] {
+  all_ranks_or_none(group, [&] {
     meta = read_checkpoint_metadata(dir);
     plan = detail::collect_load_targets(state, meta, dir);
     detail::validate_load_targets(plan, meta, dir);
     missing = detail::missing_model_tensors(plan, state, meta);
   });
   detail::check_model_holds_checkpoint(all_gather_strings(group, missing), dir);
-  detail::all_ranks_or_none(group, [&] {
+  all_ranks_or_none(group, [&] {
     reads = detail::plan_reads(plan, meta, dir);
     bounded = options.max_staging_bytes() > 0 && detail::staging_bytes(plan) > options.max_staging_bytes();
     detail::stage_load_targets(plan, reads, meta, bounded, options);
@@ -1190,7 +1190,7 @@ class CheckpointManager {
     const std::string file = "rank-" + std::to_string(rank_) + ".safetensors";
     std::vector<std::pair<std::string, ShardRecord>> mine;
     std::vector<detail::PlannedTensor> tensors;
-    detail::all_ranks_or_none(group_, [&] {
+    all_ranks_or_none(group_, [&] {
       tensors = detail::resolve_plans(job.plans);
       std::map<std::string, const detail::PlannedTensor*> by_name;
       for (const auto& tensor : tensors) by_name[tensor.name] = &tensor;
@@ -1209,9 +1209,9 @@ class CheckpointManager {
     });
     auto all_records = all_gather_strings(group_, json::dump(detail::records_json(mine)));
     if (rank_ == 0) {
-      detail::all_ranks_or_none(group_, [&] { finish(job, tensors, all_records); });
+      all_ranks_or_none(group_, [&] { finish(job, tensors, all_records); });
     } else {
-      detail::all_ranks_or_none(group_, [] {});
+      all_ranks_or_none(group_, [] {});
     }
   }
 

@@ -146,15 +146,23 @@ inline at::Tensor reduce_scatter_raw(const at::Tensor& x, const ProcessGroup& gr
   return out.narrow(0, 0, sizes[static_cast<size_t>(group.rank())]).movedim(0, dim);
 }
 
-/// The sum (mean, maximum) of every rank's `x`. No autograd.
-inline at::Tensor all_reduce_raw(const at::Tensor& x, const ProcessGroup& group, ReduceOp op) {
-  if (group.size() == 1) return x;
-  std::vector<at::Tensor> buffer{x.contiguous().clone()};
+/// Reduces every rank's `x` (contiguous) into `x` itself: the sum (mean, maximum). No autograd.
+inline void all_reduce_raw_(at::Tensor& x, const ProcessGroup& group, ReduceOp op) {
+  if (group.size() == 1) return;
+  TORCH_CHECK(x.is_contiguous(), "titan: all_reduce_raw_ needs a contiguous tensor, got strides ", x.strides());
+  std::vector<at::Tensor> buffer{x};
   c10d::AllreduceOptions options;
   options.reduceOp = c10d_op(op);
   group.backend()->allreduce(buffer, options)->wait();
-  if (op == ReduceOp::Avg) buffer[0].div_(group.size());
-  return buffer[0];
+  if (op == ReduceOp::Avg) x.div_(group.size());
+}
+
+/// The sum (mean, maximum) of every rank's `x`, in a new tensor (`x` itself on one rank). No autograd.
+inline at::Tensor all_reduce_raw(const at::Tensor& x, const ProcessGroup& group, ReduceOp op) {
+  if (group.size() == 1) return x;
+  auto out = x.contiguous().clone();
+  all_reduce_raw_(out, group, op);
+  return out;
 }
 
 /// Rank `src`'s `x` on every rank. No autograd.
@@ -435,8 +443,6 @@ inline std::vector<std::string> all_gather_strings(const ProcessGroupPtr& group,
   return result;
 }
 
-namespace detail {
-
 /// Runs `work` on every rank, then fails on every rank if it failed on any (naming the first
 /// failing rank's error), so that no rank goes on alone.
 inline void all_ranks_or_none(const ProcessGroupPtr& group, const std::function<void()>& work) {
@@ -456,8 +462,6 @@ inline void all_ranks_or_none(const ProcessGroupPtr& group, const std::function<
     TORCH_CHECK(false, group->size() > 1 ? c10::str("(rank ", group->global_ranks()[r], ") ") : std::string(), message);
   }
 }
-
-}  // namespace detail
 
 /// A send or receive in flight (send_async, recv_async). wait() completes it and returns the
 /// tensor, a received one on the device it was asked for.

@@ -40,7 +40,6 @@
 
 #include <titan/collectives.hpp>
 #include <titan/hooks.hpp>
-#include <titan/tensor_parallel.hpp>
 #include <titan/world.hpp>
 
 #include <ATen/ATen.h>
@@ -555,9 +554,9 @@ inline int apply_context_parallel(torch::nn::Module& root, const std::string& pa
   TORCH_CHECK(group, "titan::apply_context_parallel: null process group");
   int attached = 0;
   auto hook = std::make_shared<ContextParallelHook>(group, options);
-  for (const auto& item : root.named_modules("", /*include_self=*/false)) {
-    if (!detail::match_module_name(pattern, item.key())) continue;
-    if (group->size() > 1) attach_hook(*item.value(), hook);
+  for (const auto& [name, module] : modules_matching(root, pattern)) {
+    if (name.empty()) continue;  // the root is the model, not an attention core
+    if (group->size() > 1) attach_hook(*module, hook);
     ++attached;
   }
   TORCH_CHECK(attached > 0, "titan::apply_context_parallel: no module matches '", pattern, "'; modules like it: ",

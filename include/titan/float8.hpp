@@ -365,6 +365,7 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
   }
 
   std::string name() const override { return "float8 linear (" + float8_recipe_name(options_.recipe()) + ")"; }
+  HookKind kind() const override { return HookKind::Conversion; }
 
   std::shared_ptr<FsdpParamGather> fsdp_gather(const std::string& key) override {
     if (key != "weight" || !options_.enable_fsdp_float8_all_gather()) return nullptr;
@@ -433,14 +434,20 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
 /// filter_fqns and whose weight's dimensions are both divisible by 16 (torchtitan's rule), gets a
 /// Float8LinearHook. Apply it before tensor parallelism, activation checkpointing and fully_shard
 /// (the float8 hook must be innermost); the layers must be called through titan::call. Returns the
-/// names of the converted layers.
+/// names of the converted layers; converting none is an error (it names the layers skipped for
+/// their dimensions), skipping some a warning.
 template <typename M>
 std::vector<std::string> convert_to_float8_training(M&& root_like, const Float8Options& options = {}) {
   torch::nn::Module& root = detail::module_ref(root_like);
   TORCH_CHECK(!options.enable_fsdp_float8_all_gather() || options.recipe() == Float8Recipe::Tensorwise,
               "titan::convert_to_float8_training: enable_fsdp_float8_all_gather needs the tensorwise recipe (one ",
               "scale per weight), but the recipe is ", float8_recipe_name(options.recipe()));
+  if (auto applied = detail::later_hook(root, HookKind::Conversion))
+    TORCH_CHECK(false, "titan::convert_to_float8_training: '", applied->first, "' already has ", applied->second,
+                " attached. Convert to float8 first: convert_to_float8_training, then parallelize_module, ",
+                "checkpoint_wrapper and fully_shard (the float8 hooks must be innermost)");
   std::vector<std::pair<std::string, torch::nn::Module*>> chosen;
+  std::vector<std::string> not_multiples;  // linear layers left in high precision: a dimension not a multiple of 16
   detail::visit_modules(root, "", [&](const std::string& path, torch::nn::Module& module) {
     if (!options.is_linear()(module)) return;
     for (const auto& skip : options.filter_fqns())
@@ -450,12 +457,25 @@ std::vector<std::string> convert_to_float8_training(M&& root_like, const Float8O
     TORCH_CHECK(weight && weight->dim() == 2, "titan::convert_to_float8_training: linear layer '", path,
                 "' has no 2-D parameter 'weight' [out_features, in_features]; Float8Options::is_linear should only ",
                 "accept modules computing y = x weightᵀ (+ bias)");
-    if (weight->size(0) % 16 != 0 || weight->size(1) % 16 != 0) return;
+    if (weight->size(0) % 16 != 0 || weight->size(1) % 16 != 0) {
+      not_multiples.push_back(c10::str("'", path, "' ", weight->sizes()));
+      return;
+    }
     TORCH_CHECK(hooks_of(module).empty(), "titan::convert_to_float8_training: linear layer '", path,
                 "' already has hooks (", hooks_of(module).back()->name(), "); convert to float8 before ",
                 "parallelize_module, activation checkpointing and fully_shard");
     chosen.emplace_back(path, &module);
   });
+  const std::string skipped =
+      not_multiples.empty() ? std::string()
+                            : c10::str(not_multiples.size(), " linear layer(s) have a weight dimension that is not a multiple ",
+                                       "of 16, which float8 matmuls need (", not_multiples.front(),
+                                       not_multiples.size() > 1 ? ", ..." : "", ")");
+  TORCH_CHECK(!chosen.empty(), "titan::convert_to_float8_training: no linear layer to convert, so the model would ",
+              "train in high precision only: ",
+              skipped.empty() ? "Float8Options::is_linear accepts none outside filter_fqns" : skipped,
+              skipped.empty() ? "" : "; make the model's widths multiples of 16, or leave float8 off");
+  if (!skipped.empty()) TORCH_WARN("titan::convert_to_float8_training: ", skipped, " and stay in high precision");
   std::vector<std::string> converted;
   for (auto& [path, module] : chosen) {
     const auto params = module->named_parameters(/*recurse=*/false);

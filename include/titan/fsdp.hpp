@@ -356,10 +356,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     at::Tensor out = reduce_output_;  // [flat_numel]: this rank's padded chunks, summed / world
     reduce_input_ = at::Tensor();
     reduce_output_ = at::Tensor();
-    if (replicate_group_ && replicate_group_->size() > 1) {
-      std::vector<at::Tensor> buffer{out};
-      replicate_group_->backend()->allreduce(buffer)->wait();
-    }
+    if (replicate_group_) detail::all_reduce_raw_(out, *replicate_group_, ReduceOp::Sum);  // HSDP: over replicas
     at::NoGradGuard no_grad;
     const int rank = shard_group_->rank();
     for (auto& p : params_) {
@@ -658,7 +655,10 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
         }
         grad = at::Tensor();  // the unsharded gradient is freed
       }
-      if (!casts.empty()) at::_foreach_copy_(casts, grads);
+      if (!casts.empty()) {
+        RECORD_USER_SCOPE("titan::fsdp::reduce_scatter_copy_in");
+        at::_foreach_copy_(casts, grads);
+      }
       for (size_t i = 0; i < casts.size(); ++i) accumulate_grad(*cast_params[i], casts[i]);
       return;
     }

@@ -48,9 +48,10 @@ using TensorList = std::vector<at::Tensor>;
 using ForwardFn = std::function<at::Tensor(const TensorList&)>;
 
 /// Which of titan's parallelisms a hook implements, in the order they must be applied (torchtitan's):
-/// tensor parallelism first (its hooks innermost), then activation checkpointing, then FSDP.
-/// parallelize_module and checkpoint_wrapper check this order on the model; Other is unordered.
-enum class HookKind { TensorParallel = 0, ActivationCheckpoint = 1, FullyShard = 2, Other = 3 };
+/// conversions of layers (float8) first (their hooks innermost), then tensor parallelism, then
+/// activation checkpointing, then FSDP. convert_to_float8_training, parallelize_module and
+/// checkpoint_wrapper check this order on the model; Other is unordered.
+enum class HookKind { Conversion = 0, TensorParallel = 1, ActivationCheckpoint = 2, FullyShard = 3, Other = 4 };
 
 /// Behaviour attached to a module and run by titan::call around its forward.
 class ModuleHook {
@@ -292,6 +293,83 @@ void verify_calls(const M& model) {
       for (const auto& hook : slot->hooks)
         if (verified.insert(std::type_index(typeid(*hook))).second) hook->verify_model(root);
   });
+}
+
+namespace detail {
+
+/// Whether one name component matches a glob component ('*' = any run of characters).
+inline bool glob_component(const std::string& pattern, const std::string& text) {
+  size_t p = 0, t = 0, star = std::string::npos, resume = 0;
+  while (t < text.size()) {
+    if (p < pattern.size() && pattern[p] == '*') {
+      star = p++;
+      resume = t;
+    } else if (p < pattern.size() && pattern[p] == text[t]) {
+      ++p;
+      ++t;
+    } else if (star != std::string::npos) {
+      p = star + 1;
+      t = ++resume;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+/// The components of a dotted name ("" has none).
+inline std::vector<std::string> split_dots(const std::string& name) {
+  std::vector<std::string> parts;
+  if (name.empty()) return parts;
+  size_t start = 0;
+  while (true) {
+    auto dot = name.find('.', start);
+    parts.push_back(name.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  return parts;
+}
+
+/// Whether dotted module `name` matches `pattern` component by component.
+inline bool match_module_name(const std::string& pattern, const std::string& name) {
+  auto p = split_dots(pattern), n = split_dots(name);
+  if (p.size() != n.size()) return false;
+  for (size_t i = 0; i < p.size(); ++i)
+    if (!glob_component(p[i], n[i])) return false;
+  return true;
+}
+
+/// Up to eight of `module`'s submodule names with as many components as `pattern` (else any), for
+/// the error of a pattern that matches nothing.
+inline std::string module_names_like(const torch::nn::Module& module, const std::string& pattern) {
+  std::vector<std::string> same_depth, any;
+  const size_t depth = split_dots(pattern).size();
+  visit_modules(module, "", [&](const std::string& path, const torch::nn::Module&) {
+    if (path.empty()) return;
+    (split_dots(path).size() == depth ? same_depth : any).push_back(path);
+  });
+  const auto& names = same_depth.empty() ? any : same_depth;
+  std::string text;
+  for (size_t i = 0; i < names.size() && i < 8; ++i) text += (i ? ", '" : "'") + names[i] + "'";
+  if (names.size() > 8) text += c10::str(", ... (", names.size(), " in all)");
+  return text.empty() ? std::string("none: the model has no submodules") : text;
+}
+
+}  // namespace detail
+
+/// The modules of `root` (itself included, as "") whose dotted names match `pattern` component by
+/// component, in pre-order, hook slots excluded: '*' matches any run of characters within one
+/// component ("layers.*.attention.core"), "" matches the root. Used by every API that takes module
+/// names (tensor-parallel plans, context parallelism, pipeline stages).
+inline std::vector<std::pair<std::string, torch::nn::Module*>> modules_matching(torch::nn::Module& root,
+                                                                                const std::string& pattern) {
+  std::vector<std::pair<std::string, torch::nn::Module*>> found;
+  detail::visit_modules(root, "", [&](const std::string& path, torch::nn::Module& module) {
+    if (detail::match_module_name(pattern, path)) found.emplace_back(path, &module);
+  });
+  return found;
 }
 
 namespace detail {

@@ -537,15 +537,10 @@ inline void keep_pipeline_stage(torch::nn::Module& model, const PipelineSplit& s
 
 /// The entries of `plan` that match a module of `stage_module` (a stage keeps only some of the
 /// whole model's modules; parallelize_module rejects entries that match nothing).
-inline ParallelizePlan plan_for_stage(const ParallelizePlan& plan, const torch::nn::Module& stage_module) {
+inline ParallelizePlan plan_for_stage(const ParallelizePlan& plan, torch::nn::Module& stage_module) {
   ParallelizePlan kept;
-  for (const auto& [pattern, style] : plan.entries()) {
-    bool matched = false;
-    detail::visit_modules(stage_module, "", [&](const std::string& path, const torch::nn::Module&) {
-      matched = matched || detail::match_module_name(pattern, path);
-    });
-    if (matched) kept.add(pattern, style);
-  }
+  for (const auto& [pattern, style] : plan.entries())
+    if (!modules_matching(stage_module, pattern).empty()) kept.add(pattern, style);
   return kept;
 }
 

@@ -337,7 +337,7 @@ inline int64_t write_file(const std::string& path, const NamedTensors& host_tens
 }  // namespace detail
 
 /// Writes `tensors` (any device; written row-major) to `path` with `metadata`, on `io_threads`
-/// threads (0: titan::detail::default_io_threads()). Tensors on other devices are first copied to
+/// threads (0: titan::default_io_threads()). Tensors on other devices are first copied to
 /// CPU memory (all of them: save_sharded bounds that to one file). The file is written as
 /// `path`.tmp and renamed, so a reader never sees a half-written file.
 inline void save(const std::string& path, const NamedTensors& tensors, const Metadata& metadata = {}, int io_threads = 0) {
@@ -456,7 +456,7 @@ struct SaveOptions {
   TORCH_ARG(int64_t, max_shard_bytes) = 0;
   /// String metadata written into every file's "__metadata__".
   TORCH_ARG(Metadata, metadata) = {};
-  /// Threads writing each file (0: titan::detail::default_io_threads(), the cores up to 4).
+  /// Threads writing each file (0: titan::default_io_threads(), the cores up to 4).
   TORCH_ARG(int, io_threads) = 0;
 };
 

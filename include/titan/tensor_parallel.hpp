@@ -635,73 +635,6 @@ class ParallelizePlan {
   std::vector<std::pair<std::string, std::shared_ptr<const ParallelStyle>>> entries_;
 };
 
-namespace detail {
-
-/// Whether one name component matches a glob component ('*' = any run of characters).
-inline bool glob_component(const std::string& pattern, const std::string& text) {
-  size_t p = 0, t = 0, star = std::string::npos, resume = 0;
-  while (t < text.size()) {
-    if (p < pattern.size() && pattern[p] == '*') {
-      star = p++;
-      resume = t;
-    } else if (p < pattern.size() && pattern[p] == text[t]) {
-      ++p;
-      ++t;
-    } else if (star != std::string::npos) {
-      p = star + 1;
-      t = ++resume;
-    } else {
-      return false;
-    }
-  }
-  while (p < pattern.size() && pattern[p] == '*') ++p;
-  return p == pattern.size();
-}
-
-inline std::vector<std::string> split_dots(const std::string& name) {
-  std::vector<std::string> parts;
-  if (name.empty()) return parts;
-  size_t start = 0;
-  while (true) {
-    auto dot = name.find('.', start);
-    parts.push_back(name.substr(start, dot == std::string::npos ? std::string::npos : dot - start));
-    if (dot == std::string::npos) break;
-    start = dot + 1;
-  }
-  return parts;
-}
-
-/// Whether dotted module `name` matches `pattern` component by component.
-inline bool match_module_name(const std::string& pattern, const std::string& name) {
-  auto p = split_dots(pattern), n = split_dots(name);
-  if (p.size() != n.size()) return false;
-  for (size_t i = 0; i < p.size(); ++i)
-    if (!glob_component(p[i], n[i])) return false;
-  return true;
-}
-
-}  // namespace detail
-
-namespace detail {
-
-/// Up to eight of `module`'s submodule names with as many components as `pattern` (else any), for
-/// the error of a plan entry that matches nothing.
-inline std::string module_names_like(const torch::nn::Module& module, const std::string& pattern) {
-  std::vector<std::string> same_depth, any;
-  const size_t depth = split_dots(pattern).size();
-  visit_modules(module, "", [&](const std::string& path, const torch::nn::Module&) {
-    if (path.empty()) return;
-    (split_dots(path).size() == depth ? same_depth : any).push_back(path);
-  });
-  const auto& names = same_depth.empty() ? any : same_depth;
-  std::string text;
-  for (size_t i = 0; i < names.size() && i < 8; ++i) text += (i ? ", '" : "'") + names[i] + "'";
-  if (names.size() > 8) text += c10::str(", ... (", names.size(), " in all)");
-  return text.empty() ? std::string("none: the model has no submodules") : text;
-}
-
-}  // namespace detail
-
 /// Applies `plan` to the submodules of `module` (a module, ModuleHolder, shared_ptr or pointer)
 /// over `tp_group` (whose mesh dimension is `mesh_dim`): shards their parameters in place (meta
 /// parameters stay meta) and attaches the styles' hooks. Call it on every rank of the group,
@@ -720,10 +653,7 @@ void parallelize_module(M&& module_like, const ProcessGroupPtr& tp_group, const 
   auto extents = std::make_shared<detail::ActivationExtents>();  // shared by the plan's hooks
   for (const auto& [pattern, style] : plan.entries()) {
     TORCH_CHECK(style, "titan::parallelize_module: plan entry '", pattern, "' has no style");
-    std::vector<std::pair<std::string, torch::nn::Module*>> targets;
-    detail::visit_modules(module, "", [&](const std::string& path, torch::nn::Module& m) {
-      if (detail::match_module_name(pattern, path)) targets.emplace_back(path, &m);
-    });
+    const auto targets = modules_matching(module, pattern);
     TORCH_CHECK(!targets.empty(), "titan::parallelize_module: plan entry '", pattern, "' matches no module of '",
                 module.name(), "' ('*' matches within one dotted component; \"\" is the root). Its modules include ",
                 detail::module_names_like(module, pattern));

@@ -13,4 +13,5 @@
 #include <titan/pipeline.hpp>
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
+#include <titan/tasks.hpp>
 #include <titan/tensor_parallel.hpp>

@@ -192,6 +192,21 @@ TEST_CASE("float8: errors name what is wrong") {
         std::string::npos);
   CHECK(error_of([&] { titan::call(layer, torch::ones({4, 64}, torch::kLong)); }).find("Long input") !=
         std::string::npos);
+  // Nothing to convert (every width off the multiples of 16): an error, not a silent high-precision run.
+  torch::nn::Sequential narrow(torch::nn::Linear(200, 200), torch::nn::Linear(200, 40));
+  CHECK(error_of([&] { titan::convert_to_float8_training(narrow); })
+            .find("no linear layer to convert, so the model would train in high precision only: 2 linear layer(s) "
+                  "have a weight dimension that is not a multiple of 16, which float8 matmuls need ('0' [200, 200], "
+                  "...)") != std::string::npos);
+  CHECK(error_of([&] {
+          titan::convert_to_float8_training(layer, Float8Options().is_linear(titan::is_module<torch::nn::LayerNormImpl>));
+        })
+            .find("Float8Options::is_linear accepts none outside filter_fqns") != std::string::npos);
+  // Converting after another parallelism (here activation checkpointing; fully_shard alike) is an order error.
+  torch::nn::Sequential wrapped(torch::nn::Linear(64, 64));
+  titan::checkpoint_wrapper(*wrapped);
+  CHECK(error_of([&] { titan::convert_to_float8_training(wrapped); })
+            .find("'<root>' already has checkpoint_wrapper attached. Convert to float8 first") != std::string::npos);
   // A custom linear module that is not one: no 2-D weight.
   torch::nn::Sequential odd(torch::nn::LayerNorm(torch::nn::LayerNormOptions({64})));
   auto options = Float8Options().is_linear(titan::is_module<torch::nn::LayerNormImpl>);

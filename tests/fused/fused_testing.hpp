@@ -3,7 +3,13 @@
 // them, so that the cases on CUDA (TITAN_TEST_DEVICE=cuda, the GPU kit) run them.
 #include "../support/multirank.hpp"
 
+#include <titan/ac.hpp>
 #include <titan/fused.hpp>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
 #ifdef TITAN_CUDA_KERNELS
 #include <titan/fused/cuda/kernels.hpp>
 #endif
@@ -25,5 +31,49 @@ inline bool fused_kernels_registered() {
 
 /// Whether the fused operators run titan's CUDA kernels in this suite (else their ATen implementation).
 inline bool fused_kernels_run() { return fused_kernels_registered() && device().is_cuda(); }
+
+/// Whether `got` is within one rounding of `want` in `dtype` (relative 2^-mantissa, plus a floor):
+/// a CUDA kernel computing in fp32 and rounding once against PyTorch's operators.
+inline bool within_rounding(const torch::Tensor& got, const torch::Tensor& want, torch::Dtype dtype) {
+  const double unit = dtype == torch::kBFloat16 ? std::ldexp(1.0, -7) : dtype == torch::kHalf ? std::ldexp(1.0, -10)
+                                                                                               : 1e-6;
+  const auto error = (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().cpu();
+  return error.le(want.to(torch::kDouble).abs().cpu() * unit + 1e-6).all().item<bool>();
+}
+
+/// Checks each of `got` against `want`, the unfused operators' results: within one rounding where
+/// titan's CUDA kernels run (fp32 inside, one rounding; fp64 takes the ATen path), else bitwise (the
+/// ATen implementation runs the unfused operators).
+inline void check_matches_unfused(const std::vector<torch::Tensor>& got, const std::vector<torch::Tensor>& want,
+                                  torch::Dtype dtype) {
+  REQUIRE(got.size() == want.size());
+  const bool kernels = fused_kernels_run() && dtype != torch::kDouble;
+  for (size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CHECK((got[i].scalar_type() == dtype));
+    CHECK((kernels ? within_rounding(got[i], want[i], dtype) : same_values(got[i], want[i])));
+  }
+}
+
+/// Checks that per-operator activation checkpointing (keeping the outputs of `saved`, every call)
+/// leaves the parameter gradients of the module `make()` returns (seeded the same each time)
+/// bitwise unchanged after `loss(module)`.backward().
+template <typename MakeModule, typename Loss>
+void check_gradients_under_op_ac(const MakeModule& make, const Loss& loss, const std::vector<std::string>& saved) {
+  auto gradients = [&](bool checkpointed) {
+    auto module = make();
+    module->to(device());
+    if (checkpointed)
+      titan::checkpoint_wrapper(*module, titan::CheckpointWrapperOptions().policy(
+                                             std::make_shared<titan::OpSavePolicy>(saved, std::vector<std::string>{})));
+    loss(module).backward();
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : module->parameters()) grads.push_back(p.grad());
+    return grads;
+  };
+  const auto plain = gradients(false), checkpointed = gradients(true);
+  REQUIRE(plain.size() == checkpointed.size());
+  for (size_t i = 0; i < plain.size(); ++i) CHECK(same_values(plain[i], checkpointed[i]));
+}
 
 }  // namespace titan_test

@@ -5,9 +5,6 @@
 // key/value heads, bf16 tables, per-operator activation checkpointing, and the errors.
 #include "fused_testing.hpp"
 
-#include <titan/ac.hpp>
-#include <titan/fused/rope.hpp>
-
 #include <cmath>
 #include <string>
 
@@ -53,14 +50,6 @@ std::pair<Tensor, Tensor> tables(int64_t seq, int64_t head_dim) {
   return {angles.cos().to(torch::kFloat).to(device()), angles.sin().to(torch::kFloat).to(device())};
 }
 
-/// Whether `got` is within one rounding of `want` in `dtype` (relative 2^-mantissa, plus a floor).
-bool within_rounding(const Tensor& got, const Tensor& want, torch::Dtype dtype) {
-  const double unit = dtype == torch::kBFloat16 ? std::ldexp(1.0, -7) : dtype == torch::kHalf ? std::ldexp(1.0, -10)
-                                                                                               : 1e-6;
-  const auto error = (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().cpu();
-  return error.le(want.to(torch::kDouble).abs().cpu() * unit + 1e-6).all().item<bool>();
-}
-
 /// Attention's projections and their rotation: rope(wq x, wk x) (3 query heads per key head).
 struct ProjectImpl : torch::nn::Module {
   ProjectImpl() {
@@ -93,18 +82,7 @@ TEST_CASE("fused rope: output and gradients equal the complex multiply, and Meta
         [&](const Tensor& a, const Tensor& b) { return std::make_pair(complex_rope(a, cos, sin), complex_rope(b, cos, sin)); },
         q, k, wq, wk);
     const auto got = run([&](const Tensor& a, const Tensor& b) { return titan::rope(a, b, cos, sin); }, q, k, wq, wk);
-    CHECK((got.q.scalar_type() == dtype && got.k.scalar_type() == dtype));
-    if (titan_test::fused_kernels_run() && dtype != torch::kDouble) {  // one pass in fp32: one rounding
-      CHECK(within_rounding(got.q, want.q, dtype));
-      CHECK(within_rounding(got.k, want.k, dtype));
-      CHECK(within_rounding(got.d_q, want.d_q, dtype));
-      CHECK(within_rounding(got.d_k, want.d_k, dtype));
-    } else {  // the ATen implementation runs the same operators
-      CHECK(titan_test::same_values(got.q, want.q));
-      CHECK(titan_test::same_values(got.k, want.k));
-      CHECK(titan_test::same_values(got.d_q, want.d_q));
-      CHECK(titan_test::same_values(got.d_k, want.d_k));
-    }
+    titan_test::check_matches_unfused({got.q, got.k, got.d_q, got.d_k}, {want.q, want.k, want.d_q, want.d_k}, dtype);
     // The layout and the sign: Meta's real formula (the gradient is the rotation by -theta of wq).
     const double tolerance = dtype == torch::kBFloat16 ? 2e-2 : dtype == torch::kFloat ? 1e-6 : 1e-12;
     const auto reference = real_rope(q, cos, sin), inverse = real_rope(wq, cos, -sin);
@@ -128,21 +106,14 @@ TEST_CASE("fused rope: bf16 tables (FSDP's cast of a block's inputs) are rotated
 TEST_CASE("fused rope: under per-operator activation checkpointing the gradients are unchanged") {
   titan_test::fused_kernels_registered();
   const auto [cos, sin] = tables(5, 8);
-  auto gradients = [&cos = cos, &sin = sin](bool checkpointed) {
-    torch::manual_seed(7);
-    Project project;
-    project->to(device());
-    if (checkpointed)  // the rotation recomputed in the backward, every matmul kept
-      titan::checkpoint_wrapper(*project, titan::CheckpointWrapperOptions().policy(std::make_shared<titan::OpSavePolicy>(
-                                              std::vector<std::string>{"aten::mm"}, std::vector<std::string>{})));
-    const auto x = torch::randn({2, 5, 16}, device());  // [2, 5, 16]
-    titan::call(project, x, cos, sin).pow(2).sum().backward();
-    return std::make_pair(project->wq->weight.grad(), project->wk->weight.grad());
-  };
-  const auto [plain_q, plain_k] = gradients(false);
-  const auto [ac_q, ac_k] = gradients(true);
-  CHECK(titan_test::same_values(plain_q, ac_q));
-  CHECK(titan_test::same_values(plain_k, ac_k));
+  const auto x = torch::randn({2, 5, 16}, device());  // [2, 5, 16]
+  titan_test::check_gradients_under_op_ac(
+      [] {
+        torch::manual_seed(7);
+        return Project();
+      },
+      [&cos = cos, &sin = sin, &x](Project& project) { return titan::call(project, x, cos, sin).pow(2).sum(); },
+      {"aten::mm"});  // the rotation recomputed in the backward, every matmul kept
 }
 
 TEST_CASE("fused rope: errors name what is wrong") {

@@ -4,7 +4,6 @@
 // activation checkpointing, and the errors.
 #include "fused_testing.hpp"
 
-#include <titan/ac.hpp>
 
 #include <cmath>
 #include <string>
@@ -35,14 +34,6 @@ Result fused(const Tensor& gate, const Tensor& up, const Tensor& weights) {
   return run([](const Tensor& a, const Tensor& b) { return titan::swiglu(a, b); }, gate, up, weights);
 }
 
-/// Whether `got` is within one rounding of `want` in `dtype` (relative 2^-mantissa, plus a floor).
-bool within_rounding(const Tensor& got, const Tensor& want, torch::Dtype dtype) {
-  const double unit = dtype == torch::kBFloat16 ? std::ldexp(1.0, -7) : dtype == torch::kHalf ? std::ldexp(1.0, -10)
-                                                                                               : 1e-6;
-  const auto error = (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().cpu();
-  return error.le(want.to(torch::kDouble).abs().cpu() * unit + 1e-6).all().item<bool>();
-}
-
 /// A gated projection: swiglu(w1 x, w3 x).
 struct GateImpl : torch::nn::Module {
   GateImpl() {
@@ -67,37 +58,19 @@ TEST_CASE("fused swiglu: output and gradients equal silu(gate) * up") {
     auto up = torch::randn({2, 5, 24}, torch::kDouble).to(dtype).to(device());          // [2, 5, 24]
     auto weights = torch::randn({2, 5, 24}, torch::kDouble).to(dtype).to(device());     // [2, 5, 24]
     const auto want = unfused(gate, up, weights), got = fused(gate, up, weights);
-    CHECK((got.out.scalar_type() == dtype));
-    if (titan_test::fused_kernels_run() && dtype != torch::kDouble) {  // one pass in fp32: one rounding
-      CHECK(within_rounding(got.out, want.out, dtype));
-      CHECK(within_rounding(got.d_gate, want.d_gate, dtype));
-      CHECK(within_rounding(got.d_up, want.d_up, dtype));
-    } else {  // the ATen implementation runs the same operators
-      CHECK(titan_test::same_values(got.out, want.out));
-      CHECK(titan_test::same_values(got.d_gate, want.d_gate));
-      CHECK(titan_test::same_values(got.d_up, want.d_up));
-    }
+    titan_test::check_matches_unfused({got.out, got.d_gate, got.d_up}, {want.out, want.d_gate, want.d_up}, dtype);
   }
 }
 
 TEST_CASE("fused swiglu: under per-operator activation checkpointing the gradients are unchanged") {
   titan_test::fused_kernels_registered();
-  auto gradients = [](bool checkpointed) {
-    torch::manual_seed(4);
-    Gate gate;
-    gate->to(device());
-    if (checkpointed)
-      titan::checkpoint_wrapper(*gate, titan::CheckpointWrapperOptions().policy(std::make_shared<titan::OpSavePolicy>(
-                                           std::vector<std::string>{"aten::mm", "titan::swiglu_forward"},
-                                           std::vector<std::string>{})));
-    const auto x = torch::randn({3, 16}, device());  // [3, 16]
-    titan::call(gate, x).pow(2).sum().backward();
-    return std::make_pair(gate->w1->weight.grad(), gate->w3->weight.grad());
-  };
-  const auto [plain1, plain3] = gradients(false);
-  const auto [ac1, ac3] = gradients(true);
-  CHECK(titan_test::same_values(plain1, ac1));
-  CHECK(titan_test::same_values(plain3, ac3));
+  const auto x = torch::randn({3, 16}, device());  // [3, 16]
+  titan_test::check_gradients_under_op_ac(
+      [] {
+        torch::manual_seed(4);
+        return Gate();
+      },
+      [&x](Gate& gate) { return titan::call(gate, x).pow(2).sum(); }, {"aten::mm", "titan::swiglu_forward"});
 }
 
 TEST_CASE("fused swiglu: errors name what is wrong") {

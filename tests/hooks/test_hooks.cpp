@@ -166,3 +166,33 @@ TEST_CASE("hooks_of, find_hook and attach_hook accept module holders") {
   CHECK(titan::find_hook<Marker>(affine.ptr()) == hook);
   CHECK(titan::find_hook<ScaleInput>(affine) == nullptr);
 }
+
+TEST_CASE("modules_matching: one name component per '*', the root as \"\", never a hook slot") {
+  using titan::detail::match_module_name;
+  CHECK(match_module_name("layers.*.attention.wq", "layers.0.attention.wq"));
+  CHECK(match_module_name("layers.*.attention.wq", "layers.11.attention.wq"));
+  CHECK_FALSE(match_module_name("layers.*.attention.wq", "layers.0.attention.wk"));
+  CHECK_FALSE(match_module_name("layers.*", "layers.0.attention"));
+  CHECK(match_module_name("layers.*.feed_forward.w*", "layers.3.feed_forward.w13"));
+  CHECK(match_module_name("", ""));
+  CHECK_FALSE(match_module_name("", "output"));
+
+  auto root = std::make_shared<torch::nn::Module>();
+  auto layers = root->register_module("layers", std::make_shared<torch::nn::Module>());
+  for (const char* name : {"0", "1"}) {
+    auto layer = layers->register_module(name, std::make_shared<torch::nn::Module>());
+    layer->register_module("wq", torch::nn::Linear(2, 2));
+    layer->register_module("w1", torch::nn::Linear(2, 2));
+  }
+  titan::attach_hook(*layers->children()[0], std::make_shared<ScaleInput>(2.0, nullptr));  // a hook slot in layers.0
+  auto names = [&](const std::string& pattern) {
+    std::vector<std::string> found;
+    for (const auto& [name, module] : titan::modules_matching(*root, pattern)) found.push_back(name);
+    return found;
+  };
+  CHECK(names("layers.*.wq") == std::vector<std::string>{"layers.0.wq", "layers.1.wq"});
+  CHECK(names("layers.0.*") == std::vector<std::string>{"layers.0.wq", "layers.0.w1"});  // not _titan_hooks
+  CHECK(names("") == std::vector<std::string>{""});
+  CHECK(names("layers.*.w2").empty());
+  CHECK(titan::detail::module_names_like(*root, "layers.*.w2").find("'layers.0.wq', 'layers.0.w1'") != std::string::npos);
+}

@@ -17,5 +17,6 @@
 #include <titan/pipeline.hpp>
 #include <titan/safetensors.hpp>
 #include <titan/sharding.hpp>
+#include <titan/tasks.hpp>
 #include <titan/tensor_parallel.hpp>
 #include <titan/world.hpp>

@@ -431,13 +431,3 @@ TEST_CASE("tp: plan and style errors name what is wrong") {
                     doctest::Contains("'w1' already has fully_shard attached. Apply tensor parallelism first"));
 }
 
-TEST_CASE("tp: plan patterns match one name component per '*'") {
-  using titan::detail::match_module_name;
-  CHECK(match_module_name("layers.*.attention.wq", "layers.0.attention.wq"));
-  CHECK(match_module_name("layers.*.attention.wq", "layers.11.attention.wq"));
-  CHECK_FALSE(match_module_name("layers.*.attention.wq", "layers.0.attention.wk"));
-  CHECK_FALSE(match_module_name("layers.*", "layers.0.attention"));
-  CHECK(match_module_name("layers.*.feed_forward.w*", "layers.3.feed_forward.w13"));
-  CHECK(match_module_name("", ""));
-  CHECK_FALSE(match_module_name("", "output"));
-}

@@ -1,7 +1,9 @@
 #pragma once
 // titan/detail/checkpoint_io.hpp: the low-level pieces of checkpoint.hpp and safetensors.hpp —
-// CRC-32, POSIX file helpers with errors that name the path, and the parallel writer and task
-// runner that keep the disk busy. Depends on the standard library, POSIX and c10 only.
+// CRC-32, POSIX file helpers with errors that name the path, and the parallel writer that keeps
+// the disk busy (on detail/tasks.hpp's threads). Depends on the standard library, POSIX and c10 only.
+
+#include <titan/detail/tasks.hpp>
 
 #include <c10/util/Exception.h>
 
@@ -127,12 +129,6 @@ class PosixFile {
   int fd_ = -1;
 };
 
-/// Threads per rank for checkpoint and safetensors file I/O when the options say 0: the cores,
-/// at most 4 (beyond that a single device rarely writes faster, and ranks share the cores).
-inline int default_io_threads() {
-  return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1U, 4U));
-}
-
 /// Lowers the calling thread's CPU priority to nice 10 (threads it then creates inherit it), so
 /// that a background save's writers yield the cores to the training loop. Best effort.
 inline void lower_thread_priority() {
@@ -142,37 +138,6 @@ inline void lower_thread_priority() {
 /// Bytes per positioned read or write of the parallel file I/O: large requests that still let
 /// several threads share one big tensor.
 constexpr int64_t kIoPieceBytes = int64_t{8} << 20;
-
-/// `threads` when positive, else default_io_threads().
-inline int io_threads_or_default(int threads) { return threads > 0 ? threads : default_io_threads(); }
-
-/// Runs task(0) ... task(count - 1) on up to `threads` threads (the caller's included), each
-/// taking the next index. After the first error no new task starts; it is rethrown once all
-/// threads have stopped.
-inline void run_tasks(int threads, size_t count, const std::function<void(size_t)>& task) {
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto work = [&] {
-    for (size_t i = next++; i < count && !failed; i = next++) {
-      try {
-        task(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-        failed = true;
-      }
-    }
-  };
-  const size_t helpers = std::min(count, static_cast<size_t>(std::max(threads, 1))) - (count > 0 ? 1 : 0);
-  std::vector<std::thread> pool;
-  pool.reserve(helpers);
-  for (size_t t = 0; t < helpers; ++t) pool.emplace_back(work);
-  work();
-  for (auto& thread : pool) thread.join();
-  if (error) std::rethrow_exception(error);
-}
 
 /// Bytes to write at a file offset.
 struct WriteSpan {
