@@ -1,7 +1,8 @@
 #pragma once
 // Parallelizing the Llama-family Transformer (Llama 2, Llama 3 / 3.1, Mistral), torchtitan's way:
-// tensor parallel, then context parallel, then activation checkpointing, then FSDP, each a small
-// step over the unchanged model built on the meta device (torchtitan's models/llama3/parallelize.py).
+// float8 conversion of the linear layers (float8.enable), then tensor parallel, then context
+// parallel, then activation checkpointing, then FSDP, each a small step over the unchanged model
+// built on the meta device (torchtitan's models/llama3/parallelize.py).
 //
 //   ParallelDims dims = ParallelDims::from_config(config.parallelism, world->world_size());
 //   titan::DeviceMesh mesh = dims.build_mesh(world);
