@@ -298,7 +298,7 @@ TEST_CASE("config: command-line overrides in both forms, after the file") {
   std::vector<const char*> bad_bool{"prog", "--data.pack", "yes"};
   CHECK_ERROR_HAS(parse_config_args(3, bad_bool.data()), "data.pack = 'yes' must be true or false");
   std::vector<const char*> bad_choice{"prog", "--model.name", "gpt2"};
-  CHECK_ERROR_HAS(parse_config_args(3, bad_choice.data()), "model.name = 'gpt2'", "llama2, llama3, mistral");
+  CHECK_ERROR_HAS(parse_config_args(3, bad_choice.data()), "model.name = 'gpt2'", "llama2, llama3, llama3.1, mistral");
   std::vector<const char*> missing{"prog", "--training.steps"};
   CHECK_ERROR_HAS(parse_config_args(2, missing.data()), "--training.steps needs a value");
   std::vector<const char*> twice{"prog", "--config", "a", "--config=b"};
@@ -1257,6 +1257,19 @@ TEST_CASE("trainer: model.n_layers builds that many blocks of the flavor's shape
   CHECK(children["layers"]->children().size() == 1);  // the debug flavor has 4
   CHECK(trainer.model().named_parameters().contains("layers.0.attention.wq.weight"));
   CHECK(!trainer.model().named_parameters().contains("layers.1.attention.wq.weight"));
+}
+
+TEST_CASE("trainer: model.name llama3.1 trains, with Llama 3.1's RoPE scaling") {
+  auto rope_cos = [](const std::string& name) {
+    Trainer trainer(tiny_run(scratch("trainer_model_" + name),
+                             {"--training.steps", "1", "--checkpoint.enable", "false", "--model.name", name}));
+    trainer.train();
+    return trainer.model().named_buffers()["rope_cos"].clone();  // [seq, head_dim / 2]
+  };
+  const auto plain = rope_cos("llama3"), scaled = rope_cos("llama3.1");
+  CHECK(titan_test::same_values(plain[0], scaled[0]));           // position 0: no rotation either way
+  CHECK_FALSE(titan_test::same_values(plain[5], scaled[5]));     // the low frequencies are divided by 8
+  CHECK(titan_test::same_values(plain.select(1, 0), scaled.select(1, 0)));  // the highest one is kept
 }
 
 TEST_CASE("trainer: profiling writes a Chrome trace of every profile_freq-th step") {
