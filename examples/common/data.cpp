@@ -314,7 +314,7 @@ PartIndex tokenize_range(const CorpusOptions& options, const Tokenizer& tokenize
     std::exception_ptr tokenize_error;
     try {
       titan::run_tasks(threads, wave.size(),
-                               [&](size_t i) { tokenize_items(options, tokenizer, begin, wave[i], done[i]); });
+                       [&](size_t i) { tokenize_items(options, tokenizer, begin, wave[i], done[i]); });
     } catch (...) {
       tokenize_error = std::current_exception();
     }
