@@ -3,6 +3,7 @@
 // (see titan/fused/rope.hpp for the formulas): one pass over q and k together, a thread per
 // element pair, in fp32. Compiled by nvcc into titan::cuda_kernels; fp64 takes the ATen
 // implementation.
+#include <titan/fused/cuda/grid.cuh>
 #include <titan/fused/rope.hpp>
 
 #include <ATen/Dispatch.h>
@@ -10,14 +11,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <tuple>
 #include <type_traits>
 
 namespace titan::cuda {
 namespace detail {
-
-inline constexpr int kRopeThreads = 256;
 
 /// Pair p of x [B, S, H, D/2 pairs] (contiguous) rotated by +-theta of its position and frequency:
 /// cos, sin [S, D/2] (x's dtype or fp32); sign -1 for the backward's rotation by -theta.
@@ -48,12 +46,6 @@ __global__ void rope_kernel(const scalar_t* __restrict__ q, const scalar_t* __re
   }
 }
 
-/// Blocks for `n` pairs of a grid-stride loop: enough to fill the GPU, no more.
-inline unsigned rope_blocks(int64_t n) {
-  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 8;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, (n + kRopeThreads - 1) / kRopeThreads)));
-}
-
 /// q and k rotated by +theta (sign 1) or -theta (sign -1). Tables in q's dtype (FSDP's cast of a
 /// block's inputs) are read as they are, others as fp32.
 inline std::tuple<at::Tensor, at::Tensor> rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
@@ -69,7 +61,7 @@ inline std::tuple<at::Tensor, at::Tensor> rope_launch(const at::Tensor& q, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "titan::rope", [&] {
     auto launch = [&](auto* cos_data, auto* sin_data) {
       using table_t = std::remove_const_t<std::remove_pointer_t<decltype(cos_data)>>;
-      rope_kernel<scalar_t, table_t><<<rope_blocks(q_pairs + k_pairs), kRopeThreads, 0,
+      rope_kernel<scalar_t, table_t><<<grid_stride_blocks(q_pairs + k_pairs), kElementwiseThreads, 0,
                                        at::cuda::getCurrentCUDAStream()>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), y_out.data_ptr<scalar_t>(),
           cos_data, sin_data, q_pairs, k_pairs, x.size(2), y.size(2), x.size(3) / 2, x.size(1), sign);

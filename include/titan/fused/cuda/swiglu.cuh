@@ -2,6 +2,7 @@
 // titan/fused/cuda/swiglu.cuh: the CUDA kernels of titan::swiglu_forward and
 // titan::swiglu_backward (see titan/fused/swiglu.hpp for the formulas): one element-wise pass
 // each way, in fp32. Compiled by nvcc into titan::cuda_kernels; fp64 takes the ATen implementation.
+#include <titan/fused/cuda/grid.cuh>
 #include <titan/fused/swiglu.hpp>
 
 #include <ATen/Dispatch.h>
@@ -9,19 +10,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
 #include <tuple>
 
 namespace titan::cuda {
 namespace detail {
-
-inline constexpr int kSwiGluThreads = 256;
-
-/// Blocks for `n` elements of a grid-stride loop: enough to fill the GPU, no more.
-inline unsigned swiglu_blocks(int64_t n) {
-  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 8;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, (n + kSwiGluThreads - 1) / kSwiGluThreads)));
-}
 
 template <typename scalar_t>
 __global__ void swiglu_forward_kernel(const scalar_t* __restrict__ gate, const scalar_t* __restrict__ up,
@@ -58,7 +50,7 @@ inline at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "titan::swiglu_forward", [&] {
       detail::swiglu_forward_kernel<scalar_t>
-          <<<detail::swiglu_blocks(n), detail::kSwiGluThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          <<<detail::grid_stride_blocks(n), detail::kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -79,7 +71,7 @@ inline std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "titan::swiglu_backward", [&] {
       detail::swiglu_backward_kernel<scalar_t>
-          <<<detail::swiglu_blocks(n), detail::kSwiGluThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          <<<detail::grid_stride_blocks(n), detail::kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), d_gate.data_ptr<scalar_t>(),
               d_up.data_ptr<scalar_t>(), n);
     });
