@@ -65,8 +65,18 @@ TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 CHUNK_ELEMENTS, CHUNKS_PER_LAUNCH = 65536, 320
 # Lists of equal length a multi-tensor kernel walks (the others walk one, with scalars).
 LIST_DEPTH = {"aten::_fused_adamw_": 4, "aten::_fused_adam_": 4, "aten::_foreach_copy_": 2}
-# titan's fused CUDA kernels (include/titan/fused/cuda/) that read their first input more than once.
-INPUT_PASSES = {"titan::cross_entropy_loss_and_grad": 2}  # the row's max and sum of exp, then its gradient
+# titan's fused CUDA kernels (include/titan/fused/cuda/) that read some inputs twice: which ones.
+REREAD_INPUTS = {
+    "titan::cross_entropy_loss_and_grad": lambda inputs: inputs[:1],  # logits: max and sum of exp, then the gradient
+    # (grad_sum,) grad_normed, sum, weight, rstd: the input gradient's pass, then the weight's
+    "titan::add_rms_norm_backward": lambda inputs: inputs[-4:-2],
+}
+# titan operators whose CUDA implementation launches more than one kernel.
+LAUNCHES = {"titan::add_rms_norm_backward": 3}  # input gradient, weight gradient partials, their sum
+# titan's CUDA kernels that return before touching memory in the step traced: the cross entropy's
+# backward rescaling when the incoming gradient equals the grad_scale its forward used (titan's
+# trainer and the trace pass the factor the loss is multiplied by); a launch and a scalar read.
+SKIPPED_ON_DEVICE = {"titan::cross_entropy_rescale_grad_"}
 # Fused optimizers whose second list (the gradients) is read, not written, whatever the schema says.
 READ_ONLY_SECOND_LIST = {"aten::_fused_adamw_", "aten::_fused_adam_"}
 
@@ -123,13 +133,18 @@ def kernel(event):
         chunks = sum(math.ceil(t["elements"] / CHUNK_ELEMENTS) for t in tensors) / depth
         launches = max(math.ceil(per_list / TENSORS_PER_LAUNCH[depth]), math.ceil(chunks / CHUNKS_PER_LAUNCH))
         written = [t for t in inputs if t.get("written")]
-        if name in READ_ONLY_SECOND_LIST:  # the schema marks the gradients written; the kernel only reads them
+        if name in READ_ONLY_SECOND_LIST and event["scalars"].get("grad_scale", "given") is None:
+            # The schema marks the gradients written; the kernel writes them back only when it
+            # scales them (grad_scale given: clipping or AMP unscaling inside the step).
             written = [t for t in written if not any(t is g for g in inputs[per_list:2 * per_list])]
         written = sum(tensor_bytes(t) for t in written)
         read = all_bytes - (written if name in OVERWRITES else 0)  # a copy's destination is not read
         k.update(kind="multi_tensor", launches=max(1, launches), bytes=read + written)
         return k
     # Memory-bound.
+    if name in SKIPPED_ON_DEVICE:
+        k.update(kind="memory", bytes=sum(tensor_bytes(t) for t in inputs if t["elements"] == 1), writes=set())
+        return k
     if name in SCATTERS:  # the elements it picks in its first input, read and written
         picked = max(t["elements"] for t in inputs[1:]) * inputs[0]["itemsize"]
         read = picked + sum(tensor_bytes(t) for t in inputs[1:])
@@ -141,8 +156,8 @@ def kernel(event):
         read = sum(tensor_bytes(t) for t in inputs if not (t.get("written") and overwrites))
     else:
         read = sum(tensor_bytes(t) for t in inputs)
-    if name in INPUT_PASSES:
-        read += (INPUT_PASSES[name] - 1) * tensor_bytes(inputs[0])
+    if name in REREAD_INPUTS:
+        read += sum(tensor_bytes(t) for t in REREAD_INPUTS[name](inputs))
     if name in SCATTERS:
         written = picked
     elif event["mutates"]:
@@ -151,7 +166,7 @@ def kernel(event):
         written = sum(tensor_bytes(t) for t in outputs)
     if name == "aten::nll_loss_backward":  # zero-fills grad_input, then writes one entry per row
         read = sum(tensor_bytes(t) for t in inputs if t["shape"] != outputs[0]["shape"])
-    k.update(kind="memory", bytes=read + written)
+    k.update(kind="memory", launches=LAUNCHES.get(name, 1), bytes=read + written)
     return k
 
 

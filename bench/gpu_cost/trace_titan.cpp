@@ -2,8 +2,8 @@
 // cost model (bench/gpu_cost/cost_model.py). The model is built on the meta device and
 // parallelized exactly as the trainer does it (parallelize_llama: AC, FSDP on a world of one),
 // the optimizer is the trainer's FusedAdamW and the step is the trainer's: forward, token loss
-// sum, backward, clip_grad_norm_, skip flag, optimizer step. The second step is recorded (the
-// first one creates the optimizer state).
+// sum (its gradient scaled in the forward), backward, gradient norm, skip flag, the optimizer step
+// with the clipping inside. The second step is recorded (the first one creates the optimizer state).
 //
 //   bench_gpu_cost_trace --out titan.jsonl --dim 2048 --n-layers 16 --n-heads 32 --n-kv-heads 8
 //       --multiple-of 256 --ffn-dim-multiplier 1.5 --vocab-size 128256 --seq-len 8192 --local-batch 1
@@ -406,12 +406,15 @@ int run(int argc, char** argv) {
     if (r) r->set_phase("forward");
     optimizer->zero_grad();
     auto logits = titan::call(model, input);  // [B, S, V]
-    // The trainer's token_loss_sum (no loss parallel on one GPU).
-    auto loss = titan::cross_entropy(logits, labels, titan::CrossEntropyOptions().reduction(at::Reduction::Sum));
+    // The trainer's token_loss_sum (no loss parallel on one GPU) and train_step.
+    const double scale = 1.0 / static_cast<double>(batch * seq);
+    auto loss = titan::cross_entropy(
+        logits, labels, titan::CrossEntropyOptions().reduction(at::Reduction::Sum).grad_scale(scale));
     if (r) r->set_phase("backward");
-    (loss * (1.0 / static_cast<double>(batch * seq))).backward();
+    (loss * scale).backward();
     if (r) r->set_phase("optimizer");
-    auto norm = titan::clip_grad_norm_(model, config.training.max_norm, world->group());
+    auto norm = titan::grad_norm(model, world->group());
+    optimizer->scale_grads(titan::clip_coefficient(norm, config.training.max_norm));
     optimizer->skip_if(norm.isfinite().logical_not().to(torch::kFloat).reshape({1}));
     optimizer->step();
   };

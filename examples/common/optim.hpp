@@ -1,12 +1,13 @@
 #pragma once
 // Optimization pieces of the example trainers: AdamW with two parameter groups, the learning-rate
-// schedule and gradient accumulation. (Gradient clipping over sharded parameters is the
-// library's titan::clip_grad_norm_.)
+// schedule and gradient accumulation. (The global gradient norm over sharded parameters is the
+// library's titan::grad_norm; FusedAdamW applies the clipping inside its step.)
 //
 // API summary
 //   auto opt = make_adamw(model->named_parameters(), AdamWConfig().lr(3e-4).weight_decay(0.1));
 //       // a FusedAdamW; group 0: decayed, group 1: no weight decay (norms, biases, 1-D; see is_no_decay)
 //   opt->skip_if(norm.isfinite().logical_not().to(torch::kFloat).reshape({1}));  // device-side skip
+//   opt->scale_grads(titan::clip_coefficient(norm, max_norm));                  // clipping, in the step
 //   LRSchedule schedule(LRScheduleOptions().warmup_steps(2).total_steps(100).decay_type("cosine"));
 //   double lr = schedule.apply(*opt, step, base_lr);     // step = 1, 2, ... (the optimizer step
 //                                                        // about to run); sets every group's lr
@@ -52,15 +53,24 @@ bool is_no_decay(const std::string& name, const torch::Tensor& parameter);
 /// skip_if(flag) makes the next step() a no-op on the device wherever `flag` (a 1-element float
 /// tensor, e.g. "the gradient norm is not finite") is nonzero, without a host sync; the step count
 /// still advances (a skipped step shifts Adam's bias correction by one step, which is negligible).
+///
+/// scale_grads(coefficient) multiplies the gradients by `coefficient` inside the next step's kernel
+/// (gradient clipping: titan::clip_coefficient of titan::grad_norm) instead of a separate pass over
+/// them: the kernel divides by its grad_scale, 1 / coefficient, and writes the scaled gradients
+/// back, as titan::clip_grad_norm_ would leave them (within an ulp: a division by the reciprocal
+/// instead of a product).
 class FusedAdamW : public torch::optim::AdamW {
  public:
   using torch::optim::AdamW::AdamW;
   torch::Tensor step(LossClosure closure = nullptr) override;
   /// Skip the next step where `found_inf` (1 element, float32) is nonzero.
   void skip_if(torch::Tensor found_inf) { found_inf_ = std::move(found_inf); }
+  /// Multiply the gradients by `coefficient` (1 element, positive) in the next step.
+  void scale_grads(torch::Tensor coefficient) { coefficient_ = std::move(coefficient); }
 
  private:
   torch::Tensor found_inf_;
+  torch::Tensor coefficient_;
 };
 
 /// FusedAdamW over `parameters` with two groups: 0 = decayed, 1 = weight_decay 0 (empty

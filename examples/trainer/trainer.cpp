@@ -328,20 +328,23 @@ Batch Trainer::shard_sequence(const Batch& batch) const {
   return local;
 }
 
-torch::Tensor Trainer::loss_sum(const Batch& batch) {
+torch::Tensor Trainer::loss_sum(const Batch& batch, double grad_scale) {
   auto input = to_device(batch.input, world_->device());    // [B, S] (S / cp with context parallelism)
   auto labels = to_device(batch.labels, world_->device());  // [B, S]
-  return token_loss_sum(run_stage(stages_.front(), input), labels);
+  return token_loss_sum(run_stage(stages_.front(), input), labels, grad_scale);
 }
 
-torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels) {
+torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels, double grad_scale) {
   // logits [B, S, V] (or [B, S, V / tp] with loss parallel), labels [B, S]
   if (loss_parallel_) {
     return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, mesh_->group("tp"), -100,
                                               at::Reduction::Sum, args_.vocab_size());
   }
-  // Computed in fp32 a chunk of rows at a time, the logits' gradient written during the forward.
-  return titan::cross_entropy(logits, labels, titan::CrossEntropyOptions().ignore_index(-100).reduction(at::Reduction::Sum));
+  // Computed in fp32 a chunk of rows at a time, the logits' gradient (times grad_scale) written
+  // during the forward.
+  return titan::cross_entropy(
+      logits, labels,
+      titan::CrossEntropyOptions().ignore_index(-100).reduction(at::Reduction::Sum).grad_scale(grad_scale));
 }
 
 torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector<Batch>& batches, double scale,
@@ -359,7 +362,7 @@ torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector
     for (int64_t mb = 0; mb < count; ++mb) microbatches.push_back(input.narrow(0, mb * rows, rows));  // [rows / m, S]
   auto sum = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(world_->device()));  // []
   auto loss_fn = [&](const torch::Tensor& logits, int64_t mb) {
-    auto tokens = token_loss_sum(logits, label.narrow(0, mb * rows, rows));  // []
+    auto tokens = token_loss_sum(logits, label.narrow(0, mb * rows, rows), scale);  // []
     sum += tokens.detach().to(torch::kDouble);
     return tokens * scale;
   };
@@ -371,7 +374,7 @@ torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector
 }
 
 torch::Tensor Trainer::forward_backward(const Batch& batch, double scale) {
-  auto loss = loss_sum(batch);  // []
+  auto loss = loss_sum(batch, scale);  // []
   (loss * scale).backward();
   return loss.detach();
 }
@@ -411,10 +414,12 @@ bool Trainer::train_step(int64_t step) {
       loss_sum_here += forward_backward(micro_batches[static_cast<size_t>(micro)], scale);
     }
   }
-  auto norm = titan::clip_grad_norm_(model_, config_.training.max_norm, world_->group(),
-                                     dims_.pp > 1 ? mesh_->group("pp") : nullptr);  // [] fp64
-  // A non-finite norm (NaN/Inf loss or gradients on any rank: the norm is global) skips the
-  // update on the device; the host learns of it at the next sync step.
+  auto norm = titan::grad_norm(model_, world_->group(), dims_.pp > 1 ? mesh_->group("pp") : nullptr);  // [] fp64
+  // Clipping scales the gradients inside the optimizer's kernel (no pass of its own over them). A
+  // non-finite norm (NaN/Inf loss or gradients on any rank: the norm is global) skips the update
+  // on the device; the host learns of it at the next sync step.
+  if (config_.training.max_norm > 0)
+    optimizer_->scale_grads(titan::clip_coefficient(norm, config_.training.max_norm));
   auto not_finite = norm.isfinite().logical_not();  // []
   optimizer_->skip_if(not_finite.to(torch::kFloat).reshape({1}));
   optimizer_->step();

@@ -6,7 +6,7 @@
 //
 //   struct MyTrainer : titan::examples::Trainer {         // or: subclass instead of copying
 //     using Trainer::Trainer;
-//     torch::Tensor loss_sum(const Batch& batch) override { ... }   // e.g. another loss
+//     torch::Tensor loss_sum(const Batch& batch, double grad_scale) override { ... }   // e.g. another loss
 //   };
 //
 // The constructor joins the job (torchrun, Slurm, mpirun or one process), builds the model on the
@@ -80,11 +80,15 @@ class Trainer {
   /// of its label tokens' cross-entropies (unscaled, detached, on the device).
   virtual torch::Tensor forward_backward(const Batch& batch, double scale);
   /// The sum of the cross-entropies of a micro-batch's label tokens (labels -100 are ignored): the
-  /// model's forward and token_loss_sum. Without pipeline parallelism only.
-  virtual torch::Tensor loss_sum(const Batch& batch);
+  /// model's forward and token_loss_sum. Without pipeline parallelism only. `grad_scale`: see
+  /// token_loss_sum.
+  virtual torch::Tensor loss_sum(const Batch& batch, double grad_scale = 1.0);
   /// The sum of the cross-entropies of the label tokens of `labels` [B, S] under `logits` [B, S, V]
-  /// (loss parallel on vocabulary-sharded logits).
-  virtual torch::Tensor token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels);
+  /// (loss parallel on vocabulary-sharded logits). `grad_scale` is the factor the sum is multiplied
+  /// by before backward (titan::CrossEntropyOptions::grad_scale: the logits' gradient, written in
+  /// the forward, then needs no pass of its own in the backward); any factor stays correct.
+  virtual torch::Tensor token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels,
+                                       double grad_scale = 1.0);
   /// Validation at `step`: data.val_steps batches of the validation set, logged and recorded.
   virtual void validate(int64_t step);
   /// With pipeline parallelism: `batches` (a step's rows on this rank, or a validation batch) cut

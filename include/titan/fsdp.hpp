@@ -47,8 +47,12 @@ struct FsdpOptions {
   TORCH_ARG(bool, reshard_after_forward) = true;
   /// Dtype of the unsharded parameters (compute and all-gather), e.g. torch::kBFloat16; unset:
   /// the parameters' own dtype. Sharded (master) parameters keep their dtype. Floating-point
-  /// inputs of the unit are cast to it.
+  /// inputs of the unit are cast to it (see cast_forward_inputs).
   TORCH_ARG(std::optional<at::ScalarType>, param_dtype) = std::nullopt;
+  /// With param_dtype: cast the unit's floating-point tensor inputs to it (FSDP2's
+  /// MixedPrecisionPolicy.cast_forward_inputs). Off for units whose inputs already arrive in the
+  /// compute dtype or must keep theirs (a transformer block's fp32 RoPE tables).
+  TORCH_ARG(bool, cast_forward_inputs) = true;
   /// Dtype gradients are reduced in, e.g. torch::kFloat32; unset: param_dtype (or the parameters'
   /// dtype). The sharded gradient is cast back to the sharded parameter's dtype.
   TORCH_ARG(std::optional<at::ScalarType>, reduce_dtype) = std::nullopt;
@@ -325,7 +329,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
         for (size_t k = 0; k < where.size(); ++k) prepared[where[k]] = outs[k];
       }
     }
-    if (options_.param_dtype()) {
+    if (options_.param_dtype() && options_.cast_forward_inputs()) {
       for (auto& t : prepared)
         if (t.defined() && t.is_floating_point()) t = t.to(*options_.param_dtype());
     }

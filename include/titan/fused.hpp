@@ -4,8 +4,10 @@
 //   auto loss = titan::cross_entropy(logits, labels, titan::CrossEntropyOptions().reduction(at::Reduction::Sum));
 //   auto hidden = titan::swiglu(w1(x), w3(x));    // silu(w1 x) * w3 x, SwiGLU's gate
 //   auto [q_rotated, k_rotated] = titan::rope(q, k, cos, sin);   // rotary embedding of q and k
+//   auto [h, normed] = titan::add_rms_norm(x, attention_out, weight, eps);   // residual add + RMSNorm
 //
-// Each is a dispatcher operator in the namespace `titan` (titan::cross_entropy, titan::rope, titan::swiglu) with
+// Each is a dispatcher operator in the namespace `titan` (titan::cross_entropy, titan::rope, titan::swiglu,
+// titan::add_rms_norm) with
 // autograd, registered on first use (a function-local static; nothing at static-initialisation
 // time). Its ATen implementation is the CPU path, the path of any device without a titan kernel,
 // and the tests' reference. CUDA kernels are `.cuh` headers under titan/fused/cuda/, compiled by
@@ -13,6 +15,7 @@
 // titan::cuda::register_kernels() (titan/fused/cuda/kernels.hpp); docs/fused.md says which have
 // run on a GPU.
 
+#include <titan/fused/add_rms_norm.hpp>
 #include <titan/fused/cross_entropy.hpp>
 #include <titan/fused/rope.hpp>
 #include <titan/fused/swiglu.hpp>

@@ -21,7 +21,10 @@
 //
 // Tensor arguments are handed to hooks as a list (they may be replaced, e.g. redistributed by TP);
 // other arguments are bound by value, so a hook may run the forward again later (activation
-// checkpointing recomputes it during backward). forward must return a single at::Tensor.
+// checkpointing recomputes it during backward). forward returns an at::Tensor, or a std::tuple of
+// them (a fused residual add and norm: the sum and the normalized sum); hooks run such a module
+// through ModuleHook::forward_outputs, which position-wise hooks (SequenceParallel) implement and
+// the others refuse with an error naming the hook.
 
 #include <titan/detail/torch_internals.hpp>
 
@@ -46,6 +49,8 @@ namespace titan {
 using TensorList = std::vector<at::Tensor>;
 /// Runs the rest of a module call (inner hooks and forward) on the given tensor inputs.
 using ForwardFn = std::function<at::Tensor(const TensorList&)>;
+/// The same for a module whose forward returns several tensors (a std::tuple), in order.
+using OutputsForwardFn = std::function<TensorList(const TensorList&)>;
 
 /// Which of titan's parallelisms a hook implements, in the order they must be applied (torchtitan's):
 /// conversions of layers (float8) first (their hooks innermost), then tensor parallelism, then
@@ -63,6 +68,13 @@ class ModuleHook {
   virtual HookKind kind() const { return HookKind::Other; }
   /// Runs the module: typically prepares `inputs`, calls `next(inputs)`, post-processes the output.
   virtual at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) = 0;
+  /// Runs a module whose forward returns several tensors, as forward does for one. Hooks that act
+  /// position-wise on every tensor alike override it; by default a hook refuses such a module.
+  virtual TensorList forward_outputs(torch::nn::Module& module, const TensorList& inputs,
+                                     const OutputsForwardFn& next) {
+    TORCH_CHECK(false, "titan::call: '", name(), "' is attached to a module whose forward returns several tensors (",
+                module.name(), "), which it does not support: it handles modules returning one at::Tensor");
+  }
   /// Checks a requirement this kind of hook has of the whole model `root` it is part of, throwing
   /// an error that names what is wrong (e.g. FSDP: every trainable parameter belongs to a unit).
   /// titan::verify_calls runs it once per hook type.
@@ -190,13 +202,32 @@ std::decay_t<T> replace_tensor(const T& arg, const TensorList& tensors, size_t& 
 }
 
 template <typename Impl, typename Bound, size_t... I>
-at::Tensor call_bound(Impl& module, const Bound& bound, const TensorList& tensors, std::index_sequence<I...>) {
+decltype(auto) call_bound(Impl& module, const Bound& bound, const TensorList& tensors, std::index_sequence<I...>) {
   size_t next = 0;
   // Braced initialisation evaluates left to right, so tensors are taken in argument order.
   Bound replaced{replace_tensor(std::get<I>(bound), tensors, next)...};
   TORCH_CHECK(next == tensors.size(), "titan::call: a hook passed ", tensors.size(), " tensors to a forward taking ",
               next);
   return std::apply([&module](auto&... args) { return module.forward(args...); }, replaced);
+}
+
+/// Whether T is a std::tuple of at::Tensor (a forward titan::call runs through forward_outputs).
+template <typename T>
+struct is_tensor_tuple : std::false_type {};
+template <typename... T>
+struct is_tensor_tuple<std::tuple<T...>>
+    : std::bool_constant<(sizeof...(T) > 0 && (std::is_same_v<T, at::Tensor> && ...))> {};
+
+/// A tuple of tensors as a list, and back (checking the count a hook returned).
+template <typename... T>
+TensorList tuple_to_list(const std::tuple<T...>& tuple) {
+  return std::apply([](const auto&... t) { return TensorList{t...}; }, tuple);
+}
+template <typename Tuple, size_t... I>
+Tuple list_to_tuple(const TensorList& list, std::index_sequence<I...>) {
+  TORCH_CHECK(list.size() == sizeof...(I), "titan::call: a hook returned ", list.size(),
+              " tensors for a forward returning ", sizeof...(I));
+  return Tuple{list[I]...};
 }
 
 }  // namespace detail
@@ -231,19 +262,22 @@ std::shared_ptr<H> find_hook(const M& module_like) {
 }
 
 /// Calls `module`'s forward with `args` through the hooks titan attached to it (see the top of
-/// this header). `module` may be a module, a ModuleHolder (e.g. torch::nn::Linear), a shared_ptr or
-/// a pointer to one. The outermost call on a thread checks, when it returns, that every hooked
-/// module below it ran through titan::call.
+/// this header) and returns what it returns: an at::Tensor, or a std::tuple of them. `module` may
+/// be a module, a ModuleHolder (e.g. torch::nn::Linear), a shared_ptr or a pointer to one. The
+/// outermost call on a thread checks, when it returns, that every hooked module below it ran
+/// through titan::call.
 template <typename M, typename... Args>
-at::Tensor call(M&& module, Args&&... args) {
+auto call(M&& module, Args&&... args) {
   auto& impl = detail::module_ref(module);
   using Impl = std::remove_reference_t<decltype(impl)>;
-  static_assert(std::is_same_v<decltype(impl.forward(std::forward<Args>(args)...)), at::Tensor>,
-                "titan::call supports modules whose forward returns a single at::Tensor");
+  using Output = decltype(impl.forward(std::forward<Args>(args)...));
+  constexpr bool single = std::is_same_v<Output, at::Tensor>;
+  static_assert(single || detail::is_tensor_tuple<Output>::value,
+                "titan::call supports modules whose forward returns an at::Tensor or a std::tuple of them");
   auto& tracking = detail::call_tracking();
   const bool outermost = tracking.depth == 0;
   if (outermost) ++tracking.pass;
-  at::Tensor output;
+  Output output;
   {
     detail::CallDepth depth(tracking);
     auto* slot = detail::hook_slot(impl);
@@ -256,17 +290,29 @@ at::Tensor call(M&& module, Args&&... args) {
       (detail::collect_tensor(args, inputs), ...);
       auto bound = std::make_shared<std::tuple<std::decay_t<Args>...>>(std::forward<Args>(args)...);
       Impl* self = &impl;
-      ForwardFn run = [self, bound](const TensorList& tensors) {
-        return detail::call_bound(*self, *bound, tensors, std::index_sequence_for<Args...>{});
-      };
-      // Wrap from the innermost hook outwards; the outermost runs first.
       auto hooks = slot->hooks;
-      for (const auto& hook : hooks) {
-        run = [self, hook, inner = std::move(run)](const TensorList& tensors) {
-          return hook->forward(*self, tensors, inner);
+      // Wrap from the innermost hook outwards; the outermost runs first.
+      if constexpr (single) {
+        ForwardFn run = [self, bound](const TensorList& tensors) {
+          return detail::call_bound(*self, *bound, tensors, std::index_sequence_for<Args...>{});
         };
+        for (const auto& hook : hooks) {
+          run = [self, hook, inner = std::move(run)](const TensorList& tensors) {
+            return hook->forward(*self, tensors, inner);
+          };
+        }
+        output = run(inputs);
+      } else {
+        OutputsForwardFn run = [self, bound](const TensorList& tensors) {
+          return detail::tuple_to_list(detail::call_bound(*self, *bound, tensors, std::index_sequence_for<Args...>{}));
+        };
+        for (const auto& hook : hooks) {
+          run = [self, hook, inner = std::move(run)](const TensorList& tensors) {
+            return hook->forward_outputs(*self, tensors, inner);
+          };
+        }
+        output = detail::list_to_tuple<Output>(run(inputs), std::make_index_sequence<std::tuple_size_v<Output>>{});
       }
-      output = run(inputs);
     }
   }
   if (outermost) detail::check_calls(impl, tracking.pass);

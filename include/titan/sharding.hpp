@@ -387,28 +387,18 @@ void load_full_state_dict(M&& module_like, const torch::OrderedDict<std::string,
   }
 }
 
-/// Scales the gradients of the parameters of `module` (a module, ModuleHolder, shared_ptr or
-/// pointer) so that their global L2 norm is at most `max_norm`, as torch.nn.utils.clip_grad_norm_
-/// does for an unsharded model (coefficient max_norm / (norm + 1e-6), capped at 1), and returns the
-/// norm before clipping: a 0-dim float64 tensor on the group's device. The norm counts every
-/// element of every global parameter once, from the layouts: a block several ranks of `group`
-/// hold (a norm weight replicated over TP, an HSDP replica) is counted once. `group` must contain
-/// the groups of every shard level (the world group always does) and every rank of it calls this.
-/// max_norm <= 0 only measures; a non-finite norm leaves the gradients unchanged. With pipeline
-/// parallelism `module` is this rank's stage(s): pass the pipeline group as `pipeline_group` and
-/// a `group` spanning every stage (the world group), so each stage's blocks count once.
-template <typename M>
-at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupPtr& group,
-                           const ProcessGroupPtr& pipeline_group = nullptr) {
-  torch::nn::Module& module = detail::module_ref(module_like);
-  detail::check_group(group, "clip_grad_norm_");
+namespace detail {
+
+/// The gradients of `module`'s parameters that have one, and for each how many ranks of `group`
+/// hold the same block (see grad_norm).
+inline std::vector<std::pair<at::Tensor, int64_t>> gradients_with_copies(torch::nn::Module& module,
+                                                                        const ProcessGroupPtr& group,
+                                                                        const ProcessGroupPtr& pipeline_group,
+                                                                        const char* caller) {
+  detail::check_group(group, caller);
   const auto& members = group->global_ranks();
   std::vector<const ProcessGroup*> checked;  // level groups known to lie inside `group`
-  at::NoGradGuard no_grad;
-  // Each gradient's norm comes from one foreach kernel per (device, dtype, copies) bucket, in
-  // fp32 or wider; only the per-tensor norms are squared and summed in fp64.
-  std::map<std::tuple<std::string, at::ScalarType, int64_t>, std::vector<at::Tensor>> buckets;
-  std::map<std::string, std::vector<at::Tensor>> by_device;  // for the scaling
+  std::vector<std::pair<at::Tensor, int64_t>> result;
   for (const auto& [name, sharded] : sharded_parameters(module)) {
     const auto& grad = sharded.local.grad();
     if (!grad.defined()) continue;
@@ -416,8 +406,8 @@ at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupP
     for (const auto& level : sharded.layout.levels) {
       if (std::find(checked.begin(), checked.end(), level.group.get()) == checked.end()) {
         for (int rank : level.group->global_ranks())
-          TORCH_CHECK(std::find(members.begin(), members.end(), rank) != members.end(), "titan::clip_grad_norm_: ",
-                      "parameter '", name, "' is sharded over '", level.mesh_dim, "', whose rank ", rank,
+          TORCH_CHECK(std::find(members.begin(), members.end(), rank) != members.end(), "titan::", caller,
+                      ": parameter '", name, "' is sharded over '", level.mesh_dim, "', whose rank ", rank,
                       " is outside the given group of ", group->size(), " ranks: pass a group holding every shard ",
                       "(the world group)");
         checked.push_back(level.group.get());
@@ -425,13 +415,33 @@ at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupP
       split *= level.group->size();
     }
     split *= pipeline_group ? pipeline_group->size() : 1;  // other stages hold other parameters
-    TORCH_CHECK(group->size() % split == 0, "titan::clip_grad_norm_: parameter '", name, "' is split into ", split,
+    TORCH_CHECK(group->size() % split == 0, "titan::", caller, ": parameter '", name, "' is split into ", split,
                 " blocks (pipeline stages included), which the group's ", group->size(),
                 " ranks cannot hold equally often");
-    const int64_t copies = group->size() / split;  // ranks holding this rank's block
-    buckets[{grad.device().str(), grad.scalar_type(), copies}].push_back(grad.detach());
-    by_device[grad.device().str()].push_back(grad.detach());
+    result.emplace_back(grad.detach(), group->size() / split);
   }
+  return result;
+}
+
+}  // namespace detail
+
+/// The global L2 norm of the gradients of `module`'s parameters (a module, ModuleHolder,
+/// shared_ptr or pointer), as torch.nn.utils.clip_grad_norm_ computes it for the unsharded model:
+/// a 0-dim float64 tensor on the group's device. The norm counts every element of every global
+/// parameter once, from the layouts: a block several ranks of `group` hold (a norm weight
+/// replicated over TP, an HSDP replica) is counted once. `group` must contain the groups of every
+/// shard level (the world group always does) and every rank of it calls this. With pipeline
+/// parallelism `module` is this rank's stage(s): pass the pipeline group as `pipeline_group` and a
+/// `group` spanning every stage (the world group), so each stage's blocks count once.
+template <typename M>
+at::Tensor grad_norm(M&& module_like, const ProcessGroupPtr& group, const ProcessGroupPtr& pipeline_group = nullptr) {
+  torch::nn::Module& module = detail::module_ref(module_like);
+  at::NoGradGuard no_grad;
+  // Each gradient's norm comes from one foreach kernel per (device, dtype, copies) bucket, in
+  // fp32 or wider; only the per-tensor norms are squared and summed in fp64.
+  std::map<std::tuple<std::string, at::ScalarType, int64_t>, std::vector<at::Tensor>> buckets;
+  for (auto& [grad, copies] : detail::gradients_with_copies(module, group, pipeline_group, "grad_norm"))
+    buckets[{grad.device().str(), grad.scalar_type(), copies}].push_back(grad);
   auto squared = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(group->device()));  // []
   for (const auto& [key, grads] : buckets) {
     const auto dtype = std::get<1>(key);
@@ -440,15 +450,39 @@ at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupP
     auto sum = at::stack(norms).to(at::kDouble).pow(2).sum();  // []
     squared += sum.to(squared.device()) / static_cast<double>(std::get<2>(key));
   }
-  auto norm = detail::all_reduce_raw(squared, *group, ReduceOp::Sum).sqrt();  // []
-  if (max_norm > 0 && !by_device.empty()) {
-    auto coefficient = (max_norm / (norm + 1e-6)).clamp_max(1.0);
-    coefficient = at::where(norm.isfinite(), coefficient, at::ones_like(coefficient));
-    for (auto& [device, grads] : by_device) {
-      const auto wide = grads.front().scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      at::_foreach_mul_(grads, coefficient.to(grads.front().device(), wide));
-    }
-  }
+  return detail::all_reduce_raw(squared, *group, ReduceOp::Sum).sqrt();  // []
+}
+
+/// The factor clipping multiplies the gradients by for a global gradient norm `norm` (0-dim):
+/// max_norm / (norm + 1e-6) capped at 1, as torch.nn.utils.clip_grad_norm_, and 1 where the norm
+/// is not finite (the gradients are left as they are; the step is typically skipped). Same dtype
+/// and device as `norm`.
+inline at::Tensor clip_coefficient(const at::Tensor& norm, double max_norm) {
+  TORCH_CHECK(max_norm > 0, "titan::clip_coefficient: max_norm must be positive, got ", max_norm);
+  auto coefficient = (max_norm / (norm + 1e-6)).clamp_max(1.0);  // []
+  return at::where(norm.isfinite(), coefficient, at::ones_like(coefficient));
+}
+
+/// Scales the gradients of the parameters of `module` (a module, ModuleHolder, shared_ptr or
+/// pointer) so that their global L2 norm is at most `max_norm`, as torch.nn.utils.clip_grad_norm_
+/// does for an unsharded model, and returns the norm before clipping (grad_norm, whose arguments
+/// these are). max_norm <= 0 only measures; a non-finite norm leaves the gradients unchanged
+/// (clip_coefficient). An optimizer that can scale the gradients inside its own kernel (the
+/// examples' FusedAdamW) takes grad_norm and clip_coefficient instead and saves the pass over
+/// the gradients.
+template <typename M>
+at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupPtr& group,
+                           const ProcessGroupPtr& pipeline_group = nullptr) {
+  torch::nn::Module& module = detail::module_ref(module_like);
+  auto norm = grad_norm(module, group, pipeline_group);  // []
+  if (max_norm <= 0) return norm;
+  at::NoGradGuard no_grad;
+  const auto coefficient = clip_coefficient(norm, max_norm);  // []
+  std::map<std::pair<std::string, at::ScalarType>, std::vector<at::Tensor>> by_device;
+  for (auto& [grad, copies] : detail::gradients_with_copies(module, group, pipeline_group, "clip_grad_norm_"))
+    by_device[{grad.device().str(), grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat}].push_back(grad);
+  for (auto& [key, grads] : by_device)
+    at::_foreach_mul_(grads, coefficient.to(grads.front().device(), key.second));
   return norm;
 }
 

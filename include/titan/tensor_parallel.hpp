@@ -534,10 +534,22 @@ class SequenceParallel : public ParallelStyle {
   }
 
   at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    check_inputs(inputs);
+    return next(inputs);  // position-wise: the local sequence chunk in, the same chunk out
+  }
+
+  /// A position-wise module returning several tensors (a residual add fused with its norm): each
+  /// output keeps the inputs' sequence chunk.
+  TensorList forward_outputs(torch::nn::Module&, const TensorList& inputs, const OutputsForwardFn& next) override {
+    check_inputs(inputs);
+    return next(inputs);
+  }
+
+ private:
+  void check_inputs(const TensorList& inputs) const {
     for (const auto& x : inputs)
       TORCH_CHECK(x.dim() > sequence_dim_, "titan: SequenceParallel on '", path_, "' expects inputs sharded on dim ",
                   sequence_dim_, ", got a tensor of rank ", x.dim());
-    return next(inputs);  // position-wise: the local sequence chunk in, the same chunk out
   }
 };
 

@@ -5,9 +5,12 @@
 // GPU kit) run titan's CUDA kernel (fused_testing.hpp).
 #include "fused_testing.hpp"
 
+#include "../support/op_events.hpp"
+
 #include <titan/ac.hpp>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace {
@@ -97,6 +100,52 @@ TEST_CASE("fused cross entropy: bf16 logits give the fp32 loss and the fp32 grad
   CHECK(grad.to(torch::kFloat).sum(-1).abs().max().item<double>() < 1e-3);  // each row's gradient sums to 0
 }
 
+TEST_CASE("fused cross entropy: grad_scale writes the scaled gradient in the forward; the backward rescales only "
+          "when the incoming gradient differs") {
+  const double scale = 0.37;
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    CAPTURE(dtype);
+    const auto batch = make_batch(dtype, 300);
+    const auto options = CrossEntropyOptions().reduction(at::Reduction::Sum).chunk_elements(4 * 300);
+    auto [want_loss, want_grad] = reference(batch.logits, batch.targets, at::Reduction::Sum, scale);
+    auto [plain_loss, plain_grad] = fused(batch.logits, batch.targets, options, scale);  // scaled by the backward
+    std::vector<std::string> backward_ops;
+    auto leaf = batch.logits.detach().requires_grad_(true);
+    auto loss = titan::cross_entropy(leaf, batch.targets, CrossEntropyOptions(options).grad_scale(scale));
+    {
+      titan_test::OpEvents events;
+      (loss * scale).backward();
+      for (const auto& e : events.events())
+        if (e.name == "aten::mul_") backward_ops.push_back(e.name);
+    }
+    CHECK(titan_test::same_values(loss, plain_loss));  // the value does not depend on grad_scale
+    if (device().is_cpu()) CHECK(backward_ops.empty());  // the incoming gradient is grad_scale: no pass over dx
+    // |got - want| <= |want| * relative, elementwise
+    auto within = [](const Tensor& got, const Tensor& want, double relative) {
+      const auto error = (got.to(torch::kDouble) - want.to(torch::kDouble)).abs();  // [2, 7, V]
+      return error.le(want.to(torch::kDouble).abs() * relative + 1e-30).all().item<bool>();
+    };
+    if (dtype == torch::kFloat) {
+      CHECK(titan_test::same_values(leaf.grad(), plain_grad));  // fp32: dx * fl32(scale) either way
+    } else {
+      // Rounded to bf16 once (not before and after the scale): within one bf16 ulp of PyTorch's
+      // (itself rounded once), and closer overall than rounding twice.
+      CHECK(within(leaf.grad(), want_grad, std::ldexp(1.0, -7)));
+      const auto once = (leaf.grad().to(torch::kDouble) - want_grad.to(torch::kDouble)).abs().sum().item<double>();
+      const auto twice = (plain_grad.to(torch::kDouble) - want_grad.to(torch::kDouble)).abs().sum().item<double>();
+      CHECK(once <= twice);
+    }
+    // Another incoming gradient (the loss scaled by 2 instead): rescaled by 2 / scale, still right.
+    auto [want2_loss, want2_grad] = reference(batch.logits, batch.targets, at::Reduction::Sum, 2.0);
+    auto [loss2, grad2] = fused(batch.logits, batch.targets, CrossEntropyOptions(options).grad_scale(scale), 2.0);
+    CHECK(within(grad2, want2_grad, dtype == torch::kFloat ? 1e-5 : std::ldexp(1.0, -6)));
+  }
+  const auto batch = make_batch(torch::kFloat);
+  for (double bad : {0.0, std::numeric_limits<double>::infinity()})
+    CHECK(error_of([&] { titan::cross_entropy(batch.logits, batch.targets, CrossEntropyOptions().grad_scale(bad)); })
+              .find("grad_scale must be finite and nonzero") != std::string::npos);
+}
+
 TEST_CASE("fused cross entropy: without gradients the loss alone, the same value") {
   const auto batch = make_batch(torch::kFloat);
   const auto options = CrossEntropyOptions().chunk_elements(5 * 37);
@@ -125,6 +174,9 @@ TEST_CASE("fused cross entropy: dispatcher operators that activation checkpointi
   titan::register_cross_entropy_operators();
   CHECK(c10::Dispatcher::singleton().findSchema({"titan::cross_entropy", ""}).has_value());
   CHECK(c10::Dispatcher::singleton().findSchema({"titan::cross_entropy_loss_and_grad", ""}).has_value());
+  const auto rescale = c10::Dispatcher::singleton().findSchema({"titan::cross_entropy_rescale_grad_", ""});
+  REQUIRE(rescale.has_value());
+  CHECK(rescale->hasKernelForDispatchKey(c10::DispatchKey::CUDA) == titan_test::fused_kernels_registered());
   const auto loss_and_grad = c10::Dispatcher::singleton().findSchema({"titan::cross_entropy_loss_and_grad", ""});
   CHECK(loss_and_grad->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd));
   CHECK(loss_and_grad->hasKernelForDispatchKey(c10::DispatchKey::CUDA) == titan_test::fused_kernels_registered());

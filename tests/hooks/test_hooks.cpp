@@ -1,5 +1,6 @@
-// titan/hooks.hpp: titan::call runs attached hooks around forward, outermost last attached. The
-// modules and inputs live on titan_test::device().
+// titan/hooks.hpp: titan::call runs attached hooks around forward, outermost last attached, for
+// forwards returning a tensor or a tuple of them. The modules and inputs live on
+// titan_test::device().
 #include "../support/multirank.hpp"
 
 #include <titan/hooks.hpp>
@@ -32,6 +33,32 @@ struct ScaleInput : titan::ModuleHook {
   std::vector<std::string>* log;
 };
 
+/// A module returning two tensors: (x + y, x * weight) with a non-tensor argument between them.
+struct TwoOutputsImpl : torch::nn::Module {
+  TwoOutputsImpl() { weight = register_parameter("weight", torch::full({3}, 2.0)); }
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x, double shift, const torch::Tensor& y) {
+    return {x + y + shift, x * weight};
+  }
+  torch::Tensor weight;
+};
+TORCH_MODULE(TwoOutputs);
+
+/// Scales every input before the forward and every output after it, for modules returning several.
+struct ScaleAll : titan::ModuleHook {
+  std::string name() const override { return "scale all"; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn& next) override {
+    return next(inputs);
+  }
+  titan::TensorList forward_outputs(torch::nn::Module&, const titan::TensorList& inputs,
+                                    const titan::OutputsForwardFn& next) override {
+    titan::TensorList scaled;
+    for (const auto& t : inputs) scaled.push_back(t * 10);
+    auto outputs = next(scaled);
+    for (auto& t : outputs) t = t + 1;
+    return outputs;
+  }
+};
+
 }  // namespace
 
 TEST_CASE("titan::call without hooks is forward") {
@@ -62,6 +89,25 @@ TEST_CASE("titan::call nests hooks, the last attached outermost, and binds non-t
   std::shared_ptr<AffineImpl> shared = affine.ptr();
   CHECK(torch::equal(titan::call(shared, x, 1.0, y), out));
   CHECK(torch::equal(titan::call(affine.get(), x, 1.0, y), out));
+}
+
+TEST_CASE("titan::call runs a module returning a tuple of tensors through hooks that support it") {
+  TwoOutputs pair;
+  pair->to(device());
+  auto x = torch::ones({3}, device()), y = torch::full({3}, 0.5, device());
+  auto [plain_sum, plain_product] = titan::call(pair, x, 1.0, y);  // no hooks: forward itself
+  CHECK(torch::equal(plain_sum, torch::full({3}, 2.5, device())));
+  CHECK(torch::equal(plain_product, torch::full({3}, 2.0, device())));
+  titan::attach_hook(*pair, std::make_shared<ScaleAll>());
+  auto [sum, product] = titan::call(pair, x, 1.0, y);  // inputs x10, outputs +1
+  CHECK(torch::equal(sum, torch::full({3}, 10.0 + 5.0 + 1.0 + 1.0, device())));
+  CHECK(torch::equal(product, torch::full({3}, 10.0 * 2.0 + 1.0, device())));
+  // A hook written for one output refuses such a module, naming itself.
+  std::vector<std::string> log;
+  titan::attach_hook(*pair, std::make_shared<ScaleInput>(3.0, &log));
+  CHECK(titan_test::error_of([&] { titan::call(pair, x, 1.0, y); })
+            .find("'scale' is attached to a module whose forward returns several tensors") != std::string::npos);
+  CHECK(log.empty());
 }
 
 TEST_CASE("to_empty materialises meta parameters and buffers in place, keeping every handle") {

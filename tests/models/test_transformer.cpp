@@ -56,6 +56,11 @@ class CountingHook : public titan::ModuleHook {
     ++counts_[key_];
     return next(inputs);
   }
+  titan::TensorList forward_outputs(torch::nn::Module&, const titan::TensorList& inputs,
+                                    const titan::OutputsForwardFn& next) override {  // ffn_norm: (h, its norm)
+    ++counts_[key_];
+    return next(inputs);
+  }
 
  private:
   std::map<std::string, int>& counts_;

@@ -1,4 +1,4 @@
-// titan/sharding.hpp: clip_grad_norm_ driven by parameter layouts equals PyTorch's
+// titan/sharding.hpp: clip_grad_norm_ (grad_norm, clip_coefficient) driven by parameter layouts equals PyTorch's
 // torch::nn::utils::clip_grad_norm_ on the single-process model, under FSDP, TP and FSDP x TP
 // (1, 2 and 4 ranks); memory_usage counts every optimizer titan knows. On titan_test::device().
 #include "../tensor_parallel/tiny_gpt2.hpp"
@@ -77,6 +77,30 @@ TEST_CASE("clip_grad_norm_ under FSDP, TP and FSDP x TP gives the single-process
     CHECK(norm == doctest::Approx(expected).epsilon(1e-5));
     tp_test::check_gradients_match(*model, *reference, 1e-6);
   }
+}
+
+TEST_CASE("grad_norm measures what clip_grad_norm_ clips by; clip_coefficient is its factor") {
+  torch::manual_seed(5);
+  torch::nn::Linear linear(4, 3);
+  linear->to(device());
+  (linear->forward(torch::randn({5, 4}).to(device())).pow(2).sum() * 3).backward();
+  const auto weight_grad = linear->weight.grad().clone(), bias_grad = linear->bias.grad().clone();
+  const auto norm = titan::grad_norm(linear, world()->group());  // [] fp64
+  CHECK((norm.scalar_type() == torch::kDouble));
+  CHECK_CLOSE(linear->weight.grad(), weight_grad, 0.0);  // measuring leaves the gradients alone
+  const double expected = std::sqrt(weight_grad.to(torch::kDouble).pow(2).sum().item<double>() +
+                                    bias_grad.to(torch::kDouble).pow(2).sum().item<double>());
+  CHECK(norm.item<double>() == doctest::Approx(expected).epsilon(1e-6));
+  const double max_norm = norm.item<double>() / 4;
+  const auto coefficient = titan::clip_coefficient(norm, max_norm);
+  CHECK(coefficient.item<double>() == doctest::Approx(max_norm / (norm.item<double>() + 1e-6)).epsilon(1e-12));
+  CHECK(titan::clip_coefficient(norm, 1e9).item<double>() == 1.0);  // capped at 1
+  const auto inf = torch::full({}, INFINITY, torch::TensorOptions().dtype(torch::kDouble).device(norm.device()));
+  CHECK(titan::clip_coefficient(inf, 1.0).item<double>() == 1.0);  // a non-finite norm leaves the gradients alone
+  CHECK_THROWS_WITH(titan::clip_coefficient(norm, 0.0), doctest::Contains("max_norm must be positive, got 0"));
+  titan::clip_grad_norm_(linear, max_norm, world()->group());
+  CHECK_CLOSE(linear->weight.grad(), weight_grad * coefficient.item<double>(), 1e-7);
+  CHECK_CLOSE(linear->bias.grad(), bias_grad * coefficient.item<double>(), 1e-7);
 }
 
 TEST_CASE("clip_grad_norm_ names a shard level outside the given group") {

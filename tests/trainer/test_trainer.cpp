@@ -871,7 +871,8 @@ TEST_CASE("optim: gradient accumulation steps come from the global batch") {
 
 TEST_CASE("optim: parity with PyTorch AdamW, warmup + cosine and clip_grad_norm_" * doctest::skip()) {
   // Run by optim_parity.py, which writes the reference (initial weights, data, and what PyTorch
-  // computed) and names it in TITAN_TRAINER_PARITY.
+  // computed) and names it in TITAN_TRAINER_PARITY. Twice: clipping by titan::clip_grad_norm_ before
+  // the step, and (the trainer's way) titan::grad_norm + clip_coefficient applied inside the step.
   const char* path = std::getenv("TITAN_TRAINER_PARITY");
   REQUIRE_MESSAGE(path != nullptr, "set TITAN_TRAINER_PARITY (optim_parity.py does)");
   auto ref = nlohmann::json::parse(read_file(path));
@@ -880,41 +881,55 @@ TEST_CASE("optim: parity with PyTorch AdamW, warmup + cosine and clip_grad_norm_
     return torch::tensor(values, torch::kDouble).to(device(), torch::kFloat).reshape(j["shape"].get<std::vector<int64_t>>());
   };
   const auto& cfg = ref["config"];
-  auto model = std::make_shared<TinyMLP>(cfg["in"].get<int64_t>(), cfg["hidden"].get<int64_t>(), cfg["out"].get<int64_t>());
-  model->to(device());
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& item : model->named_parameters()) item.value().copy_(tensor(ref["initial"][item.key()]));
-  }
-  auto opt = make_adamw(model->named_parameters(), AdamWConfig()
-                                                       .lr(cfg["lr"].get<double>())
-                                                       .beta1(cfg["beta1"].get<double>())
-                                                       .beta2(cfg["beta2"].get<double>())
-                                                       .eps(cfg["eps"].get<double>())
-                                                       .weight_decay(cfg["weight_decay"].get<double>()));
-  const int64_t steps = cfg["steps"].get<int64_t>();
-  LRSchedule schedule(LRScheduleOptions()
-                          .warmup_steps(cfg["warmup_steps"].get<int64_t>())
-                          .total_steps(steps)
-                          .decay_type(cfg["decay_type"].get<std::string>())
-                          .min_lr_ratio(cfg["min_lr_ratio"].get<double>()));
-  for (int64_t s = 1; s <= steps; ++s) {
-    const auto& batch = ref["batches"][s - 1];
-    double lr = schedule.apply(*opt, s, cfg["lr"].get<double>());
-    opt->zero_grad();
-    auto logits = model->forward(tensor(batch["x"]));  // [N, out]
-    auto loss = torch::nn::functional::cross_entropy(logits, tensor(batch["y"]).to(torch::kLong));
-    loss.backward();
-    double norm = titan::clip_grad_norm_(model, cfg["max_norm"].get<double>(), titan_test::world()->group()).item<double>();
-    opt->step();
-    INFO("step ", s);
-    CHECK(loss.item<double>() == doctest::Approx(ref["losses"][s - 1].get<double>()).epsilon(1e-6));
-    CHECK(lr == doctest::Approx(ref["lrs"][s - 1].get<double>()).epsilon(1e-12));
-    CHECK(norm == doctest::Approx(ref["grad_norms"][s - 1].get<double>()).epsilon(1e-5));
-  }
-  for (auto& item : model->named_parameters()) {
-    INFO("parameter ", item.key());
-    CHECK_CLOSE(item.value(), tensor(ref["final"][item.key()]), 1e-6);
+  const double max_norm = cfg["max_norm"].get<double>();
+  for (const bool in_step : {false, true}) {
+    INFO((in_step ? "clipping inside FusedAdamW's step (scale_grads)" : "clip_grad_norm_ before the step"));
+    auto model =
+        std::make_shared<TinyMLP>(cfg["in"].get<int64_t>(), cfg["hidden"].get<int64_t>(), cfg["out"].get<int64_t>());
+    model->to(device());
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& item : model->named_parameters()) item.value().copy_(tensor(ref["initial"][item.key()]));
+    }
+    auto opt = make_adamw(model->named_parameters(), AdamWConfig()
+                                                         .lr(cfg["lr"].get<double>())
+                                                         .beta1(cfg["beta1"].get<double>())
+                                                         .beta2(cfg["beta2"].get<double>())
+                                                         .eps(cfg["eps"].get<double>())
+                                                         .weight_decay(cfg["weight_decay"].get<double>()));
+    const int64_t steps = cfg["steps"].get<int64_t>();
+    LRSchedule schedule(LRScheduleOptions()
+                            .warmup_steps(cfg["warmup_steps"].get<int64_t>())
+                            .total_steps(steps)
+                            .decay_type(cfg["decay_type"].get<std::string>())
+                            .min_lr_ratio(cfg["min_lr_ratio"].get<double>()));
+    int64_t clipped = 0;
+    for (int64_t s = 1; s <= steps; ++s) {
+      const auto& batch = ref["batches"][s - 1];
+      double lr = schedule.apply(*opt, s, cfg["lr"].get<double>());
+      opt->zero_grad();
+      auto logits = model->forward(tensor(batch["x"]));  // [N, out]
+      auto loss = torch::nn::functional::cross_entropy(logits, tensor(batch["y"]).to(torch::kLong));
+      loss.backward();
+      torch::Tensor norm;
+      if (in_step) {
+        norm = titan::grad_norm(model, titan_test::world()->group());
+        opt->scale_grads(titan::clip_coefficient(norm, max_norm));
+      } else {
+        norm = titan::clip_grad_norm_(model, max_norm, titan_test::world()->group());
+      }
+      opt->step();
+      clipped += norm.item<double>() > max_norm;
+      INFO("step ", s);
+      CHECK(loss.item<double>() == doctest::Approx(ref["losses"][s - 1].get<double>()).epsilon(1e-6));
+      CHECK(lr == doctest::Approx(ref["lrs"][s - 1].get<double>()).epsilon(1e-12));
+      CHECK(norm.item<double>() == doctest::Approx(ref["grad_norms"][s - 1].get<double>()).epsilon(1e-5));
+    }
+    CHECK_MESSAGE(clipped > 0, "the reference never clips: raise its learning rate or lower max_norm");
+    for (auto& item : model->named_parameters()) {
+      INFO("parameter ", item.key());
+      CHECK_CLOSE(item.value(), tensor(ref["final"][item.key()]), 1e-6);
+    }
   }
 }
 

@@ -187,6 +187,11 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   return at::rms_norm(x, {weight.size(0)}, weight.to(x.scalar_type()), eps);
 }
 
+std::tuple<torch::Tensor, torch::Tensor> RMSNormImpl::forward(const torch::Tensor& x, const torch::Tensor& delta) {
+  // x, delta [..., dim] -> (x + delta, its norm) [..., dim] each
+  return titan::add_rms_norm(x, delta, weight.to(x.scalar_type()), eps);
+}
+
 AttentionCoreImpl::AttentionCoreImpl(int64_t sliding_window_) : sliding_window(sliding_window_) {}
 
 torch::Tensor AttentionCoreImpl::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
@@ -220,8 +225,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   auto q = titan::call(wq, x).view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
   auto k = titan::call(wk, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
   auto v = titan::call(wv, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
-  // Meta's interleaved pairs rotated by position, q and k in one operator (in fp32; the tables
-  // [S, hd / 2] arrive in the compute dtype when FSDP casts a block's inputs).
+  // Meta's interleaved pairs rotated by position, q and k in one operator (in fp32, by the fp32
+  // tables [S, hd / 2]: FSDP leaves a block's inputs uncast, see parallelize.cpp).
   auto [q_rotated, k_rotated] = titan::rope(q, k, rope_cos, rope_sin);  // [B, S, Hq, hd], [B, S, Hkv, hd]
   auto out = titan::call(core, q_rotated.transpose(1, 2), k_rotated.transpose(1, 2),
                          v.transpose(1, 2));  // [B, Hq, S, hd]
@@ -251,8 +256,10 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t layer_id_, const ModelArgs& a
 
 torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
                                             const torch::Tensor& rope_sin) {
-  auto h = x + titan::call(attention, titan::call(attention_norm, x), rope_cos, rope_sin);
-  return h + titan::call(feed_forward, titan::call(ffn_norm, h));
+  // h = x + attention(...) and its norm in one operator: [B, S, dim] each
+  const auto attention_out = titan::call(attention, titan::call(attention_norm, x), rope_cos, rope_sin);
+  auto [h, normed] = titan::call(ffn_norm, x, attention_out);
+  return h + titan::call(feed_forward, normed);  // [B, S, dim]
 }
 
 void TransformerImpl::reset_rope_tables() {

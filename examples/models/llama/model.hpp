@@ -15,6 +15,7 @@
 #include <torch/torch.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace titan {
@@ -131,6 +132,9 @@ class RMSNormImpl : public torch::nn::Module {
   RMSNormImpl(int64_t dim, double eps, const torch::TensorOptions& options);
   /// x [..., dim] -> [..., dim]
   torch::Tensor forward(const torch::Tensor& x);
+  /// The residual add fused in: (x + delta, forward(x + delta)), both [..., dim], through
+  /// titan::add_rms_norm (bitwise the add and forward; one kernel each way with titan's kernels).
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& delta);
   torch::Tensor weight;  ///< [dim]
   double eps;
 };

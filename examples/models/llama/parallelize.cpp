@@ -43,7 +43,10 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
   // backward's gather would only cast the same shards again. Kept gathered, each unit casts its
   // parameters once per step (torchtitan trains one GPU without FSDP, casting at every use).
   if (fsdp_mesh.size() == 1) options.reshard_after_forward(false);
-  for (const auto& layer : model.layers->children()) titan::fully_shard(*layer, fsdp_mesh, options);
+  // A block's hidden states arrive in the compute dtype (from the embedding's unit or the previous
+  // stage); its RoPE tables stay fp32, as torchtitan's complex freqs_cis (FSDP2 casts no complex).
+  auto block_options = titan::FsdpOptions(options).cast_forward_inputs(false);
+  for (const auto& layer : model.layers->children()) titan::fully_shard(*layer, fsdp_mesh, block_options);
   // The root unit holds what no block does; a middle pipeline stage holds only blocks.
   const auto children = model.named_children();
   if (children.contains("tok_embeddings") || children.contains("output")) titan::fully_shard(model, fsdp_mesh, options);

@@ -9,8 +9,11 @@
 //   loss   = sum_i (lse_i - x_i,t_i)                          (over the rows not ignored)
 //   dx_iv  = exp(x_iv - lse_i) - [v = t_i]                     (d loss / d x, 0 in ignored rows)
 //
-// The forward returns the loss and keeps dx in the logits' dtype; the backward scales it in place
-// by the incoming gradient (a graph through titan::cross_entropy is backpropagated once). The
+// The forward returns the loss and keeps dx (times the options' grad_scale) in the logits' dtype;
+// the backward scales it in place by the incoming gradient / grad_scale, and not at all when that
+// is exactly 1: a caller that backpropagates loss * s and passes grad_scale(s) (titan's trainer
+// does) spends no pass over dx in the backward (a graph through titan::cross_entropy is
+// backpropagated once). The
 // ATen implementation works through row chunks of at most `chunk_elements` logits, one chunk in
 // fp32 at a time: upcast, log_softmax, exp and the cast of dx (with the backward's scale, 32
 // bytes of memory traffic per bf16 logit against about 36 for upcast + log_softmax + nll_loss and
@@ -25,12 +28,14 @@
 #include <ATen/ops/_log_softmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gather.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/mul.h>
 #include <torch/csrc/api/include/torch/arg.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <tuple>
@@ -46,6 +51,11 @@ struct CrossEntropyOptions {
   /// Most logits the ATen implementation upcasts at once (whole rows, at least one): 2^27, i.e.
   /// 512 MiB of fp32, about 1,000 tokens of a 128k vocabulary.
   TORCH_ARG(int64_t, chunk_elements) = int64_t{1} << 27;
+  /// The gradient the backward is expected to receive (finite, nonzero), e.g. s when the loss is
+  /// backpropagated as loss * s: the forward writes the logits' gradient times it, and the backward
+  /// rescales only by incoming / grad_scale, skipping its pass over the [N, V] gradient when that
+  /// is exactly 1. The value and the gradient are right for any incoming gradient.
+  TORCH_ARG(double, grad_scale) = 1.0;
 };
 
 namespace detail {
@@ -76,12 +86,13 @@ inline void check_cross_entropy_targets(const at::Tensor& targets, int64_t vocab
 }
 
 /// titan::cross_entropy_loss_and_grad in ATen (the CPU path and the reference): the loss sum []
-/// (fp32, or fp64 for fp64 logits) and, if compute_grad, d loss / d logits [N, V] in the logits'
-/// dtype (else an empty tensor).
+/// (fp32, or fp64 for fp64 logits) and, if compute_grad, grad_scale * d loss / d logits [N, V] in
+/// the logits' dtype (else an empty tensor).
 inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad_aten(const at::Tensor& logits,
                                                                           const at::Tensor& targets,
                                                                           int64_t ignore_index,
-                                                                          int64_t chunk_elements, bool compute_grad) {
+                                                                          int64_t chunk_elements, bool compute_grad,
+                                                                          double grad_scale) {
   constexpr const char* op = "titan::cross_entropy";
   check_cross_entropy_rows(logits, targets, op);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
@@ -91,6 +102,7 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad_aten(const
   const auto safe = targets.masked_fill(ignored, 0).unsqueeze(1);       // [N, 1] a valid index in every row
   const auto kept = ignored.logical_not().to(compute).unsqueeze(1);     // [N, 1] 1, or 0 where ignored
   const auto minus_kept = compute_grad ? kept.neg() : kept;             // [N, 1]
+  const auto kept_scaled = grad_scale == 1.0 ? kept : kept.mul(grad_scale);  // [N, 1] grad_scale, or 0
   auto picked = at::empty({rows, 1}, logits.options().dtype(compute));  // [N, 1] log p(target)
   auto grad = compute_grad ? at::empty({rows, vocab}, logits.options()) : at::empty({0}, logits.options());  // [N, V]
   const int64_t step = std::max<int64_t>(1, chunk_elements / vocab);
@@ -100,13 +112,24 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad_aten(const
     auto picked_rows = picked.narrow(0, first, n);                                         // [n, 1]
     at::gather_out(picked_rows, log_probs, 1, safe.narrow(0, first, n));
     if (!compute_grad) continue;
-    // softmax - one_hot(target) in the rows kept, cast to the logits' dtype as it is written.
+    // (softmax - one_hot(target)) * grad_scale in the rows kept, cast to the logits' dtype as it
+    // is written.
     log_probs.exp_().scatter_add_(1, safe.narrow(0, first, n), minus_kept.narrow(0, first, n));
     auto rows_grad = grad.narrow(0, first, n);  // [n, V]
-    at::mul_out(rows_grad, log_probs, kept.narrow(0, first, n));
+    at::mul_out(rows_grad, log_probs, kept_scaled.narrow(0, first, n));
   }
   auto loss = picked.squeeze(1).masked_fill(ignored, 0).sum().neg();  // []
   return {loss, grad};
+}
+
+/// titan::cross_entropy_rescale_grad_ in ATen: multiplies `grad` in place by grad_output /
+/// grad_scale (in the gradient's compute dtype), unless that is exactly 1. Only on the CPU can
+/// the host read the factor without a device sync; elsewhere the multiply always runs (titan's
+/// CUDA kernel makes the same test on the device).
+inline void cross_entropy_rescale_grad_aten(at::Tensor& grad, const at::Tensor& grad_output, double grad_scale) {
+  const auto factor = at::div(grad_output, grad_scale);  // [] in the loss's dtype
+  if (factor.device().is_cpu() && factor.item<double>() == 1.0) return;
+  grad.mul_(factor);
 }
 
 /// The typed handle of titan::cross_entropy_loss_and_grad (registered by then).
@@ -114,57 +137,70 @@ inline auto cross_entropy_loss_and_grad_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("titan::cross_entropy_loss_and_grad", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
-                                                                       int64_t, bool)>();
+                                                                       int64_t, bool, double)>();
   return op;
 }
 
 /// Autograd of titan::cross_entropy: the gradient comes from the forward.
 struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
-                            int64_t ignore_index, int64_t chunk_elements) {
-    auto [loss, grad] = cross_entropy_loss_and_grad_op().call(logits, targets, ignore_index, chunk_elements, true);
-    ctx->saved_data["grad"] = grad;  // [N, V] d loss / d logits
-    return loss;                     // []
+                            int64_t ignore_index, int64_t chunk_elements, double grad_scale) {
+    auto [loss, grad] =
+        cross_entropy_loss_and_grad_op().call(logits, targets, ignore_index, chunk_elements, true, grad_scale);
+    ctx->saved_data["grad"] = grad;  // [N, V] grad_scale * d loss / d logits
+    ctx->saved_data["grad_scale"] = grad_scale;
+    return loss;  // []
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
+    static const auto rescale = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("titan::cross_entropy_rescale_grad_", "")
+                                    .typed<void(at::Tensor&, const at::Tensor&, double)>();
     auto saved = ctx->saved_data.find("grad");
     TORCH_CHECK(saved != ctx->saved_data.end(),
                 "titan::cross_entropy: the backward ran twice (retain_graph): its gradient was computed in the "
                 "forward and is scaled in place by the first backward; run the forward again");
     auto grad = saved->second.toTensor();  // [N, V]
     ctx->saved_data.erase(saved);          // this node held the only reference: scale it in place
-    grad.mul_(grad_outputs[0]);
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+    rescale.call(grad, grad_outputs[0], ctx->saved_data["grad_scale"].toDouble());
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 /// titan::cross_entropy's kernel (CompositeImplicitAutograd): the loss sum, differentiable in the
 /// logits when they require grad.
 inline at::Tensor cross_entropy_kernel(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
-                                       int64_t chunk_elements) {
+                                       int64_t chunk_elements, double grad_scale) {
   if (at::GradMode::is_enabled() && logits.requires_grad())
-    return CrossEntropyFunction::apply(logits, targets, ignore_index, chunk_elements);
-  return std::get<0>(cross_entropy_loss_and_grad_op().call(logits, targets, ignore_index, chunk_elements, false));
+    return CrossEntropyFunction::apply(logits, targets, ignore_index, chunk_elements, grad_scale);
+  return std::get<0>(
+      cross_entropy_loss_and_grad_op().call(logits, targets, ignore_index, chunk_elements, false, grad_scale));
 }
 
 }  // namespace detail
 
-/// Registers titan::cross_entropy and titan::cross_entropy_loss_and_grad with the dispatcher once
-/// per process (titan::cross_entropy calls it; call it before naming them elsewhere, e.g. in an
-/// activation-checkpointing policy). A CUDA kernel registered for titan::cross_entropy_loss_and_grad
-/// (titan::cuda_kernels) takes precedence over the ATen implementation on CUDA tensors.
+/// Registers titan::cross_entropy, titan::cross_entropy_loss_and_grad and
+/// titan::cross_entropy_rescale_grad_ with the dispatcher once per process (titan::cross_entropy
+/// calls it; call it before naming them elsewhere, e.g. in an activation-checkpointing policy).
+/// CUDA kernels registered for the last two (titan::cuda_kernels) take precedence over the ATen
+/// implementation on CUDA tensors.
 inline void register_cross_entropy_operators() {
   static const std::unique_ptr<torch::Library> library = [] {
     auto lib = std::make_unique<torch::Library>(torch::Library::FRAGMENT, "titan", std::nullopt,
                                                 "titan/fused/cross_entropy.hpp", __LINE__);
     lib->def(
         "cross_entropy_loss_and_grad(Tensor logits, Tensor targets, int ignore_index, int chunk_elements, "
-        "bool compute_grad) -> (Tensor, Tensor)");
-    lib->def("cross_entropy(Tensor logits, Tensor targets, int ignore_index, int chunk_elements) -> Tensor");
+        "bool compute_grad, float grad_scale) -> (Tensor, Tensor)");
+    lib->def("cross_entropy_rescale_grad_(Tensor(a!) grad, Tensor grad_output, float grad_scale) -> ()");
+    lib->def(
+        "cross_entropy(Tensor logits, Tensor targets, int ignore_index, int chunk_elements, float grad_scale) -> "
+        "Tensor");
     lib->impl("cross_entropy_loss_and_grad",
               torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,
                               TORCH_FN(detail::cross_entropy_loss_and_grad_aten)));
+    lib->impl("cross_entropy_rescale_grad_",
+              torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,
+                              TORCH_FN(detail::cross_entropy_rescale_grad_aten)));
     lib->impl("cross_entropy",
               torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(detail::cross_entropy_kernel)));
     return lib;
@@ -183,7 +219,7 @@ inline at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targ
   register_cross_entropy_operators();
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("titan::cross_entropy", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>();
   TORCH_CHECK(logits.dim() >= 1 && targets.dim() == logits.dim() - 1 &&
                   targets.sizes() == logits.sizes().slice(0, logits.dim() - 1),
               "titan::cross_entropy: needs logits [..., V] and targets [...] with the same leading sizes, got ",
@@ -195,8 +231,12 @@ inline at::Tensor cross_entropy(const at::Tensor& logits, const at::Tensor& targ
               static_cast<int64_t>(options.reduction()));
   TORCH_CHECK(options.chunk_elements() > 0, "titan::cross_entropy: chunk_elements must be positive, got ",
               options.chunk_elements());
+  TORCH_CHECK(std::isfinite(options.grad_scale()) && options.grad_scale() != 0.0,
+              "titan::cross_entropy: grad_scale must be finite and nonzero (the gradient the backward expects), got ",
+              options.grad_scale());
   const auto rows = targets.reshape({-1}).to(at::kLong);  // [N]
-  auto sum = op.call(logits.reshape({-1, logits.size(-1)}), rows, options.ignore_index(), options.chunk_elements());
+  auto sum = op.call(logits.reshape({-1, logits.size(-1)}), rows, options.ignore_index(), options.chunk_elements(),
+                     options.grad_scale());
   if (options.reduction() == at::Reduction::Sum) return sum;  // []
   return sum.div(rows.ne(options.ignore_index()).sum());      // [] (NaN when every target is ignored)
 }

@@ -2,9 +2,11 @@
 // titan/fused/cuda/cross_entropy.cuh: the CUDA kernel of titan::cross_entropy_loss_and_grad (see
 // titan/fused/cross_entropy.hpp for the formulas). One block per row of logits: an online softmax
 // pass (running max and sum of exp, in fp32) and, for the gradient, a second pass writing
-// softmax - one_hot(target) in the logits' dtype. Compiled by nvcc into titan::cuda_kernels;
-// fp64 logits take the ATen implementation.
+// (softmax - one_hot(target)) * grad_scale in the logits' dtype. The backward's rescaling by
+// grad_output / grad_scale is a grid-stride kernel that returns at once when that factor is 1.
+// Compiled by nvcc into titan::cuda_kernels; fp64 logits take the ATen implementation.
 #include <titan/fused/cross_entropy.hpp>
+#include <titan/fused/cuda/grid.cuh>
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -33,11 +35,11 @@ __device__ inline MaxSum combine(MaxSum a, MaxSum b) {
 }
 
 /// Row blockIdx.x of logits [rows, vocab]: row_loss[row] = lse - x[target] (0 when ignored) and,
-/// when grad is not null, grad[row, :] = softmax - one_hot(target) (0 when ignored).
+/// when grad is not null, grad[row, :] = (softmax - one_hot(target)) * grad_scale (0 when ignored).
 template <typename scalar_t>
 __global__ void cross_entropy_rows(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
                                    scalar_t* __restrict__ grad, float* __restrict__ row_loss, int64_t vocab,
-                                   int64_t ignore_index) {
+                                   int64_t ignore_index, float grad_scale) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = logits + row * vocab;  // [vocab]
   MaxSum state{-INFINITY, 0.f};
@@ -64,8 +66,19 @@ __global__ void cross_entropy_rows(const scalar_t* __restrict__ logits, const in
   scalar_t* dx = grad + row * vocab;  // [vocab]
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
     const float value = kept ? expf(static_cast<float>(x[v]) - lse) - (v == target ? 1.f : 0.f) : 0.f;
-    dx[v] = static_cast<scalar_t>(value);
+    dx[v] = static_cast<scalar_t>(value * grad_scale);
   }
+}
+
+/// grad[0, n) *= *grad_output / grad_scale (in fp32), unless that factor is exactly 1: then every
+/// block returns before touching memory.
+template <typename scalar_t>
+__global__ void rescale_unless_one(scalar_t* __restrict__ grad, const float* __restrict__ grad_output,
+                                   float grad_scale, int64_t n) {
+  const float factor = *grad_output / grad_scale;
+  if (factor == 1.f) return;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    grad[i] = static_cast<scalar_t>(static_cast<float>(grad[i]) * factor);
 }
 
 }  // namespace detail
@@ -73,9 +86,11 @@ __global__ void cross_entropy_rows(const scalar_t* __restrict__ logits, const in
 /// titan::cross_entropy_loss_and_grad on CUDA tensors (same contract as the ATen implementation).
 inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::Tensor& logits,
                                                                       const at::Tensor& targets, int64_t ignore_index,
-                                                                      int64_t chunk_elements, bool compute_grad) {
+                                                                      int64_t chunk_elements, bool compute_grad,
+                                                                      double grad_scale) {
   if (logits.scalar_type() == at::kDouble)
-    return titan::detail::cross_entropy_loss_and_grad_aten(logits, targets, ignore_index, chunk_elements, compute_grad);
+    return titan::detail::cross_entropy_loss_and_grad_aten(logits, targets, ignore_index, chunk_elements, compute_grad,
+                                                           grad_scale);
   titan::detail::check_cross_entropy_rows(logits, targets, "titan::cross_entropy");
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto x = logits.contiguous();   // [N, V]
@@ -88,11 +103,31 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::
       detail::cross_entropy_rows<scalar_t>
           <<<static_cast<unsigned>(rows), detail::kCrossEntropyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               x.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
-              row_loss.data_ptr<float>(), vocab, ignore_index);
+              row_loss.data_ptr<float>(), vocab, ignore_index, static_cast<float>(grad_scale));
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {row_loss.sum(), grad};  // [], [N, V]
+}
+
+/// titan::cross_entropy_rescale_grad_ on CUDA tensors: the ATen implementation's contract, the
+/// factor tested on the device (no sync). fp64 gradients (fp64 logits) take the ATen path.
+inline void cross_entropy_rescale_grad_(at::Tensor& grad, const at::Tensor& grad_output, double grad_scale) {
+  if (grad.scalar_type() == at::kDouble || grad_output.scalar_type() != at::kFloat || !grad.is_contiguous() ||
+      grad_output.numel() != 1)
+    return titan::detail::cross_entropy_rescale_grad_aten(grad, grad_output, grad_scale);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "titan::cross_entropy_rescale_grad_",
+                                  [&] {
+                                    detail::rescale_unless_one<scalar_t>
+                                        <<<detail::grid_stride_blocks(n), detail::kElementwiseThreads, 0,
+                                           at::cuda::getCurrentCUDAStream()>>>(
+                                            grad.data_ptr<scalar_t>(), grad_output.data_ptr<float>(),
+                                            static_cast<float>(grad_scale), n);
+                                  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace titan::cuda

@@ -1,5 +1,6 @@
 #pragma once
-// titan/fused/cuda/grid.cuh: the launch shape of titan's element-wise CUDA kernels (SwiGLU, RoPE):
+// titan/fused/cuda/grid.cuh: the launch shape of titan's element-wise CUDA kernels (SwiGLU, RoPE,
+// the cross entropy's rescaling):
 // grid-stride loops of 256 threads per block, as many blocks as fill the GPU.
 #include <ATen/cuda/CUDAContext.h>
 

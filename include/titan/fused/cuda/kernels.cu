@@ -1,6 +1,7 @@
 // titan::cuda_kernels: titan's CUDA kernels and their registration for titan's fused operators.
 // Compiled by nvcc (CMake option TITAN_CUDA_KERNELS); nothing is registered until
 // titan::cuda::register_kernels() is called.
+#include <titan/fused/cuda/add_rms_norm.cuh>
 #include <titan/fused/cuda/cross_entropy.cuh>
 #include <titan/fused/cuda/kernels.hpp>
 #include <titan/fused/cuda/rope.cuh>
@@ -17,13 +18,17 @@ void register_kernels() {
     titan::register_cross_entropy_operators();  // the definitions first
     titan::register_rope_operators();
     titan::register_swiglu_operators();
+    titan::register_add_rms_norm_operators();
     auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "titan", c10::DispatchKey::CUDA,
                                                 "titan/fused/cuda/kernels.cu", __LINE__);
     lib->impl("cross_entropy_loss_and_grad", TORCH_FN(cross_entropy_loss_and_grad));
+    lib->impl("cross_entropy_rescale_grad_", TORCH_FN(cross_entropy_rescale_grad_));
     lib->impl("rope_forward", TORCH_FN(rope_forward));
     lib->impl("rope_backward", TORCH_FN(rope_backward));
     lib->impl("swiglu_forward", TORCH_FN(swiglu_forward));
     lib->impl("swiglu_backward", TORCH_FN(swiglu_backward));
+    lib->impl("add_rms_norm_forward", TORCH_FN(add_rms_norm_forward));
+    lib->impl("add_rms_norm_backward", TORCH_FN(add_rms_norm_backward));
     return lib;
   }();
   (void)library;

@@ -1,0 +1,180 @@
+#pragma once
+// titan/fused/cuda/add_rms_norm.cuh: the CUDA kernels of titan::add_rms_norm_forward and
+// titan::add_rms_norm_backward (see titan/fused/add_rms_norm.hpp for the formulas). One block per
+// row: the forward writes sum (rounded to the inputs' dtype, as at::add) and normed from it, with
+// rstd in fp32; the backward writes the input gradient of a row in one pass (rstd saved, the row's
+// dot product of the weighted gradient with the normalized sum reduced in the block), and the
+// weight's gradient in a second, column-parallel pass over row chunks whose partial sums one
+// at::sum adds. Compiled by nvcc into titan::cuda_kernels; fp64 takes the ATen implementation.
+#include <titan/fused/add_rms_norm.hpp>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+namespace titan::cuda {
+namespace detail {
+
+inline constexpr int kNormThreads = 512;                       // threads per row
+inline constexpr int kColumnTile = 32, kColumnRowThreads = 8;  // the weight-gradient pass: 32 columns x 8 rows
+
+/// The sum of `value` over the block's threads, in every thread (blockDim.x a multiple of 32, at
+/// most kNormThreads).
+__device__ inline float block_sum(float value) {
+  __shared__ float warps[kNormThreads / 32];
+  __shared__ float total;
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float all = 0.f;
+    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) all += warps[w];
+    total = all;
+  }
+  __syncthreads();
+  return total;
+}
+
+/// Row blockIdx.x of x, delta [rows, dim]: sum = x + delta, rstd = 1 / sqrt(mean(sum^2) + eps),
+/// normed = sum * rstd * weight.
+template <typename scalar_t>
+__global__ void add_rms_norm_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ delta,
+                                  const scalar_t* __restrict__ weight, scalar_t* __restrict__ sum,
+                                  scalar_t* __restrict__ normed, float* __restrict__ rstd, int64_t dim, float eps) {
+  const int64_t row = blockIdx.x * dim;
+  float squares = 0.f;
+  for (int64_t v = threadIdx.x; v < dim; v += blockDim.x) {
+    const scalar_t s = static_cast<scalar_t>(static_cast<float>(x[row + v]) + static_cast<float>(delta[row + v]));
+    sum[row + v] = s;
+    const float f = static_cast<float>(s);
+    squares += f * f;
+  }
+  const float r = rsqrtf(block_sum(squares) / static_cast<float>(dim) + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+  for (int64_t v = threadIdx.x; v < dim; v += blockDim.x)  // this thread's own writes: no barrier needed
+    normed[row + v] = static_cast<scalar_t>(static_cast<float>(sum[row + v]) * r * static_cast<float>(weight[v]));
+}
+
+/// Row blockIdx.x: d_input = rstd * (g - y * mean(g * y)) (+ grad_sum), g = grad_normed * weight,
+/// y = sum * rstd.
+template <typename scalar_t>
+__global__ void add_rms_norm_input_grad(const scalar_t* __restrict__ grad_sum, const scalar_t* __restrict__ grad_normed,
+                                        const scalar_t* __restrict__ sum, const scalar_t* __restrict__ weight,
+                                        const float* __restrict__ rstd, scalar_t* __restrict__ d_input, int64_t dim) {
+  const int64_t row = blockIdx.x * dim;
+  const float r = rstd[blockIdx.x];
+  float dot = 0.f;
+  for (int64_t v = threadIdx.x; v < dim; v += blockDim.x) {
+    const float g = static_cast<float>(grad_normed[row + v]) * static_cast<float>(weight[v]);
+    dot += g * static_cast<float>(sum[row + v]) * r;
+  }
+  const float mean = block_sum(dot) / static_cast<float>(dim);
+  for (int64_t v = threadIdx.x; v < dim; v += blockDim.x) {
+    const float g = static_cast<float>(grad_normed[row + v]) * static_cast<float>(weight[v]);
+    const float y = static_cast<float>(sum[row + v]) * r;
+    float d = r * (g - y * mean);
+    if (grad_sum != nullptr) d += static_cast<float>(grad_sum[row + v]);
+    d_input[row + v] = static_cast<scalar_t>(d);
+  }
+}
+
+/// Columns [blockIdx.x * kColumnTile, + kColumnTile) over rows chunk blockIdx.y of `rows_per_chunk`:
+/// partial[blockIdx.y, column] = sum over those rows of grad_normed * sum * rstd.
+template <typename scalar_t>
+__global__ void add_rms_norm_weight_grad(const scalar_t* __restrict__ grad_normed, const scalar_t* __restrict__ sum,
+                                         const float* __restrict__ rstd, float* __restrict__ partial, int64_t rows,
+                                         int64_t dim, int64_t rows_per_chunk) {
+  __shared__ float tile[kColumnRowThreads][kColumnTile];
+  const int64_t column = int64_t{blockIdx.x} * kColumnTile + threadIdx.x;
+  const int64_t first = int64_t{blockIdx.y} * rows_per_chunk;
+  const int64_t last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
+  float acc = 0.f;
+  if (column < dim)
+    for (int64_t r = first + threadIdx.y; r < last; r += kColumnRowThreads)
+      acc += static_cast<float>(grad_normed[r * dim + column]) * static_cast<float>(sum[r * dim + column]) * rstd[r];
+  tile[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && column < dim) {
+    for (int t = 1; t < kColumnRowThreads; ++t) acc += tile[t][threadIdx.x];
+    partial[int64_t{blockIdx.y} * dim + column] = acc;
+  }
+}
+
+}  // namespace detail
+
+/// titan::add_rms_norm_forward on CUDA tensors (same contract as the ATen implementation).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const at::Tensor& x, const at::Tensor& delta,
+                                                                           const at::Tensor& weight, double eps) {
+  if (x.scalar_type() == at::kDouble) return titan::detail::add_rms_norm_forward_aten(x, delta, weight, eps);
+  titan::detail::check_add_rms_norm_inputs(x, delta, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto a = x.contiguous(), b = delta.contiguous(), w = weight.contiguous();  // [..., D], [D]
+  const int64_t dim = a.size(-1), rows = a.numel() / std::max<int64_t>(dim, 1);
+  auto sum = at::empty_like(a), normed = at::empty_like(a);  // [..., D]
+  auto rstd_shape = a.sizes().vec();
+  rstd_shape.back() = 1;
+  auto rstd = at::empty(rstd_shape, a.options().dtype(at::kFloat));  // [..., 1]
+  if (rows > 0 && dim > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "titan::add_rms_norm_forward", [&] {
+      detail::add_rms_norm_rows<scalar_t>
+          <<<static_cast<unsigned>(rows), detail::kNormThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sum.data_ptr<scalar_t>(),
+              normed.data_ptr<scalar_t>(), rstd.data_ptr<float>(), dim, static_cast<float>(eps));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {sum, normed, rstd};
+}
+
+/// titan::add_rms_norm_backward on CUDA tensors (same contract as the ATen implementation).
+inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward(const std::optional<at::Tensor>& grad_sum,
+                                                                const at::Tensor& grad_normed, const at::Tensor& sum,
+                                                                const at::Tensor& weight, const at::Tensor& rstd,
+                                                                double eps) {
+  const bool residual = grad_sum && grad_sum->defined();
+  if (sum.scalar_type() == at::kDouble || rstd.scalar_type() != at::kFloat ||
+      grad_normed.scalar_type() != sum.scalar_type() || (residual && grad_sum->scalar_type() != sum.scalar_type()))
+    return titan::detail::add_rms_norm_backward_aten(grad_sum, grad_normed, sum, weight, rstd, eps);
+  titan::detail::check_add_rms_norm_inputs(sum, grad_normed, weight);
+  const c10::cuda::CUDAGuard guard(sum.device());
+  const auto s = sum.contiguous(), g = grad_normed.contiguous(), w = weight.contiguous();  // [..., D], [D]
+  const auto r = rstd.contiguous();                                                        // [..., 1]
+  const auto gs = residual ? grad_sum->contiguous() : at::Tensor();                        // [..., D]
+  const int64_t dim = s.size(-1), rows = s.numel() / std::max<int64_t>(dim, 1);
+  auto d_input = at::empty_like(s);  // [..., D]
+  // Row chunks for the weight's gradient: enough blocks to fill the GPU, each chunk at least 64 rows.
+  const int64_t tiles = (dim + detail::kColumnTile - 1) / detail::kColumnTile;
+  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 4;
+  const int64_t chunks =
+      std::clamp<int64_t>(resident / std::max<int64_t>(tiles, 1), 1, std::max<int64_t>(rows / 64, 1));
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  auto partial = at::empty({chunks, dim}, s.options().dtype(at::kFloat));  // [chunks, D]
+  if (rows > 0 && dim > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "titan::add_rms_norm_backward", [&] {
+      const auto stream = at::cuda::getCurrentCUDAStream();
+      detail::add_rms_norm_input_grad<scalar_t><<<static_cast<unsigned>(rows), detail::kNormThreads, 0, stream>>>(
+          residual ? gs.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+          w.data_ptr<scalar_t>(), r.data_ptr<float>(), d_input.data_ptr<scalar_t>(), dim);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      detail::add_rms_norm_weight_grad<scalar_t>
+          <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)),
+             dim3(detail::kColumnTile, detail::kColumnRowThreads), 0, stream>>>(
+              g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), r.data_ptr<float>(), partial.data_ptr<float>(), rows,
+              dim, rows_per_chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    partial.zero_();
+  }
+  return {d_input, at::sum(partial, 0).to(weight.scalar_type())};  // [..., D], [D]
+}
+
+}  // namespace titan::cuda
