@@ -344,6 +344,34 @@ TEST_CASE("fsdp: on a meta world the model stays on meta and a whole step runs w
             .find("DistOptions::device 'meta' is for one process, but the job has 2 ranks") != std::string::npos);
 }
 
+namespace {
+/// x * weight + table: records the dtypes of the tensors forward receives.
+struct DtypeProbeImpl : torch::nn::Module {
+  DtypeProbeImpl() { weight = register_parameter("weight", torch::ones({4})); }
+  Tensor forward(const Tensor& x, const Tensor& table) {
+    seen = {x.scalar_type(), table.scalar_type()};
+    return x * weight + table.to(x.scalar_type());
+  }
+  Tensor weight;
+  std::vector<at::ScalarType> seen;
+};
+TORCH_MODULE(DtypeProbe);
+}  // namespace
+
+TEST_CASE("fsdp: cast_forward_inputs(false) leaves a unit's floating inputs in their dtype") {
+  auto mesh = shard_mesh();
+  for (bool cast : {true, false}) {
+    CAPTURE(cast);
+    DtypeProbe probe;
+    probe->to(device());
+    titan::fully_shard(probe, mesh, titan::FsdpOptions().param_dtype(torch::kBFloat16).cast_forward_inputs(cast));
+    auto x = torch::ones({2, 4}, device()).to(torch::kBFloat16), table = torch::ones({2, 4}, device());
+    auto out = titan::call(probe, x, table);
+    CHECK((out.scalar_type() == torch::kBFloat16));
+    CHECK((probe->seen == std::vector<at::ScalarType>{torch::kBFloat16, cast ? torch::kBFloat16 : torch::kFloat}));
+  }
+}
+
 TEST_CASE("fsdp: bf16 parameters; fp32 reduction is closer to fp32 than bf16 reduction") {
   auto data = make_data({5}, 3, 5);
   auto reference = seeded<Mlp>();
