@@ -53,7 +53,9 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     loss = closure();
   }
   const torch::Tensor found_inf = std::exchange(found_inf_, torch::Tensor());
+  // ATen's kernel divides the gradients by grad_scale: the reciprocal of the clipping factor.
   const torch::Tensor coefficient = std::exchange(coefficient_, torch::Tensor());
+  const torch::Tensor inverse = coefficient.defined() ? coefficient.reciprocal() : torch::Tensor();
   for (auto& group : param_groups()) {
     const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
     // The kernel takes lists of one device and dtype; the step count as a float tensor on that
@@ -93,7 +95,7 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       const auto device = l.params.front().device();
       std::optional<torch::Tensor> skip, grad_scale;
       if (found_inf.defined()) skip = found_inf.to(device, torch::kFloat).reshape({1});
-      if (coefficient.defined()) grad_scale = coefficient.reciprocal().to(device, torch::kFloat).reshape({1});
+      if (inverse.defined()) grad_scale = inverse.to(device, torch::kFloat).reshape({1});
       at::_fused_adamw_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.steps, options.lr(),
                         std::get<0>(options.betas()), std::get<1>(options.betas()), options.weight_decay(),
                         options.eps(), options.amsgrad(), /*maximize=*/false, grad_scale, skip);
