@@ -3,7 +3,8 @@
 A trace (bench_gpu_cost_trace for titan, trace_peers.py for the Python peers) has one JSON line
 per operator call below autograd. Each becomes zero or more kernels:
   - views, allocations and metadata operators: no kernel;
-  - matmuls (mm, addmm, bmm, baddbmm, _scaled_mm): 2·M·N·K FLOPs at the matmul rate;
+  - matmuls (mm, addmm, addmm_, bmm, baddbmm, _scaled_mm): 2·M·N·K FLOPs at the matmul rate (the
+    term addmm adds is read in the GEMM's epilogue);
   - fused attention (cuDNN, flash, efficient): 4·B·H·Sq·Sk·D FLOPs forward (half when causal),
     2.5x that backward (five matmuls instead of two), at the attention rate;
   - one-rank NCCL collectives: a launch, and a copy when not in place;
@@ -50,7 +51,9 @@ NO_KERNEL = {
     "aten::set_", "aten::resize_", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item",
     "aten::_has_compatible_shallow_copy_type", "aten::record_stream", "aten::detach_",
 }
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"}
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"}
+# Matmuls whose first input is the term added to the product (its own epilogue: no kernel of its own).
+MATMULS_ADDING = {"aten::addmm", "aten::addmm_", "aten::baddbmm"}
 ATTENTION_FORWARD = {"aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
                      "aten::_scaled_dot_product_efficient_attention"}
 ATTENTION_BACKWARD = {name + "_backward" for name in ATTENTION_FORWARD}
@@ -113,7 +116,8 @@ def kernel(event):
         k.update(kind="collective", bytes=0 if in_place else all_bytes)
         return k
     if name in MATMULS:
-        a, b = [t["shape"] for t in inputs if len(t["shape"]) >= 2][:2]
+        factors = inputs[1:] if name in MATMULS_ADDING else inputs
+        a, b = [t["shape"] for t in factors if len(t["shape"]) >= 2][:2]
         m, kk, n = a[-2], a[-1], b[-1]
         batch = math.prod(a[:-2]) if len(a) > 2 else 1
         k.update(kind="matmul", flops=2.0 * batch * m * n * kk, bytes=all_bytes)

@@ -7,7 +7,7 @@
 //
 //   bench_gpu_cost_trace --out titan.jsonl --dim 2048 --n-layers 16 --n-heads 32 --n-kv-heads 8
 //       --multiple-of 256 --ffn-dim-multiplier 1.5 --vocab-size 128256 --seq-len 8192 --local-batch 1
-//       --dtype bfloat16 --ac op --titan-kernels aten      (one command line)
+//       --dtype bfloat16 --ac op --titan-kernels aten --fused-projections 0      (one command line)
 //
 // What is recorded is what a PyTorch dispatch mode would see (TorchDispatchMode, used for the
 // Python peers by trace_peers.py): every operator call that reaches the kernels below autograd,
@@ -377,7 +377,8 @@ int run(int argc, char** argv) {
                   .ffn_dim_multiplier(double_arg(argc, argv, "--ffn-dim-multiplier", 1.5))
                   .vocab_size(int_arg(argc, argv, "--vocab-size", 128256))
                   .rope_theta(double_arg(argc, argv, "--rope-theta", 500000.0))
-                  .max_seq_len(seq);
+                  .max_seq_len(seq)
+                  .fused_projections(int_arg(argc, argv, "--fused-projections", 0) != 0);  // model.fused_projections
 
   // The trainer's configuration for this run (as bench/side_by_side's titan row sets it).
   TrainConfig config;
@@ -427,7 +428,8 @@ int run(int argc, char** argv) {
   recorder = nullptr;
   std::cout << "bench_gpu_cost_trace: " << trace.lines() << " operator calls (" << trace.replayed()
             << " handed back by per-operator AC) of one step of titan at dim " << args.dim() << ", "
-            << args.n_layers() << " layers, seq " << seq << ", " << dtype << ", AC " << ac << " -> " << out << "\n";
+            << args.n_layers() << " layers, seq " << seq << ", " << dtype << ", AC " << ac
+            << (args.fused_projections() ? ", fused projections" : "") << " -> " << out << "\n";
   return 0;
 }
 

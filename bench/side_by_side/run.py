@@ -8,6 +8,7 @@ Every row trains the same Llama 3 shape with the same batch, optimizer (AdamW, c
 FSDP (reshard after forward) and activation checkpointing, in this one run on this one machine:
   titan               examples/llama/llama_train (the trainer a user copies) on the offline corpus
   titan_kernels       the same with training.fused_kernels = "cuda" (titan's CUDA kernels; cuda preset)
+  titan_fused         titan_kernels with model.fused_projections = true (wq|wk|wv, w1|w3 one GEMM each)
   titan_float8        the same with float8.enable = true (float8 linear layers; cuda preset)
   fsdp2, fsdp2_compile, torchtitan, torchtitan_compile: bench/side_by_side/reference.py
 torchtitan rows need torchtitan 0.2.2 and what it imports in `--torchtitan-site` (CPU:
@@ -44,7 +45,8 @@ PRESETS = {
     "cuda": dict(ranks=1, flavor="1B", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
                  ffn_dim_multiplier=1.5, vocab_size=128256, seq_len=8192, local_batch=1, global_batch=1,
                  dtype="bfloat16", ac="op",
-                 impls="titan,titan_kernels,titan_float8,fsdp2,fsdp2_compile,torchtitan,torchtitan_compile",
+                 impls="titan,titan_kernels,titan_fused,titan_float8,fsdp2,fsdp2_compile,torchtitan,"
+                       "torchtitan_compile",
                  warmup=10, steps=20),
 }
 # A second cuda shape (--shape): the preset's model replaced, everything else kept.
@@ -116,9 +118,11 @@ def run(cmd, env, log, timeout):
             return 124
 
 
-# impl -> the trainer's extra overrides: titan's CUDA kernels; float8 linear layers (the config's
+# impl -> the trainer's extra overrides: titan's CUDA kernels; those and the fused projections;
+# float8 linear layers (the config's
 # float8 settings: tensorwise, the output layer kept in bf16).
 TITAN_ROWS = {"titan": {}, "titan_kernels": {"training.fused_kernels": "cuda"},
+              "titan_fused": {"training.fused_kernels": "cuda", "model.fused_projections": "true"},
               "titan_float8": {"float8.enable": "true"}}
 
 

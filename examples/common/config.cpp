@@ -55,6 +55,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("model", "n_layers", &c.model.n_layers, 0),
       text("model", "tokenizer_path", &c.model.tokenizer_path),
       choice("model", "tokenizer_kind", &c.model.tokenizer_kind, {"tiktoken", "sentencepiece"}),
+      flag("model", "fused_projections", &c.model.fused_projections),
       choice("optimizer", "name", &c.optimizer.name, {"AdamW"}),
       real("optimizer", "lr", &c.optimizer.lr, 0.0),
       real("optimizer", "eps", &c.optimizer.eps, 0.0),
@@ -373,6 +374,8 @@ void validate(const TrainConfig& config, const std::string& source) {
               "parallelism.context_parallel_degree = ", cp_chunks, " (each context-parallel rank holds two equal ",
               "chunks of every sequence)");
   const auto& f = config.float8;
+  TORCH_CHECK(!config.model.fused_projections || !f.enable, source, ": model.fused_projections = true and ",
+              "float8.enable = true do not combine: float8 gives each projection its own scaled GEMM; turn one off");
   TORCH_CHECK(!f.enable_fsdp_float8_all_gather || f.recipe_name == "tensorwise", source,
               ": float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = \"tensorwise\" (one scale per ",
               "weight), not \"", f.recipe_name, "\"");

@@ -34,6 +34,8 @@ struct ModelConfig {
   int64_t n_layers = 0;                  ///< 0: the flavor's; else that many blocks of the flavor's shape
   std::string tokenizer_path = "";       ///< tokenizer.model file
   std::string tokenizer_kind = "tiktoken";  ///< "tiktoken" (Llama 3) or "sentencepiece" (Llama 2, Mistral)
+  /// wq|wk|wv and w1|w3 as one GEMM each (titan::linear_fused); parameters and checkpoints unchanged
+  bool fused_projections = false;
 };
 
 /// [optimizer]: AdamW with decoupled weight decay.

@@ -62,6 +62,7 @@ ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) 
                 " has a vocabulary of ", args.vocab_size());
   }
   if (config.model.n_layers > 0) args.n_layers(config.model.n_layers);  // a shorter model of the flavor's shape
+  args.fused_projections(config.model.fused_projections);
   args.max_seq_len(config.training.seq_len);
   return args;
 }

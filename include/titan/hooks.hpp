@@ -75,6 +75,12 @@ class ModuleHook {
     TORCH_CHECK(false, "titan::call: '", name(), "' is attached to a module whose forward returns several tensors (",
                 module.name(), "), which it does not support: it handles modules returning one at::Tensor");
   }
+  /// Whether this hook may run once for several modules that read the same inputs and whose forwards
+  /// titan::call_fused computes at once, in place of itself and `other` (the hook at the same
+  /// position on another of those modules): it prepares the inputs as `other` does, and it returns
+  /// what the forward returned, unchanged (call_fused checks that). Tensor-parallel colwise with a
+  /// local output does; by default a hook does not fuse.
+  virtual bool fuses_with(const ModuleHook& /*other*/) const { return false; }
   /// Checks a requirement this kind of hook has of the whole model `root` it is part of, throwing
   /// an error that names what is wrong (e.g. FSDP: every trainable parameter belongs to a unit).
   /// titan::verify_calls runs it once per hook type.
@@ -317,6 +323,69 @@ auto call(M&& module, Args&&... args) {
   }
   if (outermost) detail::check_calls(impl, tracking.pass);
   return output;
+}
+
+/// Calls `modules`, which read the same tensor `inputs`, as one computation: `fused_forward(inputs)`
+/// returns each module's output, in order (linear layers sharing an input: titan::linear_fused,
+/// one GEMM). Without hooks this is fused_forward(inputs). With hooks, every module must have as
+/// many as the first and each must fuse with the first module's at its position
+/// (ModuleHook::fuses_with, e.g. the tensor-parallel colwise projections q, k, v): the first
+/// module's hooks then run once around fused_forward and every module counts as called
+/// (titan::call's check). Otherwise the error names the module and the hook that does not fuse.
+inline TensorList call_fused(const std::vector<torch::nn::Module*>& modules, const TensorList& inputs,
+                             const OutputsForwardFn& fused_forward) {
+  TORCH_CHECK(!modules.empty(), "titan::call_fused: no modules given");
+  auto& tracking = detail::call_tracking();
+  const bool outermost = tracking.depth == 0;
+  if (outermost) ++tracking.pass;
+  TensorList outputs;
+  {
+    detail::CallDepth depth(tracking);
+    auto* first = detail::hook_slot(*modules.front());
+    const auto hooks = first ? first->hooks : std::vector<std::shared_ptr<ModuleHook>>{};
+    for (size_t m = 1; m < modules.size(); ++m) {
+      const auto* slot = detail::hook_slot(*modules[m]);
+      const size_t count = slot ? slot->hooks.size() : 0;
+      TORCH_CHECK(count == hooks.size(), "titan::call_fused: module ", m, " (", modules[m]->name(), ") has ", count,
+                  " hooks attached but module 0 (", modules.front()->name(), ") has ", hooks.size(),
+                  ": fused modules must be parallelized alike (or call them one by one with titan::call)");
+      for (size_t h = 0; h < count; ++h)
+        TORCH_CHECK(hooks[h]->fuses_with(*slot->hooks[h]), "titan::call_fused: '", hooks[h]->name(),
+                    "' attached to module 0 (", modules.front()->name(), ") does not fuse with '",
+                    slot->hooks[h]->name(), "' attached to module ", m, " (", modules[m]->name(),
+                    "): only hooks that prepare the shared inputs alike and leave the outputs as computed fuse ",
+                    "(e.g. ColwiseParallel with a Shard(-1) output); call the modules one by one with titan::call");
+    }
+    for (auto* module : modules) {
+      if (auto* slot = detail::hook_slot(*module); slot && !slot->hooks.empty()) {
+        ++slot->calls;
+        slot->pass = tracking.pass;
+      }
+    }
+    if (hooks.empty()) {
+      outputs = fused_forward(inputs);
+    } else {
+      // The first module's hooks around the fused forward; each hands on the first output as it got it.
+      torch::nn::Module* self = modules.front();
+      ForwardFn run = [&outputs, &fused_forward](const TensorList& tensors) {
+        outputs = fused_forward(tensors);
+        TORCH_CHECK(!outputs.empty(), "titan::call_fused: the fused forward returned no tensors");
+        return outputs.front();
+      };
+      for (const auto& hook : hooks) {
+        run = [self, hook, &outputs, inner = std::move(run)](const TensorList& tensors) {
+          auto out = hook->forward(*self, tensors, inner);
+          TORCH_CHECK(out.is_same(outputs.front()), "titan::call_fused: '", hook->name(), "' attached to module 0 (",
+                      self->name(), ") changed the fused forward's output, which its fuses_with promised not to do");
+          return out;
+        };
+      }
+      run(inputs);
+    }
+  }
+  if (outermost)
+    for (auto* module : modules) detail::check_calls(*module, tracking.pass);
+  return outputs;
 }
 
 /// Checks that `model` (a module, ModuleHolder, shared_ptr or pointer) uses titan as intended,

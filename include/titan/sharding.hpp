@@ -423,6 +423,26 @@ inline std::vector<std::pair<at::Tensor, int64_t>> gradients_with_copies(torch::
   return result;
 }
 
+/// The global L2 norm over `group` of `grads`, each with the number of ranks holding it
+/// (gradients_with_copies): see grad_norm.
+inline at::Tensor norm_of_gradients(const std::vector<std::pair<at::Tensor, int64_t>>& grads,
+                                    const ProcessGroupPtr& group) {
+  at::NoGradGuard no_grad;
+  // Each gradient's norm comes from one foreach kernel per (device, dtype, copies) bucket, in
+  // fp32 or wider; only the per-tensor norms are squared and summed in fp64.
+  std::map<std::tuple<std::string, at::ScalarType, int64_t>, std::vector<at::Tensor>> buckets;
+  for (const auto& [grad, copies] : grads) buckets[{grad.device().str(), grad.scalar_type(), copies}].push_back(grad);
+  auto squared = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(group->device()));  // []
+  for (const auto& [key, bucket] : buckets) {
+    const auto dtype = std::get<1>(key);
+    const bool narrow = dtype == at::kBFloat16 || dtype == at::kHalf;
+    auto norms = at::_foreach_norm(bucket, 2, narrow ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
+    auto sum = at::stack(norms).to(at::kDouble).pow(2).sum();  // []
+    squared += sum.to(squared.device()) / static_cast<double>(std::get<2>(key));
+  }
+  return detail::all_reduce_raw(squared, *group, ReduceOp::Sum).sqrt();  // []
+}
+
 }  // namespace detail
 
 /// The global L2 norm of the gradients of `module`'s parameters (a module, ModuleHolder,
@@ -436,21 +456,7 @@ inline std::vector<std::pair<at::Tensor, int64_t>> gradients_with_copies(torch::
 template <typename M>
 at::Tensor grad_norm(M&& module_like, const ProcessGroupPtr& group, const ProcessGroupPtr& pipeline_group = nullptr) {
   torch::nn::Module& module = detail::module_ref(module_like);
-  at::NoGradGuard no_grad;
-  // Each gradient's norm comes from one foreach kernel per (device, dtype, copies) bucket, in
-  // fp32 or wider; only the per-tensor norms are squared and summed in fp64.
-  std::map<std::tuple<std::string, at::ScalarType, int64_t>, std::vector<at::Tensor>> buckets;
-  for (auto& [grad, copies] : detail::gradients_with_copies(module, group, pipeline_group, "grad_norm"))
-    buckets[{grad.device().str(), grad.scalar_type(), copies}].push_back(grad);
-  auto squared = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(group->device()));  // []
-  for (const auto& [key, grads] : buckets) {
-    const auto dtype = std::get<1>(key);
-    const bool narrow = dtype == at::kBFloat16 || dtype == at::kHalf;
-    auto norms = at::_foreach_norm(grads, 2, narrow ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt);
-    auto sum = at::stack(norms).to(at::kDouble).pow(2).sum();  // []
-    squared += sum.to(squared.device()) / static_cast<double>(std::get<2>(key));
-  }
-  return detail::all_reduce_raw(squared, *group, ReduceOp::Sum).sqrt();  // []
+  return detail::norm_of_gradients(detail::gradients_with_copies(module, group, pipeline_group, "grad_norm"), group);
 }
 
 /// The factor clipping multiplies the gradients by for a global gradient norm `norm` (0-dim):
@@ -474,12 +480,13 @@ template <typename M>
 at::Tensor clip_grad_norm_(M&& module_like, double max_norm, const ProcessGroupPtr& group,
                            const ProcessGroupPtr& pipeline_group = nullptr) {
   torch::nn::Module& module = detail::module_ref(module_like);
-  auto norm = grad_norm(module, group, pipeline_group);  // []
+  const auto grads = detail::gradients_with_copies(module, group, pipeline_group, "clip_grad_norm_");
+  auto norm = detail::norm_of_gradients(grads, group);  // []
   if (max_norm <= 0) return norm;
   at::NoGradGuard no_grad;
   const auto coefficient = clip_coefficient(norm, max_norm);  // []
   std::map<std::pair<std::string, at::ScalarType>, std::vector<at::Tensor>> by_device;
-  for (auto& [grad, copies] : detail::gradients_with_copies(module, group, pipeline_group, "clip_grad_norm_"))
+  for (const auto& [grad, copies] : grads)
     by_device[{grad.device().str(), grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat}].push_back(grad);
   for (auto& [key, grads] : by_device)
     at::_foreach_mul_(grads, coefficient.to(grads.front().device(), key.second));

@@ -392,6 +392,14 @@ class ColwiseParallel : public ParallelStyle {
     attach_hook(module, hook);
   }
 
+  /// Colwise projections with a local output fuse (titan::call_fused) when they take their input
+  /// alike from the same group: the input is prepared once, for all of them.
+  bool fuses_with(const ModuleHook& other) const override {
+    const auto* colwise = dynamic_cast<const ColwiseParallel*>(&other);
+    return colwise && colwise->group_ == group_ && colwise->input_layout_ == input_layout_ &&
+           output_layout_ == Shard(-1) && colwise->output_layout_ == Shard(-1) && !embedding_ && !colwise->embedding_;
+  }
+
   at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
     TORCH_CHECK(!inputs.empty(), "titan: ColwiseParallel on '", path_, "' needs a tensor input");
     TensorList prepared = inputs;

@@ -17,8 +17,8 @@
 #   bench       bench/side_by_side/run.py --device cuda: titan vs FSDP2 (eager, compiled) and
 #               torchtitan on Llama 3 1B, seq 8192, bf16
 #   bench_8b    the same on Llama 3 8B's shape with 8 layers (--shape 8B: fills the GPU for the MFU
-#               figure): titan, titan_kernels, torchtitan and torchtitan + compile
-#   profile     the titan and titan_kernels rows of the benchmark for 10 steps with step 8 profiled
+#               figure): titan, titan_kernels, titan_fused, torchtitan and torchtitan + compile
+#   profile     the titan, titan_kernels and titan_fused rows of the benchmark for 10 steps with step 8 profiled
 #               ([profiling]), summarised by scripts/gpu/profile_report.py: top kernels, GPU idle
 #               share, the SDPA backend, the runtime cuDNN version, allocator retries
 set -uo pipefail
@@ -85,11 +85,11 @@ for stage in "${stages[@]}"; do
     bench_8b)
       run side_by_side_8b 420 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --shape 8B \
         --build "$kit_build" --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side_8b" \
-        --impls titan,titan_kernels,torchtitan,torchtitan_compile --timeout 200
+        --impls titan,titan_kernels,titan_fused,torchtitan,torchtitan_compile --timeout 200
       ;;
     profile)
       run profile 420 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --build "$kit_build" \
-        --python "$python" --out "$out/profile" --impls titan,titan_kernels --warmup 5 --steps 5 --timeout 200 \
+        --python "$python" --out "$out/profile" --impls titan,titan_kernels,titan_fused --warmup 5 --steps 5 --timeout 200 \
         --titan-set profiling.enable_profiling=true --titan-set profiling.profile_freq=8
       "$python" "$root/scripts/gpu/profile_report.py" "$out"/profile/titan*/profile_trace/iteration_8/rank0_trace.json \
         > "$out/profile/report.md" 2>&1 || failed=1

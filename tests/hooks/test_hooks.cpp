@@ -242,3 +242,95 @@ TEST_CASE("modules_matching: one name component per '*', the root as \"\", never
   CHECK(names("layers.*.w2").empty());
   CHECK(titan::detail::module_names_like(*root, "layers.*.w2").find("'layers.0.wq', 'layers.0.w1'") != std::string::npos);
 }
+
+namespace {
+
+/// Scales the first input by `factor` and hands on the output as computed; fuses with another
+/// FusableScale of the same factor (as tensor-parallel colwise fuses with colwise).
+struct FusableScale : titan::ModuleHook {
+  explicit FusableScale(double factor, bool change_output = false) : factor(factor), change_output(change_output) {}
+  std::string name() const override { return "fusable scale"; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn& next) override {
+    ++calls;
+    auto changed = inputs;
+    changed[0] = changed[0] * factor;
+    auto out = next(changed);
+    return change_output ? out + 1 : out;
+  }
+  bool fuses_with(const titan::ModuleHook& other) const override {
+    const auto* same = dynamic_cast<const FusableScale*>(&other);
+    return same && same->factor == factor;
+  }
+  double factor;
+  bool change_output;
+  int calls = 0;
+};
+
+/// parent(x) = [a(x) | b(x)], computed by one fused forward through titan::call_fused.
+struct FusedPairImpl : torch::nn::Module {
+  FusedPairImpl() {
+    a = register_module("a", torch::nn::Linear(torch::nn::LinearOptions(3, 2).bias(false)));
+    b = register_module("b", torch::nn::Linear(torch::nn::LinearOptions(3, 4).bias(false)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    const auto parts = titan::call_fused({a.get(), b.get()}, {x}, [this](const titan::TensorList& inputs) {
+      ++fused_calls;
+      const auto y = torch::nn::functional::linear(inputs[0], torch::cat({a->weight, b->weight}));  // [N, 6]
+      return titan::TensorList{y.narrow(-1, 0, 2), y.narrow(-1, 2, 4)};
+    });
+    return torch::cat(parts, -1);  // [N, 6]
+  }
+  int fused_calls = 0;
+  torch::nn::Linear a{nullptr}, b{nullptr};
+};
+TORCH_MODULE(FusedPair);
+
+}  // namespace
+
+TEST_CASE("titan::call_fused runs one forward for the modules, the first one's fusable hooks once around it") {
+  const auto x = torch::randn({5, 3}, device());  // [5, 3]
+  FusedPair plain;
+  plain->to(device());
+  const auto want = torch::cat({titan::call(plain->a, x), titan::call(plain->b, x)}, -1);  // [5, 6]
+  CHECK(titan_test::max_abs_diff(titan::call(plain, x), want) < 1e-6);  // one GEMM against two
+  CHECK(plain->fused_calls == 1);
+
+  FusedPair hooked;
+  hooked->to(device());
+  {
+    torch::NoGradGuard no_grad;
+    hooked->a->weight.copy_(plain->a->weight);
+    hooked->b->weight.copy_(plain->b->weight);
+  }
+  auto hook_a = std::make_shared<FusableScale>(2.0), hook_b = std::make_shared<FusableScale>(2.0);
+  titan::attach_hook(hooked->a, hook_a);
+  titan::attach_hook(hooked->b, hook_b);
+  const auto scaled = torch::cat({titan::call(plain->a, x * 2), titan::call(plain->b, x * 2)}, -1);  // [5, 6]
+  CHECK(titan_test::max_abs_diff(titan::call(hooked, x), scaled) < 1e-6);
+  CHECK(hook_a->calls == 1);  // the first module's hook prepared the shared input once
+  CHECK(hook_b->calls == 0);
+  CHECK_NOTHROW(titan::verify_calls(hooked));  // both modules count as called
+}
+
+TEST_CASE("titan::call_fused: hooks that do not fuse, uneven hooks and a changed output are errors") {
+  const auto x = torch::randn({5, 3}, device());
+  auto attach = [](const std::shared_ptr<titan::ModuleHook>& on_a, const std::shared_ptr<titan::ModuleHook>& on_b) {
+    FusedPair pair;
+    pair->to(device());
+    if (on_a) titan::attach_hook(pair->a, on_a);
+    if (on_b) titan::attach_hook(pair->b, on_b);
+    return pair;
+  };
+  CHECK_THROWS_WITH(titan::call(attach(std::make_shared<FusableScale>(2.0), std::make_shared<FusableScale>(3.0)), x),
+                    doctest::Contains("'fusable scale' attached to module 0 (torch::nn::LinearImpl) does not fuse with "
+                                      "'fusable scale' attached to module 1"));
+  CHECK_THROWS_WITH(titan::call(attach(std::make_shared<Marker>(), std::make_shared<Marker>()), x),
+                    doctest::Contains("'marker' attached to module 0 (torch::nn::LinearImpl) does not fuse"));
+  CHECK_THROWS_WITH(titan::call(attach(std::make_shared<FusableScale>(2.0), nullptr), x),
+                    doctest::Contains("module 1 (torch::nn::LinearImpl) has 0 hooks attached but module 0 "
+                                      "(torch::nn::LinearImpl) has 1"));
+  CHECK_THROWS_WITH(
+      titan::call(attach(std::make_shared<FusableScale>(2.0, true), std::make_shared<FusableScale>(2.0, true)), x),
+      doctest::Contains("'fusable scale' attached to module 0 (torch::nn::LinearImpl) changed the fused forward's "
+                        "output, which its fuses_with promised not to do"));
+}

@@ -1,7 +1,7 @@
 // The example TP plan on the example models (examples/models/llama: Llama 3 and Mistral debug
 // flavors): a model built on the meta device, sharded, materialised and initialised by name trains
 // exactly like the unsharded model on one process, at TP = world size (1, 2 or 4), both on
-// titan_test::device().
+// titan_test::device(); also with fused projections.
 #include "../tensor_parallel/tp_test_util.hpp"
 
 #include "models/llama/parallelize.hpp"
@@ -19,13 +19,15 @@ ModelArgs small_args(const std::string& family) {
   return args;
 }
 
-void check_model_parity(const std::string& family, bool sequence_parallel, bool loss_parallel) {
-  INFO(family, ", sequence_parallel ", sequence_parallel, ", loss_parallel ", loss_parallel);
+/// `fused`: the sharded model computes wq|wk|wv and w1|w3 as one GEMM each (titan::call_fused
+/// through the colwise hooks); the reference does not.
+void check_model_parity(const std::string& family, bool sequence_parallel, bool loss_parallel, bool fused = false) {
+  INFO(family, ", sequence_parallel ", sequence_parallel, ", loss_parallel ", loss_parallel, ", fused ", fused);
   const auto args = small_args(family);
   titan::examples::Transformer reference(args, titan_test::device());
   titan::examples::init_weights(*reference, 11);
 
-  titan::examples::Transformer model(args, torch::kMeta);
+  titan::examples::Transformer model(ModelArgs(args).fused_projections(fused), torch::kMeta);
   auto plan = titan::examples::llama_tp_plan(
       titan::examples::tp_dims(args), tp_test::tp_size(),
       titan::examples::TpPlanOptions().sequence_parallel(sequence_parallel).loss_parallel(loss_parallel));
@@ -61,6 +63,8 @@ TEST_CASE("tp: the example Llama 3 and Mistral with llama_tp_plan match the sing
     check_model_parity(family, true, true);
   }
   check_model_parity("llama3", true, false);
+  check_model_parity("llama3", true, false, /*fused=*/true);
+  check_model_parity("mistral", false, false, /*fused=*/true);
 }
 
 TEST_CASE("tp: llama_tp_plan names the size that does not divide the TP degree") {

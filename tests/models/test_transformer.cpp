@@ -135,6 +135,28 @@ TEST_CASE("model: parameter names are torchtitan's") {
   CHECK(model->named_buffers().size() == 2);
 }
 
+TEST_CASE("model: fused projections keep the parameters and compute the unfused model's logits and gradients") {
+  auto run = [](bool fused) {
+    Transformer model(tiny_args().fused_projections(fused), device());
+    init_weights(*model, 3);
+    const auto tokens = torch::arange(2 * 9, torch::TensorOptions().dtype(torch::kLong).device(device())).view({2, 9}) % 97;
+    const auto logits = titan::call(model, tokens);  // [2, 9, 97]
+    logits.pow(2).mean().backward();
+    std::map<std::string, torch::Tensor> grads;
+    for (const auto& item : model->named_parameters()) grads[item.key()] = item.value().grad();
+    return std::make_pair(logits.detach(), grads);
+  };
+  const auto [plain_logits, plain_grads] = run(false);
+  const auto [fused_logits, fused_grads] = run(true);
+  CHECK(max_abs_diff(fused_logits, plain_logits) < 1e-5);
+  REQUIRE(fused_grads.size() == plain_grads.size());
+  for (const auto& [name, grad] : plain_grads) {
+    CAPTURE(name);
+    REQUIRE(fused_grads.count(name) == 1);  // the same names: checkpoints and HF adapters see no difference
+    CHECK(max_abs_diff(fused_grads.at(name), grad) < 1e-5 * (1 + grad.abs().max().item<double>()));
+  }
+}
+
 TEST_CASE("model: attention matches a naive reference (GQA, RoPE, causal and sliding window)") {
   torch::manual_seed(0);
   for (int64_t window : {0, 5}) {

@@ -12,6 +12,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   tp          FSDP 2 x TP 2 on 4 ranks with sequence and loss parallel: the straight run's losses
   bf16        bf16 compute with fp32 master weights and fp32 gradient reduction: losses and the
               exported (fp32 master) weights within 2e-2 of the fp32 run (measured: 1.6e-3, 5.5e-3)
+  fused       model.fused_projections (wq|wk|wv and w1|w3 as one GEMM each) on 2 ranks: the straight
+              run's losses and weights within 1e-4; and the straight run's step-10 checkpoint
+              resumed with the option: its steps 11..20
   hf_start    2 ranks start from the straight run's Hugging Face export (each rank reads its
               slices) and train one step at lr 0: the exported weights come back bitwise
   torchrun    the same job launched by PyTorch's torchrun (--standalone --no-python) instead of
@@ -292,6 +295,12 @@ def main():
               ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true",
                "--parallelism.enable_loss_parallel", "true", "--training.batch_size", "1"])
         compare_to_straight("tp", range(1, 21), "FSDP 2 x TP 2")
+
+    if wanted("fused"):  # wq|wk|wv and w1|w3 as one GEMM each: the same training, the same parameter names
+        r.run("fused", args.llama, 2, llama, ["--model.fused_projections", "true"])
+        compare_to_straight("fused", range(1, 21), "fused projections")
+        # A checkpoint saved without the option resumes with it (the same parameter names).
+        resume_elsewhere("fused_resume", "straight", ["--model.fused_projections", "true"], 2)
 
     if wanted("bf16"):
         r.run("bf16", args.llama, 2, llama, ["--training.mixed_precision_param", "bfloat16"])

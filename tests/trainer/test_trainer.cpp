@@ -228,7 +228,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 76);
+  CHECK(config_keys().size() == 77);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -362,6 +362,15 @@ TEST_CASE("config: context parallel degree in the mesh; the sequence length must
   validate(c);
   apply_override(c, "parallelism.context_parallel_rotate_method", "ring", "command line");
   CHECK_ERROR_HAS(validate(c), "context_parallel_rotate_method = 'ring'", "allgather, p2p");
+}
+
+TEST_CASE("config: model.fused_projections with float8 is an error naming both keys") {
+  TrainConfig c;
+  apply_override(c, "model.fused_projections", "true", "command line");
+  validate(c);
+  c.float8.enable = true;
+  CHECK_ERROR_HAS(validate(c), "model.fused_projections = true and float8.enable = true do not combine",
+                  "turn one off");
 }
 
 TEST_CASE("config: float8 options that do not go together are errors naming both keys") {

@@ -7,6 +7,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -209,8 +210,33 @@ torch::Tensor AttentionCoreImpl::forward(const torch::Tensor& q, const torch::Te
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt, grouped);
 }
 
+namespace {
+
+/// The outputs of linear `layers` that read x [B, S, dim]: one GEMM over their weights laid end to
+/// end (titan::linear_fused, through the layers' hooks by titan::call_fused) when `fused`, else
+/// one titan::call each.
+template <size_t N>
+std::array<torch::Tensor, N> project(const torch::Tensor& x, Linear (&&layers)[N], bool fused) {
+  std::array<torch::Tensor, N> outputs;
+  if (!fused) {
+    for (size_t i = 0; i < N; ++i) outputs[i] = titan::call(layers[i], x);
+    return outputs;
+  }
+  std::vector<torch::nn::Module*> modules;
+  for (auto& layer : layers) modules.push_back(layer.get());
+  const auto parts = titan::call_fused(modules, {x}, [&layers](const titan::TensorList& inputs) {
+    std::vector<at::Tensor> weights;
+    for (const auto& layer : layers) weights.push_back(layer->weight);
+    return titan::linear_fused(inputs[0], weights);
+  });
+  std::copy(parts.begin(), parts.end(), outputs.begin());
+  return outputs;
+}
+
+}  // namespace
+
 AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options)
-    : head_dim(args.effective_head_dim()) {
+    : head_dim(args.effective_head_dim()), fused_projections(args.fused_projections()) {
   const int64_t d = args.dim();
   wq = register_module("wq", Linear(d, args.n_heads() * head_dim, options));
   wk = register_module("wk", Linear(d, args.n_kv_heads() * head_dim, options));
@@ -222,9 +248,10 @@ AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
                                      const torch::Tensor& rope_sin) {
   const int64_t batch = x.size(0), seq = x.size(1);
-  auto q = titan::call(wq, x).view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
-  auto k = titan::call(wk, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
-  auto v = titan::call(wv, x).view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
+  auto [q, k, v] = project(x, {wq, wk, wv}, fused_projections);  // [B, S, Hq * hd], [B, S, Hkv * hd] x 2
+  q = q.view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
+  k = k.view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
+  v = v.view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
   // Meta's interleaved pairs rotated by position, q and k in one operator (in fp32, by the fp32
   // tables [S, hd / 2]: FSDP leaves a block's inputs uncast, see parallelize.cpp).
   auto [q_rotated, k_rotated] = titan::rope(q, k, rope_cos, rope_sin);  // [B, S, Hq, hd], [B, S, Hkv, hd]
@@ -233,23 +260,25 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   return titan::call(wo, out.transpose(1, 2).reshape({batch, seq, -1}));  // [B, S, dim]
 }
 
-FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::TensorOptions& options) {
+FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::TensorOptions& options,
+                                 bool fused_projections_)
+    : fused_projections(fused_projections_) {
   w1 = register_module("w1", Linear(dim, hidden_dim, options));
   w2 = register_module("w2", Linear(hidden_dim, dim, options));
   w3 = register_module("w3", Linear(dim, hidden_dim, options));
 }
 
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {
-  const auto gate = titan::call(w1, x);             // [B, S, hidden]
-  const auto up = titan::call(w3, x);               // [B, S, hidden]
-  return titan::call(w2, titan::swiglu(gate, up));  // [B, S, dim]: silu(gate) * up, one operator
+  const auto [gate, up] = project(x, {w1, w3}, fused_projections);  // [B, S, hidden] each
+  return titan::call(w2, titan::swiglu(gate, up));                  // [B, S, dim]: silu(gate) * up, one operator
 }
 
 TransformerBlockImpl::TransformerBlockImpl(int64_t layer_id_, const ModelArgs& args,
                                            const torch::TensorOptions& options)
     : layer_id(layer_id_) {
   attention = register_module("attention", Attention(args, options));
-  feed_forward = register_module("feed_forward", FeedForward(args.dim(), args.hidden_dim(), options));
+  feed_forward =
+      register_module("feed_forward", FeedForward(args.dim(), args.hidden_dim(), options, args.fused_projections()));
   attention_norm = register_module("attention_norm", RMSNorm(args.dim(), args.norm_eps(), options));
   ffn_norm = register_module("ffn_norm", RMSNorm(args.dim(), args.norm_eps(), options));
 }

@@ -73,6 +73,9 @@ struct ModelArgs {
   TORCH_ARG(bool, depth_init) = true;
   /// Parameter dtype.
   TORCH_ARG(torch::Dtype, dtype) = torch::kFloat;
+  /// Compute wq|wk|wv and w1|w3 as one GEMM each (titan::linear_fused through titan::call_fused);
+  /// the parameters stay separate, so state dicts, checkpoints and TP plans are unchanged.
+  TORCH_ARG(bool, fused_projections) = false;
 
  public:
   /// head_dim, or dim / n_heads when it is 0.
@@ -164,16 +167,18 @@ class AttentionImpl : public torch::nn::Module {
   Linear wq{nullptr}, wk{nullptr}, wv{nullptr}, wo{nullptr};
   AttentionCore core{nullptr};
   int64_t head_dim;
+  bool fused_projections;  ///< q, k, v by one GEMM
 };
 TORCH_MODULE(Attention);
 
 /// SwiGLU feed-forward: w2(silu(w1(x)) * w3(x)).
 class FeedForwardImpl : public torch::nn::Module {
  public:
-  FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::TensorOptions& options);
+  FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::TensorOptions& options, bool fused_projections = false);
   /// x [B, S, dim] -> [B, S, dim]
   torch::Tensor forward(const torch::Tensor& x);
   Linear w1{nullptr}, w2{nullptr}, w3{nullptr};
+  bool fused_projections;  ///< gate and up by one GEMM
 };
 TORCH_MODULE(FeedForward);
 

@@ -1,7 +1,9 @@
 #pragma once
 // titan/fused/cuda/grid.cuh: the launch shape of titan's element-wise CUDA kernels (SwiGLU, RoPE,
 // the cross entropy's rescaling):
-// grid-stride loops of 256 threads per block, as many blocks as fill the GPU.
+// grid-stride loops of 256 threads per block, as many blocks as fill the GPU; inputs read in rows
+// that may be strided (a column slice of a fused projection's output), so no copy makes them
+// contiguous.
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
@@ -18,6 +20,38 @@ inline unsigned grid_stride_blocks(int64_t n) {
   const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 8;
   const int64_t needed = (n + kElementwiseThreads - 1) / kElementwiseThreads;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, needed)));
+}
+
+/// `x` as rows of its last `inner` dimensions: x itself when those are contiguous within a row and
+/// the rows evenly spaced (a column slice of a wider tensor, e.g. q of a fused [q|k|v] projection:
+/// no copy), else x.contiguous(); with the elements from one row's start to the next.
+struct Rows {
+  at::Tensor tensor;
+  int64_t stride;
+};
+inline Rows rows_of(const at::Tensor& x, int64_t inner) {
+  const int64_t n = x.dim();
+  int64_t row_numel = 1;
+  bool fits = inner <= n;
+  for (int64_t d = n - 1; fits && d >= n - inner; --d) {
+    fits = x.size(d) == 1 || x.stride(d) == row_numel;
+    row_numel *= x.size(d);
+  }
+  int64_t stride = -1, step = 0;  // the innermost leading dimension of more than one row sets the stride
+  for (int64_t d = n - inner - 1; fits && d >= 0; --d) {
+    if (x.size(d) == 1) continue;
+    if (stride < 0) stride = step = x.stride(d);
+    fits = x.stride(d) == step;
+    step *= x.size(d);
+  }
+  if (fits && stride < 0) return {x, row_numel};  // one row
+  if (fits && stride >= row_numel) return {x, stride};
+  return {x.contiguous(), row_numel};
+}
+
+/// Where element i of a row-major [rows, cols] walk lies in rows `stride` elements apart.
+__device__ inline int64_t row_offset(int64_t i, int64_t cols, int64_t stride) {
+  return stride == cols ? i : (i / cols) * stride + i % cols;
 }
 
 }  // namespace titan::cuda::detail
