@@ -75,8 +75,8 @@ def trace_all(a, shape, out):
     flags = shape_flags(shape)
     run([a.trace, "--out", str(out / "titan.jsonl")] + flags, env)
     run([a.trace, "--titan-kernels", "cuda", "--out", str(out / "titan_kernels.jsonl")] + flags, env)
-    run([a.trace, "--titan-kernels", "cuda", "--fused-projections", "1", "--out", str(out / "titan_fused.jsonl")] + flags,
-        env)
+    fused = ["--titan-kernels", "cuda", "--fused-projections", "1"]
+    run([a.trace, *fused, "--out", str(out / "titan_fused.jsonl")] + flags, env)
     for impl in ("fsdp2", "torchtitan"):
         run([sys.executable, str(HERE / "trace_peers.py"), "--impl", impl, "--out", str(out / f"{impl}.jsonl")] + flags,
             env)

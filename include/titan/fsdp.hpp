@@ -167,21 +167,18 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     std::vector<std::string> names;  ///< names relative to the unit (several when tied in the unit)
     std::vector<std::pair<torch::nn::Module*, std::string>> owners;  ///< dictionary entries
     at::Tensor unsharded;            ///< the member handle (original TensorImpl), full shape
-    /// The unsharded storage (an alias of the member while unsharded): resized to 0 bytes when
-    /// resharded, back to full size for the next all-gather. Tensors autograd saved from the
-    /// member share its StorageImpl, so they are valid again whenever it is unsharded.
+    /// The unsharded storage (an alias of the member while unsharded): this parameter's part of its
+    /// gather bucket's storage, which is resized to 0 bytes when resharded and back to full size for
+    /// the next all-gather. Tensors autograd saved from the member share the StorageImpl, so they
+    /// are valid again whenever it is unsharded.
     at::Tensor storage;
     /// What the member points at while resharded: one zero element expanded to the full shape
     /// (strides 0). A unit called without titan::call then computes with zeros instead of reading
     /// freed memory, and titan::call reports it.
     at::Tensor placeholder;
-    /// Fresh unsharded storage of `options` (the gathered dtype, the shards' device) and a
-    /// placeholder of `member_dtype` (the compute dtype). The storage holds every rank's padded
-    /// chunk, [world * padded_numel], so one strided copy fills it from the all-gather output; the
-    /// parameter is its first numel elements.
-    void allocate(const at::TensorOptions& options, at::ScalarType member_dtype, int world) {
-      storage = at::empty({world * padded_numel()}, options);  // [world * padded_numel]
-      placeholder = at::zeros({1}, options.dtype(member_dtype)).expand(shape);
+    /// A placeholder of `member_dtype` (the compute dtype) on `device`.
+    void make_placeholder(const at::Device& device, at::ScalarType member_dtype) {
+      placeholder = at::zeros({1}, at::TensorOptions().dtype(member_dtype).device(device)).expand(shape);
     }
     /// The unsharded parameter's elements in `storage`, [shape].
     at::Tensor full() const { return storage.narrow(0, 0, c10::multiply_integers(shape)).view(shape); }
@@ -197,6 +194,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     size_t bucket = 0;               ///< which all-gather buffer carries it
     int64_t gather_offset = 0;       ///< its offset in a rank's part of that buffer
     int64_t padded_numel() const { return padded_rows * row_numel; }
+    int64_t storage_offset = 0;      ///< where `storage` starts in its bucket's storage
   };
 
   FsdpHook(std::vector<Param> params, ProcessGroupPtr shard_group, ProcessGroupPtr replicate_group,
@@ -225,6 +223,13 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       bucket.members.push_back(i);
       bucket.split_sizes.push_back(p.padded_numel());
     }
+    const int world = shard_group_->size();
+    for (auto& bucket : buckets_) {
+      if (bucket.members.empty()) continue;
+      const auto& first = params_[bucket.members.front()].sharded;
+      allocate(bucket, first.device(), world);
+      if (!first.is_meta()) detail::resize_storage_bytes(bucket.storage, 0);
+    }
   }
 
   std::string name() const override { return "fully_shard"; }
@@ -232,10 +237,10 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
 
   int64_t unsharded_bytes() const override {
     int64_t bytes = 0;
-    for (const auto& p : params_) {
-      bytes += static_cast<int64_t>(p.storage.is_meta() ? 0 : p.storage.storage().nbytes());
-      bytes += detail::tensor_bytes(p.unsharded.grad());
-    }
+    for (const auto& bucket : buckets_)
+      if (bucket.storage.defined() && !bucket.storage.is_meta())
+        bytes += static_cast<int64_t>(bucket.storage.storage().nbytes());
+    for (const auto& p : params_) bytes += detail::tensor_bytes(p.unsharded.grad());
     return bytes;
   }
 
@@ -296,9 +301,11 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     if (state_ != State::Unsharded) return;
     for (auto& p : params_) {
       detail::repoint_tensor(p.unsharded, p.placeholder);
-      if (!aliases_shards()) detail::resize_storage_bytes(p.storage, 0);
       if (p.custom_gather) p.custom_gather->post_reshard();
     }
+    if (!aliases_shards())
+      for (auto& bucket : buckets_)
+        if (bucket.storage.defined()) detail::resize_storage_bytes(bucket.storage, 0);
     state_ = State::Resharded;
   }
 
@@ -397,7 +404,28 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     c10::intrusive_ptr<c10d::Work> work;
     at::Tensor input, output;          ///< [flat_numel], [world * flat_numel]
     std::vector<at::Tensor> sent;      ///< one rank: the members' shards as sent (no collective)
+    /// The members' unsharded storage, laid end to end in member order: [sum of world *
+    /// padded_numel]. Parameters registered next to each other are next to each other in memory
+    /// while unsharded (without padding: rows divisible by the shard count), so linear layers
+    /// reading one input run as one GEMM on them without a copy (titan::linear_fused).
+    at::Tensor storage;
   };
+
+  /// Fresh storage of `bucket` (its dtype, on `device`) for `world` ranks, each member's
+  /// `storage` a part of it, and each member's placeholder on `device`.
+  void allocate(GatherBucket& bucket, const at::Device& device, int world) {
+    int64_t total = 0;
+    for (size_t i : bucket.members) total += world * params_[i].padded_numel();
+    bucket.storage = at::empty({total}, at::TensorOptions().dtype(bucket.dtype).device(device));  // [total]
+    int64_t offset = 0;
+    for (size_t i : bucket.members) {
+      auto& p = params_[i];
+      p.storage_offset = offset;
+      p.storage = bucket.storage.narrow(0, offset, world * p.padded_numel());  // [world * padded_numel]
+      p.make_placeholder(device, compute_dtype(p));
+      offset += world * p.padded_numel();
+    }
+  }
 
   /// What this rank sends of each parameter: its shard, or the custom gather's form of it, whose
   /// statistics (e.g. amaxes) are reduced first in one all-reduce per group.
@@ -599,13 +627,13 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     RECORD_USER_SCOPE("titan::fsdp::all_gather_copy_out");
     for (auto& bucket : buckets_) {
       if (bucket.members.empty()) continue;
+      const auto& device = params_[bucket.members.front()].sharded.device();
+      if (bucket.storage.device() != device) allocate(bucket, device, world);  // the model moved (meta -> device)
+      detail::resize_storage_bytes(bucket.storage,
+                                   static_cast<size_t>(bucket.storage.numel()) * bucket.storage.element_size());
       std::vector<at::Tensor> chunks;  // each parameter's storage as [world, padded_numel]
       for (size_t i : bucket.members) {
         auto& p = params_[i];
-        if (p.storage.device() != p.sharded.device() || p.storage.scalar_type() != bucket.dtype ||
-            p.storage.numel() != world * p.padded_numel())
-          p.allocate(p.sharded.options().dtype(bucket.dtype), compute_dtype(p), world);
-        detail::resize_storage_bytes(p.storage, static_cast<size_t>(p.storage.numel()) * p.storage.element_size());
         // A custom gather's member is the placeholder (of this device: the model may have been
         // sharded on meta): its hook computes from the gathered form, the gradient reaches it.
         detail::repoint_tensor(p.unsharded, p.custom_gather ? p.placeholder : p.full());
@@ -817,8 +845,7 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
       p.unsharded = tensor;
       const auto compute = options.param_dtype().value_or(tensor.scalar_type());
       p.custom_gather = detail::custom_gather(*owner, key);
-      p.allocate(tensor.options().dtype(p.custom_gather ? p.custom_gather->gather_dtype() : compute), compute, world);
-      if (!tensor.is_meta()) detail::resize_storage_bytes(p.storage, 0);
+      p.make_placeholder(tensor.device(), compute);  // the unit allocates the storage (FsdpHook)
       detail::repoint_tensor(p.unsharded, p.placeholder);
     }
     index.emplace(impl, params.size());

@@ -78,8 +78,8 @@ class ModuleHook {
   /// Whether this hook may run once for several modules that read the same inputs and whose forwards
   /// titan::call_fused computes at once, in place of itself and `other` (the hook at the same
   /// position on another of those modules): it prepares the inputs as `other` does, and it returns
-  /// what the forward returned, unchanged (call_fused checks that). Tensor-parallel colwise with a
-  /// local output does; by default a hook does not fuse.
+  /// what the forward returned, unchanged (call_fused checks that), and it keeps no `next` past the
+  /// call. Tensor-parallel colwise with a local output does; by default a hook does not fuse.
   virtual bool fuses_with(const ModuleHook& /*other*/) const { return false; }
   /// Checks a requirement this kind of hook has of the whole model `root` it is part of, throwing
   /// an error that names what is wrong (e.g. FSDP: every trainable parameter belongs to a unit).

@@ -89,7 +89,8 @@ for stage in "${stages[@]}"; do
       ;;
     profile)
       run profile 420 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --build "$kit_build" \
-        --python "$python" --out "$out/profile" --impls titan,titan_kernels,titan_fused --warmup 5 --steps 5 --timeout 200 \
+        --python "$python" --out "$out/profile" --impls titan,titan_kernels,titan_fused \
+        --warmup 5 --steps 5 --timeout 200 \
         --titan-set profiling.enable_profiling=true --titan-set profiling.profile_freq=8
       "$python" "$root/scripts/gpu/profile_report.py" "$out"/profile/titan*/profile_trace/iteration_8/rank0_trace.json \
         > "$out/profile/report.md" 2>&1 || failed=1

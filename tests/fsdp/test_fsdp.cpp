@@ -4,6 +4,7 @@
 #include "../support/multirank.hpp"
 
 #include <titan/fsdp.hpp>
+#include <titan/fused/linear.hpp>
 #include <titan/meta.hpp>
 
 #include "../support/op_events.hpp"
@@ -732,4 +733,58 @@ TEST_CASE("fsdp: sharded gradients are views of the reduction's output, or the g
   }
   CHECK(norm.is_contiguous());
   CHECK(up.is_contiguous());
+}
+
+namespace {
+
+/// Three projections of one input, registered one after the other (rows divisible by 1, 2 and 4
+/// ranks): computed by titan::linear_fused, recording whether the weights lay end to end in one
+/// storage and whether the forward copied them (aten::cat).
+struct ProjectionsImpl : torch::nn::Module {
+  ProjectionsImpl() {
+    a = register_parameter("a", torch::randn({8, 4}));
+    b = register_parameter("b", torch::randn({4, 4}));
+    c = register_parameter("c", torch::randn({8, 4}));
+  }
+  Tensor forward(const Tensor& x) {  // x [3, 4]
+    adjacent = b.is_alias_of(a) && c.is_alias_of(a) && b.storage_offset() == a.storage_offset() + a.numel() &&
+               c.storage_offset() == b.storage_offset() + b.numel();
+    std::vector<Tensor> parts;
+    {
+      titan_test::OpEvents events;
+      parts = titan::linear_fused(x, {a, b, c});
+      for (const auto& e : events.events()) copied = copied || e.name == "aten::cat";
+    }
+    return torch::cat(parts, -1);  // [3, 20]
+  }
+  Tensor a, b, c;
+  bool adjacent = false, copied = false;
+};
+TORCH_MODULE(Projections);
+
+}  // namespace
+
+TEST_CASE("fsdp: a unit's unsharded parameters lie end to end in one storage, so a fused GEMM copies none") {
+  torch::manual_seed(5);
+  Projections reference;
+  reference->to(device());
+  torch::manual_seed(5);
+  Projections model;
+  model->to(device());
+  const auto x = torch::randn({3, 4}).to(device());
+  titan::call(reference, x);
+  CHECK_FALSE(reference->adjacent);  // separate tensors: copied into one matrix
+  CHECK(reference->copied);
+  // In fp64 (param_dtype): also one rank gathers into the unit's storage instead of computing with
+  // the shards themselves.
+  titan::fully_shard(model, shard_mesh(),
+                     titan::FsdpOptions().reshard_after_forward(false).param_dtype(torch::kDouble));
+  const auto out = titan::call(model, x);  // [3, 20] fp64
+  CHECK(model->adjacent);
+  CHECK_FALSE(model->copied);
+  CHECK_CLOSE(out.to(torch::kFloat), titan::call(reference, x), 1e-5);
+  // The unit's storage is counted once: every parameter, unpadded (the rows divide the ranks).
+  CHECK(titan::memory_usage(*model).unsharded_bytes == 20 * 4 * static_cast<int64_t>(sizeof(double)));
+  out.sum().backward();  // gradients reach each parameter's shard
+  for (const auto& p : model->parameters()) CHECK(p.grad().defined());
 }

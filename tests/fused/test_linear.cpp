@@ -82,8 +82,9 @@ TEST_CASE("fused linear: outputs and gradients equal one linear layer per weight
 TEST_CASE("fused linear: the input's gradient is summed inside the GEMMs, and an unused output gives none") {
   torch::manual_seed(2);
   auto x = torch::randn({3, 16}, device()).requires_grad_(true);  // [3, 16]
-  auto w0 = torch::randn({8, 16}, device()).requires_grad_(true), w1 = torch::randn({4, 16}, device()).requires_grad_(true),
-       w2 = torch::randn({4, 16}, device()).requires_grad_(true);
+  auto w0 = torch::randn({8, 16}, device()).requires_grad_(true);  // [8, 16]
+  auto w1 = torch::randn({4, 16}, device()).requires_grad_(true);  // [4, 16]
+  auto w2 = torch::randn({4, 16}, device()).requires_grad_(true);  // [4, 16]
   const auto parts = titan::linear_fused(x, {w0, w1, w2});
   const auto loss = parts[0].sum() + parts[2].pow(2).sum();  // parts[1] reaches no loss
   std::vector<std::string> ops;
@@ -124,7 +125,8 @@ TEST_CASE("fused swiglu and rope read a fused projection's outputs in place, as 
     // [gate | up] and [q | k | v] as one GEMM writes them: rows 2 x 24 and 2 x 32 elements apart.
     const auto gate_up = torch::randn({2, 3, 48}, device()).to(dtype).requires_grad_(true);  // [2, 3, 48]
     const auto gate = gate_up.narrow(-1, 0, 24), up = gate_up.narrow(-1, 24, 24);            // [2, 3, 24] each
-    const auto gate_copy = gate.detach().contiguous().requires_grad_(true), up_copy = up.detach().contiguous().requires_grad_(true);
+    const auto gate_copy = gate.detach().contiguous().requires_grad_(true);  // [2, 3, 24]
+    const auto up_copy = up.detach().contiguous().requires_grad_(true);      // [2, 3, 24]
     const auto out = titan::swiglu(gate, up), out_copy = titan::swiglu(gate_copy, up_copy);
     CHECK(same(out, out_copy));
     const auto g = torch::randn_like(out);

@@ -263,9 +263,12 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
 FeedForwardImpl::FeedForwardImpl(int64_t dim, int64_t hidden_dim, const torch::TensorOptions& options,
                                  bool fused_projections_)
     : fused_projections(fused_projections_) {
+  // torchtitan's order; fused, w3 right after w1, so that FSDP's unit storage holds them end to end
+  // and their GEMM reads them without a copy (titan::linear_fused). Names are the same either way.
   w1 = register_module("w1", Linear(dim, hidden_dim, options));
+  if (fused_projections) w3 = register_module("w3", Linear(dim, hidden_dim, options));
   w2 = register_module("w2", Linear(hidden_dim, dim, options));
-  w3 = register_module("w3", Linear(dim, hidden_dim, options));
+  if (!fused_projections) w3 = register_module("w3", Linear(dim, hidden_dim, options));
 }
 
 torch::Tensor FeedForwardImpl::forward(const torch::Tensor& x) {

@@ -6,9 +6,10 @@
 // y_i = x W_i^T for weights W_i [out_i, in] is computed as x [W_0; W_1; ...]^T, one GEMM whose
 // output [..., sum out_i] is returned as one view per weight ([..., out_i], rows strided by the
 // sum). The layers keep their own parameters, so state-dict names, checkpoints, Hugging Face
-// adapters and tensor-parallel plans are those of the separate layers; the weights are laid end to
-// end for the GEMM (a copy of their bytes, small beside the activations at training shapes, and not
-// kept for backward: FSDP may free the parameters between forward and backward). The backward
+// adapters and tensor-parallel plans are those of the separate layers. Weights that already lie end
+// to end in one storage (the unsharded parameters of one FSDP unit, registered one after the other)
+// are the GEMM's matrix as they are; others are copied into one, at every call (not kept for the
+// backward: FSDP may free the parameters between forward and backward). The backward
 // takes each output's gradient as it comes: the input's gradient accumulates in the GEMMs
 // themselves (x.grad = g_0 W_0, then += g_i W_i through addmm's beta = 1), so the adds that sum
 // the separate layers' input gradients are gone, and each weight's gradient is g_i^T x.
@@ -16,6 +17,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/as_strided.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
@@ -39,6 +41,23 @@ inline void check_linear_fused(const at::Tensor& x, at::TensorList weights) {
   }
 }
 
+/// The weights [out_i, in] as one matrix [sum out_i, in]: a view when they lie end to end in one
+/// storage, contiguous (FSDP's unsharded parameters of one unit), else their concatenation.
+inline at::Tensor stacked_weights(at::TensorList weights) {
+  if (weights.size() == 1) return weights[0];
+  bool adjacent = weights[0].is_contiguous();
+  int64_t rows = weights[0].size(0);
+  for (size_t i = 1; adjacent && i < weights.size(); ++i) {
+    const auto& before = weights[i - 1];
+    adjacent = weights[i].is_contiguous() && weights[i].is_alias_of(weights[0]) &&
+               weights[i].storage_offset() == before.storage_offset() + before.numel();
+    rows += weights[i].size(0);
+  }
+  if (!adjacent) return at::cat(weights, 0);
+  const int64_t in = weights[0].size(1);
+  return weights[0].as_strided({rows, in}, {in, 1}, weights[0].storage_offset());  // [sum out_i, in], no copy
+}
+
 /// Autograd of titan::linear_fused: saves the input and the weights (not their concatenation).
 struct LinearFusedFunction : torch::autograd::Function<LinearFusedFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -46,7 +65,7 @@ struct LinearFusedFunction : torch::autograd::Function<LinearFusedFunction> {
     check_linear_fused(x, weights);
     std::vector<int64_t> sizes;
     for (const auto& w : weights) sizes.push_back(w.size(0));
-    const auto fused_weight = weights.size() == 1 ? weights[0] : at::cat(weights, 0);  // [sum out_i, in]
+    const auto fused_weight = stacked_weights(weights);  // [sum out_i, in]
     auto y = at::linear(x, fused_weight);                                              // [..., sum out_i]
     torch::autograd::variable_list saved{x};
     saved.insert(saved.end(), weights.begin(), weights.end());

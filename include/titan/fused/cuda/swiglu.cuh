@@ -2,7 +2,8 @@
 // titan/fused/cuda/swiglu.cuh: the CUDA kernels of titan::swiglu_forward and
 // titan::swiglu_backward (see titan/fused/swiglu.hpp for the formulas): one element-wise pass
 // each way, in fp32, reading gate and up in place when they are column slices of one tensor (the
-// fused w1|w3 projection, titan::linear_fused). Compiled by nvcc into titan::cuda_kernels; fp64 takes the ATen implementation.
+// fused w1|w3 projection, titan::linear_fused). Compiled by nvcc into titan::cuda_kernels; fp64
+// takes the ATen implementation.
 #include <titan/fused/cuda/grid.cuh>
 #include <titan/fused/swiglu.hpp>
 
