@@ -194,7 +194,6 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     size_t bucket = 0;               ///< which all-gather buffer carries it
     int64_t gather_offset = 0;       ///< its offset in a rank's part of that buffer
     int64_t padded_numel() const { return padded_rows * row_numel; }
-    int64_t storage_offset = 0;      ///< where `storage` starts in its bucket's storage
   };
 
   FsdpHook(std::vector<Param> params, ProcessGroupPtr shard_group, ProcessGroupPtr replicate_group,
@@ -230,6 +229,8 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       allocate(bucket, first.device(), world);
       if (!first.is_meta()) detail::resize_storage_bytes(bucket.storage, 0);
     }
+    // Each member handle is the placeholder until the first all-gather fills the unit's storage.
+    for (auto& p : params_) detail::repoint_tensor(p.unsharded, p.placeholder);
   }
 
   std::string name() const override { return "fully_shard"; }
@@ -420,7 +421,6 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     int64_t offset = 0;
     for (size_t i : bucket.members) {
       auto& p = params_[i];
-      p.storage_offset = offset;
       p.storage = bucket.storage.narrow(0, offset, world * p.padded_numel());  // [world * padded_numel]
       p.make_placeholder(device, compute_dtype(p));
       offset += world * p.padded_numel();
@@ -839,14 +839,11 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
       at::Tensor local = tensor.narrow(0, offset, p.rows[static_cast<size_t>(rank)]);
       p.sharded = tensor.is_meta() ? at::empty(local.sizes(), tensor.options()) : local.clone(at::MemoryFormat::Contiguous);
       p.sharded.set_requires_grad(tensor.requires_grad());
-      // The member handle becomes the unsharded parameter: the placeholder until the first
-      // all-gather fills fresh contiguous storage of the compute dtype (on meta while the model is).
+      // The member handle becomes the unsharded parameter (FsdpHook points it at the placeholder
+      // until the first all-gather fills the unit's storage).
       tensor.mutable_grad() = at::Tensor();
       p.unsharded = tensor;
-      const auto compute = options.param_dtype().value_or(tensor.scalar_type());
       p.custom_gather = detail::custom_gather(*owner, key);
-      p.make_placeholder(tensor.device(), compute);  // the unit allocates the storage (FsdpHook)
-      detail::repoint_tensor(p.unsharded, p.placeholder);
     }
     index.emplace(impl, params.size());
     params.push_back(std::move(p));

@@ -66,7 +66,7 @@ struct LinearFusedFunction : torch::autograd::Function<LinearFusedFunction> {
     std::vector<int64_t> sizes;
     for (const auto& w : weights) sizes.push_back(w.size(0));
     const auto fused_weight = stacked_weights(weights);  // [sum out_i, in]
-    auto y = at::linear(x, fused_weight);                                              // [..., sum out_i]
+    auto y = at::linear(x, fused_weight);                // [..., sum out_i]
     torch::autograd::variable_list saved{x};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
