@@ -14,13 +14,7 @@ build="${BUILD_DIR:-$root/build}"
 config="${CONFIG_FILE:-examples/configs/llama3_debug.toml}"
 nproc="${NPROC:-2}"
 
-"$root/scripts/build.sh" --target titan_launch llama_train mistral_train
-
-model=$(sed -n 's/^name *= *"\([a-z0-9.]*\)".*/\1/p' "$root/$config" | head -n 1)
-case "$model" in
-  mistral) trainer="$build/examples/mistral/mistral_train" ;;
-  *) trainer="$build/examples/llama/llama_train" ;;
-esac
+"$root/scripts/build.sh" --target titan_launch titan_train
 
 cd "$root"
-exec "$build/tests/titan_launch" --nproc "$nproc" --timeout 86400 -- "$trainer" --config "$config" "$@"
+exec "$build/tests/titan_launch" --nproc "$nproc" --timeout 86400 -- "$build/examples/trainer/titan_train" --config "$config" "$@"

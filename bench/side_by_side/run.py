@@ -6,7 +6,7 @@
 
 Every row trains the same Llama 3 shape with the same batch, optimizer (AdamW, clipping at 1.0),
 FSDP (reshard after forward) and activation checkpointing, in this one run on this one machine:
-  titan               examples/llama/llama_train (the trainer a user copies) on the offline corpus
+  titan               examples/trainer/titan_train (the trainer a user copies) on the offline corpus
   titan_kernels       the same with training.fused_kernels = "cuda" (titan's CUDA kernels; cuda preset)
   titan_fused         titan_kernels with model.fused_projections = true (wq|wk|wv, w1|w3 one GEMM each)
   titan_float8        the same with float8.enable = true (float8 linear layers; cuda preset)
@@ -147,7 +147,7 @@ def titan_row(a, impl, env, out):
             sys.exit(f"--titan-set '{item}': expected SECTION.KEY=VALUE")
         overrides[key] = value
     cmd = [f"{a.build}/tests/titan_launch", "--nproc", str(a.ranks), "--timeout", str(a.timeout), "--",
-           f"{a.build}/examples/llama/llama_train", "--config", "examples/configs/llama3_debug.toml"]
+           f"{a.build}/examples/trainer/titan_train", "--config", "examples/configs/llama3_debug.toml"]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     log = out / f"{impl}.log"

@@ -50,7 +50,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
   return {
       text("job", "dump_folder", &c.job.dump_folder),
       text("job", "description", &c.job.description),
-      choice("model", "name", &c.model.name, {"llama2", "llama3", "llama3.1", "mistral"}),
+      text("model", "name", &c.model.name),  // a registered model: checked by model_spec_of (models/registry.hpp)
       text("model", "flavor", &c.model.flavor),
       integer("model", "n_layers", &c.model.n_layers, 0),
       text("model", "tokenizer_path", &c.model.tokenizer_path),

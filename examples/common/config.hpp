@@ -29,7 +29,7 @@ struct JobConfig {
 
 /// [model]: which model and tokenizer.
 struct ModelConfig {
-  std::string name = "llama3";           ///< "llama2", "llama3", "llama3.1" or "mistral"
+  std::string name = "llama3";           ///< a registered model (models/registry.hpp): "llama3", "mistral", ...
   std::string flavor = "debug";          ///< size: "debug", "7B", "8B", "13B", "70B", "405B"
   int64_t n_layers = 0;                  ///< 0: the flavor's; else that many blocks of the flavor's shape
   std::string tokenizer_path = "";       ///< tokenizer.model file

@@ -1,6 +1,7 @@
 #pragma once
 // From the [parallelism], [activation_checkpoint] and [training] sections to titan's options: the
-// mesh, activation checkpointing and FSDP, shared by every model's parallelize function.
+// mesh, activation checkpointing, FSDP and the pipeline stages per rank, shared by every model's
+// parallelize function and the trainer.
 //
 //   ParallelDims dims = ParallelDims::from_config(config.parallelism, world->world_size());
 //   titan::DeviceMesh mesh = dims.build_mesh(world);
@@ -12,6 +13,7 @@
 #include <titan/ac.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/mesh.hpp>
+#include <titan/pipeline.hpp>
 
 #include <cstdint>
 
@@ -50,5 +52,9 @@ bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config);
 /// torchtitan's default policy: a stage runs forward once per micro-batch) and [training] (mixed
 /// precision).
 titan::FsdpOptions fsdp_options(const TrainConfig& config);
+
+/// Stages per pipeline rank: the split points' stages over the degree, else 2 for an interleaved
+/// schedule and 1 for the others. Errors name the keys.
+int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism);
 
 }  // namespace titan::examples

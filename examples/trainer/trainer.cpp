@@ -1,8 +1,5 @@
 #include "trainer.hpp"
 
-#include "../models/llama/parallelize.hpp"
-#include "../models/llama/state_dict_adapter.hpp"
-
 #include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/fused.hpp>
@@ -50,23 +47,6 @@ std::string join(const std::vector<std::string>& items) {
   return text;
 }
 
-/// The model of `config`: a debug flavor takes its vocabulary from the tokenizer; a real one must
-/// cover it. model.n_layers > 0 replaces the flavor's block count.
-ModelArgs model_args_for(const TrainConfig& config, const Tokenizer& tokenizer) {
-  auto args = model_args(config.model.name, config.model.flavor);
-  if (config.model.flavor == "debug") {
-    args.vocab_size(tokenizer.vocab_size());
-  } else {
-    TORCH_CHECK(tokenizer.vocab_size() <= args.vocab_size(), "model: the tokenizer '", config.model.tokenizer_path,
-                "' has ", tokenizer.vocab_size(), " ids but ", config.model.name, " ", config.model.flavor,
-                " has a vocabulary of ", args.vocab_size());
-  }
-  if (config.model.n_layers > 0) args.n_layers(config.model.n_layers);  // a shorter model of the flavor's shape
-  args.fused_projections(config.model.fused_projections);
-  args.max_seq_len(config.training.seq_len);
-  return args;
-}
-
 /// Rank 0's progress lines while a checkpoint loads: every 5 seconds and when it is done.
 titan::LoadProgressFn load_progress_printer(const titan::WorldPtr& world, const std::string& what) {
   if (world->rank() != 0) return nullptr;
@@ -81,43 +61,20 @@ titan::LoadProgressFn load_progress_printer(const titan::WorldPtr& world, const 
   };
 }
 
-/// Fails unless the Hugging Face model at `path` has the architecture of `args` (the shapes are
-/// checked again per tensor by load_hf).
-void check_hf_architecture(const ModelArgs& args, const std::string& path) {
-  const auto hf = read_hf_config(path);
-  auto check = [&](const char* what, double ours, double theirs) {
-    TORCH_CHECK(ours == theirs, "checkpoint.initial_load_path: the Hugging Face model '", path, "' has ", what, " = ",
-                theirs, " but the configured model has ", ours, " (check model.name / model.flavor)");
-  };
-  check("hidden size (dim)", args.dim(), hf.dim());
-  check("layers", args.n_layers(), hf.n_layers());
-  check("attention heads", args.n_heads(), hf.n_heads());
-  check("key/value heads", args.n_kv_heads(), hf.n_kv_heads());
-  check("vocabulary size", args.vocab_size(), hf.vocab_size());
-  check("rope_theta", args.rope_theta(), hf.rope_theta());
-  check("rms_norm_eps", args.norm_eps(), hf.norm_eps());
-  check("sliding_window", args.sliding_window(), hf.sliding_window());
-}
-
-/// Starts from checkpoint.initial_load_path (when there was nothing to resume): a Hugging Face
-/// folder, each rank reading only its stages' slices, or the model part of a titan checkpoint.
-void load_initial_weights(std::vector<Transformer>& stages, torch::nn::Module& model, const TrainConfig& config,
-                          const titan::WorldPtr& world) {
-  const auto& path = config.checkpoint.initial_load_path;
-  TORCH_CHECK(std::filesystem::is_directory(path), "checkpoint.initial_load_path = '", path, "' is not a folder (",
-              config.checkpoint.initial_load_in_hf ? "expected a Hugging Face model folder with config.json"
-                                                   : "expected a titan checkpoint folder such as <folder>/step-1000",
-              ")");
-  if (config.checkpoint.initial_load_in_hf) {
-    check_hf_architecture(stages.front()->args, path);
-    for (auto& stage : stages) load_hf(*stage, path);
-  } else {
-    titan::TrainState weights;
-    weights.model = &model;
-    titan::load_checkpoint(path, weights, world->group(),
-                           titan::LoadOptions().on_progress(load_progress_printer(world, path)));
+/// What a pipeline stage holds, e.g. "layers.4-layers.7 + norm, output": its children, the
+/// layer container's first and last layer.
+std::string stage_contents(torch::nn::Module& stage, const titan::PipelineSplit& split) {
+  std::vector<std::string> parts;
+  for (const auto& child : stage.named_children()) {
+    if (child.key() != split.layers()) {
+      parts.push_back(child.key());
+      continue;
+    }
+    const auto layers = child.value()->named_children();
+    if (!layers.is_empty())
+      parts.insert(parts.begin(), split.layers() + "." + layers.keys().front() + "-" + layers.keys().back());
   }
-  world->logger().info("initial weights loaded from ", path, config.checkpoint.initial_load_in_hf ? " (Hugging Face)" : "");
+  return join(parts);
 }
 
 torch::Dtype dtype_named(const std::string& name) {
@@ -155,10 +112,31 @@ void GeneratorState::load_state(const titan::ComponentState& state) {
   }
 }
 
-Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
+Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {}
+
+Trainer::~Trainer() = default;
+
+torch::nn::Module& Trainer::model() {
+  TORCH_CHECK(model_, "Trainer::model: the model is built by build() (or train())");
+  return *model_;
+}
+
+void Trainer::build() {
+  TORCH_CHECK(!built_, "Trainer::build: the job is already built");
+  built_ = true;
+  build_world();
+  build_tokenizer();
+  build_model();
+  build_optimizer();
+  build_data();
+  build_pipelines();
+  build_metrics();
+  build_checkpoints();
+}
+
+void Trainer::build_world() {
   world_ = titan::init_distributed();
   const auto& log = world_->logger();
-  const std::filesystem::path dump(config_.job.dump_folder);
   log.info(config_.job.description, " | ", world_->world_size(), " ranks, ", world_->backend_name(), " on ",
            world_->device().str());
   log.info("resolved config:\n", to_toml(config_));
@@ -171,7 +149,7 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
                 "CUDA compiler, or LibTorch is a CPU build); use \"aten\"");
 #endif
   }
-  if (world_->rank() == 0) save_config(config_, (dump / "config.toml").string());
+  if (world_->rank() == 0) save_config(config_, (std::filesystem::path(config_.job.dump_folder) / "config.toml").string());
 
   dims_ = ParallelDims::from_config(config_.parallelism, world_->world_size());
   mesh_ = std::make_unique<titan::DeviceMesh>(dims_.build_mesh(world_));
@@ -181,31 +159,34 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
     cp_layout_.emplace(dims_.cp, mesh_->coordinate("cp"));
     positions_ = cp_layout_->positions(config_.training.seq_len, torch::TensorOptions().device(world_->device()));
   }
+}
 
+void Trainer::build_tokenizer() {
   tokenizer_ = load_tokenizer(config_.model.tokenizer_path, config_.model.tokenizer_kind);
-  args_ = model_args_for(config_, *tokenizer_);
-  const auto& training = config_.training;
+}
 
+void Trainer::build_model() {
+  const auto& log = world_->logger();
+  spec_ = &model_spec_of(config_);
   // Build on meta, keep this rank's pipeline stages, parallelize, then allocate and initialize
   // only what this rank holds. Parameter names stay the whole model's.
-  const int64_t stages_per_rank = dims_.pp > 1 ? pipeline_stages_per_rank(config_.parallelism) : 1;
+  stages_per_rank_ = dims_.pp > 1 ? pipeline_stages_per_rank(config_.parallelism) : 1;
   const int64_t pp_rank = mesh_->coordinate("pp");
   std::vector<std::shared_ptr<torch::nn::Module>> parts;
-  for (int64_t v = 0; v < stages_per_rank; ++v) {
-    Transformer stage(args_, torch::kMeta);
+  for (int64_t v = 0; v < stages_per_rank_; ++v) {
+    auto stage = spec_->build(config_, tokenizer_->vocab_size(), torch::kMeta);
+    if (v == 0) facts_ = spec_->facts(*stage, config_.training.seq_len);  // before pruning: the whole model
     if (dims_.pp > 1) {
       const int64_t index = pp_rank + v * dims_.pp;
-      titan::keep_pipeline_stage(*stage, llama_pipeline_split(config_.parallelism), dims_.pp * stages_per_rank, index);
-      std::vector<std::string> layers;
-      for (const auto& item : stage->layers->named_children()) layers.push_back(item.key());
-      log.info("pipeline stage ", index, " (rank ", world_->rank(), "): layers ", layers.front(), "-", layers.back(),
-               index == 0 ? " + tok_embeddings" : "", index == dims_.pp * stages_per_rank - 1 ? " + norm, output" : "");
+      const auto split = spec_->pipeline_split(config_.parallelism);
+      titan::keep_pipeline_stage(*stage, split, dims_.pp * stages_per_rank_, index);
+      log.info("pipeline stage ", index, " (rank ", world_->rank(), "): ", stage_contents(*stage, split));
     }
-    parallelize_llama(*stage, *mesh_, dims_, config_);
+    spec_->parallelize(*stage, *mesh_, dims_, config_);
     titan::to_empty(*stage, world_->device());
-    init_weights(*stage, static_cast<uint64_t>(training.seed));
+    spec_->init_weights(*stage, static_cast<uint64_t>(config_.training.seed));
     stages_.push_back(stage);
-    parts.push_back(stage.ptr());
+    parts.push_back(stage);
   }
   model_ = parts.size() == 1 ? parts.front() : titan::pipeline_stages_view(parts);
   if (config_.float8.enable) {
@@ -217,42 +198,51 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
              config_.float8.emulate ? ", emulated" : "", "); left in high precision: ",
              config_.float8.filter_fqns.empty() ? "none" : config_.float8.filter_fqns);
   }
-  const double flops = flops_per_token(args_, training.seq_len);
-  log.info(config_.model.name, " ", config_.model.flavor, ": ", parameter_count(args_), " parameters, ",
-           flops / 1e9, " GFLOP per token");
+  log.info(config_.model.name, " ", config_.model.flavor, ": ", facts_.parameters, " parameters, ",
+           facts_.flops_per_token / 1e9, " GFLOP per token");
+}
 
+void Trainer::build_optimizer() {
   optimizer_ = make_adamw(model_->named_parameters(), adamw_config(config_));
   for (const auto& stage : stages_) titan::verify_optimizer(*optimizer_, stage);
   schedule_ = std::make_unique<LRSchedule>(lr_schedule_options(config_));
-  accumulation_ = gradient_accumulation_steps(training.global_batch_size, training.batch_size, dims_.dp());
+}
 
-  const auto& data = config_.data;
+void Trainer::build_data() {
+  const auto& training = config_.training;
+  accumulation_ = gradient_accumulation_steps(training.global_batch_size, training.batch_size, dims_.dp());
   const int64_t dp_rank = mesh_->coordinate("dp");
   loader_ = std::make_unique<DataLoader>(TokenCorpus::open(corpus_options(config_, false), *tokenizer_, world_->group()),
                                          *tokenizer_, loader_options(config_, dp_rank, dims_.dp(), false));
-  if (!data.val_path.empty() && data.val_freq > 0) {
+  if (!config_.data.val_path.empty() && config_.data.val_freq > 0) {
     val_loader_ = std::make_unique<DataLoader>(
         TokenCorpus::open(corpus_options(config_, true), *tokenizer_, world_->group()), *tokenizer_,
         loader_options(config_, dp_rank, dims_.dp(), true));
   }
-  log.info("data: ", loader_->samples_per_epoch(), " samples of ", training.seq_len, " tokens per epoch; ",
-           accumulation_, " micro-batches of ", training.batch_size, " per rank per step");
-  if (dims_.pp > 1) make_pipelines(stages_per_rank);
+  world_->logger().info("data: ", loader_->samples_per_epoch(), " samples of ", training.seq_len,
+                        " tokens per epoch; ", accumulation_, " micro-batches of ", training.batch_size,
+                        " per rank per step");
+}
 
+void Trainer::build_metrics() {
   auto metrics = metrics_options(config_, world_->rank());
-  metrics_ = std::make_unique<MetricsLogger>(metrics.flops_per_token(flops)
+  metrics_ = std::make_unique<MetricsLogger>(metrics.flops_per_token(facts_.flops_per_token)
                                                  .peak_flops(device_peak_flops(world_->device(), metrics.peak_flops()))
                                                  .ranks_per_replica(dims_.tp * dims_.pp)
                                                  .device(world_->device()));
   if (config_.profiling.enable_profiling)
-    profiler_ = std::make_unique<StepProfiler>(config_.profiling, dump, world_->rank(), world_->device());
+    profiler_ = std::make_unique<StepProfiler>(config_.profiling, config_.job.dump_folder, world_->rank(),
+                                               world_->device());
   // Host values (label-token counts, the stop flag) travel on the CPU: no device sync.
   host_group_ = TITAN_HAS_GLOO ? world_->new_group(world_->group()->global_ranks(), "host",
                                                    titan::GroupOptions().backend("gloo").device(c10::kCPU))
                                : world_->group();
   loss_parallel_ = dims_.tp > 1 && config_.parallelism.enable_loss_parallel;
-  nan_guard_ = std::make_unique<NanGuard>(nan_policy_from_string(training.nan_policy));
+  nan_guard_ = std::make_unique<NanGuard>(nan_policy_from_string(config_.training.nan_policy));
+}
 
+void Trainer::build_checkpoints() {
+  const auto& log = world_->logger();
   // Checkpoints: model and optimizer shards by name, and the components by name (all valid on any
   // number of ranks). Resumes automatically from the latest complete one.
   std::optional<at::Generator> device_generator;
@@ -264,7 +254,7 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
   const auto& checkpoint = config_.checkpoint;
   if (checkpoint.enable) {
     checkpoints_ = std::make_unique<titan::CheckpointManager>(
-        world_, titan::CheckpointOptions((dump / checkpoint.folder).string())
+        world_, titan::CheckpointOptions((std::filesystem::path(config_.job.dump_folder) / checkpoint.folder).string())
                     .interval(checkpoint.interval)
                     .keep_latest_k(checkpoint.keep_latest_k)
                     .async(checkpoint.async_mode == "async")
@@ -282,10 +272,29 @@ Trainer::Trainer(TrainConfig config) : config_(std::move(config)) {
       }
     }
   }
-  if (start_step_ == 0 && !checkpoint.initial_load_path.empty()) load_initial_weights(stages_, *model_, config_, world_);
+  if (start_step_ == 0 && !checkpoint.initial_load_path.empty()) load_initial_weights();
 }
 
-void Trainer::make_pipelines(int64_t stages_per_rank) {
+void Trainer::load_initial_weights() {
+  const auto& path = config_.checkpoint.initial_load_path;
+  TORCH_CHECK(std::filesystem::is_directory(path), "checkpoint.initial_load_path = '", path, "' is not a folder (",
+              config_.checkpoint.initial_load_in_hf ? "expected a Hugging Face model folder with config.json"
+                                                    : "expected a titan checkpoint folder such as <folder>/step-1000",
+              ")");
+  if (config_.checkpoint.initial_load_in_hf) {
+    for (auto& stage : stages_) spec_->load_hf(*stage, path);
+  } else {
+    titan::TrainState weights;
+    weights.model = model_.get();
+    titan::load_checkpoint(path, weights, world_->group(),
+                           titan::LoadOptions().on_progress(load_progress_printer(world_, path)));
+  }
+  world_->logger().info("initial weights loaded from ", path,
+                        config_.checkpoint.initial_load_in_hf ? " (Hugging Face)" : "");
+}
+
+void Trainer::build_pipelines() {
+  if (dims_.pp == 1) return;
   const auto& parallelism = config_.parallelism;
   const int64_t size = parallelism.pipeline_parallel_microbatch_size;
   auto microbatches = [size](int64_t samples, const char* what) {
@@ -294,10 +303,10 @@ void Trainer::make_pipelines(int64_t stages_per_rank) {
     return samples / size;
   };
   std::vector<titan::PipelineStage> stages;
-  for (int64_t v = 0; v < stages_per_rank; ++v) {
-    auto stage = stages_[static_cast<size_t>(v)].ptr();
+  for (int64_t v = 0; v < stages_per_rank_; ++v) {
+    auto stage = stages_[static_cast<size_t>(v)];
     stages.emplace_back(mesh_->coordinate("pp") + v * dims_.pp, stage,
-                        [this, v](const torch::Tensor& input) { return run_stage(stages_[static_cast<size_t>(v)], input); });
+                        [this, stage](const torch::Tensor& input) { return run_stage(*stage, input); });
   }
   const auto schedule = titan::parse_schedule(parallelism.pipeline_parallel_schedule);
   const int64_t per_step = accumulation_ * config_.training.batch_size;
@@ -311,14 +320,12 @@ void Trainer::make_pipelines(int64_t stages_per_rank) {
         titan::PipelineOptions().schedule(schedule).microbatches(
             microbatches(config_.training.batch_size, "a validation batch (training.batch_size)")));
   }
-  world_->logger().info("pipeline: ", dims_.pp, " ranks x ", stages_per_rank, " stage(s), schedule ",
+  world_->logger().info("pipeline: ", dims_.pp, " ranks x ", stages_per_rank_, " stage(s), schedule ",
                         parallelism.pipeline_parallel_schedule, ", ", pipeline_->schedule().microbatches,
                         " micro-batches of ", size, " samples per step");
 }
 
-Trainer::~Trainer() = default;
-
-torch::Tensor Trainer::run_stage(Transformer& stage, const torch::Tensor& input) {
+torch::Tensor Trainer::run_stage(CausalLM& stage, const torch::Tensor& input) {
   return positions_.defined() ? titan::call(stage, input, positions_) : titan::call(stage, input);
 }
 
@@ -332,14 +339,14 @@ Batch Trainer::shard_sequence(const Batch& batch) const {
 torch::Tensor Trainer::loss_sum(const Batch& batch, double grad_scale) {
   auto input = to_device(batch.input, world_->device());    // [B, S] (S / cp with context parallelism)
   auto labels = to_device(batch.labels, world_->device());  // [B, S]
-  return token_loss_sum(run_stage(stages_.front(), input), labels, grad_scale);
+  return token_loss_sum(run_stage(*stages_.front(), input), labels, grad_scale);
 }
 
 torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels, double grad_scale) {
   // logits [B, S, V] (or [B, S, V / tp] with loss parallel), labels [B, S]
   if (loss_parallel_) {
     return titan::loss_parallel_cross_entropy(logits.to(torch::kFloat32), labels, mesh_->group("tp"), -100,
-                                              at::Reduction::Sum, args_.vocab_size());
+                                              at::Reduction::Sum, facts_.vocab_size);
   }
   // Computed in fp32 a chunk of rows at a time, the logits' gradient (times grad_scale) written
   // during the forward.
@@ -505,12 +512,13 @@ void Trainer::export_model() {
   const auto& dtype = config_.checkpoint.export_dtype;
   // Every rank takes part: parameters are gathered one at a time while rank 0 writes them file
   // by file (at most 5 GiB each), so no rank holds the whole model.
-  save_hf(*model_, args_, dir, SaveHfOptions().dtype(dtype_named(dtype)).max_shard_bytes(5LL << 30), world_->group(),
-          dims_.pp > 1 ? mesh_->group("pp") : nullptr);
+  spec_->save_hf(*model_, *stages_.front(), dir, SaveHfOptions().dtype(dtype_named(dtype)).max_shard_bytes(5LL << 30),
+                 world_->group(), dims_.pp > 1 ? mesh_->group("pp") : nullptr);
   world_->logger().info("exported the model (", dtype, ") to ", dir);
 }
 
 void Trainer::train() {
+  if (!built_) build();
   const auto& log = world_->logger();
   const auto& training = config_.training;
   SignalFlag stop;
@@ -555,19 +563,19 @@ void Trainer::train() {
   world_->shutdown();
 }
 
-int train_main(int argc, char** argv, const std::vector<std::string>& families) {
+int train_main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
-      std::printf("usage: %s --config FILE.toml [--section.key VALUE | --section.key=VALUE ...]\nkeys: %s\n", argv[0],
-                  join(config_keys()).c_str());
+      std::printf("usage: %s --config FILE.toml [--section.key VALUE | --section.key=VALUE ...]\nkeys: %s\n"
+                  "models (model.name): %s\n",
+                  argv[0], join(config_keys()).c_str(), join(model_registry().names()).c_str());
       return 0;
     }
   }
   TrainConfig config;
   try {
     config = parse_config_args(argc, argv);
-    TORCH_CHECK(std::find(families.begin(), families.end(), config.model.name) != families.end(), "model.name = '",
-                config.model.name, "' is not trained by ", argv[0], " (expected one of: ", join(families), ")");
+    model_spec_of(config);  // a registered model and one of its flavors
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "config error: %s\n", e.what_without_backtrace());
     return 2;

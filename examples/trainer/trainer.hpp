@@ -1,21 +1,26 @@
 #pragma once
-// The training job shared by the example trainers (examples/llama, examples/mistral), as a class
+// The training job of every registered model family (examples/models/registry.hpp), as a class
 // whose steps are seams: copy this folder and override what your job does differently.
 //
-//   int main(int argc, char** argv) { return titan::examples::train_main(argc, argv, {"llama2", "llama3", "llama3.1"}); }
+//   int main(int argc, char** argv) { return titan::examples::train_main(argc, argv); }
 //
 //   struct MyTrainer : titan::examples::Trainer {         // or: subclass instead of copying
 //     using Trainer::Trainer;
+//     void build_data() override { ... }                   // e.g. another corpus
 //     torch::Tensor loss_sum(const Batch& batch, double grad_scale) override { ... }   // e.g. another loss
 //   };
+//   MyTrainer trainer(parse_config_args(argc, argv));
+//   trainer.train();                                       // builds first (build()), then trains
 //
-// The constructor joins the job (torchrun, Slurm, mpirun or one process), builds the model on the
-// meta device, keeps this rank's pipeline stages (PP), parallelizes them (TP, CP, AC, FSDP),
-// materializes and initializes the local shards,
-// builds the optimizer, data, metrics and checkpoints, and resumes from the latest checkpoint.
-// train() then runs the steps: gradient accumulation, clipping, the LR schedule, validation,
-// metrics (line, metrics.jsonl, TensorBoard), NaN/Inf guard, SIGINT / SIGTERM stop at a step
-// boundary, checkpoints (interval, final, on a signal) and the final Hugging Face export.
+// build() runs the named steps in order: build_world joins the job (torchrun, Slurm, mpirun or
+// one process) and builds the mesh; build_tokenizer; build_model looks up model.name in the
+// registry, builds the model on the meta device, keeps this rank's pipeline stages (PP),
+// parallelizes them with the family's function (TP, CP, AC, FSDP), materializes and initializes
+// the local shards; build_optimizer; build_data; build_pipelines (PP); build_metrics; and
+// build_checkpoints, which resumes from the latest checkpoint. train() then runs the steps:
+// gradient accumulation, clipping, the LR schedule, validation, metrics (line, metrics.jsonl,
+// TensorBoard), NaN/Inf guard, SIGINT / SIGTERM stop at a step boundary, checkpoints (interval,
+// final, on a signal) and the final Hugging Face export.
 
 #include "../common/config.hpp"
 #include "../common/data.hpp"
@@ -24,7 +29,7 @@
 #include "../common/optim.hpp"
 #include "../common/parallelism.hpp"
 #include "../common/profiling.hpp"
-#include "../models/llama/model.hpp"
+#include "../models/registry.hpp"
 #include "../tokenizers/tokenizer.hpp"
 
 #include <titan/checkpoint.hpp>
@@ -56,14 +61,19 @@ class GeneratorState : public titan::Stateful {
   mutable std::optional<at::Generator> device_;
 };
 
-/// One training job of a Llama-family model (Llama 2, Llama 3 / 3.1, Mistral).
+/// One training job of a registered model family (model.name).
 class Trainer {
  public:
-  /// Builds the whole job from `config` and resumes from the latest checkpoint, if any.
+  /// Keeps `config`; nothing is built or joined before build().
   explicit Trainer(TrainConfig config);
   virtual ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
+
+  /// Builds the job: build_world, build_tokenizer, build_model, build_optimizer, build_data,
+  /// build_pipelines, build_metrics, build_checkpoints (which resumes from the latest checkpoint),
+  /// each a virtual step a subclass may replace. Once; train() calls it when it has not run.
+  void build();
 
   /// Runs steps from the resumed one to training.steps (stopping early at training.stop_at_step
   /// or on SIGINT / SIGTERM, with a checkpoint), validating every data.val_freq steps, then
@@ -99,12 +109,36 @@ class Trainer {
                                      bool train);
 
   const TrainConfig& config() const { return config_; }
+  /// The job's ranks (after build_world).
   const titan::WorldPtr& world() const { return world_; }
   /// This rank's model as checkpoints and the optimizer see it: the whole model, its pipeline
-  /// stage, or a view of its stages (titan::pipeline_stages_view).
-  torch::nn::Module& model() { return *model_; }
+  /// stage, or a view of its stages (titan::pipeline_stages_view). After build_model.
+  torch::nn::Module& model();
 
  protected:
+  /// Joins the job (titan::init_distributed), registers titan's CUDA kernels when
+  /// training.fused_kernels asks, saves the resolved config, builds the mesh and the context
+  /// parallel layout.
+  virtual void build_world();
+  /// Loads model.tokenizer_path.
+  virtual void build_tokenizer();
+  /// The model of the registered spec model.name: built on meta, this rank's pipeline stages kept,
+  /// parallelized, materialized on the device and initialized from training.seed.
+  virtual void build_model();
+  /// AdamW over the model's parameters (checked against FSDP's sharded ones) and the LR schedule.
+  virtual void build_optimizer();
+  /// The training and validation loaders over this rank's data-parallel share, and the gradient
+  /// accumulation steps.
+  virtual void build_data();
+  /// With pipeline parallelism: the training and validation pipelines over this rank's stages.
+  virtual void build_pipelines();
+  /// Metrics (line, JSONL, TensorBoard; MFU from the spec's FLOPs), the profiler, the host group
+  /// and the NaN guard.
+  virtual void build_metrics();
+  /// The checkpoint components and manager; resumes from the latest checkpoint, else loads
+  /// checkpoint.initial_load_path.
+  virtual void build_checkpoints();
+
   /// Waits for the device's work and reads the interval's sums: applies the NaN policy and, at a
   /// logging step, reduces the loss over the data-parallel ranks and writes the metrics line.
   void sync_host(int64_t step, bool log);
@@ -112,10 +146,11 @@ class Trainer {
   void save_checkpoint(int64_t step, bool force);
   /// Writes the trained weights as a Hugging Face folder under job.dump_folder/export.
   void export_model();
-  /// Builds the training and validation pipelines over this rank's stages (pipeline parallelism).
-  void make_pipelines(int64_t stages_per_rank);
-  /// The forward of `stage` on `input`, with this rank's RoPE positions under context parallelism.
-  torch::Tensor run_stage(Transformer& stage, const torch::Tensor& input);
+  /// Starts from checkpoint.initial_load_path: a Hugging Face folder (the spec's load_hf, each
+  /// stage reading only its slices) or the model part of a titan checkpoint.
+  void load_initial_weights();
+  /// The forward of `stage` on `input`, with this rank's token positions under context parallelism.
+  torch::Tensor run_stage(CausalLM& stage, const torch::Tensor& input);
   /// With context parallelism: this rank's part of `batch` along the sequence, its label tokens
   /// counted again; else `batch`.
   Batch shard_sequence(const Batch& batch) const;
@@ -125,8 +160,10 @@ class Trainer {
   ParallelDims dims_;
   std::unique_ptr<titan::DeviceMesh> mesh_;
   std::unique_ptr<Tokenizer> tokenizer_;
-  ModelArgs args_;
-  std::vector<Transformer> stages_;              ///< the whole model, or this rank's pipeline stages
+  const ModelSpec* spec_ = nullptr;              ///< model.name's family (the registry owns it)
+  ModelFacts facts_;                             ///< the whole model's parameters, FLOPs, vocabulary
+  int64_t stages_per_rank_ = 1;                  ///< pipeline stages on this rank
+  std::vector<std::shared_ptr<CausalLM>> stages_;  ///< the whole model, or this rank's pipeline stages
   std::shared_ptr<torch::nn::Module> model_;     ///< stages_[0], or a view of several stages
   std::unique_ptr<titan::Pipeline> pipeline_;       ///< with pipeline parallelism: training steps
   std::unique_ptr<titan::Pipeline> eval_pipeline_;  ///< and validation (training.batch_size samples)
@@ -155,10 +192,11 @@ class Trainer {
   int64_t start_step_ = 0;   ///< the step resumed from (0 for a fresh run)
   bool loss_parallel_ = false;
   bool verified_ = false;    ///< titan::verify_calls ran after the first step
+  bool built_ = false;       ///< build() ran
 };
 
-/// Runs a training job; returns the process exit code (0 on success, 2 for a bad config, 1 on
-/// other errors). `families` are the model.name values this trainer accepts.
-int train_main(int argc, char** argv, const std::vector<std::string>& families);
+/// Runs a training job of any registered model; returns the process exit code (0 on success, 2
+/// for a bad config, 1 on other errors).
+int train_main(int argc, char** argv);
 
 }  // namespace titan::examples

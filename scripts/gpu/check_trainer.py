@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--build", required=True, help="folder with tests/titan_launch and examples/llama/llama_train")
+    p.add_argument("--build", required=True, help="folder with tests/titan_launch and examples/trainer/titan_train")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
@@ -53,7 +53,7 @@ class Runs:
         return {"training.batch_size": 2, "training.global_batch_size": 2, "training.seq_len": 32}
 
     def train(self, name, device, overrides, fresh=True, nproc=1):
-        """Runs llama_train on `nproc` ranks (more than one share the device over Gloo); returns its
+        """Runs titan_train on `nproc` ranks (more than one share the device over Gloo); returns its
         metrics.jsonl records (one per step)."""
         dump = self.out / name
         if fresh:
@@ -66,7 +66,7 @@ class Runs:
                     "data.val_freq": 0, "checkpoint.enable": "false", "training.steps": self.a.steps,
                     "data.cache_dir": str(self.out / "token_cache"), **self.dry_run_shape(), **overrides}
         cmd = [f"{self.a.build}/tests/titan_launch", "--nproc", str(nproc), "--timeout", str(self.a.timeout), "--",
-               f"{self.a.build}/examples/llama/llama_train", "--config", "examples/configs/llama3_debug.toml"]
+               f"{self.a.build}/examples/trainer/titan_train", "--config", "examples/configs/llama3_debug.toml"]
         for key, value in settings.items():
             cmd += [f"--{key}", str(value)]
         log = self.out / f"{name}.log"
@@ -75,7 +75,7 @@ class Runs:
             f.flush()
             rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc != 0:
-            raise RuntimeError(f"{name}: llama_train exited with {rc}; see {log}")
+            raise RuntimeError(f"{name}: titan_train exited with {rc}; see {log}")
         return [json.loads(line) for line in open(dump / "metrics.jsonl")]
 
 

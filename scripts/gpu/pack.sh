@@ -27,7 +27,7 @@ limit_mib=60  # the device tool carries at most 64 MiB with the working tree
 binaries=(
   tests/titan_launch tests/test_titan tests/peer_failure
   tests/models/test_models tests/models/test_models_ranks tests/trainer/test_trainer
-  examples/llama/llama_train examples/mistral/mistral_train
+  examples/trainer/titan_train
   bench/fsdp/bench_fsdp bench/checkpoint/bench_checkpoint bench/ac/bench_ac
 )
 targets=()

@@ -47,7 +47,7 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
 
-Usage: check_runs.py --launch titan_launch --llama llama_train --mistral mistral_train
+Usage: check_runs.py --launch titan_launch --trainer titan_train
                      --source SRC --workdir DIR [--only NAME ...]
 """
 
@@ -211,13 +211,12 @@ def max_weight_diff(a, b):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--launch", required=True)
-    parser.add_argument("--llama", required=True)
-    parser.add_argument("--mistral", required=True)
+    parser.add_argument("--trainer", required=True)
     parser.add_argument("--source", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
-    for key in ("launch", "llama", "mistral", "source", "workdir"):  # the runs start in --source
+    for key in ("launch", "trainer", "source", "workdir"):  # the runs start in --source
         setattr(args, key, os.path.abspath(getattr(args, key)))
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
@@ -226,7 +225,7 @@ def main():
     work = lambda name: os.path.join(args.workdir, name)
     llama = "llama3_debug.toml"
 
-    r.run("straight", args.llama, 2, llama)
+    r.run("straight", args.trainer, 2, llama)
     straight, straight_val = metrics(work("straight"))
     straight_weights = weights(work("straight"))
     r.check(sorted(straight) == list(range(1, 21)), f"straight run logged steps 1..20: {sorted(straight)}")
@@ -250,15 +249,15 @@ def main():
         os.makedirs(os.path.join(work(name), "checkpoint"))
         shutil.copytree(os.path.join(work(source), "checkpoint", "step-10"),
                         os.path.join(work(name), "checkpoint", "step-10"))
-        out = r.run(name, args.llama, nproc, llama, extra)
+        out = r.run(name, args.trainer, nproc, llama, extra)
         r.check("resumed from the checkpoint of step 10" in out, f"{name}: resumed from step 10")
         compare_to_straight(name, range(11, 21), f"{name}: steps 11..20")
 
     if wanted("resume"):
-        first = r.run("resume", args.llama, 2, llama, ["--training.stop_at_step", "10"])
+        first = r.run("resume", args.trainer, 2, llama, ["--training.stop_at_step", "10"])
         r.check("training.stop_at_step reached" in first, "the first half stops at step 10")
         r.check(not os.path.exists(os.path.join(work("resume"), "export")), "no export before the last step")
-        second = r.run("resume", args.llama, 2, llama)
+        second = r.run("resume", args.trainer, 2, llama)
         r.check("resumed from the checkpoint of step 10" in second, "the second half resumes from step 10")
         r.check("was saved with another config (1 key(s) differ): training.stop_at_step: 10 -> -1" in second,
                 "the resumed run names the one key it changed")
@@ -271,45 +270,45 @@ def main():
         r.check(max_weight_diff(weights(work("resume")), straight_weights) == 0.0, "bitwise equal final weights")
 
     if wanted("sigterm"):
-        first = r.run("sigterm", args.llama, 2, llama, signal_after_step=3)
+        first = r.run("sigterm", args.trainer, 2, llama, signal_after_step=3)
         stopped = [int(line.split("stopped after step ")[1].split()[0]) for line in first.splitlines()
                    if "signal received: stopped after step" in line]
         r.check(bool(stopped) and stopped[0] < 20, f"SIGTERM stops the run early with a checkpoint (after {stopped})")
         if stopped:
             r.check(os.path.isfile(os.path.join(work("sigterm"), "checkpoint", f"step-{stopped[0]}", "metadata.json")),
                     f"the checkpoint of step {stopped[0]} is complete")
-        second = r.run("sigterm", args.llama, 2, llama)
+        second = r.run("sigterm", args.trainer, 2, llama)
         resumed, _ = metrics(work("sigterm"))
         same = [s for s in range(1, 21) if resumed.get(s, {}).get("loss") == straight[s]["loss"]]
         r.check(len(same) == 20, f"after SIGTERM and resume: bitwise equal losses at all 20 steps (equal at {len(same)})")
         r.check(max_weight_diff(weights(work("sigterm")), straight_weights) == 0.0, "and bitwise equal final weights")
 
     if wanted("reshard"):
-        r.run("reshard", args.llama, 2, llama, ["--training.stop_at_step", "10"])
-        out = r.run("reshard", args.llama, 1, llama)
+        r.run("reshard", args.trainer, 2, llama, ["--training.stop_at_step", "10"])
+        out = r.run("reshard", args.trainer, 1, llama)
         r.check("resumed from the checkpoint of step 10" in out, "1 rank resumes the 2-rank checkpoint")
         compare_to_straight("reshard", range(11, 21), "steps 11..20 resumed on 1 rank")
 
     if wanted("tp"):
-        r.run("tp", args.llama, 4, llama,
+        r.run("tp", args.trainer, 4, llama,
               ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true",
                "--parallelism.enable_loss_parallel", "true", "--training.batch_size", "1"])
         compare_to_straight("tp", range(1, 21), "FSDP 2 x TP 2")
 
     if wanted("fused"):  # wq|wk|wv and w1|w3 as one GEMM each: the same training, the same parameter names
-        r.run("fused", args.llama, 2, llama, ["--model.fused_projections", "true"])
+        r.run("fused", args.trainer, 2, llama, ["--model.fused_projections", "true"])
         compare_to_straight("fused", range(1, 21), "fused projections")
         # A checkpoint saved without the option resumes with it (the same parameter names).
         resume_elsewhere("fused_resume", "straight", ["--model.fused_projections", "true"], 2)
 
     if wanted("bf16"):
-        r.run("bf16", args.llama, 2, llama, ["--training.mixed_precision_param", "bfloat16"])
+        r.run("bf16", args.trainer, 2, llama, ["--training.mixed_precision_param", "bfloat16"])
         compare_to_straight("bf16", range(1, 21), "bf16 compute", tol=2e-2)
         exported = weights(work("bf16"))
         r.check(all(t.dtype == torch.float32 for t in exported.values()), "bf16 compute keeps fp32 master weights")
 
     if wanted("hf_start"):
-        out = r.run("hf_start", args.llama, 2, llama,
+        out = r.run("hf_start", args.trainer, 2, llama,
                     ["--checkpoint.initial_load_path", os.path.join(work("straight"), "export"),
                      "--checkpoint.initial_load_in_hf", "true", "--optimizer.lr", "0", "--training.steps", "1",
                      "--data.val_freq", "0"])
@@ -322,7 +321,7 @@ def main():
 
     if wanted("pp"):
         pp = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
-        out = r.run("pp", args.llama, 4, llama, pp)
+        out = r.run("pp", args.trainer, 4, llama, pp)
         r.check("pipeline: 2 ranks x 1 stage(s), schedule 1F1B, 2 micro-batches" in out, "pp: the pipeline is set up")
         compare_to_straight("pp", range(1, 21), "PP 2 x FSDP 2")
         _, pp_val = metrics(work("pp"))
@@ -332,7 +331,7 @@ def main():
         for name, source, extra, nproc in (("pp_to_fsdp", "pp", [], 2), ("fsdp_to_pp", "straight", pp, 4)):
             resume_elsewhere(name, source, extra, nproc)
         # Each stage reads its tensors of a Hugging Face folder, and the stages export it back.
-        out = r.run("pp_hf_start", args.llama, 2, llama,
+        out = r.run("pp_hf_start", args.trainer, 2, llama,
                     ["--parallelism.pipeline_parallel_degree", "2", "--checkpoint.initial_load_path",
                      os.path.join(work("straight"), "export"), "--checkpoint.initial_load_in_hf", "true",
                      "--optimizer.lr", "0", "--training.steps", "1", "--data.val_freq", "0"])
@@ -344,7 +343,7 @@ def main():
         for name, extra in (("pp_interleaved", ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]),
                             ("pp_zbh1", ["--parallelism.pipeline_parallel_schedule", "ZBH1",
                                          "--activation_checkpoint.mode", "none"])):
-            out = r.run(name, args.llama, 2, llama, ["--parallelism.pipeline_parallel_degree", "2", *extra])
+            out = r.run(name, args.trainer, 2, llama, ["--parallelism.pipeline_parallel_degree", "2", *extra])
             compare_to_straight(name, range(1, 21), name)
 
     cp = ["--parallelism.context_parallel_degree", "2"]
@@ -359,7 +358,7 @@ def main():
                 ("cp_tp", 4, [*cp, "--parallelism.tensor_parallel_degree", "2", "--training.batch_size", "1",
                               "--data.val_steps", "8"], "CP 2 x TP 2"),
                 ("cp_pp", 4, [*one_dp, "--parallelism.pipeline_parallel_degree", "2"], "CP 2 x PP 2")):
-            out = r.run(name, args.llama, nproc, llama, extra)
+            out = r.run(name, args.trainer, nproc, llama, extra)
             r.check(" cp=2 " in out, f"{name}: the mesh has cp=2")
             compare_to_straight(name, range(1, 21), what)
             _, val = metrics(work(name))
@@ -370,8 +369,8 @@ def main():
 
     if wanted("mistral_cp"):
         long = ["--training.seq_len", "256", "--data.val_freq", "0"]  # past Mistral's 128-token window
-        r.run("mistral_long", args.mistral, 2, "mistral_debug.toml", long)
-        r.run("mistral_cp", args.mistral, 2, "mistral_debug.toml",
+        r.run("mistral_long", args.trainer, 2, "mistral_debug.toml", long)
+        r.run("mistral_cp", args.trainer, 2, "mistral_debug.toml",
               [*long, *cp, "--parallelism.context_parallel_rotate_method", "p2p"])
         full, _ = metrics(work("mistral_long"))
         sharded, _ = metrics(work("mistral_cp"))
@@ -386,10 +385,10 @@ def main():
                   "true"]
         # Float8 all-gather under FSDP changes no value: fp32 master weights cast with the global amax
         # are the float8 weights the plain float8 run casts after gathering fp32.
-        out = r.run("float8_plain", args.llama, 2, llama, f8)
+        out = r.run("float8_plain", args.trainer, 2, llama, f8)
         r.check("float8: 28 linear layers (tensorwise scaling); left in high precision: output" in out,
                 "float8: the 28 block linear layers are converted, the output projection is not")
-        r.run("float8_gather", args.llama, 2, llama, [*f8, *gather])
+        r.run("float8_gather", args.trainer, 2, llama, [*f8, *gather])
         plain, _ = metrics(work("float8_plain"))
         gathered, _ = metrics(work("float8_gather"))
         same = [s for s in range(1, 21) if plain[s]["loss"] == gathered[s]["loss"]]
@@ -397,7 +396,7 @@ def main():
         r.check(max_weight_diff(weights(work("float8_gather")), weights(work("float8_plain"))) == 0.0,
                 "float8 FSDP all-gather: bitwise the plain float8 run's weights")
         # FSDP 2 x TP 2: amaxes reduced over the TP group, so the same scales as FSDP 2.
-        r.run("float8_tp", args.llama, 4, llama,
+        r.run("float8_tp", args.trainer, 4, llama,
               [*f8, *gather, "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel",
                "true", "--training.batch_size", "1"])
         tp_run, _ = metrics(work("float8_tp"))
@@ -407,18 +406,18 @@ def main():
         # 50 steps in bf16 compute: each float8 recipe tracks the bf16 run.
         fifty = ["--training.steps", "50", "--training.mixed_precision_param", "bfloat16", "--data.val_freq", "0",
                  "--checkpoint.interval", "50"]
-        r.run("float8_bf16", args.llama, 2, llama, fifty)
+        r.run("float8_bf16", args.trainer, 2, llama, fifty)
         bf16, _ = metrics(work("float8_bf16"))
         for name, extra in (("float8_bf16_tensorwise", [*f8, *gather]),
                             ("float8_bf16_rowwise", [*f8, "--float8.recipe_name", "rowwise"])):
-            r.run(name, args.llama, 2, llama, [*fifty, *extra])
+            r.run(name, args.trainer, 2, llama, [*fifty, *extra])
             run, _ = metrics(work(name))
             diff = max(abs(run[s]["loss"] - bf16[s]["loss"]) for s in range(1, 51))
             r.check(diff < FLOAT8_TRACK_TOL, f"{name}: 50 losses within {FLOAT8_TRACK_TOL} of the bf16 run's "
                     f"(max {diff:.2e}; last {run[50]['loss']:.4f} vs {bf16[50]['loss']:.4f})")
 
     if wanted("no_labels"):
-        out = r.run("no_labels", args.llama, 2, "llama3_debug_alpaca.toml", ["--training.seq_len", "16", "--data.val_freq", "0"])
+        out = r.run("no_labels", args.trainer, 2, "llama3_debug_alpaca.toml", ["--training.seq_len", "16", "--data.val_freq", "0"])
         skipped = sum("the global batch has no label tokens" in line for line in out.splitlines())
         r.check(skipped == 20 * 2, f"no_labels: all 20 steps skipped with a warning on each rank ({skipped} warnings)")
         r.check(os.path.isfile(os.path.join(work("no_labels"), "checkpoint", "step-20", "metadata.json"))
@@ -427,7 +426,7 @@ def main():
 
     # The Alpaca prompt alone is ~50 tokens: longer rows, so that responses fit.
     if wanted("torchrun"):
-        text = r.run("torchrun", args.llama, 2, llama, torchrun=True)
+        text = r.run("torchrun", args.trainer, 2, llama, torchrun=True)
         launched, _ = metrics(work("torchrun"))
         same = [s for s in range(1, 21) if launched.get(s, {}).get("loss") == straight[s]["loss"]]
         r.check(len(same) == 20, f"torchrun: bitwise equal losses at all 20 steps (equal at {len(same)})")
@@ -436,7 +435,7 @@ def main():
         r.check("failed to bind" not in text, "torchrun: no store bind failure in the output")
 
     if wanted("restart"):
-        text = r.run("restart", args.llama, 2, llama, torchrun=True, max_restarts=1, kill_rank1_after_step=12)
+        text = r.run("restart", args.trainer, 2, llama, torchrun=True, max_restarts=1, kill_rank1_after_step=12)
         r.check("resumed from the checkpoint of step 10" in text, "restart: the restarted workers resume from step 10")
         restarted, _ = metrics(work("restart"))  # a step's last record wins: the restarted run's
         same = [s for s in range(1, 21) if restarted.get(s, {}).get("loss") == straight[s]["loss"]]
@@ -447,17 +446,17 @@ def main():
     if wanted("multinode"):
         hsdp = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2",
                 "--training.batch_size", "1", "--checkpoint.enable", "false"]
-        r.run("one_node", args.llama, 4, llama, hsdp)
+        r.run("one_node", args.trainer, 4, llama, hsdp)
         one_node, _ = metrics(work("one_node"))
         for how in ("torchrun", "slurm"):
-            r.run_nodes(f"two_nodes_{how}", args.llama, llama, hsdp, how)
+            r.run_nodes(f"two_nodes_{how}", args.trainer, llama, hsdp, how)
             nodes, _ = metrics(work(f"two_nodes_{how}"))
             same = [s for s in range(1, 21) if nodes.get(s, {}).get("loss") == one_node[s]["loss"]]
             r.check(len(same) == 20, f"multinode ({how}): bitwise the one-node HSDP losses at all 20 steps "
                     f"(equal at {len(same)})")
 
-    for name, trainer, config, extra in (("mistral", args.mistral, "mistral_debug.toml", []),
-                                         ("alpaca", args.llama, "llama3_debug_alpaca.toml",
+    for name, trainer, config, extra in (("mistral", args.trainer, "mistral_debug.toml", []),
+                                         ("alpaca", args.trainer, "llama3_debug_alpaca.toml",
                                           ["--training.seq_len", "128"])):
         if not wanted(name):
             continue

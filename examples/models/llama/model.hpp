@@ -12,6 +12,8 @@
 //   titan::examples::init_weights(*model, /*seed=*/0);
 //   auto logits = titan::call(model, tokens);   // [batch, seq, vocab]
 
+#include "../causal_lm.hpp"
+
 #include <torch/torch.h>
 
 #include <string>
@@ -198,7 +200,7 @@ TORCH_MODULE(TransformerBlock);
 /// The decoder: tok_embeddings, layers (a ModuleList of TransformerBlock indexed by layer), norm,
 /// output (untied), and the RoPE tables as buffers rope_cos / rope_sin [max_seq_len, head_dim / 2]
 /// (recomputed by init_weights; not model weights: Hugging Face export skips them).
-class TransformerImpl : public torch::nn::Module {
+class TransformerImpl : public CausalLM {
  public:
   /// Builds the model with uninitialised tensors on `device` (torch::kMeta allocates nothing).
   TransformerImpl(ModelArgs args, torch::Device device = torch::kCPU);
@@ -207,7 +209,7 @@ class TransformerImpl : public torch::nn::Module {
   /// without tok_embeddings the input is hidden states [B, S, dim]; without output it returns them.
   /// `positions` [S] (int64): the tokens' positions for RoPE when they are not 0..S-1, e.g. this
   /// rank's part of the sequence under context parallelism (titan::ContextParallelLayout).
-  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& positions = {});
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& positions = {}) override;
   /// Recomputes rope_cos / rope_sin from args (wherever the buffers live).
   void reset_rope_tables();
   ModelArgs args;

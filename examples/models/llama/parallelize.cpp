@@ -57,22 +57,4 @@ titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism) 
   return titan::PipelineSplit().first({"tok_embeddings"}).layers("layers").last({"norm", "output"}).split_points(points);
 }
 
-int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism) {
-  const auto points = llama_pipeline_split(parallelism).split_points();
-  const int64_t pp = parallelism.pipeline_parallel_degree;
-  const bool interleaved = titan::is_multi_stage(titan::parse_schedule(parallelism.pipeline_parallel_schedule));
-  if (points.empty()) return interleaved ? 2 : 1;
-  const auto stages = static_cast<int64_t>(points.size()) + 1;
-  TORCH_CHECK(stages % pp == 0, "parallelism.pipeline_parallel_split_points: ", points.size(), " split points make ",
-              stages, " stages, which pipeline_parallel_degree ", pp, " ranks cannot hold equally");
-  TORCH_CHECK(interleaved || stages == pp, "parallelism.pipeline_parallel_split_points: ", points.size(),
-              " split points make ", stages, " stages but schedule ", parallelism.pipeline_parallel_schedule,
-              " runs one stage per rank (", pp, " stages: ", pp - 1, " split points)");
-  TORCH_CHECK(!interleaved || stages >= 2 * pp, "parallelism.pipeline_parallel_split_points: ", points.size(),
-              " split points make ", stages, " stages, ", stages / pp, " per rank, but schedule ",
-              parallelism.pipeline_parallel_schedule, " runs at least 2 per rank (", 2 * pp, " stages: ", 2 * pp - 1,
-              " split points)");
-  return stages / pp;
-}
-
 }  // namespace titan::examples

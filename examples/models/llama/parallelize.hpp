@@ -135,10 +135,6 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
 /// the last, the layers evenly or at parallelism.pipeline_parallel_split_points (comma-separated).
 titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism);
 
-/// Stages per pipeline rank: the split points' stages over the degree, else 2 for an interleaved
-/// schedule and 1 for the others. Errors name the keys.
-int64_t pipeline_stages_per_rank(const ParallelismConfig& parallelism);
-
 /// Applies tensor parallelism (when dims.tp > 1; the plan above with config.parallelism's sequence
 /// and loss parallel), context parallelism (when dims.cp > 1: the attention cores, rotate method
 /// and the model's sliding window from the config), activation checkpointing

@@ -17,6 +17,7 @@
 // pairs (2i, 2i+1), so the rows of each q/k head are permuted on the way in and out (the permute of
 // transformers' convert_llama_weights_to_hf.py).
 
+#include "../registry.hpp"
 #include "model.hpp"
 
 #include <titan/sharding.hpp>
@@ -62,14 +63,6 @@ struct LoadHfOptions {
 /// from the parameter's global shape, tensors the model has no place for. A pipeline stage reads
 /// its own parameters; the other stages' tensors are expected.
 void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOptions& options = {});
-
-/// Options of save_hf.
-struct SaveHfOptions {
-  /// Split the weights into files of at most this many bytes (plus an index); 0 = one file.
-  TORCH_ARG(int64_t, max_shard_bytes) = 0;
-  /// Dtype the weights are stored in; nullopt = each parameter's own.
-  TORCH_ARG(std::optional<torch::Dtype>, dtype) = std::nullopt;
-};
 
 /// Exports `model` as a transformers directory `dir` (created if needed): config.json, and
 /// model.safetensors or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
