@@ -1,5 +1,9 @@
 #include "config.hpp"
 
+#include <titan/context_parallel.hpp>
+#include <titan/float8.hpp>
+#include <titan/pipeline/schedule.hpp>
+
 #include <c10/util/Exception.h>
 #include <toml++/toml.h>
 
@@ -40,6 +44,14 @@ Field integer(std::string s, std::string k, int64_t* t, double lo, double hi = I
 }
 Field real(std::string s, std::string k, double* t, double lo, double hi = INFINITY) {
   return Field{std::move(s), std::move(k), t, {}, lo, hi};
+}
+
+/// The names of a titan enum's table (titan::schedule_names() and the like): the key's choices.
+template <typename Table>
+std::vector<std::string> names_in(const Table& table) {
+  std::vector<std::string> names;
+  for (const auto& entry : table) names.emplace_back(entry.second);
+  return names;
 }
 
 /// The fields of `c`, pointing into it, in printing order.
@@ -85,14 +97,14 @@ std::vector<Field> fields_of(TrainConfig& c) {
       flag("parallelism", "reshard_after_forward", &c.parallelism.reshard_after_forward),
       integer("parallelism", "pipeline_parallel_degree", &c.parallelism.pipeline_parallel_degree, 1),
       choice("parallelism", "pipeline_parallel_schedule", &c.parallelism.pipeline_parallel_schedule,
-             {"GPipe", "1F1B", "Interleaved1F1B", "ZBH1"}),
+             names_in(titan::schedule_names())),
       integer("parallelism", "pipeline_parallel_microbatch_size", &c.parallelism.pipeline_parallel_microbatch_size, 1),
       text("parallelism", "pipeline_parallel_split_points", &c.parallelism.pipeline_parallel_split_points),
       integer("parallelism", "context_parallel_degree", &c.parallelism.context_parallel_degree, 1),
       choice("parallelism", "context_parallel_rotate_method", &c.parallelism.context_parallel_rotate_method,
-             {"allgather", "p2p"}),
+             names_in(titan::rotate_method_names())),
       flag("float8", "enable", &c.float8.enable),
-      choice("float8", "recipe_name", &c.float8.recipe_name, {"tensorwise", "rowwise", "rowwise_with_gw_hp"}),
+      choice("float8", "recipe_name", &c.float8.recipe_name, names_in(titan::float8_recipe_names())),
       text("float8", "filter_fqns", &c.float8.filter_fqns),
       flag("float8", "enable_fsdp_float8_all_gather", &c.float8.enable_fsdp_float8_all_gather),
       flag("float8", "precompute_float8_dynamic_scale_for_fsdp", &c.float8.precompute_float8_dynamic_scale_for_fsdp),

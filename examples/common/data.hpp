@@ -44,7 +44,7 @@
 #include "../tokenizers/tokenizer.hpp"
 #include "config.hpp"
 
-#include <titan/checkpoint.hpp>
+#include <titan/checkpoint/stateful.hpp>
 #include <titan/world.hpp>
 #include <torch/arg.h>
 #include <torch/types.h>

@@ -17,7 +17,7 @@
 
 #include "config.hpp"
 
-#include <titan/checkpoint.hpp>
+#include <titan/checkpoint/stateful.hpp>
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>

@@ -39,6 +39,7 @@
 // and RoPE positions with ContextParallelLayout.
 
 #include <titan/collectives.hpp>
+#include <titan/detail/enum_names.hpp>
 #include <titan/hooks.hpp>
 #include <titan/world.hpp>
 
@@ -58,16 +59,22 @@ namespace titan {
 /// How keys and values reach the other ranks of the context-parallel group.
 enum class RotateMethod { AllGather, P2P };
 
-/// "allgather" or "p2p" (the trainer's `parallelism.context_parallel_rotate_method` values).
+/// The rotate methods' names: "allgather", "p2p" (the trainer's
+/// `parallelism.context_parallel_rotate_method` values).
+inline const detail::EnumNames<RotateMethod, 2>& rotate_method_names() {
+  static const detail::EnumNames<RotateMethod, 2> names{{{RotateMethod::AllGather, "allgather"},
+                                                         {RotateMethod::P2P, "p2p"}}};
+  return names;
+}
+
+/// "allgather" or "p2p".
 inline std::string rotate_method_name(RotateMethod method) {
-  return method == RotateMethod::AllGather ? "allgather" : "p2p";
+  return detail::enum_name(rotate_method_names(), method);
 }
 
 /// Parses "allgather" or "p2p"; anything else is an error naming the value.
 inline RotateMethod parse_rotate_method(const std::string& name) {
-  if (name == "allgather") return RotateMethod::AllGather;
-  if (name == "p2p") return RotateMethod::P2P;
-  TORCH_CHECK(false, "titan: unknown context-parallel rotate method '", name, "' (expected 'allgather' or 'p2p')");
+  return detail::parse_enum(rotate_method_names(), name, "titan: unknown context-parallel rotate method");
 }
 
 /// A run of consecutive global positions held by one rank: positions [start, start + length) at

@@ -35,6 +35,7 @@
 
 #include <titan/collectives.hpp>
 #include <titan/detail/autograd.hpp>
+#include <titan/detail/enum_names.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/hooks.hpp>
 #include <titan/sharding.hpp>
@@ -59,22 +60,20 @@ enum class Float8Recipe {
   RowwiseWithGwHp,  ///< rowwise, with the weight gradient computed in high precision
 };
 
-/// "tensorwise", "rowwise", "rowwise_with_gw_hp" (torchao's recipe names).
-inline std::string float8_recipe_name(Float8Recipe recipe) {
-  switch (recipe) {
-    case Float8Recipe::Tensorwise: return "tensorwise";
-    case Float8Recipe::Rowwise: return "rowwise";
-    case Float8Recipe::RowwiseWithGwHp: return "rowwise_with_gw_hp";
-  }
-  return "?";
+/// The recipes' names: "tensorwise", "rowwise", "rowwise_with_gw_hp" (torchao's).
+inline const detail::EnumNames<Float8Recipe, 3>& float8_recipe_names() {
+  static const detail::EnumNames<Float8Recipe, 3> names{{{Float8Recipe::Tensorwise, "tensorwise"},
+                                                         {Float8Recipe::Rowwise, "rowwise"},
+                                                         {Float8Recipe::RowwiseWithGwHp, "rowwise_with_gw_hp"}}};
+  return names;
 }
+
+/// The recipe's torchao name.
+inline std::string float8_recipe_name(Float8Recipe recipe) { return detail::enum_name(float8_recipe_names(), recipe); }
 
 /// The recipe named `name`; an unknown name is an error listing the known ones.
 inline Float8Recipe parse_float8_recipe(const std::string& name) {
-  for (auto recipe : {Float8Recipe::Tensorwise, Float8Recipe::Rowwise, Float8Recipe::RowwiseWithGwHp})
-    if (float8_recipe_name(recipe) == name) return recipe;
-  TORCH_CHECK(false, "titan::parse_float8_recipe: unknown recipe '", name,
-              "'; expected tensorwise, rowwise or rowwise_with_gw_hp");
+  return detail::parse_enum(float8_recipe_names(), name, "titan::parse_float8_recipe: unknown recipe");
 }
 
 /// How one operand is cast (torchao's CastConfig).

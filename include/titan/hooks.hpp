@@ -95,6 +95,7 @@ class HookSlotImpl : public torch::nn::Module {
   std::vector<std::shared_ptr<ModuleHook>> hooks;
   uint64_t calls = 0;  ///< titan::calls of the module since the hooks were attached
   uint64_t pass = 0;   ///< the outermost call (CallTracking::pass) it last ran in
+  bool verified = false;  ///< its hooks' model-wide checks ran (after the first outermost call)
 };
 
 inline constexpr const char* kHookSlotName = "_titan_hooks";
@@ -174,14 +175,42 @@ std::string describe_hooked(const torch::nn::Module& root, const Skipped& skippe
   return text + (listed + more > 1 ? " but were" : " but was");
 }
 
-/// After the outermost titan::call of `root` (numbered `pass`): every hooked module below it ran.
+/// One walk over the hook slots below (and at) `module` after outermost call `pass`: whether any
+/// hooked module did not run in it, and the slots that ran for the first time (`fresh`).
+inline bool walk_slots(const torch::nn::Module& module, uint64_t pass, std::vector<HookSlotImpl*>& fresh) {
+  bool skipped = false;
+  if (auto* slot = hook_slot(module); slot && !slot->hooks.empty()) {
+    if (slot->pass != pass) {
+      skipped = true;
+    } else if (!slot->verified) {
+      fresh.push_back(slot);
+    }
+  }
+  for (const auto& child : child_dict(module))
+    if (child.key() != kHookSlotName) skipped = walk_slots(*child.value(), pass, fresh) || skipped;
+  return skipped;
+}
+
+/// After the outermost titan::call of `root` (numbered `pass`): every hooked module below it ran;
+/// and the hooks that ran for the first time have their model-wide checks (ModuleHook::
+/// verify_model, once per hook type) run against `root`, so that a model-wide mistake (FSDP: a
+/// root left unsharded) fails at the first forward, not only when the user calls verify_calls.
 inline void check_calls(const torch::nn::Module& root, uint64_t pass) {
-  auto skipped = [pass](const HookSlotImpl& slot) { return slot.pass != pass; };
-  if (!any_hooked(root, skipped)) return;
-  TORCH_CHECK(false, "titan::call: ", describe_hooked(root, skipped), " not called through titan::call ",
-              "during the forward of '", root.name(), "' (names relative to it). A module called as ",
-              "module->forward(...) skips its hooks and computes wrong values or reads freed parameters: call it as ",
-              "titan::call(module, ...) in its parent's forward (docs/design.md, section 3)");
+  std::vector<HookSlotImpl*> fresh;
+  if (walk_slots(root, pass, fresh)) {
+    auto skipped = [pass](const HookSlotImpl& slot) { return slot.pass != pass; };
+    TORCH_CHECK(false, "titan::call: ", describe_hooked(root, skipped), " not called through titan::call ",
+                "during the forward of '", root.name(), "' (names relative to it). A module called as ",
+                "module->forward(...) skips its hooks and computes wrong values or reads freed parameters: call it ",
+                "as titan::call(module, ...) in its parent's forward (docs/design.md, section 3)");
+  }
+  if (fresh.empty()) return;
+  std::set<std::type_index> verified;
+  for (auto* slot : fresh) {
+    slot->verified = true;
+    for (const auto& hook : slot->hooks)
+      if (verified.insert(std::type_index(typeid(*hook))).second) hook->verify_model(root);
+  }
 }
 
 template <typename T>
@@ -248,6 +277,7 @@ void attach_hook(M&& module_like, std::shared_ptr<ModuleHook> hook) {
   if (!slot) slot = module.register_module(detail::kHookSlotName, std::make_shared<detail::HookSlotImpl>()).get();
   slot->hooks.push_back(std::move(hook));
   slot->calls = 0;
+  slot->verified = false;
 }
 
 /// The hooks attached to `module` (a module, ModuleHolder, shared_ptr or pointer), innermost first.

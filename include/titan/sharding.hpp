@@ -44,6 +44,33 @@ struct ShardLevel {
   std::vector<int64_t> parts;
 };
 
+/// Where rank `rank` of `ranks` holds one part of a fused dimension (ShardLevel::parts).
+struct PartExtent {
+  int64_t global_offset = 0;  ///< the rank's chunk of the part, in the whole dimension
+  int64_t size = 0;           ///< its length
+  int64_t local_offset = 0;   ///< where it starts in the rank's local tensor
+};
+
+/// Rank `rank`'s chunks of `parts` (sizes laid end to end along one dimension, each split across
+/// `ranks` by chunk_sizes): one extent per part, and their total (the rank's local length).
+struct FusedExtents {
+  std::vector<PartExtent> parts;
+  int64_t local_size = 0;
+};
+
+inline FusedExtents fused_extents(const std::vector<int64_t>& parts, int64_t ranks, int64_t rank) {
+  FusedExtents extents;
+  int64_t part_start = 0;
+  for (auto part : parts) {
+    const auto sizes = chunk_sizes(part, ranks);
+    const int64_t size = sizes[static_cast<size_t>(rank)];
+    extents.parts.push_back(PartExtent{part_start + chunk_offset(sizes, rank), size, extents.local_size});
+    extents.local_size += size;
+    part_start += part;
+  }
+  return extents;
+}
+
 /// A rectangle of a tensor: where it starts and how large it is, per dimension.
 struct TensorBox {
   std::vector<int64_t> offsets;
@@ -128,11 +155,8 @@ struct TensorLayout {
       TORCH_CHECK(total == length, "titan: shard level over '", level.mesh_dim, "' splits parts of ",
                   c10::IntArrayRef(parts), " summing to ", total, " but dimension ", level.dim, " has ", length);
       std::vector<detail::Segment> mine;
-      int64_t part_start = 0;
-      for (auto part : parts) {
-        auto sizes = chunk_sizes(part, level.group->size());
-        auto piece = detail::slice_segments(runs, part_start + chunk_offset(sizes, level.group->rank()),
-                                            sizes[static_cast<size_t>(level.group->rank())]);
+      for (const auto& extent : fused_extents(parts, level.group->size(), level.group->rank()).parts) {
+        auto piece = detail::slice_segments(runs, extent.global_offset, extent.size);
         for (const auto& run : piece) {  // adjacent runs merge: one rectangle where possible
           if (!mine.empty() && mine.back().offset + mine.back().size == run.offset) {
             mine.back().size += run.size;
@@ -140,7 +164,6 @@ struct TensorLayout {
             mine.push_back(run);
           }
         }
-        part_start += part;
       }
       // Empty runs only place an empty piece: keep one when that is all this rank holds.
       std::vector<detail::Segment> held;
@@ -309,10 +332,9 @@ inline at::Tensor gather_full(const ShardedTensor& sharded) {
   for (size_t k = 0; k < levels.size(); ++k) {
     auto d = static_cast<size_t>(levels[k].dim);
     before[k] = sizes[d];
-    int64_t mine = 0;
-    for (auto part : levels[k].parts.empty() ? std::vector<int64_t>{sizes[d]} : levels[k].parts)
-      mine += chunk_sizes(part, levels[k].group->size())[static_cast<size_t>(levels[k].group->rank())];
-    sizes[d] = mine;
+    sizes[d] = fused_extents(levels[k].parts.empty() ? std::vector<int64_t>{sizes[d]} : levels[k].parts,
+                             levels[k].group->size(), levels[k].group->rank())
+                   .local_size;
   }
   at::NoGradGuard no_grad;
   at::Tensor full = sharded.local.detach();
@@ -324,19 +346,18 @@ inline at::Tensor gather_full(const ShardedTensor& sharded) {
       continue;
     }
     // Rank r holds [chunk r of part 0 | chunk r of part 1 | ...]: gather, then regroup by part.
-    std::vector<std::vector<int64_t>> part_chunks;
-    std::vector<int64_t> per_rank(static_cast<size_t>(n), 0);
-    for (auto part : level.parts) {
-      part_chunks.push_back(chunk_sizes(part, n));
-      for (int r = 0; r < n; ++r) per_rank[static_cast<size_t>(r)] += part_chunks.back()[static_cast<size_t>(r)];
+    std::vector<FusedExtents> of_rank;
+    std::vector<int64_t> per_rank;
+    for (int r = 0; r < n; ++r) {
+      of_rank.push_back(fused_extents(level.parts, n, r));
+      per_rank.push_back(of_rank.back().local_size);
     }
     auto gathered = detail::all_gather_raw(full, *level.group, level.dim, per_rank);
     std::vector<at::Tensor> pieces;
     for (size_t i = 0; i < level.parts.size(); ++i) {
       for (int r = 0; r < n; ++r) {
-        int64_t start = chunk_offset(per_rank, r);
-        for (size_t j = 0; j < i; ++j) start += part_chunks[j][static_cast<size_t>(r)];
-        pieces.push_back(gathered.narrow(level.dim, start, part_chunks[i][static_cast<size_t>(r)]));
+        const auto& extent = of_rank[static_cast<size_t>(r)].parts[i];
+        pieces.push_back(gathered.narrow(level.dim, chunk_offset(per_rank, r) + extent.local_offset, extent.size));
       }
     }
     full = at::cat(pieces, level.dim);

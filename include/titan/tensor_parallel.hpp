@@ -377,15 +377,18 @@ class ColwiseParallel : public ParallelStyle {
     // [q_0|k_0|v_0|q_1|k_1|v_1|...] back into [q|k|v].
     const auto parts = fused_sizes_.empty() ? std::vector<int64_t>{features} : fused_sizes_;
     const int n = group->size();
-    hook->output_sizes_.assign(static_cast<size_t>(n), 0);
-    for (auto part : parts)
-      for (int r = 0; r < n; ++r) hook->output_sizes_[static_cast<size_t>(r)] += chunk_sizes(part, n)[static_cast<size_t>(r)];
+    std::vector<FusedExtents> of_rank;
+    hook->output_sizes_.clear();
+    for (int r = 0; r < n; ++r) {
+      of_rank.push_back(fused_extents(parts, n, r));
+      hook->output_sizes_.push_back(of_rank.back().local_size);
+    }
     if (!fused_sizes_.empty()) {
       for (size_t i = 0; i < parts.size(); ++i) {
         for (int r = 0; r < n; ++r) {
-          int64_t start = chunk_offset(hook->output_sizes_, r);
-          for (size_t j = 0; j < i; ++j) start += chunk_sizes(parts[j], n)[static_cast<size_t>(r)];
-          for (int64_t k = 0; k < chunk_sizes(parts[i], n)[static_cast<size_t>(r)]; ++k) hook->gather_order_.push_back(start + k);
+          const auto& extent = of_rank[static_cast<size_t>(r)].parts[i];
+          const int64_t start = chunk_offset(hook->output_sizes_, r) + extent.local_offset;
+          for (int64_t k = 0; k < extent.size; ++k) hook->gather_order_.push_back(start + k);
         }
       }
     }

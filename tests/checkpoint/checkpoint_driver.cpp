@@ -9,7 +9,7 @@
 //
 // MESH is "fsdp" (Shard(0) over dp_shard = all ranks) or "fsdp_tp" (dp_shard x tp = world/2 x 2).
 // Exits 0 on success, 1 with a message on failure.
-#include "checkpoint_fixtures.hpp"
+#include "../support/checkpoint_fixtures.hpp"
 
 #include <titan/safetensors.hpp>
 

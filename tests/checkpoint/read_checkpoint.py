@@ -6,7 +6,7 @@ and checks it against the values checkpoint_driver saved.
 
 `load_checkpoint` is a complete reader: it rebuilds every global tensor from its shards, verifying
 each block's CRC-32. The script then compares each tensor with the formula of
-tests/checkpoint/checkpoint_fixtures.hpp and each shard with what the safetensors library reads.
+tests/support/checkpoint_fixtures.hpp and each shard with what the safetensors library reads.
 """
 import json
 import os

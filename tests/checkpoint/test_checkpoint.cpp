@@ -3,7 +3,7 @@
 // across world sizes and kill-during-save are separate ctest entries (checkpoint_driver.cpp, on
 // the CPU).
 #include "../support/multirank.hpp"
-#include "checkpoint_fixtures.hpp"
+#include "../support/checkpoint_fixtures.hpp"
 
 #include <titan/checkpoint.hpp>
 

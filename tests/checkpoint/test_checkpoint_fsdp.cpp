@@ -2,7 +2,7 @@
 // parameters and AdamW state carrying FSDP's layouts. Runs on 1, 2 and 4 ranks (titan.ranksN), on
 // titan_test::device() (the world's, which titan_ckpt::Net is built on).
 #include "../support/multirank.hpp"
-#include "checkpoint_fixtures.hpp"
+#include "../support/checkpoint_fixtures.hpp"
 
 #include <titan/checkpoint.hpp>
 #include <titan/fsdp.hpp>

@@ -155,7 +155,7 @@ TEST_CASE("context parallel attention rejects bad shapes, naming them") {
     CHECK(error_of([&] { titan::context_parallel_attention(odd, odd, odd, group); }).find("does not split into") !=
           std::string::npos);
   }
-  CHECK(error_of([] { titan::parse_rotate_method("ring"); }).find("'ring' (expected 'allgather' or 'p2p')") !=
+  CHECK(error_of([] { titan::parse_rotate_method("ring"); }).find("'ring' (expected one of: allgather, p2p)") !=
         std::string::npos);
 }
 

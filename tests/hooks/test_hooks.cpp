@@ -203,6 +203,23 @@ TEST_CASE("titan::verify_calls: hooked modules never called while others were, a
   CHECK_NOTHROW(titan::verify_calls(pair));
 }
 
+TEST_CASE("titan::call runs the model-wide checks of hooks that ran for the first time, against the outermost module") {
+  Pair pair;
+  pair->to(device());
+  auto a = std::make_shared<Marker>(), b = std::make_shared<Marker>();
+  titan::attach_hook(pair->a, a);
+  titan::attach_hook(pair->b, b);
+  const auto x = torch::ones({2, 3}, device());
+  titan::call(pair, x);
+  CHECK(a->verified + b->verified == 1);  // once per hook type
+  titan::call(pair, x);
+  CHECK(a->verified + b->verified == 1);  // not again
+  auto later = std::make_shared<Marker>();
+  titan::attach_hook(pair->b, later);  // a hook attached afterwards: checked at its module's next call
+  titan::call(pair, x);
+  CHECK(a->verified + b->verified + later->verified == 2);
+}
+
 TEST_CASE("hooks_of, find_hook and attach_hook accept module holders") {
   Affine affine;
   auto hook = std::make_shared<Marker>();

@@ -2,7 +2,7 @@
 // flavors): a model built on the meta device, sharded, materialised and initialised by name trains
 // exactly like the unsharded model on one process, at TP = world size (1, 2 or 4), both on
 // titan_test::device(); also with fused projections.
-#include "../tensor_parallel/tp_test_util.hpp"
+#include "../support/tp_test_util.hpp"
 
 #include "models/llama/parallelize.hpp"
 

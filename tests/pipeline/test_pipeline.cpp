@@ -3,9 +3,9 @@
 // like one process training the whole model on the whole batch, with the same parameter names,
 // and checkpoints of the stages load into the whole model and back.
 // The model is a plain stack of residual blocks written for this test (not the example Llama).
-#include "../checkpoint/checkpoint_fixtures.hpp"
+#include "../support/checkpoint_fixtures.hpp"
 #include "../support/multirank.hpp"
-#include "../tensor_parallel/tp_test_util.hpp"
+#include "../support/tp_test_util.hpp"
 
 #include <titan/fsdp.hpp>
 #include <titan/meta.hpp>

@@ -1,8 +1,8 @@
 // titan/sharding.hpp: clip_grad_norm_ (grad_norm, clip_coefficient) driven by parameter layouts equals PyTorch's
 // torch::nn::utils::clip_grad_norm_ on the single-process model, under FSDP, TP and FSDP x TP
 // (1, 2 and 4 ranks); memory_usage counts every optimizer titan knows. On titan_test::device().
-#include "../tensor_parallel/tiny_gpt2.hpp"
-#include "../tensor_parallel/tp_test_util.hpp"
+#include "../support/tiny_gpt2.hpp"
+#include "../support/tp_test_util.hpp"
 
 #include <titan/fsdp.hpp>
 

@@ -1,8 +1,8 @@
 // titan/tensor_parallel.hpp: every style, loss parallel and a GPT-2 written from scratch match a
 // single-process run of the same model (same weights, same inputs) at TP = world size (1, 2 or 4),
 // both on titan_test::device().
-#include "tiny_gpt2.hpp"
-#include "tp_test_util.hpp"
+#include "../support/tiny_gpt2.hpp"
+#include "../support/tp_test_util.hpp"
 
 #include <titan/ac.hpp>
 #include <titan/fsdp.hpp>

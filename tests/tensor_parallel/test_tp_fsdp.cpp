@@ -2,8 +2,8 @@
 // ranks, on the tiny GPT-2 (its fused c_attn is sharded by both). Each dp_shard rank trains on its
 // half of the batch; the mean of their losses and the gathered parameters must match one process
 // training the unsharded model on the whole batch. Both run on titan_test::device().
-#include "tiny_gpt2.hpp"
-#include "tp_test_util.hpp"
+#include "../support/tiny_gpt2.hpp"
+#include "../support/tp_test_util.hpp"
 
 #include <titan/fsdp.hpp>
 

@@ -135,7 +135,8 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
 /// the last, the layers evenly or at parallelism.pipeline_parallel_split_points (comma-separated).
 titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism);
 
-/// Applies tensor parallelism (when dims.tp > 1; the plan above with config.parallelism's sequence
+/// Applies float8 training to the linear layers (when float8.enable; first, so its hooks sit
+/// innermost), tensor parallelism (when dims.tp > 1; the plan above with config.parallelism's sequence
 /// and loss parallel), context parallelism (when dims.cp > 1: the attention cores, rotate method
 /// and the model's sliding window from the config), activation checkpointing
 /// (config.activation_checkpoint) and FSDP (when data or context parallelism or bf16 compute asks

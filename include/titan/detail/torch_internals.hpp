@@ -10,8 +10,12 @@
 #include <ATen/ATen.h>
 #include <ATen/native/Resize.h>
 #include <c10/core/DispatchKey.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/edge.h>
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/nn/module.h>
 
 // --- 1. USE_C10D_GLOO / USE_C10D_NCCL --------------------------------------------------------
@@ -148,5 +152,38 @@ inline bool in_backward() { return torch::autograd::get_current_graph_task_id() 
 // LibTorch's own kernels (checked at registration: another fallback on it is an error) and
 // being enabled only through this thread's included key set (docs/activation_checkpointing.md).
 inline constexpr c10::DispatchKey kOpCacheKey = c10::DispatchKey::Fake;
+
+// --- 7. A backward restricted to chosen edges ------------------------------------------------
+// Zero-bubble pipelining runs a stage's weight-gradient pass later, from gradients captured in its
+// input-gradient pass and restricted to the parameters (PyTorch's stage_backward_weight calls
+// torch.autograd.backward with `inputs`). Relies on: Engine::execute(roots, grads, keep_graph,
+// create_graph, accumulate_grad, outputs) accumulating only into the AccumulateGrad nodes of
+// `outputs`, and impl::try_get_grad_accumulator returning a leaf's existing accumulator without
+// creating one (nullptr when none exists yet).
+
+/// Backpropagates `grads` from `roots` into the gradients of the leaves behind `outputs` only,
+/// keeping the graph.
+inline void backward_into(const torch::autograd::edge_list& roots, const torch::autograd::variable_list& grads,
+                          const torch::autograd::edge_list& outputs) {
+  torch::autograd::Engine::get_default_engine().execute(roots, grads, /*keep_graph=*/true, /*create_graph=*/false,
+                                                        /*accumulate_grad=*/true, outputs);
+}
+
+/// `leaf`'s gradient accumulator node, or nullptr when it has none yet.
+inline std::shared_ptr<torch::autograd::Node> grad_accumulator_of(const at::Tensor& leaf) {
+  return torch::autograd::impl::try_get_grad_accumulator(leaf);
+}
+
+// --- 8. c10::impl::VirtualGuardImpl ----------------------------------------------------------
+// An asynchronous checkpoint save waits for the device-to-host copies of its staging before the
+// background write, on whatever device the tensors live (CUDA or another accelerator), without
+// naming the backend. Relies on: c10/core/impl/VirtualGuardImpl.h (an implementation header)
+// dispatching to the device type's registered DeviceGuardImpl.
+
+/// Blocks until the work queued so far on `device`'s current stream is done.
+inline void wait_for_stream(const c10::Device& device) {
+  c10::impl::VirtualGuardImpl guard(device.type());
+  guard.getStream(device).synchronize();
+}
 
 }  // namespace titan::detail

@@ -1,7 +1,7 @@
 #pragma once
 // Helpers shared by the tensor-parallel test files: gathering sharded parameters back and
 // comparing them with an unsharded reference model.
-#include "../support/multirank.hpp"
+#include "multirank.hpp"
 
 #include <titan/tensor_parallel.hpp>
 
