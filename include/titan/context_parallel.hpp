@@ -48,6 +48,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -400,6 +401,116 @@ class RingShift {
   c10::intrusive_ptr<c10d::Work> group_work_;
 };
 
+/// How this rank meets every rank's keys and values: by all-gathering them, or by passing them
+/// around the ring one step at a time (PyTorch's _AllGatherRotater and _RingRotater).
+class KvRotater {
+ public:
+  /// `owner`: whose part of the sequence k and v [B, Hkv, S/cp, D] hold.
+  using Visit = std::function<void(int64_t owner, const at::Tensor& k, const at::Tensor& v)>;
+  /// The same, with zeroed accumulators dk and dv [B, Hkv, S/cp, D] of the owner's gradients.
+  using VisitGrads = std::function<void(int64_t owner, const at::Tensor& k, const at::Tensor& v, at::Tensor& dk,
+                                        at::Tensor& dv)>;
+  virtual ~KvRotater() = default;
+  /// Calls `visit` once for every rank's k and v (this rank's are `k`, `v`).
+  virtual void for_each(const at::Tensor& k, const at::Tensor& v, const Visit& visit) = 0;
+  /// Calls `visit` once for every rank's k and v with accumulators of dtype `acc`, and returns
+  /// this rank's dk and dv: what every rank accumulated for it, summed.
+  virtual std::pair<at::Tensor, at::Tensor> for_each_with_grads(const at::Tensor& k, const at::Tensor& v,
+                                                                at::ScalarType acc, const VisitGrads& visit) = 0;
+};
+
+/// All ranks' k and v gathered at once (one all-gather each way; the dk, dv of every owner
+/// reduce-scattered back).
+class AllGatherRotater : public KvRotater {
+ public:
+  AllGatherRotater(const ProcessGroup& group, int64_t rows)
+      : group_(group), rows_(rows), even_(static_cast<size_t>(group.size()), rows) {}
+
+  void for_each(const at::Tensor& k, const at::Tensor& v, const Visit& visit) override {
+    auto k_all = all_gather_raw(k, group_, 2, even_), v_all = all_gather_raw(v, group_, 2, even_);  // [B, Hkv, S, D]
+    for (int64_t j = 0; j < group_.size(); ++j) visit(j, part(k_all, j), part(v_all, j));
+  }
+
+  std::pair<at::Tensor, at::Tensor> for_each_with_grads(const at::Tensor& k, const at::Tensor& v, at::ScalarType acc,
+                                                        const VisitGrads& visit) override {
+    auto k_all = all_gather_raw(k, group_, 2, even_), v_all = all_gather_raw(v, group_, 2, even_);  // [B, Hkv, S, D]
+    auto dk_all = at::zeros(k_all.sizes(), k_all.options().dtype(acc));
+    auto dv_all = at::zeros(v_all.sizes(), v_all.options().dtype(acc));
+    for (int64_t j = 0; j < group_.size(); ++j) {
+      auto dk_j = part(dk_all, j), dv_j = part(dv_all, j);
+      visit(j, part(k_all, j), part(v_all, j), dk_j, dv_j);
+    }
+    return {reduce_scatter_raw(dk_all, group_, 2, ReduceOp::Sum, even_),
+            reduce_scatter_raw(dv_all, group_, 2, ReduceOp::Sum, even_)};
+  }
+
+ private:
+  at::Tensor part(const at::Tensor& all, int64_t j) const { return all.narrow(2, j * rows_, rows_); }
+
+  const ProcessGroup& group_;
+  int64_t rows_;
+  std::vector<int64_t> even_;
+};
+
+/// k and v passed to the next rank of the ring while this rank attends to the ones it holds; in
+/// backward the dk, dv accumulators travel with them and are back at their owner after n steps.
+class RingRotater : public KvRotater {
+ public:
+  explicit RingRotater(const ProcessGroup& group) : group_(group) {}
+
+  void for_each(const at::Tensor& k, const at::Tensor& v, const Visit& visit) override {
+    const int64_t n = group_.size(), rank = group_.rank();
+    at::Tensor k_cur = k, v_cur = v;
+    for (int64_t step = 0; step < n; ++step) {
+      std::optional<RingShift> shift;
+      if (step + 1 < n) shift.emplace(group_, std::vector<at::Tensor>{k_cur, v_cur}, static_cast<uint32_t>(2 * step));
+      visit((rank - step + n) % n, k_cur, v_cur);
+      if (shift) {
+        auto next = shift->wait();
+        k_cur = next[0];
+        v_cur = next[1];
+      }
+    }
+  }
+
+  std::pair<at::Tensor, at::Tensor> for_each_with_grads(const at::Tensor& k, const at::Tensor& v, at::ScalarType acc,
+                                                        const VisitGrads& visit) override {
+    const int64_t n = group_.size(), rank = group_.rank();
+    // Step t holds owner (rank − t)'s K/V and dK/dV accumulators; both move to rank + 1.
+    at::Tensor k_cur = k, v_cur = v;
+    std::optional<RingShift> grads_in;
+    for (int64_t step = 0; step < n; ++step) {
+      std::optional<RingShift> kv_in;
+      if (step + 1 < n) kv_in.emplace(group_, std::vector<at::Tensor>{k_cur, v_cur}, static_cast<uint32_t>(2 * step));
+      auto dk_part = at::zeros(k.sizes(), k.options().dtype(acc));
+      auto dv_part = at::zeros(v.sizes(), v.options().dtype(acc));
+      visit((rank - step + n) % n, k_cur, v_cur, dk_part, dv_part);
+      if (grads_in) {  // the accumulators of this owner from the ranks before
+        auto received = grads_in->wait();
+        dk_part.add_(received[0]);
+        dv_part.add_(received[1]);
+      }
+      grads_in.emplace(group_, std::vector<at::Tensor>{dk_part, dv_part}, static_cast<uint32_t>(2 * n + 2 * step));
+      if (kv_in) {
+        auto next = kv_in->wait();
+        k_cur = next[0];
+        v_cur = next[1];
+      }
+    }
+    auto own = grads_in->wait();  // after n steps every accumulator is back at its owner
+    return {own[0], own[1]};
+  }
+
+ private:
+  const ProcessGroup& group_;
+};
+
+/// The rotater of `method` over `group` for `rows` local tokens (one rank: all-gather, a no-op).
+inline std::unique_ptr<KvRotater> make_rotater(RotateMethod method, const ProcessGroup& group, int64_t rows) {
+  if (method == RotateMethod::AllGather || group.size() == 1) return std::make_unique<AllGatherRotater>(group, rows);
+  return std::make_unique<RingRotater>(group);
+}
+
 inline at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -432,37 +543,20 @@ inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tens
   RECORD_USER_SCOPE("titan::context_parallel_attention");
   TORCH_CHECK(group, "titan::context_parallel_attention: null process group");
   detail::check_attention_inputs(q, k, v);
-  const int64_t n = group->size(), rank = group->rank(), seq = q.size(2) * n;
-  const ContextParallelLayout layout(n, rank, options.load_balance());
+  const int64_t n = group->size(), seq = q.size(2) * n;
+  const ContextParallelLayout layout(n, group->rank(), options.load_balance());
   const auto queries = layout.segments(seq);
   const auto acc = detail::accumulation_dtype(q.scalar_type());
-  const int64_t rows = q.size(2);  // local tokens
-  const auto gathered_part = [rows](const at::Tensor& all, int64_t j) { return all.narrow(2, j * rows, rows); };
-  const std::vector<int64_t> even(static_cast<size_t>(n), rows);
+  // The group outlives the rotater: the backward node below holds the group's pointer.
+  std::shared_ptr<detail::KvRotater> rotater = detail::make_rotater(options.rotate_method(), *group, q.size(2));
 
   auto qc = q.detach().contiguous(), kc = k.detach().contiguous(), vc = v.detach().contiguous();
   detail::MergedAttention merged{std::vector<at::Tensor>(queries.size()), std::vector<at::Tensor>(queries.size())};
   {
     at::NoGradGuard no_grad;
-    if (options.rotate_method() == RotateMethod::AllGather || n == 1) {
-      auto k_all = detail::all_gather_raw(kc, *group, 2, even), v_all = detail::all_gather_raw(vc, *group, 2, even);
-      for (int64_t j = 0; j < n; ++j)
-        detail::attend(qc, queries, gathered_part(k_all, j), gathered_part(v_all, j), layout.segments(seq, j), options,
-                       merged);
-    } else {
-      at::Tensor k_cur = kc, v_cur = vc;
-      for (int64_t step = 0; step < n; ++step) {
-        const int64_t owner = (rank - step + n) % n;
-        std::optional<detail::RingShift> shift;
-        if (step + 1 < n) shift.emplace(*group, std::vector<at::Tensor>{k_cur, v_cur}, static_cast<uint32_t>(2 * step));
-        detail::attend(qc, queries, k_cur, v_cur, layout.segments(seq, owner), options, merged);
-        if (shift) {
-          auto next = shift->wait();
-          k_cur = next[0];
-          v_cur = next[1];
-        }
-      }
-    }
+    rotater->for_each(kc, vc, [&](int64_t owner, const at::Tensor& k_owner, const at::Tensor& v_owner) {
+      detail::attend(qc, queries, k_owner, v_owner, layout.segments(seq, owner), options, merged);
+    });
   }
   std::vector<at::Tensor> parts;
   for (size_t i = 0; i < queries.size(); ++i) {
@@ -476,53 +570,18 @@ inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tens
   detail::connect_backward(
       {q, k, v}, outputs, "titan::ContextParallelAttentionBackward",
       // `out` detached: the node must not own its own output (a reference cycle).
-      [group, options, layout, queries, qc, kc, vc, out = out.detach(), lse = merged.lse, seq, n, rank, acc, even,
-       gathered_part](torch::autograd::variable_list&& grads) -> torch::autograd::variable_list {
+      [group, rotater, options, layout, queries, qc, kc, vc, out = out.detach(), lse = merged.lse, seq,
+       acc](torch::autograd::variable_list&& grads) -> torch::autograd::variable_list {
         RECORD_USER_SCOPE("titan::context_parallel_attention_backward");
         auto grad = grads[0].contiguous();  // [B, Hq, S/cp, D]
         auto dq = at::zeros(qc.sizes(), qc.options().dtype(acc));
-        at::Tensor dk, dv;
-        if (options.rotate_method() == RotateMethod::AllGather || n == 1) {
-          auto k_all = detail::all_gather_raw(kc, *group, 2, even), v_all = detail::all_gather_raw(vc, *group, 2, even);
-          auto dk_all = at::zeros(k_all.sizes(), k_all.options().dtype(acc));
-          auto dv_all = at::zeros(v_all.sizes(), v_all.options().dtype(acc));
-          for (int64_t j = 0; j < n; ++j) {
-            auto dk_j = gathered_part(dk_all, j), dv_j = gathered_part(dv_all, j);
-            detail::attend_backward(grad, qc, queries, gathered_part(k_all, j), gathered_part(v_all, j),
-                                    layout.segments(seq, j), out, lse, options, dq, dk_j, dv_j);
-          }
-          dk = detail::reduce_scatter_raw(dk_all, *group, 2, ReduceOp::Sum, even);
-          dv = detail::reduce_scatter_raw(dv_all, *group, 2, ReduceOp::Sum, even);
-        } else {
-          // Step t holds owner (rank − t)'s K/V and dK/dV accumulators; both move to rank + 1.
-          at::Tensor k_cur = kc, v_cur = vc;
-          std::optional<detail::RingShift> grads_in;
-          for (int64_t step = 0; step < n; ++step) {
-            const int64_t owner = (rank - step + n) % n;
-            std::optional<detail::RingShift> kv_in;
-            if (step + 1 < n)
-              kv_in.emplace(*group, std::vector<at::Tensor>{k_cur, v_cur}, static_cast<uint32_t>(2 * step));
-            auto dk_part = at::zeros(kc.sizes(), kc.options().dtype(acc));
-            auto dv_part = at::zeros(vc.sizes(), vc.options().dtype(acc));
-            detail::attend_backward(grad, qc, queries, k_cur, v_cur, layout.segments(seq, owner), out, lse, options,
-                                    dq, dk_part, dv_part);
-            if (grads_in) {  // the accumulators of this owner from the ranks before
-              auto received = grads_in->wait();
-              dk_part.add_(received[0]);
-              dv_part.add_(received[1]);
-            }
-            grads_in.emplace(*group, std::vector<at::Tensor>{dk_part, dv_part},
-                             static_cast<uint32_t>(2 * n + 2 * step));
-            if (kv_in) {
-              auto next = kv_in->wait();
-              k_cur = next[0];
-              v_cur = next[1];
-            }
-          }
-          auto own = grads_in->wait();  // after n steps every accumulator is back at its owner
-          dk = own[0];
-          dv = own[1];
-        }
+        auto [dk, dv] = rotater->for_each_with_grads(
+            kc, vc, acc,
+            [&](int64_t owner, const at::Tensor& k_owner, const at::Tensor& v_owner, at::Tensor& dk_owner,
+                at::Tensor& dv_owner) {
+              detail::attend_backward(grad, qc, queries, k_owner, v_owner, layout.segments(seq, owner), out, lse,
+                                      options, dq, dk_owner, dv_owner);
+            });
         return {dq.to(qc.scalar_type()), dk.to(kc.scalar_type()), dv.to(vc.scalar_type())};
       });
   return outputs[0];

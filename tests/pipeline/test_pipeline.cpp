@@ -432,6 +432,39 @@ TEST_CASE("pipeline: bad setups are errors at start") {
         }).find("ZBH1 splits backward") != std::string::npos);
 }
 
+TEST_CASE("pipeline: a stage run with ->forward, or whose root is not sharded, fails at the first step naming it") {
+  using titan_test::error_of;
+  const auto& world = titan_test::world();
+  titan::DeviceMesh mesh(world, {"pp", "dp_shard"}, {1, world->world_size()});
+  auto loss = [](const Tensor& logits, int64_t) { return logits.sum(); };
+  const std::vector<Tensor> inputs{torch::zeros({1, kSeq}, torch::kLong).to(titan_test::device())};
+  {
+    Stack model(2, titan_test::device());
+    for (const auto& block : model->blocks->children()) titan::fully_shard(*block, mesh["dp_shard"]);
+    titan::fully_shard(model, mesh["dp_shard"]);
+    auto module = model.ptr();
+    titan::Pipeline pipeline(mesh.group("pp"), {titan::PipelineStage(0, module, [module](const Tensor& x) {
+                                                  return module->forward(x);  // skips the root's hooks
+                                                })},
+                             titan::PipelineOptions().microbatches(1));
+    const auto message = error_of([&] { pipeline.step(inputs, loss); });
+    CHECK(message.find("titan::Pipeline: stage 0 after the first step") != std::string::npos);
+    CHECK(message.find("'<root>' has fully_shard attached but was never called through titan::call") !=
+          std::string::npos);
+  }
+  {
+    Stack model(2, titan_test::device());
+    for (const auto& block : model->blocks->children()) titan::fully_shard(*block, mesh["dp_shard"]);  // not the root
+    auto module = model.ptr();
+    titan::Pipeline pipeline(mesh.group("pp"), {titan::PipelineStage(0, module, [module](const Tensor& x) {
+                                                  return titan::call(*module, x);
+                                                })},
+                             titan::PipelineOptions().microbatches(1));
+    CHECK(error_of([&] { pipeline.step(inputs, loss); }).find("belong to no fully_shard unit ('embed.weight'") !=
+          std::string::npos);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Checkpoints
 

@@ -370,9 +370,24 @@ class Pipeline {
                 slots_.size(), " micro-batch states, ", recvs_.size(), " receives left after the step");
     clear();
     stats_.step_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    if (train && !verified_) verify_stages();
     return losses;
   }
 
+  /// After the first training step (the pipeline owns the step): every hooked module of each stage
+  /// ran through titan::call (a stage function calling its module with ->forward skips the root's
+  /// hooks) and each hook kind's model-wide check holds (titan::verify_calls), naming the stage.
+  void verify_stages() {
+    verified_ = true;
+    for (const auto& stage : stages_) {
+      try {
+        verify_calls(*stage.module);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "titan::Pipeline: stage ", stage.index, " after the first step: ", e.what_without_backtrace(),
+                    ". A stage function runs its module as titan::call(module, input)");
+      }
+    }
+  }
 
   /// FSDP units of the stages keep their gathered parameters and unreduced gradients across the
   /// micro-batches of a step (`within`), or behave as usual.
@@ -402,6 +417,7 @@ class Pipeline {
   std::map<int64_t, std::pair<std::vector<int64_t>, at::TensorOptions>> meta_;  // received shapes by stage
   std::map<int64_t, std::vector<int64_t>> sent_shape_;                         // sent shapes by stage
   std::map<int64_t, int64_t> last_backward_;                                   // stage -> its last B
+  bool verified_ = false;                                                      // verify_stages ran
 };
 
 }  // namespace titan
