@@ -15,6 +15,7 @@
 // timed in the same run: the floor of a save that must snapshot the state.
 #include <titan/checkpoint.hpp>
 #include <titan/safetensors.hpp>
+#include <titan/tasks.hpp>
 #include <titan/dist.hpp>
 #include <torch/cuda.h>
 #include <fcntl.h>
