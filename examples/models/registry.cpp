@@ -1,5 +1,7 @@
 #include "registry.hpp"
 
+#include <c10/util/StringUtil.h>
+
 #include <algorithm>
 
 namespace titan::examples {
@@ -7,16 +9,6 @@ namespace titan::examples {
 // The built-in families. A new family: its folder, its sources in models/CMakeLists.txt, and one
 // line each below (the declaration and the call).
 void register_llama(ModelRegistry& registry);  // llama/spec.cpp: llama2, llama3, llama3.1, mistral
-
-namespace {
-
-std::string join(const std::vector<std::string>& items) {
-  std::string text;
-  for (const auto& item : items) text += (text.empty() ? "" : ", ") + item;
-  return text;
-}
-
-}  // namespace
 
 ModelRegistry& ModelRegistry::add(ModelSpec spec) {
   TORCH_CHECK(!spec.name.empty(), "ModelRegistry::add: the spec has no name");
@@ -37,7 +29,7 @@ ModelRegistry& ModelRegistry::add(ModelSpec spec) {
 const ModelSpec& ModelRegistry::at(const std::string& name) const {
   auto it = specs_.find(name);
   TORCH_CHECK(it != specs_.end(), "model.name = '", name, "' is not a registered model (expected one of: ",
-              join(names()), ")");
+              c10::Join(", ", names()), ")");
   return it->second;
 }
 
@@ -60,7 +52,7 @@ const ModelSpec& model_spec_of(const TrainConfig& config) {
   const auto& spec = model_registry().at(config.model.name);
   const auto& flavors = spec.flavors;
   TORCH_CHECK(std::find(flavors.begin(), flavors.end(), config.model.flavor) != flavors.end(), "model.flavor = '",
-              config.model.flavor, "' is not a flavor of ", spec.name, " (expected one of: ", join(flavors), ")");
+              config.model.flavor, "' is not a flavor of ", spec.name, " (expected one of: ", c10::Join(", ", flavors), ")");
   return spec;
 }
 

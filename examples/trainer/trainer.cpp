@@ -9,6 +9,8 @@
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
+#include <c10/util/StringUtil.h>
+
 #include <algorithm>
 #include <cmath>
 #include <chrono>
@@ -41,12 +43,6 @@ torch::Tensor to_device(const torch::Tensor& batch, const c10::Device& device) {
   return batch.pin_memory().to(device, /*non_blocking=*/true);
 }
 
-std::string join(const std::vector<std::string>& items) {
-  std::string text;
-  for (const auto& item : items) text += (text.empty() ? "" : ", ") + item;
-  return text;
-}
-
 /// Rank 0's progress lines while a checkpoint loads: every 5 seconds and when it is done.
 titan::LoadProgressFn load_progress_printer(const titan::WorldPtr& world, const std::string& what) {
   if (world->rank() != 0) return nullptr;
@@ -74,7 +70,7 @@ std::string stage_contents(torch::nn::Module& stage, const titan::PipelineSplit&
     if (!layers.is_empty())
       parts.insert(parts.begin(), split.layers() + "." + layers.keys().front() + "-" + layers.keys().back());
   }
-  return join(parts);
+  return c10::Join(", ", parts);
 }
 
 torch::Dtype dtype_named(const std::string& name) {
@@ -268,7 +264,7 @@ void Trainer::build_checkpoints() {
         const auto changes = config_changes(saved->second, config_);
         if (!changes.empty())
           log.warn("the checkpoint of step ", start_step_, " was saved with another config (", changes.size(),
-                   " key(s) differ): ", join(changes));
+                   " key(s) differ): ", c10::Join(", ", changes));
       }
     }
   }
@@ -533,7 +529,8 @@ void Trainer::train() {
       if (!trace.empty()) log.info("profiling: step ", step, " -> ", trace);
     }
     if (!verified_) {  // after the first step: every hooked module went through titan::call
-      for (const auto& stage : stages_) titan::verify_calls(stage);
+      if (!pipeline_)  // a Pipeline verifies its stages itself after its first step
+        for (const auto& stage : stages_) titan::verify_calls(stage);
       verified_ = true;
     }
     // The host reads the device, and the ranks agree on a stop, only at sync steps: a signal is
@@ -568,7 +565,7 @@ int train_main(int argc, char** argv) {
     if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
       std::printf("usage: %s --config FILE.toml [--section.key VALUE | --section.key=VALUE ...]\nkeys: %s\n"
                   "models (model.name): %s\n",
-                  argv[0], join(config_keys()).c_str(), join(model_registry().names()).c_str());
+                  argv[0], c10::Join(", ", config_keys()).c_str(), c10::Join(", ", model_registry().names()).c_str());
       return 0;
     }
   }

@@ -191,7 +191,7 @@ class Trainer {
   std::chrono::steady_clock::time_point clock_;  ///< when the current stretch of step time began
   int64_t start_step_ = 0;   ///< the step resumed from (0 for a fresh run)
   bool loss_parallel_ = false;
-  bool verified_ = false;    ///< titan::verify_calls ran after the first step
+  bool verified_ = false;    ///< the first step was verified (titan::verify_calls; a Pipeline its own stages)
   bool built_ = false;       ///< build() ran
 };
 
