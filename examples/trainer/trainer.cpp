@@ -308,12 +308,12 @@ void Trainer::build_pipelines() {
   const int64_t per_step = accumulation_ * config_.training.batch_size;
   pipeline_ = std::make_unique<titan::Pipeline>(
       mesh_->group("pp"), stages,
-      titan::PipelineOptions().schedule(schedule).microbatches(
+      titan::PipelineOptions().schedule(schedule).scale_grads(false).microbatches(
           microbatches(per_step, "a step on each data-parallel rank (training.global_batch_size / data-parallel degree)")));
   if (val_loader_) {
     eval_pipeline_ = std::make_unique<titan::Pipeline>(
         mesh_->group("pp"), stages,
-        titan::PipelineOptions().schedule(schedule).microbatches(
+        titan::PipelineOptions().schedule(schedule).scale_grads(false).microbatches(
             microbatches(config_.training.batch_size, "a validation batch (training.batch_size)")));
   }
   world_->logger().info("pipeline: ", dims_.pp, " ranks x ", stages_per_rank_, " stage(s), schedule ",

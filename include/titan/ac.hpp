@@ -555,10 +555,7 @@ std::shared_ptr<CheckpointHook> checkpoint_wrapper(M&& module, CheckpointWrapper
   auto& impl = detail::module_ref(module);
   TORCH_CHECK(!find_hook<CheckpointHook>(impl), "titan::checkpoint_wrapper: module '", impl.name(),
               "' is already checkpointed");
-  if (auto sharded = detail::later_hook(impl, HookKind::ActivationCheckpoint))
-    TORCH_WARN("titan::checkpoint_wrapper: '", sharded->first, "' of module '", impl.name(), "' already has ",
-               sharded->second, " attached; the recomputation will all-gather its parameters again. Apply ",
-               "activation checkpointing before fully_shard.");
+  detail::check_hook_order(impl, HookKind::ActivationCheckpoint, "titan::checkpoint_wrapper");
   auto hook = std::make_shared<CheckpointHook>(std::move(options));
   attach_hook(impl, hook);
   return hook;

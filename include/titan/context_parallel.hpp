@@ -173,12 +173,17 @@ class ContextParallelOptions {
   ContextParallelOptions& load_balance(bool on) { load_balance_ = on; return *this; }
   /// Softmax scale (default 1 / sqrt(head dim)).
   ContextParallelOptions& scale(std::optional<double> s) { scale_ = s; return *this; }
+  /// Whether the model's first call checks that it was given this rank's positions in the layout
+  /// (apply_context_parallel; default on). Off for positions of another kind, e.g. restarting at
+  /// each packed document.
+  ContextParallelOptions& check_positions(bool on) { check_positions_ = on; return *this; }
 
   RotateMethod rotate_method() const { return rotate_method_; }
   bool causal() const { return causal_; }
   int64_t sliding_window() const { return sliding_window_; }
   bool load_balance() const { return load_balance_; }
   std::optional<double> scale() const { return scale_; }
+  bool check_positions() const { return check_positions_; }
 
  private:
   RotateMethod rotate_method_ = RotateMethod::AllGather;
@@ -186,6 +191,7 @@ class ContextParallelOptions {
   int64_t sliding_window_ = 0;
   bool load_balance_ = true;
   std::optional<double> scale_;
+  bool check_positions_ = true;
 };
 
 namespace detail {
@@ -591,14 +597,20 @@ inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tens
 /// context_parallel_attention over its group (see apply_context_parallel).
 class ContextParallelHook : public ModuleHook {
  public:
-  ContextParallelHook(ProcessGroupPtr group, ContextParallelOptions options)
-      : group_(std::move(group)), options_(options) {}
+  /// `root`: the model apply_context_parallel was given, whose gradient reduction the first
+  /// training forward checks.
+  ContextParallelHook(ProcessGroupPtr group, ContextParallelOptions options, const torch::nn::Module& root)
+      : group_(std::move(group)), options_(options), root_(&root) {}
 
   std::string name() const override { return "context_parallel " + rotate_method_name(options_.rotate_method()); }
 
   at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
     TORCH_CHECK(inputs.size() == 3, "titan context parallel: module ", module.name(), " must be called as ",
                 "titan::call(core, q, k, v) (3 tensors); it got ", inputs.size());
+    if (!reduction_checked_ && c10::GradMode::is_enabled()) {
+      check_gradient_reduction();
+      reduction_checked_ = true;
+    }
     return context_parallel_attention(inputs[0], inputs[1], inputs[2], group_, options_);
   }
 
@@ -606,20 +618,114 @@ class ContextParallelHook : public ModuleHook {
   const ContextParallelOptions& options() const { return options_; }
 
  private:
+  /// Each cp rank's parameter gradients cover only its part of every sequence: they must be summed
+  /// over the cp ranks (FSDP or HSDP over a mesh dimension that includes cp). A trainable parameter
+  /// of the model without such a reduction (ModuleHook::gradient_reduction_ranks) is an error.
+  void check_gradient_reduction() const {
+    std::string missing;
+    int count = 0;
+    for (const auto& item : root_->named_parameters(/*recurse=*/true)) {
+      if (!item.value().requires_grad()) continue;
+      const auto reduced = titan::gradient_reduction_ranks(*root_, item.value());  // sorted
+      const bool covered = std::all_of(group_->global_ranks().begin(), group_->global_ranks().end(), [&](int r) {
+        return std::binary_search(reduced.begin(), reduced.end(), r);
+      });
+      if (!covered && count++ < 3) missing += (missing.empty() ? "'" : ", '") + item.key() + "'";
+    }
+    TORCH_CHECK(count == 0, "titan context parallel: ", count, " trainable parameter(s) of '", root_->name(), "' (",
+                missing, count > 3 ? ", ..." : "", ") have no gradient reduction over the context-parallel ranks ",
+                c10::IntArrayRef(std::vector<int64_t>(group_->global_ranks().begin(), group_->global_ranks().end())),
+                ": each cp rank's gradients cover only its part of every sequence and must be summed. Apply ",
+                "titan::fully_shard over a mesh dimension that includes cp, as torchtitan does: ",
+                "mesh.flatten({\"dp_shard\", \"cp\"}, \"dp_shard_cp\") and fully_shard(..., mesh[\"dp_shard_cp\"])");
+  }
+
   ProcessGroupPtr group_;
   ContextParallelOptions options_;
+  const torch::nn::Module* root_;   ///< the model (it owns the hooked cores, so it outlives them)
+  bool reduction_checked_ = false;  ///< check_gradient_reduction ran (at the first training forward)
 };
+
+namespace detail {
+
+/// Attached by apply_context_parallel to the model it was given: its first call checks that the
+/// caller passed this rank's positions in the layout, the model's second change under context
+/// parallelism. Its inputs are [B, S / cp] tokens or a pipeline stage's [B, S / cp, dim]
+/// activation first, then a positions tensor ([S / cp] or [B, S / cp] integers).
+class ContextParallelInputsHook : public ModuleHook {
+ public:
+  explicit ContextParallelInputsHook(ContextParallelLayout layout) : layout_(layout) {}
+  std::string name() const override { return "context_parallel positions check"; }
+
+  at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
+    check_once(module, inputs);
+    return next(inputs);
+  }
+  TensorList forward_outputs(torch::nn::Module& module, const TensorList& inputs,
+                             const OutputsForwardFn& next) override {
+    check_once(module, inputs);
+    return next(inputs);
+  }
+
+ private:
+  void check_once(const torch::nn::Module& module, const TensorList& inputs) {
+    if (checked_) return;
+    std::optional<at::Tensor> given;  // the first integer tensor after the tokens or activation
+    for (size_t i = 1; i < inputs.size() && !given; ++i)
+      if (inputs[i].defined() && !inputs[i].is_floating_point() && inputs[i].dim() >= 1) given = inputs[i];
+    TORCH_CHECK(given, "titan context parallel: '", module.name(), "' (the model given to apply_context_parallel) ",
+                "was called without this rank's positions (its tensors: ", describe(inputs), "). Each cp rank holds ",
+                "tokens from two places of every sequence, so the model takes their positions for its RoPE or ",
+                "position embeddings: titan::call(model, tokens, layout.positions(seq)) (docs/context_parallel.md, ",
+                "'The seam in model code'; ContextParallelOptions().check_positions(false) for positions of ",
+                "another kind)");
+    const int64_t local = given->size(-1);
+    const auto expected = layout_.positions(local * layout_.degree(), given->options());  // [S / cp]
+    TORCH_CHECK(given->to(at::kLong).reshape({-1, local}).eq(expected).all().item<bool>(),  // [rows, S / cp] vs [S / cp]
+                "titan context parallel: the positions given to '", module.name(), "' (", head(*given),
+                ") are not this rank's positions of a sequence of ", local * layout_.degree(), " tokens in the ",
+                layout_.load_balance() ? "load-balanced" : "contiguous", " layout (rank ", layout_.rank(), " of ",
+                layout_.degree(), ": ", head(expected), "): cut the batch with ContextParallelLayout::shard and take ",
+                "the positions from ContextParallelLayout::positions, not contiguous slices (attention assumes the ",
+                "layout)");
+    checked_ = true;
+  }
+
+  /// The first values of a positions tensor, for messages.
+  static std::string head(const at::Tensor& positions) {
+    const auto flat = positions.reshape({-1}).to(at::kLong).cpu();
+    const auto shown = flat.narrow(0, 0, std::min<int64_t>(flat.numel(), 6));
+    return c10::str(c10::IntArrayRef(shown.data_ptr<int64_t>(), shown.numel()), flat.numel() > 6 ? " ..." : "");
+  }
+
+  static std::string describe(const TensorList& inputs) {
+    std::string text;
+    for (const auto& t : inputs)
+      text += (text.empty() ? "" : ", ") + (t.defined() ? c10::str(t.scalar_type(), " ", t.sizes()) : "undefined");
+    return text.empty() ? "none" : text;
+  }
+
+  ContextParallelLayout layout_;
+  bool checked_ = false;  ///< the first call was checked
+};
+
+}  // namespace detail
 
 /// Makes every submodule of `root` whose dotted name matches `pattern` (e.g.
 /// "layers.*.attention.core") compute context-parallel attention over `group`. Those modules must
 /// be attention cores called as titan::call(core, q, k, v) on local tokens (ContextParallelLayout
 /// of `group` and the options' load_balance). Returns how many modules it attached to; none is an
-/// error naming the pattern. A group of one rank attaches nothing.
+/// error naming the pattern. A group of one rank attaches nothing. Two checks make a half-applied
+/// context parallelism an error: `root`'s first call through titan::call must be given this
+/// rank's positions (ContextParallelLayout::positions, after the tokens or the stage's
+/// activation), and the first forward with gradients checks that every trainable parameter of
+/// `root` has its gradient reduced over the group's ranks (fully_shard over a mesh dimension
+/// including cp); each error names the fix.
 inline int apply_context_parallel(torch::nn::Module& root, const std::string& pattern, const ProcessGroupPtr& group,
                                   const ContextParallelOptions& options = {}) {
   TORCH_CHECK(group, "titan::apply_context_parallel: null process group");
   int attached = 0;
-  auto hook = std::make_shared<ContextParallelHook>(group, options);
+  auto hook = std::make_shared<ContextParallelHook>(group, options, root);
   for (const auto& [name, module] : modules_matching(root, pattern)) {
     if (name.empty()) continue;  // the root is the model, not an attention core
     if (group->size() > 1) attach_hook(*module, hook);
@@ -627,6 +733,9 @@ inline int apply_context_parallel(torch::nn::Module& root, const std::string& pa
   }
   TORCH_CHECK(attached > 0, "titan::apply_context_parallel: no module matches '", pattern, "'; modules like it: ",
               detail::module_names_like(root, pattern));
+  if (group->size() > 1 && options.check_positions())
+    attach_hook(root, std::make_shared<detail::ContextParallelInputsHook>(
+                          ContextParallelLayout(group->size(), group->rank(), options.load_balance())));
   return attached;
 }
 

@@ -398,7 +398,25 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
                   "fully_shard, but no float8 weight is gathered: call the layer's fully_shard unit through titan::call");
     }
     auto y = detail::float8_linear(x, weight_, gathered, spec_);
+    ran_ = true;
     return bias_.defined() ? y + bias_.to(y.scalar_type()) : y;
+  }
+
+  /// Every converted layer of `root` has run in float8: a layer that never did (it, or the root,
+  /// called as ->forward(...), which skips the hook) would train in high precision unnoticed.
+  void verify_model(const torch::nn::Module& root) const override {
+    std::string idle;
+    int count = 0, converted = 0;
+    detail::visit_modules(root, "", [&](const std::string& path, const torch::nn::Module& module) {
+      auto hook = find_hook<Float8LinearHook>(module);
+      if (!hook) return;
+      ++converted;
+      if (!hook->ran_ && count++ < 3) idle += (idle.empty() ? "'" : ", '") + (path.empty() ? "<root>" : path) + "'";
+    });
+    TORCH_CHECK(count == 0, "titan float8: ", count, " of the ", converted, " linear layers of '", root.name(),
+                "' converted to float8 never ran in float8 (", idle, count > 3 ? ", ..." : "", "): a converted layer ",
+                "runs in float8 only when it is called through titan::call, and so is every module above it that ",
+                "has hooks (a root called as model->forward(...) skips its own); call them as titan::call(module, ...)");
   }
 
   const Float8Options& options() const { return options_; }
@@ -425,6 +443,7 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
   Float8Options options_;
   detail::Float8LinearSpec spec_;
   bool tp_known_ = false;
+  bool ran_ = false;  ///< forward ran at least once (verify_model)
   std::shared_ptr<detail::Float8WeightGather> gather_;
 };
 
@@ -441,10 +460,7 @@ std::vector<std::string> convert_to_float8_training(M&& root_like, const Float8O
   TORCH_CHECK(!options.enable_fsdp_float8_all_gather() || options.recipe() == Float8Recipe::Tensorwise,
               "titan::convert_to_float8_training: enable_fsdp_float8_all_gather needs the tensorwise recipe (one ",
               "scale per weight), but the recipe is ", float8_recipe_name(options.recipe()));
-  if (auto applied = detail::later_hook(root, HookKind::Conversion))
-    TORCH_CHECK(false, "titan::convert_to_float8_training: '", applied->first, "' already has ", applied->second,
-                " attached. Convert to float8 first: convert_to_float8_training, then parallelize_module, ",
-                "checkpoint_wrapper and fully_shard (the float8 hooks must be innermost)");
+  detail::check_hook_order(root, HookKind::Conversion, "titan::convert_to_float8_training");
   std::vector<std::pair<std::string, torch::nn::Module*>> chosen;
   std::vector<std::string> not_multiples;  // linear layers left in high precision: a dimension not a multiple of 16
   detail::visit_modules(root, "", [&](const std::string& path, torch::nn::Module& module) {

@@ -12,7 +12,9 @@
 // "_titan_hooks", so the hooks live and die with the model: no global registry), and titan::call
 // runs the hooks around forward. Hooks nest like decorators: the last one attached is outermost,
 // so applying TP, then AC, then FSDP (torchtitan's order, HookKind) runs FSDP's all-gather first,
-// then the checkpointed region, then TP's layouts around the user's forward.
+// then the checkpointed region, then TP's layouts around the user's forward. That order is the
+// one composition rule (check_hook_order): attaching a hook where a hook of a later kind already
+// is fails, naming both and the order.
 //
 // The contract is checked: when the outermost titan::call on a thread returns, every module below
 // it that has hooks must have been called through titan::call during that call, else the error
@@ -31,6 +33,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -53,9 +56,9 @@ using ForwardFn = std::function<at::Tensor(const TensorList&)>;
 using OutputsForwardFn = std::function<TensorList(const TensorList&)>;
 
 /// Which of titan's parallelisms a hook implements, in the order they must be applied (torchtitan's):
-/// conversions of layers (float8) first (their hooks innermost), then tensor parallelism, then
-/// activation checkpointing, then FSDP. convert_to_float8_training, parallelize_module and
-/// checkpoint_wrapper check this order on the model; Other is unordered.
+/// conversions of layers (float8) first (their hooks innermost), then tensor and expert
+/// parallelism (both shard parameters), then activation checkpointing, then FSDP. attach_hook and
+/// the APIs attaching hooks check this order (check_hook_order); Other is unordered.
 enum class HookKind { Conversion = 0, TensorParallel = 1, ActivationCheckpoint = 2, FullyShard = 3, Other = 4 };
 
 /// Behaviour attached to a module and run by titan::call around its forward.
@@ -85,6 +88,10 @@ class ModuleHook {
   /// an error that names what is wrong (e.g. FSDP: every trainable parameter belongs to a unit).
   /// titan::verify_calls runs it once per hook type.
   virtual void verify_model(const torch::nn::Module& root) const {}
+  /// The global ranks whose gradients of `param` are summed with this rank's when this hook
+  /// manages `param` (FSDP: its shard group and, with HSDP, its replicate group), else none: the
+  /// typed query by which other hooks check that a gradient is reduced (context parallelism).
+  virtual std::vector<int> gradient_reduction_ranks(const at::Tensor& /*param*/) const { return {}; }
 };
 
 namespace detail {
@@ -213,6 +220,45 @@ inline void check_calls(const torch::nn::Module& root, uint64_t pass) {
   }
 }
 
+/// The one composition rule: a hook of `kind` is attached to `root` (or below it) only while no
+/// hook of a later kind (HookKind order: float8 conversion, tensor parallelism, activation
+/// checkpointing, fully_shard) is attached there, so that each wraps the ones before it. `who`
+/// names the API attaching it; the error names the hook already there and the order.
+inline void check_hook_order(const torch::nn::Module& root, HookKind kind, const char* who) {
+  if (kind == HookKind::Other) return;
+  std::optional<std::pair<std::string, std::string>> later;  // its path and name
+  visit_modules(root, "", [&](const std::string& path, const torch::nn::Module& module) {
+    const auto* slot = hook_slot(module);
+    for (size_t i = 0; slot && !later && i < slot->hooks.size(); ++i)
+      if (slot->hooks[i]->kind() != HookKind::Other && slot->hooks[i]->kind() > kind)
+        later = std::make_pair(path.empty() ? std::string("<root>") : path, slot->hooks[i]->name());
+  });
+  if (!later) return;
+  static const char* const first[] = {"Convert to float8", "Apply tensor and expert parallelism",
+                                      "Apply activation checkpointing", "Apply fully_shard"};
+  TORCH_CHECK(false, who, ": '", later->first, "' already has ", later->second, " attached. ",
+              first[static_cast<int>(kind)], " first: titan's parallelisms compose in one order, ",
+              "convert_to_float8_training, then parallelize_module and apply_expert_parallel, then ",
+              "checkpoint_wrapper, then fully_shard ",
+              "(each hook wraps the ones applied before it: FSDP gathers what TP sharded, AC recomputes inside ",
+              "FSDP's gather, float8 casts the local shard)");
+}
+
+/// Rethrows `error`, raised inside the outermost titan::call of `root` (numbered `pass`). An error
+/// from ATen rather than from titan ("index out of range in self", a shape that does not fit) is
+/// often a hooked module called as module->forward(...), which computes on its parameters as
+/// sharded: the message then names the hooked modules below `root` that had not run through
+/// titan::call when it was raised.
+[[noreturn]] inline void explain_error(const torch::nn::Module& root, uint64_t pass, const c10::Error& error) {
+  const std::string message = error.what_without_backtrace();
+  auto not_yet = [pass](const HookSlotImpl& slot) { return slot.pass != pass; };
+  if (message.rfind("titan", 0) == 0 || !any_hooked(root, not_yet)) throw;
+  TORCH_CHECK(false, message, "\n[titan::call: this error was raised inside the forward of '", root.name(), "', where ",
+              describe_hooked(root, not_yet), " not called through titan::call before it (names relative to it). ",
+              "A hooked module called as module->forward(...) computes on its parameters as sharded (a tensor-",
+              "parallel shard, or an FSDP placeholder): call it as titan::call(module, ...)]");
+}
+
 template <typename T>
 decltype(auto) module_ref(T& module) {
   if constexpr (std::is_base_of_v<torch::nn::Module, std::remove_cv_t<T>>) {
@@ -273,6 +319,7 @@ template <typename M>
 void attach_hook(M&& module_like, std::shared_ptr<ModuleHook> hook) {
   TORCH_CHECK(hook, "titan::attach_hook: null hook");
   torch::nn::Module& module = detail::module_ref(module_like);
+  detail::check_hook_order(module, hook->kind(), "titan::attach_hook");
   auto* slot = detail::hook_slot(module);
   if (!slot) slot = module.register_module(detail::kHookSlotName, std::make_shared<detail::HookSlotImpl>()).get();
   slot->hooks.push_back(std::move(hook));
@@ -314,7 +361,7 @@ auto call(M&& module, Args&&... args) {
   const bool outermost = tracking.depth == 0;
   if (outermost) ++tracking.pass;
   Output output;
-  {
+  try {
     detail::CallDepth depth(tracking);
     auto* slot = detail::hook_slot(impl);
     if (!slot || slot->hooks.empty()) {
@@ -350,6 +397,9 @@ auto call(M&& module, Args&&... args) {
         output = detail::list_to_tuple<Output>(run(inputs), std::make_index_sequence<std::tuple_size_v<Output>>{});
       }
     }
+  } catch (const c10::Error& error) {
+    if (!outermost) throw;
+    detail::explain_error(impl, tracking.pass, error);
   }
   if (outermost) detail::check_calls(impl, tracking.pass);
   return output;
@@ -440,6 +490,23 @@ void verify_calls(const M& model) {
   });
 }
 
+/// The global ranks over which the hooks of `root` and its submodules reduce `param`'s gradient
+/// (ModuleHook::gradient_reduction_ranks: FSDP's shard and replicate groups), sorted; empty when
+/// none does. Context and expert parallelism check their gradients' reductions with it.
+inline std::vector<int> gradient_reduction_ranks(const torch::nn::Module& root, const at::Tensor& param) {
+  std::vector<int> ranks;
+  detail::visit_modules(root, "", [&](const std::string&, const torch::nn::Module& module) {
+    if (const auto* slot = detail::hook_slot(module))
+      for (const auto& hook : slot->hooks) {
+        const auto more = hook->gradient_reduction_ranks(param);
+        ranks.insert(ranks.end(), more.begin(), more.end());
+      }
+  });
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  return ranks;
+}
+
 namespace detail {
 
 /// Whether one name component matches a glob component ('*' = any run of characters).
@@ -517,21 +584,4 @@ inline std::vector<std::pair<std::string, torch::nn::Module*>> modules_matching(
   return found;
 }
 
-namespace detail {
-
-/// The path and name of the first hook of a kind after `kind` (in HookKind order) attached to
-/// `root` or below it, or nullopt: for the order checks of parallelize_module and
-/// checkpoint_wrapper.
-inline std::optional<std::pair<std::string, std::string>> later_hook(const torch::nn::Module& root, HookKind kind) {
-  std::optional<std::pair<std::string, std::string>> found;
-  visit_modules(root, "", [&](const std::string& path, const torch::nn::Module& module) {
-    const auto* slot = hook_slot(module);
-    for (size_t i = 0; slot && !found && i < slot->hooks.size(); ++i)
-      if (slot->hooks[i]->kind() != HookKind::Other && slot->hooks[i]->kind() > kind)
-        found = std::make_pair(path.empty() ? std::string("<root>") : path, slot->hooks[i]->name());
-  });
-  return found;
-}
-
-}  // namespace detail
 }  // namespace titan

@@ -668,10 +668,7 @@ void parallelize_module(M&& module_like, const ProcessGroupPtr& tp_group, const 
                         const std::string& mesh_dim = "tp") {
   torch::nn::Module& module = detail::module_ref(module_like);
   TORCH_CHECK(tp_group, "titan::parallelize_module: this rank is not in the tensor-parallel group");
-  if (auto sharded = detail::later_hook(module, HookKind::ActivationCheckpoint))
-    TORCH_CHECK(false, "titan::parallelize_module: '", sharded->first, "' already has ", sharded->second,
-                " attached. Apply tensor parallelism first: parallelize_module, then checkpoint_wrapper, then ",
-                "fully_shard (tensor-parallel shards are what FSDP shards further)");
+  detail::check_hook_order(module, HookKind::TensorParallel, "titan::parallelize_module");
   std::map<std::string, std::string> claimed;  // module name -> the pattern that matched it
   auto extents = std::make_shared<detail::ActivationExtents>();  // shared by the plan's hooks
   for (const auto& [pattern, style] : plan.entries()) {

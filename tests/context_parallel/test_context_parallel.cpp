@@ -5,6 +5,8 @@
 #include "../support/multirank.hpp"
 
 #include <titan/context_parallel.hpp>
+#include <titan/fsdp.hpp>
+#include <titan/mesh.hpp>
 
 #include <string>
 #include <vector>
@@ -191,4 +193,53 @@ TEST_CASE("apply_context_parallel: the core's titan::call computes context-paral
   auto core = model[0]->as<BlockImpl>()->core;
   auto local = layout.shard(q, 2).to(device());
   CHECK_CLOSE(titan::call(core, local, local, local), layout.shard(expected, 2), 1e-5);
+}
+
+namespace {
+/// A projection with parameters in front of the attention core, taking positions as a model under
+/// context parallelism must (it has no position embedding to index with them).
+struct ProjectedImpl : torch::nn::Module {
+  ProjectedImpl() {
+    proj = register_module("proj", torch::nn::Linear(8, 8));
+    core = register_module("core", Core());
+  }
+  Tensor forward(const Tensor& x, const Tensor& positions) {  // x [B, S / cp, 8], positions [S / cp]
+    auto q = titan::call(proj, x).unsqueeze(1);                // [B, 1, S / cp, 8]
+    return titan::call(core, q, q, q);
+  }
+  torch::nn::Linear proj{nullptr};
+  Core core{nullptr};
+};
+TORCH_MODULE(Projected);
+}  // namespace
+
+TEST_CASE("apply_context_parallel: missing or contiguous positions, and gradients not summed over cp, are errors") {
+  if (world()->world_size() < 2) return;  // a group of one rank attaches nothing
+  auto group = world()->group();
+  torch::manual_seed(0);
+  Projected model;
+  model->to(device());
+  titan::apply_context_parallel(*model, "core", group);
+  const ContextParallelLayout layout(group->size(), group->rank());
+  const int64_t local = 2 * layout.chunks() / layout.degree(), seq = local * layout.degree();
+  auto x = torch::randn({1, local, 8}, device());  // [B, S / cp, 8]
+  CHECK(error_of([&] { titan::call(model, x, Tensor()); })
+            .find("was called without this rank's positions (its tensors: Float [1, " + std::to_string(local) +
+                  ", 8], undefined)") !=
+        std::string::npos);
+  const auto contiguous = torch::arange(group->rank() * local, (group->rank() + 1) * local, torch::kLong).to(device());
+  CHECK(error_of([&] { titan::call(model, x, contiguous); })
+            .find(") are not this rank's positions of a sequence of " + std::to_string(seq) + " tokens in the "
+                  "load-balanced layout") != std::string::npos);
+  const auto positions = layout.positions(seq, x.options());  // [S / cp]
+  CHECK(error_of([&] { titan::call(model, x, positions); })
+            .find("2 trainable parameter(s) of '(anonymous namespace)::ProjectedImpl' ('proj.weight', 'proj.bias') "
+                  "have no gradient reduction over the context-parallel ranks") != std::string::npos);
+  {
+    torch::NoGradGuard no_grad;  // evaluation reduces no gradient: nothing to check
+    CHECK_NOTHROW(titan::call(model, x, positions));
+  }
+  titan::DeviceMesh mesh(world(), {"cp"}, {world()->world_size()});
+  titan::fully_shard(model, mesh["cp"]);  // FSDP over the cp ranks sums their gradients
+  CHECK_NOTHROW(titan::call(model, x, positions).sum().backward());
 }

@@ -214,6 +214,21 @@ TEST_CASE("float8: errors name what is wrong") {
         std::string::npos);
 }
 
+TEST_CASE("float8: verify_calls reports converted layers that never ran in float8") {
+  torch::nn::Sequential model(torch::nn::Linear(64, 64), torch::nn::Linear(64, 64));
+  titan::convert_to_float8_training(model);
+  const auto x = torch::randn({4, 64});
+  model->forward(x);  // Sequential calls its layers with ->forward: the float8 hooks never run
+  const auto idle = error_of([&] { titan::verify_calls(model); });
+  CHECK(idle.find("titan float8: 2 of the 2 linear layers of") != std::string::npos);
+  CHECK(idle.find("converted to float8 never ran in float8 ('0', '1')") != std::string::npos);
+  titan::call(model[0]->as<torch::nn::Linear>(), x);
+  CHECK(error_of([&] { titan::verify_calls(model); }).find("'1' has float8 linear (tensorwise) attached but was never "
+                                                           "called through titan::call") != std::string::npos);
+  titan::call(model[1]->as<torch::nn::Linear>(), x);
+  CHECK_NOTHROW(titan::verify_calls(model));
+}
+
 TEST_CASE("float8: activation checkpointing recomputes the float8 layers exactly") {
   auto plain = make_mlp(3);
   titan::convert_to_float8_training(plain);

@@ -649,6 +649,25 @@ TEST_CASE("fsdp: the first forward and verify_calls name trainable parameters no
   CHECK_NOTHROW(titan::verify_calls(model));
 }
 
+TEST_CASE("fsdp: a root called as ->forward fails at its blocks' forward, not at a constant loss of zero reads") {
+  const auto x = local_rows(make_data({5}, 3, 1).inputs[0]);
+  const char* outside = "ran outside the forward of the unit enclosing it ('(anonymous namespace)::MlpImpl'): that "
+                        "module was called as module->forward(...), which skips its fully_shard hook";
+  auto model = seeded<Mlp>();
+  shard_mlp(model, shard_mesh());
+  CHECK_THROWS_WITH(model->forward(x), doctest::Contains((std::string("the unit of 'layers.0' ") + outside).c_str()));
+  // Called right first, then as ->forward after a step: the root's parameters are resharded.
+  auto later = seeded<Mlp>();
+  shard_mlp(later, shard_mesh());
+  titan::call(later, x).sum().backward();
+  CHECK_THROWS_WITH(later->forward(x), doctest::Contains(outside));
+  CHECK_NOTHROW(titan::call(later, x));
+  // A unit called on its own, with no unit around it, is a root of its own as before.
+  auto blocks_only = seeded<Mlp>();
+  for (const auto& layer : *blocks_only->layers) titan::fully_shard(layer, shard_mesh());
+  CHECK_NOTHROW(titan::call(blocks_only->layers[0]->as<BlockImpl>(), torch::randn({2, 7}, device())));
+}
+
 TEST_CASE("fsdp: state dicts and memory accept module holders") {
   auto model = seeded<Mlp>();
   shard_mlp(model, shard_mesh());

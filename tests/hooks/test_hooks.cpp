@@ -187,6 +187,48 @@ TEST_CASE("titan::call reports a hooked module its parent called with ->forward,
   CHECK_NOTHROW(titan::call(good->a, x));
 }
 
+TEST_CASE("titan::call explains an error from ATen by the hooked modules not yet called through titan::call") {
+  Pair pair(/*direct=*/true);  // b runs as b->forward(...)
+  pair->to(device());
+  titan::attach_hook(pair->b, std::make_shared<Marker>());
+  {
+    torch::NoGradGuard no_grad;
+    pair->b->weight.set_data(torch::ones({3, 2}, device()));  // b's weight as a rowwise shard would leave it
+  }
+  const auto message = titan_test::error_of([&] { titan::call(pair, torch::ones({2, 3}, device())); });
+  CHECK(message.find("mat1 and mat2 shapes cannot be multiplied") != std::string::npos);  // ATen's, kept
+  CHECK(message.find("where 'b' has marker attached but was not called through titan::call before it") !=
+        std::string::npos);
+}
+
+namespace {
+/// A marker of a given parallelism kind (for the order rule).
+struct KindMarker : Marker {
+  explicit KindMarker(titan::HookKind k) : k(k) {}
+  titan::HookKind kind() const override { return k; }
+  titan::HookKind k;
+};
+}  // namespace
+
+TEST_CASE("hooks compose in one order: a hook attached where a later kind already is fails, naming both") {
+  using titan::HookKind;
+  Pair pair;
+  titan::attach_hook(pair->b, std::make_shared<KindMarker>(HookKind::FullyShard));
+  CHECK(titan_test::error_of([&] { titan::attach_hook(*pair, std::make_shared<KindMarker>(HookKind::TensorParallel)); })
+            .find("titan::attach_hook: 'b' already has marker attached. Apply tensor and expert parallelism first: "
+                  "titan's parallelisms compose in one order, convert_to_float8_training, then parallelize_module "
+                  "and apply_expert_parallel, then checkpoint_wrapper, then fully_shard") != std::string::npos);
+  CHECK(titan_test::error_of([&] {
+          titan::attach_hook(pair->b, std::make_shared<KindMarker>(HookKind::ActivationCheckpoint));
+        }).find("'<root>' already has marker attached. Apply activation checkpointing first") != std::string::npos);
+  CHECK(titan::hooks_of(pair->b).size() == 1);  // refused: nothing attached
+  // The same kind, a later kind, and unordered hooks attach.
+  CHECK_NOTHROW(titan::attach_hook(pair->b, std::make_shared<KindMarker>(HookKind::FullyShard)));
+  CHECK_NOTHROW(titan::attach_hook(pair->a, std::make_shared<KindMarker>(HookKind::Conversion)));
+  CHECK_NOTHROW(titan::attach_hook(pair->a, std::make_shared<KindMarker>(HookKind::FullyShard)));
+  CHECK_NOTHROW(titan::attach_hook(*pair, std::make_shared<Marker>()));
+}
+
 TEST_CASE("titan::verify_calls: hooked modules never called while others were, and the hooks' model checks") {
   Pair pair(/*direct=*/true);
   pair->to(device());

@@ -12,6 +12,7 @@
 #include <titan/collectives.hpp>
 #include <titan/context_parallel.hpp>
 #include <titan/dist.hpp>
+#include <titan/expert_parallel.hpp>
 #include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/fsdp/collectives.hpp>
@@ -25,6 +26,7 @@
 #include <titan/log.hpp>
 #include <titan/mesh.hpp>
 #include <titan/meta.hpp>
+#include <titan/moe.hpp>
 #include <titan/pipeline.hpp>
 #include <titan/pipeline/runtime.hpp>
 #include <titan/pipeline/schedule.hpp>

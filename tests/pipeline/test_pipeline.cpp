@@ -139,7 +139,7 @@ void check_parity(const Setup& s) {
   CHECK(held == static_cast<double>(all.size()));
 
   titan::Pipeline pipeline(mesh.group("pp"), pipeline_stages,
-                           titan::PipelineOptions().schedule(s.schedule).microbatches(s.microbatches));
+                           titan::PipelineOptions().schedule(s.schedule).microbatches(s.microbatches).scale_grads(false));
   auto options = torch::optim::AdamWOptions(1e-2).weight_decay(0.1).eps(1e-6);
   std::vector<Tensor> params;
   for (const auto& part : parts)
@@ -163,7 +163,8 @@ void check_parity(const Setup& s) {
     ref_opt.step();
 
     // This dp rank's rows, cut into micro-batches; each micro-batch's token-loss sum is scaled
-    // so that the sum over micro-batches and FSDP's mean over dp give the global token mean.
+    // so that the sum over micro-batches and FSDP's mean over dp give the global token mean
+    // (backpropagated as returned: scale_grads(false)).
     auto my_tokens = tokens.narrow(0, dp_rank * s.microbatches * per_micro, s.microbatches * per_micro);
     auto my_labels = labels.narrow(0, dp_rank * s.microbatches * per_micro, s.microbatches * per_micro);
     std::vector<Tensor> inputs;
@@ -447,10 +448,9 @@ TEST_CASE("pipeline: a stage run with ->forward, or whose root is not sharded, f
                                                   return module->forward(x);  // skips the root's hooks
                                                 })},
                              titan::PipelineOptions().microbatches(1));
-    const auto message = error_of([&] { pipeline.step(inputs, loss); });
-    CHECK(message.find("titan::Pipeline: stage 0 after the first step") != std::string::npos);
-    CHECK(message.find("'<root>' has fully_shard attached but was never called through titan::call") !=
-          std::string::npos);
+    const auto message = error_of([&] { pipeline.step(inputs, loss); });  // at the first forward
+    CHECK(message.find("titan::Pipeline: stage 0 failed on micro-batch 0") != std::string::npos);
+    CHECK(message.find("the unit of 'blocks.0' ran outside the forward of the unit enclosing it") != std::string::npos);
   }
   {
     Stack model(2, titan_test::device());
@@ -524,4 +524,97 @@ TEST_CASE("pipeline: a checkpoint of the stages loads into the whole model and b
       titan_test::error_of([&] { titan::CheckpointManager(world, titan::CheckpointOptions(whole_dir)).load(1, small); });
   CHECK_MESSAGE(error.find("holds tensor 'model.blocks.3.w1.bias' that the model does not have") != std::string::npos,
                 error);
+}
+
+namespace {
+/// Stack with the forward a new user might write: it loops over the ModuleList's own vector,
+/// which still lists the layers keep_pipeline_stage removed.
+struct VectorLoopImpl : StackImpl {
+  using StackImpl::StackImpl;
+  Tensor forward(const Tensor& x) {
+    const auto children = named_children();
+    Tensor h = children.contains("embed") ? titan::call(embed, x) : x;
+    for (const auto& block : *blocks) h = titan::call(block->as<BlockImpl>(), h);
+    return children.contains("head") ? titan::call(head, h) : h;
+  }
+};
+TORCH_MODULE(VectorLoop);
+
+/// Stack not adapted to stages: it always embeds its input.
+struct UnadaptedImpl : StackImpl {
+  using StackImpl::StackImpl;
+  Tensor forward(const Tensor& x) {
+    Tensor h = embed->forward(x);  // [B, S, dim]; on a later stage x is already an activation
+    for (const auto& block : blocks->children()) h = titan::call(block->as<BlockImpl>(), h);
+    return named_children().contains("head") ? titan::call(head, h) : h;
+  }
+};
+TORCH_MODULE(Unadapted);
+}  // namespace
+
+TEST_CASE("pipeline: a forward that reaches a layer keep_pipeline_stage removed fails naming it and its stage") {
+  VectorLoop model(2, titan_test::device());
+  titan::keep_pipeline_stage(*model, stack_split(), 2, 0);
+  const auto tokens = torch::zeros({1, kSeq}, torch::kLong).to(titan_test::device());
+  CHECK(titan_test::error_of([&] { titan::call(model, tokens); })
+            .find("titan pipeline: module 'blocks.1' ran in stage 0, but stage 1 holds it") != std::string::npos);
+}
+
+TEST_CASE("pipeline: a model not adapted to stages fails naming the stage, its input and the fix") {
+  const auto& world = titan_test::world();
+  titan::DeviceMesh mesh(world, {"pp", "dp_shard"}, {1, world->world_size()});
+  std::vector<titan::PipelineStage> stages;  // both stages on this rank
+  for (int64_t s = 0; s < 2; ++s) {
+    Unadapted part(2, titan_test::device());
+    titan::keep_pipeline_stage(*part, stack_split(), 2, s);
+    auto module = part.ptr();
+    stages.emplace_back(s, module, [module](const Tensor& x) { return titan::call(*module, x); });
+  }
+  titan::Pipeline pipeline(mesh.group("pp"), stages,
+                           titan::PipelineOptions().schedule(PipelineScheduleKind::Interleaved1F1B).microbatches(2));
+  const std::vector<Tensor> inputs(2, torch::zeros({1, kSeq}, torch::kLong).to(titan_test::device()));
+  const auto message = titan_test::error_of([&] { pipeline.step(inputs, [](const Tensor& y, int64_t) { return y.sum(); }); });
+  CHECK(message.find("titan::Pipeline: stage 1 failed on micro-batch 0, whose input is the activation of stage 0 "
+                     "(Float [1, 5, 6])") != std::string::npos);
+  CHECK(message.find("the model's forward must skip the modules its stage does not hold") != std::string::npos);
+}
+
+TEST_CASE("pipeline: the schedule divides each micro-batch's mean loss by the micro-batch count (scale_grads)") {
+  const auto& world = titan_test::world();
+  titan::DeviceMesh mesh(world, {"pp", "dp_shard"}, {1, world->world_size()});
+  torch::manual_seed(7);
+  Stack model(2, titan_test::device());
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(8);
+  const int64_t m = 4, rows = 2;
+  auto tokens = torch::randint(kVocab, {m * rows, kSeq}, gen, torch::kLong).to(titan_test::device());  // [8, S]
+  auto labels = torch::randint(kVocab, {m * rows, kSeq}, gen, torch::kLong).to(titan_test::device());  // [8, S]
+  auto mean_loss = [](const Tensor& logits, const Tensor& target) {  // logits [B, S, vocab]
+    return torch::nn::functional::cross_entropy(logits.flatten(0, 1), target.flatten());
+  };
+  const auto whole = mean_loss(model->forward(tokens), labels);  // the whole batch's mean, one process
+  whole.backward();
+  std::vector<Tensor> expected;
+  for (auto& p : model->parameters()) {
+    expected.push_back(p.grad().clone());
+    p.mutable_grad() = Tensor();
+  }
+  std::vector<Tensor> inputs;
+  for (int64_t k = 0; k < m; ++k) inputs.push_back(tokens.narrow(0, k * rows, rows));
+  auto loss_fn = [&](const Tensor& logits, int64_t k) { return mean_loss(logits, labels.narrow(0, k * rows, rows)); };
+  auto module = model.ptr();
+  const std::vector<titan::PipelineStage> stages{
+      titan::PipelineStage(0, module, [module](const Tensor& x) { return titan::call(*module, x); })};
+  for (bool scale : {true, false}) {
+    INFO("scale_grads ", scale);
+    titan::Pipeline pipeline(mesh.group("pp"), stages, titan::PipelineOptions().microbatches(m).scale_grads(scale));
+    auto losses = pipeline.step(inputs, loss_fn);
+    double sum = 0;
+    for (const auto& l : losses) sum += l.item<double>();  // as the loss function returned them
+    CHECK(std::abs(sum / static_cast<double>(m) - whole.item<double>()) < 1e-6);
+    const auto params = model->parameters();
+    for (size_t i = 0; i < params.size(); ++i) {  // unscaled: m times the whole batch's gradients
+      CHECK_CLOSE(params[i].grad(), expected[i] * (scale ? 1.0 : static_cast<double>(m)), 1e-6);
+      params[i].mutable_grad() = Tensor();
+    }
+  }
 }

@@ -400,6 +400,59 @@ TEST_CASE("tp: a tensor-parallel module called with ->forward is an error naming
                     doctest::Contains("'w2' has tensor-parallel rowwise attached but was not called through titan::call"));
 }
 
+TEST_CASE("tp: plain ColwiseParallel on a fused [q|k|v] projection computes wrong values; fused_sizes is right") {
+  if (tp_size() == 1) return;
+  const gpt2_test::Gpt2Args a;
+  auto reference = gpt2_test::seeded_gpt2(a, device());
+  auto [tokens, labels] = gpt2_test::lm_batch(a, 0, device());
+  const double expected = torch::cross_entropy_loss(reference->forward(tokens).flatten(0, 1), labels.flatten()).item<double>();
+  auto loss_with = [&](bool fused) {
+    const auto full = gpt2_test::gpt2_plan(a, false, false);
+    titan::ParallelizePlan plan;  // the GPT-2 plan, c_attn split whole (the trap) or part by part
+    for (const auto& [pattern, style] : full.entries())
+      if (pattern != "h.*.attn.c_attn" || fused) plan.add(pattern, style);
+    if (!fused) plan.add("h.*.attn.c_attn", titan::ColwiseParallel().input_layout(titan::ReplicatePartialGrad()));
+    auto model = gpt2_test::seeded_gpt2(a, device());
+    titan::DeviceMesh mesh(titan_test::world(), {"tp"}, {tp_size()});
+    titan::parallelize_module(model, mesh["tp"], plan);
+    return torch::cross_entropy_loss(titan::call(model, tokens).flatten(0, 1), labels.flatten()).item<double>();
+  };
+  CHECK(std::abs(loss_with(true) - expected) < 1e-5);
+  // Each rank's rows are a contiguous run of [q|k|v] (rank 0: all of q and half of k), which the
+  // attention's chunk(3) reads as its q, k and v: no error is possible from the plan alone.
+  CHECK(std::abs(loss_with(false) - expected) > 1e-4);
+}
+
+namespace {
+/// A root that calls its vocabulary-parallel embedding with ->forward (the trap) and its head
+/// through titan::call.
+struct DirectEmbeddingImpl : torch::nn::Module {
+  DirectEmbeddingImpl() {
+    wte = register_module("wte", torch::nn::Embedding(16, 8));
+    head = register_module("head", torch::nn::Linear(8, 16));
+  }
+  torch::Tensor forward(const torch::Tensor& tokens) { return titan::call(head, wte->forward(tokens)); }
+  torch::nn::Embedding wte{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+TORCH_MODULE(DirectEmbedding);
+}  // namespace
+
+TEST_CASE("tp: an error from ATen inside the root's titan::call names the hooked modules not yet called") {
+  if (tp_size() == 1) return;
+  DirectEmbedding model;
+  model->to(device());
+  titan::parallelize_module(model, tp_group(),
+                            titan::ParallelizePlan()
+                                .add("wte", titan::RowwiseParallel().input_layout(titan::Replicate()))
+                                .add("head", titan::ColwiseParallel().output_layout(titan::Replicate())));
+  const auto tokens = torch::full({1, 4}, 15, torch::TensorOptions().dtype(torch::kLong).device(device()));
+  const auto message = titan_test::error_of([&] { titan::call(model, tokens); });  // id 15 >= the local 16 / tp
+  CHECK(message.find("index out of range") != std::string::npos);
+  CHECK(message.find("where 'wte' has tensor-parallel rowwise attached; 'head' has tensor-parallel colwise attached "
+                     "but were not called through titan::call before it") != std::string::npos);
+}
+
 TEST_CASE("tp: plan and style errors name what is wrong") {
   Mlp model(16, 24);
   CHECK_THROWS_WITH(titan::parallelize_module(model, tp_group(),
@@ -428,6 +481,6 @@ TEST_CASE("tp: plan and style errors name what is wrong") {
   titan::fully_shard(sharded->w1, titan::DeviceMesh(titan_test::world(), {"dp_shard"}, {tp_size()}));
   CHECK_THROWS_WITH(titan::parallelize_module(sharded, tp_group(),
                                               titan::ParallelizePlan().add("w1", titan::ColwiseParallel())),
-                    doctest::Contains("'w1' already has fully_shard attached. Apply tensor parallelism first"));
+                    doctest::Contains("'w1' already has fully_shard attached. Apply tensor and expert parallelism first"));
 }
 

@@ -47,7 +47,8 @@ inline void collect_unit_parameters(torch::nn::Module& module, const std::string
 /// mesh["dp_shard"]) or 2-D for HSDP (replicate dim, shard dim: mesh.slice({"dp_replicate",
 /// "dp_shard"})): gradients are reduce-scattered over the shard dim, then all-reduced over the
 /// replicate dim. Apply it bottom-up (blocks, then the root). `module` may be a module, a
-/// ModuleHolder or a pointer to one. Returns the unit's hook.
+/// ModuleHolder or a pointer to one. Returns the unit's hook. (Longer than most: it checks every
+/// parameter before changing any, so that a refused call leaves the model intact, then shards.)
 template <typename M>
 std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, FsdpOptions options = {}) {
   torch::nn::Module& module = detail::module_ref(module_like);
@@ -132,6 +133,9 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
   auto hook = std::make_shared<FsdpHook>(std::move(params), std::move(shard_group), std::move(replicate_group),
                                          std::move(options), module.name());
   attach_hook(module, hook);
+  detail::visit_modules(module, "", [&hook](const std::string& path, torch::nn::Module& m) {
+    if (auto unit = path.empty() ? nullptr : find_hook<FsdpHook>(m)) unit->set_enclosing(hook, path);
+  });
   return hook;
 }
 

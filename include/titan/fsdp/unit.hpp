@@ -139,6 +139,17 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
                 "Apply titan::fully_shard to the root module too, after its blocks: fully_shard(model, mesh)");
   }
 
+  std::vector<int> gradient_reduction_ranks(const at::Tensor& param) const override {
+    for (const auto& p : params_) {
+      if (!p.sharded.is_same(param) && !p.unsharded.is_same(param)) continue;
+      auto ranks = shard_group_->global_ranks();
+      if (replicate_group_)
+        ranks.insert(ranks.end(), replicate_group_->global_ranks().begin(), replicate_group_->global_ranks().end());
+      return ranks;
+    }
+    return {};
+  }
+
   std::optional<TensorLayout> layout_of(const std::string& relative_name) const override {
     for (const auto& p : params_)
       if (std::find(p.names.begin(), p.names.end(), relative_name) != p.names.end()) return p.layout;
@@ -155,6 +166,13 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   bool is_root() const { return context_ && context_->units.front() == this; }
   /// Whether the unsharded parameters currently hold memory.
   bool is_unsharded() const { return state_ == State::Unsharded; }
+  /// Records the nearest unit whose module holds this one's (fully_shard sets it), with this
+  /// module's name relative to it: a unit inside another runs only inside that one's forward.
+  void set_enclosing(const std::shared_ptr<FsdpHook>& unit, std::string name) {
+    if (enclosing_.lock()) return;
+    enclosing_ = unit;
+    name_in_enclosing_ = std::move(name);
+  }
   /// When false, backward accumulates the unsharded gradients locally and skips the reduction
   /// (gradient-accumulation micro-steps); the next backward with true reduces the sum.
   void set_requires_gradient_sync(bool sync) { requires_gradient_sync_ = sync; }
@@ -186,9 +204,16 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   }
 
   at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
-    if (!context_) become_root(module);
+    if (!context_) {
+      if (auto outer = enclosing_.lock()) fail_outside_root(outer->module_name_, name_in_enclosing_);
+      become_root(module);
+    }
     const bool grad = torch::autograd::GradMode::is_enabled();
-    if (is_root()) root_pre_forward();
+    if (is_root()) {
+      root_pre_forward();
+    } else if (auto* root = context_->units.front(); root->state_ == State::Resharded) {
+      fail_outside_root(root->module_name_, module_name_);
+    }
     pre_forward();
     TensorList prepared = inputs;
     if (grad) {
@@ -293,6 +318,16 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       }
     }
     TORCH_CHECK(context->units.front() == this, "titan::fully_shard: internal error: root is not first");
+  }
+
+  /// A unit ran while the root unit's parameters are not gathered: the root's module was called
+  /// as ->forward(...), so its own parameters (embeddings, final norm, output) would read as the
+  /// zero placeholders and the model would train at a constant loss.
+  [[noreturn]] static void fail_outside_root(const std::string& root, const std::string& unit) {
+    TORCH_CHECK(false, "titan::fully_shard: the unit of '", unit, "' ran outside the forward of the unit enclosing ",
+                "it ('", root, "'): that module was called as module->forward(...), which skips its fully_shard ",
+                "hook, so its own parameters are never gathered and would read as zeros. Call it as ",
+                "titan::call(model, ...) (in a pipeline stage function too: titan::call(*module, input))");
   }
 
   void root_pre_forward() {
@@ -461,6 +496,8 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   std::vector<GatherBucket> buckets_;  ///< the all-gather buffers (one per gathered dtype)
 
   std::shared_ptr<detail::FsdpContext> context_;
+  std::weak_ptr<FsdpHook> enclosing_;  ///< the nearest unit whose module holds this one's (set_enclosing)
+  std::string name_in_enclosing_;      ///< this module's name relative to that unit's module
   State state_ = State::Resharded;
   bool needs_post_backward_ = false;
   bool requires_gradient_sync_ = true;

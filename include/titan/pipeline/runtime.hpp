@@ -40,8 +40,11 @@ struct PipelineStage {
   std::function<at::Tensor(const at::Tensor&)> forward;
 };
 
-/// The loss of micro-batch `microbatch` from the last stage's output: the schedule backpropagates
-/// it as is, so scale it as the whole step's loss needs (e.g. token sum / global token count).
+/// The loss of micro-batch `microbatch` from the last stage's output: its mean loss, which the
+/// schedule divides by the number of micro-batches before backpropagating it (PipelineOptions::
+/// scale_grads, as torch.distributed.pipelining does), so the gradients are those of the step's
+/// mean. With scale_grads(false) it is backpropagated as returned (a loss already scaled for the
+/// whole step, e.g. token sum / global token count, which weighs micro-batches by their tokens).
 using PipelineLossFn = std::function<at::Tensor(const at::Tensor& output, int64_t microbatch)>;
 
 /// Where a rank's step time went (seconds of the last step).
@@ -62,6 +65,11 @@ struct PipelineOptions {
   TORCH_ARG(PipelineScheduleKind, schedule) = PipelineScheduleKind::OneFOneB;
   /// Micro-batches per step (m): the first stage's step() gets exactly this many inputs.
   TORCH_ARG(int64_t, microbatches) = 1;
+  /// Whether each micro-batch's loss is divided by the number of micro-batches before its
+  /// backward (torch.distributed.pipelining's scale_grads): true, the loss function returns a
+  /// micro-batch's mean loss; false, it returns the loss already scaled for the step. step()
+  /// returns the losses as the loss function returned them either way.
+  TORCH_ARG(bool, scale_grads) = true;
   /// Called after each action with the action (benchmarks sample memory here).
   TORCH_ARG(std::function<void(const PipelineAction&)>, after_action) = nullptr;
 };
@@ -248,12 +256,13 @@ class Pipeline {
       if (train && input.is_floating_point()) input.requires_grad_(true);
     }
     const auto start = Clock::now();
-    at::Tensor output = stage.forward(input);
+    at::Tensor output = run_stage(stage, a, input);
     if (a.stage + 1 == num_stages()) {
       output = loss_fn(output, a.microbatch);
       TORCH_CHECK(output.numel() == 1, "titan::Pipeline: the loss function returned ", output.sizes(),
                   " for micro-batch ", a.microbatch, "; expected a scalar");
       losses[static_cast<size_t>(a.microbatch)] = output.detach();
+      if (options_.scale_grads()) output = output / static_cast<double>(schedule_.microbatches);
     } else {
       send_activation(a.stage, a.microbatch, output);
     }
@@ -266,6 +275,22 @@ class Pipeline {
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     stats_.forward_seconds += seconds;
     stats_.compute_seconds += seconds;
+  }
+
+  /// Runs `stage`'s function on `input`; an error names the stage, the micro-batch and the input.
+  at::Tensor run_stage(const PipelineStage& stage, const PipelineAction& a, const at::Tensor& input) {
+    try {
+      return stage.forward(input);
+    } catch (const c10::Error& e) {
+      const bool activation = a.stage > 0;
+      TORCH_CHECK(false, "titan::Pipeline: stage ", a.stage, " failed on micro-batch ", a.microbatch, ", whose input is ",
+                  activation ? "the activation of stage " + std::to_string(a.stage - 1) : std::string("the micro-batch"),
+                  " (", input.scalar_type(), " ", input.sizes(), "): ", e.what_without_backtrace(),
+                  activation ? ". A stage that does not hold the model's first modules (e.g. the embedding) gets the "
+                               "previous stage's output: the model's forward must skip the modules its stage does not "
+                               "hold (docs/pipeline_parallel.md, 'Pipelining your own model')"
+                             : "");
+    }
   }
 
   void backward(const PipelineAction& a) {

@@ -115,15 +115,46 @@ inline std::vector<std::vector<std::string>> pipeline_stage_modules(torch::nn::M
   return stages;
 }
 
+namespace detail {
+
+/// Attached by keep_pipeline_stage to each module it removes: a forward that still reaches one (a
+/// loop over a ModuleList's own vector, which keeps the removed layers) fails naming it.
+class PrunedModuleHook : public ModuleHook {
+ public:
+  PrunedModuleHook(std::string module, int64_t stage, int64_t owner)
+      : module_(std::move(module)), stage_(stage), owner_(owner) {}
+  std::string name() const override { return "removed by keep_pipeline_stage"; }
+  at::Tensor forward(torch::nn::Module&, const TensorList&, const ForwardFn&) override {
+    TORCH_CHECK(false, "titan pipeline: module '", module_, "' ran in stage ", stage_, ", but ",
+                owner_ >= 0 ? "stage " + std::to_string(owner_) + " holds it" : std::string("no stage holds it"),
+                " (keep_pipeline_stage removed it from this stage's model; a ModuleList's own vector still lists ",
+                "removed layers). Iterate the container's children(), which are this stage's layers: ",
+                "for (const auto& layer : layers->children()) h = titan::call(*layer->as<Block>(), h)");
+  }
+
+ private:
+  std::string module_;
+  int64_t stage_, owner_;
+};
+
+}  // namespace detail
+
 /// Removes from `model` every submodule stage `stage` of `num_stages` does not keep
 /// (pipeline_stage_modules), so its parameters are never materialised; the kept ones keep their
-/// names. Buffers of the root stay on every stage. Call it on the model built on the meta device,
-/// before parallelizing it.
+/// names. Buffers of the root stay on every stage. A removed module that the forward still calls
+/// through titan::call (a loop over a ModuleList's own vector) is an error naming it and the stage
+/// that holds it. Call it on the model built on the meta device, before parallelizing it.
 inline void keep_pipeline_stage(torch::nn::Module& model, const PipelineSplit& split, int64_t num_stages,
                                 int64_t stage) {
   TORCH_CHECK(stage >= 0 && stage < num_stages, "titan pipeline: stage ", stage, " is not in [0, ", num_stages, ")");
   const auto stages = pipeline_stage_modules(model, split, num_stages);
   const auto& keep = stages[static_cast<size_t>(stage)];
+  auto owner_of = [&stages](const std::string& name) {  // the stage holding `name` (or part of it), or -1
+    for (size_t s = 0; s < stages.size(); ++s)
+      for (const auto& k : stages[s])
+        if (k == name || k.rfind(name + ".", 0) == 0) return static_cast<int64_t>(s);
+    return int64_t{-1};
+  };
   std::function<void(torch::nn::Module&, const std::string&)> prune = [&](torch::nn::Module& m,
                                                                           const std::string& path) {
     std::vector<std::string> drop;
@@ -135,7 +166,10 @@ inline void keep_pipeline_stage(torch::nn::Module& model, const PipelineSplit& s
         above = above || k.rfind(name + ".", 0) == 0;
       }
       if (above && !kept) prune(*child.value(), name);
-      if (!above && !kept) drop.push_back(child.key());
+      if (!above && !kept) {
+        attach_hook(*child.value(), std::make_shared<detail::PrunedModuleHook>(name, stage, owner_of(name)));
+        drop.push_back(child.key());
+      }
     }
     for (const auto& key : drop) m.unregister_module(key);
   };

@@ -1,0 +1,204 @@
+#pragma once
+// titan/expert_parallel.hpp: expert parallelism: each rank of an `ep` group holds E / ep of a MoE
+// layer's experts, and every token assignment travels to the rank of its expert and back by
+// all-to-all (torchtitan's ExpertParallel, GShard's dispatch and combine).
+//
+//   GroupedExperts' forward(rows [N, dim] sorted by expert, counts [E]) on rank r of ep ranks:
+//     1. counts                -> all-to-all -> received[s][l]: rank s's rows for local expert l
+//     2. rows (by expert)      -> all-to-all -> rows from every rank, by source rank then expert
+//     3. regrouped by local expert, the local experts compute [M, dim] (the inner hooks, e.g.
+//        FSDP over the data-parallel ranks, then the module's forward on its E / ep experts)
+//     4. back in source order  -> all-to-all -> [N, dim], each row where it came from
+//   The row exchanges are differentiable (their backward is the reverse all-to-all); the counts
+//   are read on the host (one synchronisation per layer and pass, as torchtitan's).
+//
+// The experts' stacked weights w1, w2, w3 [E, ...] are sharded along dim 0 in place (Shard(0)
+// over the group, for state dicts and checkpoints); the router (gate) and the shared experts stay
+// replicated and are data parallel. An expert's gradient sums every ep rank's tokens, so it is
+// divided by the ep degree: with the data-parallel mean of every other gradient over all ranks
+// (FSDP over dp × ep for the replicated parameters, over dp alone for the experts), every
+// gradient is then the mean over all ranks' tokens (torchtitan sets FSDP's gradient divide
+// factor for the same reason). FSDP over ranks that hold different experts is an error.
+
+#include <titan/collectives.hpp>
+#include <titan/hooks.hpp>
+#include <titan/moe.hpp>
+#include <titan/sharding.hpp>
+#include <titan/world.hpp>
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace titan {
+
+namespace detail {
+
+/// Rows [N, dim] cut into `send` row counts per rank -> the rows every rank sent here, `receive`
+/// counts per rank, concatenated; differentiable (the backward sends the gradients back).
+inline at::Tensor exchange_rows(const at::Tensor& rows, const ProcessGroupPtr& group, const std::vector<int64_t>& send,
+                                const std::vector<int64_t>& receive) {
+  at::Tensor out;
+  {
+    at::NoGradGuard no_grad;
+    out = all_to_all_raw(rows.contiguous(), *group, 0, send, 0, receive);  // [Σ receive, dim]
+  }
+  return with_backward(rows, std::move(out), "titan::ExpertAllToAllBackward",
+                       [group, send, receive](torch::autograd::variable_list&& grads) {
+                         return one(all_to_all_raw(grads[0].contiguous(), *group, 0, receive, 0, send));
+                       });
+}
+
+}  // namespace detail
+
+/// The hook apply_expert_parallel attaches to a GroupedExperts module: its weights hold this
+/// rank's experts, and its forward sends each row to its expert's rank and brings the result back.
+class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
+ public:
+  ExpertParallelHook(ProcessGroupPtr group, std::string mesh_dim, int64_t num_experts)
+      : group_(std::move(group)), mesh_dim_(std::move(mesh_dim)), num_experts_(num_experts) {}
+
+  std::string name() const override { return "expert_parallel"; }
+  HookKind kind() const override { return HookKind::TensorParallel; }
+
+  std::optional<TensorLayout> layout_of(const std::string& relative_name) const override {
+    auto it = layouts_.find(relative_name);
+    if (it == layouts_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  /// Keeps this rank's experts of `module`'s w1, w2 and w3 (dim 0), in place, their gradients
+  /// divided by the ep degree (see the top of this header).
+  void shard(GroupedExpertsImpl& module, const std::string& path) {
+    module_ = &module;
+    path_ = path;
+    const int64_t ranks = group_->size();
+    for (const char* key : {"w1", "w2", "w3"}) {
+      auto parameter = module.named_parameters(/*recurse=*/false)[key];
+      TensorLayout layout{parameter.sizes().vec(), {ShardLevel{0, mesh_dim_, group_, {}}}};
+      if (ranks > 1) {
+        at::NoGradGuard no_grad;
+        const int64_t local = num_experts_ / ranks;
+        parameter.set_data(parameter.narrow(0, group_->rank() * local, local).contiguous());  // [E / ep, ...]
+        parameter.mutable_grad() = at::Tensor();
+        if (parameter.requires_grad())
+          parameter.register_hook([ranks](const at::Tensor& grad) { return grad / static_cast<double>(ranks); });
+      }
+      layouts_[key] = std::move(layout);
+    }
+  }
+
+  /// No gradient reduction of the experts' weights (FSDP, HSDP) may include another rank of the
+  /// expert-parallel group: those ranks hold other experts.
+  void verify_model(const torch::nn::Module& root) const override {
+    detail::visit_modules(root, "", [&root](const std::string&, const torch::nn::Module& m) {
+      const auto ep = find_hook<ExpertParallelHook>(m);
+      if (!ep || !ep->module_) return;
+      const auto& peers = ep->group_->global_ranks();
+      const int me = peers[static_cast<size_t>(ep->group_->rank())];
+      for (const auto& item : ep->module_->named_parameters(/*recurse=*/false))
+        for (int rank : titan::gradient_reduction_ranks(root, item.value()))
+          TORCH_CHECK(rank == me || std::find(peers.begin(), peers.end(), rank) == peers.end(),
+                      "titan expert parallel: '", ep->path_, ".", item.key(), "' is sharded over the expert-parallel ",
+                      "ranks, but its gradient is reduced with rank ", rank, ", which holds other experts. Shard the ",
+                      "experts with fully_shard over the ranks that hold the same experts (the data-parallel ",
+                      "dimension without ep, torchtitan's dp_shard_mod_ep), and the rest of the model over dp x ep");
+    });
+  }
+
+  at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
+    TORCH_CHECK(inputs.size() == 2, "titan expert parallel: '", module.name(), "' must be called as ",
+                "titan::call(experts, rows, counts); it got ", inputs.size(), " tensors");
+    const auto& rows = inputs[0];    // [N, dim], sorted by expert
+    const auto& counts = inputs[1];  // [E] int64
+    TORCH_CHECK(counts.dim() == 1 && counts.size(0) == num_experts_, "titan expert parallel: expected counts [",
+                num_experts_, "] (every expert of the layer), got ", counts.sizes());
+    const int64_t ranks = group_->size(), local = num_experts_ / ranks;
+    if (ranks == 1) return next(inputs);
+    // 1. How many rows each rank sends to each of this rank's experts: received [ep, E / ep].
+    const auto sent_counts = counts.to(at::kLong).contiguous();  // [E]: to rank s go experts s·local ...
+    const std::vector<int64_t> ones(static_cast<size_t>(ranks), 1);
+    const auto received = detail::all_to_all_raw(sent_counts.view({ranks, local}), *group_, 0, ones, 0, ones)
+                              .to(at::kCPU);  // [ep, E / ep]
+    const auto sent_host = sent_counts.to(at::kCPU).view({ranks, local}).sum(1);  // [ep]
+    std::vector<int64_t> send(static_cast<size_t>(ranks)), receive(static_cast<size_t>(ranks));
+    const auto* r = received.data_ptr<int64_t>();
+    for (int64_t s = 0; s < ranks; ++s) {
+      send[static_cast<size_t>(s)] = sent_host[s].item<int64_t>();
+      for (int64_t l = 0; l < local; ++l) receive[static_cast<size_t>(s)] += r[s * local + l];
+    }
+    // 2. The rows to their experts' ranks: [M, dim], by source rank then local expert.
+    const auto arrived = detail::exchange_rows(rows, group_, send, receive);
+    // 3. Regrouped by local expert (for expert l: source 0's run, source 1's, ...).
+    std::vector<int64_t> order, local_counts(static_cast<size_t>(local), 0);
+    std::vector<int64_t> start(static_cast<size_t>(ranks * local));  // first row of run (s, l) in `arrived`
+    for (int64_t run = 0, row = 0; run < ranks * local; ++run) {
+      start[static_cast<size_t>(run)] = row;
+      row += r[run];
+    }
+    for (int64_t l = 0; l < local; ++l)
+      for (int64_t s = 0; s < ranks; ++s) {
+        const int64_t n = r[s * local + l], first = start[static_cast<size_t>(s * local + l)];
+        for (int64_t i = 0; i < n; ++i) order.push_back(first + i);
+        local_counts[static_cast<size_t>(l)] += n;
+      }
+    const auto index = at::tensor(order, at::TensorOptions().dtype(at::kLong)).to(rows.device());  // [M]
+    const auto grouped = arrived.index_select(0, index);                                           // [M, dim]
+    const auto computed = next({grouped, at::tensor(local_counts, counts.options().dtype(at::kLong))});  // [M, dim]
+    // 4. Back in arrival order, then to the ranks the rows came from.
+    const auto returned = at::zeros_like(computed).index_copy(0, index, computed);  // [M, dim]
+    return detail::exchange_rows(returned, group_, receive, send);                   // [N, dim]
+  }
+
+  const ProcessGroupPtr& group() const { return group_; }
+
+ private:
+  ProcessGroupPtr group_;
+  std::string mesh_dim_;
+  int64_t num_experts_;
+  std::map<std::string, TensorLayout> layouts_;
+  const GroupedExpertsImpl* module_ = nullptr;  ///< the sharded module (it owns this hook)
+  std::string path_;                            ///< its name, for messages
+};
+
+/// Shards the experts of every GroupedExperts module of `root` (a module, ModuleHolder,
+/// shared_ptr or pointer) whose dotted name matches `pattern` (e.g. "layers.*.moe.experts") over
+/// `group` (the "ep" mesh dimension, named `mesh_dim` in layouts): each rank keeps E / ep experts
+/// and attaches an ExpertParallelHook. Apply it before activation checkpointing and fully_shard, as
+/// tensor parallelism. Returns how many modules it sharded; none, a module that is not
+/// GroupedExperts, or an expert count the group does not divide is an error naming it.
+template <typename M>
+int apply_expert_parallel(M&& root_like, const std::string& pattern, const ProcessGroupPtr& group,
+                          const std::string& mesh_dim = "ep") {
+  torch::nn::Module& root = detail::module_ref(root_like);
+  TORCH_CHECK(group, "titan::apply_expert_parallel: this rank is not in the expert-parallel group");
+  detail::check_hook_order(root, HookKind::TensorParallel, "titan::apply_expert_parallel");
+  int sharded = 0;
+  for (const auto& [name, module] : modules_matching(root, pattern)) {
+    auto* experts = dynamic_cast<GroupedExpertsImpl*>(module);
+    TORCH_CHECK(experts, "titan::apply_expert_parallel: '", name.empty() ? "<root>" : name, "' matches '", pattern,
+                "' but is not a titan::GroupedExperts (expert parallelism shards the stacked experts of a MoE layer, ",
+                "e.g. \"layers.*.moe.experts\")");
+    TORCH_CHECK(!find_hook<ExpertParallelHook>(*experts), "titan::apply_expert_parallel: '", name,
+                "' is already expert-parallel");
+    const int64_t count = experts->w1.size(0);
+    TORCH_CHECK(count % group->size() == 0, "titan::apply_expert_parallel: '", name, "' has ", count,
+                " experts, which the ", group->size(), " expert-parallel ranks cannot share evenly; choose an ",
+                "expert-parallel degree that divides ", count);
+    auto hook = std::make_shared<ExpertParallelHook>(group, mesh_dim, count);
+    hook->shard(*experts, name);
+    attach_hook(*experts, hook);
+    ++sharded;
+  }
+  TORCH_CHECK(sharded > 0, "titan::apply_expert_parallel: no module matches '", pattern, "'; modules like it: ",
+              detail::module_names_like(root, pattern));
+  return sharded;
+}
+
+}  // namespace titan

@@ -1,0 +1,108 @@
+"""Reference results of transformers' MoE blocks for test_moe.cpp.
+
+Two blocks with tiny configurations, run forward and backward in float32 on fixed tensors:
+  mixtral   MixtralSparseMoeBlock: 4 experts, top-2, softmax, renormalised top-k weights
+  qwen3     Qwen3MoeSparseMoeBlock: 8 experts, top-2, softmax, norm_topk_prob=False
+  deepseek  DeepseekV3MoE: 8 experts in 4 groups, the best 2 groups, top-2, sigmoid scores with a
+            correction bias that only chooses, renormalised, routed_scaling_factor 2.5, one shared
+            expert (also written: bias [E], shared_w1, shared_w2, shared_w3 and their gradients)
+The input is positive and the router row of the last expert is negative, so that expert receives
+no token (its weights must get a zero gradient). Written to --out (safetensors), per block
+"<name>.":
+  x [2, 5, 16], dy [2, 5, 16], gate [E, 16], w1, w3 [E, 32, 16], w2 [E, 16, 32]   the inputs
+  y, dx, dgate, dw1, dw2, dw3                                                     the results
+  aux, daux_gate     load_balancing_loss_func over the block's router logits, and its gradient
+                     with respect to the router weight
+transformers 5 stores the experts fused: gate_up_proj [E, 64, 16] = [w1 | w3] along dim 1,
+down_proj [E, 16, 32] = w2. Test-only: the library never runs Python.
+"""
+import argparse
+
+import torch
+from safetensors.torch import save_file
+from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+DIM, HIDDEN, TOP_K = 16, 32, 2
+
+
+def block_of(name):
+    if name == "mixtral":
+        config = MixtralConfig(hidden_size=DIM, intermediate_size=HIDDEN, num_local_experts=4,
+                               num_experts_per_tok=TOP_K, router_jitter_noise=0.0)
+        return MixtralSparseMoeBlock(config), 4
+    if name == "qwen3":
+        config = Qwen3MoeConfig(hidden_size=DIM, moe_intermediate_size=HIDDEN, num_experts=8,
+                                num_experts_per_tok=TOP_K, norm_topk_prob=False)
+        return Qwen3MoeSparseMoeBlock(config), 8
+    config = DeepseekV3Config(hidden_size=DIM, moe_intermediate_size=HIDDEN, n_routed_experts=8,
+                              num_experts_per_tok=TOP_K, n_group=4, topk_group=2, n_shared_experts=1,
+                              routed_scaling_factor=2.5, norm_topk_prob=True)
+    return DeepseekV3MoE(config), 8
+
+
+def case(name, generator):
+    block, experts = block_of(name)
+    block.train()
+    x = torch.rand(2, 5, DIM, generator=generator) + 0.1  # positive: the last expert never wins
+    gate = torch.randn(experts, DIM, generator=generator) * 0.5
+    gate[-1] = -1.0
+    w1 = torch.randn(experts, HIDDEN, DIM, generator=generator) * 0.2
+    w3 = torch.randn(experts, HIDDEN, DIM, generator=generator) * 0.2
+    w2 = torch.randn(experts, DIM, HIDDEN, generator=generator) * 0.2
+    dy = torch.randn(2, 5, DIM, generator=generator)
+    shared = name == "deepseek"
+    if shared:
+        bias = torch.randn(experts, generator=generator) * 0.1
+        shared_w = [torch.randn(HIDDEN, DIM, generator=generator) * 0.2,
+                    torch.randn(DIM, HIDDEN, generator=generator) * 0.2,
+                    torch.randn(HIDDEN, DIM, generator=generator) * 0.2]
+    with torch.no_grad():
+        block.gate.weight.copy_(gate)
+        block.experts.gate_up_proj.copy_(torch.cat([w1, w3], dim=1))
+        block.experts.down_proj.copy_(w2)
+        if shared:
+            block.gate.e_score_correction_bias.copy_(bias)
+            block.shared_experts.gate_proj.weight.copy_(shared_w[0])
+            block.shared_experts.down_proj.weight.copy_(shared_w[1])
+            block.shared_experts.up_proj.weight.copy_(shared_w[2])
+    xin = x.clone().requires_grad_(True)
+    y = block(xin)
+    y.backward(dy)
+    gate_up = block.experts.gate_up_proj.grad
+    out = {"x": x, "dy": dy, "gate": gate, "w1": w1, "w2": w2, "w3": w3, "y": y.detach(), "dx": xin.grad,
+           "dgate": block.gate.weight.grad, "dw1": gate_up[:, :HIDDEN], "dw3": gate_up[:, HIDDEN:],
+           "dw2": block.experts.down_proj.grad}
+    if shared:
+        out.update({"bias": bias, "shared_w1": shared_w[0], "shared_w2": shared_w[1], "shared_w3": shared_w[2],
+                    "dshared_w1": block.shared_experts.gate_proj.weight.grad,
+                    "dshared_w2": block.shared_experts.down_proj.weight.grad,
+                    "dshared_w3": block.shared_experts.up_proj.weight.grad})
+    if not shared:  # DeepSeek's sigmoid scores with a bias may still choose it
+        assert out["dw1"][-1].abs().max() == 0, "the last expert received a token"
+    router = gate.clone().requires_grad_(True)
+    aux = load_balancing_loss_func((torch.nn.functional.linear(x.reshape(-1, DIM), router),), experts, TOP_K)
+    aux.backward()
+    out["aux"] = aux.detach().reshape(1)
+    out["daux_gate"] = router.grad
+    return {f"{name}.{key}": value.contiguous() for key, value in out.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    for name in ("mixtral", "qwen3", "deepseek"):
+        tensors.update(case(name, generator))
+    save_file(tensors, args.out)
+
+
+if __name__ == "__main__":
+    main()
