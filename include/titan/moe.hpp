@@ -348,10 +348,10 @@ struct MoEImpl : torch::nn::Module {
  private:
   void record(const MoeRouting& routing, const MoeDispatch& d) {
     const bool grad = c10::GradMode::is_enabled();
-    TORCH_CHECK(grad || !options_.aux_loss(), "titan::MoE: a training forward ran without gradients (activation ",
-                "checkpointing's first pass), so the auxiliary loss would get no gradient through the router: ",
+    TORCH_CHECK(grad || !options_.aux_loss(), "titan::MoE: a training-mode forward ran without gradients. Under ",
+                "activation checkpointing's first pass the auxiliary loss would get no gradient through the router: ",
                 "leave the MoE layers' blocks un-checkpointed, or balance with MoeOptions().expert_bias(true) ",
-                "instead of aux_loss");
+                "instead of aux_loss. For an evaluation under torch::NoGradGuard, call model->eval() first");
     if (!grad) return;  // the recomputation counts these tokens
     {
       at::NoGradGuard no_grad;
