@@ -124,15 +124,17 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
     // 1. How many rows each rank sends to each of this rank's experts: received [ep, E / ep].
     const auto sent_counts = counts.to(at::kLong).contiguous();  // [E]: to rank s go experts s·local ...
     const std::vector<int64_t> ones(static_cast<size_t>(ranks), 1);
-    const auto received = detail::all_to_all_raw(sent_counts.view({ranks, local}), *group_, 0, ones, 0, ones)
-                              .to(at::kCPU);  // [ep, E / ep]
-    const auto sent_host = sent_counts.to(at::kCPU).view({ranks, local}).sum(1);  // [ep]
-    std::vector<int64_t> send(static_cast<size_t>(ranks)), receive(static_cast<size_t>(ranks));
-    const auto* r = received.data_ptr<int64_t>();
-    for (int64_t s = 0; s < ranks; ++s) {
-      send[static_cast<size_t>(s)] = sent_host[s].item<int64_t>();
-      for (int64_t l = 0; l < local; ++l) receive[static_cast<size_t>(s)] += r[s * local + l];
-    }
+    const auto received =
+        detail::all_to_all_raw(sent_counts.view({ranks, local}), *group_, 0, ones, 0, ones);  // [ep, E / ep]
+    const auto host = at::cat({sent_counts, received.view({-1})}).to(at::kCPU);  // [2E]: one device-to-host copy
+    const auto* sent = host.data_ptr<int64_t>();  // [E]
+    const auto* r = sent + num_experts_;          // [ep, E / ep]
+    std::vector<int64_t> send(static_cast<size_t>(ranks), 0), receive(static_cast<size_t>(ranks), 0);
+    for (int64_t s = 0; s < ranks; ++s)
+      for (int64_t l = 0; l < local; ++l) {
+        send[static_cast<size_t>(s)] += sent[s * local + l];
+        receive[static_cast<size_t>(s)] += r[s * local + l];
+      }
     // 2. The rows to their experts' ranks: [M, dim], by source rank then local expert.
     const auto arrived = detail::exchange_rows(rows, group_, send, receive);
     // 3. Regrouped by local expert (for expert l: source 0's run, source 1's, ...).

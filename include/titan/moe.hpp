@@ -158,7 +158,7 @@ struct MoeDispatch {
   at::Tensor token;    ///< [N] int64: the token of each kept assignment, by expert
   at::Tensor weight;   ///< [N, 1] float32: its routing weight
   at::Tensor counts;   ///< [E] int64: kept assignments per expert (they sum to N)
-  at::Tensor dropped;  ///< [] int64: assignments dropped for capacity
+  at::Tensor routed;   ///< [E] int64: every assignment per expert, before the capacity (= counts if dropless)
 };
 
 /// Sorts `routing`'s assignments by expert (stably: by token within an expert, or by weight
@@ -174,23 +174,20 @@ inline MoeDispatch dispatch_tokens(const MoeRouting& routing, const MoeOptions& 
     const auto by_weight = at::argsort(weights.detach(), /*stable=*/true, 0, /*descending=*/true);  // [T·k]
     order = by_weight.index_select(0, at::argsort(chosen.index_select(0, by_weight), /*stable=*/true));
   }
-  auto counts = at::zeros({experts}, chosen.options()).index_add_(0, chosen, at::ones_like(chosen));  // [E]
   MoeDispatch d;
-  d.dropped = at::zeros({}, chosen.options());
+  d.routed = at::zeros({experts}, chosen.options()).index_add_(0, chosen, at::ones_like(chosen));  // [E]
+  d.counts = d.routed;
   if (capped) {
     const auto capacity = static_cast<int64_t>(
         std::ceil(options.capacity_factor() * static_cast<double>(chosen.numel()) / static_cast<double>(experts)));
-    const auto starts = counts.cumsum(0) - counts;                                            // [E] first rows
+    const auto starts = d.routed.cumsum(0) - d.routed;                                        // [E] first rows
     const auto rank = at::arange(chosen.numel(), chosen.options()) -
                       starts.index_select(0, chosen.index_select(0, order));                  // [T·k] within expert
     order = order.masked_select(rank.lt(capacity));                                           // [N]
-    const auto kept = counts.clamp_max(capacity);                                             // [E]
-    d.dropped = (counts - kept).sum();
-    counts = kept;
+    d.counts = d.routed.clamp_max(capacity);                                                  // [E]
   }
   d.token = order.div(k, "floor");                         // [N]
   d.weight = weights.index_select(0, order).unsqueeze(1);  // [N, 1]
-  d.counts = counts;
   return d;
 }
 
@@ -356,7 +353,8 @@ struct MoEImpl : torch::nn::Module {
     {
       at::NoGradGuard no_grad;
       tokens_per_expert_ = tokens_per_expert_.defined() ? tokens_per_expert_ + d.counts : d.counts.clone();
-      dropped_ = dropped_.defined() ? dropped_ + d.dropped : d.dropped.clone();
+      const auto dropped = (d.routed - d.counts).sum();  // []
+      dropped_ = dropped_.defined() ? dropped_ + dropped : dropped;
     }
     if (!options_.aux_loss()) return;
     // Mixtral's (Switch Transformer's) statistics: softmax probabilities; sigmoid scores are
@@ -364,9 +362,7 @@ struct MoEImpl : torch::nn::Module {
     const auto probabilities = options_.score() == RouterScore::Softmax
                                    ? routing.scores
                                    : routing.scores / routing.scores.sum(-1, /*keepdim=*/true);  // [T, E]
-    const auto chosen = routing.experts.reshape({-1});                                            // [T·k]
-    const auto assigned = at::zeros({options_.num_experts()}, routing.scores.options())
-                              .index_add_(0, chosen, at::ones(chosen.sizes(), routing.scores.options()));  // [E]
+    const auto assigned = d.routed.to(at::kFloat);                                               // [E]
     const auto summed = probabilities.sum(0);                                                     // [E]
     aux_.assignments = aux_.assignments.defined() ? aux_.assignments + assigned : assigned;
     aux_.probabilities = aux_.probabilities.defined() ? aux_.probabilities + summed : summed;
