@@ -103,12 +103,18 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("parallelism", "context_parallel_degree", &c.parallelism.context_parallel_degree, 1),
       choice("parallelism", "context_parallel_rotate_method", &c.parallelism.context_parallel_rotate_method,
              names_in(titan::rotate_method_names())),
+      integer("parallelism", "expert_parallel_degree", &c.parallelism.expert_parallel_degree, 1),
       flag("float8", "enable", &c.float8.enable),
       choice("float8", "recipe_name", &c.float8.recipe_name, names_in(titan::float8_recipe_names())),
       text("float8", "filter_fqns", &c.float8.filter_fqns),
       flag("float8", "enable_fsdp_float8_all_gather", &c.float8.enable_fsdp_float8_all_gather),
       flag("float8", "precompute_float8_dynamic_scale_for_fsdp", &c.float8.precompute_float8_dynamic_scale_for_fsdp),
       flag("float8", "emulate", &c.float8.emulate),
+      integer("moe", "top_k", &c.moe.top_k, 0),
+      choice("moe", "score_func", &c.moe.score_func, {"flavor", "softmax", "sigmoid"}),
+      real("moe", "aux_loss_coef", &c.moe.aux_loss_coef, 0.0),
+      real("moe", "load_balance_coeff", &c.moe.load_balance_coeff, 0.0),
+      real("moe", "capacity_factor", &c.moe.capacity_factor, 0.0),
       flag("checkpoint", "enable", &c.checkpoint.enable),
       text("checkpoint", "folder", &c.checkpoint.folder),
       integer("checkpoint", "interval", &c.checkpoint.interval, 1),
@@ -385,6 +391,9 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(t.seq_len % cp_chunks == 0, source, ": training.seq_len = ", t.seq_len, " must be a multiple of 2 x ",
               "parallelism.context_parallel_degree = ", cp_chunks, " (each context-parallel rank holds two equal ",
               "chunks of every sequence)");
+  TORCH_CHECK(config.moe.aux_loss_coef == 0 || p.pipeline_parallel_degree == 1, source, ": moe.aux_loss_coef = ",
+              config.moe.aux_loss_coef, " needs pipeline_parallel_degree = 1 (the auxiliary loss spans every layer's ",
+              "tokens; with pipeline parallelism balance the experts with moe.load_balance_coeff)");
   const auto& f = config.float8;
   TORCH_CHECK(!config.model.fused_projections || !f.enable, source, ": model.fused_projections = true and ",
               "float8.enable = true do not combine: float8 gives each projection its own scaled GEMM; turn one off");

@@ -93,6 +93,25 @@ struct ParallelismConfig {
   /// (load-balanced; training.seq_len a multiple of 2 cp). FSDP shards over dp_shard x cp.
   int64_t context_parallel_degree = 1;
   std::string context_parallel_rotate_method = "allgather";  ///< how K/V reach the cp ranks: "allgather" or "p2p" (ring)
+  /// Ranks sharing each MoE layer's experts (ep), E / ep each, tokens sent to them by all-to-all;
+  /// taken from the data-parallel shard ranks (it must divide data_parallel_shard_degree). 1: none.
+  int64_t expert_parallel_degree = 1;
+};
+
+/// [moe]: training mixture-of-experts models (mixtral, qwen3_moe; titan/moe.hpp).
+struct MoeConfig {
+  int64_t top_k = 0;                    ///< experts per token; 0: the flavor's (Mixtral 2, Qwen3-MoE 8)
+  std::string score_func = "flavor";    ///< router scores: "flavor" (its own: softmax), "softmax" or "sigmoid"
+  /// Weight of the auxiliary load-balancing loss added to each micro-batch's loss (Mixtral's
+  /// router_aux_loss_coef, 0.02); 0: none. Not with pipeline parallelism or an activation-
+  /// checkpointed MoE layer (errors say so).
+  double aux_loss_coef = 0.0;
+  /// Rate of the auxiliary-loss-free expert bias, updated after each optimizer step from the step's
+  /// token counts (DeepSeek-V3; torchtitan's load_balance_coeff, 1e-3); 0: no bias.
+  double load_balance_coeff = 0.0;
+  /// Each expert takes at most capacity_factor x its even share of a forward's assignments, the
+  /// others are dropped (by score); 0: dropless.
+  double capacity_factor = 0.0;
 };
 
 /// [float8]: float8 linear layers (torchao's Float8Linear; titan/float8.hpp).
@@ -167,6 +186,7 @@ struct TrainConfig {
   TrainingConfig training;
   ParallelismConfig parallelism;
   Float8Config float8;
+  MoeConfig moe;
   CheckpointConfig checkpoint;
   ActivationCheckpointConfig activation_checkpoint;
   MetricsConfig metrics;

@@ -26,19 +26,43 @@ ParallelDims ParallelDims::from_config(const ParallelismConfig& config, int64_t 
   }
   TORCH_CHECK(others * dims.dp_shard == world_size, "parallelism: ", others_text(), " x data_parallel_shard_degree (",
               dims.dp_shard, ") = ", others * dims.dp_shard, " but the job has ", world_size, " ranks");
+  dims.ep = config.expert_parallel_degree;
+  TORCH_CHECK(dims.dp_shard % dims.ep == 0, "parallelism: expert_parallel_degree (", dims.ep,
+              ") must divide data_parallel_shard_degree (", dims.dp_shard, "): the expert-parallel ranks are ",
+              "data-parallel shard ranks holding different experts");
   return dims;
 }
 
 titan::DeviceMesh ParallelDims::build_mesh(const titan::WorldPtr& world) const {
-  titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard", "cp", "tp"}, {pp, dp_replicate, dp_shard, cp, tp});
-  mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
-  mesh.flatten({"dp_shard", "cp"}, "dp_shard_cp");
-  mesh.flatten({"dp_replicate", "dp_shard", "cp"}, "dp_cp");
+  if (ep == 1) {
+    titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard", "cp", "tp"}, {pp, dp_replicate, dp_shard, cp, tp});
+    mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
+    mesh.flatten({"dp_shard", "cp"}, "dp_shard_cp");
+    mesh.flatten({"dp_replicate", "dp_shard", "cp"}, "dp_cp");
+    return mesh;
+  }
+  titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp"},
+                         {pp, dp_replicate, dp_shard / ep, ep, cp, tp});
+  mesh.flatten({"dp_shard_mod_ep", "ep"}, "dp_shard");
+  mesh.flatten({"dp_replicate", "dp_shard_mod_ep", "ep"}, "dp");
+  mesh.flatten({"dp_shard_mod_ep", "ep", "cp"}, "dp_shard_cp");
+  mesh.flatten({"dp_replicate", "dp_shard_mod_ep", "ep", "cp"}, "dp_cp");
+  mesh.flatten({"dp_shard_mod_ep", "cp"}, "dp_shard_mod_ep_cp");
   return mesh;
 }
 
 titan::DeviceMesh ParallelDims::fsdp_mesh(const titan::DeviceMesh& mesh) const {
   return dp_replicate > 1 ? mesh.slice({"dp_replicate", "dp_shard_cp"}) : mesh["dp_shard_cp"];
+}
+
+std::vector<std::string> ParallelDims::stage_dims() const {
+  if (ep == 1) return {"dp_replicate", "dp_shard", "cp", "tp"};
+  return {"dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp"};
+}
+
+titan::DeviceMesh ParallelDims::expert_fsdp_mesh(const titan::DeviceMesh& mesh) const {
+  if (ep == 1) return fsdp_mesh(mesh);
+  return dp_replicate > 1 ? mesh.slice({"dp_replicate", "dp_shard_mod_ep_cp"}) : mesh["dp_shard_mod_ep_cp"];
 }
 
 titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config) {

@@ -16,16 +16,21 @@
 #include <titan/pipeline.hpp>
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace titan::examples {
 
-/// The degrees of the mesh pp x dp_replicate x dp_shard x cp x tp, checked against the world size.
+/// The degrees of the mesh pp x dp_replicate x dp_shard x cp x tp, checked against the world size,
+/// and the expert-parallel degree ep, a divisor of dp_shard (torchtitan borrows ep from the
+/// data-parallel ranks the same way).
 struct ParallelDims {
   int64_t pp = 1;
   int64_t dp_replicate = 1;
   int64_t dp_shard = 1;
   int64_t cp = 1;
   int64_t tp = 1;
+  int64_t ep = 1;
 
   /// Resolves dp_shard = -1 and checks that the product equals `world_size` (the error names the
   /// config keys and values).
@@ -34,10 +39,17 @@ struct ParallelDims {
   /// The mesh {"pp", "dp_replicate", "dp_shard", "cp", "tp"} (pipeline outermost, as torchtitan),
   /// plus the flattened dims "dp" (data: which samples), "dp_shard_cp" (FSDP's shards: the cp ranks
   /// of a sample hold the same parameters and reduce their gradients with the dp ranks) and "dp_cp"
-  /// (the loss's tokens).
+  /// (the loss's tokens). With ep > 1, dp_shard is itself "dp_shard_mod_ep" x "ep" (the ranks
+  /// sharing one layer's experts, consecutive), and "dp_shard_mod_ep_cp" is FSDP's shards of the
+  /// experts.
   titan::DeviceMesh build_mesh(const titan::WorldPtr& world) const;
   /// The mesh fully_shard takes: ("dp_replicate", "dp_shard_cp") for HSDP, else "dp_shard_cp".
   titan::DeviceMesh fsdp_mesh(const titan::DeviceMesh& mesh) const;
+  /// The base mesh dimensions other than pp: the ranks of one pipeline stage, flattened.
+  std::vector<std::string> stage_dims() const;
+  /// The mesh fully_shard takes for expert weights, which the ep ranks do not share: fsdp_mesh
+  /// without the ep ranks.
+  titan::DeviceMesh expert_fsdp_mesh(const titan::DeviceMesh& mesh) const;
 };
 
 /// [activation_checkpoint] as titan's typed options: mode "none" / "full", or "selective" with

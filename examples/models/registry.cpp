@@ -8,7 +8,7 @@ namespace titan::examples {
 
 // The built-in families. A new family: its folder, its sources in models/CMakeLists.txt, and one
 // line each below (the declaration and the call).
-void register_llama(ModelRegistry& registry);  // llama/spec.cpp: llama2, llama3, llama3.1, mistral
+void register_llama(ModelRegistry& registry);  // llama/spec.cpp: llama2, llama3, llama3.1, mistral, mixtral, qwen3_moe
 
 ModelRegistry& ModelRegistry::add(ModelSpec spec) {
   TORCH_CHECK(!spec.name.empty(), "ModelRegistry::add: the spec has no name");

@@ -9,6 +9,7 @@
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
+#include <c10/util/ScopeExit.h>
 #include <c10/util/StringUtil.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <sstream>
 
 namespace titan::examples {
 namespace {
@@ -196,6 +198,17 @@ void Trainer::build_model() {
   }
   log.info(config_.model.name, " ", config_.model.flavor, ": ", facts_.parameters, " parameters, ",
            facts_.flops_per_token / 1e9, " GFLOP per token");
+  if (!titan::moe_loads(model_).empty()) {
+    // The ranks of this pipeline stage, whose token counts sum to the step's (expert bias, logs).
+    moe_group_ = mesh_->flatten(dims_.stage_dims(), "moe_stage").group("moe_stage");
+    // Each micro-batch's auxiliary loss weighs 1 / accumulation; with sequence parallel the tp
+    // ranks' parts of the sequence each add theirs to the router's gradient (summed over tp).
+    const bool sequence_split = dims_.tp > 1 && config_.parallelism.enable_sequence_parallel;
+    aux_loss_weight_ = config_.moe.aux_loss_coef / (sequence_split ? static_cast<double>(dims_.tp) : 1.0);
+    log.info("mixture of experts: expert_parallel_degree ", dims_.ep, ", aux_loss_coef ", config_.moe.aux_loss_coef,
+             ", load_balance_coeff ", config_.moe.load_balance_coeff, ", capacity_factor ",
+             config_.moe.capacity_factor, config_.moe.capacity_factor > 0 ? "" : " (dropless)");
+  }
 }
 
 void Trainer::build_optimizer() {
@@ -379,11 +392,25 @@ torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector
 
 torch::Tensor Trainer::forward_backward(const Batch& batch, double scale) {
   auto loss = loss_sum(batch, scale);  // []
-  (loss * scale).backward();
+  auto objective = loss * scale;       // []
+  if (aux_loss_weight_ > 0) {          // this micro-batch's load-balancing loss, a mean over micro-batches
+    auto aux = titan::moe_aux_loss(*stages_.front());  // []
+    interval_.aux_loss += aux.detach().to(torch::kDouble) / static_cast<double>(accumulation_);
+    objective = objective + aux * (aux_loss_weight_ / static_cast<double>(accumulation_));
+  }
+  objective.backward();
   return loss.detach();
 }
 
 bool Trainer::train_step(int64_t step) {
+  if (interval_.steps == 0) {
+    auto zero = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(world_->device()));
+    interval_.loss = zero.clone();
+    interval_.grad_norm = zero.clone();
+    interval_.skipped = zero.clone();
+    interval_.aux_loss = zero.clone();
+    interval_.first_step = step;
+  }
   const double lr = schedule_->apply(*optimizer_, step, config_.optimizer.lr);
   optimizer_->zero_grad();
   const auto data_start = Clock::now();
@@ -430,12 +457,10 @@ bool Trainer::train_step(int64_t step) {
   if (config_.float8.precompute_float8_dynamic_scale_for_fsdp)  // the next all-gathers' scales, one all-reduce
     for (const auto& stage : stages_) titan::precompute_float8_dynamic_scale_for_fsdp(stage);
 
-  if (interval_.steps == 0) {
-    auto zero = torch::zeros({}, norm.options());
-    interval_.loss = zero.clone();
-    interval_.grad_norm = zero.clone();
-    interval_.skipped = zero.clone();
-    interval_.first_step = step;
+  if (moe_group_) {
+    if (metrics_->is_log_step(step)) moe_loads_ = expert_loads();  // before the bias update empties the counts
+    if (config_.moe.load_balance_coeff > 0)
+      for (const auto& stage : stages_) titan::update_expert_bias(stage, moe_group_, config_.moe.load_balance_coeff);
   }
   interval_.loss += loss_sum_here / global_tokens;
   interval_.grad_norm += torch::where(not_finite, torch::zeros_like(norm), norm);
@@ -452,9 +477,13 @@ void Trainer::sync_host(int64_t step, bool log) {
     return;
   }
   torch::Tensor loss = interval_.loss;
+  double aux_loss = 0.0;  // the interval's mean auxiliary loss over the dp x cp ranks
   if (log) {  // the interval's loss collectives: over data and context parallel, and from the last pipeline stage
     loss = titan::all_reduce(loss.clone(), mesh_->group("dp_cp"));
     if (dims_.pp > 1) loss = titan::all_reduce(loss, mesh_->group("pp"));
+    if (aux_loss_weight_ > 0)
+      aux_loss = titan::all_reduce(interval_.aux_loss.clone(), mesh_->group("dp_cp")).item<double>() /
+                 static_cast<double>(dims_.dp() * dims_.cp * interval_.steps);
   }
   auto host = torch::stack({loss, interval_.grad_norm, interval_.skipped}).cpu();  // [3]: waits for the device
   interval_.seconds += seconds_since(clock_);  // the steps' work is done now
@@ -474,14 +503,59 @@ void Trainer::sync_host(int64_t step, bool log) {
   stats.data_seconds = interval_.data_seconds;
   stats.skipped = skipped;
   world_->logger().info(metrics_->record(stats));
+  if (moe_group_) log_experts(step, aux_loss);
   if (skipped > 0)
     world_->logger().warn("steps ", interval_.first_step, "-", step, ": ", skipped,
                           " step(s) with a non-finite gradient norm were skipped");
   interval_ = Interval();
 }
 
+std::vector<titan::MoeLoad> Trainer::expert_loads() {
+  // With the expert bias the counts are left for its update, which empties them every step.
+  const bool reset = config_.moe.load_balance_coeff == 0;
+  std::vector<titan::MoeLoad> loads;
+  for (const auto& stage : stages_)
+    for (auto& load : titan::moe_loads(stage, reset, moe_group_)) loads.push_back(std::move(load));
+  return loads;
+}
+
+void Trainer::log_experts(int64_t step, double aux_loss) {
+  if (moe_loads_.empty()) return;
+  const titan::MoeLoad* worst = &moe_loads_.front();
+  double mean_load = 0.0;
+  int64_t dropped = 0, assignments = 0;
+  for (const auto& load : moe_loads_) {
+    if (load.max_over_mean > worst->max_over_mean) worst = &load;
+    mean_load += load.max_over_mean / static_cast<double>(moe_loads_.size());
+    dropped += load.dropped;
+    assignments += load.tokens.sum().item<int64_t>() + load.dropped;
+  }
+  const bool each_step = config_.moe.load_balance_coeff > 0;
+  std::ostringstream line;
+  line << "step " << step << " experts" << (each_step ? " (this step" : " (the interval")
+       << (dims_.pp > 1 ? ", this pipeline stage's layers" : "") << "): max/mean load " << mean_load
+       << " averaged over " << moe_loads_.size() << " layers, worst " << worst->max_over_mean << " ("
+       << worst->layer << ", tokens per expert " << c10::Join(" ", std::vector<int64_t>(worst->tokens.data_ptr<int64_t>(),
+                                                      worst->tokens.data_ptr<int64_t>() + worst->tokens.numel()))
+       << "), dropped " << dropped << " of " << assignments << " assignments";
+  if (aux_loss_weight_ > 0) line << ", aux loss " << aux_loss;
+  world_->logger().info(line.str());
+  std::map<std::string, double> scalars{{"moe/max_over_mean", mean_load},
+                                        {"moe/max_over_mean_worst", worst->max_over_mean},
+                                        {"moe/dropped", static_cast<double>(dropped)}};
+  if (aux_loss_weight_ > 0) scalars["moe/aux_loss"] = aux_loss;
+  for (const auto& load : moe_loads_) scalars["moe/max_over_mean/" + load.layer] = load.max_over_mean;
+  metrics_->record_scalars(step, scalars);
+  moe_loads_.clear();
+}
+
 void Trainer::validate(int64_t step) {
   torch::NoGradGuard no_grad;
+  // Evaluation mode: MoE layers then keep no training statistics (token counts, auxiliary loss).
+  for (const auto& stage : stages_) stage->eval();
+  const auto back_to_training = c10::make_scope_exit([this] {
+    for (const auto& stage : stages_) stage->train();
+  });
   auto mean_loss = [this](const Batch& batch) {  // over the whole batch: summed over the cp ranks' parts
     const auto tokens = static_cast<double>(std::max<int64_t>(batch.num_label_tokens, 1));
     const auto local = shard_sequence(batch);

@@ -35,6 +35,7 @@
 #include <titan/checkpoint.hpp>
 #include <titan/context_parallel.hpp>
 #include <titan/dist.hpp>
+#include <titan/moe.hpp>
 #include <titan/pipeline.hpp>
 
 #include <chrono>
@@ -142,6 +143,12 @@ class Trainer {
   /// Waits for the device's work and reads the interval's sums: applies the NaN policy and, at a
   /// logging step, reduces the loss over the data-parallel ranks and writes the metrics line.
   void sync_host(int64_t step, bool log);
+  /// A MoE model's tokens per expert and dropped assignments per layer since the counts were last
+  /// emptied, summed over the ranks of this pipeline stage.
+  std::vector<titan::MoeLoad> expert_loads();
+  /// Logs and records (moe/... scalars) the loads expert_loads() read at `step`, and the interval's
+  /// mean auxiliary loss.
+  void log_experts(int64_t step, double aux_loss);
   /// Saves a checkpoint of `step` when the interval says so, or always with `force`.
   void save_checkpoint(int64_t step, bool force);
   /// Writes the trained weights as a Hugging Face folder under job.dump_folder/export.
@@ -180,11 +187,15 @@ class Trainer {
   std::optional<titan::ContextParallelLayout> cp_layout_;  ///< with context parallelism
   torch::Tensor positions_;  ///< [seq_len / cp] this rank's token positions (undefined without CP)
   titan::ProcessGroupPtr host_group_;  ///< every rank, Gloo on the CPU: host values, no device sync
+  titan::ProcessGroupPtr moe_group_;   ///< a MoE model's: the ranks of this pipeline stage (else null)
+  double aux_loss_weight_ = 0.0;       ///< factor of each micro-batch's MoE auxiliary loss (0: none)
+  std::vector<titan::MoeLoad> moe_loads_;  ///< the loads read at the last logging step
   /// Sums over the current logging interval. The tensors stay on the device until sync_host.
   struct Interval {
     torch::Tensor loss;       ///< [] fp64: this rank's share of each step's mean loss, summed
     torch::Tensor grad_norm;  ///< [] fp64: the finite global gradient norms, summed
     torch::Tensor skipped;    ///< [] fp64: steps whose norm was not finite (update skipped)
+    torch::Tensor aux_loss;   ///< [] fp64: each step's mean MoE auxiliary loss on this rank, summed
     int64_t first_step = 0, steps = 0, tokens = 0;
     double lr = 0.0, seconds = 0.0, data_seconds = 0.0;
   } interval_;

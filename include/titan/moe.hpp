@@ -432,18 +432,33 @@ struct MoeLoad {
 };
 
 /// The load of every MoE layer of `model` (a module, ModuleHolder, shared_ptr or pointer) since
-/// the last reset, on this rank; `reset` empties the counts.
+/// the last reset, on this rank, or summed over `group` (every rank of it calls this; one
+/// all-reduce of all layers' counts); `reset` empties the counts.
 template <typename M>
-std::vector<MoeLoad> moe_loads(M&& model, bool reset = false) {
+std::vector<MoeLoad> moe_loads(M&& model, bool reset = false, const ProcessGroupPtr& group = nullptr) {
   std::vector<MoeLoad> loads;
+  std::vector<at::Tensor> rows;  // per layer: tokens per expert, then the dropped assignments [E + 1]
   for (auto& [name, layer] : detail::moe_layers(detail::module_ref(model))) {
-    MoeLoad load{name, at::zeros({layer->options().num_experts()}, at::kLong), 0, 0};
-    if (layer->tokens_per_expert().defined()) load.tokens = layer->tokens_per_expert().to(at::kCPU);
-    if (layer->dropped_tokens().defined()) load.dropped = layer->dropped_tokens().template item<int64_t>();
+    const int64_t experts = layer->options().num_experts();
+    auto row = at::zeros({experts + 1}, at::kLong);
+    if (layer->tokens_per_expert().defined()) row.narrow(0, 0, experts).copy_(layer->tokens_per_expert());
+    if (layer->dropped_tokens().defined()) row[experts].copy_(layer->dropped_tokens());
+    rows.push_back(row);
+    loads.push_back(MoeLoad{name, at::Tensor(), 0, 0});
+    if (reset) layer->reset_tokens_per_expert();
+  }
+  if (rows.empty()) return loads;
+  auto all = at::cat(rows);  // [Σ (E + 1)] int64 on the CPU
+  if (group && group->size() > 1) all = detail::all_reduce_raw(all.to(group->device()), *group, ReduceOp::Sum).cpu();
+  int64_t offset = 0;
+  for (size_t i = 0; i < loads.size(); ++i) {
+    auto& load = loads[i];
+    const int64_t experts = rows[i].numel() - 1;
+    load.tokens = all.narrow(0, offset, experts).clone();  // [E]
+    load.dropped = all[offset + experts].item<int64_t>();
+    offset += experts + 1;
     const double mean = load.tokens.to(at::kDouble).mean().item<double>();
     load.max_over_mean = mean > 0 ? static_cast<double>(load.tokens.max().item<int64_t>()) / mean : 0;
-    loads.push_back(std::move(load));
-    if (reset) layer->reset_tokens_per_expert();
   }
   return loads;
 }

@@ -1,12 +1,17 @@
 """Reference checkpoints and outputs for test_models' parity suite, made with transformers.
 
-For each of three tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
-GQA and rope_type "llama3" scaling, Mistral with a sliding window shorter than the sequence) this
-writes, under --out/<name>/:
+For each of five tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
+GQA and rope_type "llama3" scaling, Mistral with a sliding window shorter than the sequence,
+Mixtral with 8 experts, top-2 and the auxiliary loss in its loss, Qwen3-MoE with q/k norms, an
+explicit head_dim and norm_topk_prob = False) this writes, under --out/<name>/:
   config.json + model.safetensors          the model, by save_pretrained (fp32)
   sharded/ (llama31 only)                  the same model saved in several files with an index
   reference.safetensors                    input_ids [2, S], logits [2, S, V], loss [], inv_freq,
-                                           and grad.<hf parameter name> for every parameter
+                                           and grad.<hf parameter name> for every parameter as
+                                           save_pretrained names it (one per expert), plus
+                                           aux_loss [] for Mixtral
+In the MoE models every router has rows v, -v, u, -u and a zero last row: each token has two
+positive logits, so the last expert receives no token (its weights' gradients must be zero).
 plus --out/dtypes.safetensors, written by the safetensors package: arange(-6, 6).reshape(3, 4) in
 every dtype titan reads (U8: arange(12), BOOL: > 0).
 
@@ -17,7 +22,8 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
               vocab_size=251, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -35,7 +41,43 @@ CASES = {
     "mistral": (MistralConfig, MistralForCausalLM, 24,
                 dict(num_key_value_heads=2, sliding_window=8,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "mixtral": (MixtralConfig, MixtralForCausalLM, 20,
+                dict(num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.0,
+                     output_router_logits=True, router_aux_loss_coef=0.1,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, 20,
+                  dict(num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=48, norm_topk_prob=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
+MOE = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+
+
+def disk_grads(name, model):
+    """Every parameter's gradient under its on-disk name: transformers 5 keeps a MoE's experts fused
+    in memory (gate_up_proj [E, 2h, dim] = [w1 | w3], down_proj [E, dim, h]); save_pretrained
+    writes one tensor per expert."""
+    grads = {}
+    for pname, p in model.named_parameters():
+        grad = p.grad.contiguous()
+        if name not in MOE or ".mlp." not in pname:
+            grads[pname] = grad
+            continue
+        block, gate, up, down = MOE[name]
+        prefix = pname.split(".mlp.")[0] + "." + block + "."
+        if pname.endswith("mlp.gate.weight"):
+            grads[prefix + "gate.weight"] = grad
+        elif pname.endswith("experts.gate_up_proj"):
+            hidden = grad.shape[1] // 2
+            for j in range(grad.shape[0]):
+                grads[f"{prefix}experts.{j}.{gate}.weight"] = grad[j, :hidden].contiguous()
+                grads[f"{prefix}experts.{j}.{up}.weight"] = grad[j, hidden:].contiguous()
+        elif pname.endswith("experts.down_proj"):
+            for j in range(grad.shape[0]):
+                grads[f"{prefix}experts.{j}.{down}.weight"] = grad[j].contiguous()
+        else:
+            raise ValueError(f"unexpected MoE parameter {pname}")
+    return grads
 
 
 def make_case(name, out, seed):
@@ -48,6 +90,9 @@ def make_case(name, out, seed):
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            if pname.endswith("mlp.gate.weight"):  # the last expert never wins (see the top)
+                v, u = torch.randn(p.shape[1]), torch.randn(p.shape[1])
+                p[0], p[1], p[2], p[3], p[-1] = v, -v, u, -u, 0
     directory = os.path.join(out, name)
     model.save_pretrained(directory, safe_serialization=True)
     if name == "llama31":
@@ -58,8 +103,10 @@ def make_case(name, out, seed):
     result.loss.backward()
     tensors = {"input_ids": ids, "logits": result.logits.detach().contiguous(),
                "loss": result.loss.detach().reshape(()), "inv_freq": model.model.rotary_emb.inv_freq.clone()}
-    for pname, p in model.named_parameters():
-        tensors["grad." + pname] = p.grad.contiguous()
+    if getattr(result, "aux_loss", None) is not None:
+        tensors["aux_loss"] = result.aux_loss.detach().reshape(())
+    for pname, grad in disk_grads(name, model).items():
+        tensors["grad." + pname] = grad
     save_file(tensors, os.path.join(directory, "reference.safetensors"))
 
 

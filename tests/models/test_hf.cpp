@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 
 #include <sys/wait.h>
 
@@ -26,9 +27,12 @@ std::string reference_dir() {
   return dir;
 }
 
-/// A model built on meta, materialised on device() and loaded from the checkpoint at `dir`.
-Transformer load_model(const std::string& dir, const std::string& weights = "") {
-  Transformer model(read_hf_config(dir), torch::kMeta);
+/// A model built on meta, materialised on device() and loaded from the checkpoint at `dir`; its
+/// MoE layers keep the auxiliary loss's statistics when `aux_loss`.
+Transformer load_model(const std::string& dir, const std::string& weights = "", bool aux_loss = false) {
+  auto args = read_hf_config(dir);
+  if (args.is_moe()) args.moe(titan::MoeOptions(args.moe()).aux_loss(aux_loss));
+  Transformer model(args, torch::kMeta);
   titan::to_empty(*model, device());
   load_hf(*model, weights.empty() ? dir : weights);
   return model;
@@ -66,20 +70,63 @@ TEST_CASE("hf: name mapping both ways") {
   CHECK(torch::equal(hf[16], w[16])); // second head starts at the same row
   CHECK(torch::equal(from_hf_tensor("model.layers.0.self_attn.q_proj.weight", hf, args), w));
   CHECK(torch::equal(to_hf_tensor("layers.0.attention.wv.weight", w, args), w));
+  // The q/k norm weights [head_dim] take the same permutation as one head's rows.
+  auto norm = torch::arange(16, torch::kFloat);
+  auto hf_norm = to_hf_tensor("layers.0.attention.q_norm.weight", norm, args);
+  CHECK(hf_norm[1].item<float>() == 2.0f);
+  CHECK(torch::equal(from_hf_tensor("model.layers.0.self_attn.q_norm.weight", hf_norm, args), norm));
+
+  // Mixture-of-experts families: the router by the family's block name, the stacked experts as
+  // one tensor per expert.
+  auto mixtral = ModelArgs().dim(32).n_heads(2).n_kv_heads(1).moe_hidden_dim(8).moe(titan::MoeOptions().num_experts(3));
+  auto qwen3 = ModelArgs(mixtral).qk_norm(true);
+  CHECK(to_hf_name("layers.1.moe.gate.weight", mixtral) == "model.layers.1.block_sparse_moe.gate.weight");
+  CHECK(to_hf_name("layers.1.moe.gate.weight", qwen3) == "model.layers.1.mlp.gate.weight");
+  const std::vector<std::string> mixtral_w1 = {"model.layers.1.block_sparse_moe.experts.0.w1.weight",
+                                               "model.layers.1.block_sparse_moe.experts.1.w1.weight",
+                                               "model.layers.1.block_sparse_moe.experts.2.w1.weight"};
+  CHECK(hf_names("layers.1.moe.experts.w1", mixtral) == mixtral_w1);
+  CHECK(hf_names("layers.0.moe.experts.w2", qwen3)[2] == "model.layers.0.mlp.experts.2.down_proj.weight");
+  CHECK(hf_names("layers.0.moe.experts.w3", qwen3)[0] == "model.layers.0.mlp.experts.0.up_proj.weight");
+  CHECK(hf_names("layers.0.attention.wq.weight", qwen3).size() == 1);
+  CHECK(from_hf_name("model.layers.4.block_sparse_moe.experts.7.w2.weight") == "layers.4.moe.experts.w2");
+  CHECK(from_hf_name("model.layers.4.mlp.experts.7.gate_proj.weight") == "layers.4.moe.experts.w1");
+  CHECK(from_hf_name("model.layers.4.mlp.gate.weight") == "layers.4.moe.gate.weight");
+  CHECK(from_hf_name("model.layers.4.mlp.gate_proj.weight") == "layers.4.feed_forward.w1.weight");
+  CHECK_CONTAINS(error_of([&] { to_hf_name("layers.0.moe.experts.w1", mixtral); }), "one tensor per expert (hf_names)");
+  CHECK_CONTAINS(error_of([] { from_hf_name("model.layers.0.mlp.experts.x.up_proj.weight"); }), "is not a parameter");
+  for (const auto& args_case : {mixtral, qwen3}) {
+    Transformer moe_model(ModelArgs(args_case).n_layers(2).vocab_size(10).max_seq_len(8), torch::kMeta);
+    for (const auto& item : moe_model->named_parameters())
+      for (const auto& hf_name : hf_names(item.key(), args_case)) CHECK(from_hf_name(hf_name) == item.key());
+  }
 }
 
 TEST_CASE("parity: logits, loss and gradients match transformers" * doctest::test_suite("parity")) {
   const auto root = reference_dir();
-  for (const std::string name : {"llama2", "llama31", "mistral"}) {
+  for (const std::string name : {"llama2", "llama31", "mistral", "mixtral", "qwen3_moe"}) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
-    auto model = load_model(dir);
     st::File ref(dir + "/reference.safetensors");
+    const bool aux = ref.contains("aux_loss");  // Mixtral's loss adds router_aux_loss_coef x the aux loss
+    auto model = load_model(dir, "", aux);
     auto ids = ref.read("input_ids").to(device());
     CHECK(max_abs_diff(rope_frequencies(model->args), ref.read("inv_freq")) <= 1e-12);
 
     auto logits = titan::call(model, ids);
     auto loss = causal_lm_loss(logits, ids);
+    if (aux) {
+      auto aux_loss = titan::moe_aux_loss(model);
+      CHECK(std::abs(aux_loss.item<double>() - ref.read("aux_loss").item<double>()) <= 1e-6);
+      loss = loss + 0.1 * aux_loss;  // make_reference.py's router_aux_loss_coef
+    }
+    if (model->args.is_moe()) {  // the reference's routers leave the last expert without tokens
+      for (const auto& load : titan::moe_loads(model)) {
+        CAPTURE(load.layer);
+        CHECK(load.tokens[-1].item<int64_t>() == 0);
+        CHECK(load.tokens.sum().item<int64_t>() == ids.numel() * model->args.moe().top_k());
+      }
+    }
     loss.backward();
     double logits_diff = max_abs_diff(logits, ref.read("logits"));
     double loss_diff = std::abs(loss.item<double>() - ref.read("loss").item<double>());
@@ -92,14 +139,18 @@ TEST_CASE("parity: logits, loss and gradients match transformers" * doctest::tes
     CHECK(loss_diff <= (device().is_cpu() ? 1e-6 : 4.0 * (std::nextafter(ref_loss, INFINITY) - ref_loss)));
     double worst = 0;
     for (const auto& item : model->named_parameters()) {
-      const auto hf_name = to_hf_name(item.key());
-      CAPTURE(hf_name);
-      auto expected = ref.read("grad." + hf_name);
+      const auto names = hf_names(item.key(), model->args);
       auto grad = to_hf_tensor(item.key(), item.value().grad(), model->args);
-      // Relative to the gradient's scale: fp32 sums over 2 x S positions in different orders.
-      double rel = max_abs_diff(grad, expected) / std::max(expected.abs().max().item<double>(), 1e-3);
-      worst = std::max(worst, rel);
-      CHECK(rel <= 1e-5);
+      for (size_t j = 0; j < names.size(); ++j) {
+        CAPTURE(names[j]);
+        auto expected = ref.read("grad." + names[j]);
+        auto part = names.size() > 1 ? grad[static_cast<int64_t>(j)] : grad;  // expert j's, or the whole
+        // Relative to the gradient's scale: fp32 sums over 2 x S positions in different orders.
+        double rel = max_abs_diff(part, expected) / std::max(expected.abs().max().item<double>(), 1e-3);
+        worst = std::max(worst, rel);
+        CHECK(rel <= 1e-5);
+        if (names.size() > 1 && j + 1 == names.size()) CHECK(part.abs().max().item<double>() == 0.0);  // no tokens
+      }
     }
     MESSAGE(name, ": worst gradient diff relative to its max ", worst);
   }
@@ -136,20 +187,28 @@ TEST_CASE("parity: sharded checkpoints and per-parameter rectangles" * doctest::
 TEST_CASE("parity: exported checkpoints load in transformers with the same logits" * doctest::test_suite("parity")) {
   const auto root = reference_dir();
   const auto out = scratch_dir("export");
-  for (const std::string name : {"llama2", "llama31", "mistral"}) {
+  const std::map<std::string, const char*> architectures = {{"llama2", "LlamaForCausalLM"},
+                                                             {"llama31", "LlamaForCausalLM"},
+                                                             {"mistral", "MistralForCausalLM"},
+                                                             {"mixtral", "MixtralForCausalLM"},
+                                                             {"qwen3_moe", "Qwen3MoeForCausalLM"}};
+  for (const auto& [name, architecture] : architectures) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
     auto model = load_model(dir);
     const std::string export_dir = out + "/" + name;
-    // The Llama 3.1 export is sharded (index + several files).
-    save_hf(*model, export_dir, SaveHfOptions().max_shard_bytes(name == "llama31" ? 100000 : 0));
+    // The Llama 3.1 and Mixtral exports are sharded (index + several files; Mixtral's experts of
+    // one stacked weight across files).
+    const bool sharded = name == "llama31" || name == "mixtral";
+    save_hf(*model, export_dir, SaveHfOptions().max_shard_bytes(sharded ? 100000 : 0));
     CHECK(std::filesystem::exists(export_dir + "/config.json"));
-    CHECK(std::filesystem::exists(export_dir + "/" + (name == "llama31" ? st::kIndexName : st::kSingleName)));
+    CHECK(std::filesystem::exists(export_dir + "/" + (sharded ? st::kIndexName : st::kSingleName)));
     auto exported_args = read_hf_config(export_dir);
     CHECK(parameter_count(exported_args) == parameter_count(model->args));
     CHECK(exported_args.rope_scaling().enabled() == model->args.rope_scaling().enabled());
     CHECK(exported_args.sliding_window() == model->args.sliding_window());
-    const char* architecture = name == "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM";
+    CHECK(exported_args.moe_hidden_dim() == model->args.moe_hidden_dim());
+    CHECK(exported_args.qk_norm() == model->args.qk_norm());
     CHECK(check_export(export_dir, dir + "/reference.safetensors", architecture) == 0);
     // And back into titan: identical parameters.
     auto again = load_model(export_dir);
@@ -219,4 +278,31 @@ TEST_CASE("parity: checkpoints that do not match the config give clear errors" *
   CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "rope type \"yarn\" is not supported");
   write_bytes(bad + "/config.json", R"({"model_type": "llama", "hidden_size": 64})");
   CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "config.json: missing \"num_hidden_layers\"");
+  // Mixture-of-experts configs and checkpoints.
+  const std::string qwen3 = reference_dir() + "/qwen3_moe";
+  auto qwen3_config = read_bytes(qwen3 + "/config.json");
+  auto with = [&](const std::string& key, const std::string& value) {
+    const auto at = qwen3_config.find("\"" + key + "\"");
+    REQUIRE(at != std::string::npos);
+    const auto end = qwen3_config.find_first_of(",}", qwen3_config.find(':', at));
+    return qwen3_config.substr(0, at) + "\"" + key + "\": " + value + qwen3_config.substr(end);
+  };
+  write_bytes(bad + "/config.json", with("decoder_sparse_step", "2"));
+  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "decoder_sparse_step = 2 is not supported");
+  write_bytes(bad + "/config.json", with("num_local_experts", "\"eight\""));  // transformers 5's name
+  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "\"num_local_experts\" must be an integer, got \"eight\"");
+  {
+    auto args = read_hf_config(qwen3);
+    CHECK(args.qk_norm());
+    CHECK(args.effective_head_dim() == 24);
+    CHECK(args.moe().num_experts() == 8);
+    CHECK_FALSE(args.moe().route_norm());
+    Transformer more_experts(ModelArgs(args).moe(titan::MoeOptions(args.moe()).num_experts(9)), device());
+    CHECK_CONTAINS(error_of([&] { load_hf(*more_experts, qwen3); }),
+                   "'model.layers.0.mlp.gate.weight' in " + qwen3 +
+                       "/model.safetensors has shape [8, 64] but parameter 'layers.0.moe.gate.weight' has shape [9, 64]");
+    Transformer wider(ModelArgs(args).moe_hidden_dim(40), device());
+    CHECK_CONTAINS(error_of([&] { load_hf(*wider, qwen3); }),
+                   "has shape [48, 64] but parameter 'layers.0.moe.experts.w1' has per-expert shape [40, 64]");
+  }
 }

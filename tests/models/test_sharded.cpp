@@ -16,6 +16,8 @@
 
 #include <filesystem>
 
+#include <torch/optim/adamw.h>
+
 using namespace titan::examples;
 using titan_test::device;
 
@@ -158,4 +160,90 @@ TEST_CASE("sharded: the debug Llama built on meta trains under FSDP like the sin
   const double tolerance = device().is_cuda() ? 5e-5 : 1e-5;
   MESSAGE("debug Llama (2 layers) fp32, ranks=", n, ": max param diff ", worst, " (tolerance ", tolerance, ")");
   CHECK(worst <= tolerance);
+}
+
+TEST_CASE("sharded: the MoE families train under parallelize_llama with expert parallelism like one process") {
+  // At 2 and 4 ranks the experts are shared by ep = 2 ranks (4 of 8 each, tokens by all-to-all);
+  // at 4 each expert's unit is also FSDP-sharded over the 2 ranks outside ep. Every other weight is
+  // FSDP-sharded over all ranks. At 4 ranks also TP 2 (sequence parallel: the MoE layers on each
+  // rank's part of the sequence, Qwen3's q/k norms on its heads) x EP 2 over the 2 data ranks.
+  const auto& world = titan_test::world();
+  const int64_t n = world->world_size();
+  std::vector<std::pair<std::string, int64_t>> cases = {{"mixtral", 1}, {"qwen3_moe", 1}};
+  if (n == 4) cases.emplace_back("qwen3_moe", 2);
+  for (const auto& [family, tp] : cases) {
+    CAPTURE(family);
+    CAPTURE(tp);
+    TrainConfig config;
+    config.model.name = family;
+    config.training.mixed_precision_param = "float32";
+    config.activation_checkpoint.mode = "none";
+    config.parallelism.tensor_parallel_degree = tp;
+    config.parallelism.enable_loss_parallel = false;
+    config.parallelism.expert_parallel_degree = n / tp >= 2 ? 2 : 1;
+    const auto dims = ParallelDims::from_config(config.parallelism, n);
+    auto mesh = dims.build_mesh(world);
+    const auto args = model_args(family, "debug").vocab_size(64).max_seq_len(16).n_layers(2);  // tp divides 64
+    Transformer reference(args, device());
+    init_weights(*reference, 3);
+    Transformer model(args, torch::kMeta);
+    parallelize_llama(*model, mesh, dims, config);
+    titan::to_empty(*model, device());
+    init_weights(*model, 3);
+    if (dims.ep > 1) {  // this rank holds 4 of the 8 experts (its FSDP shard of them over the ranks outside ep)
+      const auto w1 = titan::sharded_parameters(*model);
+      const auto it = std::find_if(w1.begin(), w1.end(), [](const auto& p) { return p.first == "layers.0.moe.experts.w1"; });
+      REQUIRE(it != w1.end());
+      CHECK(it->second.local.size(0) == 8 / dims.dp_shard);
+    }
+    // eps 1e-6: elements whose gradient is rounding noise would otherwise move by ~lr (as in
+    // test_tp_models.cpp).
+    auto options = torch::optim::AdamWOptions(1e-3).weight_decay(0.1).eps(1e-6);
+    torch::optim::AdamW optimizer(model->parameters(), options), ref_optimizer(reference->parameters(), options);
+    const auto& group = world->group();
+    const int64_t rows = 4 / dims.dp(), dp_rank = mesh.coordinate("dp");
+    torch::manual_seed(5);
+    const auto data = torch::randint(0, 61, {3, 4, 16}).to(device());  // [steps, B, S], the same on every rank
+    for (int64_t step = 0; step < 3; ++step) {
+      auto ref_loss = causal_lm_loss(reference->forward(data[step]), data[step]);
+      ref_optimizer.zero_grad();
+      ref_loss.backward();
+      ref_optimizer.step();
+      auto mine = data[step].narrow(0, dp_rank * rows, rows);
+      auto loss = causal_lm_loss(titan::call(model, mine), mine);
+      optimizer.zero_grad();
+      loss.backward();
+      optimizer.step();
+      const double global = titan::dist_sum(loss.item<double>(), group) / static_cast<double>(n);  // tp ranks agree
+      CHECK_MESSAGE(std::abs(global - ref_loss.item<double>()) <= 1e-5, "step ", step, ": loss ", global, " vs ",
+                    ref_loss.item<double>());
+    }
+    titan::verify_calls(model);
+    auto full = titan::full_state_dict(model, group, titan::FullStateDictOptions().rank0_only(false));
+    double worst = 0.0;
+    std::string worst_name;
+    for (const auto& item : reference->named_parameters()) {
+      CAPTURE(item.key());
+      REQUIRE(full.contains(item.key()));
+      const double diff = titan_test::max_abs_diff(full[item.key()], item.value());
+      if (diff > worst) std::tie(worst, worst_name) = std::make_pair(diff, item.key());
+    }
+    MESSAGE(family, " debug (2 layers) fp32, ranks=", n, ", tp=", tp, ", ep=", dims.ep, ": max param diff ", worst,
+            " (", worst_name, ")");
+    CHECK(worst <= (device().is_cuda() ? 5e-5 : 1e-5));
+  }
+  // Bad expert-parallel degrees are refused with the keys named.
+  ParallelismConfig three;
+  three.expert_parallel_degree = 3;
+  CHECK_CONTAINS(models_test::error_of([&] { ParallelDims::from_config(three, 4); }),
+                 "expert_parallel_degree (3) must divide data_parallel_shard_degree (4)");
+  if (n >= 2) {
+    TrainConfig dense;
+    dense.parallelism.expert_parallel_degree = 2;
+    const auto dims = ParallelDims::from_config(dense.parallelism, n);
+    auto mesh = dims.build_mesh(world);
+    Transformer llama(model_args("llama3", "debug").n_layers(1), torch::kMeta);
+    CHECK_CONTAINS(models_test::error_of([&] { parallelize_llama(*llama, mesh, dims, dense); }),
+                   "expert_parallel_degree = 2 needs a mixture-of-experts model");
+  }
 }

@@ -1,5 +1,5 @@
-// The example TP plan on the example models (examples/models/llama: Llama 3 and Mistral debug
-// flavors): a model built on the meta device, sharded, materialised and initialised by name trains
+// The example TP plan on the example models (examples/models/llama: Llama 3, Mistral, Mixtral and
+// Qwen3-MoE debug flavors): a model built on the meta device, sharded, materialised and initialised by name trains
 // exactly like the unsharded model on one process, at TP = world size (1, 2 or 4), both on
 // titan_test::device(); also with fused projections.
 #include "../support/tp_test_util.hpp"
@@ -57,8 +57,10 @@ void check_model_parity(const std::string& family, bool sequence_parallel, bool 
 
 }  // namespace
 
-TEST_CASE("tp: the example Llama 3 and Mistral with llama_tp_plan match the single-process run") {
-  for (const char* family : {"llama3", "mistral"}) {
+TEST_CASE("tp: the example Llama 3, Mistral, Mixtral and Qwen3-MoE with llama_tp_plan match the single-process run") {
+  // The MoE layers run on the replicated sequence, or on this rank's part of it with sequence
+  // parallel; Qwen3's q/k norms on this rank's heads.
+  for (const char* family : {"llama3", "mistral", "mixtral", "qwen3_moe"}) {
     check_model_parity(family, false, false);
     check_model_parity(family, true, true);
   }

@@ -93,6 +93,29 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
   CHECK(model_args("llama3.1", "8B").rope_theta() == 500000.0);
   CHECK_FALSE(model_args("llama3", "8B").rope_scaling().enabled());
   CHECK(model_args("mistral", "7B").sliding_window() == 4096);
+  // Mixture-of-experts flavors: transformers' num_parameters() of Mixtral-8x7B, Mixtral-8x22B and
+  // Qwen3-30B-A3B, and the parameters one token uses (top_k experts: 12.9B, 39.2B, 3.3B "active").
+  struct MoeExpected {
+    const char* family;
+    const char* flavor;
+    int64_t experts, top_k, expert_hidden, params, active;
+  };
+  for (auto e : {MoeExpected{"mixtral", "8x7B", 8, 2, 14336, 46702792704LL, 12879925248LL},
+                 MoeExpected{"mixtral", "8x22B", 8, 2, 16384, 140630071296LL, 39161468928LL},
+                 MoeExpected{"qwen3_moe", "30B-A3B", 128, 8, 768, 30532122624LL, 3353032704LL}}) {
+    CAPTURE(e.flavor);
+    auto args = model_args(e.family, e.flavor);
+    CHECK(args.is_moe());
+    CHECK(args.moe().num_experts() == e.experts);
+    CHECK(args.moe().top_k() == e.top_k);
+    CHECK(args.moe_hidden_dim() == e.expert_hidden);
+    CHECK(parameter_count(args) == e.params);
+    CHECK(parameter_count(args, true, /*active_only=*/true) == e.active);
+  }
+  CHECK(model_args("qwen3_moe", "30B-A3B").qk_norm());
+  CHECK(model_args("qwen3_moe", "30B-A3B").effective_head_dim() == 128);
+  CHECK_CONTAINS(error_of([] { ModelArgs().moe_hidden_dim(8).moe(titan::MoeOptions().num_experts(4).top_k(5)).validate(); }),
+                 "top_k must be in [1, 4]");
   for (const auto& name : model_flavors()) CHECK_NOTHROW(model_args(name.substr(0, name.find('/')), name.substr(name.find('/') + 1)).validate());
   CHECK_CONTAINS(error_of([] { model_args("llama4", "8B"); }), "unknown model family 'llama4'");
   CHECK_CONTAINS(error_of([] { model_args("llama3", "9B"); }), "unknown flavor '9B' of llama3");
@@ -102,6 +125,10 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
   auto debug = model_args("llama3", "debug");
   const double n = static_cast<double>(parameter_count(debug) - debug.vocab_size() * debug.dim());
   CHECK(flops_per_token(debug, 128) == doctest::Approx(6 * n + 12.0 * 4 * 8 * 32 * 128));
+  // A MoE model's FLOPs count the experts a token goes through, not all of them.
+  auto moe = model_args("mixtral", "8x7B");
+  const double active = static_cast<double>(parameter_count(moe, false, true));
+  CHECK(flops_per_token(moe, 4096) == doctest::Approx(6 * active + 12.0 * 32 * 32 * 128 * 4096));
 }
 
 TEST_CASE("model: Llama 3 70B builds on the meta device without allocating") {
@@ -228,6 +255,27 @@ TEST_CASE("model: init_weights follows torchtitan's scheme and is reproducible")
   CHECK(same_values(again->rope_cos, model->rope_cos));
   init_weights(*again, 8);
   CHECK_FALSE(same_values(again->named_parameters()["layers.0.attention.wq.weight"], params["layers.0.attention.wq.weight"]));
+  // A MoE model: the router and the experts' w1 std 0.02, their w2 / w3 the depth std, q/k norms
+  // 1, the expert bias 0; names as torchtitan's MoE (layers.N.moe.{gate, experts}).
+  auto moe_args = model_args("qwen3_moe", "debug").n_layers(2).vocab_size(64);
+  moe_args.moe(titan::MoeOptions(moe_args.moe()).expert_bias(true));
+  Transformer moe(moe_args, torch::kMeta);
+  titan::to_empty(*moe, device());
+  moe->named_buffers()["layers.1.moe.expert_bias"].fill_(5);  // garbage, as to_empty leaves it
+  init_weights(*moe, 7);
+  auto moe_params = moe->named_parameters();
+  CHECK(moe_params["layers.1.moe.experts.w1"].sizes() == torch::IntArrayRef({8, 64, 256}));
+  CHECK(moe_params["layers.1.moe.experts.w2"].sizes() == torch::IntArrayRef({8, 256, 64}));
+  CHECK(moe_params["layers.1.attention.q_norm.weight"].sizes() == torch::IntArrayRef({32}));
+  CHECK_FALSE(moe_params.contains("layers.0.feed_forward.w1.weight"));
+  CHECK(moe_params["layers.0.moe.gate.weight"].std().item<double>() == doctest::Approx(0.02).epsilon(0.05));
+  CHECK(moe_params["layers.1.moe.experts.w1"].std().item<double>() == doctest::Approx(0.02).epsilon(0.03));
+  CHECK(moe_params["layers.1.moe.experts.w3"].std().item<double>() == doctest::Approx(0.02 / 2).epsilon(0.03));
+  CHECK(same_values(moe_params["layers.0.attention.k_norm.weight"], torch::ones({32})));
+  CHECK(same_values(moe->named_buffers()["layers.1.moe.expert_bias"], torch::zeros({8})));
+  auto moe_tokens = torch::randint(0, 64, {2, 8}, torch::kLong).to(device());
+  CHECK(titan::call(moe, moe_tokens).sizes() == torch::IntArrayRef({2, 8, 64}));
+
   // No depth_init: one std for every layer.
   Transformer flat(ModelArgs(args).depth_init(false));
   init_weights(*flat, 7);

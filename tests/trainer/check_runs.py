@@ -44,6 +44,10 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               and rowwise: every loss within FLOAT8_TRACK_TOL of the bf16 run's
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
+  moe         the Qwen3-MoE debug model (expert bias) with expert parallelism 2 on 2 ranks: the
+              1-rank run's losses and exported weights, and its step-10 checkpoint resumed on 1
+              rank at EP 1 gives its steps 11..20; the Mixtral debug model (auxiliary loss, EP 2):
+              finite losses and auxiliary losses, a Hugging Face export that transformers loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
 
@@ -190,12 +194,13 @@ def kill_worker(dump, rank):
 
 
 def metrics(dump):
-    """step -> record of the training lines, and step -> validation record, from metrics.jsonl."""
+    """step -> record of the training lines (with a step's other scalars, such as moe/..., merged
+    in), and step -> validation record, from metrics.jsonl. A later record's keys win."""
     train, val = {}, {}
     with open(os.path.join(dump, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
-            (val if "val/loss" in record else train)[record["step"]] = record
+            (val if "val/loss" in record else train).setdefault(record["step"], {}).update(record)
     return train, val
 
 
@@ -235,23 +240,27 @@ def main():
     r.check(os.path.isfile(os.path.join(work("straight"), "checkpoint", "step-20", "metadata.json")),
             "final checkpoint saved")
 
-    def compare_to_straight(name, steps, what, tol=1e-4):
-        """Losses of `steps` and the final weights of run `name` against the straight run."""
+    def compare_runs(name, reference, what, steps=range(1, 21), tol=1e-4):
+        """Losses of `steps` and the final weights of run `name` against run `reference`."""
         run, _ = metrics(work(name))
-        diffs = [abs(run[s]["loss"] - straight[s]["loss"]) for s in steps]
-        r.check(max(diffs) < tol, f"{what}: losses within {tol} of the straight run (max {max(diffs):.2e})")
-        diff = max_weight_diff(weights(work(name)), straight_weights)
+        ref, _ = metrics(work(reference))
+        diff = max(abs(run[s]["loss"] - ref[s]["loss"]) for s in steps)
+        r.check(diff < tol, f"{what}: losses within {tol} of the {reference} run (max {diff:.2e})")
+        diff = max_weight_diff(weights(work(name)), weights(work(reference)))
         r.check(diff < tol, f"{what}: final weights within {tol} (max {diff:.2e})")
 
-    def resume_elsewhere(name, source, extra, nproc):
+    def compare_to_straight(name, steps, what, tol=1e-4):
+        compare_runs(name, "straight", what, steps, tol)
+
+    def resume_elsewhere(name, source, extra, nproc, config=llama, reference="straight"):
         """Run `name` resumes run `source`'s step-10 checkpoint with other parallelism (`extra`,
-        `nproc` ranks): steps 11..20 of the straight run."""
+        `nproc` ranks): steps 11..20 of the `reference` run."""
         os.makedirs(os.path.join(work(name), "checkpoint"))
         shutil.copytree(os.path.join(work(source), "checkpoint", "step-10"),
                         os.path.join(work(name), "checkpoint", "step-10"))
-        out = r.run(name, args.trainer, nproc, llama, extra)
+        out = r.run(name, args.trainer, nproc, config, extra)
         r.check("resumed from the checkpoint of step 10" in out, f"{name}: resumed from step 10")
-        compare_to_straight(name, range(11, 21), f"{name}: steps 11..20")
+        compare_runs(name, reference, f"{name}: steps 11..20", range(11, 21))
 
     if wanted("resume"):
         first = r.run("resume", args.trainer, 2, llama, ["--training.stop_at_step", "10"])
@@ -372,12 +381,7 @@ def main():
         r.run("mistral_long", args.trainer, 2, "mistral_debug.toml", long)
         r.run("mistral_cp", args.trainer, 2, "mistral_debug.toml",
               [*long, *cp, "--parallelism.context_parallel_rotate_method", "p2p"])
-        full, _ = metrics(work("mistral_long"))
-        sharded, _ = metrics(work("mistral_cp"))
-        diff = max(abs(full[s]["loss"] - sharded[s]["loss"]) for s in range(1, 21))
-        r.check(diff < 1e-4, f"mistral_cp: losses within 1e-4 of the unsharded run (max {diff:.2e})")
-        diff = max_weight_diff(weights(work("mistral_cp")), weights(work("mistral_long")))
-        r.check(diff < 1e-4, f"mistral_cp: final weights within 1e-4 (max {diff:.2e})")
+        compare_runs("mistral_cp", "mistral_long", "mistral_cp")
 
     if wanted("float8"):
         f8 = ["--float8.enable", "true"]
@@ -454,6 +458,33 @@ def main():
             same = [s for s in range(1, 21) if nodes.get(s, {}).get("loss") == one_node[s]["loss"]]
             r.check(len(same) == 20, f"multinode ({how}): bitwise the one-node HSDP losses at all 20 steps "
                     f"(equal at {len(same)})")
+
+    if wanted("moe"):
+        # The expert bias sums the token counts over the ranks: the 2-rank run's biases are the
+        # 1-rank run's, and so are its routing decisions (up to rounding at a tie).
+        r.run("moe_one", args.trainer, 1, "qwen3_moe_debug.toml", ["--parallelism.expert_parallel_degree", "1"])
+        out = r.run("moe_ep", args.trainer, 2, "qwen3_moe_debug.toml")
+        compare_runs("moe_ep", "moe_one", "moe: EP 2 on 2 ranks")
+        # EP 2's checkpoint (experts sharded over ep, the expert bias) resumed on one rank at EP 1.
+        resume_elsewhere("moe_ep_to_one", "moe_ep", ["--parallelism.expert_parallel_degree", "1"], 1,
+                         "qwen3_moe_debug.toml", "moe_ep")
+        ep, _ = metrics(work("moe_ep"))
+        r.check("mixture of experts: expert_parallel_degree 2" in out and "experts (this step)" in out,
+                "moe: the trainer logs the expert-parallel setup and the experts' loads")
+        worst = [ep[s]["moe/max_over_mean_worst"] for s in range(1, 21)]
+        r.check(all(1.0 <= w <= 8.0 for w in worst), f"moe: max/mean loads in [1, 8] at every step ({worst[0]:.2f} .. {worst[-1]:.2f})")
+        out = r.run("mixtral", args.trainer, 2, "mixtral_debug.toml")
+        run, _ = metrics(work("mixtral"))
+        r.check(all(math.isfinite(run[s]["loss"]) and 0 < run[s]["moe/aux_loss"] < 16 for s in range(1, 21)),
+                "mixtral: finite losses and a finite positive auxiliary loss at every step")
+        check = subprocess.run([sys.executable, "-c", (
+            "import sys, torch; from transformers import AutoModelForCausalLM; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "assert type(m).__name__ == 'MixtralForCausalLM', type(m).__name__; "
+            "print(m(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all().item())"),
+            os.path.join(work("mixtral"), "export")], capture_output=True, text=True)
+        r.check(check.returncode == 0 and check.stdout.strip().endswith("True"),
+                f"mixtral: transformers loads the export as MixtralForCausalLM {check.stderr[-300:]}")
 
     for name, trainer, config, extra in (("mistral", args.trainer, "mistral_debug.toml", []),
                                          ("alpaca", args.trainer, "llama3_debug_alpaca.toml",

@@ -4,6 +4,7 @@
 #include <common/optim.hpp>
 #include <common/metrics.hpp>
 #include <common/parallelism.hpp>
+#include <models/llama/model.hpp>
 #include <models/registry.hpp>
 
 #include <set>
@@ -31,7 +32,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 77);
+  CHECK(config_keys().size() == 83);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -125,9 +126,10 @@ TEST_CASE("config: every example config validates") {
   }
   for (const char* expected : {"llama3_debug.toml", "llama2_debug.toml", "mistral_debug.toml", "llama3_debug_alpaca.toml",
                                "llama2_7b.toml", "llama2_13b.toml", "llama2_70b.toml", "llama3_8b.toml",
-                               "llama3_70b.toml", "llama3_405b.toml", "mistral_7b.toml"})
+                               "llama3_70b.toml", "llama3_405b.toml", "mistral_7b.toml", "mixtral_debug.toml",
+                               "mixtral_8x7b.toml", "qwen3_moe_debug.toml", "qwen3_30b_a3b.toml"})
     CHECK_MESSAGE(names.count(expected) == 1, expected, " is missing");
-  CHECK(count >= 11);
+  CHECK(count >= 15);
 }
 
 TEST_CASE("config: config_changes lists the keys a resumed run changed, with both values") {
@@ -164,6 +166,32 @@ TEST_CASE("config: context parallel degree in the mesh; the sequence length must
   validate(c);
   apply_override(c, "parallelism.context_parallel_rotate_method", "ring", "command line");
   CHECK_ERROR_HAS(validate(c), "context_parallel_rotate_method = 'ring'", "allgather, p2p");
+}
+
+TEST_CASE("config: the [moe] keys reach a MoE model's layers and are errors where they cannot apply") {
+  TrainConfig c;
+  c.model.name = "qwen3_moe";
+  apply_override(c, "moe.top_k", "3", "command line");
+  apply_override(c, "moe.score_func", "sigmoid", "command line");
+  apply_override(c, "moe.capacity_factor", "1.25", "command line");
+  apply_override(c, "moe.load_balance_coeff", "0.001", "command line");
+  validate(c);
+  const auto model = model_spec_of(c).build(c, 100, torch::kMeta);
+  auto* block = dynamic_cast<TransformerImpl&>(*model).layers[1]->as<TransformerBlockImpl>();
+  const auto& options = block->moe->options();
+  CHECK(options.top_k() == 3);
+  CHECK(options.score() == titan::RouterScore::Sigmoid);
+  CHECK(options.capacity_factor() == 1.25);
+  CHECK(options.expert_bias());
+  CHECK_FALSE(options.aux_loss());
+  CHECK_ERROR_HAS(apply_override(c, "moe.score_func", "tanh", "command line"), "moe.score_func", "softmax, sigmoid");
+  c.model.name = "llama3";
+  CHECK_ERROR_HAS(model_spec_of(c).build(c, 100, torch::kMeta), "needs a mixture-of-experts model", "llama3 has dense");
+  TrainConfig pipelined;
+  pipelined.parallelism.pipeline_parallel_degree = 2;
+  apply_override(pipelined, "moe.aux_loss_coef", "0.02", "command line");
+  CHECK_ERROR_HAS(validate(pipelined), "moe.aux_loss_coef = 0.02 needs pipeline_parallel_degree = 1",
+                  "moe.load_balance_coeff");
 }
 
 TEST_CASE("config: model.fused_projections with float8 is an error naming both keys") {

@@ -36,6 +36,8 @@ void ModelArgs::validate() const {
               " (or set head_dim)");
   TORCH_CHECK(effective_head_dim() % 2 == 0, "ModelArgs: head_dim ", effective_head_dim(), " must be even for RoPE");
   TORCH_CHECK(sliding_window() >= 0, "ModelArgs: sliding_window must be >= 0, got ", sliding_window());
+  TORCH_CHECK(moe_hidden_dim() >= 0, "ModelArgs: moe_hidden_dim must be >= 0 (0: dense blocks), got ", moe_hidden_dim());
+  if (is_moe()) titan::check_moe_options(moe());
   if (rope_scaling().enabled())
     TORCH_CHECK(rope_scaling().factor() > 0 && rope_scaling().high_freq_factor() > rope_scaling().low_freq_factor() &&
                     rope_scaling().original_max_position_embeddings() > 0,
@@ -93,6 +95,37 @@ const FlavorTable& flavors() {
       };
     }
     t["mistral"]["debug"] = [=] { return debug_args().vocab_size(3000).sliding_window(128); };
+    // Mixture-of-experts families: Mixtral (Mistral's attention without the window, top-2 of 8
+    // experts, softmax renormalised) and Qwen3-MoE (q/k norms, top-8 of 128, norm_topk_prob).
+    auto top_k_of = [](int64_t experts, int64_t k) { return titan::MoeOptions().num_experts(experts).top_k(k); };
+    t["mixtral"]["debug"] = [=] {
+      return debug_args().vocab_size(3000).rope_theta(1e6).moe_hidden_dim(128).moe(top_k_of(8, 2));
+    };
+    auto mixtral = [=](ModelArgs a) {
+      return a.n_heads(a.dim() / 128).n_kv_heads(8).rope_theta(1e6).moe(top_k_of(8, 2));
+    };
+    t["mixtral"]["8x7B"] = [=] {
+      return mixtral(ModelArgs().dim(4096).n_layers(32).moe_hidden_dim(14336).vocab_size(32000).max_seq_len(32768));
+    };
+    t["mixtral"]["8x22B"] = [=] {
+      return mixtral(ModelArgs().dim(6144).n_layers(56).moe_hidden_dim(16384).vocab_size(32768).max_seq_len(65536));
+    };
+    auto qwen3_moe = [](ModelArgs a) { return a.norm_eps(1e-6).rope_theta(1e6).qk_norm(true); };
+    t["qwen3_moe"]["debug"] = [=] {
+      return qwen3_moe(debug_args().vocab_size(3000).moe_hidden_dim(64).moe(top_k_of(8, 2)));
+    };
+    t["qwen3_moe"]["30B-A3B"] = [=] {
+      return qwen3_moe(ModelArgs()
+                           .dim(2048)
+                           .n_layers(48)
+                           .n_heads(32)
+                           .n_kv_heads(4)
+                           .head_dim(128)
+                           .moe_hidden_dim(768)
+                           .moe(top_k_of(128, 8))
+                           .vocab_size(151936)
+                           .max_seq_len(40960));
+    };
     t["mistral"]["7B"] = [=] {
       return ModelArgs()
           .dim(4096)
@@ -133,10 +166,15 @@ ModelArgs model_args(const std::string& family, const std::string& flavor) {
   return it->second();
 }
 
-int64_t parameter_count(const ModelArgs& args, bool include_embedding) {
+int64_t parameter_count(const ModelArgs& args, bool include_embedding, bool active_only) {
   const int64_t d = args.dim(), hd = args.effective_head_dim();
-  const int64_t attention = d * hd * (2 * args.n_heads() + 2 * args.n_kv_heads());
-  const int64_t ffn = 3 * d * args.hidden_dim();
+  const int64_t attention = d * hd * (2 * args.n_heads() + 2 * args.n_kv_heads()) + (args.qk_norm() ? 2 * hd : 0);
+  int64_t ffn = 3 * d * args.hidden_dim();
+  if (args.is_moe()) {
+    const auto& moe = args.moe();
+    const int64_t experts = active_only ? moe.top_k() : moe.num_experts();
+    ffn = experts * 3 * d * args.moe_hidden_dim() + moe.num_experts() * d + 3 * d * moe.shared_hidden();  // + gate
+  }
   const int64_t per_layer = attention + ffn + 2 * d;
   int64_t total = args.n_layers() * per_layer + d + args.vocab_size() * d;  // layers, norm, output
   if (include_embedding) total += args.vocab_size() * d;
@@ -144,7 +182,7 @@ int64_t parameter_count(const ModelArgs& args, bool include_embedding) {
 }
 
 double flops_per_token(const ModelArgs& args, int64_t seq_len) {
-  const double n = static_cast<double>(parameter_count(args, /*include_embedding=*/false));
+  const double n = static_cast<double>(parameter_count(args, /*include_embedding=*/false, /*active_only=*/true));
   return 6.0 * n + 12.0 * static_cast<double>(args.n_layers()) * static_cast<double>(args.n_heads()) *
                        static_cast<double>(args.effective_head_dim()) * static_cast<double>(seq_len);
 }
@@ -242,6 +280,10 @@ AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& 
   wk = register_module("wk", Linear(d, args.n_kv_heads() * head_dim, options));
   wv = register_module("wv", Linear(d, args.n_kv_heads() * head_dim, options));
   wo = register_module("wo", Linear(args.n_heads() * head_dim, d, options));
+  if (args.qk_norm()) {
+    q_norm = register_module("q_norm", RMSNorm(head_dim, args.norm_eps(), options));
+    k_norm = register_module("k_norm", RMSNorm(head_dim, args.norm_eps(), options));
+  }
   core = register_module("core", AttentionCore(args.sliding_window()));
 }
 
@@ -252,6 +294,10 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   q = q.view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
   k = k.view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
   v = v.view({batch, seq, -1, head_dim});  // [B, S, Hkv, hd]
+  if (q_norm) {  // Qwen3: each head normalised before RoPE
+    q = titan::call(q_norm, q);  // [B, S, Hq, hd]
+    k = titan::call(k_norm, k);  // [B, S, Hkv, hd]
+  }
   // Meta's interleaved pairs rotated by position, q and k in one operator (in fp32, by the fp32
   // tables [S, hd / 2]: FSDP leaves a block's inputs uncast, see parallelize.cpp).
   auto [q_rotated, k_rotated] = titan::rope(q, k, rope_cos, rope_sin);  // [B, S, Hq, hd], [B, S, Hkv, hd]
@@ -280,8 +326,11 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t layer_id_, const ModelArgs& a
                                            const torch::TensorOptions& options)
     : layer_id(layer_id_) {
   attention = register_module("attention", Attention(args, options));
-  feed_forward =
-      register_module("feed_forward", FeedForward(args.dim(), args.hidden_dim(), options, args.fused_projections()));
+  if (args.is_moe())
+    moe = register_module("moe", titan::MoE(args.dim(), args.moe_hidden_dim(), args.moe(), options));
+  else
+    feed_forward =
+        register_module("feed_forward", FeedForward(args.dim(), args.hidden_dim(), options, args.fused_projections()));
   attention_norm = register_module("attention_norm", RMSNorm(args.dim(), args.norm_eps(), options));
   ffn_norm = register_module("ffn_norm", RMSNorm(args.dim(), args.norm_eps(), options));
 }
@@ -291,7 +340,7 @@ torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x, const torch:
   // h = x + attention(...) and its norm in one operator: [B, S, dim] each
   const auto attention_out = titan::call(attention, titan::call(attention_norm, x), rope_cos, rope_sin);
   auto [h, normed] = titan::call(ffn_norm, x, attention_out);
-  return h + titan::call(feed_forward, normed);  // [B, S, dim]
+  return h + (moe ? titan::call(moe, normed) : titan::call(feed_forward, normed));  // [B, S, dim]
 }
 
 void TransformerImpl::reset_rope_tables() {
@@ -381,14 +430,16 @@ void draw(const std::string& name, const ModelArgs& args, torch::Tensor& t, at::
     const double std = std::pow(static_cast<double>(args.dim()), -0.5);
     trunc_normal(t, std, -3 * std, 3 * std, gen);
   } else if (ends_with(name, "attention.wo.weight") || ends_with(name, "feed_forward.w2.weight") ||
-             ends_with(name, "feed_forward.w3.weight")) {
+             ends_with(name, "feed_forward.w3.weight") || ends_with(name, "experts.w2") ||
+             ends_with(name, "experts.w3")) {  // experts: routed (moe.experts) and shared
     TORCH_CHECK(name.rfind("layers.", 0) == 0, "init_weights: unexpected parameter '", name, "'");
     const int64_t layer_id = std::stoll(name.substr(7, name.find('.', 7) - 7));
     const double depth = args.depth_init() ? 2.0 * static_cast<double>(layer_id + 1)
                                            : 2.0 * static_cast<double>(args.n_layers());
     trunc_normal(t, 0.02 / std::sqrt(depth), -2.0, 2.0, gen);
   } else if (ends_with(name, "attention.wq.weight") || ends_with(name, "attention.wk.weight") ||
-             ends_with(name, "attention.wv.weight") || ends_with(name, "feed_forward.w1.weight")) {
+             ends_with(name, "attention.wv.weight") || ends_with(name, "feed_forward.w1.weight") ||
+             ends_with(name, "moe.gate.weight") || ends_with(name, "experts.w1")) {
     trunc_normal(t, 0.02, -2.0, 2.0, gen);
   } else {
     TORCH_CHECK(false, "init_weights: no initialisation rule for parameter '", name, "'");
@@ -440,6 +491,9 @@ void init_parameter(const std::string& name, const titan::TensorLayout& layout, 
 void init_weights(TransformerImpl& model, uint64_t seed) {
   for (const auto& item : model.named_parameters())
     init_parameter(item.key(), titan::parameter_layout(model, item.key(), item.value()), item.value(), model.args, seed);
+  torch::NoGradGuard no_grad;
+  for (auto& item : model.named_buffers())
+    if (ends_with(item.key(), "expert_bias")) item.value().zero_();  // balanced: no expert favoured
   model.reset_rope_tables();
 }
 

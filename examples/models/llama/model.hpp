@@ -1,5 +1,6 @@
 #pragma once
-// Llama 2, Llama 3 / 3.1 and Mistral decoder-only transformers in plain LibTorch, with torchtitan's
+// Llama 2, Llama 3 / 3.1, Mistral and the mixture-of-experts decoders built on them (Mixtral,
+// Qwen3-MoE: titan::MoE feed-forwards, Qwen3's q/k norms) in plain LibTorch, with torchtitan's
 // module and parameter names. No parallelism here: every submodule call goes through titan::call so
 // FSDP / tensor parallel / activation checkpointing hooks attach without changing this code, the
 // modules create their parameters uninitialised on a given device (build on torch::kMeta, then
@@ -14,6 +15,7 @@
 
 #include "../causal_lm.hpp"
 
+#include <titan/moe.hpp>
 #include <torch/torch.h>
 
 #include <string>
@@ -78,8 +80,18 @@ struct ModelArgs {
   /// Compute wq|wk|wv and w1|w3 as one GEMM each (titan::linear_fused through titan::call_fused);
   /// the parameters stay separate, so state dicts, checkpoints and TP plans are unchanged.
   TORCH_ARG(bool, fused_projections) = false;
+  /// Width of each routed expert's SwiGLU: > 0 makes every block's feed-forward a titan::MoE
+  /// (layers.N.moe: gate, experts, shared_experts) routed as `moe` says (Mixtral, Qwen3-MoE);
+  /// 0 = dense blocks (layers.N.feed_forward).
+  TORCH_ARG(int64_t, moe_hidden_dim) = 0;
+  /// The MoE layers' routing (experts, top-k, scores, load balancing) when moe_hidden_dim > 0.
+  TORCH_ARG(titan::MoeOptions, moe) = {};
+  /// RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm, weights [head_dim]).
+  TORCH_ARG(bool, qk_norm) = false;
 
  public:
+  /// Whether the blocks' feed-forwards are mixtures of experts.
+  bool is_moe() const { return moe_hidden_dim() > 0; }
   /// head_dim, or dim / n_heads when it is 0.
   int64_t effective_head_dim() const;
   /// The SwiGLU hidden size: ffn_hidden_dim, else Meta's formula
@@ -90,19 +102,22 @@ struct ModelArgs {
 };
 
 /// The arguments of a named flavor. Families: "llama2" (debug, 7B, 13B, 70B), "llama3" (debug, 1B,
-/// 8B, 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "mistral" (debug, 7B). The
-/// debug flavors are tiny (dim 256, 4 layers, 8 heads, 2 kv heads) for tests; set vocab_size from
-/// the tokenizer.
+/// 8B, 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "mistral" (debug, 7B),
+/// "mixtral" (debug, 8x7B, 8x22B), "qwen3_moe" (debug, 30B-A3B). The debug flavors are tiny (dim
+/// 256, 4 layers, 8 heads, 2 kv heads; 8 experts of width 128 for the MoE families) for tests; set
+/// vocab_size from the tokenizer.
 ModelArgs model_args(const std::string& family, const std::string& flavor);
 /// Every "family/flavor" model_args accepts.
 std::vector<std::string> model_flavors();
 
-/// Number of parameters of the model `args` describes (computed, nothing built).
-int64_t parameter_count(const ModelArgs& args, bool include_embedding = true);
+/// Number of parameters of the model `args` describes (computed, nothing built). With
+/// `active_only`, a MoE block counts top_k of its routed experts (the parameters one token uses).
+int64_t parameter_count(const ModelArgs& args, bool include_embedding = true, bool active_only = false);
 /// Training FLOPs per token at sequence length `seq_len`, torchtitan's estimate:
-/// 6 * N + 12 * L * H * Q * T with N the parameters without the token embedding (matmul FLOPs of
-/// forward + backward: 2 per multiply-add forward, 4 backward), L layers, H heads, Q head_dim and
-/// T = seq_len (the attention score and value matmuls, which N does not count).
+/// 6 * N + 12 * L * H * Q * T with N the parameters a token uses without the token embedding
+/// (active ones: top_k experts of a MoE block; matmul FLOPs of forward + backward: 2 per
+/// multiply-add forward, 4 backward), L layers, H heads, Q head_dim and T = seq_len (the attention
+/// score and value matmuls, which N does not count).
 double flops_per_token(const ModelArgs& args, int64_t seq_len);
 
 /// The RoPE inverse frequencies [head_dim / 2] (float32), with Llama 3.1 scaling when enabled.
@@ -167,6 +182,7 @@ class AttentionImpl : public torch::nn::Module {
   /// from the projections' output sizes, so tensor-parallel shards of wq/wk/wv/wo work unchanged.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin);
   Linear wq{nullptr}, wk{nullptr}, wv{nullptr}, wo{nullptr};
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};  ///< per-head norms [head_dim] with ModelArgs::qk_norm
   AttentionCore core{nullptr};
   int64_t head_dim;
   bool fused_projections;  ///< q, k, v by one GEMM
@@ -184,7 +200,8 @@ class FeedForwardImpl : public torch::nn::Module {
 };
 TORCH_MODULE(FeedForward);
 
-/// One pre-norm block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
+/// One pre-norm block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)),
+/// or h + moe(ffn_norm(h)) in a mixture-of-experts model.
 class TransformerBlockImpl : public torch::nn::Module {
  public:
   TransformerBlockImpl(int64_t layer_id, const ModelArgs& args, const torch::TensorOptions& options);
@@ -192,7 +209,8 @@ class TransformerBlockImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin);
   int64_t layer_id;
   Attention attention{nullptr};
-  FeedForward feed_forward{nullptr};
+  FeedForward feed_forward{nullptr};  ///< dense models
+  titan::MoE moe{nullptr};            ///< mixture-of-experts models (ModelArgs::moe_hidden_dim > 0)
   RMSNorm attention_norm{nullptr}, ffn_norm{nullptr};
 };
 TORCH_MODULE(TransformerBlock);
@@ -222,9 +240,10 @@ class TransformerImpl : public CausalLM {
 TORCH_MODULE(Transformer);
 
 /// Initialises every parameter by name with torchtitan's scheme and recomputes the RoPE buffers:
-/// tok_embeddings normal(0, 1); wq/wk/wv/w1 truncated normal std 0.02 (cut at +-2);
-/// wo/w2/w3 std 0.02 / sqrt(2 (layer_id + 1)) (depth_init, else 0.02 / sqrt(2 n_layers));
-/// output std dim^-0.5 cut at +-3 std; norms 1. A global parameter is cut into tiles of whole
+/// tok_embeddings normal(0, 1); wq/wk/wv/w1 and a MoE's gate and experts' w1 truncated normal
+/// std 0.02 (cut at +-2); wo/w2/w3 (the experts' too) std 0.02 / sqrt(2 (layer_id + 1))
+/// (depth_init, else 0.02 / sqrt(2 n_layers)); output std dim^-0.5 cut at +-3 std; norms 1; the
+/// expert bias 0 (torchtitan's MoE init). A global parameter is cut into tiles of whole
 /// dim-0 rows (init_tile_rows, ~kInitTileElements each); each tile draws from its own CPU
 /// generator seeded by (seed, name, tile). A rank draws only the tiles its blocks
 /// (titan::parameter_layout) touch, one at a time, and copies its rectangle of each to the

@@ -2,6 +2,7 @@
 
 #include <titan/ac.hpp>
 #include <titan/context_parallel.hpp>
+#include <titan/expert_parallel.hpp>
 #include <titan/float8.hpp>
 #include <titan/fsdp.hpp>
 #include <titan/pipeline.hpp>
@@ -28,6 +29,10 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
                                   .loss_parallel(parallelism.enable_loss_parallel));
     titan::parallelize_module(model, mesh["tp"], titan::plan_for_stage(plan, model));  // a stage: its entries
   }
+  TORCH_CHECK(dims.ep == 1 || model.args.is_moe(), "parallelism.expert_parallel_degree = ", dims.ep, " needs a ",
+              "mixture-of-experts model (model.name mixtral or qwen3_moe); this one has dense blocks");
+  if (dims.ep > 1 && model.layers->size() > 0)  // a stage holds some of the layers
+    titan::apply_expert_parallel(model, "layers.*.moe.experts", mesh.group("ep"), "ep");
   if (dims.cp > 1) {  // the attention cores attend across the cp ranks' parts of each sequence
     titan::apply_context_parallel(
         model, "layers.*.attention.core", mesh.group("cp"),
@@ -46,7 +51,13 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
   // A block's hidden states arrive in the compute dtype (from the embedding's unit or the previous
   // stage); its RoPE tables stay fp32, as torchtitan's complex freqs_cis (FSDP2 casts no complex).
   auto block_options = titan::FsdpOptions(options).cast_forward_inputs(false);
-  for (const auto& layer : model.layers->children()) titan::fully_shard(*layer, fsdp_mesh, block_options);
+  const auto expert_mesh = dims.expert_fsdp_mesh(mesh);
+  for (const auto& layer : model.layers->children()) {
+    // The experts first, over the ranks that hold the same experts: a unit of their own.
+    if (auto* block = layer->as<TransformerBlockImpl>(); block->moe && dims.ep > 1)
+      titan::fully_shard(*block->moe->experts, expert_mesh, block_options);
+    titan::fully_shard(*layer, fsdp_mesh, block_options);
+  }
   // The root unit holds what no block does; a middle pipeline stage holds only blocks.
   const auto children = model.named_children();
   if (children.contains("tok_embeddings") || children.contains("output")) titan::fully_shard(model, fsdp_mesh, options);

@@ -42,6 +42,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace titan::examples {
 
@@ -52,6 +54,8 @@ struct TransformerTpDims {
   TORCH_ARG(int64_t, n_kv_heads) = 0;  ///< key/value heads (GQA; equal to n_heads without it)
   TORCH_ARG(int64_t, hidden_dim) = 0;  ///< feed-forward hidden width (w1/w3 out, w2 in)
   TORCH_ARG(int64_t, vocab_size) = 0;  ///< embedding rows and output features
+  TORCH_ARG(bool, moe) = false;        ///< blocks hold a MoE (layers.N.moe) instead of feed_forward
+  TORCH_ARG(bool, qk_norm) = false;    ///< attention holds q_norm / k_norm (Qwen3)
 };
 
 /// The dims of a model's arguments (ModelArgs or anything with the same accessors).
@@ -62,7 +66,9 @@ TransformerTpDims tp_dims(const Args& args) {
       .n_heads(args.n_heads())
       .n_kv_heads(args.n_kv_heads())
       .hidden_dim(args.hidden_dim())
-      .vocab_size(args.vocab_size());
+      .vocab_size(args.vocab_size())
+      .moe(args.is_moe())
+      .qk_norm(args.qk_norm());
 }
 
 /// How the plan lays out activations.
@@ -77,14 +83,17 @@ struct TpPlanOptions {
 /// Llama 3 and Mistral share its module names and forward signatures; attention is called with
 /// (x, rope_cos, rope_sin)). Fails with the offending value when
 /// a size does not divide by `tp` (heads are sharded whole, so n_heads and n_kv_heads must divide).
+/// A MoE block's layer is token-wise: with sequence parallel it runs on this rank's part of the
+/// sequence (SequenceParallel: its gradients summed over the tp ranks), without it on the whole
+/// replicated sequence; its experts are not split by tp (expert parallelism shares them out). Q/k
+/// norms act on this rank's heads (dim 2), their gradients summed likewise.
 inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64_t tp,
                                             const TpPlanOptions& options = TpPlanOptions()) {
   TORCH_CHECK(tp >= 1, "llama_tp_plan: the tensor-parallel degree must be >= 1, got ", tp);
-  const std::pair<const char*, int64_t> sizes[] = {{"n_heads", dims.n_heads()},
-                                                   {"n_kv_heads", dims.n_kv_heads()},
-                                                   {"dim", dims.dim()},
-                                                   {"hidden_dim", dims.hidden_dim()},
-                                                   {"vocab_size", dims.vocab_size()}};
+  std::vector<std::pair<const char*, int64_t>> sizes = {
+      {"n_heads", dims.n_heads()}, {"n_kv_heads", dims.n_kv_heads()}, {"dim", dims.dim()}};
+  if (!dims.moe()) sizes.emplace_back("hidden_dim", dims.hidden_dim());  // a MoE's experts stay whole
+  sizes.emplace_back("vocab_size", dims.vocab_size());
   for (const auto& [name, value] : sizes) {
     TORCH_CHECK(value > 0, "llama_tp_plan: ", name, " must be set (> 0), got ", value);
     TORCH_CHECK(value % tp == 0, "llama_tp_plan: cannot shard the model over tensor-parallel degree ", tp, ": ", name,
@@ -117,17 +126,25 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
         .add("layers.*.ffn_norm", titan::SequenceParallel());
   }
   plan.add("layers.*.attention", block_input(3))  // (x, rope_cos, rope_sin)
-      .add("layers.*.feed_forward", block_input(1))
       .add("output", titan::ColwiseParallel()
                          .input_layout(stream)
                          .output_layout(options.loss_parallel() ? Shard(-1) : Replicate()))
       .add("layers.*.attention.wq", shared_input)
       .add("layers.*.attention.wk", shared_input)
       .add("layers.*.attention.wv", shared_input)
-      .add("layers.*.attention.wo", titan::RowwiseParallel().output_layout(stream))
-      .add("layers.*.feed_forward.w1", shared_input)
-      .add("layers.*.feed_forward.w3", shared_input)
-      .add("layers.*.feed_forward.w2", titan::RowwiseParallel().output_layout(stream));
+      .add("layers.*.attention.wo", titan::RowwiseParallel().output_layout(stream));
+  if (dims.qk_norm()) {
+    plan.add("layers.*.attention.q_norm", titan::SequenceParallel().sequence_dim(2))  // [B, S, H / tp, hd]
+        .add("layers.*.attention.k_norm", titan::SequenceParallel().sequence_dim(2));
+  }
+  if (!dims.moe()) {
+    plan.add("layers.*.feed_forward", block_input(1))
+        .add("layers.*.feed_forward.w1", shared_input)
+        .add("layers.*.feed_forward.w3", shared_input)
+        .add("layers.*.feed_forward.w2", titan::RowwiseParallel().output_layout(stream));
+  } else if (sp) {
+    plan.add("layers.*.moe", titan::SequenceParallel());
+  }
   return plan;
 }
 
@@ -141,7 +158,9 @@ titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism);
 /// and the model's sliding window from the config), activation checkpointing
 /// (config.activation_checkpoint) and FSDP (when data or context parallelism or bf16 compute asks
 /// for it: every block, then the root, over dp_shard x cp; on one rank the units stay gathered from
-/// forward to backward) to `model`, in that order. The model may still be on the meta device, and
+/// forward to backward) to `model`, in that order. In a MoE model, expert parallelism (dims.ep > 1:
+/// layers.*.moe.experts over "ep") comes with tensor parallelism, and each block's experts are an
+/// FSDP unit of their own over the data-parallel ranks outside ep (expert_fsdp_mesh). The model may still be on the meta device, and
 /// may be a pipeline stage (the plan's entries for modules it does not hold are left out).
 void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
                        const TrainConfig& config);

@@ -1,5 +1,6 @@
-// The Llama-family registration: llama2, llama3, llama3.1 and mistral share the Transformer of
-// model.hpp, its parallelize function, pipeline split and Hugging Face adapter.
+// The Llama-family registration: llama2, llama3, llama3.1, mistral and the mixture-of-experts
+// families mixtral and qwen3_moe share the Transformer of model.hpp, its parallelize function,
+// pipeline split and Hugging Face adapter.
 #include "../registry.hpp"
 #include "parallelize.hpp"
 #include "state_dict_adapter.hpp"
@@ -23,6 +24,22 @@ ModelArgs model_args_for(const TrainConfig& config, int64_t tokenizer_vocab) {
   }
   if (config.model.n_layers > 0) args.n_layers(config.model.n_layers);  // a shorter model of the flavor's shape
   args.fused_projections(config.model.fused_projections);
+  const auto& moe = config.moe;
+  if (args.is_moe()) {
+    auto routing = titan::MoeOptions(args.moe());
+    if (moe.top_k > 0) routing.top_k(moe.top_k);
+    if (moe.score_func != "flavor") routing.score(titan::parse_router_score(moe.score_func));
+    args.moe(routing
+                 .aux_loss(moe.aux_loss_coef > 0)
+                 .expert_bias(moe.load_balance_coeff > 0)
+                 .capacity_factor(moe.capacity_factor));
+  } else {
+    TORCH_CHECK(moe.aux_loss_coef == 0 && moe.load_balance_coeff == 0 && moe.capacity_factor == 0 &&
+                    moe.top_k == 0 && moe.score_func == "flavor",
+                "[moe] (top_k ", moe.top_k, ", score_func ", moe.score_func, ", aux_loss_coef ", moe.aux_loss_coef,
+                ", load_balance_coeff ", moe.load_balance_coeff, ", capacity_factor ", moe.capacity_factor,
+                ") needs a mixture-of-experts model (mixtral, qwen3_moe); ", config.model.name, " has dense blocks");
+  }
   args.max_seq_len(config.training.seq_len);
   return args;
 }
@@ -43,6 +60,14 @@ void check_hf_architecture(const ModelArgs& args, const std::string& path) {
   check("rope_theta", args.rope_theta(), hf.rope_theta());
   check("rms_norm_eps", args.norm_eps(), hf.norm_eps());
   check("sliding_window", args.sliding_window(), hf.sliding_window());
+  check("head_dim", args.effective_head_dim(), hf.effective_head_dim());
+  check("q/k norms (Qwen3)", args.qk_norm(), hf.qk_norm());
+  check("expert width (intermediate size; 0: dense)", args.moe_hidden_dim(), hf.moe_hidden_dim());
+  if (args.is_moe()) {
+    check("experts", args.moe().num_experts(), hf.moe().num_experts());
+    check("experts per token", args.moe().top_k(), hf.moe().top_k());
+    check("norm_topk_prob", args.moe().route_norm(), hf.moe().route_norm());
+  }
 }
 
 ModelSpec llama_family_spec(const std::string& name) {
@@ -76,7 +101,8 @@ ModelSpec llama_family_spec(const std::string& name) {
 }  // namespace
 
 void register_llama(ModelRegistry& registry) {
-  for (const char* name : {"llama2", "llama3", "llama3.1", "mistral"}) registry.add(llama_family_spec(name));
+  for (const char* name : {"llama2", "llama3", "llama3.1", "mistral", "mixtral", "qwen3_moe"})
+    registry.add(llama_family_spec(name));
 }
 
 }  // namespace titan::examples

@@ -34,8 +34,56 @@ const std::vector<std::pair<std::string, std::string>>& layer_names() {
       {"feed_forward.w3.weight", "mlp.up_proj.weight"},
       {"attention_norm.weight", "input_layernorm.weight"},
       {"ffn_norm.weight", "post_attention_layernorm.weight"},
+      {"attention.q_norm.weight", "self_attn.q_norm.weight"},
+      {"attention.k_norm.weight", "self_attn.k_norm.weight"},
   };
   return names;
+}
+
+/// How a mixture-of-experts family names its MoE tensors in Hugging Face checkpoints (on disk:
+/// transformers 5 fuses the experts only when it loads them).
+struct MoeNaming {
+  const char* model_type;  ///< config.json's model_type
+  const char* block;       ///< the MoE block under model.layers.<i>.
+  const char* w1;          ///< expert j's gate projection under <block>.experts.<j>.
+  const char* w2;          ///< its down projection
+  const char* w3;          ///< its up projection
+};
+constexpr MoeNaming kMixtral{"mixtral", "block_sparse_moe", "w1.weight", "w2.weight", "w3.weight"};
+constexpr MoeNaming kQwen3Moe{"qwen3_moe", "mlp", "gate_proj.weight", "down_proj.weight", "up_proj.weight"};
+
+/// The naming of the MoE family `args` describes: Qwen3-MoE's has q/k norms, Mixtral's not.
+const MoeNaming& moe_naming(const ModelArgs& args) { return args.qk_norm() ? kQwen3Moe : kMixtral; }
+
+/// The routed experts' stacked weight of titan name suffix `rest` ("moe.experts.w1"): 1, 2 or 3;
+/// else 0.
+int expert_weight(const std::string& rest) {
+  for (int w : {1, 2, 3})
+    if (rest == "moe.experts.w" + std::to_string(w)) return w;
+  return 0;
+}
+
+const char* expert_suffix(const MoeNaming& naming, int w) { return w == 1 ? naming.w1 : w == 2 ? naming.w2 : naming.w3; }
+
+bool is_index(const std::string& text) {
+  return !text.empty() && text.find_first_not_of("0123456789") == std::string::npos;
+}
+
+/// The titan suffix (after "layers.<i>.") of a Hugging Face MoE suffix (after "model.layers.<i>.")
+/// of either family, or "" when it is none.
+std::string from_hf_moe_suffix(const std::string& rest) {
+  for (const MoeNaming* naming : {&kMixtral, &kQwen3Moe}) {
+    const std::string block = std::string(naming->block) + ".";
+    if (rest.rfind(block, 0) != 0) continue;
+    const auto tail = rest.substr(block.size());
+    if (tail == "gate.weight") return "moe.gate.weight";
+    if (tail.rfind("experts.", 0) != 0) continue;
+    const auto dot = tail.find('.', 8);
+    if (dot == std::string::npos || !is_index(tail.substr(8, dot - 8))) continue;
+    for (int w : {1, 2, 3})
+      if (tail.substr(dot + 1) == expert_suffix(*naming, w)) return "moe.experts.w" + std::to_string(w);
+  }
+  return "";
 }
 
 const std::vector<std::pair<std::string, std::string>>& top_names() {
@@ -48,7 +96,8 @@ const std::vector<std::pair<std::string, std::string>>& top_names() {
 }
 
 /// Translates `name` between the two schemes: `from_prefix` + "<i>." + suffix -> `to_prefix` ...
-std::string translate(const std::string& name, bool to_hf) {
+/// (`args` names a MoE family's tensors; a routed expert weight has one name per expert: hf_names).
+std::string translate(const std::string& name, bool to_hf, const ModelArgs& args) {
   for (const auto& [titan_name, hf_name] : top_names())
     if (name == (to_hf ? titan_name : hf_name)) return to_hf ? hf_name : titan_name;
   const std::string from_prefix = to_hf ? "layers." : "model.layers.";
@@ -61,25 +110,43 @@ std::string translate(const std::string& name, bool to_hf) {
       auto rest = name.substr(dot + 1);
       for (const auto& [titan_suffix, hf_suffix] : layer_names())
         if (rest == (to_hf ? titan_suffix : hf_suffix)) return to_prefix + index + "." + (to_hf ? hf_suffix : titan_suffix);
+      if (!to_hf && !from_hf_moe_suffix(rest).empty()) return to_prefix + index + "." + from_hf_moe_suffix(rest);
+      if (to_hf && args.is_moe() && rest == "moe.gate.weight")
+        return to_prefix + index + "." + moe_naming(args).block + ".gate.weight";
+      TORCH_CHECK(!to_hf || !expert_weight(rest), "to_hf_name: '", name, "' stacks every expert's weight: ",
+                  "Hugging Face names one tensor per expert (hf_names)");
     }
   }
   TORCH_CHECK(false, to_hf ? "to_hf_name" : "from_hf_name", ": '", name, "' is not a parameter of a ",
-              to_hf ? "titan Transformer" : "LlamaForCausalLM / MistralForCausalLM");
+              to_hf ? "titan Transformer" : "Llama / Mistral / Mixtral / Qwen3-MoE causal LM");
 }
 
-/// Query/key heads of `name` (titan name) when its rows are RoPE-permuted, else 0.
+/// Hugging Face's names of `name`'s expert weights: expert j's for j in [0, E).
+std::vector<std::string> expert_names(const std::string& name, int w, const ModelArgs& args) {
+  const auto layer = name.substr(0, name.find(".moe."));  // "layers.<i>"
+  const auto& naming = moe_naming(args);
+  std::vector<std::string> names;
+  for (int64_t j = 0; j < args.moe().num_experts(); ++j)
+    names.push_back("model." + layer + "." + naming.block + ".experts." + std::to_string(j) + "." +
+                    expert_suffix(naming, w));
+  return names;
+}
+
+/// Query/key heads of `name` (titan name) when its rows are RoPE-permuted, else 0. The q/k norm
+/// weights [head_dim] act on the permuted rows of one head.
 int64_t rotary_heads(const std::string& name, const ModelArgs& args) {
   if (ends_with(name, "attention.wq.weight")) return args.n_heads();
   if (ends_with(name, "attention.wk.weight")) return args.n_kv_heads();
+  if (ends_with(name, "attention.q_norm.weight") || ends_with(name, "attention.k_norm.weight")) return 1;
   return 0;
 }
 
 /// Rows of `heads` heads [heads * hd, cols] from one pairing to the other: Meta's (2p, 2p+1) to
 /// Hugging Face's (p, p + hd/2) when `to_hf`, else back.
 torch::Tensor permute_rows(const torch::Tensor& w, int64_t heads, int64_t head_dim, bool to_hf) {
-  const int64_t cols = w.size(1);
-  auto split = to_hf ? w.view({heads, head_dim / 2, 2, cols}) : w.view({heads, 2, head_dim / 2, cols});
-  return split.transpose(1, 2).reshape({heads * head_dim, cols});
+  const int64_t cols = w.dim() == 2 ? w.size(1) : 1;  // a norm weight [head_dim]: one column
+  auto split = to_hf ? w.reshape({heads, head_dim / 2, 2, cols}) : w.reshape({heads, 2, head_dim / 2, cols});
+  return split.transpose(1, 2).reshape(w.sizes());
 }
 
 /// The full shape of parameter `name` of a model with `args`.
@@ -87,7 +154,12 @@ std::vector<int64_t> global_shape(const std::string& name, const ModelArgs& args
   const int64_t d = args.dim(), q = args.n_heads() * args.effective_head_dim(),
                 kv = args.n_kv_heads() * args.effective_head_dim(), f = args.hidden_dim();
   if (name == "tok_embeddings.weight" || name == "output.weight") return {args.vocab_size(), d};
+  if (ends_with(name, "q_norm.weight") || ends_with(name, "k_norm.weight")) return {args.effective_head_dim()};
   if (ends_with(name, "norm.weight")) return {d};
+  const int64_t experts = args.moe().num_experts(), h = args.moe_hidden_dim();
+  if (ends_with(name, "moe.gate.weight")) return {experts, d};
+  if (ends_with(name, "moe.experts.w1") || ends_with(name, "moe.experts.w3")) return {experts, h, d};
+  if (ends_with(name, "moe.experts.w2")) return {experts, d, h};
   if (ends_with(name, "attention.wq.weight")) return {q, d};
   if (ends_with(name, "attention.wk.weight") || ends_with(name, "attention.wv.weight")) return {kv, d};
   if (ends_with(name, "attention.wo.weight")) return {d, q};
@@ -102,12 +174,31 @@ std::string config_file(const std::string& path) {
 
 /// The config.json of a model with `args` whose weights are stored as `dtype`.
 nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
-  const bool mistral = args.sliding_window() > 0;
+  const bool mistral = args.sliding_window() > 0 && !args.is_moe();
+  const bool qwen3_moe = args.is_moe() && args.qk_norm(), mixtral = args.is_moe() && !qwen3_moe;
   nlohmann::ordered_json c;
-  c["architectures"] = {mistral ? "MistralForCausalLM" : "LlamaForCausalLM"};
-  c["model_type"] = mistral ? "mistral" : "llama";
+  c["architectures"] = {qwen3_moe ? "Qwen3MoeForCausalLM"
+                        : mixtral ? "MixtralForCausalLM"
+                        : mistral ? "MistralForCausalLM"
+                                  : "LlamaForCausalLM"};
+  c["model_type"] = args.is_moe() ? moe_naming(args).model_type : mistral ? "mistral" : "llama";
   c["hidden_size"] = args.dim();
-  c["intermediate_size"] = args.hidden_dim();
+  c["intermediate_size"] = mixtral ? args.moe_hidden_dim() : args.hidden_dim();
+  if (mixtral) {
+    c["num_local_experts"] = args.moe().num_experts();
+    c["num_experts_per_tok"] = args.moe().top_k();
+    c["router_jitter_noise"] = 0.0;
+    c["sliding_window"] = args.sliding_window() > 0 ? nlohmann::ordered_json(args.sliding_window()) : nullptr;
+  }
+  if (qwen3_moe) {
+    c["moe_intermediate_size"] = args.moe_hidden_dim();
+    c["num_experts"] = args.moe().num_experts();
+    c["num_experts_per_tok"] = args.moe().top_k();
+    c["norm_topk_prob"] = args.moe().route_norm();
+    c["decoder_sparse_step"] = 1;
+    c["mlp_only_layers"] = nlohmann::ordered_json::array();
+    c["use_sliding_window"] = false;
+  }
   c["num_hidden_layers"] = args.n_layers();
   c["num_attention_heads"] = args.n_heads();
   c["num_key_value_heads"] = args.n_kv_heads();
@@ -129,7 +220,7 @@ nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
   if (mistral) c["sliding_window"] = args.sliding_window();
   c["hidden_act"] = "silu";
   c["attention_bias"] = false;
-  if (!mistral) c["mlp_bias"] = false;
+  if (!mistral && !args.is_moe()) c["mlp_bias"] = false;
   c["tie_word_embeddings"] = false;
   c["initializer_range"] = 0.02;
   c["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kHalf ? "float16" : "float32";
@@ -178,8 +269,15 @@ class ConfigReader {
 
 }  // namespace
 
-std::string to_hf_name(const std::string& name) { return translate(name, /*to_hf=*/true); }
-std::string from_hf_name(const std::string& hf_name) { return translate(hf_name, /*to_hf=*/false); }
+std::string to_hf_name(const std::string& name, const ModelArgs& args) { return translate(name, /*to_hf=*/true, args); }
+std::string from_hf_name(const std::string& hf_name) { return translate(hf_name, /*to_hf=*/false, ModelArgs()); }
+
+std::vector<std::string> hf_names(const std::string& name, const ModelArgs& args) {
+  const auto dot = name.find(".moe.");
+  if (args.is_moe() && dot != std::string::npos)
+    if (int w = expert_weight(name.substr(dot + 1))) return expert_names(name, w, args);
+  return {to_hf_name(name, args)};
+}
 
 torch::Tensor to_hf_tensor(const std::string& name, const torch::Tensor& tensor, const ModelArgs& args) {
   int64_t heads = rotary_heads(name, args);
@@ -206,8 +304,9 @@ ModelArgs read_hf_config(const std::string& path) {
   const ConfigReader config(root, file);
 
   const std::string model_type = config.text("model_type");
-  TORCH_CHECK(model_type == "llama" || model_type == "mistral", file, ": model_type \"", model_type,
-              "\" is not supported (expected \"llama\" or \"mistral\")");
+  const bool mixtral = model_type == kMixtral.model_type, qwen3_moe = model_type == kQwen3Moe.model_type;
+  TORCH_CHECK(model_type == "llama" || model_type == "mistral" || mixtral || qwen3_moe, file, ": model_type \"",
+              model_type, "\" is not supported (expected \"llama\", \"mistral\", \"mixtral\" or \"qwen3_moe\")");
   if (const auto* tied = config.find("tie_word_embeddings"))
     TORCH_CHECK(!config.flag_of(*tied, "tie_word_embeddings"), file,
                 ": tie_word_embeddings = true is not supported (output is untied)");
@@ -228,7 +327,36 @@ ModelArgs read_hf_config(const std::string& path) {
   args.n_kv_heads(config.find("num_key_value_heads") ? config.integer("num_key_value_heads") : args.n_heads());
   if (config.find("head_dim")) args.head_dim(config.integer("head_dim"));
   if (config.find("rms_norm_eps")) args.norm_eps(config.number("rms_norm_eps"));
-  if (model_type == "mistral" && config.find("sliding_window")) args.sliding_window(config.integer("sliding_window"));
+  if ((model_type == "mistral" || mixtral) && config.find("sliding_window"))
+    args.sliding_window(config.integer("sliding_window"));
+  if (mixtral) {
+    if (const auto* jitter = config.find("router_jitter_noise"))
+      TORCH_CHECK(config.number_of(*jitter, "router_jitter_noise") == 0, file, ": router_jitter_noise = ",
+                  jitter->dump(), " is not supported (0: the router's logits as computed)");
+    args.moe_hidden_dim(config.integer("intermediate_size"))
+        .moe(titan::MoeOptions().num_experts(config.integer("num_local_experts")).top_k(
+            config.integer("num_experts_per_tok")));
+  }
+  if (qwen3_moe) {
+    if (const auto* step = config.find("decoder_sparse_step"))
+      TORCH_CHECK(config.integer_of(*step, "decoder_sparse_step") == 1, file, ": decoder_sparse_step = ",
+                  step->dump(), " is not supported (1: every block is a mixture of experts)");
+    if (const auto* dense = config.find("mlp_only_layers"))
+      TORCH_CHECK(dense->is_array() && dense->empty(), file, ": mlp_only_layers = ", dense->dump(),
+                  " is not supported ([]: every block is a mixture of experts)");
+    if (const auto* window = config.find("use_sliding_window"))
+      TORCH_CHECK(!config.flag_of(*window, "use_sliding_window"), file, ": use_sliding_window = true is not supported");
+    const bool norm = config.find("norm_topk_prob") ? config.flag_of(config.get("norm_topk_prob"), "norm_topk_prob")
+                                                    : false;  // transformers' default
+    // The hub's configs say num_experts; transformers 5 writes its alias num_local_experts.
+    const char* experts = config.find("num_experts") ? "num_experts" : "num_local_experts";
+    args.qk_norm(true)
+        .moe_hidden_dim(config.integer("moe_intermediate_size"))
+        .moe(titan::MoeOptions()
+                 .num_experts(config.integer(experts))
+                 .top_k(config.integer("num_experts_per_tok"))
+                 .route_norm(norm));
+  }
 
   // transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters holding both.
   const auto* rope = config.find("rope_parameters");
@@ -267,35 +395,55 @@ void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOption
   const auto& args = model.args;
   const int64_t hd = args.effective_head_dim();
   std::set<std::string> used;
-  for (const auto& item : model.named_parameters()) {
-    const std::string& name = item.key();
-    torch::Tensor param = item.value();
-    const std::string hf_name = to_hf_name(name);
+  // Checks that the checkpoint holds `hf_name` with `shape`, the shape of `name` (of one of its
+  // experts' when `expert`).
+  auto check_tensor = [&](const std::string& hf_name, const std::string& name, const std::vector<int64_t>& shape,
+                          bool expert) {
     TORCH_CHECK(reader.contains(hf_name), "load_hf: checkpoint ", path, " has no tensor '", hf_name,
                 "' for parameter '", name, "'");
     used.insert(hf_name);
     const auto& info = reader.info(hf_name);
-    const auto shape = global_shape(name, args);
     TORCH_CHECK(info.shape == shape, "load_hf: tensor '", hf_name, "' in ", reader.file_of(hf_name).path(),
-                " has shape ", c10::IntArrayRef(info.shape), " but parameter '", name, "' has shape ",
-                c10::IntArrayRef(shape), " (config and checkpoint disagree)");
+                " has shape ", c10::IntArrayRef(info.shape), " but parameter '", name, "' has ",
+                expert ? "per-expert shape " : "shape ", c10::IntArrayRef(shape), " (config and checkpoint disagree)");
+  };
+  for (const auto& item : model.named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor param = item.value();
+    const auto names = hf_names(name, args);
+    const auto shape = global_shape(name, args);
     auto box = options.box() ? options.box()(name, param) : titan::parameter_layout(model, name, param).local_box();
     TORCH_CHECK(box.sizes == param.sizes().vec(), "load_hf: the rectangle of parameter '", name, "' has sizes ",
                 c10::IntArrayRef(box.sizes), " but the parameter has shape ", param.sizes());
+    const bool experts_stacked = names.size() > 1;  // one Hugging Face tensor per expert, stacked along dim 0 here
+    for (const auto& hf_name : names)
+      check_tensor(hf_name, name, experts_stacked ? std::vector<int64_t>(shape.begin() + 1, shape.end()) : shape,
+                   experts_stacked);
     torch::Tensor block;
-    if (int64_t heads = rotary_heads(name, args); heads > 0 && box.sizes[0] > 0) {
+    if (experts_stacked) {
+      const std::vector<int64_t> offsets(box.offsets.begin() + 1, box.offsets.end());
+      const std::vector<int64_t> sizes(box.sizes.begin() + 1, box.sizes.end());
+      std::vector<torch::Tensor> experts;
+      for (int64_t j = box.offsets[0]; j < box.offsets[0] + box.sizes[0]; ++j)
+        experts.push_back(reader.read_slice(names[static_cast<size_t>(j)], offsets, sizes));  // [sizes...]
+      block = experts.empty() ? torch::empty(box.sizes) : torch::stack(experts);           // [box.sizes]
+    } else if (int64_t heads = rotary_heads(name, args); heads > 0 && box.sizes[0] > 0) {
       // Read the whole heads the rows fall in, un-permute them, then keep the rows asked for.
       const int64_t first = box.offsets[0] / hd, last = (box.offsets[0] + box.sizes[0] + hd - 1) / hd;
-      auto rows = reader.read_slice(hf_name, {first * hd, box.offsets[1]}, {(last - first) * hd, box.sizes[1]});
+      auto offsets = box.offsets, sizes = box.sizes;
+      offsets[0] = first * hd;
+      sizes[0] = (last - first) * hd;
+      auto rows = reader.read_slice(names[0], offsets, sizes);  // [whole heads' rows, ...]
       block = permute_rows(rows, last - first, hd, /*to_hf=*/false).narrow(0, box.offsets[0] - first * hd, box.sizes[0]);
     } else {
-      block = reader.read_slice(hf_name, box.offsets, box.sizes);
+      block = reader.read_slice(names[0], box.offsets, box.sizes);
     }
     param.copy_(block);
   }
   // Tensors of the whole model that a pipeline stage does not hold are expected; others are not.
   std::set<std::string> known;
-  for (const auto& item : Transformer(args, torch::kMeta)->named_parameters()) known.insert(to_hf_name(item.key()));
+  for (const auto& item : Transformer(args, torch::kMeta)->named_parameters())
+    for (auto& hf_name : hf_names(item.key(), args)) known.insert(std::move(hf_name));
   std::vector<std::string> unused;
   for (const auto& name : reader.names()) {
     // rotary_emb.inv_freq: a buffer older transformers versions saved.
@@ -351,7 +499,7 @@ void save_hf(const torch::nn::Module& model, const ModelArgs& args, const std::s
     int64_t numel = 1;
     for (auto size : global) numel *= size;
     // Gathered (a collective of the parameter's groups) only when its file is written.
-    auto make = [&, name, index, global, dtype, held]() -> torch::Tensor {
+    auto fetch = [&, name, index, global, dtype, held]() -> torch::Tensor {
       torch::Tensor full;
       if (held != local.end()) {
         const auto& sharded = held->second;
@@ -373,7 +521,32 @@ void save_hf(const torch::nn::Module& model, const ModelArgs& args, const std::s
       return to_hf_tensor(name, full, args).to(dtype);
     };
     if (!pipelined && held == local.end()) continue;
-    tensors.push_back({to_hf_name(name), numel * static_cast<int64_t>(c10::elementSize(dtype)), std::move(make)});
+    const auto names = hf_names(name, args);
+    if (names.size() == 1) {
+      tensors.push_back({names[0], numel * static_cast<int64_t>(c10::elementSize(dtype)), std::move(fetch)});
+      continue;
+    }
+    // Routed experts: Hugging Face's tensor j is row j of the stacked weight, gathered once (at
+    // expert 0, on every rank) and released after the last expert.
+    struct Gathered {
+      bool done = false;
+      torch::Tensor full;  ///< [E, ...] on the writer
+    };
+    auto gathered = std::make_shared<Gathered>();
+    const int64_t experts = static_cast<int64_t>(names.size());
+    for (int64_t j = 0; j < experts; ++j) {
+      auto make = [gathered, fetch, j, last = j + 1 == experts]() -> torch::Tensor {
+        if (!gathered->done) {
+          gathered->full = fetch();
+          gathered->done = true;
+        }
+        auto expert = gathered->full.defined() ? gathered->full[j] : torch::Tensor();  // [...] a view
+        if (last) *gathered = Gathered{};
+        return expert;
+      };
+      tensors.push_back({names[static_cast<size_t>(j)],
+                         numel / experts * static_cast<int64_t>(c10::elementSize(dtype)), std::move(make)});
+    }
   }
   if (!writer) {
     for (const auto& tensor : tensors) tensor.make();  // the writer's gathers, in the writer's order

@@ -1,6 +1,7 @@
 #pragma once
 // Hugging Face interop for the example Transformer: transformers' LlamaForCausalLM /
-// MistralForCausalLM checkpoints (config.json + safetensors, sharded or not) in and out.
+// MistralForCausalLM / MixtralForCausalLM / Qwen3MoeForCausalLM checkpoints (config.json +
+// safetensors, sharded or not) in and out.
 //
 //   auto args = titan::examples::read_hf_config("Llama-3.1-8B");        // config.json -> ModelArgs
 //   titan::examples::Transformer model(args, torch::kMeta);
@@ -12,7 +13,12 @@
 // Names: tok_embeddings <-> model.embed_tokens, layers.i.attention.{wq,wk,wv,wo} <->
 // model.layers.i.self_attn.{q,k,v,o}_proj, layers.i.feed_forward.{w1,w2,w3} <->
 // model.layers.i.mlp.{gate,down,up}_proj, attention_norm <-> input_layernorm, ffn_norm <->
-// post_attention_layernorm, norm <-> model.norm, output <-> lm_head.
+// post_attention_layernorm, norm <-> model.norm, output <-> lm_head; Qwen3's
+// attention.{q,k}_norm <-> self_attn.{q,k}_norm.
+// Mixture-of-experts blocks: layers.i.moe.gate <-> Mixtral's model.layers.i.block_sparse_moe.gate
+// or Qwen3-MoE's model.layers.i.mlp.gate; the stacked expert weights layers.i.moe.experts.w1 / w2
+// / w3 [E, ...] are E tensors on disk, expert j's being block_sparse_moe.experts.j.w1 / w2 / w3
+// (Mixtral) or mlp.experts.j.gate_proj / down_proj / up_proj (Qwen3-MoE) (hf_names).
 // Hugging Face applies RoPE with rotate-half (dimension i paired with i + head_dim/2) where Meta
 // pairs (2i, 2i+1), so the rows of each q/k head are permuted on the way in and out (the permute of
 // transformers' convert_llama_weights_to_hf.py).
@@ -25,23 +31,32 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace titan::examples {
 
 /// The transformers name of titan parameter `name` ("layers.0.attention.wq.weight" ->
-/// "model.layers.0.self_attn.q_proj.weight"); an error for names outside the model.
-std::string to_hf_name(const std::string& name);
-/// The titan name of transformers parameter `hf_name`; an error for names outside the model.
+/// "model.layers.0.self_attn.q_proj.weight") in a model of `args` (its MoE family names the MoE
+/// tensors); an error for names outside the model and for stacked expert weights (hf_names).
+std::string to_hf_name(const std::string& name, const ModelArgs& args = ModelArgs());
+/// The transformers names of titan parameter `name`: one, or E for a MoE's stacked expert weight
+/// (expert j's at j).
+std::vector<std::string> hf_names(const std::string& name, const ModelArgs& args);
+/// The titan name of transformers parameter `hf_name` (of any supported family; an expert's
+/// weight gives the stacked parameter); an error for names outside the model.
 std::string from_hf_name(const std::string& hf_name);
 
-/// A whole parameter `name` (titan layout) in Hugging Face layout (q/k rows permuted).
+/// A whole parameter `name` (titan layout) in Hugging Face layout (q/k rows and q/k norm weights
+/// permuted; stacked experts as they are: expert j's tensor is row j).
 torch::Tensor to_hf_tensor(const std::string& name, const torch::Tensor& tensor, const ModelArgs& args);
 /// A whole transformers parameter `hf_name` in titan's layout.
 torch::Tensor from_hf_tensor(const std::string& hf_name, const torch::Tensor& tensor, const ModelArgs& args);
 
 /// ModelArgs from a transformers config.json (a file, or a directory holding one) of a
-/// LlamaForCausalLM or MistralForCausalLM: sizes, rms_norm_eps, rope_theta, Llama 3.1 rope scaling
-/// (old "rope_scaling" and new "rope_parameters" forms), sliding_window, max_position_embeddings.
+/// LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM or Qwen3MoeForCausalLM: sizes,
+/// rms_norm_eps, rope_theta, Llama 3.1 rope scaling (old "rope_scaling" and new "rope_parameters"
+/// forms), sliding_window, max_position_embeddings, the experts (count, top-k, width,
+/// norm_topk_prob) and Qwen3's q/k norms.
 /// Unsupported features (tied embeddings, biases, other activations or rope types) are errors
 /// naming the file and key. The parameter dtype stays float32 whatever the checkpoint's dtype
 /// (load_hf converts); set args.dtype() to change it.

@@ -260,21 +260,13 @@ struct ScheduleSimulation {
   }
 };
 
-/// Runs `schedule` on paper, checking that it is complete (every stage runs every micro-batch's
-/// forward once and its backward once, as B or as I then W, on the stage's rank), cannot
-/// deadlock when each rank runs its actions in order and a pass waits for its inputs, and that
-/// on every link between two ranks the messages are received in the order they are sent. Errors
-/// name the rank and action.
-inline ScheduleSimulation simulate_schedule(const PipelineSchedule& schedule, double forward_cost = 1.0,
-                                            double input_cost = 1.0, double weight_cost = 1.0) {
-  using detail::Kind;
+namespace detail {
+
+/// Checks that every action of `schedule` names a stage and micro-batch it has, on the stage's rank.
+inline void check_action_placement(const PipelineSchedule& schedule) {
   const int64_t p = schedule.ranks, stages = schedule.num_stages(), m = schedule.microbatches;
   TORCH_CHECK(static_cast<int64_t>(schedule.actions.size()) == p, "titan pipeline: the schedule has ",
               schedule.actions.size(), " rows for ", p, " ranks");
-  // done[kind][stage * m + mb] = end time, or -1.
-  std::map<char, std::vector<double>> done;
-  for (char k : {'F', 'B', 'I', 'W'}) done[k].assign(static_cast<size_t>(stages * m), -1.0);
-  auto slot = [m](int64_t stage, int64_t mb) { return static_cast<size_t>(stage * m + mb); };
   for (int64_t r = 0; r < p; ++r) {
     for (const auto& a : schedule.actions[static_cast<size_t>(r)]) {
       TORCH_CHECK(a.stage >= 0 && a.stage < stages && a.microbatch >= 0 && a.microbatch < m, "titan pipeline: rank ",
@@ -283,6 +275,49 @@ inline ScheduleSimulation simulate_schedule(const PipelineSchedule& schedule, do
                   a.stage, ", which lives on rank ", schedule.rank_of(a.stage));
     }
   }
+}
+
+/// NCCL matches point-to-point messages by order, not tag: checks that on every link between two
+/// ranks the receiver takes the messages in the order the sender sends them (each rank in its
+/// row's order).
+inline void check_message_order(const PipelineSchedule& schedule) {
+  const int64_t stages = schedule.num_stages();
+  using Message = std::tuple<char, int64_t, int64_t>;  // (activation 'a' / gradient 'g', from stage, mb)
+  std::map<std::pair<int64_t, int64_t>, std::vector<Message>> sent, received;
+  for (int64_t r = 0; r < schedule.ranks; ++r) {
+    for (const auto& a : schedule.actions[static_cast<size_t>(r)]) {
+      const bool forward = a.kind == Kind::Forward, backward = a.kind == Kind::Backward || a.kind == Kind::BackwardInput;
+      if (forward && a.stage + 1 < stages) sent[{r, schedule.rank_of(a.stage + 1)}].emplace_back('a', a.stage, a.microbatch);
+      if (forward && a.stage > 0) received[{schedule.rank_of(a.stage - 1), r}].emplace_back('a', a.stage - 1, a.microbatch);
+      if (backward && a.stage > 0) sent[{r, schedule.rank_of(a.stage - 1)}].emplace_back('g', a.stage, a.microbatch);
+      if (backward && a.stage + 1 < stages) received[{schedule.rank_of(a.stage + 1), r}].emplace_back('g', a.stage + 1, a.microbatch);
+    }
+  }
+  for (const auto& [link, messages] : sent) {
+    if (link.first == link.second) continue;  // handed over locally
+    TORCH_CHECK(received[link] == messages, "titan pipeline: schedule ", schedule_name(schedule.kind), ": rank ",
+                link.second, " receives the messages of rank ", link.first, " in another order than they are sent ",
+                "(NCCL matches them by order)\n", schedule.table());
+  }
+}
+
+}  // namespace detail
+
+/// Runs `schedule` on paper, checking that it is complete (every stage runs every micro-batch's
+/// forward once and its backward once, as B or as I then W, on the stage's rank), cannot
+/// deadlock when each rank runs its actions in order and a pass waits for its inputs, and that
+/// on every link between two ranks the messages are received in the order they are sent. Errors
+/// name the rank and action. The timing loop stays one piece: its passes, readiness rules and
+/// clocks share the same per-rank state.
+inline ScheduleSimulation simulate_schedule(const PipelineSchedule& schedule, double forward_cost = 1.0,
+                                            double input_cost = 1.0, double weight_cost = 1.0) {
+  using detail::Kind;
+  detail::check_action_placement(schedule);
+  const int64_t p = schedule.ranks, stages = schedule.num_stages(), m = schedule.microbatches;
+  // done[kind][stage * m + mb] = end time, or -1.
+  std::map<char, std::vector<double>> done;
+  for (char k : {'F', 'B', 'I', 'W'}) done[k].assign(static_cast<size_t>(stages * m), -1.0);
+  auto slot = [m](int64_t stage, int64_t mb) { return static_cast<size_t>(stage * m + mb); };
   ScheduleSimulation sim;
   sim.busy.assign(static_cast<size_t>(p), 0.0);
   sim.peak_live.assign(static_cast<size_t>(p), 0);
@@ -354,25 +389,7 @@ inline ScheduleSimulation simulate_schedule(const PipelineSchedule& schedule, do
                   "backward of stage ", stage, ", micro-batch ", mb);
     }
   }
-  // NCCL matches point-to-point messages by order, not tag: on every link, the receiver must
-  // take the messages in the order the sender sends them (each rank in its row's order).
-  using Message = std::tuple<char, int64_t, int64_t>;  // (activation 'a' / gradient 'g', from stage, mb)
-  std::map<std::pair<int64_t, int64_t>, std::vector<Message>> sent, received;
-  for (int64_t r = 0; r < p; ++r) {
-    for (const auto& a : schedule.actions[static_cast<size_t>(r)]) {
-      const bool forward = a.kind == Kind::Forward, backward = a.kind == Kind::Backward || a.kind == Kind::BackwardInput;
-      if (forward && a.stage + 1 < stages) sent[{r, schedule.rank_of(a.stage + 1)}].emplace_back('a', a.stage, a.microbatch);
-      if (forward && a.stage > 0) received[{schedule.rank_of(a.stage - 1), r}].emplace_back('a', a.stage - 1, a.microbatch);
-      if (backward && a.stage > 0) sent[{r, schedule.rank_of(a.stage - 1)}].emplace_back('g', a.stage, a.microbatch);
-      if (backward && a.stage + 1 < stages) received[{schedule.rank_of(a.stage + 1), r}].emplace_back('g', a.stage + 1, a.microbatch);
-    }
-  }
-  for (const auto& [link, messages] : sent) {
-    if (link.first == link.second) continue;  // handed over locally
-    TORCH_CHECK(received[link] == messages, "titan pipeline: schedule ", schedule_name(schedule.kind), ": rank ",
-                link.second, " receives the messages of rank ", link.first, " in another order than they are sent ",
-                "(NCCL matches them by order)\n", schedule.table());
-  }
+  detail::check_message_order(schedule);
   for (double c : clock) sim.makespan = std::max(sim.makespan, c);
   return sim;
 }
