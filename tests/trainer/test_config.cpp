@@ -184,7 +184,9 @@ TEST_CASE("config: the [moe] keys reach a MoE model's layers and are errors wher
   CHECK(options.capacity_factor() == 1.25);
   CHECK(options.expert_bias());
   CHECK_FALSE(options.aux_loss());
-  CHECK_ERROR_HAS(apply_override(c, "moe.score_func", "tanh", "command line"), "moe.score_func", "softmax, sigmoid");
+  TrainConfig bad = c;
+  apply_override(bad, "moe.score_func", "tanh", "command line");
+  CHECK_ERROR_HAS(validate(bad), "moe.score_func", "softmax, sigmoid");
   c.model.name = "llama3";
   CHECK_ERROR_HAS(model_spec_of(c).build(c, 100, torch::kMeta), "needs a mixture-of-experts model", "llama3 has dense");
   TrainConfig pipelined;
