@@ -1,6 +1,7 @@
 // bench_moe: what a mixture-of-experts layer costs on this machine, one table.
 //   1. GroupedExperts forward + backward with at::_grouped_mm against the per-expert loop, on the
-//      same rows (tokens x top_k, sorted by expert, counts from a real router), per shape.
+//      same rows (tokens x top_k, sorted by expert, counts from a real router), and against the
+//      same FLOPs as dense GEMMs (every row through one expert's weights): TFLOP/s of each.
 //   2. The whole MoE layer (router, dispatch, experts, combine; forward + backward) at expert
 //      parallelism 1 and at the world size (run under titan_launch --nproc N): median step time,
 //      the rows and bytes each rank sends to other ranks per step (dispatch and combine, forward
@@ -67,8 +68,8 @@ int main(int argc, char** argv) {
     std::printf("bench_moe on %s (%s), %d rank(s): %ld tokens per rank, dim %ld, expert width %ld, %ld experts, "
                 "top-%ld\n",
                 device.str().c_str(), c10::toString(dtype), world->world_size(), tokens, dim, hidden, experts, top_k);
-    std::printf("%-34s %12s %12s %14s %12s\n", "case", "ms (median)", "vs baseline", "sent rows/rank",
-                "sent MB/rank");
+    std::printf("%-34s %12s %12s %14s %12s %9s\n", "case", "ms (median)", "vs baseline", "sent rows/rank",
+                "sent MB/rank", "TFLOP/s");
   }
 
   // 1. The experts alone: grouped GEMM against the loop, on one router's assignments.
@@ -79,19 +80,26 @@ int main(int argc, char** argv) {
     const auto d = titan::dispatch_tokens(titan::route_tokens(layer->gate->forward(x).detach(), routing), routing);
     auto rows = x.index_select(0, d.token).detach().requires_grad_(true);  // [T k, dim] sorted by expert
     auto dy = torch::randn({rows.size(0), dim}, options);
-    double loop_ms = 0;
-    for (const bool grouped : {false, true}) {
-      layer->experts->grouped_mm = grouped;
-      const bool runs_grouped = layer->experts->runs_grouped(rows);
-      const double ms = time_ms(device, steps, [&] {
-        layer->experts->forward(rows, d.counts).backward(dy);
-      });
-      if (!grouped) loop_ms = ms;
+    // 3 GEMMs of [N, dim] x [dim, hidden] forward, twice that backward.
+    const double flops = 18.0 * static_cast<double>(rows.size(0) * dim * hidden);
+    auto row = [&](const char* name, double ms, double baseline_ms) {
       if (print)
-        std::printf("%-34s %12.3f %11.2fx %14s %12s\n",
-                    grouped ? (runs_grouped ? "experts: _grouped_mm" : "experts: _grouped_mm (unavailable: loop)")
-                            : "experts: per-expert loop",
-                    ms, loop_ms / ms, "-", "-");
+        std::printf("%-34s %12.3f %11.2fx %14s %12s %9.3f\n", name, ms, baseline_ms / ms, "-", "-", flops / ms / 1e9);
+    };
+    auto& e = *layer->experts;
+    const auto w1 = e.w1[0].detach().requires_grad_(true), w2 = e.w2[0].detach().requires_grad_(true),
+               w3 = e.w3[0].detach().requires_grad_(true);  // one expert's [hidden, dim], [dim, hidden]
+    const double dense_ms = time_ms(device, steps, [&] {
+      at::linear(at::silu(at::linear(rows, w1)) * at::linear(rows, w3), w2).backward(dy);
+    });
+    row("experts' FLOPs as dense mm", dense_ms, dense_ms);
+    for (const bool grouped : {false, true}) {
+      e.grouped_mm = grouped;
+      const bool runs_grouped = e.runs_grouped(rows);
+      const double ms = time_ms(device, steps, [&] { e.forward(rows, d.counts).backward(dy); });
+      row(grouped ? (runs_grouped ? "experts: _grouped_mm" : "experts: _grouped_mm (unavailable: loop)")
+                  : "experts: per-expert loop",
+          ms, dense_ms);
     }
   }
 
@@ -119,8 +127,8 @@ int main(int argc, char** argv) {
     if (print) {
       const std::string name = "layer fwd+bwd, EP " + std::to_string(ep) + " (load " +
                                std::to_string(max_over_mean).substr(0, 4) + ")";
-      std::printf("%-34s %12.3f %11.2fx %14.0f %12.3f\n", name.c_str(), worst_ms, ep1_ms / worst_ms, sent_rows,
-                  sent_rows * static_cast<double>(dim) * static_cast<double>(c10::elementSize(dtype)) / 1e6);
+      std::printf("%-34s %12.3f %11.2fx %14.0f %12.3f %9s\n", name.c_str(), worst_ms, ep1_ms / worst_ms, sent_rows,
+                  sent_rows * static_cast<double>(dim) * static_cast<double>(c10::elementSize(dtype)) / 1e6, "-");
     }
     if (world->world_size() == 1) break;
   }

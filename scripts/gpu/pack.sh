@@ -28,7 +28,7 @@ binaries=(
   tests/titan_launch tests/test_titan tests/peer_failure
   tests/models/test_models tests/models/test_models_ranks tests/trainer/test_trainer
   examples/trainer/titan_train
-  bench/fsdp/bench_fsdp bench/checkpoint/bench_checkpoint bench/ac/bench_ac
+  bench/fsdp/bench_fsdp bench/checkpoint/bench_checkpoint bench/ac/bench_ac bench/moe/bench_moe
 )
 targets=()
 for b in "${binaries[@]}"; do targets+=("$(basename "$b")"); done

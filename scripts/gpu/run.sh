@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU validation kit, step 2 (the run step, on the GPU machine, after scripts/gpu/setup.sh):
-#   scripts/gpu/run.sh [tests] [trainer] [checkpoint] [bench] [bench_8b] [profile]   (none named: all six)
+#   scripts/gpu/run.sh [tests] [trainer] [checkpoint] [bench] [bench_8b] [profile] [moe]   (none named: all seven)
 # Writes every log and table under $OUT (default ./gpu_out) and prints the tables last; exits
 # non-zero when a stage fails. Stages (minutes on one H100, to fit a 10-minute command limit:
 # run `tests trainer checkpoint bench` in one command and `bench_8b profile` in a second):
@@ -21,11 +21,14 @@
 #   profile     the titan, titan_kernels and titan_fused rows of the benchmark for 10 steps with step 8 profiled
 #               ([profiling]), summarised by scripts/gpu/profile_report.py: top kernels, GPU idle
 #               share, the SDPA backend, the runtime cuDNN version, allocator retries
+#   moe         bench/moe/bench_moe in bf16: Mixtral 8x7B's expert shapes on 1 rank (grouped GEMM, loop and
+#               the same FLOPs as dense mm, TFLOP/s each), and the MoE layer at EP 1 and EP 2 on the
+#               shared GPU (2 Gloo ranks)
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 stages=("$@")
-((${#stages[@]})) || stages=(tests trainer checkpoint bench bench_8b profile)
+((${#stages[@]})) || stages=(tests trainer checkpoint bench bench_8b profile moe)
 summary="$out/summary.md"
 : > "$summary"
 failed=0
@@ -95,7 +98,13 @@ for stage in "${stages[@]}"; do
       "$python" "$root/scripts/gpu/profile_report.py" "$out"/profile/titan*/profile_trace/iteration_8/rank0_trace.json \
         > "$out/profile/report.md" 2>&1 || failed=1
       ;;
-    *) die "unknown stage '$stage' (expected tests, trainer, checkpoint, bench, bench_8b or profile)" ;;
+    moe)
+      run moe_bench_mixtral_shapes 240 TITAN_DEVICE=cuda TITAN_BACKEND=nccl -- "$launch" --nproc 1 -- \
+        "$kit_build/bench/moe/bench_moe" --tokens 4096 --dim 4096 --hidden 14336 --experts 8 --top-k 2
+      run moe_bench_ep2_shared_gpu 240 TITAN_DEVICE=cuda TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 -- \
+        "$launch" --nproc 2 -- "$kit_build/bench/moe/bench_moe" --tokens 4096 --dim 1024 --hidden 2048
+      ;;
+    *) die "unknown stage '$stage' (expected tests, trainer, checkpoint, bench, bench_8b, profile or moe)" ;;
   esac
 done
 

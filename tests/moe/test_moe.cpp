@@ -3,7 +3,7 @@
 // no token; DeepSeek's groups, sigmoid scores, correction bias and shared expert) with
 // at::_grouped_mm and with the per-expert loop; a capacity factor against a plain loop; FSDP over
 // the experts against one process; routing with an expert bias; the expert-bias update over the
-// ranks; load statistics; errors.
+// ranks, and its balancing of a skewed router; load statistics; errors.
 #include "../support/multirank.hpp"
 #include "../support/tp_test_util.hpp"
 
@@ -236,6 +236,39 @@ TEST_CASE("moe: update_expert_bias sums the ranks' tokens per expert and moves t
   auto delta = torch::sign(tokens.mean() - tokens) * 0.01;
   CHECK_CLOSE(layer->expert_bias, delta - delta.mean(), 1e-7);
   CHECK_FALSE(layer->tokens_per_expert().defined());  // emptied
+}
+
+TEST_CASE("moe: from a skewed router, the expert bias balances the load; the bias is the same on every rank") {
+  // Tokens with a common component that router rows 0 and 1 favour: experts 0 and 1 take most
+  // tokens (max/mean load above 3 of at most 4). Only the bias moves (no optimizer): it alone must
+  // spread the load. (With near one-hot scores every token would follow the bias at once and the
+  // fixed-rate update would oscillate: DeepSeek-V3's rule assumes scores that differ per token.)
+  const auto& group = world()->group();
+  titan::MoE layer(16, 8, MoeOptions().num_experts(8).top_k(2).expert_bias(true));
+  torch::manual_seed(3);  // the same weights on every rank
+  {
+    torch::NoGradGuard no_grad;
+    layer->gate->weight.normal_(0, 0.1);
+    layer->gate->weight.narrow(0, 0, 2).add_(0.2);
+    for (auto* w : {&layer->experts->w1, &layer->experts->w2, &layer->experts->w3}) w->normal_(0, 0.1);
+  }
+  torch::manual_seed(10 + group->rank());  // each rank its own tokens
+  const auto tokens = torch::randn({256, 16}) + 0.5;  // [T, dim]
+  auto load = [&] {  // this step's max/mean over every rank's tokens
+    titan::call(layer, tokens);
+    return titan::moe_loads(layer, /*reset=*/false, group).front().max_over_mean;
+  };
+  const double first = load();
+  CHECK(first > 3.0);
+  double last = first;
+  for (int step = 0; step < 200; ++step) {
+    titan::update_expert_bias(layer, group, 0.002);  // sums the ranks' counts, then empties them
+    last = load();
+  }
+  MESSAGE("max/mean load ", first, " -> ", last, " after 200 bias updates, ", group->size(), " rank(s)");
+  CHECK(last < 1.5);
+  const auto all = titan::all_gather(layer->expert_bias.reshape({1, -1}), group, 0);  // [ranks, E]
+  for (int64_t r = 1; r < group->size(); ++r) CHECK(torch::equal(all[r], all[0]));
 }
 
 TEST_CASE("moe: bad options, a mismatched count, and the auxiliary loss under activation checkpointing are errors") {

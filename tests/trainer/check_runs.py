@@ -38,15 +38,16 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               checkpoint resumed without CP (2 ranks) and the straight run's resumed with CP 2
   mistral_cp  Mistral at seq_len 256 (its 128-token sliding window cuts the sequence): CP 2 with the
               ring on 2 ranks gives the 2-rank FSDP run's losses and weights
-  float8      float8 linear layers (tensorwise) with and without float8 FSDP all-gather (and
+  float8      float8 linear layers (tensorwise; emulated where this CPU's _scaled_mm is oneDNN's
+              reference kernel, seconds per GEMM) with and without float8 FSDP all-gather (and
               precomputed scales) on 2 ranks: bitwise the same losses and weights; FSDP 2 x TP 2 in
               float8 within FLOAT8_TP_TOL of FSDP 2; 50 steps of bf16 compute with float8 tensorwise
               and rowwise: every loss within FLOAT8_TRACK_TOL of the bf16 run's
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
   moe         the Qwen3-MoE debug model (expert bias) with expert parallelism 2 on 2 ranks: the
-              1-rank run's losses and exported weights, and its step-10 checkpoint resumed on 1
-              rank at EP 1 gives its steps 11..20; the Mixtral debug model (auxiliary loss, EP 2):
+              1-rank run's losses and exported weights, and so does PP 2 x EP 2 on 4 ranks; its
+              step-10 checkpoint resumed at EP 1 on 1 rank and at EP 4 on 4 gives its steps 11..20; the Mixtral debug model (auxiliary loss, EP 2):
               finite losses and auxiliary losses, a Hugging Face export that transformers loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
@@ -191,6 +192,18 @@ def kill_worker(dump, rank):
             os.kill(int(pid), signal.SIGKILL)
             return
     raise AssertionError(f"no trainer process of rank {rank} writing to {dump}")
+
+
+def scaled_mm_is_reference_kernel():
+    """Whether one float8 [256, 512] x [512, 512] torch._scaled_mm takes over 0.2 s on this CPU
+    (an AVX2 machine takes ~1 ms; oneDNN's reference kernel seconds)."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 512).to(torch.float8_e4m3fn)
+    b = torch.randn(512, 512).to(torch.float8_e4m3fn).t()
+    one = torch.tensor(1.0)
+    start = time.time()
+    torch._scaled_mm(a, b, one, one, out_dtype=torch.float32)
+    return time.time() - start > 0.2
 
 
 def metrics(dump):
@@ -385,12 +398,17 @@ def main():
 
     if wanted("float8"):
         f8 = ["--float8.enable", "true"]
+        if scaled_mm_is_reference_kernel():
+            # oneDNN runs CPU float8 matmuls with its reference kernel on CPUs with AVX512-FP16/AMX
+            # (seconds per GEMM: 40 s per debug step); emulated float8 keeps every comparison below.
+            print("float8: this CPU's torch._scaled_mm is oneDNN's reference kernel: the runs emulate float8")
+            f8 += ["--float8.emulate", "true"]
         gather = ["--float8.enable_fsdp_float8_all_gather", "true", "--float8.precompute_float8_dynamic_scale_for_fsdp",
                   "true"]
         # Float8 all-gather under FSDP changes no value: fp32 master weights cast with the global amax
         # are the float8 weights the plain float8 run casts after gathering fp32.
         out = r.run("float8_plain", args.trainer, 2, llama, f8)
-        r.check("float8: 28 linear layers (tensorwise scaling); left in high precision: output" in out,
+        r.check("float8: 28 linear layers (tensorwise scaling" in out and "left in high precision: output" in out,
                 "float8: the 28 block linear layers are converted, the output projection is not")
         r.run("float8_gather", args.trainer, 2, llama, [*f8, *gather])
         plain, _ = metrics(work("float8_plain"))
@@ -465,9 +483,15 @@ def main():
         r.run("moe_one", args.trainer, 1, "qwen3_moe_debug.toml", ["--parallelism.expert_parallel_degree", "1"])
         out = r.run("moe_ep", args.trainer, 2, "qwen3_moe_debug.toml")
         compare_runs("moe_ep", "moe_one", "moe: EP 2 on 2 ranks")
-        # EP 2's checkpoint (experts sharded over ep, the expert bias) resumed on one rank at EP 1.
+        # EP 2's checkpoint (experts sharded over ep, the expert bias) resumed at EP 1 on one rank
+        # and at EP 4 on four.
         resume_elsewhere("moe_ep_to_one", "moe_ep", ["--parallelism.expert_parallel_degree", "1"], 1,
                          "qwen3_moe_debug.toml", "moe_ep")
+        resume_elsewhere("moe_ep_to_four", "moe_ep", ["--parallelism.expert_parallel_degree", "4",
+                                                      "--training.batch_size", "1"], 4, "qwen3_moe_debug.toml", "moe_ep")
+        # PP 2 x EP 2 on 4 ranks (two layers per stage, each stage's experts shared by 2 ranks).
+        r.run("moe_pp_ep", args.trainer, 4, "qwen3_moe_debug.toml", ["--parallelism.pipeline_parallel_degree", "2"])
+        compare_runs("moe_pp_ep", "moe_one", "moe: PP 2 x EP 2 on 4 ranks")
         ep, _ = metrics(work("moe_ep"))
         r.check("mixture of experts: expert_parallel_degree 2" in out and "experts (this step)" in out,
                 "moe: the trainer logs the expert-parallel setup and the experts' loads")
