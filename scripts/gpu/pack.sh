@@ -12,6 +12,7 @@
 #   lib/       the shared libraries they need beyond glibc, libstdc++ and torch (PCRE2,
 #              SentencePiece);
 #   models_reference/  the transformers reference checkpoints test_models compares against
+#   moe_reference.safetensors  transformers' MoE blocks' results for test_titan's moe cases
 #              (tests/models/make_reference.py, so the GPU machine needs no transformers);
 #   data_cache/  data/cache: the offline corpus and the tokenizers (scripts/make_corpus.sh);
 #   wheels/    torchtitan 0.2.2 and the packages it imports that the GPU image lacks, as Python
@@ -64,6 +65,9 @@ if [[ -z "$(ls -A "$reference" 2>/dev/null)" ]]; then
   OMP_NUM_THREADS=1 "$root/.venv/bin/python" "$root/tests/models/make_reference.py" --out "$reference"
 fi
 cp -r "$reference" "$kit/models_reference"
+
+log "writing transformers' MoE block reference (tests/moe/make_reference.py)"
+OMP_NUM_THREADS=1 "$root/.venv/bin/python" "$root/tests/moe/make_reference.py" --out "$kit/moe_reference.safetensors"
 
 log "writing torchao's float8 reference (tests/float8/make_reference.py: the GPU machine has no torchao)"
 OMP_NUM_THREADS=1 "$root/.venv/bin/python" "$root/tests/float8/make_reference.py" --out "$kit/float8_reference.safetensors"

@@ -53,14 +53,15 @@ run() {
 }
 
 cuda=(TITAN_TEST_DEVICE=cuda)  # the test main sets TITAN_DEVICE and TITAN_SHARE_GPUS to match
-float8_reference=(TITAN_FLOAT8_REFERENCE="$kit/float8_reference.safetensors")
+references=(TITAN_FLOAT8_REFERENCE="$kit/float8_reference.safetensors"
+            TITAN_MOE_REFERENCE="$kit/moe_reference.safetensors")  # test_titan's parity references
 launch="$kit_build/tests/titan_launch"
 for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
-      run titan_1rank_nccl 300 "${cuda[@]}" "${float8_reference[@]}" TITAN_BACKEND=nccl -- \
+      run titan_1rank_nccl 300 "${cuda[@]}" "${references[@]}" TITAN_BACKEND=nccl -- \
         "$launch" --nproc 1 -- "$kit_build/tests/test_titan"
-      run titan_2ranks_gloo_cuda 300 "${cuda[@]}" "${float8_reference[@]}" TITAN_BACKEND=gloo -- \
+      run titan_2ranks_gloo_cuda 300 "${cuda[@]}" "${references[@]}" TITAN_BACKEND=gloo -- \
         "$launch" --nproc 2 -- "$kit_build/tests/test_titan"
       run models_cuda 300 "${cuda[@]}" TITAN_MODELS_REFERENCE="$kit/models_reference" \
         TITAN_MODELS_SCRATCH="$out/models_scratch" -- "$kit_build/tests/models/test_models"
