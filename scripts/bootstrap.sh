@@ -17,6 +17,7 @@ debian_packages=(
   libsentencepiece-dev libgloo-dev
   python3-venv
   python3.11-doc dict-gcide
+  slurm-wlm munge  # the one-machine Slurm cluster of tests/slurm (scripts/slurm/cluster.sh)
 )
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }

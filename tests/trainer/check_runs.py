@@ -178,8 +178,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def kill_worker(dump, rank):
-    """SIGKILL to the trainer process of `rank` writing to `dump` (found through /proc)."""
+def kill_worker(dump, rank, variable="RANK"):
+    """SIGKILL to the trainer process of `rank` (its environment's `variable`) writing to `dump`
+    (found through /proc)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -188,7 +189,7 @@ def kill_worker(dump, rank):
                 environ = f.read().split(b"\0")
         except OSError:
             continue
-        if dump.encode() in cmdline and f"RANK={rank}".encode() in environ:
+        if dump.encode() in cmdline and f"{variable}={rank}".encode() in environ:
             os.kill(int(pid), signal.SIGKILL)
             return
     raise AssertionError(f"no trainer process of rank {rank} writing to {dump}")

@@ -1,0 +1,164 @@
+"""The example trainer under a real Slurm cluster (scripts/slurm/cluster.sh: slurmctld and two
+slurmd on this machine, nodes titan-node[1-2]), checked against the same job under titan_launch:
+
+  srun      srun -N 2 -n 2 --kill-on-bad-exit=1 titan_train (rank 0's address from the compressed
+            SLURM_JOB_NODELIST, no MASTER_ADDR): bitwise the titan_launch --nproc 2 losses, 20 steps
+  sbatch    sbatch examples/slurm/multinode.sbatch on 2 nodes x 1 task (GPU lines overridden), a CPU
+            config: the job succeeds, its output has the step lines, bitwise the same losses
+  scancel   scancel --signal=TERM to the running batch job after step 3: the trainer saves a
+            checkpoint at a step boundary and the job succeeds; the resubmitted job resumes from it
+            and every step's loss equals the straight run's bitwise
+  kill      rank 1 killed (SIGKILL) under srun --kill-on-bad-exit=1: srun ends non-zero within 30 s
+
+Exits 77 (ctest's skip code) when the cluster cannot start, naming why.
+Usage: check_slurm.py --launch titan_launch --trainer titan_train --source SRC --workdir DIR
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trainer"))
+from check_runs import free_port, kill_worker, metrics  # noqa: E402
+
+SMALL = [
+    "--training.seq_len", "32", "--training.batch_size", "2", "--training.global_batch_size", "4",
+    "--training.steps", "20", "--lr_scheduler.warmup_steps", "4", "--metrics.log_freq", "1",
+    "--metrics.enable_tensorboard", "false", "--checkpoint.enable", "true", "--checkpoint.interval", "10",
+    "--data.val_freq", "0", "--training.mixed_precision_param", "float32",
+]
+CONFIG = "examples/configs/llama3_debug.toml"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    for key in ("launch", "trainer", "source", "workdir"):
+        parser.add_argument("--" + key, required=True)
+    args = parser.parse_args()
+    for key in ("launch", "trainer", "source", "workdir"):
+        setattr(args, key, os.path.abspath(getattr(args, key)))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    cluster = os.path.join(args.workdir, "cluster")
+    script = os.path.join(args.source, "scripts", "slurm", "cluster.sh")
+    start = subprocess.run([script, "start", cluster], capture_output=True, text=True)
+    if start.returncode != 0:
+        print(start.stderr.strip() or start.stdout.strip())
+        return 77 if start.returncode == 77 else 1
+    env = dict(os.environ, SLURM_CONF=os.path.join(cluster, "slurm.conf"), OMP_NUM_THREADS="1",
+               TITAN_DEVICE="cpu", TITAN_BACKEND="gloo", TITAN_TRAIN=args.trainer)
+    for key in ("MASTER_ADDR", "RANK", "WORLD_SIZE"):  # Slurm's variables only
+        env.pop(key, None)
+    failures = []
+
+    def check(condition, message):
+        print(("ok   " if condition else "FAIL ") + message, flush=True)
+        if not condition:
+            failures.append(message)
+
+    def trainer_args(name, extra=()):
+        return ["--config", CONFIG, "--job.dump_folder", os.path.join(args.workdir, name),
+                "--data.cache_dir", os.path.join(args.workdir, "token_cache"), *SMALL, *extra]
+
+    def losses(name):
+        train, _ = metrics(os.path.join(args.workdir, name))
+        return {step: record["loss"] for step, record in train.items()}
+
+    def wait_for_step(name, step, proc=None, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline and (proc is None or proc.poll() is None):
+            try:
+                if step in losses(name):
+                    return True
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        return False
+
+    try:
+        straight = subprocess.run([args.launch, "--nproc", "2", "--timeout", "300", "--", args.trainer,
+                                   *trainer_args("straight")], cwd=args.source, env=env, capture_output=True,
+                                  text=True)
+        check(straight.returncode == 0, f"titan_launch --nproc 2 runs the job (exit {straight.returncode})")
+        reference = losses("straight")
+
+        port = ["--export=ALL,MASTER_PORT=" + str(free_port())]
+        run = subprocess.run(["srun", "-N", "2", "-n", "2", "--kill-on-bad-exit=1", *port, args.trainer,
+                              *trainer_args("srun")], cwd=args.source, env=env, capture_output=True, text=True,
+                             timeout=300)
+        check(run.returncode == 0, f"srun -N 2 -n 2: exit {run.returncode}" + (f" {run.stderr[-500:]}" if run.returncode else ""))
+        check("2 ranks, gloo" in run.stdout + run.stderr, "srun: the ranks found each other through the node list")
+        check(losses("srun") == reference, "srun: bitwise the titan_launch losses at all 20 steps")
+
+        batch = ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                 "--export=ALL,MASTER_PORT=" + str(free_port())]
+        out = os.path.join(args.workdir, "sbatch.out")
+        job = subprocess.run([*batch, "--wait", "-o", out, "examples/slurm/multinode.sbatch", CONFIG,
+                              *trainer_args("sbatch")[2:]], cwd=args.source, env=env, capture_output=True,
+                             text=True, timeout=300)
+        text = open(out).read() if os.path.exists(out) else ""
+        check(job.returncode == 0, f"sbatch multinode.sbatch: exit {job.returncode}" + (f" {text[-500:]}" if job.returncode else ""))
+        check("step     20 |" in text, "sbatch: its output has the step lines")
+        check(losses("sbatch") == reference, "sbatch: bitwise the titan_launch losses at all 20 steps")
+
+        # scancel --signal=TERM: the job's steps get SIGTERM, the trainer stops at a step boundary.
+        out = os.path.join(args.workdir, "scancel.out")
+        submitted = subprocess.run([*batch, "--parsable", "-o", out, "examples/slurm/multinode.sbatch", CONFIG,
+                                    *trainer_args("scancel")[2:]], cwd=args.source, env=env, capture_output=True,
+                                   text=True)
+        job_id = submitted.stdout.strip().split(";")[0]
+        check(wait_for_step("scancel", 3), "scancel: the batch job reached step 3")
+        subprocess.run(["scancel", "--signal=TERM", job_id], env=env, check=False)
+        for _ in range(600):
+            state = subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout
+            if not state.strip():
+                break
+            time.sleep(0.1)
+        text = open(out).read() if os.path.exists(out) else ""
+        stopped = [int(line.split("stopped after step ")[1].split()[0]) for line in text.splitlines()
+                   if "signal received: stopped after step" in line]
+        check(bool(stopped) and stopped[0] < 20, f"scancel --signal=TERM: the trainer stopped after step {stopped}")
+        if stopped:
+            check(os.path.isfile(os.path.join(args.workdir, "scancel", "checkpoint", f"step-{stopped[0]}",
+                                              "metadata.json")), f"scancel: the checkpoint of step {stopped[0]}")
+        again = subprocess.run([*batch, "--wait", "-o", out + ".2", "examples/slurm/multinode.sbatch", CONFIG,
+                                *trainer_args("scancel")[2:]], cwd=args.source, env=env, capture_output=True,
+                               text=True, timeout=300)
+        text = open(out + ".2").read() if os.path.exists(out + ".2") else ""
+        check(again.returncode == 0 and "resumed from the checkpoint of step" in text,
+              "scancel: the resubmitted job resumes from the checkpoint")
+        check(losses("scancel") == reference, "scancel: after TERM and resume, bitwise the straight losses")
+
+        # A rank that dies ends the job.
+        name = "kill"
+        proc = subprocess.Popen(["srun", "-N", "2", "-n", "2", "--kill-on-bad-exit=1",
+                                 "--export=ALL,MASTER_PORT=" + str(free_port()), args.trainer,
+                                 *trainer_args(name, ["--training.steps", "100000"])], cwd=args.source, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        reached = wait_for_step(name, 3, proc)
+        check(reached, "kill: the job reached step 3")
+        if reached:
+            kill_worker(os.path.join(args.workdir, name), 1, "SLURM_PROCID")
+        killed = time.time()
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            code = None
+        check(code not in (None, 0) and time.time() - killed < 30,
+              f"kill: srun --kill-on-bad-exit=1 ends the job (exit {code}) {time.time() - killed:.1f} s after rank 1 died")
+    finally:
+        subprocess.run([script, "stop", cluster], env=env, check=False)
+    if failures:
+        print(f"{len(failures)} check(s) failed:\n  " + "\n  ".join(failures))
+        return 1
+    print("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
