@@ -86,11 +86,48 @@ inline std::string first_slurm_host(const std::string& nodelist) {
   return host;
 }
 
+/// The tasks on node `node` (0-based) of a Slurm tasks-per-node list: "2(x3),1" is 2, 2, 2, 1;
+/// `name` is the variable it came from, for errors.
+inline int slurm_tasks_on_node(const std::string& list, int node, const std::string& name) {
+  auto bad = [&] { TORCH_CHECK(false, "titan: cannot read ", name, "='", list, "' (expected e.g. 8(x2),4)"); };
+  int first = 0;  // the first node of the current item
+  size_t i = 0;
+  while (i < list.size()) {
+    size_t used = 0;
+    int tasks = 0, repeat = 1;
+    try {
+      tasks = std::stoi(list.substr(i), &used);
+    } catch (const std::exception&) {
+      bad();
+    }
+    i += used;
+    if (list.compare(i, 2, "(x") == 0) {
+      i += 2;
+      try {
+        repeat = std::stoi(list.substr(i), &used);
+      } catch (const std::exception&) {
+        bad();
+      }
+      i += used;
+      if (i >= list.size() || list[i] != ')') bad();
+      ++i;
+    }
+    if (tasks < 1 || repeat < 1) bad();
+    if (node < first + repeat) return tasks;
+    first += repeat;
+    if (i < list.size() && list[i++] != ',') bad();
+  }
+  TORCH_CHECK(false, "titan: ", name, "='", list, "' lists ", first, " node(s), but this is node ", node,
+              " (SLURM_NODEID)");
+}
+
 }  // namespace detail
 
 /// Reads rank, world size and rendezvous address from torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
 /// MASTER_ADDR, MASTER_PORT), Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
-/// SLURM_JOB_NODELIST), Open MPI (OMPI_COMM_WORLD_*), or none of them (a single process).
+/// SLURM_JOB_NODELIST; ranks on this node from SLURM_NTASKS_PER_NODE, which Slurm sets only with
+/// --ntasks-per-node, else this node's entry of SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE),
+/// Open MPI (OMPI_COMM_WORLD_*), or none of them (a single process).
 /// MASTER_ADDR / MASTER_PORT override the Slurm and Open MPI defaults. Errors name the variable.
 inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
   using detail::parse_env_int;
@@ -114,8 +151,13 @@ inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
     info.rank = parse_env_int(env, "SLURM_PROCID", 0);
     info.world_size = parse_env_int(env, "SLURM_NTASKS", 1);
     info.local_rank = parse_env_int(env, "SLURM_LOCALID", 0);
-    info.local_world_size =
-        env("SLURM_NTASKS_PER_NODE") ? parse_env_int(env, "SLURM_NTASKS_PER_NODE", 1) : info.world_size;
+    const char* per_node = env("SLURM_STEP_TASKS_PER_NODE") ? "SLURM_STEP_TASKS_PER_NODE" : "SLURM_TASKS_PER_NODE";
+    if (env("SLURM_NTASKS_PER_NODE"))
+      info.local_world_size = parse_env_int(env, "SLURM_NTASKS_PER_NODE", 1);
+    else if (env(per_node) && env("SLURM_NODEID"))
+      info.local_world_size = detail::slurm_tasks_on_node(*env(per_node), parse_env_int(env, "SLURM_NODEID", 0), per_node);
+    else
+      info.local_world_size = info.world_size;
     if (!env("MASTER_ADDR")) {
       auto nodes = env("SLURM_JOB_NODELIST") ? env("SLURM_JOB_NODELIST") : env("SLURM_NODELIST");
       TORCH_CHECK(nodes || info.world_size == 1,

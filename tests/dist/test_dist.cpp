@@ -100,7 +100,30 @@ TEST_CASE("read_launch_info reads torchrun, Slurm, Open MPI and no launcher") {
   CHECK(slurm.world_size == 16);
   CHECK(slurm.local_rank == 1);
   CHECK(slurm.master_addr == "gpu003");
+  CHECK(slurm.local_world_size == 16);  // no per-node variable: every rank on one node
   CHECK(titan::detail::first_slurm_host("node7") == "node7");
+  // Ranks per node as a real Slurm gives them (tests/slurm): SLURM_NTASKS_PER_NODE only with
+  // --ntasks-per-node, else this node's entry of the (step's) tasks-per-node list.
+  auto on_node = [&](const char* node, const char* list) {
+    return titan::read_launch_info(env_of({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "7"}, {"SLURM_LOCALID", "0"},
+                                           {"SLURM_JOB_NODELIST", "n[1-3]"}, {"SLURM_NODEID", node},
+                                           {"SLURM_TASKS_PER_NODE", list}}))
+        .local_world_size;
+  };
+  CHECK(on_node("0", "3(x2),1") == 3);
+  CHECK(on_node("1", "3(x2),1") == 3);
+  CHECK(on_node("2", "3(x2),1") == 1);
+  CHECK(on_node("1", "4,2,1") == 2);
+  auto step = titan::read_launch_info(env_of({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "1"},
+                                              {"SLURM_JOB_NODELIST", "n1"}, {"SLURM_NODEID", "0"},
+                                              {"SLURM_TASKS_PER_NODE", "8"}, {"SLURM_STEP_TASKS_PER_NODE", "2"}}));
+  CHECK(step.local_world_size == 2);  // the step's tasks, not the allocation's
+  auto given = titan::read_launch_info(env_of({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "4"}, {"SLURM_LOCALID", "1"},
+                                               {"SLURM_JOB_NODELIST", "n1"}, {"SLURM_NODEID", "0"},
+                                               {"SLURM_TASKS_PER_NODE", "2(x2)"}, {"SLURM_NTASKS_PER_NODE", "2"}}));
+  CHECK(given.local_world_size == 2);
+  CHECK(error_of([&] { on_node("0", "3(x"); }).find("SLURM_TASKS_PER_NODE='3(x'") != std::string::npos);
+  CHECK(error_of([&] { on_node("3", "3(x2),1"); }).find("lists 3 node(s), but this is node 3") != std::string::npos);
   CHECK(titan::detail::first_slurm_host("a-b[10,12]") == "a-b10");
 
   auto mpi = titan::read_launch_info(env_of({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "4"},
