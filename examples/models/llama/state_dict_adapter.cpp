@@ -105,12 +105,12 @@ std::string translate(const std::string& name, bool to_hf, const ModelArgs& args
   if (name.rfind(from_prefix, 0) == 0) {
     auto dot = name.find('.', from_prefix.size());
     auto index = name.substr(from_prefix.size(), dot == std::string::npos ? 0 : dot - from_prefix.size());
-    bool numeric = !index.empty() && index.find_first_not_of("0123456789") == std::string::npos;
-    if (numeric) {
+    if (is_index(index)) {
       auto rest = name.substr(dot + 1);
       for (const auto& [titan_suffix, hf_suffix] : layer_names())
         if (rest == (to_hf ? titan_suffix : hf_suffix)) return to_prefix + index + "." + (to_hf ? hf_suffix : titan_suffix);
-      if (!to_hf && !from_hf_moe_suffix(rest).empty()) return to_prefix + index + "." + from_hf_moe_suffix(rest);
+      if (!to_hf)
+        if (const auto moe = from_hf_moe_suffix(rest); !moe.empty()) return to_prefix + index + "." + moe;
       if (to_hf && args.is_moe() && rest == "moe.gate.weight")
         return to_prefix + index + "." + moe_naming(args).block + ".gate.weight";
       TORCH_CHECK(!to_hf || !expert_weight(rest), "to_hf_name: '", name, "' stacks every expert's weight: ",
