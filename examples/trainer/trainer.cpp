@@ -135,8 +135,10 @@ void Trainer::build() {
 void Trainer::build_world() {
   world_ = titan::init_distributed();
   const auto& log = world_->logger();
+  const auto& launch = world_->launch_info();
   log.info(config_.job.description, " | ", world_->world_size(), " ranks, ", world_->backend_name(), " on ",
-           world_->device().str());
+           world_->device().str(), " | launcher ", launch.launcher,
+           world_->world_size() > 1 ? " | rendezvous " + launch.master_addr + ":" + std::to_string(launch.master_port) : "");
   log.info("resolved config:\n", to_toml(config_));
   if (config_.training.fused_kernels == "cuda") {
 #ifdef TITAN_CUDA_KERNELS

@@ -72,8 +72,9 @@ inline int parse_env_int(const EnvLookup& env, const std::string& name, int min_
   return static_cast<int>(value);
 }
 
-/// The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003".
-inline std::string first_slurm_host(const std::string& nodelist) {
+/// The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003". `name` is the
+/// variable it came from, for errors.
+inline std::string first_slurm_host(const std::string& nodelist, const std::string& name = "SLURM_JOB_NODELIST") {
   std::string host;
   size_t i = 0;
   while (i < nodelist.size() && nodelist[i] != ',' && nodelist[i] != '[') host += nodelist[i++];
@@ -82,7 +83,7 @@ inline std::string first_slurm_host(const std::string& nodelist) {
     while (i < nodelist.size() && nodelist[i] != '-' && nodelist[i] != ',' && nodelist[i] != ']')
       host += nodelist[i++];
   }
-  TORCH_CHECK(!host.empty(), "titan: cannot read a host name from SLURM_JOB_NODELIST='", nodelist, "'");
+  TORCH_CHECK(!host.empty(), "titan: cannot read a host name from ", name, "='", nodelist, "'");
   return host;
 }
 
@@ -124,10 +125,10 @@ inline int slurm_tasks_on_node(const std::string& list, int node, const std::str
 }  // namespace detail
 
 /// Reads rank, world size and rendezvous address from torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
-/// MASTER_ADDR, MASTER_PORT), Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
-/// SLURM_JOB_NODELIST; ranks on this node from SLURM_NTASKS_PER_NODE, which Slurm sets only with
-/// --ntasks-per-node, else this node's entry of SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE),
-/// Open MPI (OMPI_COMM_WORLD_*), or none of them (a single process).
+/// MASTER_ADDR, MASTER_PORT), Open MPI (OMPI_COMM_WORLD_*), Slurm (SLURM_PROCID, SLURM_LOCALID,
+/// the job step's SLURM_STEP_NUM_TASKS, first host of SLURM_STEP_NODELIST and this node's entry of
+/// SLURM_STEP_TASKS_PER_NODE, falling back to the job's SLURM_NTASKS, SLURM_JOB_NODELIST and
+/// SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE), or none of them (a single process).
 /// MASTER_ADDR / MASTER_PORT override the Slurm and Open MPI defaults. Errors name the variable.
 inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
   using detail::parse_env_int;
@@ -146,25 +147,8 @@ inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
     // As torch.distributed's _create_c10d_store: the elastic agent hosts the store.
     info.agent_store = env("TORCHELASTIC_USE_AGENT_STORE").value_or("") == "True";
     if (env("TORCHELASTIC_RESTART_COUNT")) info.restart_count = parse_env_int(env, "TORCHELASTIC_RESTART_COUNT", 0);
-  } else if (env("SLURM_PROCID")) {
-    info.launcher = "slurm";
-    info.rank = parse_env_int(env, "SLURM_PROCID", 0);
-    info.world_size = parse_env_int(env, "SLURM_NTASKS", 1);
-    info.local_rank = parse_env_int(env, "SLURM_LOCALID", 0);
-    const char* per_node = env("SLURM_STEP_TASKS_PER_NODE") ? "SLURM_STEP_TASKS_PER_NODE" : "SLURM_TASKS_PER_NODE";
-    if (env("SLURM_NTASKS_PER_NODE"))
-      info.local_world_size = parse_env_int(env, "SLURM_NTASKS_PER_NODE", 1);
-    else if (env(per_node) && env("SLURM_NODEID"))
-      info.local_world_size = detail::slurm_tasks_on_node(*env(per_node), parse_env_int(env, "SLURM_NODEID", 0), per_node);
-    else
-      info.local_world_size = info.world_size;
-    if (!env("MASTER_ADDR")) {
-      auto nodes = env("SLURM_JOB_NODELIST") ? env("SLURM_JOB_NODELIST") : env("SLURM_NODELIST");
-      TORCH_CHECK(nodes || info.world_size == 1,
-                  "titan: under Slurm, set MASTER_ADDR or SLURM_JOB_NODELIST to find rank 0's host");
-      if (nodes) info.master_addr = detail::first_slurm_host(*nodes);
-    }
   } else if (env("OMPI_COMM_WORLD_RANK")) {
+    // Before Slurm: mpirun inside a Slurm job starts its ranks with the job's SLURM_* inherited.
     info.launcher = "openmpi";
     info.rank = parse_env_int(env, "OMPI_COMM_WORLD_RANK", 0);
     info.world_size = parse_env_int(env, "OMPI_COMM_WORLD_SIZE", 1);
@@ -174,6 +158,42 @@ inline LaunchInfo read_launch_info(const EnvLookup& env = process_env()) {
                                 : info.world_size;
     TORCH_CHECK(env("MASTER_ADDR") || info.world_size == 1,
                 "titan: under mpirun, export MASTER_ADDR (rank 0's host), e.g. mpirun -x MASTER_ADDR=host0");
+  } else if (env("SLURM_PROCID")) {
+    info.launcher = "slurm";
+    // A job step's own variables first: srun inside an allocation may run on some of its nodes
+    // and tasks (salloc -N 2, then srun -N 1 -w node2): rank 0 is on the step's first node.
+    const char* ntasks = env("SLURM_STEP_NUM_TASKS") ? "SLURM_STEP_NUM_TASKS" : "SLURM_NTASKS";
+    info.rank = parse_env_int(env, "SLURM_PROCID", 0);
+    info.world_size = parse_env_int(env, ntasks, 1);
+    info.local_rank = parse_env_int(env, "SLURM_LOCALID", 0);
+    // srun gives each task SLURM_STEP_ID; the batch script itself has none but sees the job's
+    // SLURM_NTASKS, and would wait for ranks nobody starts.
+    TORCH_CHECK(info.world_size == 1 || env("SLURM_STEP_ID") || env("SLURM_STEPID"), "titan: ", ntasks, "=",
+                info.world_size, " but this process is not a task of a job step (no SLURM_STEP_ID): it is the ",
+                "batch script itself, and nothing starts the other ", info.world_size - 1, " rank(s). Launch the ",
+                "ranks with srun inside the script (srun titan_train ...), as examples/slurm/multinode.sbatch does");
+    // Ranks on this node: the step's list (a step may run fewer tasks per node than the job's
+    // --ntasks-per-node), else SLURM_NTASKS_PER_NODE (set only with --ntasks-per-node), else the
+    // job's list ("8(x2)").
+    auto tasks_on_this_node = [&](const char* list) {
+      return detail::slurm_tasks_on_node(*env(list), parse_env_int(env, "SLURM_NODEID", 0), list);
+    };
+    if (env("SLURM_STEP_TASKS_PER_NODE") && env("SLURM_NODEID"))
+      info.local_world_size = tasks_on_this_node("SLURM_STEP_TASKS_PER_NODE");
+    else if (env("SLURM_NTASKS_PER_NODE"))
+      info.local_world_size = parse_env_int(env, "SLURM_NTASKS_PER_NODE", 1);
+    else if (env("SLURM_TASKS_PER_NODE") && env("SLURM_NODEID"))
+      info.local_world_size = tasks_on_this_node("SLURM_TASKS_PER_NODE");
+    else
+      info.local_world_size = info.world_size;
+    if (!env("MASTER_ADDR")) {
+      const char* nodes = nullptr;
+      for (const char* name : {"SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"})
+        if (!nodes && env(name)) nodes = name;
+      TORCH_CHECK(nodes || info.world_size == 1, "titan: under Slurm, set MASTER_ADDR or SLURM_STEP_NODELIST / ",
+                  "SLURM_JOB_NODELIST to find rank 0's host");
+      if (nodes) info.master_addr = detail::first_slurm_host(*env(nodes), nodes);
+    }
   }
   if (auto addr = env("MASTER_ADDR")) info.master_addr = *addr;
   if (auto port = env("MASTER_PORT")) info.master_port = detail::parse_env_int(env, "MASTER_PORT", 1);

@@ -93,7 +93,7 @@ TEST_CASE("read_launch_info reads torchrun, Slurm, Open MPI and no launcher") {
                                                    {"MASTER_PORT", "1234"}, {"TORCHELASTIC_RESTART_COUNT", "2"}}));
   CHECK(restarted.restart_count == 2);
 
-  auto slurm = titan::read_launch_info(env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"},
+  auto slurm = titan::read_launch_info(env_of({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "16"}, {"SLURM_STEP_ID", "0"},
                                                {"SLURM_LOCALID", "1"}, {"SLURM_JOB_NODELIST", "gpu[003-006,9],cpu1"}}));
   CHECK(slurm.launcher == "slurm");
   CHECK(slurm.rank == 5);
@@ -105,7 +105,7 @@ TEST_CASE("read_launch_info reads torchrun, Slurm, Open MPI and no launcher") {
   // Ranks per node as a real Slurm gives them (tests/slurm): SLURM_NTASKS_PER_NODE only with
   // --ntasks-per-node, else this node's entry of the (step's) tasks-per-node list.
   auto on_node = [&](const char* node, const char* list) {
-    return titan::read_launch_info(env_of({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "7"}, {"SLURM_LOCALID", "0"},
+    return titan::read_launch_info(env_of({{"SLURM_PROCID", "4"}, {"SLURM_NTASKS", "7"}, {"SLURM_LOCALID", "0"}, {"SLURM_STEP_ID", "0"},
                                            {"SLURM_JOB_NODELIST", "n[1-3]"}, {"SLURM_NODEID", node},
                                            {"SLURM_TASKS_PER_NODE", list}}))
         .local_world_size;
@@ -114,17 +114,38 @@ TEST_CASE("read_launch_info reads torchrun, Slurm, Open MPI and no launcher") {
   CHECK(on_node("1", "3(x2),1") == 3);
   CHECK(on_node("2", "3(x2),1") == 1);
   CHECK(on_node("1", "4,2,1") == 2);
-  auto step = titan::read_launch_info(env_of({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "1"},
+  auto step = titan::read_launch_info(env_of({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "1"}, {"SLURM_STEP_ID", "0"},
                                               {"SLURM_JOB_NODELIST", "n1"}, {"SLURM_NODEID", "0"},
                                               {"SLURM_TASKS_PER_NODE", "8"}, {"SLURM_STEP_TASKS_PER_NODE", "2"}}));
   CHECK(step.local_world_size == 2);  // the step's tasks, not the allocation's
-  auto given = titan::read_launch_info(env_of({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "4"}, {"SLURM_LOCALID", "1"},
+  auto given = titan::read_launch_info(env_of({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "4"}, {"SLURM_LOCALID", "1"}, {"SLURM_STEP_ID", "0"},
                                                {"SLURM_JOB_NODELIST", "n1"}, {"SLURM_NODEID", "0"},
                                                {"SLURM_TASKS_PER_NODE", "2(x2)"}, {"SLURM_NTASKS_PER_NODE", "2"}}));
   CHECK(given.local_world_size == 2);
   CHECK(error_of([&] { on_node("0", "3(x"); }).find("SLURM_TASKS_PER_NODE='3(x'") != std::string::npos);
   CHECK(error_of([&] { on_node("3", "3(x2),1"); }).find("lists 3 node(s), but this is node 3") != std::string::npos);
   CHECK(titan::detail::first_slurm_host("a-b[10,12]") == "a-b10");
+  // A step on some of the allocation's nodes, as the cluster of tests/slurm sets it for
+  // `salloc -N 2 -n 4` then `srun -N 1 -n 2 -w titan-node2`: rank 0 is on the step's node.
+  auto sub_step = titan::read_launch_info(env_of({{"SLURM_PROCID", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "1"},
+                                                  {"SLURM_STEP_ID", "0"}, {"SLURM_JOB_NODELIST", "titan-node[1-2]"},
+                                                  {"SLURM_NODELIST", "titan-node[1-2]"}, {"SLURM_STEP_NODELIST", "titan-node2"},
+                                                  {"SLURM_STEP_NUM_TASKS", "2"}, {"SLURM_NODEID", "0"},
+                                                  {"SLURM_STEP_TASKS_PER_NODE", "2"}, {"SLURM_TASKS_PER_NODE", "2"},
+                                                  {"SLURM_NTASKS_PER_NODE", "4"}}));
+  CHECK(sub_step.master_addr == "titan-node2");
+  CHECK(sub_step.world_size == 2);
+  CHECK(sub_step.local_world_size == 2);  // the step's 2, not the job's --ntasks-per-node 4
+  // mpirun inside a Slurm job: its ranks inherit the job's SLURM_* but are Open MPI's.
+  auto mpi_in_slurm = titan::read_launch_info(env_of({{"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "4"},
+                                                      {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"MASTER_ADDR", "h0"},
+                                                      {"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_STEP_ID", "0"},
+                                                      {"SLURM_JOB_NODELIST", "h[0-1]"}}));
+  CHECK(mpi_in_slurm.launcher == "openmpi");
+  CHECK(mpi_in_slurm.rank == 3);
+  CHECK(mpi_in_slurm.world_size == 4);
+  // The batch script itself (no step), with one task: a single process.
+  CHECK(titan::read_launch_info(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "1"}, {"SLURM_LOCALID", "0"}})).world_size == 1);
 
   auto mpi = titan::read_launch_info(env_of({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "4"},
                                              {"OMPI_COMM_WORLD_LOCAL_RANK", "0"}, {"MASTER_ADDR", "10.0.0.1"},
@@ -147,8 +168,21 @@ TEST_CASE("read_launch_info rejects missing and inconsistent variables, naming t
   CHECK(error_of([] {
           titan::read_launch_info(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}));
         }).find("70000") != std::string::npos);
-  CHECK(error_of([] { titan::read_launch_info(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"}})); })
-            .find("SLURM_JOB_NODELIST") != std::string::npos);
+  CHECK(error_of([] {
+          titan::read_launch_info(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"}, {"SLURM_STEP_ID", "0"}}));
+        }).find("SLURM_JOB_NODELIST") != std::string::npos);
+  // The batch script of `sbatch -N 2 -n 4` running the trainer without srun, as the cluster of
+  // tests/slurm sets it: an error instead of a rank 0 waiting for three ranks nobody starts.
+  auto batch = error_of([] {
+    titan::read_launch_info(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "4"}, {"SLURM_LOCALID", "0"}, {"SLURM_NODEID", "0"},
+                                    {"SLURM_JOB_NODELIST", "titan-node[1-2]"}, {"SLURM_TASKS_PER_NODE", "2(x2)"}}));
+  });
+  CHECK(batch.find("SLURM_NTASKS=4 but this process is not a task of a job step") != std::string::npos);
+  CHECK(batch.find("srun") != std::string::npos);
+  CHECK(error_of([] {
+          titan::read_launch_info(env_of({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"}, {"SLURM_STEP_ID", "0"},
+                                          {"SLURM_STEP_NODELIST", ",n2"}}));
+        }).find("SLURM_STEP_NODELIST=',n2'") != std::string::npos);
   CHECK(error_of([] { titan::init_distributed(titan::DistOptions().backend("mpi"), env_of({})); })
             .find("'mpi'") != std::string::npos);
 }

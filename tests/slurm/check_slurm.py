@@ -9,6 +9,14 @@ slurmd on this machine, nodes titan-node[1-2]), checked against the same job und
             checkpoint at a step boundary and the job succeeds; the resubmitted job resumes from it
             and every step's loss equals the straight run's bitwise
   kill      rank 1 killed (SIGKILL) under srun --kill-on-bad-exit=1: srun ends non-zero within 30 s
+  salloc    salloc -N 2 -n 4, then a step on the second node only (srun -N 1 -n 2 -w titan-node2):
+            rank 0's host is the step's node (SLURM_STEP_NODELIST, not the job's first node),
+            bitwise the same losses
+  time      sbatch --time=1 --signal=TERM@20 (the time-limit warning, as multinode.sbatch's
+            TERM@300): the trainer stops at a step boundary with a checkpoint before the limit, the
+            job completes, and a resubmitted job resumes from it
+  no srun   the trainer started by the batch script itself in a 2-task job: a clear error at once,
+            not a rank 0 waiting for a rank nobody starts
 
 Exits 77 (ctest's skip code) when the cluster cannot start, naming why.
 Usage: check_slurm.py --launch titan_launch --trainer titan_train --source SRC --workdir DIR
@@ -16,6 +24,7 @@ Usage: check_slurm.py --launch titan_launch --trainer titan_train --source SRC -
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -132,6 +141,55 @@ def main():
         check(again.returncode == 0 and "resumed from the checkpoint of step" in text,
               "scancel: the resubmitted job resumes from the checkpoint")
         check(losses("scancel") == reference, "scancel: after TERM and resume, bitwise the straight losses")
+
+        # salloc, then a step on some of the allocation's nodes.
+        step = subprocess.run(["salloc", "-N", "2", "-n", "4", "srun", "-N", "1", "-n", "2", "-w", "titan-node2",
+                               "--kill-on-bad-exit=1", args.trainer, *trainer_args("salloc")], cwd=args.source,
+                              env=dict(env, MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300)
+        check(step.returncode == 0, f"salloc + srun -w titan-node2: exit {step.returncode}" +
+              (f" {step.stderr[-500:]}" if step.returncode else ""))
+        check("launcher slurm | rendezvous titan-node2:" in step.stdout + step.stderr,
+              "salloc + srun -w titan-node2: rank 0's host is the step's node, not the job's first")
+        check(losses("salloc") == reference, "salloc + srun: bitwise the titan_launch losses at all 20 steps")
+
+        # The time limit's warning signal (--signal=TERM@20 on a one-minute job: Slurm sends it 10-40 s
+        # in, as its time checks run every 30 s) reaches the trainer, which saves before the limit.
+        name = "time"
+        out = os.path.join(args.workdir, "time.out")
+        started = time.time()
+        job = subprocess.run([*batch, "--time=1", "--signal=TERM@20", "--wait", "-o", out,
+                              "examples/slurm/multinode.sbatch", CONFIG,
+                              *trainer_args(name, ["--training.steps", "100000", "--lr_scheduler.decay_type",
+                                                   "constant"])[2:]],
+                             cwd=args.source, env=env, capture_output=True, text=True, timeout=300)
+        elapsed = time.time() - started
+        text = open(out).read() if os.path.exists(out) else ""
+        stopped = [int(line.split("stopped after step ")[1].split()[0]) for line in text.splitlines()
+                   if "signal received: stopped after step" in line]
+        check(job.returncode == 0 and bool(stopped) and elapsed < 60,
+              f"--time=1 --signal=TERM@20: the trainer stopped after step {stopped} and the job completed "
+              f"(exit {job.returncode}) {elapsed:.0f} s in, before the limit")
+        if stopped:
+            check(os.path.isfile(os.path.join(args.workdir, name, "checkpoint", f"step-{stopped[0]}",
+                                              "metadata.json")), f"time limit: the checkpoint of step {stopped[0]}")
+            again = subprocess.run([*batch, "--wait", "-o", out + ".2", "examples/slurm/multinode.sbatch", CONFIG,
+                                    *trainer_args(name, ["--training.steps", str(stopped[0] + 2),
+                                                         "--lr_scheduler.decay_type", "constant"])[2:]],
+                                   cwd=args.source, env=env, capture_output=True, text=True, timeout=300)
+            text = open(out + ".2").read() if os.path.exists(out + ".2") else ""
+            check(again.returncode == 0 and f"resumed from the checkpoint of step {stopped[0]}" in text,
+                  "time limit: the resubmitted job resumes from that checkpoint")
+
+        # The trainer run by the batch script itself, without srun.
+        out = os.path.join(args.workdir, "nosrun.out")
+        started = time.time()
+        job = subprocess.run(["sbatch", "-N", "2", "-n", "2", "--wait", "-o", out, "--wrap",
+                              shlex.join([args.trainer, *trainer_args("nosrun")])], cwd=args.source, env=env,
+                             capture_output=True, text=True, timeout=300)
+        text = open(out).read() if os.path.exists(out) else ""
+        check(job.returncode != 0 and "is not a task of a job step" in text and "srun" in text and
+              time.time() - started < 30, f"no srun: the batch script's trainer fails at once naming srun "
+              f"(exit {job.returncode}, {time.time() - started:.0f} s)" + ("" if "job step" in text else f" {text[-300:]}"))
 
         # A rank that dies ends the job.
         name = "kill"

@@ -143,8 +143,9 @@ class Runner:
                       "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", name,
                       "--no-python", *trainer_cmd], dict(os.environ)) for _ in range(2)]
         else:
-            jobs = [(trainer_cmd, dict(os.environ, SLURM_PROCID=str(i), SLURM_NTASKS="4", SLURM_LOCALID=str(i % 2),
-                                       SLURM_NTASKS_PER_NODE="2", SLURM_JOB_NODELIST="localhost,localhost",
+            jobs = [(trainer_cmd, dict(os.environ, SLURM_PROCID=str(i), SLURM_NTASKS="4", SLURM_STEP_ID="0",
+                                       SLURM_LOCALID=str(i % 2), SLURM_NTASKS_PER_NODE="2",
+                                       SLURM_JOB_NODELIST="localhost,localhost",
                                        MASTER_PORT=str(port)))
                     for i in range(4)]
         start = time.time()
