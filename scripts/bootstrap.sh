@@ -13,7 +13,7 @@ requirements="$root/scripts/requirements.txt"
 
 debian_packages=(
   build-essential cmake ninja-build ccache git
-  libtomlplusplus-dev libfmt-dev doctest-dev nlohmann-json3-dev libpcre2-dev
+  libtomlplusplus-dev libfmt-dev doctest-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev
   libsentencepiece-dev libgloo-dev
   python3-venv
   python3.11-doc dict-gcide

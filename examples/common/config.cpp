@@ -66,7 +66,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       text("model", "flavor", &c.model.flavor),
       integer("model", "n_layers", &c.model.n_layers, 0),
       text("model", "tokenizer_path", &c.model.tokenizer_path),
-      choice("model", "tokenizer_kind", &c.model.tokenizer_kind, {"tiktoken", "sentencepiece"}),
+      choice("model", "tokenizer_kind", &c.model.tokenizer_kind, {"tiktoken", "huggingface", "sentencepiece"}),
       flag("model", "fused_projections", &c.model.fused_projections),
       choice("optimizer", "name", &c.optimizer.name, {"AdamW"}),
       real("optimizer", "lr", &c.optimizer.lr, 0.0),

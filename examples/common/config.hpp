@@ -33,7 +33,7 @@ struct ModelConfig {
   std::string flavor = "debug";          ///< size: "debug", "7B", "8B", "13B", "70B", "405B"
   int64_t n_layers = 0;                  ///< 0: the flavor's; else that many blocks of the flavor's shape
   std::string tokenizer_path = "";       ///< tokenizer.model file
-  std::string tokenizer_kind = "tiktoken";  ///< "tiktoken" (Llama 3) or "sentencepiece" (Llama 2, Mistral)
+  std::string tokenizer_kind = "tiktoken";  ///< "tiktoken" (Llama 3), "huggingface" (tokenizer.json: Qwen3) or "sentencepiece" (Llama 2, Mistral)
   /// wq|wk|wv and w1|w3 as one GEMM each (titan::linear_fused); parameters and checkpoints unchanged
   bool fused_projections = false;
 };

@@ -574,9 +574,12 @@ DataLoader::DataLoader(std::shared_ptr<const TokenCorpus> corpus, const Tokenize
   bos_ = tokenizer.bos_id();
   eos_ = tokenizer.eos_id();
   pad_ = tokenizer.pad_id() >= 0 ? tokenizer.pad_id() : eos_;
+  TORCH_CHECK(eos_ >= 0, "data: the tokenizer has no end-of-sequence token, which ends every document");
+  bos_slots_ = bos_ >= 0 ? 1 : 0;  // Qwen's tokenizers have no BOS: documents are only EOS-separated
   const int64_t documents = corpus_->num_documents();
   starts_.resize(static_cast<size_t>(documents + 1));
-  for (int64_t d = 0; d <= documents; ++d) starts_[d] = (d ? starts_[d - 1] + corpus_->document_length(d - 1) + 2 : 0);
+  for (int64_t d = 0; d <= documents; ++d)
+    starts_[d] = (d ? starts_[d - 1] + bos_slots_ + corpus_->document_length(d - 1) + 1 : 0);
   samples_ = options_.pack() ? starts_.back() / (options_.seq_len() + 1) : documents;
   TORCH_CHECK(samples_ / options_.dp_size() >= 1, "data: the corpus gives ", samples_, " samples of ",
               options_.seq_len() + 1, " tokens per epoch, fewer than the ", options_.dp_size(),
@@ -598,7 +601,8 @@ int64_t DataLoader::sample_at(int64_t epoch, int64_t index) const {
 
 void DataLoader::fill_row(int64_t sample, int64_t* input, int64_t* labels) const {
   const int64_t length = options_.seq_len() + 1;
-  // The packed stream is [BOS doc_0 EOS][BOS doc_1 EOS]...; `begin` is where this row starts in it.
+  // The packed stream is [BOS doc_0 EOS][BOS doc_1 EOS]... (no BOS where the tokenizer has none);
+  // `begin` is where this row starts in it.
   int64_t begin = options_.pack() ? sample * length : starts_[sample];
   int64_t end = options_.pack() ? begin + length : std::min(starts_[sample + 1], begin + length);
   int64_t d = std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin() - 1;
@@ -607,7 +611,7 @@ void DataLoader::fill_row(int64_t sample, int64_t* input, int64_t* labels) const
     bool target = false;
     if (p < end) {
       while (p >= starts_[d + 1]) ++d;
-      const int64_t k = p - starts_[d];  // 0 = BOS, 1..len = tokens, len + 1 = EOS
+      const int64_t k = p - starts_[d] + 1 - bos_slots_;  // 0 = BOS, 1..len = tokens, len + 1 = EOS
       const int64_t len = corpus_->document_length(d);
       token = k == 0 ? bos_ : k == len + 1 ? eos_ : static_cast<int64_t>(corpus_->document(d)[k - 1]);
       target = k > corpus_->prompt_length(d);

@@ -25,7 +25,8 @@
 //   Blank lines are skipped. A malformed line fails with file:line, or is skipped and counted when
 //   skip_malformed is set.
 //
-// Samples: every document becomes [BOS] tokens [EOS]. Packed (LoaderOptions::pack), these are
+// Samples: every document becomes [BOS] tokens [EOS] (tokens [EOS] with a tokenizer that has no
+// BOS, as Qwen's). Packed (LoaderOptions::pack), these are
 // concatenated and cut into windows of seq_len + 1 tokens (input = window[0:S], labels =
 // window[1:S+1]); the last partial window is dropped. Unpacked, each document is one row, cut to
 // seq_len + 1 tokens or padded (input pad_id, or EOS when the tokenizer has none; labels -100).
@@ -178,6 +179,7 @@ class DataLoader : public titan::Stateful {
   std::shared_ptr<const TokenCorpus> corpus_;
   LoaderOptions options_;
   int64_t bos_, eos_, pad_;
+  int64_t bos_slots_ = 1;        // 1: each document starts with BOS; 0: the tokenizer has none
   std::vector<int64_t> starts_;  // [documents + 1] packed start of each document's [BOS doc EOS]
   int64_t samples_ = 0;
   int64_t epoch_ = 0;

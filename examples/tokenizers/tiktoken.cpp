@@ -1,22 +1,18 @@
 #include "tiktoken.hpp"
 
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
-
 #include <algorithm>
 #include <array>
 #include <fstream>
-#include <functional>
-#include <limits>
-#include <queue>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
 
+#include "byte_level_bpe.hpp"
+
 namespace titan::examples {
 namespace {
 
-constexpr uint32_t kNoRank = std::numeric_limits<uint32_t>::max();
+using bpe::kNoRank;
 
 [[noreturn]] void file_error(const std::string& path, size_t line, const std::string& what) {
   std::ostringstream os;
@@ -54,62 +50,6 @@ bool base64_decode(std::string_view in, std::string& out) {
   return (acc & ((1u << bits) - 1)) == 0;
 }
 
-// Length of the valid UTF-8 sequence at s[i], or 0 when none starts there; `*consumed` is then the
-// length of the maximal invalid subpart to replace by one U+FFFD (Unicode's "maximal subpart"
-// practice, which Python's bytes.decode("utf-8", "replace") follows).
-size_t utf8_sequence(std::string_view s, size_t i, size_t* consumed) {
-  const auto byte = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char b = byte(i);
-  if (b < 0x80) return 1;
-  size_t need;
-  unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
-  if (b >= 0xC2 && b <= 0xDF) {
-    need = 1;
-  } else if (b >= 0xE0 && b <= 0xEF) {
-    need = 2;
-    if (b == 0xE0) lo = 0xA0;  // no overlong forms
-    if (b == 0xED) hi = 0x9F;  // no surrogates
-  } else if (b >= 0xF0 && b <= 0xF4) {
-    need = 3;
-    if (b == 0xF0) lo = 0x90;  // no overlong forms
-    if (b == 0xF4) hi = 0x8F;  // nothing above U+10FFFF
-  } else {
-    *consumed = 1;
-    return 0;
-  }
-  for (size_t k = 1; k <= need; ++k) {
-    const bool ok = i + k < s.size() && byte(i + k) >= (k == 1 ? lo : 0x80) && byte(i + k) <= (k == 1 ? hi : 0xBF);
-    if (!ok) {
-      *consumed = k;
-      return 0;
-    }
-  }
-  return need + 1;
-}
-
-// `text`, or a copy in `storage` with each maximal invalid UTF-8 subpart replaced by U+FFFD.
-std::string_view repair_utf8(std::string_view text, std::string& storage) {
-  size_t i = 0, consumed = 0;
-  while (i < text.size()) {
-    const size_t n = utf8_sequence(text, i, &consumed);
-    if (n == 0) break;
-    i += n;
-  }
-  if (i == text.size()) return text;
-  storage.assign(text.substr(0, i));
-  while (i < text.size()) {
-    const size_t n = utf8_sequence(text, i, &consumed);
-    if (n == 0) {
-      storage += "\xEF\xBF\xBD";
-      i += consumed;
-    } else {
-      storage.append(text.substr(i, n));
-      i += n;
-    }
-  }
-  return storage;
-}
-
 }  // namespace
 
 std::vector<std::string> llama3_special_tokens(int64_t n) {
@@ -126,21 +66,8 @@ std::vector<std::string> llama3_special_tokens(int64_t n) {
   return tokens;
 }
 
-// The compiled pre-tokenization pattern (JIT-compiled when PCRE2 supports it).
-struct TiktokenTokenizer::Regex {
-  pcre2_code* code = nullptr;
-  bool jit = false;
-  ~Regex() { pcre2_code_free(code); }
-
-  static std::string error_message(int code) {
-    PCRE2_UCHAR buffer[256];
-    pcre2_get_error_message(code, buffer, sizeof(buffer));
-    return reinterpret_cast<const char*>(buffer);
-  }
-};
-
 TiktokenTokenizer::TiktokenTokenizer(const std::string& path, TiktokenOptions options)
-    : regex_(std::make_unique<Regex>()) {
+    : splitter_(std::make_unique<bpe::RegexSplitter>(options.pattern(), "tiktoken tokenizer '" + path + "'")) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("tiktoken file '" + path + "' cannot be opened");
   std::string line, bytes;
@@ -198,16 +125,6 @@ TiktokenTokenizer::TiktokenTokenizer(const std::string& path, TiktokenOptions op
   bos_id_ = id_or_none("<|begin_of_text|>");
   eos_id_ = id_or_none("<|end_of_text|>");
   pad_id_ = id_or_none("<|finetune_right_pad_id|>");
-
-  int error = 0;
-  PCRE2_SIZE offset = 0;
-  regex_->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(options.pattern().data()), options.pattern().size(),
-                               PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
-  if (regex_->code == nullptr) {
-    throw std::invalid_argument("tiktoken pattern does not compile at offset " + std::to_string(offset) + ": " +
-                                Regex::error_message(error));
-  }
-  regex_->jit = pcre2_jit_compile(regex_->code, PCRE2_JIT_COMPLETE) == 0;
 }
 
 TiktokenTokenizer::~TiktokenTokenizer() = default;
@@ -231,72 +148,26 @@ uint32_t TiktokenTokenizer::rank_of(std::string_view bytes) const {
 }
 
 // tiktoken's merge rule: while some adjacent pair of parts concatenates to a token, merge the pair
-// of lowest rank, the leftmost one on ties. A heap of (rank, position) makes this O(n log n) in the
-// piece length (a long run of spaces is one piece). Part k starts at byte k while it exists.
+// of lowest rank, the leftmost one on ties. Part k starts at byte k while it exists.
 void TiktokenTokenizer::byte_pair_merge(std::string_view piece, std::vector<int64_t>& out) const {
   const size_t n = piece.size();
-  std::vector<size_t> next(n), prev(n);  // neighbouring parts; next == n: last part, prev == n: first
-  for (size_t k = 0; k < n; ++k) {
-    next[k] = k + 1;
-    prev[k] = k == 0 ? n : k - 1;
-  }
-  std::vector<uint32_t> pair_rank(n, kNoRank);  // rank of part k merged with part next[k]
-  using Candidate = std::pair<uint32_t, size_t>;  // (rank, position): the smallest is merged first
-  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap;
-  const auto update = [&](size_t k) {
-    const size_t right = next[k];
-    pair_rank[k] = right == n ? kNoRank : rank_of(piece.substr(k, (right + 1 == n ? n : next[right]) - k));
-    if (pair_rank[k] != kNoRank) heap.emplace(pair_rank[k], k);
-  };
-  for (size_t k = 0; k < n; ++k) update(k);
-  std::vector<bool> merged(n, false);  // part k was absorbed by its left neighbour
-  while (!heap.empty()) {
-    const auto [rank, k] = heap.top();
-    heap.pop();
-    // Stale entries: a part that no longer exists or whose pair changed. (A pair at k with an
-    // unchanged rank is the same token over the same bytes, hence the same merge.)
-    if (merged[k] || pair_rank[k] != rank) continue;
-    const size_t absorbed = next[k];
-    merged[absorbed] = true;
-    next[k] = next[absorbed];
-    if (next[k] != n) prev[next[k]] = k;
-    update(k);
-    if (prev[k] != n) update(prev[k]);
-  }
+  const auto next = bpe::merge_lowest_rank_first(
+      n, [&](size_t left, size_t, size_t after) { return rank_of(piece.substr(left, after - left)); },
+      [](size_t, size_t) {});
   for (size_t k = 0; k < n; k = next[k]) out.push_back(rank_of(piece.substr(k, next[k] - k)));
 }
 
 // Pre-tokenizes valid UTF-8 `text` with the pattern and BPE-encodes each match, like tiktoken's
 // encode_ordinary (text that no match covers is skipped, as there; Llama 3's pattern covers all).
 void TiktokenTokenizer::encode_ordinary(std::string_view text, std::vector<int64_t>& out) const {
-  if (text.empty()) return;
-  std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> match(
-      pcre2_match_data_create_from_pattern(regex_->code, nullptr), &pcre2_match_data_free);
-  const auto subject = reinterpret_cast<PCRE2_SPTR>(text.data());
-  size_t start = 0;
-  while (start < text.size()) {
-    const int rc = regex_->jit ? pcre2_jit_match(regex_->code, subject, text.size(), start, 0, match.get(), nullptr)
-                               : pcre2_match(regex_->code, subject, text.size(), start, PCRE2_NO_UTF_CHECK,
-                                             match.get(), nullptr);
-    if (rc == PCRE2_ERROR_NOMATCH) break;
-    if (rc < 0) throw std::runtime_error("tiktoken pre-tokenization failed: " + Regex::error_message(rc));
-    const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match.get());
-    const size_t begin = ovector[0], end = ovector[1];
-    if (end == begin) {  // an empty match: step over one character
-      size_t next = begin + 1;
-      while (next < text.size() && (static_cast<unsigned char>(text[next]) & 0xC0) == 0x80) ++next;
-      start = next;
-      continue;
-    }
-    const std::string_view piece = text.substr(begin, end - begin);
+  splitter_->for_each_match(text, [&](std::string_view piece) {
     const uint32_t whole = rank_of(piece);
     if (whole != kNoRank) {
       out.push_back(whole);
     } else {
       byte_pair_merge(piece, out);
     }
-    start = end;
-  }
+  });
 }
 
 std::vector<int64_t> TiktokenTokenizer::encode(std::string_view text, bool bos, bool eos) const {
@@ -310,7 +181,7 @@ std::vector<int64_t> TiktokenTokenizer::encode(std::string_view raw, bool bos, b
                                 std::to_string(specials_.size()) + " special tokens) but BOS / EOS were asked for");
   }
   std::string repaired;
-  const std::string_view text = repair_utf8(raw, repaired);
+  const std::string_view text = bpe::repair_utf8(raw, repaired);
   std::vector<int64_t> ids;
   ids.reserve(text.size() / 3 + 2);
   if (bos) ids.push_back(bos_id_);

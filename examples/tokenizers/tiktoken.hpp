@@ -15,6 +15,10 @@
 
 namespace titan::examples {
 
+namespace bpe {
+class RegexSplitter;
+}
+
 /// Llama 3's pre-tokenization pattern (meta-llama/llama3, tokenizer.py `pat_str`).
 inline constexpr const char* kLlama3Pattern =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
@@ -26,13 +30,6 @@ inline constexpr const char* kLlama3Pattern =
 /// <|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|>, <|python_tag|>, then
 /// <|reserved_special_token_3|>, ... up to `n` in all (n = 256: the last is ..._247|>).
 std::vector<std::string> llama3_special_tokens(int64_t n);
-
-/// How `TiktokenTokenizer::encode` treats special-token text such as "<|eot_id|>" in its input.
-enum class SpecialTokens {
-  kAsText,  ///< encoded as ordinary text (Meta's Tokenizer.encode default)
-  kAllow,   ///< replaced by the special token's id (tiktoken allowed_special="all")
-  kReject,  ///< std::invalid_argument (tiktoken's default disallowed_special="all")
-};
 
 /// Options of TiktokenTokenizer (chained setters).
 struct TiktokenOptions {
@@ -82,7 +79,6 @@ class TiktokenTokenizer final : public Tokenizer {
   int64_t special_id(std::string_view text) const;
 
  private:
-  struct Regex;
   void encode_ordinary(std::string_view text, std::vector<int64_t>& out) const;
   void byte_pair_merge(std::string_view piece, std::vector<int64_t>& out) const;
   uint32_t rank_of(std::string_view bytes) const;
@@ -92,7 +88,7 @@ class TiktokenTokenizer final : public Tokenizer {
   std::vector<std::string> specials_;                      // special id - num_base_tokens -> text
   std::unordered_map<std::string, int64_t> special_ids_;
   std::string special_first_bytes_;                        // the bytes special tokens start with
-  std::unique_ptr<Regex> regex_;
+  std::unique_ptr<bpe::RegexSplitter> splitter_;
   int64_t bos_id_ = -1, eos_id_ = -1, pad_id_ = -1;
 };
 

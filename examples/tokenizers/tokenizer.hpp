@@ -1,6 +1,7 @@
 #pragma once
 // The tokenizer interface the example trainers use. Implementations: Llama 3's tiktoken-style BPE
-// (tiktoken.hpp) and SentencePiece for Llama 2 / Mistral (sentencepiece.hpp). No LibTorch here.
+// (tiktoken.hpp), Hugging Face byte-level BPE from tokenizer.json for Qwen3 and others (hf_bpe.hpp)
+// and SentencePiece for Llama 2 / Mistral (sentencepiece.hpp). No LibTorch here.
 
 #include <cstdint>
 #include <memory>
@@ -9,6 +10,14 @@
 #include <vector>
 
 namespace titan::examples {
+
+/// How a byte-level BPE tokenizer's encode treats special-token text such as "<|eot_id|>" in its
+/// input (TiktokenTokenizer, HfBpeTokenizer).
+enum class SpecialTokens {
+  kAsText,  ///< encoded as ordinary text (Meta's Tokenizer.encode default)
+  kAllow,   ///< replaced by the special token's id (tiktoken allowed_special="all")
+  kReject,  ///< std::invalid_argument (tiktoken's default disallowed_special="all")
+};
 
 /// Text to token ids and back.
 class Tokenizer {
@@ -25,8 +34,9 @@ class Tokenizer {
   virtual int64_t pad_id() const = 0;  ///< padding; -1 when the model has none
 };
 
-/// Loads the tokenizer at `path`: kind "tiktoken" (Llama 3 tokenizer.model) or "sentencepiece"
-/// (Llama 2 / Mistral tokenizer.model). Errors name the file and what was wrong.
+/// Loads the tokenizer at `path`: kind "tiktoken" (Llama 3 tokenizer.model), "huggingface" (a
+/// byte-level BPE tokenizer.json, e.g. Qwen3's) or "sentencepiece" (Llama 2 / Mistral
+/// tokenizer.model). Errors name the file and what was wrong.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, const std::string& kind);
 
 }  // namespace titan::examples

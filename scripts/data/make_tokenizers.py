@@ -9,6 +9,13 @@
                                    byte-level BPE (HF `tokenizers`, 4000 tokens) trained after Llama
                                    3's pre-tokenization regex. The special tokens are not in the
                                    file: like Meta's code, readers append them after the last rank.
+  huggingface/qwen_bpe_4k/         tokenizer.json + tokenizer_config.json laid out as Qwen2 / Qwen3's:
+                                   NFC, Qwen's Split pattern then ByteLevel, special tokens
+                                   <|endoftext|> <|im_start|> <|im_end|>, the non-special added tokens
+                                   <think> </think>, no BOS, EOS and padding <|endoftext|>.
+  huggingface/gpt2_bpe_4k/         GPT-2's layout: ByteLevel with its own regex and a prefix space,
+                                   ignore_merges (as Llama 3's tokenizer.json), BOS = EOS =
+                                   <|endoftext|>.
 
 Run with the project's .venv python: python make_tokenizers.py --corpus data/cache/pretrain/python_docs.txt --out data/cache/tokenizers
 """
@@ -22,6 +29,10 @@ import sys
 # Llama 3's pre-tokenization pattern (meta-llama/llama3 tokenizer.py, pat_str).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2 / Qwen3's pre-tokenization pattern (the Split regex of their tokenizer.json): Llama 3's
+# with single digits.
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 DOC_SEPARATOR = "\f"
 
 
@@ -90,6 +101,43 @@ def train_tiktoken(documents, out_dir, vocab_size):
     return path
 
 
+def train_huggingface(documents, out_dir, vocab_size):
+    """Byte-level BPE tokenizer.json files in two layouts (module docstring), with the
+    tokenizer_config.json that names their BOS / EOS / padding tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    layouts = {
+        "qwen": dict(normalizer=normalizers.NFC(), ignore_merges=False,
+                     pre=pre_tokenizers.Sequence([
+                         pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                     special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"],
+                     config={"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
+        "gpt2": dict(normalizer=None, ignore_merges=True,
+                     pre=pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True),
+                     special=["<|endoftext|>"], added=[],
+                     config={"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": None}),
+    }
+    folders = []
+    for name, layout in layouts.items():
+        tok = Tokenizer(models.BPE(ignore_merges=layout["ignore_merges"]))
+        if layout["normalizer"] is not None:
+            tok.normalizer = layout["normalizer"]
+        tok.pre_tokenizer = layout["pre"]
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=layout["special"])
+        tok.train_from_iterator(documents, trainer)
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in layout["added"]])
+        folder = os.path.join(out_dir, f"{name}_bpe_{vocab_size // 1000}k")
+        os.makedirs(folder, exist_ok=True)
+        tok.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(layout["config"], f, indent=1)
+        folders.append(folder)
+    return folders
+
+
 def check_ranks(path, hf_tokenizer, documents, byte_decoder):
     """Fails unless tiktoken with the written ranks splits `documents` into the same token bytes as
     the trained Hugging Face BPE (merge order = rank order)."""
@@ -114,7 +162,9 @@ def main():
     documents = read_documents(args.corpus)
     spm_path = train_sentencepiece(documents, os.path.join(args.out, "sentencepiece"), args.spm_vocab)
     bpe_path = train_tiktoken(documents, os.path.join(args.out, "tiktoken"), args.bpe_vocab)
-    print(f"make_tokenizers.py: wrote {os.path.basename(spm_path)} and {os.path.basename(bpe_path)}", file=sys.stderr)
+    hf_folders = train_huggingface(documents, os.path.join(args.out, "huggingface"), args.bpe_vocab)
+    print(f"make_tokenizers.py: wrote {os.path.basename(spm_path)}, {os.path.basename(bpe_path)} and "
+          f"{', '.join(os.path.basename(f) for f in hf_folders)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

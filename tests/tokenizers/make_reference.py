@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Reference token ids for test_tokenizers' parity cases, from the Python `tiktoken` and
-`sentencepiece` packages run on the same tokenizer files the C++ code loads.
+"""Reference token ids for test_tokenizers' parity cases, from the Python `tiktoken`,
+`tokenizers` (Hugging Face) and `sentencepiece` packages run on the same tokenizer files the C++
+code loads.
 
 Builds the corpus and the test tokenizers first (scripts/make_corpus.sh, a no-op when done), then
 writes a JSON file:
   {"tiktoken": {"model": path, "num_special_tokens": n, "cases": [case...]},
+   "huggingface": [{"name", "model" (a tokenizer.json), "bos_id", "eos_id", "pad_id", "vocab_size",
+                    "cases": [case...]}, ...],
    "sentencepiece": {"model": path, "cases": [case...]}}
   case = {"name", "text_hex" (UTF-8 or deliberately invalid bytes), "special" ("text" | "allow"),
           "bos", "eos", "ids", "decoded_hex" (bytes of decoding "ids")}
@@ -95,6 +98,41 @@ def tiktoken_reference(model, all_cases):
     return {"model": model, "num_special_tokens": NUM_SPECIAL_TOKENS, "cases": out}
 
 
+def huggingface_cases(all_cases):
+    """The common cases, plus Qwen-style chat text and text that NFC changes."""
+    chat = "<|im_start|>user\nDefine abacus.<|im_end|>\n<|im_start|>assistant\n<think>\nok</think>A frame.<|im_end|>"
+    nfd = "cafe\u0301 A\u030a e\u0301\u0301 \u1100\u1161\u11a8 \u0041\u0308\u0304 x\u0323\u0307"
+    extra = [("qwen chat allowed", chat.encode(), "allow", False, False),
+             ("qwen chat as text", chat.encode(), "text", False, False),
+             ("special glued to text", b"abc<|endoftext|>def<|endoftext|><|endoftext|>x", "text", False, False),
+             ("decomposed accents (NFC)", nfd.encode(), "text", False, True)]
+    return all_cases + extra
+
+
+def huggingface_reference(folder, all_cases):
+    """Ids from the `tokenizers` library: its default encode for "allow", and with
+    encode_special_tokens (special added tokens as text) for "text"."""
+    from tokenizers import Tokenizer
+    path = os.path.join(folder, "tokenizer.json")
+    tok = Tokenizer.from_file(path)
+    with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    ids_of = {key: (tok.token_to_id(config[key]) if config.get(key) else -1)
+              for key in ("bos_token", "eos_token", "pad_token")}
+    out = []
+    for name, raw, special, bos, eos in huggingface_cases(all_cases):
+        text = raw.decode("utf-8", "replace")  # invalid UTF-8 repaired as the C++ side does
+        tok.encode_special_tokens = special == "text"
+        bos = bos and ids_of["bos_token"] >= 0
+        ids = ([ids_of["bos_token"]] if bos else []) + tok.encode(text, add_special_tokens=False).ids + \
+            ([ids_of["eos_token"]] if eos else [])
+        out.append({"name": name, "text_hex": raw.hex(), "special": special, "bos": bos, "eos": eos, "ids": ids,
+                    "decoded_hex": tok.decode(ids, skip_special_tokens=False).encode("utf-8").hex()})
+    return {"name": os.path.basename(folder), "model": path, "bos_id": ids_of["bos_token"],
+            "eos_id": ids_of["eos_token"], "pad_id": ids_of["pad_token"],
+            "vocab_size": tok.get_vocab_size(with_added_tokens=True), "cases": out}
+
+
 def sentencepiece_reference(model, all_cases):
     sp = sentencepiece.SentencePieceProcessor(model_file=model)
     out = []
@@ -120,12 +158,15 @@ def main():
     all_cases = cases(args.root, docs)
     reference = {
         "tiktoken": tiktoken_reference(os.path.join(data, "tokenizers/tiktoken/llama3_bpe_4k.model"), all_cases),
+        "huggingface": [huggingface_reference(os.path.join(data, "tokenizers/huggingface", name), all_cases)
+                        for name in ("qwen_bpe_4k", "gpt2_bpe_4k")],
         "sentencepiece": sentencepiece_reference(
             os.path.join(data, "tokenizers/sentencepiece/spm_bpe_3k.model"), all_cases),
     }
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(reference, f)
-    print(f"make_reference.py: {len(reference['tiktoken']['cases'])} tiktoken and "
+    print(f"make_reference.py: {len(reference['tiktoken']['cases'])} tiktoken, "
+          f"{sum(len(r['cases']) for r in reference['huggingface'])} huggingface and "
           f"{len(reference['sentencepiece']['cases'])} sentencepiece cases -> {args.out}", file=sys.stderr)
 
 

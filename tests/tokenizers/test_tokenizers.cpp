@@ -1,5 +1,5 @@
 // Tokenizer tests. Suite "parity": token ids and decoded bytes of the C++ tokenizers against the
-// Python tiktoken / sentencepiece reference (tests/tokenizers/make_reference.py writes the JSON
+// Python tiktoken / tokenizers / sentencepiece reference (tests/tokenizers/make_reference.py writes the JSON
 // named by TITAN_TOKENIZER_REFERENCE). Other cases: file errors, special-token layout, options.
 
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -17,11 +18,14 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include "tokenizers/hf_bpe.hpp"
 #include "tokenizers/sentencepiece.hpp"
 #include "tokenizers/tiktoken.hpp"
 #include "tokenizers/tokenizer.hpp"
 
 namespace fs = std::filesystem;
+using titan::examples::HfBpeTokenizer;
+using titan::examples::HfTokenizerOptions;
 using titan::examples::load_tokenizer;
 using titan::examples::SentencePieceTokenizer;
 using titan::examples::SpecialTokens;
@@ -70,8 +74,8 @@ std::string read_file(const std::string& path) {
 // A file in a fresh temporary folder holding `content`.
 std::string temp_file(const std::string& name, const std::string& content) {
   const fs::path dir = fs::temp_directory_path() / ("titan_tokenizers_test_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
   const fs::path path = dir / name;
+  fs::create_directories(path.parent_path());
   std::ofstream(path, std::ios::binary) << content;
   return path.string();
 }
@@ -115,6 +119,22 @@ TEST_SUITE("parity") {
     });
   }
 
+  TEST_CASE("huggingface ids and decoding match Python tokenizers (Qwen and GPT-2 layouts)") {
+    REQUIRE(reference()["huggingface"].size() == 2);
+    for (const auto& ref : reference()["huggingface"]) {
+      CAPTURE(ref["name"].get<std::string>());
+      const HfBpeTokenizer tok(ref["model"].get<std::string>());
+      CHECK(tok.bos_id() == ref["bos_id"].get<int64_t>());
+      CHECK(tok.eos_id() == ref["eos_id"].get<int64_t>());
+      CHECK(tok.pad_id() == ref["pad_id"].get<int64_t>());
+      CHECK(tok.vocab_size() == ref["vocab_size"].get<int64_t>());
+      check_cases(tok, ref["cases"], [&](const std::string& text, const nlohmann::json& c) {
+        const auto special = c["special"] == "allow" ? SpecialTokens::kAllow : SpecialTokens::kAsText;
+        return tok.encode(text, c["bos"].get<bool>(), c["eos"].get<bool>(), special);
+      });
+    }
+  }
+
   TEST_CASE("sentencepiece ids and decoding match Python sentencepiece") {
     const auto& ref = reference()["sentencepiece"];
     const SentencePieceTokenizer tok(sentencepiece_model());
@@ -131,7 +151,7 @@ TEST_SUITE("parity") {
 TEST_CASE("load_tokenizer: unknown kind and missing files name what was wrong") {
   CHECK_THROWS_WITH_AS(load_tokenizer(tiktoken_model(), "bpe"),
                        doctest::Contains("unknown tokenizer kind 'bpe'"), std::invalid_argument);
-  for (const char* kind : {"tiktoken", "sentencepiece"}) {
+  for (const char* kind : {"tiktoken", "huggingface", "sentencepiece"}) {
     CHECK_THROWS_WITH_AS(load_tokenizer("/nonexistent/tokenizer.model", kind),
                          doctest::Contains("'/nonexistent/tokenizer.model' does not exist"), std::runtime_error);
   }
@@ -174,7 +194,64 @@ TEST_CASE("tiktoken file errors give file:line") {
     CHECK_THROWS_WITH_AS(load_tokenizer(path, "tiktoken"), doctest::Contains(b.message.c_str()), std::runtime_error);
   }
   CHECK_THROWS_WITH_AS(TiktokenTokenizer(temp_file("ok.model", all_bytes), TiktokenOptions().pattern("(unclosed")),
-                       doctest::Contains("tiktoken pattern does not compile"), std::invalid_argument);
+                       doctest::Contains("ok.model': pattern does not compile"), std::invalid_argument);
+}
+
+TEST_CASE("huggingface: tokens, options and file errors name the file and the field") {
+  const std::string qwen = reference()["huggingface"][0]["model"].get<std::string>();
+  const HfBpeTokenizer tok(qwen);
+  CHECK(tok.bos_id() == -1);  // Qwen's layout: no BOS
+  CHECK(tok.eos_id() == tok.token_id("<|endoftext|>"));
+  CHECK_THROWS_WITH_AS(tok.encode("x", true, false), doctest::Contains("has no BOS token"), std::invalid_argument);
+  CHECK_THROWS_WITH_AS(tok.encode("a<|im_end|>", false, false, SpecialTokens::kReject),
+                       doctest::Contains("contains the special token <|im_end|> at byte 1"), std::invalid_argument);
+  // Non-special added tokens match in every mode; special ones only when allowed.
+  const auto think = tok.encode("<think>x", false, false);
+  CHECK(think.front() == tok.token_id("<think>"));
+  CHECK(tok.encode("<|im_end|>", false, false, SpecialTokens::kAllow) == std::vector<int64_t>{tok.token_id("<|im_end|>")});
+  CHECK(tok.encode("<|im_end|>", false, false).size() > 1);
+  CHECK_THROWS_WITH_AS(tok.token_id("<|nope|>"), doctest::Contains("is not a token of"), std::invalid_argument);
+  CHECK_THROWS_WITH_AS(tok.decode({tok.vocab_size()}), doctest::Contains("is not in the vocabulary"), std::out_of_range);
+  const HfBpeTokenizer with_bos(qwen, HfTokenizerOptions().bos_token("<|im_start|>").pad_token(""));
+  CHECK(with_bos.bos_id() == tok.token_id("<|im_start|>"));
+  CHECK(with_bos.pad_id() == -1);
+  CHECK(load_tokenizer(qwen, "huggingface")->eos_id() == tok.eos_id());
+
+  // A tokenizer.json edited into what titan does not read: each error names the file and field.
+  const nlohmann::json good = nlohmann::json::parse(read_file(qwen));
+  struct Bad {
+    const char* name;
+    std::function<void(nlohmann::json&)> edit;
+    const char* message;
+  };
+  const std::vector<Bad> bad = {
+      {"wordpiece", [](auto& j) { j["model"]["type"] = "WordPiece"; }, "model.type is 'WordPiece'"},
+      {"fallback", [](auto& j) { j["model"]["byte_fallback"] = true; }, "model.byte_fallback is true"},
+      {"nfkc", [](auto& j) { j["normalizer"] = {{"type", "NFKC"}}; }, "normalizer.type is 'NFKC'"},
+      {"metaspace", [](auto& j) { j["pre_tokenizer"] = {{"type", "Metaspace"}}; }, "pre_tokenizer step 0 is 'Metaspace'"},
+      {"no_byte_level", [](auto& j) { j["pre_tokenizer"]["pretokenizers"].erase(1); }, "the pre_tokenizer does not end with ByteLevel"},
+      {"removed", [](auto& j) { j["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Removed"; },
+       "pre_tokenizer step 0: titan reads Split with behavior \"Isolated\""},
+      {"merge", [](auto& j) { j["model"]["merges"][0] = "zzzq y"; }, "model.merges[0] names 'zzzq'"},
+      {"lstrip", [](auto& j) { j["added_tokens"][0]["lstrip"] = true; }, "added token '<|endoftext|>' has lstrip set"},
+      {"byte", [](auto& j) { j["model"]["vocab"].erase("!"); }, "model.vocab has no token for byte 33"},
+  };
+  for (const auto& b : bad) {
+    nlohmann::json edited = good;
+    b.edit(edited);
+    const std::string path = temp_file(std::string(b.name) + "_tokenizer.json", edited.dump());
+    CHECK_THROWS_WITH_AS(HfBpeTokenizer(path, HfTokenizerOptions().eos_token("<|endoftext|>")),
+                         doctest::Contains(("tokenizer.json '" + path + "': " + b.message).c_str()), std::runtime_error);
+  }
+  const std::string not_json = temp_file("broken_tokenizer.json", "{\"model\": ");
+  CHECK_THROWS_WITH_AS(HfBpeTokenizer(not_json, HfTokenizerOptions().eos_token("x")), doctest::Contains("not valid JSON"),
+                       std::runtime_error);
+  // No tokenizer_config.json beside it and no eos_token option: no way to end a document.
+  const std::string alone = temp_file("alone/tokenizer.json", good.dump());
+  CHECK_THROWS_WITH_AS(HfBpeTokenizer{alone}, doctest::Contains("no end-of-sequence token"), std::runtime_error);
+  CHECK_THROWS_WITH_AS(HfBpeTokenizer(alone, HfTokenizerOptions().eos_token("<|nope|>")),
+                       doctest::Contains("eos_token '<|nope|>' (from the options) is neither an added token nor in model.vocab"),
+                       std::runtime_error);
 }
 
 TEST_CASE("sentencepiece file errors name the file") {

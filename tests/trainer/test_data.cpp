@@ -25,12 +25,14 @@ struct Stream {
   std::vector<int64_t> tokens;
   std::vector<bool> target;
 };
-Stream reference_stream(const std::vector<std::pair<std::string, std::string>>& docs) {
+Stream reference_stream(const std::vector<std::pair<std::string, std::string>>& docs, bool bos = true) {
   ByteTokenizer tok;
   Stream s;
   for (const auto& [prompt, body] : docs) {
-    s.tokens.push_back(1);
-    s.target.push_back(false);
+    if (bos) {
+      s.tokens.push_back(1);
+      s.target.push_back(false);
+    }
     for (auto id : tok.encode(prompt, false, false)) {
       s.tokens.push_back(id);
       s.target.push_back(false);
@@ -214,21 +216,24 @@ TEST_CASE("data: packed windows follow the BOS/EOS stream, in file order without
   auto corpus = open_corpus(write_text_corpus(dir, kDocs), dir);
   std::vector<std::pair<std::string, std::string>> docs;
   for (const auto& d : kDocs) docs.emplace_back("", d);
-  auto stream = reference_stream(docs);
-  const int64_t seq = 16;
-  DataLoader loader(corpus, ByteTokenizer(), LoaderOptions().batch_size(3).seq_len(seq).shuffle(false));
-  const int64_t windows = static_cast<int64_t>(stream.tokens.size()) / (seq + 1);
-  REQUIRE(loader.samples_per_epoch() == windows);
-  for (int64_t w = 0; w < windows + 3; ++w) {  // past the epoch end: epoch 1 starts at window 0 again
-    auto batch = loader.next();
-    CHECK(batch.input.sizes() == torch::IntArrayRef{3, seq});
-    CHECK(batch.labels.dtype() == torch::kLong);
-    for (int64_t r = 0; r < 3; ++r) {
-      auto expected = reference_window(stream, (w * 3 + r) % windows, seq);
-      CHECK(to_vector(batch.input[r]) == expected.first);
-      CHECK(to_vector(batch.labels[r]) == expected.second);
+  for (const bool bos : {true, false}) {  // without BOS (Qwen's tokenizers) each document is tokens + EOS
+    CAPTURE(bos);
+    auto stream = reference_stream(docs, bos);
+    const int64_t seq = 16;
+    DataLoader loader(corpus, ByteTokenizer(0, bos ? 1 : -1), LoaderOptions().batch_size(3).seq_len(seq).shuffle(false));
+    const int64_t windows = static_cast<int64_t>(stream.tokens.size()) / (seq + 1);
+    REQUIRE(loader.samples_per_epoch() == windows);
+    for (int64_t w = 0; w < windows + 3; ++w) {  // past the epoch end: epoch 1 starts at window 0 again
+      auto batch = loader.next();
+      CHECK(batch.input.sizes() == torch::IntArrayRef{3, seq});
+      CHECK(batch.labels.dtype() == torch::kLong);
+      for (int64_t r = 0; r < 3; ++r) {
+        auto expected = reference_window(stream, (w * 3 + r) % windows, seq);
+        CHECK(to_vector(batch.input[r]) == expected.first);
+        CHECK(to_vector(batch.labels[r]) == expected.second);
+      }
+      CHECK(batch.num_label_tokens == batch.labels.ne(-100).sum().item<int64_t>());
     }
-    CHECK(batch.num_label_tokens == batch.labels.ne(-100).sum().item<int64_t>());
   }
 }
 

@@ -66,10 +66,11 @@ using titan_test::error_of;
 /// Bytes as tokens: id = byte + 3; BOS 1, EOS 2, padding 0 (or none).
 class ByteTokenizer : public Tokenizer {
  public:
-  explicit ByteTokenizer(int64_t pad = 0) : pad_(pad) {}
+  /// `bos` -1: a tokenizer without BOS, as Qwen's.
+  explicit ByteTokenizer(int64_t pad = 0, int64_t bos = 1) : pad_(pad), bos_(bos) {}
   std::vector<int64_t> encode(std::string_view text, bool bos, bool eos) const override {
     std::vector<int64_t> ids;
-    if (bos) ids.push_back(1);
+    if (bos) ids.push_back(bos_);
     for (unsigned char ch : text) ids.push_back(ch + 3);
     if (eos) ids.push_back(2);
     return ids;
@@ -81,12 +82,12 @@ class ByteTokenizer : public Tokenizer {
     return text;
   }
   int64_t vocab_size() const override { return 259; }
-  int64_t bos_id() const override { return 1; }
+  int64_t bos_id() const override { return bos_; }
   int64_t eos_id() const override { return 2; }
   int64_t pad_id() const override { return pad_; }
 
  private:
-  int64_t pad_;
+  int64_t pad_, bos_;
 };
 
 inline const std::vector<std::string> kDocs = {
