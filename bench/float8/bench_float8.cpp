@@ -14,7 +14,6 @@
 #include <titan/titan.hpp>
 #include <torch/torch.h>
 
-#include <chrono>
 #include <cstdio>
 #include <sstream>
 #include <string>
@@ -26,7 +25,7 @@
 namespace {
 
 using titan_bench::int_arg;
-using titan_bench::median;
+using titan_bench::median_ms;
 using titan_bench::text_arg;
 
 /// 20 log10(|reference| / |reference - value|) (torchao's compute_error).
@@ -49,11 +48,6 @@ std::vector<Shape> parse_shapes(const std::string& text) {
     shapes.push_back(s);
   }
   return shapes;
-}
-
-double sync_now(const torch::Device& device) {
-  if (device.is_cuda()) torch::cuda::synchronize();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace
@@ -92,18 +86,17 @@ int main(int argc, char** argv) {
         titan::convert_to_float8_training(layer, titan::Float8Options().recipe(recipe));
       }
       auto xd = x.to(device, dtype).requires_grad_(true), dyd = dy.to(device, dtype);
-      std::vector<double> times;
       torch::Tensor y;
-      for (int step = 0; step <= steps; ++step) {  // step 0 warms up
-        xd.mutable_grad() = torch::Tensor();
-        layer->weight.mutable_grad() = torch::Tensor();
-        const double start = sync_now(device);
-        y = titan::call(layer, xd);
-        y.backward(dyd);
-        const double ms = sync_now(device) - start;
-        if (step > 0) times.push_back(ms);
-      }
-      const double ms = median(times);
+      const double ms = median_ms(
+          device, steps,
+          [&] {
+            y = titan::call(layer, xd);
+            y.backward(dyd);
+          },
+          [&] {
+            xd.mutable_grad() = torch::Tensor();
+            layer->weight.mutable_grad() = torch::Tensor();
+          });
       if (variant < 0) plain_ms = ms;
       std::printf("%-22s %-20s %9.1f %9.1f %9.1f %11.2f %8.2fx\n", label.c_str(), name.c_str(), sqnr_db(y64, y),
                   sqnr_db(dx64, xd.grad()), sqnr_db(dw64, layer->weight.grad()), ms, plain_ms / ms);

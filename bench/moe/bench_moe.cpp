@@ -16,7 +16,6 @@
 #include <titan/titan.hpp>
 #include <torch/torch.h>
 
-#include <chrono>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -27,26 +26,8 @@
 namespace {
 
 using titan_bench::int_arg;
-using titan_bench::median;
+using titan_bench::median_ms;
 using titan_bench::text_arg;
-
-double now_ms(const torch::Device& device) {
-  if (device.is_cuda()) torch::cuda::synchronize();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-/// The median milliseconds of `steps` runs of `work` after one warm-up run.
-template <typename Fn>
-double time_ms(const torch::Device& device, int steps, Fn&& work) {
-  work();
-  std::vector<double> times;
-  for (int i = 0; i < steps; ++i) {
-    const double start = now_ms(device);
-    work();
-    times.push_back(now_ms(device) - start);
-  }
-  return median(times);
-}
 
 }  // namespace
 
@@ -89,14 +70,14 @@ int main(int argc, char** argv) {
     auto& e = *layer->experts;
     const auto w1 = e.w1[0].detach().requires_grad_(true), w2 = e.w2[0].detach().requires_grad_(true),
                w3 = e.w3[0].detach().requires_grad_(true);  // one expert's [hidden, dim], [dim, hidden]
-    const double dense_ms = time_ms(device, steps, [&] {
+    const double dense_ms = median_ms(device, steps, [&] {
       at::linear(at::silu(at::linear(rows, w1)) * at::linear(rows, w3), w2).backward(dy);
     });
     row("experts' FLOPs as dense mm", dense_ms, dense_ms);
     for (const bool grouped : {false, true}) {
       e.grouped_mm = grouped;
       const bool runs_grouped = e.runs_grouped(rows);
-      const double ms = time_ms(device, steps, [&] { e.forward(rows, d.counts).backward(dy); });
+      const double ms = median_ms(device, steps, [&] { e.forward(rows, d.counts).backward(dy); });
       row(grouped ? (runs_grouped ? "experts: _grouped_mm" : "experts: _grouped_mm (unavailable: loop)")
                   : "experts: per-expert loop",
           ms, dense_ms);
@@ -113,7 +94,7 @@ int main(int argc, char** argv) {
     if (ep > 1) titan::apply_expert_parallel(layer, "experts", world->group());
     auto x = torch::randn({tokens, dim}, options).requires_grad_(true);
     auto dy = torch::randn({tokens, dim}, options);
-    const double ms = time_ms(device, steps, [&] { titan::call(layer, x).backward(dy); });
+    const double ms = median_ms(device, steps, [&] { titan::call(layer, x).backward(dy); });
     // Rows this rank sends to other ranks per step: its assignments to their experts, out and
     // back, forward and backward (4 transfers of [rows, dim]).
     auto loads = titan::moe_loads(layer, /*reset=*/true);
