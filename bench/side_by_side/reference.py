@@ -10,6 +10,15 @@ Implementations (same shape, batch, optimizer and activation checkpointing as ti
                  torchtitan's train_step order. Its dataloader, metrics and checkpointer are not in
                  the loop; batches are uniform random tokens, as for the other rows.
   torchtitan_compile  the same with torchtitan's [compile] enable = true (model and loss)
+  torchtitan_moe      torchtitan's own Qwen3 mixture-of-experts model (--moe-experts > 0: every
+                 block's feed-forward routed top-k, q/k norms), parallelize_qwen3 (expert
+                 parallelism over --ep of the data-parallel ranks, AC, FSDP), the optimizers with
+                 its expert-bias update, in the same train_step order. Experts through
+                 torch._grouped_mm (torchtitan's default, in bf16); torchtitan_moe_loop runs them
+                 as its per-expert loop. On the CPU, torchtitan's token permutation takes its own
+                 CPU implementation (generate_permute_indices(use_cpu=True)) instead of Triton's,
+                 and its router's torch.histc over expert indices (integer histc is CUDA-only)
+                 becomes torch.bincount.
 
 Timing: `--warmup` steps, then `--steps` steps between two device synchronisations; tokens/s per
 rank = local tokens per step / mean step time (slowest rank). Peak memory: the CUDA caching
@@ -44,7 +53,8 @@ SAVE_OPS = {
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", choices=["fsdp2", "fsdp2_compile", "torchtitan", "torchtitan_compile"], required=True)
+    p.add_argument("--impl", choices=["fsdp2", "fsdp2_compile", "torchtitan", "torchtitan_compile", "torchtitan_moe",
+                                      "torchtitan_moe_loop"], required=True)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
@@ -62,6 +72,11 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe-experts", type=int, default=0, help="experts per block (torchtitan_moe rows)")
+    p.add_argument("--moe-top-k", type=int, default=2)
+    p.add_argument("--moe-hidden", type=int, default=64, help="each expert's hidden width")
+    p.add_argument("--load-balance-coeff", type=float, default=1e-3, help="expert-bias rate (0: none)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree")
     return p.parse_args()
 
 
@@ -220,9 +235,25 @@ def build_fsdp2(a, mesh, device):
     return model, opt, loss_fn, clip, contextlib.nullcontext
 
 
+def torchtitan_qwen3_moe(a):
+    """torchtitan's Qwen3 mixture-of-experts model at this run's shape, and its parallelize function."""
+    from torchtitan.models.moe import MoEArgs
+    from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, parallelize_qwen3
+
+    moe = MoEArgs(num_experts=a.moe_experts, num_shared_experts=0, score_func="softmax", route_norm=True,
+                  score_before_experts=False, top_k=a.moe_top_k, use_grouped_mm=a.impl == "torchtitan_moe",
+                  load_balance_coeff=a.load_balance_coeff or None)
+    args = Qwen3ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                          vocab_size=a.vocab_size, head_dim=a.dim // a.n_heads, qk_norm=True, rope_theta=1e6,
+                          max_seq_len=a.seq_len, moe_enabled=True, moe_inter_dim=a.moe_hidden, moe_args=moe)
+    with torch.device("meta"):
+        return Qwen3Model(args), parallelize_qwen3
+
+
 def torchtitan_model(a, world, optimizer_implementation):
-    """torchtitan's job config for this run, its ParallelDims (mesh built) and its Llama 3 built on
-    the meta device and parallelized by torchtitan's parallelize_llama (AC, compile, FSDP)."""
+    """torchtitan's job config for this run, its ParallelDims (mesh built) and its model built on
+    the meta device and parallelized by torchtitan (AC, compile, expert parallelism, FSDP): Llama 3
+    through parallelize_llama, or Qwen3-MoE through parallelize_qwen3 for the torchtitan_moe rows."""
     from torchtitan.config import JobConfig
     from torchtitan.distributed import ParallelDims
     from torchtitan.models.llama3 import Transformer, TransformerModelArgs, parallelize_llama
@@ -241,8 +272,12 @@ def torchtitan_model(a, world, optimizer_implementation):
     job.optimizer.weight_decay = 0.1
     job.optimizer.implementation = optimizer_implementation
     job.job.dump_folder = "/tmp/titan_side_by_side_torchtitan"
-    parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=world)
+    job.parallelism.expert_parallel_degree = a.ep
+    parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=a.ep, etp=1, world_size=world)
     parallel_dims.build_mesh()
+    if a.impl.startswith("torchtitan_moe"):
+        model, parallelize = torchtitan_qwen3_moe(a)
+        return job, parallel_dims, parallelize(model, parallel_dims, job)
     args = TransformerModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
                                 vocab_size=a.vocab_size, multiple_of=a.multiple_of,
                                 ffn_dim_multiplier=a.ffn_dim_multiplier, rope_theta=a.rope_theta, max_seq_len=a.seq_len)
@@ -254,9 +289,21 @@ def torchtitan_model(a, world, optimizer_implementation):
 def build_torchtitan(a, world, device):
     if device.type == "cpu":  # torchtitan picks "cuda" when no accelerator is visible: make it pick the CPU
         torch._utils._get_available_device_type = lambda: "cpu"
+        import torchtitan.models.moe.utils as moe_utils  # Triton's token permutation -> torchtitan's CPU one
+
+        triton_permute = moe_utils.generate_permute_indices
+        moe_utils.generate_permute_indices = lambda *args, **kwargs: triton_permute(*args, **kwargs, use_cpu=True)
+        histc = torch.histc  # the router counts tokens per expert with histc on integers: CUDA only
+
+        def integer_histc(x, bins=100, min=0, max=0):
+            if x.is_floating_point() or x.device.type != "cpu":
+                return histc(x, bins=bins, min=min, max=max)
+            return torch.bincount(x - min, minlength=bins)[:bins].to(x.dtype)  # min <= x < max, as the router's
+
+        torch.histc = integer_histc
     from torch.distributed.fsdp import FSDPModule
     from torchtitan.components.loss import build_cross_entropy_loss
-    from torchtitan.components.optimizer import build_optimizers
+    from torchtitan.components.optimizer import build_optimizers, build_optimizers_with_moe_load_balancing
     from torchtitan.distributed import utils as dist_utils
 
     job, parallel_dims, model = torchtitan_model(a, world, "fused" if device.type == "cuda" else "foreach")
@@ -268,7 +315,8 @@ def build_torchtitan(a, world, device):
     with torch.no_grad():
         model.init_weights(buffer_device=None)
     model.train()
-    optimizers = build_optimizers([model], job.optimizer, parallel_dims)
+    build = build_optimizers_with_moe_load_balancing if a.impl.startswith("torchtitan_moe") else build_optimizers
+    optimizers = build([model], job.optimizer, parallel_dims)
     sum_loss = build_cross_entropy_loss(job)
     amp = dist_utils.maybe_enable_amp(parallel_dims, a.dtype, device.type)
 
@@ -276,7 +324,7 @@ def build_torchtitan(a, world, device):
         return sum_loss(logits, labels) / (labels.numel() * (world if device.type == "cuda" else 1))
 
     def clip():
-        dist_utils.clip_grad_norm_(list(model.parameters()), 1.0, foreach=True)
+        dist_utils.clip_grad_norm_(list(model.parameters()), 1.0, foreach=True, ep_enabled=parallel_dims.ep_enabled)
 
     return model, optimizers, loss_fn, clip, lambda: amp
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/side_by_side/run.py --device cpu     # 2 Gloo ranks, debug Llama 3, fp32
     python3 bench/side_by_side/run.py --device cuda             # 1 GPU, Llama 3 1B, seq 8192, bf16
     python3 bench/side_by_side/run.py --device cuda --shape 8B  # 1 GPU, Llama 3 8B's shape, 8 layers
+    .venv/bin/python bench/side_by_side/run.py --device cpu --model qwen3_moe   # MoE, EP 2 on 2 Gloo ranks
 
 Every row trains the same Llama 3 shape with the same batch, optimizer (AdamW, clipping at 1.0),
 FSDP (reshard after forward) and activation checkpointing, in this one run on this one machine:
@@ -11,6 +12,11 @@ FSDP (reshard after forward) and activation checkpointing, in this one run on th
   titan_fused         titan_kernels with model.fused_projections = true (wq|wk|wv, w1|w3 one GEMM each)
   titan_float8        the same with float8.enable = true (float8 linear layers; cuda preset)
   fsdp2, fsdp2_compile, torchtitan, torchtitan_compile: bench/side_by_side/reference.py
+  --model qwen3_moe (cpu): titan's qwen3_moe debug model (examples/configs/qwen3_moe_debug.toml: 8
+        experts, top-2, expert width 64, q/k norms, the expert-bias update) with expert
+        parallelism 2 over the 2 FSDP ranks, against torchtitan's own Qwen3-MoE at that shape and
+        EP degree (torchtitan_moe: grouped GEMMs, its default; torchtitan_moe_loop: its
+        per-expert loop), both through reference.py
 torchtitan rows need torchtitan 0.2.2 and what it imports in `--torchtitan-site` (CPU:
 bench/side_by_side/install_torchtitan.sh build/torchtitan-site; GPU: scripts/gpu/ brings them);
 without them those rows say "not installed" and the error.
@@ -49,6 +55,14 @@ PRESETS = {
                        "torchtitan_compile",
                  warmup=10, steps=20),
 }
+# --model: the trainer config of the titan rows, and what changes for the others. qwen3_moe's expert
+# shape is the qwen3_moe debug flavor's (examples/models/llama/model.cpp): the torchtitan rows take it.
+MODELS = {
+    "llama3": dict(config="examples/configs/llama3_debug.toml"),
+    "qwen3_moe": dict(config="examples/configs/qwen3_moe_debug.toml", impls="titan,torchtitan_moe,torchtitan_moe_loop",
+                      moe_experts=8, moe_top_k=2, moe_hidden=64, ep=2),
+}
+MOE_KEYS = ("moe_experts", "moe_top_k", "moe_hidden", "ep")
 # A second cuda shape (--shape): the preset's model replaced, everything else kept.
 SHAPES = {"8B": dict(flavor="8B", dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, multiple_of=1024,
                      ffn_dim_multiplier=1.3)}
@@ -66,23 +80,32 @@ def parse_args():
     p.add_argument("--titan-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="an extra config override for the titan rows (repeatable), e.g. profiling.enable_profiling=true")
     p.add_argument("--shape", choices=sorted(SHAPES), help="another model shape (cuda): see above")
+    p.add_argument("--model", choices=sorted(MODELS), default="llama3", help="llama3, or qwen3_moe (cpu): see above")
     for key, value in PRESETS["cuda"].items():
         kind = float if key == "ffn_dim_multiplier" else int if isinstance(value, int) else str
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
     a = p.parse_args()
     if a.shape and a.device != "cuda":
         p.error("--shape is a cuda shape (the cpu preset trains the debug model)")
-    for key, value in {**PRESETS[a.device], **SHAPES.get(a.shape, {})}.items():
-        if getattr(a, key) is None:
+    if a.model != "llama3" and a.device != "cpu":
+        p.error(f"--model {a.model} has a cpu preset only (the GPU kit's moe stage measures its layers on a GPU)")
+    model = {key: value for key, value in MODELS[a.model].items() if key != "config"}
+    for key, value in {**PRESETS[a.device], **SHAPES.get(a.shape, {}), **model}.items():
+        if getattr(a, key, None) is None:
             setattr(a, key, value)
     return a
 
 
 def body_parameters(a):
-    """Parameters other than the two vocabulary matrices (attention, feed-forward, norms)."""
+    """Parameters other than the two vocabulary matrices (attention, feed-forward or router and
+    experts, norms; Qwen3-MoE's q/k norms)."""
     head = a.dim // a.n_heads
     attention = a.dim * head * (2 * a.n_heads + 2 * a.n_kv_heads)
-    return a.n_layers * (attention + 3 * a.dim * hidden_dim(a) + 2 * a.dim) + a.dim
+    if getattr(a, "moe_experts", None):
+        block = attention + 2 * head + a.moe_experts * a.dim * (1 + 3 * a.moe_hidden)
+    else:
+        block = attention + 3 * a.dim * hidden_dim(a)
+    return a.n_layers * (block + 2 * a.dim) + a.dim
 
 
 def flops_per_token(a):
@@ -141,13 +164,15 @@ def titan_row(a, impl, env, out):
         "checkpoint.enable": "false", "data.val_freq": 0, "metrics.enable_tensorboard": "false",
         "metrics.log_freq": a.warmup, "data.cache_dir": str(out / "token_cache"), **TITAN_ROWS[impl],
     }
+    if a.model != "llama3":
+        overrides["parallelism.expert_parallel_degree"] = a.ep
     for item in a.titan_set:
         key, sep, value = item.partition("=")
         if not sep:
             sys.exit(f"--titan-set '{item}': expected SECTION.KEY=VALUE")
         overrides[key] = value
     cmd = [f"{a.build}/tests/titan_launch", "--nproc", str(a.ranks), "--timeout", str(a.timeout), "--",
-           f"{a.build}/examples/trainer/titan_train", "--config", "examples/configs/llama3_debug.toml"]
+           f"{a.build}/examples/trainer/titan_train", "--config", MODELS[a.model]["config"]]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     log = out / f"{impl}.log"
@@ -156,6 +181,7 @@ def titan_row(a, impl, env, out):
         return {"error": f"exit {rc}, see {log}"}
     # one record per logging interval (steps 1, warmup, 2 x warmup, ..., last): time the ones after warm-up
     records = [json.loads(line) for line in open(dump / "metrics.jsonl")]
+    records = [r for r in records if "step_seconds" in r]  # the training records (not moe/..., validation)
     previous = {r["step"]: p["step"] for p, r in zip(records, records[1:])}
     after = [r for r in records if r["step"] > a.warmup]
     seconds = sum(r["step_seconds"] * (r["step"] - previous[r["step"]]) for r in after)
@@ -178,7 +204,8 @@ def reference_row(a, impl, env, out):
     torchrun = [a.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.ranks)]
     cmd = torchrun + [str(ROOT / "bench/side_by_side/reference.py"), "--impl", impl, "--device", a.device]
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "vocab_size",
-                "seq_len", "local_batch", "global_batch", "dtype", "ac", "warmup", "steps"):
+                "seq_len", "local_batch", "global_batch", "dtype", "ac", "warmup", "steps",
+                *(MOE_KEYS if a.model != "llama3" else ())):
         value = getattr(a, key)
         if value is not None:
             cmd += ["--" + key.replace("_", "-"), str(value)]
@@ -214,7 +241,8 @@ def main():
         print(f"[side_by_side] {impl}: {time.time() - started:.0f} s {json.dumps(results[impl])}", flush=True)
 
     fpt = flops_per_token(a)
-    lines = [f"side by side on {a.device}: {a.ranks} rank(s), dim {a.dim}, {a.n_layers} layers, vocab {a.vocab_size}, "
+    moe = (f", {a.moe_experts} experts top-{a.moe_top_k} width {a.moe_hidden}, EP {a.ep}" if a.model != "llama3" else "")
+    lines = [f"side by side on {a.device}: {a.model}, {a.ranks} rank(s), dim {a.dim}, {a.n_layers} layers{moe}, vocab {a.vocab_size}, "
              f"seq {a.seq_len}, local batch {a.local_batch}, global batch {a.global_batch}, {a.dtype}, AC {a.ac}"
              + (f", matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""),
              "| impl | tokens/s/rank | step ms | MFU | peak active GiB | peak reserved GiB | titan / this |",
