@@ -137,7 +137,8 @@ void Trainer::build_world() {
   const auto& log = world_->logger();
   const auto& launch = world_->launch_info();
   log.info(config_.job.description, " | ", world_->world_size(), " ranks, ", world_->backend_name(), " on ",
-           world_->device().str(), " | launcher ", launch.launcher,
+           world_->device().str(), " | launcher ", launch.launcher, ", local rank ", launch.local_rank, " of ",
+           launch.local_world_size,
            world_->world_size() > 1 ? " | rendezvous " + launch.master_addr + ":" + std::to_string(launch.master_port) : "");
   log.info("resolved config:\n", to_toml(config_));
   if (config_.training.fused_kernels == "cuda") {

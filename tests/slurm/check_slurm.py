@@ -17,6 +17,9 @@ slurmd on this machine, nodes titan-node[1-2]), checked against the same job und
             job completes, and a resubmitted job resumes from it
   no srun   the trainer started by the batch script itself in a 2-task job: a clear error at once,
             not a rank 0 waiting for a rank nobody starts
+  uneven    srun -N 2 -n 3 (SLURM_TASKS_PER_NODE=2,1): each rank's node-local rank and count as
+            Slurm placed them, bitwise the titan_launch --nproc 3 losses
+Also prints Slurm's start-up time for a 2-task step on 2 nodes (srun -N 2 -n 2 true).
 
 Exits 77 (ctest's skip code) when the cluster cannot start, naming why.
 Usage: check_slurm.py --launch titan_launch --trainer titan_train --source SRC --workdir DIR
@@ -148,7 +151,7 @@ def main():
                               env=dict(env, MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300)
         check(step.returncode == 0, f"salloc + srun -w titan-node2: exit {step.returncode}" +
               (f" {step.stderr[-500:]}" if step.returncode else ""))
-        check("launcher slurm | rendezvous titan-node2:" in step.stdout + step.stderr,
+        check("launcher slurm, local rank 0 of 2 | rendezvous titan-node2:" in step.stdout + step.stderr,
               "salloc + srun -w titan-node2: rank 0's host is the step's node, not the job's first")
         check(losses("salloc") == reference, "salloc + srun: bitwise the titan_launch losses at all 20 steps")
 
@@ -190,6 +193,26 @@ def main():
         check(job.returncode != 0 and "is not a task of a job step" in text and "srun" in text and
               time.time() - started < 30, f"no srun: the batch script's trainer fails at once naming srun "
               f"(exit {job.returncode}, {time.time() - started:.0f} s)" + ("" if "job step" in text else f" {text[-300:]}"))
+
+        # Uneven tasks per node: 2 on the first node, 1 on the second.
+        three = ["--training.global_batch_size", "6", "--training.steps", "6"]
+        straight3 = subprocess.run([args.launch, "--nproc", "3", "--timeout", "300", "--", args.trainer,
+                                    *trainer_args("straight3", three)], cwd=args.source, env=env, capture_output=True,
+                                   text=True)
+        check(straight3.returncode == 0, f"titan_launch --nproc 3 runs the job (exit {straight3.returncode})")
+        uneven = subprocess.run(["srun", "-N", "2", "-n", "3", "--kill-on-bad-exit=1", args.trainer,
+                                 *trainer_args("uneven", three)], cwd=args.source, timeout=300,
+                                env=dict(env, MASTER_PORT=str(free_port()), TITAN_LOG_ALL_RANKS="1"),
+                                capture_output=True, text=True)
+        placed = sorted(line.split("] ")[0].split()[-1] + " " + line.split("launcher slurm, ")[1].split(" |")[0]
+                        for line in (uneven.stdout + uneven.stderr).splitlines() if "launcher slurm, local rank" in line)
+        check(uneven.returncode == 0 and placed == ["0/3 local rank 0 of 2", "1/3 local rank 1 of 2",
+                                                    "2/3 local rank 0 of 1"],
+              f"srun -N 2 -n 3: ranks placed 2 + 1 as Slurm placed them ({placed}, exit {uneven.returncode})")
+        check(losses("uneven") == losses("straight3"), "srun -N 2 -n 3: bitwise the titan_launch --nproc 3 losses")
+        started = time.time()
+        subprocess.run(["srun", "-N", "2", "-n", "2", "true"], env=env, check=False, timeout=60)
+        print(f"info Slurm's start-up of a 2-task step on 2 nodes (srun -N 2 -n 2 true): {time.time() - started:.2f} s")
 
         # A rank that dies ends the job.
         name = "kill"
