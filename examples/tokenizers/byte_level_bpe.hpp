@@ -82,4 +82,33 @@ std::vector<size_t> merge_lowest_rank_first(size_t n, Rank rank, Merged merged) 
   return next;
 }
 
+/// Cuts `text` at the tokens of `tokens` it holds (added or special tokens), leftmost first and the
+/// longest where several start at one place; `first_bytes`: the bytes they start with.
+/// `take(k, at)` says whether token k found at byte `at` is cut out (false: it stays text; it may
+/// also throw); `on_text(segment)` gets the text before, between and after the cuts, `on_token(k)`
+/// each cut token.
+template <typename Take, typename OnText, typename OnToken>
+void split_at_tokens(std::string_view text, const std::vector<std::string>& tokens, std::string_view first_bytes,
+                     Take take, OnText on_text, OnToken on_token) {
+  size_t done = 0;
+  for (size_t at = text.find_first_of(first_bytes); at != std::string_view::npos;
+       at = text.find_first_of(first_bytes, at)) {
+    size_t found = tokens.size();
+    for (size_t k = 0; k < tokens.size(); ++k) {
+      if (text.compare(at, tokens[k].size(), tokens[k]) == 0 &&
+          (found == tokens.size() || tokens[k].size() > tokens[found].size()))
+        found = k;
+    }
+    if (found == tokens.size() || !take(found, at)) {
+      ++at;
+      continue;
+    }
+    on_text(text.substr(done, at - done));
+    on_token(found);
+    at += tokens[found].size();
+    done = at;
+  }
+  on_text(text.substr(done));
+}
+
 }  // namespace titan::examples::bpe

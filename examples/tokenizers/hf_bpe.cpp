@@ -96,13 +96,10 @@ struct HfBpeTokenizer::Model {
   std::unordered_map<uint64_t, std::pair<uint32_t, int64_t>> merges;
   std::unordered_map<std::string, int64_t> ids_by_spelling;  // the file's strings (vocabulary, added)
   std::vector<std::string> bytes_by_id;  // what decode writes for each id ("": no token has it)
-  struct Added {
-    std::string content;
-    int64_t id;
-    bool special;
-  };
-  std::vector<Added> added;
-  std::string added_first_bytes;  // the bytes added tokens start with
+  std::vector<std::string> added;     // added tokens, as written
+  std::vector<int64_t> added_ids;      // [added]
+  std::vector<bool> added_special;     // [added]: "special": true
+  std::string added_first_bytes;       // the bytes added tokens start with
 
   [[noreturn]] void fail(const std::string& what) const {
     throw std::runtime_error("tokenizer.json '" + path + "': " + what);
@@ -251,7 +248,9 @@ HfBpeTokenizer::HfBpeTokenizer(const std::string& path, HfTokenizerOptions optio
         if (token.value(key, false)) m.fail("added token '" + content + "' has " + key + " set; titan matches added tokens exactly");
       }
       if (content.empty() || id < 0) m.fail("added token '" + content + "' has an empty content or a negative id");
-      m.added.push_back({content, id, token.value("special", false)});
+      m.added.push_back(content);
+      m.added_ids.push_back(id);
+      m.added_special.push_back(token.value("special", false));
       m.ids_by_spelling[content] = id;
       if (id >= static_cast<int64_t>(m.bytes_by_id.size())) m.bytes_by_id.resize(static_cast<size_t>(id) + 1);
       m.bytes_by_id[static_cast<size_t>(id)] = content;
@@ -370,30 +369,18 @@ std::vector<int64_t> HfBpeTokenizer::encode(std::string_view raw, bool bos, bool
   ids.reserve(text.size() / 3 + 2);
   if (bos) ids.push_back(bos_id_);
   // Added tokens, leftmost first and the longest where several start at one place (the
-  // `tokenizers` library's leftmost-longest match); special ones only when allowed.
-  size_t done = 0;
-  for (size_t at = text.find_first_of(m.added_first_bytes); at != std::string_view::npos;
-       at = text.find_first_of(m.added_first_bytes, at)) {
-    const Model::Added* found = nullptr;
-    for (const auto& token : m.added) {
-      if (text.compare(at, token.content.size(), token.content) == 0 &&
-          (found == nullptr || token.content.size() > found->content.size()))
-        found = &token;
-    }
-    if (found != nullptr && found->special && special == SpecialTokens::kReject) {
-      throw std::invalid_argument("text contains the special token " + found->content + " at byte " +
-                                  std::to_string(at) + " (encode it with SpecialTokens::kAllow or kAsText)");
-    }
-    if (found == nullptr || (found->special && special == SpecialTokens::kAsText)) {
-      ++at;  // special text read as text stays part of the text around it, as in `tokenizers`
-      continue;
-    }
-    encode_segment(text.substr(done, at - done), ids);
-    ids.push_back(found->id);
-    at += found->content.size();
-    done = at;
-  }
-  encode_segment(text.substr(done), ids);
+  // `tokenizers` library's leftmost-longest match); special ones only when allowed: read as text
+  // they stay part of the text around them, as in `tokenizers`.
+  bpe::split_at_tokens(
+      text, m.added, m.added_first_bytes,
+      [&](size_t k, size_t at) {
+        if (!m.added_special[k]) return true;
+        if (special == SpecialTokens::kReject)
+          throw std::invalid_argument("text contains the special token " + m.added[k] + " at byte " +
+                                      std::to_string(at) + " (encode it with SpecialTokens::kAllow or kAsText)");
+        return special == SpecialTokens::kAllow;
+      },
+      [&](std::string_view segment) { encode_segment(segment, ids); }, [&](size_t k) { ids.push_back(m.added_ids[k]); });
   if (eos) ids.push_back(eos_id_);
   return ids;
 }

@@ -185,30 +185,20 @@ std::vector<int64_t> TiktokenTokenizer::encode(std::string_view raw, bool bos, b
   std::vector<int64_t> ids;
   ids.reserve(text.size() / 3 + 2);
   if (bos) ids.push_back(bos_id_);
-  size_t done = 0;
-  if (special != SpecialTokens::kAsText && !specials_.empty()) {
-    // Find special-token text left to right (the longest one where several start at a position).
-    for (size_t at = text.find_first_of(special_first_bytes_); at != std::string_view::npos;
-         at = text.find_first_of(special_first_bytes_, at)) {
-      const std::string* found = nullptr;
-      for (const auto& s : specials_) {
-        if (text.compare(at, s.size(), s) == 0 && (found == nullptr || s.size() > found->size())) found = &s;
-      }
-      if (found == nullptr) {
-        ++at;
-        continue;
-      }
-      if (special == SpecialTokens::kReject) {
-        throw std::invalid_argument("text contains the special token " + *found + " at byte " + std::to_string(at) +
-                                    " (encode it with SpecialTokens::kAllow or kAsText)");
-      }
-      encode_ordinary(text.substr(done, at - done), ids);
-      ids.push_back(special_ids_.at(*found));
-      at += found->size();
-      done = at;
-    }
+  const auto ordinary = [&](std::string_view segment) { encode_ordinary(segment, ids); };
+  if (special == SpecialTokens::kAsText) {
+    ordinary(text);
+  } else {
+    bpe::split_at_tokens(
+        text, specials_, special_first_bytes_,
+        [&](size_t k, size_t at) {
+          if (special == SpecialTokens::kReject)
+            throw std::invalid_argument("text contains the special token " + specials_[k] + " at byte " +
+                                        std::to_string(at) + " (encode it with SpecialTokens::kAllow or kAsText)");
+          return true;
+        },
+        ordinary, [&](size_t k) { ids.push_back(num_base_tokens() + static_cast<int64_t>(k)); });
   }
-  encode_ordinary(text.substr(done), ids);
   if (eos) ids.push_back(eos_id_);
   return ids;
 }
