@@ -272,8 +272,9 @@ def torchtitan_model(a, world, optimizer_implementation):
     job.optimizer.weight_decay = 0.1
     job.optimizer.implementation = optimizer_implementation
     job.job.dump_folder = "/tmp/titan_side_by_side_torchtitan"
-    job.parallelism.expert_parallel_degree = a.ep
-    parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=a.ep, etp=1, world_size=world)
+    ep = getattr(a, "ep", 1)  # bench/gpu_cost's trace_peers.py passes no MoE arguments
+    job.parallelism.expert_parallel_degree = ep
+    parallel_dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=ep, etp=1, world_size=world)
     parallel_dims.build_mesh()
     if a.impl.startswith("torchtitan_moe"):
         model, parallelize = torchtitan_qwen3_moe(a)
