@@ -17,6 +17,10 @@ slurmd on this machine, nodes titan-node[1-2]), checked against the same job und
             job completes, and a resubmitted job resumes from it
   no srun   the trainer started by the batch script itself in a 2-task job: a clear error at once,
             not a rank 0 waiting for a rank nobody starts
+  requeue   scontrol requeue of the running batch job (sbatch --requeue) after step 3: its tasks get
+            TERM and the trainer saves at a step boundary; the requeued job (released at once:
+            scontrol update StartTime=now) starts again, resumes, and every step's loss equals the
+            straight run's
   uneven    srun -N 2 -n 3 (SLURM_TASKS_PER_NODE=2,1): each rank's node-local rank and count as
             Slurm placed them, bitwise the titan_launch --nproc 3 losses
 Also prints Slurm's start-up time for a 2-task step on 2 nodes (srun -N 2 -n 2 true).
@@ -193,6 +197,29 @@ def main():
         check(job.returncode != 0 and "is not a task of a job step" in text and "srun" in text and
               time.time() - started < 30, f"no srun: the batch script's trainer fails at once naming srun "
               f"(exit {job.returncode}, {time.time() - started:.0f} s)" + ("" if "job step" in text else f" {text[-300:]}"))
+
+        # scontrol requeue (preemption, a failed node): the job runs again and resumes.
+        out = os.path.join(args.workdir, "requeue.out")
+        submitted = subprocess.run([*batch, "--requeue", "--open-mode=append", "--parsable", "-o", out,
+                                    "examples/slurm/multinode.sbatch", CONFIG, *trainer_args("requeue")[2:]],
+                                   cwd=args.source, env=env, capture_output=True, text=True)
+        job_id = submitted.stdout.strip().split(";")[0]
+        check(wait_for_step("requeue", 3), "requeue: the batch job reached step 3")
+        subprocess.run(["scontrol", "requeue", job_id], env=env, check=False)
+        released = False
+        for _ in range(600):
+            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True,
+                                   text=True).stdout.strip()
+            if state == "PENDING" and not released:  # Slurm holds a requeued job back ~2 minutes
+                released = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
+                                          capture_output=True).returncode == 0
+            if not state:
+                break
+            time.sleep(0.1)
+        text = open(out).read() if os.path.exists(out) else ""
+        check(released and "resumed from the checkpoint of step" in text,
+              "requeue: the requeued job started again and resumed from a checkpoint")
+        check(losses("requeue") == reference, "requeue: after the requeue, bitwise the straight losses at all 20 steps")
 
         # Uneven tasks per node: 2 on the first node, 1 on the second.
         three = ["--training.global_batch_size", "6", "--training.steps", "6"]
