@@ -22,13 +22,17 @@
 #include <unistd.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -58,9 +62,13 @@ void drop_from_page_cache(const std::string& path) {
 }
 
 /// A fixed amount of compute standing in for a training step (finished on the device when timed).
-double train_step(const torch::Tensor& a, torch::Tensor& b) {
+/// Every step starts from the same `b`: a chain carried across steps decays (a's spectral radius
+/// is below 1) into subnormal floats, whose matmuls run ~100x slower on AVX-512 CPUs, and the
+/// stall of whichever phase it reached would be that slowdown, not the save's.
+double train_step(const torch::Tensor& a, const torch::Tensor& b) {
   auto start = Clock::now();
-  for (int i = 0; i < 8; ++i) b = torch::tanh(torch::mm(a, b));  // [512, 512] (CPU) or [4096, 4096] (GPU)
+  auto x = b;
+  for (int i = 0; i < 8; ++i) x = torch::tanh(torch::mm(a, x));  // [512, 512] (CPU) or [4096, 4096] (GPU)
   if (b.is_cuda()) torch::cuda::synchronize(b.device().index());
   return seconds_since(start);
 }
@@ -113,10 +121,14 @@ int main(int argc, char** argv) {
   const int64_t work = device.is_cuda() ? 4096 : 512;  // a step of tens of ms on an H100 or a CPU core
   auto a = torch::randn({work, work}, device).div(std::sqrt(static_cast<double>(work)) * 1.5);
   auto b = torch::randn({work, work}, device);
-  // Baseline step time.
-  double baseline = 0;
-  for (int s = 0; s < steps; ++s) baseline += train_step(a, b);
-  baseline /= steps;
+  // Baseline step time: the mean of `steps` steps, measured again right before each async save (the
+  // clock of a shared VM drifts by more than the stall being measured).
+  const auto measure_baseline = [&] {
+    double seconds = 0;
+    for (int s = 0; s < steps; ++s) seconds += train_step(a, b);
+    return seconds / steps;
+  };
+  double baseline = measure_baseline();
 
   // The floor of a snapshot: one copy of the state into preallocated host memory (the second of
   // two, so the buffers are touched; pinned from a GPU, as the staging is).
@@ -146,6 +158,7 @@ int main(int argc, char** argv) {
         world, titan::CheckpointOptions(dir + (async ? "/async" : "/sync")).async(async).keep_latest_k(1).io_threads(io_threads));
     // Async saves twice: the second copies into the first one's host buffers (reuse_staging).
     for (int step = 1; step <= (async ? 2 : 1); ++step) {
+      if (async) baseline = measure_baseline();
       world->group()->barrier();
       Row row{!async ? "sync" : step == 1 ? "async" : "async 2"};
       auto start = Clock::now();
@@ -185,6 +198,47 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < state.tensors.size(); ++i)
     equal = equal && torch::equal(state.tensors[i].second.local, target.tensors[i].second.local);
   TORCH_CHECK(equal, "bench_checkpoint: the loaded tensors differ from the saved ones");
+
+  // The load's parts timed apart, on rank 0 over the whole checkpoint (with one rank exactly what
+  // the load reads): read (the shard files from the disk, cold, in 8 MiB positioned reads on the
+  // load's threads), verify (CRC-32 of as many bytes in memory, on those threads) and apply (one
+  // copy of the state: the memcpy above). The load runs read and verify together per piece.
+  const int threads = io_threads > 0 ? io_threads : titan::default_io_threads();
+  double read_time = 0, verify_time = 0, read_gb = 0;
+  if (world->rank() == 0) {
+    constexpr int64_t kPiece = int64_t{8} << 20;
+    std::vector<std::unique_ptr<titan::detail::PosixFile>> files;
+    std::vector<std::pair<size_t, int64_t>> pieces;  // (file, offset)
+    for (const auto& entry : std::filesystem::recursive_directory_iterator(dir + "/sync")) {
+      if (!entry.is_regular_file() || entry.path().extension() != ".safetensors") continue;
+      drop_from_page_cache(entry.path().string());
+      files.push_back(std::make_unique<titan::detail::PosixFile>(entry.path().string(), O_RDONLY));
+      for (int64_t offset = 0; offset < files.back()->size(); offset += kPiece) pieces.emplace_back(files.size() - 1, offset);
+      read_gb += static_cast<double>(files.back()->size()) / 1e9;
+    }
+    auto read_start = Clock::now();
+    titan::detail::run_tasks(threads, pieces.size(), [&](size_t k) {
+      thread_local std::vector<uint8_t> buffer(kPiece);
+      const auto& file = *files[pieces[k].first];
+      const int64_t bytes = std::min(kPiece, file.size() - pieces[k].second);
+      TORCH_CHECK(file.read_at(buffer.data(), static_cast<size_t>(bytes), pieces[k].second), "bench_checkpoint: short read");
+    });
+    read_time = seconds_since(read_start);
+    std::vector<std::pair<const uint8_t*, int64_t>> chunks;  // the state's bytes in 8 MiB chunks
+    std::vector<torch::Tensor> host;                          // a GPU state's bytes, on the host
+    for (const auto& [name, tensor] : state.tensors) {
+      host.push_back(tensor.local.cpu());
+      const auto* data = static_cast<const uint8_t*>(host.back().data_ptr());
+      const int64_t bytes = host.back().numel() * static_cast<int64_t>(host.back().element_size());
+      for (int64_t offset = 0; offset < bytes; offset += kPiece) chunks.emplace_back(data + offset, std::min(kPiece, bytes - offset));
+    }
+    std::vector<uint32_t> crcs(chunks.size());
+    auto verify_start = Clock::now();
+    titan::detail::run_tasks(threads, chunks.size(), [&](size_t k) {
+      crcs[k] = titan::detail::crc32(chunks[k].first, static_cast<size_t>(chunks[k].second));
+    });
+    verify_time = seconds_since(verify_start);
+  }
 
   // Hugging Face export and import of the same tensors (each rank its local ones, as whole
   // tensors): safetensors::save_sharded (5 GB files, then fsynced, as the checkpoint is) and
@@ -235,6 +289,10 @@ int main(int argc, char** argv) {
     std::printf("| HF export   | %19.2f | %12.2f | %17.2f | %16s | %25s |\n", export_time, export_time, gb / export_time, "-", "-");
     std::printf("| HF import   | %19.2f | %12.2f | %17.2f | %16s | %25s |\n", import_time, import_time, gb / import_time,
                 "-", "-");
+    std::printf("\nload breakdown (rank 0, %d threads, %.2f GB): read %.2f s (cold, %.2f GB/s), verify %.2f s (CRC-32 in "
+                "memory, %.2f GB/s), apply %.2f s (one copy of the state); the load: %.2f s\n",
+                threads, read_gb, read_time, read_gb / read_time, verify_time, gb / ranks / verify_time, memcpy_time,
+                load_time);
   }
   titan::detail::remove_tree(dir + "/sync");
   titan::detail::remove_tree(dir + "/async");

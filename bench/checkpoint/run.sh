@@ -77,6 +77,9 @@ for r in range(1, rounds + 1):
         if m:
             rows["stall " + m.group(1)] = (float(m.group(2)), float(m.group(3)))
     rows["memcpy"] = float(re.search(r"\(memcpy\): ([\d.]+) s", text).group(1))
+    m = re.search(r"load breakdown .*: read ([\d.]+) s .* verify ([\d.]+) s .* apply ([\d.]+) s", text)
+    if m:
+        rows["breakdown"] = tuple(float(x) for x in m.groups())
     rows["gb"] = float(re.search(r"checkpoint of ([\d.]+) GB", text).group(1))
     titan.append(rows)
 gb = titan[0]["gb"]
@@ -109,4 +112,12 @@ for mode in ("async", "async 2"):
     stalls = [100 * t["stall " + mode][0] / t["stall " + mode][1] for t in titan if "stall " + mode in t]
     if stalls:
         print(f"training steps overlapped with titan's background write ({mode}): stall {span(stalls)} % of their time")
+parts = [t["breakdown"] for t in titan if "breakdown" in t]
+if parts:
+    print(f"titan's load, its parts timed apart (rank 0): read {span([p[0] for p in parts])} s (cold), "
+          f"verify {span([p[1] for p in parts])} s (CRC-32 in memory), apply {span([p[2] for p in parts])} s "
+          f"(one copy); the load reads and verifies together")
+stalls = [100 * d["async_slowdown_s"] / d["async_overlapped_s"] for d in dcp if d.get("async_overlapped_s", 0) > 0]
+if stalls:
+    print(f"training steps overlapped with DCP's background write (async_save): stall {span(stalls)} % of their time")
 PY

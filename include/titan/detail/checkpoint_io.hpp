@@ -9,6 +9,10 @@
 
 #include <fcntl.h>
 #include <ftw.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TITAN_CRC32_PCLMUL 1  // carry-less multiply folding, chosen at run time where the CPU has it
+#endif
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -46,11 +50,9 @@ inline const std::array<std::array<uint32_t, 256>, 8>& crc32_tables() {
   return tables;
 }
 
-/// CRC-32 of `size` bytes, continuing from `crc` (0 to start): equals zlib.crc32(data, crc).
-inline uint32_t crc32(const void* data, size_t size, uint32_t crc = 0) {
+/// The CRC-32 register (reflected, no inversions) continued over `size` bytes, eight at a time.
+inline uint32_t crc32_table_update(uint32_t crc, const uint8_t* p, size_t size) {
   const auto& t = crc32_tables();
-  const auto* p = static_cast<const uint8_t*>(data);
-  crc = ~crc;
   while (size >= 8) {
     uint32_t one = 0, two = 0;
     std::memcpy(&one, p, 4);  // little-endian hosts only (x86-64, aarch64)
@@ -62,7 +64,67 @@ inline uint32_t crc32(const void* data, size_t size, uint32_t crc = 0) {
     size -= 8;
   }
   while (size-- > 0) crc = t[0][(crc ^ *p++) & 0xFFU] ^ (crc >> 8);
-  return ~crc;
+  return crc;
+}
+
+#ifdef TITAN_CRC32_PCLMUL
+/// Whether this CPU has carry-less multiplication (PCLMULQDQ: x86-64 since 2010).
+inline bool cpu_has_pclmul() {
+  static const bool has = __builtin_cpu_supports("pclmul");
+  return has;
+}
+
+/// The CRC-32 register (as crc32_table_update) continued over `size` bytes, a multiple of 16 and
+/// at least 64, by carry-less multiplication (Intel's "Fast CRC Computation for Generic Polynomials
+/// Using PCLMULQDQ", 2009). A 16-byte block loaded little-endian is a polynomial A of degree < 128
+/// in the reflected order (bit j holds the coefficient of x^(127-j)); moving it F bits later keeps
+/// its remainder: A(x) x^F = lo(A) (x^(F+64)) + hi(A) x^F, and with the constants
+/// k(n) = reflect32(x^n mod P) << 1 that is clmul(lo, k(F+32)) ^ clmul(hi, k(F-32)) as a 128-bit
+/// block. Four blocks fold 512 bits at a time, then into one, which folds 128 bits at a time; the
+/// last block's 16 bytes have the CRC the bytes before had, which the tables finish. (One fold:
+/// crc32_fold_block; crc32_fold_update runs them.)
+__attribute__((target("pclmul,sse2"))) inline __m128i crc32_fold_block(__m128i a, __m128i k, __m128i next) {
+  return _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(a, k, 0x00), _mm_clmulepi64_si128(a, k, 0x11)), next);
+}
+
+/// The CRC-32 register continued over `size` bytes (a multiple of 16, at least 64) by folding.
+__attribute__((target("pclmul,sse2"))) inline uint32_t crc32_fold_update(uint32_t crc, const uint8_t* p, size_t size) {
+  const __m128i k512 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);  // {k(512 - 32), k(512 + 32)}
+  const __m128i k128 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);  // {k(128 - 32), k(128 + 32)}
+  const auto load = [](const uint8_t* q) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)); };
+  const auto fold = crc32_fold_block;
+  __m128i x0 = _mm_xor_si128(load(p), _mm_cvtsi32_si128(static_cast<int>(crc)));  // the register enters the first 4 bytes
+  __m128i x1 = load(p + 16), x2 = load(p + 32), x3 = load(p + 48);
+  p += 64;
+  size -= 64;
+  for (; size >= 64; p += 64, size -= 64) {
+    x0 = fold(x0, k512, load(p));
+    x1 = fold(x1, k512, load(p + 16));
+    x2 = fold(x2, k512, load(p + 32));
+    x3 = fold(x3, k512, load(p + 48));
+  }
+  __m128i x = fold(fold(fold(x0, k128, x1), k128, x2), k128, x3);
+  for (; size >= 16; p += 16, size -= 16) x = fold(x, k128, load(p));
+  alignas(16) uint8_t last[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(last), x);
+  return crc32_table_update(0, last, 16);
+}
+#endif
+
+/// CRC-32 of `size` bytes, continuing from `crc` (0 to start): equals zlib.crc32(data, crc).
+/// Carry-less multiplication where the CPU has it (about 5x the tables), else slicing-by-8.
+inline uint32_t crc32(const void* data, size_t size, uint32_t crc = 0) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  crc = ~crc;
+#ifdef TITAN_CRC32_PCLMUL
+  if (size >= 64 && cpu_has_pclmul()) {
+    const size_t folded = size & ~size_t{15};
+    crc = crc32_fold_update(crc, p, folded);
+    p += folded;
+    size -= folded;
+  }
+#endif
+  return ~crc32_table_update(crc, p, size);
 }
 
 /// An open POSIX file descriptor, closed on destruction; every failure names the path.
