@@ -74,20 +74,21 @@ inline bool cpu_has_pclmul() {
   return has;
 }
 
-/// The CRC-32 register (as crc32_table_update) continued over `size` bytes, a multiple of 16 and
-/// at least 64, by carry-less multiplication (Intel's "Fast CRC Computation for Generic Polynomials
-/// Using PCLMULQDQ", 2009). A 16-byte block loaded little-endian is a polynomial A of degree < 128
-/// in the reflected order (bit j holds the coefficient of x^(127-j)); moving it F bits later keeps
-/// its remainder: A(x) x^F = lo(A) (x^(F+64)) + hi(A) x^F, and with the constants
-/// k(n) = reflect32(x^n mod P) << 1 that is clmul(lo, k(F+32)) ^ clmul(hi, k(F-32)) as a 128-bit
-/// block. Four blocks fold 512 bits at a time, then into one, which folds 128 bits at a time; the
-/// last block's 16 bytes have the CRC the bytes before had, which the tables finish. (One fold:
-/// crc32_fold_block; crc32_fold_update runs them.)
+/// One fold of CRC-32 by carry-less multiplication (Intel, "Fast CRC Computation for Generic
+/// Polynomials Using PCLMULQDQ", 2009): 16 bytes loaded little-endian are a polynomial A of degree
+/// < 128 in the reflected order (bit j holds the coefficient of x^(127-j)), so the register's low
+/// 64 bits q0 hold x^127..x^64 and its high 64 bits q1 hold x^63..x^0. Moved F bits later, A keeps
+/// its remainder as A x^F = q0 x^(F+64) + q1 x^F; with k(n) = reflect32(x^n mod P) << 1 the paper's
+/// block for that is clmul(q0, k(F+32)) ^ clmul(q1, k(F-32)) (the offsets absorb the reflected
+/// product's one-bit shift). Returns that block plus `next`, the block found F bits later.
 __attribute__((target("pclmul,sse2"))) inline __m128i crc32_fold_block(__m128i a, __m128i k, __m128i next) {
   return _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(a, k, 0x00), _mm_clmulepi64_si128(a, k, 0x11)), next);
 }
 
-/// The CRC-32 register continued over `size` bytes (a multiple of 16, at least 64) by folding.
+/// The CRC-32 register (as crc32_table_update) continued over `size` bytes, a multiple of 16 and
+/// at least 64: four blocks fold 512 bits at a time, then into one, which folds 128 bits at a time
+/// (crc32_fold_block); the last block's 16 bytes have the CRC the bytes before had, which the
+/// tables finish.
 __attribute__((target("pclmul,sse2"))) inline uint32_t crc32_fold_update(uint32_t crc, const uint8_t* p, size_t size) {
   const __m128i k512 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);  // {k(512 - 32), k(512 + 32)}
   const __m128i k128 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);  // {k(128 - 32), k(128 + 32)}
@@ -112,7 +113,7 @@ __attribute__((target("pclmul,sse2"))) inline uint32_t crc32_fold_update(uint32_
 #endif
 
 /// CRC-32 of `size` bytes, continuing from `crc` (0 to start): equals zlib.crc32(data, crc).
-/// Carry-less multiplication where the CPU has it (about 5x the tables), else slicing-by-8.
+/// Carry-less multiplication where the CPU has it (about 4x the tables), else slicing-by-8.
 inline uint32_t crc32(const void* data, size_t size, uint32_t crc = 0) {
   const auto* p = static_cast<const uint8_t*>(data);
   crc = ~crc;
