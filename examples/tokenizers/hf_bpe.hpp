@@ -1,9 +1,9 @@
 #pragma once
 // Byte-level BPE read from a Hugging Face tokenizer.json (the layouts of Qwen2 / Qwen3 and GPT-2):
-// NFC or no normalizer, pre-tokenization by Split patterns and / or
-// ByteLevel, merges applied pair by pair in their file order as the `tokenizers` library does, and
-// the added tokens matched in the text. BOS / EOS / padding come from tokenizer_config.json next
-// to it (or from the options). See docs/tokenizers.md.
+// NFC or no normalizer, pre-tokenization by Split patterns and / or ByteLevel, merges applied pair
+// by pair in their file order as the `tokenizers` library does, and the added tokens matched in the
+// text. BOS / EOS / padding come from tokenizer_config.json next to it (or from the options). See
+// docs/tokenizers.md.
 
 #include <cstdint>
 #include <memory>
