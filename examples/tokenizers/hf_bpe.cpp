@@ -104,7 +104,159 @@ struct HfBpeTokenizer::Model {
   [[noreturn]] void fail(const std::string& what) const {
     throw std::runtime_error("tokenizer.json '" + path + "': " + what);
   }
+  /// `parent[key]`, or an error naming `where` it is missing.
+  const json& field(const json& parent, const char* key, const std::string& where) const {
+    if (!parent.is_object() || !parent.contains(key)) fail(std::string("no '") + key + "' in " + where);
+    return parent[key];
+  }
+  /// The "type" of `node`, or an error naming `where`.
+  std::string type_of(const json& node, const std::string& where) const {
+    if (!node.is_object() || !node.contains("type") || !node["type"].is_string()) fail(where + " has no \"type\"");
+    return node["type"].get<std::string>();
+  }
+  /// What decode writes for `id`.
+  void set_bytes(int64_t id, const std::string& bytes) {
+    if (id >= static_cast<int64_t>(bytes_by_id.size())) bytes_by_id.resize(static_cast<size_t>(id) + 1);
+    bytes_by_id[static_cast<size_t>(id)] = bytes;
+  }
+  void read_model(const json& file);          // the vocabulary and merges
+  void read_pre_tokenizer(const json& file);  // the normalizer, the pre-tokenizer steps, the decoder
+  void read_added_tokens(const json& file);
 };
+
+void HfBpeTokenizer::Model::read_model(const json& file) {
+  // The model: byte-level BPE with merges.
+  const json& model = field(file, "model", "the file");
+  if (type_of(model, "model") != "BPE")
+    fail("model.type is '" + type_of(model, "model") + "'; titan reads byte-level BPE models (\"BPE\") only");
+  if (model.value("byte_fallback", false)) fail("model.byte_fallback is true; titan reads byte-level BPE only");
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+    if (model.contains(key) && !model[key].is_null() && model[key] != "")
+      fail(std::string("model.") + key + " is set; titan's BPE has none");
+  }
+  if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() != 0.0)
+    fail("model.dropout is set; titan's BPE is deterministic");
+  ignore_merges = model.value("ignore_merges", false);
+  const json& vocab = field(model, "vocab", "model");
+  if (!vocab.is_object() || vocab.empty()) fail("model.vocab is not a non-empty object");
+  std::string bytes;
+  for (const auto& [spelling, id_json] : vocab.items()) {
+    if (!id_json.is_number_integer() || id_json.get<int64_t>() < 0)
+      fail("model.vocab['" + spelling + "'] is not a non-negative integer id");
+    const int64_t id = id_json.get<int64_t>();
+    if (!byte_level_bytes(spelling, bytes))
+      fail("model.vocab token '" + spelling + "' is not spelled in the byte-level alphabet (GPT-2's bytes_to_unicode)");
+    ids_by_spelling[spelling] = id;
+    ids_by_bytes[bytes] = id;
+    set_bytes(id, bytes);
+  }
+  for (int b = 0; b < 256; ++b) {
+    auto it = ids_by_bytes.find(std::string(1, static_cast<char>(b)));
+    if (it == ids_by_bytes.end())
+      fail("model.vocab has no token for byte " + std::to_string(b) + " (byte-level BPE needs all 256)");
+    byte_ids[static_cast<size_t>(b)] = it->second;
+  }
+  const json& merge_list = field(model, "merges", "model");
+  if (!merge_list.is_array()) fail("model.merges is not an array");
+  if (merge_list.size() >= bpe::kNoRank) fail("model.merges has too many entries");
+  for (size_t rank = 0; rank < merge_list.size(); ++rank) {
+    const json& merge = merge_list[rank];
+    std::string left, right;
+    if (merge.is_string()) {
+      const std::string text = merge.get<std::string>();
+      const size_t space = text.find(' ');
+      if (space == std::string::npos || text.find(' ', space + 1) != std::string::npos)
+        fail("model.merges[" + std::to_string(rank) + "] '" + text + "' is not two tokens separated by a space");
+      left = text.substr(0, space);
+      right = text.substr(space + 1);
+    } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() && merge[1].is_string()) {
+      left = merge[0].get<std::string>();
+      right = merge[1].get<std::string>();
+    } else {
+      fail("model.merges[" + std::to_string(rank) + "] is neither \"left right\" nor [left, right]");
+    }
+    const auto id_of = [&](const std::string& token) {
+      auto it = ids_by_spelling.find(token);
+      if (it == ids_by_spelling.end())
+        fail("model.merges[" + std::to_string(rank) + "] names '" + token + "', which is not in model.vocab");
+      return it->second;
+    };
+    const uint64_t key = static_cast<uint64_t>(id_of(left)) << 32 | static_cast<uint64_t>(id_of(right));
+    merges.emplace(key, std::make_pair(static_cast<uint32_t>(rank), id_of(left + right)));  // the first wins
+  }
+}
+
+void HfBpeTokenizer::Model::read_pre_tokenizer(const json& file) {
+  // The normalizer: none or NFC.
+  if (file.contains("normalizer") && !file["normalizer"].is_null()) {
+    const std::string type = type_of(file["normalizer"], "normalizer");
+    if (type != "NFC") fail("normalizer.type is '" + type + "'; titan reads NFC or no normalizer");
+    nfc = true;
+  }
+
+  // The pre-tokenizer: Split steps (isolated matches) and a ByteLevel step, last.
+  if (!file.contains("pre_tokenizer") || file["pre_tokenizer"].is_null())
+    fail("no pre_tokenizer; titan reads byte-level BPE, whose pre_tokenizer is or ends with ByteLevel");
+  const json& pre = file["pre_tokenizer"];
+  std::vector<json> step_json;
+  if (type_of(pre, "pre_tokenizer") == "Sequence") {
+    for (const auto& step : field(pre, "pretokenizers", "pre_tokenizer")) step_json.push_back(step);
+  } else {
+    step_json.push_back(pre);
+  }
+  for (size_t i = 0; i < step_json.size(); ++i) {
+    const std::string where = "pre_tokenizer step " + std::to_string(i);
+    const std::string type = type_of(step_json[i], where);
+    PreTokenizeStep step;
+    if (type == "Split") {
+      const json& pattern = field(step_json[i], "pattern", where);
+      std::string regex;
+      if (pattern.contains("Regex")) {
+        regex = pattern["Regex"].get<std::string>();
+      } else if (pattern.contains("String")) {
+        regex = "\\Q" + pattern["String"].get<std::string>() + "\\E";
+      } else {
+        fail(where + ": a Split pattern is {\"Regex\": ...} or {\"String\": ...}");
+      }
+      if (step_json[i].value("behavior", "") != "Isolated" || step_json[i].value("invert", false))
+        fail(where + ": titan reads Split with behavior \"Isolated\" and invert false only");
+      step.split = std::make_unique<bpe::RegexSplitter>(regex, "tokenizer.json '" + path + "' " + where);
+    } else if (type == "ByteLevel") {
+      if (i + 1 != step_json.size()) fail(where + ": ByteLevel must be the last pre-tokenizer step");
+      step.byte_level = true;
+      step.add_prefix_space = step_json[i].value("add_prefix_space", true);
+      if (step_json[i].value("use_regex", true))
+        step.split = std::make_unique<bpe::RegexSplitter>(kByteLevelPattern, "tokenizer.json '" + path + "' " + where);
+    } else {
+      fail(where + " is '" + type + "'; titan reads Split and ByteLevel steps");
+    }
+    steps.push_back(std::move(step));
+  }
+  if (steps.empty() || !steps.back().byte_level)
+    fail("the pre_tokenizer does not end with ByteLevel; titan reads byte-level BPE only");
+  if (file.contains("decoder") && !file["decoder"].is_null() && type_of(file["decoder"], "decoder") != "ByteLevel")
+    fail("decoder.type is '" + type_of(file["decoder"], "decoder") + "'; byte-level BPE decodes with ByteLevel");
+}
+
+void HfBpeTokenizer::Model::read_added_tokens(const json& file) {
+  // Added tokens: matched in the text before everything else, decoded as written.
+  if (file.contains("added_tokens") && !file["added_tokens"].is_null()) {
+    for (const auto& token : file["added_tokens"]) {
+      const std::string content = field(token, "content", "an added token").get<std::string>();
+      const int64_t id = field(token, "id", "an added token").get<int64_t>();
+      for (const char* key : {"single_word", "lstrip", "rstrip"}) {
+        if (token.value(key, false)) fail("added token '" + content + "' has " + key + " set; titan matches added tokens exactly");
+      }
+      if (content.empty() || id < 0) fail("added token '" + content + "' has an empty content or a negative id");
+      added.push_back(content);
+      added_ids.push_back(id);
+      added_special.push_back(token.value("special", false));
+      ids_by_spelling[content] = id;
+      set_bytes(id, content);
+      if (added_first_bytes.find(content[0]) == std::string::npos) added_first_bytes += content[0];
+    }
+  }
+}
 
 HfBpeTokenizer::HfBpeTokenizer(const std::string& path, HfTokenizerOptions options) : model_(std::make_unique<Model>()) {
   Model& m = *model_;
@@ -117,148 +269,10 @@ HfBpeTokenizer::HfBpeTokenizer(const std::string& path, HfTokenizerOptions optio
   } catch (const json::exception& e) {
     m.fail(std::string("not valid JSON: ") + e.what());
   }
-  const auto field = [&](const json& parent, const char* key, const char* where) -> const json& {
-    if (!parent.is_object() || !parent.contains(key)) m.fail(std::string("no '") + key + "' in " + where);
-    return parent[key];
-  };
-  const auto type_of = [&](const json& node, const std::string& where) {
-    if (!node.is_object() || !node.contains("type") || !node["type"].is_string()) m.fail(where + " has no \"type\"");
-    return node["type"].get<std::string>();
-  };
-
-  // The model: byte-level BPE with merges.
-  const json& model = field(file, "model", "the file");
-  if (type_of(model, "model") != "BPE")
-    m.fail("model.type is '" + type_of(model, "model") + "'; titan reads byte-level BPE models (\"BPE\") only");
-  if (model.value("byte_fallback", false)) m.fail("model.byte_fallback is true; titan reads byte-level BPE only");
-  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-    if (model.contains(key) && !model[key].is_null() && model[key] != "")
-      m.fail(std::string("model.") + key + " is set; titan's BPE has none");
-  }
-  if (model.contains("dropout") && !model["dropout"].is_null() && model["dropout"].get<double>() != 0.0)
-    m.fail("model.dropout is set; titan's BPE is deterministic");
-  m.ignore_merges = model.value("ignore_merges", false);
-  const json& vocab = field(model, "vocab", "model");
-  if (!vocab.is_object() || vocab.empty()) m.fail("model.vocab is not a non-empty object");
-  int64_t max_id = -1;
-  std::string bytes;
-  for (const auto& [spelling, id_json] : vocab.items()) {
-    if (!id_json.is_number_integer() || id_json.get<int64_t>() < 0)
-      m.fail("model.vocab['" + spelling + "'] is not a non-negative integer id");
-    const int64_t id = id_json.get<int64_t>();
-    if (!byte_level_bytes(spelling, bytes))
-      m.fail("model.vocab token '" + spelling + "' is not spelled in the byte-level alphabet (GPT-2's bytes_to_unicode)");
-    m.ids_by_spelling[spelling] = id;
-    m.ids_by_bytes[bytes] = id;
-    if (id >= static_cast<int64_t>(m.bytes_by_id.size())) m.bytes_by_id.resize(static_cast<size_t>(id) + 1);
-    m.bytes_by_id[static_cast<size_t>(id)] = bytes;
-    max_id = std::max(max_id, id);
-  }
-  for (int b = 0; b < 256; ++b) {
-    auto it = m.ids_by_bytes.find(std::string(1, static_cast<char>(b)));
-    if (it == m.ids_by_bytes.end())
-      m.fail("model.vocab has no token for byte " + std::to_string(b) + " (byte-level BPE needs all 256)");
-    m.byte_ids[static_cast<size_t>(b)] = it->second;
-  }
-  const json& merges = field(model, "merges", "model");
-  if (!merges.is_array()) m.fail("model.merges is not an array");
-  if (merges.size() >= bpe::kNoRank) m.fail("model.merges has too many entries");
-  for (size_t rank = 0; rank < merges.size(); ++rank) {
-    const json& merge = merges[rank];
-    std::string left, right;
-    if (merge.is_string()) {
-      const std::string text = merge.get<std::string>();
-      const size_t space = text.find(' ');
-      if (space == std::string::npos || text.find(' ', space + 1) != std::string::npos)
-        m.fail("model.merges[" + std::to_string(rank) + "] '" + text + "' is not two tokens separated by a space");
-      left = text.substr(0, space);
-      right = text.substr(space + 1);
-    } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() && merge[1].is_string()) {
-      left = merge[0].get<std::string>();
-      right = merge[1].get<std::string>();
-    } else {
-      m.fail("model.merges[" + std::to_string(rank) + "] is neither \"left right\" nor [left, right]");
-    }
-    const auto id_of = [&](const std::string& token) {
-      auto it = m.ids_by_spelling.find(token);
-      if (it == m.ids_by_spelling.end())
-        m.fail("model.merges[" + std::to_string(rank) + "] names '" + token + "', which is not in model.vocab");
-      return it->second;
-    };
-    const uint64_t key = static_cast<uint64_t>(id_of(left)) << 32 | static_cast<uint64_t>(id_of(right));
-    m.merges.emplace(key, std::make_pair(static_cast<uint32_t>(rank), id_of(left + right)));  // the first wins
-  }
-
-  // The normalizer: none or NFC.
-  if (file.contains("normalizer") && !file["normalizer"].is_null()) {
-    const std::string type = type_of(file["normalizer"], "normalizer");
-    if (type != "NFC") m.fail("normalizer.type is '" + type + "'; titan reads NFC or no normalizer");
-    m.nfc = true;
-  }
-
-  // The pre-tokenizer: Split steps (isolated matches) and a ByteLevel step, last.
-  if (!file.contains("pre_tokenizer") || file["pre_tokenizer"].is_null())
-    m.fail("no pre_tokenizer; titan reads byte-level BPE, whose pre_tokenizer is or ends with ByteLevel");
-  const json& pre = file["pre_tokenizer"];
-  std::vector<json> steps;
-  if (type_of(pre, "pre_tokenizer") == "Sequence") {
-    for (const auto& step : field(pre, "pretokenizers", "pre_tokenizer")) steps.push_back(step);
-  } else {
-    steps.push_back(pre);
-  }
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const std::string where = "pre_tokenizer step " + std::to_string(i);
-    const std::string type = type_of(steps[i], where);
-    PreTokenizeStep step;
-    if (type == "Split") {
-      const json& pattern = field(steps[i], "pattern", where.c_str());
-      std::string regex;
-      if (pattern.contains("Regex")) {
-        regex = pattern["Regex"].get<std::string>();
-      } else if (pattern.contains("String")) {
-        regex = "\\Q" + pattern["String"].get<std::string>() + "\\E";
-      } else {
-        m.fail(where + ": a Split pattern is {\"Regex\": ...} or {\"String\": ...}");
-      }
-      if (steps[i].value("behavior", "") != "Isolated" || steps[i].value("invert", false))
-        m.fail(where + ": titan reads Split with behavior \"Isolated\" and invert false only");
-      step.split = std::make_unique<bpe::RegexSplitter>(regex, "tokenizer.json '" + path + "' " + where);
-    } else if (type == "ByteLevel") {
-      if (i + 1 != steps.size()) m.fail(where + ": ByteLevel must be the last pre-tokenizer step");
-      step.byte_level = true;
-      step.add_prefix_space = steps[i].value("add_prefix_space", true);
-      if (steps[i].value("use_regex", true))
-        step.split = std::make_unique<bpe::RegexSplitter>(kByteLevelPattern, "tokenizer.json '" + path + "' " + where);
-    } else {
-      m.fail(where + " is '" + type + "'; titan reads Split and ByteLevel steps");
-    }
-    m.steps.push_back(std::move(step));
-  }
-  if (m.steps.empty() || !m.steps.back().byte_level)
-    m.fail("the pre_tokenizer does not end with ByteLevel; titan reads byte-level BPE only");
-  if (file.contains("decoder") && !file["decoder"].is_null() && type_of(file["decoder"], "decoder") != "ByteLevel")
-    m.fail("decoder.type is '" + type_of(file["decoder"], "decoder") + "'; byte-level BPE decodes with ByteLevel");
-
-  // Added tokens: matched in the text before everything else, decoded as written.
-  if (file.contains("added_tokens") && !file["added_tokens"].is_null()) {
-    for (const auto& token : file["added_tokens"]) {
-      const std::string content = field(token, "content", "an added token").get<std::string>();
-      const int64_t id = field(token, "id", "an added token").get<int64_t>();
-      for (const char* key : {"single_word", "lstrip", "rstrip"}) {
-        if (token.value(key, false)) m.fail("added token '" + content + "' has " + key + " set; titan matches added tokens exactly");
-      }
-      if (content.empty() || id < 0) m.fail("added token '" + content + "' has an empty content or a negative id");
-      m.added.push_back(content);
-      m.added_ids.push_back(id);
-      m.added_special.push_back(token.value("special", false));
-      m.ids_by_spelling[content] = id;
-      if (id >= static_cast<int64_t>(m.bytes_by_id.size())) m.bytes_by_id.resize(static_cast<size_t>(id) + 1);
-      m.bytes_by_id[static_cast<size_t>(id)] = content;
-      max_id = std::max(max_id, id);
-      if (m.added_first_bytes.find(content[0]) == std::string::npos) m.added_first_bytes += content[0];
-    }
-  }
-  vocab_size_ = max_id + 1;
+  m.read_model(file);
+  m.read_pre_tokenizer(file);
+  m.read_added_tokens(file);
+  vocab_size_ = static_cast<int64_t>(m.bytes_by_id.size());  // one past the largest id
 
   // BOS, EOS and padding: the options, else tokenizer_config.json in the same folder.
   const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
