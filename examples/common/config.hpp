@@ -93,8 +93,9 @@ struct ParallelismConfig {
   /// (load-balanced; training.seq_len a multiple of 2 cp). FSDP shards over dp_shard x cp.
   int64_t context_parallel_degree = 1;
   std::string context_parallel_rotate_method = "allgather";  ///< how K/V reach the cp ranks: "allgather" or "p2p" (ring)
-  /// Ranks sharing each MoE layer's experts (ep), E / ep each, tokens sent to them by all-to-all;
-  /// taken from the data-parallel shard ranks (it must divide data_parallel_shard_degree). 1: none.
+  /// Ranks sharing out each MoE layer's experts (ep), E / ep each, tokens sent to them by
+  /// all-to-all; borrowed from the tensor-parallel ranks first, then the context-parallel, then the
+  /// data-parallel shard ranks (torchtitan's ETP = 1; it must divide dp_shard x cp x tp). 1: none.
   int64_t expert_parallel_degree = 1;
 };
 

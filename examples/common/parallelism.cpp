@@ -27,27 +27,64 @@ ParallelDims ParallelDims::from_config(const ParallelismConfig& config, int64_t 
   TORCH_CHECK(others * dims.dp_shard == world_size, "parallelism: ", others_text(), " x data_parallel_shard_degree (",
               dims.dp_shard, ") = ", others * dims.dp_shard, " but the job has ", world_size, " ranks");
   dims.ep = config.expert_parallel_degree;
-  TORCH_CHECK(dims.dp_shard % dims.ep == 0, "parallelism: expert_parallel_degree (", dims.ep,
-              ") must divide data_parallel_shard_degree (", dims.dp_shard, "): the expert-parallel ranks are ",
-              "data-parallel shard ranks holding different experts");
+  const int64_t ep = dims.ep, tp = dims.tp, cp = dims.cp;
+  TORCH_CHECK(ep >= 1, "parallelism.expert_parallel_degree must be >= 1, got ", ep);
+  TORCH_CHECK((dims.dp_shard * cp * tp) % ep == 0, "parallelism: expert_parallel_degree (", ep,
+              ") must divide data_parallel_shard_degree (", dims.dp_shard, ") x context_parallel_degree (", cp,
+              ") x tensor_parallel_degree (", tp, ") = ", dims.dp_shard * cp * tp, ": the expert-parallel ranks ",
+              "are borrowed from those ranks (tensor-parallel first, then context-parallel, then data-parallel ",
+              "shard ranks), each holding different experts");
+  TORCH_CHECK(tp % ep == 0 || ep % tp == 0, "parallelism: expert_parallel_degree (", ep,
+              ") and tensor_parallel_degree (", tp, ") must divide one another: ep borrows the tensor-parallel ",
+              "ranks first, whole groups or a part that divides them");
+  const int64_t beyond_tp = ep / dims.ep_from_tp();
+  TORCH_CHECK(cp % beyond_tp == 0 || beyond_tp % cp == 0, "parallelism: expert_parallel_degree (", ep, ") / ",
+              "tensor_parallel_degree (", tp, ") = ", beyond_tp, " and context_parallel_degree (", cp,
+              ") must divide one another: after the tensor-parallel ranks ep borrows the context-parallel ones, ",
+              "whole groups or a part that divides them");
   return dims;
 }
 
+std::vector<std::pair<std::string, int64_t>> ParallelDims::base_dims() const {
+  if (ep == 1) return {{"pp", pp}, {"dp_replicate", dp_replicate}, {"dp_shard", dp_shard}, {"cp", cp}, {"tp", tp}};
+  const int64_t from_dp = ep_from_dp_shard(), from_cp = ep_from_cp(), from_tp = ep_from_tp();
+  return {{"pp", pp},
+          {"dp_replicate", dp_replicate},
+          {"dp_shard_mod_ep", dp_shard / from_dp},
+          {"dp_shard_in_ep", from_dp},
+          {"cp_mod_ep", cp / from_cp},
+          {"cp_in_ep", from_cp},
+          {"tp_mod_ep", tp / from_tp},
+          {"tp_in_ep", from_tp}};
+}
+
 titan::DeviceMesh ParallelDims::build_mesh(const titan::WorldPtr& world) const {
-  if (ep == 1) {
-    titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard", "cp", "tp"}, {pp, dp_replicate, dp_shard, cp, tp});
-    mesh.flatten({"dp_replicate", "dp_shard"}, "dp");
-    mesh.flatten({"dp_shard", "cp"}, "dp_shard_cp");
-    mesh.flatten({"dp_replicate", "dp_shard", "cp"}, "dp_cp");
-    return mesh;
+  std::vector<std::string> names;
+  std::vector<int64_t> sizes;
+  for (const auto& [name, size] : base_dims()) {
+    names.push_back(name);
+    sizes.push_back(size);
   }
-  titan::DeviceMesh mesh(world, {"pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp"},
-                         {pp, dp_replicate, dp_shard / ep, ep, cp, tp});
-  mesh.flatten({"dp_shard_mod_ep", "ep"}, "dp_shard");
-  mesh.flatten({"dp_replicate", "dp_shard_mod_ep", "ep"}, "dp");
-  mesh.flatten({"dp_shard_mod_ep", "ep", "cp"}, "dp_shard_cp");
-  mesh.flatten({"dp_replicate", "dp_shard_mod_ep", "ep", "cp"}, "dp_cp");
-  mesh.flatten({"dp_shard_mod_ep", "cp"}, "dp_shard_mod_ep_cp");
+  titan::DeviceMesh mesh(world, names, sizes);
+  // The dims in base dimensions: as they are, or each as its two parts around ep.
+  auto parts = [this](const std::string& dim) -> std::vector<std::string> {
+    if (ep == 1 || dim == "dp_replicate") return {dim};
+    return {dim + "_mod_ep", dim + "_in_ep"};
+  };
+  auto joined = [&parts](std::initializer_list<const char*> dims) {
+    std::vector<std::string> all;
+    for (const char* dim : dims)
+      for (auto& part : parts(dim)) all.push_back(std::move(part));
+    return all;
+  };
+  if (ep > 1) {
+    for (const char* dim : {"dp_shard", "cp", "tp"}) mesh.flatten(parts(dim), dim);
+    mesh.flatten({"dp_shard_in_ep", "cp_in_ep", "tp_in_ep"}, "ep");
+    mesh.flatten({"dp_shard_mod_ep", "cp_mod_ep", "tp_mod_ep"}, "efsdp");
+  }
+  mesh.flatten(joined({"dp_replicate", "dp_shard"}), "dp");
+  mesh.flatten(joined({"dp_shard", "cp"}), "dp_shard_cp");
+  mesh.flatten(joined({"dp_replicate", "dp_shard", "cp"}), "dp_cp");
   return mesh;
 }
 
@@ -56,13 +93,19 @@ titan::DeviceMesh ParallelDims::fsdp_mesh(const titan::DeviceMesh& mesh) const {
 }
 
 std::vector<std::string> ParallelDims::stage_dims() const {
-  if (ep == 1) return {"dp_replicate", "dp_shard", "cp", "tp"};
-  return {"dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp"};
+  std::vector<std::string> names;
+  for (const auto& [name, size] : base_dims())
+    if (name != "pp") names.push_back(name);
+  return names;
 }
 
 titan::DeviceMesh ParallelDims::expert_fsdp_mesh(const titan::DeviceMesh& mesh) const {
   if (ep == 1) return fsdp_mesh(mesh);
-  return dp_replicate > 1 ? mesh.slice({"dp_replicate", "dp_shard_mod_ep_cp"}) : mesh["dp_shard_mod_ep_cp"];
+  return dp_replicate > 1 ? mesh.slice({"dp_replicate", "efsdp"}) : mesh["efsdp"];
+}
+
+double ParallelDims::expert_gradient_divide_factor(bool sequence_parallel) const {
+  return sequence_parallel && tp > 1 ? static_cast<double>(ep) / static_cast<double>(tp) : static_cast<double>(ep);
 }
 
 titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config) {
@@ -78,7 +121,8 @@ titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConf
 }
 
 bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config) {
-  return dims.dp() > 1 || dims.cp > 1 || config.training.mixed_precision_param == "bfloat16";
+  return dims.dp() > 1 || dims.cp > 1 || (dims.ep > 1 && dims.expert_fsdp_degree() > 1) ||
+         config.training.mixed_precision_param == "bfloat16";
 }
 
 titan::FsdpOptions fsdp_options(const TrainConfig& config) {

@@ -15,15 +15,18 @@
 #include <titan/mesh.hpp>
 #include <titan/pipeline.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace titan::examples {
 
 /// The degrees of the mesh pp x dp_replicate x dp_shard x cp x tp, checked against the world size,
-/// and the expert-parallel degree ep, a divisor of dp_shard (torchtitan borrows ep from the
-/// data-parallel ranks the same way).
+/// and the expert-parallel degree ep, whose ranks are borrowed from the ranks of one stage as
+/// torchtitan borrows them (its ETP = 1): the tensor-parallel ranks first, then the
+/// context-parallel ones, then data-parallel shard ranks.
 struct ParallelDims {
   int64_t pp = 1;
   int64_t dp_replicate = 1;
@@ -32,32 +35,46 @@ struct ParallelDims {
   int64_t tp = 1;
   int64_t ep = 1;
 
-  /// Resolves dp_shard = -1 and checks that the product equals `world_size` (the error names the
-  /// config keys and values).
+  /// Resolves dp_shard = -1 and checks that the product equals `world_size` and that ep borrows
+  /// whole groups (the errors name the config keys and values).
   static ParallelDims from_config(const ParallelismConfig& config, int64_t world_size);
   int64_t dp() const { return dp_replicate * dp_shard; }  ///< data-parallel degree
+  /// The ep ranks taken from tp, cp and dp_shard (their product is ep).
+  int64_t ep_from_tp() const { return std::min(ep, tp); }
+  int64_t ep_from_cp() const { return std::min(ep / ep_from_tp(), cp); }
+  int64_t ep_from_dp_shard() const { return ep / ep_from_tp() / ep_from_cp(); }
+  /// The ranks of a stage holding the same experts (efsdp), whose expert gradients FSDP reduces.
+  int64_t expert_fsdp_degree() const { return dp_shard * cp * tp / ep; }
   /// The mesh {"pp", "dp_replicate", "dp_shard", "cp", "tp"} (pipeline outermost, as torchtitan),
   /// plus the flattened dims "dp" (data: which samples), "dp_shard_cp" (FSDP's shards: the cp ranks
   /// of a sample hold the same parameters and reduce their gradients with the dp ranks) and "dp_cp"
-  /// (the loss's tokens). With ep > 1, dp_shard is itself "dp_shard_mod_ep" x "ep" (the ranks
-  /// sharing one layer's experts, consecutive), and "dp_shard_mod_ep_cp" is FSDP's shards of the
-  /// experts.
+  /// (the loss's tokens). With ep > 1, dp_shard, cp and tp are each split in two ("dp_shard_mod_ep"
+  /// x "dp_shard_in_ep", ...), "ep" flattens the "_in_ep" parts (consecutive ranks) and "efsdp" the
+  /// "_mod_ep" parts: the ranks holding the same experts, FSDP's shards of the experts.
   titan::DeviceMesh build_mesh(const titan::WorldPtr& world) const;
   /// The mesh fully_shard takes: ("dp_replicate", "dp_shard_cp") for HSDP, else "dp_shard_cp".
   titan::DeviceMesh fsdp_mesh(const titan::DeviceMesh& mesh) const;
   /// The base mesh dimensions other than pp: the ranks of one pipeline stage, flattened.
   std::vector<std::string> stage_dims() const;
-  /// The mesh fully_shard takes for expert weights, which the ep ranks do not share: fsdp_mesh
-  /// without the ep ranks.
+  /// The mesh fully_shard takes for expert weights, which the ep ranks do not share: "efsdp"
+  /// (with "dp_replicate" for HSDP).
   titan::DeviceMesh expert_fsdp_mesh(const titan::DeviceMesh& mesh) const;
+  /// What expert parallelism divides the experts' gradients by
+  /// (titan::ExpertParallelOptions::gradient_divide_factor): ep, or ep / tp when sequence parallel
+  /// gives the tp ranks parts of one sequence, whose gradients add up rather than average.
+  double expert_gradient_divide_factor(bool sequence_parallel) const;
+
+ private:
+  /// The base dimensions' names and sizes, outermost first.
+  std::vector<std::pair<std::string, int64_t>> base_dims() const;
 };
 
 /// [activation_checkpoint] as titan's typed options: mode "none" / "full", or "selective" with
 /// selective_ac_option "op" (per operator) or a positive integer k (every k-th layer).
 titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config);
 
-/// Whether the model needs FSDP: data or context parallelism (gradients to reduce), or bf16
-/// compute (FSDP's param_dtype casts).
+/// Whether the model needs FSDP: data or context parallelism, or ranks outside ep holding the same
+/// experts (gradients to reduce), or bf16 compute (FSDP's param_dtype casts).
 bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config);
 
 /// FSDP options from [parallelism] (reshard_after_forward, off with pipeline parallelism as in

@@ -208,7 +208,12 @@ void Trainer::build_model() {
     // ranks' parts of the sequence each add theirs to the router's gradient (summed over tp).
     const bool sequence_split = dims_.tp > 1 && config_.parallelism.enable_sequence_parallel;
     aux_loss_weight_ = config_.moe.aux_loss_coef / (sequence_split ? static_cast<double>(dims_.tp) : 1.0);
-    log.info("mixture of experts: expert_parallel_degree ", dims_.ep, ", aux_loss_coef ", config_.moe.aux_loss_coef,
+    log.info("mixture of experts: expert_parallel_degree ", dims_.ep,
+             dims_.ep > 1 ? " (ranks from tp " + std::to_string(dims_.ep_from_tp()) + ", cp " +
+                                std::to_string(dims_.ep_from_cp()) + ", dp_shard " +
+                                std::to_string(dims_.ep_from_dp_shard()) + ")"
+                          : std::string(),
+             ", aux_loss_coef ", config_.moe.aux_loss_coef,
              ", load_balance_coeff ", config_.moe.load_balance_coeff, ", capacity_factor ",
              config_.moe.capacity_factor, config_.moe.capacity_factor > 0 ? "" : " (dropless)");
   }

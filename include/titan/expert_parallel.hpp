@@ -15,10 +15,14 @@
 // The experts' stacked weights w1, w2, w3 [E, ...] are sharded along dim 0 in place (Shard(0)
 // over the group, for state dicts and checkpoints); the router (gate) and the shared experts stay
 // replicated and are data parallel. An expert's gradient sums every ep rank's tokens, so it is
-// divided by the ep degree: with the data-parallel mean of every other gradient over all ranks
-// (FSDP over dp × ep for the replicated parameters, over dp alone for the experts), every
-// gradient is then the mean over all ranks' tokens (torchtitan sets FSDP's gradient divide
-// factor for the same reason). FSDP over ranks that hold different experts is an error.
+// divided by ExpertParallelOptions::gradient_divide_factor, by default the ep degree: with the
+// data-parallel mean of every other gradient over all ranks (FSDP over dp × ep for the replicated
+// parameters, over dp alone for the experts), every gradient is then the mean over all ranks'
+// tokens (torchtitan sets FSDP's gradient divide factor for the same reason). Ranks of a
+// sequence-parallel region borrowed for ep hold parts of one sequence, whose gradients add up
+// instead: the factor counts only the ep ranks with separate losses (ep / tp when ep spans the tp
+// ranks). A gradient reduction (FSDP, HSDP, a sequence-parallel sum) over ranks that hold
+// different experts is an error.
 
 #include <titan/collectives.hpp>
 #include <titan/hooks.hpp>
@@ -57,12 +61,39 @@ inline at::Tensor exchange_rows(const at::Tensor& rows, const ProcessGroupPtr& g
 
 }  // namespace detail
 
+/// How apply_expert_parallel shards the experts (chained setters).
+class ExpertParallelOptions {
+ public:
+  /// The name of the group's mesh dimension in the experts' layouts (state dicts, checkpoints).
+  ExpertParallelOptions& mesh_dim(std::string name) {
+    TORCH_CHECK(!name.empty(), "titan::ExpertParallelOptions: mesh_dim must not be empty");
+    mesh_dim_ = std::move(name);
+    return *this;
+  }
+  /// What the experts' gradients are divided by; unset: the ep degree. An expert's gradient sums
+  /// the tokens of every ep rank; the factor is the number of those ranks whose losses are
+  /// averaged (data- or context-parallel ranks). Ranks that hold parts of one sequence under
+  /// sequence parallelism share one loss: with ep spanning tp such ranks, ep / tp (below 1 when
+  /// ep < tp: the expert FSDP group then averages over tp / ep ranks whose parts add up).
+  ExpertParallelOptions& gradient_divide_factor(double factor) {
+    TORCH_CHECK(factor > 0, "titan::ExpertParallelOptions: gradient_divide_factor must be positive, got ", factor);
+    gradient_divide_factor_ = factor;
+    return *this;
+  }
+  const std::string& mesh_dim() const { return mesh_dim_; }
+  const std::optional<double>& gradient_divide_factor() const { return gradient_divide_factor_; }
+
+ private:
+  std::string mesh_dim_ = "ep";
+  std::optional<double> gradient_divide_factor_;
+};
+
 /// The hook apply_expert_parallel attaches to a GroupedExperts module: its weights hold this
 /// rank's experts, and its forward sends each row to its expert's rank and brings the result back.
 class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
  public:
-  ExpertParallelHook(ProcessGroupPtr group, std::string mesh_dim, int64_t num_experts)
-      : group_(std::move(group)), mesh_dim_(std::move(mesh_dim)), num_experts_(num_experts) {}
+  ExpertParallelHook(ProcessGroupPtr group, ExpertParallelOptions options, int64_t num_experts)
+      : group_(std::move(group)), options_(std::move(options)), num_experts_(num_experts) {}
 
   std::string name() const override { return "expert_parallel"; }
   HookKind kind() const override { return HookKind::TensorParallel; }
@@ -74,28 +105,38 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
   }
 
   /// Keeps this rank's experts of `module`'s w1, w2 and w3 (dim 0), in place, their gradients
-  /// divided by the ep degree (see the top of this header).
+  /// divided by the gradient divide factor (see the top of this header).
   void shard(GroupedExpertsImpl& module, const std::string& path) {
     module_ = &module;
     path_ = path;
     const int64_t ranks = group_->size();
+    const double factor = options_.gradient_divide_factor().value_or(static_cast<double>(ranks));
     for (const char* key : {"w1", "w2", "w3"}) {
       auto parameter = module.named_parameters(/*recurse=*/false)[key];
-      TensorLayout layout{parameter.sizes().vec(), {ShardLevel{0, mesh_dim_, group_, {}}}};
+      TensorLayout layout{parameter.sizes().vec(), {ShardLevel{0, options_.mesh_dim(), group_, {}}}};
       if (ranks > 1) {
         at::NoGradGuard no_grad;
         const int64_t local = num_experts_ / ranks;
         parameter.set_data(parameter.narrow(0, group_->rank() * local, local).contiguous());  // [E / ep, ...]
         parameter.mutable_grad() = at::Tensor();
-        if (parameter.requires_grad())
-          parameter.register_hook([ranks](const at::Tensor& grad) { return grad / static_cast<double>(ranks); });
       }
+      if (parameter.requires_grad() && factor != 1.0)
+        parameter.register_hook([factor](const at::Tensor& grad) { return grad / factor; });
       layouts_[key] = std::move(layout);
     }
   }
 
-  /// No gradient reduction of the experts' weights (FSDP, HSDP) may include another rank of the
-  /// expert-parallel group: those ranks hold other experts.
+  /// The experts' gradients sum the tokens of every ep rank (the all-to-all's backward): the ep
+  /// group is their reduction, e.g. for context parallelism's check when ep borrows the cp ranks.
+  std::vector<int> gradient_reduction_ranks(const at::Tensor& param) const override {
+    if (module_ == nullptr || group_->size() == 1) return {};
+    for (const auto& item : module_->named_parameters(/*recurse=*/false))
+      if (item.value().is_same(param)) return group_->global_ranks();
+    return {};
+  }
+
+  /// No other gradient reduction of the experts' weights (FSDP, HSDP, a sequence-parallel sum) may
+  /// include another rank of the expert-parallel group: those ranks hold other experts.
   void verify_model(const torch::nn::Module& root) const override {
     detail::visit_modules(root, "", [&root](const std::string&, const torch::nn::Module& m) {
       const auto ep = find_hook<ExpertParallelHook>(m);
@@ -103,12 +144,15 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
       const auto& peers = ep->group_->global_ranks();
       const int me = peers[static_cast<size_t>(ep->group_->rank())];
       for (const auto& item : ep->module_->named_parameters(/*recurse=*/false))
-        for (int rank : titan::gradient_reduction_ranks(root, item.value()))
+        for (int rank : titan::gradient_reduction_ranks(root, item.value(), ep.get()))
           TORCH_CHECK(rank == me || std::find(peers.begin(), peers.end(), rank) == peers.end(),
                       "titan expert parallel: '", ep->path_, ".", item.key(), "' is sharded over the expert-parallel ",
-                      "ranks, but its gradient is reduced with rank ", rank, ", which holds other experts. Shard the ",
-                      "experts with fully_shard over the ranks that hold the same experts (the data-parallel ",
-                      "dimension without ep, torchtitan's dp_shard_mod_ep), and the rest of the model over dp x ep");
+                      "ranks ", c10::IntArrayRef(std::vector<int64_t>(peers.begin(), peers.end())), ", but its ",
+                      "gradient is also reduced (FSDP, HSDP or a sequence-parallel sum) with rank ", rank, ", which ",
+                      "holds other experts. Shard the experts with fully_shard over the ranks that hold the same ",
+                      "experts (torchtitan's efsdp: the data-parallel ranks outside ep), the rest of the model over ",
+                      "dp x ep; under tensor parallelism with ep spanning the tp ranks, give SequenceParallel the ",
+                      "router (moe.gate), not the whole MoE layer");
     });
   }
 
@@ -162,7 +206,7 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
 
  private:
   ProcessGroupPtr group_;
-  std::string mesh_dim_;
+  ExpertParallelOptions options_;
   int64_t num_experts_;
   std::map<std::string, TensorLayout> layouts_;
   const GroupedExpertsImpl* module_ = nullptr;  ///< the sharded module (it owns this hook)
@@ -171,13 +215,13 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
 
 /// Shards the experts of every GroupedExperts module of `root` (a module, ModuleHolder,
 /// shared_ptr or pointer) whose dotted name matches `pattern` (e.g. "layers.*.moe.experts") over
-/// `group` (the "ep" mesh dimension, named `mesh_dim` in layouts): each rank keeps E / ep experts
-/// and attaches an ExpertParallelHook. Apply it before activation checkpointing and fully_shard, as
-/// tensor parallelism. Returns how many modules it sharded; none, a module that is not
-/// GroupedExperts, or an expert count the group does not divide is an error naming it.
+/// `group` (the "ep" mesh dimension): each rank keeps E / ep experts and attaches an
+/// ExpertParallelHook. Apply it before activation checkpointing and fully_shard, as tensor
+/// parallelism. Returns how many modules it sharded; none, a module that is not GroupedExperts, or
+/// an expert count the group does not divide is an error naming it.
 template <typename M>
 int apply_expert_parallel(M&& root_like, const std::string& pattern, const ProcessGroupPtr& group,
-                          const std::string& mesh_dim = "ep") {
+                          const ExpertParallelOptions& options = ExpertParallelOptions()) {
   torch::nn::Module& root = detail::module_ref(root_like);
   TORCH_CHECK(group, "titan::apply_expert_parallel: this rank is not in the expert-parallel group");
   detail::check_hook_order(root, HookKind::TensorParallel, "titan::apply_expert_parallel");
@@ -193,7 +237,7 @@ int apply_expert_parallel(M&& root_like, const std::string& pattern, const Proce
     TORCH_CHECK(count % group->size() == 0, "titan::apply_expert_parallel: '", name, "' has ", count,
                 " experts, which the ", group->size(), " expert-parallel ranks cannot share evenly; choose an ",
                 "expert-parallel degree that divides ", count);
-    auto hook = std::make_shared<ExpertParallelHook>(group, mesh_dim, count);
+    auto hook = std::make_shared<ExpertParallelHook>(group, options, count);
     hook->shard(*experts, name);
     attach_hook(*experts, hook);
     ++sharded;

@@ -89,8 +89,9 @@ class ModuleHook {
   /// titan::verify_calls runs it once per hook type.
   virtual void verify_model(const torch::nn::Module& root) const {}
   /// The global ranks whose gradients of `param` are summed with this rank's when this hook
-  /// manages `param` (FSDP: its shard group and, with HSDP, its replicate group), else none: the
-  /// typed query by which other hooks check that a gradient is reduced (context parallelism).
+  /// manages `param` (FSDP: its shard group and, with HSDP, its replicate group; SequenceParallel:
+  /// its tp group), else none: the typed query by which other hooks check that a gradient is
+  /// reduced (context parallelism) or not reduced with the wrong ranks (expert parallelism).
   virtual std::vector<int> gradient_reduction_ranks(const at::Tensor& /*param*/) const { return {}; }
 };
 
@@ -490,14 +491,17 @@ void verify_calls(const M& model) {
   });
 }
 
-/// The global ranks over which the hooks of `root` and its submodules reduce `param`'s gradient
-/// (ModuleHook::gradient_reduction_ranks: FSDP's shard and replicate groups), sorted; empty when
-/// none does. Context and expert parallelism check their gradients' reductions with it.
-inline std::vector<int> gradient_reduction_ranks(const torch::nn::Module& root, const at::Tensor& param) {
+/// The global ranks over which the hooks of `root` and its submodules (but `except`) reduce
+/// `param`'s gradient (ModuleHook::gradient_reduction_ranks: FSDP's shard and replicate groups, a
+/// sequence-parallel sum, expert parallelism's all-to-all), sorted; empty when none does. Context
+/// and expert parallelism check their gradients' reductions with it.
+inline std::vector<int> gradient_reduction_ranks(const torch::nn::Module& root, const at::Tensor& param,
+                                                 const ModuleHook* except = nullptr) {
   std::vector<int> ranks;
   detail::visit_modules(root, "", [&](const std::string&, const torch::nn::Module& module) {
     if (const auto* slot = detail::hook_slot(module))
       for (const auto& hook : slot->hooks) {
+        if (hook.get() == except) continue;
         const auto more = hook->gradient_reduction_ranks(param);
         ranks.insert(ranks.end(), more.begin(), more.end());
       }

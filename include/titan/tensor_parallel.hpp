@@ -535,6 +535,7 @@ class SequenceParallel : public ParallelStyle {
              const std::string& mesh_dim) const override {
     auto hook = std::make_shared<SequenceParallel>(*this);
     hook->bind(module, path, group, mesh_dim);
+    hook->module_ = &module;
     for (auto& parameter : module.parameters(/*recurse=*/true)) {
       if (!parameter.requires_grad() || group->size() == 1) continue;
       parameter.register_hook([group](const at::Tensor& grad) {  // sum of the sequence chunks' gradients
@@ -556,7 +557,17 @@ class SequenceParallel : public ParallelStyle {
     return next(inputs);
   }
 
+  /// The tp group sums the gradients of the module's trainable parameters, its submodules' too.
+  std::vector<int> gradient_reduction_ranks(const at::Tensor& param) const override {
+    if (module_ == nullptr || group_->size() == 1 || !param.requires_grad()) return {};
+    for (const auto& parameter : module_->parameters(/*recurse=*/true))
+      if (parameter.is_same(param)) return group_->global_ranks();
+    return {};
+  }
+
  private:
+  const torch::nn::Module* module_ = nullptr;  ///< the module (it owns this hook), once applied
+
   void check_inputs(const TensorList& inputs) const {
     for (const auto& x : inputs)
       TORCH_CHECK(x.dim() > sequence_dim_, "titan: SequenceParallel on '", path_, "' expects inputs sharded on dim ",

@@ -1,8 +1,9 @@
 // titan/expert_parallel.hpp: a MoE layer whose experts are spread over the ranks (each holding
 // E / ep) against the whole layer on one process: every rank's outputs and input gradients, the
 // experts' gradients summed over every rank's tokens, the router's per rank; with at::_grouped_mm
-// and with the per-expert loop; under FSDP (experts over dp, the router over dp x ep); the sharded
-// weights' layouts; errors. The expert-parallel group is the world (ep = 1, 2, 4 under
+// and with the per-expert loop; under FSDP (experts over dp, the router over dp x ep); over ranks
+// holding parts of one sequence (the router under SequenceParallel); the sharded weights' layouts;
+// errors. The expert-parallel group is the world (ep = 1, 2, 4 under
 // titan.ranks1/2/4), or 2 of it under FSDP.
 #include "../support/multirank.hpp"
 
@@ -10,6 +11,7 @@
 #include <titan/fsdp.hpp>
 #include <titan/mesh.hpp>
 #include <titan/moe.hpp>
+#include <titan/tensor_parallel.hpp>
 
 #include <string>
 
@@ -120,8 +122,57 @@ TEST_CASE("expert parallel: FSDP over ranks that hold other experts is an error 
   titan::apply_expert_parallel(layer, "experts", world()->group());
   titan::fully_shard(layer, mesh);  // the experts too, over the expert-parallel ranks: wrong
   CHECK(error_of([&] { titan::call(layer, batch_of(world()->rank()).first); })
-            .find("'experts.w1' is sharded over the expert-parallel ranks, but its gradient is reduced with rank") !=
+            .find("but its gradient is also reduced (FSDP, HSDP or a sequence-parallel sum) with rank") !=
         std::string::npos);
+}
+
+TEST_CASE("expert parallel over ranks holding parts of one sequence: gradient_divide_factor(1), the router under "
+          "SequenceParallel, every gradient the whole token set's") {
+  // As when ep borrows the tensor-parallel ranks of a sequence-parallel region: the ranks' tokens
+  // are parts of one sequence with one loss, so the experts' gradients add up over the ranks
+  // (divided by 1, not ep) and the router's are summed by SequenceParallel.
+  const auto& group = world()->group();
+  const int64_t ranks = group->size(), rank = group->rank(), local = kExperts / ranks;
+  auto reference = seeded_layer(true);
+  auto layer = seeded_layer(true);
+  titan::DeviceMesh mesh(world(), {"tp"}, {ranks});
+  titan::parallelize_module(layer, mesh["tp"],
+                            titan::ParallelizePlan().add("gate", titan::SequenceParallel().sequence_dim(0)));
+  titan::apply_expert_parallel(layer, "experts", mesh.group("tp"),
+                               titan::ExpertParallelOptions().mesh_dim("tp").gradient_divide_factor(1));
+  for (int64_t s = 0; s < ranks; ++s) {  // the whole token set: one loss over every rank's part
+    auto [x, dy] = batch_of(s);
+    titan::call(reference, x).backward(dy);
+  }
+  auto [x, dy] = batch_of(rank);
+  titan::call(layer, x).backward(dy);
+  for (const auto& [mine, whole] : {std::pair{layer->experts->w1, reference->experts->w1},
+                                    std::pair{layer->experts->w2, reference->experts->w2},
+                                    std::pair{layer->experts->w3, reference->experts->w3}})
+    CHECK_CLOSE(mine.grad(), whole.grad().narrow(0, rank * local, local), 1e-5);
+  CHECK_CLOSE(layer->gate->weight.grad(), reference->gate->weight.grad(), 1e-5);
+  // The typed query: the experts' gradients are reduced over the ep ranks (the all-to-all), the
+  // router's over the tp ranks (SequenceParallel).
+  const std::vector<int> everyone = group->global_ranks();
+  CHECK(titan::gradient_reduction_ranks(*layer, layer->experts->w1) == (ranks > 1 ? everyone : std::vector<int>{}));
+  CHECK(titan::gradient_reduction_ranks(*layer, layer->gate->weight) == (ranks > 1 ? everyone : std::vector<int>{}));
+  titan::verify_calls(layer);
+}
+
+TEST_CASE("expert parallel: a sequence-parallel sum of the experts' gradients over the ep ranks is an error") {
+  const int64_t ranks = world()->world_size();
+  if (ranks < 2) return;
+  auto layer = seeded_layer(true);
+  titan::DeviceMesh mesh(world(), {"tp"}, {ranks});
+  // SequenceParallel over the experts too (e.g. on the whole MoE layer), while ep spans the same
+  // ranks, which hold other experts: their gradients would be summed with other experts'.
+  titan::parallelize_module(layer, mesh["tp"],
+                            titan::ParallelizePlan().add("experts", titan::SequenceParallel().sequence_dim(0)));
+  titan::apply_expert_parallel(layer, "experts", mesh.group("tp"));
+  const auto error = error_of([&] { titan::call(layer, batch_of(world()->rank()).first); });
+  CHECK(error.find("'experts.w1' is sharded over the expert-parallel ranks") != std::string::npos);
+  CHECK(error.find("a sequence-parallel sum") != std::string::npos);
+  CHECK(error.find("give SequenceParallel the router (moe.gate), not the whole MoE layer") != std::string::npos);
 }
 
 TEST_CASE("expert parallel: what it cannot shard is an error naming it") {

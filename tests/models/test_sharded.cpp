@@ -163,38 +163,61 @@ TEST_CASE("sharded: the debug Llama built on meta trains under FSDP like the sin
 }
 
 TEST_CASE("sharded: the MoE families train under parallelize_llama with expert parallelism like one process") {
-  // At 2 and 4 ranks the experts are shared by ep = 2 ranks (4 of 8 each, tokens by all-to-all);
-  // at 4 each expert's unit is also FSDP-sharded over the 2 ranks outside ep. Every other weight is
-  // FSDP-sharded over all ranks. At 4 ranks also TP 2 (sequence parallel: the MoE layers on each
-  // rank's part of the sequence, Qwen3's q/k norms on its heads) x EP 2 over the 2 data ranks.
+  // ep borrows the tensor-parallel ranks first, then data-parallel ones (torchtitan's ETP = 1):
+  // - tp 1: the experts shared by ep = 2 data ranks (4 of 8 each, tokens by all-to-all); at 4 ranks
+  //   each expert's unit is also FSDP-sharded over the 2 ranks outside ep (efsdp);
+  // - tp 2, ep 2: ep is the tp group. With sequence parallel each tp rank routes its part of the
+  //   sequence; the experts' gradients then add up over ep rather than average (factor ep / tp = 1)
+  //   and only the router's are summed over tp. Without it every tp rank sends the whole sequence
+  //   (factor ep). Qwen3's q/k norms act on the rank's heads;
+  // - 4 ranks, tp 2, ep 4: ep spans tp and the 2 data ranks (factor 2);
+  // - 4 ranks, tp 4, ep 2: ep is half of each tp group; efsdp averages over the other half, whose
+  //   parts of the sequence add up (factor 1/2).
+  // Every other weight is FSDP-sharded over the data ranks (none with one data rank).
+  struct Case {
+    std::string family;
+    int64_t tp, ep;
+    bool sequence_parallel = true;
+  };
   const auto& world = titan_test::world();
   const int64_t n = world->world_size();
-  std::vector<std::pair<std::string, int64_t>> cases = {{"mixtral", 1}, {"qwen3_moe", 1}};
-  if (n == 4) cases.emplace_back("qwen3_moe", 2);
-  for (const auto& [family, tp] : cases) {
+  std::vector<Case> cases = {{"mixtral", 1, n >= 2 ? 2 : 1}, {"qwen3_moe", 1, n >= 2 ? 2 : 1}};
+  if (n % 2 == 0) {
+    cases.push_back({"qwen3_moe", 2, 2});
+    cases.push_back({"mixtral", 2, 2, false});
+  }
+  if (n == 4) {
+    cases.push_back({"qwen3_moe", 2, 4});
+    cases.push_back({"qwen3_moe", 4, 2});
+  }
+  for (const auto& [family, tp, ep, sequence_parallel] : cases) {
     CAPTURE(family);
     CAPTURE(tp);
+    CAPTURE(ep);
+    CAPTURE(sequence_parallel);
     TrainConfig config;
     config.model.name = family;
     config.training.mixed_precision_param = "float32";
     config.activation_checkpoint.mode = "none";
     config.parallelism.tensor_parallel_degree = tp;
+    config.parallelism.enable_sequence_parallel = sequence_parallel;
     config.parallelism.enable_loss_parallel = false;
-    config.parallelism.expert_parallel_degree = n / tp >= 2 ? 2 : 1;
+    config.parallelism.expert_parallel_degree = ep;
     const auto dims = ParallelDims::from_config(config.parallelism, n);
     auto mesh = dims.build_mesh(world);
-    const auto args = model_args(family, "debug").vocab_size(64).max_seq_len(16).n_layers(2);  // tp divides 64
+    // tp divides the vocabulary and the kv heads
+    const auto args = model_args(family, "debug").vocab_size(64).max_seq_len(16).n_layers(2).n_kv_heads(4);
     Transformer reference(args, device());
     init_weights(*reference, 3);
     Transformer model(args, torch::kMeta);
     parallelize_llama(*model, mesh, dims, config);
     titan::to_empty(*model, device());
     init_weights(*model, 3);
-    if (dims.ep > 1) {  // this rank holds 4 of the 8 experts (its FSDP shard of them over the ranks outside ep)
+    if (dims.ep > 1) {  // this rank holds 8 / ep of the 8 experts, its FSDP shard of them over efsdp
       const auto w1 = titan::sharded_parameters(*model);
       const auto it = std::find_if(w1.begin(), w1.end(), [](const auto& p) { return p.first == "layers.0.moe.experts.w1"; });
       REQUIRE(it != w1.end());
-      CHECK(it->second.local.size(0) == 8 / dims.dp_shard);
+      CHECK(it->second.local.size(0) == 8 / (dims.ep * dims.expert_fsdp_degree()));
     }
     // eps 1e-6: elements whose gradient is rounding noise would otherwise move by ~lr (as in
     // test_tp_models.cpp).
@@ -228,7 +251,9 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
       const double diff = titan_test::max_abs_diff(full[item.key()], item.value());
       if (diff > worst) std::tie(worst, worst_name) = std::make_pair(diff, item.key());
     }
-    MESSAGE(family, " debug (2 layers) fp32, ranks=", n, ", tp=", tp, ", ep=", dims.ep, ": max param diff ", worst,
+    MESSAGE(family, " debug (2 layers) fp32, ranks=", n, ", tp=", tp,
+            std::string(sequence_parallel && tp > 1 ? " (sequence parallel)" : ""),
+            ", ep=", dims.ep, ": max param diff ", worst,
             " (", worst_name, ")");
     CHECK(worst <= (device().is_cuda() ? 5e-5 : 1e-5));
   }
@@ -236,7 +261,20 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
   ParallelismConfig three;
   three.expert_parallel_degree = 3;
   CHECK_CONTAINS(models_test::error_of([&] { ParallelDims::from_config(three, 4); }),
-                 "expert_parallel_degree (3) must divide data_parallel_shard_degree (4)");
+                 "expert_parallel_degree (3) must divide data_parallel_shard_degree (4) x context_parallel_degree "
+                 "(1) x tensor_parallel_degree (1) = 4");
+  ParallelismConfig uneven_tp;  // 6 consecutive ranks would take one and a half tp groups of 4
+  uneven_tp.tensor_parallel_degree = 4;
+  uneven_tp.expert_parallel_degree = 6;
+  CHECK_CONTAINS(models_test::error_of([&] { ParallelDims::from_config(uneven_tp, 12); }),
+                 "expert_parallel_degree (6) and tensor_parallel_degree (4) must divide one another");
+  ParallelismConfig uneven_cp;  // past the tp pair, 3 of the 2 cp ranks
+  uneven_cp.tensor_parallel_degree = 2;
+  uneven_cp.context_parallel_degree = 2;
+  uneven_cp.expert_parallel_degree = 6;
+  CHECK_CONTAINS(models_test::error_of([&] { ParallelDims::from_config(uneven_cp, 12); }),
+                 "expert_parallel_degree (6) / tensor_parallel_degree (2) = 3 and context_parallel_degree (2) must "
+                 "divide one another");
   if (n >= 2) {
     TrainConfig dense;
     dense.parallelism.expert_parallel_degree = 2;

@@ -46,9 +46,12 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
   moe         the Qwen3-MoE debug model (expert bias) with expert parallelism 2 on 2 ranks: the
-              1-rank run's losses and exported weights, and so does PP 2 x EP 2 on 4 ranks; its
-              step-10 checkpoint resumed at EP 1 on 1 rank and at EP 4 on 4 gives its steps 11..20; the Mixtral debug model (auxiliary loss, EP 2):
-              finite losses and auxiliary losses, a Hugging Face export that transformers loads
+              1-rank run's losses and exported weights, and so do PP 2 x EP 2 on 4 ranks, TP 2 x
+              EP 2 and CP 2 x EP 2 on 2 ranks (ep borrowing the tp, then the cp ranks); its step-10
+              checkpoint resumed at EP 1 on 1 rank and at EP 4 on 4 gives its steps 11..20 (TP 2 x
+              EP 2's at EP 1 on 1 rank, its own); the
+              Mixtral debug model (auxiliary loss, EP 2): finite losses and auxiliary losses, a
+              Hugging Face export that transformers loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
 
@@ -494,6 +497,19 @@ def main():
         # PP 2 x EP 2 on 4 ranks (two layers per stage, each stage's experts shared by 2 ranks).
         r.run("moe_pp_ep", args.trainer, 4, "qwen3_moe_debug.toml", ["--parallelism.pipeline_parallel_degree", "2"])
         compare_runs("moe_pp_ep", "moe_one", "moe: PP 2 x EP 2 on 4 ranks")
+        # EP borrowing the tensor-parallel ranks (sequence and loss parallel: each rank routes its
+        # part of the sequence) and the context-parallel ranks (the experts' all-to-all is their
+        # gradient reduction over cp), as torchtitan's ETP = 1.
+        out = r.run("moe_tp_ep", args.trainer, 2, "qwen3_moe_debug.toml",
+                    ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true",
+                     "--parallelism.enable_loss_parallel", "true"])
+        r.check("expert_parallel_degree 2 (ranks from tp 2, cp 1, dp_shard 1)" in out,
+                "moe: the trainer names where the ep ranks come from")
+        compare_runs("moe_tp_ep", "moe_one", "moe: TP 2 (sequence parallel) x EP 2 over the tp ranks")
+        resume_elsewhere("moe_tp_ep_to_one", "moe_tp_ep", ["--parallelism.expert_parallel_degree", "1"], 1,
+                         "qwen3_moe_debug.toml", "moe_tp_ep")
+        r.run("moe_cp_ep", args.trainer, 2, "qwen3_moe_debug.toml", ["--parallelism.context_parallel_degree", "2"])
+        compare_runs("moe_cp_ep", "moe_one", "moe: CP 2 x EP 2 over the cp ranks")
         ep, _ = metrics(work("moe_ep"))
         r.check("mixture of experts: expert_parallel_degree 2" in out and "experts (this step)" in out,
                 "moe: the trainer logs the expert-parallel setup and the experts' loads")

@@ -26,13 +26,16 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
     auto plan = llama_tp_plan(tp_dims(model.args), dims.tp,
                               TpPlanOptions()
                                   .sequence_parallel(parallelism.enable_sequence_parallel)
-                                  .loss_parallel(parallelism.enable_loss_parallel));
+                                  .loss_parallel(parallelism.enable_loss_parallel)
+                                  .experts_over_tp(dims.ep > 1));  // ep borrows the tp ranks first
     titan::parallelize_module(model, mesh["tp"], titan::plan_for_stage(plan, model));  // a stage: its entries
   }
   TORCH_CHECK(dims.ep == 1 || model.args.is_moe(), "parallelism.expert_parallel_degree = ", dims.ep, " needs a ",
               "mixture-of-experts model (model.name mixtral or qwen3_moe); this one has dense blocks");
   if (dims.ep > 1 && model.layers->size() > 0)  // a stage holds some of the layers
-    titan::apply_expert_parallel(model, "layers.*.moe.experts", mesh.group("ep"), "ep");
+    titan::apply_expert_parallel(model, "layers.*.moe.experts", mesh.group("ep"),
+                                 titan::ExpertParallelOptions().gradient_divide_factor(
+                                     dims.expert_gradient_divide_factor(parallelism.enable_sequence_parallel)));
   if (dims.cp > 1) {  // the attention cores attend across the cp ranks' parts of each sequence
     titan::apply_context_parallel(
         model, "layers.*.attention.core", mesh.group("cp"),

@@ -77,6 +77,10 @@ struct TpPlanOptions {
   TORCH_ARG(bool, sequence_parallel) = true;
   /// Leave the logits vocabulary-sharded for titan::loss_parallel_cross_entropy; otherwise gather them.
   TORCH_ARG(bool, loss_parallel) = true;
+  /// The MoE layers' experts are expert-parallel over ranks that include these tp ranks (ep
+  /// borrows tp): sequence parallel then sums only the router's gradients over tp, since the tp
+  /// ranks hold different experts.
+  TORCH_ARG(bool, experts_over_tp) = false;
 };
 
 /// torchtitan's Llama tensor-parallel plan for `tp` ranks, for the Transformer of model.hpp (Llama 2,
@@ -84,9 +88,10 @@ struct TpPlanOptions {
 /// (x, rope_cos, rope_sin)). Fails with the offending value when
 /// a size does not divide by `tp` (heads are sharded whole, so n_heads and n_kv_heads must divide).
 /// A MoE block's layer is token-wise: with sequence parallel it runs on this rank's part of the
-/// sequence (SequenceParallel: its gradients summed over the tp ranks), without it on the whole
-/// replicated sequence; its experts are not split by tp (expert parallelism shares them out). Q/k
-/// norms act on this rank's heads (dim 2), their gradients summed likewise.
+/// sequence (SequenceParallel: its gradients summed over the tp ranks; only its router's with
+/// experts_over_tp), without it on the whole replicated sequence; its experts are not split by tp
+/// (expert parallelism shares them out). Q/k norms act on this rank's heads (dim 2), their
+/// gradients summed likewise.
 inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64_t tp,
                                             const TpPlanOptions& options = TpPlanOptions()) {
   TORCH_CHECK(tp >= 1, "llama_tp_plan: the tensor-parallel degree must be >= 1, got ", tp);
@@ -142,6 +147,8 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
         .add("layers.*.feed_forward.w1", shared_input)
         .add("layers.*.feed_forward.w3", shared_input)
         .add("layers.*.feed_forward.w2", titan::RowwiseParallel().output_layout(stream));
+  } else if (sp && options.experts_over_tp()) {
+    plan.add("layers.*.moe.gate", titan::SequenceParallel().sequence_dim(0));  // [local tokens, dim]
   } else if (sp) {
     plan.add("layers.*.moe", titan::SequenceParallel());
   }
@@ -159,8 +166,9 @@ titan::PipelineSplit llama_pipeline_split(const ParallelismConfig& parallelism);
 /// (config.activation_checkpoint) and FSDP (when data or context parallelism or bf16 compute asks
 /// for it: every block, then the root, over dp_shard x cp; on one rank the units stay gathered from
 /// forward to backward) to `model`, in that order. In a MoE model, expert parallelism (dims.ep > 1:
-/// layers.*.moe.experts over "ep") comes with tensor parallelism, and each block's experts are an
-/// FSDP unit of their own over the data-parallel ranks outside ep (expert_fsdp_mesh). The model may still be on the meta device, and
+/// layers.*.moe.experts over "ep", which may span the tp and cp ranks) comes with tensor
+/// parallelism, and each block's experts are an FSDP unit of their own over the ranks outside ep
+/// that hold the same experts (expert_fsdp_mesh). The model may still be on the meta device, and
 /// may be a pipeline stage (the plan's entries for modules it does not hold are left out).
 void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
                        const TrainConfig& config);
