@@ -95,6 +95,16 @@ def main():
             time.sleep(0.02)
         return False
 
+    def wait_for_job_to_leave(job_id, on_state=lambda state: None):
+        """Polls squeue until job `job_id` has left it (at most ~60 s), handing `on_state` each state."""
+        for _ in range(600):
+            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True,
+                                   text=True).stdout.strip()
+            if not state:
+                return
+            on_state(state)
+            time.sleep(0.1)
+
     try:
         straight = subprocess.run([args.launch, "--nproc", "2", "--timeout", "300", "--", args.trainer,
                                    *trainer_args("straight")], cwd=args.source, env=env, capture_output=True,
@@ -129,11 +139,7 @@ def main():
         job_id = submitted.stdout.strip().split(";")[0]
         check(wait_for_step("scancel", 3), "scancel: the batch job reached step 3")
         subprocess.run(["scancel", "--signal=TERM", job_id], env=env, check=False)
-        for _ in range(600):
-            state = subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout
-            if not state.strip():
-                break
-            time.sleep(0.1)
+        wait_for_job_to_leave(job_id)
         text = open(out).read() if os.path.exists(out) else ""
         stopped = [int(line.split("stopped after step ")[1].split()[0]) for line in text.splitlines()
                    if "signal received: stopped after step" in line]
@@ -206,18 +212,16 @@ def main():
         job_id = submitted.stdout.strip().split(";")[0]
         check(wait_for_step("requeue", 3), "requeue: the batch job reached step 3")
         subprocess.run(["scontrol", "requeue", job_id], env=env, check=False)
-        released = False
-        for _ in range(600):
-            state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True,
-                                   text=True).stdout.strip()
-            if state == "PENDING" and not released:  # Slurm holds a requeued job back ~2 minutes
-                released = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
-                                          capture_output=True).returncode == 0
-            if not state:
-                break
-            time.sleep(0.1)
+        released = []
+
+        def release(state):  # Slurm holds a requeued job back ~2 minutes
+            if state == "PENDING" and not any(released):
+                released.append(subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
+                                               capture_output=True).returncode == 0)
+
+        wait_for_job_to_leave(job_id, release)
         text = open(out).read() if os.path.exists(out) else ""
-        check(released and "resumed from the checkpoint of step" in text,
+        check(any(released) and "resumed from the checkpoint of step" in text,
               "requeue: the requeued job started again and resumed from a checkpoint")
         check(losses("requeue") == reference, "requeue: after the requeue, bitwise the straight losses at all 20 steps")
 
