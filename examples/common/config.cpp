@@ -104,6 +104,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       choice("parallelism", "context_parallel_rotate_method", &c.parallelism.context_parallel_rotate_method,
              names_in(titan::rotate_method_names())),
       integer("parallelism", "expert_parallel_degree", &c.parallelism.expert_parallel_degree, 1),
+      integer("parallelism", "expert_tensor_parallel_degree", &c.parallelism.expert_tensor_parallel_degree, 1),
       flag("float8", "enable", &c.float8.enable),
       choice("float8", "recipe_name", &c.float8.recipe_name, names_in(titan::float8_recipe_names())),
       text("float8", "filter_fqns", &c.float8.filter_fqns),

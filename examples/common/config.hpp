@@ -97,6 +97,9 @@ struct ParallelismConfig {
   /// all-to-all; borrowed from the tensor-parallel ranks first, then the context-parallel, then the
   /// data-parallel shard ranks (torchtitan's ETP = 1; it must divide dp_shard x cp x tp). 1: none.
   int64_t expert_parallel_degree = 1;
+  /// 1: each MoE layer's experts whole on a rank (ep borrows the tp ranks); tensor_parallel_degree:
+  /// each expert split over the tp ranks (torchtitan's ETP = TP; ep then borrows cp and dp_shard).
+  int64_t expert_tensor_parallel_degree = 1;
 };
 
 /// [moe]: training mixture-of-experts models (mixtral, qwen3_moe; titan/moe.hpp).

@@ -27,21 +27,26 @@ ParallelDims ParallelDims::from_config(const ParallelismConfig& config, int64_t 
   TORCH_CHECK(others * dims.dp_shard == world_size, "parallelism: ", others_text(), " x data_parallel_shard_degree (",
               dims.dp_shard, ") = ", others * dims.dp_shard, " but the job has ", world_size, " ranks");
   dims.ep = config.expert_parallel_degree;
+  dims.etp = config.expert_tensor_parallel_degree;
   const int64_t ep = dims.ep, tp = dims.tp, cp = dims.cp;
   TORCH_CHECK(ep >= 1, "parallelism.expert_parallel_degree must be >= 1, got ", ep);
-  TORCH_CHECK((dims.dp_shard * cp * tp) % ep == 0, "parallelism: expert_parallel_degree (", ep,
-              ") must divide data_parallel_shard_degree (", dims.dp_shard, ") x context_parallel_degree (", cp,
-              ") x tensor_parallel_degree (", tp, ") = ", dims.dp_shard * cp * tp, ": the expert-parallel ranks ",
-              "are borrowed from those ranks (tensor-parallel first, then context-parallel, then data-parallel ",
-              "shard ranks), each holding different experts");
-  TORCH_CHECK(tp % ep == 0 || ep % tp == 0, "parallelism: expert_parallel_degree (", ep,
+  TORCH_CHECK(dims.etp == 1 || dims.etp == tp, "parallelism.expert_tensor_parallel_degree (", dims.etp,
+              ") must be 1 (each expert whole on a rank) or tensor_parallel_degree (", tp,
+              ": each expert split over the tp ranks)");
+  const int64_t borrowable = dims.dp_shard * cp * (dims.etp > 1 ? 1 : tp);
+  TORCH_CHECK(borrowable % ep == 0, "parallelism: expert_parallel_degree (", ep,
+              ") must divide data_parallel_shard_degree (", dims.dp_shard, ") x context_parallel_degree (", cp, ")",
+              dims.etp > 1 ? "" : " x tensor_parallel_degree (" + std::to_string(tp) + ")", " = ", borrowable,
+              ": the expert-parallel ranks are borrowed from those ranks (", dims.etp > 1 ? "" : "tensor-parallel first, ",
+              "then context-parallel, then data-parallel shard ranks), each holding different experts");
+  TORCH_CHECK(dims.etp > 1 || tp % ep == 0 || ep % tp == 0, "parallelism: expert_parallel_degree (", ep,
               ") and tensor_parallel_degree (", tp, ") must divide one another: ep borrows the tensor-parallel ",
               "ranks first, whole groups or a part that divides them");
   const int64_t beyond_tp = ep / dims.ep_from_tp();
-  TORCH_CHECK(cp % beyond_tp == 0 || beyond_tp % cp == 0, "parallelism: expert_parallel_degree (", ep, ") / ",
-              "tensor_parallel_degree (", tp, ") = ", beyond_tp, " and context_parallel_degree (", cp,
-              ") must divide one another: after the tensor-parallel ranks ep borrows the context-parallel ones, ",
-              "whole groups or a part that divides them");
+  TORCH_CHECK(cp % beyond_tp == 0 || beyond_tp % cp == 0, "parallelism: expert_parallel_degree (", ep, ")",
+              dims.etp > 1 ? "" : " / tensor_parallel_degree (" + std::to_string(tp) + ")", " = ", beyond_tp,
+              " and context_parallel_degree (", cp, ") must divide one another: ep borrows the context-parallel ",
+              "ranks", dims.etp > 1 ? "" : " after the tensor-parallel ones", ", whole groups or a part that divides them");
   return dims;
 }
 
@@ -80,7 +85,10 @@ titan::DeviceMesh ParallelDims::build_mesh(const titan::WorldPtr& world) const {
   if (ep > 1) {
     for (const char* dim : {"dp_shard", "cp", "tp"}) mesh.flatten(parts(dim), dim);
     mesh.flatten({"dp_shard_in_ep", "cp_in_ep", "tp_in_ep"}, "ep");
-    mesh.flatten({"dp_shard_mod_ep", "cp_mod_ep", "tp_mod_ep"}, "efsdp");
+    // With etp > 1 the tp ranks hold other slices of the same experts: not FSDP's to reduce.
+    mesh.flatten(etp > 1 ? std::vector<std::string>{"dp_shard_mod_ep", "cp_mod_ep"}
+                         : std::vector<std::string>{"dp_shard_mod_ep", "cp_mod_ep", "tp_mod_ep"},
+                 "efsdp");
   }
   mesh.flatten(joined({"dp_replicate", "dp_shard"}), "dp");
   mesh.flatten(joined({"dp_shard", "cp"}), "dp_shard_cp");
@@ -105,7 +113,8 @@ titan::DeviceMesh ParallelDims::expert_fsdp_mesh(const titan::DeviceMesh& mesh) 
 }
 
 double ParallelDims::expert_gradient_divide_factor(bool sequence_parallel) const {
-  return sequence_parallel && tp > 1 ? static_cast<double>(ep) / static_cast<double>(tp) : static_cast<double>(ep);
+  return tp_ranks_route_apart(sequence_parallel) ? static_cast<double>(ep) / static_cast<double>(tp)
+                                                 : static_cast<double>(ep);
 }
 
 titan::ActivationCheckpointOptions activation_checkpoint_options(const TrainConfig& config) {

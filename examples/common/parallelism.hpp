@@ -24,9 +24,10 @@
 namespace titan::examples {
 
 /// The degrees of the mesh pp x dp_replicate x dp_shard x cp x tp, checked against the world size,
-/// and the expert-parallel degree ep, whose ranks are borrowed from the ranks of one stage as
-/// torchtitan borrows them (its ETP = 1): the tensor-parallel ranks first, then the
-/// context-parallel ones, then data-parallel shard ranks.
+/// the expert-parallel degree ep, whose ranks are borrowed from the ranks of one stage as torchtitan
+/// borrows them: with etp = 1 the tensor-parallel ranks first, then the context-parallel ones,
+/// then data-parallel shard ranks; with etp = tp (each expert split over the tp ranks) the
+/// context-parallel, then the data-parallel shard ranks.
 struct ParallelDims {
   int64_t pp = 1;
   int64_t dp_replicate = 1;
@@ -34,23 +35,25 @@ struct ParallelDims {
   int64_t cp = 1;
   int64_t tp = 1;
   int64_t ep = 1;
+  int64_t etp = 1;  ///< expert tensor parallelism: 1 or tp
 
   /// Resolves dp_shard = -1 and checks that the product equals `world_size` and that ep borrows
   /// whole groups (the errors name the config keys and values).
   static ParallelDims from_config(const ParallelismConfig& config, int64_t world_size);
   int64_t dp() const { return dp_replicate * dp_shard; }  ///< data-parallel degree
   /// The ep ranks taken from tp, cp and dp_shard (their product is ep).
-  int64_t ep_from_tp() const { return std::min(ep, tp); }
+  int64_t ep_from_tp() const { return etp > 1 ? 1 : std::min(ep, tp); }
   int64_t ep_from_cp() const { return std::min(ep / ep_from_tp(), cp); }
   int64_t ep_from_dp_shard() const { return ep / ep_from_tp() / ep_from_cp(); }
   /// The ranks of a stage holding the same experts (efsdp), whose expert gradients FSDP reduces.
-  int64_t expert_fsdp_degree() const { return dp_shard * cp * tp / ep; }
+  int64_t expert_fsdp_degree() const { return dp_shard * cp * tp / (ep * etp); }
   /// The mesh {"pp", "dp_replicate", "dp_shard", "cp", "tp"} (pipeline outermost, as torchtitan),
   /// plus the flattened dims "dp" (data: which samples), "dp_shard_cp" (FSDP's shards: the cp ranks
   /// of a sample hold the same parameters and reduce their gradients with the dp ranks) and "dp_cp"
   /// (the loss's tokens). With ep > 1, dp_shard, cp and tp are each split in two ("dp_shard_mod_ep"
   /// x "dp_shard_in_ep", ...), "ep" flattens the "_in_ep" parts (consecutive ranks) and "efsdp" the
-  /// "_mod_ep" parts: the ranks holding the same experts, FSDP's shards of the experts.
+  /// "_mod_ep" parts but tp's when etp > 1: the ranks holding the same experts, FSDP's shards of
+  /// the experts.
   titan::DeviceMesh build_mesh(const titan::WorldPtr& world) const;
   /// The mesh fully_shard takes: ("dp_replicate", "dp_shard_cp") for HSDP, else "dp_shard_cp".
   titan::DeviceMesh fsdp_mesh(const titan::DeviceMesh& mesh) const;
@@ -60,9 +63,13 @@ struct ParallelDims {
   /// (with "dp_replicate" for HSDP).
   titan::DeviceMesh expert_fsdp_mesh(const titan::DeviceMesh& mesh) const;
   /// What expert parallelism divides the experts' gradients by
-  /// (titan::ExpertParallelOptions::gradient_divide_factor): ep, or ep / tp when sequence parallel
-  /// gives the tp ranks parts of one sequence, whose gradients add up rather than average.
+  /// (titan::ExpertParallelOptions::gradient_divide_factor): ep, or ep / tp when ep spans the tp
+  /// ranks and sequence parallel gives them parts of one sequence, whose gradients add up rather
+  /// than average.
   double expert_gradient_divide_factor(bool sequence_parallel) const;
+  /// Whether the tp ranks route different tokens (sequence parallel with the experts whole): then
+  /// the MoE layers' token counts sum over them, else they are the same on every tp rank.
+  bool tp_ranks_route_apart(bool sequence_parallel) const { return tp > 1 && sequence_parallel && etp == 1; }
 
  private:
   /// The base dimensions' names and sizes, outermost first.

@@ -202,17 +202,24 @@ void Trainer::build_model() {
   log.info(config_.model.name, " ", config_.model.flavor, ": ", facts_.parameters, " parameters, ",
            facts_.flops_per_token / 1e9, " GFLOP per token");
   if (!titan::moe_loads(model_).empty()) {
-    // The ranks of this pipeline stage, whose token counts sum to the step's (expert bias, logs).
-    moe_group_ = mesh_->flatten(dims_.stage_dims(), "moe_stage").group("moe_stage");
-    // Each micro-batch's auxiliary loss weighs 1 / accumulation; with sequence parallel the tp
-    // ranks' parts of the sequence each add theirs to the router's gradient (summed over tp).
-    const bool sequence_split = dims_.tp > 1 && config_.parallelism.enable_sequence_parallel;
-    aux_loss_weight_ = config_.moe.aux_loss_coef / (sequence_split ? static_cast<double>(dims_.tp) : 1.0);
+    // The ranks of this pipeline stage whose token counts sum to the step's (expert bias, logs):
+    // without the tp ranks where they route the same tokens.
+    const bool sequence_parallel = config_.parallelism.enable_sequence_parallel;
+    std::vector<std::string> counted;
+    for (const auto& dim : dims_.stage_dims())
+      if (dims_.tp_ranks_route_apart(sequence_parallel) || dim.rfind("tp", 0) != 0) counted.push_back(dim);
+    moe_group_ = mesh_->flatten(counted, "moe_stage").group("moe_stage");
+    // Each micro-batch's auxiliary loss weighs 1 / accumulation; where the router's gradients are
+    // summed over tp (sequence parallel: each rank's part of the sequence; expert tensor parallel:
+    // each rank's whole-sequence loss, the same on every tp rank), 1 / tp of it on each.
+    const bool router_summed = dims_.tp > 1 && (sequence_parallel || dims_.etp > 1);
+    aux_loss_weight_ = config_.moe.aux_loss_coef / (router_summed ? static_cast<double>(dims_.tp) : 1.0);
     log.info("mixture of experts: expert_parallel_degree ", dims_.ep,
              dims_.ep > 1 ? " (ranks from tp " + std::to_string(dims_.ep_from_tp()) + ", cp " +
                                 std::to_string(dims_.ep_from_cp()) + ", dp_shard " +
                                 std::to_string(dims_.ep_from_dp_shard()) + ")"
                           : std::string(),
+             dims_.etp > 1 ? ", each expert split over " + std::to_string(dims_.etp) + " tp ranks" : std::string(),
              ", aux_loss_coef ", config_.moe.aux_loss_coef,
              ", load_balance_coeff ", config_.moe.load_balance_coeff, ", capacity_factor ",
              config_.moe.capacity_factor, config_.moe.capacity_factor > 0 ? "" : " (dropless)");

@@ -23,11 +23,19 @@
 // instead: the factor counts only the ep ranks with separate losses (ep / tp when ep spans the tp
 // ranks). A gradient reduction (FSDP, HSDP, a sequence-parallel sum) over ranks that hold
 // different experts is an error.
+//
+// Expert tensor parallelism (MoeTensorParallel, torchtitan's ETP = TP) splits each expert itself
+// over the tp ranks instead: w1 and w3 by rows of the hidden width, w2 by its columns. Every tp
+// rank then routes the whole sequence (the layer's input all-gathered), computes its slice of
+// every chosen expert and returns partial sums (reduce-scattered back to the sequence shards).
+// Expert parallelism over other ranks (data- or context-parallel) composes with it: apply it after
+// the tensor-parallel plan, and it adds its Shard(0) level to the experts' tp layouts.
 
 #include <titan/collectives.hpp>
 #include <titan/hooks.hpp>
 #include <titan/moe.hpp>
 #include <titan/sharding.hpp>
+#include <titan/tensor_parallel.hpp>
 #include <titan/world.hpp>
 
 #include <ATen/ATen.h>
@@ -113,7 +121,8 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
     const double factor = options_.gradient_divide_factor().value_or(static_cast<double>(ranks));
     for (const char* key : {"w1", "w2", "w3"}) {
       auto parameter = module.named_parameters(/*recurse=*/false)[key];
-      TensorLayout layout{parameter.sizes().vec(), {ShardLevel{0, options_.mesh_dim(), group_, {}}}};
+      TensorLayout layout = inner_layout(module, key, parameter);  // expert tensor parallelism's, or whole
+      layout.levels.push_back(ShardLevel{0, options_.mesh_dim(), group_, {}});
       if (ranks > 1) {
         at::NoGradGuard no_grad;
         const int64_t local = num_experts_ / ranks;
@@ -205,12 +214,97 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
   const ProcessGroupPtr& group() const { return group_; }
 
  private:
+  /// The layout an inner hook (expert tensor parallelism) gave `module`'s parameter `key`, else the
+  /// whole tensor's.
+  static TensorLayout inner_layout(const torch::nn::Module& module, const std::string& key, const at::Tensor& param) {
+    for (const auto& hook : hooks_of(module))
+      if (const auto* provider = dynamic_cast<const ParameterLayoutProvider*>(hook.get()))
+        if (auto layout = provider->layout_of(key)) return *layout;
+    return TensorLayout{param.sizes().vec(), {}};
+  }
+
   ProcessGroupPtr group_;
   ExpertParallelOptions options_;
   int64_t num_experts_;
   std::map<std::string, TensorLayout> layouts_;
   const GroupedExpertsImpl* module_ = nullptr;  ///< the sharded module (it owns this hook)
   std::string path_;                            ///< its name, for messages
+};
+
+namespace detail {
+
+/// The hook MoeTensorParallel puts on a MoE layer's experts (and shared experts): their SwiGLU
+/// weights split along the hidden width over the tp ranks (w1 and w3 along `hidden_dim`, w2 along
+/// `hidden_dim` + 1), reported as layouts; forward computes this rank's slice, a partial sum.
+class HiddenSliceParallel : public ParallelStyle {
+ public:
+  explicit HiddenSliceParallel(int64_t hidden_dim = 1) : hidden_dim_(hidden_dim) {}
+  std::string name() const override { return "expert tensor parallel (hidden slices)"; }
+
+  void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+             const std::string& mesh_dim) const override {
+    auto hook = std::make_shared<HiddenSliceParallel>(*this);
+    hook->bind(module, path, group, mesh_dim);
+    hook->shard_parameter(module, "w1", hidden_dim_);
+    hook->shard_parameter(module, "w3", hidden_dim_);
+    hook->shard_parameter(module, "w2", hidden_dim_ + 1);
+    attach_hook(module, hook);
+  }
+
+  at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    return next(inputs);  // replicated rows in, this rank's partial sums out (MoeTensorParallel reduces)
+  }
+
+ private:
+  int64_t hidden_dim_;  ///< the hidden width's dim in w1 / w3 (1 in stacked [E, hidden, dim], 0 in [hidden, dim])
+};
+
+}  // namespace detail
+
+/// Expert tensor parallelism for a titan::MoE layer (torchtitan's ETP = TP; see the top of this
+/// header), a tensor-parallel style for the layer's plan entry (e.g. "layers.*.moe"):
+///   input   layout() -> all-gathered: every tp rank routes the whole sequence; its gradient, the
+///           ranks' partial sums, reduce-scattered back
+///   gate    replicated, its gradient summed over the tp ranks (each holds a partial sum)
+///   experts w1, w3 [E, hidden / tp, dim] and w2 [E, dim, hidden / tp] (shared experts alike)
+///   output  the ranks' partial sums -> reduce-scattered to layout() (all-reduced for Replicate())
+class MoeTensorParallel : public ParallelStyle {
+ public:
+  /// The layout of the layer's input and output: Shard(1) with sequence parallel, else Replicate().
+  TORCH_ARG(Placement, layout) = Shard(1);
+
+ public:
+  std::string name() const override { return "tensor-parallel moe (expert tensor parallel)"; }
+
+  void apply(torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
+             const std::string& mesh_dim) const override {
+    auto* moe = dynamic_cast<MoEImpl*>(&module);
+    TORCH_CHECK(moe, "titan: MoeTensorParallel on '", path, "': the module is not a titan::MoE");
+    TORCH_CHECK(!layout_.is_replicate_partial_grad(), "titan: MoeTensorParallel on '", path,
+                "': layout must be Replicate() or Shard(d), got ", layout_.str());
+    const int64_t hidden = moe->experts->w1.size(1);
+    TORCH_CHECK(hidden % group->size() == 0, "titan: MoeTensorParallel on '", path, "': the experts' hidden width ",
+                hidden, " does not split over the ", group->size(), " tensor-parallel ranks");
+    auto hook = std::make_shared<MoeTensorParallel>(*this);
+    hook->bind(module, path, group, mesh_dim);
+    hook->sum_gradients_of(*moe->gate);  // each rank's: through its slices' partial outputs
+    detail::HiddenSliceParallel(1).apply(*moe->experts, path + ".experts", group, mesh_dim);
+    if (moe->shared_experts)
+      detail::HiddenSliceParallel(0).apply(*moe->shared_experts, path + ".shared_experts", group, mesh_dim);
+    attach_hook(module, hook);
+  }
+
+  at::Tensor forward(torch::nn::Module&, const TensorList& inputs, const ForwardFn& next) override {
+    TORCH_CHECK(inputs.size() == 1, "titan: MoeTensorParallel on '", path_, "' expects one input, got ",
+                inputs.size());
+    const auto whole = detail::redistribute_tracked(inputs[0], layout_, ReplicatePartialGrad(), group_, extents_.get(),
+                                                    path_);  // [batch, seq, dim] on every tp rank
+    const auto partial = next({whole});                    // [batch, seq, dim]: this rank's hidden slices
+    if (layout_.is_replicate()) return reduce_from_group(partial, group_);
+    const int64_t dim = layout_.dim_for(partial.dim());
+    if (extents_) extents_->record(partial.dim(), dim, partial.size(dim));
+    return reduce_scatter(partial, group_, dim, ReduceOp::Sum);
+  }
 };
 
 /// Shards the experts of every GroupedExperts module of `root` (a module, ModuleHolder,

@@ -217,7 +217,28 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
     return it->second;
   }
 
+  /// The tp group, for the parameters whose gradients this hook sums (sum_gradients_of).
+  std::vector<int> gradient_reduction_ranks(const at::Tensor& param) const override {
+    if (summed_ == nullptr || group_->size() == 1 || !param.requires_grad()) return {};
+    for (const auto& parameter : summed_->parameters(/*recurse=*/true))
+      if (parameter.is_same(param)) return group_->global_ranks();
+    return {};
+  }
+
  protected:
+  /// Sums the gradients of `module`'s trainable parameters (its submodules' too) over the bound
+  /// group, where each rank's is a partial sum (a module that is not split but sees only this
+  /// rank's part of the work); `module` outlives the hook (it owns it or an ancestor of it).
+  void sum_gradients_of(torch::nn::Module& module) {
+    summed_ = &module;
+    if (group_->size() == 1) return;
+    for (auto& parameter : module.parameters(/*recurse=*/true)) {
+      if (!parameter.requires_grad()) continue;
+      parameter.register_hook(
+          [group = group_](const at::Tensor& grad) { return detail::all_reduce_raw(grad, *group, ReduceOp::Sum); });
+    }
+  }
+
   /// Binds this (copied) style to the group after checking `module` is not parallelized yet.
   void bind(const torch::nn::Module& module, const std::string& path, const ProcessGroupPtr& group,
             const std::string& mesh_dim) {
@@ -288,6 +309,7 @@ class ParallelStyle : public ModuleHook, public ParameterLayoutProvider {
   }
 
   ProcessGroupPtr group_;                    ///< the TP group (set on the attached copy)
+  const torch::nn::Module* summed_ = nullptr;  ///< whose parameters' gradients are summed (sum_gradients_of)
   std::string mesh_dim_;                     ///< its mesh dimension name, for layouts
   std::string path_;                         ///< the module's name in the model, for messages
   std::map<std::string, TensorLayout> layouts_;  ///< layouts of the sharded parameters
@@ -535,13 +557,7 @@ class SequenceParallel : public ParallelStyle {
              const std::string& mesh_dim) const override {
     auto hook = std::make_shared<SequenceParallel>(*this);
     hook->bind(module, path, group, mesh_dim);
-    hook->module_ = &module;
-    for (auto& parameter : module.parameters(/*recurse=*/true)) {
-      if (!parameter.requires_grad() || group->size() == 1) continue;
-      parameter.register_hook([group](const at::Tensor& grad) {  // sum of the sequence chunks' gradients
-        return detail::all_reduce_raw(grad, *group, ReduceOp::Sum);
-      });
-    }
+    hook->sum_gradients_of(module);  // each rank's: its sequence chunk's part
     attach_hook(module, hook);
   }
 
@@ -557,16 +573,7 @@ class SequenceParallel : public ParallelStyle {
     return next(inputs);
   }
 
-  /// The tp group sums the gradients of the module's trainable parameters, its submodules' too.
-  std::vector<int> gradient_reduction_ranks(const at::Tensor& param) const override {
-    if (module_ == nullptr || group_->size() == 1 || !param.requires_grad()) return {};
-    for (const auto& parameter : module_->parameters(/*recurse=*/true))
-      if (parameter.is_same(param)) return group_->global_ranks();
-    return {};
-  }
-
  private:
-  const torch::nn::Module* module_ = nullptr;  ///< the module (it owns this hook), once applied
 
   void check_inputs(const TensorList& inputs) const {
     for (const auto& x : inputs)

@@ -17,6 +17,9 @@
 6. float8 on Llama 3 1B (seq 2048, bf16 compute, the same batches): tensorwise with float8 FSDP
    all-gather and precomputed scales, and rowwise, against bf16 without float8: every loss within
    0.1 of the bf16 run's, and tokens/s of each (the float8 row of docs/performance.md).
+7. fp32 mixture of experts (the Qwen3-MoE debug model, expert bias): expert parallel 2, TP 2
+   (sequence parallel) x EP 2 over the tp ranks, and TP 2 with each expert split over tp (ETP 2),
+   on 2 ranks sharing the GPU over Gloo: every step's loss within 1e-4 of its 1-rank run.
 Prints one table; exits non-zero when a check fails.
 """
 import argparse
@@ -52,9 +55,10 @@ class Runs:
             return {}
         return {"training.batch_size": 2, "training.global_batch_size": 2, "training.seq_len": 32}
 
-    def train(self, name, device, overrides, fresh=True, nproc=1):
-        """Runs titan_train on `nproc` ranks (more than one share the device over Gloo); returns its
-        metrics.jsonl records (one per step)."""
+    def train(self, name, device, overrides, fresh=True, nproc=1, config="examples/configs/llama3_debug.toml"):
+        """Runs titan_train with `config` on `nproc` ranks (more than one share the device over
+        Gloo); returns its metrics.jsonl training records (one per step; a MoE model's moe/...
+        records are left out)."""
         dump = self.out / name
         if fresh:
             shutil.rmtree(dump, ignore_errors=True)
@@ -66,7 +70,7 @@ class Runs:
                     "data.val_freq": 0, "checkpoint.enable": "false", "training.steps": self.a.steps,
                     "data.cache_dir": str(self.out / "token_cache"), **self.dry_run_shape(), **overrides}
         cmd = [f"{self.a.build}/tests/titan_launch", "--nproc", str(nproc), "--timeout", str(self.a.timeout), "--",
-               f"{self.a.build}/examples/trainer/titan_train", "--config", "examples/configs/llama3_debug.toml"]
+               f"{self.a.build}/examples/trainer/titan_train", "--config", config]
         for key, value in settings.items():
             cmd += [f"--{key}", str(value)]
         log = self.out / f"{name}.log"
@@ -76,7 +80,7 @@ class Runs:
             rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise RuntimeError(f"{name}: titan_train exited with {rc}; see {log}")
-        return [json.loads(line) for line in open(dump / "metrics.jsonl")]
+        return [r for r in map(json.loads, open(dump / "metrics.jsonl")) if "loss" in r]
 
 
 def loss_gap(a, b, steps):
@@ -138,6 +142,33 @@ def main():
              {"parallelism.context_parallel_degree": 2, "parallelism.context_parallel_rotate_method": "p2p"})):
         try:
             gap = loss_gap(runs.train(name, a.device, {**fp32, **overrides}, nproc=2), cuda, everything)
+            check(f"{what} vs 1 rank, every step's loss", gap <= 1e-4, f"max |diff| {gap:.2e} (<= 1e-4)")
+        except RuntimeError as error:
+            check(f"{what} vs 1 rank, every step's loss", False, str(error))
+
+    # Mixture of experts: EP 2, and EP 2 over the tp ranks, against the model's 1-rank run (the
+    # global batch stays the config's; the CPU dry run's must split over 2 data ranks).
+    moe_config = "examples/configs/qwen3_moe_debug.toml"
+    moe = {**fp32, "parallelism.expert_parallel_degree": 1,
+           **({"training.global_batch_size": 4} if a.device == "cpu" else {})}
+    try:
+        moe_one = runs.train("moe_one", a.device, moe, config=moe_config)
+    except RuntimeError as error:
+        moe_one = None
+        check("fp32 Qwen3-MoE debug on 1 rank", False, str(error))
+    for name, what, overrides in (
+            ("moe_ep2", "fp32 Qwen3-MoE expert parallel 2 (2 ranks)", {"parallelism.expert_parallel_degree": 2}),
+            ("moe_tp2_ep2", "fp32 Qwen3-MoE TP 2 x EP 2 over the tp ranks (2 ranks)",
+             {"parallelism.expert_parallel_degree": 2, "parallelism.tensor_parallel_degree": 2,
+              "parallelism.enable_sequence_parallel": "true", "parallelism.enable_loss_parallel": "true"}),
+            ("moe_tp2_etp2", "fp32 Qwen3-MoE TP 2, each expert split over tp (ETP 2, 2 ranks)",
+             {"parallelism.tensor_parallel_degree": 2, "parallelism.expert_tensor_parallel_degree": 2,
+              "parallelism.enable_sequence_parallel": "true"})):
+        if moe_one is None:
+            break
+        try:
+            gap = loss_gap(runs.train(name, a.device, {**moe, **overrides}, nproc=2, config=moe_config), moe_one,
+                           everything)
             check(f"{what} vs 1 rank, every step's loss", gap <= 1e-4, f"max |diff| {gap:.2e} (<= 1e-4)")
         except RuntimeError as error:
             check(f"{what} vs 1 rank, every step's loss", False, str(error))

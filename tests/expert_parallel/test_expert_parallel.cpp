@@ -2,8 +2,8 @@
 // E / ep) against the whole layer on one process: every rank's outputs and input gradients, the
 // experts' gradients summed over every rank's tokens, the router's per rank; with at::_grouped_mm
 // and with the per-expert loop; under FSDP (experts over dp, the router over dp x ep); over ranks
-// holding parts of one sequence (the router under SequenceParallel); the sharded weights' layouts;
-// errors. The expert-parallel group is the world (ep = 1, 2, 4 under
+// holding parts of one sequence (the router under SequenceParallel); expert tensor parallelism
+// (each expert split over tp, with EP 2 at 4 ranks); the sharded weights' layouts; errors. The expert-parallel group is the world (ep = 1, 2, 4 under
 // titan.ranks1/2/4), or 2 of it under FSDP.
 #include "../support/multirank.hpp"
 
@@ -13,6 +13,7 @@
 #include <titan/moe.hpp>
 #include <titan/tensor_parallel.hpp>
 
+#include <algorithm>
 #include <string>
 
 namespace {
@@ -173,6 +174,64 @@ TEST_CASE("expert parallel: a sequence-parallel sum of the experts' gradients ov
   CHECK(error.find("'experts.w1' is sharded over the expert-parallel ranks") != std::string::npos);
   CHECK(error.find("a sequence-parallel sum") != std::string::npos);
   CHECK(error.find("give SequenceParallel the router (moe.gate), not the whole MoE layer") != std::string::npos);
+}
+
+TEST_CASE("expert tensor parallel: every expert split over the tp ranks (with EP 2 at 4 ranks) equals the whole "
+          "layer: outputs, input and weight gradients, gathered weights") {
+  // tp ranks hold parts of one sequence (sequence parallel, Shard(1)); with ep 2, each ep rank its
+  // own sequence, and the experts are shared out over ep on top of their tp slices.
+  const int64_t ranks = world()->world_size();
+  const int64_t ep = ranks >= 4 ? 2 : 1, tp = ranks / ep;
+  titan::DeviceMesh mesh(world(), {"ep", "tp"}, {ep, tp});
+  const int64_t e = mesh.coordinate("ep"), t = mesh.coordinate("tp");
+  auto sequence = [](int64_t which) {  // [2, 8, dim] and its output gradient
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(200 + which);
+    auto x = torch::randn({2, 8, kDim}, gen, torch::kFloat);
+    auto dy = torch::randn({2, 8, kDim}, gen, torch::kFloat);
+    return std::pair{x.to(device()), dy.to(device())};
+  };
+  auto reference = seeded_layer(true);
+  auto layer = seeded_layer(true);
+  titan::parallelize_module(layer, mesh["tp"], titan::ParallelizePlan().add("", titan::MoeTensorParallel()));
+  if (ep > 1) titan::apply_expert_parallel(layer, "experts", mesh.group("ep"));
+  const std::vector<int64_t> w1_shape{kExperts / ep, kHidden / tp, kDim}, w2_shape{kExperts / ep, kDim, kHidden / tp};
+  CHECK(layer->experts->w1.sizes().vec() == w1_shape);
+  CHECK(layer->experts->w2.sizes().vec() == w2_shape);
+  Tensor expected, expected_dx;
+  for (int64_t s = 0; s < ep; ++s) {  // the whole layer over every ep rank's sequence: gradients summed
+    auto [x, dy] = sequence(s);
+    x.requires_grad_(true);
+    auto y = titan::call(reference, x);
+    y.backward(dy);
+    if (s == e) std::tie(expected, expected_dx) = std::pair{y.detach(), x.grad()};
+  }
+  auto [whole_x, whole_dy] = sequence(e);
+  auto x = whole_x.chunk(tp, 1)[t].clone().requires_grad_(true);  // [2, 8 / tp, dim]
+  auto y = titan::call(layer, x);
+  y.backward(whole_dy.chunk(tp, 1)[t]);
+  CHECK_CLOSE(y, expected.chunk(tp, 1)[t], 1e-5);
+  CHECK_CLOSE(x.grad(), expected_dx.chunk(tp, 1)[t], 1e-5);
+  // Each rank's slice of its experts: w1 / w3 rows and w2 columns of the hidden width, the gradient
+  // over every ep rank's tokens divided by ep (their mean, as without tensor parallelism).
+  const int64_t local = kExperts / ep, slice = kHidden / tp;
+  auto mine_of = [&](const Tensor& whole, int64_t hidden_dim) {
+    return whole.narrow(0, e * local, local).narrow(hidden_dim, t * slice, slice) / static_cast<double>(ep);
+  };
+  CHECK_CLOSE(layer->experts->w1.grad(), mine_of(reference->experts->w1.grad(), 1), 1e-5);
+  CHECK_CLOSE(layer->experts->w3.grad(), mine_of(reference->experts->w3.grad(), 1), 1e-5);
+  CHECK_CLOSE(layer->experts->w2.grad(), mine_of(reference->experts->w2.grad(), 2), 1e-5);
+  // The router: summed over tp by the style, over ep here (its data-parallel reduction); the tp
+  // ranks' partial sums add in another order than the whole layer's: 1e-5 relative to its largest.
+  auto gate = layer->gate->weight.grad();
+  if (ep > 1) gate = titan::detail::all_reduce_raw(gate.contiguous(), *mesh.group("ep"), titan::ReduceOp::Sum);
+  const auto& whole_gate = reference->gate->weight.grad();
+  CHECK_CLOSE(gate, whole_gate, 1e-5 * std::max(1.0, whole_gate.abs().max().item<double>()));
+  CHECK(titan::gradient_reduction_ranks(*layer, layer->gate->weight) ==
+        (tp > 1 ? mesh.group("tp")->global_ranks() : std::vector<int>{}));
+  // The experts' layouts compose tp's Shard(1 or 2) with ep's Shard(0): gathered, the whole layer's.
+  for (const auto& [name, tensor] : titan::sharded_parameters(*layer))
+    CHECK_CLOSE(titan::gather_full(tensor), reference->named_parameters()[name], 0.0);
+  titan::verify_calls(layer);
 }
 
 TEST_CASE("expert parallel: what it cannot shard is an error naming it") {

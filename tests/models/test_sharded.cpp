@@ -173,11 +173,15 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
   // - 4 ranks, tp 2, ep 4: ep spans tp and the 2 data ranks (factor 2);
   // - 4 ranks, tp 4, ep 2: ep is half of each tp group; efsdp averages over the other half, whose
   //   parts of the sequence add up (factor 1/2).
+  // - expert tensor parallel (etp = tp): each expert split over the tp pair, every tp rank routing
+  //   the whole sequence; at 4 ranks with EP 2 over the data ranks, with and without sequence
+  //   parallel.
   // Every other weight is FSDP-sharded over the data ranks (none with one data rank).
   struct Case {
     std::string family;
     int64_t tp, ep;
     bool sequence_parallel = true;
+    int64_t etp = 1;
   };
   const auto& world = titan_test::world();
   const int64_t n = world->world_size();
@@ -185,16 +189,19 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
   if (n % 2 == 0) {
     cases.push_back({"qwen3_moe", 2, 2});
     cases.push_back({"mixtral", 2, 2, false});
+    cases.push_back({"qwen3_moe", 2, n / 2, true, 2});
   }
   if (n == 4) {
     cases.push_back({"qwen3_moe", 2, 4});
     cases.push_back({"qwen3_moe", 4, 2});
+    cases.push_back({"mixtral", 2, 2, false, 2});
   }
-  for (const auto& [family, tp, ep, sequence_parallel] : cases) {
+  for (const auto& [family, tp, ep, sequence_parallel, etp] : cases) {
     CAPTURE(family);
     CAPTURE(tp);
     CAPTURE(ep);
     CAPTURE(sequence_parallel);
+    CAPTURE(etp);
     TrainConfig config;
     config.model.name = family;
     config.training.mixed_precision_param = "float32";
@@ -203,6 +210,7 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
     config.parallelism.enable_sequence_parallel = sequence_parallel;
     config.parallelism.enable_loss_parallel = false;
     config.parallelism.expert_parallel_degree = ep;
+    config.parallelism.expert_tensor_parallel_degree = etp;
     const auto dims = ParallelDims::from_config(config.parallelism, n);
     auto mesh = dims.build_mesh(world);
     // tp divides the vocabulary and the kv heads
@@ -213,11 +221,12 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
     parallelize_llama(*model, mesh, dims, config);
     titan::to_empty(*model, device());
     init_weights(*model, 3);
-    if (dims.ep > 1) {  // this rank holds 8 / ep of the 8 experts, its FSDP shard of them over efsdp
+    if (dims.ep > 1 || dims.etp > 1) {  // 8 / ep of the 8 experts, FSDP-sharded over efsdp; their hidden / etp
       const auto w1 = titan::sharded_parameters(*model);
       const auto it = std::find_if(w1.begin(), w1.end(), [](const auto& p) { return p.first == "layers.0.moe.experts.w1"; });
       REQUIRE(it != w1.end());
       CHECK(it->second.local.size(0) == 8 / (dims.ep * dims.expert_fsdp_degree()));
+      CHECK(it->second.local.size(1) == args.moe_hidden_dim() / dims.etp);
     }
     // eps 1e-6: elements whose gradient is rounding noise would otherwise move by ~lr (as in
     // test_tp_models.cpp).
@@ -253,7 +262,7 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
     }
     MESSAGE(family, " debug (2 layers) fp32, ranks=", n, ", tp=", tp,
             std::string(sequence_parallel && tp > 1 ? " (sequence parallel)" : ""),
-            ", ep=", dims.ep, ": max param diff ", worst,
+            ", ep=", dims.ep, ", etp=", dims.etp, ": max param diff ", worst,
             " (", worst_name, ")");
     CHECK(worst <= (device().is_cuda() ? 5e-5 : 1e-5));
   }
@@ -268,6 +277,17 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
   uneven_tp.expert_parallel_degree = 6;
   CHECK_CONTAINS(models_test::error_of([&] { ParallelDims::from_config(uneven_tp, 12); }),
                  "expert_parallel_degree (6) and tensor_parallel_degree (4) must divide one another");
+  ParallelismConfig bad_etp;  // etp is 1 or tp
+  bad_etp.tensor_parallel_degree = 4;
+  bad_etp.expert_tensor_parallel_degree = 2;
+  CHECK_CONTAINS(models_test::error_of([&] { ParallelDims::from_config(bad_etp, 4); }),
+                 "expert_tensor_parallel_degree (2) must be 1 (each expert whole on a rank) or tensor_parallel_degree (4");
+  ParallelismConfig etp_no_dp;  // with each expert split over tp, ep borrows cp and dp_shard only
+  etp_no_dp.tensor_parallel_degree = 2;
+  etp_no_dp.expert_tensor_parallel_degree = 2;
+  etp_no_dp.expert_parallel_degree = 2;
+  CHECK_CONTAINS(models_test::error_of([&] { ParallelDims::from_config(etp_no_dp, 2); }),
+                 "expert_parallel_degree (2) must divide data_parallel_shard_degree (1) x context_parallel_degree (1) = 1");
   ParallelismConfig uneven_cp;  // past the tp pair, 3 of the 2 cp ranks
   uneven_cp.tensor_parallel_degree = 2;
   uneven_cp.context_parallel_degree = 2;

@@ -47,9 +47,10 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               and the run still ends with its checkpoint and export
   moe         the Qwen3-MoE debug model (expert bias) with expert parallelism 2 on 2 ranks: the
               1-rank run's losses and exported weights, and so do PP 2 x EP 2 on 4 ranks, TP 2 x
-              EP 2 and CP 2 x EP 2 on 2 ranks (ep borrowing the tp, then the cp ranks); its step-10
+              EP 2 and CP 2 x EP 2 on 2 ranks (ep borrowing the tp, then the cp ranks), TP 2 with
+              each expert split over tp (ETP 2) on 2 ranks and with EP 2 on 4; its step-10
               checkpoint resumed at EP 1 on 1 rank and at EP 4 on 4 gives its steps 11..20 (TP 2 x
-              EP 2's at EP 1 on 1 rank, its own); the
+              EP 2's and TP 2 x ETP 2 x EP 2's at EP 1 on 1 rank, their own); the
               Mixtral debug model (auxiliary loss, EP 2): finite losses and auxiliary losses, a
               Hugging Face export that transformers loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
@@ -500,16 +501,29 @@ def main():
         # EP borrowing the tensor-parallel ranks (sequence and loss parallel: each rank routes its
         # part of the sequence) and the context-parallel ranks (the experts' all-to-all is their
         # gradient reduction over cp), as torchtitan's ETP = 1.
-        out = r.run("moe_tp_ep", args.trainer, 2, "qwen3_moe_debug.toml",
+        tp_ep_out = r.run("moe_tp_ep", args.trainer, 2, "qwen3_moe_debug.toml",
                     ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true",
                      "--parallelism.enable_loss_parallel", "true"])
-        r.check("expert_parallel_degree 2 (ranks from tp 2, cp 1, dp_shard 1)" in out,
+        r.check("expert_parallel_degree 2 (ranks from tp 2, cp 1, dp_shard 1)" in tp_ep_out,
                 "moe: the trainer names where the ep ranks come from")
         compare_runs("moe_tp_ep", "moe_one", "moe: TP 2 (sequence parallel) x EP 2 over the tp ranks")
         resume_elsewhere("moe_tp_ep_to_one", "moe_tp_ep", ["--parallelism.expert_parallel_degree", "1"], 1,
                          "qwen3_moe_debug.toml", "moe_tp_ep")
         r.run("moe_cp_ep", args.trainer, 2, "qwen3_moe_debug.toml", ["--parallelism.context_parallel_degree", "2"])
         compare_runs("moe_cp_ep", "moe_one", "moe: CP 2 x EP 2 over the cp ranks")
+        # Each expert split over the tp pair (expert tensor parallel), alone on 2 ranks and with EP 2
+        # over the data ranks on 4; the latter's checkpoint (experts sharded over ep and tp)
+        # resumed on one rank.
+        etp = ["--parallelism.tensor_parallel_degree", "2", "--parallelism.expert_tensor_parallel_degree", "2",
+               "--parallelism.enable_sequence_parallel", "true"]
+        etp_out = r.run("moe_etp", args.trainer, 2, "qwen3_moe_debug.toml",
+                        [*etp, "--parallelism.expert_parallel_degree", "1"])
+        r.check("each expert split over 2 tp ranks" in etp_out, "moe: the trainer logs expert tensor parallelism")
+        compare_runs("moe_etp", "moe_one", "moe: TP 2 with each expert split over tp (ETP 2)")
+        r.run("moe_etp_ep", args.trainer, 4, "qwen3_moe_debug.toml", etp)
+        compare_runs("moe_etp_ep", "moe_one", "moe: TP 2 (ETP 2) x EP 2 over the data ranks on 4 ranks")
+        resume_elsewhere("moe_etp_ep_to_one", "moe_etp_ep", ["--parallelism.expert_parallel_degree", "1"], 1,
+                         "qwen3_moe_debug.toml", "moe_etp_ep")
         ep, _ = metrics(work("moe_ep"))
         r.check("mixture of experts: expert_parallel_degree 2" in out and "experts (this step)" in out,
                 "moe: the trainer logs the expert-parallel setup and the experts' loads")

@@ -27,11 +27,14 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
                               TpPlanOptions()
                                   .sequence_parallel(parallelism.enable_sequence_parallel)
                                   .loss_parallel(parallelism.enable_loss_parallel)
-                                  .experts_over_tp(dims.ep > 1));  // ep borrows the tp ranks first
+                                  .experts_over_tp(dims.ep > 1 && dims.etp == 1)  // ep borrows the tp ranks first
+                                  .expert_tensor_parallel(dims.etp > 1));
     titan::parallelize_module(model, mesh["tp"], titan::plan_for_stage(plan, model));  // a stage: its entries
   }
   TORCH_CHECK(dims.ep == 1 || model.args.is_moe(), "parallelism.expert_parallel_degree = ", dims.ep, " needs a ",
               "mixture-of-experts model (model.name mixtral or qwen3_moe); this one has dense blocks");
+  TORCH_CHECK(dims.etp == 1 || model.args.is_moe(), "parallelism.expert_tensor_parallel_degree = ", dims.etp,
+              " needs a mixture-of-experts model (model.name mixtral or qwen3_moe); this one has dense blocks");
   if (dims.ep > 1 && model.layers->size() > 0)  // a stage holds some of the layers
     titan::apply_expert_parallel(model, "layers.*.moe.experts", mesh.group("ep"),
                                  titan::ExpertParallelOptions().gradient_divide_factor(

@@ -37,6 +37,7 @@
 #include "../../common/parallelism.hpp"
 #include "model.hpp"
 
+#include <titan/expert_parallel.hpp>
 #include <titan/pipeline.hpp>
 #include <titan/tensor_parallel.hpp>
 
@@ -55,6 +56,7 @@ struct TransformerTpDims {
   TORCH_ARG(int64_t, hidden_dim) = 0;  ///< feed-forward hidden width (w1/w3 out, w2 in)
   TORCH_ARG(int64_t, vocab_size) = 0;  ///< embedding rows and output features
   TORCH_ARG(bool, moe) = false;        ///< blocks hold a MoE (layers.N.moe) instead of feed_forward
+  TORCH_ARG(int64_t, moe_hidden_dim) = 0;  ///< each expert's hidden width (split by expert tensor parallel)
   TORCH_ARG(bool, qk_norm) = false;    ///< attention holds q_norm / k_norm (Qwen3)
 };
 
@@ -68,6 +70,7 @@ TransformerTpDims tp_dims(const Args& args) {
       .hidden_dim(args.hidden_dim())
       .vocab_size(args.vocab_size())
       .moe(args.is_moe())
+      .moe_hidden_dim(args.moe_hidden_dim())
       .qk_norm(args.qk_norm());
 }
 
@@ -81,6 +84,9 @@ struct TpPlanOptions {
   /// borrows tp): sequence parallel then sums only the router's gradients over tp, since the tp
   /// ranks hold different experts.
   TORCH_ARG(bool, experts_over_tp) = false;
+  /// Split each expert over the tp ranks (titan::MoeTensorParallel on the MoE layers, torchtitan's
+  /// ETP = TP): every tp rank routes the whole sequence and computes its slice of each expert.
+  TORCH_ARG(bool, expert_tensor_parallel) = false;
 };
 
 /// torchtitan's Llama tensor-parallel plan for `tp` ranks, for the Transformer of model.hpp (Llama 2,
@@ -90,14 +96,16 @@ struct TpPlanOptions {
 /// A MoE block's layer is token-wise: with sequence parallel it runs on this rank's part of the
 /// sequence (SequenceParallel: its gradients summed over the tp ranks; only its router's with
 /// experts_over_tp), without it on the whole replicated sequence; its experts are not split by tp
-/// (expert parallelism shares them out). Q/k norms act on this rank's heads (dim 2), their
-/// gradients summed likewise.
+/// (expert parallelism shares them out), unless expert_tensor_parallel splits each of them
+/// (MoeTensorParallel: the layer's input gathered, its output reduce-scattered). Q/k norms act on
+/// this rank's heads (dim 2), their gradients summed likewise.
 inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64_t tp,
                                             const TpPlanOptions& options = TpPlanOptions()) {
   TORCH_CHECK(tp >= 1, "llama_tp_plan: the tensor-parallel degree must be >= 1, got ", tp);
   std::vector<std::pair<const char*, int64_t>> sizes = {
       {"n_heads", dims.n_heads()}, {"n_kv_heads", dims.n_kv_heads()}, {"dim", dims.dim()}};
-  if (!dims.moe()) sizes.emplace_back("hidden_dim", dims.hidden_dim());  // a MoE's experts stay whole
+  if (!dims.moe()) sizes.emplace_back("hidden_dim", dims.hidden_dim());
+  if (dims.moe() && options.expert_tensor_parallel()) sizes.emplace_back("moe_hidden_dim", dims.moe_hidden_dim());
   sizes.emplace_back("vocab_size", dims.vocab_size());
   for (const auto& [name, value] : sizes) {
     TORCH_CHECK(value > 0, "llama_tp_plan: ", name, " must be set (> 0), got ", value);
@@ -147,6 +155,8 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
         .add("layers.*.feed_forward.w1", shared_input)
         .add("layers.*.feed_forward.w3", shared_input)
         .add("layers.*.feed_forward.w2", titan::RowwiseParallel().output_layout(stream));
+  } else if (options.expert_tensor_parallel()) {
+    plan.add("layers.*.moe", titan::MoeTensorParallel().layout(stream));
   } else if (sp && options.experts_over_tp()) {
     plan.add("layers.*.moe.gate", titan::SequenceParallel().sequence_dim(0));  // [local tokens, dim]
   } else if (sp) {
