@@ -24,6 +24,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   c.activation_checkpoint.selective_ac_option = "op";
   c.data.pack = false;
   c.data.tokenize_threads = 3;
+  c.parallelism.expert_tensor_parallel_degree = 2;
   save_config(c, (dir / "sub" / "saved.toml").string());
   auto back = load_config_file((dir / "sub" / "saved.toml").string());
   CHECK(to_toml(back) == to_toml(c));
@@ -32,7 +33,8 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.job.description == c.job.description);
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
-  CHECK(config_keys().size() == 83);
+  CHECK(back.parallelism.expert_tensor_parallel_degree == 2);
+  CHECK(config_keys().size() == 84);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
