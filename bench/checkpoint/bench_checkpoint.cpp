@@ -271,8 +271,7 @@ int main(int argc, char** argv) {
   if (world->rank() == 0) {
     std::printf("\ncheckpoint of %.2f GB (%lld fp32 params, %lld tensors) on %d rank(s) (%s), dir %s\n", gb,
                 static_cast<long long>(params), static_cast<long long>(count), ranks, device.str().c_str(), dir.c_str());
-    std::printf("baseline training step: %.1f ms; I/O threads per rank: %d\n", baseline * 1e3,
-                io_threads > 0 ? io_threads : titan::default_io_threads());
+    std::printf("baseline training step: %.1f ms; I/O threads per rank: %d\n", baseline * 1e3, threads);
     std::printf("copy of the state into preallocated host memory (memcpy): %.2f s (%.2f GB/s)\n\n", memcpy_time,
                 gb / memcpy_time);
     std::printf("| operation   | blocks training (s) | complete (s) | throughput (GB/s) | blocked / memcpy | stall of overlapped steps |\n");

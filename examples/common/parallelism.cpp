@@ -107,6 +107,14 @@ std::vector<std::string> ParallelDims::stage_dims() const {
   return names;
 }
 
+std::vector<std::string> ParallelDims::token_routing_dims(bool sequence_parallel) const {
+  std::vector<std::string> names;
+  for (auto& name : stage_dims())
+    if (tp_ranks_route_apart(sequence_parallel) || (name != "tp" && name != "tp_mod_ep" && name != "tp_in_ep"))
+      names.push_back(std::move(name));
+  return names;
+}
+
 titan::DeviceMesh ParallelDims::expert_fsdp_mesh(const titan::DeviceMesh& mesh) const {
   if (ep == 1) return fsdp_mesh(mesh);
   return dp_replicate > 1 ? mesh.slice({"dp_replicate", "efsdp"}) : mesh["efsdp"];

@@ -59,6 +59,10 @@ struct ParallelDims {
   titan::DeviceMesh fsdp_mesh(const titan::DeviceMesh& mesh) const;
   /// The base mesh dimensions other than pp: the ranks of one pipeline stage, flattened.
   std::vector<std::string> stage_dims() const;
+  /// The stage dimensions whose ranks route different tokens through the MoE layers, over which
+  /// their token counts sum: all of them, but tp's unless tp_ranks_route_apart (the counts are then
+  /// the same on every tp rank).
+  std::vector<std::string> token_routing_dims(bool sequence_parallel) const;
   /// The mesh fully_shard takes for expert weights, which the ep ranks do not share: "efsdp"
   /// (with "dp_replicate" for HSDP).
   titan::DeviceMesh expert_fsdp_mesh(const titan::DeviceMesh& mesh) const;

@@ -205,10 +205,7 @@ void Trainer::build_model() {
     // The ranks of this pipeline stage whose token counts sum to the step's (expert bias, logs):
     // without the tp ranks where they route the same tokens.
     const bool sequence_parallel = config_.parallelism.enable_sequence_parallel;
-    std::vector<std::string> counted;
-    for (const auto& dim : dims_.stage_dims())
-      if (dims_.tp_ranks_route_apart(sequence_parallel) || dim.rfind("tp", 0) != 0) counted.push_back(dim);
-    moe_group_ = mesh_->flatten(counted, "moe_stage").group("moe_stage");
+    moe_group_ = mesh_->flatten(dims_.token_routing_dims(sequence_parallel), "moe_stage").group("moe_stage");
     // Each micro-batch's auxiliary loss weighs 1 / accumulation; where the router's gradients are
     // summed over tp (sequence parallel: each rank's part of the sequence; expert tensor parallel:
     // each rank's whole-sequence loss, the same on every tp rank), 1 / tp of it on each.

@@ -84,6 +84,15 @@ def main():
         train, _ = metrics(os.path.join(args.workdir, name))
         return {step: record["loss"] for step, record in train.items()}
 
+    def read_text(path):
+        """A job's output file, or "" when the job never wrote it."""
+        return open(path).read() if os.path.exists(path) else ""
+
+    def stopped_steps(text):
+        """The steps after which the trainer said it stopped on a signal."""
+        return [int(line.split("stopped after step ")[1].split()[0]) for line in text.splitlines()
+                if "signal received: stopped after step" in line]
+
     def wait_for_step(name, step, proc=None, timeout=120):
         deadline = time.time() + timeout
         while time.time() < deadline and (proc is None or proc.poll() is None):
@@ -122,36 +131,35 @@ def main():
 
         batch = ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
                  "--export=ALL,MASTER_PORT=" + str(free_port())]
+
+        def sbatch_trainer(flags, out, name, extra=()):
+            """sbatch `flags` examples/slurm/multinode.sbatch on 2 nodes, the trainer as run `name`
+            (`extra` arguments), its output in `out`."""
+            return subprocess.run([*batch, *flags, "-o", out, "examples/slurm/multinode.sbatch", CONFIG,
+                                   *trainer_args(name, extra)[2:]], cwd=args.source, env=env, capture_output=True,
+                                  text=True, timeout=300)
+
         out = os.path.join(args.workdir, "sbatch.out")
-        job = subprocess.run([*batch, "--wait", "-o", out, "examples/slurm/multinode.sbatch", CONFIG,
-                              *trainer_args("sbatch")[2:]], cwd=args.source, env=env, capture_output=True,
-                             text=True, timeout=300)
-        text = open(out).read() if os.path.exists(out) else ""
+        job = sbatch_trainer(["--wait"], out, "sbatch")
+        text = read_text(out)
         check(job.returncode == 0, f"sbatch multinode.sbatch: exit {job.returncode}" + (f" {text[-500:]}" if job.returncode else ""))
         check("step     20 |" in text, "sbatch: its output has the step lines")
         check(losses("sbatch") == reference, "sbatch: bitwise the titan_launch losses at all 20 steps")
 
         # scancel --signal=TERM: the job's steps get SIGTERM, the trainer stops at a step boundary.
         out = os.path.join(args.workdir, "scancel.out")
-        submitted = subprocess.run([*batch, "--parsable", "-o", out, "examples/slurm/multinode.sbatch", CONFIG,
-                                    *trainer_args("scancel")[2:]], cwd=args.source, env=env, capture_output=True,
-                                   text=True)
+        submitted = sbatch_trainer(["--parsable"], out, "scancel")
         job_id = submitted.stdout.strip().split(";")[0]
         check(wait_for_step("scancel", 3), "scancel: the batch job reached step 3")
         subprocess.run(["scancel", "--signal=TERM", job_id], env=env, check=False)
         wait_for_job_to_leave(job_id)
-        text = open(out).read() if os.path.exists(out) else ""
-        stopped = [int(line.split("stopped after step ")[1].split()[0]) for line in text.splitlines()
-                   if "signal received: stopped after step" in line]
+        stopped = stopped_steps(read_text(out))
         check(bool(stopped) and stopped[0] < 20, f"scancel --signal=TERM: the trainer stopped after step {stopped}")
         if stopped:
             check(os.path.isfile(os.path.join(args.workdir, "scancel", "checkpoint", f"step-{stopped[0]}",
                                               "metadata.json")), f"scancel: the checkpoint of step {stopped[0]}")
-        again = subprocess.run([*batch, "--wait", "-o", out + ".2", "examples/slurm/multinode.sbatch", CONFIG,
-                                *trainer_args("scancel")[2:]], cwd=args.source, env=env, capture_output=True,
-                               text=True, timeout=300)
-        text = open(out + ".2").read() if os.path.exists(out + ".2") else ""
-        check(again.returncode == 0 and "resumed from the checkpoint of step" in text,
+        again = sbatch_trainer(["--wait"], out + ".2", "scancel")
+        check(again.returncode == 0 and "resumed from the checkpoint of step" in read_text(out + ".2"),
               "scancel: the resubmitted job resumes from the checkpoint")
         check(losses("scancel") == reference, "scancel: after TERM and resume, bitwise the straight losses")
 
@@ -170,27 +178,19 @@ def main():
         name = "time"
         out = os.path.join(args.workdir, "time.out")
         started = time.time()
-        job = subprocess.run([*batch, "--time=1", "--signal=TERM@20", "--wait", "-o", out,
-                              "examples/slurm/multinode.sbatch", CONFIG,
-                              *trainer_args(name, ["--training.steps", "100000", "--lr_scheduler.decay_type",
-                                                   "constant"])[2:]],
-                             cwd=args.source, env=env, capture_output=True, text=True, timeout=300)
+        job = sbatch_trainer(["--time=1", "--signal=TERM@20", "--wait"], out, name,
+                             ["--training.steps", "100000", "--lr_scheduler.decay_type", "constant"])
         elapsed = time.time() - started
-        text = open(out).read() if os.path.exists(out) else ""
-        stopped = [int(line.split("stopped after step ")[1].split()[0]) for line in text.splitlines()
-                   if "signal received: stopped after step" in line]
+        stopped = stopped_steps(read_text(out))
         check(job.returncode == 0 and bool(stopped) and elapsed < 60,
               f"--time=1 --signal=TERM@20: the trainer stopped after step {stopped} and the job completed "
               f"(exit {job.returncode}) {elapsed:.0f} s in, before the limit")
         if stopped:
             check(os.path.isfile(os.path.join(args.workdir, name, "checkpoint", f"step-{stopped[0]}",
                                               "metadata.json")), f"time limit: the checkpoint of step {stopped[0]}")
-            again = subprocess.run([*batch, "--wait", "-o", out + ".2", "examples/slurm/multinode.sbatch", CONFIG,
-                                    *trainer_args(name, ["--training.steps", str(stopped[0] + 2),
-                                                         "--lr_scheduler.decay_type", "constant"])[2:]],
-                                   cwd=args.source, env=env, capture_output=True, text=True, timeout=300)
-            text = open(out + ".2").read() if os.path.exists(out + ".2") else ""
-            check(again.returncode == 0 and f"resumed from the checkpoint of step {stopped[0]}" in text,
+            again = sbatch_trainer(["--wait"], out + ".2", name,
+                                   ["--training.steps", str(stopped[0] + 2), "--lr_scheduler.decay_type", "constant"])
+            check(again.returncode == 0 and f"resumed from the checkpoint of step {stopped[0]}" in read_text(out + ".2"),
                   "time limit: the resubmitted job resumes from that checkpoint")
 
         # The trainer run by the batch script itself, without srun.
@@ -199,16 +199,14 @@ def main():
         job = subprocess.run(["sbatch", "-N", "2", "-n", "2", "--wait", "-o", out, "--wrap",
                               shlex.join([args.trainer, *trainer_args("nosrun")])], cwd=args.source, env=env,
                              capture_output=True, text=True, timeout=300)
-        text = open(out).read() if os.path.exists(out) else ""
+        text = read_text(out)
         check(job.returncode != 0 and "is not a task of a job step" in text and "srun" in text and
               time.time() - started < 30, f"no srun: the batch script's trainer fails at once naming srun "
               f"(exit {job.returncode}, {time.time() - started:.0f} s)" + ("" if "job step" in text else f" {text[-300:]}"))
 
         # scontrol requeue (preemption, a failed node): the job runs again and resumes.
         out = os.path.join(args.workdir, "requeue.out")
-        submitted = subprocess.run([*batch, "--requeue", "--open-mode=append", "--parsable", "-o", out,
-                                    "examples/slurm/multinode.sbatch", CONFIG, *trainer_args("requeue")[2:]],
-                                   cwd=args.source, env=env, capture_output=True, text=True)
+        submitted = sbatch_trainer(["--requeue", "--open-mode=append", "--parsable"], out, "requeue")
         job_id = submitted.stdout.strip().split(";")[0]
         check(wait_for_step("requeue", 3), "requeue: the batch job reached step 3")
         subprocess.run(["scontrol", "requeue", job_id], env=env, check=False)
@@ -220,8 +218,7 @@ def main():
                                                capture_output=True).returncode == 0)
 
         wait_for_job_to_leave(job_id, release)
-        text = open(out).read() if os.path.exists(out) else ""
-        check(any(released) and "resumed from the checkpoint of step" in text,
+        check(any(released) and "resumed from the checkpoint of step" in read_text(out),
               "requeue: the requeued job started again and resumed from a checkpoint")
         check(losses("requeue") == reference, "requeue: after the requeue, bitwise the straight losses at all 20 steps")
 

@@ -27,7 +27,7 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
                               TpPlanOptions()
                                   .sequence_parallel(parallelism.enable_sequence_parallel)
                                   .loss_parallel(parallelism.enable_loss_parallel)
-                                  .experts_over_tp(dims.ep > 1 && dims.etp == 1)  // ep borrows the tp ranks first
+                                  .experts_over_tp(dims.ep_from_tp() > 1)
                                   .expert_tensor_parallel(dims.etp > 1));
     titan::parallelize_module(model, mesh["tp"], titan::plan_for_stage(plan, model));  // a stage: its entries
   }
