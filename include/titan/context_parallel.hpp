@@ -174,16 +174,16 @@ class ContextParallelOptions {
   /// Softmax scale (default 1 / sqrt(head dim)).
   ContextParallelOptions& scale(std::optional<double> s) { scale_ = s; return *this; }
   /// Whether the model's first call checks that it was given this rank's positions in the layout
-  /// (apply_context_parallel; default on). Off for positions of another kind, e.g. restarting at
-  /// each packed document.
-  ContextParallelOptions& check_positions(bool on) { check_positions_ = on; return *this; }
+  /// and tokens that are not a contiguous slice of the batch (apply_context_parallel; default
+  /// on). Off for positions of another kind, e.g. restarting at each packed document.
+  ContextParallelOptions& check_inputs(bool on) { check_inputs_ = on; return *this; }
 
   RotateMethod rotate_method() const { return rotate_method_; }
   bool causal() const { return causal_; }
   int64_t sliding_window() const { return sliding_window_; }
   bool load_balance() const { return load_balance_; }
   std::optional<double> scale() const { return scale_; }
-  bool check_positions() const { return check_positions_; }
+  bool check_inputs() const { return check_inputs_; }
 
  private:
   RotateMethod rotate_method_ = RotateMethod::AllGather;
@@ -191,7 +191,7 @@ class ContextParallelOptions {
   int64_t sliding_window_ = 0;
   bool load_balance_ = true;
   std::optional<double> scale_;
-  bool check_positions_ = true;
+  bool check_inputs_ = true;
 };
 
 namespace detail {
@@ -650,12 +650,14 @@ namespace detail {
 
 /// Attached by apply_context_parallel to the model it was given: its first call checks that the
 /// caller passed this rank's positions in the layout, the model's second change under context
-/// parallelism. Its inputs are [B, S / cp] tokens or a pipeline stage's [B, S / cp, dim]
-/// activation first, then a positions tensor ([S / cp] or [B, S / cp] integers).
+/// parallelism, and that its tokens are not a contiguous slice of the batch. Its inputs are
+/// [B, S / cp] tokens or a pipeline stage's [B, S / cp, dim] activation first, then a positions
+/// tensor ([S / cp] or [B, S / cp] integers).
 class ContextParallelInputsHook : public ModuleHook {
  public:
-  explicit ContextParallelInputsHook(ContextParallelLayout layout) : layout_(layout) {}
-  std::string name() const override { return "context_parallel positions check"; }
+  ContextParallelInputsHook(ProcessGroupPtr group, bool load_balance)
+      : group_(std::move(group)), layout_(group_->size(), group_->rank(), load_balance) {}
+  std::string name() const override { return "context_parallel inputs check"; }
 
   at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
     check_once(module, inputs);
@@ -677,7 +679,7 @@ class ContextParallelInputsHook : public ModuleHook {
                 "was called without this rank's positions (its tensors: ", describe(inputs), "). Each cp rank holds ",
                 "tokens from two places of every sequence, so the model takes their positions for its RoPE or ",
                 "position embeddings: titan::call(model, tokens, layout.positions(seq)) (docs/context_parallel.md, ",
-                "'The seam in model code'; ContextParallelOptions().check_positions(false) for positions of ",
+                "'The seam in model code'; ContextParallelOptions().check_inputs(false) for positions of ",
                 "another kind)");
     const int64_t local = given->size(-1);
     const auto expected = layout_.positions(local * layout_.degree(), given->options());  // [S / cp]
@@ -688,7 +690,44 @@ class ContextParallelInputsHook : public ModuleHook {
                 layout_.degree(), ": ", head(expected), "): cut the batch with ContextParallelLayout::shard and take ",
                 "the positions from ContextParallelLayout::positions, not contiguous slices (attention assumes the ",
                 "layout)");
+    check_tokens(module, inputs.front(), local);
     checked_ = true;
+  }
+
+  /// Tokens cut into contiguous slices of whole sequences while the layout is load-balanced (the
+  /// positions may still come from the layout): caught when every rank's tokens are such a slice
+  /// as a view of the batch (narrow, chunk, slice), whose rows then hold whole sequences of
+  /// cp × S / cp tokens and which starts at the rank's contiguous offset. The ranks agree (one
+  /// all-reduce over the cp group, on the first call) so that all fail or none, and one rank's
+  /// tokens in a reused wider buffer are not taken for a cut. A copy of a contiguous slice cannot
+  /// be told from layout.shard's output and trains on with the wrong tokens at each position.
+  void check_tokens(const torch::nn::Module& module, const at::Tensor& tokens, int64_t local) const {
+    if (!layout_.load_balance() || !tokens.defined() || tokens.is_floating_point()) return;  // alike on every rank
+    const auto start = contiguous_cut_start(tokens, local);
+    const auto cut_ranks = dist_sum(start ? 1.0 : 0.0, group_);
+    TORCH_CHECK(cut_ranks < layout_.degree(), "titan context parallel: the tokens given to '", module.name(), "' (",
+                tokens.scalar_type(), " ", tokens.sizes(), ") are tokens [", *start, ", ", *start + local,
+                ") of sequences of ", local * layout_.degree(), " on rank ", layout_.rank(), ", a contiguous slice ",
+                "of the batch (a view whose rows are whole sequences; every cp rank's tokens are such a slice), but ",
+                "the load-balanced layout gives rank ", layout_.rank(), " of ", layout_.degree(), " the chunks ",
+                layout_.rank(), " and ", layout_.chunks() - 1 - layout_.rank(), " of ", layout_.chunks(), ": cut ",
+                "the batch with ContextParallelLayout::shard (layout.shard(batch, 1)), or use the contiguous layout ",
+                "on both sides (ContextParallelOptions().load_balance(false), ContextParallelLayout(cp, rank, false))");
+  }
+
+  /// Where in its sequence `tokens` (a [..., S / cp] view) starts when it is this rank's
+  /// contiguous slice of whole sequences; nullopt otherwise.
+  std::optional<int64_t> contiguous_cut_start(const at::Tensor& tokens, int64_t local) const {
+    if (tokens.dim() < 1 || tokens.size(-1) != local || tokens.stride(-1) != 1 || !tokens.has_storage())
+      return std::nullopt;
+    // Elements from one sequence to the next (one sequence: its storage); rows longer than the
+    // sequence are a [B, S + 1] buffer of inputs and labels.
+    const int64_t row = tokens.dim() >= 2 ? tokens.stride(-2)
+                                          : static_cast<int64_t>(tokens.storage().nbytes()) / tokens.element_size();
+    if (row < local * layout_.degree()) return std::nullopt;
+    const int64_t start = tokens.dim() >= 2 ? tokens.storage_offset() % row : tokens.storage_offset();
+    if (start != layout_.rank() * local) return std::nullopt;
+    return start;
   }
 
   /// The first values of a positions tensor, for messages.
@@ -705,6 +744,7 @@ class ContextParallelInputsHook : public ModuleHook {
     return text.empty() ? "none" : text;
   }
 
+  ProcessGroupPtr group_;  ///< the cp ranks
   ContextParallelLayout layout_;
   bool checked_ = false;  ///< the first call was checked
 };
@@ -718,7 +758,7 @@ class ContextParallelInputsHook : public ModuleHook {
 /// error naming the pattern. A group of one rank attaches nothing. Two checks make a half-applied
 /// context parallelism an error: `root`'s first call through titan::call must be given this
 /// rank's positions (ContextParallelLayout::positions, after the tokens or the stage's
-/// activation), and the first forward with gradients checks that every trainable parameter of
+/// activation) and tokens that are not a contiguous view of the batch, and the first forward with gradients checks that every trainable parameter of
 /// `root` has its gradient reduced over the group's ranks (fully_shard over a mesh dimension
 /// including cp); each error names the fix.
 inline int apply_context_parallel(torch::nn::Module& root, const std::string& pattern, const ProcessGroupPtr& group,
@@ -733,9 +773,8 @@ inline int apply_context_parallel(torch::nn::Module& root, const std::string& pa
   }
   TORCH_CHECK(attached > 0, "titan::apply_context_parallel: no module matches '", pattern, "'; modules like it: ",
               detail::module_names_like(root, pattern));
-  if (group->size() > 1 && options.check_positions())
-    attach_hook(root, std::make_shared<detail::ContextParallelInputsHook>(
-                          ContextParallelLayout(group->size(), group->rank(), options.load_balance())));
+  if (group->size() > 1 && options.check_inputs())
+    attach_hook(root, std::make_shared<detail::ContextParallelInputsHook>(group, options.load_balance()));
   return attached;
 }
 

@@ -245,19 +245,23 @@ inline void check_hook_order(const torch::nn::Module& root, HookKind kind, const
               "FSDP's gather, float8 casts the local shard)");
 }
 
-/// Rethrows `error`, raised inside the outermost titan::call of `root` (numbered `pass`). An error
-/// from ATen rather than from titan ("index out of range in self", a shape that does not fit) is
-/// often a hooked module called as module->forward(...), which computes on its parameters as
-/// sharded: the message then names the hooked modules below `root` that had not run through
-/// titan::call when it was raised.
-[[noreturn]] inline void explain_error(const torch::nn::Module& root, uint64_t pass, const c10::Error& error) {
-  const std::string message = error.what_without_backtrace();
+/// Rethrows `error` (the exception being handled), raised inside the outermost titan::call of
+/// `root` (numbered `pass`), keeping its type (c10::IndexError, c10::OutOfMemoryError, ...). An
+/// error from ATen rather than from titan ("index out of range in self", a shape that does not
+/// fit) is often a hooked module called as module->forward(...), which computes on its parameters
+/// as sharded: the error then gains a context line naming the hooked modules below `root` that had
+/// not run through titan::call when it was raised. Running out of memory is rethrown as it is.
+[[noreturn]] inline void explain_error(const torch::nn::Module& root, uint64_t pass, c10::Error& error) {
   auto not_yet = [pass](const HookSlotImpl& slot) { return slot.pass != pass; };
-  if (message.rfind("titan", 0) == 0 || !any_hooked(root, not_yet)) throw;
-  TORCH_CHECK(false, message, "\n[titan::call: this error was raised inside the forward of '", root.name(), "', where ",
-              describe_hooked(root, not_yet), " not called through titan::call before it (names relative to it). ",
-              "A hooked module called as module->forward(...) computes on its parameters as sharded (a tensor-",
-              "parallel shard, or an FSDP placeholder): call it as titan::call(module, ...)]");
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&error) || error.msg().rfind("titan", 0) == 0 ||
+      !any_hooked(root, not_yet))
+    throw;
+  error.add_context(c10::str("titan::call: this error was raised inside the forward of '", root.name(), "', where ",
+                             describe_hooked(root, not_yet), " not called through titan::call before it (names ",
+                             "relative to it). A hooked module called as module->forward(...) computes on its ",
+                             "parameters as sharded (a tensor-parallel shard, or an FSDP placeholder): call it as ",
+                             "titan::call(module, ...)"));
+  throw;
 }
 
 template <typename T>
@@ -398,7 +402,7 @@ auto call(M&& module, Args&&... args) {
         output = detail::list_to_tuple<Output>(run(inputs), std::make_index_sequence<std::tuple_size_v<Output>>{});
       }
     }
-  } catch (const c10::Error& error) {
+  } catch (c10::Error& error) {
     if (!outermost) throw;
     detail::explain_error(impl, tracking.pass, error);
   }

@@ -213,6 +213,66 @@ struct ProjectedImpl : torch::nn::Module {
 TORCH_MODULE(Projected);
 }  // namespace
 
+namespace {
+/// A model taking tokens ([B, S / cp], or [S / cp] for one sequence) and their positions.
+struct EmbeddedImpl : torch::nn::Module {
+  EmbeddedImpl() {
+    wte = register_module("wte", torch::nn::Embedding(16, 8));
+    core = register_module("core", Core());
+  }
+  Tensor forward(const Tensor& tokens, const Tensor& positions) {                      // [.., S / cp], [S / cp]
+    auto q = titan::call(wte, tokens).reshape({-1, positions.size(-1), 8}).unsqueeze(1);  // [B, 1, S / cp, 8]
+    return titan::call(core, q, q, q);
+  }
+  torch::nn::Embedding wte{nullptr};
+  Core core{nullptr};
+};
+TORCH_MODULE(Embedded);
+}  // namespace
+
+TEST_CASE("apply_context_parallel: tokens cut as a contiguous view of the batch are an error") {
+  if (world()->world_size() < 2) return;  // a group of one rank attaches nothing
+  auto group = world()->group();
+  const ContextParallelLayout layout(group->size(), group->rank());
+  const int64_t local = 2 * layout.chunks() / layout.degree(), seq = local * layout.degree();
+  const auto positions = layout.positions(seq, torch::TensorOptions().device(device()));  // [S / cp]
+  const auto buffer = torch::randint(16, {2, seq + 1}, torch::TensorOptions().dtype(torch::kLong).device(device()));
+  const auto batch = buffer.narrow(1, 0, seq).contiguous();  // [B, S]
+  torch::NoGradGuard no_grad;  // evaluation: no gradient reduction to check
+  auto cp_model = [&](const ContextParallelOptions& options) {  // checks its first call that does not fail
+    Embedded model;
+    model->to(device());
+    titan::apply_context_parallel(*model, "core", group, options);
+    return model;
+  };
+  auto model = cp_model({});
+  const std::string range = "are tokens [" + std::to_string(group->rank() * local) + ", " +
+                            std::to_string((group->rank() + 1) * local) + ") of sequences of " +
+                            std::to_string(seq) + " on rank " + std::to_string(group->rank()) +
+                            ", a contiguous slice of the batch";
+  const auto message = error_of([&] { titan::call(model, batch.narrow(1, group->rank() * local, local), positions); });
+  CHECK(message.find(range) != std::string::npos);
+  CHECK(message.find("the load-balanced layout gives rank " + std::to_string(group->rank()) + " of " +
+                     std::to_string(layout.degree()) + " the chunks " + std::to_string(group->rank()) + " and " +
+                     std::to_string(layout.chunks() - 1 - group->rank()) + " of " + std::to_string(layout.chunks()) +
+                     ": cut the batch with ContextParallelLayout::shard") != std::string::npos);
+  // A [B, S + 1] buffer of inputs and labels cut by chunk; one sequence cut by narrow.
+  CHECK(error_of([&] { titan::call(model, buffer.narrow(1, 0, seq).chunk(layout.degree(), 1)[group->rank()], positions); })
+            .find(range) != std::string::npos);
+  CHECK(error_of([&] { titan::call(model, batch[0].narrow(0, group->rank() * local, local), positions); })
+            .find(range) != std::string::npos);
+  // Rank 0's shard in the first columns of a reused [B, S] buffer starts where its contiguous cut
+  // would, but the other ranks' do not: no error on any rank.
+  auto reused = torch::zeros_like(batch);
+  reused.narrow(1, 0, local).copy_(layout.shard(batch, 1));
+  CHECK_NOTHROW(titan::call(model, reused.narrow(1, 0, local), positions));
+  CHECK_NOTHROW(titan::call(cp_model({}), layout.shard(batch, 1), positions));
+  // The contiguous layout on both sides takes exactly such a slice.
+  const ContextParallelLayout contiguous(group->size(), group->rank(), false);
+  CHECK_NOTHROW(titan::call(cp_model(ContextParallelOptions().load_balance(false)),
+                            batch.narrow(1, group->rank() * local, local), contiguous.positions(seq, positions.options())));
+}
+
 TEST_CASE("apply_context_parallel: missing or contiguous positions, and gradients not summed over cp, are errors") {
   if (world()->world_size() < 2) return;  // a group of one rank attaches nothing
   auto group = world()->group();

@@ -438,7 +438,7 @@ struct DirectEmbeddingImpl : torch::nn::Module {
 TORCH_MODULE(DirectEmbedding);
 }  // namespace
 
-TEST_CASE("tp: an error from ATen inside the root's titan::call names the hooked modules not yet called") {
+TEST_CASE("tp: an error from ATen inside the root's titan::call keeps its type and names the hooked modules not yet called") {
   if (tp_size() == 1) return;
   DirectEmbedding model;
   model->to(device());
@@ -451,6 +451,7 @@ TEST_CASE("tp: an error from ATen inside the root's titan::call names the hooked
   CHECK(message.find("index out of range") != std::string::npos);
   CHECK(message.find("where 'wte' has tensor-parallel rowwise attached; 'head' has tensor-parallel colwise attached "
                      "but were not called through titan::call before it") != std::string::npos);
+  CHECK_THROWS_AS(titan::call(model, tokens), c10::IndexError);  // ATen's type is kept
 }
 
 TEST_CASE("tp: plan and style errors name what is wrong") {
