@@ -1,9 +1,10 @@
 """Reference checkpoints and outputs for test_models' parity suite, made with transformers.
 
-For each of five tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
+For each of six tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
 GQA and rope_type "llama3" scaling, Mistral with a sliding window shorter than the sequence,
 Mixtral with 8 experts, top-2 and the auxiliary loss in its loss, Qwen3-MoE with q/k norms, an
-explicit head_dim and norm_topk_prob = False) this writes, under --out/<name>/:
+explicit head_dim and norm_topk_prob = False, dense Qwen3 with q/k norms and an explicit head_dim)
+this writes, under --out/<name>/:
   config.json + model.safetensors          the model, by save_pretrained (fp32)
   sharded/ (llama31 only)                  the same model saved in several files with an index
   reference.safetensors                    input_ids [2, S], logits [2, S, V], loss [], inv_freq,
@@ -23,7 +24,7 @@ import os
 import torch
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          MixtralForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
               vocab_size=251, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -49,6 +50,9 @@ CASES = {
                   dict(num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2,
                        moe_intermediate_size=48, norm_topk_prob=False,
                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, 20,
+              dict(num_key_value_heads=2, head_dim=24,
+                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 MOE = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 

@@ -104,7 +104,7 @@ TEST_CASE("hf: name mapping both ways") {
 
 TEST_CASE("parity: logits, loss and gradients match transformers" * doctest::test_suite("parity")) {
   const auto root = reference_dir();
-  for (const std::string name : {"llama2", "llama31", "mistral", "mixtral", "qwen3_moe"}) {
+  for (const std::string name : {"llama2", "llama31", "mistral", "mixtral", "qwen3_moe", "qwen3"}) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
     st::File ref(dir + "/reference.safetensors");
@@ -191,7 +191,8 @@ TEST_CASE("parity: exported checkpoints load in transformers with the same logit
                                                              {"llama31", "LlamaForCausalLM"},
                                                              {"mistral", "MistralForCausalLM"},
                                                              {"mixtral", "MixtralForCausalLM"},
-                                                             {"qwen3_moe", "Qwen3MoeForCausalLM"}};
+                                                             {"qwen3_moe", "Qwen3MoeForCausalLM"},
+                                                             {"qwen3", "Qwen3ForCausalLM"}};
   for (const auto& [name, architecture] : architectures) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;

@@ -82,7 +82,10 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
                  // Llama 3.2 1B: 1,235,814,400 with the output tied to the embedding; untied here.
                  Expected{"llama3", "1B", 8192, 1235814400LL + 128256LL * 2048},
                  Expected{"llama3", "70B", 28672, 70553706496LL}, Expected{"llama3.1", "405B", 53248, 405853388800LL},
-                 Expected{"mistral", "7B", 14336, 7241732096LL}}) {
+                 Expected{"mistral", "7B", 14336, 7241732096LL},
+                 // Qwen3 dense: transformers' Qwen3ForCausalLM built on meta from the hub's config.json.
+                 Expected{"qwen3", "8B", 12288, 8190735360LL}, Expected{"qwen3", "14B", 17408, 14768307200LL},
+                 Expected{"qwen3", "32B", 25600, 32762123264LL}}) {
     CAPTURE(e.family);
     CAPTURE(e.flavor);
     auto args = model_args(e.family, e.flavor);
@@ -94,7 +97,8 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
   CHECK_FALSE(model_args("llama3", "8B").rope_scaling().enabled());
   CHECK(model_args("mistral", "7B").sliding_window() == 4096);
   // Mixture-of-experts flavors: transformers' num_parameters() of Mixtral-8x7B, Mixtral-8x22B and
-  // Qwen3-30B-A3B, and the parameters one token uses (top_k experts: 12.9B, 39.2B, 3.3B "active").
+  // Qwen3-30B-A3B and Qwen3-235B-A22B, and the parameters one token uses (top_k experts: 12.9B,
+  // 39.2B, 3.3B, 22.2B "active").
   struct MoeExpected {
     const char* family;
     const char* flavor;
@@ -102,7 +106,8 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
   };
   for (auto e : {MoeExpected{"mixtral", "8x7B", 8, 2, 14336, 46702792704LL, 12879925248LL},
                  MoeExpected{"mixtral", "8x22B", 8, 2, 16384, 140630071296LL, 39161468928LL},
-                 MoeExpected{"qwen3_moe", "30B-A3B", 128, 8, 768, 30532122624LL, 3353032704LL}}) {
+                 MoeExpected{"qwen3_moe", "30B-A3B", 128, 8, 768, 30532122624LL, 3353032704LL},
+                 MoeExpected{"qwen3_moe", "235B-A22B", 128, 8, 1536, 235093634560LL, 22190763520LL}}) {
     CAPTURE(e.flavor);
     auto args = model_args(e.family, e.flavor);
     CHECK(args.is_moe());
@@ -114,6 +119,9 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
   }
   CHECK(model_args("qwen3_moe", "30B-A3B").qk_norm());
   CHECK(model_args("qwen3_moe", "30B-A3B").effective_head_dim() == 128);
+  CHECK(model_args("qwen3", "8B").qk_norm());
+  CHECK(model_args("qwen3", "32B").effective_head_dim() == 128);  // 64 heads of 128 in a width of 5120
+  CHECK_FALSE(model_args("qwen3", "8B").is_moe());
   CHECK_CONTAINS(error_of([] { ModelArgs().moe_hidden_dim(8).moe(titan::MoeOptions().num_experts(4).top_k(5)).validate(); }),
                  "top_k must be in [1, 4]");
   for (const auto& name : model_flavors()) CHECK_NOTHROW(model_args(name.substr(0, name.find('/')), name.substr(name.find('/') + 1)).validate());

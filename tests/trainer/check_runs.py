@@ -268,6 +268,17 @@ def main():
         diff = max_weight_diff(weights(work(name)), weights(work(reference)))
         r.check(diff < tol, f"{what}: final weights within {tol} (max {diff:.2e})")
 
+    def check_hf_export(name, architecture):
+        """transformers loads run `name`'s Hugging Face export as `architecture`, with finite logits."""
+        check = subprocess.run([sys.executable, "-c", (
+            "import sys, torch; from transformers import AutoModelForCausalLM; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "assert type(m).__name__ == sys.argv[2], type(m).__name__; "
+            "print(m(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all().item())"),
+            os.path.join(work(name), "export"), architecture], capture_output=True, text=True)
+        r.check(check.returncode == 0 and check.stdout.strip().endswith("True"),
+                f"{name}: transformers loads the export as {architecture} {check.stderr[-300:]}")
+
     def compare_to_straight(name, steps, what, tol=1e-4):
         compare_runs(name, "straight", what, steps, tol)
 
@@ -533,14 +544,15 @@ def main():
         run, _ = metrics(work("mixtral"))
         r.check(all(math.isfinite(run[s]["loss"]) and 0 < run[s]["moe/aux_loss"] < 16 for s in range(1, 21)),
                 "mixtral: finite losses and a finite positive auxiliary loss at every step")
-        check = subprocess.run([sys.executable, "-c", (
-            "import sys, torch; from transformers import AutoModelForCausalLM; "
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-            "assert type(m).__name__ == 'MixtralForCausalLM', type(m).__name__; "
-            "print(m(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all().item())"),
-            os.path.join(work("mixtral"), "export")], capture_output=True, text=True)
-        r.check(check.returncode == 0 and check.stdout.strip().endswith("True"),
-                f"mixtral: transformers loads the export as MixtralForCausalLM {check.stderr[-300:]}")
+        check_hf_export("mixtral", "MixtralForCausalLM")
+
+    if wanted("qwen3"):
+        # Dense Qwen3 (q/k norms on head-sharded q and k): TP 2 with sequence parallel against one rank.
+        r.run("qwen3_one", args.trainer, 1, "qwen3_debug.toml")
+        r.run("qwen3_tp", args.trainer, 2, "qwen3_debug.toml",
+              ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true"])
+        compare_runs("qwen3_tp", "qwen3_one", "qwen3: TP 2 (sequence parallel) on 2 ranks")
+        check_hf_export("qwen3_tp", "Qwen3ForCausalLM")
 
     for name, trainer, config, extra in (("mistral", args.trainer, "mistral_debug.toml", []),
                                          ("alpaca", args.trainer, "llama3_debug_alpaca.toml",

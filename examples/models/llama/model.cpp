@@ -126,6 +126,27 @@ const FlavorTable& flavors() {
                            .vocab_size(151936)
                            .max_seq_len(40960));
     };
+    t["qwen3_moe"]["235B-A22B"] = [=] {
+      return qwen3_moe(ModelArgs()
+                           .dim(4096)
+                           .n_layers(94)
+                           .n_heads(64)
+                           .n_kv_heads(4)
+                           .head_dim(128)
+                           .moe_hidden_dim(1536)
+                           .moe(top_k_of(128, 8))
+                           .vocab_size(151936)
+                           .max_seq_len(40960));
+    };
+    // Qwen3 dense: Llama's blocks with q/k norms and a head width of 128 (not dim / heads). The
+    // 0.6B, 1.7B and 4B models tie the output to the embedding, which this Transformer does not.
+    t["qwen3"]["debug"] = [=] { return qwen3_moe(debug_args().vocab_size(3000)); };
+    auto qwen3 = [=](ModelArgs a) {
+      return qwen3_moe(a.n_kv_heads(8).head_dim(128).vocab_size(151936).max_seq_len(40960));
+    };
+    t["qwen3"]["8B"] = [=] { return qwen3(ModelArgs().dim(4096).n_layers(36).n_heads(32).ffn_hidden_dim(12288)); };
+    t["qwen3"]["14B"] = [=] { return qwen3(ModelArgs().dim(5120).n_layers(40).n_heads(40).ffn_hidden_dim(17408)); };
+    t["qwen3"]["32B"] = [=] { return qwen3(ModelArgs().dim(5120).n_layers(64).n_heads(64).ffn_hidden_dim(25600)); };
     t["mistral"]["7B"] = [=] {
       return ModelArgs()
           .dim(4096)

@@ -103,9 +103,10 @@ struct ModelArgs {
 
 /// The arguments of a named flavor. Families: "llama2" (debug, 7B, 13B, 70B), "llama3" (debug, 1B,
 /// 8B, 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "mistral" (debug, 7B),
-/// "mixtral" (debug, 8x7B, 8x22B), "qwen3_moe" (debug, 30B-A3B). The debug flavors are tiny (dim
-/// 256, 4 layers, 8 heads, 2 kv heads; 8 experts of width 128 for the MoE families) for tests; set
-/// vocab_size from the tokenizer.
+/// "mixtral" (debug, 8x7B, 8x22B), "qwen3_moe" (debug, 30B-A3B, 235B-A22B), "qwen3" (debug, 8B,
+/// 14B, 32B: the dense models with an untied output). The debug flavors are tiny (dim 256, 4
+/// layers, 8 heads, 2 kv heads; 8 experts for the MoE families) for tests; set vocab_size from the
+/// tokenizer.
 ModelArgs model_args(const std::string& family, const std::string& flavor);
 /// Every "family/flavor" model_args accepts.
 std::vector<std::string> model_flavors();

@@ -1,6 +1,6 @@
-// The Llama-family registration: llama2, llama3, llama3.1, mistral and the mixture-of-experts
-// families mixtral and qwen3_moe share the Transformer of model.hpp, its parallelize function,
-// pipeline split and Hugging Face adapter.
+// The Llama-family registration: llama2, llama3, llama3.1, mistral, qwen3 (dense, q/k norms) and
+// the mixture-of-experts families mixtral and qwen3_moe share the Transformer of model.hpp, its
+// parallelize function, pipeline split and Hugging Face adapter.
 #include "../registry.hpp"
 #include "parallelize.hpp"
 #include "state_dict_adapter.hpp"
@@ -101,7 +101,7 @@ ModelSpec llama_family_spec(const std::string& name) {
 }  // namespace
 
 void register_llama(ModelRegistry& registry) {
-  for (const char* name : {"llama2", "llama3", "llama3.1", "mistral", "mixtral", "qwen3_moe"})
+  for (const char* name : {"llama2", "llama3", "llama3.1", "mistral", "mixtral", "qwen3", "qwen3_moe"})
     registry.add(llama_family_spec(name));
 }
 

@@ -176,12 +176,14 @@ std::string config_file(const std::string& path) {
 nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
   const bool mistral = args.sliding_window() > 0 && !args.is_moe();
   const bool qwen3_moe = args.is_moe() && args.qk_norm(), mixtral = args.is_moe() && !qwen3_moe;
+  const bool qwen3 = !args.is_moe() && args.qk_norm();
   nlohmann::ordered_json c;
   c["architectures"] = {qwen3_moe ? "Qwen3MoeForCausalLM"
                         : mixtral ? "MixtralForCausalLM"
+                        : qwen3   ? "Qwen3ForCausalLM"
                         : mistral ? "MistralForCausalLM"
                                   : "LlamaForCausalLM"};
-  c["model_type"] = args.is_moe() ? moe_naming(args).model_type : mistral ? "mistral" : "llama";
+  c["model_type"] = args.is_moe() ? moe_naming(args).model_type : qwen3 ? "qwen3" : mistral ? "mistral" : "llama";
   c["hidden_size"] = args.dim();
   c["intermediate_size"] = mixtral ? args.moe_hidden_dim() : args.hidden_dim();
   if (mixtral) {
@@ -190,6 +192,7 @@ nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
     c["router_jitter_noise"] = 0.0;
     c["sliding_window"] = args.sliding_window() > 0 ? nlohmann::ordered_json(args.sliding_window()) : nullptr;
   }
+  if (qwen3) c["use_sliding_window"] = false;
   if (qwen3_moe) {
     c["moe_intermediate_size"] = args.moe_hidden_dim();
     c["num_experts"] = args.moe().num_experts();
@@ -305,11 +308,14 @@ ModelArgs read_hf_config(const std::string& path) {
 
   const std::string model_type = config.text("model_type");
   const bool mixtral = model_type == kMixtral.model_type, qwen3_moe = model_type == kQwen3Moe.model_type;
-  TORCH_CHECK(model_type == "llama" || model_type == "mistral" || mixtral || qwen3_moe, file, ": model_type \"",
-              model_type, "\" is not supported (expected \"llama\", \"mistral\", \"mixtral\" or \"qwen3_moe\")");
+  const bool qwen3 = model_type == "qwen3";
+  TORCH_CHECK(model_type == "llama" || model_type == "mistral" || mixtral || qwen3 || qwen3_moe, file,
+              ": model_type \"", model_type, "\" is not supported (expected \"llama\", \"mistral\", \"mixtral\", ",
+              "\"qwen3\" or \"qwen3_moe\")");
   if (const auto* tied = config.find("tie_word_embeddings"))
     TORCH_CHECK(!config.flag_of(*tied, "tie_word_embeddings"), file,
-                ": tie_word_embeddings = true is not supported (output is untied)");
+                ": tie_word_embeddings = true is not supported (the output layer is untied; Qwen3 0.6B, 1.7B and ",
+                "4B and Llama 3.2 tie it)");
   if (const auto* act = config.find("hidden_act"))
     TORCH_CHECK(config.text_of(*act, "hidden_act") == "silu", file, ": hidden_act \"", act->get<std::string>(),
                 "\" is not supported (silu)");
@@ -337,6 +343,11 @@ ModelArgs read_hf_config(const std::string& path) {
         .moe(titan::MoeOptions().num_experts(config.integer("num_local_experts")).top_k(
             config.integer("num_experts_per_tok")));
   }
+  if (qwen3 || qwen3_moe) {
+    if (const auto* window = config.find("use_sliding_window"))
+      TORCH_CHECK(!config.flag_of(*window, "use_sliding_window"), file, ": use_sliding_window = true is not supported");
+    args.qk_norm(true);
+  }
   if (qwen3_moe) {
     if (const auto* step = config.find("decoder_sparse_step"))
       TORCH_CHECK(config.integer_of(*step, "decoder_sparse_step") == 1, file, ": decoder_sparse_step = ",
@@ -344,14 +355,11 @@ ModelArgs read_hf_config(const std::string& path) {
     if (const auto* dense = config.find("mlp_only_layers"))
       TORCH_CHECK(dense->is_array() && dense->empty(), file, ": mlp_only_layers = ", dense->dump(),
                   " is not supported ([]: every block is a mixture of experts)");
-    if (const auto* window = config.find("use_sliding_window"))
-      TORCH_CHECK(!config.flag_of(*window, "use_sliding_window"), file, ": use_sliding_window = true is not supported");
     const bool norm = config.find("norm_topk_prob") ? config.flag_of(config.get("norm_topk_prob"), "norm_topk_prob")
                                                     : false;  // transformers' default
     // The hub's configs say num_experts; transformers 5 writes its alias num_local_experts.
     const char* experts = config.find("num_experts") ? "num_experts" : "num_local_experts";
-    args.qk_norm(true)
-        .moe_hidden_dim(config.integer("moe_intermediate_size"))
+    args.moe_hidden_dim(config.integer("moe_intermediate_size"))
         .moe(titan::MoeOptions()
                  .num_experts(config.integer(experts))
                  .top_k(config.integer("num_experts_per_tok"))
