@@ -1,10 +1,10 @@
 """Reference checkpoints and outputs for test_models' parity suite, made with transformers.
 
-For each of six tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
+For each of seven tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
 GQA and rope_type "llama3" scaling, Mistral with a sliding window shorter than the sequence,
 Mixtral with 8 experts, top-2 and the auxiliary loss in its loss, Qwen3-MoE with q/k norms, an
-explicit head_dim and norm_topk_prob = False, dense Qwen3 with q/k norms and an explicit head_dim)
-this writes, under --out/<name>/:
+explicit head_dim and norm_topk_prob = False, dense Qwen3 with q/k norms and an explicit head_dim,
+Llama 3.2 with the output tied to the embedding and RoPE scaled by 32) this writes, under --out/<name>/:
   config.json + model.safetensors          the model, by save_pretrained (fp32)
   sharded/ (llama31 only)                  the same model saved in several files with an index
   reference.safetensors                    input_ids [2, S], logits [2, S, V], loss [], inv_freq,
@@ -53,6 +53,11 @@ CASES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, 20,
               dict(num_key_value_heads=2, head_dim=24,
                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "llama32": (LlamaConfig, LlamaForCausalLM, 20,
+                dict(num_key_value_heads=2, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 32})),
 }
 MOE = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
@@ -87,7 +92,7 @@ def disk_grads(name, model):
 def make_case(name, out, seed):
     config_cls, model_cls, seq, extra = CASES[name]
     torch.manual_seed(seed)
-    config = config_cls(**COMMON, **extra)
+    config = config_cls(**{**COMMON, **extra})
     config._attn_implementation = "eager"
     model = model_cls(config).float()
     with torch.no_grad():  # non-trivial norm weights

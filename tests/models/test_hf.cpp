@@ -104,7 +104,7 @@ TEST_CASE("hf: name mapping both ways") {
 
 TEST_CASE("parity: logits, loss and gradients match transformers" * doctest::test_suite("parity")) {
   const auto root = reference_dir();
-  for (const std::string name : {"llama2", "llama31", "mistral", "mixtral", "qwen3_moe", "qwen3"}) {
+  for (const std::string name : {"llama2", "llama31", "mistral", "mixtral", "qwen3_moe", "qwen3", "llama32"}) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
     st::File ref(dir + "/reference.safetensors");
@@ -192,7 +192,8 @@ TEST_CASE("parity: exported checkpoints load in transformers with the same logit
                                                              {"mistral", "MistralForCausalLM"},
                                                              {"mixtral", "MixtralForCausalLM"},
                                                              {"qwen3_moe", "Qwen3MoeForCausalLM"},
-                                                             {"qwen3", "Qwen3ForCausalLM"}};
+                                                             {"qwen3", "Qwen3ForCausalLM"},
+                                                             {"llama32", "LlamaForCausalLM"}};
   for (const auto& [name, architecture] : architectures) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
@@ -269,8 +270,8 @@ TEST_CASE("parity: checkpoints that do not match the config give clear errors" *
   CHECK_CONTAINS(message, bad + "/model.safetensors");
   CHECK_CONTAINS(message, "out of range");
   // Unsupported configs.
-  write_bytes(bad + "/config.json", R"({"model_type": "llama", "tie_word_embeddings": true})");
-  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "config.json: tie_word_embeddings = true is not supported");
+  write_bytes(bad + "/config.json", R"({"model_type": "llama", "tie_word_embeddings": 1})");
+  CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "config.json: \"tie_word_embeddings\" must be true or false, got 1");
   write_bytes(bad + "/config.json", R"({"model_type": "gpt2"})");
   CHECK_CONTAINS(error_of([&] { read_hf_config(bad); }), "model_type \"gpt2\" is not supported");
   write_bytes(bad + "/config.json", R"({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,

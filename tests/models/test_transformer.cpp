@@ -85,7 +85,12 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
                  Expected{"mistral", "7B", 14336, 7241732096LL},
                  // Qwen3 dense: transformers' Qwen3ForCausalLM built on meta from the hub's config.json.
                  Expected{"qwen3", "8B", 12288, 8190735360LL}, Expected{"qwen3", "14B", 17408, 14768307200LL},
-                 Expected{"qwen3", "32B", 25600, 32762123264LL}}) {
+                 Expected{"qwen3", "32B", 25600, 32762123264LL},
+                 // Tied outputs (counted once): Qwen3 0.6B, 1.7B, 4B and Llama 3.2 1B, 3B (transformers'
+                 // models on meta; Llama 3.2 1B is Meta's 1,235,814,400 above).
+                 Expected{"qwen3", "0.6B", 3072, 596049920LL}, Expected{"qwen3", "1.7B", 6144, 1720574976LL},
+                 Expected{"qwen3", "4B", 9728, 4022468096LL}, Expected{"llama3.2", "1B", 8192, 1235814400LL},
+                 Expected{"llama3.2", "3B", 8192, 3212749824LL}}) {
     CAPTURE(e.family);
     CAPTURE(e.flavor);
     auto args = model_args(e.family, e.flavor);
@@ -122,6 +127,12 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
   CHECK(model_args("qwen3", "8B").qk_norm());
   CHECK(model_args("qwen3", "32B").effective_head_dim() == 128);  // 64 heads of 128 in a width of 5120
   CHECK_FALSE(model_args("qwen3", "8B").is_moe());
+  CHECK(model_args("qwen3", "4B").tie_embeddings());
+  CHECK_FALSE(model_args("qwen3", "8B").tie_embeddings());
+  CHECK(model_args("llama3.2", "1B").rope_scaling().factor() == 32);
+  // A tied output's matmul is counted in the FLOPs once more than its parameter.
+  const auto tied = model_args("llama3.2", "1B"), untied = model_args("llama3", "1B");
+  CHECK(flops_per_token(tied, 2048) == flops_per_token(untied, 2048));
   CHECK_CONTAINS(error_of([] { ModelArgs().moe_hidden_dim(8).moe(titan::MoeOptions().num_experts(4).top_k(5)).validate(); }),
                  "top_k must be in [1, 4]");
   for (const auto& name : model_flavors()) CHECK_NOTHROW(model_args(name.substr(0, name.find('/')), name.substr(name.find('/') + 1)).validate());

@@ -53,6 +53,10 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               EP 2's and TP 2 x ETP 2 x EP 2's at EP 1 on 1 rank, their own); the
               Mixtral debug model (auxiliary loss, EP 2): finite losses and auxiliary losses, a
               Hugging Face export that transformers loads
+  qwen3       the dense Qwen3 debug model (q/k norms) with TP 2 and sequence parallel on 2 ranks:
+              the 1-rank run's losses and exported weights; the export loads as Qwen3ForCausalLM
+  tied        Llama 3.2 (output tied to the embedding) under FSDP 2: the 1-rank run's losses and
+              weights; the export says tie_word_embeddings, holds no lm_head.weight and loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
 
@@ -553,6 +557,18 @@ def main():
               ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true"])
         compare_runs("qwen3_tp", "qwen3_one", "qwen3: TP 2 (sequence parallel) on 2 ranks")
         check_hf_export("qwen3_tp", "Qwen3ForCausalLM")
+
+    if wanted("tied"):
+        # Llama 3.2 (the output tied to the embedding: one weight, two uses, one gradient) under
+        # FSDP 2 against one rank; its export loads in transformers with the weights tied.
+        r.run("tied_one", args.trainer, 1, llama, ["--model.name", "llama3.2"])
+        r.run("tied_fsdp", args.trainer, 2, llama, ["--model.name", "llama3.2"])
+        compare_runs("tied_fsdp", "tied_one", "tied: Llama 3.2 under FSDP 2")
+        with open(os.path.join(work("tied_fsdp"), "export", "config.json")) as f:
+            tied = json.load(f).get("tie_word_embeddings")
+        r.check(tied is True and "lm_head.weight" not in weights(work("tied_fsdp")),
+                "tied: the export says tie_word_embeddings and holds no lm_head.weight")
+        check_hf_export("tied_fsdp", "LlamaForCausalLM")
 
     for name, trainer, config, extra in (("mistral", args.trainer, "mistral_debug.toml", []),
                                          ("alpaca", args.trainer, "llama3_debug_alpaca.toml",

@@ -9,13 +9,30 @@
 #include <nlohmann/json.hpp>
 
 
+TEST_CASE("registry: a model with a tied output builds without one and refuses TP and PP") {
+  TrainConfig config;
+  config.model.name = "llama3.2";
+  config.model.flavor = "debug";
+  const auto& spec = model_spec_of(config);
+  auto model = spec.build(config, 4000, torch::kMeta);
+  CHECK_FALSE(model->named_children().contains("output"));
+  CHECK(model->named_parameters().size() == spec.build(TrainConfig(), 4000, torch::kMeta)->named_parameters().size() - 1);
+  config.parallelism.tensor_parallel_degree = 2;
+  CHECK_ERROR_HAS(spec.build(config, 4000, torch::kMeta), "model: llama3.2 debug ties its output to the embedding",
+                  "tensor_parallel_degree = 2 and pipeline_parallel_degree = 1 must be 1");
+  config.parallelism.tensor_parallel_degree = 1;
+  config.parallelism.pipeline_parallel_degree = 2;
+  CHECK_ERROR_HAS(spec.build(config, 4000, torch::kMeta), "pipeline_parallel_degree = 2 must be 1");
+}
+
 TEST_CASE("registry: the built-in families, and errors that list what is registered") {
-  CHECK(model_registry().names() == std::vector<std::string>{"llama2", "llama3", "llama3.1", "mistral", "mixtral", "qwen3", "qwen3_moe"});
+  CHECK(model_registry().names() == std::vector<std::string>{"llama2", "llama3", "llama3.1", "llama3.2", "mistral", "mixtral", "qwen3",
+                                                                      "qwen3_moe"});
   CHECK(model_registry().at("llama3.1").flavors == std::vector<std::string>{"1B", "405B", "70B", "8B", "debug"});
   TrainConfig config;
   config.model.name = "gpt2";
   CHECK_ERROR_HAS(model_spec_of(config), "model.name = 'gpt2' is not a registered model",
-                  "llama2, llama3, llama3.1, mistral, mixtral, qwen3, qwen3_moe");
+                  "llama2, llama3, llama3.1, llama3.2, mistral, mixtral, qwen3, qwen3_moe");
   config.model.name = "mistral";
   config.model.flavor = "8B";
   CHECK_ERROR_HAS(model_spec_of(config), "model.flavor = '8B' is not a flavor of mistral", "7B, debug");

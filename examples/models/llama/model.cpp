@@ -94,6 +94,17 @@ const FlavorTable& flavors() {
         return base().rope_scaling(llama31_scaling()).max_seq_len(debug ? 2048 : 131072);
       };
     }
+    // Llama 3.2: Llama 3.1's blocks, RoPE scaled by 32, the output tied to the embedding.
+    auto llama32 = [=](ModelArgs a) {
+      return llama3(a).rope_scaling(llama31_scaling().factor(32)).max_seq_len(131072).tie_embeddings(true);
+    };
+    t["llama3.2"]["debug"] = [=] { return llama32(debug_args()).vocab_size(4000).max_seq_len(2048); };
+    t["llama3.2"]["1B"] = [=] {
+      return llama32(ModelArgs().dim(2048).n_layers(16).n_heads(32).n_kv_heads(8).ffn_hidden_dim(8192));
+    };
+    t["llama3.2"]["3B"] = [=] {
+      return llama32(ModelArgs().dim(3072).n_layers(28).n_heads(24).n_kv_heads(8).ffn_hidden_dim(8192));
+    };
     t["mistral"]["debug"] = [=] { return debug_args().vocab_size(3000).sliding_window(128); };
     // Mixture-of-experts families: Mixtral (Mistral's attention without the window, top-2 of 8
     // experts, softmax renormalised) and Qwen3-MoE (q/k norms, top-8 of 128, norm_topk_prob).
@@ -138,11 +149,20 @@ const FlavorTable& flavors() {
                            .vocab_size(151936)
                            .max_seq_len(40960));
     };
-    // Qwen3 dense: Llama's blocks with q/k norms and a head width of 128 (not dim / heads). The
-    // 0.6B, 1.7B and 4B models tie the output to the embedding, which this Transformer does not.
+    // Qwen3 dense: Llama's blocks with q/k norms and a head width of 128 (not dim / heads); the
+    // 0.6B, 1.7B and 4B models tie the output to the embedding.
     t["qwen3"]["debug"] = [=] { return qwen3_moe(debug_args().vocab_size(3000)); };
     auto qwen3 = [=](ModelArgs a) {
       return qwen3_moe(a.n_kv_heads(8).head_dim(128).vocab_size(151936).max_seq_len(40960));
+    };
+    t["qwen3"]["0.6B"] = [=] {
+      return qwen3(ModelArgs().dim(1024).n_layers(28).n_heads(16).ffn_hidden_dim(3072)).tie_embeddings(true);
+    };
+    t["qwen3"]["1.7B"] = [=] {
+      return qwen3(ModelArgs().dim(2048).n_layers(28).n_heads(16).ffn_hidden_dim(6144)).tie_embeddings(true);
+    };
+    t["qwen3"]["4B"] = [=] {
+      return qwen3(ModelArgs().dim(2560).n_layers(36).n_heads(32).ffn_hidden_dim(9728)).tie_embeddings(true);
     };
     t["qwen3"]["8B"] = [=] { return qwen3(ModelArgs().dim(4096).n_layers(36).n_heads(32).ffn_hidden_dim(12288)); };
     t["qwen3"]["14B"] = [=] { return qwen3(ModelArgs().dim(5120).n_layers(40).n_heads(40).ffn_hidden_dim(17408)); };
@@ -197,13 +217,16 @@ int64_t parameter_count(const ModelArgs& args, bool include_embedding, bool acti
     ffn = experts * 3 * d * args.moe_hidden_dim() + moe.num_experts() * d + 3 * d * moe.shared_hidden();  // + gate
   }
   const int64_t per_layer = attention + ffn + 2 * d;
-  int64_t total = args.n_layers() * per_layer + d + args.vocab_size() * d;  // layers, norm, output
+  int64_t total = args.n_layers() * per_layer + d;  // layers, norm
+  if (!args.tie_embeddings()) total += args.vocab_size() * d;  // output
   if (include_embedding) total += args.vocab_size() * d;
   return total;
 }
 
 double flops_per_token(const ModelArgs& args, int64_t seq_len) {
-  const double n = static_cast<double>(parameter_count(args, /*include_embedding=*/false, /*active_only=*/true));
+  // The matmuls' parameters: a tied output multiplies by the embedding's weight too.
+  const double n = static_cast<double>(parameter_count(args, /*include_embedding=*/false, /*active_only=*/true) +
+                                       (args.tie_embeddings() ? args.vocab_size() * args.dim() : 0));
   return 6.0 * n + 12.0 * static_cast<double>(args.n_layers()) * static_cast<double>(args.n_heads()) *
                        static_cast<double>(args.effective_head_dim()) * static_cast<double>(seq_len);
 }
@@ -379,7 +402,7 @@ TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(s
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < args.n_layers(); ++i) layers->push_back(TransformerBlock(i, args, options));
   norm = register_module("norm", RMSNorm(args.dim(), args.norm_eps(), options));
-  output = register_module("output", Linear(args.dim(), args.vocab_size(), options));
+  if (!args.tie_embeddings()) output = register_module("output", Linear(args.dim(), args.vocab_size(), options));
   auto table_options = torch::TensorOptions().dtype(torch::kFloat).device(device);
   const int64_t half = args.effective_head_dim() / 2;
   rope_cos = register_buffer("rope_cos", torch::empty({args.max_seq_len(), half}, table_options));
@@ -390,9 +413,10 @@ TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(s
 torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::Tensor& positions) {
   // A pipeline stage holds only some of the modules (titan::keep_pipeline_stage): without the
   // embedding its input is the previous stage's hidden states, without the output layer it
-  // returns them.
+  // returns them (a tied output is the embedding's: only a whole model has it).
   const auto children = named_children();
-  const bool embeds = children.contains("tok_embeddings"), outputs = children.contains("output");
+  const bool embeds = children.contains("tok_embeddings");
+  const bool outputs = args.tie_embeddings() ? embeds : children.contains("output");
   TORCH_CHECK(input.dim() == (embeds ? 2 : 3), "Transformer: the input must be ",
               embeds ? "tokens [batch, seq]" : "hidden states [batch, seq, dim] (a pipeline stage)", ", got ",
               input.sizes());
@@ -412,7 +436,12 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::
   }
   auto h = embeds ? titan::call(tok_embeddings, input) : input;  // [B, S, dim]
   for (const auto& layer : layers->children()) h = titan::call(layer->as<TransformerBlockImpl>(), h, cos, sin);
-  return outputs ? titan::call(output, titan::call(norm, h)) : h;  // [B, S, vocab] (or [B, S, dim])
+  if (!outputs) return h;  // [B, S, dim]
+  h = titan::call(norm, h);
+  // The tied weight is read inside the model's own call: under fully_shard the root unit (which
+  // holds the embedding) keeps it gathered through the forward and sums both uses' gradients.
+  return args.tie_embeddings() ? torch::nn::functional::linear(h, tok_embeddings->weight)  // [B, S, vocab]
+                               : titan::call(output, h);
 }
 
 namespace {
@@ -445,9 +474,9 @@ uint64_t mix64(uint64_t x) {
 /// Fills `t` (a tile of parameter `name`, fp32 on the CPU) from `gen` by torchtitan's rule for
 /// that parameter.
 void draw(const std::string& name, const ModelArgs& args, torch::Tensor& t, at::Generator& gen) {
-  if (name == "tok_embeddings.weight") {
+  if (name == "tok_embeddings.weight" && !args.tie_embeddings()) {
     t.normal_(0.0, 1.0, gen);
-  } else if (name == "output.weight") {
+  } else if (name == "output.weight" || name == "tok_embeddings.weight") {  // tied: drawn as the output
     const double std = std::pow(static_cast<double>(args.dim()), -0.5);
     trunc_normal(t, std, -3 * std, 3 * std, gen);
   } else if (ends_with(name, "attention.wo.weight") || ends_with(name, "feed_forward.w2.weight") ||

@@ -88,6 +88,10 @@ struct ModelArgs {
   TORCH_ARG(titan::MoeOptions, moe) = {};
   /// RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm, weights [head_dim]).
   TORCH_ARG(bool, qk_norm) = false;
+  /// The output projection is the embedding's weight (Hugging Face's tie_word_embeddings: Llama
+  /// 3.2, Qwen3 up to 4B): the model has no `output` module, and the logits are
+  /// linear(norm(h), tok_embeddings.weight). Not with tensor or pipeline parallelism.
+  TORCH_ARG(bool, tie_embeddings) = false;
 
  public:
   /// Whether the blocks' feed-forwards are mixtures of experts.
@@ -102,23 +106,24 @@ struct ModelArgs {
 };
 
 /// The arguments of a named flavor. Families: "llama2" (debug, 7B, 13B, 70B), "llama3" (debug, 1B,
-/// 8B, 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "mistral" (debug, 7B),
-/// "mixtral" (debug, 8x7B, 8x22B), "qwen3_moe" (debug, 30B-A3B, 235B-A22B), "qwen3" (debug, 8B,
-/// 14B, 32B: the dense models with an untied output). The debug flavors are tiny (dim 256, 4
+/// 8B, 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "llama3.2" (debug, 1B, 3B;
+/// tied output), "mistral" (debug, 7B), "mixtral" (debug, 8x7B, 8x22B), "qwen3" (debug, 0.6B, 1.7B
+/// and 4B with a tied output, 8B, 14B, 32B), "qwen3_moe" (debug, 30B-A3B, 235B-A22B). The debug flavors are tiny (dim 256, 4
 /// layers, 8 heads, 2 kv heads; 8 experts for the MoE families) for tests; set vocab_size from the
 /// tokenizer.
 ModelArgs model_args(const std::string& family, const std::string& flavor);
 /// Every "family/flavor" model_args accepts.
 std::vector<std::string> model_flavors();
 
-/// Number of parameters of the model `args` describes (computed, nothing built). With
-/// `active_only`, a MoE block counts top_k of its routed experts (the parameters one token uses).
+/// Number of parameters of the model `args` describes (computed, nothing built; a tied output
+/// counts once, as the embedding). With `active_only`, a MoE block counts top_k of its routed
+/// experts (the parameters one token uses).
 int64_t parameter_count(const ModelArgs& args, bool include_embedding = true, bool active_only = false);
 /// Training FLOPs per token at sequence length `seq_len`, torchtitan's estimate:
 /// 6 * N + 12 * L * H * Q * T with N the parameters a token uses without the token embedding
 /// (active ones: top_k experts of a MoE block; matmul FLOPs of forward + backward: 2 per
 /// multiply-add forward, 4 backward), L layers, H heads, Q head_dim and T = seq_len (the attention
-/// score and value matmuls, which N does not count).
+/// score and value matmuls, which N does not count). A tied output's matmul counts in N.
 double flops_per_token(const ModelArgs& args, int64_t seq_len);
 
 /// The RoPE inverse frequencies [head_dim / 2] (float32), with Llama 3.1 scaling when enabled.
@@ -217,7 +222,7 @@ class TransformerBlockImpl : public torch::nn::Module {
 TORCH_MODULE(TransformerBlock);
 
 /// The decoder: tok_embeddings, layers (a ModuleList of TransformerBlock indexed by layer), norm,
-/// output (untied), and the RoPE tables as buffers rope_cos / rope_sin [max_seq_len, head_dim / 2]
+/// output (none with ModelArgs::tie_embeddings), and the RoPE tables as buffers rope_cos / rope_sin [max_seq_len, head_dim / 2]
 /// (recomputed by init_weights; not model weights: Hugging Face export skips them).
 class TransformerImpl : public CausalLM {
  public:
@@ -235,13 +240,13 @@ class TransformerImpl : public CausalLM {
   Embedding tok_embeddings{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
-  Linear output{nullptr};
+  Linear output{nullptr};  ///< null when the output is tied to the embedding
   torch::Tensor rope_cos, rope_sin;
 };
 TORCH_MODULE(Transformer);
 
 /// Initialises every parameter by name with torchtitan's scheme and recomputes the RoPE buffers:
-/// tok_embeddings normal(0, 1); wq/wk/wv/w1 and a MoE's gate and experts' w1 truncated normal
+/// tok_embeddings normal(0, 1) (tied to the output: the output's rule); wq/wk/wv/w1 and a MoE's gate and experts' w1 truncated normal
 /// std 0.02 (cut at +-2); wo/w2/w3 (the experts' too) std 0.02 / sqrt(2 (layer_id + 1))
 /// (depth_init, else 0.02 / sqrt(2 n_layers)); output std dim^-0.5 cut at +-3 std; norms 1; the
 /// expert bias 0 (torchtitan's MoE init). A global parameter is cut into tiles of whole

@@ -1,4 +1,4 @@
-// The Llama-family registration: llama2, llama3, llama3.1, mistral, qwen3 (dense, q/k norms) and
+// The Llama-family registration: llama2, llama3, llama3.1, llama3.2, mistral, qwen3 (dense) and
 // the mixture-of-experts families mixtral and qwen3_moe share the Transformer of model.hpp, its
 // parallelize function, pipeline split and Hugging Face adapter.
 #include "../registry.hpp"
@@ -24,6 +24,15 @@ ModelArgs model_args_for(const TrainConfig& config, int64_t tokenizer_vocab) {
   }
   if (config.model.n_layers > 0) args.n_layers(config.model.n_layers);  // a shorter model of the flavor's shape
   args.fused_projections(config.model.fused_projections);
+  const auto& parallelism = config.parallelism;
+  TORCH_CHECK(!args.tie_embeddings() ||
+                  (parallelism.tensor_parallel_degree == 1 && parallelism.pipeline_parallel_degree == 1),
+              "model: ", config.model.name, " ", config.model.flavor, " ties its output to the embedding ",
+              "(tie_word_embeddings), which the example trains with FSDP, context and data parallelism only: ",
+              "parallelism.tensor_parallel_degree = ", parallelism.tensor_parallel_degree,
+              " and pipeline_parallel_degree = ", parallelism.pipeline_parallel_degree, " must be 1 (the tensor-",
+              "parallel plan shards the embedding and the output as two tensors; pipeline stages would hold the ",
+              "one weight at both ends)");
   const auto& moe = config.moe;
   if (args.is_moe()) {
     auto routing = titan::MoeOptions(args.moe());
@@ -62,6 +71,7 @@ void check_hf_architecture(const ModelArgs& args, const std::string& path) {
   check("sliding_window", args.sliding_window(), hf.sliding_window());
   check("head_dim", args.effective_head_dim(), hf.effective_head_dim());
   check("q/k norms (Qwen3)", args.qk_norm(), hf.qk_norm());
+  check("tie_word_embeddings", args.tie_embeddings(), hf.tie_embeddings());
   check("expert width (intermediate size; 0: dense)", args.moe_hidden_dim(), hf.moe_hidden_dim());
   if (args.is_moe()) {
     check("experts", args.moe().num_experts(), hf.moe().num_experts());
@@ -101,7 +111,7 @@ ModelSpec llama_family_spec(const std::string& name) {
 }  // namespace
 
 void register_llama(ModelRegistry& registry) {
-  for (const char* name : {"llama2", "llama3", "llama3.1", "mistral", "mixtral", "qwen3", "qwen3_moe"})
+  for (const char* name : {"llama2", "llama3", "llama3.1", "llama3.2", "mistral", "mixtral", "qwen3", "qwen3_moe"})
     registry.add(llama_family_spec(name));
 }
 

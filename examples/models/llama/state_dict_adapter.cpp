@@ -224,7 +224,7 @@ nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
   c["hidden_act"] = "silu";
   c["attention_bias"] = false;
   if (!mistral && !args.is_moe()) c["mlp_bias"] = false;
-  c["tie_word_embeddings"] = false;
+  c["tie_word_embeddings"] = args.tie_embeddings();
   c["initializer_range"] = 0.02;
   c["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kHalf ? "float16" : "float32";
   return c;
@@ -312,10 +312,6 @@ ModelArgs read_hf_config(const std::string& path) {
   TORCH_CHECK(model_type == "llama" || model_type == "mistral" || mixtral || qwen3 || qwen3_moe, file,
               ": model_type \"", model_type, "\" is not supported (expected \"llama\", \"mistral\", \"mixtral\", ",
               "\"qwen3\" or \"qwen3_moe\")");
-  if (const auto* tied = config.find("tie_word_embeddings"))
-    TORCH_CHECK(!config.flag_of(*tied, "tie_word_embeddings"), file,
-                ": tie_word_embeddings = true is not supported (the output layer is untied; Qwen3 0.6B, 1.7B and ",
-                "4B and Llama 3.2 tie it)");
   if (const auto* act = config.find("hidden_act"))
     TORCH_CHECK(config.text_of(*act, "hidden_act") == "silu", file, ": hidden_act \"", act->get<std::string>(),
                 "\" is not supported (silu)");
@@ -324,6 +320,9 @@ ModelArgs read_hf_config(const std::string& path) {
       TORCH_CHECK(!config.flag_of(*bias, key), file, ": ", key, " = true is not supported");
 
   ModelArgs args;
+  // Untied when the key is absent: the default of transformers' Llama, Mistral, Mixtral and Qwen3 configs.
+  if (const auto* tied = config.find("tie_word_embeddings"))
+    args.tie_embeddings(config.flag_of(*tied, "tie_word_embeddings"));
   args.dim(config.integer("hidden_size"))
       .n_layers(config.integer("num_hidden_layers"))
       .n_heads(config.integer("num_attention_heads"))
@@ -452,6 +451,8 @@ void load_hf(TransformerImpl& model, const std::string& path, const LoadHfOption
   std::set<std::string> known;
   for (const auto& item : Transformer(args, torch::kMeta)->named_parameters())
     for (auto& hf_name : hf_names(item.key(), args)) known.insert(std::move(hf_name));
+  // A tied model's file may hold lm_head.weight too; transformers ignores it and so does this.
+  if (args.tie_embeddings()) known.insert("lm_head.weight");
   std::vector<std::string> unused;
   for (const auto& name : reader.names()) {
     // rotary_emb.inv_freq: a buffer older transformers versions saved.
