@@ -1,10 +1,11 @@
 """Reference checkpoints and outputs for test_models' parity suite, made with transformers.
 
-For each of seven tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
+For each of eight tiny random models (Llama 2 shape with full multi-head attention, Llama 3.1 with
 GQA and rope_type "llama3" scaling, Mistral with a sliding window shorter than the sequence,
 Mixtral with 8 experts, top-2 and the auxiliary loss in its loss, Qwen3-MoE with q/k norms, an
 explicit head_dim and norm_topk_prob = False, dense Qwen3 with q/k norms and an explicit head_dim,
-Llama 3.2 with the output tied to the embedding and RoPE scaled by 32) this writes, under --out/<name>/:
+Llama 3.2 with the output tied to the embedding and RoPE scaled by 32, Qwen2 with random q/k/v
+biases) this writes, under --out/<name>/:
   config.json + model.safetensors          the model, by save_pretrained (fp32)
   sharded/ (llama31 only)                  the same model saved in several files with an index
   reference.safetensors                    input_ids [2, S], logits [2, S, V], loss [], inv_freq,
@@ -24,7 +25,8 @@ import os
 import torch
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
               vocab_size=251, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -58,6 +60,8 @@ CASES = {
                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 32})),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, 20,
+              dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 MOE = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
@@ -99,6 +103,8 @@ def make_case(name, out, seed):
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            if pname.endswith(".bias"):  # Qwen2's q/k/v biases (transformers initialises them to 0)
+                p.copy_(0.2 * torch.randn_like(p))
             if pname.endswith("mlp.gate.weight"):  # the last expert never wins (see the top)
                 v, u = torch.randn(p.shape[1]), torch.randn(p.shape[1])
                 p[0], p[1], p[2], p[3], p[-1] = v, -v, u, -u, 0

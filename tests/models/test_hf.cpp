@@ -51,6 +51,8 @@ int check_export(const std::string& export_dir, const std::string& reference, co
 // Names and a row permutation: CPU tensors.
 TEST_CASE("hf: name mapping both ways") {
   CHECK(to_hf_name("tok_embeddings.weight") == "model.embed_tokens.weight");
+  CHECK(to_hf_name("layers.3.attention.wk.bias") == "model.layers.3.self_attn.k_proj.bias");
+  CHECK(from_hf_name("model.layers.0.self_attn.q_proj.bias") == "layers.0.attention.wq.bias");
   CHECK(to_hf_name("layers.12.attention.wq.weight") == "model.layers.12.self_attn.q_proj.weight");
   CHECK(to_hf_name("layers.0.feed_forward.w1.weight") == "model.layers.0.mlp.gate_proj.weight");
   CHECK(to_hf_name("layers.0.feed_forward.w2.weight") == "model.layers.0.mlp.down_proj.weight");
@@ -60,7 +62,7 @@ TEST_CASE("hf: name mapping both ways") {
   Transformer model(ModelArgs().dim(32).n_layers(2).n_heads(2).n_kv_heads(1).vocab_size(10).max_seq_len(8), torch::kMeta);
   for (const auto& item : model->named_parameters()) CHECK(from_hf_name(to_hf_name(item.key())) == item.key());
   CHECK_CONTAINS(error_of([] { to_hf_name("layers.x.attention.wq.weight"); }), "'layers.x.attention.wq.weight' is not");
-  CHECK_CONTAINS(error_of([] { from_hf_name("model.layers.0.self_attn.q_proj.bias"); }), "is not a parameter");
+  CHECK_CONTAINS(error_of([] { from_hf_name("model.layers.0.self_attn.o_proj.bias"); }), "is not a parameter");
   // The q/k permutation is a bijection on rows within each head.
   auto args = ModelArgs().dim(32).n_heads(2).n_kv_heads(1);
   auto w = torch::arange(32 * 3, torch::kFloat).reshape({32, 3});
@@ -104,7 +106,7 @@ TEST_CASE("hf: name mapping both ways") {
 
 TEST_CASE("parity: logits, loss and gradients match transformers" * doctest::test_suite("parity")) {
   const auto root = reference_dir();
-  for (const std::string name : {"llama2", "llama31", "mistral", "mixtral", "qwen3_moe", "qwen3", "llama32"}) {
+  for (const std::string name : {"llama2", "llama31", "mistral", "mixtral", "qwen3_moe", "qwen3", "llama32", "qwen2"}) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;
     st::File ref(dir + "/reference.safetensors");
@@ -193,7 +195,8 @@ TEST_CASE("parity: exported checkpoints load in transformers with the same logit
                                                              {"mixtral", "MixtralForCausalLM"},
                                                              {"qwen3_moe", "Qwen3MoeForCausalLM"},
                                                              {"qwen3", "Qwen3ForCausalLM"},
-                                                             {"llama32", "LlamaForCausalLM"}};
+                                                             {"llama32", "LlamaForCausalLM"},
+                                                             {"qwen2", "Qwen2ForCausalLM"}};
   for (const auto& [name, architecture] : architectures) {
     CAPTURE(name);
     const std::string dir = root + "/" + name;

@@ -90,7 +90,12 @@ TEST_CASE("model: flavors have the published shapes and parameter counts") {
                  // models on meta; Llama 3.2 1B is Meta's 1,235,814,400 above).
                  Expected{"qwen3", "0.6B", 3072, 596049920LL}, Expected{"qwen3", "1.7B", 6144, 1720574976LL},
                  Expected{"qwen3", "4B", 9728, 4022468096LL}, Expected{"llama3.2", "1B", 8192, 1235814400LL},
-                 Expected{"llama3.2", "3B", 8192, 3212749824LL}}) {
+                 Expected{"llama3.2", "3B", 8192, 3212749824LL},
+                 // Qwen2.5 (q/k/v biases; tied up to 3B): transformers' Qwen2ForCausalLM on meta.
+                 Expected{"qwen2.5", "0.5B", 4864, 494032768LL}, Expected{"qwen2.5", "1.5B", 8960, 1543714304LL},
+                 Expected{"qwen2.5", "3B", 11008, 3085938688LL}, Expected{"qwen2.5", "7B", 18944, 7615616512LL},
+                 Expected{"qwen2.5", "14B", 13824, 14770033664LL}, Expected{"qwen2.5", "32B", 27648, 32763876352LL},
+                 Expected{"qwen2.5", "72B", 29568, 72706203648LL}}) {
     CAPTURE(e.family);
     CAPTURE(e.flavor);
     auto args = model_args(e.family, e.flavor);

@@ -53,8 +53,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               EP 2's and TP 2 x ETP 2 x EP 2's at EP 1 on 1 rank, their own); the
               Mixtral debug model (auxiliary loss, EP 2): finite losses and auxiliary losses, a
               Hugging Face export that transformers loads
-  qwen3       the dense Qwen3 debug model (q/k norms) with TP 2 and sequence parallel on 2 ranks:
-              the 1-rank run's losses and exported weights; the export loads as Qwen3ForCausalLM
+  qwen3       the dense Qwen3 debug model (q/k norms) with TP 2 and sequence parallel on 2 ranks,
+              and the Qwen2.5 one (q/k/v biases) with TP 2 and fused projections: the 1-rank runs'
+              losses and exported weights; the exports load as Qwen3ForCausalLM / Qwen2ForCausalLM
   tied        Llama 3.2 (output tied to the embedding) under FSDP 2: the 1-rank run's losses and
               weights; the export says tie_word_embeddings, holds no lm_head.weight and loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
@@ -557,6 +558,13 @@ def main():
               ["--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true"])
         compare_runs("qwen3_tp", "qwen3_one", "qwen3: TP 2 (sequence parallel) on 2 ranks")
         check_hf_export("qwen3_tp", "Qwen3ForCausalLM")
+        # Qwen2.5 (q/k/v biases, sharded with their projections) with TP 2 and the projections
+        # fused into one GEMM each (the biases added after it).
+        qwen25 = ["--model.name", "qwen2.5", "--model.fused_projections", "true"]
+        r.run("qwen25_one", args.trainer, 1, "qwen3_debug.toml", qwen25)
+        r.run("qwen25_tp", args.trainer, 2, "qwen3_debug.toml", [*qwen25, "--parallelism.tensor_parallel_degree", "2"])
+        compare_runs("qwen25_tp", "qwen25_one", "qwen2.5: TP 2 with fused projections on 2 ranks")
+        check_hf_export("qwen25_tp", "Qwen2ForCausalLM")
 
     if wanted("tied"):
         # Llama 3.2 (the output tied to the embedding: one weight, two uses, one gradient) under

@@ -26,13 +26,13 @@ TEST_CASE("registry: a model with a tied output builds without one and refuses T
 }
 
 TEST_CASE("registry: the built-in families, and errors that list what is registered") {
-  CHECK(model_registry().names() == std::vector<std::string>{"llama2", "llama3", "llama3.1", "llama3.2", "mistral", "mixtral", "qwen3",
-                                                                      "qwen3_moe"});
+  CHECK(model_registry().names() == std::vector<std::string>{"llama2", "llama3", "llama3.1", "llama3.2", "mistral", "mixtral",
+                                                                      "qwen2.5", "qwen3", "qwen3_moe"});
   CHECK(model_registry().at("llama3.1").flavors == std::vector<std::string>{"1B", "405B", "70B", "8B", "debug"});
   TrainConfig config;
   config.model.name = "gpt2";
   CHECK_ERROR_HAS(model_spec_of(config), "model.name = 'gpt2' is not a registered model",
-                  "llama2, llama3, llama3.1, llama3.2, mistral, mixtral, qwen3, qwen3_moe");
+                  "llama2, llama3, llama3.1, llama3.2, mistral, mixtral, qwen2.5, qwen3, qwen3_moe");
   config.model.name = "mistral";
   config.model.flavor = "8B";
   CHECK_ERROR_HAS(model_spec_of(config), "model.flavor = '8B' is not a flavor of mistral", "7B, debug");

@@ -149,6 +149,21 @@ const FlavorTable& flavors() {
                            .vocab_size(151936)
                            .max_seq_len(40960));
     };
+    // Qwen2.5: Llama's blocks with q/k/v biases, RoPE θ 1e6; up to 3B the output is tied.
+    auto qwen25 = [](ModelArgs a) { return a.qkv_bias(true).norm_eps(1e-6).rope_theta(1e6).max_seq_len(32768); };
+    t["qwen2.5"]["debug"] = [=] { return qwen25(debug_args()).vocab_size(3000).max_seq_len(2048); };
+    auto qwen25_size = [=](int64_t dim, int64_t layers, int64_t heads, int64_t kv, int64_t ffn, bool tied) {
+      return qwen25(ModelArgs().dim(dim).n_layers(layers).n_heads(heads).n_kv_heads(kv).ffn_hidden_dim(ffn))
+          .vocab_size(tied ? 151936 : 152064)
+          .tie_embeddings(tied);
+    };
+    t["qwen2.5"]["0.5B"] = [=] { return qwen25_size(896, 24, 14, 2, 4864, true); };
+    t["qwen2.5"]["1.5B"] = [=] { return qwen25_size(1536, 28, 12, 2, 8960, true); };
+    t["qwen2.5"]["3B"] = [=] { return qwen25_size(2048, 36, 16, 2, 11008, true); };
+    t["qwen2.5"]["7B"] = [=] { return qwen25_size(3584, 28, 28, 4, 18944, false); };
+    t["qwen2.5"]["14B"] = [=] { return qwen25_size(5120, 48, 40, 8, 13824, false); };
+    t["qwen2.5"]["32B"] = [=] { return qwen25_size(5120, 64, 40, 8, 27648, false); };
+    t["qwen2.5"]["72B"] = [=] { return qwen25_size(8192, 80, 64, 8, 29568, false); };
     // Qwen3 dense: Llama's blocks with q/k norms and a head width of 128 (not dim / heads); the
     // 0.6B, 1.7B and 4B models tie the output to the embedding.
     t["qwen3"]["debug"] = [=] { return qwen3_moe(debug_args().vocab_size(3000)); };
@@ -209,7 +224,8 @@ ModelArgs model_args(const std::string& family, const std::string& flavor) {
 
 int64_t parameter_count(const ModelArgs& args, bool include_embedding, bool active_only) {
   const int64_t d = args.dim(), hd = args.effective_head_dim();
-  const int64_t attention = d * hd * (2 * args.n_heads() + 2 * args.n_kv_heads()) + (args.qk_norm() ? 2 * hd : 0);
+  const int64_t attention = d * hd * (2 * args.n_heads() + 2 * args.n_kv_heads()) + (args.qk_norm() ? 2 * hd : 0) +
+                            (args.qkv_bias() ? hd * (args.n_heads() + 2 * args.n_kv_heads()) : 0);
   int64_t ffn = 3 * d * args.hidden_dim();
   if (args.is_moe()) {
     const auto& moe = args.moe();
@@ -249,11 +265,12 @@ torch::Tensor rope_frequencies(const ModelArgs& args) {
   return torch::where(medium, smoothed, scaled);
 }
 
-LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, const torch::TensorOptions& options) {
+LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, const torch::TensorOptions& options, bool bias_) {
   weight = register_parameter("weight", torch::empty({out_features, in_features}, options));
+  if (bias_) bias = register_parameter("bias", torch::empty({out_features}, options));
 }
 
-torch::Tensor LinearImpl::forward(const torch::Tensor& x) { return torch::nn::functional::linear(x, weight); }
+torch::Tensor LinearImpl::forward(const torch::Tensor& x) { return torch::nn::functional::linear(x, weight, bias); }
 
 EmbeddingImpl::EmbeddingImpl(int64_t num_embeddings, int64_t dim, const torch::TensorOptions& options) {
   weight = register_parameter("weight", torch::empty({num_embeddings, dim}, options));
@@ -309,7 +326,10 @@ std::array<torch::Tensor, N> project(const torch::Tensor& x, Linear (&&layers)[N
   const auto parts = titan::call_fused(modules, {x}, [&layers](const titan::TensorList& inputs) {
     std::vector<at::Tensor> weights;
     for (const auto& layer : layers) weights.push_back(layer->weight);
-    return titan::linear_fused(inputs[0], weights);
+    auto outputs = titan::linear_fused(inputs[0], weights);  // [B, S, out_i] each
+    for (size_t i = 0; i < N; ++i)
+      if (layers[i]->bias.defined()) outputs[i] = outputs[i] + layers[i]->bias;
+    return outputs;
   });
   std::copy(parts.begin(), parts.end(), outputs.begin());
   return outputs;
@@ -320,9 +340,9 @@ std::array<torch::Tensor, N> project(const torch::Tensor& x, Linear (&&layers)[N
 AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options)
     : head_dim(args.effective_head_dim()), fused_projections(args.fused_projections()) {
   const int64_t d = args.dim();
-  wq = register_module("wq", Linear(d, args.n_heads() * head_dim, options));
-  wk = register_module("wk", Linear(d, args.n_kv_heads() * head_dim, options));
-  wv = register_module("wv", Linear(d, args.n_kv_heads() * head_dim, options));
+  wq = register_module("wq", Linear(d, args.n_heads() * head_dim, options, args.qkv_bias()));
+  wk = register_module("wk", Linear(d, args.n_kv_heads() * head_dim, options, args.qkv_bias()));
+  wv = register_module("wv", Linear(d, args.n_kv_heads() * head_dim, options, args.qkv_bias()));
   wo = register_module("wo", Linear(args.n_heads() * head_dim, d, options));
   if (args.qk_norm()) {
     q_norm = register_module("q_norm", RMSNorm(head_dim, args.norm_eps(), options));
@@ -511,6 +531,10 @@ void init_parameter(const std::string& name, const titan::TensorLayout& layout, 
               "' is on the meta device: call titan::to_empty(model, device) first");
   if (ends_with(name, "norm.weight")) {
     local.fill_(1.0);
+    return;
+  }
+  if (ends_with(name, ".bias")) {  // the q/k/v biases (Qwen2): zero, as transformers initialises them
+    local.zero_();
     return;
   }
   const auto& shape = layout.global_shape;

@@ -1,6 +1,6 @@
 #pragma once
-// Llama 2, Llama 3 / 3.1, Mistral and the mixture-of-experts decoders built on them (Mixtral,
-// Qwen3-MoE: titan::MoE feed-forwards, Qwen3's q/k norms) in plain LibTorch, with torchtitan's
+// Llama 2, Llama 3 / 3.1 / 3.2, Mistral, Qwen2.5, Qwen3 and the mixture-of-experts decoders built
+// on them (Mixtral, Qwen3-MoE: titan::MoE feed-forwards) in plain LibTorch, with torchtitan's
 // module and parameter names. No parallelism here: every submodule call goes through titan::call so
 // FSDP / tensor parallel / activation checkpointing hooks attach without changing this code, the
 // modules create their parameters uninitialised on a given device (build on torch::kMeta, then
@@ -88,6 +88,8 @@ struct ModelArgs {
   TORCH_ARG(titan::MoeOptions, moe) = {};
   /// RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm, weights [head_dim]).
   TORCH_ARG(bool, qk_norm) = false;
+  /// Biases on the query, key and value projections (Qwen2's q_proj / k_proj / v_proj; wo has none).
+  TORCH_ARG(bool, qkv_bias) = false;
   /// The output projection is the embedding's weight (Hugging Face's tie_word_embeddings: Llama
   /// 3.2, Qwen3 up to 4B): the model has no `output` module, and the logits are
   /// linear(norm(h), tok_embeddings.weight). Not with tensor or pipeline parallelism.
@@ -107,7 +109,8 @@ struct ModelArgs {
 
 /// The arguments of a named flavor. Families: "llama2" (debug, 7B, 13B, 70B), "llama3" (debug, 1B,
 /// 8B, 70B, 405B), "llama3.1" (same shapes as llama3 with RoPE scaling), "llama3.2" (debug, 1B, 3B;
-/// tied output), "mistral" (debug, 7B), "mixtral" (debug, 8x7B, 8x22B), "qwen3" (debug, 0.6B, 1.7B
+/// tied output), "mistral" (debug, 7B), "mixtral" (debug, 8x7B, 8x22B), "qwen2.5" (debug, 0.5B, 1.5B
+/// and 3B with a tied output, 7B, 14B, 32B, 72B), "qwen3" (debug, 0.6B, 1.7B
 /// and 4B with a tied output, 8B, 14B, 32B), "qwen3_moe" (debug, 30B-A3B, 235B-A22B). The debug flavors are tiny (dim 256, 4
 /// layers, 8 heads, 2 kv heads; 8 experts for the MoE families) for tests; set vocab_size from the
 /// tokenizer.
@@ -132,10 +135,11 @@ torch::Tensor rope_frequencies(const ModelArgs& args);
 /// y = x W^T with W [out, in] created uninitialised on the given device (no bias).
 class LinearImpl : public torch::nn::Module {
  public:
-  LinearImpl(int64_t in_features, int64_t out_features, const torch::TensorOptions& options);
+  LinearImpl(int64_t in_features, int64_t out_features, const torch::TensorOptions& options, bool bias = false);
   /// x [..., in] -> [..., out]
   torch::Tensor forward(const torch::Tensor& x);
   torch::Tensor weight;  ///< [out, in]
+  torch::Tensor bias;    ///< [out], or undefined (no bias)
 };
 TORCH_MODULE(Linear);
 
@@ -246,7 +250,7 @@ class TransformerImpl : public CausalLM {
 TORCH_MODULE(Transformer);
 
 /// Initialises every parameter by name with torchtitan's scheme and recomputes the RoPE buffers:
-/// tok_embeddings normal(0, 1) (tied to the output: the output's rule); wq/wk/wv/w1 and a MoE's gate and experts' w1 truncated normal
+/// tok_embeddings normal(0, 1) (tied to the output: the output's rule); q/k/v biases 0; wq/wk/wv/w1 and a MoE's gate and experts' w1 truncated normal
 /// std 0.02 (cut at +-2); wo/w2/w3 (the experts' too) std 0.02 / sqrt(2 (layer_id + 1))
 /// (depth_init, else 0.02 / sqrt(2 n_layers)); output std dim^-0.5 cut at +-3 std; norms 1; the
 /// expert bias 0 (torchtitan's MoE init). A global parameter is cut into tiles of whole

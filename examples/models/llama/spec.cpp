@@ -1,4 +1,4 @@
-// The Llama-family registration: llama2, llama3, llama3.1, llama3.2, mistral, qwen3 (dense) and
+// The Llama-family registration: llama2, llama3, llama3.1, llama3.2, mistral, qwen2.5, qwen3 and
 // the mixture-of-experts families mixtral and qwen3_moe share the Transformer of model.hpp, its
 // parallelize function, pipeline split and Hugging Face adapter.
 #include "../registry.hpp"
@@ -72,6 +72,7 @@ void check_hf_architecture(const ModelArgs& args, const std::string& path) {
   check("head_dim", args.effective_head_dim(), hf.effective_head_dim());
   check("q/k norms (Qwen3)", args.qk_norm(), hf.qk_norm());
   check("tie_word_embeddings", args.tie_embeddings(), hf.tie_embeddings());
+  check("q/k/v biases (Qwen2)", args.qkv_bias(), hf.qkv_bias());
   check("expert width (intermediate size; 0: dense)", args.moe_hidden_dim(), hf.moe_hidden_dim());
   if (args.is_moe()) {
     check("experts", args.moe().num_experts(), hf.moe().num_experts());
@@ -111,7 +112,8 @@ ModelSpec llama_family_spec(const std::string& name) {
 }  // namespace
 
 void register_llama(ModelRegistry& registry) {
-  for (const char* name : {"llama2", "llama3", "llama3.1", "llama3.2", "mistral", "mixtral", "qwen3", "qwen3_moe"})
+  for (const char* name :
+       {"llama2", "llama3", "llama3.1", "llama3.2", "mistral", "mixtral", "qwen2.5", "qwen3", "qwen3_moe"})
     registry.add(llama_family_spec(name));
 }
 

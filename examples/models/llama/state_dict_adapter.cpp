@@ -29,6 +29,9 @@ const std::vector<std::pair<std::string, std::string>>& layer_names() {
       {"attention.wk.weight", "self_attn.k_proj.weight"},
       {"attention.wv.weight", "self_attn.v_proj.weight"},
       {"attention.wo.weight", "self_attn.o_proj.weight"},
+      {"attention.wq.bias", "self_attn.q_proj.bias"},
+      {"attention.wk.bias", "self_attn.k_proj.bias"},
+      {"attention.wv.bias", "self_attn.v_proj.bias"},
       {"feed_forward.w1.weight", "mlp.gate_proj.weight"},
       {"feed_forward.w2.weight", "mlp.down_proj.weight"},
       {"feed_forward.w3.weight", "mlp.up_proj.weight"},
@@ -118,7 +121,7 @@ std::string translate(const std::string& name, bool to_hf, const ModelArgs& args
     }
   }
   TORCH_CHECK(false, to_hf ? "to_hf_name" : "from_hf_name", ": '", name, "' is not a parameter of a ",
-              to_hf ? "titan Transformer" : "Llama / Mistral / Mixtral / Qwen3-MoE causal LM");
+              to_hf ? "titan Transformer" : "Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE causal LM");
 }
 
 /// Hugging Face's names of `name`'s expert weights: expert j's for j in [0, E).
@@ -133,10 +136,10 @@ std::vector<std::string> expert_names(const std::string& name, int w, const Mode
 }
 
 /// Query/key heads of `name` (titan name) when its rows are RoPE-permuted, else 0. The q/k norm
-/// weights [head_dim] act on the permuted rows of one head.
+/// weights [head_dim] act on the permuted rows of one head; the q/k biases are rows of wq/wk.
 int64_t rotary_heads(const std::string& name, const ModelArgs& args) {
-  if (ends_with(name, "attention.wq.weight")) return args.n_heads();
-  if (ends_with(name, "attention.wk.weight")) return args.n_kv_heads();
+  if (ends_with(name, "attention.wq.weight") || ends_with(name, "attention.wq.bias")) return args.n_heads();
+  if (ends_with(name, "attention.wk.weight") || ends_with(name, "attention.wk.bias")) return args.n_kv_heads();
   if (ends_with(name, "attention.q_norm.weight") || ends_with(name, "attention.k_norm.weight")) return 1;
   return 0;
 }
@@ -162,6 +165,8 @@ std::vector<int64_t> global_shape(const std::string& name, const ModelArgs& args
   if (ends_with(name, "moe.experts.w2")) return {experts, d, h};
   if (ends_with(name, "attention.wq.weight")) return {q, d};
   if (ends_with(name, "attention.wk.weight") || ends_with(name, "attention.wv.weight")) return {kv, d};
+  if (ends_with(name, "attention.wq.bias")) return {q};
+  if (ends_with(name, "attention.wk.bias") || ends_with(name, "attention.wv.bias")) return {kv};
   if (ends_with(name, "attention.wo.weight")) return {d, q};
   if (ends_with(name, "feed_forward.w1.weight") || ends_with(name, "feed_forward.w3.weight")) return {f, d};
   if (ends_with(name, "feed_forward.w2.weight")) return {d, f};
@@ -176,14 +181,19 @@ std::string config_file(const std::string& path) {
 nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
   const bool mistral = args.sliding_window() > 0 && !args.is_moe();
   const bool qwen3_moe = args.is_moe() && args.qk_norm(), mixtral = args.is_moe() && !qwen3_moe;
-  const bool qwen3 = !args.is_moe() && args.qk_norm();
+  const bool qwen3 = !args.is_moe() && args.qk_norm(), qwen2 = !args.is_moe() && args.qkv_bias();
   nlohmann::ordered_json c;
   c["architectures"] = {qwen3_moe ? "Qwen3MoeForCausalLM"
                         : mixtral ? "MixtralForCausalLM"
                         : qwen3   ? "Qwen3ForCausalLM"
+                        : qwen2   ? "Qwen2ForCausalLM"
                         : mistral ? "MistralForCausalLM"
                                   : "LlamaForCausalLM"};
-  c["model_type"] = args.is_moe() ? moe_naming(args).model_type : qwen3 ? "qwen3" : mistral ? "mistral" : "llama";
+  c["model_type"] = args.is_moe() ? moe_naming(args).model_type
+                    : qwen3       ? "qwen3"
+                    : qwen2       ? "qwen2"
+                    : mistral     ? "mistral"
+                                  : "llama";
   c["hidden_size"] = args.dim();
   c["intermediate_size"] = mixtral ? args.moe_hidden_dim() : args.hidden_dim();
   if (mixtral) {
@@ -192,7 +202,7 @@ nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
     c["router_jitter_noise"] = 0.0;
     c["sliding_window"] = args.sliding_window() > 0 ? nlohmann::ordered_json(args.sliding_window()) : nullptr;
   }
-  if (qwen3) c["use_sliding_window"] = false;
+  if (qwen3 || qwen2) c["use_sliding_window"] = false;
   if (qwen3_moe) {
     c["moe_intermediate_size"] = args.moe_hidden_dim();
     c["num_experts"] = args.moe().num_experts();
@@ -222,8 +232,8 @@ nlohmann::ordered_json hf_config(const ModelArgs& args, torch::Dtype dtype) {
   }
   if (mistral) c["sliding_window"] = args.sliding_window();
   c["hidden_act"] = "silu";
-  c["attention_bias"] = false;
-  if (!mistral && !args.is_moe()) c["mlp_bias"] = false;
+  if (!qwen2) c["attention_bias"] = false;  // Qwen2's config has no such key: its q/k/v biases are fixed
+  if (!mistral && !qwen2 && !args.is_moe()) c["mlp_bias"] = false;
   c["tie_word_embeddings"] = args.tie_embeddings();
   c["initializer_range"] = 0.02;
   c["torch_dtype"] = dtype == torch::kBFloat16 ? "bfloat16" : dtype == torch::kHalf ? "float16" : "float32";
@@ -308,10 +318,10 @@ ModelArgs read_hf_config(const std::string& path) {
 
   const std::string model_type = config.text("model_type");
   const bool mixtral = model_type == kMixtral.model_type, qwen3_moe = model_type == kQwen3Moe.model_type;
-  const bool qwen3 = model_type == "qwen3";
-  TORCH_CHECK(model_type == "llama" || model_type == "mistral" || mixtral || qwen3 || qwen3_moe, file,
+  const bool qwen3 = model_type == "qwen3", qwen2 = model_type == "qwen2";
+  TORCH_CHECK(model_type == "llama" || model_type == "mistral" || mixtral || qwen2 || qwen3 || qwen3_moe, file,
               ": model_type \"", model_type, "\" is not supported (expected \"llama\", \"mistral\", \"mixtral\", ",
-              "\"qwen3\" or \"qwen3_moe\")");
+              "\"qwen2\", \"qwen3\" or \"qwen3_moe\")");
   if (const auto* act = config.find("hidden_act"))
     TORCH_CHECK(config.text_of(*act, "hidden_act") == "silu", file, ": hidden_act \"", act->get<std::string>(),
                 "\" is not supported (silu)");
@@ -342,10 +352,11 @@ ModelArgs read_hf_config(const std::string& path) {
         .moe(titan::MoeOptions().num_experts(config.integer("num_local_experts")).top_k(
             config.integer("num_experts_per_tok")));
   }
-  if (qwen3 || qwen3_moe) {
+  if (qwen2) args.qkv_bias(true);  // Qwen2's q_proj, k_proj and v_proj always have biases
+  if (qwen2 || qwen3 || qwen3_moe) {
     if (const auto* window = config.find("use_sliding_window"))
       TORCH_CHECK(!config.flag_of(*window, "use_sliding_window"), file, ": use_sliding_window = true is not supported");
-    args.qk_norm(true);
+    if (!qwen2) args.qk_norm(true);
   }
   if (qwen3_moe) {
     if (const auto* step = config.find("decoder_sparse_step"))
