@@ -121,34 +121,21 @@ const FlavorTable& flavors() {
     t["mixtral"]["8x22B"] = [=] {
       return mixtral(ModelArgs().dim(6144).n_layers(56).moe_hidden_dim(16384).vocab_size(32768).max_seq_len(65536));
     };
-    auto qwen3_moe = [](ModelArgs a) { return a.norm_eps(1e-6).rope_theta(1e6).qk_norm(true); };
+    // Qwen3's blocks (dense and MoE): q/k norms, RoPE θ 1e6, eps 1e-6.
+    auto qwen3_blocks = [](ModelArgs a) { return a.norm_eps(1e-6).rope_theta(1e6).qk_norm(true); };
     t["qwen3_moe"]["debug"] = [=] {
-      return qwen3_moe(debug_args().vocab_size(3000).moe_hidden_dim(64).moe(top_k_of(8, 2)));
+      return qwen3_blocks(debug_args().vocab_size(3000).moe_hidden_dim(64).moe(top_k_of(8, 2)));
     };
-    t["qwen3_moe"]["30B-A3B"] = [=] {
-      return qwen3_moe(ModelArgs()
-                           .dim(2048)
-                           .n_layers(48)
-                           .n_heads(32)
-                           .n_kv_heads(4)
-                           .head_dim(128)
-                           .moe_hidden_dim(768)
-                           .moe(top_k_of(128, 8))
-                           .vocab_size(151936)
-                           .max_seq_len(40960));
+    // Qwen3-MoE's published sizes: 4 kv heads of 128, 128 experts, top-8.
+    auto qwen3_moe_size = [=](int64_t dim, int64_t layers, int64_t heads, int64_t expert_hidden) {
+      return qwen3_blocks(ModelArgs().dim(dim).n_layers(layers).n_heads(heads).n_kv_heads(4).head_dim(128))
+          .moe_hidden_dim(expert_hidden)
+          .moe(top_k_of(128, 8))
+          .vocab_size(151936)
+          .max_seq_len(40960);
     };
-    t["qwen3_moe"]["235B-A22B"] = [=] {
-      return qwen3_moe(ModelArgs()
-                           .dim(4096)
-                           .n_layers(94)
-                           .n_heads(64)
-                           .n_kv_heads(4)
-                           .head_dim(128)
-                           .moe_hidden_dim(1536)
-                           .moe(top_k_of(128, 8))
-                           .vocab_size(151936)
-                           .max_seq_len(40960));
-    };
+    t["qwen3_moe"]["30B-A3B"] = [=] { return qwen3_moe_size(2048, 48, 32, 768); };
+    t["qwen3_moe"]["235B-A22B"] = [=] { return qwen3_moe_size(4096, 94, 64, 1536); };
     // Qwen2.5: Llama's blocks with q/k/v biases, RoPE θ 1e6; up to 3B the output is tied.
     auto qwen25 = [](ModelArgs a) { return a.qkv_bias(true).norm_eps(1e-6).rope_theta(1e6).max_seq_len(32768); };
     t["qwen2.5"]["debug"] = [=] { return qwen25(debug_args()).vocab_size(3000).max_seq_len(2048); };
@@ -166,22 +153,20 @@ const FlavorTable& flavors() {
     t["qwen2.5"]["72B"] = [=] { return qwen25_size(8192, 80, 64, 8, 29568, false); };
     // Qwen3 dense: Llama's blocks with q/k norms and a head width of 128 (not dim / heads); the
     // 0.6B, 1.7B and 4B models tie the output to the embedding.
-    t["qwen3"]["debug"] = [=] { return qwen3_moe(debug_args().vocab_size(3000)); };
-    auto qwen3 = [=](ModelArgs a) {
-      return qwen3_moe(a.n_kv_heads(8).head_dim(128).vocab_size(151936).max_seq_len(40960));
+    t["qwen3"]["debug"] = [=] { return qwen3_blocks(debug_args().vocab_size(3000)); };
+    auto qwen3_size = [=](int64_t dim, int64_t layers, int64_t heads, int64_t ffn, bool tied) {
+      return qwen3_blocks(ModelArgs().dim(dim).n_layers(layers).n_heads(heads).n_kv_heads(8).head_dim(128))
+          .ffn_hidden_dim(ffn)
+          .vocab_size(151936)
+          .max_seq_len(40960)
+          .tie_embeddings(tied);
     };
-    t["qwen3"]["0.6B"] = [=] {
-      return qwen3(ModelArgs().dim(1024).n_layers(28).n_heads(16).ffn_hidden_dim(3072)).tie_embeddings(true);
-    };
-    t["qwen3"]["1.7B"] = [=] {
-      return qwen3(ModelArgs().dim(2048).n_layers(28).n_heads(16).ffn_hidden_dim(6144)).tie_embeddings(true);
-    };
-    t["qwen3"]["4B"] = [=] {
-      return qwen3(ModelArgs().dim(2560).n_layers(36).n_heads(32).ffn_hidden_dim(9728)).tie_embeddings(true);
-    };
-    t["qwen3"]["8B"] = [=] { return qwen3(ModelArgs().dim(4096).n_layers(36).n_heads(32).ffn_hidden_dim(12288)); };
-    t["qwen3"]["14B"] = [=] { return qwen3(ModelArgs().dim(5120).n_layers(40).n_heads(40).ffn_hidden_dim(17408)); };
-    t["qwen3"]["32B"] = [=] { return qwen3(ModelArgs().dim(5120).n_layers(64).n_heads(64).ffn_hidden_dim(25600)); };
+    t["qwen3"]["0.6B"] = [=] { return qwen3_size(1024, 28, 16, 3072, true); };
+    t["qwen3"]["1.7B"] = [=] { return qwen3_size(2048, 28, 16, 6144, true); };
+    t["qwen3"]["4B"] = [=] { return qwen3_size(2560, 36, 32, 9728, true); };
+    t["qwen3"]["8B"] = [=] { return qwen3_size(4096, 36, 32, 12288, false); };
+    t["qwen3"]["14B"] = [=] { return qwen3_size(5120, 40, 40, 17408, false); };
+    t["qwen3"]["32B"] = [=] { return qwen3_size(5120, 64, 64, 25600, false); };
     t["mistral"]["7B"] = [=] {
       return ModelArgs()
           .dim(4096)
