@@ -56,8 +56,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   qwen3       the dense Qwen3 debug model (q/k norms) with TP 2 and sequence parallel on 2 ranks,
               and the Qwen2.5 one (q/k/v biases) with TP 2 and fused projections: the 1-rank runs'
               losses and exported weights; the exports load as Qwen3ForCausalLM / Qwen2ForCausalLM
-  tied        Llama 3.2 (output tied to the embedding) under FSDP 2: the 1-rank run's losses and
-              weights; the export says tie_word_embeddings, holds no lm_head.weight and loads
+  tied        Llama 3.2 (output tied to the embedding) under FSDP 2 and under TP 2 (loss parallel,
+              with and without sequence parallel): the 1-rank run's losses and weights; the export says
+              tie_word_embeddings, holds no lm_head.weight and loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
 
@@ -568,10 +569,19 @@ def main():
 
     if wanted("tied"):
         # Llama 3.2 (the output tied to the embedding: one weight, two uses, one gradient) under
-        # FSDP 2 against one rank; its export loads in transformers with the weights tied.
+        # FSDP 2 and under TP 2 (sequence and loss parallel: the tied output multiplies by the
+        # embedding's vocabulary shard) against one rank; its export loads in transformers tied.
         r.run("tied_one", args.trainer, 1, llama, ["--model.name", "llama3.2"])
         r.run("tied_fsdp", args.trainer, 2, llama, ["--model.name", "llama3.2"])
         compare_runs("tied_fsdp", "tied_one", "tied: Llama 3.2 under FSDP 2")
+        r.run("tied_tp", args.trainer, 2, llama,
+              ["--model.name", "llama3.2", "--parallelism.tensor_parallel_degree", "2",
+               "--parallelism.enable_sequence_parallel", "true", "--parallelism.enable_loss_parallel", "true"])
+        compare_runs("tied_tp", "tied_one", "tied: Llama 3.2 under TP 2 with sequence and loss parallel")
+        r.run("tied_tp_replicated", args.trainer, 2, llama,
+              ["--model.name", "llama3.2", "--parallelism.tensor_parallel_degree", "2",
+               "--parallelism.enable_loss_parallel", "true"])
+        compare_runs("tied_tp_replicated", "tied_one", "tied: Llama 3.2 under TP 2 with loss parallel only")
         with open(os.path.join(work("tied_fsdp"), "export", "config.json")) as f:
             tied = json.load(f).get("tie_word_embeddings")
         r.check(tied is True and "lm_head.weight" not in weights(work("tied_fsdp")),

@@ -9,20 +9,23 @@
 #include <nlohmann/json.hpp>
 
 
-TEST_CASE("registry: a model with a tied output builds without one and refuses TP and PP") {
+TEST_CASE("registry: a model with a tied output has no output weight, and refuses PP and TP without loss parallel") {
   TrainConfig config;
   config.model.name = "llama3.2";
   config.model.flavor = "debug";
   const auto& spec = model_spec_of(config);
   auto model = spec.build(config, 4000, torch::kMeta);
-  CHECK_FALSE(model->named_children().contains("output"));
+  CHECK(model->named_children()["output"]->parameters().empty());  // a TiedLinear
   CHECK(model->named_parameters().size() == spec.build(TrainConfig(), 4000, torch::kMeta)->named_parameters().size() - 1);
   config.parallelism.tensor_parallel_degree = 2;
+  config.parallelism.enable_loss_parallel = false;
   CHECK_ERROR_HAS(spec.build(config, 4000, torch::kMeta), "model: llama3.2 debug ties its output to the embedding",
-                  "tensor_parallel_degree = 2 and pipeline_parallel_degree = 1 must be 1");
-  config.parallelism.tensor_parallel_degree = 1;
+                  "parallelism.tensor_parallel_degree = 2 its logits are vocabulary-sharded, so "
+                  "parallelism.enable_loss_parallel must be true");
+  config.parallelism.enable_loss_parallel = true;
+  CHECK_NOTHROW(spec.build(config, 4000, torch::kMeta));
   config.parallelism.pipeline_parallel_degree = 2;
-  CHECK_ERROR_HAS(spec.build(config, 4000, torch::kMeta), "pipeline_parallel_degree = 2 must be 1");
+  CHECK_ERROR_HAS(spec.build(config, 4000, torch::kMeta), "parallelism.pipeline_parallel_degree = 2 must be 1");
 }
 
 TEST_CASE("registry: the built-in families, and errors that list what is registered") {

@@ -263,6 +263,12 @@ EmbeddingImpl::EmbeddingImpl(int64_t num_embeddings, int64_t dim, const torch::T
 
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& tokens) { return torch::embedding(weight, tokens); }
 
+TiedLinearImpl::TiedLinearImpl(Embedding embedding_) : embedding(std::move(embedding_)) {}
+
+torch::Tensor TiedLinearImpl::forward(const torch::Tensor& x) {
+  return torch::nn::functional::linear(x, embedding->weight);  // [..., num]
+}
+
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const torch::TensorOptions& options) : eps(eps_) {
   weight = register_parameter("weight", torch::empty({dim}, options));
 }
@@ -407,7 +413,10 @@ TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(s
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < args.n_layers(); ++i) layers->push_back(TransformerBlock(i, args, options));
   norm = register_module("norm", RMSNorm(args.dim(), args.norm_eps(), options));
-  if (!args.tie_embeddings()) output = register_module("output", Linear(args.dim(), args.vocab_size(), options));
+  if (args.tie_embeddings())
+    tied_output = register_module("output", TiedLinear(tok_embeddings));
+  else
+    output = register_module("output", Linear(args.dim(), args.vocab_size(), options));
   auto table_options = torch::TensorOptions().dtype(torch::kFloat).device(device);
   const int64_t half = args.effective_head_dim() / 2;
   rope_cos = register_buffer("rope_cos", torch::empty({args.max_seq_len(), half}, table_options));
@@ -418,10 +427,9 @@ TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(s
 torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::Tensor& positions) {
   // A pipeline stage holds only some of the modules (titan::keep_pipeline_stage): without the
   // embedding its input is the previous stage's hidden states, without the output layer it
-  // returns them (a tied output is the embedding's: only a whole model has it).
+  // returns them.
   const auto children = named_children();
-  const bool embeds = children.contains("tok_embeddings");
-  const bool outputs = args.tie_embeddings() ? embeds : children.contains("output");
+  const bool embeds = children.contains("tok_embeddings"), outputs = children.contains("output");
   TORCH_CHECK(input.dim() == (embeds ? 2 : 3), "Transformer: the input must be ",
               embeds ? "tokens [batch, seq]" : "hidden states [batch, seq, dim] (a pipeline stage)", ", got ",
               input.sizes());
@@ -443,10 +451,10 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::
   for (const auto& layer : layers->children()) h = titan::call(layer->as<TransformerBlockImpl>(), h, cos, sin);
   if (!outputs) return h;  // [B, S, dim]
   h = titan::call(norm, h);
-  // The tied weight is read inside the model's own call: under fully_shard the root unit (which
-  // holds the embedding) keeps it gathered through the forward and sums both uses' gradients.
-  return args.tie_embeddings() ? torch::nn::functional::linear(h, tok_embeddings->weight)  // [B, S, vocab]
-                               : titan::call(output, h);
+  // A tied output reads the embedding's weight inside the model's own call: under fully_shard
+  // the root unit (which holds both) keeps it gathered through the forward, and autograd sums
+  // both uses' gradients.
+  return args.tie_embeddings() ? titan::call(tied_output, h) : titan::call(output, h);  // [B, S, vocab]
 }
 
 namespace {

@@ -91,8 +91,8 @@ struct ModelArgs {
   /// Biases on the query, key and value projections (Qwen2's q_proj / k_proj / v_proj; wo has none).
   TORCH_ARG(bool, qkv_bias) = false;
   /// The output projection is the embedding's weight (Hugging Face's tie_word_embeddings: Llama
-  /// 3.2, Qwen3 up to 4B): the model has no `output` module, and the logits are
-  /// linear(norm(h), tok_embeddings.weight). Not with tensor or pipeline parallelism.
+  /// 3.2, Qwen2.5 up to 3B, Qwen3 up to 4B): `output` is then a TiedLinear without parameters, and
+  /// the logits are linear(norm(h), tok_embeddings.weight). Not with pipeline parallelism.
   TORCH_ARG(bool, tie_embeddings) = false;
 
  public:
@@ -152,6 +152,17 @@ class EmbeddingImpl : public torch::nn::Module {
   torch::Tensor weight;  ///< [num, dim]
 };
 TORCH_MODULE(Embedding);
+
+/// The output projection of a model whose output is tied to its embedding: x [..., dim] ->
+/// [..., num] with the embedding's weight. It holds no parameter (the embedding owns the one
+/// weight); under tensor parallelism it multiplies by the embedding's vocabulary shard.
+class TiedLinearImpl : public torch::nn::Module {
+ public:
+  explicit TiedLinearImpl(Embedding embedding);
+  torch::Tensor forward(const torch::Tensor& x);
+  Embedding embedding;  ///< not a submodule: the model registers it as tok_embeddings
+};
+TORCH_MODULE(TiedLinear);
 
 /// RMSNorm: x / sqrt(mean(x^2) + eps) * weight, through at::rms_norm: one fused kernel each way on
 /// CUDA (input and weight in one dtype), float32 inside. In bf16 the one rounding comes after the
@@ -226,7 +237,7 @@ class TransformerBlockImpl : public torch::nn::Module {
 TORCH_MODULE(TransformerBlock);
 
 /// The decoder: tok_embeddings, layers (a ModuleList of TransformerBlock indexed by layer), norm,
-/// output (none with ModelArgs::tie_embeddings), and the RoPE tables as buffers rope_cos / rope_sin [max_seq_len, head_dim / 2]
+/// output (a TiedLinear with ModelArgs::tie_embeddings), and the RoPE tables as buffers rope_cos / rope_sin [max_seq_len, head_dim / 2]
 /// (recomputed by init_weights; not model weights: Hugging Face export skips them).
 class TransformerImpl : public CausalLM {
  public:
@@ -244,7 +255,8 @@ class TransformerImpl : public CausalLM {
   Embedding tok_embeddings{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
-  Linear output{nullptr};  ///< null when the output is tied to the embedding
+  Linear output{nullptr};            ///< registered as "output" unless the output is tied
+  TiedLinear tied_output{nullptr};  ///< registered as "output" when it is tied (ModelArgs::tie_embeddings)
   torch::Tensor rope_cos, rope_sin;
 };
 TORCH_MODULE(Transformer);

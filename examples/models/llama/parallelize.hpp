@@ -31,6 +31,8 @@
 //   norm (SequenceParallel)                  Shard(1) -> Shard(1)
 //   output (Colwise)                         Shard(1) -> Shard(-1) (vocab-sharded, for loss parallel)
 //                                                     or Replicate (gathered logits)
+//   output tied to tok_embeddings            PrepareModuleInput Shard(1) -> ReplicatePartialGrad; it
+//     (TiedLinear)                           multiplies by the vocabulary shard: Shard(-1) logits
 // Without sequence parallel, the norms are left alone, every Shard(1) above is Replicate, and the
 // attention and feed-forward inputs' gradients are all-reduced once each.
 
@@ -58,6 +60,7 @@ struct TransformerTpDims {
   TORCH_ARG(bool, moe) = false;        ///< blocks hold a MoE (layers.N.moe) instead of feed_forward
   TORCH_ARG(int64_t, moe_hidden_dim) = 0;  ///< each expert's hidden width (split by expert tensor parallel)
   TORCH_ARG(bool, qk_norm) = false;    ///< attention holds q_norm / k_norm (Qwen3)
+  TORCH_ARG(bool, tie_embeddings) = false;  ///< output is a TiedLinear reading tok_embeddings' weight
 };
 
 /// The dims of a model's arguments (ModelArgs or anything with the same accessors).
@@ -71,7 +74,8 @@ TransformerTpDims tp_dims(const Args& args) {
       .vocab_size(args.vocab_size())
       .moe(args.is_moe())
       .moe_hidden_dim(args.moe_hidden_dim())
-      .qk_norm(args.qk_norm());
+      .qk_norm(args.qk_norm())
+      .tie_embeddings(args.tie_embeddings());
 }
 
 /// How the plan lays out activations.
@@ -138,10 +142,20 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
         .add("layers.*.attention_norm", titan::SequenceParallel())
         .add("layers.*.ffn_norm", titan::SequenceParallel());
   }
+  if (dims.tie_embeddings()) {
+    // The tied output multiplies by tok_embeddings' vocabulary shard, as a column-parallel layer
+    // would by its own: its input is gathered (the partial gradients reduced once) and its logits
+    // stay vocabulary-sharded.
+    TORCH_CHECK(options.loss_parallel(), "llama_tp_plan: a model whose output is tied to the embedding computes ",
+                "vocabulary-sharded logits under tensor parallelism: enable loss parallel ",
+                "(TpPlanOptions::loss_parallel, the trainer's parallelism.enable_loss_parallel = true)");
+    plan.add("output", block_input(1));
+  } else {
+    plan.add("output", titan::ColwiseParallel()
+                           .input_layout(stream)
+                           .output_layout(options.loss_parallel() ? Shard(-1) : Replicate()));
+  }
   plan.add("layers.*.attention", block_input(3))  // (x, rope_cos, rope_sin)
-      .add("output", titan::ColwiseParallel()
-                         .input_layout(stream)
-                         .output_layout(options.loss_parallel() ? Shard(-1) : Replicate()))
       .add("layers.*.attention.wq", shared_input)
       .add("layers.*.attention.wk", shared_input)
       .add("layers.*.attention.wv", shared_input)

@@ -25,14 +25,14 @@ ModelArgs model_args_for(const TrainConfig& config, int64_t tokenizer_vocab) {
   if (config.model.n_layers > 0) args.n_layers(config.model.n_layers);  // a shorter model of the flavor's shape
   args.fused_projections(config.model.fused_projections);
   const auto& parallelism = config.parallelism;
-  TORCH_CHECK(!args.tie_embeddings() ||
-                  (parallelism.tensor_parallel_degree == 1 && parallelism.pipeline_parallel_degree == 1),
+  TORCH_CHECK(!args.tie_embeddings() || parallelism.pipeline_parallel_degree == 1, "model: ", config.model.name, " ",
+              config.model.flavor, " ties its output to the embedding (tie_word_embeddings): ",
+              "parallelism.pipeline_parallel_degree = ", parallelism.pipeline_parallel_degree, " must be 1 (the ",
+              "first and last stages would each hold the one weight, and nothing sums their gradients)");
+  TORCH_CHECK(!args.tie_embeddings() || parallelism.tensor_parallel_degree == 1 || parallelism.enable_loss_parallel,
               "model: ", config.model.name, " ", config.model.flavor, " ties its output to the embedding ",
-              "(tie_word_embeddings), which the example trains with FSDP, context and data parallelism only: ",
-              "parallelism.tensor_parallel_degree = ", parallelism.tensor_parallel_degree,
-              " and pipeline_parallel_degree = ", parallelism.pipeline_parallel_degree, " must be 1 (the tensor-",
-              "parallel plan shards the embedding and the output as two tensors; pipeline stages would hold the ",
-              "one weight at both ends)");
+              "(tie_word_embeddings): with parallelism.tensor_parallel_degree = ", parallelism.tensor_parallel_degree,
+              " its logits are vocabulary-sharded, so parallelism.enable_loss_parallel must be true");
   const auto& moe = config.moe;
   if (args.is_moe()) {
     auto routing = titan::MoeOptions(args.moe());
