@@ -463,6 +463,24 @@ TEST_CASE("pipeline: a stage run with ->forward, or whose root is not sharded, f
     CHECK(error_of([&] { pipeline.step(inputs, loss); }).find("belong to no fully_shard unit ('embed.weight'") !=
           std::string::npos);
   }
+  {  // An error inside a stage keeps its type (an index error here) and gains the stage's context.
+    Stack model(2, titan_test::device());
+    auto module = model.ptr();
+    titan::Pipeline pipeline(mesh.group("pp"), {titan::PipelineStage(0, module, [](const Tensor& x) {
+                                                  TORCH_CHECK_INDEX(false, "index 9 is out of bounds");
+                                                  return x;
+                                                })},
+                             titan::PipelineOptions().microbatches(1));
+    std::string message;
+    try {
+      pipeline.step(inputs, loss);
+    } catch (const c10::IndexError& e) {
+      message = e.what();
+    }
+    CHECK(message.find("index 9 is out of bounds") != std::string::npos);
+    CHECK(message.find("titan::Pipeline: stage 0 failed on micro-batch 0, whose input is the micro-batch") !=
+          std::string::npos);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -277,19 +277,22 @@ class Pipeline {
     stats_.compute_seconds += seconds;
   }
 
-  /// Runs `stage`'s function on `input`; an error names the stage, the micro-batch and the input.
+  /// Runs `stage`'s function on `input`; an error gains a context line naming the stage, the
+  /// micro-batch and the input, and keeps its type (c10::IndexError, c10::OutOfMemoryError, ...).
   at::Tensor run_stage(const PipelineStage& stage, const PipelineAction& a, const at::Tensor& input) {
     try {
       return stage.forward(input);
-    } catch (const c10::Error& e) {
+    } catch (c10::Error& e) {
       const bool activation = a.stage > 0;
-      TORCH_CHECK(false, "titan::Pipeline: stage ", a.stage, " failed on micro-batch ", a.microbatch, ", whose input is ",
-                  activation ? "the activation of stage " + std::to_string(a.stage - 1) : std::string("the micro-batch"),
-                  " (", input.scalar_type(), " ", input.sizes(), "): ", e.what_without_backtrace(),
-                  activation ? ". A stage that does not hold the model's first modules (e.g. the embedding) gets the "
-                               "previous stage's output: the model's forward must skip the modules its stage does not "
-                               "hold (docs/pipeline_parallel.md, 'Pipelining your own model')"
-                             : "");
+      e.add_context(c10::str(
+          "titan::Pipeline: stage ", a.stage, " failed on micro-batch ", a.microbatch, ", whose input is ",
+          activation ? "the activation of stage " + std::to_string(a.stage - 1) : std::string("the micro-batch"), " (",
+          input.scalar_type(), " ", input.sizes(), ")",
+          activation ? ". A stage that does not hold the model's first modules (e.g. the embedding) gets the "
+                       "previous stage's output: the model's forward must skip the modules its stage does not "
+                       "hold (docs/pipeline_parallel.md, 'Pipelining your own model')"
+                     : ""));
+      throw;
     }
   }
 
