@@ -121,7 +121,7 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
     const double factor = options_.gradient_divide_factor().value_or(static_cast<double>(ranks));
     for (const char* key : {"w1", "w2", "w3"}) {
       auto parameter = module.named_parameters(/*recurse=*/false)[key];
-      TensorLayout layout = inner_layout(module, key, parameter);  // expert tensor parallelism's, or whole
+      TensorLayout layout = parameter_layout(module, key, parameter);  // expert tensor parallelism's, or whole
       layout.levels.push_back(ShardLevel{0, options_.mesh_dim(), group_, {}});
       if (ranks > 1) {
         at::NoGradGuard no_grad;
@@ -214,15 +214,6 @@ class ExpertParallelHook : public ModuleHook, public ParameterLayoutProvider {
   const ProcessGroupPtr& group() const { return group_; }
 
  private:
-  /// The layout an inner hook (expert tensor parallelism) gave `module`'s parameter `key`, else the
-  /// whole tensor's.
-  static TensorLayout inner_layout(const torch::nn::Module& module, const std::string& key, const at::Tensor& param) {
-    for (const auto& hook : hooks_of(module))
-      if (const auto* provider = dynamic_cast<const ParameterLayoutProvider*>(hook.get()))
-        if (auto layout = provider->layout_of(key)) return *layout;
-    return TensorLayout{param.sizes().vec(), {}};
-  }
-
   ProcessGroupPtr group_;
   ExpertParallelOptions options_;
   int64_t num_experts_;
