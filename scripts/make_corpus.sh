@@ -4,6 +4,7 @@
 # exist and were made by the current scripts (stamp: hash of scripts/data/*.py).
 #   data/cache/pretrain/python_docs{,_valid}.{txt,jsonl}   Python 3.11 documentation as plain text
 #   data/cache/alpaca/gcide_instruct{,_valid}.jsonl        "Define the word" instructions (GCIDE)
+#   data/cache/chat/gcide_chat{,_valid}.jsonl              the same as conversations (messages)
 #   data/cache/tokenizers/sentencepiece/spm_bpe_3k.model   SentencePiece BPE (Llama 2 style)
 #   data/cache/tokenizers/tiktoken/llama3_bpe_4k.model     tiktoken ranks file (Llama 3 format)
 # See docs/tokenizers.md. TITAN_DATA_DIR overrides the output folder.

@@ -168,7 +168,7 @@ struct ProfilingConfig {
 
 /// [data]: corpus, packing and validation.
 struct DataConfig {
-  std::string kind = "text";        ///< "text", "jsonl" or "alpaca"
+  std::string kind = "text";        ///< "text", "jsonl", "alpaca" or "chat"
   std::string path = "";            ///< training corpus
   std::string text_field = "text";  ///< field of a JSONL record holding the document
   std::string val_path = "";        ///< validation corpus ("" = no validation)
@@ -176,6 +176,8 @@ struct DataConfig {
   int64_t val_steps = 10;           ///< batches per validation
   bool skip_malformed = false;      ///< skip (and count) malformed JSONL lines instead of failing
   std::string prompt_template = "alpaca";  ///< instruction template; only "alpaca"
+  std::string chat_format = "llama3";  ///< "chat": "llama3", "chatml" (Qwen2.5) or "qwen3" (chat.hpp)
+  std::string chat_system = "";        ///< "chat": system message of a conversation without one
   bool pack = true;                 ///< pack documents into seq_len windows (else one per row, padded)
   std::string cache_dir = "";       ///< token cache folder ("" = <job.dump_folder>/token_cache)
   int64_t tokenize_threads = 0;     ///< threads per rank building the token cache (0 = the cores, at most 4)

@@ -1,5 +1,7 @@
 #include "data.hpp"
 
+#include "chat.hpp"
+
 #include <titan/collectives.hpp>
 #include <titan/tasks.hpp>
 
@@ -42,7 +44,7 @@ std::string alpaca_prompt(const std::string& instruction, const std::string& inp
 namespace {
 
 constexpr char kIndexMagic[8] = {'T', 'I', 'T', 'A', 'N', 'I', 'D', 'X'};
-constexpr uint64_t kIndexVersion = 1;
+constexpr uint64_t kIndexVersion = 2;  // 2: the context bit in the tokens, no prompt lengths
 constexpr int64_t kIgnore = -100;
 
 uint64_t fnv1a(const std::string& text) {
@@ -69,6 +71,17 @@ std::string cache_key(const CorpusOptions& options, const Tokenizer& tokenizer) 
   for (auto id : tokenizer.encode("The quick brown fox, 1234567890: jumps!\n\tÜber ĳ", false, false))
     key += std::to_string(id) + ",";
   if (options.kind() == "alpaca") key += alpaca_prompt("{i}", "{x}");
+  if (options.kind() == "chat") {
+    key += options.chat().format() + "|" + options.chat().system() + "|";
+    // The format's tokens for a probe conversation (its template text, the tokenizer's special ids).
+    ChatTokens probe;
+    try {
+      probe = render_chat({{"user", "{u}", std::nullopt}, {"assistant", "{a}", std::nullopt}}, options.chat(), tokenizer);
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK(false, "data: the chat corpus '", options.path(), "' cannot be rendered: ", e.what());
+    }
+    for (size_t i = 0; i < probe.ids.size(); ++i) key += std::to_string(probe.ids[i]) + (probe.trained[i] ? "t," : ",");
+  }
   char hex[17];
   std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(fnv1a(key)));
   return hex;
@@ -107,17 +120,16 @@ class Progress {
 };
 
 /// A unit of tokenizing work read from the corpus: a document ("text") or a line ("jsonl",
-/// "alpaca", with its number counted from the start of the reader's range, for error messages).
+/// "alpaca", "chat", with its number counted from the start of the reader's range, for error messages).
 struct CorpusItem {
   std::string text;
   int64_t line = 0;
 };
 
-/// The tokens of consecutive items, in order.
+/// The tokens of consecutive items, in order (as cached: each id with TokenCorpus::kContextBit).
 struct TokenizedBatch {
   std::vector<uint32_t> tokens;
-  std::vector<int64_t> lengths;          // [documents]
-  std::vector<uint32_t> prompt_lengths;  // [documents]
+  std::vector<int64_t> lengths;  // [documents]
   int64_t skipped = 0;
 };
 
@@ -140,20 +152,21 @@ std::string corpus_line(const std::string& path, int64_t begin, int64_t line) {
 /// Tokenizes `items` (the documents or lines of one batch) into `out`.
 void tokenize_items(const CorpusOptions& options, const Tokenizer& tokenizer, int64_t range_begin,
                     const std::vector<CorpusItem>& items, TokenizedBatch& out) {
-  auto add_document = [&](const std::vector<int64_t>& prompt, const std::vector<int64_t>& body) {
-    for (const auto* part : {&prompt, &body})
-      for (auto id : *part) {
-        TORCH_CHECK(id >= 0 && id <= UINT32_MAX, "data: the tokenizer produced the id ", id,
-                    ", outside the cache's uint32 range");
-        out.tokens.push_back(static_cast<uint32_t>(id));
-      }
-    out.lengths.push_back(static_cast<int64_t>(prompt.size() + body.size()));
-    out.prompt_lengths.push_back(static_cast<uint32_t>(prompt.size()));
+  // A document's tokens; `context(i)` is true for a token the model is not trained to write.
+  auto add_document = [&](const std::vector<int64_t>& ids, const std::function<bool(size_t)>& context) {
+    for (size_t i = 0; i < ids.size(); ++i) {
+      TORCH_CHECK(ids[i] >= 0 && ids[i] < TokenCorpus::kContextBit, "data: the tokenizer produced the id ", ids[i],
+                  ", outside the cache's range [0, 2^31)");
+      out.tokens.push_back(static_cast<uint32_t>(ids[i]) | (context(i) ? TokenCorpus::kContextBit : 0u));
+    }
+    out.lengths.push_back(static_cast<int64_t>(ids.size()));
   };
+  const auto all_trained = [](size_t) { return false; };
   const auto& kind = options.kind();
   for (const auto& item : items) {
     if (kind == "text") {
-      if (item.text.find_first_not_of(" \t\r\n") != std::string::npos) add_document({}, tokenizer.encode(item.text, false, false));
+      if (item.text.find_first_not_of(" \t\r\n") != std::string::npos)
+        add_document(tokenizer.encode(item.text, false, false), all_trained);
       continue;
     }
     // One JSON object per line; `problem` is empty when the line is usable.
@@ -177,8 +190,19 @@ void tokenize_items(const CorpusOptions& options, const Tokenizer& tokenizer, in
       }
     };
     std::string text, instruction, input, output;
+    ChatTokens chat;
     if (kind == "jsonl") {
       string_field(options.text_field(), true, text);
+    } else if (kind == "chat") {
+      if (problem.empty() && !record.is_object()) problem = "not a JSON object";
+      if (problem.empty() && !record.contains("messages")) problem = "no field \"messages\"";
+      if (problem.empty()) {
+        try {
+          chat = render_chat(chat_messages(record["messages"]), options.chat(), tokenizer);
+        } catch (const std::invalid_argument& e) {
+          problem = e.what();
+        }
+      }
     } else {
       string_field("instruction", true, instruction);
       string_field("input", false, input);
@@ -189,10 +213,15 @@ void tokenize_items(const CorpusOptions& options, const Tokenizer& tokenizer, in
                   ": malformed ", kind, " line: ", problem, " (set data.skip_malformed = true to skip such lines)");
       ++out.skipped;
     } else if (kind == "jsonl") {
-      add_document({}, tokenizer.encode(text, false, false));
+      add_document(tokenizer.encode(text, false, false), all_trained);
+    } else if (kind == "chat") {
+      add_document(chat.ids, [&](size_t i) { return !chat.trained[i]; });
     } else {
-      add_document(tokenizer.encode(alpaca_prompt(instruction, input), false, false),
-                   tokenizer.encode(output, false, false));
+      const auto prompt = tokenizer.encode(alpaca_prompt(instruction, input), false, false);
+      auto ids = prompt;
+      const auto response = tokenizer.encode(output, false, false);
+      ids.insert(ids.end(), response.begin(), response.end());
+      add_document(ids, [&](size_t i) { return i < prompt.size(); });
     }
   }
 }
@@ -269,11 +298,10 @@ class RangeReader {
   CorpusItem document_;
 };
 
-/// What one rank tokenized of its range: documents' lengths and prompt lengths, malformed lines
-/// skipped; the tokens are in the part's file.
+/// What one rank tokenized of its range: documents' lengths, malformed lines skipped; the tokens
+/// are in the part's file.
 struct PartIndex {
   std::vector<int64_t> lengths;
-  std::vector<uint32_t> prompt_lengths;
   int64_t skipped = 0;
 };
 
@@ -325,7 +353,6 @@ PartIndex tokenize_range(const CorpusOptions& options, const Tokenizer& tokenize
       out.write(reinterpret_cast<const char*>(batch.tokens.data()), static_cast<std::streamsize>(batch.tokens.size() * 4));
       tokens += static_cast<int64_t>(batch.tokens.size());
       part.lengths.insert(part.lengths.end(), batch.lengths.begin(), batch.lengths.end());
-      part.prompt_lengths.insert(part.prompt_lengths.end(), batch.prompt_lengths.begin(), batch.prompt_lengths.end());
       part.skipped += batch.skipped;
     }
     progress.update(static_cast<uint64_t>(std::min(reader.position(), end) - begin), tokens,
@@ -340,16 +367,14 @@ PartIndex tokenize_range(const CorpusOptions& options, const Tokenizer& tokenize
 
 /// Writes the index of a cache whose tokens are `tokens` (as a temporary file, renamed).
 void write_index(const std::string& index_path, const std::string& tmp_suffix, const std::vector<int64_t>& offsets,
-                 const std::vector<uint32_t>& prompt_lengths, int64_t skipped) {
+                 int64_t skipped) {
   auto tmp_index = index_path + tmp_suffix;
   std::ofstream index(tmp_index, std::ios::binary);
-  uint64_t header[4] = {kIndexVersion, prompt_lengths.size(), static_cast<uint64_t>(offsets.back()),
+  uint64_t header[4] = {kIndexVersion, offsets.size() - 1, static_cast<uint64_t>(offsets.back()),
                         static_cast<uint64_t>(skipped)};
   index.write(kIndexMagic, sizeof(kIndexMagic));
   index.write(reinterpret_cast<const char*>(header), sizeof(header));
   index.write(reinterpret_cast<const char*>(offsets.data()), static_cast<std::streamsize>(offsets.size() * 8));
-  index.write(reinterpret_cast<const char*>(prompt_lengths.data()),
-              static_cast<std::streamsize>(prompt_lengths.size() * 4));
   index.close();
   TORCH_CHECK(index.good(), "data: writing the token index '", tmp_index, "' failed");
   fs::rename(tmp_index, index_path);
@@ -412,7 +437,6 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
       index.write(reinterpret_cast<const char*>(&documents), 8);
       index.write(reinterpret_cast<const char*>(&part.skipped), 8);
       index.write(reinterpret_cast<const char*>(part.lengths.data()), static_cast<std::streamsize>(documents * 8));
-      index.write(reinterpret_cast<const char*>(part.prompt_lengths.data()), static_cast<std::streamsize>(documents * 4));
       index.close();
       TORCH_CHECK(index.good(), "data: writing '", part_path(rank), ".index' failed");
     });
@@ -424,7 +448,6 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
         std::ofstream out(tmp_tokens, std::ios::binary);
         TORCH_CHECK(out, "data: cannot write the token cache '", tmp_tokens, "'");
         std::vector<int64_t> offsets{0};
-        std::vector<uint32_t> prompt_lengths;
         int64_t skipped = 0;
         for (int r = 0; r < ranks; ++r) {
           std::ifstream index(part_path(r) + ".index", std::ios::binary);
@@ -433,21 +456,18 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
           index.read(reinterpret_cast<char*>(&documents), 8);
           index.read(reinterpret_cast<char*>(&part_skipped), 8);
           std::vector<int64_t> lengths(documents);
-          std::vector<uint32_t> prompts(documents);
           index.read(reinterpret_cast<char*>(lengths.data()), static_cast<std::streamsize>(documents * 8));
-          index.read(reinterpret_cast<char*>(prompts.data()), static_cast<std::streamsize>(documents * 4));
           TORCH_CHECK(index, "data: the part index '", part_path(r), ".index' is truncated");
           for (auto n : lengths) offsets.push_back(offsets.back() + n);
-          prompt_lengths.insert(prompt_lengths.end(), prompts.begin(), prompts.end());
           skipped += part_skipped;
           std::ifstream tokens(part_path(r), std::ios::binary);
           if (fs::file_size(part_path(r)) > 0) out << tokens.rdbuf();
         }
         out.close();
         TORCH_CHECK(out.good(), "data: writing the token cache '", tmp_tokens, "' failed");
-        TORCH_CHECK(!prompt_lengths.empty(), "data: the corpus '", options.path(), "' holds no documents");
+        TORCH_CHECK(offsets.size() > 1, "data: the corpus '", options.path(), "' holds no documents");
         fs::rename(tmp_tokens, tokens_path);
-        write_index(index_path, ".tmp" + job_id, offsets, prompt_lengths, skipped);
+        write_index(index_path, ".tmp" + job_id, offsets, skipped);
       } catch (...) {
         std::error_code ignored;
         fs::remove(tokens_path + ".tmp" + job_id, ignored);
@@ -466,8 +486,9 @@ void build_cache(const CorpusOptions& options, const Tokenizer& tokenizer, const
 
 std::shared_ptr<const TokenCorpus> TokenCorpus::open(const CorpusOptions& options, const Tokenizer& tokenizer,
                                                      const ProcessGroupPtr& group) {
-  TORCH_CHECK(options.kind() == "text" || options.kind() == "jsonl" || options.kind() == "alpaca",
-              "data: corpus kind '", options.kind(), "' is not one of: text, jsonl, alpaca");
+  TORCH_CHECK(options.kind() == "text" || options.kind() == "jsonl" || options.kind() == "alpaca" ||
+                  options.kind() == "chat",
+              "data: corpus kind '", options.kind(), "' is not one of: text, jsonl, alpaca, chat");
   TORCH_CHECK(!options.path().empty(), "data: no corpus path given (data.path)");
   auto key = cache_key(options, tokenizer);
   fs::create_directories(options.cache_dir());
@@ -501,10 +522,9 @@ std::shared_ptr<const TokenCorpus> TokenCorpus::open(const CorpusOptions& option
   TORCH_CHECK(index && std::memcmp(magic, kIndexMagic, 8) == 0 && header[0] == kIndexVersion, "data: '", index_path,
               "' is not a version ", kIndexVersion, " token index; delete it to rebuild");
   corpus->offsets_.resize(header[1] + 1);
-  corpus->prompt_lengths_.resize(header[1]);
+  corpus->trains_eos_ = options.kind() != "chat";
   corpus->skipped_lines_ = static_cast<int64_t>(header[3]);
   index.read(reinterpret_cast<char*>(corpus->offsets_.data()), static_cast<std::streamsize>((header[1] + 1) * 8));
-  index.read(reinterpret_cast<char*>(corpus->prompt_lengths_.data()), static_cast<std::streamsize>(header[1] * 4));
   TORCH_CHECK(index && static_cast<uint64_t>(corpus->offsets_.back()) == header[2], "data: the token index '",
               index_path, "' is truncated; delete it to rebuild");
 
@@ -613,8 +633,15 @@ void DataLoader::fill_row(int64_t sample, int64_t* input, int64_t* labels) const
       while (p >= starts_[d + 1]) ++d;
       const int64_t k = p - starts_[d] + 1 - bos_slots_;  // 0 = BOS, 1..len = tokens, len + 1 = EOS
       const int64_t len = corpus_->document_length(d);
-      token = k == 0 ? bos_ : k == len + 1 ? eos_ : static_cast<int64_t>(corpus_->document(d)[k - 1]);
-      target = k > corpus_->prompt_length(d);
+      if (k == 0) {
+        token = bos_;  // never a target
+      } else if (k == len + 1) {
+        token = eos_;
+        target = corpus_->trains_eos();
+      } else {
+        token = corpus_->token(d, k - 1);
+        target = corpus_->trained(d, k - 1);
+      }
     }
     if (i < length - 1) input[i] = token;
     if (i > 0) labels[i - 1] = target ? token : kIgnore;
@@ -684,6 +711,7 @@ CorpusOptions corpus_options(const TrainConfig& config, bool validation) {
       .path(validation ? d.val_path : d.path)
       .kind(d.kind)
       .text_field(d.text_field)
+      .chat(ChatOptions().format(d.chat_format).system(d.chat_system))
       .skip_malformed(d.skip_malformed)
       .cache_dir(cache)
       .threads(static_cast<int>(d.tokenize_threads))

@@ -22,6 +22,9 @@
 //   "jsonl"  one JSON object per line; the document is the string field `text_field`
 //   "alpaca" one {"instruction", "input" (optional), "output"} object per line; the sample is the
 //            Alpaca prompt followed by the output, and only the output (and EOS) is trained on
+//   "chat"   one {"messages": [{"role", "content"}, ...]} object per line (system / user /
+//            assistant), rendered in CorpusOptions::chat's format (chat.hpp); only the assistant
+//            turns are trained on (not the EOS that ends the document)
 //   Blank lines are skipped. A malformed line fails with file:line, or is skipped and counted when
 //   skip_malformed is set.
 //
@@ -30,7 +33,8 @@
 // concatenated and cut into windows of seq_len + 1 tokens (input = window[0:S], labels =
 // window[1:S+1]); the last partial window is dropped. Unpacked, each document is one row, cut to
 // seq_len + 1 tokens or padded (input pad_id, or EOS when the tokenizer has none; labels -100).
-// Labels are -100 where the target is a BOS token or an Alpaca prompt token.
+// Labels are -100 where the target is a BOS token, an Alpaca prompt token, or a chat token outside
+// the assistant turns (and a chat document's EOS).
 //
 // Order and sharding: each epoch visits every sample once in the order of a permutation drawn
 // from (seed, epoch) with std::mt19937_64 (identical on every platform); shuffle(false) keeps file
@@ -43,6 +47,7 @@
 // the cut depends on N); there is no other RNG state.
 
 #include "../tokenizers/tokenizer.hpp"
+#include "chat.hpp"
 #include "config.hpp"
 
 #include <titan/checkpoint/stateful.hpp>
@@ -66,8 +71,9 @@ std::string alpaca_prompt(const std::string& instruction, const std::string& inp
 /// What corpus to read and where to cache its tokens.
 struct CorpusOptions {
   TORCH_ARG(std::string, path);                 ///< the corpus file
-  TORCH_ARG(std::string, kind) = "text";        ///< "text", "jsonl" or "alpaca"
+  TORCH_ARG(std::string, kind) = "text";        ///< "text", "jsonl", "alpaca" or "chat"
   TORCH_ARG(std::string, text_field) = "text";  ///< JSONL field of the document ("jsonl")
+  TORCH_ARG(ChatOptions, chat);                 ///< the chat format ("chat")
   TORCH_ARG(bool, skip_malformed) = false;      ///< skip and count malformed JSONL lines
   TORCH_ARG(std::string, cache_dir) = "token_cache";  ///< where .tokens / .index files go
   TORCH_ARG(std::string, tokenizer_id) = "";    ///< extra text for the cache key (e.g. tokenizer path)
@@ -79,6 +85,10 @@ struct CorpusOptions {
 /// A tokenized corpus: each document's token ids (memory-mapped from the cache) without BOS/EOS.
 class TokenCorpus {
  public:
+  /// Set in a cached token whose id is context, not a target (an Alpaca prompt, a chat template's
+  /// text outside the assistant turns); ids are below it.
+  static constexpr uint32_t kContextBit = 1u << 31;
+
   /// Opens the cached tokens of `options.path`, tokenizing it first when the cache is missing or
   /// stale: every rank of `group` tokenizes a share of the corpus (cut at document boundaries) on
   /// `options.threads` threads, and rank 0 joins the shares; the cache is the single-threaded one,
@@ -92,18 +102,20 @@ class TokenCorpus {
   int64_t num_documents() const { return static_cast<int64_t>(offsets_.size()) - 1; }
   int64_t num_tokens() const { return offsets_.back(); }  ///< without BOS/EOS
   int64_t document_length(int64_t d) const { return offsets_[d + 1] - offsets_[d]; }
-  /// Token ids of document `d`.
-  const uint32_t* document(int64_t d) const { return tokens_ + offsets_[d]; }
-  /// Leading tokens of document `d` that are prompt (not trained on); 0 except for "alpaca".
-  int64_t prompt_length(int64_t d) const { return prompt_lengths_[d]; }
+  /// Token `k` of document `d`.
+  int64_t token(int64_t d, int64_t k) const { return tokens_[offsets_[d] + k] & ~kContextBit; }
+  /// Whether token `k` of document `d` is trained on as a target (not prompt or template text).
+  bool trained(int64_t d, int64_t k) const { return (tokens_[offsets_[d] + k] & kContextBit) == 0; }
+  /// Whether the EOS that ends each document is trained on (all kinds but "chat").
+  bool trains_eos() const { return trains_eos_; }
   int64_t skipped_lines() const { return skipped_lines_; }  ///< malformed lines skipped when tokenizing
   bool from_cache() const { return from_cache_; }  ///< true when the cache existed (nothing tokenized)
   const std::string& index_path() const { return index_path_; }  ///< the .index file
 
  private:
   TokenCorpus() = default;
-  std::vector<int64_t> offsets_;          // [documents + 1]
-  std::vector<uint32_t> prompt_lengths_;  // [documents]
+  std::vector<int64_t> offsets_;  // [documents + 1]
+  bool trains_eos_ = true;
   const uint32_t* tokens_ = nullptr;
   void* mapping_ = nullptr;
   size_t mapping_bytes_ = 0;

@@ -69,7 +69,7 @@ class HfBpeTokenizer final : public Tokenizer {
   int64_t pad_id() const override { return pad_id_; }
   /// The id of `token` (a vocabulary entry in the file's byte-level spelling, or an added token);
   /// std::invalid_argument if there is none.
-  int64_t token_id(std::string_view token) const;
+  int64_t token_id(std::string_view token) const override;
 
  private:
   struct Model;

@@ -52,4 +52,11 @@ int64_t SentencePieceTokenizer::bos_id() const { return processor_->bos_id(); }
 int64_t SentencePieceTokenizer::eos_id() const { return processor_->eos_id(); }
 int64_t SentencePieceTokenizer::pad_id() const { return processor_->pad_id(); }
 
+int64_t SentencePieceTokenizer::token_id(std::string_view token) const {
+  const int id = processor_->PieceToId(token);  // the unknown piece's id when there is none
+  if (id == processor_->unk_id() && processor_->IdToPiece(id) != token)
+    throw std::invalid_argument("'" + std::string(token) + "' is not a piece of the sentencepiece model '" + path_ + "'");
+  return id;
+}
+
 }  // namespace titan::examples

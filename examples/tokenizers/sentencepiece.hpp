@@ -28,6 +28,8 @@ class SentencePieceTokenizer final : public Tokenizer {
   int64_t bos_id() const override;
   int64_t eos_id() const override;
   int64_t pad_id() const override;
+  /// The id of piece `token` (for example "<s>"); std::invalid_argument if the model has none.
+  int64_t token_id(std::string_view token) const override;
 
  private:
   std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;

@@ -133,10 +133,10 @@ int64_t TiktokenTokenizer::vocab_size() const {
   return num_base_tokens() + static_cast<int64_t>(specials_.size());
 }
 
-int64_t TiktokenTokenizer::special_id(std::string_view text) const {
-  auto it = special_ids_.find(std::string(text));
+int64_t TiktokenTokenizer::token_id(std::string_view token) const {
+  auto it = special_ids_.find(std::string(token));
   if (it == special_ids_.end()) {
-    throw std::invalid_argument("'" + std::string(text) + "' is not a special token of this tokenizer (it has " +
+    throw std::invalid_argument("'" + std::string(token) + "' is not a special token of this tokenizer (it has " +
                                 std::to_string(specials_.size()) + ")");
   }
   return it->second;

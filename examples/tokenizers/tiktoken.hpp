@@ -75,8 +75,8 @@ class TiktokenTokenizer final : public Tokenizer {
 
   /// Number of BPE tokens in the file (the first special token's id).
   int64_t num_base_tokens() const { return static_cast<int64_t>(tokens_.size()); }
-  /// Id of special token `text` (for example "<|eot_id|>"); std::invalid_argument if none.
-  int64_t special_id(std::string_view text) const;
+  /// Id of special token `token` (for example "<|eot_id|>"); std::invalid_argument if none.
+  int64_t token_id(std::string_view token) const override;
 
  private:
   void encode_ordinary(std::string_view text, std::vector<int64_t>& out) const;

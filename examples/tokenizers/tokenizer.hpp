@@ -32,6 +32,9 @@ class Tokenizer {
   virtual int64_t bos_id() const = 0;  ///< beginning of sequence
   virtual int64_t eos_id() const = 0;  ///< end of sequence (also ends each document when packing)
   virtual int64_t pad_id() const = 0;  ///< padding; -1 when the model has none
+  /// The id of the whole token written `token` (a special or added token such as "<|eot_id|>" or
+  /// "<|im_start|>"); std::invalid_argument when the tokenizer has no such token.
+  virtual int64_t token_id(std::string_view token) const = 0;
 };
 
 /// Loads the tokenizer at `path`: kind "tiktoken" (Llama 3 tokenizer.model), "huggingface" (a

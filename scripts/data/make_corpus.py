@@ -16,6 +16,10 @@ Outputs (under --out, normally data/cache/):
   pretrain/python_docs_valid.jsonl
   alpaca/gcide_instruct.jsonl     {"instruction", "input", "output"} per line
   alpaca/gcide_instruct_valid.jsonl  held-out records (every 20th), same layout
+  chat/gcide_chat.jsonl           {"messages": [{"role", "content"}, ...]} per line: the same
+                                  records as conversations of one to three questions, every
+                                  other one opened by a system message
+  chat/gcide_chat_valid.jsonl     conversations of the held-out records
 """
 
 import argparse
@@ -222,6 +226,23 @@ def gcide_instructions(count):
     return records[:count]
 
 
+CHAT_SYSTEM = "You are a dictionary. Answer with the definition only."
+
+
+def gcide_conversations(records):
+    """Chat records: consecutive Alpaca records as the turns of one conversation (1 to 3 turns)."""
+    conversations, i = [], 0
+    while i < len(records):
+        turns = 1 + len(conversations) % 3
+        messages = [{"role": "system", "content": CHAT_SYSTEM}] if len(conversations) % 2 == 0 else []
+        for r in records[i:i + turns]:
+            messages.append({"role": "user", "content": f"{r['instruction']} {r['input']}"})
+            messages.append({"role": "assistant", "content": r["output"]})
+        conversations.append({"messages": messages})
+        i += turns
+    return conversations
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (data/cache)")
@@ -235,8 +256,9 @@ def main():
 
     pretrain = os.path.join(args.out, "pretrain")
     alpaca = os.path.join(args.out, "alpaca")
-    os.makedirs(pretrain, exist_ok=True)
-    os.makedirs(alpaca, exist_ok=True)
+    chat = os.path.join(args.out, "chat")
+    for folder in (pretrain, alpaca, chat):
+        os.makedirs(folder, exist_ok=True)
 
     docs = list(python_docs(args.pretrain_bytes))
     train = [text for i, (_, text) in enumerate(docs) if i % VALID_EVERY != VALID_EVERY - 1]
@@ -247,11 +269,13 @@ def main():
 
     records = gcide_instructions(args.instructions)
     held_out = lambda i: i % VALID_EVERY == VALID_EVERY - 1
-    for name, keep in (("gcide_instruct.jsonl", lambda i: not held_out(i)), ("gcide_instruct_valid.jsonl", held_out)):
-        with open(os.path.join(alpaca, name), "w", encoding="utf-8", newline="\n") as f:
-            for i, r in enumerate(records):
-                if keep(i):
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    for suffix, keep in (("", lambda i: not held_out(i)), ("_valid", held_out)):
+        kept = [r for i, r in enumerate(records) if keep(i)]
+        for path, lines in ((os.path.join(alpaca, f"gcide_instruct{suffix}.jsonl"), kept),
+                            (os.path.join(chat, f"gcide_chat{suffix}.jsonl"), gcide_conversations(kept))):
+            with open(path, "w", encoding="utf-8", newline="\n") as f:
+                for line in lines:
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
     print(f"make_corpus.py: {len(train)} training and {len(valid)} held-out pages, "
           f"{len(records)} instructions (every {VALID_EVERY}th held out)", file=sys.stderr)
 

@@ -268,18 +268,18 @@ TEST_CASE("tiktoken special tokens follow Meta's Llama 3 layout") {
   CHECK(tok.vocab_size() == base + 256);
   // The offsets of Llama 3's tokenizer.model (128000 base tokens): 128000, 128001, 128004, ...
   CHECK(tok.bos_id() == base + 0);
-  CHECK(tok.special_id("<|begin_of_text|>") == base + 0);
+  CHECK(tok.token_id("<|begin_of_text|>") == base + 0);
   CHECK(tok.eos_id() == base + 1);
   CHECK(tok.pad_id() == base + 4);
-  CHECK(tok.special_id("<|finetune_right_pad_id|>") == base + 4);
-  CHECK(tok.special_id("<|start_header_id|>") == base + 6);
-  CHECK(tok.special_id("<|end_header_id|>") == base + 7);
-  CHECK(tok.special_id("<|eom_id|>") == base + 8);
-  CHECK(tok.special_id("<|eot_id|>") == base + 9);
-  CHECK(tok.special_id("<|python_tag|>") == base + 10);
-  CHECK(tok.special_id("<|reserved_special_token_3|>") == base + 11);
-  CHECK(tok.special_id("<|reserved_special_token_247|>") == base + 255);
-  CHECK_THROWS_WITH_AS(tok.special_id("<|reserved_special_token_248|>"), doctest::Contains("not a special token"),
+  CHECK(tok.token_id("<|finetune_right_pad_id|>") == base + 4);
+  CHECK(tok.token_id("<|start_header_id|>") == base + 6);
+  CHECK(tok.token_id("<|end_header_id|>") == base + 7);
+  CHECK(tok.token_id("<|eom_id|>") == base + 8);
+  CHECK(tok.token_id("<|eot_id|>") == base + 9);
+  CHECK(tok.token_id("<|python_tag|>") == base + 10);
+  CHECK(tok.token_id("<|reserved_special_token_3|>") == base + 11);
+  CHECK(tok.token_id("<|reserved_special_token_247|>") == base + 255);
+  CHECK_THROWS_WITH_AS(tok.token_id("<|reserved_special_token_248|>"), doctest::Contains("not a special token"),
                        std::invalid_argument);
   CHECK(tok.decode({base + 9, base + 6}) == "<|eot_id|><|start_header_id|>");
   CHECK_THROWS_WITH_AS(tok.decode({base + 256}), doctest::Contains("outside the vocabulary [0, 4256)"),
@@ -300,10 +300,10 @@ TEST_CASE("tiktoken special-token text: as text, allowed or rejected") {
   const auto as_text = tok.encode(text, false, false);
   CHECK(as_text == tok.encode(text, false, false, SpecialTokens::kAsText));
   CHECK(tok.decode(as_text) == text);
-  CHECK(std::find(as_text.begin(), as_text.end(), tok.special_id("<|eot_id|>")) == as_text.end());
+  CHECK(std::find(as_text.begin(), as_text.end(), tok.token_id("<|eot_id|>")) == as_text.end());
   auto allowed = tok.encode(text, true, true, SpecialTokens::kAllow);
   CHECK(allowed.size() == tok.encode("Hi", false, false).size() + 3);
-  CHECK(allowed[allowed.size() - 2] == tok.special_id("<|eot_id|>"));
+  CHECK(allowed[allowed.size() - 2] == tok.token_id("<|eot_id|>"));
   CHECK(allowed.front() == tok.bos_id());
   CHECK(allowed.back() == tok.eos_id());
   CHECK_THROWS_WITH_AS(tok.encode(text, false, false, SpecialTokens::kReject),

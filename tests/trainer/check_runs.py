@@ -61,6 +61,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               tie_word_embeddings, holds no lm_head.weight and loads
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
+  chat        instruction tuning of the Qwen3 debug model on GCIDE conversations in Qwen3's chat
+              format (the rendering's parity is trainer.chat_parity's): finite metrics, validation
 
 Usage: check_runs.py --launch titan_launch --trainer titan_train
                      --source SRC --workdir DIR [--only NAME ...]
@@ -590,6 +592,8 @@ def main():
 
     for name, trainer, config, extra in (("mistral", args.trainer, "mistral_debug.toml", []),
                                          ("alpaca", args.trainer, "llama3_debug_alpaca.toml",
+                                          ["--training.seq_len", "128"]),
+                                         ("chat", args.trainer, "qwen3_debug_chat.toml",
                                           ["--training.seq_len", "128"])):
         if not wanted(name):
             continue

@@ -25,6 +25,9 @@ TEST_CASE("config: to_toml reads back to the same config") {
   c.data.pack = false;
   c.data.tokenize_threads = 3;
   c.parallelism.expert_tensor_parallel_degree = 2;
+  c.data.kind = "chat";
+  c.data.chat_format = "qwen3";
+  c.data.chat_system = "You are \"terse\".\nAnswer in one line.";
   save_config(c, (dir / "sub" / "saved.toml").string());
   auto back = load_config_file((dir / "sub" / "saved.toml").string());
   CHECK(to_toml(back) == to_toml(c));
@@ -34,7 +37,9 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
   CHECK(back.parallelism.expert_tensor_parallel_degree == 2);
-  CHECK(config_keys().size() == 84);
+  CHECK(back.data.chat_format == "qwen3");
+  CHECK(back.data.chat_system == c.data.chat_system);
+  CHECK(config_keys().size() == 86);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -130,9 +135,9 @@ TEST_CASE("config: every example config validates") {
                                "llama2_7b.toml", "llama2_13b.toml", "llama2_70b.toml", "llama3_8b.toml",
                                "llama3_70b.toml", "llama3_405b.toml", "mistral_7b.toml", "mixtral_debug.toml",
                                "mixtral_8x7b.toml", "qwen3_moe_debug.toml", "qwen3_30b_a3b.toml", "qwen3_debug.toml",
-                               "qwen3_8b.toml"})
+                               "qwen3_8b.toml", "qwen3_debug_chat.toml"})
     CHECK_MESSAGE(names.count(expected) == 1, expected, " is missing");
-  CHECK(count >= 17);
+  CHECK(count >= 18);
 }
 
 TEST_CASE("config: config_changes lists the keys a resumed run changed, with both values") {

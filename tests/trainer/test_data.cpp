@@ -108,9 +108,12 @@ TEST_CASE("data: text corpus is tokenized once and cached by path, size, mtime a
   ByteTokenizer tok;
   int64_t total = 0;
   for (int64_t d = 0; d < 4; ++d) {
-    std::vector<int64_t> ids(first->document(d), first->document(d) + first->document_length(d));
+    std::vector<int64_t> ids;
+    for (int64_t k = 0; k < first->document_length(d); ++k) {
+      ids.push_back(first->token(d, k));
+      CHECK(first->trained(d, k));
+    }
     CHECK(tok.decode(ids) == kDocs[d]);
-    CHECK(first->prompt_length(d) == 0);
     total += static_cast<int64_t>(kDocs[d].size());
   }
   CHECK(first->num_tokens() == total);
@@ -361,7 +364,9 @@ TEST_CASE("data: Alpaca samples train on the response only, padded or packed") {
   ByteTokenizer tok;
   std::vector<std::pair<std::string, std::string>> docs;
   for (const auto& e : examples) docs.emplace_back(alpaca_prompt(e.instruction, e.input), e.output);
-  CHECK(corpus->prompt_length(0) == static_cast<int64_t>(docs[0].first.size()));
+  for (int64_t k = 0; k < corpus->document_length(0); ++k)  // ByteTokenizer: one token per byte
+    CHECK(corpus->trained(0, k) == (k >= static_cast<int64_t>(docs[0].first.size())));
+  CHECK(corpus->trains_eos());
 
   // Padded: one example per row; padding and prompt are ignored in the labels.
   const int64_t seq = static_cast<int64_t>(docs[1].first.size() + docs[1].second.size()) + 10;

@@ -85,6 +85,9 @@ class ByteTokenizer : public Tokenizer {
   int64_t bos_id() const override { return bos_; }
   int64_t eos_id() const override { return 2; }
   int64_t pad_id() const override { return pad_; }
+  int64_t token_id(std::string_view token) const override {
+    throw std::invalid_argument("ByteTokenizer has no token '" + std::string(token) + "'");
+  }
 
  private:
   int64_t pad_, bos_;

@@ -1,0 +1,243 @@
+#include "chat.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <stdexcept>
+#include <string_view>
+#include <utility>
+
+namespace titan::examples {
+namespace {
+
+/// A stretch of the rendered conversation: text, or one special token written by its text.
+struct Piece {
+  std::string text;
+  bool special = false;
+  bool trained = false;
+};
+
+/// The code point starting at `text[at]` and its length in bytes (a malformed byte is itself).
+std::pair<char32_t, size_t> code_point(std::string_view text, size_t at) {
+  const auto byte = static_cast<unsigned char>(text[at]);
+  const size_t length = byte < 0x80 ? 1 : (byte >> 5) == 0x6 ? 2 : (byte >> 4) == 0xE ? 3 : (byte >> 3) == 0x1E ? 4 : 1;
+  if (length == 1 || at + length > text.size()) return {byte, 1};
+  char32_t value = byte & (0x7F >> length);
+  for (size_t k = 1; k < length; ++k) value = (value << 6) | (static_cast<unsigned char>(text[at + k]) & 0x3F);
+  return {value, length};
+}
+
+/// Python's str.isspace(), which jinja's `trim` filter strips.
+bool python_space(char32_t c) {
+  return (c >= 0x9 && c <= 0xD) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+/// `text` without leading and trailing Python whitespace (jinja's `trim`).
+std::string python_strip(std::string_view text) {
+  size_t begin = 0, end = 0;
+  bool seen = false;
+  for (size_t at = 0; at < text.size();) {
+    auto [c, length] = code_point(text, at);
+    if (!python_space(c)) {
+      if (!seen) begin = at;
+      seen = true;
+      end = at + length;
+    }
+    at += length;
+  }
+  return seen ? std::string(text.substr(begin, end - begin)) : std::string();
+}
+
+/// `text` without the newlines at its start (`front`) and / or end (`back`): Python's strip('\n').
+std::string strip_newlines(std::string_view text, bool front, bool back) {
+  size_t begin = 0, end = text.size();
+  while (front && begin < end && text[begin] == '\n') ++begin;
+  while (back && end > begin && text[end - 1] == '\n') --end;
+  return std::string(text.substr(begin, end - begin));
+}
+
+bool starts_with(std::string_view text, std::string_view prefix) { return text.substr(0, prefix.size()) == prefix; }
+bool ends_with(std::string_view text, std::string_view suffix) {
+  return text.size() >= suffix.size() && text.substr(text.size() - suffix.size()) == suffix;
+}
+
+/// Builds a conversation's pieces.
+class Pieces {
+ public:
+  Pieces& special(std::string text, bool trained = false) {
+    pieces_.push_back(Piece{std::move(text), true, trained});
+    return *this;
+  }
+  Pieces& text(std::string text, bool trained = false) {
+    if (!text.empty()) pieces_.push_back(Piece{std::move(text), false, trained});
+    return *this;
+  }
+  std::vector<Piece> take() { return std::move(pieces_); }
+
+ private:
+  std::vector<Piece> pieces_;
+};
+
+/// Meta-Llama-3-8B-Instruct's template.
+std::vector<Piece> llama3(const std::vector<ChatMessage>& messages) {
+  Pieces out;
+  for (const auto& message : messages) {
+    const bool assistant = message.role == "assistant";
+    out.special("<|start_header_id|>").text(message.role).special("<|end_header_id|>").text("\n\n");
+    out.text(python_strip(message.content), assistant).special("<|eot_id|>", assistant);
+  }
+  return out.take();
+}
+
+/// One ChatML turn: <|im_start|>{role}\n{body}<|im_end|>\n, the body and <|im_end|> trained for
+/// the assistant.
+void chatml_turn(Pieces& out, const std::string& role, std::string body) {
+  const bool assistant = role == "assistant";
+  out.special("<|im_start|>").text(role + "\n").text(std::move(body), assistant);
+  out.special("<|im_end|>", assistant).text("\n");
+}
+
+/// Qwen2.5-Instruct's template (without tools; the default system message is the caller's).
+std::vector<Piece> chatml(const std::vector<ChatMessage>& messages) {
+  Pieces out;
+  for (const auto& message : messages) chatml_turn(out, message.role, message.content);
+  return out.take();
+}
+
+/// Qwen3's template (without tools).
+std::vector<Piece> qwen3(const std::vector<ChatMessage>& messages) {
+  const int64_t count = static_cast<int64_t>(messages.size());
+  int64_t last_query = count - 1;  // the last user message that is not a wrapped tool response
+  for (int64_t i = count - 1; i >= 0; --i) {
+    const auto& content = messages[i].content;
+    if (messages[i].role == "user" && !(starts_with(content, "<tool_response>") && ends_with(content, "</tool_response>"))) {
+      last_query = i;
+      break;
+    }
+  }
+  Pieces out;
+  for (int64_t i = 0; i < count; ++i) {
+    const auto& message = messages[i];
+    if (message.role != "assistant") {
+      chatml_turn(out, message.role, message.content);
+      continue;
+    }
+    std::string content = message.content, reasoning;
+    if (message.reasoning) {
+      reasoning = *message.reasoning;
+    } else if (auto close = content.find("</think>"); close != std::string::npos) {
+      // content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n'), and the rest
+      std::string before = strip_newlines(std::string_view(content).substr(0, close), false, true);
+      auto open = before.rfind("<think>");
+      reasoning = strip_newlines(open == std::string::npos ? before : before.substr(open + 7), true, false);
+      content = strip_newlines(std::string_view(content).substr(content.rfind("</think>") + 8), true, false);
+    }
+    if (i > last_query && (i == count - 1 || !reasoning.empty())) {
+      chatml_turn(out, message.role,
+                  "<think>\n" + strip_newlines(reasoning, true, true) + "\n</think>\n\n" +
+                      strip_newlines(content, true, false));
+    } else {
+      chatml_turn(out, message.role, content);
+    }
+  }
+  return out.take();
+}
+
+/// Decoded bytes of `ids` (the text the tokens stand for, after the tokenizer's normalization).
+size_t decoded_size(const Tokenizer& tokenizer, const std::vector<int64_t>& ids) { return tokenizer.decode(ids).size(); }
+
+}  // namespace
+
+std::vector<ChatMessage> chat_messages(const nlohmann::json& messages) {
+  if (!messages.is_array() || messages.empty())
+    throw std::invalid_argument("\"messages\" is not a non-empty array of {\"role\", \"content\"} objects");
+  std::vector<ChatMessage> out;
+  bool assistant = false;
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const auto& message = messages[i];
+    const std::string where = "message " + std::to_string(i);
+    if (!message.is_object()) throw std::invalid_argument(where + " is not a JSON object");
+    if (!message.contains("role") || !message["role"].is_string())
+      throw std::invalid_argument(where + " has no string \"role\"");
+    ChatMessage parsed;
+    parsed.role = message["role"].get<std::string>();
+    if (parsed.role != "system" && parsed.role != "user" && parsed.role != "assistant")
+      throw std::invalid_argument(where + " has the role \"" + parsed.role +
+                                  "\"; expected \"system\", \"user\" or \"assistant\" (tool calls are not supported)");
+    if (!message.contains("content") || !message["content"].is_string())
+      throw std::invalid_argument(where + " (" + parsed.role + ") has no string \"content\"");
+    parsed.content = message["content"].get<std::string>();
+    if (message.contains("reasoning_content") && !message["reasoning_content"].is_null()) {
+      if (parsed.role != "assistant" || !message["reasoning_content"].is_string())
+        throw std::invalid_argument(where + ": \"reasoning_content\" must be a string of an assistant message");
+      parsed.reasoning = message["reasoning_content"].get<std::string>();
+    }
+    assistant = assistant || parsed.role == "assistant";
+    out.push_back(std::move(parsed));
+  }
+  if (!assistant) throw std::invalid_argument("no assistant message (nothing to train on)");
+  return out;
+}
+
+ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptions& options,
+                       const Tokenizer& tokenizer) {
+  std::vector<ChatMessage> conversation;
+  if (!options.system().empty() && (messages.empty() || messages.front().role != "system"))
+    conversation.push_back(ChatMessage{"system", options.system(), std::nullopt});
+  conversation.insert(conversation.end(), messages.begin(), messages.end());
+  const auto& format = options.format();
+  if (format != "qwen3") {
+    for (const auto& message : conversation)
+      if (message.reasoning)
+        throw std::invalid_argument("an assistant message has \"reasoning_content\", which only the qwen3 chat format "
+                                    "renders (this is " + format + ")");
+  }
+  std::vector<Piece> pieces;
+  if (format == "llama3") {
+    pieces = llama3(conversation);
+  } else if (format == "chatml") {
+    pieces = chatml(conversation);
+  } else if (format == "qwen3") {
+    pieces = qwen3(conversation);
+  } else {
+    throw std::invalid_argument("unknown chat format '" + format + "' (expected one of: " + kChatFormats + ")");
+  }
+
+  ChatTokens out;
+  for (size_t i = 0; i < pieces.size();) {
+    if (pieces[i].special) {
+      int64_t id;
+      try {
+        id = tokenizer.token_id(pieces[i].text);
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument("the " + format + " chat format needs the special token " + pieces[i].text +
+                                    ", which the tokenizer does not have (" + e.what() + ")");
+      }
+      out.ids.push_back(id);
+      out.trained.push_back(pieces[i].trained);
+      ++i;
+      continue;
+    }
+    // A run of text between special tokens, tokenized whole (as the tokenizer splits the rendered
+    // string); each token is trained as the piece its first byte comes from.
+    std::string run;
+    std::vector<size_t> piece_ends;  // decoded bytes up to the end of each piece of the run
+    std::vector<bool> piece_trained;
+    for (; i < pieces.size() && !pieces[i].special; ++i) {
+      run += pieces[i].text;
+      piece_trained.push_back(pieces[i].trained);
+      piece_ends.push_back(decoded_size(tokenizer, tokenizer.encode(run, false, false)));
+    }
+    const auto ids = tokenizer.encode(run, false, false);
+    size_t at = 0, piece = 0;
+    for (auto id : ids) {
+      while (piece + 1 < piece_ends.size() && at >= piece_ends[piece]) ++piece;
+      out.ids.push_back(id);
+      out.trained.push_back(piece_trained[piece]);
+      at += decoded_size(tokenizer, {id});
+    }
+  }
+  return out;
+}
+
+}  // namespace titan::examples

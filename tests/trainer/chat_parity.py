@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Parity of examples/common/chat.cpp with the models' own chat templates.
+
+Each conversation is rendered by transformers' chat-template renderer (jinja2) with the official
+template of Meta-Llama-3-8B-Instruct, Qwen2.5-Instruct or Qwen3 (below, verbatim from their
+tokenizer_config.json), tokenized by the reference libraries on the test tokenizers (tiktoken for
+the Llama 3 ranks file, `tokenizers` for the Qwen-layout tokenizer.json, special tokens parsed as
+the models' tokenizers do), and each token is marked trained when it starts inside an assistant
+turn: after the generation prompt ("<|start_header_id|>assistant<|end_header_id|>\\n\\n" or
+"<|im_start|>assistant\\n") up to and including the end-of-turn token. The reference (ids
+without the leading BOS, which the data loader adds, and the mask) goes to reference.json; the C++
+test case renders the same conversations with render_chat and compares.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tokenizers"))
+from make_reference import NUM_SPECIAL_TOKENS, PATTERN, llama3_special_tokens  # noqa: E402
+
+CASE = "chat: parity with the models' chat templates"
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+QWEN25_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+QWEN3_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# (format, template, titan's ChatOptions::system, generation prompt, end of turn)
+FORMATS = [
+    ("llama3", LLAMA3_TEMPLATE, "", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    ("chatml", QWEN25_TEMPLATE, QWEN25_SYSTEM, "<|im_start|>assistant\n", "<|im_end|>"),
+    ("qwen3", QWEN3_TEMPLATE, "", "<|im_start|>assistant\n", "<|im_end|>"),
+]
+
+
+def m(role, content, **extra):
+    return dict(role=role, content=content, **extra)
+
+
+SYSTEM = m("system", "You are terse.")
+CONVERSATIONS = {
+    "one turn": [m("user", "Define the word. abaca"), m("assistant", "A plant of the Philippines.")],
+    "system and two turns": [SYSTEM, m("user", "Hi!"), m("assistant", "Hello."), m("user", "And the word 'tome'?"),
+                             m("assistant", "A large book.")],
+    "whitespace around content": [m("user", "  \n\tpadded question \n"), m("assistant", "\n\n  padded answer\t \n")],
+    "answer opening with newlines": [m("user", "q"), m("assistant", "\nline one\n\nline two\n")],
+    "unicode": [m("user", "Übersetze: café, naïve, e\u0301 (combining), 東京, 😀"),
+                m("assistant", "\u3000Tōkyō — 東京 😀\u00a0done\u2028")],
+    "empty answer and a trailing user turn": [m("user", "Say nothing."), m("assistant", ""), m("user", "Thanks.")],
+    "system later in the conversation": [m("user", "a"), m("assistant", "b"), m("system", "Be brief now."),
+                                         m("user", "c"), m("assistant", "d")],
+    "special-looking text": [m("user", "What is <think>?"), m("assistant", "A tag: <think>x</think> in text.")],
+}
+QWEN3_ONLY = {
+    "reasoning_content": [m("user", "2+2?"), m("assistant", "4", reasoning_content="\nAdd two and two.\n")],
+    "reasoning in content": [m("user", "3+3?"), m("assistant", "<think>\nsix\n</think>\n\n6")],
+    "earlier reasoning dropped": [m("user", "1?"), m("assistant", "one", reasoning_content="think 1"),
+                                  m("user", "2?"), m("assistant", "<think>t2</think>two")],
+    "tool response is not a query": [m("user", "q1"), m("assistant", "a1"),
+                                     m("user", "<tool_response>data</tool_response>"),
+                                     m("assistant", "a2", reasoning_content="r2"), m("assistant", "a3")],
+}
+
+
+def tiktoken_encoder(path):
+    ranks = load_tiktoken_bpe(path)
+    specials = {t: len(ranks) + i for i, t in enumerate(llama3_special_tokens(NUM_SPECIAL_TOKENS))}
+    return tiktoken.Encoding("titan-chat-test", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def tokens_with_offsets(tokenizer, text):
+    """(ids, start character of each token) with special tokens parsed, as the models' tokenizers do."""
+    if isinstance(tokenizer, tiktoken.Encoding):
+        ids = tokenizer.encode(text, allowed_special="all")
+        decoded, starts = tokenizer.decode_with_offsets(ids)
+        assert decoded == text
+        return ids, starts
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    return encoding.ids, [start for start, _ in encoding.offsets]
+
+
+def trained_spans(text, prompt, end_of_turn):
+    """Character ranges of the assistant turns: after each generation prompt, through the end of turn."""
+    spans, at = [], text.find(prompt)
+    while at >= 0:
+        begin = at + len(prompt)
+        end = text.index(end_of_turn, begin) + len(end_of_turn)
+        spans.append((begin, end))
+        at = text.find(prompt, end)
+    return spans
+
+
+def reference(root):
+    cache = os.path.join(root, "data/cache/tokenizers")
+    tokenizers = {
+        "llama3": ("tiktoken", os.path.join(cache, "tiktoken/llama3_bpe_4k.model")),
+        "qwen": ("huggingface", os.path.join(cache, "huggingface/qwen_bpe_4k/tokenizer.json")),
+    }
+    loaded = {"tiktoken": tiktoken_encoder(tokenizers["llama3"][1]),
+              "huggingface": Tokenizer.from_file(tokenizers["qwen"][1])}
+    cases = []
+    for fmt, template, system, prompt, end_of_turn in FORMATS:
+        kind, path = tokenizers["llama3" if fmt == "llama3" else "qwen"]
+        conversations = dict(CONVERSATIONS, **(QWEN3_ONLY if fmt == "qwen3" else {}))
+        for name, messages in conversations.items():
+            rendered = render_jinja_template(conversations=[messages], chat_template=template,
+                                             bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")[0][0]
+            ids, starts = tokens_with_offsets(loaded[kind], rendered)
+            spans = trained_spans(rendered, prompt, end_of_turn)
+            trained = [any(b <= s < e for b, e in spans) for s in starts]
+            if fmt == "llama3":  # the template writes BOS; titan's loader adds it
+                assert ids[0] == loaded[kind].encode_single_token("<|begin_of_text|>")
+                ids, trained = ids[1:], trained[1:]
+            assert any(trained), f"{fmt} / {name}: nothing trained"
+            cases.append(dict(name=f"{fmt} / {name}", format=fmt, system=system, tokenizer_kind=kind,
+                              tokenizer_path=path, messages=messages, rendered=rendered, ids=ids, trained=trained))
+    return cases
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--exe", required=True, help="test_trainer")
+    parser.add_argument("--root", required=True, help="the source tree (its scripts/make_corpus.sh)")
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args()
+    subprocess.run([os.path.join(args.root, "scripts/make_corpus.sh")], check=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    path = os.path.join(args.workdir, "reference.json")
+    cases = reference(args.root)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"cases": cases}, f, ensure_ascii=False, indent=1)
+    print(f"chat_parity: {len(cases)} conversations in {path}")
+    env = dict(os.environ, TITAN_CHAT_REFERENCE=path, OMP_NUM_THREADS="1")
+    run = subprocess.run([args.exe, f"--test-case={CASE}*", "--no-skip"], env=env, capture_output=True, text=True)
+    sys.stdout.write(run.stdout[-20000:])
+    sys.stderr.write(run.stderr[-5000:])
+    if run.returncode != 0 or not re.search(r"test cases:\s+1 \|\s+1 passed", run.stdout):
+        sys.exit(f"chat_parity: the C++ case failed or did not run (exit {run.returncode})")
+
+
+if __name__ == "__main__":
+    main()
