@@ -67,6 +67,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("model", "n_layers", &c.model.n_layers, 0),
       text("model", "tokenizer_path", &c.model.tokenizer_path),
       choice("model", "tokenizer_kind", &c.model.tokenizer_kind, {"tiktoken", "huggingface", "sentencepiece"}),
+      choice("model", "attn_mask_type", &c.model.attn_mask_type, {"causal", "block_causal"}),
       flag("model", "fused_projections", &c.model.fused_projections),
       choice("optimizer", "name", &c.optimizer.name, {"AdamW"}),
       real("optimizer", "lr", &c.optimizer.lr, 0.0),
@@ -397,6 +398,11 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(config.moe.aux_loss_coef == 0 || p.pipeline_parallel_degree == 1, source, ": moe.aux_loss_coef = ",
               config.moe.aux_loss_coef, " needs pipeline_parallel_degree = 1 (the auxiliary loss spans every layer's ",
               "tokens; with pipeline parallelism balance the experts with moe.load_balance_coeff)");
+  TORCH_CHECK(config.model.attn_mask_type == "causal" || (p.pipeline_parallel_degree == 1 && p.context_parallel_degree == 1),
+              source, ": model.attn_mask_type = \"block_causal\" needs parallelism.pipeline_parallel_degree = 1 and ",
+              "parallelism.context_parallel_degree = 1 (got ", p.pipeline_parallel_degree, " and ",
+              p.context_parallel_degree, "): the pipeline stages and the context-parallel attention take no ",
+              "document mask; use \"causal\" with them");
   const auto& f = config.float8;
   TORCH_CHECK(!config.model.fused_projections || !f.enable, source, ": model.fused_projections = true and ",
               "float8.enable = true do not combine: float8 gives each projection its own scaled GEMM; turn one off");

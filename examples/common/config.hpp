@@ -36,6 +36,9 @@ struct ModelConfig {
   std::string tokenizer_kind = "tiktoken";  ///< "tiktoken" (Llama 3), "huggingface" (tokenizer.json: Qwen3) or "sentencepiece" (Llama 2, Mistral)
   /// wq|wk|wv and w1|w3 as one GEMM each (titan::linear_fused); parameters and checkpoints unchanged
   bool fused_projections = false;
+  /// "causal": every token attends to the earlier tokens of its row; "block_causal": only to those
+  /// of its own document in a packed row (torchtitan's attn_mask_type; an explicit attention mask).
+  std::string attn_mask_type = "causal";
 };
 
 /// [optimizer]: AdamW with decoupled weight decay.

@@ -619,13 +619,14 @@ int64_t DataLoader::sample_at(int64_t epoch, int64_t index) const {
   return order_[index];
 }
 
-void DataLoader::fill_row(int64_t sample, int64_t* input, int64_t* labels) const {
+void DataLoader::fill_row(int64_t sample, int64_t* input, int64_t* labels, int64_t* documents) const {
   const int64_t length = options_.seq_len() + 1;
   // The packed stream is [BOS doc_0 EOS][BOS doc_1 EOS]... (no BOS where the tokenizer has none);
   // `begin` is where this row starts in it.
   int64_t begin = options_.pack() ? sample * length : starts_[sample];
   int64_t end = options_.pack() ? begin + length : std::min(starts_[sample + 1], begin + length);
   int64_t d = std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin() - 1;
+  const int64_t first_document = d;
   for (int64_t p = begin, i = 0; i < length; ++p, ++i) {
     int64_t token = pad_;
     bool target = false;
@@ -643,7 +644,10 @@ void DataLoader::fill_row(int64_t sample, int64_t* input, int64_t* labels) const
         target = corpus_->trained(d, k - 1);
       }
     }
-    if (i < length - 1) input[i] = token;
+    if (i < length - 1) {
+      input[i] = token;
+      documents[i] = (p < end ? d : d + 1) - first_document;  // padding: one more
+    }
     if (i > 0) labels[i - 1] = target ? token : kIgnore;
   }
 }
@@ -653,6 +657,7 @@ Batch DataLoader::next() {
   Batch batch;
   batch.input = torch::empty({rows, seq}, torch::kLong);   // [B, S]
   batch.labels = torch::empty({rows, seq}, torch::kLong);  // [B, S]
+  batch.documents = torch::empty({rows, seq}, torch::kLong);  // [B, S]
   for (int64_t r = 0; r < rows; ++r) {
     if (position_ + options_.dp_size() > samples_) {
       ++epoch_;
@@ -660,7 +665,8 @@ Batch DataLoader::next() {
     }
     const int64_t sample = sample_at(epoch_, position_ + options_.dp_rank());
     position_ += options_.dp_size();
-    fill_row(sample, batch.input.data_ptr<int64_t>() + r * seq, batch.labels.data_ptr<int64_t>() + r * seq);
+    fill_row(sample, batch.input.data_ptr<int64_t>() + r * seq, batch.labels.data_ptr<int64_t>() + r * seq,
+             batch.documents.data_ptr<int64_t>() + r * seq);
   }
   const int64_t* labels = batch.labels.data_ptr<int64_t>();
   batch.num_label_tokens = std::count_if(labels, labels + rows * seq, [](int64_t label) { return label != kIgnore; });

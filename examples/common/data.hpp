@@ -140,6 +140,9 @@ struct Batch {
   torch::Tensor input;   ///< [B, S] int64 token ids
   torch::Tensor labels;  ///< [B, S] int64 next-token ids, -100 where ignored
   int64_t num_label_tokens = 0;  ///< labels that are not -100
+  /// [B, S] int64: the document of each input token in its row (0, 1, ...; padding after a
+  /// document is one more), for block-causal attention (CausalLM::forward's documents)
+  torch::Tensor documents;
 };
 
 /// Where a DataLoader stands; enough to continue the same stream after a restart.
@@ -185,7 +188,7 @@ class DataLoader : public titan::Stateful {
   void reset();
 
  private:
-  void fill_row(int64_t sample, int64_t* input, int64_t* labels) const;  // input, labels: [S]
+  void fill_row(int64_t sample, int64_t* input, int64_t* labels, int64_t* documents) const;  // each [S]
   int64_t sample_at(int64_t epoch, int64_t index) const;  // index-th sample of epoch's order
 
   std::shared_ptr<const TokenCorpus> corpus_;

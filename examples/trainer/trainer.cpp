@@ -346,7 +346,8 @@ void Trainer::build_pipelines() {
                         " micro-batches of ", size, " samples per step");
 }
 
-torch::Tensor Trainer::run_stage(CausalLM& stage, const torch::Tensor& input) {
+torch::Tensor Trainer::run_stage(CausalLM& stage, const torch::Tensor& input, const torch::Tensor& documents) {
+  if (documents.defined()) return titan::call(stage, input, positions_, documents);  // no positions: cp = 1
   return positions_.defined() ? titan::call(stage, input, positions_) : titan::call(stage, input);
 }
 
@@ -360,7 +361,9 @@ Batch Trainer::shard_sequence(const Batch& batch) const {
 torch::Tensor Trainer::loss_sum(const Batch& batch, double grad_scale) {
   auto input = to_device(batch.input, world_->device());    // [B, S] (S / cp with context parallelism)
   auto labels = to_device(batch.labels, world_->device());  // [B, S]
-  return token_loss_sum(run_stage(*stages_.front(), input), labels, grad_scale);
+  const bool block_causal = config_.model.attn_mask_type == "block_causal";
+  auto documents = block_causal ? to_device(batch.documents, world_->device()) : torch::Tensor();  // [B, S]
+  return token_loss_sum(run_stage(*stages_.front(), input, documents), labels, grad_scale);
 }
 
 torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels, double grad_scale) {

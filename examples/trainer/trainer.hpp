@@ -157,7 +157,7 @@ class Trainer {
   /// stage reading only its slices) or the model part of a titan checkpoint.
   void load_initial_weights();
   /// The forward of `stage` on `input`, with this rank's token positions under context parallelism.
-  torch::Tensor run_stage(CausalLM& stage, const torch::Tensor& input);
+  torch::Tensor run_stage(CausalLM& stage, const torch::Tensor& input, const torch::Tensor& documents = {});
   /// With context parallelism: this rank's part of `batch` along the sequence, its label tokens
   /// counted again; else `batch`.
   Batch shard_sequence(const Batch& batch) const;

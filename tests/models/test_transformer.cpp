@@ -248,6 +248,58 @@ TEST_CASE("model: causal, and Mistral attends only inside the window") {
   CHECK_CONTAINS(error_of([&] { model->forward(too_long); }), "exceeds max_seq_len 64");
 }
 
+TEST_CASE("model: block-causal attention gives each packed document the logits and gradients it has alone") {
+  // RoPE is relative, so a document at positions p.. of a packed row attends as it would alone at
+  // 0..: the reference is the same model on each document by itself (with a sliding window too).
+  for (int64_t window : {0, 3}) {
+    CAPTURE(window);
+    torch::manual_seed(2);
+    auto args = tiny_args().sliding_window(window);
+    Transformer model(args, device());
+    init_weights(*model, 5);
+    const std::vector<std::vector<int64_t>> rows = {{5, 7, 3}, {15}, {1, 1, 13}};  // document lengths per row
+    auto tokens = torch::randint(0, 97, {3, 15}, torch::kLong).to(device());
+    auto documents = torch::empty({3, 15}, torch::kLong);
+    for (int64_t r = 0; r < 3; ++r)
+      for (int64_t d = 0, at = 0; d < static_cast<int64_t>(rows[r].size()); at += rows[r][d++])
+        documents[r].narrow(0, at, rows[r][d]).fill_(d);
+    auto packed = titan::call(model, tokens, torch::Tensor(), documents.to(device()));  // [3, 15, 97]
+    auto causal = titan::call(model, tokens);
+    double worst = 0;
+    for (int64_t r = 0; r < 3; ++r) {
+      for (int64_t d = 0, at = 0; d < static_cast<int64_t>(rows[r].size()); at += rows[r][d++]) {
+        auto alone = titan::call(model, tokens[r].narrow(0, at, rows[r][d]).unsqueeze(0));  // [1, len, 97]
+        worst = std::max(worst, max_abs_diff(packed[r].narrow(0, at, rows[r][d]), alone[0]));
+        if (at == 0) CHECK(max_abs_diff(causal[r].narrow(0, at, rows[r][d]), alone[0]) < 1e-5);
+      }
+    }
+    CHECK(worst < 1e-5);
+    // The mask matters: a later document sees the earlier ones without it.
+    CHECK(max_abs_diff(causal[0].narrow(0, 5, 7), packed[0].narrow(0, 5, 7)) > 1e-3);
+    // Gradients: the packed row's loss equals the sum of the documents' own.
+    auto weight = model->layers[0]->as<TransformerBlockImpl>()->attention->wq->weight;
+    auto row_loss = [&](const torch::Tensor& logits, const torch::Tensor& targets) {
+      return torch::nn::functional::cross_entropy(logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    };
+    auto targets = torch::randint(0, 97, {15}, torch::kLong).to(device());
+    auto grad_packed = torch::autograd::grad({row_loss(titan::call(model, tokens.narrow(0, 0, 1), torch::Tensor(),
+                                                                   documents.narrow(0, 0, 1).to(device()))[0], targets)},
+                                             {weight})[0];
+    torch::Tensor alone_loss;
+    for (int64_t d = 0, at = 0; d < 3; at += rows[0][d++]) {
+      auto loss = row_loss(titan::call(model, tokens[0].narrow(0, at, rows[0][d]).unsqueeze(0))[0],
+                           targets.narrow(0, at, rows[0][d]));
+      alone_loss = alone_loss.defined() ? alone_loss + loss : loss;
+    }
+    auto grad_alone = torch::autograd::grad({alone_loss}, {weight})[0];
+    CHECK(max_abs_diff(grad_packed, grad_alone) < 1e-5);
+  }
+  Transformer model(tiny_args(), device());
+  const auto tokens = torch::zeros({2, 4}, torch::TensorOptions().dtype(torch::kLong).device(device()));
+  CHECK_CONTAINS(error_of([&] { model->forward(tokens, {}, torch::zeros({2, 5}, torch::kLong)); }),
+                 "documents must be int64 [2, 4] (one per token)");
+}
+
 TEST_CASE("model: init_weights follows torchtitan's scheme and is reproducible") {
   auto args = model_args("llama3", "debug").n_layers(4).vocab_size(512);
   Transformer model(args, torch::kMeta);

@@ -59,6 +59,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   tied        Llama 3.2 (output tied to the embedding) under FSDP 2 and under TP 2 (loss parallel,
               with and without sequence parallel): the 1-rank run's losses and weights; the export says
               tie_word_embeddings, holds no lm_head.weight and loads
+  doc_mask    block-causal attention (model.attn_mask_type) on packed conversations: FSDP 2 and
+              TP 2 with sequence parallel against the 1-rank run; the 1-rank causal run differs
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
   chat        instruction tuning of the Qwen3 debug model on GCIDE conversations in Qwen3's chat
@@ -568,6 +570,23 @@ def main():
         r.run("qwen25_tp", args.trainer, 2, "qwen3_debug.toml", [*qwen25, "--parallelism.tensor_parallel_degree", "2"])
         compare_runs("qwen25_tp", "qwen25_one", "qwen2.5: TP 2 with fused projections on 2 ranks")
         check_hf_export("qwen25_tp", "Qwen2ForCausalLM")
+
+    if wanted("doc_mask"):
+        # Packed conversations (Qwen3 chat format, 128-token windows holding several) attending only
+        # within themselves, under FSDP and under TP with sequence parallel, against one rank.
+        chat = "qwen3_debug_chat.toml"
+        window = ["--training.seq_len", "128"]
+        r.run("doc_mask_one", args.trainer, 1, chat, window)
+        r.run("doc_mask_fsdp", args.trainer, 2, chat, window)
+        compare_runs("doc_mask_fsdp", "doc_mask_one", "doc_mask: FSDP 2, block-causal")
+        r.run("doc_mask_tp", args.trainer, 2, chat,
+              [*window, "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true"])
+        compare_runs("doc_mask_tp", "doc_mask_one", "doc_mask: TP 2 with sequence parallel, block-causal")
+        r.run("doc_mask_causal", args.trainer, 1, chat, [*window, "--model.attn_mask_type", "causal"])
+        run, _ = metrics(work("doc_mask_causal"))
+        ref, _ = metrics(work("doc_mask_one"))
+        diff = max(abs(run[s]["loss"] - ref[s]["loss"]) for s in range(1, 21))
+        r.check(diff > 1e-3, f"doc_mask: the causal run's losses differ from the block-causal one's (max {diff:.2e})")
 
     if wanted("tied"):
         # Llama 3.2 (the output tied to the embedding: one weight, two uses, one gradient) under

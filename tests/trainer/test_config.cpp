@@ -39,7 +39,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.parallelism.expert_tensor_parallel_degree == 2);
   CHECK(back.data.chat_format == "qwen3");
   CHECK(back.data.chat_system == c.data.chat_system);
-  CHECK(config_keys().size() == 86);
+  CHECK(config_keys().size() == 87);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -202,6 +202,20 @@ TEST_CASE("config: the [moe] keys reach a MoE model's layers and are errors wher
   apply_override(pipelined, "moe.aux_loss_coef", "0.02", "command line");
   CHECK_ERROR_HAS(validate(pipelined), "moe.aux_loss_coef = 0.02 needs pipeline_parallel_degree = 1",
                   "moe.load_balance_coeff");
+}
+
+TEST_CASE("config: block-causal attention is refused with pipeline or context parallelism, naming the keys") {
+  TrainConfig c;
+  apply_override(c, "model.attn_mask_type", "block_causal", "command line");
+  validate(c);
+  for (const char* key : {"parallelism.pipeline_parallel_degree", "parallelism.context_parallel_degree"}) {
+    TrainConfig bad = c;
+    apply_override(bad, key, "2", "command line");
+    CHECK_ERROR_HAS(validate(bad), "model.attn_mask_type = \"block_causal\" needs parallelism.pipeline_parallel_degree",
+                    "take no document mask");
+  }
+  apply_override(c, "model.attn_mask_type", "document", "command line");
+  CHECK_ERROR_HAS(validate(c), "model.attn_mask_type", "causal, block_causal");
 }
 
 TEST_CASE("config: model.fused_projections with float8 is an error naming both keys") {

@@ -24,10 +24,12 @@ std::vector<int64_t> to_vector(const torch::Tensor& t) {
 struct Stream {
   std::vector<int64_t> tokens;
   std::vector<bool> target;
+  std::vector<int64_t> document;  // the document each token belongs to
 };
 Stream reference_stream(const std::vector<std::pair<std::string, std::string>>& docs, bool bos = true) {
   ByteTokenizer tok;
   Stream s;
+  int64_t index = 0;
   for (const auto& [prompt, body] : docs) {
     if (bos) {
       s.tokens.push_back(1);
@@ -43,6 +45,7 @@ Stream reference_stream(const std::vector<std::pair<std::string, std::string>>& 
     }
     s.tokens.push_back(2);
     s.target.push_back(true);
+    s.document.resize(s.tokens.size(), index++);
   }
   return s;
 }
@@ -234,6 +237,11 @@ TEST_CASE("data: packed windows follow the BOS/EOS stream, in file order without
         auto expected = reference_window(stream, (w * 3 + r) % windows, seq);
         CHECK(to_vector(batch.input[r]) == expected.first);
         CHECK(to_vector(batch.labels[r]) == expected.second);
+        // Each input token's document, counted from the window's first.
+        const int64_t start = ((w * 3 + r) % windows) * (seq + 1);
+        std::vector<int64_t> documents;
+        for (int64_t i = 0; i < seq; ++i) documents.push_back(stream.document[start + i] - stream.document[start]);
+        CHECK(to_vector(batch.documents[r]) == documents);
       }
       CHECK(batch.num_label_tokens == batch.labels.ne(-100).sum().item<int64_t>());
     }
@@ -385,6 +393,10 @@ TEST_CASE("data: Alpaca samples train on the response only, padded or packed") {
       if (id != -100) trained.push_back(id);
     CHECK(tok.decode(trained) == "Hello!");
     CHECK(trained.back() == 2);  // EOS is a target
+    // One document, then the padding as the next.
+    const auto documents = to_vector(batch.documents[1]);
+    for (int64_t i = 0; i < seq; ++i)
+      CHECK(documents[i] == (i < static_cast<int64_t>(stream.tokens.size()) ? 0 : 1));
     // The long example is cut to seq + 1 tokens.
     CHECK(to_vector(batch.input[2])[seq - 1] == reference_stream({docs[2]}).tokens[seq - 1]);
   }

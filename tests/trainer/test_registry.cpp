@@ -77,7 +77,9 @@ struct ToyLM : CausalLM {
     for (int64_t i = 0; i < n_layers; ++i) layers->push_back(ToyBlock(dim, device));
     output = register_module("output", ToyOutput(dim, vocab, device));
   }
-  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& /*positions*/) override {
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& /*positions*/,
+                        const torch::Tensor& documents = {}) override {
+    TORCH_CHECK(!documents.defined(), "ToyLM: no block-causal attention (model.attn_mask_type = \"causal\")");
     auto h = torch::embedding(embedding, input);  // [B, S, dim]
     for (const auto& layer : *layers) h = titan::call(layer->as<ToyBlockImpl>(), h);
     return titan::call(output, h);  // [B, S, vocab]

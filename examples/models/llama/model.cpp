@@ -285,16 +285,21 @@ std::tuple<torch::Tensor, torch::Tensor> RMSNormImpl::forward(const torch::Tenso
 
 AttentionCoreImpl::AttentionCoreImpl(int64_t sliding_window_) : sliding_window(sliding_window_) {}
 
-torch::Tensor AttentionCoreImpl::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+torch::Tensor AttentionCoreImpl::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                         const torch::Tensor& same_document) {
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "Attention: ", q.size(1), " query heads are not a multiple of ", k.size(1),
               " key/value heads");
   const int64_t seq = q.size(2);
   const bool grouped = q.size(1) != k.size(1);  // SDPA shares each kv head with its query heads (no copies)
-  if (sliding_window > 0 && seq > sliding_window) {
-    // An explicit [S, S] boolean mask (S^2 bytes, and no flash kernel) only when the window cuts.
+  const bool windowed = sliding_window > 0 && seq > sliding_window;
+  if (windowed || same_document.defined()) {
+    // An explicit boolean mask (S^2 bytes per row, and no flash kernel) only when the window cuts
+    // or the row holds several documents.
     auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kLong).device(q.device()));
     auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S]: query - key
-    auto mask = distance.ge(0).logical_and(distance.lt(sliding_window));
+    auto mask = distance.ge(0);                           // [S, S]: causal
+    if (windowed) mask = mask.logical_and(distance.lt(sliding_window));
+    if (same_document.defined()) mask = mask.logical_and(same_document);  // [B, 1, S, S]
     return at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, std::nullopt, grouped);
   }
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt, grouped);
@@ -343,7 +348,7 @@ AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& 
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
-                                     const torch::Tensor& rope_sin) {
+                                     const torch::Tensor& rope_sin, const torch::Tensor& same_document) {
   const int64_t batch = x.size(0), seq = x.size(1);
   auto [q, k, v] = project(x, {wq, wk, wv}, fused_projections);  // [B, S, Hq * hd], [B, S, Hkv * hd] x 2
   q = q.view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
@@ -356,8 +361,11 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   // Meta's interleaved pairs rotated by position, q and k in one operator (in fp32, by the fp32
   // tables [S, hd / 2]: FSDP leaves a block's inputs uncast, see parallelize.cpp).
   auto [q_rotated, k_rotated] = titan::rope(q, k, rope_cos, rope_sin);  // [B, S, Hq, hd], [B, S, Hkv, hd]
-  auto out = titan::call(core, q_rotated.transpose(1, 2), k_rotated.transpose(1, 2),
-                         v.transpose(1, 2));  // [B, Hq, S, hd]
+  auto out = same_document.defined()
+                 ? titan::call(core, q_rotated.transpose(1, 2), k_rotated.transpose(1, 2), v.transpose(1, 2),
+                               same_document)
+                 : titan::call(core, q_rotated.transpose(1, 2), k_rotated.transpose(1, 2),
+                               v.transpose(1, 2));  // [B, Hq, S, hd]
   return titan::call(wo, out.transpose(1, 2).reshape({batch, seq, -1}));  // [B, S, dim]
 }
 
@@ -391,9 +399,12 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t layer_id_, const ModelArgs& a
 }
 
 torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
-                                            const torch::Tensor& rope_sin) {
+                                            const torch::Tensor& rope_sin, const torch::Tensor& same_document) {
   // h = x + attention(...) and its norm in one operator: [B, S, dim] each
-  const auto attention_out = titan::call(attention, titan::call(attention_norm, x), rope_cos, rope_sin);
+  const auto normed_x = titan::call(attention_norm, x);
+  const auto attention_out = same_document.defined()
+                                 ? titan::call(attention, normed_x, rope_cos, rope_sin, same_document)
+                                 : titan::call(attention, normed_x, rope_cos, rope_sin);
   auto [h, normed] = titan::call(ffn_norm, x, attention_out);
   return h + (moe ? titan::call(moe, normed) : titan::call(feed_forward, normed));  // [B, S, dim]
 }
@@ -424,7 +435,8 @@ TransformerImpl::TransformerImpl(ModelArgs args_, torch::Device device) : args(s
   if (!device.is_meta()) reset_rope_tables();
 }
 
-torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::Tensor& positions) {
+torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::Tensor& positions,
+                                       const torch::Tensor& documents) {
   // A pipeline stage holds only some of the modules (titan::keep_pipeline_stage): without the
   // embedding its input is the previous stage's hidden states, without the output layer it
   // returns them.
@@ -447,8 +459,19 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::
     cos = rope_cos.narrow(0, 0, seq);
     sin = rope_sin.narrow(0, 0, seq);
   }
+  torch::Tensor same_document;  // [B, 1, S, S] bool: query and key in the same document
+  if (documents.defined()) {
+    TORCH_CHECK(documents.dim() == 2 && documents.size(0) == input.size(0) && documents.size(1) == seq &&
+                    documents.scalar_type() == torch::kLong,
+                "Transformer: documents must be int64 [", input.size(0), ", ", seq, "] (one per token), got ",
+                documents.scalar_type(), " ", documents.sizes());
+    same_document = documents.unsqueeze(2).eq(documents.unsqueeze(1)).unsqueeze(1);
+  }
   auto h = embeds ? titan::call(tok_embeddings, input) : input;  // [B, S, dim]
-  for (const auto& layer : layers->children()) h = titan::call(layer->as<TransformerBlockImpl>(), h, cos, sin);
+  for (const auto& layer : layers->children()) {
+    auto& block = *layer->as<TransformerBlockImpl>();
+    h = same_document.defined() ? titan::call(block, h, cos, sin, same_document) : titan::call(block, h, cos, sin);
+  }
   if (!outputs) return h;  // [B, S, dim]
   h = titan::call(norm, h);
   // A tied output reads the embedding's weight inside the model's own call: under fully_shard

@@ -189,8 +189,11 @@ TORCH_MODULE(RMSNorm);
 class AttentionCoreImpl : public torch::nn::Module {
  public:
   explicit AttentionCoreImpl(int64_t sliding_window);
-  /// q [B, Hq, S, hd], k and v [B, Hkv, S, hd] (positions 0..S-1) -> [B, Hq, S, hd]
-  torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
+  /// q [B, Hq, S, hd], k and v [B, Hkv, S, hd] (positions 0..S-1) -> [B, Hq, S, hd]. With
+  /// `same_document` [B, 1, S, S] bool (query and key in the same document of a packed row), a
+  /// query attends only to the keys of its own document (block-causal; an explicit mask).
+  torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& same_document = {});
   int64_t sliding_window;
 };
 TORCH_MODULE(AttentionCore);
@@ -199,9 +202,11 @@ TORCH_MODULE(AttentionCore);
 class AttentionImpl : public torch::nn::Module {
  public:
   AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options);
-  /// x [B, S, dim], rope_cos/rope_sin [S, head_dim / 2] -> [B, S, dim]. Head counts are inferred
-  /// from the projections' output sizes, so tensor-parallel shards of wq/wk/wv/wo work unchanged.
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin);
+  /// x [B, S, dim], rope_cos/rope_sin [S, head_dim / 2], same_document [B, 1, S, S] bool or
+  /// undefined (AttentionCore) -> [B, S, dim]. Head counts are inferred from the projections'
+  /// output sizes, so tensor-parallel shards of wq/wk/wv/wo work unchanged.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin,
+                        const torch::Tensor& same_document = {});
   Linear wq{nullptr}, wk{nullptr}, wv{nullptr}, wo{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};  ///< per-head norms [head_dim] with ModelArgs::qk_norm
   AttentionCore core{nullptr};
@@ -226,8 +231,9 @@ TORCH_MODULE(FeedForward);
 class TransformerBlockImpl : public torch::nn::Module {
  public:
   TransformerBlockImpl(int64_t layer_id, const ModelArgs& args, const torch::TensorOptions& options);
-  /// x [B, S, dim] -> [B, S, dim]
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin);
+  /// x [B, S, dim] -> [B, S, dim] (same_document: see AttentionCore)
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin,
+                        const torch::Tensor& same_document = {});
   int64_t layer_id;
   Attention attention{nullptr};
   FeedForward feed_forward{nullptr};  ///< dense models
@@ -248,7 +254,12 @@ class TransformerImpl : public CausalLM {
   /// without tok_embeddings the input is hidden states [B, S, dim]; without output it returns them.
   /// `positions` [S] (int64): the tokens' positions for RoPE when they are not 0..S-1, e.g. this
   /// rank's part of the sequence under context parallelism (titan::ContextParallelLayout).
-  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& positions = {}) override;
+  /// `documents` [B, S] (int64): each token's document in its packed row; attention then stays
+  /// within documents (block-causal: one [B, 1, S, S] mask for all layers). RoPE is relative, so a
+  /// document attends as it would alone at positions 0.. (torchtitan's attn_mask_type
+  /// "block_causal").
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& positions = {},
+                        const torch::Tensor& documents = {}) override;
   /// Recomputes rope_cos / rope_sin from args (wherever the buffers live).
   void reset_rope_tables();
   ModelArgs args;

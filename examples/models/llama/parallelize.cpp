@@ -28,7 +28,8 @@ void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, co
                                   .sequence_parallel(parallelism.enable_sequence_parallel)
                                   .loss_parallel(parallelism.enable_loss_parallel)
                                   .experts_over_tp(dims.ep_from_tp() > 1)
-                                  .expert_tensor_parallel(dims.etp > 1));
+                                  .expert_tensor_parallel(dims.etp > 1)
+                                  .document_mask(config.model.attn_mask_type == "block_causal"));
     titan::parallelize_module(model, mesh["tp"], titan::plan_for_stage(plan, model));  // a stage: its entries
   }
   TORCH_CHECK(dims.ep == 1 || model.args.is_moe(), "parallelism.expert_parallel_degree = ", dims.ep, " needs a ",
