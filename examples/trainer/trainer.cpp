@@ -326,8 +326,12 @@ void Trainer::build_pipelines() {
   std::vector<titan::PipelineStage> stages;
   for (int64_t v = 0; v < stages_per_rank_; ++v) {
     auto stage = stages_[static_cast<size_t>(v)];
-    stages.emplace_back(mesh_->coordinate("pp") + v * dims_.pp, stage,
-                        [this, stage](const torch::Tensor& input) { return run_stage(*stage, input); });
+    // Every stage reads its micro-batch's rows of the step's documents (block-causal attention).
+    stages.emplace_back(mesh_->coordinate("pp") + v * dims_.pp, stage, [this, stage](const torch::Tensor& input, int64_t mb) {
+      if (!pipeline_documents_.defined()) return run_stage(*stage, input);
+      const int64_t rows = input.size(0);
+      return run_stage(*stage, input, pipeline_documents_.narrow(0, mb * rows, rows));  // [rows / m, S]
+    });
   }
   const auto schedule = titan::parse_schedule(parallelism.pipeline_parallel_schedule);
   const int64_t per_step = accumulation_ * config_.training.batch_size;
@@ -361,9 +365,12 @@ Batch Trainer::shard_sequence(const Batch& batch) const {
 torch::Tensor Trainer::loss_sum(const Batch& batch, double grad_scale) {
   auto input = to_device(batch.input, world_->device());    // [B, S] (S / cp with context parallelism)
   auto labels = to_device(batch.labels, world_->device());  // [B, S]
-  const bool block_causal = config_.model.attn_mask_type == "block_causal";
-  auto documents = block_causal ? to_device(batch.documents, world_->device()) : torch::Tensor();  // [B, S]
-  return token_loss_sum(run_stage(*stages_.front(), input, documents), labels, grad_scale);
+  return token_loss_sum(run_stage(*stages_.front(), input, documents_of(batch.documents)), labels, grad_scale);
+}
+
+torch::Tensor Trainer::documents_of(const torch::Tensor& documents) const {
+  if (config_.model.attn_mask_type != "block_causal") return {};
+  return to_device(documents, world_->device());  // [B, S]
 }
 
 torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels, double grad_scale) {
@@ -381,13 +388,15 @@ torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::
 
 torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector<Batch>& batches, double scale,
                                     bool train) {
-  std::vector<torch::Tensor> inputs, labels;
+  std::vector<torch::Tensor> inputs, labels, documents;
   for (const auto& batch : batches) {
     inputs.push_back(batch.input);
     labels.push_back(batch.labels);
+    documents.push_back(batch.documents);
   }
   auto input = to_device(torch::cat(inputs), world_->device());    // [rows, S]
   auto label = to_device(torch::cat(labels), world_->device());    // [rows, S]
+  pipeline_documents_ = documents_of(torch::cat(documents));      // [rows, S] or undefined
   const int64_t count = pipeline.schedule().microbatches, rows = input.size(0) / count;
   std::vector<torch::Tensor> microbatches;
   if (pipeline.has_first_stage())
@@ -402,6 +411,7 @@ torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector
     pipeline.step(microbatches, loss_fn);
   else
     pipeline.evaluate(microbatches, loss_fn);
+  pipeline_documents_ = torch::Tensor();
   return sum;
 }
 

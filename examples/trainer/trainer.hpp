@@ -156,8 +156,11 @@ class Trainer {
   /// Starts from checkpoint.initial_load_path: a Hugging Face folder (the spec's load_hf, each
   /// stage reading only its slices) or the model part of a titan checkpoint.
   void load_initial_weights();
-  /// The forward of `stage` on `input`, with this rank's token positions under context parallelism.
+  /// The forward of `stage` on `input`, with this rank's token positions under context parallelism
+  /// and the rows' `documents` [B, S] for block-causal attention (model.attn_mask_type).
   torch::Tensor run_stage(CausalLM& stage, const torch::Tensor& input, const torch::Tensor& documents = {});
+  /// `batch`'s documents on the device when model.attn_mask_type is "block_causal", else undefined.
+  torch::Tensor documents_of(const torch::Tensor& documents) const;
   /// With context parallelism: this rank's part of `batch` along the sequence, its label tokens
   /// counted again; else `batch`.
   Batch shard_sequence(const Batch& batch) const;
@@ -173,6 +176,7 @@ class Trainer {
   std::vector<std::shared_ptr<CausalLM>> stages_;  ///< the whole model, or this rank's pipeline stages
   std::shared_ptr<torch::nn::Module> model_;     ///< stages_[0], or a view of several stages
   std::unique_ptr<titan::Pipeline> pipeline_;       ///< with pipeline parallelism: training steps
+  torch::Tensor pipeline_documents_;  ///< [rows, S]: the running pipeline step's documents (block-causal)
   std::unique_ptr<titan::Pipeline> eval_pipeline_;  ///< and validation (training.batch_size samples)
   std::unique_ptr<FusedAdamW> optimizer_;
   std::unique_ptr<LRSchedule> schedule_;

@@ -597,6 +597,68 @@ TEST_CASE("pipeline: a model not adapted to stages fails naming the stage, its i
   CHECK(message.find("the model's forward must skip the modules its stage does not hold") != std::string::npos);
 }
 
+TEST_CASE("pipeline: a stage function that takes the micro-batch index gets the one it runs, in every schedule") {
+  // Each stage scales its output by a factor of the micro-batch (an input every stage reads besides
+  // the activation): the losses and gradients are those of the same computation without a pipeline.
+  const auto& world = titan_test::world();
+  titan::DeviceMesh mesh(world, {"pp", "dp_shard"}, {1, world->world_size()});
+  torch::manual_seed(9);
+  const int64_t m = 4, rows = 2;
+  Stack model(2, titan_test::device());
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(10);
+  auto tokens = torch::randint(kVocab, {m * rows, kSeq}, gen, torch::kLong).to(titan_test::device());  // [8, S]
+  const std::vector<double> factor = {0.5, 2.0, -1.0, 3.0};  // per micro-batch
+  auto mb_loss = [](const Tensor& y) { return y.pow(2).mean(); };
+  std::vector<Tensor> inputs;
+  for (int64_t k = 0; k < m; ++k) inputs.push_back(tokens.narrow(0, k * rows, rows));
+  const std::pair<int64_t, PipelineScheduleKind> cases[] = {{1, PipelineScheduleKind::GPipe},
+                                                            {1, PipelineScheduleKind::OneFOneB},
+                                                            {1, PipelineScheduleKind::ZeroBubbleH1},
+                                                            {2, PipelineScheduleKind::Interleaved1F1B}};
+  for (const auto& [count, kind] : cases) {
+    CAPTURE(count);
+    CAPTURE(static_cast<int>(kind));
+    std::vector<Stack> parts;  // the stages on this rank, with the weights of `model`
+    std::vector<titan::PipelineStage> stages;
+    for (int64_t s = 0; s < count; ++s) {
+      Stack part(2, titan_test::device());
+      titan::keep_pipeline_stage(*part, stack_split(), count, s);
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& item : part->named_parameters()) item.value().copy_(model->named_parameters()[item.key()]);
+      }
+      parts.push_back(part);
+      auto module = part.ptr();
+      stages.emplace_back(s, module, [module, &factor](const Tensor& x, int64_t mb) {
+        return titan::call(*module, x) * factor[static_cast<size_t>(mb)];
+      });
+    }
+    // The reference: the stages one after the other, each output scaled by its micro-batch's factor.
+    std::vector<double> expected_losses;
+    for (int64_t k = 0; k < m; ++k) {
+      Tensor y = inputs[k];
+      for (auto& part : parts) y = titan::call(part, y) * factor[static_cast<size_t>(k)];
+      const auto loss = mb_loss(y);
+      expected_losses.push_back(loss.item<double>());
+      loss.backward();
+    }
+    std::vector<Tensor> expected;
+    for (auto& part : parts)
+      for (auto& p : part->parameters()) {
+        expected.push_back(p.grad().clone());
+        p.mutable_grad() = Tensor();
+      }
+    titan::Pipeline pipeline(mesh.group("pp"), stages,
+                             titan::PipelineOptions().schedule(kind).microbatches(m).scale_grads(false));
+    auto losses = pipeline.step(inputs, [&](const Tensor& y, int64_t) { return mb_loss(y); });
+    for (int64_t k = 0; k < m; ++k) CHECK(std::abs(losses[k].item<double>() - expected_losses[k]) < 1e-6);
+    size_t i = 0;
+    for (auto& part : parts)
+      for (auto& p : part->parameters()) CHECK_CLOSE(p.grad(), expected[i++], 1e-6);
+    CHECK(i == expected.size());
+  }
+}
+
 TEST_CASE("pipeline: the schedule divides each micro-batch's mean loss by the micro-batch count (scale_grads)") {
   const auto& world = titan_test::world();
   titan::DeviceMesh mesh(world, {"pp", "dp_shard"}, {1, world->world_size()});

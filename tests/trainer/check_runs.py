@@ -59,8 +59,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   tied        Llama 3.2 (output tied to the embedding) under FSDP 2 and under TP 2 (loss parallel,
               with and without sequence parallel): the 1-rank run's losses and weights; the export says
               tie_word_embeddings, holds no lm_head.weight and loads
-  doc_mask    block-causal attention (model.attn_mask_type) on packed conversations: FSDP 2 and
-              TP 2 with sequence parallel against the 1-rank run; the 1-rank causal run differs
+  doc_mask    block-causal attention (model.attn_mask_type) on packed conversations: FSDP 2, TP 2
+              with sequence parallel and PP 2 (1F1B, 4 micro-batches) against the 1-rank run; the
+              1-rank causal run differs
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
   chat        instruction tuning of the Qwen3 debug model on GCIDE conversations in Qwen3's chat
@@ -582,6 +583,9 @@ def main():
         r.run("doc_mask_tp", args.trainer, 2, chat,
               [*window, "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel", "true"])
         compare_runs("doc_mask_tp", "doc_mask_one", "doc_mask: TP 2 with sequence parallel, block-causal")
+        r.run("doc_mask_pp", args.trainer, 2, chat,
+              [*window, "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"])
+        compare_runs("doc_mask_pp", "doc_mask_one", "doc_mask: PP 2 (each stage reads its micro-batch's documents)")
         r.run("doc_mask_causal", args.trainer, 1, chat, [*window, "--model.attn_mask_type", "causal"])
         run, _ = metrics(work("doc_mask_causal"))
         ref, _ = metrics(work("doc_mask_one"))

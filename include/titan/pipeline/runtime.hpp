@@ -34,10 +34,23 @@ namespace titan {
 struct PipelineStage {
   PipelineStage(int64_t index, std::shared_ptr<torch::nn::Module> module,
                 std::function<at::Tensor(const at::Tensor&)> forward)
+      : index(index), module(std::move(module)), forward(with_microbatch(std::move(forward))) {}
+  /// A stage whose function also gets the index of the micro-batch it runs, for inputs every stage
+  /// reads besides the activation (e.g. the documents of block-causal attention, which each rank
+  /// holds for the whole step and narrows to the micro-batch).
+  PipelineStage(int64_t index, std::shared_ptr<torch::nn::Module> module,
+                std::function<at::Tensor(const at::Tensor& input, int64_t microbatch)> forward)
       : index(index), module(std::move(module)), forward(std::move(forward)) {}
   int64_t index;
   std::shared_ptr<torch::nn::Module> module;
-  std::function<at::Tensor(const at::Tensor&)> forward;
+  std::function<at::Tensor(const at::Tensor& input, int64_t microbatch)> forward;
+
+ private:
+  static std::function<at::Tensor(const at::Tensor&, int64_t)> with_microbatch(
+      std::function<at::Tensor(const at::Tensor&)> forward) {
+    if (!forward) return nullptr;
+    return [forward = std::move(forward)](const at::Tensor& input, int64_t) { return forward(input); };
+  }
 };
 
 /// The loss of micro-batch `microbatch` from the last stage's output: its mean loss, which the
@@ -281,7 +294,7 @@ class Pipeline {
   /// micro-batch and the input, and keeps its type (c10::IndexError, c10::OutOfMemoryError, ...).
   at::Tensor run_stage(const PipelineStage& stage, const PipelineAction& a, const at::Tensor& input) {
     try {
-      return stage.forward(input);
+      return stage.forward(input, a.microbatch);
     } catch (c10::Error& e) {
       const bool activation = a.stage > 0;
       e.add_context(c10::str(
