@@ -365,12 +365,18 @@ Batch Trainer::shard_sequence(const Batch& batch) const {
 torch::Tensor Trainer::loss_sum(const Batch& batch, double grad_scale) {
   auto input = to_device(batch.input, world_->device());    // [B, S] (S / cp with context parallelism)
   auto labels = to_device(batch.labels, world_->device());  // [B, S]
-  return token_loss_sum(run_stage(*stages_.front(), input, documents_of(batch.documents)), labels, grad_scale);
+  return token_loss_sum(run_stage(*stages_.front(), input, documents_of({batch})), labels, grad_scale);
 }
 
-torch::Tensor Trainer::documents_of(const torch::Tensor& documents) const {
+torch::Tensor Trainer::documents_of(const std::vector<Batch>& batches) const {
   if (config_.model.attn_mask_type != "block_causal") return {};
-  return to_device(documents, world_->device());  // [B, S]
+  std::vector<torch::Tensor> documents;
+  for (const auto& batch : batches) {
+    TORCH_CHECK(batch.documents.defined(), "model.attn_mask_type = \"block_causal\": a batch has no documents ",
+                "(Batch::documents, which DataLoader::next fills)");
+    documents.push_back(batch.documents);
+  }
+  return to_device(torch::cat(documents), world_->device());  // [rows, S]
 }
 
 torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::Tensor& labels, double grad_scale) {
@@ -388,15 +394,14 @@ torch::Tensor Trainer::token_loss_sum(const torch::Tensor& logits, const torch::
 
 torch::Tensor Trainer::run_pipeline(titan::Pipeline& pipeline, const std::vector<Batch>& batches, double scale,
                                     bool train) {
-  std::vector<torch::Tensor> inputs, labels, documents;
+  std::vector<torch::Tensor> inputs, labels;
   for (const auto& batch : batches) {
     inputs.push_back(batch.input);
     labels.push_back(batch.labels);
-    documents.push_back(batch.documents);
   }
   auto input = to_device(torch::cat(inputs), world_->device());    // [rows, S]
   auto label = to_device(torch::cat(labels), world_->device());    // [rows, S]
-  pipeline_documents_ = documents_of(torch::cat(documents));      // [rows, S] or undefined
+  pipeline_documents_ = documents_of(batches);                     // [rows, S] or undefined
   const int64_t count = pipeline.schedule().microbatches, rows = input.size(0) / count;
   std::vector<torch::Tensor> microbatches;
   if (pipeline.has_first_stage())

@@ -159,8 +159,9 @@ class Trainer {
   /// The forward of `stage` on `input`, with this rank's token positions under context parallelism
   /// and the rows' `documents` [B, S] for block-causal attention (model.attn_mask_type).
   torch::Tensor run_stage(CausalLM& stage, const torch::Tensor& input, const torch::Tensor& documents = {});
-  /// `batch`'s documents on the device when model.attn_mask_type is "block_causal", else undefined.
-  torch::Tensor documents_of(const torch::Tensor& documents) const;
+  /// The documents of `batches` ([rows, S], concatenated, on the device) when model.attn_mask_type
+  /// is "block_causal", else undefined.
+  torch::Tensor documents_of(const std::vector<Batch>& batches) const;
   /// With context parallelism: this rank's part of `batch` along the sequence, its label tokens
   /// counted again; else `batch`.
   Batch shard_sequence(const Batch& batch) const;
