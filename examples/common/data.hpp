@@ -9,6 +9,7 @@
 //   DataLoader loader(corpus, tokenizer, LoaderOptions().batch_size(8).seq_len(2048).seed(0)
 //                                           .dp_rank(r).dp_size(n));
 //   Batch b = loader.next();             // b.input [B, S] int64, b.labels [B, S] int64 (-100 = ignored)
+//                                        // b.documents [B, S] int64 (each token's document in its row)
 //   DataState at = loader.position();  loader.seek(at);      // resume the same stream
 //   train_state.add("data", loader);                      // or checkpoint it as a titan::Stateful
 //   ValidationResult v = evaluate(val_loader, steps, [&](const Batch& b) { return mean_loss; }, group);
