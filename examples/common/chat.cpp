@@ -1,5 +1,7 @@
 #include "chat.hpp"
 
+#include "strings.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <stdexcept>
@@ -56,11 +58,6 @@ std::string strip_newlines(std::string_view text, bool front, bool back) {
   return std::string(text.substr(begin, end - begin));
 }
 
-bool starts_with(std::string_view text, std::string_view prefix) { return text.substr(0, prefix.size()) == prefix; }
-bool ends_with(std::string_view text, std::string_view suffix) {
-  return text.size() >= suffix.size() && text.substr(text.size() - suffix.size()) == suffix;
-}
-
 /// Builds a conversation's pieces.
 class Pieces {
  public:
@@ -68,8 +65,14 @@ class Pieces {
     pieces_.push_back(Piece{std::move(text), true, trained});
     return *this;
   }
+  /// Text right after text of the same kind extends it: a run's pieces then alternate between
+  /// trained and not, and only their borders need locating.
   Pieces& text(std::string text, bool trained = false) {
-    if (!text.empty()) pieces_.push_back(Piece{std::move(text), false, trained});
+    if (text.empty()) return *this;
+    if (!pieces_.empty() && !pieces_.back().special && pieces_.back().trained == trained)
+      pieces_.back().text += text;
+    else
+      pieces_.push_back(Piece{std::move(text), false, trained});
     return *this;
   }
   std::vector<Piece> take() { return std::move(pieces_); }
@@ -221,17 +224,17 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
     // A run of text between special tokens, tokenized whole (as the tokenizer splits the rendered
     // string); each token is trained as the piece its first byte comes from.
     std::string run;
-    std::vector<size_t> piece_ends;  // decoded bytes up to the end of each piece of the run
+    std::vector<size_t> piece_ends;  // decoded bytes up to the end of each piece but the run's last
     std::vector<bool> piece_trained;
     for (; i < pieces.size() && !pieces[i].special; ++i) {
+      if (!run.empty()) piece_ends.push_back(decoded_size(tokenizer, tokenizer.encode(run, false, false)));
       run += pieces[i].text;
       piece_trained.push_back(pieces[i].trained);
-      piece_ends.push_back(decoded_size(tokenizer, tokenizer.encode(run, false, false)));
     }
     const auto ids = tokenizer.encode(run, false, false);
     size_t at = 0, piece = 0;
     for (auto id : ids) {
-      while (piece + 1 < piece_ends.size() && at >= piece_ends[piece]) ++piece;
+      while (piece < piece_ends.size() && at >= piece_ends[piece]) ++piece;
       out.ids.push_back(id);
       out.trained.push_back(piece_trained[piece]);
       at += decoded_size(tokenizer, {id});

@@ -1,5 +1,7 @@
 #include "model.hpp"
 
+#include "../../common/strings.hpp"
+
 #include <titan/fused.hpp>
 #include <titan/hooks.hpp>
 #include <titan/sharding.hpp>
@@ -493,10 +495,6 @@ void trunc_normal(torch::Tensor& t, double std, double a, double b, at::Generato
   auto cdf = [](double x) { return (1.0 + std::erf(x / std::sqrt(2.0))) / 2.0; };
   const double l = cdf(a / std), u = cdf(b / std);
   t.uniform_(2 * l - 1, 2 * u - 1, gen).erfinv_().mul_(std * std::sqrt(2.0)).clamp_(a, b);
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 /// splitmix64: a well-mixed 64-bit value of `x` (seeds of neighbouring tiles are unrelated).

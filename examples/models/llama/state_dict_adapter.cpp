@@ -1,5 +1,7 @@
 #include "state_dict_adapter.hpp"
 
+#include "../../common/strings.hpp"
+
 #include <titan/collectives.hpp>
 #include <titan/safetensors.hpp>
 
@@ -16,10 +18,6 @@
 namespace titan::examples {
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 /// Per-layer name pairs: titan suffix after "layers.<i>." and transformers suffix after
 /// "model.layers.<i>.".
