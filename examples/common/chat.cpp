@@ -146,8 +146,54 @@ std::vector<Piece> qwen3(const std::vector<ChatMessage>& messages) {
   return out.take();
 }
 
-/// Decoded bytes of `ids` (the text the tokens stand for, after the tokenizer's normalization).
-size_t decoded_size(const Tokenizer& tokenizer, const std::vector<int64_t>& ids) { return tokenizer.decode(ids).size(); }
+/// Llama 2's and Mistral's templates raise unless the messages, after a first system message where
+/// the format has one, are user and assistant messages in turn, starting with the user.
+void check_turns(const std::vector<ChatMessage>& messages, const std::string& format, bool system_first) {
+  const size_t first = system_first && !messages.empty() && messages[0].role == "system" ? 1 : 0;
+  for (size_t i = first; i < messages.size(); ++i) {
+    const std::string expected = (i - first) % 2 == 0 ? "user" : "assistant";
+    if (messages[i].role != expected)
+      throw std::invalid_argument("message " + std::to_string(i) + " is a " + messages[i].role + " message where the " +
+                                  format + " chat format expects " + expected + " (its template takes " +
+                                  (system_first ? "an optional first system message, then " : "") +
+                                  "user and assistant messages in turn)");
+  }
+}
+
+/// Llama-2-chat's template (meta-llama/Llama-2-13b-chat-hf): <s>[INST] {user, stripped} [/INST]
+/// {answer, stripped} </s> per exchange, a first system message inside the first [INST] as
+/// <<SYS>>\n{system}\n<</SYS>>\n\n. The first <s> is the data loader's BOS.
+std::vector<Piece> llama2(const std::vector<ChatMessage>& messages) {
+  const bool has_system = !messages.empty() && messages[0].role == "system";
+  const size_t first = has_system ? 1 : 0;
+  Pieces out;
+  for (size_t i = first; i < messages.size(); ++i) {
+    const auto& message = messages[i];
+    if (message.role == "user") {
+      if (i != first) out.special("<s>");
+      const std::string content =
+          i == first && has_system ? "<<SYS>>\n" + messages[0].content + "\n<</SYS>>\n\n" + message.content : message.content;
+      out.text("[INST] " + python_strip(content) + " [/INST]");
+    } else {
+      out.text(" " + python_strip(message.content) + " ", true).special("</s>", true);
+    }
+  }
+  return out.take();
+}
+
+/// Mixtral-8x7B-Instruct-v0.1's template: <s>[INST] {user} [/INST]{answer}</s> per exchange, the
+/// contents as written, no system message. The <s> is the data loader's BOS.
+std::vector<Piece> mistral(const std::vector<ChatMessage>& messages) {
+  Pieces out;
+  for (const auto& message : messages) {
+    if (message.role == "user")
+      out.text("[INST] " + message.content + " [/INST]");
+    else
+      out.text(message.content, true).special("</s>", true);
+  }
+  return out.take();
+}
+
 
 }  // namespace
 
@@ -195,6 +241,13 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
         throw std::invalid_argument("an assistant message has \"reasoning_content\", which only the qwen3 chat format "
                                     "renders (this is " + format + ")");
   }
+  if (format == "llama2") check_turns(conversation, format, true);
+  if (format == "mistral") {
+    if (!options.system().empty())
+      throw std::invalid_argument("the mistral chat format has no system message (its template refuses one); "
+                                  "leave the default system message (data.chat_system) empty");
+    check_turns(conversation, format, false);
+  }
   std::vector<Piece> pieces;
   if (format == "llama3") {
     pieces = llama3(conversation);
@@ -202,6 +255,10 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
     pieces = chatml(conversation);
   } else if (format == "qwen3") {
     pieces = qwen3(conversation);
+  } else if (format == "llama2") {
+    pieces = llama2(conversation);
+  } else if (format == "mistral") {
+    pieces = mistral(conversation);
   } else {
     throw std::invalid_argument("unknown chat format '" + format + "' (expected one of: " + kChatFormats + ")");
   }
@@ -227,17 +284,17 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
     std::vector<size_t> piece_ends;  // decoded bytes up to the end of each piece but the run's last
     std::vector<bool> piece_trained;
     for (; i < pieces.size() && !pieces[i].special; ++i) {
-      if (!run.empty()) piece_ends.push_back(decoded_size(tokenizer, tokenizer.encode(run, false, false)));
+      if (!run.empty()) piece_ends.push_back(tokenizer.decode(tokenizer.encode(run, false, false)).size());
       run += pieces[i].text;
       piece_trained.push_back(pieces[i].trained);
     }
     const auto ids = tokenizer.encode(run, false, false);
-    size_t at = 0, piece = 0;
-    for (auto id : ids) {
-      while (piece < piece_ends.size() && at >= piece_ends[piece]) ++piece;
-      out.ids.push_back(id);
+    const auto starts = tokenizer.decoded_starts(ids);
+    size_t piece = 0;
+    for (size_t k = 0; k < ids.size(); ++k) {
+      while (piece < piece_ends.size() && starts[k] >= piece_ends[piece]) ++piece;
+      out.ids.push_back(ids[k]);
       out.trained.push_back(piece_trained[piece]);
-      at += decoded_size(tokenizer, {id});
     }
   }
   return out;

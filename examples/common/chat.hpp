@@ -1,6 +1,6 @@
 #pragma once
 // Conversations for instruction tuning: the chat formats of Llama 3 Instruct, Qwen2.5 Instruct
-// (ChatML) and Qwen3, rendered straight to token ids with a mask of the tokens the model is trained
+// (ChatML), Qwen3, Llama 2 chat and Mistral Instruct, rendered straight to token ids with a mask of the tokens the model is trained
 // to write (assistant turns), as the models' own chat templates lay them out.
 //
 // API summary
@@ -21,10 +21,17 @@
 //             reasoning as <think>\n{reasoning}\n</think>\n\n (empty for the last turn without one),
 //             earlier turns drop it; reasoning comes from "reasoning_content" or from a content of
 //             the form "<think>...</think>..."
+//   "llama2"  Llama-2-chat (meta-llama/Llama-2-13b-chat-hf): <s>[INST] {user, stripped} [/INST]
+//             {answer, stripped} </s> per exchange; a first system message opens the first user
+//             message as <<SYS>>\n{system}\n<</SYS>>\n\n
+//   "mistral" Mixtral-8x7B-Instruct-v0.1: <s>[INST] {user} [/INST]{answer}</s> per exchange, no
+//             system message
+// llama2 and mistral take user and assistant messages in turn (after llama2's optional first
+// system message), as their templates do; their <s> before the first [INST] is the loader's BOS.
 // A conversation without a system message gets ChatOptions::system first, when set (any format).
 // Trained: every assistant turn from its first token after the generation prompt (what the model
-// writes once the template has written "<|im_start|>assistant\n" or the header) through its
-// end-of-turn token. The template's text is tokenized run by run between special tokens, as the
+// writes once the template has written "<|im_start|>assistant\n", the header or "[/INST]") through
+// its end-of-turn token. The template's text is tokenized run by run between special tokens, as the
 // tokenizer does with the whole rendered string; special-token text inside a message stays text.
 
 #include "../tokenizers/tokenizer.hpp"
@@ -53,7 +60,7 @@ std::vector<ChatMessage> chat_messages(const nlohmann::json& messages);
 
 /// Which chat format, and the system message of a conversation that has none.
 struct ChatOptions {
-  TORCH_ARG(std::string, format) = "llama3";  ///< "llama3", "chatml" or "qwen3"
+  TORCH_ARG(std::string, format) = "llama3";  ///< "llama3", "chatml", "qwen3", "llama2" or "mistral"
   TORCH_ARG(std::string, system) = "";        ///< system message of a conversation without one ("": none)
 };
 
@@ -65,11 +72,13 @@ struct ChatTokens {
 
 /// The token ids of `messages` in `options.format()`, with the trained mask. The format's special
 /// tokens must be whole tokens of `tokenizer` (std::invalid_argument naming the first missing one:
-/// for example a SentencePiece tokenizer, which has none of them).
+/// for example llama3's <|start_header_id|> in a SentencePiece tokenizer). Messages a format's
+/// template refuses (llama2 and mistral: roles out of turn; mistral: a system message) are
+/// std::invalid_argument naming the message.
 ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptions& options,
                        const Tokenizer& tokenizer);
 
 /// The formats render_chat knows, for messages.
-inline constexpr const char* kChatFormats = "llama3, chatml, qwen3";
+inline constexpr const char* kChatFormats = "llama3, chatml, qwen3, llama2, mistral";
 
 }  // namespace titan::examples

@@ -144,7 +144,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("data", "val_steps", &c.data.val_steps, 1),
       flag("data", "skip_malformed", &c.data.skip_malformed),
       choice("data", "prompt_template", &c.data.prompt_template, {"alpaca"}),
-      choice("data", "chat_format", &c.data.chat_format, {"llama3", "chatml", "qwen3"}),
+      choice("data", "chat_format", &c.data.chat_format, {"llama3", "chatml", "qwen3", "llama2", "mistral"}),
       text("data", "chat_system", &c.data.chat_system),
       flag("data", "pack", &c.data.pack),
       text("data", "cache_dir", &c.data.cache_dir),

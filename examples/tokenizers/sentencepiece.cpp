@@ -31,7 +31,7 @@ std::vector<int64_t> SentencePieceTokenizer::encode(std::string_view text, bool 
   return ids;
 }
 
-std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids) const {
+std::vector<int> SentencePieceTokenizer::pieces_of(const std::vector<int64_t>& ids) const {
   std::vector<int> pieces;
   pieces.reserve(ids.size());
   for (const int64_t id : ids) {
@@ -41,10 +41,26 @@ std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids) cons
     }
     pieces.push_back(static_cast<int>(id));
   }
+  return pieces;
+}
+
+std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids) const {
   std::string text;
-  const auto status = processor_->Decode(pieces, &text);
+  const auto status = processor_->Decode(pieces_of(ids), &text);
   if (!status.ok()) throw std::runtime_error("sentencepiece model '" + path_ + "': " + status.ToString());
   return text;
+}
+
+std::vector<size_t> SentencePieceTokenizer::decoded_starts(const std::vector<int64_t>& ids) const {
+  // Each piece's begin in the decoded text (the byte pieces of a character all begin where it does).
+  const auto decoded = processor_->DecodeIdsAsImmutableProto(pieces_of(ids));
+  if (decoded.pieces_size() != ids.size())
+    throw std::runtime_error("sentencepiece model '" + path_ + "': decoding " + std::to_string(ids.size()) +
+                             " ids gave " + std::to_string(decoded.pieces_size()) + " pieces");
+  std::vector<size_t> starts;
+  starts.reserve(ids.size());
+  for (const auto& piece : decoded.pieces()) starts.push_back(piece.begin());
+  return starts;
 }
 
 int64_t SentencePieceTokenizer::vocab_size() const { return processor_->GetPieceSize(); }

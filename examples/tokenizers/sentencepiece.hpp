@@ -2,6 +2,7 @@
 // Llama 2 / Mistral tokenizer: a SentencePiece model (tokenizer.model, a serialized ModelProto)
 // run by libsentencepiece. See docs/tokenizers.md.
 
+#include <cstddef>
 #include <memory>
 #include <string>
 
@@ -30,8 +31,14 @@ class SentencePieceTokenizer final : public Tokenizer {
   int64_t pad_id() const override;
   /// The id of piece `token` (for example "<s>"); std::invalid_argument if the model has none.
   int64_t token_id(std::string_view token) const override;
+  /// From SentencePiece's decoding of `ids` as a whole: the first piece's dummy-prefix space is
+  /// not written, and the byte pieces of one character start where the character does.
+  std::vector<size_t> decoded_starts(const std::vector<int64_t>& ids) const override;
 
  private:
+  /// `ids` as SentencePiece's ids; std::out_of_range naming an id outside the vocabulary.
+  std::vector<int> pieces_of(const std::vector<int64_t>& ids) const;
+
   std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
   std::string path_;
 };

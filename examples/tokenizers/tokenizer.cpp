@@ -9,6 +9,17 @@
 
 namespace titan::examples {
 
+std::vector<size_t> Tokenizer::decoded_starts(const std::vector<int64_t>& ids) const {
+  std::vector<size_t> starts;
+  starts.reserve(ids.size());
+  size_t at = 0;
+  for (const int64_t id : ids) {
+    starts.push_back(at);
+    at += decode({id}).size();
+  }
+  return starts;
+}
+
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, const std::string& kind) {
   if (kind != "tiktoken" && kind != "huggingface" && kind != "sentencepiece") {
     throw std::invalid_argument("unknown tokenizer kind '" + kind + "' for '" + path +

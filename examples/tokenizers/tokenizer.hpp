@@ -3,6 +3,7 @@
 // (tiktoken.hpp), Hugging Face byte-level BPE from tokenizer.json for Qwen3 and others (hf_bpe.hpp)
 // and SentencePiece for Llama 2 / Mistral (sentencepiece.hpp). No LibTorch here.
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -35,6 +36,10 @@ class Tokenizer {
   /// The id of the whole token written `token` (a special or added token such as "<|eot_id|>" or
   /// "<|im_start|>"); std::invalid_argument when the tokenizer has no such token.
   virtual int64_t token_id(std::string_view token) const = 0;
+  /// [ids.size()] where each token's text starts in decode(ids), in bytes. The default serves
+  /// tokenizers whose decode writes each token's bytes in turn (byte-level BPE); one that decodes
+  /// in context (SentencePiece drops the first piece's dummy-prefix space) overrides it.
+  virtual std::vector<size_t> decoded_starts(const std::vector<int64_t>& ids) const;
 };
 
 /// Loads the tokenizer at `path`: kind "tiktoken" (Llama 3 tokenizer.model), "huggingface" (a

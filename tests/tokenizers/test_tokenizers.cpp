@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -145,6 +146,40 @@ TEST_SUITE("parity") {
     check_cases(tok, ref["cases"], [&](const std::string& text, const nlohmann::json& c) {
       return tok.encode(text, c["bos"].get<bool>(), c["eos"].get<bool>());
     });
+  }
+
+  TEST_CASE("decoded_starts: each token starts where the decoding of the tokens before it ends") {
+    // On every reference text and tokenizer: starts[k] == decode(ids[0..k)).size() wherever that
+    // prefix decodes to a prefix of decode(ids) and does not end in U+FFFD (inside a character cut
+    // into byte tokens, which starts where the character does, the prefix decodes to a repair).
+    const auto& ref = reference();
+    std::vector<std::unique_ptr<titan::examples::Tokenizer>> tokenizers;
+    tokenizers.push_back(std::make_unique<TiktokenTokenizer>(
+        tiktoken_model(), TiktokenOptions().num_special_tokens(ref["tiktoken"]["num_special_tokens"].get<int64_t>())));
+    for (const auto& hf : ref["huggingface"]) tokenizers.push_back(std::make_unique<HfBpeTokenizer>(hf["model"].get<std::string>()));
+    tokenizers.push_back(std::make_unique<SentencePieceTokenizer>(sentencepiece_model()));
+    const std::string replacement = "\xEF\xBF\xBD";
+    for (const auto& tok : tokenizers) {
+      size_t checked = 0;
+      for (const auto& c : ref["sentencepiece"]["cases"]) {
+        const auto ids = tok->encode(from_hex(c["text_hex"].get<std::string>()), false, false);
+        if (ids.size() > 1500) continue;  // the check is quadratic
+        CAPTURE(c["name"].get<std::string>());
+        const std::string decoded = tok->decode(ids);
+        const auto starts = tok->decoded_starts(ids);
+        REQUIRE(starts.size() == ids.size());
+        for (size_t k = 0; k < ids.size(); ++k) {
+          CHECK(starts[k] <= decoded.size());
+          if (k > 0) CHECK(starts[k] >= starts[k - 1]);
+          const std::string prefix = tok->decode(std::vector<int64_t>(ids.begin(), ids.begin() + k));
+          const bool repaired = prefix.size() >= 3 && prefix.compare(prefix.size() - 3, 3, replacement) == 0;
+          if (decoded.compare(0, prefix.size(), prefix) != 0 || repaired) continue;
+          CHECK(starts[k] == prefix.size());
+          ++checked;
+        }
+      }
+      CHECK(checked > 2000);
+    }
   }
 }
 

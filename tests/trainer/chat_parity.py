@@ -2,25 +2,37 @@
 """Parity of examples/common/chat.cpp with the models' own chat templates.
 
 Each conversation is rendered by transformers' chat-template renderer (jinja2) with the official
-template of Meta-Llama-3-8B-Instruct, Qwen2.5-Instruct or Qwen3 (below, verbatim from their
-tokenizer_config.json), tokenized by the reference libraries on the test tokenizers (tiktoken for
-the Llama 3 ranks file, `tokenizers` for the Qwen-layout tokenizer.json, special tokens parsed as
-the models' tokenizers do), and each token is marked trained when it starts inside an assistant
-turn: after the generation prompt ("<|start_header_id|>assistant<|end_header_id|>\\n\\n" or
-"<|im_start|>assistant\\n") up to and including the end-of-turn token. The reference (ids
-without the leading BOS, which the data loader adds, and the mask) goes to reference.json; the C++
-test case renders the same conversations with render_chat and compares.
+template of Meta-Llama-3-8B-Instruct, Qwen2.5-Instruct, Qwen3, Llama-2-chat or
+Mixtral-8x7B-Instruct (below, verbatim from their tokenizer_config.json), tokenized by the reference
+libraries on the test tokenizers (tiktoken for the Llama 3 ranks file, `tokenizers` for the
+Qwen-layout tokenizer.json and for the Llama tokenizer transformers builds from the SentencePiece
+model, special tokens parsed as the models' tokenizers do), and each token is marked trained when it
+starts inside an assistant turn: after the generation prompt
+("<|start_header_id|>assistant<|end_header_id|>\\n\\n", "<|im_start|>assistant\\n" or "[/INST]")
+up to and including the end-of-turn token. The reference (ids without the leading BOS, which the
+data loader adds, and the mask) goes to reference.json; the C++ test case renders the same
+conversations with render_chat and compares. A conversation a template refuses (Llama 2's and
+Mistral's raise when roles do not alternate; Mistral's on a system message) is recorded as refused,
+and render_chat must refuse it too.
+
+The SentencePiece model is read by transformers' LlamaTokenizer (the `tokenizers` library, Metaspace
+with the dummy prefix on every stretch between special tokens: the legacy behaviour of the
+Llama-2-chat and Mixtral-Instruct tokenizer.json files, and of Meta's reference, which encodes each
+turn on its own), not by libsentencepiece, which titan uses.
 """
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tokenizers"))
@@ -180,13 +192,35 @@ QWEN3_TEMPLATE = """{%- if tools %}
     {%- endif %}
 {%- endif %}"""
 
+# meta-llama/Llama-2-13b-chat-hf
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+# mistralai/Mixtral-8x7B-Instruct-v0.1
+MIXTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
-# (format, template, titan's ChatOptions::system, generation prompt, end of turn)
+# (format, template, titan's ChatOptions::system, generation prompt, end of turn, tokenizer, BOS, EOS)
 FORMATS = [
-    ("llama3", LLAMA3_TEMPLATE, "", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
-    ("chatml", QWEN25_TEMPLATE, QWEN25_SYSTEM, "<|im_start|>assistant\n", "<|im_end|>"),
-    ("qwen3", QWEN3_TEMPLATE, "", "<|im_start|>assistant\n", "<|im_end|>"),
+    ("llama3", LLAMA3_TEMPLATE, "", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>", "llama3",
+     "<|begin_of_text|>", "<|eot_id|>"),
+    ("chatml", QWEN25_TEMPLATE, QWEN25_SYSTEM, "<|im_start|>assistant\n", "<|im_end|>", "qwen", None, None),
+    ("qwen3", QWEN3_TEMPLATE, "", "<|im_start|>assistant\n", "<|im_end|>", "qwen", None, None),
+    ("llama2", LLAMA2_TEMPLATE, "", "[/INST]", "</s>", "spm", "<s>", "</s>"),
+    ("mistral", MIXTRAL_TEMPLATE, "", "[/INST]", "</s>", "spm", "<s>", "</s>"),
 ]
 
 
@@ -207,6 +241,10 @@ CONVERSATIONS = {
     "system later in the conversation": [m("user", "a"), m("assistant", "b"), m("system", "Be brief now."),
                                          m("user", "c"), m("assistant", "d")],
     "special-looking text": [m("user", "What is <think>?"), m("assistant", "A tag: <think>x</think> in text.")],
+    "runs of spaces and punctuation at the borders": [m("user", "a  b   c?"), m("assistant", "?! ..  x  "),
+                                                       m("user", "]]"), m("assistant", "]] [[")],
+    "assistant first": [m("assistant", "Welcome."), m("user", "Hi"), m("assistant", "Hello.")],
+    "two user messages in a row": [m("user", "a"), m("user", "b"), m("assistant", "c")],
 }
 QWEN3_ONLY = {
     "reasoning_content": [m("user", "2+2?"), m("assistant", "4", reasoning_content="\nAdd two and two.\n")],
@@ -237,41 +275,71 @@ def tokens_with_offsets(tokenizer, text):
 
 
 def trained_spans(text, prompt, end_of_turn):
-    """Character ranges of the assistant turns: after each generation prompt, through the end of turn."""
+    """Character ranges of the assistant turns: after each generation prompt, through the end of turn
+    (a last prompt without an end of turn, Llama 2's and Mistral's after a trailing user message,
+    opens no turn)."""
     spans, at = [], text.find(prompt)
     while at >= 0:
         begin = at + len(prompt)
-        end = text.index(end_of_turn, begin) + len(end_of_turn)
-        spans.append((begin, end))
+        end = text.find(end_of_turn, begin)
+        if end < 0:
+            break
+        spans.append((begin, end + len(end_of_turn)))
         at = text.find(prompt, end)
     return spans
 
 
-def reference(root):
+def llama_tokenizer(model, workdir):
+    """The `tokenizers` Llama tokenizer transformers builds from a SentencePiece model."""
+    folder = os.path.join(workdir, "spm_llama_tokenizer")
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(model, os.path.join(folder, "tokenizer.model"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False}, f)
+    return AutoTokenizer.from_pretrained(folder).backend_tokenizer
+
+
+def reference(root, workdir):
     cache = os.path.join(root, "data/cache/tokenizers")
-    tokenizers = {
+    tokenizers = {  # name: (titan's kind, path, the reference tokenizer)
         "llama3": ("tiktoken", os.path.join(cache, "tiktoken/llama3_bpe_4k.model")),
         "qwen": ("huggingface", os.path.join(cache, "huggingface/qwen_bpe_4k/tokenizer.json")),
+        "spm": ("sentencepiece", os.path.join(cache, "sentencepiece/spm_bpe_3k.model")),
     }
-    loaded = {"tiktoken": tiktoken_encoder(tokenizers["llama3"][1]),
-              "huggingface": Tokenizer.from_file(tokenizers["qwen"][1])}
+    loaded = {"llama3": tiktoken_encoder(tokenizers["llama3"][1]),
+              "qwen": Tokenizer.from_file(tokenizers["qwen"][1]),
+              "spm": llama_tokenizer(tokenizers["spm"][1], workdir)}
     cases = []
-    for fmt, template, system, prompt, end_of_turn in FORMATS:
-        kind, path = tokenizers["llama3" if fmt == "llama3" else "qwen"]
+    for fmt, template, system, prompt, end_of_turn, tokenizer, bos, eos in FORMATS:
+        kind, path = tokenizers[tokenizer]
+        reference_tokenizer = loaded[tokenizer]
         conversations = dict(CONVERSATIONS, **(QWEN3_ONLY if fmt == "qwen3" else {}))
         for name, messages in conversations.items():
-            rendered = render_jinja_template(conversations=[messages], chat_template=template,
-                                             bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")[0][0]
-            ids, starts = tokens_with_offsets(loaded[kind], rendered)
+            case = dict(name=f"{fmt} / {name}", format=fmt, system=system, tokenizer_kind=kind, tokenizer_path=path,
+                        messages=messages)
+            try:
+                rendered = render_jinja_template(conversations=[messages], chat_template=template, bos_token=bos,
+                                                 eos_token=eos)[0][0]
+            except TemplateError as refused:
+                cases.append(dict(case, refused=str(refused)))
+                continue
+            ids, starts = tokens_with_offsets(reference_tokenizer, rendered)
             spans = trained_spans(rendered, prompt, end_of_turn)
             trained = [any(b <= s < e for b, e in spans) for s in starts]
-            if fmt == "llama3":  # the template writes BOS; titan's loader adds it
-                assert ids[0] == loaded[kind].encode_single_token("<|begin_of_text|>")
+            if bos is not None:  # the template writes BOS; titan's loader adds it
+                assert ids[0] == token_of(reference_tokenizer, bos), f"{fmt} / {name}: no BOS first"
                 ids, trained = ids[1:], trained[1:]
             assert any(trained), f"{fmt} / {name}: nothing trained"
-            cases.append(dict(name=f"{fmt} / {name}", format=fmt, system=system, tokenizer_kind=kind,
-                              tokenizer_path=path, messages=messages, rendered=rendered, ids=ids, trained=trained))
+            cases.append(dict(case, rendered=rendered, ids=ids, trained=trained))
     return cases
+
+
+def token_of(tokenizer, text):
+    """The id of the special token `text`."""
+    if isinstance(tokenizer, tiktoken.Encoding):
+        return tokenizer.encode_single_token(text)
+    return tokenizer.token_to_id(text)
 
 
 def main():
@@ -283,10 +351,11 @@ def main():
     subprocess.run([os.path.join(args.root, "scripts/make_corpus.sh")], check=True)
     os.makedirs(args.workdir, exist_ok=True)
     path = os.path.join(args.workdir, "reference.json")
-    cases = reference(args.root)
+    cases = reference(args.root, args.workdir)
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"cases": cases}, f, ensure_ascii=False, indent=1)
-    print(f"chat_parity: {len(cases)} conversations in {path}")
+    refused = sum("refused" in case for case in cases)
+    print(f"chat_parity: {len(cases)} conversations ({refused} refused by their template) in {path}")
     env = dict(os.environ, TITAN_CHAT_REFERENCE=path, OMP_NUM_THREADS="1")
     run = subprocess.run([args.exe, f"--test-case={CASE}*", "--no-skip"], env=env, capture_output=True, text=True)
     sys.stdout.write(run.stdout[-20000:])

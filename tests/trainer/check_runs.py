@@ -66,6 +66,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
   chat        instruction tuning of the Qwen3 debug model on GCIDE conversations in Qwen3's chat
               format (the rendering's parity is trainer.chat_parity's): finite metrics, validation
+  chat_llama2 the same conversations for the Llama 2 debug model in Llama 2 chat's format with the
+              SentencePiece tokenizer: finite metrics, validation
 
 Usage: check_runs.py --launch titan_launch --trainer titan_train
                      --source SRC --workdir DIR [--only NAME ...]
@@ -617,7 +619,13 @@ def main():
                                          ("alpaca", args.trainer, "llama3_debug_alpaca.toml",
                                           ["--training.seq_len", "128"]),
                                          ("chat", args.trainer, "qwen3_debug_chat.toml",
-                                          ["--training.seq_len", "128"])):
+                                          ["--training.seq_len", "128"]),
+                                         ("chat_llama2", args.trainer, "qwen3_debug_chat.toml",
+                                          ["--training.seq_len", "128", "--model.name", "llama2",
+                                           "--model.tokenizer_path",
+                                           "data/cache/tokenizers/sentencepiece/spm_bpe_3k.model",
+                                           "--model.tokenizer_kind", "sentencepiece",
+                                           "--data.chat_format", "llama2"])):
         if not wanted(name):
             continue
         r.run(name, trainer, 2, config, extra)

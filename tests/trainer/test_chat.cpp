@@ -5,6 +5,7 @@
 
 #include <common/chat.hpp>
 #include <tokenizers/hf_bpe.hpp>
+#include <tokenizers/sentencepiece.hpp>
 #include <tokenizers/tiktoken.hpp>
 
 #include <nlohmann/json.hpp>
@@ -22,6 +23,18 @@ const Tokenizer& llama3_tokenizer() {
 const Tokenizer& qwen_tokenizer() {
   static const HfBpeTokenizer tok((kTokenizers / "huggingface/qwen_bpe_4k/tokenizer.json").string());
   return tok;
+}
+
+const Tokenizer& spm_tokenizer() {
+  static const SentencePieceTokenizer tok((kTokenizers / "sentencepiece/spm_bpe_3k.model").string());
+  return tok;
+}
+
+/// The concatenation of `parts`.
+std::vector<int64_t> joined(std::initializer_list<std::vector<int64_t>> parts) {
+  std::vector<int64_t> out;
+  for (const auto& part : parts) out.insert(out.end(), part.begin(), part.end());
+  return out;
 }
 
 /// The text of the trained tokens of `t`, and of the others.
@@ -84,6 +97,54 @@ TEST_CASE("chat: each format trains on the assistant turns and their end-of-turn
   }
 }
 
+TEST_CASE("chat: llama2 and mistral write [INST] exchanges with SentencePiece and train on the answers") {
+  const auto& tok = spm_tokenizer();
+  const auto encoded = [&](const char* text) { return tok.encode(text, false, false); };
+  const std::vector<int64_t> bos{tok.bos_id()}, eos{tok.eos_id()};
+  const auto messages = conversation(R"([{"role": "user", "content": " Hi "}, {"role": "assistant", "content": " Hello. "},
+      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}])");
+  std::vector<ChatMessage> with_system = messages;
+  with_system.insert(with_system.begin(), ChatMessage{"system", "Be brief.", std::nullopt});
+  {
+    // Contents stripped (the first user message with the system block before it, so its leading
+    // space stays); the space after [/INST] and the one before </s> belong to the answer; the first
+    // <s> is the loader's. SentencePiece splits at spaces, so each part encodes on its own.
+    auto t = render_chat(with_system, ChatOptions().format("llama2"), tok);
+    REQUIRE(t.ids.size() == t.trained.size());
+    std::vector<int64_t> trained, context;
+    for (size_t i = 0; i < t.ids.size(); ++i) (t.trained[i] ? trained : context).push_back(t.ids[i]);
+    CHECK(context == joined({encoded("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi [/INST]"), bos, encoded("[INST] Bye [/INST]")}));
+    CHECK(trained == joined({encoded("Hello. "), eos, encoded("Bye! "), eos}));
+    CHECK(t.ids == joined({encoded("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi [/INST] Hello. "), eos, bos,
+                           encoded("[INST] Bye [/INST] Bye! "), eos}));
+    // The default system message takes the place of a missing one.
+    CHECK(render_chat(messages, ChatOptions().format("llama2").system("Be brief."), tok).ids == t.ids);
+  }
+  {
+    // Contents as written, the answer right after [/INST], no system message.
+    auto t = render_chat(messages, ChatOptions().format("mistral"), tok);
+    auto [trained, context] = split_text(t, tok);
+    CHECK(trained == "Hello. Bye!");  // SentencePiece decodes </s> to nothing and drops the first space
+    CHECK(context == "[INST]  Hi  [/INST] [INST] Bye [/INST]");  // the second run's dummy prefix
+    CHECK(t.ids.back() == tok.eos_id());
+    CHECK(t.trained.back());
+  }
+  // What their templates refuse.
+  CHECK_ERROR_HAS(render_chat(with_system, ChatOptions().format("mistral"), tok),
+                  "message 0 is a system message where the mistral chat format expects user");
+  CHECK_ERROR_HAS(render_chat(messages, ChatOptions().format("mistral").system("s"), tok),
+                  "the mistral chat format has no system message", "data.chat_system");
+  CHECK_ERROR_HAS(render_chat(conversation(R"([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                                {"role": "assistant", "content": "c"}])"),
+                              ChatOptions().format("llama2"), tok),
+                  "message 1 is a user message where the llama2 chat format expects assistant",
+                  "an optional first system message");
+  CHECK_ERROR_HAS(render_chat(messages, ChatOptions().format("llama3"), tok),
+                  "the llama3 chat format needs the special token <|start_header_id|>");
+  CHECK_ERROR_HAS(render_chat(messages, ChatOptions().format("llama2"), llama3_tokenizer()),
+                  "the llama2 chat format needs the special token </s>");
+}
+
 TEST_CASE("chat: a default system message opens conversations without one") {
   const auto& tok = qwen_tokenizer();
   const auto plain = conversation(R"([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])");
@@ -102,7 +163,7 @@ TEST_CASE("chat: a format the tokenizer cannot write, an unknown format and stra
   CHECK_ERROR_HAS(render_chat(messages, ChatOptions().format("chatml"), llama3_tokenizer()),
                   "the chatml chat format needs the special token <|im_start|>");
   CHECK_ERROR_HAS(render_chat(messages, ChatOptions().format("vicuna"), qwen_tokenizer()), "unknown chat format 'vicuna'",
-                  "llama3, chatml, qwen3");
+                  "llama3, chatml, qwen3, llama2, mistral");
   const auto reasoning = conversation(
       R"([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "r"}])");
   CHECK_ERROR_HAS(render_chat(reasoning, ChatOptions().format("chatml"), qwen_tokenizer()),
@@ -160,18 +221,25 @@ TEST_CASE("chat: parity with the models' chat templates" * doctest::skip()) {
   REQUIRE_MESSAGE(path != nullptr, "set TITAN_CHAT_REFERENCE (chat_parity.py does)");
   auto reference = nlohmann::json::parse(read_file(path));
   std::map<std::string, std::unique_ptr<Tokenizer>> tokenizers;
-  int cases = 0;
+  int cases = 0, refused = 0;
   for (const auto& c : reference["cases"]) {
     INFO(c["name"].get<std::string>());
-    INFO("rendered by the template: " << c["rendered"].get<std::string>());
     const auto tokenizer_path = c["tokenizer_path"].get<std::string>();
     auto& tok = tokenizers[tokenizer_path];
     if (!tok) tok = load_tokenizer(tokenizer_path, c["tokenizer_kind"].get<std::string>());
     auto options = ChatOptions().format(c["format"].get<std::string>()).system(c["system"].get<std::string>());
+    ++cases;
+    if (c.contains("refused")) {  // the template raised: render_chat refuses the conversation too
+      INFO("the template said: " << c["refused"].get<std::string>());
+      CHECK_THROWS_AS(render_chat(chat_messages(c["messages"]), options, *tok), std::invalid_argument);
+      ++refused;
+      continue;
+    }
+    INFO("rendered by the template: " << c["rendered"].get<std::string>());
     auto t = render_chat(chat_messages(c["messages"]), options, *tok);
     CHECK(t.ids == c["ids"].get<std::vector<int64_t>>());
     CHECK(t.trained == c["trained"].get<std::vector<bool>>());
-    ++cases;
   }
-  CHECK(cases >= 28);
+  CHECK(cases >= 59);  // 11 conversations in 5 formats and 4 more in qwen3 (chat_parity.py)
+  CHECK(refused >= 7);  // llama2: 3 out of turn; mistral: those and 1 opening with a system message
 }
