@@ -398,10 +398,6 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(config.moe.aux_loss_coef == 0 || p.pipeline_parallel_degree == 1, source, ": moe.aux_loss_coef = ",
               config.moe.aux_loss_coef, " needs pipeline_parallel_degree = 1 (the auxiliary loss spans every layer's ",
               "tokens; with pipeline parallelism balance the experts with moe.load_balance_coeff)");
-  TORCH_CHECK(config.model.attn_mask_type == "causal" || p.context_parallel_degree == 1, source,
-              ": model.attn_mask_type = \"block_causal\" needs parallelism.context_parallel_degree = 1 (got ",
-              p.context_parallel_degree, "): the context-parallel attention takes no document mask; use \"causal\" ",
-              "with it");
   const auto& f = config.float8;
   TORCH_CHECK(!config.model.fused_projections || !f.enable, source, ": model.fused_projections = true and ",
               "float8.enable = true do not combine: float8 gives each projection its own scaled GEMM; turn one off");

@@ -351,14 +351,17 @@ void Trainer::build_pipelines() {
 }
 
 torch::Tensor Trainer::run_stage(CausalLM& stage, const torch::Tensor& input, const torch::Tensor& documents) {
-  if (documents.defined()) return titan::call(stage, input, positions_, documents);  // no positions: cp = 1
+  if (documents.defined()) return titan::call(stage, input, positions_, documents);  // positions_: cp > 1 only
   return positions_.defined() ? titan::call(stage, input, positions_) : titan::call(stage, input);
 }
 
 Batch Trainer::shard_sequence(const Batch& batch) const {
   if (!cp_layout_) return batch;
-  Batch local{cp_layout_->shard(batch.input, 1), cp_layout_->shard(batch.labels, 1), 0};  // [B, S / cp]
+  Batch local;  // [B, S / cp] each
+  local.input = cp_layout_->shard(batch.input, 1);
+  local.labels = cp_layout_->shard(batch.labels, 1);
   local.num_label_tokens = local.labels.ne(-100).sum().item<int64_t>();  // host tensors: no device sync
+  if (batch.documents.defined()) local.documents = cp_layout_->shard(batch.documents, 1);
   return local;
 }
 

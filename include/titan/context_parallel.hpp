@@ -34,9 +34,11 @@
 // head count on the wire.
 //
 // The seam in model code is the attention core, `titan::call(core, q, k, v)` (q [B, Hq, S, hd],
-// k and v [B, Hkv, S, hd], the local tokens in this layout); apply_context_parallel attaches a
-// hook to it that computes context_parallel_attention instead. The caller shards inputs, labels
-// and RoPE positions with ContextParallelLayout.
+// k and v [B, Hkv, S, hd], the local tokens in this layout), or `titan::call(core, q, k, v,
+// documents)` for packed rows whose documents attend only within themselves (block-causal;
+// documents [B, S] integers, each local token's document in its row); apply_context_parallel
+// attaches a hook to it that computes context_parallel_attention instead. The caller shards
+// inputs, labels, RoPE positions and documents with ContextParallelLayout.
 
 #include <titan/collectives.hpp>
 #include <titan/detail/enum_names.hpp>
@@ -141,7 +143,8 @@ class ContextParallelLayout {
     TORCH_CHECK(group && group->size() == degree_ && group->rank() == rank_, "titan::ContextParallelLayout::unshard:",
                 " the group must be the layout's ", degree_, " ranks with this rank at ", rank_);
     const int64_t d = dim < 0 ? dim + local.dim() : dim;
-    auto gathered = all_gather(local, group, d);  // rank-major: rank j's local tokens at j * local
+    // rank-major: rank j's local tokens at j * local (every rank holds as many: no size exchange)
+    auto gathered = all_gather(local, group, d, std::vector<int64_t>(static_cast<size_t>(degree_), local.size(d)));
     const int64_t n = local.size(d), seq = n * degree_;
     std::vector<at::Tensor> pieces(static_cast<size_t>(chunks()));
     for (int64_t j = 0; j < degree_; ++j)
@@ -208,10 +211,11 @@ struct AttentionPair {
 };
 
 /// Which pairs of `queries` (this rank's segments) and `keys` (a key rank's) the options need,
-/// each with its mask kind. Adjacent wholly visible key segments are joined into one call.
+/// each with its mask kind. Adjacent wholly visible key segments are joined into one call. With
+/// `documents` (a block-causal mask from the rows' documents) every pair needed is Explicit.
 inline std::vector<AttentionPair> attention_pairs(const std::vector<SequenceSegment>& queries,
                                                   const std::vector<SequenceSegment>& keys,
-                                                  const ContextParallelOptions& options) {
+                                                  const ContextParallelOptions& options, bool documents = false) {
   const int64_t window = options.sliding_window();
   std::vector<AttentionPair> pairs;
   for (size_t qi = 0; qi < queries.size(); ++qi) {
@@ -225,7 +229,9 @@ inline std::vector<AttentionPair> attention_pairs(const std::vector<SequenceSegm
       const bool all_causal = !options.causal() || k_last <= q_first;
       const bool all_window = window == 0 || q_last - k_first < window;
       AttentionPair pair{qi, k.offset, k.start, k.length, AttentionPair::Mask::Explicit};
-      if (all_causal && all_window)
+      if (documents)
+        pair.mask = AttentionPair::Mask::Explicit;
+      else if (all_causal && all_window)
         pair.mask = AttentionPair::Mask::None;
       else if (options.causal() && all_window && k.start == q.start && k.length == q.length)
         pair.mask = AttentionPair::Mask::Causal;  // the diagonal: the kernel's own causal mask
@@ -243,33 +249,42 @@ inline std::vector<AttentionPair> attention_pairs(const std::vector<SequenceSegm
   return pairs;
 }
 
-/// The mask of an Explicit pair: an additive [Lq, Lk] mask (0 or −inf, `dtype`) and which query
-/// rows see any key ([Lq] bool).
+/// The mask of an Explicit pair: an additive mask (0 or −inf, `dtype`) and which query rows see
+/// any key: [Lq, Lk] and [Lq], or with `documents` ([B, S], every position's document in its row)
+/// [B, 1, Lq, Lk] and [B, 1, Lq], a query seeing only the keys of its own document.
 inline std::pair<at::Tensor, at::Tensor> pair_mask(const SequenceSegment& query, const AttentionPair& pair,
                                                    const ContextParallelOptions& options, at::ScalarType dtype,
-                                                   c10::Device device) {
+                                                   c10::Device device, const at::Tensor& documents = {}) {
   const auto longs = at::TensorOptions().dtype(at::kLong).device(device);
   auto q_pos = at::arange(query.start, query.start + query.length, longs).unsqueeze(1);  // [Lq, 1]
   auto k_pos = at::arange(pair.key_start, pair.key_start + pair.key_length, longs).unsqueeze(0);  // [1, Lk]
   auto distance = q_pos - k_pos;                                                                   // [Lq, Lk]
   auto visible = options.causal() ? distance.ge(0) : at::ones_like(distance, at::kBool);
   if (options.sliding_window() > 0) visible = visible.logical_and(distance.lt(options.sliding_window()));
-  auto additive = at::zeros(distance.sizes(), at::TensorOptions().dtype(dtype).device(device))
+  if (documents.defined()) {
+    auto q_doc = documents.narrow(1, query.start, query.length).unsqueeze(2);        // [B, Lq, 1]
+    auto k_doc = documents.narrow(1, pair.key_start, pair.key_length).unsqueeze(1);  // [B, 1, Lk]
+    visible = visible.logical_and(q_doc.eq(k_doc)).unsqueeze(1);                     // [B, 1, Lq, Lk]
+  }
+  auto additive = at::zeros(visible.sizes(), at::TensorOptions().dtype(dtype).device(device))
                       .masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
-  return {additive, visible.any(1)};
+  return {additive, visible.any(-1)};
 }
 
 /// CUDA's memory-efficient kernel takes equal head counts and an additive bias whose rows are
-/// 16-element aligned: K/V repeated per query head group, the [Lq, Lk] mask padded and expanded.
+/// 16-element aligned: K/V repeated per query head group, the [Lq, Lk] or [B, 1, Lq, Lk] mask
+/// padded and expanded.
 inline at::Tensor repeat_heads(const at::Tensor& kv, int64_t heads) {
   return kv.size(1) == heads ? kv : kv.repeat_interleave(heads / kv.size(1), 1);  // [B, Hq, Lk, D]
 }
 inline at::Tensor cuda_bias(const at::Tensor& mask, const at::Tensor& q) {
   if (!mask.defined()) return mask;
-  const int64_t lk = mask.size(1), padded = (lk + 15) / 16 * 16;
-  auto storage = at::zeros({mask.size(0), padded}, mask.options());
-  storage.narrow(1, 0, lk).copy_(mask);
-  return storage.narrow(1, 0, lk).expand({q.size(0), q.size(1), mask.size(0), lk});  // [B, Hq, Lq, Lk]
+  auto sizes = mask.sizes().vec();
+  const int64_t lk = sizes.back();
+  sizes.back() = (lk + 15) / 16 * 16;
+  auto storage = at::zeros(sizes, mask.options());
+  storage.narrow(-1, 0, lk).copy_(mask);
+  return storage.narrow(-1, 0, lk).expand({q.size(0), q.size(1), q.size(2), lk});  // [B, Hq, Lq, Lk]
 }
 
 /// The kernel on one pair: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] -> out [B, Hq, Lq, D] (q's
@@ -292,7 +307,7 @@ inline std::pair<at::Tensor, at::Tensor> pair_forward(const at::Tensor& q, const
     out = std::get<0>(result);
     lse = std::get<1>(result).narrow(2, 0, q.size(2));  // the kernel pads rows to 32
   }
-  if (rows_visible.defined())  // the kernels leave a row that sees no key at lse 0, out 0
+  if (rows_visible.defined())  // the kernels leave a row that sees no key at lse 0, out 0; [Lq] or [B, 1, Lq]
     lse = lse.masked_fill(rows_visible.logical_not(), -std::numeric_limits<double>::infinity());
   return {out, lse};
 }
@@ -329,15 +344,15 @@ struct MergedAttention {
 };
 
 /// Attends this rank's queries `q` (segments `queries`) to keys `k`, values `v` of a rank holding
-/// segments `keys`, merging into `merged`.
+/// segments `keys`, merging into `merged`; `documents`: the whole rows' [B, S] or undefined.
 inline void attend(const at::Tensor& q, const std::vector<SequenceSegment>& queries, const at::Tensor& k,
                    const at::Tensor& v, const std::vector<SequenceSegment>& keys,
-                   const ContextParallelOptions& options, MergedAttention& merged) {
-  for (const auto& pair : attention_pairs(queries, keys, options)) {
+                   const ContextParallelOptions& options, const at::Tensor& documents, MergedAttention& merged) {
+  for (const auto& pair : attention_pairs(queries, keys, options, documents.defined())) {
     const auto& segment = queries[pair.query];
     at::Tensor mask, rows;
     if (pair.mask == AttentionPair::Mask::Explicit)
-      std::tie(mask, rows) = pair_mask(segment, pair, options, q.scalar_type(), q.device());
+      std::tie(mask, rows) = pair_mask(segment, pair, options, q.scalar_type(), q.device(), documents);
     auto [out, lse] = pair_forward(q.narrow(2, segment.offset, segment.length),
                                    k.narrow(2, pair.key_offset, pair.key_length),
                                    v.narrow(2, pair.key_offset, pair.key_length), pair, mask, rows, options.scale());
@@ -357,16 +372,17 @@ inline void attend(const at::Tensor& q, const std::vector<SequenceSegment>& quer
 }
 
 /// Accumulates the gradients of this rank's queries against keys `k`, values `v` (segments
-/// `keys`) into `dq`, `dk`, `dv` (accumulation dtype).
+/// `keys`) into `dq`, `dk`, `dv` (accumulation dtype); `documents` as attend's.
 inline void attend_backward(const at::Tensor& grad, const at::Tensor& q, const std::vector<SequenceSegment>& queries,
                             const at::Tensor& k, const at::Tensor& v, const std::vector<SequenceSegment>& keys,
                             const at::Tensor& out, const std::vector<at::Tensor>& lse,
-                            const ContextParallelOptions& options, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  for (const auto& pair : attention_pairs(queries, keys, options)) {
+                            const ContextParallelOptions& options, const at::Tensor& documents, at::Tensor& dq,
+                            at::Tensor& dk, at::Tensor& dv) {
+  for (const auto& pair : attention_pairs(queries, keys, options, documents.defined())) {
     const auto& segment = queries[pair.query];
     at::Tensor mask, rows;
     if (pair.mask == AttentionPair::Mask::Explicit)
-      std::tie(mask, rows) = pair_mask(segment, pair, options, q.scalar_type(), q.device());
+      std::tie(mask, rows) = pair_mask(segment, pair, options, q.scalar_type(), q.device(), documents);
     auto rows_of = [&](const at::Tensor& t) { return t.narrow(2, segment.offset, segment.length); };
     auto keys_of = [&](const at::Tensor& t) { return t.narrow(2, pair.key_offset, pair.key_length); };
     auto [gq, gk, gv] = pair_backward(rows_of(grad), rows_of(q), keys_of(k), keys_of(v), rows_of(out),
@@ -543,15 +559,29 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
 
 /// Attention of this rank's tokens (q [B, Hq, S/cp, D], k and v [B, Hkv, S/cp, D], in the
 /// options' layout over `group`) against the whole sequence; returns [B, Hq, S/cp, D].
-/// Differentiable in q, k and v. Every rank of `group` must call it with the same shapes.
+/// `documents` ([B, S/cp] integers, this rank's tokens' documents in their rows, sharded as the
+/// tokens; optional): a query attends only to keys of its own document (block-causal, packed
+/// rows), on top of the options' causal mask and window. Differentiable in q, k and v. Every rank
+/// of `group` must call it with the same shapes, and with documents or without.
 inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const ProcessGroupPtr& group, const ContextParallelOptions& options = {}) {
+                                             const ProcessGroupPtr& group, const ContextParallelOptions& options = {},
+                                             const at::Tensor& documents = {}) {
   RECORD_USER_SCOPE("titan::context_parallel_attention");
   TORCH_CHECK(group, "titan::context_parallel_attention: null process group");
   detail::check_attention_inputs(q, k, v);
   const int64_t n = group->size(), seq = q.size(2) * n;
   const ContextParallelLayout layout(n, group->rank(), options.load_balance());
   const auto queries = layout.segments(seq);
+  at::Tensor whole_documents;  // [B, S]: every position's document, in sequence order
+  if (documents.defined()) {
+    TORCH_CHECK(documents.dim() == 2 && documents.size(0) == q.size(0) && documents.size(1) == q.size(2) &&
+                    !documents.is_floating_point() && documents.scalar_type() != at::kBool,
+                "titan::context_parallel_attention: documents must be integers [batch, local seq] = [", q.size(0),
+                ", ", q.size(2), "] (each local token's document in its row), got ", documents.scalar_type(), " ",
+                documents.sizes());
+    at::NoGradGuard no_grad;
+    whole_documents = layout.unshard(documents.to(q.device(), at::kLong).contiguous(), group, 1);
+  }
   const auto acc = detail::accumulation_dtype(q.scalar_type());
   // The group outlives the rotater: the backward node below holds the group's pointer.
   std::shared_ptr<detail::KvRotater> rotater = detail::make_rotater(options.rotate_method(), *group, q.size(2));
@@ -561,7 +591,7 @@ inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tens
   {
     at::NoGradGuard no_grad;
     rotater->for_each(kc, vc, [&](int64_t owner, const at::Tensor& k_owner, const at::Tensor& v_owner) {
-      detail::attend(qc, queries, k_owner, v_owner, layout.segments(seq, owner), options, merged);
+      detail::attend(qc, queries, k_owner, v_owner, layout.segments(seq, owner), options, whole_documents, merged);
     });
   }
   std::vector<at::Tensor> parts;
@@ -576,8 +606,8 @@ inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tens
   detail::connect_backward(
       {q, k, v}, outputs, "titan::ContextParallelAttentionBackward",
       // `out` detached: the node must not own its own output (a reference cycle).
-      [group, rotater, options, layout, queries, qc, kc, vc, out = out.detach(), lse = merged.lse, seq,
-       acc](torch::autograd::variable_list&& grads) -> torch::autograd::variable_list {
+      [group, rotater, options, layout, queries, qc, kc, vc, whole_documents, out = out.detach(), lse = merged.lse,
+       seq, acc](torch::autograd::variable_list&& grads) -> torch::autograd::variable_list {
         RECORD_USER_SCOPE("titan::context_parallel_attention_backward");
         auto grad = grads[0].contiguous();  // [B, Hq, S/cp, D]
         auto dq = at::zeros(qc.sizes(), qc.options().dtype(acc));
@@ -586,15 +616,15 @@ inline at::Tensor context_parallel_attention(const at::Tensor& q, const at::Tens
             [&](int64_t owner, const at::Tensor& k_owner, const at::Tensor& v_owner, at::Tensor& dk_owner,
                 at::Tensor& dv_owner) {
               detail::attend_backward(grad, qc, queries, k_owner, v_owner, layout.segments(seq, owner), out, lse,
-                                      options, dq, dk_owner, dv_owner);
+                                      options, whole_documents, dq, dk_owner, dv_owner);
             });
         return {dq.to(qc.scalar_type()), dk.to(kc.scalar_type()), dv.to(vc.scalar_type())};
       });
   return outputs[0];
 }
 
-/// Replaces the forward of an attention core module, forward(q, k, v), by
-/// context_parallel_attention over its group (see apply_context_parallel).
+/// Replaces the forward of an attention core module, forward(q, k, v) or forward(q, k, v,
+/// documents), by context_parallel_attention over its group (see apply_context_parallel).
 class ContextParallelHook : public ModuleHook {
  public:
   /// `root`: the model apply_context_parallel was given, whose gradient reduction the first
@@ -605,13 +635,15 @@ class ContextParallelHook : public ModuleHook {
   std::string name() const override { return "context_parallel " + rotate_method_name(options_.rotate_method()); }
 
   at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
-    TORCH_CHECK(inputs.size() == 3, "titan context parallel: module ", module.name(), " must be called as ",
-                "titan::call(core, q, k, v) (3 tensors); it got ", inputs.size());
+    TORCH_CHECK(inputs.size() == 3 || inputs.size() == 4, "titan context parallel: module ", module.name(),
+                " must be called as titan::call(core, q, k, v) or titan::call(core, q, k, v, documents) (3 or 4 ",
+                "tensors); it got ", inputs.size());
     if (!reduction_checked_ && c10::GradMode::is_enabled()) {
       check_gradient_reduction();
       reduction_checked_ = true;
     }
-    return context_parallel_attention(inputs[0], inputs[1], inputs[2], group_, options_);
+    const at::Tensor documents = inputs.size() == 4 ? inputs[3] : at::Tensor();
+    return context_parallel_attention(inputs[0], inputs[1], inputs[2], group_, options_, documents);
   }
 
   const ProcessGroupPtr& group() const { return group_; }
@@ -754,7 +786,8 @@ class ContextParallelInputsHook : public ModuleHook {
 /// Makes every submodule of `root` whose dotted name matches `pattern` (e.g.
 /// "layers.*.attention.core") compute context-parallel attention over `group`. Those modules must
 /// be attention cores called as titan::call(core, q, k, v) on local tokens (ContextParallelLayout
-/// of `group` and the options' load_balance). Returns how many modules it attached to; none is an
+/// of `group` and the options' load_balance), or titan::call(core, q, k, v, documents) with the
+/// local tokens' documents for block-causal attention. Returns how many modules it attached to; none is an
 /// error naming the pattern. A group of one rank attaches nothing. Two checks make a half-applied
 /// context parallelism an error: `root`'s first call through titan::call must be given this
 /// rank's positions (ContextParallelLayout::positions, after the tokens or the stage's

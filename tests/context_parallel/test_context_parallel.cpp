@@ -1,6 +1,7 @@
 // titan/context_parallel.hpp: the load-balanced sequence layout, and context-parallel attention
 // (all-gather and ring) against unsharded scaled-dot-product attention on the whole sequence:
-// outputs and q/k/v gradients, causal and not, MHA/GQA/MQA, sliding windows, both layouts. The
+// outputs and q/k/v gradients, causal and not, MHA/GQA/MQA, sliding windows, both layouts,
+// block-causal attention within the documents of packed rows. The
 // context-parallel group is the world (cp = 1, 2, 4 under titan.ranks1/2/4).
 #include "../support/multirank.hpp"
 
@@ -21,15 +22,27 @@ using titan_test::error_of;
 using titan_test::world;
 using torch::Tensor;
 
-/// The whole-sequence reference on the CPU in float64: SDPA with K/V repeated per head group and
-/// the causal / sliding-window mask written out.
-Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const ContextParallelOptions& options) {
+/// The whole-sequence reference (the tests run it on the CPU in float64): SDPA with K/V repeated
+/// per head group and the causal / sliding-window mask written out, within `documents` [B, S] when
+/// given.
+Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const ContextParallelOptions& options,
+                           const Tensor& documents = {}) {
   const int64_t seq = q.size(2), groups = q.size(1) / k.size(1);
-  auto pos = torch::arange(seq, torch::kLong);
+  auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kLong).device(q.device()));
   auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S] query - key
-  auto visible = options.causal() ? distance.ge(0) : torch::ones({seq, seq}, torch::kBool);
+  auto visible = options.causal() ? distance.ge(0) : torch::ones_like(distance, torch::kBool);
   if (options.sliding_window() > 0) visible = visible.logical_and(distance.lt(options.sliding_window()));
+  if (documents.defined())  // [B, 1, S, S]
+    visible = visible.logical_and(documents.unsqueeze(2).eq(documents.unsqueeze(1))).unsqueeze(1);
   return at::scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), visible);
+}
+
+/// Packed rows' documents [batch, seq]: a new document starts after a token with chance 1/4 (so
+/// borders fall inside chunks and across them), numbered from 0 in each row.
+Tensor packed_documents(int64_t batch, int64_t seq, at::Generator& gen) {
+  auto starts = at::randint(0, 4, {batch, seq}, gen, torch::kLong).eq(0);  // [B, S]
+  starts.select(1, 0).fill_(false);
+  return starts.to(torch::kLong).cumsum(1);
 }
 
 struct Shape {
@@ -37,9 +50,9 @@ struct Shape {
 };
 
 /// Runs context_parallel_attention on this rank's tokens and compares output and gradients with
-/// the reference's rows of this rank.
+/// the reference's rows of this rank (block-causal over packed documents with `packed`).
 void check_attention(const Shape& s, const ContextParallelOptions& options, torch::ScalarType dtype, double tol,
-                     const std::string& what) {
+                     const std::string& what, bool packed = false) {
   CAPTURE(what);
   auto group = world()->group();
   const ContextParallelLayout layout(group->size(), group->rank(), options.load_balance());
@@ -48,14 +61,16 @@ void check_attention(const Shape& s, const ContextParallelOptions& options, torc
   auto k = at::randn({s.batch, s.kv_heads, s.seq, s.head_dim}, gen, torch::kFloat64);  // [B, Hkv, S, D]
   auto v = at::randn({s.batch, s.kv_heads, s.seq, s.head_dim}, gen, torch::kFloat64);
   auto grad = at::randn({s.batch, s.q_heads, s.seq, s.head_dim}, gen, torch::kFloat64);
+  const auto documents = packed ? packed_documents(s.batch, s.seq, gen) : Tensor();  // [B, S]
 
   auto qr = q.clone().requires_grad_(true), kr = k.clone().requires_grad_(true), vr = v.clone().requires_grad_(true);
-  auto expected = reference_attention(qr, kr, vr, options);
+  auto expected = reference_attention(qr, kr, vr, options, documents);
   expected.backward(grad);
 
   auto local = [&](const Tensor& t) { return layout.shard(t, 2).to(device(), dtype).requires_grad_(true); };
   auto ql = local(q), kl = local(k), vl = local(v);
-  auto out = titan::context_parallel_attention(ql, kl, vl, group, options);  // [B, Hq, S/cp, D]
+  const auto local_documents = packed ? layout.shard(documents, 1).to(device()) : Tensor();  // [B, S/cp]
+  auto out = titan::context_parallel_attention(ql, kl, vl, group, options, local_documents);  // [B, Hq, S/cp, D]
   CHECK(out.device() == device());
   CHECK((out.scalar_type() == dtype));
   out.backward(layout.shard(grad, 2).to(device(), dtype));
@@ -111,6 +126,11 @@ TEST_CASE("context parallel: the pairs each rank computes (skipped, whole, causa
   REQUIRE(windowed.size() == 1);
   CHECK((windowed[0].mask == Mask::Explicit && windowed[0].key_start == 8));
   CHECK(titan::detail::attention_pairs(mine, other, ContextParallelOptions().causal(false)).size() == 2);
+  // Block-causal (documents): every pair needed is masked and none is joined.
+  auto packed = titan::detail::attention_pairs(mine, other, ContextParallelOptions(), /*documents=*/true);
+  REQUIRE(packed.size() == 2);
+  CHECK((packed[0].mask == Mask::Explicit && packed[0].key_start == 4 && packed[0].key_length == 4));
+  CHECK((packed[1].mask == Mask::Explicit && packed[1].key_start == 8 && packed[1].key_length == 4));
 }
 
 TEST_CASE("context parallel attention equals SDPA on the whole sequence: outputs and q, k, v gradients") {
@@ -133,8 +153,15 @@ TEST_CASE("context parallel attention equals SDPA on the whole sequence: outputs
                     torch::kFloat32, 1e-5, name + " sliding window");
     check_attention({1, 4, 2, window_seq, 8}, ContextParallelOptions(options).sliding_window(5), torch::kFloat32,
                     1e-5, name + " sliding window of 5 (not a chunk multiple)");
+    // Block-causal: packed documents whose borders fall inside and between chunks.
+    check_attention({3, 4, 2, seq, 8}, options, torch::kFloat32, 1e-5, name + " block-causal GQA", true);
+    check_attention({2, 4, 2, seq, 8}, ContextParallelOptions(options).load_balance(false), torch::kFloat32, 1e-5,
+                    name + " block-causal, contiguous layout", true);
+    check_attention({2, 4, 2, window_seq, 8}, ContextParallelOptions(options).sliding_window(5), torch::kFloat32,
+                    1e-5, name + " block-causal with a sliding window", true);
     if (device().is_cpu()) {  // the CPU kernel takes float64; CUDA's memory-efficient one does not
       check_attention({1, 2, 1, seq, 4}, options, torch::kFloat64, 1e-12, name + " float64");
+      check_attention({2, 2, 1, seq, 4}, options, torch::kFloat64, 1e-12, name + " block-causal float64", true);
     } else {
       auto x = torch::randn({1, 2, 4, 4}, torch::TensorOptions().dtype(torch::kFloat64).device(device()));
       CHECK(error_of([&] { titan::context_parallel_attention(x, x, x, world()->group(), options); })
@@ -159,13 +186,20 @@ TEST_CASE("context parallel attention rejects bad shapes, naming them") {
   }
   CHECK(error_of([] { titan::parse_rotate_method("ring"); }).find("'ring' (expected one of: allgather, p2p)") !=
         std::string::npos);
+  auto x = torch::randn({2, 2, 4, 8}, device());
+  CHECK(error_of([&] { titan::context_parallel_attention(x, x, x, group, {}, torch::zeros({2, 5}, torch::kLong)); })
+            .find("documents must be integers [batch, local seq] = [2, 4]") != std::string::npos);
+  CHECK(error_of([&] { titan::context_parallel_attention(x, x, x, group, {}, torch::zeros({2, 4})); })
+            .find("got Float [2, 4]") != std::string::npos);
 }
 
 namespace {
-/// An attention core as a model writes it: forward(q, k, v) is causal SDPA.
+/// An attention core as a model writes it: forward(q, k, v) is causal SDPA, within the rows'
+/// documents [B, S] when given.
 struct CoreImpl : torch::nn::Module {
-  Tensor forward(const Tensor& q, const Tensor& k, const Tensor& v) {
-    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  Tensor forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& documents = {}) {
+    if (!documents.defined()) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+    return reference_attention(q, k, v, ContextParallelOptions(), documents);
   }
 };
 TORCH_MODULE(Core);
@@ -193,6 +227,11 @@ TEST_CASE("apply_context_parallel: the core's titan::call computes context-paral
   auto core = model[0]->as<BlockImpl>()->core;
   auto local = layout.shard(q, 2).to(device());
   CHECK_CLOSE(titan::call(core, local, local, local), layout.shard(expected, 2), 1e-5);
+  // A fourth tensor: the local tokens' documents (block-causal attention).
+  auto documents = packed_documents(1, q.size(2), gen);  // [1, S]
+  auto within = reference_attention(q, q, q, ContextParallelOptions(), documents);
+  CHECK_CLOSE(titan::call(core, local, local, local, layout.shard(documents, 1).to(device())), layout.shard(within, 2),
+              1e-5);
 }
 
 namespace {

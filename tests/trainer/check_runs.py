@@ -60,8 +60,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               with and without sequence parallel): the 1-rank run's losses and weights; the export says
               tie_word_embeddings, holds no lm_head.weight and loads
   doc_mask    block-causal attention (model.attn_mask_type) on packed conversations: FSDP 2, TP 2
-              with sequence parallel and PP 2 (1F1B, 4 micro-batches) against the 1-rank run; the
-              1-rank causal run differs
+              with sequence parallel, PP 2 (1F1B, 4 micro-batches), CP 2 (all-gather and ring) and
+              CP 2 x PP 2 on 4 ranks against the 1-rank run; the 1-rank causal run differs
   mistral     the Mistral trainer on its debug config (JSONL corpus): finite metrics, validation
   alpaca      instruction tuning on the GCIDE Alpaca set: finite metrics, validation
   chat        instruction tuning of the Qwen3 debug model on GCIDE conversations in Qwen3's chat
@@ -588,6 +588,15 @@ def main():
         r.run("doc_mask_pp", args.trainer, 2, chat,
               [*window, "--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"])
         compare_runs("doc_mask_pp", "doc_mask_one", "doc_mask: PP 2 (each stage reads its micro-batch's documents)")
+        for method in ("allgather", "p2p"):
+            r.run(f"doc_mask_cp_{method}", args.trainer, 2, chat,
+                  [*window, "--parallelism.context_parallel_degree", "2",
+                   "--parallelism.context_parallel_rotate_method", method])
+            compare_runs(f"doc_mask_cp_{method}", "doc_mask_one",
+                         f"doc_mask: CP 2 ({method}; the documents sharded as the tokens)")
+        r.run("doc_mask_cp_pp", args.trainer, 4, chat,
+              [*window, "--parallelism.context_parallel_degree", "2", "--parallelism.pipeline_parallel_degree", "2"])
+        compare_runs("doc_mask_cp_pp", "doc_mask_one", "doc_mask: CP 2 x PP 2 on 4 ranks")
         r.run("doc_mask_causal", args.trainer, 1, chat, [*window, "--model.attn_mask_type", "causal"])
         run, _ = metrics(work("doc_mask_causal"))
         ref, _ = metrics(work("doc_mask_one"))

@@ -288,20 +288,21 @@ std::tuple<torch::Tensor, torch::Tensor> RMSNormImpl::forward(const torch::Tenso
 AttentionCoreImpl::AttentionCoreImpl(int64_t sliding_window_) : sliding_window(sliding_window_) {}
 
 torch::Tensor AttentionCoreImpl::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                         const torch::Tensor& same_document) {
+                                         const torch::Tensor& documents) {
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "Attention: ", q.size(1), " query heads are not a multiple of ", k.size(1),
               " key/value heads");
   const int64_t seq = q.size(2);
   const bool grouped = q.size(1) != k.size(1);  // SDPA shares each kv head with its query heads (no copies)
   const bool windowed = sliding_window > 0 && seq > sliding_window;
-  if (windowed || same_document.defined()) {
+  if (windowed || documents.defined()) {
     // An explicit boolean mask (S^2 bytes per row, and no flash kernel) only when the window cuts
     // or the row holds several documents.
     auto pos = torch::arange(seq, torch::TensorOptions().dtype(torch::kLong).device(q.device()));
     auto distance = pos.unsqueeze(1) - pos.unsqueeze(0);  // [S, S]: query - key
     auto mask = distance.ge(0);                           // [S, S]: causal
     if (windowed) mask = mask.logical_and(distance.lt(sliding_window));
-    if (same_document.defined()) mask = mask.logical_and(same_document);  // [B, 1, S, S]
+    if (documents.defined())  // [B, 1, S, S]: query and key in the same document
+      mask = mask.logical_and(documents.unsqueeze(2).eq(documents.unsqueeze(1))).unsqueeze(1);
     return at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false, std::nullopt, grouped);
   }
   return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt, grouped);
@@ -350,7 +351,7 @@ AttentionImpl::AttentionImpl(const ModelArgs& args, const torch::TensorOptions& 
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
-                                     const torch::Tensor& rope_sin, const torch::Tensor& same_document) {
+                                     const torch::Tensor& rope_sin, const torch::Tensor& documents) {
   const int64_t batch = x.size(0), seq = x.size(1);
   auto [q, k, v] = project(x, {wq, wk, wv}, fused_projections);  // [B, S, Hq * hd], [B, S, Hkv * hd] x 2
   q = q.view({batch, seq, -1, head_dim});  // [B, S, Hq, hd] (local heads under TP)
@@ -363,9 +364,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   // Meta's interleaved pairs rotated by position, q and k in one operator (in fp32, by the fp32
   // tables [S, hd / 2]: FSDP leaves a block's inputs uncast, see parallelize.cpp).
   auto [q_rotated, k_rotated] = titan::rope(q, k, rope_cos, rope_sin);  // [B, S, Hq, hd], [B, S, Hkv, hd]
-  auto out = same_document.defined()
+  auto out = documents.defined()
                  ? titan::call(core, q_rotated.transpose(1, 2), k_rotated.transpose(1, 2), v.transpose(1, 2),
-                               same_document)
+                               documents)
                  : titan::call(core, q_rotated.transpose(1, 2), k_rotated.transpose(1, 2),
                                v.transpose(1, 2));  // [B, Hq, S, hd]
   return titan::call(wo, out.transpose(1, 2).reshape({batch, seq, -1}));  // [B, S, dim]
@@ -401,11 +402,11 @@ TransformerBlockImpl::TransformerBlockImpl(int64_t layer_id_, const ModelArgs& a
 }
 
 torch::Tensor TransformerBlockImpl::forward(const torch::Tensor& x, const torch::Tensor& rope_cos,
-                                            const torch::Tensor& rope_sin, const torch::Tensor& same_document) {
+                                            const torch::Tensor& rope_sin, const torch::Tensor& documents) {
   // h = x + attention(...) and its norm in one operator: [B, S, dim] each
   const auto normed_x = titan::call(attention_norm, x);
-  const auto attention_out = same_document.defined()
-                                 ? titan::call(attention, normed_x, rope_cos, rope_sin, same_document)
+  const auto attention_out = documents.defined()
+                                 ? titan::call(attention, normed_x, rope_cos, rope_sin, documents)
                                  : titan::call(attention, normed_x, rope_cos, rope_sin);
   auto [h, normed] = titan::call(ffn_norm, x, attention_out);
   return h + (moe ? titan::call(moe, normed) : titan::call(feed_forward, normed));  // [B, S, dim]
@@ -461,18 +462,14 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& input, const torch::
     cos = rope_cos.narrow(0, 0, seq);
     sin = rope_sin.narrow(0, 0, seq);
   }
-  torch::Tensor same_document;  // [B, 1, S, S] bool: query and key in the same document
-  if (documents.defined()) {
-    TORCH_CHECK(documents.dim() == 2 && documents.size(0) == input.size(0) && documents.size(1) == seq &&
-                    documents.scalar_type() == torch::kLong,
-                "Transformer: documents must be int64 [", input.size(0), ", ", seq, "] (one per token), got ",
-                documents.scalar_type(), " ", documents.sizes());
-    same_document = documents.unsqueeze(2).eq(documents.unsqueeze(1)).unsqueeze(1);
-  }
+  TORCH_CHECK(!documents.defined() || (documents.dim() == 2 && documents.size(0) == input.size(0) &&
+                                        documents.size(1) == seq && documents.scalar_type() == torch::kLong),
+              "Transformer: documents must be int64 [", input.size(0), ", ", seq, "] (one per token), got ",
+              documents.scalar_type(), " ", documents.sizes());
   auto h = embeds ? titan::call(tok_embeddings, input) : input;  // [B, S, dim]
   for (const auto& layer : layers->children()) {
     auto& block = *layer->as<TransformerBlockImpl>();
-    h = same_document.defined() ? titan::call(block, h, cos, sin, same_document) : titan::call(block, h, cos, sin);
+    h = documents.defined() ? titan::call(block, h, cos, sin, documents) : titan::call(block, h, cos, sin);
   }
   if (!outputs) return h;  // [B, S, dim]
   h = titan::call(norm, h);

@@ -190,10 +190,11 @@ class AttentionCoreImpl : public torch::nn::Module {
  public:
   explicit AttentionCoreImpl(int64_t sliding_window);
   /// q [B, Hq, S, hd], k and v [B, Hkv, S, hd] (positions 0..S-1) -> [B, Hq, S, hd]. With
-  /// `same_document` [B, 1, S, S] bool (query and key in the same document of a packed row), a
-  /// query attends only to the keys of its own document (block-causal; an explicit mask).
+  /// `documents` [B, S] int64 (each token's document in its packed row), a query attends only to
+  /// the keys of its own document (block-causal; an explicit [B, 1, S, S] mask). Context
+  /// parallelism takes the same four inputs, the tokens and documents this rank's.
   torch::Tensor forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                        const torch::Tensor& same_document = {});
+                        const torch::Tensor& documents = {});
   int64_t sliding_window;
 };
 TORCH_MODULE(AttentionCore);
@@ -202,11 +203,11 @@ TORCH_MODULE(AttentionCore);
 class AttentionImpl : public torch::nn::Module {
  public:
   AttentionImpl(const ModelArgs& args, const torch::TensorOptions& options);
-  /// x [B, S, dim], rope_cos/rope_sin [S, head_dim / 2], same_document [B, 1, S, S] bool or
-  /// undefined (AttentionCore) -> [B, S, dim]. Head counts are inferred from the projections'
+  /// x [B, S, dim], rope_cos/rope_sin [S, head_dim / 2], documents [B, S] int64 or undefined
+  /// (AttentionCore) -> [B, S, dim]. Head counts are inferred from the projections'
   /// output sizes, so tensor-parallel shards of wq/wk/wv/wo work unchanged.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin,
-                        const torch::Tensor& same_document = {});
+                        const torch::Tensor& documents = {});
   Linear wq{nullptr}, wk{nullptr}, wv{nullptr}, wo{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};  ///< per-head norms [head_dim] with ModelArgs::qk_norm
   AttentionCore core{nullptr};
@@ -231,9 +232,9 @@ TORCH_MODULE(FeedForward);
 class TransformerBlockImpl : public torch::nn::Module {
  public:
   TransformerBlockImpl(int64_t layer_id, const ModelArgs& args, const torch::TensorOptions& options);
-  /// x [B, S, dim] -> [B, S, dim] (same_document: see AttentionCore)
+  /// x [B, S, dim] -> [B, S, dim] (documents: see AttentionCore)
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& rope_cos, const torch::Tensor& rope_sin,
-                        const torch::Tensor& same_document = {});
+                        const torch::Tensor& documents = {});
   int64_t layer_id;
   Attention attention{nullptr};
   FeedForward feed_forward{nullptr};  ///< dense models
@@ -255,7 +256,7 @@ class TransformerImpl : public CausalLM {
   /// `positions` [S] (int64): the tokens' positions for RoPE when they are not 0..S-1, e.g. this
   /// rank's part of the sequence under context parallelism (titan::ContextParallelLayout).
   /// `documents` [B, S] (int64): each token's document in its packed row; attention then stays
-  /// within documents (block-causal: one [B, 1, S, S] mask for all layers). RoPE is relative, so a
+  /// within documents (block-causal: each layer's core masks by them). RoPE is relative, so a
   /// document attends as it would alone at positions 0.. (torchtitan's attn_mask_type
   /// "block_causal").
   torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& positions = {},

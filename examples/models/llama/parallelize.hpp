@@ -91,14 +91,14 @@ struct TpPlanOptions {
   /// Split each expert over the tp ranks (titan::MoeTensorParallel on the MoE layers, torchtitan's
   /// ETP = TP): every tp rank routes the whole sequence and computes its slice of each expert.
   TORCH_ARG(bool, expert_tensor_parallel) = false;
-  /// Attention is called with a document mask too (block-causal attention, CausalLM::forward's
-  /// documents): (x, rope_cos, rope_sin, same_document).
+  /// Attention is called with the tokens' documents too (block-causal attention, CausalLM::forward's
+  /// documents): (x, rope_cos, rope_sin, documents).
   TORCH_ARG(bool, document_mask) = false;
 };
 
 /// torchtitan's Llama tensor-parallel plan for `tp` ranks, for the Transformer of model.hpp (Llama 2,
 /// Llama 3 and Mistral share its module names and forward signatures; attention is called with
-/// (x, rope_cos, rope_sin), and the document mask with TpPlanOptions::document_mask). Fails with the offending value when
+/// (x, rope_cos, rope_sin), and the documents with TpPlanOptions::document_mask). Fails with the offending value when
 /// a size does not divide by `tp` (heads are sharded whole, so n_heads and n_kv_heads must divide).
 /// A MoE block's layer is token-wise: with sequence parallel it runs on this rank's part of the
 /// sequence (SequenceParallel: its gradients summed over the tp ranks; only its router's with
@@ -158,7 +158,7 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
                            .input_layout(stream)
                            .output_layout(options.loss_parallel() ? Shard(-1) : Replicate()));
   }
-  plan.add("layers.*.attention", block_input(options.document_mask() ? 4 : 3))  // (x, rope_cos, rope_sin[, mask])
+  plan.add("layers.*.attention", block_input(options.document_mask() ? 4 : 3))  // (x, rope_cos, rope_sin[, documents])
       .add("layers.*.attention.wq", shared_input)
       .add("layers.*.attention.wk", shared_input)
       .add("layers.*.attention.wv", shared_input)
