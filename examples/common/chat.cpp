@@ -81,14 +81,32 @@ class Pieces {
   std::vector<Piece> pieces_;
 };
 
+/// One Llama 3 message: <|start_header_id|>{role}<|end_header_id|>\n\n{body}<|eot_id|>, the body
+/// and <|eot_id|> trained for the assistant.
+void llama3_turn(Pieces& out, const std::string& role, std::string body) {
+  const bool assistant = role == "assistant";
+  out.special("<|start_header_id|>").text(role).special("<|end_header_id|>").text("\n\n");
+  out.text(std::move(body), assistant).special("<|eot_id|>", assistant);
+}
+
 /// Meta-Llama-3-8B-Instruct's template.
 std::vector<Piece> llama3(const std::vector<ChatMessage>& messages) {
   Pieces out;
-  for (const auto& message : messages) {
-    const bool assistant = message.role == "assistant";
-    out.special("<|start_header_id|>").text(message.role).special("<|end_header_id|>").text("\n\n");
-    out.text(python_strip(message.content), assistant).special("<|eot_id|>", assistant);
-  }
+  for (const auto& message : messages) llama3_turn(out, message.role, python_strip(message.content));
+  return out.take();
+}
+
+/// Llama 3.1-3.3 Instruct's template (without tools): a system message always, opening with the
+/// knowledge cutoff and `date`, then the first system message's content stripped; the others as
+/// Llama 3's.
+std::vector<Piece> llama31(const std::vector<ChatMessage>& messages, const std::string& date) {
+  const bool has_system = !messages.empty() && messages[0].role == "system";
+  Pieces out;
+  llama3_turn(out, "system",
+              "Cutting Knowledge Date: December 2023\nToday Date: " + date + "\n\n" +
+                  (has_system ? python_strip(messages[0].content) : std::string()));
+  for (size_t i = has_system ? 1 : 0; i < messages.size(); ++i)
+    llama3_turn(out, messages[i].role, python_strip(messages[i].content));
   return out.take();
 }
 
@@ -251,6 +269,8 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
   std::vector<Piece> pieces;
   if (format == "llama3") {
     pieces = llama3(conversation);
+  } else if (format == "llama3.1") {
+    pieces = llama31(conversation, options.date());
   } else if (format == "chatml") {
     pieces = chatml(conversation);
   } else if (format == "qwen3") {

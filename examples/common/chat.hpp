@@ -12,8 +12,11 @@
 // Formats (ChatOptions::format), each the text its Hugging Face chat template writes for a
 // conversation of system / user / assistant messages (no tools):
 //   "llama3"  Meta-Llama-3-8B-Instruct: <|start_header_id|>{role}<|end_header_id|>\n\n{content,
-//             stripped}<|eot_id|> per message (Llama 3.1-3.3's templates add a dated system
-//             preamble, which a system message can carry when wanted)
+//             stripped}<|eot_id|> per message
+//   "llama3.1" Llama 3.1-3.3 Instruct (Llama-3.2-3B-Instruct's template): Llama 3's, with a
+//             system message always written first: "Cutting Knowledge Date: December 2023\nToday
+//             Date: {ChatOptions::date}\n\n" and the first system message's content, stripped
+//             (3.1 and 3.3 write "26 Jul 2024", 3.2 today's date unless told one)
 //   "chatml"  Qwen2.5-Instruct: <|im_start|>{role}\n{content}<|im_end|>\n per message (Qwen2.5's
 //             template adds the system message "You are Qwen, created by Alibaba Cloud. You are a
 //             helpful assistant." to a conversation without one: set ChatOptions::system to it)
@@ -60,8 +63,9 @@ std::vector<ChatMessage> chat_messages(const nlohmann::json& messages);
 
 /// Which chat format, and the system message of a conversation that has none.
 struct ChatOptions {
-  TORCH_ARG(std::string, format) = "llama3";  ///< "llama3", "chatml", "qwen3", "llama2" or "mistral"
+  TORCH_ARG(std::string, format) = "llama3";  ///< "llama3", "llama3.1", "chatml", "qwen3", "llama2" or "mistral"
   TORCH_ARG(std::string, system) = "";        ///< system message of a conversation without one ("": none)
+  TORCH_ARG(std::string, date) = "26 Jul 2024";  ///< llama3.1's "Today Date" (the templates' default)
 };
 
 /// A rendered conversation.
@@ -79,6 +83,6 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
                        const Tokenizer& tokenizer);
 
 /// The formats render_chat knows, for messages.
-inline constexpr const char* kChatFormats = "llama3, chatml, qwen3, llama2, mistral";
+inline constexpr const char* kChatFormats = "llama3, llama3.1, chatml, qwen3, llama2, mistral";
 
 }  // namespace titan::examples

@@ -72,7 +72,7 @@ std::string cache_key(const CorpusOptions& options, const Tokenizer& tokenizer) 
     key += std::to_string(id) + ",";
   if (options.kind() == "alpaca") key += alpaca_prompt("{i}", "{x}");
   if (options.kind() == "chat") {
-    key += options.chat().format() + "|" + options.chat().system() + "|";
+    key += options.chat().format() + "|" + options.chat().system() + "|" + options.chat().date() + "|";
     // The format's tokens for a probe conversation (its template text, the tokenizer's special ids).
     ChatTokens probe;
     try {
@@ -717,7 +717,7 @@ CorpusOptions corpus_options(const TrainConfig& config, bool validation) {
       .path(validation ? d.val_path : d.path)
       .kind(d.kind)
       .text_field(d.text_field)
-      .chat(ChatOptions().format(d.chat_format).system(d.chat_system))
+      .chat(ChatOptions().format(d.chat_format).system(d.chat_system).date(d.chat_date))
       .skip_malformed(d.skip_malformed)
       .cache_dir(cache)
       .threads(static_cast<int>(d.tokenize_threads))

@@ -2,12 +2,12 @@
 """Parity of examples/common/chat.cpp with the models' own chat templates.
 
 Each conversation is rendered by transformers' chat-template renderer (jinja2) with the official
-template of Meta-Llama-3-8B-Instruct, Qwen2.5-Instruct, Qwen3, Llama-2-chat or
-Mixtral-8x7B-Instruct (below, verbatim from their tokenizer_config.json), tokenized by the reference
-libraries on the test tokenizers (tiktoken for the Llama 3 ranks file, `tokenizers` for the
-Qwen-layout tokenizer.json and for the Llama tokenizer transformers builds from the SentencePiece
-model, special tokens parsed as the models' tokenizers do), and each token is marked trained when it
-starts inside an assistant turn: after the generation prompt
+template of Meta-Llama-3-8B-Instruct, Llama-3.2-3B-Instruct (given the date), Qwen2.5-Instruct,
+Qwen3, Llama-2-chat or Mixtral-8x7B-Instruct (below, verbatim from their tokenizer_config.json),
+tokenized by the reference libraries on the test tokenizers (tiktoken for the Llama 3 ranks file,
+`tokenizers` for the Qwen-layout tokenizer.json and for the Llama tokenizer transformers builds
+from the SentencePiece model, special tokens parsed as the models' tokenizers do), and each token
+is marked trained when it starts inside an assistant turn: after the generation prompt
 ("<|start_header_id|>assistant<|end_header_id|>\\n\\n", "<|im_start|>assistant\\n" or "[/INST]")
 up to and including the end-of-turn token. The reference (ids without the leading BOS, which the
 data loader adds, and the mask) goes to reference.json; the C++ test case renders the same
@@ -192,6 +192,103 @@ QWEN3_TEMPLATE = """{%- if tools %}
     {%- endif %}
 {%- endif %}"""
 
+# meta-llama/Llama-3.2-3B-Instruct (as mirrored by unsloth/Llama-3.2-3B-Instruct); Llama 3.1 and 3.3
+# Instruct's templates write the same for conversations without tools, with "26 Jul 2024" as the date
+LLAMA32_TEMPLATE = r"""{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
 # meta-llama/Llama-2-13b-chat-hf
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
@@ -213,10 +310,14 @@ MIXTRAL_TEMPLATE = (
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
-# (format, template, titan's ChatOptions::system, generation prompt, end of turn, tokenizer, BOS, EOS)
+# (format, template, titan's ChatOptions::system, generation prompt, end of turn, tokenizer, BOS, EOS,
+#  the date_string given to the template and ChatOptions::date)
+LLAMA3_TURNS = ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>", "llama3", "<|begin_of_text|>",
+                "<|eot_id|>")
 FORMATS = [
-    ("llama3", LLAMA3_TEMPLATE, "", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>", "llama3",
-     "<|begin_of_text|>", "<|eot_id|>"),
+    ("llama3", LLAMA3_TEMPLATE, "", *LLAMA3_TURNS),
+    ("llama3.1", LLAMA32_TEMPLATE, "", *LLAMA3_TURNS, "26 Jul 2024"),
+    ("llama3.1", LLAMA32_TEMPLATE, "", *LLAMA3_TURNS, "06 Dec 2026"),
     ("chatml", QWEN25_TEMPLATE, QWEN25_SYSTEM, "<|im_start|>assistant\n", "<|im_end|>", "qwen", None, None),
     ("qwen3", QWEN3_TEMPLATE, "", "<|im_start|>assistant\n", "<|im_end|>", "qwen", None, None),
     ("llama2", LLAMA2_TEMPLATE, "", "[/INST]", "</s>", "spm", "<s>", "</s>"),
@@ -311,16 +412,17 @@ def reference(root, workdir):
               "qwen": Tokenizer.from_file(tokenizers["qwen"][1]),
               "spm": llama_tokenizer(tokenizers["spm"][1], workdir)}
     cases = []
-    for fmt, template, system, prompt, end_of_turn, tokenizer, bos, eos in FORMATS:
+    for fmt, template, system, prompt, end_of_turn, tokenizer, bos, eos, *date in FORMATS:
         kind, path = tokenizers[tokenizer]
         reference_tokenizer = loaded[tokenizer]
         conversations = dict(CONVERSATIONS, **(QWEN3_ONLY if fmt == "qwen3" else {}))
+        dated = dict(date_string=date[0]) if date else {}
         for name, messages in conversations.items():
-            case = dict(name=f"{fmt} / {name}", format=fmt, system=system, tokenizer_kind=kind, tokenizer_path=path,
-                        messages=messages)
+            case = dict(name=f"{fmt}{' ' + date[0] if date else ''} / {name}", format=fmt, system=system,
+                        tokenizer_kind=kind, tokenizer_path=path, messages=messages, **dated)
             try:
                 rendered = render_jinja_template(conversations=[messages], chat_template=template, bos_token=bos,
-                                                 eos_token=eos)[0][0]
+                                                 eos_token=eos, **dated)[0][0]
             except TemplateError as refused:
                 cases.append(dict(case, refused=str(refused)))
                 continue

@@ -84,6 +84,21 @@ TEST_CASE("chat: each format trains on the assistant turns and their end-of-turn
     CHECK(t.ids.front() == tok.token_id("<|start_header_id|>"));  // no BOS: the loader adds it
   }
   {
+    // llama3.1: the same turns after a system message that always opens with the dated preamble.
+    const auto& tok = llama3_tokenizer();
+    auto t = render_chat(messages, ChatOptions().format("llama3.1").date("06 Dec 2026"), tok);
+    auto [trained, context] = split_text(t, tok);
+    CHECK(trained == "Hello.<|eot_id|>Bye!<|eot_id|>");
+    CHECK(context.rfind("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                        "Today Date: 06 Dec 2026\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>",
+                        0) == 0);
+    const auto no_system = std::vector<ChatMessage>(messages.begin() + 1, messages.end());
+    CHECK(split_text(render_chat(no_system, ChatOptions().format("llama3.1"), tok), tok)
+              .second.rfind("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                            "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user",
+                            0) == 0);
+  }
+  {
     const auto& tok = qwen_tokenizer();
     auto t = render_chat(messages, ChatOptions().format("chatml"), tok);
     auto [trained, context] = split_text(t, tok);
@@ -163,7 +178,7 @@ TEST_CASE("chat: a format the tokenizer cannot write, an unknown format and stra
   CHECK_ERROR_HAS(render_chat(messages, ChatOptions().format("chatml"), llama3_tokenizer()),
                   "the chatml chat format needs the special token <|im_start|>");
   CHECK_ERROR_HAS(render_chat(messages, ChatOptions().format("vicuna"), qwen_tokenizer()), "unknown chat format 'vicuna'",
-                  "llama3, chatml, qwen3, llama2, mistral");
+                  "llama3, llama3.1, chatml, qwen3, llama2, mistral");
   const auto reasoning = conversation(
       R"([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "r"}])");
   CHECK_ERROR_HAS(render_chat(reasoning, ChatOptions().format("chatml"), qwen_tokenizer()),
@@ -228,6 +243,7 @@ TEST_CASE("chat: parity with the models' chat templates" * doctest::skip()) {
     auto& tok = tokenizers[tokenizer_path];
     if (!tok) tok = load_tokenizer(tokenizer_path, c["tokenizer_kind"].get<std::string>());
     auto options = ChatOptions().format(c["format"].get<std::string>()).system(c["system"].get<std::string>());
+    if (c.contains("date_string")) options.date(c["date_string"].get<std::string>());
     ++cases;
     if (c.contains("refused")) {  // the template raised: render_chat refuses the conversation too
       INFO("the template said: " << c["refused"].get<std::string>());
@@ -240,6 +256,6 @@ TEST_CASE("chat: parity with the models' chat templates" * doctest::skip()) {
     CHECK(t.ids == c["ids"].get<std::vector<int64_t>>());
     CHECK(t.trained == c["trained"].get<std::vector<bool>>());
   }
-  CHECK(cases >= 59);  // 11 conversations in 5 formats and 4 more in qwen3 (chat_parity.py)
+  CHECK(cases >= 81);  // 11 conversations in 7 formats (llama3.1 with two dates) and 4 more in qwen3
   CHECK(refused >= 7);  // llama2: 3 out of turn; mistral: those and 1 opening with a system message
 }

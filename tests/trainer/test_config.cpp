@@ -26,8 +26,9 @@ TEST_CASE("config: to_toml reads back to the same config") {
   c.data.tokenize_threads = 3;
   c.parallelism.expert_tensor_parallel_degree = 2;
   c.data.kind = "chat";
-  c.data.chat_format = "qwen3";
+  c.data.chat_format = "llama3.1";
   c.data.chat_system = "You are \"terse\".\nAnswer in one line.";
+  c.data.chat_date = "06 Dec 2026";
   save_config(c, (dir / "sub" / "saved.toml").string());
   auto back = load_config_file((dir / "sub" / "saved.toml").string());
   CHECK(to_toml(back) == to_toml(c));
@@ -37,9 +38,10 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.data.pack == false);
   CHECK(back.data.tokenize_threads == 3);
   CHECK(back.parallelism.expert_tensor_parallel_degree == 2);
-  CHECK(back.data.chat_format == "qwen3");
+  CHECK(back.data.chat_format == "llama3.1");
   CHECK(back.data.chat_system == c.data.chat_system);
-  CHECK(config_keys().size() == 87);
+  CHECK(back.data.chat_date == "06 Dec 2026");
+  CHECK(config_keys().size() == 88);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
