@@ -189,8 +189,9 @@ std::vector<Piece> llama2(const std::vector<ChatMessage>& messages) {
     const auto& message = messages[i];
     if (message.role == "user") {
       if (i != first) out.special("<s>");
-      const std::string content =
-          i == first && has_system ? "<<SYS>>\n" + messages[0].content + "\n<</SYS>>\n\n" + message.content : message.content;
+      const std::string content = i == first && has_system
+                                      ? "<<SYS>>\n" + messages[0].content + "\n<</SYS>>\n\n" + message.content
+                                      : message.content;
       out.text("[INST] " + python_strip(content) + " [/INST]");
     } else {
       out.text(" " + python_strip(message.content) + " ", true).special("</s>", true);
@@ -211,7 +212,6 @@ std::vector<Piece> mistral(const std::vector<ChatMessage>& messages) {
   }
   return out.take();
 }
-
 
 }  // namespace
 

@@ -1,7 +1,8 @@
 #pragma once
-// Conversations for instruction tuning: the chat formats of Llama 3 Instruct, Qwen2.5 Instruct
-// (ChatML), Qwen3, Llama 2 chat and Mistral Instruct, rendered straight to token ids with a mask of the tokens the model is trained
-// to write (assistant turns), as the models' own chat templates lay them out.
+// Conversations for instruction tuning: the chat formats of Llama 3 and 3.1-3.3 Instruct, Qwen2.5
+// Instruct (ChatML), Qwen3, Llama 2 chat and Mistral Instruct, rendered straight to token ids with
+// a mask of the tokens the model is trained to write (assistant turns), as the models' own chat
+// templates lay them out.
 //
 // API summary
 //   auto messages = chat_messages(json["messages"]);      // std::invalid_argument naming the problem

@@ -156,7 +156,8 @@ TEST_SUITE("parity") {
     std::vector<std::unique_ptr<titan::examples::Tokenizer>> tokenizers;
     tokenizers.push_back(std::make_unique<TiktokenTokenizer>(
         tiktoken_model(), TiktokenOptions().num_special_tokens(ref["tiktoken"]["num_special_tokens"].get<int64_t>())));
-    for (const auto& hf : ref["huggingface"]) tokenizers.push_back(std::make_unique<HfBpeTokenizer>(hf["model"].get<std::string>()));
+    for (const auto& hf : ref["huggingface"])
+      tokenizers.push_back(std::make_unique<HfBpeTokenizer>(hf["model"].get<std::string>()));
     tokenizers.push_back(std::make_unique<SentencePieceTokenizer>(sentencepiece_model()));
     const std::string replacement = "\xEF\xBF\xBD";
     for (const auto& tok : tokenizers) {
