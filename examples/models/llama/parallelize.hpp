@@ -98,8 +98,9 @@ struct TpPlanOptions {
 
 /// torchtitan's Llama tensor-parallel plan for `tp` ranks, for the Transformer of model.hpp (Llama 2,
 /// Llama 3 and Mistral share its module names and forward signatures; attention is called with
-/// (x, rope_cos, rope_sin), and the documents with TpPlanOptions::document_mask). Fails with the offending value when
-/// a size does not divide by `tp` (heads are sharded whole, so n_heads and n_kv_heads must divide).
+/// (x, rope_cos, rope_sin), and the documents with TpPlanOptions::document_mask). Fails with the
+/// offending value when a size does not divide by `tp` (heads are sharded whole, so n_heads and
+/// n_kv_heads must divide).
 /// A MoE block's layer is token-wise: with sequence parallel it runs on this rank's part of the
 /// sequence (SequenceParallel: its gradients summed over the tp ranks; only its router's with
 /// experts_over_tp), without it on the whole replicated sequence; its experts are not split by tp
@@ -158,7 +159,8 @@ inline titan::ParallelizePlan llama_tp_plan(const TransformerTpDims& dims, int64
                            .input_layout(stream)
                            .output_layout(options.loss_parallel() ? Shard(-1) : Replicate()));
   }
-  plan.add("layers.*.attention", block_input(options.document_mask() ? 4 : 3))  // (x, rope_cos, rope_sin[, documents])
+  // (x, rope_cos, rope_sin[, documents])
+  plan.add("layers.*.attention", block_input(options.document_mask() ? 4 : 3))
       .add("layers.*.attention.wq", shared_input)
       .add("layers.*.attention.wk", shared_input)
       .add("layers.*.attention.wv", shared_input)
