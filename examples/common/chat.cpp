@@ -81,6 +81,11 @@ class Pieces {
   std::vector<Piece> pieces_;
 };
 
+/// Whether the conversation opens with a system message (the templates treat that one apart).
+bool opens_with_system(const std::vector<ChatMessage>& messages) {
+  return !messages.empty() && messages.front().role == "system";
+}
+
 /// One Llama 3 message: <|start_header_id|>{role}<|end_header_id|>\n\n{body}<|eot_id|>, the body
 /// and <|eot_id|> trained for the assistant.
 void llama3_turn(Pieces& out, const std::string& role, std::string body) {
@@ -100,7 +105,7 @@ std::vector<Piece> llama3(const std::vector<ChatMessage>& messages) {
 /// knowledge cutoff and `date`, then the first system message's content stripped; the others as
 /// Llama 3's.
 std::vector<Piece> llama31(const std::vector<ChatMessage>& messages, const std::string& date) {
-  const bool has_system = !messages.empty() && messages[0].role == "system";
+  const bool has_system = opens_with_system(messages);
   Pieces out;
   llama3_turn(out, "system",
               "Cutting Knowledge Date: December 2023\nToday Date: " + date + "\n\n" +
@@ -167,7 +172,7 @@ std::vector<Piece> qwen3(const std::vector<ChatMessage>& messages) {
 /// Llama 2's and Mistral's templates raise unless the messages, after a first system message where
 /// the format has one, are user and assistant messages in turn, starting with the user.
 void check_turns(const std::vector<ChatMessage>& messages, const std::string& format, bool system_first) {
-  const size_t first = system_first && !messages.empty() && messages[0].role == "system" ? 1 : 0;
+  const size_t first = system_first && opens_with_system(messages) ? 1 : 0;
   for (size_t i = first; i < messages.size(); ++i) {
     const std::string expected = (i - first) % 2 == 0 ? "user" : "assistant";
     if (messages[i].role != expected)
@@ -182,7 +187,7 @@ void check_turns(const std::vector<ChatMessage>& messages, const std::string& fo
 /// {answer, stripped} </s> per exchange, a first system message inside the first [INST] as
 /// <<SYS>>\n{system}\n<</SYS>>\n\n. The first <s> is the data loader's BOS.
 std::vector<Piece> llama2(const std::vector<ChatMessage>& messages) {
-  const bool has_system = !messages.empty() && messages[0].role == "system";
+  const bool has_system = opens_with_system(messages);
   const size_t first = has_system ? 1 : 0;
   Pieces out;
   for (size_t i = first; i < messages.size(); ++i) {
@@ -249,7 +254,7 @@ std::vector<ChatMessage> chat_messages(const nlohmann::json& messages) {
 ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptions& options,
                        const Tokenizer& tokenizer) {
   std::vector<ChatMessage> conversation;
-  if (!options.system().empty() && (messages.empty() || messages.front().role != "system"))
+  if (!options.system().empty() && !opens_with_system(messages))
     conversation.push_back(ChatMessage{"system", options.system(), std::nullopt});
   conversation.insert(conversation.end(), messages.begin(), messages.end());
   const auto& format = options.format();

@@ -327,11 +327,12 @@ void Trainer::build_pipelines() {
   for (int64_t v = 0; v < stages_per_rank_; ++v) {
     auto stage = stages_[static_cast<size_t>(v)];
     // Every stage reads its micro-batch's rows of the step's documents (block-causal attention).
-    stages.emplace_back(mesh_->coordinate("pp") + v * dims_.pp, stage, [this, stage](const torch::Tensor& input, int64_t mb) {
+    auto forward = [this, stage](const torch::Tensor& input, int64_t mb) {
       if (!pipeline_documents_.defined()) return run_stage(*stage, input);
       const int64_t rows = input.size(0);
       return run_stage(*stage, input, pipeline_documents_.narrow(0, mb * rows, rows));  // [rows / m, S]
-    });
+    };
+    stages.emplace_back(mesh_->coordinate("pp") + v * dims_.pp, stage, forward);
   }
   const auto schedule = titan::parse_schedule(parallelism.pipeline_parallel_schedule);
   const int64_t per_step = accumulation_ * config_.training.batch_size;
