@@ -3,15 +3,16 @@
 A trace (bench_gpu_cost_trace for titan, trace_peers.py for the Python peers) has one JSON line
 per operator call below autograd. Each becomes zero or more kernels:
   - views, allocations and metadata operators: no kernel;
-  - matmuls (mm, addmm, addmm_, bmm, baddbmm, _scaled_mm): 2·M·N·K FLOPs at the matmul rate (the
-    term addmm adds is read in the GEMM's epilogue);
+  - matmuls (mm, addmm, addmm_, bmm, baddbmm, _scaled_mm, _grouped_mm): 2·M·N·K FLOPs at the matmul
+    rate (the term addmm adds is read in the GEMM's epilogue; a grouped GEMM's M is the rows its
+    offsets cover, all groups together);
   - fused attention (cuDNN, flash, efficient): 4·B·H·Sq·Sk·D FLOPs forward (half when causal),
     2.5x that backward (five matmuls instead of two), at the attention rate;
   - one-rank NCCL collectives: a launch, and a copy when not in place;
   - multi-tensor kernels (_foreach_*, _fused_adamw_): their bytes, one launch per group of
     tensors or of 320 chunks of 65,536 elements, as CUDA's multi_tensor_apply launches them;
   - everything else is memory-bound: the bytes it reads (distinct elements of its inputs; gathers
-    such as embedding and nll_loss read only what they pick) and writes (its outputs, or the
+    such as embedding, index and nll_loss read only what they pick) and writes (its outputs, or the
     arguments it writes in place; in-place scatters only the elements they pick).
 A kernel takes launch + max(FLOPs / rate, bytes / bandwidth). The step time is the sum over
 kernels (one stream, one GPU: the GPU is never idle waiting for the host at these shapes, an
@@ -19,7 +20,8 @@ assumption the GPU kit's profile stage checks).
 
 torch.compile is modelled by what Inductor does to such a step: consecutive memory-bound kernels
 of the forward and backward (not the optimizer, not FSDP's copies) become one kernel that reads
-what the group takes from outside it and writes what is read after it (data identity by storage).
+what the group takes from outside it and writes what is read after it (data identity by storage);
+sorts, top-k and histograms stay kernels of their own (UNFUSED).
 
 Rates are the GPU description's peaks times efficiencies calibrated on measured runs
 (calibrate()); GPUS lists each figure's source.
@@ -51,18 +53,22 @@ NO_KERNEL = {
     "aten::set_", "aten::resize_", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item",
     "aten::_has_compatible_shallow_copy_type", "aten::record_stream", "aten::detach_",
 }
-MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm"}
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm",
+           "aten::_grouped_mm"}
 # Matmuls whose first input is the term added to the product (its own epilogue: no kernel of its own).
 MATMULS_ADDING = {"aten::addmm", "aten::addmm_", "aten::baddbmm"}
 ATTENTION_FORWARD = {"aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention",
                      "aten::_scaled_dot_product_efficient_attention"}
 ATTENTION_BACKWARD = {name + "_backward" for name in ATTENTION_FORWARD}
 # Operators that read only the rows they pick from their first input (the table / the logits).
-GATHERS = {"aten::embedding", "aten::nll_loss_forward", "aten::index_select", "aten::gather"}
+GATHERS = {"aten::embedding", "aten::nll_loss_forward", "aten::index_select", "aten::gather", "aten::index"}
 # In-place scatters: they read and write only the elements their index picks in the first input.
-SCATTERS = {"aten::scatter_add_", "aten::scatter_", "aten::index_put_"}
+SCATTERS = {"aten::scatter_add_", "aten::scatter_", "aten::index_put_", "aten::index_add_"}
 # In-place operators that do not read what they overwrite.
 OVERWRITES = {"aten::copy_", "aten::fill_", "aten::zero_", "aten::_foreach_copy_", "aten::normal_", "aten::uniform_"}
+# Memory-bound kernels torch.compile leaves whole (Inductor falls back to ATen's kernel, or runs the
+# user's Triton kernel as it is): they end a fused group.
+UNFUSED = {"aten::sort", "aten::topk", "aten::histc", "aten::bincount", "triton::_fill_indices_kernel"}
 # multi_tensor_apply: tensors per launch by how many lists the kernel walks, chunks per launch.
 TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 CHUNK_ELEMENTS, CHUNKS_PER_LAUNCH = 65536, 320
@@ -120,7 +126,10 @@ def kernel(event):
         a, b = [t["shape"] for t in factors if len(t["shape"]) >= 2][:2]
         m, kk, n = a[-2], a[-1], b[-1]
         batch = math.prod(a[:-2]) if len(a) > 2 else 1
-        k.update(kind="matmul", flops=2.0 * batch * m * n * kk, bytes=all_bytes)
+        # A grouped GEMM over a padded buffer computes only the rows its offsets cover: the tracer
+        # says how many (rows_used of the buffer's rows_padded) where they differ.
+        used = event["scalars"].get("rows_used", 1) / event["scalars"].get("rows_padded", 1)
+        k.update(kind="matmul", flops=2.0 * batch * m * n * kk * used, bytes=all_bytes)
         return k
     if name in ATTENTION_FORWARD or name in ATTENTION_BACKWARD:
         backward = name in ATTENTION_BACKWARD
@@ -213,7 +222,7 @@ def fuse(ks, phases=("forward", "backward")):
         group.clear()
 
     for i, k in enumerate(ks):
-        if k["kind"] == "memory" and k["phase"] in phases:
+        if k["kind"] == "memory" and k["phase"] in phases and base_name(k["op"]) not in UNFUSED:
             group.append(i)
         else:
             close()

@@ -4,6 +4,7 @@ GPU benchmark's shape, every kernel priced on a GPU description (cost_model.py),
     .venv/bin/python bench/gpu_cost/run.py                      # Llama 3 1B, seq 8192, bf16, AC op
     .venv/bin/python bench/gpu_cost/run.py --calibrate          # refit the efficiencies on the H200 rows
     .venv/bin/python bench/gpu_cost/run.py --preset gpu_8b      # Llama 3 8B's shape, 8 layers (the kit's bench_8b)
+    .venv/bin/python bench/gpu_cost/run.py --preset gpu_moe     # Qwen3-30B-A3B's blocks, 4 layers (MoE)
     .venv/bin/python bench/gpu_cost/run.py --preset small --check   # the ctest (gpu_cost.small)
 
 Rows: titan (bench_gpu_cost_trace: the trainer's model, parallelize_llama, FusedAdamW, step; titan's
@@ -12,17 +13,22 @@ with each fused operator one CUDA kernel: a build with TITAN_CUDA_KERNELS), tita
 with model.fused_projections: wq|wk|wv and w1|w3 one GEMM each), and
 the peers of bench/side_by_side (trace_peers.py): PyTorch FSDP2 eager, torchtitan 0.2.2 eager, and
 both with torch.compile (the eager traces with Inductor's fusion of memory-bound kernels applied).
+A mixture-of-experts preset (gpu_moe, small_moe) has one peer instead: torchtitan 0.2.2's Qwen3-MoE
+(torchtitan_moe: grouped GEMMs, expert bias), eager and compiled; titan's rows are its qwen3_moe
+blocks with the same routing and expert bias.
 Measured H200 figures (MEASURED, from docs/performance.md) stand beside the predictions with the
 ratio error. torchtitan and its imports are installed into build/torchtitan-site on first use
 (bench/side_by_side/install_torchtitan.sh, PyPI).
 
---check (the ctest): traces without AC, and checks for titan and both peers that the matmul FLOPs
-are exactly 6 x (parameters without the token embedding) x tokens (forward 2, backward 4 per
-multiply-add), one attention kernel per layer forward and one backward, AdamW's traffic 28 bytes
-per parameter (32 where it clips inside the step, writing the gradients back);
-then with per-operator AC that titan recomputes the same matmul FLOPs as the peers (torchtitan's
-policy: every other matmul kept), and with fused projections some, at most as many. titan_fused
-takes the same FLOP, attention and AdamW checks.
+--check (the ctest), at the small dense preset and at small_moe: traces without AC, and checks for
+titan and each peer that the matmul FLOPs are exactly 6 x (parameters each token goes through,
+without the token embedding: k of the E experts) x tokens (forward 2, backward 4 per multiply-add;
+plus torchtitan's MoE combine, a bmm), one attention kernel per layer forward and one backward,
+AdamW's traffic 28 bytes per parameter (32 where it clips inside the step, writing the gradients
+back); then with per-operator AC that titan recomputes the same matmul FLOPs as the peers
+(torchtitan's policy: every other matmul kept; its MoE also recomputes the router's gate), and
+with fused projections some, at most as many. titan_fused takes the same FLOP, attention and
+AdamW checks.
 """
 import argparse
 import os
@@ -47,6 +53,14 @@ PRESETS = {
                    vocab_size=128256, seq_len=8192, local_batch=1, dtype="bfloat16", ac="op"),
     "small": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=64, ffn_dim_multiplier=1.5,
                   vocab_size=4000, seq_len=128, local_batch=2, dtype="bfloat16", ac="op"),
+    # Mixture of experts: Qwen3-30B-A3B's blocks (q/k norms, head_dim 128, 128 experts of width 768,
+    # top-8) with 4 of its 48 layers, against torchtitan's Qwen3-MoE at that shape.
+    "gpu_moe": dict(dim=2048, n_layers=4, n_heads=32, n_kv_heads=4, head_dim=128, qk_norm=1, moe_experts=128,
+                    moe_top_k=8, moe_hidden=768, vocab_size=151936, rope_theta=1e6, seq_len=8192, local_batch=1,
+                    dtype="bfloat16", ac="op"),
+    "small_moe": dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, qk_norm=1, moe_experts=8,
+                      moe_top_k=2, moe_hidden=64, vocab_size=4000, rope_theta=1e6, seq_len=128, local_batch=2,
+                      dtype="bfloat16", ac="op"),
 }
 
 # Step times measured on an H200 by the GPU kit (bench/side_by_side, same run: docs/performance.md,
@@ -64,8 +78,15 @@ def shape_flags(shape):
     return [item for k, v in shape.items() for item in (f"--{k.replace('_', '-')}", str(v))]
 
 
+def peers(shape):
+    """The eager Python peers of a shape: torchtitan's Qwen3-MoE for a mixture of experts, else the
+    plain FSDP2 Llama and torchtitan's Llama 3."""
+    return ("torchtitan_moe",) if shape.get("moe_experts") else ("fsdp2", "torchtitan")
+
+
 def trace_all(a, shape, out):
-    """Writes titan.jsonl, fsdp2.jsonl and torchtitan.jsonl under `out`."""
+    """Writes titan.jsonl, its variants' and each peer's trace under `out`; returns the kernels of
+    each, the peers' compiled rows included."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     site = Path(a.torchtitan_site)
@@ -77,12 +98,12 @@ def trace_all(a, shape, out):
     run([a.trace, "--titan-kernels", "cuda", "--out", str(out / "titan_kernels.jsonl")] + flags, env)
     fused = ["--titan-kernels", "cuda", "--fused-projections", "1"]
     run([a.trace, *fused, "--out", str(out / "titan_fused.jsonl")] + flags, env)
-    for impl in ("fsdp2", "torchtitan"):
+    for impl in peers(shape):
         run([sys.executable, str(HERE / "trace_peers.py"), "--impl", impl, "--out", str(out / f"{impl}.jsonl")] + flags,
             env)
-    traces = {impl: cm.kernels(cm.load(out / f"{impl}.jsonl")) for impl in EAGER + TITAN_VARIANTS}
-    traces["fsdp2_compile"] = cm.fuse(traces["fsdp2"])
-    traces["torchtitan_compile"] = cm.fuse(traces["torchtitan"])
+    traces = {impl: cm.kernels(cm.load(out / f"{impl}.jsonl")) for impl in ("titan",) + peers(shape) + TITAN_VARIANTS}
+    for impl in peers(shape):
+        traces[impl + "_compile"] = cm.fuse(traces[impl])
     return traces
 
 
@@ -129,49 +150,80 @@ def table(traces, gpu_name, eff, shape, measured_runs):
     return "\n".join(lines)
 
 
-def check(a, out):
-    """The ctest's checks (see the module docstring); returns the failures."""
+def parameter_counts(shape):
+    """(the parameters each token multiplies through, every parameter): the first without the token
+    embedding and with k of E experts per MoE block (the matmul FLOPs are 6 x it x tokens without
+    AC), the second what AdamW walks."""
+    dim, layers, vocab = shape["dim"], shape["n_layers"], shape["vocab_size"]
+    head = shape.get("head_dim") or dim // shape["n_heads"]
+    attention = dim * head * (2 * shape["n_heads"] + 2 * shape["n_kv_heads"])
+    norms = 2 * dim + (2 * head if shape.get("qk_norm") else 0)
+    if shape.get("moe_experts"):
+        experts, expert = shape["moe_experts"], 3 * dim * shape["moe_hidden"]
+        active, stored = experts * dim + shape["moe_top_k"] * expert, experts * dim + experts * expert  # gate, experts
+    else:
+        active = stored = 3 * dim * reference.hidden_dim(SimpleNamespace(**shape))  # the peers' feed-forward width
+    body = layers * (attention + active) + vocab * dim  # the output projection
+    return body, layers * (attention + stored + norms) + 2 * vocab * dim + dim
+
+
+def check_shape(a, preset, out):
+    """The checks at one small preset (see the module docstring); returns the failures."""
     failures = []
-    base = dict(PRESETS["small"])
+    base = dict(PRESETS[preset])
     shape = dict(base, ac="none")
     traces = trace_all(a, shape, out / "ac_none")
-    head = shape["dim"] // shape["n_heads"]
-    hidden = reference.hidden_dim(SimpleNamespace(**shape))  # the feed-forward width, as the peers compute it
-    body = shape["n_layers"] * (shape["dim"] * head * (2 * shape["n_heads"] + 2 * shape["n_kv_heads"]) +
-                                3 * shape["dim"] * hidden) + shape["vocab_size"] * shape["dim"]
+    eager = ("titan",) + peers(shape)
+    body, parameters = parameter_counts(shape)
     tokens = shape["seq_len"] * shape["local_batch"]
     expected = 6.0 * body * tokens
-    for impl in EAGER + ("titan_fused",):
+    # torchtitan's MoE sums each token's k expert outputs by a bmm with its k weights (2·T·k·dim
+    # FLOPs forward, twice that backward), and its per-operator AC recomputes that bmm and the
+    # router's gate (per_op_sac_force_recompute_mm_shapes_by_fqns = ["moe.router.gate"], outside the
+    # every-other count), which titan keeps: 2·T·dim·E more per layer.
+    extra, extra_recomputed = {}, {}
+    if shape.get("moe_experts"):
+        combine = 2.0 * tokens * shape["moe_top_k"] * shape["dim"] * shape["n_layers"]
+        gate = 2.0 * tokens * shape["dim"] * shape["moe_experts"] * shape["n_layers"]
+        extra["torchtitan_moe"], extra_recomputed["torchtitan_moe"] = 3 * combine, combine + gate
+    for impl in eager + ("titan_fused",):
         ks = traces[impl]
-        flops = sum(k["flops"] for k in ks if k["kind"] == "matmul")
+        flops = sum(k["flops"] for k in ks if k["kind"] == "matmul") - extra.get(impl, 0)
         if flops != expected:
-            failures.append(f"{impl}: matmul FLOPs {flops:.0f}, expected 6 x {body} x {tokens} = {expected:.0f}")
+            failures.append(f"{preset} {impl}: matmul FLOPs {flops:.0f}, expected 6 x {body} x {tokens} = "
+                            f"{expected:.0f}")
         fwd = sum(1 for k in ks if k["kind"] == "attention" and not k["op"].endswith("_backward"))
         bwd = sum(1 for k in ks if k["kind"] == "attention" and k["op"].endswith("_backward"))
         if (fwd, bwd) != (shape["n_layers"], shape["n_layers"]):
-            failures.append(f"{impl}: {fwd} forward and {bwd} backward attention kernels, expected "
+            failures.append(f"{preset} {impl}: {fwd} forward and {bwd} backward attention kernels, expected "
                             f"{shape['n_layers']} each")
         # AdamW moves 28 bytes per fp32 parameter (reads parameter, gradient and both moments, writes
         # parameter and moments) plus its step counts: every parameter, embedding included, once;
         # 32 when it also clips (titan's trainer: grad_scale given, the clipped gradients written back).
-        adamw_events = [e for e in cm.load(out / "ac_none" / f"{impl}.jsonl") if e["op"].startswith("aten::_fused_adamw_")]
+        adamw_events = [e for e in cm.load(out / "ac_none" / f"{impl}.jsonl")
+                        if e["op"].startswith("aten::_fused_adamw_")]
         per_parameter = 32 if any(e["scalars"].get("grad_scale", "given") is not None for e in adamw_events) else 28
         adamw = sum(k["bytes"] for k in ks if k["op"].startswith("aten::_fused_adamw_"))
-        parameters = body + shape["vocab_size"] * shape["dim"] + (2 * shape["n_layers"] + 1) * shape["dim"]
         if not per_parameter * parameters <= adamw <= per_parameter * parameters + 4096:
-            failures.append(f"{impl}: AdamW bytes {adamw}, expected {per_parameter} x {parameters} parameters "
-                            "(+ step counts)")
+            failures.append(f"{preset} {impl}: AdamW bytes {adamw}, expected {per_parameter} x {parameters} "
+                            "parameters (+ step counts)")
     traces = trace_all(a, base, out / "ac_op")
-    recomputed = {impl: sum(k["flops"] for k in traces[impl] if k["kind"] == "matmul") - expected for impl in EAGER}
+    recomputed = {impl: sum(k["flops"] for k in traces[impl] if k["kind"] == "matmul") - expected - extra.get(impl, 0) -
+                  extra_recomputed.get(impl, 0) for impl in eager}
     if recomputed["titan"] <= 0 or len(set(recomputed.values())) != 1:
-        failures.append(f"per-operator AC: recomputed matmul FLOPs differ or are zero: {recomputed}")
-    # Fused projections: 4 matmuls per block instead of 7, so every other one is another choice;
-    # it still recomputes some (wo and w2), never more than the unfused model.
+        failures.append(f"{preset} per-operator AC: recomputed matmul FLOPs differ or are zero: {recomputed}")
+    # Fused projections: fewer matmuls per block, so every other one is another choice; it still
+    # recomputes some, never more than the unfused model.
     fused = sum(k["flops"] for k in traces["titan_fused"] if k["kind"] == "matmul") - expected
     if not 0 < fused <= recomputed["titan"]:
-        failures.append(f"per-operator AC with fused projections: recomputed matmul FLOPs {fused}, expected "
-                        f"more than 0 and at most the unfused model's {recomputed['titan']}")
+        failures.append(f"{preset} per-operator AC with fused projections: recomputed matmul FLOPs {fused}, "
+                        f"expected more than 0 and at most the unfused model's {recomputed['titan']}")
     return failures
+
+
+def check(a, out):
+    """The ctest's checks at the dense and the mixture-of-experts small presets; returns the failures."""
+    return check_shape(a, "small", out / "small") + check_shape(a, "small_moe", out / "small_moe")
 
 
 def main():

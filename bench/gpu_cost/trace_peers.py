@@ -8,6 +8,9 @@ Peers (those of bench/side_by_side/reference.py, with its shape flags):
               reduction under FSDP2 on one GPU
   torchtitan  torchtitan 0.2.2's Llama 3 and its parallelize_llama (AC as configured; on one GPU
               torchtitan applies no FSDP and trains under autocast to bf16)
+  torchtitan_moe  torchtitan's Qwen3-MoE (--moe-experts > 0) through parallelize_qwen3, as
+              bench/side_by_side runs it: grouped GEMMs, the expert bias updated by torchtitan's
+              own optimizer pre-step hook
 
 The model runs on the meta device under a TorchDispatchMode that writes one line per operator call
 below autograd (what runs as a kernel; per-operator AC's cached outputs run none and are not seen).
@@ -18,6 +21,7 @@ What cannot run on meta tensors as it does on the GPU is reproduced here:
     autocast's rule is applied to the calls of this model that it changes: F.linear and SDPA take
     bf16 copies of fp32 tensors (parameters' copies cached within a region, as autocast does); the
     loss casts to fp32 itself, and RMSNorm is on no autocast list;
+  - torchtitan's Triton kernel of the MoE token permutation (fill_indices_on_meta);
   - gradient clipping with foreach kernels (meta tensors refuse foreach=True): _foreach_norm, the
     norm of norms, _foreach_mul_, as CUDA runs clip_grad_norm_;
   - FSDP2 on one rank (fsdp2): FSDP2 refuses meta parameters, so its per-unit work is issued as
@@ -98,6 +102,7 @@ class Recorder(TorchDispatchMode):
         self.keep = []  # the storages seen: their identities stay unique during the trace
         self.active = False  # the recorded step (not the first one, which creates the optimizer state)
         self.lines = 0
+        self.grouped_rows = {}  # rows of torchtitan's padded expert buffers -> rows its grouped GEMMs compute
 
     def write(self, op, inputs, scalars, outputs, mutates=False, view=False):
         if not self.active:
@@ -122,6 +127,10 @@ class Recorder(TorchDispatchMode):
         view = bool(schema.returns) and all(r.alias_info is not None and not r.alias_info.is_write
                                             for r in schema.returns)
         name = schema.name + ("." + schema.overload_name if schema.overload_name else "")
+        if schema.name == "aten::_grouped_mm":  # over the padded permutation buffer: the rows its offsets cover
+            padded = next((n for n in (*args[0].shape, *args[1].shape) if n in self.grouped_rows), None)
+            if padded is not None:
+                scalars.update(rows_used=self.grouped_rows[padded], rows_padded=padded)
         self.write(name, inputs, scalars, outputs, schema.is_mutable, view)
         return result
 
@@ -131,6 +140,39 @@ class Recorder(TorchDispatchMode):
         add_values(inputs, {}, tensor_in, "input", False, self.keep)
         add_values(outputs, {}, tensor_out, "output", False, self.keep)
         self.write(name, inputs, {"in_place": tensor_in is tensor_out}, outputs)
+
+
+    def triton(self, name, inputs, outputs):
+        """A Triton kernel (no ATen operator): memory-bound, reading `inputs`, writing `outputs`."""
+        tensors_in, tensors_out = [], []
+        for t in inputs:
+            add_values(tensors_in, {}, t, "input", False, self.keep)
+        for t in outputs:
+            add_values(tensors_out, {}, t, "output", False, self.keep)
+        self.write(name, tensors_in, {}, tensors_out)
+
+
+def fill_indices_on_meta(recorder):
+    """torchtitan's token permutation for its grouped GEMMs (generate_permute_indices) on meta
+    tensors: its prefix sums run as ATen operators; its Triton kernel (fill_indices_wrapper), which
+    cannot run on meta, is the -1 fill it starts with and one line for the kernel itself. The
+    buffer has room for N + 8 E rows (N = tokens x top-k, E experts, groups aligned to 8 rows); its
+    grouped GEMMs compute the rows up to the last offset: N with balanced routing (each expert's
+    N / E rounded up to the alignment), which the recorder notes on those GEMMs."""
+    import torchtitan.models.moe.kernels as kernels
+    import torchtitan.models.moe.utils as moe_utils
+
+    def fill_indices(tokens_per_expert_group, start_index_values, write_offsets, experts_per_rank, num_ranks,
+                     max_len, block_size=128, max_blocks=1024):
+        align, experts = moe_utils.TOKEN_GROUP_ALIGN_SIZE_M, tokens_per_expert_group.numel()
+        per_expert = -(-(max_len - experts * align) // experts)  # balanced: N / E, rounded up
+        recorder.grouped_rows[max_len] = experts * align * -(-max(per_expert, align) // align)
+        permuted = torch.full((max_len,), -1, dtype=torch.int32, device=tokens_per_expert_group.device)
+        recorder.triton("triton::_fill_indices_kernel", [tokens_per_expert_group, start_index_values, write_offsets],
+                        [permuted])
+        return permuted
+
+    kernels.fill_indices_wrapper = fill_indices
 
 
 def add_values(tensors, scalars, value, name, written, keep):
@@ -290,10 +332,20 @@ def build_torchtitan(a, recorder):
 
     if not dist.is_initialized():
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
-    job, _, model = reference.torchtitan_model(a, 1, "fused")
+    if a.impl == "torchtitan_moe":
+        fill_indices_on_meta(recorder)
+    job, parallel_dims, model = reference.torchtitan_model(a, 1, "fused")
     model.train()
     sum_loss = build_cross_entropy_loss(job)
     optimizer_state = {}
+    step_pre_hooks = []
+    if a.impl == "torchtitan_moe":  # the expert-bias update: torchtitan's own hook, before its optimizer step
+        from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
+
+        job.optimizer.implementation = "foreach"  # a container meta parameters can build; only its hook runs
+        container = build_optimizers_with_moe_load_balancing([model], job.optimizer, parallel_dims)
+        step_pre_hooks = [lambda hook=hook: hook(container, (), {})
+                          for hook in container._optimizer_step_pre_hooks.values()]
 
     def loss_fn(logits, labels):
         return sum_loss(logits, labels) / labels.numel()
@@ -301,6 +353,8 @@ def build_torchtitan(a, recorder):
     def optimizer_step():
         params = list(model.parameters())
         clip_grad_norm_foreach(params, 1.0)  # torchtitan's clip_grad_norm_ on one rank
+        for hook in step_pre_hooks:
+            hook()
         fused_adamw(params, optimizer_state)
 
     autocast = Bf16Autocast() if a.dtype == "bfloat16" else None
@@ -309,10 +363,11 @@ def build_torchtitan(a, recorder):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", choices=["fsdp2", "torchtitan"], required=True)
+    p.add_argument("--impl", choices=["fsdp2", "torchtitan", "torchtitan_moe"], required=True)
     p.add_argument("--out", required=True)
     for key, default in dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256, vocab_size=128256,
-                             seq_len=8192, local_batch=1).items():
+                             seq_len=8192, local_batch=1, head_dim=0, qk_norm=0, moe_experts=0, moe_top_k=2,
+                             moe_hidden=64).items():
         p.add_argument("--" + key.replace("_", "-"), type=int, default=default)
     p.add_argument("--ffn-dim-multiplier", type=float, default=1.5)
     p.add_argument("--rope-theta", type=float, default=500000.0)
@@ -320,6 +375,9 @@ def parse_args():
     p.add_argument("--ac", default="op")
     a = p.parse_args()
     a.global_batch = a.local_batch
+    a.ep, a.load_balance_coeff = 1, 1e-3  # one GPU; torchtitan's expert-bias rate (titan's trace uses the same)
+    if (a.impl == "torchtitan_moe") != (a.moe_experts > 0):
+        p.error("--impl torchtitan_moe and --moe-experts > 0 go together (torchtitan's Qwen3-MoE)")
     return a
 
 
@@ -328,7 +386,7 @@ def main():
     torch.set_num_threads(1)
     _cuda_choices = register_cuda_choices()  # noqa: F841 (kept alive for the trace)
     recorder = Recorder(a.out)
-    build = build_fsdp2 if a.impl == "fsdp2" else build_torchtitan
+    build = build_fsdp2 if a.impl == "fsdp2" else build_torchtitan  # torchtitan and torchtitan_moe
     model, loss_fn, after_backward, optimizer_step, autocast = build(a, recorder)
     tokens = torch.empty((a.local_batch, a.seq_len + 1), dtype=torch.long, device="meta")
 

@@ -8,6 +8,8 @@
 //   bench_gpu_cost_trace --out titan.jsonl --dim 2048 --n-layers 16 --n-heads 32 --n-kv-heads 8
 //       --multiple-of 256 --ffn-dim-multiplier 1.5 --vocab-size 128256 --seq-len 8192 --local-batch 1
 //       --dtype bfloat16 --ac op --titan-kernels aten --fused-projections 0      (one command line)
+//   Mixture of experts (Qwen3-MoE's blocks): --head-dim 128 --qk-norm 1 --moe-experts 128 --moe-top-k 8
+//       --moe-hidden 768; the expert bias is updated after the step, as the trainer does.
 //
 // What is recorded is what a PyTorch dispatch mode would see (TorchDispatchMode, used for the
 // Python peers by trace_peers.py): every operator call that reaches the kernels below autograd,
@@ -22,8 +24,8 @@
 //   - at::rms_norm with matching dtypes: the fused RMSNorm kernel and its fused backward,
 //   - the fused AdamW kernel (no C++ meta kernel in LibTorch; nor have index_select and
 //     embedding_dense_backward, the embedding's, complex.out, RoPE's, and abs.out,
-//     logical_not.out and where.self, which gradient clipping and the skip flag reach: all
-//     registered here).
+//     logical_not.out and where.self, which gradient clipping and the skip flag reach, and
+//     _grouped_mm, the MoE experts': all registered here).
 #include "models/llama/model.hpp"
 #include "models/llama/parallelize.hpp"
 #include "common/config.hpp"
@@ -36,6 +38,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <titan/fsdp.hpp>
 #include <titan/fused.hpp>
+#include <titan/moe.hpp>
 #include <titan/sharding.hpp>
 #include <titan/world.hpp>
 #include <torch/library.h>
@@ -177,6 +180,26 @@ void where_meta(const c10::OperatorHandle&, Stack* stack) {
   stack->emplace_back(at::empty(shape, self.options().dtype(at::result_type(self, other))));
 }
 
+/// _grouped_mm(self, mat2, offs, bias, out_dtype): the output shape of each layout the MoE experts
+/// and their gradients use (LibTorch's CompositeExplicitAutograd fallback reads offs on the host):
+/// [M, K] x [E, K, N] -> [M, N] (groups of rows); [K, M] x [M, N] -> [E, K, N] (groups along the
+/// contracted M, the weights' gradient); [E, M, K] x [E, K, N] -> [E, M, N].
+void grouped_mm_meta(const c10::OperatorHandle&, Stack* stack) {
+  const auto first = stack->size() - 5;
+  const auto a = (*stack)[first].toTensor();
+  const auto b = (*stack)[first + 1].toTensor();
+  const auto offs = (*stack)[first + 2];
+  const auto out_dtype = (*stack)[first + 4];
+  const auto dtype = out_dtype.isNone() ? a.scalar_type() : out_dtype.toScalarType();
+  std::vector<int64_t> shape;
+  if (a.dim() == 2 && b.dim() == 3) shape = {a.size(0), b.size(2)};
+  else if (a.dim() == 2 && b.dim() == 2) shape = {offs.toTensor().size(0), a.size(0), b.size(1)};
+  else if (a.dim() == 3 && b.dim() == 3) shape = {a.size(0), a.size(1), b.size(2)};
+  else TORCH_CHECK(false, "bench_gpu_cost_trace: _grouped_mm of ", a.sizes(), " and ", b.sizes(), " is not traced");
+  torch::jit::drop(*stack, 5);
+  stack->emplace_back(at::empty(shape, a.options().dtype(dtype)));
+}
+
 TORCH_LIBRARY_IMPL(aten, CompositeImplicitAutograd, m) { m.impl("scaled_dot_product_attention", &sdpa_as_cudnn); }
 
 TORCH_LIBRARY_IMPL(aten, Meta, m) {
@@ -193,6 +216,7 @@ TORCH_LIBRARY_IMPL(aten, Meta, m) {
   m.impl("where.self", torch::CppFunction::makeFromBoxedFunction<&where_meta>());
   m.impl("logical_not.out", torch::CppFunction::makeFromBoxedFunction<&unary_out_meta>());
   m.impl("complex.out", torch::CppFunction::makeFromBoxedFunction<&binary_out_meta>());
+  m.impl("_grouped_mm", torch::CppFunction::makeFromBoxedFunction<&grouped_mm_meta>());
 }
 
 // ---- the recorder -----------------------------------------------------------------------------
@@ -378,7 +402,17 @@ int run(int argc, char** argv) {
                   .vocab_size(int_arg(argc, argv, "--vocab-size", 128256))
                   .rope_theta(double_arg(argc, argv, "--rope-theta", 500000.0))
                   .max_seq_len(seq)
-                  .fused_projections(int_arg(argc, argv, "--fused-projections", 0) != 0);  // model.fused_projections
+                  .fused_projections(int_arg(argc, argv, "--fused-projections", 0) != 0)  // model.fused_projections
+                  .head_dim(int_arg(argc, argv, "--head-dim", 0))
+                  .qk_norm(int_arg(argc, argv, "--qk-norm", 0) != 0);
+  // A mixture-of-experts model (the qwen3_moe family's blocks with --qk-norm 1): every block's
+  // feed-forward routed top-k of E experts, softmax renormalised, balanced by the expert bias
+  // (the trainer's moe.load_balance_coeff, torchtitan's default 1e-3).
+  const int64_t experts = int_arg(argc, argv, "--moe-experts", 0);
+  const double load_balance = 1e-3;
+  if (experts > 0)
+    args.moe_hidden_dim(int_arg(argc, argv, "--moe-hidden", 64))
+        .moe(titan::MoeOptions().num_experts(experts).top_k(int_arg(argc, argv, "--moe-top-k", 2)).expert_bias(true));
 
   // The trainer's configuration for this run (as bench/side_by_side's titan row sets it).
   TrainConfig config;
@@ -418,6 +452,7 @@ int run(int argc, char** argv) {
     optimizer->scale_grads(titan::clip_coefficient(norm, config.training.max_norm));
     optimizer->skip_if(norm.isfinite().logical_not().to(torch::kFloat).reshape({1}));
     optimizer->step();
+    if (experts > 0) titan::update_expert_bias(model, world->group(), load_balance);  // the trainer's, after the step
   };
   step(nullptr);  // creates the optimizer state, FSDP's lazy setup
   recorder = &trace;
@@ -429,7 +464,10 @@ int run(int argc, char** argv) {
   std::cout << "bench_gpu_cost_trace: " << trace.lines() << " operator calls (" << trace.replayed()
             << " handed back by per-operator AC) of one step of titan at dim " << args.dim() << ", "
             << args.n_layers() << " layers, seq " << seq << ", " << dtype << ", AC " << ac
-            << (args.fused_projections() ? ", fused projections" : "") << " -> " << out << "\n";
+            << (args.fused_projections() ? ", fused projections" : "")
+            << (experts > 0 ? ", " + std::to_string(experts) + " experts top-" + std::to_string(args.moe().top_k())
+                            : "")
+            << " -> " << out << "\n";
   return 0;
 }
 

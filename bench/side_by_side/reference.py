@@ -60,6 +60,7 @@ def parse_args():
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=8)
     p.add_argument("--n-kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=0, help="torchtitan_moe rows: 0 is dim / n_heads")
     p.add_argument("--multiple-of", type=int, default=64)
     p.add_argument("--ffn-dim-multiplier", type=float, default=None)
     p.add_argument("--vocab-size", type=int, default=4000)
@@ -244,8 +245,9 @@ def torchtitan_qwen3_moe(a):
                   score_before_experts=False, top_k=a.moe_top_k, use_grouped_mm=a.impl == "torchtitan_moe",
                   load_balance_coeff=a.load_balance_coeff or None)
     args = Qwen3ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                          vocab_size=a.vocab_size, head_dim=a.dim // a.n_heads, qk_norm=True, rope_theta=1e6,
-                          max_seq_len=a.seq_len, moe_enabled=True, moe_inter_dim=a.moe_hidden, moe_args=moe)
+                          head_dim=a.head_dim or a.dim // a.n_heads, vocab_size=a.vocab_size, qk_norm=True,
+                          rope_theta=1e6, max_seq_len=a.seq_len, moe_enabled=True, moe_inter_dim=a.moe_hidden,
+                          moe_args=moe)
     with torch.device("meta"):
         return Qwen3Model(args), parallelize_qwen3
 
