@@ -14,8 +14,9 @@ Implementations (same shape, batch, optimizer and activation checkpointing as ti
                  block's feed-forward routed top-k, q/k norms), parallelize_qwen3 (expert
                  parallelism over --ep of the data-parallel ranks, AC, FSDP), the optimizers with
                  its expert-bias update, in the same train_step order. Experts through
-                 torch._grouped_mm (torchtitan's default, in bf16); torchtitan_moe_loop runs them
-                 as its per-expert loop. On the CPU, torchtitan's token permutation takes its own
+                 torch._grouped_mm (torchtitan's default, in bf16); torchtitan_moe_compile adds
+                 its [compile] enable = true; torchtitan_moe_loop runs the experts as its
+                 per-expert loop. On the CPU, torchtitan's token permutation takes its own
                  CPU implementation (generate_permute_indices(use_cpu=True)) instead of Triton's,
                  and its router's torch.histc over expert indices (integer histc is CUDA-only)
                  becomes torch.bincount.
@@ -54,7 +55,7 @@ SAVE_OPS = {
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", choices=["fsdp2", "fsdp2_compile", "torchtitan", "torchtitan_compile", "torchtitan_moe",
-                                      "torchtitan_moe_loop"], required=True)
+                                      "torchtitan_moe_compile", "torchtitan_moe_loop"], required=True)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
@@ -242,7 +243,7 @@ def torchtitan_qwen3_moe(a):
     from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs, parallelize_qwen3
 
     moe = MoEArgs(num_experts=a.moe_experts, num_shared_experts=0, score_func="softmax", route_norm=True,
-                  score_before_experts=False, top_k=a.moe_top_k, use_grouped_mm=a.impl == "torchtitan_moe",
+                  score_before_experts=False, top_k=a.moe_top_k, use_grouped_mm=a.impl != "torchtitan_moe_loop",
                   load_balance_coeff=a.load_balance_coeff or None)
     args = Qwen3ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
                           head_dim=a.head_dim or a.dim // a.n_heads, vocab_size=a.vocab_size, qk_norm=True,
@@ -268,7 +269,7 @@ def torchtitan_model(a, world, optimizer_implementation):
     job.training.max_norm = 1.0
     job.activation_checkpoint.mode = {"full": "full", "none": "none"}.get(a.ac, "selective")
     job.activation_checkpoint.selective_ac_option = a.ac
-    job.compile.enable = a.impl == "torchtitan_compile"
+    job.compile.enable = a.impl in ("torchtitan_compile", "torchtitan_moe_compile")
     job.optimizer.lr = 8e-4
     job.optimizer.eps = 1e-8
     job.optimizer.weight_decay = 0.1

@@ -4,6 +4,7 @@
     python3 bench/side_by_side/run.py --device cuda             # 1 GPU, Llama 3 1B, seq 8192, bf16
     python3 bench/side_by_side/run.py --device cuda --shape 8B  # 1 GPU, Llama 3 8B's shape, 8 layers
     .venv/bin/python bench/side_by_side/run.py --device cpu --model qwen3_moe   # MoE, EP 2 on 2 Gloo ranks
+    python3 bench/side_by_side/run.py --device cuda --model qwen3_moe  # 1 GPU, Qwen3-30B-A3B's blocks, 4 layers
 
 Every row trains the same Llama 3 shape with the same batch, optimizer (AdamW, clipping at 1.0),
 FSDP (reshard after forward) and activation checkpointing, in this one run on this one machine:
@@ -12,11 +13,14 @@ FSDP (reshard after forward) and activation checkpointing, in this one run on th
   titan_fused         titan_kernels with model.fused_projections = true (wq|wk|wv, w1|w3 one GEMM each)
   titan_float8        the same with float8.enable = true (float8 linear layers; cuda preset)
   fsdp2, fsdp2_compile, torchtitan, torchtitan_compile: bench/side_by_side/reference.py
-  --model qwen3_moe (cpu): titan's qwen3_moe debug model (examples/configs/qwen3_moe_debug.toml: 8
-        experts, top-2, expert width 64, q/k norms, the expert-bias update) with expert
-        parallelism 2 over the 2 FSDP ranks, against torchtitan's own Qwen3-MoE at that shape and
-        EP degree (torchtitan_moe: grouped GEMMs, its default; torchtitan_moe_loop: its
-        per-expert loop), both through reference.py
+  --model qwen3_moe: titan's qwen3_moe model (examples/configs/qwen3_moe_debug.toml: q/k norms,
+        the expert-bias update) against torchtitan's own Qwen3-MoE at the same shape and EP
+        degree (torchtitan_moe: grouped GEMMs, its default; torchtitan_moe_compile: with its
+        compile; torchtitan_moe_loop: its per-expert loop), through reference.py. cpu: the debug
+        flavor (8 experts, top-2, expert width 64) with expert parallelism 2 over the 2 FSDP
+        ranks; cuda: the 30B-A3B flavor's blocks (128 experts of width 768, top-8, head_dim 128,
+        vocab 151936) with 4 of its 48 layers on one GPU, bf16, per-operator AC (the GPU cost
+        model's preset gpu_moe).
 torchtitan rows need torchtitan 0.2.2 and what it imports in `--torchtitan-site` (CPU:
 bench/side_by_side/install_torchtitan.sh build/torchtitan-site; GPU: scripts/gpu/ brings them);
 without them those rows say "not installed" and the error.
@@ -59,10 +63,14 @@ PRESETS = {
 # shape is the qwen3_moe debug flavor's (examples/models/llama/model.cpp): the torchtitan rows take it.
 MODELS = {
     "llama3": dict(config="examples/configs/llama3_debug.toml"),
-    "qwen3_moe": dict(config="examples/configs/qwen3_moe_debug.toml", impls="titan,torchtitan_moe,torchtitan_moe_loop",
-                      moe_experts=8, moe_top_k=2, moe_hidden=64, ep=2),
+    "qwen3_moe": dict(config="examples/configs/qwen3_moe_debug.toml",
+                      cpu=dict(impls="titan,torchtitan_moe,torchtitan_moe_loop", moe_experts=8, moe_top_k=2,
+                               moe_hidden=64, ep=2),
+                      cuda=dict(impls="titan,titan_kernels,titan_fused,torchtitan_moe,torchtitan_moe_compile",
+                                flavor="30B-A3B", dim=2048, n_layers=4, n_heads=32, n_kv_heads=4, head_dim=128,
+                                vocab_size=151936, moe_experts=128, moe_top_k=8, moe_hidden=768, ep=1)),
 }
-MOE_KEYS = ("moe_experts", "moe_top_k", "moe_hidden", "ep")
+MOE_KEYS = ("moe_experts", "moe_top_k", "moe_hidden", "ep", "head_dim")
 # A second cuda shape (--shape): the preset's model replaced, everything else kept.
 SHAPES = {"8B": dict(flavor="8B", dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, multiple_of=1024,
                      ffn_dim_multiplier=1.3)}
@@ -80,38 +88,39 @@ def parse_args():
     p.add_argument("--titan-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="an extra config override for the titan rows (repeatable), e.g. profiling.enable_profiling=true")
     p.add_argument("--shape", choices=sorted(SHAPES), help="another model shape (cuda): see above")
-    p.add_argument("--model", choices=sorted(MODELS), default="llama3", help="llama3, or qwen3_moe (cpu): see above")
+    p.add_argument("--model", choices=sorted(MODELS), default="llama3", help="llama3, or qwen3_moe: see above")
     for key, value in PRESETS["cuda"].items():
         kind = float if key == "ffn_dim_multiplier" else int if isinstance(value, int) else str
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
     a = p.parse_args()
     if a.shape and a.device != "cuda":
         p.error("--shape is a cuda shape (the cpu preset trains the debug model)")
-    if a.model != "llama3" and a.device != "cpu":
-        p.error(f"--model {a.model} has a cpu preset only (the GPU kit's moe stage measures its layers on a GPU)")
-    model = {key: value for key, value in MODELS[a.model].items() if key != "config"}
+    model = MODELS[a.model].get(a.device, {})
     for key, value in {**PRESETS[a.device], **SHAPES.get(a.shape, {}), **model}.items():
         if getattr(a, key, None) is None:
             setattr(a, key, value)
     return a
 
 
-def body_parameters(a):
+def body_parameters(a, active=False):
     """Parameters other than the two vocabulary matrices (attention, feed-forward or router and
-    experts, norms; Qwen3-MoE's q/k norms)."""
-    head = a.dim // a.n_heads
+    experts, norms; Qwen3-MoE's q/k norms); `active`: those a token goes through (top-k experts)."""
+    head = getattr(a, "head_dim", None) or a.dim // a.n_heads
     attention = a.dim * head * (2 * a.n_heads + 2 * a.n_kv_heads)
     if getattr(a, "moe_experts", None):
-        block = attention + 2 * head + a.moe_experts * a.dim * (1 + 3 * a.moe_hidden)
+        experts = a.moe_top_k if active else a.moe_experts
+        block = attention + 2 * head + a.moe_experts * a.dim + experts * 3 * a.dim * a.moe_hidden
     else:
         block = attention + 3 * a.dim * hidden_dim(a)
     return a.n_layers * (block + 2 * a.dim) + a.dim
 
 
 def flops_per_token(a):
-    """torchtitan's estimate: 6 x (parameters without the token embedding) + 12 L H Q T."""
-    head = a.dim // a.n_heads
-    return 6 * (body_parameters(a) + a.vocab_size * a.dim) + 12 * a.n_layers * a.n_heads * head * a.seq_len
+    """torchtitan's estimate: 6 x (parameters without the token embedding; a mixture of experts'
+    active ones) + 12 L H Q T."""
+    head = getattr(a, "head_dim", None) or a.dim // a.n_heads
+    attention = 12 * a.n_layers * a.n_heads * head * a.seq_len
+    return 6 * (body_parameters(a, active=True) + a.vocab_size * a.dim) + attention
 
 
 def matmul_peak_flops(python):
@@ -206,7 +215,7 @@ def reference_row(a, impl, env, out):
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "vocab_size",
                 "seq_len", "local_batch", "global_batch", "dtype", "ac", "warmup", "steps",
                 *(MOE_KEYS if a.model != "llama3" else ())):
-        value = getattr(a, key)
+        value = getattr(a, key, None)  # head_dim: set by the cuda MoE preset only
         if value is not None:
             cmd += ["--" + key.replace("_", "-"), str(value)]
     log = out / f"{impl}.log"

@@ -8,6 +8,7 @@
 //     scores  = softmax or sigmoid of the logits, in fp32 [T, E]
 //     experts = top-k of scores (+ expert bias)           [T, k]  (the bias only chooses)
 //     weights = the chosen scores, renormalised to sum 1 (route_norm), times route_scale
+//               (cast to the experts' output dtype before weighing it, unless fp32_weighting)
 //     y       = Σ_j weights_j · SwiGLU_{experts_j}(x)     [T, dim]
 //   The T·k assignments are sorted by expert (stably), so each expert computes one contiguous run
 //   of rows: one at::_grouped_mm per projection over all experts, or a loop over the experts (the
@@ -23,6 +24,7 @@
 
 #include <titan/collectives.hpp>
 #include <titan/detail/enum_names.hpp>
+#include <titan/fused/swiglu.hpp>
 #include <titan/hooks.hpp>
 #include <titan/world.hpp>
 
@@ -91,6 +93,11 @@ struct MoeOptions {
   /// Multiply each expert's input by its routing weight (torchtitan) instead of its output
   /// (Hugging Face's Mixtral and Qwen3-MoE, the default). With SwiGLU the two differ.
   TORCH_ARG(bool, score_before_experts) = false;
+  /// Weigh each expert's output in fp32, the product rounded once to the output's dtype
+  /// (transformers' Mixtral). Off (default): the weight is cast to the output's dtype first, so
+  /// in bf16 the product stays bf16 (transformers' Qwen3-MoE): no fp32 copy of the T·k rows, each
+  /// way. The two differ by at most an ulp of the output's dtype; in fp32 not at all.
+  TORCH_ARG(bool, fp32_weighting) = false;
   /// Keep an expert bias (a buffer, [E]) added to the scores when choosing experts only: the
   /// auxiliary-loss-free balancing of DeepSeek-V3, updated by update_expert_bias.
   TORCH_ARG(bool, expert_bias) = false;
@@ -232,8 +239,8 @@ struct GroupedExpertsImpl : torch::nn::Module {
     auto mm = [&offsets](const at::Tensor& a, const at::Tensor& w) {  // a [N, in], w [E, out, in] -> [N, out]
       return at::_grouped_mm(a, w.transpose(-2, -1), offsets);
     };
-    const auto h = at::silu(mm(x, w1)) * mm(x, w3);  // [N, hidden]
-    return mm(h, w2);                                // [N, dim]
+    const auto h = titan::swiglu(mm(x, w1), mm(x, w3));  // [N, hidden]: silu(x w1ᵀ) ⊙ x w3ᵀ, one operator
+    return mm(h, w2);                                    // [N, dim]
   }
 
   at::Tensor forward_loop(const at::Tensor& x, const at::Tensor& counts) const {
@@ -246,7 +253,7 @@ struct GroupedExpertsImpl : torch::nn::Module {
                   " do not split the ", x.size(0), " rows");
       if (count[e] == 0) continue;
       const auto rows = x.narrow(0, row, count[e]);                                           // [n_e, dim]
-      const auto h = at::silu(at::linear(rows, w1[e])) * at::linear(rows, w3[e]);             // [n_e, hidden]
+      const auto h = titan::swiglu(at::linear(rows, w1[e]), at::linear(rows, w3[e]));        // [n_e, hidden]
       outputs.push_back(at::linear(h, w2[e]));                                                // [n_e, dim]
       row += count[e];
     }
@@ -275,7 +282,7 @@ struct MoeSharedExpertsImpl : torch::nn::Module {
     w3 = register_parameter("w3", at::empty({hidden, dim}, options));
   }
   at::Tensor forward(const at::Tensor& x) {  // [T, dim] -> [T, dim]
-    return at::linear(at::silu(at::linear(x, w1)) * at::linear(x, w3), w2);
+    return at::linear(titan::swiglu(at::linear(x, w1), at::linear(x, w3)), w2);
   }
   at::Tensor w1, w2, w3;
 };
@@ -316,7 +323,8 @@ struct MoEImpl : torch::nn::Module {
     auto rows = tokens.index_select(0, d.token);                                  // [N, dim]
     if (options_.score_before_experts()) rows = (rows * d.weight).to(tokens.scalar_type());
     auto out = titan::call(experts, rows, d.counts);                              // [N, dim]
-    if (!options_.score_before_experts()) out = out * d.weight;
+    if (!options_.score_before_experts())
+      out = out * (options_.fp32_weighting() ? d.weight : d.weight.to(out.scalar_type()));  // [N, dim]
     if (is_training()) record(routing, d);
     auto y = at::zeros_like(tokens).index_add(0, d.token, out.to(tokens.scalar_type()));  // [T, dim]
     if (shared_experts) y = y + titan::call(shared_experts, tokens);

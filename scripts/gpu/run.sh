@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU validation kit, step 2 (the run step, on the GPU machine, after scripts/gpu/setup.sh):
-#   scripts/gpu/run.sh [tests] [trainer] [checkpoint] [bench] [bench_8b] [profile] [moe]   (none named: all seven)
+#   scripts/gpu/run.sh [tests] [trainer] [checkpoint] [bench] [bench_8b] [profile] [moe] [bench_moe]
+#   (none named: all eight)
 # Writes every log and table under $OUT (default ./gpu_out) and prints the tables last; exits
 # non-zero when a stage fails. Stages (minutes on one H100, to fit a 10-minute command limit:
-# run `tests trainer checkpoint bench` in one command and `bench_8b profile` in a second):
+# run `tests trainer checkpoint bench` in one command, `bench_8b profile` in a second, `moe bench_moe`
+# in a third):
 #   tests       test_titan on CUDA with 1 rank over NCCL and 2 ranks on the one GPU over Gloo;
 #               test_models (transformers parity from the carried references), test_models_ranks
 #               (1 rank NCCL, 2 ranks Gloo);
@@ -24,11 +26,14 @@
 #   moe         bench/moe/bench_moe in bf16: Mixtral 8x7B's expert shapes on 1 rank (grouped GEMM, loop and
 #               the same FLOPs as dense mm, TFLOP/s each), and the MoE layer at EP 1 and EP 2 on the
 #               shared GPU (2 Gloo ranks)
+#   bench_moe   bench/side_by_side/run.py --device cuda --model qwen3_moe: titan (ATen path, CUDA
+#               kernels, fused projections) vs torchtitan's Qwen3-MoE (eager, compiled) on
+#               Qwen3-30B-A3B's blocks with 4 layers, seq 8192, bf16 (the cost model's gpu_moe)
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 stages=("$@")
-((${#stages[@]})) || stages=(tests trainer checkpoint bench bench_8b profile moe)
+((${#stages[@]})) || stages=(tests trainer checkpoint bench bench_8b profile moe bench_moe)
 summary="$out/summary.md"
 : > "$summary"
 failed=0
@@ -105,7 +110,12 @@ for stage in "${stages[@]}"; do
       run moe_bench_ep2_shared_gpu 240 TITAN_DEVICE=cuda TITAN_BACKEND=gloo TITAN_SHARE_GPUS=1 -- \
         "$launch" --nproc 2 -- "$kit_build/bench/moe/bench_moe" --tokens 4096 --dim 1024 --hidden 2048
       ;;
-    *) die "unknown stage '$stage' (expected tests, trainer, checkpoint, bench, bench_8b, profile or moe)" ;;
+    bench_moe)
+      run side_by_side_moe 480 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --model qwen3_moe \
+        --build "$kit_build" --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side_moe" \
+        --timeout 150
+      ;;
+    *) die "unknown stage '$stage' (expected tests, trainer, checkpoint, bench, bench_8b, profile, moe or bench_moe)" ;;
   esac
 done
 
@@ -116,7 +126,7 @@ done
   echo "|---|---|---|---|"
   cat "$summary"
   for table in "$out/trainer/table.md" "$out/checkpoint_bench.log" "$out/side_by_side/table.md" \
-    "$out/side_by_side_8b/table.md"; do
+    "$out/side_by_side_8b/table.md" "$out/side_by_side_moe/table.md"; do
     [[ -f "$table" ]] && { echo; grep -h '^\(\[rank 0\] \)\?|\|^side by side' "$table" | sed 's/^\[rank 0\] //'; }
   done
   [[ -f "$out/profile/report.md" ]] && { echo; cat "$out/profile/report.md"; }

@@ -7,8 +7,10 @@ Two blocks with tiny configurations, run forward and backward in float32 on fixe
             correction bias that only chooses, renormalised, routed_scaling_factor 2.5, one shared
             expert (also written: bias [E], shared_w1, shared_w2, shared_w3 and their gradients)
 The input is positive and the router row of the last expert is negative, so that expert receives
-no token (its weights must get a zero gradient). Written to --out (safetensors), per block
-"<name>.":
+no token (its weights must get a zero gradient). The Mixtral and Qwen3-MoE blocks run again in
+bfloat16 on the same values rounded to it ("<name>_bf16.": no aux): transformers' arithmetic in
+bf16 (routing weights cast to the activations' dtype, products and sums in bf16). Written to --out
+(safetensors), per block "<name>.":
   x [2, 5, 16], dy [2, 5, 16], gate [E, 16], w1, w3 [E, 32, 16], w2 [E, 16, 32]   the inputs
   y, dx, dgate, dw1, dw2, dw3                                                     the results
   aux, daux_gate     load_balancing_loss_func over the block's router logits, and its gradient
@@ -45,8 +47,9 @@ def block_of(name):
     return DeepseekV3MoE(config), 8
 
 
-def case(name, generator):
+def case(name, generator, dtype=torch.float32):
     block, experts = block_of(name)
+    block.to(dtype)
     block.train()
     x = torch.rand(2, 5, DIM, generator=generator) + 0.1  # positive: the last expert never wins
     gate = torch.randn(experts, DIM, generator=generator) * 0.5
@@ -70,6 +73,7 @@ def case(name, generator):
             block.shared_experts.gate_proj.weight.copy_(shared_w[0])
             block.shared_experts.down_proj.weight.copy_(shared_w[1])
             block.shared_experts.up_proj.weight.copy_(shared_w[2])
+    x, dy = x.to(dtype), dy.to(dtype)
     xin = x.clone().requires_grad_(True)
     y = block(xin)
     y.backward(dy)
@@ -84,6 +88,10 @@ def case(name, generator):
                     "dshared_w3": block.shared_experts.up_proj.weight.grad})
     if not shared:  # DeepSeek's sigmoid scores with a bias may still choose it
         assert out["dw1"][-1].abs().max() == 0, "the last expert received a token"
+    if dtype != torch.float32:
+        out.update(gate=block.gate.weight.detach(), w1=block.experts.gate_up_proj.detach()[:, :HIDDEN],
+                   w3=block.experts.gate_up_proj.detach()[:, HIDDEN:], w2=block.experts.down_proj.detach())
+        return {f"{name}_bf16.{key}": value.contiguous() for key, value in out.items()}
     router = gate.clone().requires_grad_(True)
     aux = load_balancing_loss_func((torch.nn.functional.linear(x.reshape(-1, DIM), router),), experts, TOP_K)
     aux.backward()
@@ -101,6 +109,8 @@ def main():
     tensors = {}
     for name in ("mixtral", "qwen3", "deepseek"):
         tensors.update(case(name, generator))
+    for name in ("mixtral", "qwen3"):
+        tensors.update(case(name, generator, torch.bfloat16))
     save_file(tensors, args.out)
 
 

@@ -1,7 +1,8 @@
 // titan/moe.hpp: the MoE layer against transformers' Mixtral, Qwen3-MoE and DeepSeek-V3 blocks
 // (outputs, input and weight gradients, the auxiliary loss and its gradient; experts that receive
 // no token; DeepSeek's groups, sigmoid scores, correction bias and shared expert) with
-// at::_grouped_mm and with the per-expert loop; a capacity factor against a plain loop; FSDP over
+// at::_grouped_mm and with the per-expert loop; the Mixtral and Qwen3-MoE blocks in bfloat16, each
+// with its weighing; a capacity factor against a plain loop; FSDP over
 // the experts against one process; routing with an expert bias; the expert-bias update over the
 // ranks, and its balancing of a skewed router; load statistics; errors.
 #include "../support/multirank.hpp"
@@ -14,8 +15,10 @@
 #include <titan/safetensors.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -91,6 +94,48 @@ TEST_CASE("moe: the layer equals transformers' Mixtral, Qwen3-MoE and DeepSeek-V
       CHECK(idle[layer->options().num_experts() - 1].item<bool>());
       CHECK(layer->experts->w1.grad().index({idle}).abs().max().item<double>() == 0.0);
       CHECK(layer->tokens_per_expert().sum().item<int64_t>() == 2 * 5 * 2);  // T tokens x top-2
+    }
+  }
+}
+
+TEST_CASE("moe: in bfloat16 the layer computes as transformers' Mixtral and Qwen3-MoE blocks do") {
+  if (world()->world_size() > 1) return;
+  titan::safetensors::File reference(reference_path());
+  // One ulp of bf16 at the reference's largest magnitude: what rounding alone can make differ.
+  auto check_within_an_ulp = [](const Tensor& value, const Tensor& expected, const char* what) {
+    INFO(what);
+    CHECK_CLOSE(value, expected, expected.abs().max().item<double>() * std::ldexp(1.0, -7));
+  };
+  // transformers' Mixtral weighs each expert's output in fp32 (its router keeps fp32 weights);
+  // Qwen3-MoE's router casts the weights to bf16 first, and the product stays bf16.
+  for (const auto& [name, fp32_weighting] : {std::pair<std::string, bool>{"mixtral", true}, {"qwen3", false}}) {
+    for (bool grouped : {true, false}) {
+      CAPTURE(name);
+      CAPTURE(grouped);
+      const std::string block = name + "_bf16";  // the block run in bf16 on the same values rounded
+      auto read = [&](const std::string& key) { return reference.read(block + "." + key); };
+      auto options = block_options(name).grouped_mm(grouped).fp32_weighting(fp32_weighting);
+      auto layer = reference_layer(reference, block, options);
+      layer->to(torch::kBFloat16);
+      auto x = read("x").requires_grad_(true);  // [2, 5, 16] bf16
+      REQUIRE((x.scalar_type() == torch::kBFloat16));
+      CHECK(layer->experts->runs_grouped(x.reshape({-1, 16})) == grouped);
+      auto y = titan::call(layer, x);  // [2, 5, 16] bf16
+      y.backward(read("dy"));
+      // The loop computes each expert as transformers does (per-expert GEMMs; the weighing; the
+      // outputs added in bf16 in expert order): bitwise. Weighing the other way differs by an ulp.
+      if (!grouped) CHECK(torch::equal(y, read("y")));
+      check_within_an_ulp(y, read("y"), "y");
+      check_within_an_ulp(x.grad(), read("dx"), "dx");
+      check_within_an_ulp(layer->gate->weight.grad(), read("dgate"), "dgate");
+      check_within_an_ulp(layer->experts->w1.grad(), read("dw1"), "dw1");
+      check_within_an_ulp(layer->experts->w2.grad(), read("dw2"), "dw2");
+      check_within_an_ulp(layer->experts->w3.grad(), read("dw3"), "dw3");
+      // The other weighing changes the output (these blocks have products that round differently).
+      auto other = reference_layer(reference, block, options.fp32_weighting(!fp32_weighting));
+      other->to(torch::kBFloat16);
+      torch::NoGradGuard no_grad;
+      CHECK_FALSE(torch::equal(titan::call(other, read("x")), y.detach()));
     }
   }
 }

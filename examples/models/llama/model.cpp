@@ -109,13 +109,15 @@ const FlavorTable& flavors() {
     };
     t["mistral"]["debug"] = [=] { return debug_args().vocab_size(3000).sliding_window(128); };
     // Mixture-of-experts families: Mixtral (Mistral's attention without the window, top-2 of 8
-    // experts, softmax renormalised) and Qwen3-MoE (q/k norms, top-8 of 128, norm_topk_prob).
+    // experts, softmax renormalised, each output weighed in fp32 as transformers' Mixtral does) and
+    // Qwen3-MoE (q/k norms, top-8 of 128, norm_topk_prob, the weights cast to the activations' dtype).
     auto top_k_of = [](int64_t experts, int64_t k) { return titan::MoeOptions().num_experts(experts).top_k(k); };
+    auto mixtral_routing = [=] { return top_k_of(8, 2).fp32_weighting(true); };
     t["mixtral"]["debug"] = [=] {
-      return debug_args().vocab_size(3000).rope_theta(1e6).moe_hidden_dim(128).moe(top_k_of(8, 2));
+      return debug_args().vocab_size(3000).rope_theta(1e6).moe_hidden_dim(128).moe(mixtral_routing());
     };
     auto mixtral = [=](ModelArgs a) {
-      return a.n_heads(a.dim() / 128).n_kv_heads(8).rope_theta(1e6).moe(top_k_of(8, 2));
+      return a.n_heads(a.dim() / 128).n_kv_heads(8).rope_theta(1e6).moe(mixtral_routing());
     };
     t["mixtral"]["8x7B"] = [=] {
       return mixtral(ModelArgs().dim(4096).n_layers(32).moe_hidden_dim(14336).vocab_size(32000).max_seq_len(32768));
