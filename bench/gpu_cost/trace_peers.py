@@ -134,22 +134,17 @@ class Recorder(TorchDispatchMode):
         self.write(name, inputs, scalars, outputs, schema.is_mutable, view)
         return result
 
+    def kernel(self, name, inputs, outputs, scalars=None):
+        """A kernel no ATen operator stands for (a collective, a Triton kernel), reading the tensors
+        `inputs` and writing the tensors `outputs`."""
+        tensors_in, tensors_out = [], []
+        add_values(tensors_in, {}, list(inputs), "input", False, self.keep)
+        add_values(tensors_out, {}, list(outputs), "output", False, self.keep)
+        self.write(name, tensors_in, scalars or {}, tensors_out)
+
     def collective(self, name, tensor_in, tensor_out):
         """A one-rank NCCL collective (no ATen operator on meta): in-place when both are one buffer."""
-        inputs, outputs = [], []
-        add_values(inputs, {}, tensor_in, "input", False, self.keep)
-        add_values(outputs, {}, tensor_out, "output", False, self.keep)
-        self.write(name, inputs, {"in_place": tensor_in is tensor_out}, outputs)
-
-
-    def triton(self, name, inputs, outputs):
-        """A Triton kernel (no ATen operator): memory-bound, reading `inputs`, writing `outputs`."""
-        tensors_in, tensors_out = [], []
-        for t in inputs:
-            add_values(tensors_in, {}, t, "input", False, self.keep)
-        for t in outputs:
-            add_values(tensors_out, {}, t, "output", False, self.keep)
-        self.write(name, tensors_in, {}, tensors_out)
+        self.kernel(name, [tensor_in], [tensor_out], {"in_place": tensor_in is tensor_out})
 
 
 def fill_indices_on_meta(recorder):
@@ -168,7 +163,7 @@ def fill_indices_on_meta(recorder):
         per_expert = -(-(max_len - experts * align) // experts)  # balanced: N / E, rounded up
         recorder.grouped_rows[max_len] = experts * align * -(-max(per_expert, align) // align)
         permuted = torch.full((max_len,), -1, dtype=torch.int32, device=tokens_per_expert_group.device)
-        recorder.triton("triton::_fill_indices_kernel", [tokens_per_expert_group, start_index_values, write_offsets],
+        recorder.kernel("triton::_fill_indices_kernel", [tokens_per_expert_group, start_index_values, write_offsets],
                         [permuted])
         return permuted
 
