@@ -59,8 +59,9 @@ PRESETS = {
                        "torchtitan_compile",
                  warmup=10, steps=20),
 }
-# --model: the trainer config of the titan rows, and what changes for the others. qwen3_moe's expert
-# shape is the qwen3_moe debug flavor's (examples/models/llama/model.cpp): the torchtitan rows take it.
+# --model: the trainer config of the titan rows, and per device what changes for every row. qwen3_moe's
+# shapes are its flavors' (examples/models/llama/model.cpp: debug on the cpu, 30B-A3B with 4 of its
+# layers on cuda): the torchtitan rows take them.
 MODELS = {
     "llama3": dict(config="examples/configs/llama3_debug.toml"),
     "qwen3_moe": dict(config="examples/configs/qwen3_moe_debug.toml",
