@@ -16,8 +16,9 @@ both with torch.compile (the eager traces with Inductor's fusion of memory-bound
 A mixture-of-experts preset (gpu_moe, small_moe) has one peer instead: torchtitan 0.2.2's Qwen3-MoE
 (torchtitan_moe: grouped GEMMs, expert bias), eager and compiled; titan's rows are its qwen3_moe
 blocks with the same routing and expert bias.
-Measured H200 figures (MEASURED, from docs/performance.md) stand beside the predictions with the
-ratio error. torchtitan and its imports are installed into build/torchtitan-site on first use
+Measured figures (MEASURED, per preset and GPU, from docs/performance.md) stand beside the
+predictions with the ratio error; --calibrate fits the efficiencies on a preset's measured eager
+rows. torchtitan and its imports are installed into build/torchtitan-site on first use
 (bench/side_by_side/install_torchtitan.sh, PyPI).
 
 --check (the ctest), at the small dense preset and at small_moe: traces without AC, and checks for
@@ -63,14 +64,17 @@ PRESETS = {
                       dtype="bfloat16", ac="op"),
 }
 
-# Step times measured on an H200 by the GPU kit (bench/side_by_side, same run: docs/performance.md,
-# "Kit run of 2026-11-26, 07:45 UTC", commit 287104f): ms per step of 8192 tokens, preset "gpu".
+# Step times measured by the GPU kit, per preset and GPU (ms per step of 8192 tokens; the rows are
+# bench/side_by_side's impls, named as the traces are). Preset "gpu": an H200, same run
+# (docs/performance.md, "Kit run of 2026-11-26, 07:45 UTC", commit 287104f). gpu_moe and gpu_8b
+# (the kit's bench_moe and bench_8b stages) have not been measured yet.
 MEASURED = {
-    "H200": dict(when="2026-11-26, commit 287104f", matmul_tflops=777,
-                 ms=dict(titan=8192e3 / 34469, fsdp2=8192e3 / 34950, fsdp2_compile=8192e3 / 42245,
-                         torchtitan=8192e3 / 39283, torchtitan_compile=8192e3 / 46182)),
+    "gpu": {
+        "H200": dict(when="2026-11-26, commit 287104f", matmul_tflops=777,
+                     ms=dict(titan=8192e3 / 34469, fsdp2=8192e3 / 34950, fsdp2_compile=8192e3 / 42245,
+                             torchtitan=8192e3 / 39283, torchtitan_compile=8192e3 / 46182)),
+    },
 }
-EAGER = ("titan", "fsdp2", "torchtitan")
 TITAN_VARIANTS = ("titan_kernels", "titan_fused")  # titan's CUDA kernels; and its fused projections
 
 
@@ -248,13 +252,14 @@ def main():
     shape = dict(PRESETS[a.preset])
     if a.ac:
         shape["ac"] = a.ac
-    measured_runs = MEASURED if a.preset == "gpu" and shape["ac"] == "op" else {}  # measured at that shape only
-    if a.calibrate and not measured_runs:
-        sys.exit("--calibrate fits the measured H200 rows: preset gpu, without --ac")
+    measured_runs = MEASURED.get(a.preset, {}) if shape["ac"] == PRESETS[a.preset]["ac"] else {}  # that shape only
+    if a.calibrate and "H200" not in measured_runs:
+        sys.exit(f"--calibrate fits measured H200 rows: MEASURED has none for preset {a.preset}"
+                 + (" with --ac changed" if a.ac else ""))
     traces = trace_all(a, shape, out)
     eff = dict(cm.DEFAULT_EFFICIENCY)
     if a.calibrate:
-        rows = {impl: (traces[impl], MEASURED["H200"]["ms"][impl]) for impl in EAGER}
+        rows = {impl: (traces[impl], measured_runs["H200"]["ms"][impl]) for impl in ("titan",) + peers(shape)}
         eff = cm.calibrate(rows, cm.GPUS["H200"], fixed={"matmul": cm.MATMUL_ANCHOR})
         print("calibrated on the H200 eager rows:", eff)
     text = "\n\n".join(table(traces, g, eff, shape, measured_runs) for g in (a.gpu or sorted(cm.GPUS, reverse=True)))
