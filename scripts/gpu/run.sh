@@ -113,7 +113,7 @@ for stage in "${stages[@]}"; do
     bench_moe)
       run side_by_side_moe 480 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --model qwen3_moe \
         --build "$kit_build" --python "$python" --torchtitan-site "$kit_site" --out "$out/side_by_side_moe" \
-        --timeout 150
+        --warmup 5 --steps 10 --timeout 180
       ;;
     *) die "unknown stage '$stage' (expected tests, trainer, checkpoint, bench, bench_8b, profile, moe or bench_moe)" ;;
   esac
