@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string_view>
 #include <utility>
@@ -218,7 +219,32 @@ std::vector<Piece> mistral(const std::vector<ChatMessage>& messages) {
   return out.take();
 }
 
+/// render_chat's formats in order, each with the pieces of a conversation in it: the one list of
+/// the format names (data.chat_format's choices, the unknown format's error).
+using Renderer = std::vector<Piece> (*)(const std::vector<ChatMessage>&, const ChatOptions&);
+const std::vector<std::pair<std::string, Renderer>>& renderers() {
+  using Messages = std::vector<ChatMessage>;
+  static const std::vector<std::pair<std::string, Renderer>> table = {
+      {"llama3", [](const Messages& m, const ChatOptions&) { return llama3(m); }},
+      {"llama3.1", [](const Messages& m, const ChatOptions& o) { return llama31(m, o.date()); }},
+      {"chatml", [](const Messages& m, const ChatOptions&) { return chatml(m); }},
+      {"qwen3", [](const Messages& m, const ChatOptions&) { return qwen3(m); }},
+      {"llama2", [](const Messages& m, const ChatOptions&) { return llama2(m); }},
+      {"mistral", [](const Messages& m, const ChatOptions&) { return mistral(m); }},
+  };
+  return table;
+}
+
 }  // namespace
+
+const std::vector<std::string>& chat_formats() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> out;
+    for (const auto& entry : renderers()) out.push_back(entry.first);
+    return out;
+  }();
+  return names;
+}
 
 std::vector<ChatMessage> chat_messages(const nlohmann::json& messages) {
   if (!messages.is_array() || messages.empty())
@@ -271,22 +297,15 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
                                   "leave the default system message (data.chat_system) empty");
     check_turns(conversation, format, false);
   }
-  std::vector<Piece> pieces;
-  if (format == "llama3") {
-    pieces = llama3(conversation);
-  } else if (format == "llama3.1") {
-    pieces = llama31(conversation, options.date());
-  } else if (format == "chatml") {
-    pieces = chatml(conversation);
-  } else if (format == "qwen3") {
-    pieces = qwen3(conversation);
-  } else if (format == "llama2") {
-    pieces = llama2(conversation);
-  } else if (format == "mistral") {
-    pieces = mistral(conversation);
-  } else {
-    throw std::invalid_argument("unknown chat format '" + format + "' (expected one of: " + kChatFormats + ")");
+  const auto& table = renderers();
+  const auto renderer =
+      std::find_if(table.begin(), table.end(), [&format](const auto& entry) { return entry.first == format; });
+  if (renderer == table.end()) {
+    std::string names;
+    for (const auto& name : chat_formats()) names += (names.empty() ? "" : ", ") + name;
+    throw std::invalid_argument("unknown chat format '" + format + "' (expected one of: " + names + ")");
   }
+  const std::vector<Piece> pieces = renderer->second(conversation, options);
 
   ChatTokens out;
   for (size_t i = 0; i < pieces.size();) {

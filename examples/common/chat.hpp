@@ -83,7 +83,7 @@ struct ChatTokens {
 ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptions& options,
                        const Tokenizer& tokenizer);
 
-/// The formats render_chat knows, for messages.
-inline constexpr const char* kChatFormats = "llama3, llama3.1, chatml, qwen3, llama2, mistral";
+/// The formats render_chat knows, in order: llama3, llama3.1, chatml, qwen3, llama2, mistral.
+const std::vector<std::string>& chat_formats();
 
 }  // namespace titan::examples

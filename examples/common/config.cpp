@@ -1,4 +1,5 @@
 #include "config.hpp"
+#include "chat.hpp"
 
 #include <titan/context_parallel.hpp>
 #include <titan/float8.hpp>
@@ -144,8 +145,7 @@ std::vector<Field> fields_of(TrainConfig& c) {
       integer("data", "val_steps", &c.data.val_steps, 1),
       flag("data", "skip_malformed", &c.data.skip_malformed),
       choice("data", "prompt_template", &c.data.prompt_template, {"alpaca"}),
-      choice("data", "chat_format", &c.data.chat_format,
-             {"llama3", "llama3.1", "chatml", "qwen3", "llama2", "mistral"}),
+      choice("data", "chat_format", &c.data.chat_format, chat_formats()),
       text("data", "chat_system", &c.data.chat_system),
       text("data", "chat_date", &c.data.chat_date),
       flag("data", "pack", &c.data.pack),

@@ -179,7 +179,7 @@ struct DataConfig {
   int64_t val_steps = 10;           ///< batches per validation
   bool skip_malformed = false;      ///< skip (and count) malformed JSONL lines instead of failing
   std::string prompt_template = "alpaca";  ///< instruction template; only "alpaca"
-  std::string chat_format = "llama3";  ///< "chat": the chat format (kChatFormats, chat.hpp)
+  std::string chat_format = "llama3";  ///< "chat": the chat format (chat_formats(), chat.hpp)
   std::string chat_system = "";        ///< "chat": system message of a conversation without one
   std::string chat_date = "26 Jul 2024";  ///< "chat", llama3.1: the system message's "Today Date"
   bool pack = true;                 ///< pack documents into seq_len windows (else one per row, padded)

@@ -1,6 +1,6 @@
 """Reference results of transformers' MoE blocks for test_moe.cpp.
 
-Two blocks with tiny configurations, run forward and backward in float32 on fixed tensors:
+Three blocks with tiny configurations, run forward and backward in float32 on fixed tensors:
   mixtral   MixtralSparseMoeBlock: 4 experts, top-2, softmax, renormalised top-k weights
   qwen3     Qwen3MoeSparseMoeBlock: 8 experts, top-2, softmax, norm_topk_prob=False
   deepseek  DeepseekV3MoE: 8 experts in 4 groups, the best 2 groups, top-2, sigmoid scores with a
@@ -8,9 +8,9 @@ Two blocks with tiny configurations, run forward and backward in float32 on fixe
             expert (also written: bias [E], shared_w1, shared_w2, shared_w3 and their gradients)
 The input is positive and the router row of the last expert is negative, so that expert receives
 no token (its weights must get a zero gradient). The Mixtral and Qwen3-MoE blocks run again in
-bfloat16 on the same values rounded to it ("<name>_bf16.": no aux): transformers' arithmetic in
-bf16 (routing weights cast to the activations' dtype, products and sums in bf16). Written to --out
-(safetensors), per block "<name>.":
+bfloat16 on the same values rounded to it ("<name>_bf16.": no aux), in transformers' own bf16
+arithmetic (Qwen3-MoE casts the routing weights to bf16 and weighs in bf16, Mixtral weighs in
+fp32; the weighted outputs are summed in bf16). Written to --out (safetensors), per block "<name>.":
   x [2, 5, 16], dy [2, 5, 16], gate [E, 16], w1, w3 [E, 32, 16], w2 [E, 16, 32]   the inputs
   y, dx, dgate, dw1, dw2, dw3                                                     the results
   aux, daux_gate     load_balancing_loss_func over the block's router logits, and its gradient
