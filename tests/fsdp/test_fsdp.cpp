@@ -4,13 +4,17 @@
 #include "../support/multirank.hpp"
 
 #include <titan/fsdp.hpp>
+#include <titan/fused/adamw.hpp>
 #include <titan/fused/linear.hpp>
 #include <titan/meta.hpp>
 
 #include "../support/op_events.hpp"
 
+#include <ATen/ops/_fused_adamw.h>
+
 #include <functional>
 #include <map>
+#include <unordered_map>
 
 namespace {
 
@@ -806,4 +810,115 @@ TEST_CASE("fsdp: a unit's unsharded parameters lie end to end in one storage, so
   CHECK(titan::memory_usage(*model).unsharded_bytes == 20 * 4 * static_cast<int64_t>(sizeof(double)));
   out.sum().backward();  // gradients reach each parameter's shard
   for (const auto& p : model->parameters()) CHECK(p.grad().defined());
+}
+
+namespace {
+
+/// Every parameter's gradient of `model`, in its order.
+std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {
+  std::vector<Tensor> grads;
+  for (const auto& p : params) grads.push_back(p.grad());
+  return grads;
+}
+
+}  // namespace
+
+TEST_CASE("fsdp: keep_compute_copy: one rank keeps bf16 gradients and copy; adamw_copy_ equals the casts + AdamW") {
+  auto mesh = shard_mesh();
+  const auto options = titan::FsdpOptions().param_dtype(torch::kBFloat16).reduce_dtype(torch::kFloat);
+  auto data = make_data({5}, 3, 4);
+  auto cast = seeded<Mlp>(), kept = seeded<Mlp>();
+  shard_mlp(cast, mesh, options);
+  shard_mlp(kept, mesh, titan::FsdpOptions(options).keep_compute_copy(true));
+  const auto units = titan::fsdp_units(kept);
+  REQUIRE(units.size() == 4);
+  if (world().world_size() > 1) {  // sharded: nothing to keep, the option has no effect
+    forward_backward(kept, data, true);
+    for (const auto& unit : units) {
+      CHECK_FALSE(unit->keeps_compute_copy());
+      CHECK(unit->compute_copies().empty());
+    }
+    CHECK((kept->parameters()[0].grad().scalar_type() == torch::kFloat));
+    return;
+  }
+  for (const auto& unit : units) {
+    REQUIRE(unit->keeps_compute_copy());
+    CHECK(unit->compute_copies().empty());  // no storage before the first forward
+  }
+  // The same AdamW, clipping inside (grad_scale): ATen's kernel on the fp32 gradients of `cast`,
+  // titan::adamw_copy_ on the gradients `kept` left in bf16, writing its copies.
+  const auto a = cast->parameters(), b = kept->parameters();
+  auto zeros = [](const std::vector<Tensor>& params) {
+    std::vector<Tensor> z;
+    for (const auto& p : params) z.push_back(torch::zeros_like(p));
+    return z;
+  };
+  auto m_a = zeros(a), v_a = zeros(a), m_b = zeros(b), v_b = zeros(b);
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device());
+  const auto scale = torch::full({1}, 1.5, f32);
+  for (int64_t s = 0; s < 4; ++s) {
+    CAPTURE(s);
+    // Step 2 backpropagates two halves, each reduced: the kept bf16 gradient is widened to fp32
+    // before the second is added, as the casts would have summed them.
+    const int64_t micro = s == 1 ? 2 : 1, rows = 8 / micro;
+    for (auto* model : {&cast, &kept})
+      for (int64_t m = 0; m < micro; ++m)
+        torch::mse_loss(titan::call(*model, data.inputs[s].narrow(0, m * rows, rows)).to(torch::kFloat),
+                        data.targets[s].narrow(0, m * rows, rows))
+            .backward();
+    const auto g_a = grads_of(a), g_b = grads_of(b);
+    for (size_t i = 0; i < a.size(); ++i) {
+      CAPTURE(i);
+      CHECK((g_b[i].scalar_type() == (micro == 1 ? torch::kBFloat16 : torch::kFloat)));
+      CHECK(same_values(g_b[i].to(torch::kFloat), g_a[i]));
+    }
+    std::unordered_map<const c10::TensorImpl*, Tensor> copy_of;
+    for (const auto& unit : units)
+      for (const auto& c : unit->compute_copies()) copy_of.emplace(c.shard.unsafeGetTensorImpl(), c.copy);
+    REQUIRE(copy_of.size() == b.size());
+    std::vector<Tensor> copies;
+    for (const auto& p : b) copies.push_back(copy_of.at(p.unsafeGetTensorImpl()));
+    const std::vector<Tensor> steps(a.size(), torch::full({}, static_cast<double>(s + 1), f32));
+    at::_fused_adamw_(a, g_a, m_a, v_a, {}, steps, 1e-2, 0.9, 0.95, 0.1, 1e-8, false, false, scale, std::nullopt);
+    titan::adamw_copy_(b, g_b, m_b, v_b, copies, steps,
+                       titan::AdamWCopyOptions().lr(1e-2).beta1(0.9).beta2(0.95).weight_decay(0.1).eps(1e-8), scale);
+    for (const auto& unit : units) {
+      std::vector<Tensor> written;
+      for (const auto& c : unit->compute_copies()) written.push_back(c.shard);
+      unit->compute_copies_written(written);
+    }
+    for (size_t i = 0; i < a.size(); ++i) {
+      CAPTURE(i);
+      CHECK(same_values(b[i], a[i]));
+      CHECK(same_values(copies[i], a[i].to(torch::kBFloat16)));
+    }
+    for (const auto& p : a) p.mutable_grad() = Tensor();
+    for (const auto& p : b) p.mutable_grad() = Tensor();
+  }
+  // Every unshard after the very first used the copy as the step (or the first cast) left it.
+  for (const auto& unit : units) CHECK(unit->stats().copies_reused == unit->stats().all_gathers - 1);
+  // A shard changed in place by anything but a step declaring its copy written is seen: its unit
+  // casts again (here the embedding, changed while the head's copy is declared written).
+  auto& root = *units.front();
+  const int64_t reused = root.stats().copies_reused;
+  {
+    torch::NoGradGuard no_grad;
+    a[0].mul_(0.5);  // embed, the root's
+    b[0].mul_(0.5);
+  }
+  root.compute_copies_written({b.back()});  // the head, unchanged since the step wrote its copy
+  CHECK(same_values(titan::call(kept, data.inputs[0]), titan::call(cast, data.inputs[0])));
+  CHECK(root.stats().copies_reused == reused);
+  CHECK_THROWS_WITH(root.compute_copies_written({a[0]}), doctest::Contains("none of its parameters"));
+  titan::reshard(kept);
+  // An optimizer that knows no copies (LibTorch's AdamW, reading the bf16 gradients widened by type
+  // promotion) trains as with the casts; the shards it changes are cast again at each forward.
+  auto plain = seeded<Mlp>(), reference = seeded<Mlp>();
+  shard_mlp(plain, mesh, titan::FsdpOptions(options).keep_compute_copy(true));
+  shard_mlp(reference, mesh, options);
+  const auto want = train(reference, data, true);
+  check_losses(train(plain, data, true), want, 1e-6 * want[0]);
+  const double diff = max_param_diff(*plain, *reference);
+  MESSAGE("keep_compute_copy with LibTorch's AdamW, 4 steps: max parameter difference ", diff);
+  CHECK(diff <= 1e-6);
 }

@@ -162,8 +162,10 @@ inline void all_gather_copy_out(GatherBucket& bucket, std::vector<FsdpParam>& pa
 }
 
 /// One rank, no replicas: moves each unsharded gradient to its shard's .grad (in `dtype` first when
-/// a reduction would round through it) and frees it; no collective.
-inline void reduce_on_one_rank(std::vector<FsdpParam>& params, at::ScalarType dtype) {
+/// a reduction would round through it) and frees it; no collective. With `keep_compute_dtype`
+/// (FsdpOptions::keep_compute_copy) a gradient the cast would only widen becomes the .grad as it is
+/// (the same values), unless the .grad already holds one (accumulation: widened, then added).
+inline void reduce_on_one_rank(std::vector<FsdpParam>& params, at::ScalarType dtype, bool keep_compute_dtype) {
   std::vector<FsdpParam*> cast_params;
   std::vector<at::Tensor> casts, grads;
   for (auto& p : params) {
@@ -171,7 +173,9 @@ inline void reduce_on_one_rank(std::vector<FsdpParam>& params, at::ScalarType dt
     const auto target = p.sharded.scalar_type();
     const bool one_cast = grad.defined() && grad.scalar_type() != target &&
                           (dtype == grad.scalar_type() || dtype == target);
-    if (p.sharded.requires_grad() && one_cast) {
+    if (p.sharded.requires_grad() && one_cast && keep_compute_dtype && !p.sharded.grad().defined()) {
+      p.sharded.mutable_grad() = grad.contiguous();
+    } else if (p.sharded.requires_grad() && one_cast) {
       cast_params.push_back(&p);
       casts.push_back(at::empty(grad.sizes(), grad.options().dtype(target)));
       grads.push_back(grad);

@@ -139,28 +139,33 @@ std::shared_ptr<FsdpHook> fully_shard(M&& module_like, const DeviceMesh& mesh, F
   return hook;
 }
 
+/// The fully_shard units in `module`'s subtree (a module, a ModuleHolder or a pointer to one),
+/// `module`'s own first, in pre-order.
+template <typename M>
+std::vector<std::shared_ptr<FsdpHook>> fsdp_units(const M& module) {
+  return detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module));
+}
+
 /// Turns gradient reduction on or off for every unit in `module`'s subtree (off: gradient
 /// accumulation micro-steps keep the unsharded gradients; the next synced backward reduces them).
 /// `module` may be a module, a ModuleHolder or a pointer to one.
 template <typename M>
 void set_requires_gradient_sync(const M& module, bool sync) {
-  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module)))
-    hook->set_requires_gradient_sync(sync);
+  for (const auto& hook : fsdp_units(module)) hook->set_requires_gradient_sync(sync);
 }
 
 /// Sets FsdpHook::set_reshard_after_backward on every unit in `module`'s subtree (off: the
 /// micro-batches of a pipeline step share one all-gather; see titan/pipeline.hpp).
 template <typename M>
 void set_reshard_after_backward(const M& module, bool reshard) {
-  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module)))
-    hook->set_reshard_after_backward(reshard);
+  for (const auto& hook : fsdp_units(module)) hook->set_reshard_after_backward(reshard);
 }
 
 /// Frees the unsharded parameters of every unit in `module`'s subtree (a module, a ModuleHolder
 /// or a pointer to one).
 template <typename M>
 void reshard(const M& module) {
-  for (const auto& hook : detail::hooks_in_subtree<FsdpHook>(detail::module_ref(module))) hook->reshard();
+  for (const auto& hook : fsdp_units(module)) hook->reshard();
 }
 
 /// Checks that `optimizer` updates `model`'s parameters as fully_shard left them (`model`: a

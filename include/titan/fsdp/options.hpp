@@ -30,6 +30,18 @@ struct FsdpOptions {
   TORCH_ARG(bool, forward_prefetch) = true;
   /// In backward, start the all-gather of the unit that ran before this one in forward.
   TORCH_ARG(bool, backward_prefetch) = true;
+  /// On a shard group of one rank without replicas, with param_dtype other than the parameters'
+  /// own: keep the unsharded compute-dtype copy between steps and leave each gradient in the
+  /// compute dtype (the shard's .grad is then a bf16 tensor of an fp32 parameter), so that the
+  /// optimizer step reads the gradients as they are and writes the copy the next forward uses
+  /// (FsdpHook::compute_copies, titan::adamw_copy_): one pass over the parameters instead of three.
+  /// The copy is reused only while every shard's version counter is unchanged since it was written,
+  /// so in-place changes (an optimizer without the copy, loading a checkpoint) are seen; writes
+  /// through .data(), which autograd does not count either, are not. No effect elsewhere (several
+  /// ranks, float8 gathers). Memory: the same with reshard_after_forward(false) (a unit's copy is
+  /// held from forward to backward anyway, then replaces half of its fp32 gradients); with
+  /// resharding after forward the kept copies add 2 bytes per parameter to the forward.
+  TORCH_ARG(bool, keep_compute_copy) = false;
 };
 
 }  // namespace titan

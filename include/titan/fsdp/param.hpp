@@ -88,10 +88,13 @@ struct FsdpParam {
 
 namespace detail {
 
-/// Adds `grad` (this rank's reduced block, the sharded parameter's dtype) to the sharded .grad.
+/// Adds `grad` (this rank's reduced block, the sharded parameter's dtype) to the sharded .grad; a
+/// .grad kept in the compute dtype (FsdpOptions::keep_compute_copy) is widened first.
 inline void accumulate_grad(FsdpParam& p, at::Tensor grad) {
   auto& slot = p.sharded.mutable_grad();
-  if (slot.defined()) {
+  if (slot.defined() && slot.scalar_type() != grad.scalar_type()) {
+    slot = slot.to(grad.scalar_type()).add_(grad);
+  } else if (slot.defined()) {
     slot.add_(grad);
   } else {
     slot = grad.contiguous();

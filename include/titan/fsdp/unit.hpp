@@ -36,6 +36,14 @@ struct FsdpStats {
   int64_t prefetches = 0;         ///< of which started ahead of use (forward or backward prefetch)
   int64_t reduce_scatters = 0;    ///< gradient reductions issued
   int64_t all_gather_bytes = 0;   ///< bytes this rank contributed to its all-gathers (its shards as sent)
+  int64_t copies_reused = 0;      ///< unshards that used the compute copy as the optimizer left it (keep_compute_copy)
+};
+
+/// A parameter of a unit that keeps its compute copy (FsdpOptions::keep_compute_copy): what the
+/// optimizer updates and the copy it writes in the same step (titan::adamw_copy_).
+struct FsdpComputeCopy {
+  at::Tensor shard;  ///< the parameter as the optimizer holds it (fp32), [shape]
+  at::Tensor copy;   ///< the unsharded compute-dtype parameter the next forward reads (bf16), [shape]
 };
 
 class FsdpHook;
@@ -183,6 +191,46 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   void set_reshard_after_backward(bool reshard) { reshard_after_backward_ = reshard; }
   bool reshard_after_backward() const { return reshard_after_backward_; }
 
+  /// Whether this unit keeps its compute copy between steps: FsdpOptions::keep_compute_copy on a
+  /// shard group of one rank without replicas, every parameter cast to another dtype, none
+  /// gathered in a custom form.
+  bool keeps_compute_copy() const {
+    if (!options_.keep_compute_copy() || shard_group_->size() != 1 || (replicate_group_ && replicate_group_->size() > 1))
+      return false;
+    for (const auto& p : params_)
+      if (p.custom_gather || compute_dtype(p) == p.sharded.scalar_type()) return false;
+    return true;
+  }
+
+  /// The trainable parameters with the compute copy an optimizer step may write along with them
+  /// (then call compute_copies_written with the shards it wrote); empty unless
+  /// keeps_compute_copy() and the copy is allocated (after the first forward). Each copy shares the
+  /// unit's storage, not its version counter.
+  std::vector<FsdpComputeCopy> compute_copies() const {
+    std::vector<FsdpComputeCopy> copies;
+    if (!keeps_compute_copy() || !copy_allocated()) return copies;
+    for (const auto& p : params_)
+      if (p.sharded.requires_grad()) copies.push_back({p.sharded, detail::storage_alias(p.full())});
+    return copies;
+  }
+
+  /// Declares the copies of `shards` (parameters of compute_copies()) written from the shards'
+  /// current values: the next unshard uses the unit's copies instead of casting its shards, unless
+  /// one changes before then. The copies of shards not listed count as they were.
+  void compute_copies_written(const std::vector<at::Tensor>& shards) {
+    TORCH_CHECK(keeps_compute_copy() && copy_allocated(), "titan::fully_shard: compute_copies_written() on '",
+                module_name_, "', which keeps no compute copy (see FsdpOptions::keep_compute_copy)");
+    if (copy_versions_.size() != params_.size())  // never cast: the copies of unlisted shards are not current
+      copy_versions_.assign(params_.size(), {-1, nullptr});
+    for (const auto& shard : shards) {
+      auto it = std::find_if(params_.begin(), params_.end(), [&](const Param& p) { return p.sharded.is_same(shard); });
+      TORCH_CHECK(it != params_.end(), "titan::fully_shard: compute_copies_written() on '", module_name_,
+                  "' was given a tensor that is none of its parameters (expected shards of compute_copies())");
+      copy_versions_[static_cast<size_t>(it - params_.begin())] = {shard._version(),
+                                                                   shard.storage().unsafeGetStorageImpl()};
+    }
+  }
+
   /// All-gathers the parameters into the unsharded handles (no-op if already there).
   void unshard() {
     if (state_ == State::Resharded) start_all_gather(false);
@@ -197,7 +245,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       detail::repoint_tensor(p.unsharded, p.placeholder);
       if (p.custom_gather) p.custom_gather->post_reshard();
     }
-    if (!aliases_shards())
+    if (!aliases_shards() && !keeps_compute_copy())
       for (auto& bucket : buckets_)
         if (bucket.storage.defined()) detail::resize_storage_bytes(bucket.storage, 0);
     state_ = State::Resharded;
@@ -291,6 +339,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   /// Fresh storage of `bucket` (its dtype, on `device`) for `world` ranks, each member's
   /// `storage` a part of it, and each member's placeholder on `device`.
   void allocate(GatherBucket& bucket, const at::Device& device, int world) {
+    copy_versions_.clear();  // a fresh storage holds no copy
     int64_t total = 0;
     for (size_t i : bucket.members) total += world * params_[i].padded_numel();
     bucket.storage = at::empty({total}, at::TensorOptions().dtype(bucket.dtype).device(device));  // [total]
@@ -445,6 +494,12 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       for (auto& p : params_) detail::repoint_tensor(p.unsharded, p.sharded);
       return;
     }
+    if (copy_current()) {  // the compute copy as the optimizer (or the last cast) left it: no cast
+      for (auto& bucket : buckets_) bucket.sent.clear();
+      for (auto& p : params_) detail::repoint_tensor(p.unsharded, p.full());
+      ++stats_.copies_reused;
+      return;
+    }
     RECORD_USER_SCOPE("titan::fsdp::all_gather_copy_out");
     for (auto& bucket : buckets_) {
       if (bucket.members.empty()) continue;
@@ -456,6 +511,30 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
     }
     for (auto& p : params_)
       if (p.custom_gather) p.custom_gather->post_all_gather(p.full());
+    if (keeps_compute_copy()) {  // the copy holds the shards' values as of now
+      copy_versions_.clear();
+      for (const auto& p : params_)
+        copy_versions_.push_back({p.sharded._version(), p.sharded.storage().unsafeGetStorageImpl()});
+    }
+  }
+
+  /// Whether the unit's storage holds the compute copy at full size on the shards' device.
+  bool copy_allocated() const {
+    const auto& storage = buckets_.front().storage;
+    if (!storage.defined() || storage.device() != params_.front().sharded.device()) return false;
+    return storage.is_meta() || storage.storage().nbytes() >= static_cast<size_t>(storage.numel() * storage.element_size());
+  }
+
+  /// Whether the copy can be used as it is: kept, allocated, and no shard changed (in place or
+  /// replaced) since its values were recorded.
+  bool copy_current() const {
+    if (!keeps_compute_copy() || copy_versions_.size() != params_.size() || !copy_allocated()) return false;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const auto& p = params_[i].sharded;
+      const auto& [version, storage] = copy_versions_[i];
+      if (version != p._version() || storage != p.storage().unsafeGetStorageImpl()) return false;
+    }
+    return true;
   }
 
   void start_reduce_scatter() {
@@ -472,7 +551,7 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
       // One rank: nothing to reduce. Each gradient moves to its shard (rounded through the
       // reduction dtype when that differs from both, as a reduction would); an unused parameter
       // gets zeros. The unit's casts are one foreach copy, not a kernel per parameter.
-      detail::reduce_on_one_rank(params_, dtype);
+      detail::reduce_on_one_rank(params_, dtype, keeps_compute_copy());
       return;
     }
     auto input = detail::reduce_scatter_copy_in(params_, world, flat_numel_, first.sharded.options(),
@@ -494,6 +573,8 @@ class FsdpHook : public ModuleHook, public ParameterLayoutProvider, public std::
   std::string module_name_;
   int64_t flat_numel_ = 0;             ///< elements of a rank's part of the gradient reduction
   std::vector<GatherBucket> buckets_;  ///< the all-gather buffers (one per gathered dtype)
+  /// keep_compute_copy: each shard's version and storage when the copy was last written from it.
+  std::vector<std::pair<int64_t, const c10::StorageImpl*>> copy_versions_;
 
   std::shared_ptr<detail::FsdpContext> context_;
   std::weak_ptr<FsdpHook> enclosing_;  ///< the nearest unit whose module holds this one's (set_enclosing)

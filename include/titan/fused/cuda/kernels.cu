@@ -1,6 +1,7 @@
 // titan::cuda_kernels: titan's CUDA kernels and their registration for titan's fused operators.
 // Compiled by nvcc (CMake option TITAN_CUDA_KERNELS); nothing is registered until
 // titan::cuda::register_kernels() is called.
+#include <titan/fused/cuda/adamw.cuh>
 #include <titan/fused/cuda/add_rms_norm.cuh>
 #include <titan/fused/cuda/cross_entropy.cuh>
 #include <titan/fused/cuda/kernels.hpp>
@@ -19,6 +20,7 @@ void register_kernels() {
     titan::register_rope_operators();
     titan::register_swiglu_operators();
     titan::register_add_rms_norm_operators();
+    titan::register_adamw_operators();
     auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "titan", c10::DispatchKey::CUDA,
                                                 "titan/fused/cuda/kernels.cu", __LINE__);
     lib->impl("cross_entropy_loss_and_grad", TORCH_FN(cross_entropy_loss_and_grad));
@@ -29,6 +31,7 @@ void register_kernels() {
     lib->impl("swiglu_backward", TORCH_FN(swiglu_backward));
     lib->impl("add_rms_norm_forward", TORCH_FN(add_rms_norm_forward));
     lib->impl("add_rms_norm_backward", TORCH_FN(add_rms_norm_backward));
+    lib->impl("adamw_copy_", TORCH_FN(adamw_copy_));
     return lib;
   }();
   (void)library;

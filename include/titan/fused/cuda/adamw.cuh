@@ -1,0 +1,117 @@
+#pragma once
+// titan/fused/cuda/adamw.cuh: the CUDA kernel of titan::adamw_copy_ (see titan/fused/adamw.hpp for
+// the formulas): one pass over fp32 parameters and moments that reads the gradients in their own
+// dtype and writes the parameters' copy in its own, launched over all the tensors at once by ATen's
+// multi-tensor apply (the launcher of ATen's own _fused_adamw_). Its arithmetic is that kernel's
+// (the same fused multiply-adds in fp32), so parameters and moments match ATen's fused AdamW on the
+// widened gradients. fp64 parameters, mixed dtypes within a list and non-contiguous tensors take
+// the ATen implementation. Compiled by nvcc into titan::cuda_kernels.
+#include <titan/fused/adamw.hpp>
+
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/native/cuda/MultiTensorApply.cuh>
+#include <ATen/native/cuda/Pow.cuh>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <optional>
+#include <vector>
+
+namespace titan::cuda {
+namespace detail {
+
+/// The lists, in the order multi_tensor_apply walks them.
+enum AdamWCopyList { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kCopy, kAdamWCopyLists };
+
+/// One block of the multi-tensor launch: a chunk of one parameter. Parameters and moments are fp32;
+/// gradients grad_t, copies copy_t.
+template <typename grad_t, typename copy_t>
+struct AdamWCopyFunctor {
+  __device__ __forceinline__ void operator()(int64_t chunk_size,
+                                             at::native::FusedOptimizerTensorListMetadata<kAdamWCopyLists>& tl,
+                                             double lr, double beta1, double beta2, double weight_decay, double eps,
+                                             const float* grad_scale, const float* found_inf) {
+    const int tensor = tl.block_to_tensor[blockIdx.x];
+    const int64_t start = int64_t{tl.block_to_chunk[blockIdx.x]} * chunk_size;
+    const int64_t n = std::min(chunk_size, tl.numel_for_tensor[tensor] - start);
+    auto* param = static_cast<float*>(const_cast<void*>(tl.addresses[kParam][tensor])) + start;        // [n]
+    auto* grad = static_cast<grad_t*>(const_cast<void*>(tl.addresses[kGrad][tensor])) + start;         // [n]
+    auto* exp_avg = static_cast<float*>(const_cast<void*>(tl.addresses[kExpAvg][tensor])) + start;     // [n]
+    auto* exp_avg_sq = static_cast<float*>(const_cast<void*>(tl.addresses[kExpAvgSq][tensor])) + start;  // [n]
+    auto* copy = static_cast<copy_t*>(const_cast<void*>(tl.addresses[kCopy][tensor])) + start;         // [n]
+    const bool skip = found_inf != nullptr && *found_inf == 1.f;
+    const float lr_f = static_cast<float>(lr), beta1_f = static_cast<float>(beta1),
+                beta2_f = static_cast<float>(beta2), decay_f = static_cast<float>(weight_decay),
+                eps_f = static_cast<float>(eps);
+    const float step = *static_cast<const float*>(tl.state_steps_addresses[tensor]);
+    const float bias_correction1 = 1 - at::native::pow_(beta1_f, step);
+    const float bias_correction2_sqrt = std::sqrt(1 - at::native::pow_(beta2_f, step));
+    const float step_size = lr_f / bias_correction1;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      float p = param[i];
+      if (!skip) {
+        float g = static_cast<float>(grad[i]);
+        if (grad_scale != nullptr) {
+          g /= *grad_scale;
+          grad[i] = static_cast<grad_t>(g);  // the scaled gradient written back, as ATen's kernel does
+        }
+        if (decay_f != 0) p -= lr_f * decay_f * p;
+        const float m = std::fma(beta1_f, exp_avg[i], std::fma(-beta1_f, g, g));
+        const float v = std::fma(beta2_f, exp_avg_sq[i], std::fma(-beta2_f, g * g, g * g));
+        p -= step_size * m / (std::sqrt(v) / bias_correction2_sqrt + eps_f);
+        param[i] = p;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+      }
+      copy[i] = static_cast<copy_t>(p);
+    }
+  }
+};
+
+/// Whether the kernel takes these lists: fp32 parameters, one gradient dtype and one copy dtype,
+/// every tensor contiguous, scale and flag (if given) float32 on the parameters' device.
+inline bool adamw_copy_kernel_applies(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                      at::TensorList exp_avg_sqs, at::TensorList copies,
+                                      const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].scalar_type() != at::kFloat || grads[i].scalar_type() != grads[0].scalar_type() ||
+        copies[i].scalar_type() != copies[0].scalar_type())
+      return false;
+    for (const auto* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &copies[i]})
+      if (!t->is_contiguous()) return false;
+  }
+  for (const auto* t : {&grad_scale, &found_inf})
+    if (t->has_value() && ((*t)->scalar_type() != at::kFloat || (*t)->device() != params[0].device())) return false;
+  return true;
+}
+
+}  // namespace detail
+
+/// titan::adamw_copy_ on CUDA tensors.
+inline void adamw_copy_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList copies, at::TensorList steps, double lr,
+                        double beta1, double beta2, double weight_decay, double eps,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  titan::detail::check_adamw_copy_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, steps);
+  if (params.empty()) return;
+  if (!detail::adamw_copy_kernel_applies(params, grads, exp_avgs, exp_avg_sqs, copies, grad_scale, found_inf))
+    return titan::detail::adamw_copy_aten(params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr, beta1, beta2,
+                                          weight_decay, eps, grad_scale, found_inf);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<std::vector<at::Tensor>> lists = {params.vec(), grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(),
+                                                copies.vec()};
+  const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  const float* skip = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "titan::adamw_copy_ (grads)", [&] {
+    using grad_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, copies[0].scalar_type(), "titan::adamw_copy_ (copies)",
+                                    [&] {
+                                      at::native::multi_tensor_apply_for_fused_optimizer<detail::kAdamWCopyLists>(
+                                          lists, steps, detail::AdamWCopyFunctor<grad_t, scalar_t>(), lr, beta1,
+                                          beta2, weight_decay, eps, scale, skip);
+                                    });
+  });
+}
+
+}  // namespace titan::cuda
