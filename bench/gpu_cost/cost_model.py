@@ -9,8 +9,9 @@ per operator call below autograd. Each becomes zero or more kernels:
   - fused attention (cuDNN, flash, efficient): 4·B·H·Sq·Sk·D FLOPs forward (half when causal),
     2.5x that backward (five matmuls instead of two), at the attention rate;
   - one-rank NCCL collectives: a launch, and a copy when not in place;
-  - multi-tensor kernels (_foreach_*, _fused_adamw_): their bytes, one launch per group of
-    tensors or of 320 chunks of 65,536 elements, as CUDA's multi_tensor_apply launches them;
+  - multi-tensor kernels (_foreach_*, _fused_adamw_, titan::adamw_copy_): their bytes, one launch
+    per group of tensors or of 320 chunks of 65,536 elements, as CUDA's multi_tensor_apply
+    launches them;
   - everything else is memory-bound: the bytes it reads (distinct elements of its inputs; gathers
     such as embedding, index and nll_loss read only what they pick) and writes (its outputs, or the
     arguments it writes in place; in-place scatters only the elements they pick).
@@ -73,7 +74,11 @@ UNFUSED = {"aten::sort", "aten::topk", "aten::histc", "aten::bincount", "triton:
 TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 CHUNK_ELEMENTS, CHUNKS_PER_LAUNCH = 65536, 320
 # Lists of equal length a multi-tensor kernel walks (the others walk one, with scalars).
-LIST_DEPTH = {"aten::_fused_adamw_": 4, "aten::_fused_adam_": 4, "aten::_foreach_copy_": 2}
+LIST_DEPTH = {"aten::_fused_adamw_": 4, "aten::_fused_adam_": 4, "aten::_foreach_copy_": 2, "titan::adamw_copy_": 5}
+# titan's multi-tensor kernels (include/titan/fused/cuda/): AdamW that also writes the bf16 copy.
+TITAN_MULTI_TENSOR = {"titan::adamw_copy_"}
+# Multi-tensor kernels that write a list without reading it: which one (0-based), by the kernel.
+WRITE_ONLY_LIST = {"titan::adamw_copy_": 4}  # the compute copies
 # titan's fused CUDA kernels (include/titan/fused/cuda/) that read some inputs twice: which ones.
 REREAD_INPUTS = {
     "titan::cross_entropy_loss_and_grad": lambda inputs: inputs[:1],  # logits: max and sum of exp, then the gradient
@@ -87,7 +92,7 @@ LAUNCHES = {"titan::add_rms_norm_backward": 3}  # input gradient, weight gradien
 # trainer and the trace pass the factor the loss is multiplied by); a launch and a scalar read.
 SKIPPED_ON_DEVICE = {"titan::cross_entropy_rescale_grad_"}
 # Fused optimizers whose second list (the gradients) is read, not written, whatever the schema says.
-READ_ONLY_SECOND_LIST = {"aten::_fused_adamw_", "aten::_fused_adam_"}
+READ_ONLY_SECOND_LIST = {"aten::_fused_adamw_", "aten::_fused_adam_", "titan::adamw_copy_"}
 
 
 def base_name(op):
@@ -139,7 +144,7 @@ def kernel(event):
         forward_flops = 4.0 * q[0] * q[1] * q[2] * key[2] * q[3] * causal
         k.update(kind="attention", flops=forward_flops * (2.5 if backward else 1.0), bytes=all_bytes)
         return k
-    if name.startswith("aten::_foreach_") or name.startswith("aten::_fused_adam"):
+    if name.startswith("aten::_foreach_") or name.startswith("aten::_fused_adam") or name in TITAN_MULTI_TENSOR:
         tensors = [t for t in inputs if t["shape"] != []] or inputs  # the lists walked, not scalars
         depth = LIST_DEPTH.get(name, 1)
         per_list = max(1, len(tensors) // depth)
@@ -152,6 +157,9 @@ def kernel(event):
             written = [t for t in written if not any(t is g for g in inputs[per_list:2 * per_list])]
         written = sum(tensor_bytes(t) for t in written)
         read = all_bytes - (written if name in OVERWRITES else 0)  # a copy's destination is not read
+        if name in WRITE_ONLY_LIST:
+            first = WRITE_ONLY_LIST[name] * per_list
+            read -= sum(tensor_bytes(t) for t in inputs[first:first + per_list])
         k.update(kind="multi_tensor", launches=max(1, launches), bytes=read + written)
         return k
     # Memory-bound.

@@ -25,8 +25,9 @@ rows. torchtitan and its imports are installed into build/torchtitan-site on fir
 titan and each peer that the matmul FLOPs are exactly 6 x (parameters each token goes through,
 without the token embedding: k of the E experts) x tokens (forward 2, backward 4 per multiply-add;
 plus torchtitan's MoE combine, a bmm), one attention kernel per layer forward and one backward,
-AdamW's traffic 28 bytes per parameter (32 where it clips inside the step, writing the gradients
-back); then with per-operator AC that titan recomputes the same matmul FLOPs as the peers
+AdamW stepping every parameter once, its traffic 28 bytes per fp32 parameter (32 where it clips
+inside the step, writing the gradients back; titan_fused's titan::adamw_copy_ reads bf16 gradients
+and writes the bf16 copy: 30); then with per-operator AC that titan recomputes the same matmul FLOPs as the peers
 (torchtitan's policy: every other matmul kept; its MoE also recomputes the router's gate), and
 with fused projections some, at most as many. titan_fused takes the same FLOP, attention and
 AdamW checks.
@@ -201,16 +202,28 @@ def check_shape(a, preset, out):
         if (fwd, bwd) != (shape["n_layers"], shape["n_layers"]):
             failures.append(f"{preset} {impl}: {fwd} forward and {bwd} backward attention kernels, expected "
                             f"{shape['n_layers']} each")
-        # AdamW moves 28 bytes per fp32 parameter (reads parameter, gradient and both moments, writes
-        # parameter and moments) plus its step counts: every parameter, embedding included, once;
-        # 32 when it also clips (titan's trainer: grad_scale given, the clipped gradients written back).
-        adamw_events = [e for e in cm.load(out / "ac_none" / f"{impl}.jsonl")
-                        if e["op"].startswith("aten::_fused_adamw_")]
-        per_parameter = 32 if any(e["scalars"].get("grad_scale", "given") is not None for e in adamw_events) else 28
-        adamw = sum(k["bytes"] for k in ks if k["op"].startswith("aten::_fused_adamw_"))
-        if not per_parameter * parameters <= adamw <= per_parameter * parameters + 4096:
-            failures.append(f"{preset} {impl}: AdamW bytes {adamw}, expected {per_parameter} x {parameters} "
-                            "parameters (+ step counts)")
+        # AdamW steps every parameter, embedding included, once. Per element it reads and writes the
+        # parameter and both moments (24 bytes in fp32), reads the gradient (and writes it back when
+        # it clips inside the step: titan's trainer, grad_scale given) and, titan::adamw_copy_, writes
+        # the compute copy: 28 bytes per fp32 parameter, 32 clipping, 30 for adamw_copy_ in bf16.
+        adamw_ops = ("aten::_fused_adamw_", "titan::adamw_copy_")
+        stepped, want = 0, 0
+        for e in cm.load(out / "ac_none" / f"{impl}.jsonl"):
+            name = cm.base_name(e["op"])
+            if name not in adamw_ops:
+                continue
+            lists = [t for t in e["inputs"] if t["shape"] != []]
+            n = len(lists) // cm.LIST_DEPTH[name]
+            scaled = e["scalars"].get("grad_scale", "given") is not None
+            copies = lists[4 * n:5 * n] if name == "titan::adamw_copy_" else [None] * n
+            for p, g, c in zip(lists[:n], lists[n:2 * n], copies):
+                stepped += p["elements"]
+                want += p["elements"] * (6 * p["itemsize"] + g["itemsize"] * (2 if scaled else 1) +
+                                         (c["itemsize"] if c else 0))
+        adamw = sum(k["bytes"] for k in ks if cm.base_name(k["op"]) in adamw_ops)
+        if stepped != parameters or not want <= adamw <= want + 4096:
+            failures.append(f"{preset} {impl}: AdamW stepped {stepped} of {parameters} parameters and moved {adamw} "
+                            f"bytes, expected {want} (+ step counts)")
     traces = trace_all(a, base, out / "ac_op")
     recomputed = {impl: sum(k["flops"] for k in traces[impl] if k["kind"] == "matmul") - expected - extra.get(impl, 0) -
                   extra_recomputed.get(impl, 0) for impl in eager}

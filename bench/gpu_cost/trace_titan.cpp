@@ -421,6 +421,7 @@ int run(int argc, char** argv) {
       {"training.batch_size", std::to_string(batch)},
       {"training.mixed_precision_param", dtype},
       {"training.mixed_precision_reduce", "float32"},
+      {"training.fused_kernels", titan_kernels},  // "cuda": one-rank FSDP keeps the bf16 copy (adamw_copy_)
       {"activation_checkpoint.mode", ac == "none" || ac == "full" ? ac : "selective"},
       {"activation_checkpoint.selective_ac_option", ac == "none" || ac == "full" ? "2" : ac}};
   for (const auto& [key, value] : overrides) apply_override(config, key, value, "command line");
@@ -433,6 +434,7 @@ int run(int argc, char** argv) {
   Transformer model(args, torch::kMeta);  // stays on meta: nothing is allocated or computed
   parallelize_llama(*model, mesh, dims, config);
   auto optimizer = make_adamw(model->named_parameters(), adamw_config(config));
+  optimizer->write_compute_copies(titan::fsdp_units(model));  // as the trainer does
   const auto meta_long = torch::TensorOptions().dtype(torch::kLong).device(torch::kMeta);
   auto input = torch::empty({batch, seq}, meta_long), labels = torch::empty({batch, seq}, meta_long);
 

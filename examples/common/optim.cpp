@@ -1,10 +1,13 @@
 #include "optim.hpp"
 
+#include <titan/fused/adamw.hpp>
+
 #include <ATen/ops/_fused_adamw.h>
 
 #include <cmath>
 #include <map>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 namespace titan::examples {
@@ -45,6 +48,16 @@ std::unique_ptr<FusedAdamW> make_adamw(const torch::OrderedDict<std::string, tor
   return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(config.lr()));
 }
 
+std::unordered_map<const c10::TensorImpl*, FusedAdamW::ComputeCopy> FusedAdamW::compute_copies() const {
+  std::unordered_map<const c10::TensorImpl*, ComputeCopy> copy_of;
+  for (const auto& group : param_groups())
+    if (static_cast<const torch::optim::AdamWOptions&>(group.options()).amsgrad()) return copy_of;  // ATen's kernel only
+  for (const auto& unit : units_)
+    for (const auto& c : unit->compute_copies())
+      copy_of.emplace(c.shard.unsafeGetTensorImpl(), ComputeCopy{c.copy, unit.get()});
+  return copy_of;
+}
+
 torch::Tensor FusedAdamW::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
   torch::Tensor loss;
@@ -56,14 +69,17 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   // ATen's kernel divides the gradients by grad_scale: the reciprocal of the clipping factor.
   const torch::Tensor coefficient = std::exchange(coefficient_, torch::Tensor());
   const torch::Tensor inverse = coefficient.defined() ? coefficient.reciprocal() : torch::Tensor();
+  const auto copy_of = compute_copies();
+  std::unordered_map<titan::FsdpHook*, std::vector<torch::Tensor>> written;  // the shards whose copies it writes
   for (auto& group : param_groups()) {
     const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
-    // The kernel takes lists of one device and dtype; the step count as a float tensor on that
-    // device (one per distinct count, made by a fill: no host-to-device copy).
+    // The kernels take lists of one device and dtype (and copy dtype, for titan::adamw_copy_); the
+    // step count as a float tensor on that device (one per distinct count, made by a fill: no
+    // host-to-device copy).
     struct Lists {
-      std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+      std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, copies;
     };
-    std::map<std::pair<std::string, c10::ScalarType>, Lists> lists;
+    std::map<std::tuple<std::string, c10::ScalarType, std::optional<c10::ScalarType>>, Lists> lists;
     std::map<std::pair<std::string, int64_t>, torch::Tensor> step_tensors;
     for (auto& param : group.params()) {
       if (!param.grad().defined()) continue;
@@ -83,24 +99,46 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       auto& count = step_tensors[{device, state.step()}];
       if (!count.defined())
         count = torch::full({}, static_cast<double>(state.step()), param.options().dtype(torch::kFloat));
-      auto& l = lists[{device, param.scalar_type()}];
+      const auto copy = copy_of.find(param.unsafeGetTensorImpl());
+      const bool copied = copy != copy_of.end();
+      auto& l = lists[{device, param.scalar_type(),
+                       copied ? std::optional<c10::ScalarType>(copy->second.copy.scalar_type()) : std::nullopt}];
       l.params.push_back(param);
-      l.grads.push_back(param.grad());
+      // ATen's kernel takes gradients of the parameter's dtype (a kept compute-dtype gradient is
+      // widened); titan::adamw_copy_ reads them as they are.
+      l.grads.push_back(copied || param.grad().scalar_type() == param.scalar_type() ? param.grad()
+                                                                                     : param.grad().to(param.scalar_type()));
       l.exp_avgs.push_back(state.exp_avg());
       l.exp_avg_sqs.push_back(state.exp_avg_sq());
       if (options.amsgrad()) l.max_exp_avg_sqs.push_back(state.max_exp_avg_sq());
       l.steps.push_back(count);
+      if (copied) {
+        l.copies.push_back(copy->second.copy);
+        written[copy->second.unit].push_back(param);
+      }
     }
     for (auto& [key, l] : lists) {
       const auto device = l.params.front().device();
       std::optional<torch::Tensor> skip, grad_scale;
       if (found_inf.defined()) skip = found_inf.to(device, torch::kFloat).reshape({1});
       if (inverse.defined()) grad_scale = inverse.to(device, torch::kFloat).reshape({1});
+      if (!l.copies.empty()) {
+        titan::adamw_copy_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.copies, l.steps,
+                           titan::AdamWCopyOptions()
+                               .lr(options.lr())
+                               .beta1(std::get<0>(options.betas()))
+                               .beta2(std::get<1>(options.betas()))
+                               .weight_decay(options.weight_decay())
+                               .eps(options.eps()),
+                           grad_scale, skip);
+        continue;
+      }
       at::_fused_adamw_(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.steps, options.lr(),
                         std::get<0>(options.betas()), std::get<1>(options.betas()), options.weight_decay(),
                         options.eps(), options.amsgrad(), /*maximize=*/false, grad_scale, skip);
     }
   }
+  for (const auto& [unit, shards] : written) unit->compute_copies_written(shards);
   return loss;
 }
 

@@ -8,6 +8,7 @@
 //       // a FusedAdamW; group 0: decayed, group 1: no weight decay (norms, biases, 1-D; see is_no_decay)
 //   opt->skip_if(norm.isfinite().logical_not().to(torch::kFloat).reshape({1}));  // device-side skip
 //   opt->scale_grads(titan::clip_coefficient(norm, max_norm));                  // clipping, in the step
+//   opt->write_compute_copies(titan::fsdp_units(model));   // one-rank FSDP: the bf16 copy, in the step
 //   LRSchedule schedule(LRScheduleOptions().warmup_steps(2).total_steps(100).decay_type("cosine"));
 //   double lr = schedule.apply(*opt, step, base_lr);     // step = 1, 2, ... (the optimizer step
 //                                                        // about to run); sets every group's lr
@@ -18,6 +19,7 @@
 #include "config.hpp"
 
 #include <titan/checkpoint/stateful.hpp>
+#include <titan/fsdp/unit.hpp>
 #include <torch/arg.h>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>
@@ -25,6 +27,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace titan::examples {
@@ -59,6 +62,13 @@ bool is_no_decay(const std::string& name, const torch::Tensor& parameter);
 /// them: the kernel divides by its grad_scale, 1 / coefficient, and writes the scaled gradients
 /// back, as titan::clip_grad_norm_ would leave them (within an ulp: a division by the reciprocal
 /// instead of a product).
+///
+/// write_compute_copies(units) hands it the FSDP units that keep their compute copy
+/// (FsdpOptions::keep_compute_copy, one rank): their parameters are stepped by titan::adamw_copy_,
+/// which reads the bf16 gradients as FSDP left them and writes the bf16 copy the next forward
+/// computes with (the same values as a cast); each unit is then told which copies were written
+/// (FsdpHook::compute_copies_written). Other parameters, and all of them with amsgrad, take ATen's
+/// kernel (gradients of another dtype than their parameter are cast first).
 class FusedAdamW : public torch::optim::AdamW {
  public:
   using torch::optim::AdamW::AdamW;
@@ -67,10 +77,23 @@ class FusedAdamW : public torch::optim::AdamW {
   void skip_if(torch::Tensor found_inf) { found_inf_ = std::move(found_inf); }
   /// Multiply the gradients by `coefficient` (1 element, positive) in the next step.
   void scale_grads(torch::Tensor coefficient) { coefficient_ = std::move(coefficient); }
+  /// Write the compute copies of these FSDP units in each step (titan::fsdp_units(model); units
+  /// that keep none are passed over, each step).
+  void write_compute_copies(std::vector<std::shared_ptr<titan::FsdpHook>> units) { units_ = std::move(units); }
 
  private:
+  /// A parameter's compute copy and the unit that keeps it.
+  struct ComputeCopy {
+    torch::Tensor copy;
+    titan::FsdpHook* unit;
+  };
+  /// The compute copy of each parameter of the units that keep one now, by TensorImpl (none with
+  /// amsgrad, which titan::adamw_copy_ does not do).
+  std::unordered_map<const c10::TensorImpl*, ComputeCopy> compute_copies() const;
+
   torch::Tensor found_inf_;
   torch::Tensor coefficient_;
+  std::vector<std::shared_ptr<titan::FsdpHook>> units_;
 };
 
 /// FusedAdamW over `parameters` with two groups: 0 = decayed, 1 = weight_decay 0 (empty

@@ -148,6 +148,8 @@ titan::FsdpOptions fsdp_options(const TrainConfig& config) {
                                 config.parallelism.pipeline_parallel_degree == 1);
   if (config.training.mixed_precision_param == "bfloat16") options.param_dtype(torch::kBFloat16);
   options.reduce_dtype(config.training.mixed_precision_reduce == "bfloat16" ? torch::kBFloat16 : torch::kFloat32);
+  // With titan's CUDA kernels, one-rank units keep their bf16 copy for FusedAdamW's titan::adamw_copy_.
+  options.keep_compute_copy(config.training.fused_kernels == "cuda");
   return options;
 }
 

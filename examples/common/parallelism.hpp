@@ -90,7 +90,7 @@ bool needs_fsdp(const ParallelDims& dims, const TrainConfig& config);
 
 /// FSDP options from [parallelism] (reshard_after_forward, off with pipeline parallelism as in
 /// torchtitan's default policy: a stage runs forward once per micro-batch) and [training] (mixed
-/// precision).
+/// precision; with fused_kernels = "cuda", keep_compute_copy, for FusedAdamW::write_compute_copies).
 titan::FsdpOptions fsdp_options(const TrainConfig& config);
 
 /// Stages per pipeline rank: the split points' stages over the degree, else 2 for an interleaved

@@ -225,6 +225,13 @@ void Trainer::build_model() {
 
 void Trainer::build_optimizer() {
   optimizer_ = make_adamw(model_->named_parameters(), adamw_config(config_));
+  const auto units = titan::fsdp_units(model_);
+  const auto kept = std::count_if(units.begin(), units.end(), [](const auto& u) { return u->keeps_compute_copy(); });
+  if (kept > 0) {
+    optimizer_->write_compute_copies(units);
+    world_->logger().info("optimizer: AdamW writes the bf16 copy of ", kept, " one-rank FSDP unit(s) in its step ",
+                          "(titan::adamw_copy_; FSDP casts neither weights nor gradients)");
+  }
   for (const auto& stage : stages_) titan::verify_optimizer(*optimizer_, stage);
   schedule_ = std::make_unique<LRSchedule>(lr_schedule_options(config_));
 }

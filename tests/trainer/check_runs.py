@@ -11,7 +11,10 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               losses and weights equal the straight run within fp32 reduction-order tolerance
   tp          FSDP 2 x TP 2 on 4 ranks with sequence and loss parallel: the straight run's losses
   bf16        bf16 compute with fp32 master weights and fp32 gradient reduction: losses and the
-              exported (fp32 master) weights within 2e-2 of the fp32 run (measured: 1.6e-3, 5.5e-3)
+              exported (fp32 master) weights within 2e-2 of the fp32 run (measured: 1.6e-3, 5.5e-3);
+              on 1 rank, training.fused_kernels = "cuda" (the unit keeps its bf16 copy, FusedAdamW
+              writes it with titan::adamw_copy_, its ATen path here) gives bitwise the losses and
+              weights of the run without it (where the trainer links titan::cuda_kernels)
   fused       model.fused_projections (wq|wk|wv and w1|w3 as one GEMM each) on 2 ranks: the straight
               run's losses and weights within 1e-4; and the straight run's step-10 checkpoint
               resumed with the option: its steps 11..20
@@ -252,6 +255,8 @@ def main():
     parser.add_argument("--source", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--cuda-kernels", type=int, default=1,
+                        help="1 where the trainer links titan::cuda_kernels (training.fused_kernels = \"cuda\")")
     args = parser.parse_args()
     for key in ("launch", "trainer", "source", "workdir"):  # the runs start in --source
         setattr(args, key, os.path.abspath(getattr(args, key)))
@@ -358,6 +363,24 @@ def main():
         compare_to_straight("bf16", range(1, 21), "bf16 compute", tol=2e-2)
         exported = weights(work("bf16"))
         r.check(all(t.dtype == torch.float32 for t in exported.values()), "bf16 compute keeps fp32 master weights")
+        # One rank (2 micro-batches per step): FSDP only casts, and with fused_kernels = "cuda" it
+        # keeps the bf16 copy that the optimizer writes instead.
+        one = ["--training.mixed_precision_param", "bfloat16"]
+        plain = r.run("bf16_one", args.trainer, 1, llama, one)
+        r.check("writes the bf16 copy" not in plain, "1 rank bf16: FSDP casts (no copy kept by default)")
+        if args.cuda_kernels:
+            out = r.run("bf16_one_copy", args.trainer, 1, llama, [*one, "--training.fused_kernels", "cuda"])
+            r.check("AdamW writes the bf16 copy of 5 one-rank FSDP unit(s)" in out,
+                    "1 rank bf16 with fused_kernels = \"cuda\": the 4 blocks' and the root's units keep their copy")
+            cast, _ = metrics(work("bf16_one"))
+            kept, _ = metrics(work("bf16_one_copy"))
+            same = [s for s in range(1, 21) if kept.get(s, {}).get("loss") == cast[s]["loss"]]
+            r.check(len(same) == 20, f"1 rank bf16, copy kept and written by the optimizer: bitwise the losses "
+                    f"of the casts at all 20 steps (equal at {len(same)})")
+            r.check(max_weight_diff(weights(work("bf16_one_copy")), weights(work("bf16_one"))) == 0.0,
+                    "and bitwise the final weights")
+        else:
+            print("(this build has no titan::cuda_kernels: training.fused_kernels = \"cuda\" does not exist in it)")
 
     if wanted("hf_start"):
         out = r.run("hf_start", args.trainer, 2, llama,
