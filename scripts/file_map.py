@@ -32,7 +32,7 @@ def concern(path):
     if not joined.startswith(rel + ":"):
         sys.exit(f"{path}: the opening comment must start with '// {rel}: <its concern>'")
     joined = joined[len(rel) + 1:].strip()
-    match = re.match(r"(.+?\.)(\s|$)", joined)
+    match = re.match(r"(.+?(?<!e\.g)(?<!i\.e)\.)(\s|$)", joined)  # "e.g." and "i.e." end no sentence
     sentence = match.group(1) if match else joined
     return sentence.rstrip(".").replace("|", "\\|")
 

@@ -20,6 +20,11 @@
 7. fp32 mixture of experts (the Qwen3-MoE debug model, expert bias): expert parallel 2, TP 2
    (sequence parallel) x EP 2 over the tp ranks, and TP 2 with each expert split over tp (ETP 2),
    on 2 ranks sharing the GPU over Gloo: every step's loss within 1e-4 of its 1-rank run.
+8. bf16 with titan's CUDA kernels (training.fused_kernels = "cuda": the fused operators, and the
+   one-rank FSDP units' bf16 copy written by titan::adamw_copy_), without and with fused
+   projections, per-operator AC: every loss within 5e-2 of check 2's ATen-path run, and that the
+   trainer reported the copy kept; tokens/s in check 2's table. The first run of those kernels in
+   training.
 Prints one table; exits non-zero when a check fails.
 """
 import argparse
@@ -114,14 +119,36 @@ def main():
     results = {name: runs.train("bf16_ac_" + name.replace(" ", "_"), a.device, {**bf16, **ac})
                for name, ac in modes.items()}
     perf, half = [], a.steps // 2
+
+    def perf_row(name, records):
+        """Check 2's table row of a run: tokens/s and peak memory over its second half."""
+        timed = [r for r in records if r["step"] > half] or records
+        return (f"| {name} | {sum(r['tokens_per_second_per_rank'] for r in timed) / len(timed):,.0f} | "
+                f"{max(r.get('peak_memory_gib', 0) for r in timed):.3f} | "
+                f"{max(r.get('peak_reserved_gib', 0) for r in timed):.3f} |")
+
     for name, records in results.items():
         finite = all(math.isfinite(r["loss"]) for r in records)
         gap = loss_gap(records, results["none"], everything)
         check(f"bf16 AC {name}: losses finite, same as no AC", finite and gap <= 5e-2, f"max |diff| {gap:.2e} (<= 5e-2)")
-        timed = [r for r in records if r["step"] > half] or records
-        perf.append(f"| {name} | {sum(r['tokens_per_second_per_rank'] for r in timed) / len(timed):,.0f} | "
-                    f"{max(r.get('peak_memory_gib', 0) for r in timed):.3f} | "
-                    f"{max(r.get('peak_reserved_gib', 0) for r in timed):.3f} |")
+        perf.append(perf_row(name, records))
+
+    per_op = {**bf16, **modes["per operator"]}
+    for name, extra in (("titan kernels", {"training.fused_kernels": "cuda"}),
+                        ("titan kernels + fused projections", {"training.fused_kernels": "cuda",
+                                                               "model.fused_projections": "true"})):
+        run = "bf16_" + name.replace(" ", "_").replace("+", "and")
+        try:
+            records = runs.train(run, a.device, {**per_op, **extra})
+        except RuntimeError as error:
+            check(f"bf16 {name}: trains", False, str(error))
+            continue
+        kept = "AdamW writes the bf16 copy" in (runs.out / f"{run}.log").read_text()
+        gap = loss_gap(records, results["per operator"], everything)
+        check(f"bf16 {name} (AC per operator): losses within 5e-2 of the ATen path, copy kept",
+              kept and all(math.isfinite(r["loss"]) for r in records) and gap <= 5e-2,
+              f"max |diff| {gap:.2e} (<= 5e-2), copy kept: {kept}")
+        perf.append(perf_row(f"per operator, {name}", records))
 
     saving = {**bf16, "activation_checkpoint.mode": "selective", "activation_checkpoint.selective_ac_option": "op",
               "checkpoint.enable": "true", "checkpoint.interval": half, "checkpoint.async_mode": "async"}
