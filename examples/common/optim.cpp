@@ -73,13 +73,14 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   std::unordered_map<titan::FsdpHook*, std::vector<torch::Tensor>> written;  // the shards whose copies it writes
   for (auto& group : param_groups()) {
     const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
-    // The kernels take lists of one device and dtype (and copy dtype, for titan::adamw_copy_); the
-    // step count as a float tensor on that device (one per distinct count, made by a fill: no
-    // host-to-device copy).
+    // The kernels take lists of one device and dtype (titan::adamw_copy_'s CUDA kernel: also one
+    // gradient and one copy dtype); the step count as a float tensor on that device (one per
+    // distinct count, made by a fill: no host-to-device copy).
     struct Lists {
       std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, copies;
     };
-    std::map<std::tuple<std::string, c10::ScalarType, std::optional<c10::ScalarType>>, Lists> lists;
+    using Copied = std::optional<std::pair<c10::ScalarType, c10::ScalarType>>;  // gradient and copy dtypes
+    std::map<std::tuple<std::string, c10::ScalarType, Copied>, Lists> lists;
     std::map<std::pair<std::string, int64_t>, torch::Tensor> step_tensors;
     for (auto& param : group.params()) {
       if (!param.grad().defined()) continue;
@@ -102,7 +103,7 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       const auto copy = copy_of.find(param.unsafeGetTensorImpl());
       const bool copied = copy != copy_of.end();
       auto& l = lists[{device, param.scalar_type(),
-                       copied ? std::optional<c10::ScalarType>(copy->second.copy.scalar_type()) : std::nullopt}];
+                       copied ? Copied({param.grad().scalar_type(), copy->second.copy.scalar_type()}) : std::nullopt}];
       l.params.push_back(param);
       // ATen's kernel takes gradients of the parameter's dtype (a kept compute-dtype gradient is
       // widened); titan::adamw_copy_ reads them as they are.
