@@ -68,7 +68,8 @@ bool is_no_decay(const std::string& name, const torch::Tensor& parameter);
 /// which reads the bf16 gradients as FSDP left them and writes the bf16 copy the next forward
 /// computes with (the same values as a cast); each unit is then told which copies were written
 /// (FsdpHook::compute_copies_written). Other parameters, and all of them with amsgrad, take ATen's
-/// kernel (gradients of another dtype than their parameter are cast first).
+/// kernel (gradients of another dtype than their parameter are cast first, and not written back
+/// scaled).
 class FusedAdamW : public torch::optim::AdamW {
  public:
   using torch::optim::AdamW::AdamW;
