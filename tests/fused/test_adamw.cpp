@@ -2,7 +2,8 @@
 // torch.optim.AdamW(fused=True) runs) on the same gradients widened to fp32: parameters, moments
 // and the gradients written back bitwise on the ATen path, within one fp32 rounding with titan's
 // CUDA kernel (fused_testing.hpp); the copies equal the parameters rounded to their dtype; a
-// skipped step changes nothing but still writes the copies; and the errors.
+// skipped step changes nothing but still writes the copies; and the errors (a parameter dtype
+// ATen's kernel does not take among them).
 #include "fused_testing.hpp"
 
 #include <ATen/ops/_fused_adamw.h>
@@ -127,6 +128,10 @@ TEST_CASE("adamw_copy_: mismatched lists and step counts are errors naming what 
   wrong_copy[0] = torch::zeros({13, 7}, wrong_copy[0].options());
   CHECK_THROWS_WITH(titan::adamw_copy_(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, wrong_copy, t.steps, kOptions),
                     doctest::Contains("the parameter's shape [7, 13]"));
+  // A parameter of a dtype ATen's fused AdamW does not step is its error, never a parameter left as it was.
+  auto f8 = t.clone();
+  for (auto* list : {&f8.params, &f8.exp_avgs, &f8.exp_avg_sqs}) (*list)[1] = (*list)[1].to(torch::kFloat8_e4m3fn);
+  CHECK_THROWS(titan::adamw_copy_(f8.params, f8.grads, f8.exp_avgs, f8.exp_avg_sqs, f8.copies, f8.steps, kOptions));
   auto long_steps = t.steps;
   long_steps[2] = torch::full({}, 3, torch::TensorOptions().dtype(torch::kLong).device(device()));
   CHECK_THROWS_WITH(titan::adamw_copy_(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.copies, long_steps, kOptions),

@@ -29,6 +29,7 @@
 #include <torch/csrc/api/include/torch/arg.h>
 #include <torch/library.h>
 
+#include <map>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -83,30 +84,29 @@ inline void adamw_copy_aten(at::TensorList params, at::TensorList grads, at::Ten
                             double beta1, double beta2, double weight_decay, double eps,
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   check_adamw_copy_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, steps);
-  for (const auto dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
-    std::vector<at::Tensor> p, g, m, v, s, widened_from;
-    std::vector<size_t> widened;  // which entries of g are casts of a narrower gradient
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (params[i].scalar_type() != dtype) continue;
-      p.push_back(params[i]);
-      const bool same = grads[i].scalar_type() == dtype;
-      if (!same) {
-        widened.push_back(g.size());
-        widened_from.push_back(grads[i]);
-      }
-      g.push_back(same ? grads[i] : grads[i].to(dtype));
-      m.push_back(exp_avgs[i]);
-      v.push_back(exp_avg_sqs[i]);
-      s.push_back(steps[i]);
+  struct Lists {
+    std::vector<at::Tensor> p, g, m, v, s;
+    std::vector<at::Tensor> narrow, widened;  // gradients of another dtype, and their casts in g
+  };
+  std::map<at::ScalarType, Lists> by_dtype;  // ATen's kernel takes one parameter dtype per call
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto dtype = params[i].scalar_type();
+    auto& l = by_dtype[dtype];
+    l.p.push_back(params[i]);
+    l.g.push_back(grads[i].scalar_type() == dtype ? grads[i] : grads[i].to(dtype));
+    if (grads[i].scalar_type() != dtype) {
+      l.narrow.push_back(grads[i]);
+      l.widened.push_back(l.g.back());
     }
-    if (p.empty()) continue;
-    at::_fused_adamw_(p, g, m, v, /*max_exp_avg_sqs=*/{}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
-                      /*maximize=*/false, grad_scale, found_inf);
-    if (grad_scale.has_value() && !widened.empty()) {  // the scaled gradients written back, as the kernel does
-      std::vector<at::Tensor> scaled;
-      for (size_t k : widened) scaled.push_back(g[k]);
-      at::_foreach_copy_(widened_from, scaled);
-    }
+    l.m.push_back(exp_avgs[i]);
+    l.v.push_back(exp_avg_sqs[i]);
+    l.s.push_back(steps[i]);
+  }
+  for (auto& [dtype, l] : by_dtype) {
+    at::_fused_adamw_(l.p, l.g, l.m, l.v, /*max_exp_avg_sqs=*/{}, l.s, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false, grad_scale, found_inf);
+    // The scaled gradients written back, as the kernel does.
+    if (grad_scale.has_value() && !l.narrow.empty()) at::_foreach_copy_(l.narrow, l.widened);
   }
   std::vector<at::Tensor> targets(copies.begin(), copies.end()), sources(params.begin(), params.end());
   if (!targets.empty()) at::_foreach_copy_(targets, sources);  // one foreach copy (and cast)
