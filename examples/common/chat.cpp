@@ -300,11 +300,8 @@ ChatTokens render_chat(const std::vector<ChatMessage>& messages, const ChatOptio
   const auto& table = renderers();
   const auto renderer =
       std::find_if(table.begin(), table.end(), [&format](const auto& entry) { return entry.first == format; });
-  if (renderer == table.end()) {
-    std::string names;
-    for (const auto& name : chat_formats()) names += (names.empty() ? "" : ", ") + name;
-    throw std::invalid_argument("unknown chat format '" + format + "' (expected one of: " + names + ")");
-  }
+  if (renderer == table.end())
+    throw std::invalid_argument("unknown chat format '" + format + "' (expected one of: " + join(chat_formats()) + ")");
   const std::vector<Piece> pieces = renderer->second(conversation, options);
 
   ChatTokens out;

@@ -1,5 +1,6 @@
 #include "config.hpp"
 #include "chat.hpp"
+#include "strings.hpp"
 
 #include <titan/context_parallel.hpp>
 #include <titan/float8.hpp>
@@ -152,12 +153,6 @@ std::vector<Field> fields_of(TrainConfig& c) {
       text("data", "cache_dir", &c.data.cache_dir),
       integer("data", "tokenize_threads", &c.data.tokenize_threads, 0),
   };
-}
-
-std::string join(const std::vector<std::string>& words, const char* separator = ", ") {
-  std::string out;
-  for (size_t i = 0; i < words.size(); ++i) out += (i ? separator : "") + words[i];
-  return out;
 }
 
 std::vector<std::string> sections_of(const std::vector<Field>& fields) {

@@ -1,7 +1,9 @@
 #pragma once
-// Small string tests the example code shares (C++17 has no starts_with / ends_with).
+// Small string helpers the example code shares (C++17 has no starts_with / ends_with).
 
+#include <string>
 #include <string_view>
+#include <vector>
 
 namespace titan::examples {
 
@@ -13,6 +15,13 @@ inline bool starts_with(std::string_view text, std::string_view prefix) {
 /// Whether `text` ends with `suffix`.
 inline bool ends_with(std::string_view text, std::string_view suffix) {
   return text.size() >= suffix.size() && text.substr(text.size() - suffix.size()) == suffix;
+}
+
+/// `words` joined by `separator` ("a, b, c"): the list of choices an error message names.
+inline std::string join(const std::vector<std::string>& words, const char* separator = ", ") {
+  std::string out;
+  for (size_t i = 0; i < words.size(); ++i) out += (i ? separator : "") + words[i];
+  return out;
 }
 
 }  // namespace titan::examples

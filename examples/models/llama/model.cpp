@@ -199,15 +199,11 @@ std::vector<std::string> model_flavors() {
 
 ModelArgs model_args(const std::string& family, const std::string& flavor) {
   auto f = flavors().find(family);
-  auto known = [] {
-    std::string all;
-    for (const auto& name : model_flavors()) all += (all.empty() ? "" : ", ") + name;
-    return all;
-  };
-  TORCH_CHECK(f != flavors().end(), "model_args: unknown model family '", family, "' (known: ", known(), ")");
-  auto it = f->second.find(flavor);
-  TORCH_CHECK(it != f->second.end(), "model_args: unknown flavor '", flavor, "' of ", family, " (known: ", known(),
+  TORCH_CHECK(f != flavors().end(), "model_args: unknown model family '", family, "' (known: ", join(model_flavors()),
               ")");
+  auto it = f->second.find(flavor);
+  TORCH_CHECK(it != f->second.end(), "model_args: unknown flavor '", flavor, "' of ", family, " (known: ",
+              join(model_flavors()), ")");
   return it->second();
 }
 
