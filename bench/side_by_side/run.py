@@ -103,10 +103,15 @@ def parse_args():
     return a
 
 
+def head_dim(a):
+    """Each attention head's width: the preset's head_dim (Qwen3-MoE's 128), else dim / n_heads."""
+    return getattr(a, "head_dim", None) or a.dim // a.n_heads
+
+
 def body_parameters(a, active=False):
     """Parameters other than the two vocabulary matrices (attention, feed-forward or router and
     experts, norms; Qwen3-MoE's q/k norms); `active`: those a token goes through (top-k experts)."""
-    head = getattr(a, "head_dim", None) or a.dim // a.n_heads
+    head = head_dim(a)
     attention = a.dim * head * (2 * a.n_heads + 2 * a.n_kv_heads)
     if getattr(a, "moe_experts", None):
         experts = a.moe_top_k if active else a.moe_experts
@@ -119,8 +124,7 @@ def body_parameters(a, active=False):
 def flops_per_token(a):
     """torchtitan's estimate: 6 x (parameters without the token embedding; a mixture of experts'
     active ones) + 12 L H Q T."""
-    head = getattr(a, "head_dim", None) or a.dim // a.n_heads
-    attention = 12 * a.n_layers * a.n_heads * head * a.seq_len
+    attention = 12 * a.n_layers * a.n_heads * head_dim(a) * a.seq_len
     return 6 * (body_parameters(a, active=True) + a.vocab_size * a.dim) + attention
 
 

@@ -243,6 +243,11 @@ def weights(dump):
     return load_file(os.path.join(dump, "export", "model.safetensors"))
 
 
+def equal_steps(run, reference):
+    """The steps 1..20 at which `run` logged bitwise the loss `reference` did (metrics() records)."""
+    return [s for s in range(1, 21) if run.get(s, {}).get("loss") == reference[s]["loss"]]
+
+
 def max_weight_diff(a, b):
     assert a.keys() == b.keys(), f"exported names differ: {sorted(set(a) ^ set(b))}"
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
@@ -321,7 +326,7 @@ def main():
         r.check(any("loading the checkpoint:" in line and "(done)" in line for line in second.splitlines()),
                 "a progress line for the checkpoint load")
         resumed, resumed_val = metrics(work("resume"))
-        same = [s for s in range(1, 21) if resumed.get(s, {}).get("loss") == straight[s]["loss"]]
+        same = equal_steps(resumed, straight)
         r.check(len(same) == 20, f"bitwise equal losses at all 20 steps (equal at {len(same)})")
         r.check(resumed_val.get(20, {}).get("val/loss") == straight_val[20]["val/loss"], "equal validation loss")
         r.check(max_weight_diff(weights(work("resume")), straight_weights) == 0.0, "bitwise equal final weights")
@@ -336,7 +341,7 @@ def main():
                     f"the checkpoint of step {stopped[0]} is complete")
         second = r.run("sigterm", args.trainer, 2, llama)
         resumed, _ = metrics(work("sigterm"))
-        same = [s for s in range(1, 21) if resumed.get(s, {}).get("loss") == straight[s]["loss"]]
+        same = equal_steps(resumed, straight)
         r.check(len(same) == 20, f"after SIGTERM and resume: bitwise equal losses at all 20 steps (equal at {len(same)})")
         r.check(max_weight_diff(weights(work("sigterm")), straight_weights) == 0.0, "and bitwise equal final weights")
 
@@ -374,7 +379,7 @@ def main():
                     "1 rank bf16 with fused_kernels = \"cuda\": the 4 blocks' and the root's units keep their copy")
             cast, _ = metrics(work("bf16_one"))
             kept, _ = metrics(work("bf16_one_copy"))
-            same = [s for s in range(1, 21) if kept.get(s, {}).get("loss") == cast[s]["loss"]]
+            same = equal_steps(kept, cast)
             r.check(len(same) == 20, f"1 rank bf16, copy kept and written by the optimizer: bitwise the losses "
                     f"of the casts at all 20 steps (equal at {len(same)})")
             r.check(max_weight_diff(weights(work("bf16_one_copy")), weights(work("bf16_one"))) == 0.0,
@@ -466,7 +471,7 @@ def main():
         r.run("float8_gather", args.trainer, 2, llama, [*f8, *gather])
         plain, _ = metrics(work("float8_plain"))
         gathered, _ = metrics(work("float8_gather"))
-        same = [s for s in range(1, 21) if plain[s]["loss"] == gathered[s]["loss"]]
+        same = equal_steps(plain, gathered)
         r.check(len(same) == 20, f"float8 FSDP all-gather: bitwise the plain float8 run's losses (equal at {len(same)})")
         r.check(max_weight_diff(weights(work("float8_gather")), weights(work("float8_plain"))) == 0.0,
                 "float8 FSDP all-gather: bitwise the plain float8 run's weights")
@@ -503,7 +508,7 @@ def main():
     if wanted("torchrun"):
         text = r.run("torchrun", args.trainer, 2, llama, torchrun=True)
         launched, _ = metrics(work("torchrun"))
-        same = [s for s in range(1, 21) if launched.get(s, {}).get("loss") == straight[s]["loss"]]
+        same = equal_steps(launched, straight)
         r.check(len(same) == 20, f"torchrun: bitwise equal losses at all 20 steps (equal at {len(same)})")
         # torchrun's agent serves the rendezvous store: rank 0 connects to it instead of trying to
         # serve the same port (which printed "failed to bind ... ignoring" on every launch).
@@ -513,7 +518,7 @@ def main():
         text = r.run("restart", args.trainer, 2, llama, torchrun=True, max_restarts=1, kill_rank1_after_step=12)
         r.check("resumed from the checkpoint of step 10" in text, "restart: the restarted workers resume from step 10")
         restarted, _ = metrics(work("restart"))  # a step's last record wins: the restarted run's
-        same = [s for s in range(1, 21) if restarted.get(s, {}).get("loss") == straight[s]["loss"]]
+        same = equal_steps(restarted, straight)
         r.check(len(same) == 20, f"restart: bitwise equal losses at all 20 steps (equal at {len(same)})")
         r.check(max_weight_diff(weights(work("restart")), straight_weights) == 0.0,
                 "restart: bitwise equal final weights")
@@ -526,7 +531,7 @@ def main():
         for how in ("torchrun", "slurm"):
             r.run_nodes(f"two_nodes_{how}", args.trainer, llama, hsdp, how)
             nodes, _ = metrics(work(f"two_nodes_{how}"))
-            same = [s for s in range(1, 21) if nodes.get(s, {}).get("loss") == one_node[s]["loss"]]
+            same = equal_steps(nodes, one_node)
             r.check(len(same) == 20, f"multinode ({how}): bitwise the one-node HSDP losses at all 20 steps "
                     f"(equal at {len(same)})")
 
