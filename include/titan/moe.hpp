@@ -9,7 +9,8 @@
 //     experts = top-k of scores (+ expert bias)           [T, k]  (the bias only chooses)
 //     weights = the chosen scores, renormalised to sum 1 (route_norm), times route_scale
 //               (cast to the experts' output dtype before weighing it, unless fp32_weighting)
-//     y       = Σ_j weights_j · SwiGLU_{experts_j}(x)     [T, dim]
+//     y       = Σ_j weights_j · SwiGLU_{experts_j}(x)     [T, dim]  (the k terms added in fp32,
+//                                                                   rounded once, no atomics)
 //   The T·k assignments are sorted by expert (stably), so each expert computes one contiguous run
 //   of rows: one at::_grouped_mm per projection over all experts, or a loop over the experts (the
 //   fallback, and the tests' reference).
@@ -162,7 +163,8 @@ inline MoeRouting route_tokens(const at::Tensor& logits, const MoeOptions& optio
 
 /// The T·k assignments of a routing in expert order, each expert keeping at most its capacity.
 struct MoeDispatch {
-  at::Tensor token;    ///< [N] int64: the token of each kept assignment, by expert
+  at::Tensor slot;     ///< [N] int64: each kept assignment's position t·k + j in the routing, by expert
+  at::Tensor token;    ///< [N] int64: its token t
   at::Tensor weight;   ///< [N, 1] float32: its routing weight
   at::Tensor counts;   ///< [E] int64: kept assignments per expert (they sum to N)
   at::Tensor routed;   ///< [E] int64: every assignment per expert, before the capacity (= counts if dropless)
@@ -193,9 +195,23 @@ inline MoeDispatch dispatch_tokens(const MoeRouting& routing, const MoeOptions& 
     order = order.masked_select(rank.lt(capacity));                                           // [N]
     d.counts = d.routed.clamp_max(capacity);                                                  // [E]
   }
+  d.slot = order;                                          // [N]
   d.token = order.div(k, "floor");                         // [N]
   d.weight = weights.index_select(0, order).unsqueeze(1);  // [N, 1]
   return d;
+}
+
+/// The inverse of a dispatch: each kept assignment's output (`out` [N, dim], in `d`'s order) back
+/// at its slot, and the k slots of each of the `tokens` tokens summed, accumulated in fp32 and
+/// rounded once -> [T, dim]; a dropped assignment's slot holds zeros. No atomics (index_add's
+/// bf16 atomics on CUDA add in a different order on every run): the same bits on every run.
+inline at::Tensor combine_outputs(const at::Tensor& out, const MoeDispatch& d, int64_t tokens, int64_t k) {
+  const int64_t dim = out.size(1);
+  const bool every_slot = d.slot.size(0) == tokens * k;  // dropless: each slot is written once
+  auto slots = every_slot ? at::empty({tokens * k, dim}, out.options())
+                          : at::zeros({tokens * k, dim}, out.options());  // [T·k, dim]
+  slots.index_put_({d.slot}, out);
+  return slots.view({tokens, k, dim}).sum(1);  // [T, dim]
 }
 
 /// E SwiGLU feed-forwards with stacked weights: w1 and w3 [E, hidden, dim], w2 [E, dim, hidden].
@@ -320,13 +336,15 @@ struct MoEImpl : torch::nn::Module {
     const auto tokens = x.reshape({-1, dim});                                     // [T, dim]
     const auto routing = route_tokens(titan::call(gate, tokens), options_, expert_bias);
     const auto d = dispatch_tokens(routing, options_);                            // N kept assignments
-    auto rows = tokens.index_select(0, d.token);                                  // [N, dim]
+    // Indexing rather than index_select: its gradient adds a token's k rows after sorting them
+    // (on CUDA too; index_select's adds them with atomics), so the same bits on every run.
+    auto rows = tokens.index({d.token});                                          // [N, dim]
     if (options_.score_before_experts()) rows = (rows * d.weight).to(tokens.scalar_type());
     auto out = titan::call(experts, rows, d.counts);                              // [N, dim]
     if (!options_.score_before_experts())
       out = out * (options_.fp32_weighting() ? d.weight : d.weight.to(out.scalar_type()));  // [N, dim]
     if (is_training()) record(routing, d);
-    auto y = at::zeros_like(tokens).index_add(0, d.token, out.to(tokens.scalar_type()));  // [T, dim]
+    auto y = combine_outputs(out.to(tokens.scalar_type()), d, tokens.size(0), routing.experts.size(1));  // [T, dim]
     if (shared_experts) y = y + titan::call(shared_experts, tokens);
     return y.reshape(x.sizes());
   }

@@ -1,8 +1,9 @@
 // titan/moe.hpp: the MoE layer against transformers' Mixtral, Qwen3-MoE and DeepSeek-V3 blocks
 // (outputs, input and weight gradients, the auxiliary loss and its gradient; experts that receive
 // no token; DeepSeek's groups, sigmoid scores, correction bias and shared expert) with
-// at::_grouped_mm and with the per-expert loop; the Mixtral and Qwen3-MoE blocks in bfloat16, each
-// with its weighing; a capacity factor against a plain loop; FSDP over
+// at::_grouped_mm and with the per-expert loop; the Mixtral and Qwen3-MoE blocks (and a top-4
+// Qwen3-MoE) in bfloat16, each with its weighing, each token's terms summed in fp32; the same bits
+// on every run (on the suite's device: CUDA in the GPU kit); a capacity factor against a plain loop; FSDP over
 // the experts against one process; routing with an expert bias; the expert-bias update over the
 // ranks, and its balancing of a skewed router; load statistics; errors.
 #include "../support/multirank.hpp"
@@ -39,6 +40,7 @@ std::string reference_path() {
 MoeOptions block_options(const std::string& name) {
   if (name == "mixtral") return MoeOptions().num_experts(4).top_k(2).route_norm(true);
   if (name == "qwen3") return MoeOptions().num_experts(8).top_k(2).route_norm(false);
+  if (name == "qwen3_top4") return MoeOptions().num_experts(8).top_k(4).route_norm(false);
   return MoeOptions()  // DeepSeek-V3
       .num_experts(8).top_k(2).score(titan::RouterScore::Sigmoid).route_norm(true).route_scale(2.5)
       .num_groups(4).top_groups(2).expert_bias(true).shared_hidden(32);
@@ -98,7 +100,8 @@ TEST_CASE("moe: the layer equals transformers' Mixtral, Qwen3-MoE and DeepSeek-V
   }
 }
 
-TEST_CASE("moe: in bfloat16 the layer computes as transformers' Mixtral and Qwen3-MoE blocks do") {
+TEST_CASE("moe: in bfloat16 the layer computes as transformers' Mixtral and Qwen3-MoE blocks do, each token's "
+          "terms summed in fp32") {
   if (world()->world_size() > 1) return;
   titan::safetensors::File reference(reference_path());
   // One ulp of bf16 at the reference's largest magnitude: what rounding alone can make differ.
@@ -108,7 +111,8 @@ TEST_CASE("moe: in bfloat16 the layer computes as transformers' Mixtral and Qwen
   };
   // transformers' Mixtral weighs each expert's output in fp32 (its router keeps fp32 weights);
   // Qwen3-MoE's router casts the weights to bf16 first, and the product stays bf16.
-  for (const auto& [name, fp32_weighting] : {std::pair<std::string, bool>{"mixtral", true}, {"qwen3", false}}) {
+  for (const auto& [name, fp32_weighting] :
+       {std::pair<std::string, bool>{"mixtral", true}, {"qwen3", false}, {"qwen3_top4", false}}) {
     for (bool grouped : {true, false}) {
       CAPTURE(name);
       CAPTURE(grouped);
@@ -122,9 +126,12 @@ TEST_CASE("moe: in bfloat16 the layer computes as transformers' Mixtral and Qwen
       CHECK(layer->experts->runs_grouped(x.reshape({-1, 16})) == grouped);
       auto y = titan::call(layer, x);  // [2, 5, 16] bf16
       y.backward(read("dy"));
-      // The loop computes each expert as transformers does (per-expert GEMMs; the weighing; the
-      // outputs added in bf16 in expert order): bitwise. Weighing the other way differs by an ulp.
-      if (!grouped) CHECK(torch::equal(y, read("y")));
+      // The loop computes each expert as transformers does (per-expert GEMMs; the weighing), and
+      // sums a token's weighted outputs in fp32, rounded once: bitwise transformers' outputs summed
+      // so. transformers adds them in bf16 (rounding after each add): within an ulp, and with four
+      // terms per token not always the same bits. Weighing the other way differs by an ulp.
+      if (!grouped) CHECK(torch::equal(y, read("y_fp32_sum")));
+      if (name == "qwen3_top4") CHECK_FALSE(torch::equal(read("y"), read("y_fp32_sum")));
       check_within_an_ulp(y, read("y"), "y");
       check_within_an_ulp(x.grad(), read("dx"), "dx");
       check_within_an_ulp(layer->gate->weight.grad(), read("dgate"), "dgate");
@@ -138,6 +145,53 @@ TEST_CASE("moe: in bfloat16 the layer computes as transformers' Mixtral and Qwen
       CHECK_FALSE(torch::equal(titan::call(other, read("x")), y.detach()));
     }
   }
+}
+
+TEST_CASE("moe: forward and backward give the same bits on every run; each token's eight terms summed in fp32") {
+  if (world()->world_size() > 1) return;
+  // On CUDA, index_add (a combine) and index_select's gradient (a dispatch's) add a token's rows
+  // with atomics, in another order on every run: in bf16, other bits. The layer sums each token's
+  // slots instead and its dispatch's gradient sorts. Top-8 of 8 experts: eight terms per token.
+  const auto device = titan_test::device();
+  torch::manual_seed(11);
+  titan::MoE layer(64, 128, MoeOptions().num_experts(8).top_k(8));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : layer->parameters()) p.normal_(0, 0.1);
+  }
+  layer->to(device, torch::kBFloat16);
+  const auto x = torch::randn({4096, 64}).to(device, torch::kBFloat16);   // [T, dim]
+  const auto dy = torch::randn({4096, 64}).to(device, torch::kBFloat16);  // [T, dim]
+  auto run = [&] {
+    layer->zero_grad();
+    auto xin = x.clone().requires_grad_(true);
+    auto y = titan::call(layer, xin);  // [T, dim]
+    y.backward(dy);
+    return std::vector<Tensor>{y.detach(), xin.grad(), layer->gate->weight.grad(), layer->experts->w1.grad(),
+                               layer->experts->w2.grad(), layer->experts->w3.grad()};
+  };
+  const auto first = run();
+  for (int again = 0; again < 3; ++again) {
+    const auto results = run();
+    for (size_t i = 0; i < results.size(); ++i) {
+      CAPTURE(again);
+      CAPTURE(i);
+      CHECK(torch::equal(results[i], first[i]));
+    }
+  }
+  // Every token reaches every expert: the dense sum of the eight weighted outputs (each expert on
+  // all tokens, the weight cast to bf16 first as by default) in fp32, rounded once.
+  torch::NoGradGuard no_grad;
+  const auto scores = torch::softmax(torch::linear(x, layer->gate->weight).to(torch::kFloat), -1);  // [T, E]
+  auto dense = torch::zeros({4096, 64}, x.options().dtype(torch::kFloat));                         // [T, dim]
+  for (int64_t e = 0; e < 8; ++e) {
+    const auto& experts = layer->experts;
+    const auto h = titan::swiglu(torch::linear(x, experts->w1[e]), torch::linear(x, experts->w3[e]));  // [T, hidden]
+    dense += (torch::linear(h, experts->w2[e]) * scores.select(1, e).unsqueeze(1).to(x.scalar_type())).to(torch::kFloat);
+  }
+  // Other GEMMs (grouped or per expert on fewer rows) may round a term differently: a few ulps.
+  CHECK_CLOSE(first[0].to(torch::kFloat), dense.to(x.scalar_type()).to(torch::kFloat),
+              dense.abs().max().item<double>() * std::ldexp(1.0, -6));
 }
 
 TEST_CASE("moe: the auxiliary loss equals transformers' load_balancing_loss_func, with its gradient") {
