@@ -4,9 +4,11 @@
 // dtype and writes the parameters' copy in its own, launched over all the tensors at once by ATen's
 // multi-tensor apply (the launcher of ATen's own _fused_adamw_). Its arithmetic is that kernel's
 // (the same fused multiply-adds in fp32), so parameters and moments match ATen's fused AdamW on the
-// widened gradients. fp64 parameters, mixed dtypes within a list and non-contiguous tensors take
-// the ATen implementation. Compiled by nvcc into titan::cuda_kernels.
+// widened gradients. Other parameters than fp32 ones, mixed dtypes within a list, other dtypes than
+// fp32, fp16 and bf16, non-contiguous tensors and tensors on another device than the first
+// parameter's take the ATen implementation. Compiled by nvcc into titan::cuda_kernels.
 #include <titan/fused/adamw.hpp>
+#include <titan/fused/cuda/inputs.cuh>
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -68,18 +70,21 @@ struct AdamWCopyFunctor {
   }
 };
 
-/// Whether the kernel takes these lists: fp32 parameters, one gradient dtype and one copy dtype,
-/// every tensor contiguous, scale and flag (if given) float32 on the parameters' device.
+/// Whether the kernel takes these lists: fp32 parameters, one gradient dtype and one copy dtype
+/// (fp32, fp16 or bf16), every tensor contiguous and on the first parameter's device (as the
+/// launch), scale and flag (if given) float32 there.
 inline bool adamw_copy_kernel_applies(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                                       at::TensorList exp_avg_sqs, at::TensorList copies,
                                       const std::optional<at::Tensor>& grad_scale,
                                       const std::optional<at::Tensor>& found_inf) {
+  if (!kernel_dtype(grads[0].scalar_type()) || !kernel_dtype(copies[0].scalar_type())) return false;
+  const auto device = params[0].device();
   for (size_t i = 0; i < params.size(); ++i) {
     if (params[i].scalar_type() != at::kFloat || grads[i].scalar_type() != grads[0].scalar_type() ||
         copies[i].scalar_type() != copies[0].scalar_type())
       return false;
     for (const auto* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &copies[i]})
-      if (!t->is_contiguous()) return false;
+      if (!t->is_contiguous() || t->device() != device) return false;
   }
   for (const auto* t : {&grad_scale, &found_inf})
     if (t->has_value() && ((*t)->scalar_type() != at::kFloat || (*t)->device() != params[0].device())) return false;

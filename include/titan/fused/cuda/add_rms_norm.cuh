@@ -5,8 +5,11 @@
 // rstd in fp32; the backward writes the input gradient of a row in one pass (rstd saved, the row's
 // dot product of the weighted gradient with the normalized sum reduced in the block), and the
 // weight's gradient in a second, column-parallel pass over row chunks whose partial sums one
-// at::sum adds. Compiled by nvcc into titan::cuda_kernels; fp64 takes the ATen implementation.
+// at::sum adds. Compiled by nvcc into titan::cuda_kernels; other dtypes than fp32, fp16 and bf16,
+// and a backward's arguments of other shapes or devices than the forward gave, take the ATen
+// implementation.
 #include <titan/fused/add_rms_norm.hpp>
+#include <titan/fused/cuda/inputs.cuh>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -113,7 +116,7 @@ __global__ void add_rms_norm_weight_grad(const scalar_t* __restrict__ grad_norme
 /// titan::add_rms_norm_forward on CUDA tensors (same contract as the ATen implementation).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const at::Tensor& x, const at::Tensor& delta,
                                                                            const at::Tensor& weight, double eps) {
-  if (x.scalar_type() == at::kDouble) return titan::detail::add_rms_norm_forward_aten(x, delta, weight, eps);
+  if (!detail::kernel_dtype(x.scalar_type())) return titan::detail::add_rms_norm_forward_aten(x, delta, weight, eps);
   titan::detail::check_add_rms_norm_inputs(x, delta, weight);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto a = x.contiguous(), b = delta.contiguous(), w = weight.contiguous();  // [..., D], [D]
@@ -140,8 +143,13 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward(const std::optio
                                                                 const at::Tensor& weight, const at::Tensor& rstd,
                                                                 double eps) {
   const bool residual = grad_sum && grad_sum->defined();
-  if (sum.scalar_type() == at::kDouble || rstd.scalar_type() != at::kFloat ||
-      grad_normed.scalar_type() != sum.scalar_type() || (residual && grad_sum->scalar_type() != sum.scalar_type()))
+  // What the forward gave: grad_sum [..., D] like sum, rstd [..., 1] in fp32, all on sum's device.
+  const bool as_forward_gave =
+      sum.dim() >= 1 && rstd.scalar_type() == at::kFloat && grad_normed.scalar_type() == sum.scalar_type() &&
+      rstd.numel() * sum.size(-1) == sum.numel() &&
+      (!residual || (grad_sum->scalar_type() == sum.scalar_type() && grad_sum->sizes() == sum.sizes())) &&
+      detail::on_device(sum.device(), {&grad_normed, &rstd, residual ? &*grad_sum : &sum});
+  if (!detail::kernel_dtype(sum.scalar_type()) || !as_forward_gave)
     return titan::detail::add_rms_norm_backward_aten(grad_sum, grad_normed, sum, weight, rstd, eps);
   titan::detail::check_add_rms_norm_inputs(sum, grad_normed, weight);
   const c10::cuda::CUDAGuard guard(sum.device());

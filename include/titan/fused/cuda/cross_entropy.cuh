@@ -4,9 +4,11 @@
 // pass (running max and sum of exp, in fp32) and, for the gradient, a second pass writing
 // (softmax - one_hot(target)) * grad_scale in the logits' dtype. The backward's rescaling by
 // grad_output / grad_scale is a grid-stride kernel that returns at once when that factor is 1.
-// Compiled by nvcc into titan::cuda_kernels; fp64 logits take the ATen implementation.
+// Compiled by nvcc into titan::cuda_kernels; logits of other dtypes than fp32, fp16 and bf16 take
+// the ATen implementation.
 #include <titan/fused/cross_entropy.hpp>
 #include <titan/fused/cuda/grid.cuh>
+#include <titan/fused/cuda/inputs.cuh>
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -88,7 +90,7 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::
                                                                       const at::Tensor& targets, int64_t ignore_index,
                                                                       int64_t chunk_elements, bool compute_grad,
                                                                       double grad_scale) {
-  if (logits.scalar_type() == at::kDouble)
+  if (!detail::kernel_dtype(logits.scalar_type()))
     return titan::detail::cross_entropy_loss_and_grad_aten(logits, targets, ignore_index, chunk_elements, compute_grad,
                                                            grad_scale);
   titan::detail::check_cross_entropy_rows(logits, targets, "titan::cross_entropy");
@@ -111,10 +113,11 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::
 }
 
 /// titan::cross_entropy_rescale_grad_ on CUDA tensors: the ATen implementation's contract, the
-/// factor tested on the device (no sync). fp64 gradients (fp64 logits) take the ATen path.
+/// factor tested on the device (no sync). Other gradients than contiguous fp32, fp16 or bf16 ones
+/// with an fp32 grad_output of one element on their device take the ATen path.
 inline void cross_entropy_rescale_grad_(at::Tensor& grad, const at::Tensor& grad_output, double grad_scale) {
-  if (grad.scalar_type() == at::kDouble || grad_output.scalar_type() != at::kFloat || !grad.is_contiguous() ||
-      grad_output.numel() != 1)
+  if (!detail::kernel_dtype(grad.scalar_type()) || grad_output.scalar_type() != at::kFloat || !grad.is_contiguous() ||
+      grad_output.numel() != 1 || !detail::on_device(grad.device(), {&grad_output}))
     return titan::detail::cross_entropy_rescale_grad_aten(grad, grad_output, grad_scale);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t n = grad.numel();

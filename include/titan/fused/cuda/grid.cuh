@@ -3,11 +3,14 @@
 // the cross entropy's rescaling):
 // grid-stride loops of 256 threads per block, as many blocks as fill the GPU; inputs read in rows
 // that may be strided (a column slice of a fused projection's output), so no copy makes them
-// contiguous.
+// contiguous; index arithmetic in 32 bits wherever the indices fit, divisions by launch constants
+// as a multiply and a shift (ATen's IntDivider), not the ~100 instructions of a 64-bit division.
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace titan::cuda::detail {
 
@@ -49,9 +52,32 @@ inline Rows rows_of(const at::Tensor& x, int64_t inner) {
   return {x.contiguous(), row_numel};
 }
 
-/// Where element i of a row-major [rows, cols] walk lies in rows `stride` elements apart.
-__device__ inline int64_t row_offset(int64_t i, int64_t cols, int64_t stride) {
-  return stride == cols ? i : (i / cols) * stride + i % cols;
+/// Division by a launch constant in the kernel's index type: a multiply and a shift for uint32_t.
+template <typename index_t>
+using Divider = at::cuda::detail::IntDivider<index_t>;
+
+/// A divider by `d` (at least 1: an empty tensor's zero-width rows divide nothing).
+template <typename index_t>
+Divider<index_t> divider(int64_t d) {
+  return Divider<index_t>(static_cast<index_t>(std::max<int64_t>(d, 1)));
+}
+
+/// The elements a kernel may address in `n` elements read as rows of `cols` elements `stride` apart:
+/// from the first row's start to the last row's end.
+inline int64_t rows_extent(int64_t n, int64_t cols, int64_t stride) {
+  const int64_t rows = n / std::max<int64_t>(cols, 1);
+  return rows == 0 ? n : (rows - 1) * stride + cols;
+}
+
+/// Calls f(index_t{}) with the index type of a launch whose indices and offsets all lie below
+/// `extent`: uint32_t where they fit in int32 (every tensor titan's trainers launch on, up to the
+/// 8192 x 128,256 logits), else uint64_t.
+template <typename F>
+void with_index_type(int64_t extent, const F& f) {
+  if (extent <= std::numeric_limits<int32_t>::max())
+    f(uint32_t{});
+  else
+    f(uint64_t{});
 }
 
 }  // namespace titan::cuda::detail

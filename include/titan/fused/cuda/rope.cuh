@@ -2,9 +2,10 @@
 // titan/fused/cuda/rope.cuh: the CUDA kernels of titan::rope_forward and titan::rope_backward
 // (see titan/fused/rope.hpp for the formulas): one pass over q and k together, a thread per
 // element pair, in fp32, reading q and k in place when they are column slices of one tensor (the
-// fused wq|wk|wv projection, titan::linear_fused). Compiled by nvcc into titan::cuda_kernels; fp64 takes the ATen
-// implementation.
+// fused wq|wk|wv projection, titan::linear_fused). Compiled by nvcc into titan::cuda_kernels; other
+// dtypes than fp32, fp16 and bf16 take the ATen implementation.
 #include <titan/fused/cuda/grid.cuh>
+#include <titan/fused/cuda/inputs.cuh>
 #include <titan/fused/rope.hpp>
 
 #include <ATen/Dispatch.h>
@@ -12,40 +13,48 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 
 namespace titan::cuda {
 namespace detail {
 
-/// Pair p of x [B, S, H, D/2 pairs] (each token's H x D elements contiguous, tokens `stride`
-/// elements apart) rotated by +-theta of its position and frequency into out [B, S, H, D]
-/// (contiguous): cos, sin [S, D/2] (x's dtype or fp32); sign -1 for the backward's rotation by -theta.
-template <typename scalar_t, typename table_t>
-__device__ inline void rope_pair(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                                 const table_t* __restrict__ cos, const table_t* __restrict__ sin, int64_t p,
-                                 int64_t heads, int64_t half, int64_t seq, int64_t stride, float sign) {
-  const int64_t i = p % half, s = (p / (half * heads)) % seq;
-  const float c = static_cast<float>(cos[s * half + i]), sn = sign * static_cast<float>(sin[s * half + i]);
-  const int64_t offset = row_offset(2 * p, 2 * half * heads, stride);
-  const float x0 = static_cast<float>(x[offset]), x1 = static_cast<float>(x[offset + 1]);
-  out[2 * p] = static_cast<scalar_t>(x0 * c - x1 * sn);
-  out[2 * p + 1] = static_cast<scalar_t>(x0 * sn + x1 * c);
+/// One of q and k as the kernel walks it: x [B, S, H, D] with each token's H x D elements
+/// contiguous and tokens `stride` elements apart, out [B, S, H, D] contiguous.
+template <typename scalar_t, typename index_t>
+struct RopeTensor {
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ out;
+  Divider<index_t> token_pairs;  // H x D/2: the pairs of a token
+  index_t stride;
+};
+
+/// Pair p of `t` rotated by +-theta of its position and frequency: cos, sin [S, D/2] (x's dtype
+/// or fp32); sign -1 for the backward's rotation by -theta.
+template <typename scalar_t, typename table_t, typename index_t>
+__device__ inline void rope_pair(const RopeTensor<scalar_t, index_t>& t, const table_t* __restrict__ cos,
+                                 const table_t* __restrict__ sin, index_t p, const Divider<index_t>& half,
+                                 const Divider<index_t>& seq, float sign) {
+  const auto token = t.token_pairs.divmod(p);                   // token (b, s) and pair within it
+  const index_t table = seq.mod(token.div) * half.divisor + half.mod(token.mod);  // [s, frequency]
+  const float c = static_cast<float>(cos[table]), sn = sign * static_cast<float>(sin[table]);
+  const index_t offset = token.div * t.stride + 2 * token.mod;
+  const float x0 = static_cast<float>(t.x[offset]), x1 = static_cast<float>(t.x[offset + 1]);
+  t.out[2 * p] = static_cast<scalar_t>(x0 * c - x1 * sn);
+  t.out[2 * p + 1] = static_cast<scalar_t>(x0 * sn + x1 * c);
 }
 
 /// The pairs of q (the first q_pairs indices of the grid-stride loop) and then of k.
-template <typename scalar_t, typename table_t>
-__global__ void rope_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                            scalar_t* __restrict__ q_out, scalar_t* __restrict__ k_out,
-                            const table_t* __restrict__ cos, const table_t* __restrict__ sin, int64_t q_pairs,
-                            int64_t k_pairs, int64_t q_heads, int64_t k_heads, int64_t half, int64_t seq,
-                            int64_t q_stride, int64_t k_stride, float sign) {
-  const int64_t total = q_pairs + k_pairs;
-  for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < total; p += int64_t{blockDim.x} * gridDim.x) {
+template <typename scalar_t, typename table_t, typename index_t>
+__global__ void rope_kernel(RopeTensor<scalar_t, index_t> q, RopeTensor<scalar_t, index_t> k,
+                            const table_t* __restrict__ cos, const table_t* __restrict__ sin, index_t q_pairs,
+                            index_t total, Divider<index_t> half, Divider<index_t> seq, float sign) {
+  for (index_t p = blockIdx.x * index_t{blockDim.x} + threadIdx.x; p < total; p += index_t{blockDim.x} * gridDim.x) {
     if (p < q_pairs)
-      rope_pair(q, q_out, cos, sin, p, q_heads, half, seq, q_stride, sign);
+      rope_pair(q, cos, sin, p, half, seq, sign);
     else
-      rope_pair(k, k_out, cos, sin, p - q_pairs, k_heads, half, seq, k_stride, sign);
+      rope_pair(k, cos, sin, p - q_pairs, half, seq, sign);
   }
 }
 
@@ -60,21 +69,31 @@ inline std::tuple<at::Tensor, at::Tensor> rope_launch(const at::Tensor& q, const
   const auto table = native ? x.scalar_type() : at::kFloat;
   const auto c = cos.to(table).contiguous(), s = sin.to(table).contiguous();  // [S, D/2]
   auto x_out = at::empty(x.sizes(), x.options()), y_out = at::empty(y.sizes(), y.options());  // [B, S, H, D]
-  const int64_t q_pairs = x.numel() / 2, k_pairs = y.numel() / 2;
+  const int64_t q_pairs = x.numel() / 2, k_pairs = y.numel() / 2, half = x.size(3) / 2;
   if (q_pairs + k_pairs == 0) return {x_out, y_out};
+  const int64_t q_token = x.size(2) * x.size(3), k_token = y.size(2) * y.size(3);  // elements of a token
+  const int64_t extent = std::max({q_pairs + k_pairs, x.numel(), y.numel(),
+                                   rows_extent(x.numel(), q_token, x_rows.stride),
+                                   rows_extent(y.numel(), k_token, y_rows.stride)});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "titan::rope", [&] {
-    auto launch = [&](auto* cos_data, auto* sin_data) {
-      using table_t = std::remove_const_t<std::remove_pointer_t<decltype(cos_data)>>;
-      rope_kernel<scalar_t, table_t><<<grid_stride_blocks(q_pairs + k_pairs), kElementwiseThreads, 0,
-                                       at::cuda::getCurrentCUDAStream()>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(), y_out.data_ptr<scalar_t>(),
-          cos_data, sin_data, q_pairs, k_pairs, x.size(2), y.size(2), x.size(3) / 2, x.size(1), x_rows.stride,
-          y_rows.stride, sign);
-    };
-    if (native)
-      launch(c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
-    else
-      launch(c.data_ptr<float>(), s.data_ptr<float>());
+    with_index_type(extent, [&](auto index) {
+      using index_t = decltype(index);
+      const RopeTensor<scalar_t, index_t> q_walk{x.data_ptr<scalar_t>(), x_out.data_ptr<scalar_t>(),
+                                                 divider<index_t>(q_token / 2), static_cast<index_t>(x_rows.stride)};
+      const RopeTensor<scalar_t, index_t> k_walk{y.data_ptr<scalar_t>(), y_out.data_ptr<scalar_t>(),
+                                                 divider<index_t>(k_token / 2), static_cast<index_t>(y_rows.stride)};
+      auto launch = [&](auto* cos_data, auto* sin_data) {
+        using table_t = std::remove_const_t<std::remove_pointer_t<decltype(cos_data)>>;
+        rope_kernel<scalar_t, table_t, index_t><<<grid_stride_blocks(q_pairs + k_pairs), kElementwiseThreads, 0,
+                                                  at::cuda::getCurrentCUDAStream()>>>(
+            q_walk, k_walk, cos_data, sin_data, q_pairs, q_pairs + k_pairs, divider<index_t>(half),
+            divider<index_t>(x.size(1)), sign);
+      };
+      if (native)
+        launch(c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
+      else
+        launch(c.data_ptr<float>(), s.data_ptr<float>());
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {x_out, y_out};
@@ -86,7 +105,7 @@ inline std::tuple<at::Tensor, at::Tensor> rope_launch(const at::Tensor& q, const
 inline std::tuple<at::Tensor, at::Tensor> rope_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                                        const at::Tensor& sin) {
   titan::detail::check_rope_inputs(q, k, cos, sin);
-  if (q.scalar_type() == at::kDouble) return titan::detail::rope_forward_aten(q, k, cos, sin);
+  if (!detail::kernel_dtype(q.scalar_type())) return titan::detail::rope_forward_aten(q, k, cos, sin);
   return detail::rope_launch(q, k, cos, sin, 1.f);
 }
 
@@ -94,7 +113,7 @@ inline std::tuple<at::Tensor, at::Tensor> rope_forward(const at::Tensor& q, cons
 inline std::tuple<at::Tensor, at::Tensor> rope_backward(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                         const at::Tensor& cos, const at::Tensor& sin) {
   titan::detail::check_rope_inputs(grad_q, grad_k, cos, sin);
-  if (grad_q.scalar_type() == at::kDouble) return titan::detail::rope_backward_aten(grad_q, grad_k, cos, sin);
+  if (!detail::kernel_dtype(grad_q.scalar_type())) return titan::detail::rope_backward_aten(grad_q, grad_k, cos, sin);
   return detail::rope_launch(grad_q, grad_k, cos, sin, -1.f);
 }
 
