@@ -63,8 +63,12 @@ ATTENTION_FORWARD = {"aten::_scaled_dot_product_cudnn_attention", "aten::_scaled
 ATTENTION_BACKWARD = {name + "_backward" for name in ATTENTION_FORWARD}
 # Operators that read only the rows they pick from their first input (the table / the logits).
 GATHERS = {"aten::embedding", "aten::nll_loss_forward", "aten::index_select", "aten::gather", "aten::index"}
-# In-place scatters: they read and write only the elements their index picks in the first input.
+# In-place scatters: they read and write only the elements their index picks in the first input
+# (index_put_ without accumulate only writes them).
 SCATTERS = {"aten::scatter_add_", "aten::scatter_", "aten::index_put_", "aten::index_add_"}
+# index_put with accumulate on CUDA sorts its indices first (cub's radix sort: a few launches) so
+# that it adds duplicates in a fixed order: the deterministic scatter-add of indexing's gradient.
+SORTED_ACCUMULATE_LAUNCHES = 5
 # In-place operators that do not read what they overwrite.
 OVERWRITES = {"aten::copy_", "aten::fill_", "aten::zero_", "aten::_foreach_copy_", "aten::normal_", "aten::uniform_"}
 # Memory-bound kernels torch.compile leaves whole (Inductor falls back to ATen's kernel, or runs the
@@ -166,9 +170,10 @@ def kernel(event):
     if name in SKIPPED_ON_DEVICE:
         k.update(kind="memory", bytes=sum(tensor_bytes(t) for t in inputs if t["elements"] == 1), writes=set())
         return k
-    if name in SCATTERS:  # the elements it picks in its first input, read and written
+    accumulates = event["scalars"].get("accumulate", True)
+    if name in SCATTERS:  # the elements it picks in its first input, read (unless overwritten) and written
         picked = max(t["elements"] for t in inputs[1:]) * inputs[0]["itemsize"]
-        read = picked + sum(tensor_bytes(t) for t in inputs[1:])
+        read = (picked if accumulates else 0) + sum(tensor_bytes(t) for t in inputs[1:])
     elif name in GATHERS:
         picked = outputs[0]["elements"] if outputs else 0
         read = picked * inputs[0]["itemsize"] + sum(tensor_bytes(t) for t in inputs[1:])
@@ -187,7 +192,10 @@ def kernel(event):
         written = sum(tensor_bytes(t) for t in outputs)
     if name == "aten::nll_loss_backward":  # zero-fills grad_input, then writes one entry per row
         read = sum(tensor_bytes(t) for t in inputs if t["shape"] != outputs[0]["shape"])
-    k.update(kind="memory", launches=LAUNCHES.get(name, 1), bytes=read + written)
+    sorts = name in ("aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and \
+        event["scalars"].get("accumulate") is True
+    k.update(kind="memory", launches=SORTED_ACCUMULATE_LAUNCHES if sorts else LAUNCHES.get(name, 1),
+             bytes=read + written)
     return k
 
 
