@@ -92,6 +92,8 @@ std::vector<Field> fields_of(TrainConfig& c) {
       choice("training", "mixed_precision_reduce", &c.training.mixed_precision_reduce, dtypes),
       choice("training", "nan_policy", &c.training.nan_policy, {"stop", "skip"}),
       choice("training", "fused_kernels", &c.training.fused_kernels, {"aten", "cuda"}),
+      flag("training", "deterministic", &c.training.deterministic),
+      flag("training", "deterministic_warn_only", &c.training.deterministic_warn_only),
       integer("parallelism", "data_parallel_shard_degree", &c.parallelism.data_parallel_shard_degree, -1),
       integer("parallelism", "data_parallel_replicate_degree", &c.parallelism.data_parallel_replicate_degree, 1),
       integer("parallelism", "tensor_parallel_degree", &c.parallelism.tensor_parallel_degree, 1),
@@ -392,6 +394,9 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(t.seq_len % cp_chunks == 0, source, ": training.seq_len = ", t.seq_len, " must be a multiple of 2 x ",
               "parallelism.context_parallel_degree = ", cp_chunks, " (each context-parallel rank holds two equal ",
               "chunks of every sequence)");
+  TORCH_CHECK(t.deterministic || !t.deterministic_warn_only, source, ": training.deterministic_warn_only = true ",
+              "needs training.deterministic = true (it turns the error for an operator without a deterministic ",
+              "kernel into a warning)");
   TORCH_CHECK(config.moe.aux_loss_coef == 0 || p.pipeline_parallel_degree == 1, source, ": moe.aux_loss_coef = ",
               config.moe.aux_loss_coef, " needs pipeline_parallel_degree = 1 (the auxiliary loss spans every layer's ",
               "tokens; with pipeline parallelism balance the experts with moe.load_balance_coeff)");

@@ -76,6 +76,12 @@ struct TrainingConfig {
   /// every device) or "cuda" (titan::cuda_kernels on CUDA tensors; not yet run on a GPU, see
   /// docs/fused.md; needs a build that found CUDA)
   std::string fused_kernels = "aten";
+  /// Deterministic algorithms only (torchtitan's debug.deterministic): every operator's
+  /// deterministic kernel, or an error naming one that has none (a warning with
+  /// deterministic_warn_only); cuDNN without autotuning; cuBLAS's fixed workspace. The same bits on
+  /// every run of one machine; slower on GPUs
+  bool deterministic = false;
+  bool deterministic_warn_only = false;
 };
 
 /// [parallelism]: the device mesh.

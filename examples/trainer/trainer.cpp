@@ -9,6 +9,7 @@
 #include <titan/meta.hpp>
 #include <titan/tensor_parallel.hpp>
 
+#include <ATen/Context.h>
 #include <c10/util/ScopeExit.h>
 #include <c10/util/StringUtil.h>
 
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <sstream>
 
@@ -36,6 +38,19 @@ double device_peak_flops(const c10::Device& device, double configured) {
   if (device.is_cuda()) return peak_flops_of(at::cuda::getDeviceProperties(device.index())->name);
 #endif
   return 0.0;
+}
+
+/// torchtitan's debug.deterministic, set before the first CUDA call: ATen's deterministic kernels
+/// only (an error, or with `warn_only` a warning, naming an operator that has none; uninitialized
+/// memory filled with NaN so that a read of it shows), cuDNN's deterministic algorithms without
+/// autotuning, and cuBLAS's fixed workspace (read when its first handle is made) unless the
+/// environment sets it already.
+void use_deterministic_algorithms(bool warn_only) {
+  setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  auto& context = at::globalContext();
+  context.setDeterministicAlgorithms(true, warn_only);
+  context.setDeterministicCuDNN(true);
+  context.setBenchmarkCuDNN(false);
 }
 
 /// `batch` on `device`: through pinned memory without waiting for the device (a copy from
@@ -133,6 +148,7 @@ void Trainer::build() {
 }
 
 void Trainer::build_world() {
+  if (config_.training.deterministic) use_deterministic_algorithms(config_.training.deterministic_warn_only);
   world_ = titan::init_distributed();
   const auto& log = world_->logger();
   const auto& launch = world_->launch_info();
@@ -141,6 +157,10 @@ void Trainer::build_world() {
            launch.local_world_size,
            world_->world_size() > 1 ? " | rendezvous " + launch.master_addr + ":" + std::to_string(launch.master_port) : "");
   log.info("resolved config:\n", to_toml(config_));
+  if (config_.training.deterministic)
+    log.info("deterministic algorithms: on (", config_.training.deterministic_warn_only ? "a warning" : "an error",
+             " for an operator without a deterministic kernel; CUBLAS_WORKSPACE_CONFIG ",
+             std::getenv("CUBLAS_WORKSPACE_CONFIG"), ")");
   if (config_.training.fused_kernels == "cuda") {
 #ifdef TITAN_CUDA_KERNELS
     titan::cuda::register_kernels();

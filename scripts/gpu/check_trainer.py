@@ -25,6 +25,11 @@
    projections, per-operator AC: every loss within 5e-2 of check 2's ATen-path run, and that the
    trainer reported the copy kept; tokens/s in check 2's table. The first run of those kernels in
    training.
+9. bf16 Qwen3-MoE debug model with training.deterministic (ATen's deterministic algorithms, cuDNN's
+   without autotuning, cuBLAS's fixed workspace; titan's MoE combine and dispatch need no atomics),
+   twice, per-operator AC: bitwise the same loss at every step (the first run of that switch, and
+   of the MoE layer's determinism, on a GPU; an operator without a deterministic kernel fails the
+   run and is named in its log).
 Prints one table; exits non-zero when a check fails.
 """
 import argparse
@@ -199,6 +204,17 @@ def main():
             check(f"{what} vs 1 rank, every step's loss", gap <= 1e-4, f"max |diff| {gap:.2e} (<= 1e-4)")
         except RuntimeError as error:
             check(f"{what} vs 1 rank, every step's loss", False, str(error))
+
+    # The same bits twice with deterministic algorithms (the MoE model: its combine and dispatch).
+    deterministic = {**bf16, **modes["per operator"], "training.deterministic": "true"}
+    try:
+        first, second = (runs.train(f"moe_deterministic_{i}", a.device, deterministic, config=moe_config)
+                         for i in (1, 2))
+        differ = [r["step"] for r, s in zip(first, second) if r["loss"] != s["loss"]]
+        check("bf16 Qwen3-MoE with training.deterministic, twice: bitwise the same losses",
+              len(first) == a.steps and not differ, f"steps differing: {differ or 'none'}")
+    except RuntimeError as error:
+        check("bf16 Qwen3-MoE with training.deterministic, twice: bitwise the same losses", False, str(error))
 
     # Float8 pays off on large matmuls: a 1B model at seq 2048 (a dry run on the CPU keeps the debug model).
     big = {} if a.device == "cpu" else {"model.flavor": "1B", "training.seq_len": 2048, "training.batch_size": 2,

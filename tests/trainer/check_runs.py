@@ -18,6 +18,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   fused       model.fused_projections (wq|wk|wv and w1|w3 as one GEMM each) on 2 ranks: the straight
               run's losses and weights within 1e-4; and the straight run's step-10 checkpoint
               resumed with the option: its steps 11..20
+  deterministic  training.deterministic (ATen's deterministic algorithms; uninitialized memory
+              filled with NaN) on 2 ranks: the trainer says so, and the straight run's losses and
+              weights come back bitwise (on the CPU every kernel is deterministic already)
   hf_start    2 ranks start from the straight run's Hugging Face export (each rank reads its
               slices) and train one step at lr 0: the exported weights come back bitwise
   torchrun    the same job launched by PyTorch's torchrun (--standalone --no-python) instead of
@@ -55,7 +58,8 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               checkpoint resumed at EP 1 on 1 rank and at EP 4 on 4 gives its steps 11..20 (TP 2 x
               EP 2's and TP 2 x ETP 2 x EP 2's at EP 1 on 1 rank, their own); the
               Mixtral debug model (auxiliary loss, EP 2): finite losses and auxiliary losses, a
-              Hugging Face export that transformers loads
+              Hugging Face export that transformers loads; the 1-rank run with
+              training.deterministic: bitwise its losses and weights
   qwen3       the dense Qwen3 debug model (q/k norms) with TP 2 and sequence parallel on 2 ranks,
               and the Qwen2.5 one (q/k/v biases) with TP 2 and fused projections: the 1-rank runs'
               losses and exported weights; the exports load as Qwen3ForCausalLM / Qwen2ForCausalLM
@@ -387,6 +391,16 @@ def main():
         else:
             print("(this build has no titan::cuda_kernels: training.fused_kernels = \"cuda\" does not exist in it)")
 
+    if wanted("deterministic"):
+        out = r.run("deterministic", args.trainer, 2, llama, ["--training.deterministic", "true"])
+        r.check("deterministic algorithms: on (an error for an operator without a deterministic kernel; "
+                "CUBLAS_WORKSPACE_CONFIG :4096:8)" in out, "deterministic: the trainer says what it turned on")
+        run, _ = metrics(work("deterministic"))
+        same = equal_steps(run, straight)
+        r.check(len(same) == 20, f"deterministic: bitwise the straight run's losses at all 20 steps (equal at {len(same)})")
+        r.check(max_weight_diff(weights(work("deterministic")), straight_weights) == 0.0,
+                "deterministic: and bitwise its final weights")
+
     if wanted("hf_start"):
         out = r.run("hf_start", args.trainer, 2, llama,
                     ["--checkpoint.initial_load_path", os.path.join(work("straight"), "export"),
@@ -576,6 +590,15 @@ def main():
         compare_runs("moe_etp_ep", "moe_one", "moe: TP 2 (ETP 2) x EP 2 over the data ranks on 4 ranks")
         resume_elsewhere("moe_etp_ep_to_one", "moe_etp_ep", ["--parallelism.expert_parallel_degree", "1"], 1,
                          "qwen3_moe_debug.toml", "moe_etp_ep")
+        # ATen's deterministic algorithms (the dispatch's gradient sorts its indices on the CPU
+        # too; uninitialized memory is NaN: the combine's slots must all be written).
+        r.run("moe_deterministic", args.trainer, 1, "qwen3_moe_debug.toml",
+              ["--parallelism.expert_parallel_degree", "1", "--training.deterministic", "true"])
+        one, _ = metrics(work("moe_one"))
+        same = equal_steps(metrics(work("moe_deterministic"))[0], one)
+        r.check(len(same) == 20, f"moe: training.deterministic gives bitwise the 1-rank run's losses (equal at {len(same)})")
+        r.check(max_weight_diff(weights(work("moe_deterministic")), weights(work("moe_one"))) == 0.0,
+                "moe: and its weights")
         ep, _ = metrics(work("moe_ep"))
         r.check("mixture of experts: expert_parallel_degree 2" in out and "experts (this step)" in out,
                 "moe: the trainer logs the expert-parallel setup and the experts' loads")

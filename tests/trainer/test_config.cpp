@@ -41,7 +41,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.data.chat_format == "llama3.1");
   CHECK(back.data.chat_system == c.data.chat_system);
   CHECK(back.data.chat_date == "06 Dec 2026");
-  CHECK(config_keys().size() == 88);
+  CHECK(config_keys().size() == 90);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -204,6 +204,15 @@ TEST_CASE("config: the [moe] keys reach a MoE model's layers and are errors wher
   apply_override(pipelined, "moe.aux_loss_coef", "0.02", "command line");
   CHECK_ERROR_HAS(validate(pipelined), "moe.aux_loss_coef = 0.02 needs pipeline_parallel_degree = 1",
                   "moe.load_balance_coeff");
+}
+
+TEST_CASE("config: training.deterministic_warn_only needs training.deterministic") {
+  TrainConfig c;
+  apply_override(c, "training.deterministic_warn_only", "true", "command line");
+  CHECK_ERROR_HAS(validate(c), "training.deterministic_warn_only = true needs training.deterministic = true");
+  apply_override(c, "training.deterministic", "true", "command line");
+  validate(c);
+  CHECK(c.training.deterministic);
 }
 
 TEST_CASE("config: block-causal attention combines with every parallelism; an unknown mask type names the choices") {
