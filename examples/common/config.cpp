@@ -79,7 +79,8 @@ std::vector<Field> fields_of(TrainConfig& c) {
       real("optimizer", "weight_decay", &c.optimizer.weight_decay, 0.0),
       flag("optimizer", "no_decay_norms_and_biases", &c.optimizer.no_decay_norms_and_biases),
       integer("lr_scheduler", "warmup_steps", &c.lr_scheduler.warmup_steps, 0),
-      choice("lr_scheduler", "decay_type", &c.lr_scheduler.decay_type, {"linear", "cosine", "constant"}),
+      real("lr_scheduler", "decay_ratio", &c.lr_scheduler.decay_ratio, -1.0, 1.0),
+      choice("lr_scheduler", "decay_type", &c.lr_scheduler.decay_type, {"linear", "sqrt", "cosine", "constant"}),
       real("lr_scheduler", "min_lr_ratio", &c.lr_scheduler.min_lr_ratio, 0.0, 1.0),
       integer("training", "batch_size", &c.training.batch_size, 1),
       integer("training", "global_batch_size", &c.training.global_batch_size, -1),
@@ -394,6 +395,13 @@ void validate(const TrainConfig& config, const std::string& source) {
   TORCH_CHECK(t.seq_len % cp_chunks == 0, source, ": training.seq_len = ", t.seq_len, " must be a multiple of 2 x ",
               "parallelism.context_parallel_degree = ", cp_chunks, " (each context-parallel rank holds two equal ",
               "chunks of every sequence)");
+  const auto& lr = config.lr_scheduler;
+  TORCH_CHECK(lr.decay_ratio == -1 || lr.decay_ratio >= 0, source, ": lr_scheduler.decay_ratio = ", lr.decay_ratio,
+              " must be in [0, 1], or -1 (every step after warmup decays)");
+  const int64_t decay_steps = lr.decay_ratio < 0 ? 0 : std::llround(lr.decay_ratio * static_cast<double>(t.steps));
+  TORCH_CHECK(lr.warmup_steps + decay_steps <= t.steps || lr.decay_ratio < 0, source, ": lr_scheduler.decay_ratio = ",
+              lr.decay_ratio, " decays the last ", decay_steps, " of the ", t.steps, " steps (training.steps), which ",
+              "overlaps the ", lr.warmup_steps, " warmup steps: lower decay_ratio or warmup_steps");
   TORCH_CHECK(t.deterministic || !t.deterministic_warn_only, source, ": training.deterministic_warn_only = true ",
               "needs training.deterministic = true (it turns the error for an operator without a deterministic ",
               "kernel into a warning)");

@@ -52,10 +52,14 @@ struct OptimizerConfig {
   bool no_decay_norms_and_biases = true;  ///< norms, biases and 1-D parameters get no weight decay
 };
 
-/// [lr_scheduler]: linear warmup, then decay to lr * min_lr_ratio at the last step.
+/// [lr_scheduler]: linear warmup, then (after a stable phase with decay_ratio: warmup-stable-decay)
+/// decay to lr * min_lr_ratio at the last step.
 struct LRSchedulerConfig {
   int64_t warmup_steps = 200;         ///< steps of linear warmup
-  std::string decay_type = "linear";  ///< "linear", "cosine" or "constant"
+  /// The fraction of training.steps that decays, at the end (WSD: the steps between warmup and
+  /// decay keep optimizer.lr); -1 = every step after warmup decays
+  double decay_ratio = -1;
+  std::string decay_type = "linear";  ///< "linear", "sqrt", "cosine" or "constant"
   double min_lr_ratio = 0.0;          ///< final lr as a fraction of optimizer.lr, in [0, 1]
 };
 

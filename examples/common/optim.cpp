@@ -145,10 +145,15 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
 
 LRSchedule::LRSchedule(LRScheduleOptions options) : options_(std::move(options)) {
   const auto& o = options_;
-  TORCH_CHECK(o.decay_type() == "linear" || o.decay_type() == "cosine" || o.decay_type() == "constant",
-              "lr_scheduler.decay_type = '", o.decay_type(), "' is not one of: linear, cosine, constant");
+  TORCH_CHECK(o.decay_type() == "linear" || o.decay_type() == "sqrt" || o.decay_type() == "cosine" ||
+                  o.decay_type() == "constant",
+              "lr_scheduler.decay_type = '", o.decay_type(), "' is not one of: linear, sqrt, cosine, constant");
   TORCH_CHECK(o.warmup_steps() >= 0 && o.total_steps() >= 1, "lr_scheduler: warmup_steps (", o.warmup_steps(),
               ") must be >= 0 and the total steps (", o.total_steps(), ") >= 1");
+  TORCH_CHECK(o.decay_steps() == -1 || (o.decay_steps() >= 0 && o.warmup_steps() + o.decay_steps() <= o.total_steps()),
+              "lr_scheduler: ", o.decay_steps(), " decay steps (decay_ratio) after ", o.warmup_steps(),
+              " warmup steps do not fit in the ", o.total_steps(), " steps (training.steps): lower decay_ratio or ",
+              "warmup_steps");
   TORCH_CHECK(o.min_lr_ratio() >= 0 && o.min_lr_ratio() <= 1, "lr_scheduler.min_lr_ratio = ", o.min_lr_ratio(),
               " must be in [0, 1]");
 }
@@ -157,11 +162,15 @@ double LRSchedule::factor(int64_t step) const {
   const auto& o = options_;
   TORCH_CHECK(step >= 1, "lr_scheduler: steps count from 1, got ", step);
   if (step <= o.warmup_steps()) return static_cast<double>(step) / static_cast<double>(o.warmup_steps() + 1);
-  if (o.decay_type() == "constant") return 1.0;
-  double progress = static_cast<double>(step - o.warmup_steps()) /
-                    static_cast<double>(std::max<int64_t>(1, o.total_steps() - o.warmup_steps()));
+  const int64_t decay_steps = o.decay_steps() < 0 ? o.total_steps() - o.warmup_steps() : o.decay_steps();
+  const int64_t stable_until = o.total_steps() - decay_steps;  // the last step at the base lr
+  if (o.decay_type() == "constant" || step <= stable_until) return 1.0;
+  double progress =
+      static_cast<double>(step - stable_until) / static_cast<double>(std::max<int64_t>(1, decay_steps));
   progress = std::min(progress, 1.0);
-  double decay = o.decay_type() == "linear" ? 1.0 - progress : 0.5 * (1.0 + std::cos(M_PI * progress));
+  const double decay = o.decay_type() == "linear" ? 1.0 - progress
+                       : o.decay_type() == "sqrt" ? 1.0 - std::sqrt(progress)
+                                                  : 0.5 * (1.0 + std::cos(M_PI * progress));
   return o.min_lr_ratio() + (1.0 - o.min_lr_ratio()) * decay;
 }
 
@@ -204,9 +213,11 @@ AdamWConfig adamw_config(const TrainConfig& config) {
 
 LRScheduleOptions lr_schedule_options(const TrainConfig& config) {
   const auto& s = config.lr_scheduler;
+  const auto steps = config.training.steps;
   return LRScheduleOptions()
       .warmup_steps(s.warmup_steps)
-      .total_steps(config.training.steps)
+      .total_steps(steps)
+      .decay_steps(s.decay_ratio < 0 ? -1 : std::llround(s.decay_ratio * static_cast<double>(steps)))
       .decay_type(s.decay_type)
       .min_lr_ratio(s.min_lr_ratio);
 }

@@ -107,14 +107,20 @@ std::unique_ptr<FusedAdamW> make_adamw(const torch::OrderedDict<std::string, tor
 struct LRScheduleOptions {
   TORCH_ARG(int64_t, warmup_steps) = 0;          ///< linear warmup length
   TORCH_ARG(int64_t, total_steps) = 1;           ///< training.steps
-  TORCH_ARG(std::string, decay_type) = "linear";  ///< "linear", "cosine" or "constant"
+  /// The last steps that decay (warmup-stable-decay: the steps between keep the base lr); -1 =
+  /// every step after warmup
+  TORCH_ARG(int64_t, decay_steps) = -1;
+  TORCH_ARG(std::string, decay_type) = "linear";  ///< "linear", "sqrt", "cosine" or "constant"
   TORCH_ARG(double, min_lr_ratio) = 0.0;         ///< factor reached at the last step
 };
 
-/// Linear warmup then decay, as a factor of the base learning rate. For step s = 1..total:
-///   s <= warmup:  s / (warmup + 1)
-///   after:        p = (s - warmup) / (total - warmup)  (in (0, 1])
-///                 min + (1 - min) * d(p), d = 1 - p (linear), (1 + cos(pi p)) / 2 (cosine), 1 (constant)
+/// Linear warmup, a stable phase, then decay, as a factor of the base learning rate. With D
+/// decay steps (total - warmup unless decay_steps is set) and step s = 1..total:
+///   s <= warmup:         s / (warmup + 1)
+///   s <= total - D:      1 (the stable phase: none unless decay_steps is set)
+///   after:               p = (s - (total - D)) / D  (in (0, 1])
+///                        min + (1 - min) * d(p), d = 1 - p (linear), 1 - sqrt(p) (sqrt),
+///                        (1 + cos(pi p)) / 2 (cosine), 1 (constant)
 /// so warmup never starts at lr 0 and the last step runs at min_lr_ratio (1 for constant).
 /// Checkpoints save it as a component (titan::Stateful): the last step it applied.
 class LRSchedule : public titan::Stateful {

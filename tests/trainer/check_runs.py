@@ -21,6 +21,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
   deterministic  training.deterministic (ATen's deterministic algorithms; uninitialized memory
               filled with NaN) on 2 ranks: the trainer says so, and the straight run's losses and
               weights come back bitwise (on the CPU every kernel is deterministic already)
+  wsd         a warmup-stable-decay schedule (lr_scheduler.decay_ratio 0.25, sqrt decay) on 2 ranks:
+              every step's logged lr is optimizer.lr times the documented factor (warmup 1-2,
+              stable 3-15, decay 16-20 to min_lr_ratio)
   hf_start    2 ranks start from the straight run's Hugging Face export (each rank reads its
               slices) and train one step at lr 0: the exported weights come back bitwise
   torchrun    the same job launched by PyTorch's torchrun (--standalone --no-python) instead of
@@ -400,6 +403,20 @@ def main():
         r.check(len(same) == 20, f"deterministic: bitwise the straight run's losses at all 20 steps (equal at {len(same)})")
         r.check(max_weight_diff(weights(work("deterministic")), straight_weights) == 0.0,
                 "deterministic: and bitwise its final weights")
+
+    if wanted("wsd"):
+        r.run("wsd", args.trainer, 2, llama, ["--lr_scheduler.warmup_steps", "2", "--lr_scheduler.decay_ratio", "0.25",
+                                              "--lr_scheduler.decay_type", "sqrt"])
+        run, _ = metrics(work("wsd"))
+        base, floor = 8e-4, 0.1  # llama3_debug.toml: optimizer.lr, lr_scheduler.min_lr_ratio
+
+        def factor(step):  # docs/training.md, LRSchedule: 2 warmup steps, 5 decay steps of 20
+            if step <= 2:
+                return step / 3
+            return 1.0 if step <= 15 else floor + (1 - floor) * (1 - math.sqrt((step - 15) / 5))
+        worst = max(abs(run[s]["lr"] / (base * factor(s)) - 1) for s in range(1, 21))
+        r.check(worst < 1e-9, f"wsd: every step's lr is the warmup-stable-decay schedule's (worst relative {worst:.1e})")
+        r.check(all(math.isfinite(run[s]["loss"]) for s in range(1, 21)), "wsd: finite losses")
 
     if wanted("hf_start"):
         out = r.run("hf_start", args.trainer, 2, llama,

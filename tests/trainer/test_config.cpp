@@ -41,7 +41,7 @@ TEST_CASE("config: to_toml reads back to the same config") {
   CHECK(back.data.chat_format == "llama3.1");
   CHECK(back.data.chat_system == c.data.chat_system);
   CHECK(back.data.chat_date == "06 Dec 2026");
-  CHECK(config_keys().size() == 90);
+  CHECK(config_keys().size() == 91);
 }
 
 TEST_CASE("config: unknown sections and keys suggest the closest valid one") {
@@ -71,7 +71,7 @@ TEST_CASE("config: wrong types and out-of-range values name the key and what is 
   CHECK_ERROR_HAS(load_config_file((dir / "b.toml").string()), "optimizer.beta2", "in [0.0, 1.0]");
   write_file(dir / "c.toml", "[lr_scheduler]\ndecay_type = \"exp\"\n");
   CHECK_ERROR_HAS(load_config_file((dir / "c.toml").string()), "lr_scheduler.decay_type = 'exp'",
-                  "linear, cosine, constant");
+                  "linear, sqrt, cosine, constant");
   write_file(dir / "s.toml", "[activation_checkpoint]\nselective_ac_option = \"sometimes\"\n");
   CHECK_ERROR_HAS(load_config_file((dir / "s.toml").string()), "selective_ac_option", "\"op\" or a positive integer");
   write_file(dir / "g.toml", "[training]\nbatch_size = 8\nglobal_batch_size = 4\n");
@@ -204,6 +204,23 @@ TEST_CASE("config: the [moe] keys reach a MoE model's layers and are errors wher
   apply_override(pipelined, "moe.aux_loss_coef", "0.02", "command line");
   CHECK_ERROR_HAS(validate(pipelined), "moe.aux_loss_coef = 0.02 needs pipeline_parallel_degree = 1",
                   "moe.load_balance_coeff");
+}
+
+TEST_CASE("config: lr_scheduler.decay_ratio is the decaying fraction of training.steps, after warmup") {
+  TrainConfig c;
+  c.training.steps = 10;
+  c.lr_scheduler.warmup_steps = 2;
+  CHECK(lr_schedule_options(c).decay_steps() == -1);  // every step after warmup
+  apply_override(c, "lr_scheduler.decay_ratio", "0.3", "command line");
+  validate(c);
+  CHECK(lr_schedule_options(c).decay_steps() == 3);
+  TrainConfig negative = c;
+  negative.lr_scheduler.decay_ratio = -0.5;
+  CHECK_ERROR_HAS(validate(negative), "lr_scheduler.decay_ratio = -0.5 must be in [0, 1], or -1");
+  TrainConfig overlapping = c;
+  apply_override(overlapping, "lr_scheduler.decay_ratio", "0.9", "command line");
+  CHECK_ERROR_HAS(validate(overlapping), "decays the last 9 of the 10 steps (training.steps)",
+                  "overlaps the 2 warmup steps");
 }
 
 TEST_CASE("config: training.deterministic_warn_only needs training.deterministic") {

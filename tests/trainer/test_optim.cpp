@@ -63,7 +63,29 @@ TEST_CASE("optim: LR schedule warms up linearly, then decays to the minimum at t
   CHECK(cosine.apply(*opt, 6, 2e-3) == doctest::Approx(1.1e-3));
   for (auto& g : opt->param_groups()) CHECK(g.options().get_lr() == doctest::Approx(1.1e-3));
   CHECK_ERROR_HAS(cosine.factor(0), "count from 1");
-  CHECK_ERROR_HAS(LRSchedule(LRScheduleOptions().decay_type("step")), "'step'", "linear, cosine, constant");
+  CHECK_ERROR_HAS(LRSchedule(LRScheduleOptions().decay_type("step")), "'step'", "linear, sqrt, cosine, constant");
+}
+
+TEST_CASE("optim: warmup-stable-decay keeps the base lr until the last decay_steps, which decay (linear, sqrt)") {
+  // 10 steps: warmup 1-2, stable 3-6, decay 7-10 (p = 1/4 .. 1).
+  LRSchedule wsd(LRScheduleOptions().warmup_steps(2).total_steps(10).decay_steps(4).min_lr_ratio(0.1));
+  CHECK(wsd.factor(2) == doctest::Approx(2.0 / 3.0));
+  for (int64_t step = 3; step <= 6; ++step) CHECK(wsd.factor(step) == 1.0);
+  CHECK(wsd.factor(7) == doctest::Approx(0.1 + 0.9 * 0.75));
+  CHECK(wsd.factor(10) == doctest::Approx(0.1));
+  LRSchedule sqrt_decay(LRScheduleOptions().warmup_steps(2).total_steps(10).decay_steps(4).decay_type("sqrt"));
+  CHECK(sqrt_decay.factor(6) == 1.0);
+  CHECK(sqrt_decay.factor(7) == doctest::Approx(0.5));
+  CHECK(sqrt_decay.factor(8) == doctest::Approx(1.0 - std::sqrt(0.5)));
+  CHECK(sqrt_decay.factor(10) == doctest::Approx(0.0));
+  // Without decay_steps every step after warmup decays: the schedule of before, bitwise.
+  LRSchedule plain(LRScheduleOptions().warmup_steps(2).total_steps(10).decay_type("cosine").min_lr_ratio(0.1));
+  LRSchedule all(LRScheduleOptions().warmup_steps(2).total_steps(10).decay_steps(8).decay_type("cosine").min_lr_ratio(0.1));
+  for (int64_t step = 1; step <= 10; ++step) CHECK(plain.factor(step) == all.factor(step));
+  // No decay steps: the base lr to the end.
+  CHECK(LRSchedule(LRScheduleOptions().warmup_steps(2).total_steps(10).decay_steps(0)).factor(10) == 1.0);
+  CHECK_ERROR_HAS(LRSchedule(LRScheduleOptions().warmup_steps(2).total_steps(10).decay_steps(9)),
+                  "9 decay steps (decay_ratio) after 2 warmup steps do not fit in the 10 steps");
 }
 
 TEST_CASE("optim: the LR schedule is a checkpoint component holding the last step it applied") {
