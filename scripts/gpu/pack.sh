@@ -12,8 +12,9 @@
 #   lib/       the shared libraries they need beyond glibc, libstdc++ and torch (PCRE2,
 #              SentencePiece);
 #   models_reference/  the transformers reference checkpoints test_models compares against
+#              (tests/models/make_reference.py)
 #   moe_reference.safetensors  transformers' MoE blocks' results for test_titan's moe cases
-#              (tests/models/make_reference.py, so the GPU machine needs no transformers);
+#              (tests/moe/make_reference.py), so the GPU machine needs no transformers;
 #   data_cache/  data/cache: the offline corpus and the tokenizers (scripts/make_corpus.sh);
 #   wheels/    torchtitan 0.2.2 and the packages it imports that the GPU image lacks, as Python
 #              3.12 wheels (bench/side_by_side/requirements.txt);

@@ -136,7 +136,8 @@ inline void register_adamw_operators() {
 /// also writes each parameter, rounded, into `copies` (one per parameter, its shape, any floating
 /// dtype). `grads` may be narrower than the parameters (bf16 gradients of fp32 parameters); where
 /// `grad_scale` (1 element, float32) is given they are divided by it and written back scaled.
-/// `found_inf` (1 element, float32) nonzero skips the update; the copies are written either way.
+/// `found_inf` (1 element, float32) equal to 1 skips the update, as in ATen's fused AdamW (a
+/// GradScaler writes 0 or 1); the copies are written either way.
 /// `steps`: each parameter's step count after this step (1-element float32 tensors, as ATen's).
 inline void adamw_copy_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList copies, at::TensorList steps,
