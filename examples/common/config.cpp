@@ -369,6 +369,11 @@ void apply_override(TrainConfig& config, const std::string& key, const std::stri
   set_from_text(find_field(fields, key, source), value, source);
 }
 
+int64_t lr_decay_steps(const TrainConfig& config) {
+  const double ratio = config.lr_scheduler.decay_ratio;
+  return ratio < 0 ? -1 : std::llround(ratio * static_cast<double>(config.training.steps));
+}
+
 void validate(const TrainConfig& config, const std::string& source) {
   auto fields = fields_of(const_cast<TrainConfig&>(config));  // read only
   for (const auto& f : fields) check_field(f, source);
@@ -398,8 +403,8 @@ void validate(const TrainConfig& config, const std::string& source) {
   const auto& lr = config.lr_scheduler;
   TORCH_CHECK(lr.decay_ratio == -1 || lr.decay_ratio >= 0, source, ": lr_scheduler.decay_ratio = ", lr.decay_ratio,
               " must be in [0, 1], or -1 (every step after warmup decays)");
-  const int64_t decay_steps = lr.decay_ratio < 0 ? 0 : std::llround(lr.decay_ratio * static_cast<double>(t.steps));
-  TORCH_CHECK(lr.warmup_steps + decay_steps <= t.steps || lr.decay_ratio < 0, source, ": lr_scheduler.decay_ratio = ",
+  const int64_t decay_steps = lr_decay_steps(config);
+  TORCH_CHECK(decay_steps < 0 || lr.warmup_steps + decay_steps <= t.steps, source, ": lr_scheduler.decay_ratio = ",
               lr.decay_ratio, " decays the last ", decay_steps, " of the ", t.steps, " steps (training.steps), which ",
               "overlaps the ", lr.warmup_steps, " warmup steps: lower decay_ratio or warmup_steps");
   TORCH_CHECK(t.deterministic || !t.deterministic_warn_only, source, ": training.deterministic_warn_only = true ",

@@ -227,6 +227,9 @@ void apply_override(TrainConfig& config, const std::string& key, const std::stri
 
 /// Checks every value's range and choices; errors name `source`, the key and what is valid.
 void validate(const TrainConfig& config, const std::string& source = "config");
+/// The last steps of training.steps that lr_scheduler.decay_ratio decays (rounded); -1 when the
+/// ratio is -1 (every step after warmup decays).
+int64_t lr_decay_steps(const TrainConfig& config);
 
 /// The configuration as TOML, every key, in section order; load_config_file reads it back.
 std::string to_toml(const TrainConfig& config);

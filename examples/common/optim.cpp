@@ -213,11 +213,10 @@ AdamWConfig adamw_config(const TrainConfig& config) {
 
 LRScheduleOptions lr_schedule_options(const TrainConfig& config) {
   const auto& s = config.lr_scheduler;
-  const auto steps = config.training.steps;
   return LRScheduleOptions()
       .warmup_steps(s.warmup_steps)
-      .total_steps(steps)
-      .decay_steps(s.decay_ratio < 0 ? -1 : std::llround(s.decay_ratio * static_cast<double>(steps)))
+      .total_steps(config.training.steps)
+      .decay_steps(lr_decay_steps(config))
       .decay_type(s.decay_type)
       .min_lr_ratio(s.min_lr_ratio);
 }

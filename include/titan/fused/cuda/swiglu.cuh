@@ -25,10 +25,10 @@ __global__ void swiglu_forward_kernel(const scalar_t* __restrict__ gate, const s
                                       scalar_t* __restrict__ out, index_t n, Divider<index_t> cols,
                                       index_t gate_stride, index_t up_stride) {
   for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{blockDim.x} * gridDim.x) {
-    const auto at = cols.divmod(i);  // row and column of element i
-    const float a = static_cast<float>(gate[at.div * gate_stride + at.mod]);
+    const auto rc = cols.divmod(i);  // row and column of element i
+    const float a = static_cast<float>(gate[rc.div * gate_stride + rc.mod]);
     const float s = 1.f / (1.f + expf(-a));
-    out[i] = static_cast<scalar_t>(a * s * static_cast<float>(up[at.div * up_stride + at.mod]));
+    out[i] = static_cast<scalar_t>(a * s * static_cast<float>(up[rc.div * up_stride + rc.mod]));
   }
 }
 
@@ -39,10 +39,10 @@ __global__ void swiglu_backward_kernel(const scalar_t* __restrict__ grad, const 
                                        scalar_t* __restrict__ d_up, index_t n, Divider<index_t> cols,
                                        index_t gate_stride, index_t up_stride) {
   for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{blockDim.x} * gridDim.x) {
-    const auto at = cols.divmod(i);  // row and column of element i
-    const float g = static_cast<float>(grad[i]), a = static_cast<float>(gate[at.div * gate_stride + at.mod]);
+    const auto rc = cols.divmod(i);  // row and column of element i
+    const float g = static_cast<float>(grad[i]), a = static_cast<float>(gate[rc.div * gate_stride + rc.mod]);
     const float s = 1.f / (1.f + expf(-a));
-    d_gate[i] = static_cast<scalar_t>(g * static_cast<float>(up[at.div * up_stride + at.mod]) * s *
+    d_gate[i] = static_cast<scalar_t>(g * static_cast<float>(up[rc.div * up_stride + rc.mod]) * s *
                                       (1.f + a * (1.f - s)));
     d_up[i] = static_cast<scalar_t>(g * a * s);
   }
