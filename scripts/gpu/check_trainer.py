@@ -206,8 +206,7 @@ def main():
             check(f"{what} vs 1 rank, every step's loss", False, str(error))
 
     # The same bits twice with deterministic algorithms (the MoE model: its combine and dispatch).
-    deterministic = {**bf16, **modes["per operator"], "training.deterministic": "true",
-                     "parallelism.expert_parallel_degree": 1}
+    deterministic = {**per_op, "training.deterministic": "true", "parallelism.expert_parallel_degree": 1}
     try:
         first, second = (runs.train(f"moe_deterministic_{i}", a.device, deterministic, config=moe_config)
                          for i in (1, 2))

@@ -298,6 +298,13 @@ def main():
         diff = max_weight_diff(weights(work(name)), weights(work(reference)))
         r.check(diff < tol, f"{what}: final weights within {tol} (max {diff:.2e})")
 
+    def compare_bitwise(name, reference, what):
+        """Every step's loss and the final weights of run `name` bitwise those of run `reference`."""
+        same = equal_steps(metrics(work(name))[0], metrics(work(reference))[0])
+        r.check(len(same) == 20, f"{what}: bitwise the {reference} run's losses at all 20 steps (equal at {len(same)})")
+        r.check(max_weight_diff(weights(work(name)), weights(work(reference))) == 0.0,
+                f"{what}: and bitwise its final weights")
+
     def check_hf_export(name, architecture):
         """transformers loads run `name`'s Hugging Face export as `architecture`, with finite logits."""
         check = subprocess.run([sys.executable, "-c", (
@@ -384,13 +391,7 @@ def main():
             out = r.run("bf16_one_copy", args.trainer, 1, llama, [*one, "--training.fused_kernels", "cuda"])
             r.check("AdamW writes the bf16 copy of 5 one-rank FSDP unit(s)" in out,
                     "1 rank bf16 with fused_kernels = \"cuda\": the 4 blocks' and the root's units keep their copy")
-            cast, _ = metrics(work("bf16_one"))
-            kept, _ = metrics(work("bf16_one_copy"))
-            same = equal_steps(kept, cast)
-            r.check(len(same) == 20, f"1 rank bf16, copy kept and written by the optimizer: bitwise the losses "
-                    f"of the casts at all 20 steps (equal at {len(same)})")
-            r.check(max_weight_diff(weights(work("bf16_one_copy")), weights(work("bf16_one"))) == 0.0,
-                    "and bitwise the final weights")
+            compare_bitwise("bf16_one_copy", "bf16_one", "1 rank bf16, copy kept and written by the optimizer")
         else:
             print("(this build has no titan::cuda_kernels: training.fused_kernels = \"cuda\" does not exist in it)")
 
@@ -398,11 +399,7 @@ def main():
         out = r.run("deterministic", args.trainer, 2, llama, ["--training.deterministic", "true"])
         r.check("deterministic algorithms: on (an error for an operator without a deterministic kernel; "
                 "CUBLAS_WORKSPACE_CONFIG :4096:8)" in out, "deterministic: the trainer says what it turned on")
-        run, _ = metrics(work("deterministic"))
-        same = equal_steps(run, straight)
-        r.check(len(same) == 20, f"deterministic: bitwise the straight run's losses at all 20 steps (equal at {len(same)})")
-        r.check(max_weight_diff(weights(work("deterministic")), straight_weights) == 0.0,
-                "deterministic: and bitwise its final weights")
+        compare_bitwise("deterministic", "straight", "deterministic")
 
     if wanted("wsd"):
         r.run("wsd", args.trainer, 2, llama, ["--lr_scheduler.warmup_steps", "2", "--lr_scheduler.decay_ratio", "0.25",
@@ -500,17 +497,13 @@ def main():
         r.check("float8: 28 linear layers (tensorwise scaling" in out and "left in high precision: output" in out,
                 "float8: the 28 block linear layers are converted, the output projection is not")
         r.run("float8_gather", args.trainer, 2, llama, [*f8, *gather])
-        plain, _ = metrics(work("float8_plain"))
-        gathered, _ = metrics(work("float8_gather"))
-        same = equal_steps(plain, gathered)
-        r.check(len(same) == 20, f"float8 FSDP all-gather: bitwise the plain float8 run's losses (equal at {len(same)})")
-        r.check(max_weight_diff(weights(work("float8_gather")), weights(work("float8_plain"))) == 0.0,
-                "float8 FSDP all-gather: bitwise the plain float8 run's weights")
+        compare_bitwise("float8_gather", "float8_plain", "float8 FSDP all-gather")
         # FSDP 2 x TP 2: amaxes reduced over the TP group, so the same scales as FSDP 2.
         r.run("float8_tp", args.trainer, 4, llama,
               [*f8, *gather, "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel",
                "true", "--training.batch_size", "1"])
         tp_run, _ = metrics(work("float8_tp"))
+        gathered, _ = metrics(work("float8_gather"))
         diff = max(abs(tp_run[s]["loss"] - gathered[s]["loss"]) for s in range(1, 21))
         r.check(diff < FLOAT8_TP_TOL, f"float8 FSDP 2 x TP 2: losses within {FLOAT8_TP_TOL} of float8 FSDP 2 "
                 f"(max {diff:.2e})")
@@ -611,11 +604,7 @@ def main():
         # too; uninitialized memory is NaN: the combine's slots must all be written).
         r.run("moe_deterministic", args.trainer, 1, "qwen3_moe_debug.toml",
               ["--parallelism.expert_parallel_degree", "1", "--training.deterministic", "true"])
-        one, _ = metrics(work("moe_one"))
-        same = equal_steps(metrics(work("moe_deterministic"))[0], one)
-        r.check(len(same) == 20, f"moe: training.deterministic gives bitwise the 1-rank run's losses (equal at {len(same)})")
-        r.check(max_weight_diff(weights(work("moe_deterministic")), weights(work("moe_one"))) == 0.0,
-                "moe: and its weights")
+        compare_bitwise("moe_deterministic", "moe_one", "moe: training.deterministic on 1 rank")
         ep, _ = metrics(work("moe_ep"))
         r.check("mixture of experts: expert_parallel_degree 2" in out and "experts (this step)" in out,
                 "moe: the trainer logs the expert-parallel setup and the experts' loads")

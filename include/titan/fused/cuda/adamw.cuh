@@ -87,7 +87,7 @@ inline bool adamw_copy_kernel_applies(at::TensorList params, at::TensorList grad
       if (!t->is_contiguous() || t->device() != device) return false;
   }
   for (const auto* t : {&grad_scale, &found_inf})
-    if (t->has_value() && ((*t)->scalar_type() != at::kFloat || (*t)->device() != params[0].device())) return false;
+    if (t->has_value() && ((*t)->scalar_type() != at::kFloat || (*t)->device() != device)) return false;
   return true;
 }
 
