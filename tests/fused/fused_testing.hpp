@@ -2,6 +2,7 @@
 // Shared by the fused-operator suites: titan's CUDA kernels are registered wherever this build has
 // them, so that the cases on CUDA (TITAN_TEST_DEVICE=cuda, the GPU kit) run them.
 #include "../support/multirank.hpp"
+#include "rounding.hpp"
 
 #include <titan/ac.hpp>
 #include <titan/fused.hpp>
@@ -31,30 +32,6 @@ inline bool fused_kernels_registered() {
 
 /// Whether the fused operators run titan's CUDA kernels in this suite (else their ATen implementation).
 inline bool fused_kernels_run() { return fused_kernels_registered() && device().is_cuda(); }
-
-/// One rounding in `dtype`, relative: 2^-mantissa (1e-6 for fp32 and fp64).
-inline double rounding_unit(torch::Dtype dtype) {
-  return dtype == torch::kBFloat16 ? std::ldexp(1.0, -7) : dtype == torch::kHalf ? std::ldexp(1.0, -10) : 1e-6;
-}
-
-/// Whether `got` is within one rounding of `want` in `dtype` (relative, plus a floor): a CUDA
-/// kernel computing in fp32 and rounding once against PyTorch's operators.
-inline bool within_rounding(const torch::Tensor& got, const torch::Tensor& want, torch::Dtype dtype) {
-  const auto error = (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().cpu();
-  return error.le(want.to(torch::kDouble).abs().cpu() * rounding_unit(dtype) + 1e-6).all().item<bool>();
-}
-
-/// Whether `got` is as close to `exact` (the operators in fp64 on the same inputs) as `want`, the
-/// unfused operators' result, is, up to one rounding of `exact` in `dtype`. Where the unfused
-/// operators round each step and the steps cancel (a norm's gradient plus the residual's), their
-/// result and a kernel's single rounding may differ by far more than a rounding of the result,
-/// each still close to the exact value.
-inline bool as_close_as(const torch::Tensor& got, const torch::Tensor& want, const torch::Tensor& exact,
-                        torch::Dtype dtype) {
-  const auto e = exact.to(torch::kDouble).cpu();
-  const auto got_error = (got.to(torch::kDouble).cpu() - e).abs(), want_error = (want.to(torch::kDouble).cpu() - e).abs();
-  return got_error.le(want_error + e.abs() * rounding_unit(dtype) + 1e-6).all().item<bool>();
-}
 
 /// Checks each of `got` against `want`, the unfused operators' results: within one rounding where
 /// titan's CUDA kernels run (fp32 inside, one rounding; fp64 takes the ATen path), else bitwise (the

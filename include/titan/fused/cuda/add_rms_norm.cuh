@@ -10,14 +10,11 @@
 // implementation.
 #include <titan/fused/add_rms_norm.hpp>
 #include <titan/fused/cuda/inputs.cuh>
+#include <titan/fused/cuda/runtime.cuh>
 
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <optional>
@@ -118,7 +115,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const
                                                                            const at::Tensor& weight, double eps) {
   if (!detail::kernel_dtype(x.scalar_type())) return titan::detail::add_rms_norm_forward_aten(x, delta, weight, eps);
   titan::detail::check_add_rms_norm_inputs(x, delta, weight);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const detail::DeviceGuard guard(x.device());
   const auto a = x.contiguous(), b = delta.contiguous(), w = weight.contiguous();  // [..., D], [D]
   const int64_t dim = a.size(-1), rows = a.numel() / std::max<int64_t>(dim, 1);
   auto sum = at::empty_like(a), normed = at::empty_like(a);  // [..., D]
@@ -127,12 +124,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const
   auto rstd = at::empty(rstd_shape, a.options().dtype(at::kFloat));  // [..., 1]
   if (rows > 0 && dim > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "titan::add_rms_norm_forward", [&] {
-      detail::add_rms_norm_rows<scalar_t>
-          <<<static_cast<unsigned>(rows), detail::kNormThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sum.data_ptr<scalar_t>(),
-              normed.data_ptr<scalar_t>(), rstd.data_ptr<float>(), dim, static_cast<float>(eps));
+      detail::launch(detail::add_rms_norm_rows<scalar_t>, static_cast<unsigned>(rows), detail::kNormThreads,
+                     a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sum.data_ptr<scalar_t>(),
+                     normed.data_ptr<scalar_t>(), rstd.data_ptr<float>(), dim, static_cast<float>(eps));
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {sum, normed, rstd};
 }
@@ -152,7 +147,7 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward(const std::optio
   if (!detail::kernel_dtype(sum.scalar_type()) || !as_forward_gave)
     return titan::detail::add_rms_norm_backward_aten(grad_sum, grad_normed, sum, weight, rstd, eps);
   titan::detail::check_add_rms_norm_inputs(sum, grad_normed, weight);
-  const c10::cuda::CUDAGuard guard(sum.device());
+  const detail::DeviceGuard guard(sum.device());
   const auto s = sum.contiguous(), g = grad_normed.contiguous(), w = weight.contiguous();  // [..., D], [D]
   const auto r = rstd.contiguous();                                                        // [..., 1]
   const auto gs = residual ? grad_sum->contiguous() : at::Tensor();                        // [..., D]
@@ -160,24 +155,20 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward(const std::optio
   auto d_input = at::empty_like(s);  // [..., D]
   // Row chunks for the weight's gradient: enough blocks to fill the GPU, each chunk at least 64 rows.
   const int64_t tiles = (dim + detail::kColumnTile - 1) / detail::kColumnTile;
-  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 4;
+  const int64_t resident = detail::multiprocessors() * 4;
   const int64_t chunks =
       std::clamp<int64_t>(resident / std::max<int64_t>(tiles, 1), 1, std::max<int64_t>(rows / 64, 1));
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   auto partial = at::empty({chunks, dim}, s.options().dtype(at::kFloat));  // [chunks, D]
   if (rows > 0 && dim > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "titan::add_rms_norm_backward", [&] {
-      const auto stream = at::cuda::getCurrentCUDAStream();
-      detail::add_rms_norm_input_grad<scalar_t><<<static_cast<unsigned>(rows), detail::kNormThreads, 0, stream>>>(
-          residual ? gs.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
-          w.data_ptr<scalar_t>(), r.data_ptr<float>(), d_input.data_ptr<scalar_t>(), dim);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      detail::add_rms_norm_weight_grad<scalar_t>
-          <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)),
-             dim3(detail::kColumnTile, detail::kColumnRowThreads), 0, stream>>>(
-              g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), r.data_ptr<float>(), partial.data_ptr<float>(), rows,
-              dim, rows_per_chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      detail::launch(detail::add_rms_norm_input_grad<scalar_t>, static_cast<unsigned>(rows), detail::kNormThreads,
+                     residual ? gs.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                     w.data_ptr<scalar_t>(), r.data_ptr<float>(), d_input.data_ptr<scalar_t>(), dim);
+      detail::launch(detail::add_rms_norm_weight_grad<scalar_t>,
+                     dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)),
+                     dim3(detail::kColumnTile, detail::kColumnRowThreads), g.data_ptr<scalar_t>(),
+                     s.data_ptr<scalar_t>(), r.data_ptr<float>(), partial.data_ptr<float>(), rows, dim, rows_per_chunk);
     });
   } else {
     partial.zero_();

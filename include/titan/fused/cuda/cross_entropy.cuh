@@ -11,9 +11,6 @@
 #include <titan/fused/cuda/inputs.cuh>
 
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
 #include <tuple>
@@ -94,7 +91,7 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::
     return titan::detail::cross_entropy_loss_and_grad_aten(logits, targets, ignore_index, chunk_elements, compute_grad,
                                                            grad_scale);
   titan::detail::check_cross_entropy_rows(logits, targets, "titan::cross_entropy");
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const detail::DeviceGuard guard(logits.device());
   const auto x = logits.contiguous();   // [N, V]
   const auto t = targets.contiguous();  // [N]
   const int64_t rows = x.size(0), vocab = x.size(1);
@@ -102,12 +99,10 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::
   auto grad = compute_grad ? at::empty({rows, vocab}, x.options()) : at::empty({0}, x.options());  // [N, V]
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "titan::cross_entropy", [&] {
-      detail::cross_entropy_rows<scalar_t>
-          <<<static_cast<unsigned>(rows), detail::kCrossEntropyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              x.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
-              row_loss.data_ptr<float>(), vocab, ignore_index, static_cast<float>(grad_scale));
+      detail::launch(detail::cross_entropy_rows<scalar_t>, static_cast<unsigned>(rows), detail::kCrossEntropyThreads,
+                     x.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
+                     row_loss.data_ptr<float>(), vocab, ignore_index, static_cast<float>(grad_scale));
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {row_loss.sum(), grad};  // [], [N, V]
 }
@@ -119,18 +114,16 @@ inline void cross_entropy_rescale_grad_(at::Tensor& grad, const at::Tensor& grad
   if (!detail::kernel_dtype(grad.scalar_type()) || grad_output.scalar_type() != at::kFloat || !grad.is_contiguous() ||
       grad_output.numel() != 1 || !detail::on_device(grad.device(), {&grad_output}))
     return titan::detail::cross_entropy_rescale_grad_aten(grad, grad_output, grad_scale);
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const detail::DeviceGuard guard(grad.device());
   const int64_t n = grad.numel();
   if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "titan::cross_entropy_rescale_grad_",
                                   [&] {
-                                    detail::rescale_unless_one<scalar_t>
-                                        <<<detail::grid_stride_blocks(n), detail::kElementwiseThreads, 0,
-                                           at::cuda::getCurrentCUDAStream()>>>(
-                                            grad.data_ptr<scalar_t>(), grad_output.data_ptr<float>(),
-                                            static_cast<float>(grad_scale), n);
+                                    detail::launch(detail::rescale_unless_one<scalar_t>,
+                                                   detail::grid_stride_blocks(n), detail::kElementwiseThreads,
+                                                   grad.data_ptr<scalar_t>(), grad_output.data_ptr<float>(),
+                                                   static_cast<float>(grad_scale), n);
                                   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace titan::cuda

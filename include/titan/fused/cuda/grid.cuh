@@ -5,7 +5,8 @@
 // that may be strided (a column slice of a fused projection's output), so no copy makes them
 // contiguous; index arithmetic in 32 bits wherever the indices fit, divisions by launch constants
 // as a multiply and a shift (ATen's IntDivider), not the ~100 instructions of a 64-bit division.
-#include <ATen/cuda/CUDAContext.h>
+#include <titan/fused/cuda/runtime.cuh>
+
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <algorithm>
@@ -20,7 +21,7 @@ inline constexpr int kElementwiseThreads = 256;
 /// Blocks for `n` items of a grid-stride loop of kElementwiseThreads threads: enough to fill the
 /// GPU (8 per multiprocessor), no more, and at least one.
 inline unsigned grid_stride_blocks(int64_t n) {
-  const int64_t resident = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 8;
+  const int64_t resident = multiprocessors() * 8;
   const int64_t needed = (n + kElementwiseThreads - 1) / kElementwiseThreads;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, needed)));
 }

@@ -9,9 +9,6 @@
 #include <titan/fused/rope.hpp>
 
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <tuple>
@@ -62,7 +59,7 @@ __global__ void rope_kernel(RopeTensor<scalar_t, index_t> q, RopeTensor<scalar_t
 /// block's inputs) are read as they are, others as fp32.
 inline std::tuple<at::Tensor, at::Tensor> rope_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                                       const at::Tensor& sin, float sign) {
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
   const auto x_rows = rows_of(q, 2), y_rows = rows_of(k, 2);  // [B, S, H, D], tokens in strided rows
   const auto &x = x_rows.tensor, &y = y_rows.tensor;
   const bool native = cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type();
@@ -82,20 +79,18 @@ inline std::tuple<at::Tensor, at::Tensor> rope_launch(const at::Tensor& q, const
                                                  divider<index_t>(q_token / 2), static_cast<index_t>(x_rows.stride)};
       const RopeTensor<scalar_t, index_t> k_walk{y.data_ptr<scalar_t>(), y_out.data_ptr<scalar_t>(),
                                                  divider<index_t>(k_token / 2), static_cast<index_t>(y_rows.stride)};
-      auto launch = [&](auto* cos_data, auto* sin_data) {
+      auto rotate = [&](auto* cos_data, auto* sin_data) {
         using table_t = std::remove_const_t<std::remove_pointer_t<decltype(cos_data)>>;
-        rope_kernel<scalar_t, table_t, index_t><<<grid_stride_blocks(q_pairs + k_pairs), kElementwiseThreads, 0,
-                                                  at::cuda::getCurrentCUDAStream()>>>(
-            q_walk, k_walk, cos_data, sin_data, q_pairs, q_pairs + k_pairs, divider<index_t>(half),
-            divider<index_t>(x.size(1)), sign);
+        launch(rope_kernel<scalar_t, table_t, index_t>, grid_stride_blocks(q_pairs + k_pairs), kElementwiseThreads,
+               q_walk, k_walk, cos_data, sin_data, q_pairs, q_pairs + k_pairs, divider<index_t>(half),
+               divider<index_t>(x.size(1)), sign);
       };
       if (native)
-        launch(c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
+        rotate(c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>());
       else
-        launch(c.data_ptr<float>(), s.data_ptr<float>());
+        rotate(c.data_ptr<float>(), s.data_ptr<float>());
     });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {x_out, y_out};
 }
 

@@ -9,9 +9,6 @@
 #include <titan/fused/swiglu.hpp>
 
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <tuple>
@@ -64,7 +61,7 @@ inline SwiGluWalk swiglu_walk(const at::Tensor& gate, const Rows& a, const Rows&
 inline at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
   if (!detail::kernel_dtype(gate.scalar_type())) return titan::detail::swiglu_forward_aten(gate, up);
   titan::detail::check_swiglu_inputs(gate, up);
-  const c10::cuda::CUDAGuard guard(gate.device());
+  const detail::DeviceGuard guard(gate.device());
   const auto a = detail::rows_of(gate, 1), b = detail::rows_of(up, 1);  // [..., cols] in strided rows
   auto out = at::empty(gate.sizes(), gate.options());                    // [..., cols]
   const int64_t n = out.numel();
@@ -73,13 +70,11 @@ inline at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "titan::swiglu_forward", [&] {
       detail::with_index_type(walk.extent, [&](auto index) {
         using index_t = decltype(index);
-        detail::swiglu_forward_kernel<scalar_t, index_t>
-            <<<detail::grid_stride_blocks(n), detail::kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                a.tensor.data_ptr<scalar_t>(), b.tensor.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n,
-                detail::divider<index_t>(walk.cols), a.stride, b.stride);
+        detail::launch(detail::swiglu_forward_kernel<scalar_t, index_t>, detail::grid_stride_blocks(n),
+                       detail::kElementwiseThreads, a.tensor.data_ptr<scalar_t>(), b.tensor.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), n, detail::divider<index_t>(walk.cols), a.stride, b.stride);
       });
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
 }
@@ -91,7 +86,7 @@ inline std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad
       !detail::on_device(gate.device(), {&grad}))
     return titan::detail::swiglu_backward_aten(grad, gate, up);
   titan::detail::check_swiglu_grad(grad, gate, up);
-  const c10::cuda::CUDAGuard guard(gate.device());
+  const detail::DeviceGuard guard(gate.device());
   const auto g = grad.contiguous();                                       // [..., cols]
   const auto a = detail::rows_of(gate, 1), b = detail::rows_of(up, 1);  // [..., cols] in strided rows
   auto d_gate = at::empty(gate.sizes(), gate.options()), d_up = at::empty(up.sizes(), up.options());  // [..., cols]
@@ -101,14 +96,12 @@ inline std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "titan::swiglu_backward", [&] {
       detail::with_index_type(walk.extent, [&](auto index) {
         using index_t = decltype(index);
-        detail::swiglu_backward_kernel<scalar_t, index_t>
-            <<<detail::grid_stride_blocks(n), detail::kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                g.data_ptr<scalar_t>(), a.tensor.data_ptr<scalar_t>(), b.tensor.data_ptr<scalar_t>(),
-                d_gate.data_ptr<scalar_t>(), d_up.data_ptr<scalar_t>(), n, detail::divider<index_t>(walk.cols), a.stride,
-                b.stride);
+        detail::launch(detail::swiglu_backward_kernel<scalar_t, index_t>, detail::grid_stride_blocks(n),
+                       detail::kElementwiseThreads, g.data_ptr<scalar_t>(), a.tensor.data_ptr<scalar_t>(),
+                       b.tensor.data_ptr<scalar_t>(), d_gate.data_ptr<scalar_t>(), d_up.data_ptr<scalar_t>(), n,
+                       detail::divider<index_t>(walk.cols), a.stride, b.stride);
       });
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {d_gate, d_up};
 }

@@ -1,0 +1,361 @@
+// titan's CUDA kernels (include/titan/fused/cuda/*.cuh) run on the CPU under cuda_emulator.hpp,
+// in CI, where there is no GPU. Each kernel is checked against its operator's ATen implementation
+// (as close to the fp64 result as the ATen result is, up to one rounding of the dtype), at shapes
+// that take every path of its launch: several grid-stride rounds, rows longer than a block and
+// shorter than a warp, q, k, gate and up read in place as column slices of a fused projection,
+// several row chunks of add_rms_norm's weight gradient; in fp32, fp16 and bf16. Each gives the
+// same bits whatever order the emulator runs threads and blocks in (a race would not), and this
+// suite's build has AddressSanitizer, which stops at a kernel's read or write past a tensor. The
+// emulator's own checks (a race, a barrier not every thread reaches, a device-side assert) are
+// shown to fail where they should. titan::adamw_copy_'s kernel is ATen's multi-tensor launcher
+// running titan's functor, which the emulator does not run: only the GPU kit checks it.
+#include "cuda_emulator.hpp"  // before the kernels: they compile against it
+
+#include <titan/fused/cuda/add_rms_norm.cuh>
+#include <titan/fused/cuda/cross_entropy.cuh>
+#include <titan/fused/cuda/rope.cuh>
+#include <titan/fused/cuda/swiglu.cuh>
+
+#include "rounding.hpp"
+
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using titan_emulation::Order;
+using titan_test::as_close_as;
+using Tensors = std::vector<at::Tensor>;
+
+constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+
+/// Samples of `shape` from a normal distribution times `scale`, drawn in fp64 and rounded to `dtype`.
+at::Tensor sample(at::IntArrayRef shape, at::ScalarType dtype, double scale = 1.0) {
+  return (at::randn(shape, at::kDouble) * scale).to(dtype);
+}
+
+/// The tensors `run` returns with the emulator's threads and blocks in ascending order; for fp32
+/// (a race does not depend on the dtype, and each order costs a run) checked to be the same bits
+/// in descending and in a shuffled order.
+template <typename Run>
+Tensors in_every_order(at::ScalarType dtype, const Run& run) {
+  titan_emulation::set_order(Order::ascending);
+  const Tensors first = run();
+  if (dtype != at::kFloat) return first;
+  for (const Order order : {Order::descending, Order::shuffled}) {
+    titan_emulation::set_order(order, /*seed=*/7);
+    const Tensors other = run();
+    CAPTURE(static_cast<int>(order));
+    REQUIRE(other.size() == first.size());
+    for (size_t i = 0; i < first.size(); ++i) {
+      CAPTURE(i);
+      CHECK(at::equal(other[i], first[i]));
+    }
+  }
+  titan_emulation::set_order(Order::ascending);
+  return first;
+}
+
+/// Checks each kernel result against the ATen implementation's `want` and the fp64 `exact`, in `dtype`.
+void check_close(const Tensors& got, const Tensors& want, const Tensors& exact, at::ScalarType dtype) {
+  REQUIRE(got.size() == want.size());
+  REQUIRE(got.size() == exact.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(got[i].sizes() == want[i].sizes());
+    CHECK((got[i].scalar_type() == want[i].scalar_type()));
+    CHECK(as_close_as(got[i], want[i], exact[i], dtype));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA: add_rms_norm's kernels match the ATen implementation, forward and backward") {
+  constexpr double kEps = 1e-5;
+  // [rows, dim]: rows longer than the block's 512 threads, enough rows for two row chunks of the
+  // weight gradient (the emulated GPU has 2 multiprocessors) with a partial column tile, and rows
+  // shorter than a warp.
+  for (const auto& shape : {std::pair<int64_t, int64_t>{3, 1100}, {128, 40}, {2, 5}})
+    for (const auto dtype : kDtypes)
+      for (const bool residual : {false, true}) {
+        const int64_t rows = shape.first, dim = shape.second;
+        CAPTURE(rows);
+        CAPTURE(dim);
+        CAPTURE(dtype);
+        CAPTURE(residual);
+        at::manual_seed(1);
+        const auto x = sample({rows, dim}, dtype, 3), delta = sample({rows, dim}, dtype),
+                   weight = sample({dim}, dtype);                                       // [R, D], [R, D], [D]
+        const auto grad_normed = sample({rows, dim}, dtype);                            // [R, D]
+        const auto grad_sum = residual ? sample({rows, dim}, dtype) : at::Tensor();  // [R, D]
+        const auto got = in_every_order(dtype, [&] {
+          auto [sum, normed, rstd] = titan::cuda::add_rms_norm_forward(x, delta, weight, kEps);
+          auto [d_input, d_weight] = titan::cuda::add_rms_norm_backward(grad_sum, grad_normed, sum, weight, rstd, kEps);
+          return Tensors{sum, normed, rstd, d_input, d_weight};
+        });
+        const auto [sum, normed, rstd] = titan::detail::add_rms_norm_forward_aten(x, delta, weight, kEps);
+        CHECK(at::equal(got[0], sum));  // x + delta in fp32, rounded once: as at::add
+        const auto [d_input, d_weight] =
+            titan::detail::add_rms_norm_backward_aten(grad_sum, grad_normed, sum, weight, rstd, kEps);
+        // The exact values from the rounded sum, as both compute them.
+        const auto s = sum.to(at::kDouble), w = weight.to(at::kDouble);
+        const auto [unused, normed_exact, rstd_exact] =
+            titan::detail::add_rms_norm_forward_aten(s, at::zeros_like(s), w, kEps);
+        const auto [d_input_exact, d_weight_exact] = titan::detail::add_rms_norm_backward_aten(
+            residual ? grad_sum.to(at::kDouble) : at::Tensor(), grad_normed.to(at::kDouble), s, w, rstd_exact, kEps);
+        check_close({got[1], got[3], got[4]}, {normed, d_input, d_weight},
+                    {normed_exact, d_input_exact, d_weight_exact}, dtype);
+        CHECK(as_close_as(got[2], rstd, rstd_exact, at::kFloat));
+      }
+}
+
+TEST_CASE("emulated CUDA: the cross entropy kernel matches the ATen implementation; the rescaling too") {
+  constexpr int64_t kIgnore = -100;
+  // [rows, vocab]: a vocabulary narrower than a warp, and one longer than the block's 512 threads.
+  for (const auto& shape : {std::pair<int64_t, int64_t>{5, 7}, {9, 1500}})
+    for (const auto dtype : kDtypes) {
+      const int64_t rows = shape.first, vocab = shape.second;
+      CAPTURE(rows);
+      CAPTURE(vocab);
+      CAPTURE(dtype);
+      at::manual_seed(2);
+      const auto logits = sample({rows, vocab}, dtype, 4);                    // [N, V]
+      auto targets = at::randint(vocab, {rows}, at::kLong);                   // [N]
+      targets.index_put_({at::arange(0, rows, 3)}, kIgnore);                  // rows 0, 3, ... ignored
+      const double scale = 1.0 / static_cast<double>(targets.ne(kIgnore).sum().item<int64_t>());
+      const auto got = in_every_order(dtype, [&] {
+        auto [loss, grad] = titan::cuda::cross_entropy_loss_and_grad(logits, targets, kIgnore, 0, true, scale);
+        return Tensors{loss, grad};
+      });
+      const auto [loss, grad] =
+          titan::detail::cross_entropy_loss_and_grad_aten(logits, targets, kIgnore, rows * vocab, true, scale);
+      const auto [loss_exact, grad_exact] = titan::detail::cross_entropy_loss_and_grad_aten(
+          logits.to(at::kDouble), targets, kIgnore, rows * vocab, true, scale);
+      check_close(got, {loss, grad}, {loss_exact, grad_exact}, dtype);
+      CHECK(at::equal(got[1].index({at::arange(0, rows, 3)}), at::zeros({(rows + 2) / 3, vocab}, logits.options())));
+
+      // The loss alone: the same bits, and no gradient.
+      const auto [loss_only, no_grad] =
+          titan::cuda::cross_entropy_loss_and_grad(logits, targets, kIgnore, 0, false, 1.0);
+      CHECK(at::equal(loss_only, got[0]));
+      CHECK(no_grad.numel() == 0);
+
+      // The backward's rescaling: nothing at a factor of 1, else the gradient times the factor.
+      const auto rescaled = [&](double grad_output) {
+        return in_every_order(dtype, [&] {
+          auto g = got[1].clone();
+          titan::cuda::cross_entropy_rescale_grad_(g, at::full({}, grad_output, at::kFloat), scale);
+          return Tensors{g};
+        })[0];
+      };
+      CHECK(at::equal(rescaled(static_cast<float>(scale)), got[1]));
+      auto want = got[1].clone();
+      titan::detail::cross_entropy_rescale_grad_aten(want, at::full({}, 0.3, at::kFloat), scale);
+      CHECK(at::equal(rescaled(0.3), want));
+    }
+}
+
+TEST_CASE("emulated CUDA: an out-of-range target is a device-side assert naming the block and thread") {
+  const auto logits = at::randn({4, 40});
+  const auto targets = at::tensor({1, 2, 40, 3}, at::kLong);  // row 2 out of range
+  try {
+    titan::cuda::cross_entropy_loss_and_grad(logits, targets, -100, 0, true, 1.0);
+    FAIL("expected a device-side assert");
+  } catch (const std::runtime_error& e) {
+    const std::string message = e.what();
+    CHECK(message.find("device-side assert `!kept || (target >= 0 && target < vocab)` failed") != std::string::npos);
+    CHECK(message.find("in block (2, 0, 0), thread (0, 0, 0)") != std::string::npos);
+  }
+}
+
+TEST_CASE("emulated CUDA: the RoPE kernel matches the ATen implementation on q and k, in place in a fused projection") {
+  // [B, S, Hq, Hk, D]: 10,560 pairs (three grid-stride rounds), and one pair per head.
+  for (const auto& shape : {std::array<int64_t, 5>{2, 33, 8, 2, 32}, {1, 3, 1, 1, 2}})
+    for (const auto dtype : kDtypes)
+      for (const bool fused : {false, true})
+        for (const bool native_tables : {false, true}) {
+          const int64_t B = shape[0], S = shape[1], Hq = shape[2], Hk = shape[3], D = shape[4];
+          CAPTURE(D);
+          CAPTURE(dtype);
+          CAPTURE(fused);
+          CAPTURE(native_tables);
+          at::manual_seed(3);
+          at::Tensor q, k;  // [B, S, Hq, D], [B, S, Hk, D]
+          if (fused) {      // column slices of one [B, S, (Hq + 2 Hk) D] projection
+            const auto qkv = sample({B, S, (Hq + 2 * Hk) * D}, dtype);
+            q = qkv.narrow(-1, 0, Hq * D).unflatten(-1, {Hq, D});
+            k = qkv.narrow(-1, Hq * D, Hk * D).unflatten(-1, {Hk, D});
+          } else {
+            q = sample({B, S, Hq, D}, dtype);
+            k = sample({B, S, Hk, D}, dtype);
+          }
+          const auto angles = at::arange(S, at::kDouble).unsqueeze(1) * at::rand({D / 2}, at::kDouble);  // [S, D/2]
+          const auto table = native_tables ? dtype : at::kFloat;
+          const auto cos = angles.cos().to(table), sin = angles.sin().to(table);  // [S, D/2]
+          const auto grad_q = sample({B, S, Hq, D}, dtype), grad_k = sample({B, S, Hk, D}, dtype);
+          const auto got = in_every_order(dtype, [&] {
+            auto [q_out, k_out] = titan::cuda::rope_forward(q, k, cos, sin);
+            auto [dq, dk] = titan::cuda::rope_backward(grad_q, grad_k, cos, sin);
+            return Tensors{q_out, k_out, dq, dk};
+          });
+          const auto [q_out, k_out] = titan::detail::rope_forward_aten(q, k, cos, sin);
+          const auto [dq, dk] = titan::detail::rope_backward_aten(grad_q, grad_k, cos, sin);
+          const auto c = cos.to(at::kDouble), s = sin.to(at::kDouble);
+          const auto [q_exact, k_exact] = titan::detail::rope_forward_aten(q.to(at::kDouble), k.to(at::kDouble), c, s);
+          const auto [dq_exact, dk_exact] =
+              titan::detail::rope_backward_aten(grad_q.to(at::kDouble), grad_k.to(at::kDouble), c, s);
+          check_close(got, {q_out, k_out, dq, dk}, {q_exact, k_exact, dq_exact, dk_exact}, dtype);
+        }
+}
+
+TEST_CASE("emulated CUDA: the SwiGLU kernels match the ATen implementation, in place in a fused projection") {
+  for (const auto dtype : kDtypes)
+    for (const bool fused : {false, true}) {
+      CAPTURE(dtype);
+      CAPTURE(fused);
+      at::manual_seed(4);
+      constexpr int64_t rows = 4 * 33, cols = 40;  // 5,280 elements: two grid-stride rounds
+      at::Tensor gate, up;                         // [4, 33, cols] each
+      if (fused) {                                 // column slices of one [4, 33, 2 cols] projection
+        const auto h = sample({4, 33, 2 * cols}, dtype, 3);
+        gate = h.narrow(-1, 0, cols);
+        up = h.narrow(-1, cols, cols);
+      } else {
+        gate = sample({4, 33, cols}, dtype, 3);
+        up = sample({4, 33, cols}, dtype, 3);
+      }
+      const auto grad = sample({4, 33, cols}, dtype);
+      const auto got = in_every_order(dtype, [&] {
+        auto out = titan::cuda::swiglu_forward(gate, up);
+        auto [d_gate, d_up] = titan::cuda::swiglu_backward(grad, gate, up);
+        return Tensors{out, d_gate, d_up};
+      });
+      const auto out = titan::detail::swiglu_forward_aten(gate, up);
+      const auto [d_gate, d_up] = titan::detail::swiglu_backward_aten(grad, gate, up);
+      const auto g = gate.to(at::kDouble), u = up.to(at::kDouble);
+      const auto out_exact = titan::detail::swiglu_forward_aten(g, u);
+      const auto [d_gate_exact, d_up_exact] = titan::detail::swiglu_backward_aten(grad.to(at::kDouble), g, u);
+      check_close(got, {out, d_gate, d_up}, {out_exact, d_gate_exact, d_up_exact}, dtype);
+      CHECK(rows * cols >
+            titan::cuda::detail::grid_stride_blocks(rows * cols) * titan::cuda::detail::kElementwiseThreads);
+    }
+  // 0-dim gate and up: one element.
+  const auto gate = at::scalar_tensor(1.5), up = at::scalar_tensor(-2.0), grad = at::scalar_tensor(0.5);
+  const auto out = titan::cuda::swiglu_forward(gate, up);
+  CHECK(out.dim() == 0);
+  CHECK(as_close_as(out, titan::detail::swiglu_forward_aten(gate, up),
+                    titan::detail::swiglu_forward_aten(gate.to(at::kDouble), up.to(at::kDouble)), at::kFloat));
+  const auto [d_gate, d_up] = titan::cuda::swiglu_backward(grad, gate, up);
+  const auto [d_gate_want, d_up_want] = titan::detail::swiglu_backward_aten(grad, gate, up);
+  const auto [d_gate_exact, d_up_exact] =
+      titan::detail::swiglu_backward_aten(grad.to(at::kDouble), gate.to(at::kDouble), up.to(at::kDouble));
+  check_close({d_gate, d_up}, {d_gate_want, d_up_want}, {d_gate_exact, d_up_exact}, at::kFloat);
+}
+
+TEST_CASE("emulated CUDA: inputs the kernels do not take go to the ATen implementation, bit for bit") {
+  at::manual_seed(5);
+  // fp64 everywhere: each operator's ATen result, bitwise.
+  const auto x = at::randn({3, 8}, at::kDouble), delta = at::randn({3, 8}, at::kDouble);  // [3, 8]
+  const auto w = at::randn({8}, at::kDouble);                                                // [8]
+  const auto [sum, normed, rstd] = titan::cuda::add_rms_norm_forward(x, delta, w, 1e-5);
+  const auto [sum_want, normed_want, rstd_want] = titan::detail::add_rms_norm_forward_aten(x, delta, w, 1e-5);
+  CHECK(at::equal(normed, normed_want));
+  CHECK(at::equal(rstd, rstd_want));
+  const auto q = at::randn({1, 3, 2, 4}, at::kDouble), k = at::randn({1, 3, 1, 4}, at::kDouble);
+  const auto cos = at::randn({3, 2}, at::kDouble), sin = at::randn({3, 2}, at::kDouble);
+  CHECK(at::equal(std::get<0>(titan::cuda::rope_forward(q, k, cos, sin)),
+                  std::get<0>(titan::detail::rope_forward_aten(q, k, cos, sin))));
+  CHECK(at::equal(titan::cuda::swiglu_forward(x, delta), titan::detail::swiglu_forward_aten(x, delta)));
+  const auto logits = at::randn({4, 6}, at::kDouble), targets = at::tensor({0, 5, 2, 1}, at::kLong);
+  CHECK(at::equal(std::get<1>(titan::cuda::cross_entropy_loss_and_grad(logits, targets, -100, 0, true, 0.25)),
+                  std::get<1>(titan::detail::cross_entropy_loss_and_grad_aten(logits, targets, -100, 24, true, 0.25))));
+  // A backward given other arguments than its forward gave: an rstd in bf16, a gradient in another dtype.
+  const auto xf = x.to(at::kFloat), df = delta.to(at::kFloat), wf = w.to(at::kFloat);
+  const auto [s, n, r] = titan::cuda::add_rms_norm_forward(xf, df, wf, 1e-5);
+  const auto r_bf16 = r.to(at::kBFloat16);
+  CHECK(at::equal(std::get<0>(titan::cuda::add_rms_norm_backward(std::nullopt, n, s, wf, r_bf16, 1e-5)),
+                  std::get<0>(titan::detail::add_rms_norm_backward_aten(std::nullopt, n, s, wf, r_bf16, 1e-5))));
+  const auto grad_bf16 = n.to(at::kBFloat16);
+  CHECK(at::equal(std::get<0>(titan::cuda::swiglu_backward(grad_bf16, xf, df)),
+                  std::get<0>(titan::detail::swiglu_backward_aten(grad_bf16, xf, df))));
+}
+
+// Kernels of the emulator's own checks: a block sum over shared memory with and without its
+// barrier, a barrier only thread 0 reaches, and a warp sum by shuffles.
+namespace {
+
+template <bool kBarrier>
+__global__ void block_sum_kernel(const float* x, float* out) {
+  __shared__ float values[64];
+  values[threadIdx.x] = x[threadIdx.x];
+  if (kBarrier) __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int i = 0; i < 64; ++i) total += values[i];
+    *out = total;
+  }
+}
+
+__global__ void divergent_barrier_kernel() {
+  if (threadIdx.x == 0) __syncthreads();
+}
+
+__global__ void warp_sum_kernel(const float* x, float* out) {
+  float value = x[threadIdx.x];
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  out[threadIdx.x] = value;
+}
+
+/// The block sum of 64 ones in `order`.
+float block_sum_in(Order order, bool barrier) {
+  titan_emulation::set_order(order);
+  const auto x = at::ones({64}), out = at::zeros({1});
+  auto kernel = barrier ? block_sum_kernel<true> : block_sum_kernel<false>;
+  titan::cuda::detail::launch(kernel, 1, 64, x.data_ptr<float>(), out.data_ptr<float>());
+  titan_emulation::set_order(Order::ascending);
+  return out.item<float>();
+}
+
+/// The message of the error `launch` throws.
+template <typename Launch>
+std::string launch_error(const Launch& launch) {
+  try {
+    launch();
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA: the emulator shows a race, a barrier not every thread reaches and a bad launch") {
+  // Without its barrier, thread 0 reads shared memory that later threads have not written yet when
+  // it runs first: another result than in the other order, as in_every_order would report.
+  CHECK(block_sum_in(Order::descending, false) == 64.f);
+  CHECK(block_sum_in(Order::ascending, false) != 64.f);
+  for (const auto order : {Order::ascending, Order::descending, Order::shuffled})
+    CHECK(block_sum_in(order, true) == 64.f);
+
+  const auto stuck = launch_error([] { titan::cuda::detail::launch(divergent_barrier_kernel, 2, 64); });
+  CHECK(stuck.find("threads of block (0, 0, 0) wait at barriers that are never complete: 1 at __syncthreads") !=
+        std::string::npos);
+  const auto too_big = launch_error([] { titan::cuda::detail::launch(divergent_barrier_kernel, 1, 2048); });
+  CHECK(too_big.find("invalid configuration argument: grid (1, 1, 1), block (2048, 1, 1)") != std::string::npos);
+}
+
+TEST_CASE("emulated CUDA: __shfl_down_sync moves values down a warp; lanes past its end keep their own") {
+  const auto x = at::arange(64, at::kFloat), out = at::empty({64});
+  titan::cuda::detail::launch(warp_sum_kernel, 1, 64, x.data_ptr<float>(), out.data_ptr<float>());
+  CHECK(out[0].item<float>() == 31.f * 32.f / 2.f);            // lane 0: its warp's sum
+  CHECK(out[32].item<float>() == (32.f + 63.f) * 32.f / 2.f);  // the second warp's, apart from the first
+  CHECK(out[31].item<float>() == 31.f * 32.f);  // lane 31 gets its own value at every step: doubled 5 times
+}
