@@ -7,12 +7,13 @@
 // A launch runs its blocks one after another, each on a new host thread whose fibers (ucontext)
 // are the block's threads, each running until it reaches __syncthreads, a warp shuffle or its end.
 // `__shared__` variables are function-local thread_local statics: each block's own, zeroed (not
-// what the last block or launch left, which could hide a race). Threads and blocks run in the order the caller
-// picks (ascending, descending or shuffled): a kernel whose results depend on it has a race. A
-// failed CUDA_KERNEL_ASSERT, a __syncthreads that not every thread of the block reaches and a
-// full-warp shuffle with exited lanes end the launch with an error naming the block and thread, as
-// a device-side error would. Only what the kernels use is emulated: 1-3D grids and blocks of at
-// most 1024 threads, __syncthreads, __shfl_down_sync over full warps, the fp32 math functions.
+// what the last block or launch left, which could hide a race). Threads and blocks run in the
+// order the caller picks (ascending, descending or shuffled): a kernel whose results depend on it
+// has a race. A failed CUDA_KERNEL_ASSERT, a __syncthreads that not every thread of the block
+// reaches, a full-warp shuffle with exited lanes and a misaligned pack access end the launch with
+// an error naming the block and thread, as a device-side error would. Only what the kernels use
+// is emulated: 1-3D grids and blocks of at most 1024 threads, __syncthreads, __shfl_down_sync over
+// full warps, the fp32 math functions.
 // Not emulated: atomics, dynamic shared memory, streams, other warp intrinsics.
 #ifdef __CUDACC__
 #error "cuda_emulator.hpp compiles CUDA kernels as host code: include it from g++, not nvcc"
@@ -312,6 +313,14 @@ struct DeviceGuard {
 
 /// The emulated GPU's multiprocessors: few, so that small tests take several grid-stride rounds.
 inline int64_t multiprocessors() { return titan_emulation::detail::multiprocessor_count; }
+
+/// A misaligned access is an error on a GPU ("misaligned address"); here too, not the x86 access
+/// that would go through.
+inline void check_aligned(const void* p, size_t alignment) {
+  if (reinterpret_cast<uintptr_t>(p) % alignment != 0)
+    titan_emulation::detail::fail("misaligned address: a " + std::to_string(alignment) + "-byte aligned access at " +
+                                  std::to_string(reinterpret_cast<uintptr_t>(p)));
+}
 
 /// kernel<<<grid, block>>>(args...) in the emulator: every thread gets its own copy of the
 /// arguments converted to the kernel's parameters, as on a GPU.

@@ -7,7 +7,6 @@
 #include <titan/ac.hpp>
 #include <titan/fused.hpp>
 
-#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>

@@ -35,7 +35,23 @@ using titan_emulation::Order;
 using titan_test::as_close_as;
 using Tensors = std::vector<at::Tensor>;
 
-constexpr at::ScalarType kDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+/// A case of a kernel test: the dtype, and whether the inputs start one element past a 16-byte
+/// boundary (which takes the kernels' one-element-at-a-time path instead of 16-byte packs; in one
+/// dtype: the path does not depend on it).
+struct Case {
+  at::ScalarType dtype;
+  bool shifted;
+};
+constexpr Case kCases[] = {{at::kFloat, false}, {at::kHalf, false}, {at::kBFloat16, false}, {at::kBFloat16, true}};
+
+/// `t` itself, or when `shifted` a contiguous copy that starts one element past a 16-byte boundary.
+at::Tensor place(const at::Tensor& t, bool shifted) {
+  if (!shifted || !t.defined()) return t;
+  auto buffer = at::empty({t.numel() + 1}, t.options());  // 64-byte aligned
+  auto copy = buffer.narrow(0, 1, t.numel()).view(t.sizes());
+  copy.copy_(t);
+  return copy;
+}
 
 /// Samples of `shape` from a normal distribution times `scale`, drawn in fp64 and rounded to `dtype`.
 at::Tensor sample(at::IntArrayRef shape, at::ScalarType dtype, double scale = 1.0) {
@@ -84,18 +100,21 @@ TEST_CASE("emulated CUDA: add_rms_norm's kernels match the ATen implementation, 
   // weight gradient (the emulated GPU has 2 multiprocessors) with a partial column tile, and rows
   // shorter than a warp.
   for (const auto& shape : {std::pair<int64_t, int64_t>{3, 1100}, {128, 40}, {2, 5}})
-    for (const auto dtype : kDtypes)
+    for (const Case c : kCases)
       for (const bool residual : {false, true}) {
         const int64_t rows = shape.first, dim = shape.second;
+        const auto dtype = c.dtype;
         CAPTURE(rows);
         CAPTURE(dim);
         CAPTURE(dtype);
+        CAPTURE(c.shifted);
         CAPTURE(residual);
         at::manual_seed(1);
-        const auto x = sample({rows, dim}, dtype, 3), delta = sample({rows, dim}, dtype),
-                   weight = sample({dim}, dtype);                                       // [R, D], [R, D], [D]
-        const auto grad_normed = sample({rows, dim}, dtype);                            // [R, D]
-        const auto grad_sum = residual ? sample({rows, dim}, dtype) : at::Tensor();  // [R, D]
+        const auto x = place(sample({rows, dim}, dtype, 3), c.shifted);                  // [R, D]
+        const auto delta = place(sample({rows, dim}, dtype), c.shifted);                 // [R, D]
+        const auto weight = place(sample({dim}, dtype), c.shifted);                      // [D]
+        const auto grad_normed = place(sample({rows, dim}, dtype), c.shifted);           // [R, D]
+        const auto grad_sum = place(residual ? sample({rows, dim}, dtype) : at::Tensor(), c.shifted);  // [R, D]
         const auto got = in_every_order(dtype, [&] {
           auto [sum, normed, rstd] = titan::cuda::add_rms_norm_forward(x, delta, weight, kEps);
           auto [d_input, d_weight] = titan::cuda::add_rms_norm_backward(grad_sum, grad_normed, sum, weight, rstd, kEps);
@@ -119,15 +138,18 @@ TEST_CASE("emulated CUDA: add_rms_norm's kernels match the ATen implementation, 
 
 TEST_CASE("emulated CUDA: the cross entropy kernel matches the ATen implementation; the rescaling too") {
   constexpr int64_t kIgnore = -100;
-  // [rows, vocab]: a vocabulary narrower than a warp, and one longer than the block's 512 threads.
-  for (const auto& shape : {std::pair<int64_t, int64_t>{5, 7}, {9, 1500}})
-    for (const auto dtype : kDtypes) {
+  // [rows, vocab]: a vocabulary narrower than a warp, one longer than the block's 512 threads whose
+  // rows start at alternating offsets from a 16-byte boundary (bf16), and one of whole packs.
+  for (const auto& shape : {std::pair<int64_t, int64_t>{5, 7}, {9, 1500}, {3, 1504}})
+    for (const Case c : kCases) {
       const int64_t rows = shape.first, vocab = shape.second;
+      const auto dtype = c.dtype;
       CAPTURE(rows);
       CAPTURE(vocab);
       CAPTURE(dtype);
+      CAPTURE(c.shifted);
       at::manual_seed(2);
-      const auto logits = sample({rows, vocab}, dtype, 4);                    // [N, V]
+      const auto logits = place(sample({rows, vocab}, dtype, 4), c.shifted);  // [N, V]
       auto targets = at::randint(vocab, {rows}, at::kLong);                   // [N]
       targets.index_put_({at::arange(0, rows, 3)}, kIgnore);                  // rows 0, 3, ... ignored
       const double scale = 1.0 / static_cast<double>(targets.ne(kIgnore).sum().item<int64_t>());
@@ -151,7 +173,7 @@ TEST_CASE("emulated CUDA: the cross entropy kernel matches the ATen implementati
       // The backward's rescaling: nothing at a factor of 1, else the gradient times the factor.
       const auto rescaled = [&](double grad_output) {
         return in_every_order(dtype, [&] {
-          auto g = got[1].clone();
+          auto g = place(got[1].clone(), c.shifted);
           titan::cuda::cross_entropy_rescale_grad_(g, at::full({}, grad_output, at::kFloat), scale);
           return Tensors{g};
         })[0];
@@ -161,6 +183,31 @@ TEST_CASE("emulated CUDA: the cross entropy kernel matches the ATen implementati
       titan::detail::cross_entropy_rescale_grad_aten(want, at::full({}, 0.3, at::kFloat), scale);
       CHECK(at::equal(rescaled(0.3), want));
     }
+}
+
+TEST_CASE("emulated CUDA: a row of NaN or -inf logits: a NaN loss, or the other logits' softmax") {
+  for (const Case c : kCases) {
+    const auto dtype = c.dtype;
+    CAPTURE(dtype);
+    CAPTURE(c.shifted);
+    auto values = sample({3, 64}, dtype);
+    values[0][17] = NAN;                          // row 0: one NaN among finite logits
+    values[1].narrow(0, 8, 8).fill_(NAN);         // row 1: a whole pack of NaN
+    values[2].narrow(0, 0, 32).fill_(-INFINITY);  // row 2: packs of -inf, then finite logits
+    const auto logits = place(values, c.shifted);             // [3, 64]
+    const auto targets = at::tensor({1, 2, 40}, at::kLong);   // [3]
+    const auto row = [&](int64_t r) {                         // row r's loss and gradient
+      return titan::cuda::cross_entropy_loss_and_grad(logits.narrow(0, r, 1), targets.narrow(0, r, 1), -100, 0,
+                                                      true, 1.0);
+    };
+    CHECK(std::isnan(std::get<0>(row(0)).item<float>()));
+    CHECK(std::isnan(std::get<0>(row(1)).item<float>()));
+    const auto [loss_2, grad_2] = row(2);
+    const auto [want_2, want_grad_2] = titan::detail::cross_entropy_loss_and_grad_aten(
+        logits.narrow(0, 2, 1).to(at::kDouble), targets.narrow(0, 2, 1), -100, 64, true, 1.0);
+    CHECK(std::abs(loss_2.item<double>() - want_2.item<double>()) <= 1e-5 * std::abs(want_2.item<double>()));
+    CHECK(at::equal(grad_2.narrow(1, 0, 32), at::zeros({1, 32}, grad_2.options())));
+  }
 }
 
 TEST_CASE("emulated CUDA: an out-of-range target is a device-side assert naming the block and thread") {
@@ -179,65 +226,85 @@ TEST_CASE("emulated CUDA: an out-of-range target is a device-side assert naming 
 TEST_CASE("emulated CUDA: the RoPE kernel matches the ATen implementation on q and k, in place in a fused projection") {
   // [B, S, Hq, Hk, D]: 10,560 pairs (three grid-stride rounds), and one pair per head.
   for (const auto& shape : {std::array<int64_t, 5>{2, 33, 8, 2, 32}, {1, 3, 1, 1, 2}})
-    for (const auto dtype : kDtypes)
+    for (const Case c : kCases)
       for (const bool fused : {false, true})
         for (const bool native_tables : {false, true}) {
           const int64_t B = shape[0], S = shape[1], Hq = shape[2], Hk = shape[3], D = shape[4];
+          const auto dtype = c.dtype;
           CAPTURE(D);
           CAPTURE(dtype);
+          CAPTURE(c.shifted);
           CAPTURE(fused);
           CAPTURE(native_tables);
           at::manual_seed(3);
+          // q [B, S, Hq, D] and k [B, S, Hk, D], and where shifted, the same values one element off.
           at::Tensor q, k;  // [B, S, Hq, D], [B, S, Hk, D]
           if (fused) {      // column slices of one [B, S, (Hq + 2 Hk) D] projection
-            const auto qkv = sample({B, S, (Hq + 2 * Hk) * D}, dtype);
+            const auto qkv = place(sample({B, S, (Hq + 2 * Hk) * D}, dtype), c.shifted);
             q = qkv.narrow(-1, 0, Hq * D).unflatten(-1, {Hq, D});
             k = qkv.narrow(-1, Hq * D, Hk * D).unflatten(-1, {Hk, D});
           } else {
-            q = sample({B, S, Hq, D}, dtype);
-            k = sample({B, S, Hk, D}, dtype);
+            q = place(sample({B, S, Hq, D}, dtype), c.shifted);
+            k = place(sample({B, S, Hk, D}, dtype), c.shifted);
           }
           const auto angles = at::arange(S, at::kDouble).unsqueeze(1) * at::rand({D / 2}, at::kDouble);  // [S, D/2]
           const auto table = native_tables ? dtype : at::kFloat;
           const auto cos = angles.cos().to(table), sin = angles.sin().to(table);  // [S, D/2]
-          const auto grad_q = sample({B, S, Hq, D}, dtype), grad_k = sample({B, S, Hk, D}, dtype);
-          const auto got = in_every_order(dtype, [&] {
-            auto [q_out, k_out] = titan::cuda::rope_forward(q, k, cos, sin);
-            auto [dq, dk] = titan::cuda::rope_backward(grad_q, grad_k, cos, sin);
+          const auto grad_q = place(sample({B, S, Hq, D}, dtype), c.shifted);
+          const auto grad_k = place(sample({B, S, Hk, D}, dtype), c.shifted);
+          const auto run = [&](const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& dq_in,
+                               const at::Tensor& dk_in) {
+            auto [q_out, k_out] = titan::cuda::rope_forward(q_in, k_in, cos, sin);
+            auto [dq, dk] = titan::cuda::rope_backward(dq_in, dk_in, cos, sin);
             return Tensors{q_out, k_out, dq, dk};
-          });
+          };
+          const auto got = in_every_order(dtype, [&] { return run(q, k, grad_q, grad_k); });
+          if (c.shifted) {  // one pair at a time: the same bits as the packs
+            const auto aligned = [](const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); };
+            const auto packed = run(aligned(q), aligned(k), aligned(grad_q), aligned(grad_k));
+            for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(got[i], packed[i]));
+          }
           const auto [q_out, k_out] = titan::detail::rope_forward_aten(q, k, cos, sin);
           const auto [dq, dk] = titan::detail::rope_backward_aten(grad_q, grad_k, cos, sin);
-          const auto c = cos.to(at::kDouble), s = sin.to(at::kDouble);
-          const auto [q_exact, k_exact] = titan::detail::rope_forward_aten(q.to(at::kDouble), k.to(at::kDouble), c, s);
+          const auto cd = cos.to(at::kDouble), sd = sin.to(at::kDouble);
+          const auto [q_exact, k_exact] =
+              titan::detail::rope_forward_aten(q.to(at::kDouble), k.to(at::kDouble), cd, sd);
           const auto [dq_exact, dk_exact] =
-              titan::detail::rope_backward_aten(grad_q.to(at::kDouble), grad_k.to(at::kDouble), c, s);
+              titan::detail::rope_backward_aten(grad_q.to(at::kDouble), grad_k.to(at::kDouble), cd, sd);
           check_close(got, {q_out, k_out, dq, dk}, {q_exact, k_exact, dq_exact, dk_exact}, dtype);
         }
 }
 
 TEST_CASE("emulated CUDA: the SwiGLU kernels match the ATen implementation, in place in a fused projection") {
-  for (const auto dtype : kDtypes)
+  for (const Case c : kCases)
     for (const bool fused : {false, true}) {
+      const auto dtype = c.dtype;
       CAPTURE(dtype);
+      CAPTURE(c.shifted);
       CAPTURE(fused);
       at::manual_seed(4);
       constexpr int64_t rows = 4 * 33, cols = 40;  // 5,280 elements: two grid-stride rounds
       at::Tensor gate, up;                         // [4, 33, cols] each
       if (fused) {                                 // column slices of one [4, 33, 2 cols] projection
-        const auto h = sample({4, 33, 2 * cols}, dtype, 3);
+        const auto h = place(sample({4, 33, 2 * cols}, dtype, 3), c.shifted);
         gate = h.narrow(-1, 0, cols);
         up = h.narrow(-1, cols, cols);
       } else {
-        gate = sample({4, 33, cols}, dtype, 3);
-        up = sample({4, 33, cols}, dtype, 3);
+        gate = place(sample({4, 33, cols}, dtype, 3), c.shifted);
+        up = place(sample({4, 33, cols}, dtype, 3), c.shifted);
       }
-      const auto grad = sample({4, 33, cols}, dtype);
-      const auto got = in_every_order(dtype, [&] {
-        auto out = titan::cuda::swiglu_forward(gate, up);
-        auto [d_gate, d_up] = titan::cuda::swiglu_backward(grad, gate, up);
+      const auto grad = place(sample({4, 33, cols}, dtype), c.shifted);
+      const auto run = [&](const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& grad_in) {
+        auto out = titan::cuda::swiglu_forward(gate_in, up_in);
+        auto [d_gate, d_up] = titan::cuda::swiglu_backward(grad_in, gate_in, up_in);
         return Tensors{out, d_gate, d_up};
-      });
+      };
+      const auto got = in_every_order(dtype, [&] { return run(gate, up, grad); });
+      if (c.shifted) {  // one element at a time: the same bits as the packs
+        const auto aligned = [](const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); };
+        const auto packed = run(aligned(gate), aligned(up), aligned(grad));
+        for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(got[i], packed[i]));
+      }
       const auto out = titan::detail::swiglu_forward_aten(gate, up);
       const auto [d_gate, d_up] = titan::detail::swiglu_backward_aten(grad, gate, up);
       const auto g = gate.to(at::kDouble), u = up.to(at::kDouble);

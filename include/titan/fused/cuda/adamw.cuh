@@ -108,14 +108,12 @@ inline void adamw_copy_(at::TensorList params, at::TensorList grads, at::TensorL
                                                 copies.vec()};
   const float* scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
   const float* skip = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "titan::adamw_copy_ (grads)", [&] {
+  TITAN_DISPATCH_KERNEL_DTYPES(grads[0].scalar_type(), "titan::adamw_copy_ (grads)", [&] {
     using grad_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, copies[0].scalar_type(), "titan::adamw_copy_ (copies)",
-                                    [&] {
-                                      at::native::multi_tensor_apply_for_fused_optimizer<detail::kAdamWCopyLists>(
-                                          lists, steps, detail::AdamWCopyFunctor<grad_t, scalar_t>(), lr, beta1,
-                                          beta2, weight_decay, eps, scale, skip);
-                                    });
+    TITAN_DISPATCH_KERNEL_DTYPES(copies[0].scalar_type(), "titan::adamw_copy_ (copies)", [&] {
+      at::native::multi_tensor_apply_for_fused_optimizer<detail::kAdamWCopyLists>(
+          lists, steps, detail::AdamWCopyFunctor<grad_t, scalar_t>(), lr, beta1, beta2, weight_decay, eps, scale, skip);
+    });
   });
 }
 

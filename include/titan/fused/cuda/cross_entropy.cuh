@@ -2,13 +2,14 @@
 // titan/fused/cuda/cross_entropy.cuh: the CUDA kernel of titan::cross_entropy_loss_and_grad (see
 // titan/fused/cross_entropy.hpp for the formulas). One block per row of logits: an online softmax
 // pass (running max and sum of exp, in fp32) and, for the gradient, a second pass writing
-// (softmax - one_hot(target)) * grad_scale in the logits' dtype. The backward's rescaling by
-// grad_output / grad_scale is a grid-stride kernel that returns at once when that factor is 1.
-// Compiled by nvcc into titan::cuda_kernels; logits of other dtypes than fp32, fp16 and bf16 take
-// the ATen implementation.
+// (softmax - one_hot(target)) * grad_scale in the logits' dtype, both in 16-byte packs. The
+// backward's rescaling by grad_output / grad_scale is a grid-stride kernel that returns at once
+// when that factor is 1. Compiled by nvcc into titan::cuda_kernels; logits of other dtypes than
+// fp32, fp16 and bf16 take the ATen implementation.
 #include <titan/fused/cross_entropy.hpp>
 #include <titan/fused/cuda/grid.cuh>
 #include <titan/fused/cuda/inputs.cuh>
+#include <titan/fused/cuda/pack.cuh>
 
 #include <ATen/Dispatch.h>
 
@@ -33,16 +34,47 @@ __device__ inline MaxSum combine(MaxSum a, MaxSum b) {
   return {max, a.sum * expf(a.max - max) + b.sum * expf(b.max - max)};
 }
 
+/// max(a, b), NaN if either is (fmaxf drops a NaN: a row with one would get a finite loss).
+__device__ __forceinline__ float nan_max(float a, float b) { return b > a || b != b ? b : a; }
+
+/// The max of a pack's values and the sum of exp(value - max): one exp per value (combining it with
+/// the row's running state takes two more per pack, not two per value).
+template <typename scalar_t, int kWidth>
+__device__ __forceinline__ MaxSum pack_max_sum(const Pack<scalar_t, kWidth>& p) {
+  float max = -INFINITY;
+  for (int j = 0; j < kWidth; ++j) max = nan_max(max, static_cast<float>(p.v[j]));
+  if (max == -INFINITY) return {max, 0.f};  // every value -inf: nothing to add
+  float sum = 0.f;
+  for (int j = 0; j < kWidth; ++j) sum += expf(static_cast<float>(p.v[j]) - max);
+  return {max, sum};
+}
+
+/// The elements of a row that precede its first 16-byte boundary (none without packs).
+template <int kWidth, typename scalar_t>
+__device__ __forceinline__ int64_t elements_before_pack_boundary(const scalar_t* row, int64_t vocab) {
+  if (kWidth == 1) return 0;
+  const auto before = static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(row) % 16) % 16 / sizeof(scalar_t));
+  return before < vocab ? before : vocab;
+}
+
 /// Row blockIdx.x of logits [rows, vocab]: row_loss[row] = lse - x[target] (0 when ignored) and,
 /// when grad is not null, grad[row, :] = (softmax - one_hot(target)) * grad_scale (0 when ignored).
-template <typename scalar_t>
+/// Each row in 16-byte packs of kWidth elements from its first 16-byte boundary, the elements before
+/// and after one at a time (logits and grad start at 16-byte boundaries: their rows lie alike).
+template <typename scalar_t, int kWidth>
 __global__ void cross_entropy_rows(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
                                    scalar_t* __restrict__ grad, float* __restrict__ row_loss, int64_t vocab,
                                    int64_t ignore_index, float grad_scale) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = logits + row * vocab;  // [vocab]
+  const int64_t head = elements_before_pack_boundary<kWidth>(x, vocab);  // [0, head): one at a time
+  const int64_t packs = (vocab - head) / kWidth, tail = head + packs * kWidth;  // then packs to tail
   MaxSum state{-INFINITY, 0.f};
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) state = combine(state, {static_cast<float>(x[v]), 1.f});
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) state = combine(state, {static_cast<float>(x[v]), 1.f});
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x)
+    state = combine(state, pack_max_sum(load_pack<kWidth>(x + head + p * kWidth)));
+  for (int64_t v = tail + threadIdx.x; v < vocab; v += blockDim.x)
+    state = combine(state, {static_cast<float>(x[v]), 1.f});
   for (int offset = 16; offset > 0; offset /= 2)
     state = combine(state, {__shfl_down_sync(0xffffffffu, state.max, offset),
                             __shfl_down_sync(0xffffffffu, state.sum, offset)});
@@ -62,21 +94,40 @@ __global__ void cross_entropy_rows(const scalar_t* __restrict__ logits, const in
   CUDA_KERNEL_ASSERT(!kept || (target >= 0 && target < vocab));
   if (threadIdx.x == 0) row_loss[row] = kept ? lse - static_cast<float>(x[target]) : 0.f;
   if (grad == nullptr) return;
+  // softmax * grad_scale everywhere (0 in an ignored row); then thread 0 subtracts the target's 1.
   scalar_t* dx = grad + row * vocab;  // [vocab]
-  for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const float value = kept ? expf(static_cast<float>(x[v]) - lse) - (v == target ? 1.f : 0.f) : 0.f;
-    dx[v] = static_cast<scalar_t>(value * grad_scale);
+  const auto softmax = [&](scalar_t logit) {
+    return static_cast<scalar_t>((kept ? expf(static_cast<float>(logit) - lse) : 0.f) * grad_scale);
+  };
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) dx[v] = softmax(x[v]);
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const int64_t first = head + p * kWidth;
+    const auto in = load_pack<kWidth>(x + first);
+    Pack<scalar_t, kWidth> out;
+    for (int j = 0; j < kWidth; ++j) out.v[j] = softmax(in.v[j]);
+    store_pack<kWidth>(dx + first, out);
   }
+  for (int64_t v = tail + threadIdx.x; v < vocab; v += blockDim.x) dx[v] = softmax(x[v]);
+  __syncthreads();  // every thread's writes before thread 0 rewrites the target's
+  if (threadIdx.x == 0 && kept)
+    dx[target] = static_cast<scalar_t>((expf(static_cast<float>(x[target]) - lse) - 1.f) * grad_scale);
 }
 
 /// grad[0, n) *= *grad_output / grad_scale (in fp32), unless that factor is exactly 1: then every
-/// block returns before touching memory.
-template <typename scalar_t>
+/// block returns before touching memory. In packs of kWidth elements, the last n % kWidth one at a
+/// time.
+template <typename scalar_t, int kWidth>
 __global__ void rescale_unless_one(scalar_t* __restrict__ grad, const float* __restrict__ grad_output,
                                    float grad_scale, int64_t n) {
   const float factor = *grad_output / grad_scale;
   if (factor == 1.f) return;
-  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+  const int64_t whole = n / kWidth * kWidth;  // the elements of whole packs
+  for (int64_t i = first_element<int64_t, kWidth>(); i < whole; i += element_stride<int64_t, kWidth>()) {
+    auto p = load_pack<kWidth>(grad + i);
+    for (int j = 0; j < kWidth; ++j) p.v[j] = static_cast<scalar_t>(static_cast<float>(p.v[j]) * factor);
+    store_pack<kWidth>(grad + i, p);
+  }
+  for (int64_t i = whole + first_element<int64_t, 1>(); i < n; i += element_stride<int64_t, 1>())
     grad[i] = static_cast<scalar_t>(static_cast<float>(grad[i]) * factor);
 }
 
@@ -98,10 +149,17 @@ inline std::tuple<at::Tensor, at::Tensor> cross_entropy_loss_and_grad(const at::
   auto row_loss = at::empty({rows}, x.options().dtype(at::kFloat));                              // [N]
   auto grad = compute_grad ? at::empty({rows, vocab}, x.options()) : at::empty({0}, x.options());  // [N, V]
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "titan::cross_entropy", [&] {
-      detail::launch(detail::cross_entropy_rows<scalar_t>, static_cast<unsigned>(rows), detail::kCrossEntropyThreads,
-                     x.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr,
-                     row_loss.data_ptr<float>(), vocab, ignore_index, static_cast<float>(grad_scale));
+    TITAN_DISPATCH_KERNEL_DTYPES(x.scalar_type(), "titan::cross_entropy", [&] {
+      // Packs where the logits and grad start at 16-byte boundaries (grad, new, always does: the
+      // loss alone takes the same path, the same bits); each row's start then lies as far from one
+      // in both.
+      const bool packed = detail::packable<scalar_t>({x.data_ptr(), compute_grad ? grad.data_ptr() : nullptr}, {});
+      detail::with_pack_width<scalar_t>(packed, [&](auto width) {
+        detail::launch(detail::cross_entropy_rows<scalar_t, width>, static_cast<unsigned>(rows),
+                       detail::kCrossEntropyThreads, x.data_ptr<scalar_t>(), t.data_ptr<int64_t>(),
+                       compute_grad ? grad.data_ptr<scalar_t>() : nullptr, row_loss.data_ptr<float>(), vocab,
+                       ignore_index, static_cast<float>(grad_scale));
+      });
     });
   }
   return {row_loss.sum(), grad};  // [], [N, V]
@@ -117,13 +175,13 @@ inline void cross_entropy_rescale_grad_(at::Tensor& grad, const at::Tensor& grad
   const detail::DeviceGuard guard(grad.device());
   const int64_t n = grad.numel();
   if (n == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "titan::cross_entropy_rescale_grad_",
-                                  [&] {
-                                    detail::launch(detail::rescale_unless_one<scalar_t>,
-                                                   detail::grid_stride_blocks(n), detail::kElementwiseThreads,
-                                                   grad.data_ptr<scalar_t>(), grad_output.data_ptr<float>(),
-                                                   static_cast<float>(grad_scale), n);
-                                  });
+  TITAN_DISPATCH_KERNEL_DTYPES(grad.scalar_type(), "titan::cross_entropy_rescale_grad_", [&] {
+    detail::with_pack_width<scalar_t>(detail::packable<scalar_t>({grad.data_ptr()}, {}), [&](auto width) {
+      detail::launch(detail::rescale_unless_one<scalar_t, width>, detail::grid_stride_blocks(n / width),
+                     detail::kElementwiseThreads, grad.data_ptr<scalar_t>(), grad_output.data_ptr<float>(),
+                     static_cast<float>(grad_scale), n);
+    });
+  });
 }
 
 }  // namespace titan::cuda

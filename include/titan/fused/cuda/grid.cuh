@@ -26,6 +26,18 @@ inline unsigned grid_stride_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(resident, needed)));
 }
 
+/// This thread's first element in a grid-stride loop over packs of kWidth elements.
+template <typename index_t, int kWidth>
+__device__ __forceinline__ index_t first_element() {
+  return (blockIdx.x * index_t{blockDim.x} + threadIdx.x) * kWidth;
+}
+
+/// The elements between a thread's packs in a grid-stride loop over packs of kWidth elements.
+template <typename index_t, int kWidth>
+__device__ __forceinline__ index_t element_stride() {
+  return index_t{blockDim.x} * gridDim.x * kWidth;
+}
+
 /// `x` as rows of its last `inner` dimensions: x itself when those are contiguous within a row and
 /// the rows evenly spaced (a column slice of a wider tensor, e.g. q of a fused [q|k|v] projection:
 /// no copy), else x.contiguous(); with the elements from one row's start to the next.
