@@ -327,6 +327,51 @@ TEST_CASE("emulated CUDA: the SwiGLU kernels match the ATen implementation, in p
   check_close({d_gate, d_up}, {d_gate_want, d_up_want}, {d_gate_exact, d_up_exact}, at::kFloat);
 }
 
+TEST_CASE("emulated CUDA: the 64-bit index path gives the bits of the 32-bit one") {
+  // The operators take it only for tensors past int32's range, too large for a test: the kernels
+  // are launched here directly, as the operators launch them, in both index types.
+  namespace cuda = titan::cuda::detail;
+  using Packs = std::integral_constant<int, 4>;  // fp32: 4 elements a pack
+  using One = std::integral_constant<int, 1>;
+  using Pair = std::integral_constant<int, 2>;
+  at::manual_seed(6);
+  const auto h = at::randn({6, 80});  // gate | up, as a fused projection gives them
+  const auto gate = h.narrow(1, 0, 40), up = h.narrow(1, 40, 40);
+  const int64_t n = gate.numel();
+  const auto swiglu = [&](auto index, auto width) {
+    using index_t = decltype(index);
+    auto out = at::empty({6, 40});
+    cuda::launch(cuda::swiglu_forward_kernel<float, index_t, width>, cuda::grid_stride_blocks(n / width),
+                 cuda::kElementwiseThreads, gate.data_ptr<float>(), up.data_ptr<float>(), out.data_ptr<float>(), n,
+                 cuda::divider<index_t>(40), 80, 80);
+    return out;
+  };
+  CHECK(at::equal(swiglu(uint64_t{}, Packs{}), swiglu(uint32_t{}, Packs{})));
+  CHECK(at::equal(swiglu(uint64_t{}, One{}), swiglu(uint32_t{}, Packs{})));
+
+  const auto q = at::randn({2, 3, 4, 8}), k = at::randn({2, 3, 2, 8});  // [B, S, H, D]
+  const auto cos = at::rand({3, 4}), sin = at::rand({3, 4});             // [S, D/2]
+  const auto rope = [&](auto index, auto width) {
+    using index_t = decltype(index);
+    auto q_out = at::empty_like(q), k_out = at::empty_like(k);
+    // Tokens of H x D elements, H x D/2 pairs.
+    const cuda::RopeTensor<float, index_t> q_walk{q.data_ptr<float>(), q_out.data_ptr<float>(),
+                                                  cuda::divider<index_t>(16), 32};
+    const cuda::RopeTensor<float, index_t> k_walk{k.data_ptr<float>(), k_out.data_ptr<float>(),
+                                                  cuda::divider<index_t>(8), 16};
+    const int64_t pairs = (q.numel() + k.numel()) / 2;
+    cuda::launch(cuda::rope_kernel<float, float, index_t, width>, cuda::grid_stride_blocks(pairs / (width / 2)),
+                 cuda::kElementwiseThreads, q_walk, k_walk, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                 q.numel() / 2, pairs, cuda::divider<index_t>(4), cuda::divider<index_t>(3), 1.f);
+    return Tensors{q_out, k_out};
+  };
+  for (const auto& [got, want] : {std::pair{rope(uint64_t{}, Packs{}), rope(uint32_t{}, Packs{})},
+                                  std::pair{rope(uint64_t{}, Pair{}), rope(uint32_t{}, Packs{})}})
+    for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(got[i], want[i]));
+  const auto [q_want, k_want] = titan::cuda::rope_forward(q, k, cos, sin);
+  CHECK(at::equal(rope(uint64_t{}, Packs{})[0], q_want));
+}
+
 TEST_CASE("emulated CUDA: inputs the kernels do not take go to the ATen implementation, bit for bit") {
   at::manual_seed(5);
   // fp64 everywhere: each operator's ATen result, bitwise.
