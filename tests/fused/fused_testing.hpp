@@ -2,7 +2,7 @@
 // Shared by the fused-operator suites: titan's CUDA kernels are registered wherever this build has
 // them, so that the cases on CUDA (TITAN_TEST_DEVICE=cuda, the GPU kit) run them.
 #include "../support/multirank.hpp"
-#include "rounding.hpp"
+#include "kernel_checks.hpp"
 
 #include <titan/ac.hpp>
 #include <titan/fused.hpp>

@@ -1,14 +1,16 @@
 // titan's CUDA kernels (include/titan/fused/cuda/*.cuh) run on the CPU under cuda_emulator.hpp,
 // in CI, where there is no GPU. Each kernel is checked against its operator's ATen implementation
 // (as close to the fp64 result as the ATen result is, up to one rounding of the dtype), at shapes
-// that take every path of its launch: several grid-stride rounds, rows longer than a block and
-// shorter than a warp, q, k, gate and up read in place as column slices of a fused projection,
-// several row chunks of add_rms_norm's weight gradient; in fp32, fp16 and bf16. Each gives the
-// same bits whatever order the emulator runs threads and blocks in (a race would not), and this
-// suite's build has AddressSanitizer, which stops at a kernel's read or write past a tensor. The
-// emulator's own checks (a race, a barrier not every thread reaches, a device-side assert) are
-// shown to fail where they should. titan::adamw_copy_'s kernel is ATen's multi-tensor launcher
-// running titan's functor, which the emulator does not run: only the GPU kit checks it.
+// that take every path of its launch: 16-byte packs and one element at a time (inputs one element
+// past a 16-byte boundary), several grid-stride rounds, rows longer than a block and shorter than
+// a warp, q, k, gate and up read in place as column slices of a fused projection, several row
+// chunks of add_rms_norm's weight gradient, the 64-bit index path, NaN and -inf logits; in fp32,
+// fp16 and bf16. Each gives the same bits whatever order the emulator runs threads and blocks in
+// (a race would not); the emulator fails a misaligned pack access, and this suite's build has
+// AddressSanitizer, which stops at a kernel's read or write past a tensor. The emulator's own
+// checks (a race, a barrier not every thread reaches, a device-side assert) are shown to fail
+// where they should. titan::adamw_copy_'s kernel is ATen's multi-tensor launcher running titan's
+// functor, which the emulator does not run: only the GPU kit checks it.
 #include "cuda_emulator.hpp"  // before the kernels: they compile against it
 
 #include <titan/fused/cuda/add_rms_norm.cuh>
@@ -16,7 +18,7 @@
 #include <titan/fused/cuda/rope.cuh>
 #include <titan/fused/cuda/swiglu.cuh>
 
-#include "rounding.hpp"
+#include "kernel_checks.hpp"
 
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
@@ -44,14 +46,8 @@ struct Case {
 };
 constexpr Case kCases[] = {{at::kFloat, false}, {at::kHalf, false}, {at::kBFloat16, false}, {at::kBFloat16, true}};
 
-/// `t` itself, or when `shifted` a contiguous copy that starts one element past a 16-byte boundary.
-at::Tensor place(const at::Tensor& t, bool shifted) {
-  if (!shifted || !t.defined()) return t;
-  auto buffer = at::empty({t.numel() + 1}, t.options());  // 64-byte aligned
-  auto copy = buffer.narrow(0, 1, t.numel()).view(t.sizes());
-  copy.copy_(t);
-  return copy;
-}
+/// `t` itself, or when `shifted` a copy that starts one element past a 16-byte boundary.
+at::Tensor place(const at::Tensor& t, bool shifted) { return shifted && t.defined() ? titan_test::shifted(t) : t; }
 
 /// Samples of `shape` from a normal distribution times `scale`, drawn in fp64 and rounded to `dtype`.
 at::Tensor sample(at::IntArrayRef shape, at::ScalarType dtype, double scale = 1.0) {

@@ -92,6 +92,29 @@ TEST_CASE("fused rope: output and gradients equal the complex multiply, and Meta
   }
 }
 
+TEST_CASE("fused rope: q and k one element past a 16-byte boundary give the bits of aligned ones") {
+  // titan's CUDA kernel takes 16-byte packs of pairs where every token starts at a 16-byte boundary,
+  // else one pair at a time, with the same arithmetic (docs/fused.md): on a GPU, both paths against
+  // each other; on the CPU (the ATen path) the same operators twice.
+  titan_test::fused_kernels_registered();
+  const auto [cos, sin] = tables(5, 8);  // [5, 4] fp32
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    CAPTURE(dtype);
+    torch::manual_seed(8);
+    const auto q = torch::randn({2, 5, 6, 8}).to(dtype).to(device());   // [2, 5, 6, 8]
+    const auto k = torch::randn({2, 5, 2, 8}).to(dtype).to(device());   // [2, 5, 2, 8]
+    const auto wq = torch::randn({2, 5, 6, 8}).to(dtype).to(device());  // [2, 5, 6, 8]
+    const auto wk = torch::randn({2, 5, 2, 8}).to(dtype).to(device());  // [2, 5, 2, 8]
+    const auto rope = [&](const Tensor& a, const Tensor& b) { return titan::rope(a, b, cos, sin); };
+    const auto packs = run(rope, q, k, wq, wk);
+    const auto single = run(rope, titan_test::shifted(q), titan_test::shifted(k), wq, wk);
+    CHECK(titan_test::same_values(single.q, packs.q));
+    CHECK(titan_test::same_values(single.k, packs.k));
+    CHECK(titan_test::same_values(single.d_q, packs.d_q));
+    CHECK(titan_test::same_values(single.d_k, packs.d_k));
+  }
+}
+
 TEST_CASE("fused rope: bf16 tables (FSDP's cast of a block's inputs) are rotated in fp32 as given") {
   titan_test::fused_kernels_registered();
   const auto [cos, sin] = tables(5, 8);

@@ -62,6 +62,25 @@ TEST_CASE("fused swiglu: output and gradients equal silu(gate) * up") {
   }
 }
 
+TEST_CASE("fused swiglu: inputs one element past a 16-byte boundary give the bits of aligned ones") {
+  // titan's CUDA kernels take 16-byte packs where every row starts at a 16-byte boundary, else one
+  // element at a time, with the same arithmetic (docs/fused.md): on a GPU, both paths against each
+  // other; on the CPU (the ATen path) the same operators twice.
+  titan_test::fused_kernels_registered();
+  for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    CAPTURE(dtype);
+    torch::manual_seed(5);
+    const auto gate = (3 * torch::randn({3, 7, 40})).to(dtype).to(device());  // [3, 7, 40]
+    const auto up = torch::randn({3, 7, 40}).to(dtype).to(device());          // [3, 7, 40]
+    const auto weights = torch::randn({3, 7, 40}).to(dtype).to(device());     // [3, 7, 40]
+    const auto packs = fused(gate, up, weights);
+    const auto single = fused(titan_test::shifted(gate), titan_test::shifted(up), weights);
+    CHECK(titan_test::same_values(single.out, packs.out));
+    CHECK(titan_test::same_values(single.d_gate, packs.d_gate));
+    CHECK(titan_test::same_values(single.d_up, packs.d_up));
+  }
+}
+
 TEST_CASE("fused swiglu: under per-operator activation checkpointing the gradients are unchanged") {
   titan_test::fused_kernels_registered();
   const auto x = torch::randn({3, 16}, device());  // [3, 16]

@@ -63,7 +63,9 @@ inline at::Tensor rope_rotation(const at::Tensor& x, const at::Tensor& cos, cons
 /// x [B, S, H, D] rotated pairwise by `rotation` [1, S, 1, D/2] (complex), in x's dtype.
 inline at::Tensor rope_rotate(const at::Tensor& x, const at::Tensor& rotation) {
   const auto real = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto pairs = at::view_as_complex(x.to(real).contiguous().unflatten(-1, {-1, 2}));  // [B, S, H, D/2] complex
+  auto values = x.to(real).contiguous();                       // [B, S, H, D]
+  if (values.storage_offset() % 2 != 0) values = values.clone();  // complex views start at even offsets
+  auto pairs = at::view_as_complex(values.unflatten(-1, {-1, 2}));  // [B, S, H, D/2] complex
   return at::view_as_real(at::mul(pairs, rotation)).flatten(-2).to(x.scalar_type());  // [B, S, H, D]
 }
 

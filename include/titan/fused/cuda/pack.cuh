@@ -60,8 +60,8 @@ bool packable(std::initializer_list<const void*> pointers, std::initializer_list
   return true;
 }
 
-/// Calls f(std::integral_constant<int, kPackWidth<T>>{}) when `packed`, else with `single`: the
-/// kernel's width when it takes one element (or pair) at a time.
+/// Calls f(std::integral_constant<int, kPackWidth<T>>{}) when `packed`, else with kSingle, the
+/// kernel's width when it takes one element (RoPE: one pair) at a time.
 template <typename T, int kSingle = 1, typename F>
 void with_pack_width(bool packed, const F& f) {
   if (packed)

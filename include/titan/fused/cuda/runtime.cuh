@@ -1,10 +1,9 @@
 #pragma once
 // titan/fused/cuda/runtime.cuh: what titan's kernels take from the CUDA runtime, in one place: a
 // checked launch on the current stream, the device guard, the multiprocessor count (and an
-// alignment check that only the emulator makes). Built with
-// TITAN_CUDA_EMULATION (the test suite's CPU emulator, tests/fused/cuda_emulator.hpp, included
-// first), the kernels compile as host code and the emulator provides these instead: that is how
-// the kernels run in CI, where there is no GPU.
+// alignment check that only the emulator makes). Built with TITAN_CUDA_EMULATION (the test suite's
+// CPU emulator, tests/fused/cuda_emulator.hpp, included first), the kernels compile as host code
+// and the emulator provides these instead: that is how the kernels run in CI, where there is no GPU.
 #include <cstddef>
 #include <cstdint>
 #include <utility>

@@ -1,6 +1,7 @@
 #pragma once
-// How close a kernel's result must be to a reference, in roundings of the dtype: shared by the
-// fused-operator suites (fused_testing.hpp) and the CUDA kernels' emulated suite.
+// What the fused-operator suites (fused_testing.hpp) and the CUDA kernels' emulated suite check of
+// a kernel: how close its result must be to a reference, in roundings of the dtype, and inputs
+// placed off a 16-byte boundary (where the kernels take one element at a time, not packs).
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -28,6 +29,14 @@ inline bool as_close_as(const at::Tensor& got, const at::Tensor& want, const at:
   const auto e = exact.to(at::kDouble).cpu();
   const auto got_error = (got.to(at::kDouble).cpu() - e).abs(), want_error = (want.to(at::kDouble).cpu() - e).abs();
   return got_error.le(want_error + e.abs() * rounding_unit(dtype) + 1e-6).all().item<bool>();
+}
+
+/// A contiguous copy of `t` that starts one element past a 16-byte boundary (on t's device).
+inline at::Tensor shifted(const at::Tensor& t) {
+  auto buffer = at::empty({t.numel() + 1}, t.options());  // allocations start at 16-byte boundaries
+  auto copy = buffer.narrow(0, 1, t.numel()).view(t.sizes());
+  copy.copy_(t);
+  return copy;
 }
 
 }  // namespace titan_test
