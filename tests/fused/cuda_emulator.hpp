@@ -13,7 +13,7 @@
 // reaches, a full-warp shuffle with exited lanes and a misaligned pack access end the launch with
 // an error naming the block and thread, as a device-side error would. Only what the kernels use
 // is emulated: 1-3D grids and blocks of at most 1024 threads, __syncthreads, __shfl_down_sync over
-// full warps, the fp32 math functions.
+// full warps, __stwb of a uint4, the fp32 math functions.
 // Not emulated: atomics, dynamic shared memory, streams, other warp intrinsics.
 #ifdef __CUDACC__
 #error "cuda_emulator.hpp compiles CUDA kernels as host code: include it from g++, not nvcc"
@@ -64,6 +64,12 @@ struct dim3 {
 // CUDA's built-in variables: the running thread's indices and its launch's shape.
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline constexpr int warpSize = 32;
+
+/// CUDA's 16-byte vector of four 32-bit words, and its (write-back) store.
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline void __stwb(uint4* p, uint4 value) { *p = value; }
 
 /// 1 / sqrt(x) (CUDA's rsqrtf is within 2 ulp of it).
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }

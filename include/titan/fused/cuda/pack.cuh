@@ -37,12 +37,10 @@ __device__ __forceinline__ Pack<T, kWidth> load_pack(const T* p) {
 template <int kWidth, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, kWidth>& pack) {
   check_aligned(p, alignof(Pack<T, kWidth>));
-  if constexpr (kWidth == kPackWidth<T>) {  // as four 32-bit words: nvcc may split a pack of 16-bit values
-    struct alignas(16) Words {
-      uint32_t w[4];
-    } words;
+  if constexpr (kWidth == kPackWidth<T>) {  // one explicit 16-byte store: nvcc may split a pack's assignment
+    uint4 words;
     memcpy(&words, &pack, sizeof(words));
-    *reinterpret_cast<Words*>(p) = words;
+    __stwb(reinterpret_cast<uint4*>(p), words);
   } else {
     *reinterpret_cast<Pack<T, kWidth>*>(p) = pack;
   }
