@@ -92,10 +92,10 @@ void check_close(const Tensors& got, const Tensors& want, const Tensors& exact, 
 
 TEST_CASE("emulated CUDA: add_rms_norm's kernels match the ATen implementation, forward and backward") {
   constexpr double kEps = 1e-5;
-  // [rows, dim]: rows longer than the block's 512 threads, enough rows for two row chunks of the
-  // weight gradient (the emulated GPU has 2 multiprocessors) with a partial column tile, and rows
-  // shorter than a warp.
-  for (const auto& shape : {std::pair<int64_t, int64_t>{3, 1100}, {128, 40}, {2, 5}})
+  // [rows, dim]: rows of more packs than a block's 512 threads, enough rows for two row chunks of
+  // the weight gradient (the emulated GPU has 2 multiprocessors) with a partial column tile, and
+  // rows shorter than a warp.
+  for (const auto& shape : {std::pair<int64_t, int64_t>{3, 4400}, {128, 40}, {2, 5}})
     for (const Case c : kCases)
       for (const bool residual : {false, true}) {
         const int64_t rows = shape.first, dim = shape.second;

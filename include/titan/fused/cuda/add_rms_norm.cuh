@@ -26,8 +26,15 @@
 namespace titan::cuda {
 namespace detail {
 
-inline constexpr int kNormThreads = 512;                       // threads per row
+inline constexpr int kNormThreads = 512;                       // threads per row, at most
 inline constexpr int kColumnTile = 32, kColumnRowThreads = 8;  // the weight-gradient pass: 32 columns x 8 rows
+
+/// Threads for a row of `dim` elements taken `width` at a time: one pack (or element) each, in
+/// whole warps, at most kNormThreads (a row of 2048 bf16 takes 256: no idle half-block).
+inline unsigned row_threads(int64_t dim, int width) {
+  const int64_t items = (dim + width - 1) / width;
+  return static_cast<unsigned>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, kNormThreads));
+}
 
 /// The sum of `value` over the block's threads, in every thread (blockDim.x a multiple of 32, at
 /// most kNormThreads).
@@ -154,9 +161,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_forward(const
       const bool packed = detail::packable<scalar_t>(
           {a.data_ptr(), b.data_ptr(), w.data_ptr(), sum.data_ptr(), normed.data_ptr()}, {dim});
       detail::with_pack_width<scalar_t>(packed, [&](auto width) {
-        detail::launch(detail::add_rms_norm_rows<scalar_t, width>, static_cast<unsigned>(rows), detail::kNormThreads,
-                       a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), sum.data_ptr<scalar_t>(),
-                       normed.data_ptr<scalar_t>(), rstd.data_ptr<float>(), dim, static_cast<float>(eps));
+        detail::launch(detail::add_rms_norm_rows<scalar_t, width>, static_cast<unsigned>(rows),
+                       detail::row_threads(dim, width), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                       w.data_ptr<scalar_t>(), sum.data_ptr<scalar_t>(), normed.data_ptr<scalar_t>(),
+                       rstd.data_ptr<float>(), dim, static_cast<float>(eps));
       });
     });
   }
@@ -191,8 +199,8 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_backward(const std::optio
           {residual ? gs.data_ptr() : nullptr, g.data_ptr(), s.data_ptr(), w.data_ptr(), d_input.data_ptr()}, {dim});
       detail::with_pack_width<scalar_t>(packed, [&](auto width) {
         detail::launch(detail::add_rms_norm_input_grad<scalar_t, width>, static_cast<unsigned>(rows),
-                       detail::kNormThreads, residual ? gs.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(),
-                       s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), r.data_ptr<float>(),
+                       detail::row_threads(dim, width), residual ? gs.data_ptr<scalar_t>() : nullptr,
+                       g.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), r.data_ptr<float>(),
                        d_input.data_ptr<scalar_t>(), dim);
         // Row chunks for the weight's gradient: enough blocks to fill the GPU, each chunk at least 64 rows.
         const int64_t tile_columns = int64_t{detail::kColumnTile} * width;
