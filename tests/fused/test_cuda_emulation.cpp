@@ -76,6 +76,13 @@ Tensors in_every_order(at::ScalarType dtype, const Run& run) {
   return first;
 }
 
+/// Whether `elements` take more than one grid-stride round of the element-wise kernels (on the
+/// emulated GPU) even in 16-byte packs of 8 bf16 elements, the fewest packs a launch makes.
+bool several_rounds_in_packs(int64_t elements) {
+  const int64_t packs = elements / 8;
+  return packs > int64_t{titan::cuda::detail::grid_stride_blocks(packs)} * titan::cuda::detail::kElementwiseThreads;
+}
+
 /// Checks each kernel result against the ATen implementation's `want` and the fp64 `exact`, in `dtype`.
 void check_close(const Tensors& got, const Tensors& want, const Tensors& exact, at::ScalarType dtype) {
   REQUIRE(got.size() == want.size());
@@ -135,8 +142,10 @@ TEST_CASE("emulated CUDA: add_rms_norm's kernels match the ATen implementation, 
 TEST_CASE("emulated CUDA: the cross entropy kernel matches the ATen implementation; the rescaling too") {
   constexpr int64_t kIgnore = -100;
   // [rows, vocab]: a vocabulary narrower than a warp, one longer than the block's 512 threads whose
-  // rows start at alternating offsets from a 16-byte boundary (bf16), and one of whole packs.
-  for (const auto& shape : {std::pair<int64_t, int64_t>{5, 7}, {9, 1500}, {3, 1504}})
+  // rows start at alternating offsets from a 16-byte boundary (bf16) and whose gradient takes the
+  // rescaling several grid-stride rounds, and one of whole packs.
+  CHECK(several_rounds_in_packs(24 * 1500));
+  for (const auto& shape : {std::pair<int64_t, int64_t>{5, 7}, {24, 1500}, {3, 1504}})
     for (const Case c : kCases) {
       const int64_t rows = shape.first, vocab = shape.second;
       const auto dtype = c.dtype;
@@ -220,8 +229,9 @@ TEST_CASE("emulated CUDA: an out-of-range target is a device-side assert naming 
 }
 
 TEST_CASE("emulated CUDA: the RoPE kernel matches the ATen implementation on q and k, in place in a fused projection") {
-  // [B, S, Hq, Hk, D]: 10,560 pairs (three grid-stride rounds), and one pair per head.
-  for (const auto& shape : {std::array<int64_t, 5>{2, 33, 8, 2, 32}, {1, 3, 1, 1, 2}})
+  // [B, S, Hq, Hk, D]: 21,120 pairs (several grid-stride rounds, in packs too), and one pair per head.
+  CHECK(several_rounds_in_packs(2 * 33 * (8 + 2) * 64));
+  for (const auto& shape : {std::array<int64_t, 5>{2, 33, 8, 2, 64}, {1, 3, 1, 1, 2}})
     for (const Case c : kCases)
       for (const bool fused : {false, true})
         for (const bool native_tables : {false, true}) {
@@ -279,9 +289,9 @@ TEST_CASE("emulated CUDA: the SwiGLU kernels match the ATen implementation, in p
       CAPTURE(c.shifted);
       CAPTURE(fused);
       at::manual_seed(4);
-      constexpr int64_t rows = 4 * 33, cols = 40;  // 5,280 elements: two grid-stride rounds
-      at::Tensor gate, up;                         // [4, 33, cols] each
-      if (fused) {                                 // column slices of one [4, 33, 2 cols] projection
+      constexpr int64_t rows = 4 * 33, cols = 256;  // 33,792 elements: two grid-stride rounds in packs
+      at::Tensor gate, up;                          // [4, 33, cols] each
+      if (fused) {                                  // column slices of one [4, 33, 2 cols] projection
         const auto h = place(sample({4, 33, 2 * cols}, dtype, 3), c.shifted);
         gate = h.narrow(-1, 0, cols);
         up = h.narrow(-1, cols, cols);
@@ -307,8 +317,7 @@ TEST_CASE("emulated CUDA: the SwiGLU kernels match the ATen implementation, in p
       const auto out_exact = titan::detail::swiglu_forward_aten(g, u);
       const auto [d_gate_exact, d_up_exact] = titan::detail::swiglu_backward_aten(grad.to(at::kDouble), g, u);
       check_close(got, {out, d_gate, d_up}, {out_exact, d_gate_exact, d_up_exact}, dtype);
-      CHECK(rows * cols >
-            titan::cuda::detail::grid_stride_blocks(rows * cols) * titan::cuda::detail::kElementwiseThreads);
+      CHECK(several_rounds_in_packs(rows * cols));
     }
   // 0-dim gate and up: one element.
   const auto gate = at::scalar_tensor(1.5), up = at::scalar_tensor(-2.0), grad = at::scalar_tensor(0.5);
