@@ -12,6 +12,7 @@
 #include <titan/fused/add_rms_norm.hpp>
 #include <titan/fused/cuda/inputs.cuh>
 #include <titan/fused/cuda/pack.cuh>
+#include <titan/fused/cuda/rows.cuh>
 #include <titan/fused/cuda/runtime.cuh>
 
 #include <ATen/Dispatch.h>
@@ -26,32 +27,7 @@
 namespace titan::cuda {
 namespace detail {
 
-inline constexpr int kNormThreads = 512;                       // threads per row, at most
 inline constexpr int kColumnTile = 32, kColumnRowThreads = 8;  // the weight-gradient pass: 32 columns x 8 rows
-
-/// Threads for a row of `dim` elements taken `width` at a time: one pack (or element) each, in
-/// whole warps, at most kNormThreads (a row of 2048 bf16 takes 256: no idle half-block).
-inline unsigned row_threads(int64_t dim, int width) {
-  const int64_t items = (dim + width - 1) / width;
-  return static_cast<unsigned>(std::clamp<int64_t>((items + 31) / 32 * 32, 32, kNormThreads));
-}
-
-/// The sum of `value` over the block's threads, in every thread (blockDim.x a multiple of 32, at
-/// most kNormThreads).
-__device__ inline float block_sum(float value) {
-  __shared__ float warps[kNormThreads / 32];
-  __shared__ float total;
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
-  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = value;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float all = 0.f;
-    for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) all += warps[w];
-    total = all;
-  }
-  __syncthreads();
-  return total;
-}
 
 /// Row blockIdx.x of x, delta [rows, dim]: sum = x + delta, rstd = 1 / sqrt(mean(sum^2) + eps),
 /// normed = sum * rstd * weight; kWidth elements at a time (dim a multiple of it).
