@@ -7,9 +7,10 @@
 //   auto [h, normed] = titan::add_rms_norm(x, attention_out, weight, eps);   // residual add + RMSNorm
 //   auto qkv = titan::linear_fused(x, {wq->weight, wk->weight, wv->weight});  // q, k, v by one GEMM
 //   titan::adamw_copy_(params, grads, exp_avgs, exp_avg_sqs, bf16_copies, steps, options);  // AdamW + bf16 copy
+//   auto y = titan::moe_combine(expert_out, weights, dispatch.slot, tokens, k);  // MoE: weigh, sum each token's k
 //
 // Each but titan::linear_fused is a dispatcher operator in the namespace `titan`
-// (titan::cross_entropy, titan::rope, titan::swiglu, titan::add_rms_norm with autograd;
+// (titan::cross_entropy, titan::rope, titan::swiglu, titan::add_rms_norm, titan::moe_combine with autograd;
 // titan::adamw_copy_, an optimizer step), registered on first use (a function-local static;
 // nothing at static-initialisation time). Its ATen implementation is the CPU path, the path of any
 // device without a titan kernel, and the tests' reference. CUDA kernels are `.cuh` headers under
@@ -22,5 +23,6 @@
 #include <titan/fused/add_rms_norm.hpp>
 #include <titan/fused/cross_entropy.hpp>
 #include <titan/fused/linear.hpp>
+#include <titan/fused/moe_combine.hpp>
 #include <titan/fused/rope.hpp>
 #include <titan/fused/swiglu.hpp>

@@ -25,6 +25,7 @@
 
 #include <titan/collectives.hpp>
 #include <titan/detail/enum_names.hpp>
+#include <titan/fused/moe_combine.hpp>
 #include <titan/fused/swiglu.hpp>
 #include <titan/hooks.hpp>
 #include <titan/world.hpp>
@@ -37,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -201,19 +203,6 @@ inline MoeDispatch dispatch_tokens(const MoeRouting& routing, const MoeOptions& 
   return d;
 }
 
-/// The inverse of a dispatch: each kept assignment's output (`out` [N, dim], in `d`'s order) back
-/// at its slot, and the k slots of each of the `tokens` tokens summed, accumulated in fp32 and
-/// rounded once -> [T, dim]; a dropped assignment's slot holds zeros. No atomics (index_add's
-/// bf16 atomics on CUDA add in a different order on every run): the same bits on every run.
-inline at::Tensor combine_outputs(const at::Tensor& out, const MoeDispatch& d, int64_t tokens, int64_t k) {
-  const int64_t dim = out.size(1);
-  const bool every_slot = d.slot.size(0) == tokens * k;  // dropless: each slot is written once
-  auto slots = every_slot ? at::empty({tokens * k, dim}, out.options())
-                          : at::zeros({tokens * k, dim}, out.options());  // [T·k, dim]
-  slots.index_put_({d.slot}, out);
-  return slots.view({tokens, k, dim}).sum(1);  // [T, dim]
-}
-
 /// E SwiGLU feed-forwards with stacked weights: w1 and w3 [E, hidden, dim], w2 [E, dim, hidden].
 /// forward(x, counts) computes, for rows sorted by expert (counts[e] rows of expert e in order),
 /// w2_e · (silu(w1_e x) ⊙ w3_e x) on each expert's rows.
@@ -341,10 +330,13 @@ struct MoEImpl : torch::nn::Module {
     auto rows = tokens.index({d.token});                                          // [N, dim]
     if (options_.score_before_experts()) rows = (rows * d.weight).to(tokens.scalar_type());
     auto out = titan::call(experts, rows, d.counts);                              // [N, dim]
+    std::optional<at::Tensor> weight;  // [N]: each row's routing weight, unless the rows were weighed before
     if (!options_.score_before_experts())
-      out = out * (options_.fp32_weighting() ? d.weight : d.weight.to(out.scalar_type()));  // [N, dim]
+      weight = (options_.fp32_weighting() ? d.weight : d.weight.to(out.scalar_type())).view({-1});
     if (is_training()) record(routing, d);
-    auto y = combine_outputs(out.to(tokens.scalar_type()), d, tokens.size(0), routing.experts.size(1));  // [T, dim]
+    // Each row times its weight, back at its token, the k added in fp32: one operator each way.
+    auto y = titan::moe_combine(out, weight, d.slot, tokens.size(0), routing.experts.size(1))
+                 .to(tokens.scalar_type());  // [T, dim]
     if (shared_experts) y = y + titan::call(shared_experts, tokens);
     return y.reshape(x.sizes());
   }

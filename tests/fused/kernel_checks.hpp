@@ -1,6 +1,7 @@
 #pragma once
 // What the fused-operator suites (fused_testing.hpp) and the CUDA kernels' emulated suite check of
-// a kernel: how close its result must be to a reference, in roundings of the dtype, and inputs
+// a kernel: how close its result must be to a reference, in roundings of the dtype (and of a sum's
+// magnitude, for sums whose order differs), and inputs
 // placed off a 16-byte boundary (where the kernels take one element at a time, not packs).
 #include <ATen/ATen.h>
 
@@ -29,6 +30,18 @@ inline bool as_close_as(const at::Tensor& got, const at::Tensor& want, const at:
   const auto e = exact.to(at::kDouble).cpu();
   const auto got_error = (got.to(at::kDouble).cpu() - e).abs(), want_error = (want.to(at::kDouble).cpu() - e).abs();
   return got_error.le(want_error + e.abs() * rounding_unit(dtype) + 1e-6).all().item<bool>();
+}
+
+/// as_close_as for sums of many terms (a dot product over a row) that a kernel adds in fp32 in
+/// another order than ATen: also up to one fp32 rounding of `magnitude`, the sum of the terms'
+/// magnitudes, which bounds what a sum's order can change where its terms cancel (the exact value
+/// then being far smaller than they are).
+inline bool sum_as_close_as(const at::Tensor& got, const at::Tensor& want, const at::Tensor& exact,
+                            const at::Tensor& magnitude, at::ScalarType dtype) {
+  const auto e = exact.to(at::kDouble).cpu();
+  const auto got_error = (got.to(at::kDouble).cpu() - e).abs(), want_error = (want.to(at::kDouble).cpu() - e).abs();
+  const auto slack = e.abs() * rounding_unit(dtype) + magnitude.to(at::kDouble).cpu() * rounding_unit(at::kFloat) + 1e-6;
+  return got_error.le(want_error + slack).all().item<bool>();
 }
 
 /// A contiguous copy of `t` that starts one element past a 16-byte boundary (on t's device).

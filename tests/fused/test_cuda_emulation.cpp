@@ -15,6 +15,7 @@
 
 #include <titan/fused/cuda/add_rms_norm.cuh>
 #include <titan/fused/cuda/cross_entropy.cuh>
+#include <titan/fused/cuda/moe_combine.cuh>
 #include <titan/fused/cuda/rope.cuh>
 #include <titan/fused/cuda/swiglu.cuh>
 
@@ -332,6 +333,69 @@ TEST_CASE("emulated CUDA: the SwiGLU kernels match the ATen implementation, in p
   check_close({d_gate, d_up}, {d_gate_want, d_up_want}, {d_gate_exact, d_up_exact}, at::kFloat);
 }
 
+TEST_CASE("emulated CUDA: the MoE combine kernels match the ATen implementation, with dropped slots") {
+  // [tokens, k, dim]: rows of more packs than a block's 512 threads, many tokens of whole packs,
+  // rows shorter than a warp; every slot kept, or every third one dropped (tokens with none left).
+  for (const auto& shape : {std::array<int64_t, 3>{5, 3, 4400}, {48, 8, 40}, {6, 2, 5}})
+    for (const Case c : kCases)
+      for (const auto weight_dtype : {std::optional<at::ScalarType>(), std::optional(at::kFloat), std::optional(c.dtype)})
+        for (const bool dropped : {false, true}) {
+          const int64_t tokens = shape[0], k = shape[1], dim = shape[2];
+          const auto dtype = c.dtype;
+          CAPTURE(dim);
+          CAPTURE(dtype);
+          CAPTURE(c.shifted);
+          CAPTURE(weight_dtype.value_or(at::kLong));
+          CAPTURE(dropped);
+          at::manual_seed(6);
+          auto slot = at::randperm(tokens * k, at::kLong);  // [N]: the dispatch's slots t·k + j, by expert
+          if (dropped) slot = slot.index({at::arange(tokens * k) % 3 != 1});
+          const int64_t n = slot.size(0);
+          const auto out = place(sample({n, dim}, dtype), c.shifted);       // [N, dim]
+          const auto grad = place(sample({tokens, dim}, dtype), c.shifted);  // [T, dim]
+          std::optional<at::Tensor> weight;                                  // [N]
+          if (weight_dtype) weight = at::rand({n}, at::kDouble).to(*weight_dtype);
+          const auto run = [&](const at::Tensor& out_in, const at::Tensor& grad_in) {
+            auto y = titan::cuda::moe_combine_forward(out_in, weight, slot, tokens, k);
+            auto [d_out, d_weight] = titan::cuda::moe_combine_backward(grad_in, out_in, weight, slot, k);
+            return weight ? Tensors{y, d_out, d_weight} : Tensors{y, d_out};
+          };
+          const auto got = in_every_order(dtype, [&] { return run(out, grad); });
+          if (c.shifted) {  // one element at a time: the bits of the packs for y and d out
+            const auto packed = run(out.clone(at::MemoryFormat::Contiguous), grad.clone(at::MemoryFormat::Contiguous));
+            CHECK(at::equal(got[0], packed[0]));
+            CHECK(at::equal(got[1], packed[1]));
+          }
+          const auto y = titan::detail::moe_combine_forward_aten(out, weight, slot, tokens, k);
+          const auto [d_out, d_weight] = titan::detail::moe_combine_backward_aten(grad, out, weight, slot, k);
+          std::optional<at::Tensor> weight_exact;
+          if (weight) weight_exact = weight->to(at::kDouble);
+          const auto out_exact = out.to(at::kDouble);
+          const auto y_exact = titan::detail::moe_combine_forward_aten(out_exact, weight_exact, slot, tokens, k);
+          const auto [d_out_exact, d_weight_exact] =
+              titan::detail::moe_combine_backward_aten(grad.to(at::kDouble), out_exact, weight_exact, slot, k);
+          check_close({got[0], got[1]}, {y, d_out}, {y_exact, d_out_exact}, dtype);
+          if (weight) {  // a sum over the row: its terms' magnitudes bound what the order changes
+            const auto grad_rows = grad.to(at::kDouble).index({slot.div(k, "floor")});  // [N, dim]
+            const auto magnitude = (grad_rows * out_exact).abs().sum(1);                 // [N]
+            CHECK((got[2].scalar_type() == d_weight.scalar_type()));
+            CHECK(titan_test::sum_as_close_as(got[2], d_weight, d_weight_exact, magnitude, *weight_dtype));
+          }
+        }
+}
+
+TEST_CASE("emulated CUDA: a slot out of range is a device-side assert naming the block and thread") {
+  const auto out = at::randn({3, 8}), slot = at::tensor({0, 7, 2}, at::kLong);  // 2 tokens of 2 slots: 7 is none
+  try {
+    titan::cuda::moe_combine_forward(out, std::nullopt, slot, 2, 2);
+    FAIL("expected a device-side assert");
+  } catch (const std::runtime_error& e) {
+    const std::string message = e.what();
+    CHECK(message.find("device-side assert `s >= 0 && s < slots` failed") != std::string::npos);
+    CHECK(message.find("in block (0, 0, 0), thread (1, 0, 0)") != std::string::npos);
+  }
+}
+
 TEST_CASE("emulated CUDA: the 64-bit index path gives the bits of the 32-bit one") {
   // The operators take it only for tensors past int32's range, too large for a test: the kernels
   // are launched here directly, as the operators launch them, in both index types.
@@ -403,6 +467,13 @@ TEST_CASE("emulated CUDA: inputs the kernels do not take go to the ATen implemen
   const auto grad_bf16 = n.to(at::kBFloat16);
   CHECK(at::equal(std::get<0>(titan::cuda::swiglu_backward(grad_bf16, xf, df)),
                   std::get<0>(titan::detail::swiglu_backward_aten(grad_bf16, xf, df))));
+  // The combine of fp64 rows, and of bf16 rows by an fp16 weight.
+  const auto slot = at::tensor({1, 0, 2}, at::kLong), weight = at::rand({3}, at::kDouble);
+  CHECK(at::equal(titan::cuda::moe_combine_forward(x, weight, slot, 2, 2),
+                  titan::detail::moe_combine_forward_aten(x, weight, slot, 2, 2)));
+  const auto rows = x.to(at::kBFloat16), weight_fp16 = weight.to(at::kHalf);
+  CHECK(at::equal(titan::cuda::moe_combine_forward(rows, weight_fp16, slot, 2, 2),
+                  titan::detail::moe_combine_forward_aten(rows, weight_fp16, slot, 2, 2)));
 }
 
 // Kernels of the emulator's own checks: a block sum over shared memory with and without its

@@ -5,6 +5,7 @@
 #include <titan/fused/cuda/add_rms_norm.cuh>
 #include <titan/fused/cuda/cross_entropy.cuh>
 #include <titan/fused/cuda/kernels.hpp>
+#include <titan/fused/cuda/moe_combine.cuh>
 #include <titan/fused/cuda/rope.cuh>
 #include <titan/fused/cuda/swiglu.cuh>
 
@@ -21,6 +22,7 @@ void register_kernels() {
     titan::register_swiglu_operators();
     titan::register_add_rms_norm_operators();
     titan::register_adamw_operators();
+    titan::register_moe_combine_operators();
     auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "titan", c10::DispatchKey::CUDA,
                                                 "titan/fused/cuda/kernels.cu", __LINE__);
     lib->impl("cross_entropy_loss_and_grad", TORCH_FN(cross_entropy_loss_and_grad));
@@ -32,6 +34,8 @@ void register_kernels() {
     lib->impl("add_rms_norm_forward", TORCH_FN(add_rms_norm_forward));
     lib->impl("add_rms_norm_backward", TORCH_FN(add_rms_norm_backward));
     lib->impl("adamw_copy_", TORCH_FN(adamw_copy_));
+    lib->impl("moe_combine_forward", TORCH_FN(moe_combine_forward));
+    lib->impl("moe_combine_backward", TORCH_FN(moe_combine_backward));
     return lib;
   }();
   (void)library;
