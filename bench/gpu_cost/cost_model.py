@@ -88,9 +88,18 @@ REREAD_INPUTS = {
     "titan::cross_entropy_loss_and_grad": lambda inputs: inputs[:1],  # logits: max and sum of exp, then the gradient
     # (grad_sum,) grad_normed, sum, weight, rstd: the input gradient's pass, then the weight's
     "titan::add_rms_norm_backward": lambda inputs: inputs[-4:-2],
+    # grad [T, dim], out [N, dim], (weight [N],) slot: each of the N rows reads its token's gradient row
+    "titan::moe_combine_backward": lambda inputs: inputs[:1] * max(0, round(inputs[1]["elements"] /
+                                                                             max(1, inputs[0]["elements"])) - 1),
 }
-# titan operators whose CUDA implementation launches more than one kernel.
-LAUNCHES = {"titan::add_rms_norm_backward": 3}  # input gradient, weight gradient partials, their sum
+# titan operators whose CUDA implementation launches more than one kernel: a count, or a function of
+# the inputs. The MoE combine converts a weight that is not fp32 (forward and backward) and the
+# weight's fp32 gradient back to its dtype; its forward fills and writes each slot's row first.
+LAUNCHES = {
+    "titan::add_rms_norm_backward": 3,  # input gradient, weight gradient partials, their sum
+    "titan::moe_combine_forward": lambda inputs: 3 + (len(inputs) == 3 and inputs[1]["dtype"] != "Float"),
+    "titan::moe_combine_backward": lambda inputs: 1 + 2 * (len(inputs) == 4 and inputs[2]["dtype"] != "Float"),
+}
 # titan's CUDA kernels that return before touching memory in the step traced: the cross entropy's
 # backward rescaling when the incoming gradient equals the grad_scale its forward used (titan's
 # trainer and the trace pass the factor the loss is multiplied by); a launch and a scalar read.
@@ -194,8 +203,9 @@ def kernel(event):
         read = sum(tensor_bytes(t) for t in inputs if t["shape"] != outputs[0]["shape"])
     sorts = name in ("aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and \
         event["scalars"].get("accumulate") is True
-    k.update(kind="memory", launches=SORTED_ACCUMULATE_LAUNCHES if sorts else LAUNCHES.get(name, 1),
-             bytes=read + written)
+    launches = LAUNCHES.get(name, 1)
+    k.update(kind="memory", launches=SORTED_ACCUMULATE_LAUNCHES if sorts else
+             launches(inputs) if callable(launches) else launches, bytes=read + written)
     return k
 
 
