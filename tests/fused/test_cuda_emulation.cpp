@@ -9,10 +9,12 @@
 // (a race would not); the emulator fails a misaligned pack access, and this suite's build has
 // AddressSanitizer, which stops at a kernel's read or write past a tensor. The emulator's own
 // checks (a race, a barrier not every thread reaches, a device-side assert) are shown to fail
-// where they should. titan::adamw_copy_'s kernel is ATen's multi-tensor launcher running titan's
-// functor, which the emulator does not run: only the GPU kit checks it.
+// where they should. titan::adamw_copy_'s kernel is ATen's multi-tensor launcher (device code the
+// host compiler cannot build) running titan's functor: here a launcher of this suite's runs the
+// functor, so its arithmetic is checked, ATen's launcher only by the GPU kit.
 #include "cuda_emulator.hpp"  // before the kernels: they compile against it
 
+#include <titan/fused/cuda/adamw_functor.cuh>
 #include <titan/fused/cuda/add_rms_norm.cuh>
 #include <titan/fused/cuda/cross_entropy.cuh>
 #include <titan/fused/cuda/moe_combine.cuh>
@@ -20,6 +22,8 @@
 #include <titan/fused/cuda/swiglu.cuh>
 
 #include "kernel_checks.hpp"
+
+#include <titan/fused/adamw.hpp>
 
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>
@@ -394,6 +398,118 @@ TEST_CASE("emulated CUDA: a slot out of range is a device-side assert naming the
     CHECK(message.find("device-side assert `s >= 0 && s < slots` failed") != std::string::npos);
     CHECK(message.find("in block (0, 0, 0), thread (1, 0, 0)") != std::string::npos);
   }
+}
+
+namespace {
+
+/// The fields of ATen's FusedOptimizerTensorListMetadata<5> (MultiTensorApply.cuh) that titan's
+/// AdamW functor reads, as many tensors and blocks per launch as ATen's.
+struct AdamWLists {
+  const void* addresses[titan::cuda::detail::kAdamWCopyLists][30];
+  int64_t numel_for_tensor[30];
+  const void* state_steps_addresses[30];
+  unsigned char block_to_tensor[320];
+  int block_to_chunk[320];
+};
+
+/// ATen's multi_tensor_apply_kernel: the functor on the launch's lists.
+template <typename Functor, typename... Args>
+__global__ void multi_tensor_apply_kernel(int64_t chunk_size, AdamWLists lists, Functor functor, Args... args) {
+  functor(chunk_size, lists, args...);
+}
+
+/// titan::adamw_copy_'s functor launched as ATen's multi_tensor_apply_for_fused_optimizer launches
+/// it (a block of 512 threads per chunk of `chunk_size` elements of a tensor), in one launch.
+template <typename grad_t, typename copy_t>
+void emulated_adamw_copy_(const std::vector<Tensors>& lists, const Tensors& steps, double lr, double weight_decay,
+                          const float* grad_scale, const float* found_inf, int64_t chunk_size) {
+  AdamWLists meta{};
+  int blocks = 0;
+  REQUIRE(steps.size() <= 30);
+  for (size_t t = 0; t < steps.size(); ++t) {
+    for (int l = 0; l < titan::cuda::detail::kAdamWCopyLists; ++l) meta.addresses[l][t] = lists[l][t].data_ptr();
+    meta.numel_for_tensor[t] = lists[0][t].numel();
+    meta.state_steps_addresses[t] = steps[t].data_ptr();
+    for (int64_t c = 0; c * chunk_size < lists[0][t].numel(); ++c, ++blocks) {
+      REQUIRE(blocks < 320);
+      meta.block_to_tensor[blocks] = static_cast<unsigned char>(t);
+      meta.block_to_chunk[blocks] = static_cast<int>(c);
+    }
+  }
+  using Functor = titan::cuda::detail::AdamWCopyFunctor<grad_t, copy_t>;
+  titan::cuda::detail::launch(
+      multi_tensor_apply_kernel<Functor, double, double, double, double, double, const float*, const float*>,
+      static_cast<unsigned>(blocks), 512, chunk_size, meta, Functor(), lr, 0.9, 0.95, weight_decay, 1e-8, grad_scale,
+      found_inf);
+}
+
+}  // namespace
+
+TEST_CASE("emulated CUDA: titan::adamw_copy_'s functor matches the ATen implementation, per chunk of a multi-tensor launch") {
+  // Parameters of two chunks and a partial third, of fewer elements than a block's threads, and of
+  // one chunk exactly; a plain step with weight decay, one clipping inside the step (the scaled
+  // gradient written back) and one skipped (found_inf: only the copies are written).
+  constexpr int64_t kChunk = 600;
+  constexpr double kLr = 0.01;
+  for (const auto grad_dtype : {at::kFloat, at::kHalf, at::kBFloat16})
+    for (const auto copy_dtype : {at::kBFloat16, at::kFloat})
+      for (const auto variant : {"weight decay", "grad scale", "found inf"}) {
+        CAPTURE(grad_dtype);
+        CAPTURE(copy_dtype);
+        CAPTURE(variant);
+        at::manual_seed(7);
+        const std::string kind = variant;
+        const double weight_decay = kind == "weight decay" ? 0.1 : 0.0;
+        std::vector<Tensors> lists(titan::cuda::detail::kAdamWCopyLists);  // params, grads, moments, copies
+        Tensors steps;
+        for (const int64_t n : {2 * kChunk + 37, int64_t{5}, kChunk}) {
+          lists[0].push_back(sample({n}, at::kFloat));
+          lists[1].push_back(sample({n}, grad_dtype));
+          lists[2].push_back(sample({n}, at::kFloat, 0.1));
+          lists[3].push_back(sample({n}, at::kFloat, 0.1).square());
+          lists[4].push_back(at::zeros({n}, copy_dtype));
+          steps.push_back(at::full({}, 7.0, at::kFloat));
+        }
+        const auto scale = at::full({1}, 2.5, at::kFloat), inf = at::full({1}, 1.0, at::kFloat);
+        const float* grad_scale = kind == "grad scale" ? scale.data_ptr<float>() : nullptr;
+        const float* found_inf = kind == "found inf" ? inf.data_ptr<float>() : nullptr;
+        const auto copied = [&] {
+          std::vector<Tensors> out;
+          for (const auto& list : lists) {
+            out.emplace_back();
+            for (const auto& t : list) out.back().push_back(t.clone());
+          }
+          return out;
+        };
+        const auto got = in_every_order(grad_dtype, [&] {
+          auto state = copied();
+          TITAN_DISPATCH_KERNEL_DTYPES(grad_dtype, "grad", [&] {
+            using grad_t = scalar_t;
+            TITAN_DISPATCH_KERNEL_DTYPES(copy_dtype, "copy", [&] {
+              emulated_adamw_copy_<grad_t, scalar_t>(state, steps, kLr, weight_decay, grad_scale, found_inf, kChunk);
+            });
+          });
+          Tensors flat;
+          for (const auto& list : state) flat.insert(flat.end(), list.begin(), list.end());
+          return flat;
+        });
+        auto want = copied();
+        titan::detail::adamw_copy_aten(want[0], want[1], want[2], want[3], want[4], steps, kLr, 0.9, 0.95, weight_decay,
+                                       1e-8, grad_scale ? std::optional(scale) : std::nullopt,
+                                       found_inf ? std::optional(inf) : std::nullopt);
+        for (size_t l = 0; l < want.size(); ++l)
+          for (size_t t = 0; t < want[l].size(); ++t) {
+            CAPTURE(l);
+            CAPTURE(t);
+            const auto& g = got[l * want[l].size() + t];
+            REQUIRE((g.scalar_type() == want[l][t].scalar_type()));
+            // fp32 AdamW: the same formulas, fused multiply-adds where ATen's CPU kernel may round
+            // twice; the gradients (written back only when scaled) and the copies: one rounding of theirs.
+            CHECK(titan_test::within_rounding(g, want[l][t], want[l][t].scalar_type()));
+            if (kind == "found inf" && l != 4) CHECK(at::equal(g, lists[l][t]));  // skipped: untouched
+          }
+        if (kind != "found inf") CHECK_FALSE(at::equal(got[0], lists[0][0]));  // the step moved the parameters
+      }
 }
 
 TEST_CASE("emulated CUDA: the 64-bit index path gives the bits of the 32-bit one") {
