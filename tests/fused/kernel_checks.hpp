@@ -40,7 +40,8 @@ inline bool sum_as_close_as(const at::Tensor& got, const at::Tensor& want, const
                             const at::Tensor& magnitude, at::ScalarType dtype) {
   const auto e = exact.to(at::kDouble).cpu();
   const auto got_error = (got.to(at::kDouble).cpu() - e).abs(), want_error = (want.to(at::kDouble).cpu() - e).abs();
-  const auto slack = e.abs() * rounding_unit(dtype) + magnitude.to(at::kDouble).cpu() * rounding_unit(at::kFloat) + 1e-6;
+  const auto slack =
+      e.abs() * rounding_unit(dtype) + magnitude.to(at::kDouble).cpu() * rounding_unit(at::kFloat) + 1e-6;
   return got_error.le(want_error + slack).all().item<bool>();
 }
 

@@ -342,7 +342,8 @@ TEST_CASE("emulated CUDA: the MoE combine kernels match the ATen implementation,
   // rows shorter than a warp; every slot kept, or every third one and all of token 0's dropped.
   for (const auto& shape : {std::array<int64_t, 3>{5, 3, 4400}, {48, 8, 40}, {6, 2, 5}})
     for (const Case c : kCases)
-      for (const auto weight_dtype : {std::optional<at::ScalarType>(), std::optional(at::kFloat), std::optional(c.dtype)})
+      for (const auto weight_dtype :  // none, fp32, the rows' dtype
+           {std::optional<at::ScalarType>(), std::optional(at::kFloat), std::optional(c.dtype)})
         for (const bool dropped : {false, true}) {
           const int64_t tokens = shape[0], k = shape[1], dim = shape[2];
           const auto dtype = c.dtype;
@@ -445,7 +446,7 @@ void emulated_adamw_copy_(const std::vector<Tensors>& lists, const Tensors& step
 
 }  // namespace
 
-TEST_CASE("emulated CUDA: titan::adamw_copy_'s functor matches the ATen implementation, per chunk of a multi-tensor launch") {
+TEST_CASE("emulated CUDA: titan::adamw_copy_'s functor matches the ATen implementation, chunk by chunk") {
   // Parameters of two chunks and a partial third, of fewer elements than a block's threads, and of
   // one chunk exactly; a plain step with weight decay, one clipping inside the step (the scaled
   // gradient written back) and one skipped (found_inf: only the copies are written).

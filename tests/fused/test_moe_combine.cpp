@@ -181,6 +181,7 @@ TEST_CASE("fused moe_combine: errors name what is wrong") {
         std::string::npos);
   CHECK(combine(out, weight, slot, 2, 2).find("6 rows for 2 tokens of 2 slots each (at most 4)") != std::string::npos);
   CHECK(combine(out, weight, slot, 3, 0).find("tokens (3) must be >= 0 and k (0) >= 1") != std::string::npos);
-  CHECK(error_of([&] { titan::detail::moe_combine_backward_aten(torch::randn({3, 5}, device()), out, weight, slot, 2); })
+  const auto grad = torch::randn({3, 5}, device());  // [T, 5]: out has 4 columns
+  CHECK(error_of([&] { titan::detail::moe_combine_backward_aten(grad, out, weight, slot, 2); })
             .find("the output gradient must be [tokens, 4] Float on") != std::string::npos);
 }
