@@ -25,11 +25,15 @@ inline bool within_rounding(const at::Tensor& got, const at::Tensor& want, at::S
 /// unfused operators' result, is, up to one rounding of `exact` in `dtype`. Where the unfused
 /// operators round each step and the steps cancel (a norm's gradient plus the residual's), their
 /// result and a kernel's single rounding may differ by far more than a rounding of the result,
-/// each still close to the exact value.
-inline bool as_close_as(const at::Tensor& got, const at::Tensor& want, const at::Tensor& exact, at::ScalarType dtype) {
+/// each still close to the exact value. `extra_slack` (optional, broadcast to `exact`) is allowed on
+/// top.
+inline bool as_close_as(const at::Tensor& got, const at::Tensor& want, const at::Tensor& exact, at::ScalarType dtype,
+                        const at::Tensor& extra_slack = {}) {
   const auto e = exact.to(at::kDouble).cpu();
   const auto got_error = (got.to(at::kDouble).cpu() - e).abs(), want_error = (want.to(at::kDouble).cpu() - e).abs();
-  return got_error.le(want_error + e.abs() * rounding_unit(dtype) + 1e-6).all().item<bool>();
+  auto slack = e.abs() * rounding_unit(dtype) + 1e-6;
+  if (extra_slack.defined()) slack = slack + extra_slack.to(at::kDouble).cpu();
+  return got_error.le(want_error + slack).all().item<bool>();
 }
 
 /// as_close_as for sums of many terms (a dot product over a row) that a kernel adds in fp32 in
@@ -38,11 +42,15 @@ inline bool as_close_as(const at::Tensor& got, const at::Tensor& want, const at:
 /// then being far smaller than they are).
 inline bool sum_as_close_as(const at::Tensor& got, const at::Tensor& want, const at::Tensor& exact,
                             const at::Tensor& magnitude, at::ScalarType dtype) {
-  const auto e = exact.to(at::kDouble).cpu();
-  const auto got_error = (got.to(at::kDouble).cpu() - e).abs(), want_error = (want.to(at::kDouble).cpu() - e).abs();
-  const auto slack =
-      e.abs() * rounding_unit(dtype) + magnitude.to(at::kDouble).cpu() * rounding_unit(at::kFloat) + 1e-6;
-  return got_error.le(want_error + slack).all().item<bool>();
+  return as_close_as(got, want, exact, dtype, magnitude.to(at::kDouble) * rounding_unit(at::kFloat));
+}
+
+/// The magnitude of titan::moe_combine's weight-gradient terms, Σ_d |grad[slot / k, d] · out[n, d]|
+/// per row n [N] (in fp64): what sum_as_close_as allows a sum's order to change.
+inline at::Tensor moe_combine_magnitude(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& slot,
+                                        int64_t k) {
+  const auto rows = grad.to(at::kDouble).index({slot.div(k, "floor")});  // [N, dim]
+  return (rows * out.to(at::kDouble)).abs().sum(1);                     // [N]
 }
 
 /// A contiguous copy of `t` that starts one element past a 16-byte boundary (on t's device).

@@ -84,11 +84,8 @@ Inputs in_fp64(const Inputs& in, Weighing weighing) {
   return {in.out.to(torch::kDouble), weight.to(torch::kDouble), in.slot, in.grad.to(torch::kDouble), in.tokens, in.k};
 }
 
-/// Σ_d |g[t] · out[n]| [N]: the magnitude of the weight gradient's terms, which bounds what the
-/// order of its sum can change (titan_test::sum_as_close_as).
-Tensor magnitude(const Inputs& in) {
-  return (in.grad.to(torch::kDouble).index({in.slot.div(in.k, "floor")}) * in.out.to(torch::kDouble)).abs().sum(1);
-}
+/// The magnitude of the weight gradient's terms per row [N] (titan_test::moe_combine_magnitude).
+Tensor magnitude(const Inputs& in) { return titan_test::moe_combine_magnitude(in.grad, in.out, in.slot, in.k); }
 
 /// A layer combining its experts' rows: out = proj(x) [N, 16], weight = sigmoid(gate(x)) [N].
 struct CombineLayerImpl : torch::nn::Module {
