@@ -204,7 +204,7 @@ def titan_row(a, impl, env, out):
         a.vocab_size = (total - body_parameters(a)) // (2 * a.dim)
     step_tokens = a.local_batch * a.seq_len * (a.global_batch // (a.local_batch * a.ranks))  # per rank
     return {"tokens_per_s_per_rank": step_tokens * a.steps / seconds, "step_ms": 1e3 * seconds / a.steps,
-            "peak_active_gib": max(r.get("peak_memory_gib", 0) for r in after),
+            "loss": records[-1]["loss"], "peak_active_gib": max(r.get("peak_memory_gib", 0) for r in after),
             "peak_reserved_gib": max(r.get("peak_reserved_gib", r.get("peak_memory_gib", 0)) for r in after)}
 
 
@@ -231,6 +231,33 @@ def reference_row(a, impl, env, out):
     return rows[-1]
 
 
+def write_table(a, impls, results, peak, out):
+    """table.md (one row per implementation; those not run yet say so) and results.json."""
+    fpt = flops_per_token(a)
+    moe = (f", {a.moe_experts} experts top-{a.moe_top_k} width {a.moe_hidden}, EP {a.ep}" if a.model != "llama3" else "")
+    # The ratio columns: titan's default row, and titan_fused (all of titan's kernels) where it ran.
+    bases = [name for name in ("titan", "titan_fused") if "tokens_per_s_per_rank" in results.get(name, {})]
+    lines = [f"side by side on {a.device}: {a.model}, {a.ranks} rank(s), dim {a.dim}, {a.n_layers} layers{moe}, vocab {a.vocab_size}, "
+             f"seq {a.seq_len}, local batch {a.local_batch}, global batch {a.global_batch}, {a.dtype}, AC {a.ac}"
+             + (f", matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""),
+             "| " + " | ".join(["impl", "tokens/s/rank", "step ms", "MFU", "peak active GiB", "peak reserved GiB",
+                                 "last loss"] + [f"{base} / this" for base in bases]) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(bases)]
+    for impl in impls:
+        r = results.get(impl, {"error": "not run yet"})
+        if "error" in r:
+            lines.append(f"| {impl} | {r['error']} | | | | | |" + " |" * len(bases))
+            continue
+        tps = r["tokens_per_s_per_rank"]
+        mfu = f"{100 * tps * fpt / peak:.1f}%" if peak else "n/a"
+        loss = f"{r['loss']:.4f}" if "loss" in r else ""
+        ratios = "".join(f" {results[base]['tokens_per_s_per_rank'] / tps:.2f}x |" for base in bases)
+        lines.append(f"| {impl} | {tps:,.0f} | {r['step_ms']:.1f} | {mfu} | {r['peak_active_gib']:.2f} | "
+                     f"{r['peak_reserved_gib']:.2f} | {loss} |{ratios}")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(a), "peak_flops": peak, "rows": results}, indent=1))
+
+
 def main():
     a = parse_args()
     out = Path(a.out)
@@ -253,29 +280,8 @@ def main():
         started = time.time()
         results[impl] = titan_row(a, impl, env, out) if impl in TITAN_ROWS else reference_row(a, impl, env, out)
         print(f"[side_by_side] {impl}: {time.time() - started:.0f} s {json.dumps(results[impl])}", flush=True)
-
-    fpt = flops_per_token(a)
-    moe = (f", {a.moe_experts} experts top-{a.moe_top_k} width {a.moe_hidden}, EP {a.ep}" if a.model != "llama3" else "")
-    lines = [f"side by side on {a.device}: {a.model}, {a.ranks} rank(s), dim {a.dim}, {a.n_layers} layers{moe}, vocab {a.vocab_size}, "
-             f"seq {a.seq_len}, local batch {a.local_batch}, global batch {a.global_batch}, {a.dtype}, AC {a.ac}"
-             + (f", matmul peak {peak / 1e12:.0f} TFLOP/s" if peak else ""),
-             "| impl | tokens/s/rank | step ms | MFU | peak active GiB | peak reserved GiB | titan / this |",
-             "|---|---|---|---|---|---|---|"]
-    titan_tps = results.get("titan", {}).get("tokens_per_s_per_rank")
-    for impl in impls:
-        r = results[impl]
-        if "error" in r:
-            lines.append(f"| {impl} | {r['error']} | | | | | |")
-            continue
-        tps = r["tokens_per_s_per_rank"]
-        mfu = f"{100 * tps * fpt / peak:.1f}%" if peak else "n/a"
-        ratio = f"{titan_tps / tps:.2f}x" if titan_tps else "n/a"
-        lines.append(f"| {impl} | {tps:,.0f} | {r['step_ms']:.1f} | {mfu} | {r['peak_active_gib']:.2f} | "
-                     f"{r['peak_reserved_gib']:.2f} | {ratio} |")
-    table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "peak_flops": peak, "rows": results}, indent=1))
-    print(table)
+        write_table(a, impls, results, peak, out)  # after every row: a run cut short keeps the rows it has
+    print((out / "table.md").read_text(), end="")
     return 0 if all("error" not in results[i] or "not installed" in results[i]["error"] for i in impls) else 1
 
 
