@@ -4,7 +4,7 @@ A trace (bench_gpu_cost_trace for titan, trace_peers.py for the Python peers) ha
 per operator call below autograd. Each becomes zero or more kernels:
   - views, allocations and metadata operators: no kernel;
   - matmuls (mm, addmm, addmm_, bmm, baddbmm, _scaled_mm, _grouped_mm): 2·M·N·K FLOPs at the matmul
-    rate (the term addmm adds is read in the GEMM's epilogue; a grouped GEMM's M is the rows its
+    rate (bf16's; float8's _scaled_mm at fp8's, with the same efficiency) (the term addmm adds is read in the GEMM's epilogue; a grouped GEMM's M is the rows its
     offsets cover, all groups together);
   - fused attention (cuDNN, flash, efficient): 4·B·H·Sq·Sk·D FLOPs forward (half when causal),
     2.5x that backward (five matmuls instead of two), at the attention rate;
@@ -33,12 +33,12 @@ from collections import defaultdict
 
 # Peak figures of each GPU (dense bf16 tensor-core rate, HBM bandwidth), with their source.
 GPUS = {
-    "H200": dict(name="NVIDIA H200 SXM (141 GB HBM3e)", bf16_tflops=989.4, hbm_tb_s=4.8,
+    "H200": dict(name="NVIDIA H200 SXM (141 GB HBM3e)", bf16_tflops=989.4, fp8_tflops=1978.9, hbm_tb_s=4.8,
                  source="NVIDIA H200 Tensor Core GPU datasheet (2024): 989 TFLOPS bf16 dense "
-                        "(1,979 with sparsity), 4.8 TB/s"),
-    "H100": dict(name="NVIDIA H100 SXM (80 GB HBM3)", bf16_tflops=989.4, hbm_tb_s=3.35,
+                        "(1,979 with sparsity), 1,979 TFLOPS fp8 dense, 4.8 TB/s"),
+    "H100": dict(name="NVIDIA H100 SXM (80 GB HBM3)", bf16_tflops=989.4, fp8_tflops=1978.9, hbm_tb_s=3.35,
                  source="NVIDIA H100 Tensor Core GPU datasheet (2023): 989 TFLOPS bf16 dense "
-                        "(1,979 with sparsity), 3.35 TB/s"),
+                        "(1,979 with sparsity), 1,979 TFLOPS fp8 dense, 3.35 TB/s"),
 }
 
 # Efficiencies against the peaks: what calibrate() found on the H200 eager rows of 2026-11-26
@@ -148,6 +148,8 @@ def kernel(event):
         # says how many (rows_used of the buffer's rows_padded) where they differ.
         used = event["scalars"].get("rows_used", 1) / event["scalars"].get("rows_padded", 1)
         k.update(kind="matmul", flops=2.0 * batch * m * n * kk * used, bytes=all_bytes)
+        if name == "aten::_scaled_mm":  # float8 operands: the fp8 tensor-core rate
+            k["fp8"] = True
         return k
     if name in ATTENTION_FORWARD or name in ATTENTION_BACKWARD:
         backward = name in ATTENTION_BACKWARD
@@ -257,9 +259,14 @@ def fuse(ks, phases=("forward", "backward")):
     return fused
 
 
+def peak_tflops(k, gpu):
+    """The tensor-core rate a kernel's FLOPs run at: fp8 for float8 matmuls, else bf16."""
+    return gpu["fp8_tflops"] if k.get("fp8") else gpu["bf16_tflops"]
+
+
 def kernel_ms(k, gpu, eff):
     rate = {"matmul": eff["matmul"], "attention": eff["attention"]}.get(k["kind"])
-    compute = k["flops"] / (gpu["bf16_tflops"] * 1e12 * rate) if rate else 0.0
+    compute = k["flops"] / (peak_tflops(k, gpu) * 1e12 * rate) if rate else 0.0
     memory = k["bytes"] / (gpu["hbm_tb_s"] * 1e12 * eff["bandwidth"])
     return 1e3 * (k["launches"] * eff["launch_us"] * 1e-6 + max(compute, memory))
 
@@ -307,19 +314,20 @@ def calibrate(rows, gpu, fixed=None):
     arrays = {}
     for name, (ks, measured) in rows.items():
         kinds = np.array([k["kind"] for k in ks])
-        arrays[name] = (np.array([k["launches"] for k in ks], dtype=float), np.array([k["flops"] for k in ks]),
+        peaks = np.array([peak_tflops(k, gpu) * 1e12 for k in ks])
+        arrays[name] = (np.array([k["launches"] for k in ks], dtype=float), np.array([k["flops"] for k in ks]) / peaks,
                         np.array([k["bytes"] for k in ks], dtype=float), kinds == "matmul", kinds == "attention",
                         measured)
     best = None
-    peak, hbm = gpu["bf16_tflops"] * 1e12, gpu["hbm_tb_s"] * 1e12
+    hbm = gpu["hbm_tb_s"] * 1e12
     for mm in grid["matmul"]:
         for at in grid["attention"]:
             for bw in grid["bandwidth"]:
                 memory = {name: a[2] / (hbm * bw) for name, a in arrays.items()}
                 for lu in grid["launch_us"]:
                     err = 0.0
-                    for name, (launches, flops, _, is_mm, is_at, measured) in arrays.items():
-                        compute = np.where(is_mm, flops / (peak * mm), np.where(is_at, flops / (peak * at), 0.0))
+                    for name, (launches, peak_seconds, _, is_mm, is_at, measured) in arrays.items():
+                        compute = np.where(is_mm, peak_seconds / mm, np.where(is_at, peak_seconds / at, 0.0))
                         seconds = launches.sum() * lu * 1e-6 + np.maximum(compute, memory[name]).sum()
                         err += math.log(1e3 * seconds / measured) ** 2
                     if best is None or err < best[0]:

@@ -10,7 +10,8 @@ GPU benchmark's shape, every kernel priced on a GPU description (cost_model.py),
 Rows: titan (bench_gpu_cost_trace: the trainer's model, parallelize_llama, FusedAdamW, step; titan's
 fused operators as their ATen implementation, the default build), titan_kernels (the same step
 with each fused operator one CUDA kernel: a build with TITAN_CUDA_KERNELS), titan_fused (titan_kernels
-with model.fused_projections: wq|wk|wv and w1|w3 one GEMM each), and
+with model.fused_projections: wq|wk|wv and w1|w3 one GEMM each), titan_float8 (dense presets: titan
+with float8.enable, tensorwise, the output layer in bf16: the float8 matmuls at the fp8 rate), and
 the peers of bench/side_by_side (trace_peers.py): PyTorch FSDP2 eager, torchtitan 0.2.2 eager, and
 both with torch.compile (the eager traces with Inductor's fusion of memory-bound kernels applied).
 A mixture-of-experts preset (gpu_moe, small_moe) has one peer instead: torchtitan 0.2.2's Qwen3-MoE
@@ -29,8 +30,8 @@ AdamW stepping every parameter once, its traffic 28 bytes per fp32 parameter (32
 inside the step, writing the gradients back; titan_fused's titan::adamw_copy_ reads bf16 gradients
 and writes the bf16 copy: 30); then with per-operator AC that titan recomputes the same matmul FLOPs as the peers
 (torchtitan's policy: every other matmul kept; its MoE also recomputes the router's gate), and
-with fused projections some, at most as many. titan_fused takes the same FLOP, attention and
-AdamW checks.
+with fused projections some, at most as many. titan_fused and titan_float8 take the same FLOP,
+attention and AdamW checks.
 """
 import argparse
 import os
@@ -76,7 +77,17 @@ MEASURED = {
                              torchtitan=8192e3 / 39283, torchtitan_compile=8192e3 / 46182)),
     },
 }
-TITAN_VARIANTS = ("titan_kernels", "titan_fused")  # titan's CUDA kernels; and its fused projections
+# titan's CUDA kernels; and its fused projections; float8 linear layers (dense presets: the side-by-side
+# benchmark's titan_float8 row, tensorwise, the ATen path). Each: bench_gpu_cost_trace's flags.
+TITAN_VARIANTS = {"titan_kernels": ["--titan-kernels", "cuda"],
+                  "titan_fused": ["--titan-kernels", "cuda", "--fused-projections", "1"],
+                  "titan_float8": ["--float8", "tensorwise"]}
+
+
+def variants(shape):
+    """titan's variants traced at a shape (no float8 row for a mixture of experts: its experts are no
+    linear layers, and bench_moe has no float8 row)."""
+    return tuple(v for v in TITAN_VARIANTS if not (v == "titan_float8" and shape.get("moe_experts")))
 
 
 def shape_flags(shape):
@@ -100,13 +111,12 @@ def trace_all(a, shape, out):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     flags = shape_flags(shape)
     run([a.trace, "--out", str(out / "titan.jsonl")] + flags, env)
-    run([a.trace, "--titan-kernels", "cuda", "--out", str(out / "titan_kernels.jsonl")] + flags, env)
-    fused = ["--titan-kernels", "cuda", "--fused-projections", "1"]
-    run([a.trace, *fused, "--out", str(out / "titan_fused.jsonl")] + flags, env)
+    for variant in variants(shape):
+        run([a.trace, *TITAN_VARIANTS[variant], "--out", str(out / f"{variant}.jsonl")] + flags, env)
     for impl in peers(shape):
         run([sys.executable, str(HERE / "trace_peers.py"), "--impl", impl, "--out", str(out / f"{impl}.jsonl")] + flags,
             env)
-    traces = {impl: cm.kernels(cm.load(out / f"{impl}.jsonl")) for impl in ("titan",) + peers(shape) + TITAN_VARIANTS}
+    traces = {impl: cm.kernels(cm.load(out / f"{impl}.jsonl")) for impl in ("titan",) + peers(shape) + variants(shape)}
     for impl in peers(shape):
         traces[impl + "_compile"] = cm.fuse(traces[impl])
     return traces
@@ -191,7 +201,7 @@ def check_shape(a, preset, out):
         combine = 2.0 * tokens * shape["moe_top_k"] * shape["dim"] * shape["n_layers"]
         gate = 2.0 * tokens * shape["dim"] * shape["moe_experts"] * shape["n_layers"]
         extra["torchtitan_moe"], extra_recomputed["torchtitan_moe"] = 3 * combine, combine + gate
-    for impl in eager + ("titan_fused",):
+    for impl in eager + variants(shape)[1:]:  # titan_fused, titan_float8
         ks = traces[impl]
         flops = sum(k["flops"] for k in ks if k["kind"] == "matmul") - extra.get(impl, 0)
         if flops != expected:

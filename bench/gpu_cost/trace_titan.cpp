@@ -10,6 +10,9 @@
 //       --dtype bfloat16 --ac op --titan-kernels aten --fused-projections 0      (one command line)
 //   Mixture of experts (Qwen3-MoE's blocks): --head-dim 128 --qk-norm 1 --moe-experts 128 --moe-top-k 8
 //       --moe-hidden 768; the expert bias is updated after the step, as the trainer does.
+//   Float8 linear layers: --float8 tensorwise (or rowwise): the trainer's float8.enable with that
+//       recipe and its other float8 settings at their defaults (the output layer in bf16), as the
+//       side-by-side benchmark's titan_float8 row.
 //
 // What is recorded is what a PyTorch dispatch mode would see (TorchDispatchMode, used for the
 // Python peers by trace_peers.py): every operator call that reaches the kernels below autograd,
@@ -25,7 +28,7 @@
 //   - the fused AdamW kernel (no C++ meta kernel in LibTorch; nor have index_select and
 //     embedding_dense_backward, the embedding's, complex.out, RoPE's, and abs.out,
 //     logical_not.out and where.self, which gradient clipping and the skip flag reach, and
-//     _grouped_mm, the MoE experts': all registered here).
+//     _grouped_mm, the MoE experts', and _scaled_mm and max, float8's: all registered here).
 #include "models/llama/model.hpp"
 #include "models/llama/parallelize.hpp"
 #include "common/config.hpp"
@@ -200,6 +203,25 @@ void grouped_mm_meta(const c10::OperatorHandle&, Stack* stack) {
   stack->emplace_back(at::empty(shape, a.options().dtype(dtype)));
 }
 
+/// max(self) -> [] (float8's tensorwise amax).
+void max_meta(const c10::OperatorHandle&, Stack* stack) {
+  const auto self = (*stack)[stack->size() - 1].toTensor();
+  torch::jit::drop(*stack, 1);
+  stack->emplace_back(at::empty({}, self.options()));
+}
+
+/// _scaled_mm(self [M, K], mat2 [K, N], scale_a, scale_b, bias, scale_result, out_dtype, fast_accum) -> [M, N]
+/// in out_dtype (self's when none).
+void scaled_mm_meta(const c10::OperatorHandle&, Stack* stack) {
+  const auto first = stack->size() - 8;
+  const auto a = (*stack)[first].toTensor();
+  const auto b = (*stack)[first + 1].toTensor();
+  const auto out_dtype = (*stack)[first + 6];
+  const auto dtype = out_dtype.isNone() ? a.scalar_type() : out_dtype.toScalarType();
+  torch::jit::drop(*stack, 8);
+  stack->emplace_back(at::empty({a.size(0), b.size(1)}, a.options().dtype(dtype)));
+}
+
 TORCH_LIBRARY_IMPL(aten, CompositeImplicitAutograd, m) { m.impl("scaled_dot_product_attention", &sdpa_as_cudnn); }
 
 TORCH_LIBRARY_IMPL(aten, Meta, m) {
@@ -217,6 +239,8 @@ TORCH_LIBRARY_IMPL(aten, Meta, m) {
   m.impl("logical_not.out", torch::CppFunction::makeFromBoxedFunction<&unary_out_meta>());
   m.impl("complex.out", torch::CppFunction::makeFromBoxedFunction<&binary_out_meta>());
   m.impl("_grouped_mm", torch::CppFunction::makeFromBoxedFunction<&grouped_mm_meta>());
+  m.impl("_scaled_mm", torch::CppFunction::makeFromBoxedFunction<&scaled_mm_meta>());
+  m.impl("max", torch::CppFunction::makeFromBoxedFunction<&max_meta>());
 }
 
 // ---- the recorder -----------------------------------------------------------------------------
@@ -391,6 +415,7 @@ int run(int argc, char** argv) {
   TORCH_CHECK(titan_kernels == "aten" || titan_kernels == "cuda", "bench_gpu_cost_trace: --titan-kernels '",
               titan_kernels, "' is not 'aten' (titan's fused operators as their ATen implementation, the default ",
               "build) or 'cuda' (each one kernel: a build with TITAN_CUDA_KERNELS)");
+  const std::string float8 = text_arg(argc, argv, "--float8", "none");  // or a float8.recipe_name
   const int64_t seq = int_arg(argc, argv, "--seq-len", 8192), batch = int_arg(argc, argv, "--local-batch", 1);
   auto args = ModelArgs()
                   .dim(int_arg(argc, argv, "--dim", 2048))
@@ -416,7 +441,7 @@ int run(int argc, char** argv) {
 
   // The trainer's configuration for this run (as bench/side_by_side's titan row sets it).
   TrainConfig config;
-  const std::vector<std::pair<std::string, std::string>> overrides = {
+  std::vector<std::pair<std::string, std::string>> overrides = {
       {"training.seq_len", std::to_string(seq)},
       {"training.batch_size", std::to_string(batch)},
       {"training.mixed_precision_param", dtype},
@@ -424,6 +449,7 @@ int run(int argc, char** argv) {
       {"training.fused_kernels", titan_kernels},  // "cuda": one-rank FSDP keeps the bf16 copy (adamw_copy_)
       {"activation_checkpoint.mode", ac == "none" || ac == "full" ? ac : "selective"},
       {"activation_checkpoint.selective_ac_option", ac == "none" || ac == "full" ? "2" : ac}};
+  if (float8 != "none") overrides.insert(overrides.end(), {{"float8.enable", "true"}, {"float8.recipe_name", float8}});
   for (const auto& [key, value] : overrides) apply_override(config, key, value, "command line");
   validate(config, "command line");
 
@@ -467,6 +493,7 @@ int run(int argc, char** argv) {
             << " handed back by per-operator AC) of one step of titan at dim " << args.dim() << ", "
             << args.n_layers() << " layers, seq " << seq << ", " << dtype << ", AC " << ac
             << (args.fused_projections() ? ", fused projections" : "")
+            << (float8 != "none" ? ", float8 " + float8 : "")
             << (experts > 0 ? ", " + std::to_string(experts) + " experts top-" + std::to_string(args.moe().top_k())
                             : "")
             << " -> " << out << "\n";
