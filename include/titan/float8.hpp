@@ -37,18 +37,22 @@
 #include <titan/detail/autograd.hpp>
 #include <titan/detail/enum_names.hpp>
 #include <titan/fsdp.hpp>
+#include <titan/fused/float8_cast.hpp>
 #include <titan/hooks.hpp>
 #include <titan/sharding.hpp>
 
 #include <ATen/ops/_scaled_mm.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <torch/nn/modules/linear.h>
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace titan {
@@ -157,29 +161,11 @@ struct Float8Operand {
   bool axiswise() const { return scale.defined() && scale.dim() == 2; }
 };
 
-inline double float8_max(at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2, "titan float8: unsupported dtype ", dtype,
-              "; expected Float8_e4m3fn or Float8_e5m2");
-  return dtype == at::kFloat8_e4m3fn ? 448.0 : 57344.0;
-}
-
-/// The scale for `amax` (any float dtype, any shape): float8_max / max(amax, 1e-12) computed in
-/// float64 as torchao does (reciprocal, then product), float32, optionally rounded down to 2^k.
-inline at::Tensor amax_to_scale(const at::Tensor& amax, at::ScalarType dtype, bool power_of_2) {
-  auto scale = amax.to(at::kDouble).clamp_min(1e-12).reciprocal().mul(float8_max(dtype)).to(at::kFloat);
-  return power_of_2 ? at::exp2(at::floor(at::log2(scale))) : scale;
-}
-
 /// A weight shard's amax as float32 [] (0 for an empty shard: a rank may hold no rows).
 inline at::Tensor shard_amax(const at::Tensor& shard) {
   at::NoGradGuard no_grad;
-  return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat)) : at::max(at::abs(shard)).to(at::kFloat);
-}
-
-/// saturate(hp · scale) in `dtype` (the scale broadcasts: 0-dim or keepdim axiswise).
-inline at::Tensor cast_with_scale(const at::Tensor& hp, const at::Tensor& scale, at::ScalarType dtype) {
-  const double max = float8_max(dtype);
-  return (hp.to(at::kFloat) * scale).clamp(-max, max).to(dtype);
+  return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat))
+                            : at::linalg_vector_norm(shard, INFINITY).to(at::kFloat);  // max |shard|, one kernel
 }
 
 /// `hp` cast per `cast`, the axiswise amax taken along `dim`; the amax is reduced (maximum) over
@@ -188,11 +174,13 @@ inline Float8Operand cast_operand(const at::Tensor& hp, const Float8Cast& cast, 
                                   const ProcessGroupPtr& group) {
   if (cast.scaling == Float8Cast::Scaling::Disabled) return {hp, at::Tensor()};
   at::NoGradGuard no_grad;
-  at::Tensor amax = cast.scaling == Float8Cast::Scaling::Tensorwise ? at::max(at::abs(hp))  // []
-                                                                     : at::amax(at::abs(hp), {dim}, true);  // keepdim
+  // max |hp| in one reduction kernel: [] (tensorwise) or keepdim along `dim` (axiswise)
+  at::Tensor amax = cast.scaling == Float8Cast::Scaling::Tensorwise
+                        ? at::linalg_vector_norm(hp, INFINITY)
+                        : at::linalg_vector_norm(hp, INFINITY, std::vector<int64_t>{dim}, /*keepdim=*/true);
   if (group && group->size() > 1) amax = all_reduce_raw(amax.to(at::kFloat), *group, ReduceOp::Max);
-  auto scale = amax_to_scale(amax, cast.dtype, power_of_2);
-  return {cast_with_scale(hp, scale, cast.dtype), scale};
+  auto [data, scale] = float8_cast(hp, amax, cast.dtype, power_of_2);
+  return {data, scale};
 }
 
 inline bool is_row_major(const at::Tensor& t) { return t.stride(0) > t.stride(1) && t.stride(1) == 1; }
@@ -324,23 +312,25 @@ class Float8WeightGather : public FsdpParamGather {
   }
   at::Tensor pre_all_gather(const at::Tensor& shard, const at::Tensor& reduced_amax) override {
     at::NoGradGuard no_grad;
-    scale_ = reduced_amax.defined() ? amax_to_scale(reduced_amax, at::kFloat8_e4m3fn, false) : precomputed_;
-    return cast_with_scale(shard, scale_, at::kFloat8_e4m3fn);
+    at::Tensor data;
+    std::tie(data, scale_) = float8_cast(shard, reduced_amax.defined() ? reduced_amax : precomputed_,
+                                         at::kFloat8_e4m3fn, /*power_of_2=*/false);
+    return data;
   }
   void post_all_gather(const at::Tensor& full) override { gathered_ = Float8Operand{full, scale_}; }
   void post_reshard() override { gathered_.reset(); }
 
   /// The gathered weight [N, K] and its scale, while the unit is unsharded.
   const std::optional<Float8Operand>& gathered() const { return gathered_; }
-  /// A scale precomputed from the global amax for the shard as it is now (its version).
-  void set_precomputed_scale(const at::Tensor& scale, const at::Tensor& shard) {
-    precomputed_ = scale;
+  /// The whole weight's amax, precomputed for the shard as it is now (its version).
+  void set_precomputed_amax(const at::Tensor& amax, const at::Tensor& shard) {
+    precomputed_ = amax;
     precomputed_version_ = shard._version();
   }
 
  private:
-  /// The precomputed scale belongs to the shard's current values (the optimizer's in-place update
-  /// since then would have bumped the version: such a scale is stale and not used).
+  /// The precomputed amax belongs to the shard's current values (the optimizer's in-place update
+  /// since then would have bumped the version: such an amax is stale and not used).
   bool precomputed_current(const at::Tensor& shard) const {
     return precomputed_.defined() && precomputed_version_ == shard._version();
   }
@@ -531,9 +521,8 @@ void precompute_float8_dynamic_scale_for_fsdp(const M& model) {
   }
   detail::max_over_groups(amax, shard_groups);
   detail::max_over_groups(amax, tp_groups);
-  auto scales = detail::amax_to_scale(amax, at::kFloat8_e4m3fn, false);  // [weights]
-  for (size_t i = 0; i < entries.size(); ++i)
-    entries[i].gather->set_precomputed_scale(scales[static_cast<int64_t>(i)], entries[i].shard);
+  for (size_t i = 0; i < entries.size(); ++i)  // each gather casts with its weight's amax (titan::float8_cast)
+    entries[i].gather->set_precomputed_amax(amax[static_cast<int64_t>(i)], entries[i].shard);
 }
 
 }  // namespace titan

@@ -2,7 +2,7 @@
 """What can be checked of titan's CUDA kernels without a GPU, in the code nvcc generates for sm_90:
 every kernel instantiated for 16-byte packs (8 bf16 or fp16, 4 fp32 elements) reads with 16-byte
 loads (`ld.global.v4` / `ld.global.nc.v4`) and writes its outputs with 16-byte stores
-(`st.global.wb.v4`), and no titan kernel spills registers to local memory (`ptxas -v`). A change
+(`st.global.wb.v4`; a pack of float8 bytes with one 8- or 4-byte store), and no titan kernel spills registers to local memory (`ptxas -v`). A change
 that loses the packs' alignment, or splits them into element accesses, fails here instead of
 costing bandwidth unseen until a GPU runs the kit.
 
@@ -17,6 +17,10 @@ PACK_WIDTH = {"f": 4, "N3c104HalfE": 8, "N3c108BFloat16E": 8}
 # Kernels whose pack instantiations write no tensor of their dtype: add_rms_norm's weight gradient
 # writes fp32 partial sums, one column per thread.
 NO_PACK_STORES = {"add_rms_norm_weight_grad"}
+# Kernels that write one-byte elements (float8) from packs: one store of a pack's width in bytes
+# (8 bytes from 8 bf16 or fp16 elements, 4 from 4 fp32 ones).
+BYTE_PACK_STORES = {"float8_cast_kernel": {8: r"st\.global(\.wb)?\.(u64|b64|v2\.(u32|b32))\s",
+                                           4: r"st\.global(\.wb)?\.(u32|b32)\s"}}
 
 
 def entries(ptx):
@@ -57,7 +61,10 @@ def main():
         packed += 1
         if not re.search(r"ld\.global(\.nc)?\.v4\.", body):
             failures.append(f"{kernel} ({dtype}, packs of {width}): no 16-byte load in {name}")
-        if kernel not in NO_PACK_STORES and not re.search(r"st\.global(\.wb|\.cg|\.cs)?\.v4\.", body):
+        if kernel in BYTE_PACK_STORES:
+            if not re.search(BYTE_PACK_STORES[kernel][width], body):
+                failures.append(f"{kernel} ({dtype}, packs of {width}): no {width}-byte store in {name}")
+        elif kernel not in NO_PACK_STORES and not re.search(r"st\.global(\.wb|\.cg|\.cs)?\.v4\.", body):
             failures.append(f"{kernel} ({dtype}, packs of {width}): no 16-byte store in {name}")
     if packed == 0:
         failures.append(f"no titan kernel instantiated for packs in {args.ptx}")

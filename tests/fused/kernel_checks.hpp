@@ -5,7 +5,11 @@
 // placed off a 16-byte boundary (where the kernels take one element at a time, not packs).
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
+#include <utility>
+#include <vector>
 
 namespace titan_test {
 
@@ -59,6 +63,60 @@ inline at::Tensor shifted(const at::Tensor& t) {
   auto copy = buffer.narrow(0, 1, t.numel()).view(t.sizes());
   copy.copy_(t);
   return copy;
+}
+
+/// `t`'s bits as integers of its element size, on the CPU and contiguous: for comparing float8
+/// tensors (no at::equal) and tensors holding NaN.
+inline at::Tensor bits_of(const at::Tensor& t) {
+  const auto c = t.cpu().contiguous();
+  const auto size = c.element_size();
+  return c.view(size == 1 ? at::kByte : size == 2 ? at::kShort : size == 4 ? at::kInt : at::kLong);
+}
+
+/// Whether `got` and `want` hold the same bits wherever `want` is not NaN, and NaN where it is (a
+/// NaN's sign and payload differ between ATen's vectorized CPU kernels and scalar code).
+inline bool same_bits_or_nan(const at::Tensor& got, const at::Tensor& want) {
+  const auto nan = want.cpu().to(at::kFloat).isnan();
+  return got.sizes() == want.sizes() && got.cpu().to(at::kFloat).isnan().equal(nan) &&
+         bits_of(got).masked_fill(nan, 0).equal(bits_of(want).masked_fill(nan, 0));
+}
+
+/// titan::float8_cast computed element by element in scalar C++, no ATen kernel: each amax
+/// entry's scale float8_max / max(amax, 1e-12) in fp64 (NaN kept), rounded to fp32 (then to
+/// 2^floor(log2) when `power_of_2`), and each element's fp32 product with its scale clamped to
+/// ±float8_max (NaN kept) and rounded by c10's float8 conversion. (data [hp's shape, contiguous],
+/// scale [amax's shape, fp32]) on the CPU.
+inline std::pair<at::Tensor, at::Tensor> float8_cast_reference(const at::Tensor& hp, const at::Tensor& amax,
+                                                               at::ScalarType dtype, bool power_of_2) {
+  const double max = dtype == at::kFloat8_e4m3fn ? 448.0 : 57344.0;
+  const auto a = amax.to(at::kDouble).cpu().contiguous();
+  auto scale = at::empty(amax.sizes(), at::kFloat);
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    double v = a.data_ptr<double>()[i];
+    v = std::isnan(v) ? v : std::max(v, 1e-12);
+    float s = static_cast<float>((1.0 / v) * max);
+    scale.data_ptr<float>()[i] = power_of_2 ? std::exp2(std::floor(std::log2(s))) : s;
+  }
+  const auto x = hp.cpu().to(at::kFloat).contiguous();
+  const auto s = scale.expand(hp.sizes()).contiguous();
+  auto data = at::empty(hp.sizes(), at::TensorOptions().dtype(dtype));
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    float v = x.data_ptr<float>()[i] * s.data_ptr<float>()[i];
+    v = std::isnan(v) ? v : std::min(std::max(v, static_cast<float>(-max)), static_cast<float>(max));
+    if (dtype == at::kFloat8_e4m3fn)
+      data.data_ptr<c10::Float8_e4m3fn>()[i] = c10::Float8_e4m3fn(v);
+    else
+      data.data_ptr<c10::Float8_e5m2>()[i] = c10::Float8_e5m2(v);
+  }
+  return {data, scale};
+}
+
+/// hp's amax [] in hp's dtype, or along `dim` with keepdim (float8 training's, titan/float8.hpp),
+/// divided by `shrink` (> 1: amax below the largest |hp|, so that the cast saturates).
+inline at::Tensor float8_amax(const at::Tensor& hp, std::optional<int64_t> dim, double shrink = 1.0) {
+  const auto amax = dim ? at::linalg_vector_norm(hp, INFINITY, std::vector<int64_t>{*dim}, /*keepdim=*/true)
+                        : at::linalg_vector_norm(hp, INFINITY);
+  return shrink == 1.0 ? amax : amax / shrink;
 }
 
 }  // namespace titan_test

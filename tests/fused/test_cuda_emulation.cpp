@@ -17,6 +17,7 @@
 #include <titan/fused/cuda/adamw_functor.cuh>
 #include <titan/fused/cuda/add_rms_norm.cuh>
 #include <titan/fused/cuda/cross_entropy.cuh>
+#include <titan/fused/cuda/float8_cast.cuh>
 #include <titan/fused/cuda/moe_combine.cuh>
 #include <titan/fused/cuda/rope.cuh>
 #include <titan/fused/cuda/swiglu.cuh>
@@ -337,6 +338,45 @@ TEST_CASE("emulated CUDA: the SwiGLU kernels match the ATen implementation, in p
   check_close({d_gate, d_up}, {d_gate_want, d_up_want}, {d_gate_exact, d_up_exact}, at::kFloat);
 }
 
+TEST_CASE("emulated CUDA: the float8 cast kernel gives the bits of the scalar computation, in any dense layout") {
+  // [132, 256]: 33,792 elements, two grid-stride rounds in packs; hp contiguous or a weight's
+  // transpose; one amax, one per row (row 2 with a NaN), one per column; amax in hp's dtype or fp32.
+  constexpr int64_t rows = 132, cols = 256;
+  for (const Case c : kCases)
+    for (const auto dtype : {at::kFloat8_e4m3fn, at::kFloat8_e5m2})
+      for (const bool power_of_2 : {false, true})
+        for (const bool transposed : {false, true})
+          for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
+                                                   std::optional<int64_t>(0)})
+            for (const bool fp32_amax : {false, true}) {
+              if (transposed && c.shifted) continue;  // a shifted copy is contiguous
+              CAPTURE(c.dtype);
+              CAPTURE(c.shifted);
+              CAPTURE(dtype);
+              CAPTURE(power_of_2);
+              CAPTURE(transposed);
+              CAPTURE(dim.value_or(-1));
+              CAPTURE(fp32_amax);
+              at::manual_seed(8);
+              auto values = transposed ? sample({cols, rows}, at::kDouble, 3).t()  // [rows, cols] each
+                                       : sample({rows, cols}, at::kDouble, 3);
+              values.select(0, 1).zero_();
+              if (dim == 1) values.index_put_({2, 3}, std::nan(""));  // only row 2's amax (and scale) is NaN
+              const auto hp = place(values.to(c.dtype), c.shifted);  // [rows, cols]
+              auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
+              if (fp32_amax) amax = amax.to(at::kFloat);
+              const auto got = in_every_order(c.dtype, [&] {  // scale_out written once per entry: no race
+                auto [data, scale] = titan::cuda::float8_cast(hp, amax, dtype, power_of_2);
+                CHECK(data.strides() == hp.strides());
+                return Tensors{titan_test::bits_of(data), titan_test::bits_of(scale)};  // bits: NaN compares
+              });
+              const auto [data_want, scale_want] = titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
+              CHECK(at::equal(got[0], titan_test::bits_of(data_want)));
+              CHECK(at::equal(got[1], titan_test::bits_of(scale_want)));
+              CHECK(several_rounds_in_packs(rows * cols));
+            }
+}
+
 TEST_CASE("emulated CUDA: the MoE combine kernels match the ATen implementation, with dropped slots") {
   // [tokens, k, dim]: rows of more packs than a block's 512 threads, many tokens of whole packs,
   // rows shorter than a warp; every slot kept, or every third one and all of token 0's dropped.
@@ -556,6 +596,25 @@ TEST_CASE("emulated CUDA: the 64-bit index path gives the bits of the 32-bit one
     for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(got[i], want[i]));
   const auto [q_want, k_want] = titan::cuda::rope_forward(q, k, cos, sin);
   CHECK(at::equal(rope(uint64_t{}, Packs{})[0], q_want));
+
+  // The float8 cast of a weight's transpose [40, 6] with a scale per column of its memory.
+  const auto w = at::randn({6, 40}), amax = w.abs().amax(1, true).t();  // hp wᵀ [40, 6], amax [1, 6]
+  const auto cast = [&](auto index, auto width) {
+    using index_t = decltype(index);
+    auto data = at::empty({6, 40}, at::TensorOptions().dtype(at::kFloat8_e4m3fn)).t();
+    auto scale = at::empty({1, 6});
+    const cuda::AmaxWalk<float, index_t> walk{amax.data_ptr(), false, 1, cuda::divider<index_t>(40),
+                                              cuda::divider<index_t>(6)};
+    cuda::launch(cuda::float8_cast_kernel<float, c10::Float8_e4m3fn, index_t, width>,
+                 cuda::grid_stride_blocks(240 / width), cuda::kElementwiseThreads, w.data_ptr<float>(),
+                 data.data_ptr<c10::Float8_e4m3fn>(), scale.data_ptr<float>(), index_t{240}, walk, 448.f, false);
+    return Tensors{titan_test::bits_of(data), scale};
+  };
+  for (const auto& [got, want] : {std::pair{cast(uint64_t{}, Packs{}), cast(uint32_t{}, Packs{})},
+                                  std::pair{cast(uint64_t{}, One{}), cast(uint32_t{}, Packs{})}})
+    for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(got[i], want[i]));
+  const auto [data_want, scale_want] = titan::cuda::float8_cast(w.t(), amax, at::kFloat8_e4m3fn, false);
+  CHECK(at::equal(cast(uint64_t{}, Packs{})[0], titan_test::bits_of(data_want)));
 }
 
 TEST_CASE("emulated CUDA: inputs the kernels do not take go to the ATen implementation, bit for bit") {
@@ -591,6 +650,19 @@ TEST_CASE("emulated CUDA: inputs the kernels do not take go to the ATen implemen
   const auto rows = x.to(at::kBFloat16), weight_fp16 = weight.to(at::kHalf);
   CHECK(at::equal(titan::cuda::moe_combine_forward(rows, weight_fp16, slot, 2, 2),
                   titan::detail::moe_combine_forward_aten(rows, weight_fp16, slot, 2, 2)));
+  // The float8 cast of fp64, of a column slice (rows with gaps), by an amax varying along two
+  // dimensions, of an empty tensor, and with an fp16 amax for fp32 values.
+  const auto cast_matches = [](const at::Tensor& hp, const at::Tensor& amax) {
+    const auto [data, scale] = titan::cuda::float8_cast(hp, amax, at::kFloat8_e4m3fn, false);
+    const auto [data_want, scale_want] = titan::detail::float8_cast_aten(hp, amax, at::kFloat8_e4m3fn, false);
+    return at::equal(titan_test::bits_of(data), titan_test::bits_of(data_want)) && at::equal(scale, scale_want);
+  };
+  CHECK(cast_matches(x, x.abs().max()));
+  CHECK(cast_matches(xf.narrow(1, 0, 5), xf.abs().max()));
+  const auto cube = at::randn({2, 3, 4});
+  CHECK(cast_matches(cube, cube.abs().amax(2, true)));
+  CHECK(cast_matches(at::empty({0, 4}), at::ones({1, 4})));
+  CHECK(cast_matches(xf, xf.abs().max().to(at::kHalf)));
 }
 
 // Kernels of the emulator's own checks: a block sum over shared memory with and without its

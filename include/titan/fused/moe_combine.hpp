@@ -77,6 +77,7 @@ inline void check_moe_combine_grad(const at::Tensor& grad, const at::Tensor& out
   check_moe_combine_inputs(out, weight, slot, grad.size(0), k);
 }
 
+/// Whether the combine weighs its rows: a weight given (none: score_before_experts).
 inline bool weighted(const std::optional<at::Tensor>& weight) { return weight && weight->defined(); }
 
 /// titan::moe_combine_forward in ATen: y [tokens, dim] in out's dtype.
@@ -111,7 +112,8 @@ inline std::tuple<at::Tensor, at::Tensor> moe_combine_backward_aten(const at::Te
 /// Autograd of titan::moe_combine: saves out, weight and slot.
 struct MoeCombineFunction : torch::autograd::Function<MoeCombineFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& out,
-                            const std::optional<at::Tensor>& weight, const at::Tensor& slot, int64_t tokens, int64_t k) {
+                            const std::optional<at::Tensor>& weight, const at::Tensor& slot, int64_t tokens,
+                            int64_t k) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("titan::moe_combine_forward", "")
                                .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,

@@ -4,6 +4,7 @@
 #include <titan/fused/cuda/adamw.cuh>
 #include <titan/fused/cuda/add_rms_norm.cuh>
 #include <titan/fused/cuda/cross_entropy.cuh>
+#include <titan/fused/cuda/float8_cast.cuh>
 #include <titan/fused/cuda/kernels.hpp>
 #include <titan/fused/cuda/moe_combine.cuh>
 #include <titan/fused/cuda/rope.cuh>
@@ -23,6 +24,7 @@ void register_kernels() {
     titan::register_add_rms_norm_operators();
     titan::register_adamw_operators();
     titan::register_moe_combine_operators();
+    titan::register_float8_cast_operators();
     auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "titan", c10::DispatchKey::CUDA,
                                                 "titan/fused/cuda/kernels.cu", __LINE__);
     lib->impl("cross_entropy_loss_and_grad", TORCH_FN(cross_entropy_loss_and_grad));
@@ -36,6 +38,7 @@ void register_kernels() {
     lib->impl("adamw_copy_", TORCH_FN(adamw_copy_));
     lib->impl("moe_combine_forward", TORCH_FN(moe_combine_forward));
     lib->impl("moe_combine_backward", TORCH_FN(moe_combine_backward));
+    lib->impl("float8_cast", TORCH_FN(float8_cast));
     return lib;
   }();
   (void)library;
