@@ -152,12 +152,16 @@ bool is_module(const torch::nn::Module& module) {
 
 namespace detail {
 
-/// A matmul operand: float8 `data` with its scale (0-dim: tensorwise; [rows, 1] or [1, cols]:
-/// axiswise), or a high-precision `data` with no scale (cast disabled).
+/// A matmul operand: float8 `data` with its scale and the scale's inverse (0-dim: tensorwise;
+/// [rows, 1] or [1, cols]: axiswise), or a high-precision `data` with neither (cast disabled).
 struct Float8Operand {
   at::Tensor data;
-  at::Tensor scale;  ///< float32; data ≈ value · scale
-  Float8Operand t() const { return {data.t(), scale.defined() && scale.dim() == 2 ? scale.t() : scale}; }
+  at::Tensor scale;    ///< float32; data ≈ value · scale
+  at::Tensor inverse;  ///< 1 / scale, what _scaled_mm multiplies by
+  Float8Operand t() const {
+    const auto transposed = [&](const at::Tensor& s) { return s.defined() && s.dim() == 2 ? s.t() : s; };
+    return {data.t(), transposed(scale), transposed(inverse)};
+  }
   bool axiswise() const { return scale.defined() && scale.dim() == 2; }
 };
 
@@ -179,8 +183,8 @@ inline Float8Operand cast_operand(const at::Tensor& hp, const Float8Cast& cast, 
                         ? at::linalg_vector_norm(hp, INFINITY)
                         : at::linalg_vector_norm(hp, INFINITY, std::vector<int64_t>{dim}, /*keepdim=*/true);
   if (group && group->size() > 1) amax = all_reduce_raw(amax.to(at::kFloat), *group, ReduceOp::Max);
-  auto [data, scale] = float8_cast(hp, amax, cast.dtype, power_of_2);
-  return {data, scale};
+  auto [data, scale, inverse] = float8_cast(hp, amax, cast.dtype, power_of_2);
+  return {data, scale, inverse};
 }
 
 inline bool is_row_major(const at::Tensor& t) { return t.stride(0) > t.stride(1) && t.stride(1) == 1; }
@@ -197,12 +201,11 @@ inline at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& b, at::
   if (emulate) return at::mm(a.data.to(at::kFloat) / a.scale, b.data.to(at::kFloat) / b.scale).to(out_dtype);
   at::Tensor a_data = is_row_major(a.data) ? a.data : a.data.contiguous();
   at::Tensor b_data = is_row_major(b.data) ? b.data.t().contiguous().t() : b.data;
-  at::Tensor a_scale = a.scale, b_scale = b.scale;
-  if (!a.axiswise() && b.axiswise()) a_scale = a_scale.repeat({a_data.size(0)}).reshape({-1, 1});
-  if (a.axiswise() && !b.axiswise()) b_scale = b_scale.repeat({b_data.size(1)}).reshape({1, -1});
-  at::Tensor a_inverse = a_scale.reciprocal(), b_inverse = b_scale.reciprocal();
-  const bool rowwise = a_scale.dim() == 2 && a_scale.size(0) == a_data.size(0) && a_scale.size(1) == 1 &&
-                       b_scale.dim() == 2 && b_scale.size(0) == 1 && b_scale.size(1) == b_data.size(1);
+  at::Tensor a_inverse = a.inverse, b_inverse = b.inverse;  // the casts' 1 / scale
+  if (!a.axiswise() && b.axiswise()) a_inverse = a_inverse.repeat({a_data.size(0)}).reshape({-1, 1});
+  if (a.axiswise() && !b.axiswise()) b_inverse = b_inverse.repeat({b_data.size(1)}).reshape({1, -1});
+  const bool rowwise = a_inverse.dim() == 2 && a_inverse.size(0) == a_data.size(0) && a_inverse.size(1) == 1 &&
+                       b_inverse.dim() == 2 && b_inverse.size(0) == 1 && b_inverse.size(1) == b_data.size(1);
   at::Tensor post_inverse;
   if (rowwise && !fast_accum) {
     post_inverse = a_inverse * b_inverse;  // [M, N]
@@ -289,9 +292,15 @@ inline at::Tensor float8_linear(const at::Tensor& x, const at::Tensor& weight, c
                               : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
                                              spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out));
         auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x.sizes());  // [..., K]
-        // dW = dyᵀ · x: both along M (the tokens, never split by TP).
-        auto dy_m = cast_operand(dy, c.grad_output_for_grad_weight, 0, pow2,
-                                 spec.tp.reduce_group(c.grad_output_for_grad_weight, {tokens, out}, tokens));
+        // dW = dyᵀ · x: both along M (the tokens, never split by TP). A tensorwise cast of dy is
+        // the same whichever dimension: dx's is reused (tensorwise: the same amax and group).
+        const bool same_dy_cast = c.grad_output_for_grad_weight.scaling == Float8Cast::Scaling::Tensorwise &&
+                                  c.grad_output.scaling == Float8Cast::Scaling::Tensorwise &&
+                                  c.grad_output_for_grad_weight.dtype == c.grad_output.dtype;
+        auto dy_m = same_dy_cast
+                        ? dy_n
+                        : cast_operand(dy, c.grad_output_for_grad_weight, 0, pow2,
+                                       spec.tp.reduce_group(c.grad_output_for_grad_weight, {tokens, out}, tokens));
         auto x_m = cast_operand(x2, c.input_for_grad_weight, 0, pow2,
                                 spec.tp.reduce_group(c.input_for_grad_weight, {tokens, in}, tokens));
         auto dw = float8_mm(dy_m.t(), x_m, dy.scalar_type(), false, spec.emulate);  // [N, K]
@@ -313,11 +322,11 @@ class Float8WeightGather : public FsdpParamGather {
   at::Tensor pre_all_gather(const at::Tensor& shard, const at::Tensor& reduced_amax) override {
     at::NoGradGuard no_grad;
     at::Tensor data;
-    std::tie(data, scale_) = float8_cast(shard, reduced_amax.defined() ? reduced_amax : precomputed_,
-                                         at::kFloat8_e4m3fn, /*power_of_2=*/false);
+    std::tie(data, scale_, inverse_) = float8_cast(shard, reduced_amax.defined() ? reduced_amax : precomputed_,
+                                                   at::kFloat8_e4m3fn, /*power_of_2=*/false);
     return data;
   }
-  void post_all_gather(const at::Tensor& full) override { gathered_ = Float8Operand{full, scale_}; }
+  void post_all_gather(const at::Tensor& full) override { gathered_ = Float8Operand{full, scale_, inverse_}; }
   void post_reshard() override { gathered_.reset(); }
 
   /// The gathered weight [N, K] and its scale, while the unit is unsharded.
@@ -336,7 +345,7 @@ class Float8WeightGather : public FsdpParamGather {
   }
 
   ProcessGroupPtr tp_group_;
-  at::Tensor precomputed_, scale_;
+  at::Tensor precomputed_, scale_, inverse_;
   uint32_t precomputed_version_ = 0;
   std::optional<Float8Operand> gathered_;
 };

@@ -13,7 +13,8 @@
 #               ([profiling]), summarised by scripts/gpu/profile_report.py: top kernels, GPU idle
 #               share, the SDPA backend, the runtime cuDNN version, allocator retries
 #   bench_8b    the benchmark on Llama 3 8B's shape with 8 layers (--shape 8B: fills the GPU for the
-#               MFU figure): titan, titan_fused and torchtitan + compile
+#               MFU figure, and where float8 gains): titan_kernels, titan_fused, titan_float8 and
+#               torchtitan + compile
 #   bench_moe   bench/side_by_side/run.py --device cuda --model qwen3_moe: titan (ATen path; CUDA
 #               kernels and fused projections) vs torchtitan's Qwen3-MoE (eager, compiled) on
 #               Qwen3-30B-A3B's blocks with 4 layers, seq 8192, bf16 (the cost model's gpu_moe)
@@ -42,7 +43,7 @@ ORDER=(kernels bench profile bench_8b bench_moe trainer tests moe checkpoint)
 # measured 64, 38, 55 and 139 s on 2026-11-26 (since then tests and trainer have more cases, bench
 # three more rows); the others are estimates from their rows (~25 s a titan row, ~60 s more to
 # compile). Replace them with the times of the next kit run (summary.md).
-declare -A ESTIMATE=([kernels]=45 [bench]=240 [profile]=80 [bench_8b]=140 [bench_moe]=180 [trainer]=200
+declare -A ESTIMATE=([kernels]=45 [bench]=240 [profile]=80 [bench_8b]=170 [bench_moe]=180 [trainer]=200
                      [tests]=120 [moe]=60 [checkpoint]=70)
 
 plan_only=0
@@ -146,7 +147,8 @@ for stage in "${stages[@]}"; do
         > "$out/profile/report.md" 2>&1 || failed=1
       ;;
     bench_8b)
-      side_by_side side_by_side_8b 420 --shape 8B --impls titan,titan_fused,torchtitan_compile --timeout 200
+      side_by_side side_by_side_8b 420 --shape 8B --impls titan_kernels,titan_fused,titan_float8,torchtitan_compile \
+        --timeout 200
       ;;
     bench_moe)
       side_by_side side_by_side_moe 480 --model qwen3_moe \

@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 namespace titan_test {
@@ -84,18 +84,21 @@ inline bool same_bits_or_nan(const at::Tensor& got, const at::Tensor& want) {
 /// titan::float8_cast computed element by element in scalar C++, no ATen kernel: each amax
 /// entry's scale float8_max / max(amax, 1e-12) in fp64 (NaN kept), rounded to fp32 (then to
 /// 2^floor(log2) when `power_of_2`), and each element's fp32 product with its scale clamped to
-/// ±float8_max (NaN kept) and rounded by c10's float8 conversion. (data [hp's shape, contiguous],
-/// scale [amax's shape, fp32]) on the CPU.
-inline std::pair<at::Tensor, at::Tensor> float8_cast_reference(const at::Tensor& hp, const at::Tensor& amax,
-                                                               at::ScalarType dtype, bool power_of_2) {
+/// ±float8_max (NaN kept) and rounded by c10's float8 conversion; the inverse 1 / scale in fp32.
+/// (data [hp's shape, contiguous], scale, inverse [amax's shape, fp32]) on the CPU.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast_reference(const at::Tensor& hp,
+                                                                            const at::Tensor& amax,
+                                                                            at::ScalarType dtype, bool power_of_2) {
   const double max = dtype == at::kFloat8_e4m3fn ? 448.0 : 57344.0;
   const auto a = amax.to(at::kDouble).cpu().contiguous();
-  auto scale = at::empty(amax.sizes(), at::kFloat);
+  auto scale = at::empty(amax.sizes(), at::kFloat), inverse = at::empty(amax.sizes(), at::kFloat);
   for (int64_t i = 0; i < a.numel(); ++i) {
     double v = a.data_ptr<double>()[i];
     v = std::isnan(v) ? v : std::max(v, 1e-12);
     float s = static_cast<float>((1.0 / v) * max);
-    scale.data_ptr<float>()[i] = power_of_2 ? std::exp2(std::floor(std::log2(s))) : s;
+    if (power_of_2) s = std::exp2(std::floor(std::log2(s)));
+    scale.data_ptr<float>()[i] = s;
+    inverse.data_ptr<float>()[i] = 1.f / s;
   }
   const auto x = hp.cpu().to(at::kFloat).contiguous();
   const auto s = scale.expand(hp.sizes()).contiguous();
@@ -108,7 +111,7 @@ inline std::pair<at::Tensor, at::Tensor> float8_cast_reference(const at::Tensor&
     else
       data.data_ptr<c10::Float8_e5m2>()[i] = c10::Float8_e5m2(v);
   }
-  return {data, scale};
+  return {data, scale, inverse};
 }
 
 /// hp's amax [] in hp's dtype, or along `dim` with keepdim (float8 training's, titan/float8.hpp),

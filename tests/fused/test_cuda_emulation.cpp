@@ -366,13 +366,16 @@ TEST_CASE("emulated CUDA: the float8 cast kernel gives the bits of the scalar co
               auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
               if (fp32_amax) amax = amax.to(at::kFloat);
               const auto got = in_every_order(c.dtype, [&] {  // scale_out written once per entry: no race
-                auto [data, scale] = titan::cuda::float8_cast(hp, amax, dtype, power_of_2);
+                auto [data, scale, inverse] = titan::cuda::float8_cast(hp, amax, dtype, power_of_2);
                 CHECK(data.strides() == hp.strides());
-                return Tensors{titan_test::bits_of(data), titan_test::bits_of(scale)};  // bits: NaN compares
+                using titan_test::bits_of;  // bits: NaN compares
+                return Tensors{bits_of(data), bits_of(scale), bits_of(inverse)};
               });
-              const auto [data_want, scale_want] = titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
+              const auto [data_want, scale_want, inverse_want] =
+                  titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
               CHECK(at::equal(got[0], titan_test::bits_of(data_want)));
               CHECK(at::equal(got[1], titan_test::bits_of(scale_want)));
+              CHECK(at::equal(got[2], titan_test::bits_of(inverse_want)));
               CHECK(several_rounds_in_packs(rows * cols));
             }
 }
@@ -602,18 +605,19 @@ TEST_CASE("emulated CUDA: the 64-bit index path gives the bits of the 32-bit one
   const auto cast = [&](auto index, auto width) {
     using index_t = decltype(index);
     auto data = at::empty({6, 40}, at::TensorOptions().dtype(at::kFloat8_e4m3fn)).t();
-    auto scale = at::empty({1, 6});
+    auto scale = at::empty({1, 6}), inverse = at::empty({1, 6});
     const cuda::AmaxWalk<float, index_t> walk{amax.data_ptr(), false, 1, cuda::divider<index_t>(40),
                                               cuda::divider<index_t>(6)};
     cuda::launch(cuda::float8_cast_kernel<float, c10::Float8_e4m3fn, index_t, width>,
                  cuda::grid_stride_blocks(240 / width), cuda::kElementwiseThreads, w.data_ptr<float>(),
-                 data.data_ptr<c10::Float8_e4m3fn>(), scale.data_ptr<float>(), index_t{240}, walk, 448.f, false);
-    return Tensors{titan_test::bits_of(data), scale};
+                 data.data_ptr<c10::Float8_e4m3fn>(), scale.data_ptr<float>(), inverse.data_ptr<float>(),
+                 index_t{240}, walk, 448.f, false);
+    return Tensors{titan_test::bits_of(data), scale, inverse};
   };
   for (const auto& [got, want] : {std::pair{cast(uint64_t{}, Packs{}), cast(uint32_t{}, Packs{})},
                                   std::pair{cast(uint64_t{}, One{}), cast(uint32_t{}, Packs{})}})
     for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(got[i], want[i]));
-  const auto [data_want, scale_want] = titan::cuda::float8_cast(w.t(), amax, at::kFloat8_e4m3fn, false);
+  const auto [data_want, scale_want, inverse_want] = titan::cuda::float8_cast(w.t(), amax, at::kFloat8_e4m3fn, false);
   CHECK(at::equal(cast(uint64_t{}, Packs{})[0], titan_test::bits_of(data_want)));
 }
 
@@ -653,9 +657,11 @@ TEST_CASE("emulated CUDA: inputs the kernels do not take go to the ATen implemen
   // The float8 cast of fp64, of a column slice (rows with gaps), by an amax varying along two
   // dimensions, of an empty tensor, and with an fp16 amax for fp32 values.
   const auto cast_matches = [](const at::Tensor& hp, const at::Tensor& amax) {
-    const auto [data, scale] = titan::cuda::float8_cast(hp, amax, at::kFloat8_e4m3fn, false);
-    const auto [data_want, scale_want] = titan::detail::float8_cast_aten(hp, amax, at::kFloat8_e4m3fn, false);
-    return at::equal(titan_test::bits_of(data), titan_test::bits_of(data_want)) && at::equal(scale, scale_want);
+    const auto [data, scale, inverse] = titan::cuda::float8_cast(hp, amax, at::kFloat8_e4m3fn, false);
+    const auto [data_want, scale_want, inverse_want] =
+        titan::detail::float8_cast_aten(hp, amax, at::kFloat8_e4m3fn, false);
+    return at::equal(titan_test::bits_of(data), titan_test::bits_of(data_want)) && at::equal(scale, scale_want) &&
+           at::equal(inverse, inverse_want);
   };
   CHECK(cast_matches(x, x.abs().max()));
   CHECK(cast_matches(xf.narrow(1, 0, 5), xf.abs().max()));

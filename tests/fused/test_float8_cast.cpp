@@ -1,5 +1,6 @@
 // titan/fused/float8_cast.hpp: titan::float8_cast against a scalar C++ computation of the same
-// formula (titan_test::float8_cast_reference: no ATen kernel), bit for bit in data and scale: hp in
+// formula (titan_test::float8_cast_reference: no ATen kernel), bit for bit in data, scale and its
+// inverse: hp in
 // fp32, bf16, fp16 and fp64; e4m3fn and e5m2; scales as they are and rounded to powers of two; one
 // amax, one per row, one per column, in hp's dtype and in fp32; hp contiguous, a weight's
 // transpose and a column slice; saturation, a row of zeros and a NaN (NaN where the reference has
@@ -55,15 +56,18 @@ TEST_CASE("fused float8_cast: data and scale are the bits of the scalar computat
               const auto hp = hp_of(hp_dtype, layout, 24, 40, nan);  // [24, 40]
               auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);  // saturates the largest values
               if (fp32_amax) amax = amax.to(torch::kFloat);
-              const auto [data, scale] = titan::float8_cast(hp, amax, dtype, power_of_2);
-              const auto [data_want, scale_want] = titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
+              const auto [data, scale, inverse] = titan::float8_cast(hp, amax, dtype, power_of_2);
+              const auto [data_want, scale_want, inverse_want] =
+                  titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
               REQUIRE((data.scalar_type() == dtype));
               REQUIRE((scale.scalar_type() == torch::kFloat));
               CHECK(data.sizes() == hp.sizes());
               CHECK(scale.sizes() == amax.sizes());
+              CHECK(inverse.sizes() == amax.sizes());
               if (hp.is_non_overlapping_and_dense()) CHECK(data.strides() == hp.strides());  // Wᵀ stays one
               CHECK(titan_test::same_bits_or_nan(data, data_want));
               CHECK(titan_test::same_bits_or_nan(scale, scale_want));
+              CHECK(titan_test::same_bits_or_nan(inverse, inverse_want));
               // The largest elements saturate at ±float8_max (scales not rounded down); row 1, zeros,
               // stays zeros; the NaN stays NaN.
               const auto values = data.to(torch::kFloat).cpu();

@@ -1,22 +1,23 @@
 #pragma once
 // titan/fused/float8_cast.hpp: a float8 cast with its dynamic scale, as one operator.
 //
-//   auto [data, scale] = titan::float8_cast(hp, amax, at::kFloat8_e4m3fn, /*power_of_2=*/false);
+//   auto [data, scale, inverse] = titan::float8_cast(hp, amax, at::kFloat8_e4m3fn, /*power_of_2=*/false);
 //
-//   scale = float8_max / max(amax, 1e-12)   in fp64, rounded to fp32 (then down to a power of two
-//                                           when asked: 2^floor(log2(scale)))
-//   data  = saturate(hp · scale)            the product in fp32, clamped to ±float8_max, rounded
-//                                           to float8 (e4m3fn: 448, e5m2: 57344)
+//   scale   = float8_max / max(amax, 1e-12)   in fp64, rounded to fp32 (then down to a power of two
+//                                             when asked: 2^floor(log2(scale)))
+//   inverse = 1 / scale                       fp32: what _scaled_mm multiplies its product by
+//   data    = saturate(hp · scale)            the product in fp32, clamped to ±float8_max, rounded
+//                                             to float8 (e4m3fn: 448, e5m2: 57344)
 //
 // `amax` is hp's absolute maximum (one element: one scale for the tensor) or, with hp's number of
 // dimensions, the maximum along some of them (keepdim: [rows, 1] or [1, cols], a scale per row or
-// column); `scale` has amax's shape, `data` hp's shape and strides. NaN propagates (a NaN amax
-// gives a NaN scale and NaN data). This is float8 training's cast (titan/float8.hpp, torchao's
-// hp_tensor_to_float8_dynamic): five ATen kernels for the scale and four for the cast, which moves
-// 27 bytes per bf16 element through fp32 copies. The ATen implementation runs those kernels (the
-// CPU path and the reference: the values of torchao's cast); the CUDA kernel
-// (titan/fused/cuda/float8_cast.cuh) is one pass that computes the scale in each thread and moves
-// 3 bytes per bf16 element.
+// column); `scale` and `inverse` have amax's shape, `data` hp's shape and strides. NaN propagates (a
+// NaN amax gives a NaN scale and NaN data). This is float8 training's cast (titan/float8.hpp,
+// torchao's hp_tensor_to_float8_dynamic and the reciprocal its matmul takes): six ATen kernels on
+// the scale and four for the cast, which moves 27 bytes per bf16 element through fp32 copies. The
+// ATen implementation runs those kernels (the CPU path and the reference: the values of torchao's
+// cast); the CUDA kernel (titan/fused/cuda/float8_cast.cuh) is one pass that computes the scale in
+// each thread and moves 3 bytes per bf16 element.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -68,12 +69,13 @@ inline void check_float8_cast(const at::Tensor& hp, const at::Tensor& amax, at::
               amax.device());
 }
 
-/// titan::float8_cast in ATen: (data, scale) from amax_to_scale and cast_with_scale.
-inline std::tuple<at::Tensor, at::Tensor> float8_cast_aten(const at::Tensor& hp, const at::Tensor& amax,
-                                                           at::ScalarType dtype, bool power_of_2) {
+/// titan::float8_cast in ATen: (data, scale, inverse) from amax_to_scale, cast_with_scale and the
+/// scale's reciprocal.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast_aten(const at::Tensor& hp, const at::Tensor& amax,
+                                                                       at::ScalarType dtype, bool power_of_2) {
   check_float8_cast(hp, amax, dtype);
-  auto scale = amax_to_scale(amax, dtype, power_of_2);  // amax's shape, fp32
-  return {cast_with_scale(hp, scale, dtype), scale};     // hp's shape, float8
+  auto scale = amax_to_scale(amax, dtype, power_of_2);              // amax's shape, fp32
+  return {cast_with_scale(hp, scale, dtype), scale, scale.reciprocal()};  // data: hp's shape, float8
 }
 
 }  // namespace detail
@@ -85,7 +87,7 @@ inline void register_float8_cast_operators() {
   static const std::unique_ptr<torch::Library> library = [] {
     auto lib = std::make_unique<torch::Library>(torch::Library::FRAGMENT, "titan", std::nullopt,
                                                 "titan/fused/float8_cast.hpp", __LINE__);
-    lib->def("float8_cast(Tensor hp, Tensor amax, ScalarType dtype, bool power_of_2) -> (Tensor, Tensor)");
+    lib->def("float8_cast(Tensor hp, Tensor amax, ScalarType dtype, bool power_of_2) -> (Tensor, Tensor, Tensor)");
     lib->impl("float8_cast", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,
                                              TORCH_FN(detail::float8_cast_aten)));
     return lib;
@@ -94,14 +96,15 @@ inline void register_float8_cast_operators() {
 }
 
 /// `hp` cast to the float8 `dtype` with the dynamic scale of `amax` (see the top of this header):
-/// (data [hp's shape and strides], scale [amax's shape, fp32]), data ≈ hp · scale. No autograd.
-inline std::tuple<at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, const at::Tensor& amax,
-                                                      at::ScalarType dtype, bool power_of_2) {
+/// (data [hp's shape and strides], scale and its inverse [amax's shape, fp32]), data ≈ hp · scale.
+/// No autograd.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, const at::Tensor& amax,
+                                                                  at::ScalarType dtype, bool power_of_2) {
   register_float8_cast_operators();
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("titan::float8_cast", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::ScalarType, bool)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("titan::float8_cast", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                                   at::ScalarType, bool)>();
   return op.call(hp, amax, dtype, power_of_2);
 }
 

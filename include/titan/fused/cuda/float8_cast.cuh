@@ -1,13 +1,14 @@
 #pragma once
 // titan/fused/cuda/float8_cast.cuh: the CUDA kernel of titan::float8_cast (see
-// titan/fused/float8_cast.hpp for the formula): one element-wise pass over hp's memory in any dense
-// layout (a weight's transpose too), 16-byte packs of hp in, a pack of float8 out (8 bytes from
-// bf16 or fp16, 4 from fp32), each thread computing its elements' scale from amax (once per run of
-// elements that share it) exactly as the ATen implementation does: fp64 division and product, the
-// fp32 product with hp, NaN propagating through the clamp, float8 rounding by c10's conversion.
-// The element that starts each of amax's rows or columns writes its scale. Compiled by nvcc into
-// titan::cuda_kernels; other inputs (fp64 hp, an amax that varies along more than one dimension,
-// an overlapping or gapped hp, an empty one) take the ATen implementation.
+// titan/fused/float8_cast.hpp for the formula): one element-wise pass over hp's memory in any
+// dense layout. A weight's transpose too; 16-byte packs of hp in, a pack of float8 out (8 bytes
+// from bf16 or fp16, 4 from fp32); each thread computes its elements' scale from amax (once per
+// run of elements that share it) exactly as the ATen implementation does: fp64 division and
+// product, the fp32 product with hp, NaN propagating through the clamp, float8 rounding by c10's
+// conversion. The element that starts each of amax's rows or columns writes its scale and the
+// scale's inverse. Compiled by nvcc into titan::cuda_kernels; other inputs (fp64 hp, an amax that
+// varies along more than one dimension, an overlapping or gapped hp, an empty one) take the ATen
+// implementation.
 #include <titan/fused/cuda/grid.cuh>
 #include <titan/fused/cuda/inputs.cuh>
 #include <titan/fused/cuda/pack.cuh>
@@ -75,11 +76,12 @@ struct AmaxWalk {
   }
 };
 
-/// hp and data: n elements in the same dense layout; scale_out: one fp32 per amax entry.
+/// hp and data: n elements in the same dense layout; scale_out and inverse_out: one fp32 per amax
+/// entry.
 template <typename scalar_t, typename fp8_t, typename index_t, int kWidth>
 __global__ void float8_cast_kernel(const scalar_t* __restrict__ hp, fp8_t* __restrict__ data,
-                                   float* __restrict__ scale_out, index_t n, AmaxWalk<scalar_t, index_t> walk,
-                                   float float8_max, bool power_of_2) {
+                                   float* __restrict__ scale_out, float* __restrict__ inverse_out, index_t n,
+                                   AmaxWalk<scalar_t, index_t> walk, float float8_max, bool power_of_2) {
   index_t current = ~index_t{0};  // the amax index whose scale `scale` holds (none yet)
   float scale = 0.f;
   for (index_t i = first_element<index_t, kWidth>(); i < n; i += element_stride<index_t, kWidth>()) {
@@ -93,7 +95,10 @@ __global__ void float8_cast_kernel(const scalar_t* __restrict__ hp, fp8_t* __res
         current = a;
       }
       y.v[j] = saturate_to_float8<fp8_t>(static_cast<float>(x.v[j]), scale, float8_max);
-      if (along.mod == 0 && along.div == a) scale_out[a] = scale;  // the element that starts amax entry a
+      if (along.mod == 0 && along.div == a) {  // the element that starts amax entry a
+        scale_out[a] = scale;
+        inverse_out[a] = 1.f / scale;  // IEEE division, as ATen's reciprocal
+      }
     }
     store_byte_pack<kWidth>(data + i, y);
   }
@@ -112,8 +117,8 @@ inline int64_t amax_axis(const at::Tensor& amax) {
 }  // namespace detail
 
 /// titan::float8_cast on CUDA tensors.
-inline std::tuple<at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, const at::Tensor& amax,
-                                                      at::ScalarType dtype, bool power_of_2) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, const at::Tensor& amax,
+                                                                  at::ScalarType dtype, bool power_of_2) {
   const bool float8 = dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
   const bool amax_dtype = amax.scalar_type() == at::kFloat || amax.scalar_type() == hp.scalar_type();
   if (!detail::kernel_dtype(hp.scalar_type()) || !float8 || !amax_dtype || hp.numel() == 0 ||
@@ -129,6 +134,7 @@ inline std::tuple<at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, cons
   const int64_t amax_step = axis >= 0 ? amax.stride(axis) : 0;
   auto data = at::empty_strided(hp.sizes(), hp.strides(), hp.options().dtype(dtype));  // hp's layout
   auto scale = at::empty(amax.sizes(), amax.options().dtype(at::kFloat));            // amax's shape
+  auto inverse = at::empty_like(scale);
   const double max = titan::detail::float8_max(dtype);
   TITAN_DISPATCH_KERNEL_DTYPES(hp.scalar_type(), "titan::float8_cast", [&] {
     const bool packed = detail::packable<scalar_t>({hp.data_ptr(), data.data_ptr()}, {n});
@@ -143,8 +149,8 @@ inline std::tuple<at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, cons
           using fp8_t = std::remove_pointer_t<decltype(out)>;
           detail::launch(detail::float8_cast_kernel<scalar_t, fp8_t, index_t, width>,
                          detail::grid_stride_blocks(n / width), detail::kElementwiseThreads,
-                         hp.data_ptr<scalar_t>(), out, scale.data_ptr<float>(), static_cast<index_t>(n), walk,
-                         static_cast<float>(max), power_of_2);
+                         hp.data_ptr<scalar_t>(), out, scale.data_ptr<float>(), inverse.data_ptr<float>(),
+                         static_cast<index_t>(n), walk, static_cast<float>(max), power_of_2);
         };
         if (dtype == at::kFloat8_e4m3fn)
           launch(data.data_ptr<c10::Float8_e4m3fn>());
@@ -153,7 +159,7 @@ inline std::tuple<at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, cons
       });
     });
   });
-  return {data, scale};
+  return {data, scale, inverse};
 }
 
 }  // namespace titan::cuda
