@@ -4,8 +4,9 @@ A trace (bench_gpu_cost_trace for titan, trace_peers.py for the Python peers) ha
 per operator call below autograd. Each becomes zero or more kernels:
   - views, allocations and metadata operators: no kernel;
   - matmuls (mm, addmm, addmm_, bmm, baddbmm, _scaled_mm, _grouped_mm): 2·M·N·K FLOPs at the matmul
-    rate (bf16's; float8's _scaled_mm at fp8's, with the same efficiency) (the term addmm adds is read in the GEMM's epilogue; a grouped GEMM's M is the rows its
-    offsets cover, all groups together);
+    rate (bf16's; float8's _scaled_mm at fp8's, with the same efficiency; the term addmm adds is
+    read in the GEMM's epilogue; a grouped GEMM's M is the rows its offsets cover, all groups
+    together);
   - fused attention (cuDNN, flash, efficient): 4·B·H·Sq·Sk·D FLOPs forward (half when causal),
     2.5x that backward (five matmuls instead of two), at the attention rate;
   - one-rank NCCL collectives: a launch, and a copy when not in place;

@@ -93,7 +93,8 @@ run() {
   local name=$1 limit=$2
   shift 2
   ((limit <= ${GPU_KIT_STAGE_LIMIT:-$limit})) || limit=$GPU_KIT_STAGE_LIMIT
-  if ((deadline > 0 && limit > deadline - SECONDS)); then limit=$((deadline - SECONDS > 1 ? deadline - SECONDS : 1)); fi
+  local left=$((deadline - SECONDS > 1 ? deadline - SECONDS : 1))
+  ((deadline == 0 || limit <= left)) || limit=$left
   local vars=()
   while [[ $1 != -- ]]; do vars+=("$1"); shift; done
   shift
@@ -139,9 +140,7 @@ for stage in "${stages[@]}"; do
       side_by_side side_by_side 570 --timeout 240 ${SIDE_BY_SIDE_ARGS:-}
       ;;
     profile)
-      run profile 420 -- "$python" "$root/bench/side_by_side/run.py" --device cuda --build "$kit_build" \
-        --python "$python" --out "$out/profile" --impls titan,titan_fused \
-        --warmup 5 --steps 5 --timeout 200 \
+      side_by_side profile 420 --impls titan,titan_fused --warmup 5 --steps 5 --timeout 200 \
         --titan-set profiling.enable_profiling=true --titan-set profiling.profile_freq=8
       "$python" "$root/scripts/gpu/profile_report.py" "$out"/profile/titan*/profile_trace/iteration_8/rank0_trace.json \
         > "$out/profile/report.md" 2>&1 || failed=1
