@@ -42,7 +42,10 @@
 #include <titan/sharding.hpp>
 
 #include <ATen/ops/_scaled_mm.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/max.h>
 #include <torch/nn/modules/linear.h>
 
 #include <algorithm>
@@ -165,11 +168,19 @@ struct Float8Operand {
   bool axiswise() const { return scale.defined() && scale.dim() == 2; }
 };
 
+/// max |hp|: [] or, given `dim`, keepdim along it. On a GPU one reduction kernel (the inf norm:
+/// no |hp| tensor written and read back); on the CPU abs then max, which ATen vectorizes (its inf
+/// norm is several times slower there). The same values either way, NaN included.
+inline at::Tensor abs_max(const at::Tensor& hp, std::optional<int64_t> dim = std::nullopt) {
+  if (hp.is_cpu()) return dim ? at::amax(at::abs(hp), {*dim}, /*keepdim=*/true) : at::max(at::abs(hp));
+  return dim ? at::linalg_vector_norm(hp, INFINITY, std::vector<int64_t>{*dim}, /*keepdim=*/true)
+             : at::linalg_vector_norm(hp, INFINITY);
+}
+
 /// A weight shard's amax as float32 [] (0 for an empty shard: a rank may hold no rows).
 inline at::Tensor shard_amax(const at::Tensor& shard) {
   at::NoGradGuard no_grad;
-  return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat))
-                            : at::linalg_vector_norm(shard, INFINITY).to(at::kFloat);  // max |shard|, one kernel
+  return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat)) : abs_max(shard).to(at::kFloat);
 }
 
 /// `hp` cast per `cast`, the axiswise amax taken along `dim`; the amax is reduced (maximum) over
@@ -178,10 +189,8 @@ inline Float8Operand cast_operand(const at::Tensor& hp, const Float8Cast& cast, 
                                   const ProcessGroupPtr& group) {
   if (cast.scaling == Float8Cast::Scaling::Disabled) return {hp, at::Tensor()};
   at::NoGradGuard no_grad;
-  // max |hp| in one reduction kernel: [] (tensorwise) or keepdim along `dim` (axiswise)
-  at::Tensor amax = cast.scaling == Float8Cast::Scaling::Tensorwise
-                        ? at::linalg_vector_norm(hp, INFINITY)
-                        : at::linalg_vector_norm(hp, INFINITY, std::vector<int64_t>{dim}, /*keepdim=*/true);
+  // [] (tensorwise) or keepdim along `dim` (axiswise)
+  at::Tensor amax = abs_max(hp, cast.scaling == Float8Cast::Scaling::Tensorwise ? std::nullopt : std::optional(dim));
   if (group && group->size() > 1) amax = all_reduce_raw(amax.to(at::kFloat), *group, ReduceOp::Max);
   auto [data, scale, inverse] = float8_cast(hp, amax, cast.dtype, power_of_2);
   return {data, scale, inverse};
