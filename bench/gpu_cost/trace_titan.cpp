@@ -28,7 +28,7 @@
 //   - the fused AdamW kernel (no C++ meta kernel in LibTorch; nor have index_select and
 //     embedding_dense_backward, the embedding's, complex.out, RoPE's, and abs.out,
 //     logical_not.out and where.self, which gradient clipping and the skip flag reach, and
-//     _grouped_mm, the MoE experts', and _scaled_mm and max, float8's: all registered here).
+//     _grouped_mm, the MoE experts', and _scaled_mm, float8's: all registered here).
 #include "models/llama/model.hpp"
 #include "models/llama/parallelize.hpp"
 #include "common/config.hpp"
@@ -203,13 +203,6 @@ void grouped_mm_meta(const c10::OperatorHandle&, Stack* stack) {
   stack->emplace_back(at::empty(shape, a.options().dtype(dtype)));
 }
 
-/// max(self) -> [] (float8's tensorwise amax).
-void max_meta(const c10::OperatorHandle&, Stack* stack) {
-  const auto self = (*stack)[stack->size() - 1].toTensor();
-  torch::jit::drop(*stack, 1);
-  stack->emplace_back(at::empty({}, self.options()));
-}
-
 /// _scaled_mm(self [M, K], mat2 [K, N], scale_a, scale_b, bias, scale_result, out_dtype, fast_accum) -> [M, N]
 /// in out_dtype (self's when none).
 void scaled_mm_meta(const c10::OperatorHandle&, Stack* stack) {
@@ -240,7 +233,6 @@ TORCH_LIBRARY_IMPL(aten, Meta, m) {
   m.impl("complex.out", torch::CppFunction::makeFromBoxedFunction<&binary_out_meta>());
   m.impl("_grouped_mm", torch::CppFunction::makeFromBoxedFunction<&grouped_mm_meta>());
   m.impl("_scaled_mm", torch::CppFunction::makeFromBoxedFunction<&scaled_mm_meta>());
-  m.impl("max", torch::CppFunction::makeFromBoxedFunction<&max_meta>());
 }
 
 // ---- the recorder -----------------------------------------------------------------------------

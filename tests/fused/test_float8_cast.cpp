@@ -1,11 +1,10 @@
 // titan/fused/float8_cast.hpp: titan::float8_cast against a scalar C++ computation of the same
 // formula (titan_test::float8_cast_reference: no ATen kernel), bit for bit in data, scale and its
-// inverse: hp in
-// fp32, bf16, fp16 and fp64; e4m3fn and e5m2; scales as they are and rounded to powers of two; one
-// amax, one per row, one per column, in hp's dtype and in fp32; hp contiguous, a weight's
-// transpose and a column slice; saturation, a row of zeros and a NaN (NaN where the reference has
-// one, its sign aside: ATen's vectorized CPU kernels set it). Where titan's CUDA kernels run (the
-// GPU kit) the kernel is checked the same way. Then the errors.
+// inverse: hp in fp32, bf16, fp16 and fp64; e4m3fn and e5m2; scales as they are and rounded to
+// powers of two; one amax, one per row, one per column, in hp's dtype and in fp32; hp contiguous, a
+// weight's transpose and a column slice; saturation, a row of zeros and a NaN (NaN where the
+// reference has one, its sign aside: ATen's vectorized CPU kernels set it). Where titan's CUDA
+// kernels run (the GPU kit) the kernel is checked the same way. Then the errors.
 #include "fused_testing.hpp"
 
 #include <optional>
