@@ -11,8 +11,9 @@ Rows: titan (bench_gpu_cost_trace: the trainer's model, parallelize_llama, Fused
 fused operators as their ATen implementation, the default build), titan_kernels (the same step
 with each fused operator one CUDA kernel: a build with TITAN_CUDA_KERNELS), titan_fused (titan_kernels
 with model.fused_projections: wq|wk|wv and w1|w3 one GEMM each), titan_float8 (dense presets:
-titan_kernels with float8.enable, tensorwise, the output layer in bf16: the float8 matmuls at the fp8
-rate, each cast one titan::float8_cast kernel), and
+titan_fused with float8.enable, tensorwise, the output layer in bf16: the float8 matmuls at the fp8
+rate, each cast one titan::float8_cast kernel, q|k|v and gate|up each from one cast of their input),
+and
 the peers of bench/side_by_side (trace_peers.py): PyTorch FSDP2 eager, torchtitan 0.2.2 eager, and
 both with torch.compile (the eager traces with Inductor's fusion of memory-bound kernels applied).
 A mixture-of-experts preset (gpu_moe, small_moe) has one peer instead: torchtitan 0.2.2's Qwen3-MoE
@@ -78,11 +79,11 @@ MEASURED = {
                              torchtitan=8192e3 / 39283, torchtitan_compile=8192e3 / 46182)),
     },
 }
-# titan's CUDA kernels; and its fused projections; the kernels and float8 linear layers (dense
-# presets: the side-by-side benchmark's titan_float8 row, tensorwise). Each: bench_gpu_cost_trace's flags.
+# titan's CUDA kernels; and its fused projections; those and float8 linear layers (dense presets:
+# the side-by-side benchmark's titan_float8 row, tensorwise). Each: bench_gpu_cost_trace's flags.
 TITAN_VARIANTS = {"titan_kernels": ["--titan-kernels", "cuda"],
                   "titan_fused": ["--titan-kernels", "cuda", "--fused-projections", "1"],
-                  "titan_float8": ["--titan-kernels", "cuda", "--float8", "tensorwise"]}
+                  "titan_float8": ["--titan-kernels", "cuda", "--fused-projections", "1", "--float8", "tensorwise"]}
 
 
 def variants(shape):

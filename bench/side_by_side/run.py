@@ -11,8 +11,9 @@ FSDP (reshard after forward) and activation checkpointing, in this one run on th
   titan               examples/trainer/titan_train (the trainer a user copies) on the offline corpus
   titan_kernels       the same with training.fused_kernels = "cuda" (titan's CUDA kernels; cuda preset)
   titan_fused         titan_kernels with model.fused_projections = true (wq|wk|wv, w1|w3 one GEMM each)
-  titan_float8        titan_kernels with float8.enable = true (float8 linear layers, their casts by
-                      titan's float8_cast kernel; cuda preset): against titan_kernels, float8's gain
+  titan_float8        titan_fused with float8.enable = true (float8 linear layers, their casts by
+                      titan's float8_cast kernel, q|k|v and gate|up each from one cast of their
+                      input; cuda preset): against titan_fused, float8's gain
   fsdp2, fsdp2_compile, torchtitan, torchtitan_compile: bench/side_by_side/reference.py
   --model qwen3_moe: titan's qwen3_moe model (examples/configs/qwen3_moe_debug.toml: q/k norms,
         the expert-bias update) against torchtitan's own Qwen3-MoE at the same shape and EP
@@ -161,7 +162,8 @@ def run(cmd, env, log, timeout):
 # bf16).
 TITAN_ROWS = {"titan": {}, "titan_kernels": {"training.fused_kernels": "cuda"},
               "titan_fused": {"training.fused_kernels": "cuda", "model.fused_projections": "true"},
-              "titan_float8": {"training.fused_kernels": "cuda", "float8.enable": "true"}}
+              "titan_float8": {"training.fused_kernels": "cuda", "model.fused_projections": "true",
+                               "float8.enable": "true"}}
 
 
 def titan_row(a, impl, env, out):

@@ -414,8 +414,6 @@ void validate(const TrainConfig& config, const std::string& source) {
               config.moe.aux_loss_coef, " needs pipeline_parallel_degree = 1 (the auxiliary loss spans every layer's ",
               "tokens; with pipeline parallelism balance the experts with moe.load_balance_coeff)");
   const auto& f = config.float8;
-  TORCH_CHECK(!config.model.fused_projections || !f.enable, source, ": model.fused_projections = true and ",
-              "float8.enable = true do not combine: float8 gives each projection its own scaled GEMM; turn one off");
   TORCH_CHECK(!f.enable_fsdp_float8_all_gather || f.recipe_name == "tensorwise", source,
               ": float8.enable_fsdp_float8_all_gather = true needs float8.recipe_name = \"tensorwise\" (one scale per ",
               "weight), not \"", f.recipe_name, "\"");

@@ -47,7 +47,8 @@ namespace titan {
 
 /// Which operators' outputs selective per-operator checkpointing keeps from the first forward
 /// instead of recomputing. Names are as in operator schemas: "aten::mm" means every functional
-/// overload of aten::mm (not aten::mm.out), "aten::max.dim" means that overload only. Operators
+/// overload of aten::mm (not aten::mm.out), "aten::max.dim" means that overload only and
+/// "aten::max.default" the overload without a name (PyTorch's aten.max.default). Operators
 /// that LibTorch decomposes above autograd (CompositeImplicitAutograd, e.g. aten::linear and
 /// aten::matmul, which become aten::addmm / aten::mm / aten::bmm) never reach the policy and are
 /// rejected, as are unknown names and operators that mutate or alias their inputs. Operators in
@@ -56,12 +57,16 @@ namespace titan {
 /// recomputation).
 class OpSavePolicy {
  public:
-  /// torchtitan's list: matrix products and fused attention kernels (CPU and CUDA variants); no
-  /// bmm (the math attention path writes into its output through an alias).
+  /// torchtitan's list: matrix products, fused attention kernels (CPU and CUDA variants) and the
+  /// absolute maxima float8 scales come from (a scalar per cast: torchtitan keeps aten.max; titan's
+  /// float8 takes the inf norm on a GPU); no bmm (the math attention path writes into its output
+  /// through an alias).
   static std::vector<std::string> default_ops() {
     return {"aten::mm",
             "aten::addmm",
             "aten::_scaled_mm",
+            "aten::max.default",
+            "aten::linalg_vector_norm",
             "aten::_scaled_dot_product_flash_attention",
             "aten::_scaled_dot_product_flash_attention_for_cpu",
             "aten::_scaled_dot_product_efficient_attention",
@@ -83,7 +88,8 @@ class OpSavePolicy {
       const auto ns = entry.find("::");
       const auto dot = entry.find('.', ns == std::string::npos ? 0 : ns + 2);
       const std::string name = entry.substr(0, dot);
-      const std::string overload = dot == std::string::npos ? "" : entry.substr(dot + 1);
+      std::string overload = dot == std::string::npos ? "" : entry.substr(dot + 1);
+      if (overload == "default") overload = "";  // the overload without a name
       bool found = false, reaches = false;
       for (const auto& op_name : all) {
         if (op_name.name != name || (dot != std::string::npos && op_name.overload_name != overload)) continue;

@@ -53,6 +53,7 @@
 #include <functional>
 #include <initializer_list>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -161,9 +162,10 @@ struct Float8Operand {
   at::Tensor data;
   at::Tensor scale;    ///< float32; data ≈ value · scale
   at::Tensor inverse;  ///< 1 / scale, what _scaled_mm multiplies by
+  at::Tensor amax;     ///< the amax the scale came from (reduced over TP), when cast here
   Float8Operand t() const {
     const auto transposed = [&](const at::Tensor& s) { return s.defined() && s.dim() == 2 ? s.t() : s; };
-    return {data.t(), transposed(scale), transposed(inverse)};
+    return {data.t(), transposed(scale), transposed(inverse), transposed(amax)};
   }
   bool axiswise() const { return scale.defined() && scale.dim() == 2; }
 };
@@ -184,19 +186,51 @@ inline at::Tensor shard_amax(const at::Tensor& shard) {
 }
 
 /// `hp` cast per `cast`, the axiswise amax taken along `dim`; the amax is reduced (maximum) over
-/// `group` when given (the operand is split over it along the amax's dimension).
+/// `group` when given (the operand is split over it along the amax's dimension). A given `amax`
+/// (one this function returned for the same tensor and cast) is used as it is.
 inline Float8Operand cast_operand(const at::Tensor& hp, const Float8Cast& cast, int64_t dim, bool power_of_2,
-                                  const ProcessGroupPtr& group) {
+                                  const ProcessGroupPtr& group, at::Tensor amax = {}) {
   if (cast.scaling == Float8Cast::Scaling::Disabled) return {hp, at::Tensor()};
   at::NoGradGuard no_grad;
-  // [] (tensorwise) or keepdim along `dim` (axiswise)
-  at::Tensor amax = abs_max(hp, cast.scaling == Float8Cast::Scaling::Tensorwise ? std::nullopt : std::optional(dim));
-  if (group && group->size() > 1) amax = all_reduce_raw(amax.to(at::kFloat), *group, ReduceOp::Max);
+  if (!amax.defined()) {
+    // [] (tensorwise) or keepdim along `dim` (axiswise)
+    amax = abs_max(hp, cast.scaling == Float8Cast::Scaling::Tensorwise ? std::nullopt : std::optional(dim));
+    if (group && group->size() > 1) amax = all_reduce_raw(amax.to(at::kFloat), *group, ReduceOp::Max);
+  }
   auto [data, scale, inverse] = float8_cast(hp, amax, cast.dtype, power_of_2);
-  return {data, scale, inverse};
+  return {data, scale, inverse, amax};
+}
+
+/// Whether two casts of the same tensor give the same float8 values: both tensorwise to one dtype
+/// (one amax over the whole tensor, reduced over the same TP group whichever dimension is split).
+inline bool same_cast(const Float8Cast& a, const Float8Cast& b) {
+  return a.scaling == Float8Cast::Scaling::Tensorwise && b.scaling == Float8Cast::Scaling::Tensorwise &&
+         a.dtype == b.dtype;
 }
 
 inline bool is_row_major(const at::Tensor& t) { return t.stride(0) > t.stride(1) && t.stride(1) == 1; }
+
+/// A linear layer's input x [M, K] cast for its forward matmul, shared by the layers reading the
+/// same x (titan::call_fused: q, k and v; gate and up) and, where the grad-weight matmul casts x
+/// the same way (tensorwise), kept for their backward instead of x: no second amax and cast, one
+/// byte per element held instead of x's two or four.
+class Float8Input {
+ public:
+  explicit Float8Input(Float8Operand cast) : cast_(std::move(cast)) {}
+  /// The forward's operand (data [M, K] row-major).
+  const Float8Operand& forward() const { return cast_; }
+  /// The same values column-major, as dW = dyᵀ · x takes x: copied once, by the first backward
+  /// that asks (the row-major data is not needed after the forward).
+  Float8Operand for_grad_weight() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (is_row_major(cast_.data)) cast_.data = cast_.data.t().contiguous().t();  // [M, K], strides [1, M]
+    return cast_;
+  }
+
+ private:
+  Float8Operand cast_;
+  std::mutex mutex_;
+};
 
 /// a · b (a [M, K], b [K, N]) in `out_dtype`, as torchao's float8 mm: _scaled_mm with the inverse
 /// scales (a row-major, b column-major; a tensorwise scale repeated when the other is axiswise;
@@ -261,57 +295,75 @@ struct Float8LinearSpec {
   Float8TensorParallel tp;
 };
 
-/// y = x Wᵀ ([..., K] · [N, K]ᵀ → [..., N], x's dtype), differentiable in x and `weight`. With
-/// `weight_fp8` (a tensorwise float8 W [N, K] gathered by FSDP) the weight's values are not read:
-/// it only receives the gradient.
-inline at::Tensor float8_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<Float8Operand>& weight_fp8,
-                                const Float8LinearSpec& spec) {
+/// The group the amax of a converted layer's input x [tokens, K] is reduced over (nullptr: none).
+inline ProcessGroupPtr input_group(const Float8LinearSpec& spec) {
   using Split = Float8TensorParallel::Split;
-  constexpr Split tokens = Split::None, out = Split::OutFeatures, in = Split::InFeatures;  // operand dims
+  return spec.tp.reduce_group(spec.casts.input, {Split::None, Split::InFeatures}, Split::InFeatures);
+}
+
+/// x [..., K] cast for a converted layer's forward matmul.
+inline std::shared_ptr<Float8Input> cast_input(const at::Tensor& x, const Float8LinearSpec& spec) {
+  auto x2 = x.reshape({-1, x.size(-1)});  // [M, K]
+  return std::make_shared<Float8Input>(
+      cast_operand(x2, spec.casts.input, -1, spec.casts.round_scales_to_power_of_2, input_group(spec)));
+}
+
+/// y = x Wᵀ ([..., K] · [N, K]ᵀ → [..., N], x's dtype), differentiable in x and `weight`. `x_cast`:
+/// x already cast by cast_input (shared with other layers reading x), or nullptr. With
+/// `weight_fp8` (a tensorwise float8 W [N, K] gathered by FSDP) the weight's values are not read:
+/// it only receives the gradient. Where the backward casts x or W as the forward did (tensorwise),
+/// it reuses the forward's cast of x and W's amax.
+inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input> x_cast, const at::Tensor& weight,
+                                const std::optional<Float8Operand>& weight_fp8, const Float8LinearSpec& spec) {
+  using Split = Float8TensorParallel::Split;
+  constexpr Split out = Split::OutFeatures, in = Split::InFeatures;  // operand dims
   const auto& c = spec.casts;
   const bool pow2 = c.round_scales_to_power_of_2;
   const int64_t K = x.size(-1);
   const int64_t N = weight.size(0);
-  at::Tensor y;  // [..., N]
+  const bool keeps_x = same_cast(c.input, c.input_for_grad_weight);
+  const bool keeps_weight_amax = !weight_fp8 && same_cast(c.weight, c.weight_for_grad_input);
+  at::Tensor y;            // [..., N]
+  at::Tensor weight_amax;  // W's amax, for the backward's cast of W (keeps_weight_amax)
   {
     at::NoGradGuard no_grad;
-    auto x2 = x.reshape({-1, K});  // [M, K]
-    auto a = cast_operand(x2, c.input, -1, pow2, spec.tp.reduce_group(c.input, {tokens, in}, in));
+    if (!x_cast) x_cast = cast_input(x, spec);
     auto b = weight_fp8 ? weight_fp8->t()  // [K, N]
                         : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, {out, in}, in));
+    if (keeps_weight_amax) weight_amax = b.amax;
     auto out_sizes = x.sizes().vec();
     out_sizes.back() = N;
-    y = float8_mm(a, b, x.scalar_type(), /*fast_accum=*/true, spec.emulate).view(out_sizes);
+    y = float8_mm(x_cast->forward(), b, x.scalar_type(), /*fast_accum=*/true, spec.emulate).view(out_sizes);
   }
   torch::autograd::variable_list outputs{y};
-  // By value: the closure outlives this call (it runs in backward).
+  // By value: the closure outlives this call (it runs in backward). It holds x's cast or x.
   detail::connect_backward(
       {x, weight}, outputs, "titan::Float8LinearBackward",
-      [x = x.detach(), weight = weight.detach(), weight_fp8, spec, K, N](torch::autograd::variable_list&& grads) {
+      [x = keeps_x ? at::Tensor() : x.detach(), x_cast = keeps_x ? std::move(x_cast) : nullptr,
+       x_sizes = x.sizes().vec(), weight = weight.detach(), weight_fp8, weight_amax, spec, K,
+       N](torch::autograd::variable_list&& grads) {
         using Split = Float8TensorParallel::Split;
         constexpr Split tokens = Split::None, out = Split::OutFeatures, in = Split::InFeatures;
         const auto& c = spec.casts;
         const bool pow2 = c.round_scales_to_power_of_2;
         at::NoGradGuard no_grad;
         auto dy = grads[0].reshape({-1, N});  // [M, N]
-        auto x2 = x.reshape({-1, K});         // [M, K]
         // dx = dy · W: dy rowwise along N, W (as Wᵀ [K, N]) along N.
         auto dy_n = cast_operand(dy, c.grad_output, -1, pow2, spec.tp.reduce_group(c.grad_output, {tokens, out}, out));
         auto w_n = weight_fp8 ? weight_fp8->t()
                               : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
-                                             spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out));
-        auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x.sizes());  // [..., K]
+                                             spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out), weight_amax);
+        auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x_sizes);  // [..., K]
         // dW = dyᵀ · x: both along M (the tokens, never split by TP). A tensorwise cast of dy is
         // the same whichever dimension: dx's is reused (tensorwise: the same amax and group).
-        const bool same_dy_cast = c.grad_output_for_grad_weight.scaling == Float8Cast::Scaling::Tensorwise &&
-                                  c.grad_output.scaling == Float8Cast::Scaling::Tensorwise &&
-                                  c.grad_output_for_grad_weight.dtype == c.grad_output.dtype;
+        const bool same_dy_cast = same_cast(c.grad_output, c.grad_output_for_grad_weight);
         auto dy_m = same_dy_cast
                         ? dy_n
                         : cast_operand(dy, c.grad_output_for_grad_weight, 0, pow2,
                                        spec.tp.reduce_group(c.grad_output_for_grad_weight, {tokens, out}, tokens));
-        auto x_m = cast_operand(x2, c.input_for_grad_weight, 0, pow2,
-                                spec.tp.reduce_group(c.input_for_grad_weight, {tokens, in}, tokens));
+        auto x_m = x_cast ? x_cast->for_grad_weight()  // [M, K]
+                          : cast_operand(x.reshape({-1, K}), c.input_for_grad_weight, 0, pow2,
+                                         spec.tp.reduce_group(c.input_for_grad_weight, {tokens, in}, tokens));
         auto dw = float8_mm(dy_m.t(), x_m, dy.scalar_type(), false, spec.emulate);  // [N, K]
         return torch::autograd::variable_list{dx, dw.to(weight.scalar_type())};
       });
@@ -381,33 +433,35 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
   }
 
   at::Tensor forward(torch::nn::Module& module, const TensorList& inputs, const ForwardFn& next) override {
-    TORCH_CHECK(inputs.size() == 1, "titan float8: linear layer '", module.name(), "' was called with ",
-                inputs.size(), " tensors; a converted layer takes one input x [..., in_features]");
+    check_inputs(module, inputs);
+    return run(module, inputs[0], nullptr);
+  }
+
+  /// Converted layers of the same recipe fuse (titan::call_fused): they read the same x.
+  bool fuses_with(const ModuleHook& other) const override {
+    const auto* o = dynamic_cast<const Float8LinearHook*>(&other);
+    return o != nullptr && o->options_.recipe() == options_.recipe() && o->options_.emulate() == options_.emulate();
+  }
+
+  /// The converted layers `modules` on their shared input: x cast once (for every layer whose
+  /// amax of x is reduced over the same group as the first's), each layer's own float8 weight and
+  /// matmul, as when each is called alone (the same values).
+  TensorList forward_fused(const std::vector<torch::nn::Module*>& modules, const TensorList& inputs) override {
+    std::vector<std::shared_ptr<Float8LinearHook>> hooks;
+    for (auto* module : modules) {
+      auto hook = find_hook<Float8LinearHook>(*module);
+      TORCH_CHECK(hook, "titan float8: module '", module->name(), "' is fused with converted linear layers but was ",
+                  "not converted itself; convert all of them (or none) to float8");
+      hook->check_inputs(*module, inputs);
+      hooks.push_back(std::move(hook));
+    }
     const auto& x = inputs[0];
-    TORCH_CHECK(x.size(-1) == weight_.size(1), "titan float8: linear layer '", module.name(), "' got an input of ",
-                x.sizes(), " but its weight is ", weight_.sizes(), " (expected the last dimension ", weight_.size(1), ")");
-    TORCH_CHECK(x.is_floating_point() && !c10::isFloat8Type(x.scalar_type()), "titan float8: linear layer '",
-                module.name(), "' got a ", x.scalar_type(), " input; expected float32, bfloat16 or float16");
-    if (!tp_known_) {
-      spec_.tp = tensor_parallel();
-      tp_known_ = true;
-      spec_.emulate = options_.emulate() || (x.device().is_cpu() && options_.recipe() != Float8Recipe::Tensorwise);
-    }
-    if (!spec_.emulate && x.device().is_cuda()) {
-      const int64_t k = x.size(-1), n = weight_.size(0);
-      TORCH_CHECK(k % 16 == 0 && n % 16 == 0, "titan float8: linear layer '", module.name(), "' multiplies [..., ", k,
-                  "] by [", n, ", ", k, "] (local shapes); CUDA's _scaled_mm needs both dimensions divisible by 16: ",
-                  "leave the layer in high precision (Float8Options::filter_fqns) or change the tensor-parallel degree");
-    }
-    std::optional<detail::Float8Operand> gathered;
-    if (gather_) {
-      gathered = gather_->gathered();
-      TORCH_CHECK(gathered, "titan float8: linear layer '", module.name(), "' gathers its weight in float8 under ",
-                  "fully_shard, but no float8 weight is gathered: call the layer's fully_shard unit through titan::call");
-    }
-    auto y = detail::float8_linear(x, weight_, gathered, spec_);
-    ran_ = true;
-    return bias_.defined() ? y + bias_.to(y.scalar_type()) : y;
+    auto shared = detail::cast_input(x, hooks.front()->spec_);
+    const auto group = detail::input_group(hooks.front()->spec_);
+    TensorList outputs;
+    for (size_t i = 0; i < modules.size(); ++i)
+      outputs.push_back(hooks[i]->run(*modules[i], x, detail::input_group(hooks[i]->spec_) == group ? shared : nullptr));
+    return outputs;
   }
 
   /// Every converted layer of `root` has run in float8: a layer that never did (it, or the root,
@@ -430,6 +484,41 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
   const Float8Options& options() const { return options_; }
 
  private:
+  /// Checks the layer's input and learns, on the first call, its tensor-parallel split.
+  void check_inputs(torch::nn::Module& module, const TensorList& inputs) {
+    TORCH_CHECK(inputs.size() == 1, "titan float8: linear layer '", module.name(), "' was called with ",
+                inputs.size(), " tensors; a converted layer takes one input x [..., in_features]");
+    const auto& x = inputs[0];
+    TORCH_CHECK(x.size(-1) == weight_.size(1), "titan float8: linear layer '", module.name(), "' got an input of ",
+                x.sizes(), " but its weight is ", weight_.sizes(), " (expected the last dimension ", weight_.size(1), ")");
+    TORCH_CHECK(x.is_floating_point() && !c10::isFloat8Type(x.scalar_type()), "titan float8: linear layer '",
+                module.name(), "' got a ", x.scalar_type(), " input; expected float32, bfloat16 or float16");
+    if (!tp_known_) {
+      spec_.tp = tensor_parallel();
+      tp_known_ = true;
+      spec_.emulate = options_.emulate() || (x.device().is_cpu() && options_.recipe() != Float8Recipe::Tensorwise);
+    }
+    if (!spec_.emulate && x.device().is_cuda()) {
+      const int64_t k = x.size(-1), n = weight_.size(0);
+      TORCH_CHECK(k % 16 == 0 && n % 16 == 0, "titan float8: linear layer '", module.name(), "' multiplies [..., ", k,
+                  "] by [", n, ", ", k, "] (local shapes); CUDA's _scaled_mm needs both dimensions divisible by 16: ",
+                  "leave the layer in high precision (Float8Options::filter_fqns) or change the tensor-parallel degree");
+    }
+  }
+
+  /// The layer's output for x (checked), from `x_cast` when given.
+  at::Tensor run(torch::nn::Module& module, const at::Tensor& x, std::shared_ptr<detail::Float8Input> x_cast) {
+    std::optional<detail::Float8Operand> gathered;
+    if (gather_) {
+      gathered = gather_->gathered();
+      TORCH_CHECK(gathered, "titan float8: linear layer '", module.name(), "' gathers its weight in float8 under ",
+                  "fully_shard, but no float8 weight is gathered: call the layer's fully_shard unit through titan::call");
+    }
+    auto y = detail::float8_linear(x, std::move(x_cast), weight_, gathered, spec_);
+    ran_ = true;
+    return bias_.defined() ? y + bias_.to(y.scalar_type()) : y;
+  }
+
   /// The weight's tensor-parallel split, from the layouts of the TP hooks on the module.
   detail::Float8TensorParallel tensor_parallel() const {
     detail::Float8TensorParallel tp;

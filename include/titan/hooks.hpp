@@ -84,6 +84,13 @@ class ModuleHook {
   /// what the forward returned, unchanged (call_fused checks that), and it keeps no `next` past the
   /// call. Tensor-parallel colwise with a local output does; by default a hook does not fuse.
   virtual bool fuses_with(const ModuleHook& /*other*/) const { return false; }
+  /// A conversion hook (HookKind::Conversion: it replaces the module's forward) that fuses: the
+  /// outputs of `modules` (each with a hook of this kind at the same position, fusing with this
+  /// one) from their shared `inputs`, computed in place of call_fused's fused forward.
+  virtual TensorList forward_fused(const std::vector<torch::nn::Module*>& modules, const TensorList& /*inputs*/) {
+    TORCH_CHECK(false, "titan::call_fused: '", name(), "' replaces the forward of ", modules.size(), " fused ",
+                "modules but cannot compute them at once; call the modules one by one with titan::call");
+  }
   /// Checks a requirement this kind of hook has of the whole model `root` it is part of, throwing
   /// an error that names what is wrong (e.g. FSDP: every trainable parameter belongs to a unit).
   /// titan::verify_calls runs it once per hook type.
@@ -417,6 +424,8 @@ auto call(M&& module, Args&&... args) {
 /// (ModuleHook::fuses_with, e.g. the tensor-parallel colwise projections q, k, v): the first
 /// module's hooks then run once around fused_forward and every module counts as called
 /// (titan::call's check). Otherwise the error names the module and the hook that does not fuse.
+/// When the innermost hooks convert the modules (float8 linear layers), the first one's
+/// ModuleHook::forward_fused computes the outputs instead of fused_forward.
 inline TensorList call_fused(const std::vector<torch::nn::Module*>& modules, const TensorList& inputs,
                              const OutputsForwardFn& fused_forward) {
   TORCH_CHECK(!modules.empty(), "titan::call_fused: no modules given");
@@ -452,13 +461,15 @@ inline TensorList call_fused(const std::vector<torch::nn::Module*>& modules, con
     } else {
       // The first module's hooks around the fused forward; each hands on the first output as it got it.
       torch::nn::Module* self = modules.front();
-      ForwardFn run = [&outputs, &fused_forward](const TensorList& tensors) {
-        outputs = fused_forward(tensors);
-        TORCH_CHECK(!outputs.empty(), "titan::call_fused: the fused forward returned no tensors");
+      const bool converted = hooks.front()->kind() == HookKind::Conversion;
+      ForwardFn run = [&](const TensorList& tensors) {
+        outputs = converted ? hooks.front()->forward_fused(modules, tensors) : fused_forward(tensors);
+        TORCH_CHECK(outputs.size() == modules.size(), "titan::call_fused: the fused forward returned ",
+                    outputs.size(), " tensors for ", modules.size(), " modules");
         return outputs.front();
       };
-      for (const auto& hook : hooks) {
-        run = [self, hook, &outputs, inner = std::move(run)](const TensorList& tensors) {
+      for (size_t h = converted ? 1 : 0; h < hooks.size(); ++h) {
+        run = [self, hook = hooks[h], &outputs, inner = std::move(run)](const TensorList& tensors) {
           auto out = hook->forward(*self, tensors, inner);
           TORCH_CHECK(out.is_same(outputs.front()), "titan::call_fused: '", hook->name(), "' attached to module 0 (",
                       self->name(), ") changed the fused forward's output, which its fuses_with promised not to do");

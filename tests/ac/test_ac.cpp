@@ -428,6 +428,14 @@ TEST_CASE("activation checkpointing options and policies reject bad values, nami
   CHECK_FALSE(policy.saves(op("aten::max", "")));
   CHECK_FALSE(policy.saves(op("aten::addmm", "")));
   CHECK(titan::OpSavePolicy().ops() == titan::OpSavePolicy::default_ops());
+  // ".default" names the overload without a name; the default list keeps float8's amaxes.
+  titan::OpSavePolicy unnamed({"aten::max.default"});
+  CHECK(unnamed.saves(op("aten::max", "")));
+  CHECK_FALSE(unnamed.saves(op("aten::max", "dim")));
+  const titan::OpSavePolicy defaults;
+  CHECK(defaults.saves(op("aten::max", "")));
+  CHECK_FALSE(defaults.saves(op("aten::max", "other")));  // elementwise: not a scale's amax
+  CHECK(defaults.saves(op("aten::linalg_vector_norm", "")));
 }
 
 TEST_CASE("activation checkpointing under FSDP: same losses and sharded gradients, no extra all-gather") {

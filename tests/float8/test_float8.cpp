@@ -4,6 +4,7 @@
 // parallel and activation checkpointing against the plain float8 layer, and the errors. The
 // groups are the world (titan.ranks1/2/4).
 #include "../support/multirank.hpp"
+#include "../support/op_events.hpp"
 
 #include <titan/ac.hpp>
 #include <titan/float8.hpp>
@@ -11,6 +12,8 @@
 #include <titan/tensor_parallel.hpp>
 
 #include <cstdlib>
+#include <stdexcept>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -241,6 +244,90 @@ TEST_CASE("float8: activation checkpointing recomputes the float8 layers exactly
   auto a = train(plain, 3);
   check_same_run(train(checkpointed, 3), a, 0.0, "full AC");
   check_same_run(train(per_op, 3), a, 0.0, "per-operator AC");
+}
+
+namespace {
+
+/// Three linear layers reading one input (q, k, v), called one by one or through titan::call_fused.
+struct ProjectionsImpl : torch::nn::Module {
+  explicit ProjectionsImpl(bool fused) : fused(fused) {
+    a = register_module("a", torch::nn::Linear(torch::nn::LinearOptions(64, 48).bias(false)));
+    b = register_module("b", torch::nn::Linear(torch::nn::LinearOptions(64, 32).bias(true)));
+    c = register_module("c", torch::nn::Linear(torch::nn::LinearOptions(64, 32).bias(false)));
+  }
+  Tensor forward(const Tensor& x) {  // x: [B, S, 64] -> [B, S, 112]
+    if (!fused) return torch::cat({titan::call(a, x), titan::call(b, x), titan::call(c, x)}, -1);
+    auto parts = titan::call_fused({a.get(), b.get(), c.get()}, {x}, [](const titan::TensorList&) -> titan::TensorList {
+      throw std::logic_error("the float8 hooks compute fused layers themselves");
+    });
+    return torch::cat(parts, -1);
+  }
+  bool fused;
+  torch::nn::Linear a{nullptr}, b{nullptr}, c{nullptr};
+};
+TORCH_MODULE(Projections);
+
+/// How many float8 casts and amaxes (the reductions their scales come from) `events` hold.
+std::pair<int, int> casts_and_amaxes(const std::vector<titan_test::OpEvents::Event>& events) {
+  int casts = 0, amaxes = 0;
+  for (const auto& e : events) {
+    casts += e.name == "titan::float8_cast";
+    const bool amax = e.name == "aten::max" || e.name == "aten::amax" || e.name == "aten::linalg_vector_norm";
+    amaxes += amax && e.parent != "aten::max" && e.parent != "aten::amax" && e.parent != "aten::linalg_vector_norm";
+  }
+  return {casts, amaxes};
+}
+
+}  // namespace
+
+TEST_CASE("float8: layers fused by titan::call_fused cast their shared input once and equal the layers one by one") {
+  if (world()->world_size() > 1) return;  // single-process: run once, in titan.ranks1
+  for (auto recipe : {Float8Recipe::Tensorwise, Float8Recipe::Rowwise, Float8Recipe::RowwiseWithGwHp}) {
+    CAPTURE(titan::float8_recipe_name(recipe));
+    struct Pass {
+      Tensor y, dx;
+      std::vector<Tensor> grads;
+      std::pair<int, int> forward, backward;  // (casts, amaxes)
+    };
+    auto run = [&](bool fused) {
+      torch::manual_seed(21);
+      Projections model(fused);
+      model->to(device());
+      titan::convert_to_float8_training(model, Float8Options().recipe(recipe));
+      auto x = (torch::randn({2, 8, 64}) * 3).to(device()).requires_grad_(true);  // [B, S, 64]
+      auto dy = torch::randn({2, 8, 112}).to(device());
+      Pass pass;
+      {
+        titan_test::OpEvents events;
+        pass.y = titan::call(model, x);
+        pass.forward = casts_and_amaxes(events.events());
+      }
+      {
+        titan_test::OpEvents events;
+        pass.y.backward(dy);
+        pass.backward = casts_and_amaxes(events.events());
+      }
+      pass.dx = x.grad();
+      for (const auto& p : model->parameters()) pass.grads.push_back(p.grad());
+      CHECK_NOTHROW(titan::verify_calls(model));  // every converted layer ran in float8
+      return pass;
+    };
+    const Pass plain = run(false), fused = run(true);
+    CHECK(same_values(fused.y, plain.y));
+    CHECK(same_values(fused.dx, plain.dx));
+    REQUIRE(fused.grads.size() == plain.grads.size());
+    for (size_t i = 0; i < plain.grads.size(); ++i) CHECK(same_values(fused.grads[i], plain.grads[i]));
+    // Forward: x once instead of three times, each weight once.
+    CHECK(plain.forward == std::make_pair(6, 6));
+    CHECK(fused.forward == std::make_pair(4, 4));
+    CHECK(fused.backward == plain.backward);
+    // Tensorwise, the backward reuses the forward's cast of x and W's amax: it casts dy and W, and
+    // reduces dy only (rowwise: dy and W along N, dy and x along M; with gw_hp, dy and W only).
+    const int layers = 3;
+    if (recipe == Float8Recipe::Tensorwise) CHECK(plain.backward == std::make_pair(2 * layers, layers));
+    if (recipe == Float8Recipe::Rowwise) CHECK(plain.backward == std::make_pair(4 * layers, 4 * layers));
+    if (recipe == Float8Recipe::RowwiseWithGwHp) CHECK(plain.backward == std::make_pair(2 * layers, 2 * layers));
+  }
 }
 
 TEST_CASE("float8: fully_shard with float8 all-gather equals float8 without FSDP, and halves bf16's bytes") {

@@ -325,6 +325,19 @@ struct FusableScale : titan::ModuleHook {
   int calls = 0;
 };
 
+/// A conversion hook (it replaces the module's forward) that fuses but cannot compute several
+/// modules at once: ModuleHook::forward_fused's default.
+struct FusableConversion : titan::ModuleHook {
+  std::string name() const override { return "fusable conversion"; }
+  titan::HookKind kind() const override { return titan::HookKind::Conversion; }
+  at::Tensor forward(torch::nn::Module&, const titan::TensorList& inputs, const titan::ForwardFn&) override {
+    return inputs[0];
+  }
+  bool fuses_with(const titan::ModuleHook& other) const override {
+    return dynamic_cast<const FusableConversion*>(&other) != nullptr;
+  }
+};
+
 /// parent(x) = [a(x) | b(x)], computed by one fused forward through titan::call_fused.
 struct FusedPairImpl : torch::nn::Module {
   FusedPairImpl() {
@@ -392,4 +405,8 @@ TEST_CASE("titan::call_fused: hooks that do not fuse, uneven hooks and a changed
       titan::call(attach(std::make_shared<FusableScale>(2.0, true), std::make_shared<FusableScale>(2.0, true)), x),
       doctest::Contains("'fusable scale' attached to module 0 (torch::nn::LinearImpl) changed the fused forward's "
                         "output, which its fuses_with promised not to do"));
+  // A conversion innermost computes the fused modules itself (float8 linear layers), or says it cannot.
+  CHECK_THROWS_WITH(titan::call(attach(std::make_shared<FusableConversion>(), std::make_shared<FusableConversion>()), x),
+                    doctest::Contains("'fusable conversion' replaces the forward of 2 fused modules but cannot "
+                                      "compute them at once; call the modules one by one with titan::call"));
 }

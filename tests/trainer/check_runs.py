@@ -49,8 +49,9 @@ Each scenario launches `titan_launch --nproc N -- <trainer> --config ...` with s
               ring on 2 ranks gives the 2-rank FSDP run's losses and weights
   float8      float8 linear layers (tensorwise; emulated where this CPU's _scaled_mm is oneDNN's
               reference kernel, seconds per GEMM) with and without float8 FSDP all-gather (and
-              precomputed scales) on 2 ranks: bitwise the same losses and weights; FSDP 2 x TP 2 in
-              float8 within FLOAT8_TP_TOL of FSDP 2; 50 steps of bf16 compute with float8 tensorwise
+              precomputed scales), and with fused projections, on 2 ranks: bitwise the same losses
+              and weights; FSDP 2 x TP 2 (fused projections) in float8 within FLOAT8_TP_TOL of
+              FSDP 2; 50 steps of bf16 compute with float8 tensorwise
               and rowwise: every loss within FLOAT8_TRACK_TOL of the bf16 run's
   no_labels   Alpaca rows of 16 tokens hold only prompt: every step is skipped with a warning,
               and the run still ends with its checkpoint and export
@@ -498,10 +499,15 @@ def main():
                 "float8: the 28 block linear layers are converted, the output projection is not")
         r.run("float8_gather", args.trainer, 2, llama, [*f8, *gather])
         compare_bitwise("float8_gather", "float8_plain", "float8 FSDP all-gather")
-        # FSDP 2 x TP 2: amaxes reduced over the TP group, so the same scales as FSDP 2.
+        # Fused projections: wq, wk, wv (w1, w3) multiply one cast of x, each by its own float8
+        # weight: the plain float8 run's values.
+        r.run("float8_fused", args.trainer, 2, llama, [*f8, "--model.fused_projections", "true"])
+        compare_bitwise("float8_fused", "float8_plain", "float8 with fused projections")
+        # FSDP 2 x TP 2 (and the fused projections, colwise): amaxes reduced over the TP group, so
+        # the same scales as FSDP 2.
         r.run("float8_tp", args.trainer, 4, llama,
               [*f8, *gather, "--parallelism.tensor_parallel_degree", "2", "--parallelism.enable_sequence_parallel",
-               "true", "--training.batch_size", "1"])
+               "true", "--training.batch_size", "1", "--model.fused_projections", "true"])
         tp_run, _ = metrics(work("float8_tp"))
         gathered, _ = metrics(work("float8_gather"))
         diff = max(abs(tp_run[s]["loss"] - gathered[s]["loss"]) for s in range(1, 21))

@@ -246,15 +246,6 @@ TEST_CASE("config: block-causal attention combines with every parallelism; an un
   CHECK_ERROR_HAS(validate(c), "model.attn_mask_type", "causal, block_causal");
 }
 
-TEST_CASE("config: model.fused_projections with float8 is an error naming both keys") {
-  TrainConfig c;
-  apply_override(c, "model.fused_projections", "true", "command line");
-  validate(c);
-  c.float8.enable = true;
-  CHECK_ERROR_HAS(validate(c), "model.fused_projections = true and float8.enable = true do not combine",
-                  "turn one off");
-}
-
 TEST_CASE("config: float8 options that do not go together are errors naming both keys") {
   TrainConfig c;
   c.float8.enable = true;
