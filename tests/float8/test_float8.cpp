@@ -2,7 +2,9 @@
 // three gradients of each recipe, bitwise), float8 all-gather under fully_shard against float8
 // without FSDP (bitwise, with and without precomputed scales; the gathered bytes counted), tensor
 // parallel and activation checkpointing against the plain float8 layer, and the errors. The
-// groups are the world (titan.ranks1/2/4).
+// groups are the world (titan.ranks1/2/4). On CUDA in a build with titan's kernels (the GPU kit),
+// the casts run titan::float8_cast's kernel from the first case on.
+#include "../fused/fused_testing.hpp"
 #include "../support/multirank.hpp"
 #include "../support/op_events.hpp"
 
@@ -98,6 +100,7 @@ std::string reference_path() {
 }  // namespace
 
 TEST_CASE("float8: each recipe's output and gradients equal torchao's float8 linear bitwise") {
+  titan_test::fused_kernels_registered();  // the CUDA cases below: titan's cast kernel against torchao
   titan::safetensors::File reference(reference_path());
   for (auto recipe : {Float8Recipe::Tensorwise, Float8Recipe::Rowwise, Float8Recipe::RowwiseWithGwHp}) {
     for (auto [dtype_name, dtype] : {std::pair{"float32", torch::kFloat32}, std::pair{"bfloat16", torch::kBFloat16}}) {
