@@ -14,10 +14,10 @@
    on one GPU): every step's loss within 1e-4 of the 1-rank run of check 1.
 5. fp32 context parallel 2 (ring attention) on 2 ranks sharing the GPU over Gloo: every step's
    loss within 1e-4 of the 1-rank run of check 1.
-6. float8 on Llama 3 1B (seq 2048, bf16 compute, the same batches, titan's CUDA kernels): tensorwise
-   with float8 FSDP all-gather and precomputed scales, and rowwise, against bf16 without float8:
-   every loss within 0.1 of the bf16 run's, and tokens/s of each (the float8 row of
-   docs/performance.md).
+6. float8 on Llama 3 1B (seq 2048, bf16 compute, the same batches, titan's CUDA kernels and fused
+   projections): tensorwise with float8 FSDP all-gather and precomputed scales, and rowwise,
+   against bf16 without float8: every loss within 0.1 of the bf16 run's, and tokens/s of each
+   (the float8 row of docs/performance.md).
 7. fp32 mixture of experts (the Qwen3-MoE debug model, expert bias): expert parallel 2, TP 2
    (sequence parallel) x EP 2 over the tp ranks, and TP 2 with each expert split over tp (ETP 2),
    on 2 ranks sharing the GPU over Gloo: every step's loss within 1e-4 of its 1-rank run.
@@ -218,10 +218,11 @@ def main():
         check("bf16 Qwen3-MoE with training.deterministic, twice: bitwise the same losses", False, str(error))
 
     # Float8 pays off on large matmuls: a 1B model at seq 2048 (a dry run on the CPU keeps the debug model).
-    # titan's kernels in every run (float8's casts are one titan::float8_cast kernel each).
+    # titan's kernels and fused projections in every run (float8's casts are one titan::float8_cast
+    # kernel each; q, k, v and gate, up each from one cast of their input).
     big = {} if a.device == "cpu" else {"model.flavor": "1B", "training.seq_len": 2048, "training.batch_size": 2,
                                         "training.global_batch_size": 2, "activation_checkpoint.mode": "none",
-                                        "training.fused_kernels": "cuda"}
+                                        "training.fused_kernels": "cuda", "model.fused_projections": "true"}
     float8_perf, baseline = [], None
     for name, overrides in (("bf16", {}),
                             ("float8 tensorwise, float8 all-gather", {
