@@ -305,3 +305,23 @@ TEST_CASE("sharded: the MoE families train under parallelize_llama with expert p
                    "expert_parallel_degree = 2 needs a mixture-of-experts model");
   }
 }
+
+TEST_CASE("sharded: with fused projections, float8 converting some of q, k, v is an error naming them and the keys") {
+  auto world = titan_test::world();
+  TrainConfig config;
+  config.float8.enable = true;
+  const auto dims = ParallelDims::from_config(config.parallelism, world->world_size());
+  auto mesh = dims.build_mesh(world);
+  auto parallelize = [&](const std::string& filter) {
+    config.float8.filter_fqns = filter;
+    Transformer llama(model_args("llama3", "debug").n_layers(1).fused_projections(true), torch::kMeta);
+    parallelize_llama(*llama, mesh, dims, config);
+  };
+  CHECK_CONTAINS(models_test::error_of([&] { parallelize("output,wk"); }),
+                 "model.fused_projections = true computes layers.0.attention.wq|wk|wv in one call, but float8 "
+                 "converts 'layers.0.attention.wq' and leaves 'layers.0.attention.wk' in high precision "
+                 "(float8.filter_fqns, or a dimension that is not a multiple of 16): convert all of them or none, "
+                 "or set model.fused_projections = false");
+  CHECK_CONTAINS(models_test::error_of([&] { parallelize("output,w3"); }), "layers.0.feed_forward.w1|w3 in one call");
+  CHECK_NOTHROW(parallelize("output,attention"));  // q, k, v all in high precision, gate and up in float8
+}

@@ -8,19 +8,50 @@
 #include <titan/pipeline.hpp>
 #include <titan/tensor_parallel.hpp>
 
+#include <algorithm>
+#include <set>
+#include <string>
+#include <vector>
+
 namespace titan::examples {
+
+namespace {
+
+/// With model.fused_projections a block computes q, k and v (gate and up) in one call
+/// (titan::call_fused), whose layers must all run in float8 or all stay in high precision.
+void check_fused_float8(const TransformerImpl& model, const std::vector<std::string>& converted) {
+  static const std::vector<std::vector<std::string>> groups{{"wq", "wk", "wv"}, {"w1", "w3"}};
+  const std::set<std::string> in_float8(converted.begin(), converted.end());
+  const auto modules = model.named_modules();
+  for (const auto& name : converted) {
+    const auto dot = name.rfind('.');
+    const std::string parent = name.substr(0, dot + 1), leaf = name.substr(dot + 1);
+    for (const auto& group : groups) {
+      if (std::find(group.begin(), group.end(), leaf) == group.end()) continue;
+      for (const auto& sibling : group)
+        TORCH_CHECK(!modules.contains(parent + sibling) || in_float8.count(parent + sibling),
+                    "model.fused_projections = true computes ", parent, c10::Join("|", group), " in one call, but ",
+                    "float8 converts '", name, "' and leaves '", parent + sibling, "' in high precision ",
+                    "(float8.filter_fqns, or a dimension that is not a multiple of 16): convert all of them or ",
+                    "none, or set model.fused_projections = false");
+    }
+  }
+}
+
+}  // namespace
 
 void parallelize_llama(TransformerImpl& model, const titan::DeviceMesh& mesh, const ParallelDims& dims,
                        const TrainConfig& config) {
   const auto& parallelism = config.parallelism;
   if (config.float8.enable) {  // first: the float8 hooks sit innermost, under TP's
-    titan::convert_to_float8_training(
+    const auto converted = titan::convert_to_float8_training(
         model, titan::Float8Options()
                    .recipe(titan::parse_float8_recipe(config.float8.recipe_name))
                    .filter_fqns(comma_list(config.float8.filter_fqns))
                    .enable_fsdp_float8_all_gather(config.float8.enable_fsdp_float8_all_gather)
                    .emulate(config.float8.emulate)
                    .is_linear(titan::is_module<LinearImpl>));
+    if (model.args.fused_projections()) check_fused_float8(model, converted);
   }
   if (dims.tp > 1) {
     auto plan = llama_tp_plan(tp_dims(model.args), dims.tp,
