@@ -234,8 +234,8 @@ class AutocastState {
   std::vector<Entry> entries_;
 };
 
-/// For a recomputation: applies forward's RNG (when given) and autocast state, and gives the
-/// caller's back on destruction (like torch.random.fork_rng: the caller's random stream continues
+/// For a recomputation: applies forward's RNG (when given) and autocast state, counts in
+/// recomputation_depth, and gives the caller's back on destruction (like torch.random.fork_rng: the caller's random stream continues
 /// as if the recomputation had drawn nothing).
 class RecomputeEnvironment {
  public:
@@ -246,8 +246,10 @@ class RecomputeEnvironment {
       rng->restore();
     }
     autocast.apply();
+    ++recomputation_depth();
   }
   ~RecomputeEnvironment() {
+    --recomputation_depth();
     caller_autocast_.apply();
     if (caller_rng_) caller_rng_->restore();
   }

@@ -312,7 +312,8 @@ inline std::shared_ptr<Float8Input> cast_input(const at::Tensor& x, const Float8
 /// x already cast by cast_input (shared with other layers reading x), or nullptr. With
 /// `weight_fp8` (a tensorwise float8 W [N, K] gathered by FSDP) the weight's values are not read:
 /// it only receives the gradient. Where the backward casts x or W as the forward did (tensorwise),
-/// it reuses the forward's cast of x and W's amax.
+/// it reuses the forward's cast of x, and W's cast inside a checkpointed region's recomputation
+/// (whose backward follows at once), else W's amax.
 inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input> x_cast, const at::Tensor& weight,
                                 const std::optional<Float8Operand>& weight_fp8, const Float8LinearSpec& spec) {
   using Split = Float8TensorParallel::Split;
@@ -322,15 +323,18 @@ inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input
   const int64_t K = x.size(-1);
   const int64_t N = weight.size(0);
   const bool keeps_x = same_cast(c.input, c.input_for_grad_weight);
-  const bool keeps_weight_amax = !weight_fp8 && same_cast(c.weight, c.weight_for_grad_input);
-  at::Tensor y;            // [..., N]
-  at::Tensor weight_amax;  // W's amax, for the backward's cast of W (keeps_weight_amax)
+  const bool same_weight_cast = !weight_fp8 && same_cast(c.weight, c.weight_for_grad_input);
+  const bool keeps_weight = same_weight_cast && recomputation_depth() > 0;  // for one region's backward
+  at::Tensor y;                              // [..., N]
+  std::optional<Float8Operand> weight_cast;  // W's cast [K, N], kept (keeps_weight)
+  at::Tensor weight_amax;                    // W's amax, kept (same_weight_cast)
   {
     at::NoGradGuard no_grad;
     if (!x_cast) x_cast = cast_input(x, spec);
     auto b = weight_fp8 ? weight_fp8->t()  // [K, N]
                         : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, {out, in}, in));
-    if (keeps_weight_amax) weight_amax = b.amax;
+    if (keeps_weight) weight_cast = b;
+    if (same_weight_cast) weight_amax = b.amax;
     auto out_sizes = x.sizes().vec();
     out_sizes.back() = N;
     y = float8_mm(x_cast->forward(), b, x.scalar_type(), /*fast_accum=*/true, spec.emulate).view(out_sizes);
@@ -340,7 +344,7 @@ inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input
   detail::connect_backward(
       {x, weight}, outputs, "titan::Float8LinearBackward",
       [x = keeps_x ? at::Tensor() : x.detach(), x_cast = keeps_x ? std::move(x_cast) : nullptr,
-       x_sizes = x.sizes().vec(), weight = weight.detach(), weight_fp8, weight_amax, spec, K,
+       x_sizes = x.sizes().vec(), weight = weight.detach(), weight_fp8, weight_cast, weight_amax, spec, K,
        N](torch::autograd::variable_list&& grads) {
         using Split = Float8TensorParallel::Split;
         constexpr Split tokens = Split::None, out = Split::OutFeatures, in = Split::InFeatures;
@@ -350,9 +354,10 @@ inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input
         auto dy = grads[0].reshape({-1, N});  // [M, N]
         // dx = dy · W: dy rowwise along N, W (as Wᵀ [K, N]) along N.
         auto dy_n = cast_operand(dy, c.grad_output, -1, pow2, spec.tp.reduce_group(c.grad_output, {tokens, out}, out));
-        auto w_n = weight_fp8 ? weight_fp8->t()
-                              : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
-                                             spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out), weight_amax);
+        auto w_n = weight_fp8    ? weight_fp8->t()
+                   : weight_cast ? *weight_cast
+                                 : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
+                                                spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out), weight_amax);
         auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x_sizes);  // [..., K]
         // dW = dyᵀ · x: both along M (the tokens, never split by TP). A tensorwise cast of dy is
         // the same whichever dimension: dx's is reused (tensorwise: the same amax and group).

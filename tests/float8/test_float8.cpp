@@ -14,9 +14,10 @@
 #include <titan/tensor_parallel.hpp>
 
 #include <cstdlib>
+#include <functional>
 #include <stdexcept>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -331,6 +332,26 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
     if (recipe == Float8Recipe::Rowwise) CHECK(plain.backward == std::make_pair(4 * layers, 4 * layers));
     if (recipe == Float8Recipe::RowwiseWithGwHp) CHECK(plain.backward == std::make_pair(2 * layers, 2 * layers));
   }
+}
+
+TEST_CASE("float8: in a checkpointed region's recomputation, the layers keep W's cast for their backward") {
+  if (world()->world_size() > 1) return;  // single-process: run once, in titan.ranks1
+  // The float8 casts of one backward of the two-layer Mlp: without AC dy and W per layer (x's is
+  // the forward's); checkpointed, the recomputation casts x and W and the backward only dy.
+  auto backward_casts = [](const std::function<void(Mlp&)>& checkpoint) {
+    auto model = make_mlp(3);
+    titan::convert_to_float8_training(model);
+    if (checkpoint) checkpoint(model);
+    auto y = titan::call(model, torch::randn({2, 8, 64}).to(device()));
+    titan_test::OpEvents events;
+    y.pow(2).sum().backward();
+    return casts_and_amaxes(events.events()).first;
+  };
+  CHECK(backward_casts({}) == 2 * 2);
+  CHECK(backward_casts([](Mlp& m) { titan::checkpoint_wrapper(*m); }) == 2 * 3);
+  CHECK(backward_casts([](Mlp& m) {
+          titan::checkpoint_wrapper(*m, titan::CheckpointWrapperOptions().policy(std::make_shared<titan::OpSavePolicy>()));
+        }) == 2 * 3);
 }
 
 TEST_CASE("float8: fully_shard with float8 all-gather equals float8 without FSDP, and halves bf16's bytes") {

@@ -15,6 +15,14 @@
 
 namespace titan::detail {
 
+/// How many checkpointed regions this thread is recomputing (titan/ac.hpp). A region's backward
+/// runs right after its recomputation, so what a layer keeps for its backward while this is
+/// nonzero lives through that region's backward only.
+inline int& recomputation_depth() {
+  thread_local int depth = 0;
+  return depth;
+}
+
 /// Maps the gradients of a node's outputs to the gradients of its inputs.
 using BackwardFn = std::function<torch::autograd::variable_list(torch::autograd::variable_list&&)>;
 
