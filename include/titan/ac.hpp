@@ -235,8 +235,8 @@ class AutocastState {
 };
 
 /// For a recomputation: applies forward's RNG (when given) and autocast state, counts in
-/// recomputation_depth, and gives the caller's back on destruction (like torch.random.fork_rng: the caller's random stream continues
-/// as if the recomputation had drawn nothing).
+/// recomputation_depth, and gives the caller's back on destruction (like torch.random.fork_rng:
+/// the caller's random stream continues as if the recomputation had drawn nothing).
 class RecomputeEnvironment {
  public:
   RecomputeEnvironment(const std::optional<RngState>& rng, const AutocastState& autocast)

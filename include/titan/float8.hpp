@@ -327,14 +327,16 @@ inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input
   const bool keeps_weight = same_weight_cast && recomputation_depth() > 0;  // for one region's backward
   at::Tensor y;                              // [..., N]
   std::optional<Float8Operand> weight_cast;  // W's cast [K, N], kept (keeps_weight)
-  at::Tensor weight_amax;                    // W's amax, kept (same_weight_cast)
+  at::Tensor weight_amax;                    // else W's amax, kept (same_weight_cast)
   {
     at::NoGradGuard no_grad;
     if (!x_cast) x_cast = cast_input(x, spec);
     auto b = weight_fp8 ? weight_fp8->t()  // [K, N]
                         : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, {out, in}, in));
-    if (keeps_weight) weight_cast = b;
-    if (same_weight_cast) weight_amax = b.amax;
+    if (keeps_weight)
+      weight_cast = b;
+    else if (same_weight_cast)
+      weight_amax = b.amax;
     auto out_sizes = x.sizes().vec();
     out_sizes.back() = N;
     y = float8_mm(x_cast->forward(), b, x.scalar_type(), /*fast_accum=*/true, spec.emulate).view(out_sizes);
@@ -357,7 +359,8 @@ inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input
         auto w_n = weight_fp8    ? weight_fp8->t()
                    : weight_cast ? *weight_cast
                                  : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
-                                                spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out), weight_amax);
+                                                spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out),
+                                                weight_amax);
         auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x_sizes);  // [..., K]
         // dW = dyᵀ · x: both along M (the tokens, never split by TP). A tensorwise cast of dy is
         // the same whichever dimension: dx's is reused (tensorwise: the same amax and group).
@@ -452,11 +455,10 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
   /// amax of x is reduced over the same group as the first's), each layer's own float8 weight and
   /// matmul, as when each is called alone (the same values).
   TensorList forward_fused(const std::vector<torch::nn::Module*>& modules, const TensorList& inputs) override {
-    std::vector<std::shared_ptr<Float8LinearHook>> hooks;
+    std::vector<std::shared_ptr<Float8LinearHook>> hooks;  // call_fused's fuses_with check: one on each module
     for (auto* module : modules) {
       auto hook = find_hook<Float8LinearHook>(*module);
-      TORCH_CHECK(hook, "titan float8: module '", module->name(), "' is fused with converted linear layers but was ",
-                  "not converted itself; convert all of them (or none) to float8");
+      TORCH_INTERNAL_ASSERT(hook, "titan float8: forward_fused on a module without a float8 hook");
       hook->check_inputs(*module, inputs);
       hooks.push_back(std::move(hook));
     }
@@ -464,8 +466,10 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
     auto shared = detail::cast_input(x, hooks.front()->spec_);
     const auto group = detail::input_group(hooks.front()->spec_);
     TensorList outputs;
-    for (size_t i = 0; i < modules.size(); ++i)
-      outputs.push_back(hooks[i]->run(*modules[i], x, detail::input_group(hooks[i]->spec_) == group ? shared : nullptr));
+    for (size_t i = 0; i < modules.size(); ++i) {
+      const bool same_group = detail::input_group(hooks[i]->spec_) == group;
+      outputs.push_back(hooks[i]->run(*modules[i], x, same_group ? shared : nullptr));
+    }
     return outputs;
   }
 

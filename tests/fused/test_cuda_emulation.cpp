@@ -617,7 +617,7 @@ TEST_CASE("emulated CUDA: the 64-bit index path gives the bits of the 32-bit one
   for (const auto& [got, want] : {std::pair{cast(uint64_t{}, Packs{}), cast(uint32_t{}, Packs{})},
                                   std::pair{cast(uint64_t{}, One{}), cast(uint32_t{}, Packs{})}})
     for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(got[i], want[i]));
-  const auto [data_want, scale_want, inverse_want] = titan::cuda::float8_cast(w.t(), amax, at::kFloat8_e4m3fn, false);
+  const auto data_want = std::get<0>(titan::cuda::float8_cast(w.t(), amax, at::kFloat8_e4m3fn, false));
   CHECK(at::equal(cast(uint64_t{}, Packs{})[0], titan_test::bits_of(data_want)));
 }
 
