@@ -12,9 +12,8 @@ fused operators as their ATen implementation, the default build), titan_kernels 
 with each fused operator one CUDA kernel: a build with TITAN_CUDA_KERNELS), titan_fused (titan_kernels
 with model.fused_projections: wq|wk|wv and w1|w3 one GEMM each), titan_float8 (dense presets:
 titan_fused with float8.enable, tensorwise, the output layer in bf16: the float8 matmuls at the fp8
-rate, each cast one titan::float8_cast kernel, q|k|v and gate|up each from one cast of their input),
-and
-the peers of bench/side_by_side (trace_peers.py): PyTorch FSDP2 eager, torchtitan 0.2.2 eager, and
+rate, each cast one titan::float8_cast_transpose kernel writing the layouts its matmuls take, q|k|v
+and gate|up each from one cast of their input), and the peers of bench/side_by_side (trace_peers.py): PyTorch FSDP2 eager, torchtitan 0.2.2 eager, and
 both with torch.compile (the eager traces with Inductor's fusion of memory-bound kernels applied).
 A mixture-of-experts preset (gpu_moe, small_moe) has one peer instead: torchtitan 0.2.2's Qwen3-MoE
 (torchtitan_moe: grouped GEMMs, expert bias), eager and compiled; titan's rows are its qwen3_moe

@@ -12,8 +12,9 @@ FSDP (reshard after forward) and activation checkpointing, in this one run on th
   titan_kernels       the same with training.fused_kernels = "cuda" (titan's CUDA kernels; cuda preset)
   titan_fused         titan_kernels with model.fused_projections = true (wq|wk|wv, w1|w3 one GEMM each)
   titan_float8        titan_fused with float8.enable = true (float8 linear layers, their casts by
-                      titan's float8_cast kernel, q|k|v and gate|up each from one cast of their
-                      input; cuda preset): against titan_fused, float8's gain
+                      titan's float8 cast kernels, in the layouts the matmuls take, q|k|v and
+                      gate|up each from one cast of their input; cuda preset): against
+                      titan_fused, float8's gain
   fsdp2, fsdp2_compile, torchtitan, torchtitan_compile: bench/side_by_side/reference.py
   --model qwen3_moe: titan's qwen3_moe model (examples/configs/qwen3_moe_debug.toml: q/k norms,
         the expert-bias update) against torchtitan's own Qwen3-MoE at the same shape and EP

@@ -160,15 +160,20 @@ namespace detail {
 /// [rows, 1] or [1, cols]: axiswise), or a high-precision `data` with neither (cast disabled).
 struct Float8Operand {
   at::Tensor data;
-  at::Tensor scale;    ///< float32; data ≈ value · scale
-  at::Tensor inverse;  ///< 1 / scale, what _scaled_mm multiplies by
-  at::Tensor amax;     ///< the amax the scale came from (reduced over TP), when cast here
+  at::Tensor scale;         ///< float32; data ≈ value · scale
+  at::Tensor inverse;       ///< 1 / scale, what _scaled_mm multiplies by
+  at::Tensor amax;          ///< the amax the scale came from (reduced over TP), when cast here
+  at::Tensor other_layout;  ///< data's values in the other layout (row- or column-major), when cast in both
   Float8Operand t() const {
     const auto transposed = [&](const at::Tensor& s) { return s.defined() && s.dim() == 2 ? s.t() : s; };
-    return {data.t(), transposed(scale), transposed(inverse), transposed(amax)};
+    return {data.t(), transposed(scale), transposed(inverse), transposed(amax), transposed(other_layout)};
   }
   bool axiswise() const { return scale.defined() && scale.dim() == 2; }
 };
+
+/// The layouts a cast writes its float8 data in: a float8 matmul (_scaled_mm) takes its first
+/// operand row-major and its second column-major; dy of a linear layer's backward is both.
+enum class Float8Layout { RowMajor, ColumnMajor, Both };
 
 /// max |hp|: [] or, given `dim`, keepdim along it. On a GPU one reduction kernel (the inf norm:
 /// no |hp| tensor written and read back); on the CPU abs then max, which ATen vectorizes (its inf
@@ -185,11 +190,12 @@ inline at::Tensor shard_amax(const at::Tensor& shard) {
   return shard.numel() == 0 ? at::zeros({}, shard.options().dtype(at::kFloat)) : abs_max(shard).to(at::kFloat);
 }
 
-/// `hp` cast per `cast`, the axiswise amax taken along `dim`; the amax is reduced (maximum) over
-/// `group` when given (the operand is split over it along the amax's dimension). A given `amax`
-/// (one this function returned for the same tensor and cast) is used as it is.
+/// `hp` [rows, cols] cast per `cast` into `layout` (titan::float8_cast_transpose: Both puts the
+/// column-major data in other_layout), the axiswise amax taken along `dim`; the amax is reduced
+/// (maximum) over `group` when given (the operand is split over it along the amax's dimension). A
+/// given `amax` (one this function returned for the same tensor and cast) is used as it is.
 inline Float8Operand cast_operand(const at::Tensor& hp, const Float8Cast& cast, int64_t dim, bool power_of_2,
-                                  const ProcessGroupPtr& group, at::Tensor amax = {}) {
+                                  const ProcessGroupPtr& group, Float8Layout layout, at::Tensor amax = {}) {
   if (cast.scaling == Float8Cast::Scaling::Disabled) return {hp, at::Tensor()};
   at::NoGradGuard no_grad;
   if (!amax.defined()) {
@@ -197,8 +203,10 @@ inline Float8Operand cast_operand(const at::Tensor& hp, const Float8Cast& cast, 
     amax = abs_max(hp, cast.scaling == Float8Cast::Scaling::Tensorwise ? std::nullopt : std::optional(dim));
     if (group && group->size() > 1) amax = all_reduce_raw(amax.to(at::kFloat), *group, ReduceOp::Max);
   }
-  auto [data, scale, inverse] = float8_cast(hp, amax, cast.dtype, power_of_2);
-  return {data, scale, inverse, amax};
+  auto [rows, columns, scale, inverse] = float8_cast_transpose(
+      hp, amax, cast.dtype, power_of_2, layout != Float8Layout::ColumnMajor, layout != Float8Layout::RowMajor);
+  if (layout == Float8Layout::ColumnMajor) return {columns, scale, inverse, amax};
+  return {rows, scale, inverse, amax, columns};  // columns: undefined unless Both
 }
 
 /// Whether two casts of the same tensor give the same float8 values: both tensorwise to one dtype
@@ -210,6 +218,16 @@ inline bool same_cast(const Float8Cast& a, const Float8Cast& b) {
 
 inline bool is_row_major(const at::Tensor& t) { return t.stride(0) > t.stride(1) && t.stride(1) == 1; }
 
+/// An operand's float8 data row-major: its data or its other layout, whichever is; else a copy.
+inline at::Tensor row_major_data(const Float8Operand& o) {
+  if (is_row_major(o.data)) return o.data;
+  if (o.other_layout.defined() && is_row_major(o.other_layout)) return o.other_layout;
+  return o.data.contiguous();
+}
+
+/// An operand's float8 data column-major: its data or its other layout, whichever is; else a copy.
+inline at::Tensor column_major_data(const Float8Operand& o) { return row_major_data(o.t()).t(); }
+
 /// A linear layer's input x [M, K] cast for its forward matmul, shared by the layers reading the
 /// same x (titan::call_fused: q, k and v; gate and up) and, where the grad-weight matmul casts x
 /// the same way (tensorwise), kept for their backward instead of x: no second amax and cast, one
@@ -219,8 +237,16 @@ class Float8Input {
   explicit Float8Input(Float8Operand cast) : cast_(std::move(cast)) {}
   /// The forward's operand (data [M, K] row-major).
   const Float8Operand& forward() const { return cast_; }
-  /// The same values column-major, as dW = dyᵀ · x takes x: copied once, by the first backward
-  /// that asks (the row-major data is not needed after the forward).
+  /// After the last forward matmul: where x was also cast column-major (for the backward), the
+  /// row-major data is freed.
+  void end_forward() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!cast_.other_layout.defined()) return;
+    cast_.data = std::move(cast_.other_layout);  // [M, K], strides [1, M]
+    cast_.other_layout = at::Tensor();
+  }
+  /// The same values column-major, as dW = dyᵀ · x takes x: the cast's column-major layout (kept
+  /// by end_forward), or copied once, by the first backward that asks.
   Float8Operand for_grad_weight() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (is_row_major(cast_.data)) cast_.data = cast_.data.t().contiguous().t();  // [M, K], strides [1, M]
@@ -242,8 +268,8 @@ inline at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& b, at::
     return at::mm(a.data, b.data);
   }
   if (emulate) return at::mm(a.data.to(at::kFloat) / a.scale, b.data.to(at::kFloat) / b.scale).to(out_dtype);
-  at::Tensor a_data = is_row_major(a.data) ? a.data : a.data.contiguous();
-  at::Tensor b_data = is_row_major(b.data) ? b.data.t().contiguous().t() : b.data;
+  at::Tensor a_data = row_major_data(a);     // [M, K]
+  at::Tensor b_data = column_major_data(b);  // [K, N]
   at::Tensor a_inverse = a.inverse, b_inverse = b.inverse;  // the casts' 1 / scale
   if (!a.axiswise() && b.axiswise()) a_inverse = a_inverse.repeat({a_data.size(0)}).reshape({-1, 1});
   if (a.axiswise() && !b.axiswise()) b_inverse = b_inverse.repeat({b_data.size(1)}).reshape({1, -1});
@@ -301,19 +327,30 @@ inline ProcessGroupPtr input_group(const Float8LinearSpec& spec) {
   return spec.tp.reduce_group(spec.casts.input, {Split::None, Split::InFeatures}, Split::InFeatures);
 }
 
-/// x [..., K] cast for a converted layer's forward matmul.
-inline std::shared_ptr<Float8Input> cast_input(const at::Tensor& x, const Float8LinearSpec& spec) {
+/// Whether a converted layer's backward keeps the forward's cast of x instead of x: its
+/// grad-weight matmul casts x as the forward does (tensorwise) and autograd records the layer (x
+/// or a weight reading it `requires_grad`).
+inline bool keeps_input_cast(const Float8LinearSpec& spec, bool requires_grad) {
+  return same_cast(spec.casts.input, spec.casts.input_for_grad_weight) && requires_grad &&
+         torch::autograd::GradMode::is_enabled();
+}
+
+/// x [..., K] cast for a converted layer's forward matmul, row-major; also column-major (for the
+/// backward's dW = dyᵀ · x) when `for_backward`.
+inline std::shared_ptr<Float8Input> cast_input(const at::Tensor& x, const Float8LinearSpec& spec, bool for_backward) {
   auto x2 = x.reshape({-1, x.size(-1)});  // [M, K]
-  return std::make_shared<Float8Input>(
-      cast_operand(x2, spec.casts.input, -1, spec.casts.round_scales_to_power_of_2, input_group(spec)));
+  return std::make_shared<Float8Input>(cast_operand(x2, spec.casts.input, -1, spec.casts.round_scales_to_power_of_2,
+                                                    input_group(spec),
+                                                    for_backward ? Float8Layout::Both : Float8Layout::RowMajor));
 }
 
 /// y = x Wᵀ ([..., K] · [N, K]ᵀ → [..., N], x's dtype), differentiable in x and `weight`. `x_cast`:
-/// x already cast by cast_input (shared with other layers reading x), or nullptr. With
-/// `weight_fp8` (a tensorwise float8 W [N, K] gathered by FSDP) the weight's values are not read:
-/// it only receives the gradient. Where the backward casts x or W as the forward did (tensorwise),
-/// it reuses the forward's cast of x, and W's cast inside a checkpointed region's recomputation
-/// (whose backward follows at once), else W's amax.
+/// x already cast by cast_input (shared with other layers reading x; the caller ends its
+/// forward), or nullptr. With `weight_fp8` (a tensorwise float8 W [N, K] gathered by FSDP) the
+/// weight's values are not read: it only receives the gradient. Where the backward casts x or W as
+/// the forward did (tensorwise), it reuses the forward's cast of x, and W's cast inside a
+/// checkpointed region's recomputation (whose backward follows at once), else W's amax. Each
+/// operand is cast into the layout its matmuls take (dy into both), so no float8 data is copied.
 inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input> x_cast, const at::Tensor& weight,
                                 const std::optional<Float8Operand>& weight_fp8, const Float8LinearSpec& spec) {
   using Split = Float8TensorParallel::Split;
@@ -322,24 +359,30 @@ inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input
   const bool pow2 = c.round_scales_to_power_of_2;
   const int64_t K = x.size(-1);
   const int64_t N = weight.size(0);
-  const bool keeps_x = same_cast(c.input, c.input_for_grad_weight);
+  const bool keeps_x = keeps_input_cast(spec, x.requires_grad() || weight.requires_grad());
   const bool same_weight_cast = !weight_fp8 && same_cast(c.weight, c.weight_for_grad_input);
   const bool keeps_weight = same_weight_cast && recomputation_depth() > 0;  // for one region's backward
   at::Tensor y;                              // [..., N]
-  std::optional<Float8Operand> weight_cast;  // W's cast [K, N], kept (keeps_weight)
+  std::optional<Float8Operand> weight_cast;  // W's cast [K, N] row-major, kept (keeps_weight)
   at::Tensor weight_amax;                    // else W's amax, kept (same_weight_cast)
   {
     at::NoGradGuard no_grad;
-    if (!x_cast) x_cast = cast_input(x, spec);
-    auto b = weight_fp8 ? weight_fp8->t()  // [K, N]
-                        : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, {out, in}, in));
-    if (keeps_weight)
-      weight_cast = b;
-    else if (same_weight_cast)
-      weight_amax = b.amax;
+    const bool casts_x = !x_cast;
+    if (casts_x) x_cast = cast_input(x, spec, keeps_x);
+    // Wᵀ [K, N] column-major for this matmul (Both: in other_layout; data row-major for the backward's)
+    auto b = weight_fp8 ? weight_fp8->t()
+                        : cast_operand(weight.t(), c.weight, 0, pow2, spec.tp.reduce_group(c.weight, {out, in}, in),
+                                       keeps_weight ? Float8Layout::Both : Float8Layout::ColumnMajor);
     auto out_sizes = x.sizes().vec();
     out_sizes.back() = N;
     y = float8_mm(x_cast->forward(), b, x.scalar_type(), /*fast_accum=*/true, spec.emulate).view(out_sizes);
+    if (casts_x) x_cast->end_forward();
+    if (keeps_weight) {
+      b.other_layout = at::Tensor();  // the column-major data this matmul took
+      weight_cast = std::move(b);     // the row-major the backward's takes
+    } else if (same_weight_cast) {
+      weight_amax = b.amax;
+    }
   }
   torch::autograd::variable_list outputs{y};
   // By value: the closure outlives this call (it runs in backward). It holds x's cast or x.
@@ -354,24 +397,28 @@ inline at::Tensor float8_linear(const at::Tensor& x, std::shared_ptr<Float8Input
         const bool pow2 = c.round_scales_to_power_of_2;
         at::NoGradGuard no_grad;
         auto dy = grads[0].reshape({-1, N});  // [M, N]
-        // dx = dy · W: dy rowwise along N, W (as Wᵀ [K, N]) along N.
-        auto dy_n = cast_operand(dy, c.grad_output, -1, pow2, spec.tp.reduce_group(c.grad_output, {tokens, out}, out));
+        // A tensorwise cast of dy is the same whichever dimension its amax is along: dW = dyᵀ · x
+        // reuses dx's (tensorwise: the same amax and group), cast in both layouts at once.
+        const bool same_dy_cast = same_cast(c.grad_output, c.grad_output_for_grad_weight);
+        // dx = dy · W: dy rowwise along N (row-major), W (as Wᵀ [K, N], row-major) along N.
+        auto dy_n = cast_operand(dy, c.grad_output, -1, pow2, spec.tp.reduce_group(c.grad_output, {tokens, out}, out),
+                                 same_dy_cast ? Float8Layout::Both : Float8Layout::RowMajor);
         auto w_n = weight_fp8    ? weight_fp8->t()
                    : weight_cast ? *weight_cast
                                  : cast_operand(weight.t(), c.weight_for_grad_input, -1, pow2,
                                                 spec.tp.reduce_group(c.weight_for_grad_input, {out, in}, out),
-                                                weight_amax);
+                                                Float8Layout::RowMajor, weight_amax);
         auto dx = float8_mm(dy_n, w_n.t(), dy.scalar_type(), false, spec.emulate).view(x_sizes);  // [..., K]
-        // dW = dyᵀ · x: both along M (the tokens, never split by TP). A tensorwise cast of dy is
-        // the same whichever dimension: dx's is reused (tensorwise: the same amax and group).
-        const bool same_dy_cast = same_cast(c.grad_output, c.grad_output_for_grad_weight);
+        // dW = dyᵀ · x: both along M (the tokens, never split by TP), column-major.
         auto dy_m = same_dy_cast
                         ? dy_n
                         : cast_operand(dy, c.grad_output_for_grad_weight, 0, pow2,
-                                       spec.tp.reduce_group(c.grad_output_for_grad_weight, {tokens, out}, tokens));
+                                       spec.tp.reduce_group(c.grad_output_for_grad_weight, {tokens, out}, tokens),
+                                       Float8Layout::ColumnMajor);
         auto x_m = x_cast ? x_cast->for_grad_weight()  // [M, K]
                           : cast_operand(x.reshape({-1, K}), c.input_for_grad_weight, 0, pow2,
-                                         spec.tp.reduce_group(c.input_for_grad_weight, {tokens, in}, tokens));
+                                         spec.tp.reduce_group(c.input_for_grad_weight, {tokens, in}, tokens),
+                                         Float8Layout::ColumnMajor);
         auto dw = float8_mm(dy_m.t(), x_m, dy.scalar_type(), false, spec.emulate);  // [N, K]
         return torch::autograd::variable_list{dx, dw.to(weight.scalar_type())};
       });
@@ -463,13 +510,17 @@ class Float8LinearHook : public ModuleHook, public FsdpGatherProvider {
       hooks.push_back(std::move(hook));
     }
     const auto& x = inputs[0];
-    auto shared = detail::cast_input(x, hooks.front()->spec_);
-    const auto group = detail::input_group(hooks.front()->spec_);
+    bool requires_grad = x.requires_grad();
+    for (const auto& hook : hooks) requires_grad = requires_grad || hook->weight_.requires_grad();
+    const auto& spec = hooks.front()->spec_;  // the same recipe in all (fuses_with)
+    auto shared = detail::cast_input(x, spec, detail::keeps_input_cast(spec, requires_grad));
+    const auto group = detail::input_group(spec);
     TensorList outputs;
     for (size_t i = 0; i < modules.size(); ++i) {
       const bool same_group = detail::input_group(hooks[i]->spec_) == group;
       outputs.push_back(hooks[i]->run(*modules[i], x, same_group ? shared : nullptr));
     }
+    shared->end_forward();
     return outputs;
   }
 

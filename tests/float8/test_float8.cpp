@@ -3,7 +3,8 @@
 // without FSDP (bitwise, with and without precomputed scales; the gathered bytes counted), tensor
 // parallel and activation checkpointing against the plain float8 layer, and the errors. The
 // groups are the world (titan.ranks1/2/4). On CUDA in a build with titan's kernels (the GPU kit),
-// the casts run titan::float8_cast's kernel from the first case on.
+// the casts run titan::float8_cast's and titan::float8_cast_transpose's kernels from the first case
+// on.
 #include "../fused/fused_testing.hpp"
 #include "../support/multirank.hpp"
 #include "../support/op_events.hpp"
@@ -275,11 +276,35 @@ TORCH_MODULE(Projections);
 std::pair<int, int> casts_and_amaxes(const std::vector<titan_test::OpEvents::Event>& events) {
   int casts = 0, amaxes = 0;
   for (const auto& e : events) {
-    casts += e.name == "titan::float8_cast";
+    casts += e.name == "titan::float8_cast" || e.name == "titan::float8_cast_transpose";
     const bool amax = e.name == "aten::max" || e.name == "aten::amax" || e.name == "aten::linalg_vector_norm";
     amaxes += amax && e.parent != "aten::max" && e.parent != "aten::amax" && e.parent != "aten::linalg_vector_norm";
   }
   return {casts, amaxes};
+}
+
+/// How many copies of tensors (aten::clone) the float8 layers make themselves in `events` (of one
+/// thread): those inside no operator but aten::contiguous (the copy of a matmul operand into the
+/// layout _scaled_mm takes, where the cast could have written it). Copies inside operators are
+/// theirs: the ATen implementation of titan's cast copies into the layouts asked for, ATen's CPU
+/// _scaled_mm and max make their inputs contiguous.
+int copies_by_the_layers(const std::vector<titan_test::OpEvents::Event>& events) {
+  const auto is_operator = [](const std::string& name) {
+    return name.rfind("aten::", 0) == 0 || name.rfind("titan::", 0) == 0;
+  };
+  int copies = 0;
+  for (size_t i = 0; i < events.size(); ++i) {
+    if (events[i].name != "aten::clone") continue;
+    bool inside_operator = false;
+    int depth = events[i].depth;
+    for (size_t j = i; j-- > 0 && depth > 0;) {  // the enclosing scopes: each the last one a level up
+      if (events[j].depth != depth - 1) continue;
+      depth = events[j].depth;
+      inside_operator = inside_operator || (is_operator(events[j].name) && events[j].name != "aten::contiguous");
+    }
+    copies += !inside_operator;
+  }
+  return copies;
 }
 
 }  // namespace
@@ -292,6 +317,7 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
       Tensor y, dx;
       std::vector<Tensor> grads;
       std::pair<int, int> forward, backward;  // (casts, amaxes)
+      int copies = 0;                         // of float8 data outside the casts
     };
     auto run = [&](bool fused) {
       torch::manual_seed(21);
@@ -305,11 +331,13 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
         titan_test::OpEvents events;
         pass.y = titan::call(model, x);
         pass.forward = casts_and_amaxes(events.events());
+        pass.copies += copies_by_the_layers(events.events());
       }
       {
         titan_test::OpEvents events;
         pass.y.backward(dy);
         pass.backward = casts_and_amaxes(events.events());
+        pass.copies += copies_by_the_layers(events.events());
       }
       pass.dx = x.grad();
       for (const auto& p : model->parameters()) pass.grads.push_back(p.grad());
@@ -325,6 +353,9 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
     CHECK(plain.forward == std::make_pair(6, 6));
     CHECK(fused.forward == std::make_pair(4, 4));
     CHECK(fused.backward == plain.backward);
+    // Each cast writes the layouts its matmuls take (dy both): no float8 data is copied.
+    CHECK(plain.copies == 0);
+    CHECK(fused.copies == 0);
     // Tensorwise, the backward reuses the forward's cast of x and W's amax: it casts dy and W, and
     // reduces dy only (rowwise: dy and W along N, dy and x along M; with gw_hp, dy and W only).
     const int layers = 3;
@@ -337,7 +368,8 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
 TEST_CASE("float8: in a checkpointed region's recomputation, the layers keep W's cast for their backward") {
   if (world()->world_size() > 1) return;  // single-process: run once, in titan.ranks1
   // The float8 casts of one backward of the two-layer Mlp: without AC dy and W per layer (x's is
-  // the forward's); checkpointed, the recomputation casts x and W and the backward only dy.
+  // the forward's); checkpointed, the recomputation casts x and W and the backward only dy. No
+  // float8 data is copied into another layout either way (W's kept cast is written in both).
   auto backward_casts = [](const std::function<void(Mlp&)>& checkpoint) {
     auto model = make_mlp(3);
     titan::convert_to_float8_training(model);
@@ -345,6 +377,7 @@ TEST_CASE("float8: in a checkpointed region's recomputation, the layers keep W's
     auto y = titan::call(model, torch::randn({2, 8, 64}).to(device()));
     titan_test::OpEvents events;
     y.pow(2).sum().backward();
+    CHECK(copies_by_the_layers(events.events()) == 0);
     return casts_and_amaxes(events.events()).first;
   };
   CHECK(backward_casts({}) == 2 * 2);

@@ -380,6 +380,64 @@ TEST_CASE("emulated CUDA: the float8 cast kernel gives the bits of the scalar co
             }
 }
 
+TEST_CASE("emulated CUDA: the float8 transposing cast writes the cast's bits in each layout asked for") {
+  // [132, 100]: 5 x 4 tiles of 32 x 32, partial at the bottom and the right, two grid-stride rounds
+  // of the emulated GPU's 16 blocks; hp contiguous, a weight's transpose or a column slice (read
+  // along its rows, its columns, or with gaps); one amax, one per row (row 2 with a NaN), one per
+  // column; row-major from a transpose, column-major from rows, and both (the tiled kernel), or the
+  // one layout hp has (the element-wise kernel).
+  constexpr int64_t rows = 132, cols = 100;
+  const int64_t tiles = ((rows + 31) / 32) * ((cols + 31) / 32);
+  CHECK(tiles > titan::cuda::detail::multiprocessors() * 8);
+  enum class Hp { Rows, Transposed, ColumnSlice };
+  for (const Case c : kCases)
+    for (const auto& [dtype, power_of_2] : {std::pair{at::kFloat8_e4m3fn, false}, std::pair{at::kFloat8_e5m2, true}})
+      for (const Hp layout : {Hp::Rows, Hp::Transposed, Hp::ColumnSlice})
+        for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
+                                                 std::optional<int64_t>(0)})
+          for (const auto& [row_major, column_major] : {std::pair{true, false}, {false, true}, {true, true}}) {
+            if (layout != Hp::Rows && c.shifted) continue;  // a shifted copy is contiguous
+            CAPTURE(c.dtype);
+            CAPTURE(c.shifted);
+            CAPTURE(dtype);
+            CAPTURE(static_cast<int>(layout));
+            CAPTURE(dim.value_or(-1));
+            CAPTURE(row_major);
+            CAPTURE(column_major);
+            at::manual_seed(9);
+            auto values = layout == Hp::Transposed    ? sample({cols, rows}, at::kDouble, 3).t()
+                          : layout == Hp::ColumnSlice ? sample({rows, cols + 6}, at::kDouble, 3).narrow(1, 0, cols)
+                                                      : sample({rows, cols}, at::kDouble, 3);  // [rows, cols]
+            values.select(0, 1).zero_();
+            if (dim == 1) values.index_put_({2, 3}, std::nan(""));  // only row 2's amax (and scale) is NaN
+            auto hp = layout == Hp::ColumnSlice
+                          ? at::empty({rows, cols + 6}, c.dtype).narrow(1, 0, cols).copy_(values)  // rows with gaps
+                          : place(values.to(c.dtype), c.shifted);
+            auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
+            if (c.shifted) amax = amax.to(at::kFloat);
+            const auto got = in_every_order(c.dtype, [&] {  // scale_out written once per entry: no race
+              auto [data_rows, data_columns, scale, inverse] =
+                  titan::cuda::float8_cast_transpose(hp, amax, dtype, power_of_2, row_major, column_major);
+              CHECK(data_rows.defined() == row_major);
+              CHECK(data_columns.defined() == column_major);
+              if (row_major) CHECK(data_rows.is_contiguous());
+              if (column_major) CHECK(data_columns.t().is_contiguous());
+              using titan_test::bits_of;  // bits: NaN compares
+              const auto none = at::empty({0}, at::kByte);
+              return Tensors{row_major ? bits_of(data_rows) : none,
+                             column_major ? bits_of(data_columns) : none, bits_of(scale),
+                             bits_of(inverse)};
+            });
+            const auto [data_want, scale_want, inverse_want] =
+                titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
+            const auto want = titan_test::bits_of(data_want);
+            if (row_major) CHECK(at::equal(got[0], want));
+            if (column_major) CHECK(at::equal(got[1], want));
+            CHECK(at::equal(got[2], titan_test::bits_of(scale_want)));
+            CHECK(at::equal(got[3], titan_test::bits_of(inverse_want)));
+          }
+}
+
 TEST_CASE("emulated CUDA: the MoE combine kernels match the ATen implementation, with dropped slots") {
   // [tokens, k, dim]: rows of more packs than a block's 512 threads, many tokens of whole packs,
   // rows shorter than a warp; every slot kept, or every third one and all of token 0's dropped.
@@ -606,7 +664,7 @@ TEST_CASE("emulated CUDA: the 64-bit index path gives the bits of the 32-bit one
     using index_t = decltype(index);
     auto data = at::empty({6, 40}, at::TensorOptions().dtype(at::kFloat8_e4m3fn)).t();
     auto scale = at::empty({1, 6}), inverse = at::empty({1, 6});
-    const cuda::AmaxWalk<float, index_t> walk{amax.data_ptr(), false, 1, cuda::divider<index_t>(40),
+    const cuda::AmaxWalk<float, index_t> walk{{amax.data_ptr(), false, 1}, cuda::divider<index_t>(40),
                                               cuda::divider<index_t>(6)};
     cuda::launch(cuda::float8_cast_kernel<float, c10::Float8_e4m3fn, index_t, width>,
                  cuda::grid_stride_blocks(240 / width), cuda::kElementwiseThreads, w.data_ptr<float>(),

@@ -4,7 +4,8 @@
 // powers of two; one amax, one per row, one per column, in hp's dtype and in fp32; hp contiguous, a
 // weight's transpose and a column slice; saturation, a row of zeros and a NaN (NaN where the
 // reference has one, its sign aside: ATen's vectorized CPU kernels set it). Where titan's CUDA
-// kernels run (the GPU kit) the kernel is checked the same way. Then the errors.
+// kernels run (the GPU kit) the kernel is checked the same way. titan::float8_cast_transpose: the
+// same bits in each layout asked for (row-major, column-major, both). Then the errors.
 #include "fused_testing.hpp"
 
 #include <optional>
@@ -77,6 +78,42 @@ TEST_CASE("fused float8_cast: data and scale are the bits of the scalar computat
             }
 }
 
+TEST_CASE("fused float8_cast_transpose: each layout asked for holds the bits of the scalar computation") {
+  // [70, 100]: 3 x 4 tiles of titan's CUDA kernel, the last ones partial.
+  for (const auto hp_dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble})
+    for (const auto layout : {Layout::Contiguous, Layout::Transposed, Layout::ColumnSlice})
+      for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
+                                               std::optional<int64_t>(0)})
+        for (const auto& [row_major, column_major] : {std::pair{true, false}, {false, true}, {true, true}}) {
+          CAPTURE(hp_dtype);
+          CAPTURE(static_cast<int>(layout));
+          CAPTURE(dim.value_or(-1));
+          CAPTURE(row_major);
+          CAPTURE(column_major);
+          torch::manual_seed(12);
+          const bool nan = dim == 1;
+          const auto hp = hp_of(hp_dtype, layout, 70, 100, nan);  // [70, 100]
+          const auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
+          const auto [rows, columns, scale, inverse] =
+              titan::float8_cast_transpose(hp, amax, at::kFloat8_e4m3fn, false, row_major, column_major);
+          const auto [data_want, scale_want, inverse_want] =
+              titan_test::float8_cast_reference(hp, amax, at::kFloat8_e4m3fn, false);
+          REQUIRE(rows.defined() == row_major);
+          REQUIRE(columns.defined() == column_major);
+          if (row_major) {
+            CHECK(rows.is_contiguous());
+            CHECK(titan_test::same_bits_or_nan(rows, data_want));
+          }
+          if (column_major) {
+            CHECK(columns.sizes() == hp.sizes());
+            CHECK(columns.t().is_contiguous());  // strides [1, 70]
+            CHECK(titan_test::same_bits_or_nan(columns, data_want));
+          }
+          CHECK(titan_test::same_bits_or_nan(scale, scale_want));
+          CHECK(titan_test::same_bits_or_nan(inverse, inverse_want));
+        }
+}
+
 TEST_CASE("fused float8_cast: errors name what is wrong") {
   const auto hp = torch::randn({4, 8}, torch::TensorOptions().device(device()));
   const auto amax = hp.abs().max();
@@ -92,4 +129,10 @@ TEST_CASE("fused float8_cast: errors name what is wrong") {
             .find("amax of shape [4, 1, 1] does not fit") != std::string::npos);
   CHECK(error_of([&] { titan::float8_cast(hp, amax.to(torch::kLong), at::kFloat8_e4m3fn, false); })
             .find("amax must be floating, got Long") != std::string::npos);
+  CHECK(error_of([&] { titan::float8_cast_transpose(hp.view({2, 2, 8}), amax, at::kFloat8_e4m3fn, false, true, true); })
+            .find("must be 2-D (a matmul operand), got shape [2, 2, 8]") != std::string::npos);
+  CHECK(error_of([&] { titan::float8_cast_transpose(hp, amax, at::kFloat8_e4m3fn, false, false, false); })
+            .find("no layout asked for; expected row_major, column_major or both") != std::string::npos);
+  CHECK(error_of([&] { titan::float8_cast_transpose(hp, amax, at::kBFloat16, false, true, false); })
+            .find("expected Float8_e4m3fn or Float8_e5m2") != std::string::npos);
 }

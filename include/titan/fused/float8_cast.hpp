@@ -18,6 +18,15 @@
 // ATen implementation runs those kernels (the CPU path and the reference: the values of torchao's
 // cast); the CUDA kernel (titan/fused/cuda/float8_cast.cuh) is one pass that computes the scale in
 // each thread and moves 3 bytes per bf16 element.
+//
+//   auto [rows, columns, scale, inverse] =
+//       titan::float8_cast_transpose(dy, amax, at::kFloat8_e5m2, false, /*row_major=*/true, /*column_major=*/true);
+//
+// casts a 2-D hp the same way and writes the values in the layouts asked for: row-major,
+// column-major or both, whatever hp's own layout (a float8 matmul takes a row-major and a
+// column-major operand, and dy of a linear layer's backward is both). The ATen implementation
+// copies titan::float8_cast's data into each layout; the CUDA kernel reads hp once through a
+// shared-memory tile and writes each layout from it.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -78,6 +87,26 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast_aten(const at:
   return {cast_with_scale(hp, scale, dtype), scale, scale.reciprocal()};  // data: hp's shape, float8
 }
 
+/// Checks what titan::float8_cast_transpose needs besides titan::float8_cast's: a 2-D hp (a
+/// matmul operand) and at least one layout to write.
+inline void check_float8_cast_transpose(const at::Tensor& hp, bool row_major, bool column_major) {
+  TORCH_CHECK(hp.dim() == 2, "titan::float8_cast_transpose: the tensor to cast must be 2-D (a matmul operand), got ",
+              "shape ", hp.sizes());
+  TORCH_CHECK(row_major || column_major, "titan::float8_cast_transpose: no layout asked for; expected row_major, ",
+              "column_major or both");
+}
+
+/// titan::float8_cast_transpose in ATen: titan::float8_cast's values, copied into each layout
+/// asked for.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> float8_cast_transpose_aten(
+    const at::Tensor& hp, const at::Tensor& amax, at::ScalarType dtype, bool power_of_2, bool row_major,
+    bool column_major) {
+  check_float8_cast_transpose(hp, row_major, column_major);
+  auto [data, scale, inverse] = float8_cast_aten(hp, amax, dtype, power_of_2);  // data: hp's layout
+  return {row_major ? data.contiguous() : at::Tensor(), column_major ? data.t().contiguous().t() : at::Tensor(),
+          scale, inverse};
+}
+
 }  // namespace detail
 
 /// Registers titan::float8_cast with the dispatcher once per process (titan::float8_cast calls it;
@@ -90,6 +119,10 @@ inline void register_float8_cast_operators() {
     lib->def("float8_cast(Tensor hp, Tensor amax, ScalarType dtype, bool power_of_2) -> (Tensor, Tensor, Tensor)");
     lib->impl("float8_cast", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,
                                              TORCH_FN(detail::float8_cast_aten)));
+    lib->def("float8_cast_transpose(Tensor hp, Tensor amax, ScalarType dtype, bool power_of_2, bool row_major, "
+             "bool column_major) -> (Tensor, Tensor, Tensor, Tensor)");
+    lib->impl("float8_cast_transpose", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,
+                                                       TORCH_FN(detail::float8_cast_transpose_aten)));
     return lib;
   }();
   (void)library;
@@ -106,6 +139,23 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast(const at::Tens
                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                                    at::ScalarType, bool)>();
   return op.call(hp, amax, dtype, power_of_2);
+}
+
+/// `hp` (2-D) cast as titan::float8_cast casts it, written row-major, column-major or both: the
+/// layouts float8 matmuls take (_scaled_mm: a row-major, b column-major), so that a matmul operand
+/// needs no copy of its float8 data, and a tensor that is an operand in both roles (dy of a linear
+/// layer's backward) is cast once for both. Returns (row-major data, column-major data [hp's
+/// shape; undefined when not asked for], scale, inverse [amax's shape, fp32]). No autograd.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> float8_cast_transpose(
+    const at::Tensor& hp, const at::Tensor& amax, at::ScalarType dtype, bool power_of_2, bool row_major,
+    bool column_major) {
+  register_float8_cast_operators();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("titan::float8_cast_transpose", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                            at::ScalarType, bool, bool, bool)>();
+  return op.call(hp, amax, dtype, power_of_2, row_major, column_major);
 }
 
 }  // namespace titan

@@ -39,6 +39,7 @@ void register_kernels() {
     lib->impl("moe_combine_forward", TORCH_FN(moe_combine_forward));
     lib->impl("moe_combine_backward", TORCH_FN(moe_combine_backward));
     lib->impl("float8_cast", TORCH_FN(float8_cast));
+    lib->impl("float8_cast_transpose", TORCH_FN(float8_cast_transpose));
     return lib;
   }();
   (void)library;
