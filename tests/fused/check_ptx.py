@@ -18,9 +18,11 @@ PACK_WIDTH = {"f": 4, "N3c104HalfE": 8, "N3c108BFloat16E": 8}
 # writes fp32 partial sums, one column per thread.
 NO_PACK_STORES = {"add_rms_norm_weight_grad"}
 # Kernels that write one-byte elements (float8) from packs: one store of a pack's width in bytes
-# (8 bytes from 8 bf16 or fp16 elements, 4 from 4 fp32 ones).
-BYTE_PACK_STORES = {"float8_cast_kernel": {8: r"st\.global(\.wb)?\.(u64|b64|v2\.(u32|b32))\s",
-                                           4: r"st\.global(\.wb)?\.(u32|b32)\s"}}
+# (8 bytes from 8 bf16 or fp16 elements, 4 from 4 fp32 ones); the transposing cast writes chunks
+# of 8 bytes whatever its input's pack width.
+EIGHT_BYTE_STORE = r"st\.global(\.wb)?\.(u64|b64|v2\.(u32|b32))\s"
+BYTE_PACK_STORES = {"float8_cast_kernel": {8: EIGHT_BYTE_STORE, 4: r"st\.global(\.wb)?\.(u32|b32)\s"},
+                    "float8_cast_transpose_kernel": {8: EIGHT_BYTE_STORE, 4: EIGHT_BYTE_STORE}}
 
 
 def entries(ptx):

@@ -381,22 +381,24 @@ TEST_CASE("emulated CUDA: the float8 cast kernel gives the bits of the scalar co
 }
 
 TEST_CASE("emulated CUDA: the float8 transposing cast writes the cast's bits in each layout asked for") {
-  // [132, 100]: 5 x 4 tiles of 32 x 32, partial at the bottom and the right, two grid-stride rounds
-  // of the emulated GPU's 16 blocks; hp contiguous, a weight's transpose or a column slice (read
-  // along its rows, its columns, or with gaps); one amax, one per row (row 2 with a NaN), one per
-  // column; row-major from a transpose, column-major from rows, and both (the tiled kernel), or the
-  // one layout hp has (the element-wise kernel).
-  constexpr int64_t rows = 132, cols = 100;
-  const int64_t tiles = ((rows + 31) / 32) * ((cols + 31) / 32);
-  CHECK(tiles > titan::cuda::detail::multiprocessors() * 8);
+  // Tiles of 64 x 64: [264, 200], 5 x 4 tiles, partial at the bottom and the right, two grid-stride
+  // rounds of the emulated GPU's 16 blocks, read in 16-byte packs (rows and columns multiples of 8)
+  // unless the input starts one element past a 16-byte boundary or is a column slice; [70, 45]
+  // element by element. hp contiguous, a weight's transpose (read as its transpose's rows) or a
+  // column slice (rows with gaps); one amax, one per row (row 2 with a NaN), one per column;
+  // row-major from a transpose, column-major from rows, and both (the tiled kernel), or the one
+  // layout hp has (the element-wise kernel).
+  CHECK(5 * 4 > titan::cuda::detail::multiprocessors() * 8);
   enum class Hp { Rows, Transposed, ColumnSlice };
-  for (const Case c : kCases)
-    for (const auto& [dtype, power_of_2] : {std::pair{at::kFloat8_e4m3fn, false}, std::pair{at::kFloat8_e5m2, true}})
-      for (const Hp layout : {Hp::Rows, Hp::Transposed, Hp::ColumnSlice})
-        for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
-                                                 std::optional<int64_t>(0)})
-          for (const auto& [row_major, column_major] : {std::pair{true, false}, {false, true}, {true, true}}) {
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{264, 200}, {70, 45}})
+    for (const Case c : kCases)
+      for (const auto& [dtype, power_of_2] : {std::pair{at::kFloat8_e4m3fn, false}, std::pair{at::kFloat8_e5m2, true}})
+        for (const Hp layout : {Hp::Rows, Hp::Transposed, Hp::ColumnSlice})
+          for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
+                                                   std::optional<int64_t>(0)})
+            for (const auto& [row_major, column_major] : {std::pair{true, false}, {false, true}, {true, true}}) {
             if (layout != Hp::Rows && c.shifted) continue;  // a shifted copy is contiguous
+            CAPTURE(rows);
             CAPTURE(c.dtype);
             CAPTURE(c.shifted);
             CAPTURE(dtype);

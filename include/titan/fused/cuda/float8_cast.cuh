@@ -110,63 +110,106 @@ __global__ void float8_cast_kernel(const scalar_t* __restrict__ hp, fp8_t* __res
   }
 }
 
-/// The tiles of float8_cast_transpose_kernel: 32 x 32 elements, read and written by blocks of
-/// 32 x 8 threads, each thread 4 elements of a tile.
-inline constexpr int kTransposeTile = 32;
-inline constexpr int kTransposeThreadRows = 8;
+/// The scale and its inverse of each of amax's n entries, as float8_cast_kernel computes them (an
+/// axiswise float8_cast_transpose_kernel reads them).
+template <typename scalar_t, typename index_t>
+__global__ void float8_scales_kernel(AmaxEntries<scalar_t, index_t> amax, index_t n, float* __restrict__ scale_out,
+                                     float* __restrict__ inverse_out, float float8_max, bool power_of_2) {
+  for (index_t a = first_element<index_t, 1>(); a < n; a += element_stride<index_t, 1>()) {
+    const float scale = float8_scale(amax.at(a), float8_max, power_of_2);
+    scale_out[a] = scale;
+    inverse_out[a] = 1.f / scale;  // IEEE division, as ATen's reciprocal
+  }
+}
 
-/// A 2-D hp as float8_cast_transpose_kernel walks it: element (r, c) at r * row_stride + c *
-/// col_stride; `tiles` tiles, `tiles_across` of them along a row of tiles; read along its rows
-/// (consecutive threads on consecutive columns) or, when rows_contiguous (column-major), along
-/// its columns.
+/// float8_cast_transpose_kernel's tiles: 64 x 64 elements of the rows it reads, by blocks of 256
+/// threads. Each thread takes chunks of 8 consecutive elements: along a row when reading (one or
+/// two 16-byte loads) and writing the rows' own layout, along a column of the tile when writing
+/// the transposed one (8 bytes a store either way), 8 threads to a row or column of the tile.
+inline constexpr int kTransposeTile = 64;
+inline constexpr int kTransposeThreads = 256;
+inline constexpr int kTransposeChunk = 8;
+inline constexpr int kTransposeLines = kTransposeThreads / (kTransposeTile / kTransposeChunk);  // 32 a pass
+
+/// What float8_cast_transpose_kernel reads: [rows, cols] with row i at i * stride and its elements
+/// consecutive (hp, or hp's transpose when hp is column-major); `tiles` tiles, `tiles_across` of
+/// them along a row of tiles.
 template <typename index_t>
 struct TransposeShape {
-  index_t rows, cols, row_stride, col_stride, tiles;
+  index_t rows, cols, stride, tiles;
   Divider<index_t> tiles_across;
-  bool rows_contiguous;
 };
 
-/// titan::float8_cast_transpose: hp cast as float8_cast_kernel casts it (the scale of element (r,
-/// c) from amax's entry 0, r or c: amax_axis -1, 0 or 1), written row-major into `row_major` and
-/// column-major into `column_major` (either may be null). Each tile is read along hp's
-/// contiguous dimension into shared memory as float8 bits, then written from there along each
-/// output's contiguous dimension: every global read and write coalesced, hp read once. The
-/// element that starts each of amax's entries writes its scale and the scale's inverse.
-template <typename scalar_t, typename fp8_t, typename index_t>
-__global__ void float8_cast_transpose_kernel(const scalar_t* __restrict__ hp, TransposeShape<index_t> shape,
-                                             uint8_t* __restrict__ row_major, uint8_t* __restrict__ column_major,
-                                             float* __restrict__ scale_out, float* __restrict__ inverse_out,
-                                             AmaxEntries<scalar_t, index_t> amax, int amax_axis, float float8_max,
-                                             bool power_of_2) {
-  __shared__ uint8_t tile[kTransposeTile][kTransposeTile + 1];  // [r - r0][c - c0]: float8 bits
-  const index_t tx = threadIdx.x, ty = threadIdx.y;
-  index_t current = ~index_t{0};  // the amax entry whose scale `scale` holds (none yet)
-  float scale = 0.f;
+/// titan::float8_cast_transpose: the rows of `shape` cast as float8_cast_kernel casts (the scale
+/// of element (r, c) from amax's entry 0, r or c: amax_axis -1, 0 or 1), written in the rows'
+/// layout into `same` ([rows, cols] row-major) and transposed into `transposed` ([cols, rows]
+/// row-major); either may be null. Each tile is read along its rows (the same layout written from
+/// the registers) into shared memory as float8 bytes, and written transposed from there: every
+/// global read and write coalesced, hp read once. kWidth: elements a load (kPackWidth: 16 bytes;
+/// rows, cols and stride multiples of 8 and hp 16-byte aligned), or 1, element by element, each
+/// checked against the bounds. The scales: one amax's computed by every thread once (block 0
+/// writes it and its inverse), an axiswise amax's read from scale_out, which float8_scales_kernel
+/// wrote before, into shared memory for each tile's rows or columns.
+template <typename scalar_t, typename fp8_t, typename index_t, int kWidth>
+__global__ void __launch_bounds__(kTransposeThreads)
+    float8_cast_transpose_kernel(const scalar_t* __restrict__ src, TransposeShape<index_t> shape,
+                                 uint8_t* __restrict__ same, uint8_t* __restrict__ transposed,
+                                 float* __restrict__ scale_out, float* __restrict__ inverse_out,
+                                 AmaxEntries<scalar_t, index_t> amax, int amax_axis, float float8_max,
+                                 bool power_of_2) {
+  // [i][j]: the float8 bits of the tile's element (i, j); 65 bytes a row, so that the 8 threads
+  // gathering one column's chunks read 8 different banks.
+  __shared__ uint8_t tile[kTransposeTile][kTransposeTile + 1];
+  __shared__ float line_scale[kTransposeTile];  // axiswise: the scale of each of the tile's rows or columns
+  constexpr bool kPacked = kWidth > 1;
+  const int chunk = static_cast<int>(threadIdx.x % (kTransposeTile / kTransposeChunk)) * kTransposeChunk;
+  const int first_line = static_cast<int>(threadIdx.x / (kTransposeTile / kTransposeChunk));
+  // One amax: its scale, computed by every thread (once, outside the loop: the fp64 division's
+  // slow path is a call, which inside the loop would spill the loop's registers around it).
+  const float tensor_scale = amax_axis < 0 ? float8_scale(amax.at(0), float8_max, power_of_2) : 0.f;
+  if (amax_axis < 0 && blockIdx.x == 0 && threadIdx.x == 0) {
+    scale_out[0] = tensor_scale;
+    inverse_out[0] = 1.f / tensor_scale;  // IEEE division, as ATen's reciprocal
+  }
   for (index_t t = blockIdx.x; t < shape.tiles; t += gridDim.x) {
     const auto tile_at = shape.tiles_across.divmod(t);
     const index_t r0 = tile_at.div * kTransposeTile, c0 = tile_at.mod * kTransposeTile;
-    for (index_t k = 0; k < kTransposeTile; k += kTransposeThreadRows) {
-      const index_t i = shape.rows_contiguous ? tx : ty + k, j = shape.rows_contiguous ? ty + k : tx;  // in the tile
-      const index_t r = r0 + i, c = c0 + j;
-      if (r >= shape.rows || c >= shape.cols) continue;
-      const index_t a = amax_axis == 0 ? r : amax_axis == 1 ? c : 0;  // the element's amax entry
-      if (a != current) {
-        scale = float8_scale(amax.at(a), float8_max, power_of_2);
-        current = a;
+    if (amax_axis >= 0 && threadIdx.x < kTransposeTile) {  // the scales of the tile's rows (axis 0) or columns
+      const index_t line = (amax_axis == 0 ? r0 : c0) + threadIdx.x;
+      if (line < (amax_axis == 0 ? shape.rows : shape.cols)) line_scale[threadIdx.x] = scale_out[line];
+    }
+    __syncthreads();
+    for (int i = first_line; i < kTransposeTile; i += kTransposeLines) {  // rows: read, cast, same layout
+      const index_t r = r0 + i, c = c0 + chunk;
+      if (r >= shape.rows || c >= shape.cols) continue;  // packed: the whole chunk is in (cols % 8 == 0)
+      Pack<uint8_t, kTransposeChunk> bytes;
+      for (int p = 0; p < kTransposeChunk; p += kWidth) {
+        if (!kPacked && c + p >= shape.cols) break;
+        const auto x = load_pack<kWidth>(src + r * shape.stride + c + p);
+        for (int e = 0; e < kWidth; ++e) {
+          const float scale = amax_axis < 0 ? tensor_scale : line_scale[amax_axis == 0 ? i : chunk + p + e];
+          bytes.v[p + e] = saturate_to_float8<fp8_t>(static_cast<float>(x.v[e]), scale, float8_max).x;
+          tile[i][chunk + p + e] = bytes.v[p + e];
+        }
       }
-      const float x = static_cast<float>(hp[r * shape.row_stride + c * shape.col_stride]);
-      tile[i][j] = saturate_to_float8<fp8_t>(x, scale, float8_max).x;
-      if ((amax_axis == 0 ? c : amax_axis == 1 ? r : r + c) == 0) {  // the element that starts entry a
-        scale_out[a] = scale;
-        inverse_out[a] = 1.f / scale;  // IEEE division, as ATen's reciprocal
+      if (same == nullptr) continue;
+      if (kPacked) {
+        store_byte_pack<kTransposeChunk>(same + r * shape.cols + c, bytes);
+      } else {
+        for (int e = 0; e < kTransposeChunk && c + e < shape.cols; ++e) same[r * shape.cols + c + e] = bytes.v[e];
       }
     }
     __syncthreads();
-    for (index_t k = 0; k < kTransposeTile; k += kTransposeThreadRows) {
-      if (row_major != nullptr && r0 + ty + k < shape.rows && c0 + tx < shape.cols)  // along a row
-        row_major[(r0 + ty + k) * shape.cols + c0 + tx] = tile[ty + k][tx];
-      if (column_major != nullptr && r0 + tx < shape.rows && c0 + ty + k < shape.cols)  // along a column
-        column_major[(c0 + ty + k) * shape.rows + r0 + tx] = tile[tx][ty + k];
+    for (int j = first_line; transposed != nullptr && j < kTransposeTile; j += kTransposeLines) {  // columns
+      const index_t c = c0 + j, r = r0 + chunk;
+      if (c >= shape.cols || r >= shape.rows) continue;  // packed: the whole chunk is in (rows % 8 == 0)
+      Pack<uint8_t, kTransposeChunk> bytes;
+      for (int e = 0; e < kTransposeChunk; ++e) bytes.v[e] = tile[chunk + e][j];
+      if (kPacked) {
+        store_byte_pack<kTransposeChunk>(transposed + c * shape.rows + r, bytes);
+      } else {
+        for (int e = 0; e < kTransposeChunk && r + e < shape.rows; ++e) transposed[c * shape.rows + r + e] = bytes.v[e];
+      }
     }
     __syncthreads();  // the tile is read before the next one overwrites it
   }
@@ -231,59 +274,71 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast(const at::Tens
 }
 
 /// titan::float8_cast_transpose on CUDA tensors: titan::float8_cast's element-wise kernel when the
-/// one layout asked for is hp's own, else the tiled kernel; the inputs titan::float8_cast's kernel
-/// does not take and an amax of more than one element along both dimensions take the ATen
-/// implementation. hp may have any strides (it is only read).
+/// one layout asked for is hp's own, else the tiled kernel over hp's rows (or, column-major, its
+/// transpose's); the inputs titan::float8_cast's kernel does not take, an amax of more than one
+/// element along both dimensions and an hp contiguous along neither dimension take the ATen
+/// implementation.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> float8_cast_transpose(
     const at::Tensor& hp, const at::Tensor& amax, at::ScalarType dtype, bool power_of_2, bool row_major,
     bool column_major) {
   titan::detail::check_float8_cast_transpose(hp, row_major, column_major);
   const bool float8 = dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
   const bool amax_dtype = amax.scalar_type() == at::kFloat || amax.scalar_type() == hp.scalar_type();
+  const int64_t axis = detail::amax_axis(amax);
   if (!detail::kernel_dtype(hp.scalar_type()) || !float8 || !amax_dtype || hp.numel() == 0 ||
-      !detail::on_device(hp.device(), {&amax}))
+      !detail::on_device(hp.device(), {&amax}) || axis == -2 || (hp.stride(1) != 1 && hp.stride(0) != 1))
     return titan::detail::float8_cast_transpose_aten(hp, amax, dtype, power_of_2, row_major, column_major);
   titan::detail::check_float8_cast(hp, amax, dtype);
   if (row_major != column_major && (row_major ? hp.is_contiguous() : hp.t().is_contiguous())) {
     auto [data, scale, inverse] = float8_cast(hp, amax, dtype, power_of_2);  // hp's layout: the one asked for
     return {row_major ? data : at::Tensor(), column_major ? data : at::Tensor(), scale, inverse};
   }
-  const int64_t axis = detail::amax_axis(amax);
-  const int64_t rows = hp.size(0), cols = hp.size(1);
-  const int64_t row_stride = hp.stride(0), col_stride = hp.stride(1);
-  if (axis == -2) return titan::detail::float8_cast_transpose_aten(hp, amax, dtype, power_of_2, row_major, column_major);
   const detail::DeviceGuard guard(hp.device());
   const auto options = hp.options().dtype(dtype);
-  auto rows_out = row_major ? at::empty({rows, cols}, options) : at::Tensor();             // [rows, cols]
-  auto columns_out = column_major ? at::empty({cols, rows}, options).t() : at::Tensor();  // [rows, cols], strides [1, rows]
-  auto scale = at::empty(amax.sizes(), amax.options().dtype(at::kFloat));               // amax's shape
+  auto rows_out = row_major ? at::empty(hp.sizes(), options) : at::Tensor();  // [rows, cols]
+  // [rows, cols], strides [1, rows]
+  auto columns_out = column_major ? at::empty({hp.size(1), hp.size(0)}, options).t() : at::Tensor();
+  auto scale = at::empty(amax.sizes(), amax.options().dtype(at::kFloat));  // amax's shape
   auto inverse = at::empty_like(scale);
+  // The rows read: hp's, or (column-major) its transpose's, whose own layout is the column-major one.
+  const bool by_columns = hp.stride(1) != 1;
+  const auto src = by_columns ? hp.t() : hp;  // [rows, cols], consecutive along each row
+  auto& same = by_columns ? columns_out : rows_out;
+  auto& transposed = by_columns ? rows_out : columns_out;
+  const int64_t rows = src.size(0), cols = src.size(1);
+  const int64_t src_axis = axis < 0 ? axis : (by_columns ? 1 - axis : axis);
   const int64_t amax_step = axis >= 0 ? amax.stride(axis) : 0;
   const int64_t tiles_down = (rows + detail::kTransposeTile - 1) / detail::kTransposeTile;
   const int64_t tiles_across = (cols + detail::kTransposeTile - 1) / detail::kTransposeTile;
-  const int64_t hp_extent = (rows - 1) * row_stride + (cols - 1) * col_stride + 1;
+  const int64_t src_extent = (rows - 1) * src.stride(0) + cols;
   const auto bytes = [](const at::Tensor& t) { return t.defined() ? static_cast<uint8_t*>(t.data_ptr()) : nullptr; };
   TITAN_DISPATCH_KERNEL_DTYPES(hp.scalar_type(), "titan::float8_cast_transpose", [&] {
-    const int64_t extent = std::max({hp_extent, rows * cols, amax.numel() * std::max<int64_t>(amax_step, 1)});
-    detail::with_index_type(extent, [&](auto index) {
-      using index_t = decltype(index);
-      const detail::TransposeShape<index_t> shape{static_cast<index_t>(rows),
-                                                  static_cast<index_t>(cols),
-                                                  static_cast<index_t>(row_stride),
-                                                  static_cast<index_t>(col_stride),
-                                                  static_cast<index_t>(tiles_down * tiles_across),
-                                                  detail::divider<index_t>(tiles_across),
-                                                  row_stride < col_stride};
-      const detail::AmaxEntries<scalar_t, index_t> entries{amax.data_ptr(), amax.scalar_type() != at::kFloat,
-                                                           static_cast<index_t>(amax_step)};
-      const auto kernel = dtype == at::kFloat8_e4m3fn
-                              ? detail::float8_cast_transpose_kernel<scalar_t, c10::Float8_e4m3fn, index_t>
-                              : detail::float8_cast_transpose_kernel<scalar_t, c10::Float8_e5m2, index_t>;
-      const int64_t blocks = std::min<int64_t>(tiles_down * tiles_across, detail::multiprocessors() * 8);
-      detail::launch(kernel, static_cast<unsigned>(blocks), dim3(detail::kTransposeTile, detail::kTransposeThreadRows),
-                     hp.data_ptr<scalar_t>(), shape, bytes(rows_out), bytes(columns_out), scale.data_ptr<float>(),
-                     inverse.data_ptr<float>(), entries, static_cast<int>(axis),
-                     static_cast<float>(titan::detail::float8_max(dtype)), power_of_2);
+    const bool packed = detail::packable<scalar_t>({src.data_ptr()}, {src.stride(0)}) &&
+                        rows % detail::kTransposeChunk == 0 && cols % detail::kTransposeChunk == 0;
+    detail::with_pack_width<scalar_t>(packed, [&](auto width) {
+      const int64_t extent = std::max({src_extent, rows * cols, amax.numel() * std::max<int64_t>(amax_step, 1)});
+      detail::with_index_type(extent, [&](auto index) {
+        using index_t = decltype(index);
+        const detail::TransposeShape<index_t> shape{static_cast<index_t>(rows), static_cast<index_t>(cols),
+                                                    static_cast<index_t>(src.stride(0)),
+                                                    static_cast<index_t>(tiles_down * tiles_across),
+                                                    detail::divider<index_t>(tiles_across)};
+        const detail::AmaxEntries<scalar_t, index_t> entries{amax.data_ptr(), amax.scalar_type() != at::kFloat,
+                                                             static_cast<index_t>(amax_step)};
+        const auto kernel =
+            dtype == at::kFloat8_e4m3fn
+                ? detail::float8_cast_transpose_kernel<scalar_t, c10::Float8_e4m3fn, index_t, width>
+                : detail::float8_cast_transpose_kernel<scalar_t, c10::Float8_e5m2, index_t, width>;
+        const auto max = static_cast<float>(titan::detail::float8_max(dtype));
+        if (axis >= 0)
+          detail::launch(detail::float8_scales_kernel<scalar_t, index_t>, detail::grid_stride_blocks(amax.numel()),
+                         detail::kElementwiseThreads, entries, static_cast<index_t>(amax.numel()),
+                         scale.data_ptr<float>(), inverse.data_ptr<float>(), max, power_of_2);
+        const int64_t blocks = std::min<int64_t>(tiles_down * tiles_across, detail::multiprocessors() * 8);
+        detail::launch(kernel, static_cast<unsigned>(blocks), detail::kTransposeThreads, src.data_ptr<scalar_t>(),
+                       shape, bytes(same), bytes(transposed), scale.data_ptr<float>(), inverse.data_ptr<float>(),
+                       entries, static_cast<int>(src_axis), max, power_of_2);
+      });
     });
   });
   return {rows_out, columns_out, scale, inverse};
