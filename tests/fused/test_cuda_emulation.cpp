@@ -397,47 +397,47 @@ TEST_CASE("emulated CUDA: the float8 transposing cast writes the cast's bits in 
           for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
                                                    std::optional<int64_t>(0)})
             for (const auto& [row_major, column_major] : {std::pair{true, false}, {false, true}, {true, true}}) {
-            if (layout != Hp::Rows && c.shifted) continue;  // a shifted copy is contiguous
-            CAPTURE(rows);
-            CAPTURE(c.dtype);
-            CAPTURE(c.shifted);
-            CAPTURE(dtype);
-            CAPTURE(static_cast<int>(layout));
-            CAPTURE(dim.value_or(-1));
-            CAPTURE(row_major);
-            CAPTURE(column_major);
-            at::manual_seed(9);
-            auto values = layout == Hp::Transposed    ? sample({cols, rows}, at::kDouble, 3).t()
-                          : layout == Hp::ColumnSlice ? sample({rows, cols + 6}, at::kDouble, 3).narrow(1, 0, cols)
-                                                      : sample({rows, cols}, at::kDouble, 3);  // [rows, cols]
-            values.select(0, 1).zero_();
-            if (dim == 1) values.index_put_({2, 3}, std::nan(""));  // only row 2's amax (and scale) is NaN
-            auto hp = layout == Hp::ColumnSlice
-                          ? at::empty({rows, cols + 6}, c.dtype).narrow(1, 0, cols).copy_(values)  // rows with gaps
-                          : place(values.to(c.dtype), c.shifted);
-            auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
-            if (c.shifted) amax = amax.to(at::kFloat);
-            const auto got = in_every_order(c.dtype, [&] {  // scale_out written once per entry: no race
-              auto [data_rows, data_columns, scale, inverse] =
-                  titan::cuda::float8_cast_transpose(hp, amax, dtype, power_of_2, row_major, column_major);
-              CHECK(data_rows.defined() == row_major);
-              CHECK(data_columns.defined() == column_major);
-              if (row_major) CHECK(data_rows.is_contiguous());
-              if (column_major) CHECK(data_columns.t().is_contiguous());
-              using titan_test::bits_of;  // bits: NaN compares
-              const auto none = at::empty({0}, at::kByte);
-              return Tensors{row_major ? bits_of(data_rows) : none,
-                             column_major ? bits_of(data_columns) : none, bits_of(scale),
-                             bits_of(inverse)};
-            });
-            const auto [data_want, scale_want, inverse_want] =
-                titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
-            const auto want = titan_test::bits_of(data_want);
-            if (row_major) CHECK(at::equal(got[0], want));
-            if (column_major) CHECK(at::equal(got[1], want));
-            CHECK(at::equal(got[2], titan_test::bits_of(scale_want)));
-            CHECK(at::equal(got[3], titan_test::bits_of(inverse_want)));
-          }
+              if (layout != Hp::Rows && c.shifted) continue;  // a shifted copy is contiguous
+              CAPTURE(rows);
+              CAPTURE(c.dtype);
+              CAPTURE(c.shifted);
+              CAPTURE(dtype);
+              CAPTURE(static_cast<int>(layout));
+              CAPTURE(dim.value_or(-1));
+              CAPTURE(row_major);
+              CAPTURE(column_major);
+              at::manual_seed(9);
+              auto values = layout == Hp::Transposed    ? sample({cols, rows}, at::kDouble, 3).t()
+                            : layout == Hp::ColumnSlice ? sample({rows, cols + 6}, at::kDouble, 3).narrow(1, 0, cols)
+                                                        : sample({rows, cols}, at::kDouble, 3);  // [rows, cols]
+              values.select(0, 1).zero_();
+              if (dim == 1) values.index_put_({2, 3}, std::nan(""));  // only row 2's amax (and scale) is NaN
+              auto hp = layout == Hp::ColumnSlice
+                            ? at::empty({rows, cols + 6}, c.dtype).narrow(1, 0, cols).copy_(values)  // rows with gaps
+                            : place(values.to(c.dtype), c.shifted);
+              auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
+              if (c.shifted) amax = amax.to(at::kFloat);
+              const auto got = in_every_order(c.dtype, [&] {  // scale_out written once per entry: no race
+                auto [data_rows, data_columns, scale, inverse] =
+                    titan::cuda::float8_cast_transpose(hp, amax, dtype, power_of_2, row_major, column_major);
+                CHECK(data_rows.defined() == row_major);
+                CHECK(data_columns.defined() == column_major);
+                if (row_major) CHECK(data_rows.is_contiguous());
+                if (column_major) CHECK(data_columns.t().is_contiguous());
+                using titan_test::bits_of;  // bits: NaN compares
+                const auto none = at::empty({0}, at::kByte);
+                return Tensors{row_major ? bits_of(data_rows) : none,
+                               column_major ? bits_of(data_columns) : none, bits_of(scale),
+                               bits_of(inverse)};
+              });
+              const auto [data_want, scale_want, inverse_want] =
+                  titan_test::float8_cast_reference(hp, amax, dtype, power_of_2);
+              const auto want = titan_test::bits_of(data_want);
+              if (row_major) CHECK(at::equal(got[0], want));
+              if (column_major) CHECK(at::equal(got[1], want));
+              CHECK(at::equal(got[2], titan_test::bits_of(scale_want)));
+              CHECK(at::equal(got[3], titan_test::bits_of(inverse_want)));
+            }
 }
 
 TEST_CASE("emulated CUDA: the MoE combine kernels match the ATen implementation, with dropped slots") {

@@ -79,39 +79,42 @@ TEST_CASE("fused float8_cast: data and scale are the bits of the scalar computat
 }
 
 TEST_CASE("fused float8_cast_transpose: each layout asked for holds the bits of the scalar computation") {
-  // [70, 100]: 3 x 4 tiles of titan's CUDA kernel, the last ones partial.
-  for (const auto hp_dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble})
-    for (const auto layout : {Layout::Contiguous, Layout::Transposed, Layout::ColumnSlice})
-      for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
-                                               std::optional<int64_t>(0)})
-        for (const auto& [row_major, column_major] : {std::pair{true, false}, {false, true}, {true, true}}) {
-          CAPTURE(hp_dtype);
-          CAPTURE(static_cast<int>(layout));
-          CAPTURE(dim.value_or(-1));
-          CAPTURE(row_major);
-          CAPTURE(column_major);
-          torch::manual_seed(12);
-          const bool nan = dim == 1;
-          const auto hp = hp_of(hp_dtype, layout, 70, 100, nan);  // [70, 100]
-          const auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
-          const auto [rows, columns, scale, inverse] =
-              titan::float8_cast_transpose(hp, amax, at::kFloat8_e4m3fn, false, row_major, column_major);
-          const auto [data_want, scale_want, inverse_want] =
-              titan_test::float8_cast_reference(hp, amax, at::kFloat8_e4m3fn, false);
-          REQUIRE(rows.defined() == row_major);
-          REQUIRE(columns.defined() == column_major);
-          if (row_major) {
-            CHECK(rows.is_contiguous());
-            CHECK(titan_test::same_bits_or_nan(rows, data_want));
+  // Tiles of 64 x 64 in titan's CUDA kernel: [72, 104] read in 16-byte packs (multiples of 8),
+  // [70, 100] element by element; the last tiles partial.
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{72, 104}, {70, 100}})
+    for (const auto hp_dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble})
+      for (const auto layout : {Layout::Contiguous, Layout::Transposed, Layout::ColumnSlice})
+        for (const std::optional<int64_t> dim : {std::optional<int64_t>(), std::optional<int64_t>(1),
+                                                 std::optional<int64_t>(0)})
+          for (const auto& [row_major, column_major] : {std::pair{true, false}, {false, true}, {true, true}}) {
+            CAPTURE(rows);
+            CAPTURE(hp_dtype);
+            CAPTURE(static_cast<int>(layout));
+            CAPTURE(dim.value_or(-1));
+            CAPTURE(row_major);
+            CAPTURE(column_major);
+            torch::manual_seed(12);
+            const bool nan = dim == 1;
+            const auto hp = hp_of(hp_dtype, layout, rows, cols, nan);  // [rows, cols]
+            const auto amax = titan_test::float8_amax(hp, dim, /*shrink=*/1.5);
+            const auto [data_rows, data_columns, scale, inverse] =
+                titan::float8_cast_transpose(hp, amax, at::kFloat8_e4m3fn, false, row_major, column_major);
+            const auto [data_want, scale_want, inverse_want] =
+                titan_test::float8_cast_reference(hp, amax, at::kFloat8_e4m3fn, false);
+            REQUIRE(data_rows.defined() == row_major);
+            REQUIRE(data_columns.defined() == column_major);
+            if (row_major) {
+              CHECK(data_rows.is_contiguous());
+              CHECK(titan_test::same_bits_or_nan(data_rows, data_want));
+            }
+            if (column_major) {
+              CHECK(data_columns.sizes() == hp.sizes());
+              CHECK(data_columns.t().is_contiguous());  // strides [1, rows]
+              CHECK(titan_test::same_bits_or_nan(data_columns, data_want));
+            }
+            CHECK(titan_test::same_bits_or_nan(scale, scale_want));
+            CHECK(titan_test::same_bits_or_nan(inverse, inverse_want));
           }
-          if (column_major) {
-            CHECK(columns.sizes() == hp.sizes());
-            CHECK(columns.t().is_contiguous());  // strides [1, 70]
-            CHECK(titan_test::same_bits_or_nan(columns, data_want));
-          }
-          CHECK(titan_test::same_bits_or_nan(scale, scale_want));
-          CHECK(titan_test::same_bits_or_nan(inverse, inverse_want));
-        }
 }
 
 TEST_CASE("fused float8_cast: errors name what is wrong") {
