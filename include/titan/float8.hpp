@@ -179,7 +179,13 @@ enum class Float8Layout { RowMajor, ColumnMajor, Both };
 /// no |hp| tensor written and read back); on the CPU abs then max, which ATen vectorizes (its inf
 /// norm is several times slower there). The same values either way, NaN included.
 inline at::Tensor abs_max(const at::Tensor& hp, std::optional<int64_t> dim = std::nullopt) {
-  if (hp.is_cpu()) return dim ? at::amax(at::abs(hp), {*dim}, /*keepdim=*/true) : at::max(at::abs(hp));
+  if (hp.is_cpu()) {
+    if (dim) return at::amax(at::abs(hp), {*dim}, /*keepdim=*/true);
+    // A weight's transpose reduced as the weight (the same elements): ATen's CPU max copies a
+    // tensor that is not contiguous first.
+    const bool transposed = hp.dim() == 2 && !hp.is_contiguous() && hp.t().is_contiguous();
+    return at::max(at::abs(transposed ? hp.t() : hp));
+  }
   return dim ? at::linalg_vector_norm(hp, INFINITY, std::vector<int64_t>{*dim}, /*keepdim=*/true)
              : at::linalg_vector_norm(hp, INFINITY);
 }
@@ -216,6 +222,7 @@ inline bool same_cast(const Float8Cast& a, const Float8Cast& b) {
          a.dtype == b.dtype;
 }
 
+/// Whether the 2-D `t` is row-major: its elements consecutive along each row, its rows apart.
 inline bool is_row_major(const at::Tensor& t) { return t.stride(0) > t.stride(1) && t.stride(1) == 1; }
 
 /// An operand's float8 data row-major: its data or its other layout, whichever is; else a copy.

@@ -283,26 +283,26 @@ std::pair<int, int> casts_and_amaxes(const std::vector<titan_test::OpEvents::Eve
   return {casts, amaxes};
 }
 
-/// How many copies of tensors (aten::clone) the float8 layers make themselves in `events` (of one
-/// thread): those inside no operator but aten::contiguous (the copy of a matmul operand into the
-/// layout _scaled_mm takes, where the cast could have written it). Copies inside operators are
-/// theirs: the ATen implementation of titan's cast copies into the layouts asked for, ATen's CPU
-/// _scaled_mm and max make their inputs contiguous.
+/// How many copies of tensors (aten::clone) `events` (of one thread) hold outside titan's float8
+/// casts and the matmuls: a float8 operand copied into the layout _scaled_mm takes, where the cast
+/// could have written it, or a high-precision one copied for its amax. The ATen implementation of
+/// the casts copies into the layouts asked for, ATen's CPU _scaled_mm makes its operands
+/// contiguous: those are the operators' own.
 int copies_by_the_layers(const std::vector<titan_test::OpEvents::Event>& events) {
-  const auto is_operator = [](const std::string& name) {
-    return name.rfind("aten::", 0) == 0 || name.rfind("titan::", 0) == 0;
+  const auto is_owner = [](const std::string& name) {
+    return name.rfind("titan::float8_cast", 0) == 0 || name == "aten::_scaled_mm";
   };
   int copies = 0;
   for (size_t i = 0; i < events.size(); ++i) {
     if (events[i].name != "aten::clone") continue;
-    bool inside_operator = false;
+    bool owned = false;
     int depth = events[i].depth;
     for (size_t j = i; j-- > 0 && depth > 0;) {  // the enclosing scopes: each the last one a level up
       if (events[j].depth != depth - 1) continue;
       depth = events[j].depth;
-      inside_operator = inside_operator || (is_operator(events[j].name) && events[j].name != "aten::contiguous");
+      owned = owned || is_owner(events[j].name);
     }
-    copies += !inside_operator;
+    copies += !owned;
   }
   return copies;
 }

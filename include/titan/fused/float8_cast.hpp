@@ -109,9 +109,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> float8_cast_tr
 
 }  // namespace detail
 
-/// Registers titan::float8_cast with the dispatcher once per process (titan::float8_cast calls it;
-/// call it before naming the operator elsewhere). A CUDA kernel registered for it
-/// (titan::cuda_kernels) takes precedence on CUDA tensors.
+/// Registers titan::float8_cast and titan::float8_cast_transpose with the dispatcher once per
+/// process (both functions call it; call it before naming the operators elsewhere). The CUDA
+/// kernels registered for them (titan::cuda_kernels) take precedence on CUDA tensors.
 inline void register_float8_cast_operators() {
   static const std::unique_ptr<torch::Library> library = [] {
     auto lib = std::make_unique<torch::Library>(torch::Library::FRAGMENT, "titan", std::nullopt,
