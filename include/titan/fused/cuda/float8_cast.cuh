@@ -225,19 +225,25 @@ inline int64_t amax_axis(const at::Tensor& amax) {
   return axis;
 }
 
+/// Whether the cast kernels take hp and amax: hp fp32, fp16 or bf16 and not empty, a float8 target
+/// dtype, amax fp32 or hp's dtype, on hp's device, of more than one element along one dimension at
+/// most. Other inputs take the ATen implementation (which names what is wrong with them, if anything).
+inline bool cast_kernels_take(const at::Tensor& hp, const at::Tensor& amax, at::ScalarType dtype) {
+  const bool float8 = dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
+  const bool amax_dtype = amax.scalar_type() == at::kFloat || amax.scalar_type() == hp.scalar_type();
+  return kernel_dtype(hp.scalar_type()) && float8 && amax_dtype && hp.numel() > 0 &&
+         on_device(hp.device(), {&amax}) && amax_axis(amax) != -2;
+}
+
 }  // namespace detail
 
 /// titan::float8_cast on CUDA tensors.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> float8_cast(const at::Tensor& hp, const at::Tensor& amax,
                                                                   at::ScalarType dtype, bool power_of_2) {
-  const bool float8 = dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
-  const bool amax_dtype = amax.scalar_type() == at::kFloat || amax.scalar_type() == hp.scalar_type();
-  if (!detail::kernel_dtype(hp.scalar_type()) || !float8 || !amax_dtype || hp.numel() == 0 ||
-      !hp.is_non_overlapping_and_dense() || !detail::on_device(hp.device(), {&amax}))
+  if (!detail::cast_kernels_take(hp, amax, dtype) || !hp.is_non_overlapping_and_dense())
     return titan::detail::float8_cast_aten(hp, amax, dtype, power_of_2);
   titan::detail::check_float8_cast(hp, amax, dtype);
   const int64_t axis = detail::amax_axis(amax);
-  if (axis == -2) return titan::detail::float8_cast_aten(hp, amax, dtype, power_of_2);
   const detail::DeviceGuard guard(hp.device());
   const int64_t n = hp.numel();
   // Element i of hp's memory lies at index (i / stride) % size along amax's axis.
@@ -282,13 +288,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> float8_cast_tr
     const at::Tensor& hp, const at::Tensor& amax, at::ScalarType dtype, bool power_of_2, bool row_major,
     bool column_major) {
   titan::detail::check_float8_cast_transpose(hp, row_major, column_major);
-  const bool float8 = dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2;
-  const bool amax_dtype = amax.scalar_type() == at::kFloat || amax.scalar_type() == hp.scalar_type();
-  const int64_t axis = detail::amax_axis(amax);
-  if (!detail::kernel_dtype(hp.scalar_type()) || !float8 || !amax_dtype || hp.numel() == 0 ||
-      !detail::on_device(hp.device(), {&amax}) || axis == -2 || (hp.stride(1) != 1 && hp.stride(0) != 1))
+  if (!detail::cast_kernels_take(hp, amax, dtype) || (hp.stride(1) != 1 && hp.stride(0) != 1))
     return titan::detail::float8_cast_transpose_aten(hp, amax, dtype, power_of_2, row_major, column_major);
   titan::detail::check_float8_cast(hp, amax, dtype);
+  const int64_t axis = detail::amax_axis(amax);
   if (row_major != column_major && (row_major ? hp.is_contiguous() : hp.t().is_contiguous())) {
     auto [data, scale, inverse] = float8_cast(hp, amax, dtype, power_of_2);  // hp's layout: the one asked for
     return {row_major ? data : at::Tensor(), column_major ? data : at::Tensor(), scale, inverse};
