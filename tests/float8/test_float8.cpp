@@ -317,7 +317,7 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
       Tensor y, dx;
       std::vector<Tensor> grads;
       std::pair<int, int> forward, backward;  // (casts, amaxes)
-      int copies = 0;                         // of float8 data outside the casts
+      int copies = 0;                         // the layers make (copies_by_the_layers)
     };
     auto run = [&](bool fused) {
       torch::manual_seed(21);
@@ -353,7 +353,7 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
     CHECK(plain.forward == std::make_pair(6, 6));
     CHECK(fused.forward == std::make_pair(4, 4));
     CHECK(fused.backward == plain.backward);
-    // Each cast writes the layouts its matmuls take (dy both): no float8 data is copied.
+    // Each cast writes the layouts its matmuls take (dy both): the layers copy nothing.
     CHECK(plain.copies == 0);
     CHECK(fused.copies == 0);
     // Tensorwise, the backward reuses the forward's cast of x and W's amax: it casts dy and W, and
@@ -368,8 +368,8 @@ TEST_CASE("float8: layers fused by titan::call_fused cast their shared input onc
 TEST_CASE("float8: in a checkpointed region's recomputation, the layers keep W's cast for their backward") {
   if (world()->world_size() > 1) return;  // single-process: run once, in titan.ranks1
   // The float8 casts of one backward of the two-layer Mlp: without AC dy and W per layer (x's is
-  // the forward's); checkpointed, the recomputation casts x and W and the backward only dy. No
-  // float8 data is copied into another layout either way (W's kept cast is written in both).
+  // the forward's); checkpointed, the recomputation casts x and W and the backward only dy. The
+  // layers copy nothing either way (W's kept cast is written in both layouts).
   auto backward_casts = [](const std::function<void(Mlp&)>& checkpoint) {
     auto model = make_mlp(3);
     titan::convert_to_float8_training(model);
